@@ -1,0 +1,30 @@
+//! The agent's one error type.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading manifests directory {path}: {source}")]
+    ManifestsDir { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("loading eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("interface {name}: {reason}")]
+    Interface { name: String, reason: String },
+    #[error("invalid --pod-devices pattern {pattern:?}: {source}")]
+    Glob { pattern: String, source: globset::Error },
+    #[error("watching {what}: {reason}")]
+    Watch { what: String, reason: String },
+    #[error("{0}")]
+    Capacity(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

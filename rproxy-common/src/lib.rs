@@ -1,0 +1,443 @@
+//! The kernel/user ABI of rproxy: every BPF map key and value, shared by `rproxy-ebpf` and
+//! `rproxy-agent`. Nothing else in the project may describe these layouts.
+//!
+//! Rules for every type here:
+//! - `#[repr(C)]`, no implicit padding (explicit `_pad` fields, zeroed by the writer), size
+//!   asserted at compile time;
+//! - addresses and ports in **network byte order** exactly as they appear on the wire, so the
+//!   datapath never swaps bytes; the userspace constructors take host values and convert;
+//! - IPv4 maps carry a `4` suffix. IPv6 adds sibling `*6` types and maps with the same value
+//!   types (`ServiceValue`, `CtValue`, …); backend and rev-NAT ids are one id space for both
+//!   families, so nothing here has to change when IPv6 arrives.
+//!
+//! Layout of a service (after Cilium's `lb4_service`): slot 0 of `(vip, port, proto)` is the
+//! service itself (`count` backends, flags, rev-NAT id); slots `1..=count` hold backend ids.
+#![no_std]
+
+/// Map names, as pinned under the agent's bpffs directory. The eBPF side declares maps with
+/// exactly these symbol names.
+pub mod map_names {
+    pub const SERVICES4: &str = "RPX_SVC4";
+    pub const BACKENDS4: &str = "RPX_BE4";
+    pub const REV_NAT4: &str = "RPX_RNAT4";
+    pub const CT4: &str = "RPX_CT4";
+    pub const STATS: &str = "RPX_STATS";
+    /// Every map the agent pins, in the order in which `cleanup` removes them.
+    pub const ALL: [&str; 5] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS];
+}
+
+/// Program names (the `#[classifier]` function names in rproxy-ebpf).
+pub mod prog_names {
+    /// TC ingress on the host side of a pod veth: packets leaving the pod. Service DNAT.
+    pub const FROM_POD: &str = "rpx_from_pod";
+    /// TC egress on the host side of a pod veth: packets entering the pod. Reverse NAT.
+    pub const TO_POD: &str = "rpx_to_pod";
+    /// Does nothing but return `TC_ACT_OK`: the baseline of the datapath benchmark.
+    pub const NOOP: &str = "rpx_tc_noop";
+}
+
+/// Map capacities. The agent checks desired state against these before it writes.
+pub mod limits {
+    /// Service map entries: one per (vip, port, proto) for slot 0 plus one per backend slot.
+    pub const SERVICES_MAX: u32 = 262_144;
+    pub const BACKENDS_MAX: u32 = 131_072;
+    pub const REV_NAT_MAX: u32 = 65_535;
+    /// Conntrack entries (LRU): two per translated flow (forward + reply).
+    pub const CT_MAX: u32 = 524_288;
+    /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
+    /// agent's writes per update bounded.
+    pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
+}
+
+/// IP protocol numbers as carried in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Key of the IPv4 service map: `(vip, dport, proto, scope, slot)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey4 {
+    /// Service IP, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// Backend slot: 0 is the service itself, `1..=count` are backends.
+    pub slot: u16,
+    /// IP protocol (`proto::TCP`, `proto::UDP`).
+    pub proto: u8,
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL` (for traffic policies; east-west uses external
+    /// for now).
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Value of the service map. In slot 0 it describes the service, in slots `1..=count` only
+/// `backend_id` is meaningful.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Slot ≥ 1: the backend id at this slot. Slot 0: 0.
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots (0 = service with no endpoints: traffic is dropped, like
+    /// kube-proxy's REJECT).
+    pub count: u16,
+    /// Slot 0: id of the rev-NAT entry (original VIP and port) used for replies.
+    pub rev_nat_id: u16,
+    /// Slot 0: `SVC_F_*` bits.
+    pub flags: u16,
+    pub _pad: u16,
+    /// Slot 0: ClientIP session affinity timeout in seconds (0 = none).
+    pub affinity_timeout: u32,
+}
+
+/// The service is a ClusterIP.
+pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+/// The service is a NodePort (address is a node IP or the NodePort wildcard).
+pub const SVC_F_NODE_PORT: u16 = 1 << 1;
+/// The service address is an externalIP.
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
+/// The service address is a LoadBalancer ingress IP.
+pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
+/// externalTrafficPolicy: Local.
+pub const SVC_F_ETP_LOCAL: u16 = 1 << 4;
+/// internalTrafficPolicy: Local.
+pub const SVC_F_ITP_LOCAL: u16 = 1 << 5;
+/// sessionAffinity: ClientIP.
+pub const SVC_F_AFFINITY: u16 = 1 << 6;
+
+/// Value of the IPv4 backend map, keyed by backend id (`u32`, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    /// Backend (pod) IP, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BE_F_*` bits.
+    pub flags: u8,
+}
+
+/// The endpoint is ready.
+pub const BE_F_ACTIVE: u8 = 1 << 0;
+/// The endpoint is terminating (kept for existing connections and as a fallback).
+pub const BE_F_TERMINATING: u8 = 1 << 1;
+/// The endpoint runs on this node.
+pub const BE_F_LOCAL: u8 = 1 << 2;
+
+/// Value of the IPv4 rev-NAT map, keyed by rev-NAT id (`u16`, never 0): the original service
+/// address a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    /// Service IP, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Conntrack key (IPv4): the packet's own 5-tuple plus the direction of the entry.
+///
+/// A translated flow owns two entries:
+/// - `CT_DIR_SERVICE`: `(client, vip, cport, vport)` as sent by the client → chosen backend;
+/// - `CT_DIR_REPLY`: `(backend, client, bport, cport)` as sent by the backend → rev-NAT id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const CT_DIR_SERVICE: u8 = 1;
+pub const CT_DIR_REPLY: u8 = 2;
+
+/// Conntrack value. The TCP state is kept in both entries of a flow: packets carrying SYN, FIN
+/// or RST update the entry they hit and its pair; other packets only refresh their own entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// Absolute expiry, `bpf_ktime_get_ns()` clock (CLOCK_MONOTONIC, nanoseconds).
+    pub expires_ns: u64,
+    /// Service entry: the backend chosen for this flow. Reply entry: the same backend.
+    pub backend_id: u32,
+    /// The service's rev-NAT id (original VIP and port).
+    pub rev_nat_id: u16,
+    /// `CT_F_*` bits: TCP flags seen in each direction.
+    pub flags: u8,
+    /// `CtState` as `u8`.
+    pub state: u8,
+    /// The other entry of the pair: its source address and port (for the service entry, the
+    /// backend's; for the reply entry, the VIP's). With this key's own fields it rebuilds the
+    /// pair's key without another map lookup.
+    pub pair_addr: u32,
+    pub pair_port: u16,
+    pub _pad: u16,
+}
+
+/// SYN seen from the client.
+pub const CT_F_SYN_FWD: u8 = 1 << 0;
+/// SYN seen from the backend (SYN-ACK).
+pub const CT_F_SYN_REV: u8 = 1 << 1;
+/// FIN seen from the client.
+pub const CT_F_FIN_FWD: u8 = 1 << 2;
+/// FIN seen from the backend.
+pub const CT_F_FIN_REV: u8 = 1 << 3;
+/// RST seen in either direction.
+pub const CT_F_RST: u8 = 1 << 4;
+/// Any packet seen from the backend.
+pub const CT_F_SEEN_REV: u8 = 1 << 5;
+
+/// Connection state, derived from `CtValue::flags`; it selects the entry's lifetime.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    /// TCP: SYN sent, no answer yet.
+    SynSent = 1,
+    /// TCP: the backend answered.
+    Established = 2,
+    /// TCP: FIN seen both ways, or RST.
+    Closing = 3,
+    /// UDP (and other datagram protocols).
+    Datagram = 4,
+}
+
+impl CtState {
+    /// Derives the state of a TCP flow from its flags.
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_tcp_flags(flags: u8) -> Self {
+        if flags & CT_F_RST != 0 || flags & (CT_F_FIN_FWD | CT_F_FIN_REV) == (CT_F_FIN_FWD | CT_F_FIN_REV) {
+            Self::Closing
+        } else if flags & (CT_F_SYN_REV | CT_F_SEEN_REV) != 0 {
+            Self::Established
+        } else {
+            Self::SynSent
+        }
+    }
+
+    /// Lifetime of an entry in this state, in nanoseconds. Kept as constants of the ABI so the
+    /// datapath and the garbage collector agree (values follow Cilium's defaults).
+    #[inline(always)]
+    #[must_use]
+    pub const fn lifetime_ns(self) -> u64 {
+        const S: u64 = 1_000_000_000;
+        match self {
+            Self::SynSent => 60 * S,
+            Self::Established => 6 * 3600 * S,
+            Self::Closing => 10 * S,
+            Self::Datagram => 60 * S,
+        }
+    }
+
+    #[must_use]
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::SynSent),
+            2 => Some(Self::Established),
+            3 => Some(Self::Closing),
+            4 => Some(Self::Datagram),
+            _ => None,
+        }
+    }
+}
+
+/// Per-CPU counters (`RPX_STATS`, a per-CPU array indexed by `Stat as u32`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Packets of a new flow translated to a backend.
+    NewFlow = 0,
+    /// Packets of an existing flow translated to a backend.
+    Established = 1,
+    /// Replies reverse-translated.
+    RevNat = 2,
+    /// Packets to a service with no backend: dropped.
+    NoBackend = 3,
+    /// A conntrack entry pointed at a backend that no longer exists; a new one was chosen.
+    BackendGone = 4,
+    /// Conntrack insert failed.
+    CtInsertFail = 5,
+    /// A helper that rewrites the packet failed; the packet was dropped.
+    RewriteFail = 6,
+    /// IPv4 fragments to a service (not translated; passed).
+    Fragment = 7,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Self::NewFlow,
+        Self::Established,
+        Self::RevNat,
+        Self::NoBackend,
+        Self::BackendGone,
+        Self::CtInsertFail,
+        Self::RewriteFail,
+        Self::Fragment,
+    ];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NewFlow => "new_flow",
+            Self::Established => "established",
+            Self::RevNat => "rev_nat",
+            Self::NoBackend => "no_backend",
+            Self::BackendGone => "backend_gone",
+            Self::CtInsertFail => "ct_insert_fail",
+            Self::RewriteFail => "rewrite_fail",
+            Self::Fragment => "fragment",
+        }
+    }
+}
+
+// Sizes are part of the ABI: a change here is a change on both sides and of pinned maps.
+const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+// No implicit padding: the size equals the sum of the field sizes.
+const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());
+const _: () = assert!(4 + 2 + 2 + 2 + 2 + 4 == core::mem::size_of::<ServiceValue>());
+const _: () = assert!(4 + 2 + 1 + 1 == core::mem::size_of::<Backend4>());
+const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<RevNat4>());
+const _: () = assert!(4 + 4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<CtKey4>());
+const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 2 + 2 == core::mem::size_of::<CtValue>());
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue};
+    // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
+    // above), so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey4 {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for RevNat4 {}
+    unsafe impl aya::Pod for CtKey4 {}
+    unsafe impl aya::Pod for CtValue {}
+}
+
+#[cfg(feature = "user")]
+impl ServiceKey4 {
+    /// Builds a key from host-order values.
+    #[must_use]
+    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self { addr: u32::from(addr).to_be(), port: port.to_be(), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
+    }
+}
+
+#[cfg(feature = "user")]
+impl Backend4 {
+    #[must_use]
+    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, flags: u8) -> Self {
+        Self { addr: u32::from(addr).to_be(), port: port.to_be(), proto, flags }
+    }
+    #[must_use]
+    pub fn ip(&self) -> core::net::Ipv4Addr {
+        core::net::Ipv4Addr::from(u32::from_be(self.addr))
+    }
+    #[must_use]
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+#[cfg(feature = "user")]
+impl RevNat4 {
+    #[must_use]
+    pub fn new(addr: core::net::Ipv4Addr, port: u16) -> Self {
+        Self { addr: u32::from(addr).to_be(), port: port.to_be(), _pad: 0 }
+    }
+}
+
+impl CtKey4 {
+    /// The key of the other entry of this flow, given the pair address and port stored in the
+    /// value.
+    ///
+    /// - service entry `(client → vip)`, pair = backend: reply key is `(backend → client)`;
+    /// - reply entry `(backend → client)`, pair = vip: service key is `(client → vip)`.
+    #[inline(always)]
+    #[must_use]
+    pub fn pair(&self, v: &CtValue) -> Self {
+        if self.dir == CT_DIR_SERVICE {
+            Self {
+                saddr: v.pair_addr,
+                daddr: self.saddr,
+                sport: v.pair_port,
+                dport: self.sport,
+                proto: self.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            }
+        } else {
+            Self {
+                saddr: self.daddr,
+                daddr: v.pair_addr,
+                sport: self.dport,
+                dport: v.pair_port,
+                proto: self.proto,
+                dir: CT_DIR_SERVICE,
+                _pad: [0; 2],
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_state_machine() {
+        assert_eq!(CtState::from_tcp_flags(CT_F_SYN_FWD), CtState::SynSent);
+        assert_eq!(CtState::from_tcp_flags(CT_F_SYN_FWD | CT_F_SYN_REV), CtState::Established);
+        assert_eq!(CtState::from_tcp_flags(CT_F_SYN_FWD | CT_F_SYN_REV | CT_F_FIN_FWD), CtState::Established);
+        assert_eq!(
+            CtState::from_tcp_flags(CT_F_SYN_FWD | CT_F_SYN_REV | CT_F_FIN_FWD | CT_F_FIN_REV),
+            CtState::Closing
+        );
+        assert_eq!(CtState::from_tcp_flags(CT_F_SYN_FWD | CT_F_RST), CtState::Closing);
+        assert!(CtState::Closing.lifetime_ns() < CtState::SynSent.lifetime_ns());
+        assert!(CtState::SynSent.lifetime_ns() < CtState::Established.lifetime_ns());
+    }
+
+    #[test]
+    fn pair_keys_round_trip() {
+        let client = core::net::Ipv4Addr::new(10, 0, 0, 1);
+        let vip = core::net::Ipv4Addr::new(10, 96, 0, 10);
+        let be = Backend4::new(core::net::Ipv4Addr::new(10, 0, 1, 5), 8080, proto::TCP, BE_F_ACTIVE);
+        let svc = CtKey4 {
+            saddr: u32::from(client).to_be(),
+            daddr: u32::from(vip).to_be(),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: proto::TCP,
+            dir: CT_DIR_SERVICE,
+            _pad: [0; 2],
+        };
+        let sv = CtValue { pair_addr: be.addr, pair_port: be.port, ..CtValue::default() };
+        let reply = svc.pair(&sv);
+        assert_eq!(reply.saddr, be.addr);
+        assert_eq!(reply.daddr, svc.saddr);
+        assert_eq!(reply.sport, be.port);
+        assert_eq!(reply.dport, svc.sport);
+        assert_eq!(reply.dir, CT_DIR_REPLY);
+        let rv = CtValue { pair_addr: svc.daddr, pair_port: svc.dport, ..CtValue::default() };
+        assert_eq!(reply.pair(&rv), svc);
+    }
+}

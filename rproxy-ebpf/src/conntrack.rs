@@ -1,0 +1,150 @@
+//! rproxy's own connection tracking: one LRU map, two entries per translated flow (see
+//! `rproxy_common::CtKey4`). TCP state follows the flags seen both ways and selects the entry's
+//! lifetime; the agent's garbage collector removes expired pairs.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use rproxy_common::{
+    Backend4, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV, CT_F_SYN_FWD,
+    CT_F_SYN_REV, CtKey4, CtState, CtValue, proto,
+};
+
+use crate::{
+    maps::CT4,
+    parse::{Packet4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// `BPF_ANY`: create or replace (a reused tuple overwrites a stale entry).
+const BPF_ANY: u64 = 0;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Flags a client packet contributes.
+#[inline(always)]
+pub fn fwd_bits(pkt: &Packet4) -> u8 {
+    let f = pkt.tcp_flags;
+    let mut b = 0;
+    if f & TCP_SYN != 0 {
+        b |= CT_F_SYN_FWD;
+    }
+    if f & TCP_FIN != 0 {
+        b |= CT_F_FIN_FWD;
+    }
+    if f & TCP_RST != 0 {
+        b |= CT_F_RST;
+    }
+    b
+}
+
+/// Flags a backend packet contributes.
+#[inline(always)]
+pub fn rev_bits(pkt: &Packet4) -> u8 {
+    let f = pkt.tcp_flags;
+    let mut b = CT_F_SEEN_REV;
+    if f & TCP_SYN != 0 {
+        b |= CT_F_SYN_REV;
+    }
+    if f & TCP_FIN != 0 {
+        b |= CT_F_FIN_REV;
+    }
+    if f & TCP_RST != 0 {
+        b |= CT_F_RST;
+    }
+    b
+}
+
+/// True for a bare SYN (a client opening a connection).
+#[inline(always)]
+pub fn is_syn(pkt: &Packet4) -> bool {
+    pkt.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+#[inline(always)]
+fn state_of(proto_: u8, flags: u8) -> CtState {
+    if proto_ == proto::TCP { CtState::from_tcp_flags(flags) } else { CtState::Datagram }
+}
+
+#[inline(always)]
+pub fn service_key(pkt: &Packet4) -> CtKey4 {
+    CtKey4 {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_SERVICE,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn reply_key(pkt: &Packet4) -> CtKey4 {
+    CtKey4 { dir: CT_DIR_REPLY, ..service_key(pkt) }
+}
+
+/// Accounts one packet on an existing entry. Packets that add TCP flags (SYN, FIN, RST, first
+/// reply) move the state of both entries of the flow; others only refresh their own expiry.
+/// A bare SYN on a closing entry reopens the flow (client port reuse) with the same backend.
+#[inline(always)]
+pub fn account(ct: *mut CtValue, key: &CtKey4, bits: u8, reopen: bool, now: u64) {
+    // SAFETY: `ct` comes from a successful map lookup; the value stays valid for this program run
+    // (RCU), and concurrent writers only store whole fields.
+    let v = unsafe { &mut *ct };
+    let old = v.flags;
+    let new = if reopen && v.state == CtState::Closing as u8 { bits } else { old | bits };
+    if new == old {
+        let state = CtState::from_u8(v.state).unwrap_or(CtState::Established);
+        v.expires_ns = now + state.lifetime_ns();
+        return;
+    }
+    let state = state_of(key.proto, new);
+    let expires = now + state.lifetime_ns();
+    v.flags = new;
+    v.state = state as u8;
+    v.expires_ns = expires;
+    if let Some(p) = CT4.get_ptr_mut(key.pair(v)) {
+        // SAFETY: as above.
+        let p = unsafe { &mut *p };
+        p.flags = new;
+        p.state = state as u8;
+        p.expires_ns = expires;
+    }
+}
+
+/// Records a new translated flow: the reply entry first, then the service entry, so that the
+/// entry a reply needs exists before any packet of the flow is forwarded.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet4,
+    backend_id: u32,
+    be: &Backend4,
+    rev_nat_id: u16,
+    now: u64,
+) -> Result<(), i32> {
+    let bits = fwd_bits(pkt);
+    let state = state_of(pkt.proto, bits);
+    let value = CtValue {
+        expires_ns: now + state.lifetime_ns(),
+        backend_id,
+        rev_nat_id,
+        flags: bits,
+        state: state as u8,
+        pair_addr: pkt.daddr,
+        pair_port: pkt.dport,
+        _pad: 0,
+    };
+    let reply = CtKey4 {
+        saddr: be.addr,
+        daddr: pkt.saddr,
+        sport: be.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    CT4.insert(&reply, &value, BPF_ANY)?;
+    let svc = CtValue { pair_addr: be.addr, pair_port: be.port, ..value };
+    CT4.insert(&service_key(pkt), &svc, BPF_ANY)
+}

@@ -1,0 +1,49 @@
+//! Service lookup and backend selection.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use rproxy_common::{Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue};
+
+use crate::{
+    maps::{BE4, SVC4},
+    parse::Packet4,
+};
+
+/// Slot 0 of the service `(daddr, dport, proto)`, if the packet is addressed to one.
+#[inline(always)]
+pub fn lookup_service(pkt: &Packet4) -> Option<(ServiceKey4, ServiceValue)> {
+    let key = ServiceKey4 {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        slot: 0,
+        proto: pkt.proto,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: the map value is copied out at once; the map is not preallocated, so the element
+    // cannot be recycled under us.
+    let svc = unsafe { SVC4.get(&key) }?;
+    Some((key, *svc))
+}
+
+/// Backend by id.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend4> {
+    // SAFETY: copied out at once, see `lookup_service`.
+    unsafe { BE4.get(id) }.copied()
+}
+
+/// Picks one of the service's `count` backend slots uniformly at random. `None` if the service
+/// has no backends (or a slot is missing, which the writer's ordering rules out).
+#[inline(always)]
+pub fn select_backend(key: &ServiceKey4, svc: &ServiceValue) -> Option<(u32, Backend4)> {
+    if svc.count == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    // Lemire's multiply-shift maps r uniformly onto 0..count without a division.
+    let slot = ((u64::from(r) * u64::from(svc.count)) >> 32) as u16 + 1;
+    let slot_key = ServiceKey4 { slot, ..*key };
+    // SAFETY: copied out at once.
+    let id = unsafe { SVC4.get(&slot_key) }?.backend_id;
+    Some((id, backend(id)?))
+}

@@ -1,0 +1,128 @@
+//! rproxy's eBPF programs. Thin entry points; the work is in one module per concern.
+//!
+//! - `rpx_from_pod` (TC ingress, host side of a pod veth): packets leaving a pod. ClusterIP
+//!   DNAT for TCP and UDP, with conntrack.
+//! - `rpx_to_pod` (TC egress, host side of a pod veth): packets entering a pod. Reverse NAT of
+//!   replies from backends.
+//! - `rpx_tc_noop`: returns at once; the baseline of `cargo xtask bench`.
+//!
+//! Packets a program does not translate are returned with `TC_ACT_UNSPEC` (TCX "next"), so other
+//! programs on the same hook still see them and the packet continues untouched.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use rproxy_common::Stat;
+
+use crate::maps::{RNAT4, count};
+
+const PASS: i32 = TC_ACT_UNSPEC;
+#[expect(clippy::cast_possible_wrap, reason = "TC_ACT_SHOT is 2")]
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[classifier]
+pub fn rpx_from_pod(ctx: TcContext) -> i32 {
+    from_pod(&ctx).unwrap_or_else(|_| {
+        count(Stat::RewriteFail);
+        DROP
+    })
+}
+
+#[classifier]
+pub fn rpx_to_pod(ctx: TcContext) -> i32 {
+    to_pod(&ctx).unwrap_or_else(|_| {
+        count(Stat::RewriteFail);
+        DROP
+    })
+}
+
+#[classifier]
+pub fn rpx_tc_noop(_ctx: TcContext) -> i32 {
+    PASS
+}
+
+/// ClusterIP DNAT of a packet sent by a pod.
+#[inline(always)]
+fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(pkt) = parse::parse_ipv4(ctx) else {
+        return Ok(PASS);
+    };
+    if pkt.fragment {
+        count(Stat::Fragment);
+        return Ok(PASS);
+    }
+    let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
+        return Ok(PASS);
+    };
+    let ct_key = conntrack::service_key(&pkt);
+    let now = conntrack::now_ns();
+    if let Some(ct) = maps::CT4.get_ptr_mut(&ct_key) {
+        // SAFETY: valid map value pointer for this run.
+        let backend_id = unsafe { (*ct).backend_id };
+        if let Some(be) = lb::backend(backend_id) {
+            conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
+            nat::dnat(ctx, &pkt, be.addr, be.port)?;
+            count(Stat::Established);
+            return Ok(PASS);
+        }
+        // The backend was removed: pick a live one (a TCP peer will answer with RST).
+        count(Stat::BackendGone);
+    }
+    let Some((backend_id, be)) = lb::select_backend(&svc_key, &svc) else {
+        count(Stat::NoBackend);
+        return Ok(DROP);
+    };
+    if conntrack::create(&pkt, backend_id, &be, svc.rev_nat_id, now).is_err() {
+        count(Stat::CtInsertFail);
+        return Ok(DROP);
+    }
+    nat::dnat(ctx, &pkt, be.addr, be.port)?;
+    count(Stat::NewFlow);
+    Ok(PASS)
+}
+
+/// Reverse NAT of a backend's reply on its way into the client pod.
+#[inline(always)]
+fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(pkt) = parse::parse_ipv4(ctx) else {
+        return Ok(PASS);
+    };
+    if pkt.fragment {
+        return Ok(PASS);
+    }
+    let ct_key = conntrack::reply_key(&pkt);
+    let Some(ct) = maps::CT4.get_ptr_mut(&ct_key) else {
+        return Ok(PASS);
+    };
+    // SAFETY: valid map value pointer for this run.
+    let rev_nat_id = unsafe { (*ct).rev_nat_id };
+    // SAFETY: copied out at once.
+    let Some(rn) = (unsafe { RNAT4.get(rev_nat_id) }).copied() else {
+        return Ok(PASS);
+    };
+    conntrack::account(ct, &ct_key, conntrack::rev_bits(&pkt), false, conntrack::now_ns());
+    nat::snat(ctx, &pkt, rn.addr, rn.port)?;
+    count(Stat::RevNat);
+    Ok(PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects programs that could reach a panic path at load time.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,38 @@
+//! Map definitions. Names and value types come from `rproxy_common`; pinned by name so that an
+//! agent restart reuses them (the agent sets the pin directory).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use rproxy_common::{
+    Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat,
+    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX},
+};
+
+/// Written by userspace while packets read them: elements are allocated on update so that a
+/// reader never sees a recycled element (the kernel's caveat for preallocated hash maps).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "RPX_SVC4")]
+pub static SVC4: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "RPX_BE4")]
+pub static BE4: HashMap<u32, Backend4> = HashMap::pinned(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "RPX_RNAT4")]
+pub static RNAT4: HashMap<u16, RevNat4> = HashMap::pinned(REV_NAT_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "RPX_CT4")]
+pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+
+#[map(name = "RPX_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,57 @@
+//! Packet rewriting with the kernel's incremental checksum helpers.
+//!
+//! Address changes update the IPv4 header checksum (`bpf_l3_csum_replace`) and the L4 checksum
+//! with `BPF_F_PSEUDO_HDR` (the pseudo header covers the addresses). For CHECKSUM_PARTIAL skbs,
+//! which veth hands to TC, the kernel helper then adjusts only the pseudo-header seed kept in the
+//! checksum field, and a port change (not in the pseudo header) leaves it alone, so the final
+//! checksum computed on transmit is right. UDP uses `BPF_F_MARK_MANGLED_0`: a zero checksum
+//! ("none") stays zero, and a computed zero is written as 0xffff.
+use aya_ebpf::programs::TcContext;
+use rproxy_common::proto;
+
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet4};
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+#[inline(always)]
+fn l4_flags(pkt: &Packet4, size: u64) -> u64 {
+    if pkt.proto == proto::UDP { size | BPF_F_MARK_MANGLED_0 } else { size }
+}
+
+/// Replaces one address (at `addr_off`) and one port (at `port_off`), fixing both checksums.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    pkt: &Packet4,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    let csum_off = pkt.l4_csum_off();
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(csum_off, u64::from(old_addr), u64::from(new_addr), l4_flags(pkt, 4) | BPF_F_PSEUDO_HDR)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)?;
+        ctx.store(addr_off, &new_addr, 0)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(new_port), l4_flags(pkt, 2))?;
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+/// DNAT: destination address and port become the backend's (both in wire order).
+#[inline(always)]
+pub fn dnat(ctx: &TcContext, pkt: &Packet4, addr: u32, port: u16) -> Result<(), i64> {
+    rewrite(ctx, pkt, IP_DADDR_OFF, pkt.daddr, addr, pkt.dport_off(), pkt.dport, port)
+}
+
+/// Reverse NAT: source address and port become the service's (both in wire order).
+#[inline(always)]
+pub fn snat(ctx: &TcContext, pkt: &Packet4, addr: u32, port: u16) -> Result<(), i64> {
+    rewrite(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr, pkt.sport_off(), pkt.sport, port)
+}

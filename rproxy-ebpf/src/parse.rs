@@ -1,0 +1,134 @@
+//! Header parsing. Every access is bounds-checked against `data_end`; the IPv4 header length
+//! comes from IHL, so options are honoured. Anything not understood yields `None` and the
+//! caller passes the packet untouched.
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::EthHdr,
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use rproxy_common::proto;
+
+/// Deepest header bytes the programs look at: Ethernet + IPv4 with full options + TCP.
+const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFMASK: u16 = 0x1fff;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Offsets of the IPv4 header fields the NAT rewrites.
+pub const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
+pub const IP_SADDR_OFF: usize = EthHdr::LEN + 12;
+pub const IP_DADDR_OFF: usize = EthHdr::LEN + 16;
+
+/// An IPv4 TCP or UDP packet: the tuple in wire byte order and where its L4 header starts.
+#[derive(Clone, Copy)]
+pub struct Packet4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// IPv4 fragment (first or later): not translated.
+    pub fragment: bool,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+}
+
+impl Packet4 {
+    /// Offset of the L4 checksum field.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+    }
+    #[inline(always)]
+    pub fn sport_off(&self) -> usize {
+        self.l4_off
+    }
+    #[inline(always)]
+    pub fn dport_off(&self) -> usize {
+        self.l4_off + 2
+    }
+}
+
+/// Pointer to a `T` at `off` bytes into the packet, or `None` if it would cross `data_end`.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Makes sure the headers are in the linear part of the skb (GSO/GRO packets may carry them in
+/// fragments), so that direct packet access can see them.
+#[inline(always)]
+fn ensure_linear(ctx: &TcContext) {
+    let linear = ctx.data_end().saturating_sub(ctx.data());
+    let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
+    if (linear as u32) < want {
+        // On failure the bounds checks below simply fail and the packet passes untouched.
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// Parses Ethernet + IPv4 + TCP/UDP. `None` for anything else (ARP, IPv6, ICMP, truncated
+/// frames, bad IHL): the caller passes such packets untouched.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
+    ensure_linear(ctx);
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ihl());
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let fragment = frags & (IP_MF | IP_OFFMASK) != 0;
+    let saddr = u32::from_ne_bytes(ip.src_addr);
+    let daddr = u32::from_ne_bytes(ip.dst_addr);
+    let proto = ip.proto;
+    let l4_off = EthHdr::LEN + ihl;
+    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, l4_off };
+    if fragment {
+        // Later fragments carry no L4 header; report the packet so the caller can count it.
+        return Some(pkt);
+    }
+    match proto {
+        proto::TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4_off)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let tcp = unsafe { &*tcp };
+            pkt.sport = u16::from_ne_bytes(tcp.source);
+            pkt.dport = u16::from_ne_bytes(tcp.dest);
+            let flags: *const u8 = ptr_at(ctx, l4_off + 13)?;
+            // SAFETY: bounds-checked by ptr_at.
+            pkt.tcp_flags = unsafe { *flags };
+        }
+        proto::UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l4_off)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let udp = unsafe { &*udp };
+            pkt.sport = u16::from_ne_bytes(udp.src);
+            pkt.dport = u16::from_ne_bytes(udp.dst);
+        }
+        _ => return None,
+    }
+    Some(pkt)
+}

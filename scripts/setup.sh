@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Take a fresh Debian machine with rustup to a machine that builds and tests rproxy.
+# Idempotent: every step checks first and is skipped when already satisfied.
+set -euo pipefail
+
+LLVM_MAJOR=22
+BPF_LINKER_VERSION=0.13.0
+need_root() { [ "$(id -u)" -eq 0 ] || { echo "setup.sh: run as root (apt-get, bpffs)" >&2; exit 1; }; }
+log() { printf '[setup] %s\n' "$*"; }
+
+need_root
+export DEBIAN_FRONTEND=noninteractive
+
+pkgs=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev iproute2 bpftool iptables nftables
+      ethtool procps zlib1g-dev libzstd-dev libxml2-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    log "apt packages present"
+fi
+
+# rust-src for build-std of the bpfel target; the stable toolchain builds it with RUSTC_BOOTSTRAP=1.
+if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
+    log "adding rust-src"
+    rustup component add rust-src
+fi
+
+# bpf-linker linked against the system LLVM.
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    log "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_MAJOR"
+    PATH=/usr/lib/llvm-${LLVM_MAJOR}/bin:$PATH cargo install --locked bpf-linker \
+        --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM_MAJOR}"
+else
+    log "bpf-linker present"
+fi
+
+# bpffs for pinned maps and links.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+    log "mounting bpffs on /sys/fs/bpf"
+    mount -t bpf bpf /sys/fs/bpf
+fi
+log "done"
