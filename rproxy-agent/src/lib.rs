@@ -3,7 +3,15 @@
 //!
 //! Pipeline: sources (`manifests`) → pure translation (`translate`, into `model::Desired`) →
 //! map writer → attach and lifecycle.
+pub mod datapath;
+pub mod devices;
+pub mod dump;
 pub mod error;
+pub mod gc;
+pub mod manifests;
 pub mod model;
+pub mod run;
+pub mod translate;
+pub mod writer;
 
 pub use error::{Error, Result};

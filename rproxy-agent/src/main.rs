@@ -1,1 +1,101 @@
-fn main() {}
+//! `rproxy-agent`: the rproxy node agent. See `rproxy-agent --help` and README.md.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use rproxy_agent::{datapath, devices::DevicePattern, dump, run};
+use tracing::error;
+use tracing_subscriber::EnvFilter;
+
+/// rproxy: a kube-proxy replacement on eBPF. Translates Kubernetes Service addresses to backend
+/// pods (and back) in TC programs on the pod devices, driven by Services and EndpointSlices.
+#[derive(Parser, Debug)]
+#[command(name = "rproxy-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the datapath, attach it to pod devices and keep the maps in sync with the manifests.
+    Run(RunArgs),
+    /// Detach everything an agent attached and remove its pinned maps and links.
+    Cleanup {
+        /// The bpffs directory the agent used (`run --bpffs`).
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Print the pinned maps of an agent: services, backends, rev-NAT, conntrack, counters.
+    Dump {
+        /// The bpffs directory the agent used (`run --bpffs`).
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Also print every conntrack entry (otherwise only their number).
+        #[arg(long)]
+        conntrack: bool,
+    },
+}
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/rproxy";
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Directory of Kubernetes YAML files (v1 Service, discovery.k8s.io/v1 EndpointSlice;
+    /// multi-document files and `kind: List` allowed). Changes apply within a second.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// This node's name: endpoints whose nodeName matches are node-local.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: String,
+    /// Host-side pod interfaces to attach to: comma-separated globs (e.g. 'veth*,cali*,lxc*').
+    /// Devices created later are attached as they appear.
+    #[arg(long, value_name = "GLOB")]
+    pod_devices: String,
+    /// bpffs directory for this agent's pinned maps and links. Agents with different
+    /// directories do not touch each other.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Seconds between conntrack garbage-collection passes.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    ct_gc_interval: u64,
+    /// Seconds between full device rescans (new devices are also found at once through
+    /// netlink notifications).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    rescan_interval: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("RPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run_agent(args),
+        Command::Cleanup { bpffs } => datapath::cleanup(&bpffs),
+        Command::Dump { bpffs, conntrack } => dump::dump(&bpffs, conntrack, &mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
+    let cfg = run::Config {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        pod_devices: DevicePattern::parse(&args.pod_devices)?,
+        bpffs: args.bpffs,
+        gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
+        rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| rproxy_agent::Error::Io { what: "starting the runtime".into(), source })?;
+    rt.block_on(run::run(cfg))
+}

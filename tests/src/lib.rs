@@ -1,1 +1,79 @@
-//! placeholder
+//! rproxy's network-namespace lab: a Calico-style routed "node" with pods on veth pairs, pod
+//! servers and clients, the agent's process, and Kubernetes manifests, all built from the test
+//! process and torn down by `Drop` guards.
+//!
+//! Everything here touches the kernel (namespaces, links, bpffs) and needs root; tests take
+//! [`serial`] so that they run one at a time. Every name a lab creates starts with
+//! `rpx<pid><counter>` (see [`Lab::prefix`]), so concurrent processes never collide.
+//!
+//! - [`netns`]: namespaces and running code inside one ([`in_netns`]);
+//! - [`lab`]: the topology ([`Lab`], [`Pod`]) and the agent's lifecycle;
+//! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
+//! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
+//!   and the interactive lab ([`run_interactive`]).
+
+pub mod agent;
+pub mod client;
+pub mod cmd;
+pub mod demo;
+pub mod interactive;
+pub mod lab;
+pub mod manifest;
+pub mod netns;
+pub mod server;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use interactive::run_interactive;
+pub use lab::{Lab, Pod};
+pub use netns::in_netns;
+
+/// Serialises every test that touches the kernel. Poison-tolerant: a panicking test does not
+/// fail the ones after it.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether this process runs as root (the lab needs it).
+#[must_use]
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The workspace root (`tests/..`).
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `rproxy-agent` binary: `$RPROXY_AGENT_BIN`, else `target/release/rproxy-agent`, else
+/// `target/debug/rproxy-agent` under the workspace root.
+pub fn agent_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("RPROXY_AGENT_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("RPROXY_AGENT_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
+    let target = workspace_root().join("target");
+    let candidates = [
+        target.join("release/rproxy-agent"),
+        target.join("debug/rproxy-agent"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!(
+            "rproxy-agent binary not found (looked at $RPROXY_AGENT_BIN, {}, {}): run `cargo xtask \
+             test`, or build it with `cargo build --release -p rproxy-agent`",
+            candidates[0].display(),
+            candidates[1].display()
+        )
+    })
+}

@@ -1,0 +1,271 @@
+//! Loading the embedded eBPF object, its pinned maps, and attaching its TC programs.
+//!
+//! Everything this agent owns lives under one bpffs directory (`--bpffs`):
+//! - `RPX_*`: the maps, pinned by name (`rproxy_common::map_names`); a restarted agent reuses
+//!   them, so translation state and conntrack survive restarts;
+//! - `links/<ifname>.<ingress|egress>`: TCX links, pinned so that the programs stay attached when
+//!   the agent exits. A restarted agent swaps its freshly loaded program into the existing link
+//!   (`BPF_LINK_UPDATE`, atomic), so no packet goes untranslated during an upgrade.
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, map_names, prog_names};
+use tracing::{debug, info};
+
+use crate::{Error, Result};
+
+/// The eBPF object built by build.rs from rproxy-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rproxy.bpf.o"));
+
+const LINKS_DIR: &str = "links";
+static SCRATCH_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Typed handles on the maps.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey4, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub rev_nat: HashMap<MapData, u16, RevNat4>,
+    pub conntrack: HashMap<MapData, CtKey4, CtValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// The loaded object: programs verified and loaded, maps created or reused.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+}
+
+/// Which hook of a pod device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Packets leaving the pod: service DNAT.
+    FromPod,
+    /// Packets entering the pod: reverse NAT.
+    ToPod,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::FromPod => prog_names::FROM_POD,
+            Self::ToPod => prog_names::TO_POD,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::FromPod => TcAttachType::Ingress,
+            Self::ToPod => TcAttachType::Egress,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::FromPod => "ingress",
+            Self::ToPod => "egress",
+        }
+    }
+}
+
+impl Datapath {
+    /// Loads the embedded object. With `pin_dir`, maps are pinned there (and reused if already
+    /// pinned); without, they are private to this process (packet tests, benchmarks) and no
+    /// link is pinned.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        // The maps are declared pinned-by-name, and without a directory aya would pin them in
+        // /sys/fs/bpf itself. Private loads pin into a unique scratch directory instead and
+        // unpin at once: the maps then live only as long as this process holds them.
+        let scratch = match pin_dir {
+            Some(_) => None,
+            None => Some(PathBuf::from(format!(
+                "/sys/fs/bpf/rpx{}{}-private",
+                std::process::id(),
+                SCRATCH_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ))),
+        };
+        let dir = pin_dir.or(scratch.as_deref()).expect("one of the two is set");
+        std::fs::create_dir_all(dir.join(LINKS_DIR))
+            .map_err(|source| Error::Io { what: format!("creating {}", dir.display()), source })?;
+        loader.default_map_pin_directory(dir);
+        let loaded = loader.load(EBPF_OBJECT);
+        if let Some(scratch) = &scratch {
+            std::fs::remove_dir_all(scratch)
+                .map_err(|source| Error::Io { what: format!("removing {}", scratch.display()), source })?;
+        }
+        let mut ebpf = loaded?;
+        for name in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::NOOP] {
+            classifier(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf) })
+    }
+
+    /// Takes the typed map handles out of the object (once).
+    pub fn take_maps(&mut self) -> Result<Maps> {
+        Ok(Maps {
+            services: take(&mut self.ebpf, map_names::SERVICES4)?,
+            backends: take(&mut self.ebpf, map_names::BACKENDS4)?,
+            rev_nat: take(&mut self.ebpf, map_names::REV_NAT4)?,
+            conntrack: take(&mut self.ebpf, map_names::CT4)?,
+            stats: {
+                let map = self
+                    .ebpf
+                    .take_map(map_names::STATS)
+                    .ok_or(Error::MissingMap { name: map_names::STATS })?;
+                PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map_names::STATS, source })?
+            },
+        })
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// Attaches (or, after a restart, atomically re-attaches) both programs to `ifname`. With a
+    /// pin directory the links are pinned and outlive this process.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        for hook in Hook::ALL {
+            self.attach_hook(ifname, hook)?;
+        }
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<()> {
+        let pin = self.link_pin(ifname, hook);
+        let name = hook.program();
+        let prog = classifier(&mut self.ebpf, name)?;
+        let iface_err = |reason: String| Error::Interface { name: ifname.to_owned(), reason };
+
+        // A link pinned by an earlier run: swap our program into it.
+        if let Some(pin) = &pin {
+            match PinnedLink::from_pin(pin) {
+                Ok(pinned) => {
+                    let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| iface_err(format!("pinned link {}: {e}", pin.display())))
+                        .and_then(|link| {
+                            prog.attach_to_link(link)
+                                .map_err(|e| iface_err(format!("replacing program in {}: {e}", pin.display())))
+                        });
+                    match replaced {
+                        Ok(id) => {
+                            // The pin keeps the link; dropping our handle does not detach it.
+                            drop(prog.take_link(id).map_err(|source| Error::Program { name, source })?);
+                            debug!(ifname, hook = hook.suffix(), "program replaced in pinned link");
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            // Typically the device was deleted and re-created under the same
+                            // name: the old link is defunct. Drop it and attach afresh.
+                            debug!(ifname, error = %e, "stale pinned link, attaching a new one");
+                            remove_pin(pin)?;
+                        }
+                    }
+                }
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(iface_err(format!("reading pinned link {}: {e}", pin.display()))),
+            }
+        }
+
+        let id = prog
+            .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|e| iface_err(format!("attaching {name} ({}): {e}", hook.suffix())))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+            let fd = FdLink::try_from(link).map_err(|e| iface_err(format!("link is not a TCX link: {e}")))?;
+            fd.pin(&pin).map_err(|e| iface_err(format!("pinning {}: {e}", pin.display())))?;
+        }
+        info!(ifname, hook = hook.suffix(), "attached");
+        Ok(())
+    }
+
+    /// Detaches both programs from `ifname` by removing their pinned links. Only meaningful with
+    /// a pin directory (unpinned links go away with the process).
+    pub fn detach_pinned(&self, ifname: &str) -> Result<()> {
+        for hook in Hook::ALL {
+            if let Some(pin) = self.link_pin(ifname, hook) {
+                remove_pin(&pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Interface names that have pinned links in this agent's directory.
+    pub fn pinned_interfaces(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.pin_dir else { return Ok(Vec::new()) };
+        pinned_interfaces(dir)
+    }
+
+    fn link_pin(&self, ifname: &str, hook: Hook) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(format!("{ifname}.{}", hook.suffix())))
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io { what: format!("removing {}", path.display()), source }),
+    }
+}
+
+/// Interface names with pinned links under `dir`.
+pub fn pinned_interfaces(dir: &Path) -> Result<Vec<String>> {
+    let links = dir.join(LINKS_DIR);
+    let entries = match std::fs::read_dir(&links) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::Io { what: format!("reading {}", links.display()), source }),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.rsplit_once('.').map(|(ifname, _)| ifname.to_owned()))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// `rproxy-agent cleanup`: detaches every program this agent attached (by unpinning its links:
+/// the kernel detaches a TCX link when its last reference goes) and removes its maps and
+/// directory. Safe to run twice.
+pub fn cleanup(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            info!(dir = %dir.display(), "removed pinned links and maps");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            info!(dir = %dir.display(), "nothing to clean up");
+            Ok(())
+        }
+        Err(source) => Err(Error::Io { what: format!("removing {}", dir.display()), source }),
+    }
+}

@@ -1,0 +1,106 @@
+//! `rproxy-agent dump`: the pinned maps in human form (the same data `bpftool map dump pinned`
+//! shows as bytes).
+use std::{io::Write, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use rproxy_common::{
+    Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names,
+};
+
+use crate::{Error, Result, gc::monotonic_ns};
+
+fn open(dir: &Path, name: &'static str) -> Result<Map> {
+    let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
+}
+
+fn ip(be: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from_be(be))
+}
+
+fn proto(p: u8) -> &'static str {
+    match p {
+        rproxy_common::proto::TCP => "TCP",
+        rproxy_common::proto::UDP => "UDP",
+        _ => "?",
+    }
+}
+
+pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
+    let io = |source| Error::Io { what: String::from("writing output"), source };
+    let services: HashMap<_, ServiceKey4, ServiceValue> = hash(dir, map_names::SERVICES4)?;
+    let backends: HashMap<_, u32, Backend4> = hash(dir, map_names::BACKENDS4)?;
+    let rev_nat: HashMap<_, u16, RevNat4> = hash(dir, map_names::REV_NAT4)?;
+    let ct: HashMap<_, CtKey4, CtValue> = hash(dir, map_names::CT4)?;
+
+    let mut svcs: Vec<(ServiceKey4, ServiceValue)> = services.iter().filter_map(std::result::Result::ok).collect();
+    svcs.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.slot));
+    writeln!(out, "services ({}):", map_names::SERVICES4).map_err(io)?;
+    for (k, v) in svcs.iter().filter(|(k, _)| k.slot == 0) {
+        let ids: Vec<String> = svcs
+            .iter()
+            .filter(|(s, _)| s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.slot != 0)
+            .map(|(_, sv)| sv.backend_id.to_string())
+            .collect();
+        writeln!(
+            out,
+            "  {}:{}/{}  count={} rev_nat={} flags={:#06x} backends=[{}]",
+            ip(k.addr),
+            u16::from_be(k.port),
+            proto(k.proto),
+            v.count,
+            v.rev_nat_id,
+            v.flags,
+            ids.join(",")
+        )
+        .map_err(io)?;
+    }
+    let mut bes: Vec<(u32, Backend4)> = backends.iter().filter_map(std::result::Result::ok).collect();
+    bes.sort_by_key(|(id, _)| *id);
+    writeln!(out, "backends ({}):", map_names::BACKENDS4).map_err(io)?;
+    for (id, b) in bes {
+        writeln!(out, "  {id}: {}:{}/{} flags={:#04x}", b.ip(), b.host_port(), proto(b.proto), b.flags).map_err(io)?;
+    }
+    let mut rns: Vec<(u16, RevNat4)> = rev_nat.iter().filter_map(std::result::Result::ok).collect();
+    rns.sort_by_key(|(id, _)| *id);
+    writeln!(out, "rev-NAT ({}):", map_names::REV_NAT4).map_err(io)?;
+    for (id, r) in rns {
+        writeln!(out, "  {id}: {}:{}", ip(r.addr), u16::from_be(r.port)).map_err(io)?;
+    }
+    let entries: Vec<(CtKey4, CtValue)> = ct.iter().filter_map(std::result::Result::ok).collect();
+    writeln!(out, "conntrack ({}): {} entries", map_names::CT4, entries.len()).map_err(io)?;
+    if conntrack {
+        let now = monotonic_ns();
+        for (k, v) in entries {
+            let dir = if k.dir == rproxy_common::CT_DIR_SERVICE { "svc" } else { "reply" };
+            let state = CtState::from_u8(v.state).map_or_else(|| String::from("?"), |s| format!("{s:?}"));
+            let ttl = i128::from(v.expires_ns) - i128::from(now);
+            writeln!(
+                out,
+                "  {dir:5} {} {}:{} -> {}:{} backend={} rev_nat={} state={state} flags={:#04x} expires_in={}s",
+                proto(k.proto),
+                ip(k.saddr),
+                u16::from_be(k.sport),
+                ip(k.daddr),
+                u16::from_be(k.dport),
+                v.backend_id,
+                v.rev_nat_id,
+                v.flags,
+                ttl / 1_000_000_000
+            )
+            .map_err(io)?;
+        }
+    }
+    let stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open(dir, map_names::STATS)?).map_err(|source| Error::Map { name: map_names::STATS, source })?;
+    writeln!(out, "counters ({}):", map_names::STATS).map_err(io)?;
+    for s in Stat::ALL {
+        let total: u64 = stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        writeln!(out, "  {:15} {total}", s.name()).map_err(io)?;
+    }
+    Ok(())
+}

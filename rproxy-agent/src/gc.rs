@@ -1,0 +1,131 @@
+//! Conntrack garbage collection.
+//!
+//! The datapath refreshes an entry's expiry on every packet in its direction (see
+//! `rproxy_common::CtState` for lifetimes). A flow's two entries are removed together once both
+//! have expired, so a one-way UDP stream (only the client talks) keeps its reply entry. Entries
+//! pointing at a backend that no longer exists are removed at once: the next packet of such a
+//! flow picks a live backend (UDP moves on; a TCP peer sees a reset) instead of waiting for the
+//! entry to age out. The map is an LRU, so a full table evicts the oldest entries by itself; the
+//! GC keeps it from filling with dead flows.
+use std::collections::{BTreeSet, HashMap};
+
+use rproxy_common::{CtKey4, CtValue};
+
+/// Why an entry is removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    Expired,
+    BackendGone,
+}
+
+/// Decides one entry's fate. `pair` is the other entry of its flow, if present.
+#[must_use]
+pub fn verdict(entry: &CtValue, pair: Option<&CtValue>, now_ns: u64, backend_exists: bool) -> Verdict {
+    if !backend_exists {
+        return Verdict::BackendGone;
+    }
+    let expired = |v: &CtValue| v.expires_ns <= now_ns;
+    if expired(entry) && pair.is_none_or(expired) { Verdict::Expired } else { Verdict::Keep }
+}
+
+/// Result of one pass.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub scanned: usize,
+    pub expired: usize,
+    pub backend_gone: usize,
+}
+
+/// Plans one pass over a snapshot of the table: the keys to delete.
+#[must_use]
+pub fn plan(entries: &HashMap<CtKey4, CtValue>, now_ns: u64, backends: &BTreeSet<u32>) -> (Vec<CtKey4>, Pass) {
+    let mut pass = Pass { scanned: entries.len(), ..Pass::default() };
+    let mut doomed = Vec::new();
+    for (k, v) in entries {
+        let pair = entries.get(&k.pair(v));
+        match verdict(v, pair, now_ns, backends.contains(&v.backend_id)) {
+            Verdict::Keep => {}
+            Verdict::Expired => {
+                pass.expired += 1;
+                doomed.push(*k);
+            }
+            Verdict::BackendGone => {
+                pass.backend_gone += 1;
+                doomed.push(*k);
+            }
+        }
+    }
+    (doomed, pass)
+}
+
+/// The clock the datapath uses (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+/// Runs one pass against the conntrack map.
+pub fn run_pass(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+    backends: &BTreeSet<u32>,
+) -> Pass {
+    let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
+    let (doomed, pass) = plan(&snapshot, monotonic_ns(), backends);
+    for k in doomed {
+        // An entry refreshed or evicted since the snapshot may be gone already: fine.
+        let _ = ct.remove(&k);
+    }
+    pass
+}
+
+#[cfg(test)]
+mod tests {
+    use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE};
+
+    use super::*;
+
+    fn flow(expires_fwd: u64, expires_rev: u64, backend: u32) -> [(CtKey4, CtValue); 2] {
+        let svc = CtKey4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: 17, dir: CT_DIR_SERVICE, _pad: [0; 2] };
+        let sv = CtValue { expires_ns: expires_fwd, backend_id: backend, pair_addr: 9, pair_port: 8, ..CtValue::default() };
+        let rk = svc.pair(&sv);
+        assert_eq!(rk.dir, CT_DIR_REPLY);
+        let rv = CtValue { expires_ns: expires_rev, backend_id: backend, pair_addr: 2, pair_port: 4, ..CtValue::default() };
+        assert_eq!(rk.pair(&rv), svc);
+        [(svc, sv), (rk, rv)]
+    }
+
+    #[test]
+    fn verdicts() {
+        let table = [
+            // (entry expires, pair expires, backend exists) → verdict at now=100
+            (50, Some(60), true, Verdict::Expired),
+            (50, Some(150), true, Verdict::Keep),
+            (150, Some(50), true, Verdict::Keep),
+            (50, None, true, Verdict::Expired),
+            (150, None, true, Verdict::Keep),
+            (150, Some(150), false, Verdict::BackendGone),
+        ];
+        for (e, p, exists, want) in table {
+            let v = CtValue { expires_ns: e, ..CtValue::default() };
+            let pv = p.map(|x| CtValue { expires_ns: x, ..CtValue::default() });
+            assert_eq!(verdict(&v, pv.as_ref(), 100, exists), want, "{e} {p:?} {exists}");
+        }
+    }
+
+    #[test]
+    fn pairs_go_together() {
+        let backends = BTreeSet::from([7]);
+        // One-way stream: the reply entry expired, the service entry is fresh: both kept.
+        let t: HashMap<_, _> = flow(200, 50, 7).into_iter().collect();
+        assert!(plan(&t, 100, &backends).0.is_empty());
+        // Both expired: both removed.
+        let t: HashMap<_, _> = flow(60, 50, 7).into_iter().collect();
+        assert_eq!(plan(&t, 100, &backends).0.len(), 2);
+        // Backend 7 removed: both removed although fresh.
+        let t: HashMap<_, _> = flow(200, 200, 7).into_iter().collect();
+        let (doomed, pass) = plan(&t, 100, &BTreeSet::new());
+        assert_eq!((doomed.len(), pass.backend_gone), (2, 2));
+    }
+}

@@ -1,0 +1,391 @@
+//! The map writer: makes the BPF maps hold `model::Desired`, writing only what changed, in an
+//! order that never lets a packet see a half-written service.
+//!
+//! Ordering (the datapath reads slot 0, picks a slot in `1..=count`, reads that backend):
+//! - insert/grow: backends → backend slots → rev-NAT → slot 0 (the count published last). The
+//!   rev-NAT entry is written before slot 0 (not after, as in a literal reading of "slot 0 then
+//!   rev-NAT"), so that the reply to the very first translated packet finds it;
+//! - shrink: rewrite the kept slots in place (each always holds a live backend), publish the new
+//!   count, then delete the slots past it;
+//! - delete: slot 0 (the service disappears at once), then its slots, then rev-NAT;
+//! - backends are deleted only after no service references them.
+//!
+//! The writer keeps a mirror of what it wrote. On start it adopts what the pinned maps already
+//! hold (ids included), so a restart rewrites nothing that is still right and established
+//! connections, which point at backend ids and rev-NAT ids, keep working.
+//!
+//! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
+//! its previous state and every other service is still written.
+use std::collections::{BTreeMap, BTreeSet};
+
+use rproxy_common::{
+    BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, ServiceKey4, ServiceValue, proto,
+};
+
+use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
+
+/// One map operation, in the order the writer issues them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, Backend4),
+    DelBackend(u32),
+    /// Slot ≥ 1 (a backend id) or slot 0 (the service).
+    PutService(ServiceKey4, ServiceValue),
+    DelService(ServiceKey4),
+    PutRevNat(u16, RevNat4),
+    DelRevNat(u16),
+}
+
+/// Where operations go: the BPF maps, or a recorder in tests.
+pub trait MapSink {
+    fn apply(&mut self, op: &Op) -> Result<(), String>;
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Frontends written (new or changed), with the service they belong to and backend count.
+    pub programmed: Vec<(Frontend, ObjectRef, usize)>,
+    /// Frontends removed.
+    pub removed: Vec<(Frontend, ObjectRef)>,
+    /// Failures: the service (or "backend") concerned and the reason.
+    pub errors: Vec<String>,
+    /// Map operations issued.
+    pub ops: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    service: ObjectRef,
+    value: ServiceValue,
+    /// Backend ids in slots 1..=len.
+    slots: Vec<u32>,
+    /// Backends kept for existing connections only.
+    draining: Vec<BackendAddr>,
+    rev_nat: RevNat4,
+}
+
+/// The writer's mirror of the maps.
+#[derive(Debug, Default)]
+pub struct Writer {
+    backends: BTreeMap<BackendAddr, (u32, Backend4)>,
+    services: BTreeMap<Frontend, Programmed>,
+    next_backend_id: u32,
+    next_rev_nat_id: u16,
+}
+
+/// What the pinned maps held at start.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub services: Vec<(ServiceKey4, ServiceValue)>,
+    pub backends: Vec<(u32, Backend4)>,
+    pub rev_nat: Vec<(u16, RevNat4)>,
+}
+
+fn protocol(p: u8) -> Option<Protocol> {
+    match p {
+        proto::TCP => Some(Protocol::Tcp),
+        proto::UDP => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
+    Some(Frontend {
+        addr: std::net::Ipv4Addr::from(u32::from_be(key.addr)),
+        port: u16::from_be(key.port),
+        proto: protocol(key.proto)?,
+    })
+}
+
+fn key_of(fe: &Frontend, slot: u16) -> ServiceKey4 {
+    ServiceKey4::new(fe.addr, fe.port, fe.proto.number(), slot)
+}
+
+fn backend_value(b: &Backend) -> Backend4 {
+    let mut flags = match b.state {
+        BackendState::Active => BE_F_ACTIVE,
+        BackendState::Terminating => BE_F_TERMINATING,
+    };
+    if b.local {
+        flags |= BE_F_LOCAL;
+    }
+    Backend4::new(b.addr.addr, b.addr.port, b.addr.proto.number(), flags)
+}
+
+fn slot_u16(slot: usize) -> u16 {
+    u16::try_from(slot).expect("slot counts are bounded by BACKENDS_PER_SERVICE_MAX")
+}
+
+impl Writer {
+    /// A writer for empty maps.
+    #[must_use]
+    pub fn new() -> Self {
+        Self { next_backend_id: 1, next_rev_nat_id: 1, ..Self::default() }
+    }
+
+    /// A writer whose mirror is what the pinned maps hold. Entries that cannot be interpreted
+    /// (unknown protocol, a slot 0 without its slots) are left for the first sync to overwrite
+    /// or delete; they are returned as warnings.
+    #[must_use]
+    pub fn adopt(adopted: Adopted) -> (Self, Vec<String>) {
+        let mut w = Self::new();
+        let mut warnings = Vec::new();
+        for (id, be) in adopted.backends {
+            match protocol(be.proto) {
+                Some(p) => {
+                    let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
+                    w.backends.insert(addr, (id, be));
+                }
+                None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
+            }
+        }
+        let rev_nat: BTreeMap<u16, RevNat4> = adopted.rev_nat.into_iter().collect();
+        let slots: BTreeMap<ServiceKey4, u32> =
+            adopted.services.iter().filter(|(k, _)| k.slot != 0).map(|(k, v)| (*k, v.backend_id)).collect();
+        for (key, value) in adopted.services.iter().filter(|(k, _)| k.slot == 0) {
+            let Some(fe) = frontend_of(key) else {
+                warnings.push(format!("service entry with unknown protocol {}", key.proto));
+                continue;
+            };
+            let ids: Option<Vec<u32>> =
+                (1..=value.count).map(|s| slots.get(&ServiceKey4 { slot: s, ..*key }).copied()).collect();
+            let Some(ids) = ids else {
+                warnings.push(format!("{fe}: slot missing, will be rewritten"));
+                continue;
+            };
+            let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
+            let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
+            w.services.insert(fe, Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn });
+        }
+        w.next_backend_id = w.backends.values().map(|(id, _)| *id).max().unwrap_or(0).wrapping_add(1).max(1);
+        w.next_rev_nat_id = w.services.values().map(|p| p.value.rev_nat_id).max().unwrap_or(0).wrapping_add(1).max(1);
+        (w, warnings)
+    }
+
+    /// Number of frontends programmed.
+    #[must_use]
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Number of backends programmed.
+    #[must_use]
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Backend ids currently programmed (for conntrack GC).
+    #[must_use]
+    pub fn backend_ids(&self) -> BTreeSet<u32> {
+        self.backends.values().map(|(id, _)| *id).collect()
+    }
+
+    /// Makes the maps hold `desired`.
+    pub fn sync(&mut self, desired: &Desired, sink: &mut impl MapSink) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut ops = 0usize;
+        let mut run = |op: Op| {
+            ops += 1;
+            sink.apply(&op)
+        };
+
+        // 1. Frontends that are no longer wanted.
+        let gone: Vec<Frontend> = self.services.keys().filter(|fe| !desired.services.contains_key(fe)).copied().collect();
+        for fe in gone {
+            let p = &self.services[&fe];
+            let mut ops = vec![Op::DelService(key_of(&fe, 0))];
+            ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(&fe, slot_u16(s)))));
+            ops.push(Op::DelRevNat(p.value.rev_nat_id));
+            match ops.into_iter().try_for_each(&mut run) {
+                Ok(()) => {
+                    let p = self.services.remove(&fe).expect("present");
+                    report.removed.push((fe, p.service));
+                }
+                Err(e) => report.errors.push(format!("Service {} frontend {fe}: removing: {e}", p.service)),
+            }
+        }
+
+        // 2. New and changed frontends.
+        for (fe, entry) in &desired.services {
+            match self.sync_frontend(*fe, entry, &mut run) {
+                Ok(true) => report.programmed.push((*fe, entry.service.clone(), entry.slots.len())),
+                Ok(false) => {}
+                Err(e) => report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service)),
+            }
+        }
+
+        // 3. Backends no service references any more.
+        let referenced: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|p| p.slots.iter().copied().chain(p.draining.iter().filter_map(|a| self.backends.get(a).map(|b| b.0))))
+            .collect();
+        let unused: Vec<(BackendAddr, u32)> =
+            self.backends.iter().filter(|(_, (id, _))| !referenced.contains(id)).map(|(a, (id, _))| (*a, *id)).collect();
+        for (addr, id) in unused {
+            match run(Op::DelBackend(id)) {
+                Ok(()) => {
+                    self.backends.remove(&addr);
+                }
+                Err(e) => report.errors.push(format!("backend {addr} (id {id}): removing: {e}")),
+            }
+        }
+        report.ops = ops;
+        report
+    }
+
+    /// Writes one frontend. `Ok(true)` if anything changed.
+    fn sync_frontend(
+        &mut self,
+        fe: Frontend,
+        entry: &ServiceEntry,
+        run: &mut impl FnMut(Op) -> Result<(), String>,
+    ) -> Result<bool, String> {
+        if entry.slots.len() > usize::from(rproxy_common::limits::BACKENDS_PER_SERVICE_MAX) {
+            return Err(format!(
+                "{} backends exceed the limit of {} per service port",
+                entry.slots.len(),
+                rproxy_common::limits::BACKENDS_PER_SERVICE_MAX
+            ));
+        }
+        let mut changed = false;
+        // Backends first: every id a slot will name exists before the slot does.
+        let mut slot_ids = Vec::with_capacity(entry.slots.len());
+        for b in entry.slots.iter().chain(&entry.draining) {
+            let (id, fresh) = self.ensure_backend(b, run)?;
+            changed |= fresh;
+            if slot_ids.len() < entry.slots.len() {
+                slot_ids.push(id);
+            }
+        }
+        let rev_nat_id = match self.services.get(&fe) {
+            Some(p) => p.value.rev_nat_id,
+            None => self.alloc_rev_nat_id()?,
+        };
+        let old = self.services.get(&fe);
+        let value = ServiceValue {
+            backend_id: 0,
+            count: slot_u16(slot_ids.len()),
+            rev_nat_id,
+            flags: entry.flags,
+            _pad: 0,
+            affinity_timeout: entry.affinity_timeout,
+        };
+        let rev_nat = RevNat4::new(fe.addr, fe.port);
+        let draining: Vec<BackendAddr> = entry.draining.iter().map(|b| b.addr).collect();
+        let old_slots: &[u32] = old.map_or(&[], |p| &p.slots);
+
+        // Slots that differ, up to the new count (growing or rewriting in place).
+        for (i, id) in slot_ids.iter().enumerate() {
+            if old_slots.get(i) != Some(id) {
+                let v = ServiceValue { backend_id: *id, ..ServiceValue::default() };
+                run(Op::PutService(key_of(&fe, slot_u16(i + 1)), v))?;
+                changed = true;
+            }
+        }
+        if old.is_none_or(|p| p.rev_nat != rev_nat) {
+            run(Op::PutRevNat(rev_nat_id, rev_nat))?;
+            changed = true;
+        }
+        if old.is_none_or(|p| p.value != value) {
+            run(Op::PutService(key_of(&fe, 0), value))?;
+            changed = true;
+        }
+        // Shrinking: the count is already published, the slots past it are unreachable.
+        for s in slot_ids.len() + 1..=old_slots.len() {
+            run(Op::DelService(key_of(&fe, slot_u16(s))))?;
+            changed = true;
+        }
+        changed |= old.is_none_or(|p| p.draining != draining);
+        self.services.insert(fe, Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat });
+        Ok(changed)
+    }
+
+    /// The id of backend `b`, writing it if it is new or its flags changed. `(id, written)`.
+    fn ensure_backend(
+        &mut self,
+        b: &Backend,
+        run: &mut impl FnMut(Op) -> Result<(), String>,
+    ) -> Result<(u32, bool), String> {
+        let value = backend_value(b);
+        if let Some((id, old)) = self.backends.get(&b.addr) {
+            if *old == value {
+                return Ok((*id, false));
+            }
+            let id = *id;
+            run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
+            self.backends.insert(b.addr, (id, value));
+            return Ok((id, true));
+        }
+        let id = self.alloc_backend_id();
+        run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
+        self.backends.insert(b.addr, (id, value));
+        Ok((id, true))
+    }
+
+    /// Next free backend id. Ids grow monotonically (wrapping, skipping ids in use) so that a
+    /// removed backend's id is not handed out again soon: stale conntrack entries must not
+    /// start pointing at another pod.
+    fn alloc_backend_id(&mut self) -> u32 {
+        let used: BTreeSet<u32> = self.backend_ids();
+        let mut id = self.next_backend_id.max(1);
+        while used.contains(&id) {
+            id = id.wrapping_add(1).max(1);
+        }
+        self.next_backend_id = id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Next free rev-NAT id, same policy as backend ids.
+    fn alloc_rev_nat_id(&mut self) -> Result<u16, String> {
+        let used: BTreeSet<u16> = self.services.values().map(|p| p.value.rev_nat_id).collect();
+        if used.len() >= usize::from(u16::MAX) {
+            return Err(String::from("no free rev-NAT id (65535 service ports programmed)"));
+        }
+        let mut id = self.next_rev_nat_id.max(1);
+        while used.contains(&id) {
+            id = id.wrapping_add(1).max(1);
+        }
+        self.next_rev_nat_id = id.wrapping_add(1).max(1);
+        Ok(id)
+    }
+}
+
+/// The BPF maps as a sink.
+impl MapSink for crate::datapath::Maps {
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        let r = match *op {
+            Op::PutBackend(id, v) => self.backends.insert(id, v, 0),
+            Op::DelBackend(id) => ignore_missing(self.backends.remove(&id)),
+            Op::PutService(k, v) => self.services.insert(k, v, 0),
+            Op::DelService(k) => ignore_missing(self.services.remove(&k)),
+            Op::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
+            Op::DelRevNat(id) => ignore_missing(self.rev_nat.remove(&id)),
+        };
+        r.map_err(|e| match e {
+            aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
+            other => other.to_string(),
+        })
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Reads what the pinned maps hold, for `Writer::adopt`.
+pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
+    Adopted {
+        services: maps.services.iter().filter_map(Result::ok).collect(),
+        backends: maps.backends.iter().filter_map(Result::ok).collect(),
+        rev_nat: maps.rev_nat.iter().filter_map(Result::ok).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

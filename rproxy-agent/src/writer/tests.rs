@@ -1,0 +1,245 @@
+//! Writer tests against a fake sink that holds the maps' contents and, after every single
+//! operation, checks what a packet could observe: every published slot 0 has all its slots, every
+//! slot names an existing backend, every slot 0 has its rev-NAT entry.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use super::*;
+
+#[derive(Default)]
+struct FakeMaps {
+    services: BTreeMap<ServiceKey4, ServiceValue>,
+    backends: BTreeMap<u32, Backend4>,
+    rev_nat: BTreeMap<u16, RevNat4>,
+    log: Vec<Op>,
+    /// Fail every op whose service key has this address.
+    fail_addr: Option<Ipv4Addr>,
+    /// Fail backend inserts once this many backends exist.
+    backend_capacity: Option<usize>,
+}
+
+impl FakeMaps {
+    fn check_consistent(&self) {
+        for (k, v) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+            for s in 1..=v.count {
+                let slot = self.services.get(&ServiceKey4 { slot: s, ..*k });
+                let slot = slot.unwrap_or_else(|| panic!("slot {s} of {k:?} missing while count is {}", v.count));
+                assert!(self.backends.contains_key(&slot.backend_id), "slot {s} of {k:?} names missing backend");
+            }
+            assert!(self.rev_nat.contains_key(&v.rev_nat_id), "rev-NAT {} of {k:?} missing", v.rev_nat_id);
+        }
+    }
+
+    fn adopted(&self) -> Adopted {
+        Adopted {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+}
+
+impl MapSink for FakeMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        if let (Some(a), Op::PutService(k, _) | Op::DelService(k)) = (self.fail_addr, op)
+            && k.addr == u32::from(a).to_be()
+        {
+            return Err(String::from("injected failure"));
+        }
+        match *op {
+            Op::PutBackend(id, v) => {
+                if self.backend_capacity.is_some_and(|c| self.backends.len() >= c) && !self.backends.contains_key(&id) {
+                    return Err(String::from("map full"));
+                }
+                self.backends.insert(id, v);
+            }
+            Op::DelBackend(id) => {
+                assert!(
+                    !self.services.values().any(|v| v.backend_id == id),
+                    "backend {id} deleted while a slot names it"
+                );
+                self.backends.remove(&id);
+            }
+            Op::PutService(k, v) => {
+                self.services.insert(k, v);
+            }
+            Op::DelService(k) => {
+                self.services.remove(&k);
+            }
+            Op::PutRevNat(id, v) => {
+                self.rev_nat.insert(id, v);
+            }
+            Op::DelRevNat(id) => {
+                self.rev_nat.remove(&id);
+            }
+        }
+        self.log.push(*op);
+        self.check_consistent();
+        Ok(())
+    }
+}
+
+fn fe(last: u8, port: u16) -> Frontend {
+    Frontend { addr: Ipv4Addr::new(10, 96, 0, last), port, proto: Protocol::Tcp }
+}
+
+fn be(last: u8) -> Backend {
+    Backend {
+        addr: BackendAddr { addr: Ipv4Addr::new(10, 244, 1, last), port: 8080, proto: Protocol::Tcp },
+        state: BackendState::Active,
+        local: true,
+    }
+}
+
+fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
+    ServiceEntry {
+        service: ObjectRef { namespace: String::from("default"), name: name.to_owned() },
+        port_name: String::new(),
+        flags: rproxy_common::SVC_F_CLUSTER_IP,
+        affinity_timeout: 0,
+        slots: slots.iter().map(|b| be(*b)).collect(),
+        draining: draining
+            .iter()
+            .map(|b| Backend { state: BackendState::Terminating, ..be(*b) })
+            .collect(),
+    }
+}
+
+fn desired(items: &[(Frontend, ServiceEntry)]) -> Desired {
+    Desired { services: items.iter().cloned().collect() }
+}
+
+fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<Ipv4Addr> {
+    let k0 = key_of(&f, 0);
+    let count = m.services[&k0].count;
+    (1..=count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..k0 }].backend_id].ip()).collect()
+}
+
+#[test]
+fn programs_grows_shrinks_and_removes_consistently() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2, 3], &[]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.programmed.len(), 1);
+    assert_eq!(slot_backends(&m, fe(10, 80)).len(), 3);
+    // Slot 0 is published after its slots and rev-NAT.
+    let pos0 = m.log.iter().position(|o| matches!(o, Op::PutService(k, _) if k.slot == 0)).unwrap();
+    assert_eq!(pos0, m.log.len() - 1);
+
+    // Grow to 5.
+    m.log.clear();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2, 3, 4, 5], &[]))]), &mut m);
+    assert_eq!(slot_backends(&m, fe(10, 80)).len(), 5);
+    assert!(matches!(m.log.last(), Some(Op::PutService(k, v)) if k.slot == 0 && v.count == 5));
+
+    // Shrink to 2 (backends 4 and 5): count first, then trailing slots, then unused backends.
+    m.log.clear();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[4, 5], &[]))]), &mut m);
+    assert_eq!(slot_backends(&m, fe(10, 80)), vec![Ipv4Addr::new(10, 244, 1, 4), Ipv4Addr::new(10, 244, 1, 5)]);
+    assert_eq!(m.backends.len(), 2);
+    assert_eq!(m.services.len(), 3);
+
+    // Remove.
+    m.log.clear();
+    let r = w.sync(&Desired::default(), &mut m);
+    assert_eq!(r.removed.len(), 1);
+    assert!(matches!(m.log[0], Op::DelService(k) if k.slot == 0), "slot 0 goes first: {:?}", m.log);
+    assert!(m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty());
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let d = desired(&[(fe(10, 80), entry("a", &[1, 2], &[])), (fe(11, 53), entry("b", &[2, 3], &[]))]);
+    w.sync(&d, &mut m);
+    let r = w.sync(&d, &mut m);
+    assert_eq!(r.ops, 0);
+    assert!(r.programmed.is_empty());
+}
+
+#[test]
+fn restart_adopts_maps_and_writes_nothing() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let d = desired(&[(fe(10, 80), entry("a", &[1, 2, 3], &[])), (fe(11, 53), entry("b", &[3], &[9]))]);
+    w.sync(&d, &mut m);
+    let ids_before = m.backends.clone();
+    let (mut w2, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    m.log.clear();
+    let r = w2.sync(&d, &mut m);
+    assert_eq!(r.ops, 0, "restart rewrote {:?}", m.log);
+    assert_eq!(m.backends, ids_before, "backend ids kept across restart");
+    // New ids after adoption do not collide with adopted ones.
+    let d2 = desired(&[(fe(10, 80), entry("a", &[1, 2, 3, 7], &[])), (fe(11, 53), entry("b", &[3], &[9]))]);
+    w2.sync(&d2, &mut m);
+    assert_eq!(m.backends.len(), 5);
+}
+
+#[test]
+fn shared_and_draining_backends_live_until_unreferenced() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2], &[])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
+    // Backend 2 terminates: out of a's slots, still in the map (existing connections), flagged.
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
+    assert_eq!(slot_backends(&m, fe(10, 80)), vec![Ipv4Addr::new(10, 244, 1, 1)]);
+    assert_eq!(m.backends.len(), 2);
+    // Gone from b too, but still draining in a: kept.
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
+    assert_eq!(m.backends.len(), 2);
+    let two = m.backends.values().find(|b| b.ip() == Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+    assert_eq!(two.flags & BE_F_TERMINATING, BE_F_TERMINATING);
+    // Gone everywhere: deleted.
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
+    assert_eq!(m.backends.len(), 1);
+}
+
+#[test]
+fn empty_backend_set_is_published_with_count_zero() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[], &[]))]), &mut m);
+    assert_eq!(m.services[&key_of(&fe(10, 80), 0)].count, 0);
+    assert_eq!(m.services.len(), 1);
+    assert!(m.backends.is_empty());
+}
+
+#[test]
+fn a_failing_service_is_reported_and_others_are_written() {
+    let mut m = FakeMaps { fail_addr: Some(Ipv4Addr::new(10, 96, 0, 11)), ..FakeMaps::default() };
+    let mut w = Writer::new();
+    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]), &mut m);
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.errors[0].contains("default/bad") && r.errors[0].contains("10.96.0.11:80/TCP"), "{:?}", r.errors);
+    assert_eq!(slot_backends(&m, fe(10, 80)).len(), 1);
+    // Once the failure is gone the next sync completes it.
+    m.fail_addr = None;
+    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]), &mut m);
+    assert!(r.errors.is_empty());
+    assert_eq!(slot_backends(&m, fe(11, 80)).len(), 1);
+}
+
+#[test]
+fn full_backend_map_fails_only_that_service() {
+    let mut m = FakeMaps { backend_capacity: Some(2), ..FakeMaps::default() };
+    let mut w = Writer::new();
+    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2], &[])), (fe(11, 80), entry("b", &[3], &[]))]), &mut m);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].contains("default/b") && r.errors[0].contains("map full"));
+    assert_eq!(slot_backends(&m, fe(10, 80)).len(), 2);
+    assert!(!m.services.contains_key(&key_of(&fe(11, 80), 0)));
+}
+
+#[test]
+fn ids_are_not_reused_at_once() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
+    let first = *m.backends.keys().next().unwrap();
+    w.sync(&desired(&[(fe(10, 80), entry("a", &[2], &[]))]), &mut m);
+    let second = *m.backends.keys().next().unwrap();
+    assert_ne!(first, second);
+}

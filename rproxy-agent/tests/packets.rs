@@ -1,0 +1,441 @@
+//! Packet tests: real packets through the real programs with BPF_PROG_TEST_RUN.
+//!
+//! Each test loads the embedded object with private maps, programs services through the same
+//! writer the agent uses, runs a frame through `rpx_from_pod` / `rpx_to_pod`, and checks the
+//! verdict and every rewritten byte, checksums recomputed independently (etherparse).
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN) and a mounted bpffs. Without them the tests print why
+//! and return, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI), where they
+//! fail instead.
+use std::{net::Ipv4Addr, sync::Mutex};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number};
+use rproxy_agent::{
+    datapath::{Datapath, Maps},
+    model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
+    writer::Writer,
+};
+use rproxy_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtKey4, CtState, SVC_F_CLUSTER_IP, Stat, prog_names, proto,
+};
+
+const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
+const DROP: u32 = 2; // TC_ACT_SHOT
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
+const CPORT: u16 = 40_000;
+
+/// Kernel tests share nothing, but loading programs concurrently only costs time on 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Harness {
+    dp: Datapath,
+    maps: Maps,
+    writer: Writer,
+}
+
+fn harness() -> Option<Harness> {
+    let required = std::env::var("RPROXY_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!required, "RPROXY_REQUIRE_KERNEL=1 but not running as root");
+        eprintln!("skipping: packet tests need root (BPF_PROG_TEST_RUN)");
+        return None;
+    }
+    let mut dp = match Datapath::load(None) {
+        Ok(dp) => dp,
+        Err(e) => panic!("loading the datapath: {e}"),
+    };
+    let maps = dp.take_maps().expect("maps");
+    Some(Harness { dp, maps, writer: Writer::new() })
+}
+
+impl Harness {
+    fn program(&mut self, desired: &Desired) {
+        let r = self.writer.sync(desired, &mut self.maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    /// Runs `frame` through `prog` once: (return value, output frame).
+    fn run(&mut self, prog: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = self
+            .dp
+            .program(prog)
+            .expect("program")
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    fn stat(&self, s: Stat) -> u64 {
+        self.maps.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
+    let fe = Frontend { addr: VIP, port: 80, proto };
+    let entry = ServiceEntry {
+        service: ObjectRef { namespace: "default".into(), name: "demo".into() },
+        port_name: String::new(),
+        flags: SVC_F_CLUSTER_IP,
+        affinity_timeout: 0,
+        slots: backends
+            .iter()
+            .map(|a| Backend {
+                addr: BackendAddr { addr: *a, port: 8080, proto },
+                state: BackendState::Active,
+                local: true,
+            })
+            .collect(),
+        draining: Vec::new(),
+    };
+    Desired { services: [(fe, entry)].into_iter().collect() }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Tcp {
+    syn: bool,
+    ack: bool,
+    fin: bool,
+    rst: bool,
+}
+
+const SYN: Tcp = Tcp { syn: true, ack: false, fin: false, rst: false };
+const SYN_ACK: Tcp = Tcp { syn: true, ack: true, fin: false, rst: false };
+const ACK: Tcp = Tcp { syn: false, ack: true, fin: false, rst: false };
+const FIN: Tcp = Tcp { syn: false, ack: true, fin: true, rst: false };
+const RST: Tcp = Tcp { syn: false, ack: false, fin: false, rst: true };
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: etherparse::IpNumber, options: &[u8]) -> IpHeaders {
+    let mut h = Ipv4Header::new(0, 64, proto, src.octets(), dst.octets()).expect("header");
+    h.options = Ipv4Options::try_from(options).expect("options");
+    IpHeaders::Ipv4(h, Default::default())
+}
+
+fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), f: Tcp, payload: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ip(ipv4(src.0, dst.0, ip_number::TCP, options))
+        .tcp(src.1, dst.1, 1000, 64240);
+    if f.syn {
+        b = b.syn();
+    }
+    if f.ack {
+        b = b.ack(1);
+    }
+    if f.fin {
+        b = b.fin();
+    }
+    if f.rst {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ip(ipv4(src.0, dst.0, ip_number::UDP, &[]))
+        .udp(src.1, dst.1);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+/// Parsed addresses of an output frame, with both checksums verified.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: Vec<u8>,
+    options: Vec<u8>,
+}
+
+fn parse_checked(frame: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    let (src, dst) = (Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination));
+    let (sp, dp, payload) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv4(h.source, h.destination).expect("len");
+            assert_eq!(t.checksum(), want, "TCP checksum");
+            (t.source_port(), t.destination_port(), t.payload().to_vec())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let want = u.to_header().calc_checksum_ipv4_raw(h.source, h.destination, u.payload()).expect("len");
+                assert_eq!(u.checksum(), want, "UDP checksum");
+            }
+            (u.source_port(), u.destination_port(), u.payload().to_vec())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    };
+    Seen { src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
+}
+
+fn svc_key(client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from(client.0).to_be(),
+        daddr: u32::from(VIP).to_be(),
+        sport: client.1.to_be(),
+        dport: 80u16.to_be(),
+        proto: p,
+        dir: CT_DIR_SERVICE,
+        _pad: [0; 2],
+    }
+}
+
+fn reply_key(backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from(backend.0).to_be(),
+        daddr: u32::from(client.0).to_be(),
+        sport: backend.1.to_be(),
+        dport: client.1.to_be(),
+        proto: p,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+macro_rules! kernel_test {
+    ($h:ident) => {
+        let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(mut $h) = harness() else { return };
+    };
+}
+
+#[test]
+fn syn_to_vip_is_dnated_and_reply_is_reverse_natted() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS));
+    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
+    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert_eq!(seen.src, (CLIENT, CPORT), "source untouched");
+    assert!(BACKENDS.contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
+    // Only the addresses, ports and checksums changed.
+    assert_eq!(out.len(), syn.len());
+    let differing: Vec<usize> = (0..out.len()).filter(|i| out[*i] != syn[*i]).collect();
+    let allowed = [14 + 10, 14 + 11, 14 + 16, 14 + 17, 14 + 18, 14 + 19, 34 + 2, 34 + 3, 34 + 16, 34 + 17];
+    assert!(differing.iter().all(|i| allowed.contains(i)), "unexpected bytes changed: {differing:?}");
+
+    // Conntrack: a service entry and a reply entry, state SYN sent.
+    let backend = seen.dst;
+    let fwd = h.ct(&svc_key((CLIENT, CPORT), proto::TCP)).expect("service entry");
+    let rev = h.ct(&reply_key(backend, (CLIENT, CPORT), proto::TCP)).expect("reply entry");
+    assert_eq!(fwd.backend_id, rev.backend_id);
+    assert_eq!(fwd.state, CtState::SynSent as u8);
+
+    // SYN-ACK from the backend, on its way into the client pod: source becomes the VIP.
+    let synack = tcp_frame(backend, (CLIENT, CPORT), SYN_ACK, b"", &[]);
+    let (rc, out) = h.run(prog_names::TO_POD, &synack);
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert_eq!(seen.src, (VIP, 80));
+    assert_eq!(seen.dst, (CLIENT, CPORT));
+    let fwd = h.ct(&svc_key((CLIENT, CPORT), proto::TCP)).unwrap();
+    assert_eq!(fwd.state, CtState::Established as u8, "SYN-ACK moves both entries to established");
+
+    // Data on the established flow goes to the same backend, payload intact.
+    for i in 0..20u8 {
+        let data = tcp_frame((CLIENT, CPORT), (VIP, 80), ACK, &[i; 100], &[]);
+        let (rc, out) = h.run(prog_names::FROM_POD, &data);
+        assert_eq!(rc, PASS);
+        let seen = parse_checked(&out);
+        assert_eq!(seen.dst, backend, "established flow keeps its backend");
+        assert_eq!(seen.payload, vec![i; 100]);
+    }
+    assert_eq!(h.stat(Stat::NewFlow), 1);
+    assert_eq!(h.stat(Stat::Established), 20);
+    assert_eq!(h.stat(Stat::RevNat), 1);
+}
+
+#[test]
+fn tcp_state_follows_fin_and_rst() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
+    let be = (BACKENDS[0], 8080);
+    let c = (CLIENT, CPORT + 1);
+    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
+    h.run(prog_names::TO_POD, &tcp_frame(be, c, SYN_ACK, b"", &[]));
+    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), FIN, b"", &[]));
+    let state = |h: &Harness| h.ct(&svc_key(c, proto::TCP)).unwrap().state;
+    assert_eq!(state(&h), CtState::Established as u8, "half-closed stays established");
+    h.run(prog_names::TO_POD, &tcp_frame(be, c, FIN, b"", &[]));
+    assert_eq!(state(&h), CtState::Closing as u8);
+    let rev = h.ct(&reply_key(be, c, proto::TCP)).unwrap();
+    assert_eq!(rev.state, CtState::Closing as u8, "state mirrored into the reply entry");
+    // Port reuse: a new SYN on a closing flow reopens it.
+    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
+    assert_eq!(state(&h), CtState::SynSent as u8);
+    // RST closes.
+    h.run(prog_names::TO_POD, &tcp_frame(be, c, RST, b"", &[]));
+    let v = h.ct(&svc_key(c, proto::TCP)).unwrap();
+    assert_eq!(v.state, CtState::Closing as u8);
+    assert_ne!(v.flags & CT_F_RST, 0);
+}
+
+#[test]
+fn udp_both_ways() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Udp, &BACKENDS));
+    let c = (CLIENT, 5353);
+    let req = udp_frame(c, (VIP, 80), b"question");
+    let (rc, out) = h.run(prog_names::FROM_POD, &req);
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert!(BACKENDS.contains(&seen.dst.0) && seen.dst.1 == 8080);
+    assert_eq!(seen.payload, b"question");
+    let be = seen.dst;
+    let ct = h.ct(&svc_key(c, proto::UDP)).expect("udp entry");
+    assert_eq!(ct.state, CtState::Datagram as u8);
+
+    let (rc, out) = h.run(prog_names::TO_POD, &udp_frame(be, c, b"answer"));
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert_eq!((seen.src, seen.dst), ((VIP, 80), c));
+    assert_eq!(seen.payload, b"answer");
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Udp, &BACKENDS[..1]));
+    let mut req = udp_frame((CLIENT, 5354), (VIP, 80), b"no checksum");
+    req[14 + 20 + 6] = 0;
+    req[14 + 20 + 7] = 0;
+    let (rc, out) = h.run(prog_names::FROM_POD, &req);
+    assert_eq!(rc, PASS);
+    assert_eq!(&out[40..42], &[0, 0], "UDP checksum 0 means none and must stay 0");
+    let seen = parse_checked(&out);
+    assert_eq!(seen.dst, (BACKENDS[0], 8080));
+}
+
+#[test]
+fn ipv4_options_are_honoured() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
+    // Two NOPs, a record-route-like option padded to 8 bytes: IHL = 7.
+    let options = [1, 1, 7, 3, 4, 0, 0, 0];
+    let syn = tcp_frame((CLIENT, CPORT + 2), (VIP, 80), SYN, b"", &options);
+    assert_eq!(syn[14] & 0x0f, 7);
+    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert_eq!(seen.dst, (BACKENDS[0], 8080), "ports found after the options");
+    assert_eq!(seen.options, options, "options untouched");
+}
+
+#[test]
+fn truncated_and_non_ip_frames_pass_untouched() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS));
+    let syn = tcp_frame((CLIENT, CPORT + 3), (VIP, 80), SYN, b"", &[]);
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 244, 1, 100, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
+    let mut bad_ihl = syn.clone();
+    bad_ihl[14] = 0x44; // IHL 4 (< 5)
+    let mut ipv6_version = syn.clone();
+    ipv6_version[14] = 0x65;
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        ("one byte of IPv4 header", syn[..15].to_vec()),
+        ("IPv4 header cut", syn[..14 + 12].to_vec()),
+        ("TCP header cut", syn[..14 + 20 + 10].to_vec()),
+        ("ARP", arp),
+        ("IHL < 5", bad_ihl),
+        ("version 6 in an IPv4 frame", ipv6_version),
+    ];
+    for (what, frame) in frames {
+        for prog in [prog_names::FROM_POD, prog_names::TO_POD] {
+            let (rc, out) = h.run(prog, &frame);
+            assert_eq!(rc, PASS, "{what} via {prog}");
+            assert_eq!(out, frame, "{what} via {prog}: changed");
+        }
+    }
+    assert_eq!(h.stat(Stat::NewFlow), 0);
+}
+
+#[test]
+fn non_service_packets_are_unchanged_byte_for_byte() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS));
+    let frames = [
+        tcp_frame((CLIENT, CPORT), (BACKENDS[0], 8080), SYN, b"direct", &[]),
+        tcp_frame((CLIENT, CPORT), (VIP, 81), SYN, b"other port", &[]),
+        udp_frame((CLIENT, CPORT), (VIP, 80), b"other protocol"),
+    ];
+    for f in &frames {
+        let (rc, out) = h.run(prog_names::FROM_POD, f);
+        assert_eq!(rc, PASS);
+        assert_eq!(&out, f);
+        let (rc, out) = h.run(prog_names::TO_POD, f);
+        assert_eq!(rc, PASS);
+        assert_eq!(&out, f);
+    }
+}
+
+#[test]
+fn fragments_are_passed_and_counted() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Udp, &BACKENDS));
+    let mut frag = udp_frame((CLIENT, 5355), (VIP, 80), b"fragmented");
+    frag[14 + 6] |= 0x20; // more fragments
+    // Fix the IPv4 header checksum for the changed flags so only the fragment bit differs.
+    let mut h4 = Ipv4Header::from_slice(&frag[14..]).unwrap().0;
+    h4.header_checksum = h4.calc_header_checksum();
+    frag[14 + 10..14 + 12].copy_from_slice(&h4.header_checksum.to_be_bytes());
+    let (rc, out) = h.run(prog_names::FROM_POD, &frag);
+    assert_eq!((rc, &out), (PASS, &frag));
+    assert_eq!(h.stat(Stat::Fragment), 1);
+}
+
+#[test]
+fn service_without_backends_drops() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &[]));
+    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]));
+    assert_eq!(rc, DROP);
+    assert_eq!(h.stat(Stat::NoBackend), 1);
+}
+
+#[test]
+fn removed_backend_moves_flow_to_a_live_one() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Udp, &BACKENDS[..1]));
+    let c = (CLIENT, 5356);
+    let (_, out) = h.run(prog_names::FROM_POD, &udp_frame(c, (VIP, 80), b"1"));
+    assert_eq!(parse_checked(&out).dst.0, BACKENDS[0]);
+    h.program(&service(Protocol::Udp, &BACKENDS[1..2]));
+    let (rc, out) = h.run(prog_names::FROM_POD, &udp_frame(c, (VIP, 80), b"2"));
+    assert_eq!(rc, PASS);
+    assert_eq!(parse_checked(&out).dst.0, BACKENDS[1], "next datagram picks a live backend");
+    assert_eq!(h.stat(Stat::BackendGone), 1);
+}
+
+#[test]
+fn backends_are_chosen_among_all() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS));
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..200u16 {
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 20_000 + i), (VIP, 80), SYN, b"", &[]));
+        seen.insert(parse_checked(&out).dst.0);
+        if seen.len() == BACKENDS.len() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), BACKENDS.len(), "200 new flows should reach all 3 backends");
+}

@@ -1,0 +1,159 @@
+//! The `rproxy-agent` process, run inside the node namespace with its output in a log file.
+//!
+//! The agent is started with `nsenter --net=/run/netns/<node>`, not `ip netns exec`: the latter
+//! also gives the program a private mount namespace with a fresh sysfs on `/sys`, where
+//! `/sys/fs/bpf` is an empty sysfs directory instead of the host's bpffs, so nothing could be
+//! pinned there (and pins would not outlive the agent nor be seen by `cleanup` or `bpftool`).
+use std::{
+    fs::File,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::cmd::run;
+
+/// How long the agent may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `rproxy-agent run` is started with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub bin: PathBuf,
+    /// Network namespace to run in.
+    pub node_ns: String,
+    /// `--node-name`.
+    pub node_name: String,
+    /// `--manifests`.
+    pub manifests: PathBuf,
+    /// `--pod-devices`.
+    pub pod_devices: String,
+    /// `--bpffs`.
+    pub bpffs: PathBuf,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+}
+
+/// A running (or exited) agent. Dropping it kills the process if it still runs.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    child: Child,
+}
+
+impl Agent {
+    /// Starts `<bin> run ...` in the node namespace, in its own process group so that a
+    /// terminal's Ctrl-C reaches only the lab, which then stops the agent itself.
+    pub fn start(config: AgentConfig) -> Result<Self> {
+        let log = File::create(&config.log)
+            .with_context(|| format!("cannot create {}", config.log.display()))?;
+        let child = netns_command(&config.node_ns, &config.bin)
+            .arg("run")
+            .arg("--manifests")
+            .arg(&config.manifests)
+            .args([
+                "--node-name",
+                &config.node_name,
+                "--pod-devices",
+                &config.pod_devices,
+            ])
+            .arg("--bpffs")
+            .arg(&config.bpffs)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", config.bin.display()))?;
+        Ok(Self { config, child })
+    }
+
+    /// The exit status if the agent has exited.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Fails (with the log) if the agent has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.exited()? {
+            None => Ok(()),
+            Some(status) => bail!(
+                "rproxy-agent exited ({status}); its log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; kills it after [`STOP_TIMEOUT`].
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.exited()? {
+            return Ok(status);
+        }
+        kill(self.pid(), Signal::SIGTERM).context("kill(SIGTERM) rproxy-agent")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("rproxy-agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it")
+    }
+
+    /// Runs `rproxy-agent cleanup --bpffs <dir>` in the node namespace (same way as `run`).
+    pub fn cleanup(&self) -> Result<()> {
+        let c = &self.config;
+        run(netns_command(&c.node_ns, &c.bin)
+            .arg("cleanup")
+            .arg("--bpffs")
+            .arg(&c.bpffs))
+        .map(drop)
+    }
+
+    /// The log file.
+    #[must_use]
+    pub fn log_path(&self) -> &Path {
+        &self.config.log
+    }
+
+    /// The log's content so far (or why it cannot be read).
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.config.log)
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.config.log.display()))
+    }
+
+    fn pid(&self) -> Pid {
+        // Pids fit in i32 (pid_max ≤ 2^22).
+        Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
+    }
+}
+
+/// `nsenter --net=/run/netns/<ns> -- <program>`: only the network namespace changes. `nsenter`
+/// execs `program`, so the child's pid is the program's.
+fn netns_command(ns: &str, program: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.exited(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Running external commands (`ip`, the agent's `cleanup`) with their exit status checked.
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+/// Runs `cmd` to completion; fails with the command line, the exit status and its stderr unless
+/// it exits 0. Returns its stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip [-n <ns>] <args>`.
+pub fn ip(ns: Option<&str>, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    run(cmd.args(args))
+}

@@ -1,0 +1,142 @@
+//! The demo service shared by the e2e tests, the interactive lab and `lab/manifests/demo.yaml`:
+//! Service `default/demo` on 10.96.0.10:80 (TCP `http`, UDP `dns`) → port 8080 of three backend
+//! pods, and a client pod. Pod addresses are fixed so that the bundled manifests match.
+use std::{
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::{
+    lab::Lab,
+    manifest::{
+        Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort, multi_document,
+    },
+};
+
+/// Kubernetes node name of the lab's node (`--node-name`, endpoints' `nodeName`).
+pub const NODE_NAME: &str = "lab-node";
+/// Kubernetes namespace of the demo objects.
+pub const NAMESPACE: &str = "default";
+/// The Service's name.
+pub const SERVICE_NAME: &str = "demo";
+/// The Service's `ClusterIP`.
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The Service's port (TCP and UDP).
+pub const PORT: u16 = 80;
+/// The backends' port (TCP and UDP).
+pub const TARGET_PORT: u16 = 8080;
+/// Backend pods: name and address.
+pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("backend-a", Ipv4Addr::new(10, 244, 1, 11)),
+    ("backend-b", Ipv4Addr::new(10, 244, 1, 12)),
+    ("backend-c", Ipv4Addr::new(10, 244, 1, 13)),
+];
+/// The client pod: name and address.
+pub const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 100));
+
+/// The service's ports: (name, protocol).
+const PORTS: [(&str, Protocol); 2] = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+
+/// The demo Service.
+#[must_use]
+pub fn service() -> Service {
+    Service {
+        namespace: NAMESPACE.into(),
+        name: SERVICE_NAME.into(),
+        cluster_ip: CLUSTER_IP,
+        ports: PORTS
+            .iter()
+            .map(|&(name, protocol)| ServicePort {
+                name: name.into(),
+                protocol,
+                port: PORT,
+                target_port: TARGET_PORT,
+            })
+            .collect(),
+    }
+}
+
+/// The demo `EndpointSlice` with the named backends (from [`BACKENDS`]), all ready.
+///
+/// # Panics
+/// On a name not in [`BACKENDS`].
+#[must_use]
+pub fn endpoint_slice(backends: &[&str]) -> EndpointSlice {
+    let address = |name: &str| {
+        BACKENDS
+            .iter()
+            .find(|b| b.0 == name)
+            .unwrap_or_else(|| panic!("no demo backend {name}"))
+            .1
+    };
+    EndpointSlice {
+        namespace: NAMESPACE.into(),
+        name: format!("{SERVICE_NAME}-1"),
+        service_name: SERVICE_NAME.into(),
+        endpoints: backends
+            .iter()
+            .map(|b| Endpoint::ready(address(b), NODE_NAME))
+            .collect(),
+        ports: PORTS
+            .iter()
+            .map(|&(name, protocol)| EndpointPort {
+                name: name.into(),
+                protocol,
+                port: TARGET_PORT,
+            })
+            .collect(),
+    }
+}
+
+/// Names of all backends.
+#[must_use]
+pub fn backend_names() -> Vec<&'static str> {
+    BACKENDS.iter().map(|b| b.0).collect()
+}
+
+/// Service + `EndpointSlice` with every backend, as one multi-document file: the content of
+/// `lab/manifests/demo.yaml` (a unit test keeps them equal).
+#[must_use]
+pub fn manifest() -> String {
+    multi_document(&[&service(), &endpoint_slice(&backend_names())])
+}
+
+/// A lab with the node, the three backends serving TCP and UDP on [`TARGET_PORT`], and the client.
+pub fn build_lab() -> Result<Lab> {
+    let mut lab = Lab::new(NODE_NAME)?;
+    for (name, ip) in BACKENDS {
+        lab.add_pod(name, ip)?.serve(TARGET_PORT)?;
+    }
+    lab.add_pod(CLIENT.0, CLIENT.1)?;
+    Ok(lab)
+}
+
+/// How long [`wait_ready`] waits for the agent.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits (at most [`READY_TIMEOUT`], polling every 20 ms) until a TCP request from the client to
+/// the `ClusterIP` gets an answer; fails at once, with the agent's log, if the agent exits.
+pub fn wait_ready(lab: &mut Lab) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        lab.ensure_agent_running()?;
+        let tried = lab.pod(CLIENT.0).tcp_request_timeout(
+            CLUSTER_IP,
+            PORT,
+            b"",
+            Duration::from_millis(200),
+        );
+        match tried {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() >= READY_TIMEOUT => {
+                return Err(e.context(format!(
+                    "the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"
+                )));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Kubernetes manifests for the agent: v1 Service and discovery.k8s.io/v1 `EndpointSlice`, rendered
+//! as the YAML `kubectl apply` accepts (the `Display` impls), and written atomically.
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result};
+
+/// L4 protocol of a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// A `type: ClusterIP` Service without selector (its `EndpointSlices` are written by hand).
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_header(f, "v1", "Service", &self.namespace, &self.name)?;
+        writeln!(f, "spec:")?;
+        writeln!(f, "  type: ClusterIP")?;
+        writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
+        writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
+        writeln!(f, "  ipFamilies:\n  - IPv4")?;
+        writeln!(
+            f,
+            "  ports:{}",
+            if self.ports.is_empty() { " []" } else { "" }
+        )?;
+        for p in &self.ports {
+            writeln!(f, "  - name: {}", p.name)?;
+            writeln!(f, "    protocol: {}", p.protocol)?;
+            writeln!(f, "    port: {}", p.port)?;
+            writeln!(f, "    targetPort: {}", p.target_port)?;
+        }
+        Ok(())
+    }
+}
+
+/// One endpoint (one address) of an `EndpointSlice`.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: String,
+}
+
+impl Endpoint {
+    /// A ready, serving, not terminating endpoint on `node_name`.
+    #[must_use]
+    pub fn ready(address: Ipv4Addr, node_name: &str) -> Self {
+        Self {
+            address,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: node_name.to_owned(),
+        }
+    }
+}
+
+/// One port of an `EndpointSlice` (the backends' port).
+#[derive(Clone, Debug)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An IPv4 `EndpointSlice` of Service `service_name`.
+#[derive(Clone, Debug)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    pub service_name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Vec<EndpointPort>,
+}
+
+impl fmt::Display for EndpointSlice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_header(
+            f,
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            &self.namespace,
+            &self.name,
+        )?;
+        writeln!(
+            f,
+            "  labels:\n    kubernetes.io/service-name: {}",
+            self.service_name
+        )?;
+        writeln!(f, "addressType: IPv4")?;
+        writeln!(
+            f,
+            "endpoints:{}",
+            if self.endpoints.is_empty() { " []" } else { "" }
+        )?;
+        for e in &self.endpoints {
+            writeln!(f, "- addresses:\n  - {}", e.address)?;
+            writeln!(f, "  conditions:")?;
+            writeln!(f, "    ready: {}", e.ready)?;
+            writeln!(f, "    serving: {}", e.serving)?;
+            writeln!(f, "    terminating: {}", e.terminating)?;
+            writeln!(f, "  nodeName: {}", e.node_name)?;
+        }
+        writeln!(
+            f,
+            "ports:{}",
+            if self.ports.is_empty() { " []" } else { "" }
+        )?;
+        for p in &self.ports {
+            writeln!(f, "- name: {}", p.name)?;
+            writeln!(f, "  protocol: {}", p.protocol)?;
+            writeln!(f, "  port: {}", p.port)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_header(
+    f: &mut fmt::Formatter<'_>,
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> fmt::Result {
+    writeln!(f, "apiVersion: {api_version}")?;
+    writeln!(f, "kind: {kind}")?;
+    writeln!(f, "metadata:\n  name: {name}\n  namespace: {namespace}")
+}
+
+/// Joins YAML documents into one multi-document file.
+#[must_use]
+pub fn multi_document(docs: &[&dyn fmt::Display]) -> String {
+    let docs: Vec<String> = docs.iter().map(ToString::to_string).collect();
+    format!("---\n{}", docs.join("---\n"))
+}
+
+/// Writes `contents` to `path` atomically: to a hidden temp name (`.<name>.<pid>-<n>.tmp`, which
+/// does not end in `.yaml`) in the same directory, then renamed over `path`.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let name = path
+        .file_name()
+        .context("manifest path has no file name")?
+        .to_string_lossy();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()));
+    std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
+}

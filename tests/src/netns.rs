@@ -1,0 +1,72 @@
+//! Named network namespaces (`/run/netns/<name>`, as `ip netns` makes them) and running code
+//! inside one from this process.
+//!
+//! The network namespace is per thread: [`in_netns`] runs a closure on a fresh thread that has
+//! joined the namespace. Sockets created there stay in that namespace after the thread ends, so
+//! a closure may bind a socket and hand it back to be used from any thread.
+use std::{fs::File, path::Path, thread};
+
+use anyhow::{Context as _, Result};
+use nix::sched::{CloneFlags, setns};
+
+use crate::cmd::ip;
+
+/// Runs `f` on a thread that has joined network namespace `ns` and returns its result. A panic
+/// in `f` is propagated.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = Path::new("/run/netns").join(ns);
+    let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    thread::scope(|s| {
+        s.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns({}) failed", path.display()))
+                .map(|()| f())
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Writes `value` to `/proc/sys/<key>` (`key` like `net/ipv4/ip_forward`) inside `ns`.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    in_netns(ns, || std::fs::write(&path, value))?
+        .with_context(|| format!("cannot write {value} to {} in netns {ns}", path.display()))
+}
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates namespace `name` with loopback up. A stale namespace of the same name (left by a
+    /// killed run) is deleted first.
+    pub fn create(name: &str) -> Result<Self> {
+        if Path::new("/run/netns").join(name).exists() {
+            eprintln!("rproxy-tests: deleting stale netns {name}");
+            ip(None, &["netns", "del", name])?;
+        }
+        ip(None, &["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ip(Some(name), &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, for `ip netns exec <name>` / `ip -n <name>`.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(None, &["netns", "del", &self.name]) {
+            eprintln!("rproxy-tests: {e:#}");
+        }
+    }
+}

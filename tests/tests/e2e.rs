@@ -1,0 +1,290 @@
+//! End-to-end tests on the demo lab (see `rproxy_tests::demo`): a node, `backend-a..c` serving
+//! TCP and UDP on 8080, and a client. `lab_plumbing` needs only root; the others also need the
+//! agent binary (`cargo xtask test` builds it; see `rproxy_tests::agent_bin`). Without root every
+//! test prints why and passes.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use rproxy_tests::{
+    Lab, agent_bin,
+    client::Reply,
+    demo::{self, BACKENDS, CLIENT, CLUSTER_IP, PORT, TARGET_PORT},
+    is_root,
+    manifest::write_atomic,
+    serial,
+};
+
+/// How fast the agent must apply manifest changes.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// Timeout of one request in the loops that wait for a change.
+const SHORT: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Sends one request from the client pod.
+fn request(
+    lab: &Lab,
+    proto: Proto,
+    to: (Ipv4Addr, u16),
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Reply> {
+    let client = lab.pod(CLIENT.0);
+    match proto {
+        Proto::Tcp => client.tcp_request_timeout(to.0, to.1, payload, timeout),
+        Proto::Udp => client.udp_request_timeout(to.0, to.1, payload, timeout),
+    }
+}
+
+/// A payload that shows reordering or corruption: bytes 0..=250 repeated.
+fn payload(len: usize) -> Vec<u8> {
+    (0..=250u8).cycle().take(len).collect()
+}
+
+/// Runs `body` on a fresh demo lab, holding [`serial`]. Without root, prints why and returns. An
+/// error panics while the lab is still alive, so that its drop prints the agent's log.
+fn with_lab(test: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    if !is_root() {
+        eprintln!("skipping {test}: needs root (network namespaces, bpffs)");
+        return;
+    }
+    let _serial = serial();
+    let mut lab = demo::build_lab().expect("building the demo lab");
+    if let Err(e) = body(&mut lab) {
+        panic!("{test}: {e:?}");
+    }
+}
+
+/// The demo manifests, one file per object, in the lab's work dir.
+struct Manifests {
+    dir: PathBuf,
+}
+
+impl Manifests {
+    fn service(&self) -> PathBuf {
+        self.dir.join("demo-service.yaml")
+    }
+
+    fn slice(&self) -> PathBuf {
+        self.dir.join("demo-slice.yaml")
+    }
+
+    fn write_slice(&self, backends: &[&str]) -> Result<()> {
+        write_atomic(&self.slice(), &demo::endpoint_slice(backends).to_string())
+    }
+}
+
+/// [`with_lab`] with the agent running on the demo manifests (all backends) and answering.
+fn with_agent(test: &str, body: impl FnOnce(&mut Lab, &Manifests) -> Result<()>) {
+    with_lab(test, |lab| {
+        let bin = agent_bin()?;
+        let manifests = Manifests {
+            dir: lab.work_dir().join("manifests"),
+        };
+        std::fs::create_dir(&manifests.dir)?;
+        write_atomic(&manifests.service(), &demo::service().to_string())?;
+        manifests.write_slice(&demo::backend_names())?;
+        lab.start_agent(&bin, &manifests.dir)?;
+        demo::wait_ready(lab).with_context(|| format!("agent {} not ready", bin.display()))?;
+        body(lab, &manifests)
+    });
+}
+
+/// Sends requests to the `ClusterIP` (at most 60) until every backend has answered; every answer
+/// must echo `payload` intact, and every backend must have seen the client's own address.
+fn assert_reaches_every_backend(lab: &Lab, proto: Proto, payload: &[u8]) -> Result<()> {
+    let mut unseen = demo::backend_names();
+    for attempt in 1..=60 {
+        let (name, echo) = request(
+            lab,
+            proto,
+            (CLUSTER_IP, PORT),
+            payload,
+            Duration::from_secs(2),
+        )
+        .with_context(|| format!("{proto:?} request {attempt} to the ClusterIP"))?;
+        ensure!(
+            echo == payload,
+            "{proto:?}: {name} echoed {} bytes, not the {} sent",
+            echo.len(),
+            payload.len()
+        );
+        unseen.retain(|b| *b != name);
+        if unseen.is_empty() {
+            break;
+        }
+    }
+    ensure!(
+        unseen.is_empty(),
+        "{proto:?}: {unseen:?} never answered in 60 requests"
+    );
+    for (name, _) in BACKENDS {
+        let peers = lab.pod(name).peers();
+        let peers = match proto {
+            Proto::Tcp => peers.tcp,
+            Proto::Udp => peers.udp,
+        };
+        ensure!(
+            !peers.is_empty() && peers.iter().all(|p| p.ip() == CLIENT.1),
+            "{proto:?}: {name} saw peers {peers:?}, expected only the client's {} (no SNAT)",
+            CLIENT.1
+        );
+    }
+    Ok(())
+}
+
+/// Polls `ok` (at most 10 ms apart) until it held `streak` times in a row or `limit` passed since
+/// `since`; returns when that run started, counted from `since`.
+fn streak_start(
+    since: Instant,
+    limit: Duration,
+    streak: usize,
+    mut ok: impl FnMut() -> bool,
+) -> Option<Duration> {
+    let mut run_start = None;
+    let mut run = 0;
+    while since.elapsed() < limit {
+        let tried_at = since.elapsed();
+        if ok() {
+            let start = *run_start.get_or_insert(tried_at);
+            run += 1;
+            if run == streak {
+                return Some(start);
+            }
+        } else {
+            (run_start, run) = (None, 0);
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    None
+}
+
+/// Asserts that TCP requests to the `ClusterIP` fail (5 in a row) within [`PROPAGATION`] of `since`.
+fn assert_translation_stops(lab: &Lab, since: Instant, what: &str) -> Result<()> {
+    let fails = || request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"x", SHORT).is_err();
+    let took = streak_start(since, PROPAGATION * 5, 5, fails).with_context(|| {
+        format!(
+            "requests to the ClusterIP still work {:?} after {what}",
+            PROPAGATION * 5
+        )
+    })?;
+    ensure!(
+        took <= PROPAGATION,
+        "requests to the ClusterIP stopped working {took:?} after {what}"
+    );
+    Ok(())
+}
+
+#[test]
+fn lab_plumbing() {
+    with_lab("lab_plumbing", |lab| {
+        let (tcp, udp) = (payload(64 * 1024), payload(512));
+        for (name, ip) in BACKENDS {
+            for (proto, payload) in [(Proto::Tcp, &tcp), (Proto::Udp, &udp)] {
+                let (answered, echo) = request(
+                    lab,
+                    proto,
+                    (ip, TARGET_PORT),
+                    payload,
+                    Duration::from_secs(2),
+                )?;
+                ensure!(
+                    answered == name,
+                    "{proto:?} to {ip}: answered by {answered}, not {name}"
+                );
+                ensure!(
+                    echo == *payload,
+                    "{proto:?} to {name}: echo differs from the payload"
+                );
+            }
+            let peers = lab.pod(name).peers();
+            ensure!(
+                peers
+                    .tcp
+                    .iter()
+                    .chain(&peers.udp)
+                    .all(|p| p.ip() == CLIENT.1)
+                    && peers.tcp.len() == 1
+                    && peers.udp.len() == 1,
+                "{name} saw peers {peers:?}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn tcp_to_cluster_ip_reaches_every_backend() {
+    with_agent("tcp_to_cluster_ip_reaches_every_backend", |lab, _| {
+        assert_reaches_every_backend(lab, Proto::Tcp, &payload(64 * 1024))
+    });
+}
+
+#[test]
+fn udp_to_cluster_ip_reaches_every_backend() {
+    with_agent("udp_to_cluster_ip_reaches_every_backend", |lab, _| {
+        assert_reaches_every_backend(lab, Proto::Udp, &payload(512))
+    });
+}
+
+#[test]
+fn endpoint_slice_edit_moves_traffic_within_a_second() {
+    with_agent(
+        "endpoint_slice_edit_moves_traffic_within_a_second",
+        |lab, manifests| {
+            manifests.write_slice(&["backend-c"])?;
+            let since = Instant::now();
+            let on_c = || matches!(request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"x", SHORT), Ok((name, _)) if name == "backend-c");
+            let took = streak_start(since, PROPAGATION * 5, 10, on_c).with_context(|| {
+                format!(
+                    "traffic not only on backend-c {:?} after the edit",
+                    PROPAGATION * 5
+                )
+            })?;
+            ensure!(
+                took <= PROPAGATION,
+                "traffic moved to backend-c only {took:?} after the edit"
+            );
+            eprintln!("traffic moved {took:?} after the edit");
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn deleting_the_service_stops_translation() {
+    with_agent(
+        "deleting_the_service_stops_translation",
+        |lab, manifests| {
+            std::fs::remove_file(manifests.service())?;
+            assert_translation_stops(lab, Instant::now(), "deleting the Service file")
+        },
+    );
+}
+
+#[test]
+fn datapath_survives_sigterm_until_cleanup() {
+    with_agent("datapath_survives_sigterm_until_cleanup", |lab, _| {
+        let status = lab.stop_agent()?;
+        eprintln!("agent exited after SIGTERM: {status}");
+        assert_reaches_every_backend(lab, Proto::Tcp, b"after sigterm")
+            .context("the datapath must keep working after the agent's SIGTERM")?;
+        lab.cleanup_agent()?;
+        assert_translation_stops(lab, Instant::now(), "rproxy-agent cleanup")?;
+        ensure!(
+            !lab.pin_dir().exists(),
+            "{} still exists after cleanup",
+            lab.pin_dir().display()
+        );
+        Ok(())
+    });
+}
