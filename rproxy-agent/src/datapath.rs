@@ -3,7 +3,8 @@
 //! Everything this agent owns lives under one bpffs directory (`--bpffs`):
 //! - `RPX_*`: the maps, pinned by name (`rproxy_common::map_names`); a restarted agent reuses
 //!   them, so translation state and conntrack survive restarts;
-//! - `links/<ifname>.<ingress|egress>`: TCX links, pinned so that the programs stay attached when
+//! - `links/<ingress|egress>/<ifname>`: TCX links (bpffs forbids `.` in names, so a `.` in an
+//!   interface name is stored as `%2e`, and `%` as `%25`), pinned so that the programs stay attached when
 //!   the agent exits. A restarted agent swaps its freshly loaded program into the existing link
 //!   (`BPF_LINK_UPDATE`, atomic), so no packet goes untranslated during an upgrade.
 use std::{
@@ -16,10 +17,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
+        links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
-    sys::SyscallError,
 };
 use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, map_names, prog_names};
 use tracing::{debug, info};
@@ -73,7 +73,7 @@ impl Hook {
         }
     }
 
-    fn suffix(self) -> &'static str {
+    fn dir(self) -> &'static str {
         match self {
             Self::FromPod => "ingress",
             Self::ToPod => "egress",
@@ -99,8 +99,12 @@ impl Datapath {
             ))),
         };
         let dir = pin_dir.or(scratch.as_deref()).expect("one of the two is set");
-        std::fs::create_dir_all(dir.join(LINKS_DIR))
-            .map_err(|source| Error::Io { what: format!("creating {}", dir.display()), source })?;
+        for hook in Hook::ALL {
+            let links = dir.join(LINKS_DIR).join(hook.dir());
+            std::fs::create_dir_all(&links)
+                .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
+        }
+        ensure_bpffs(dir)?;
         loader.default_map_pin_directory(dir);
         let loaded = loader.load(EBPF_OBJECT);
         if let Some(scratch) = &scratch {
@@ -152,45 +156,42 @@ impl Datapath {
         let iface_err = |reason: String| Error::Interface { name: ifname.to_owned(), reason };
 
         // A link pinned by an earlier run: swap our program into it.
-        if let Some(pin) = &pin {
-            match PinnedLink::from_pin(pin) {
-                Ok(pinned) => {
-                    let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
-                        .map_err(|e| iface_err(format!("pinned link {}: {e}", pin.display())))
-                        .and_then(|link| {
-                            prog.attach_to_link(link)
-                                .map_err(|e| iface_err(format!("replacing program in {}: {e}", pin.display())))
-                        });
-                    match replaced {
-                        Ok(id) => {
-                            // The pin keeps the link; dropping our handle does not detach it.
-                            drop(prog.take_link(id).map_err(|source| Error::Program { name, source })?);
-                            debug!(ifname, hook = hook.suffix(), "program replaced in pinned link");
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            // Typically the device was deleted and re-created under the same
-                            // name: the old link is defunct. Drop it and attach afresh.
-                            debug!(ifname, error = %e, "stale pinned link, attaching a new one");
-                            remove_pin(pin)?;
-                        }
-                    }
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let replaced = PinnedLink::from_pin(pin)
+                .map_err(|e| iface_err(format!("reading pinned link {}: {}", pin.display(), describe(&e))))
+                .and_then(|pinned| {
+                    SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| iface_err(format!("pinned link {}: {}", pin.display(), describe(&e))))
+                })
+                .and_then(|link| {
+                    prog.attach_to_link(link)
+                        .map_err(|e| iface_err(format!("replacing program in {}: {}", pin.display(), describe(&e))))
+                });
+            match replaced {
+                Ok(id) => {
+                    // The pin keeps the link; dropping our handle does not detach it.
+                    drop(prog.take_link(id).map_err(|source| Error::Program { name, source })?);
+                    debug!(ifname, hook = hook.dir(), "program replaced in pinned link");
+                    return Ok(());
                 }
-                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(iface_err(format!("reading pinned link {}: {e}", pin.display()))),
+                Err(e) => {
+                    // Typically the device was deleted and re-created under the same name: the
+                    // old link is defunct. Drop it and attach afresh.
+                    debug!(ifname, error = %e, "stale pinned link, attaching a new one");
+                    remove_pin(pin)?;
+                }
             }
         }
 
         let id = prog
             .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| iface_err(format!("attaching {name} ({}): {e}", hook.suffix())))?;
+            .map_err(|e| iface_err(format!("attaching {name} ({}): {}", hook.dir(), describe(&e))))?;
         if let Some(pin) = pin {
             let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-            let fd = FdLink::try_from(link).map_err(|e| iface_err(format!("link is not a TCX link: {e}")))?;
-            fd.pin(&pin).map_err(|e| iface_err(format!("pinning {}: {e}", pin.display())))?;
+            let fd = FdLink::try_from(link).map_err(|e| iface_err(format!("link is not a TCX link: {}", describe(&e))))?;
+            fd.pin(&pin).map_err(|e| iface_err(format!("pinning {}: {}", pin.display(), describe(&e))))?;
         }
-        info!(ifname, hook = hook.suffix(), "attached");
+        info!(ifname, hook = hook.dir(), "attached");
         Ok(())
     }
 
@@ -212,7 +213,7 @@ impl Datapath {
     }
 
     fn link_pin(&self, ifname: &str, hook: Hook) -> Option<PathBuf> {
-        self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(format!("{ifname}.{}", hook.suffix())))
+        self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(hook.dir()).join(escape(ifname)))
     }
 }
 
@@ -228,6 +229,25 @@ fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result
     HashMap::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
+/// Pins only work on a bpffs mount. A common trap: `ip netns exec` mounts a fresh sysfs on /sys,
+/// hiding the host's /sys/fs/bpf; start the agent with `nsenter --net=/run/netns/NAME` instead.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let st = nix::sys::statfs::statfs(dir)
+        .map_err(|e| Error::Io { what: format!("statfs {}", dir.display()), source: e.into() })?;
+    if i64::from(st.filesystem_type().0) != BPF_FS_MAGIC {
+        return Err(Error::Io {
+            what: format!("{} is not on a bpffs mount", dir.display()),
+            source: io::Error::other(
+                "mount one with `mount -t bpf bpf /sys/fs/bpf`; note that `ip netns exec` hides the host's \
+                 /sys/fs/bpf (it remounts /sys): use `nsenter --net=/run/netns/NAME` to run the agent in a \
+                 network namespace",
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn remove_pin(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -236,21 +256,42 @@ fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
+/// Pin file name of an interface: bpffs refuses `.` in names.
+fn escape(ifname: &str) -> String {
+    ifname.replace('%', "%25").replace('.', "%2e")
+}
+
+fn unescape(pin: &str) -> String {
+    pin.replace("%2e", ".").replace("%25", "%")
+}
+
 /// Interface names with pinned links under `dir`.
 pub fn pinned_interfaces(dir: &Path) -> Result<Vec<String>> {
-    let links = dir.join(LINKS_DIR);
-    let entries = match std::fs::read_dir(&links) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(Error::Io { what: format!("reading {}", links.display()), source }),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.rsplit_once('.').map(|(ifname, _)| ifname.to_owned()))
-        .collect();
+    let mut names = Vec::new();
+    for hook in Hook::ALL {
+        let links = dir.join(LINKS_DIR).join(hook.dir());
+        let entries = match std::fs::read_dir(&links) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(Error::Io { what: format!("reading {}", links.display()), source }),
+        };
+        names.extend(entries.filter_map(|e| Some(unescape(e.ok()?.file_name().to_str()?))));
+    }
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// An error with its chain of causes, for log lines (aya's errors put the errno in `source()`).
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// `rproxy-agent cleanup`: detaches every program this agent attached (by unpinning its links:

@@ -59,10 +59,11 @@ pub fn plan(entries: &HashMap<CtKey4, CtValue>, now_ns: u64, backends: &BTreeSet
     (doomed, pass)
 }
 
-/// The clock the datapath uses (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+/// The clock the datapath uses (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE).
 #[must_use]
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available");
     u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 

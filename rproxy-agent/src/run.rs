@@ -210,7 +210,7 @@ impl Agent {
 
     fn gc(&mut self) {
         let started = Instant::now();
-        let pass = gc::run_pass(&mut self.maps.conntrack, &self.writer.backend_ids());
+        let pass = gc::run_pass(&mut self.maps.conntrack, self.writer.backend_ids());
         let level_info = pass.expired + pass.backend_gone > 0;
         if level_info {
             info!(
@@ -235,8 +235,11 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatc
         });
     }
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Err(e) = &ev {
-            warn!(error = %e, "manifests watch error; reloading");
+        match &ev {
+            // Our own reads of the files: not a change.
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => return,
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "manifests watch error; reloading"),
         }
         // Full: a reload is already pending and will see this change too.
         let _ = tx.try_send(());

@@ -70,6 +70,9 @@ struct Programmed {
 pub struct Writer {
     backends: BTreeMap<BackendAddr, (u32, Backend4)>,
     services: BTreeMap<Frontend, Programmed>,
+    /// Ids in use (kept alongside the maps above so that allocation is O(log n)).
+    backend_ids: BTreeSet<u32>,
+    rev_nat_ids: BTreeSet<u16>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
 }
@@ -136,6 +139,7 @@ impl Writer {
                 Some(p) => {
                     let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
                     w.backends.insert(addr, (id, be));
+                    w.backend_ids.insert(id);
                 }
                 None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
             }
@@ -156,10 +160,11 @@ impl Writer {
             };
             let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
+            w.rev_nat_ids.insert(value.rev_nat_id);
             w.services.insert(fe, Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn });
         }
-        w.next_backend_id = w.backends.values().map(|(id, _)| *id).max().unwrap_or(0).wrapping_add(1).max(1);
-        w.next_rev_nat_id = w.services.values().map(|p| p.value.rev_nat_id).max().unwrap_or(0).wrapping_add(1).max(1);
+        w.next_backend_id = w.backend_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
+        w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         (w, warnings)
     }
 
@@ -177,8 +182,8 @@ impl Writer {
 
     /// Backend ids currently programmed (for conntrack GC).
     #[must_use]
-    pub fn backend_ids(&self) -> BTreeSet<u32> {
-        self.backends.values().map(|(id, _)| *id).collect()
+    pub fn backend_ids(&self) -> &BTreeSet<u32> {
+        &self.backend_ids
     }
 
     /// Makes the maps hold `desired`.
@@ -200,6 +205,7 @@ impl Writer {
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
                     let p = self.services.remove(&fe).expect("present");
+                    self.rev_nat_ids.remove(&p.value.rev_nat_id);
                     report.removed.push((fe, p.service));
                 }
                 Err(e) => report.errors.push(format!("Service {} frontend {fe}: removing: {e}", p.service)),
@@ -227,6 +233,7 @@ impl Writer {
             match run(Op::DelBackend(id)) {
                 Ok(()) => {
                     self.backends.remove(&addr);
+                    self.backend_ids.remove(&id);
                 }
                 Err(e) => report.errors.push(format!("backend {addr} (id {id}): removing: {e}")),
             }
@@ -298,6 +305,8 @@ impl Writer {
             changed = true;
         }
         changed |= old.is_none_or(|p| p.draining != draining);
+        // The id counts as used only once the service is recorded: a failed attempt frees it.
+        self.rev_nat_ids.insert(rev_nat_id);
         self.services.insert(fe, Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat });
         Ok(changed)
     }
@@ -321,6 +330,7 @@ impl Writer {
         let id = self.alloc_backend_id();
         run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.backends.insert(b.addr, (id, value));
+        self.backend_ids.insert(id);
         Ok((id, true))
     }
 
@@ -328,9 +338,8 @@ impl Writer {
     /// removed backend's id is not handed out again soon: stale conntrack entries must not
     /// start pointing at another pod.
     fn alloc_backend_id(&mut self) -> u32 {
-        let used: BTreeSet<u32> = self.backend_ids();
         let mut id = self.next_backend_id.max(1);
-        while used.contains(&id) {
+        while self.backend_ids.contains(&id) {
             id = id.wrapping_add(1).max(1);
         }
         self.next_backend_id = id.wrapping_add(1).max(1);
@@ -339,12 +348,11 @@ impl Writer {
 
     /// Next free rev-NAT id, same policy as backend ids.
     fn alloc_rev_nat_id(&mut self) -> Result<u16, String> {
-        let used: BTreeSet<u16> = self.services.values().map(|p| p.value.rev_nat_id).collect();
-        if used.len() >= usize::from(u16::MAX) {
+        if self.rev_nat_ids.len() >= usize::from(u16::MAX) {
             return Err(String::from("no free rev-NAT id (65535 service ports programmed)"));
         }
         let mut id = self.next_rev_nat_id.max(1);
-        while used.contains(&id) {
+        while self.rev_nat_ids.contains(&id) {
             id = id.wrapping_add(1).max(1);
         }
         self.next_rev_nat_id = id.wrapping_add(1).max(1);

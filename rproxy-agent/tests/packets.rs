@@ -350,9 +350,13 @@ fn truncated_and_non_ip_frames_pass_untouched() {
     bad_ihl[14] = 0x44; // IHL 4 (< 5)
     let mut ipv6_version = syn.clone();
     ipv6_version[14] = 0x65;
+    let mut ihl_beyond_end = syn.clone();
+    ihl_beyond_end[14] = 0x4f; // IHL 15: 60 bytes of header claimed, 40 present
+    // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than Ethernet + 20 bytes, so the
+    // shortest truncations fed here start at a complete IPv4 header.
     let frames: Vec<(&str, Vec<u8>)> = vec![
-        ("one byte of IPv4 header", syn[..15].to_vec()),
-        ("IPv4 header cut", syn[..14 + 12].to_vec()),
+        ("IPv4 header without L4", syn[..14 + 20].to_vec()),
+        ("IHL beyond the end", ihl_beyond_end),
         ("TCP header cut", syn[..14 + 20 + 10].to_vec()),
         ("ARP", arp),
         ("IHL < 5", bad_ihl),

@@ -169,7 +169,7 @@ pub const CT_DIR_REPLY: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// Absolute expiry, `bpf_ktime_get_ns()` clock (CLOCK_MONOTONIC, nanoseconds).
+    /// Absolute expiry, `bpf_ktime_get_coarse_ns()` clock (CLOCK_MONOTONIC_COARSE, nanoseconds).
     pub expires_ns: u64,
     /// Service entry: the backend chosen for this flow. Reply entry: the same backend.
     pub backend_id: u32,

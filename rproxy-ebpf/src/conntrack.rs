@@ -1,7 +1,7 @@
 //! rproxy's own connection tracking: one LRU map, two entries per translated flow (see
 //! `rproxy_common::CtKey4`). TCP state follows the flags seen both ways and selects the entry's
 //! lifetime; the agent's garbage collector removes expired pairs.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
     Backend4, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV, CT_F_SYN_FWD,
     CT_F_SYN_REV, CtKey4, CtState, CtValue, proto,
@@ -15,10 +15,12 @@ use crate::{
 /// `BPF_ANY`: create or replace (a reused tuple overwrites a stale entry).
 const BPF_ANY: u64 = 0;
 
+/// CLOCK_MONOTONIC_COARSE: a tick's resolution is plenty for lifetimes of seconds, and it
+/// costs far less per packet than the precise clock.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Flags a client packet contributes.

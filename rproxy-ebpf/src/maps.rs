@@ -22,8 +22,12 @@ pub static BE4: HashMap<u32, Backend4> = HashMap::pinned(BACKENDS_MAX, BPF_F_NO_
 #[map(name = "RPX_RNAT4")]
 pub static RNAT4: HashMap<u16, RevNat4> = HashMap::pinned(REV_NAT_MAX, BPF_F_NO_PREALLOC);
 
+/// Per-CPU LRU lists: a new flow's inserts take no lock shared by all CPUs (eviction works on the
+/// inserting CPU's list).
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
 #[map(name = "RPX_CT4")]
-pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(CT_MAX, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -6,10 +6,13 @@
 //! checksum field, and a port change (not in the pseudo header) leaves it alone, so the final
 //! checksum computed on transmit is right. UDP uses `BPF_F_MARK_MANGLED_0`: a zero checksum
 //! ("none") stays zero, and a computed zero is written as 0xffff.
+//!
+//! A failure after the checksum helpers ran leaves the packet inconsistent; the caller drops it
+//! (and counts `RewriteFail`) rather than pass it on.
 use aya_ebpf::programs::TcContext;
 use rproxy_common::proto;
 
-use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet4};
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet4, ptr_at};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -20,7 +23,13 @@ fn l4_flags(pkt: &Packet4, size: u64) -> u64 {
 }
 
 /// Replaces one address (at `addr_off`) and one port (at `port_off`), fixing both checksums.
+///
+/// The checksum helpers go first: they may make the skb writable and so move its data, which
+/// invalidates packet pointers. The new values are then stored with direct packet access (the
+/// verifier makes the skb writable in the program prologue), which is cheaper than
+/// `bpf_skb_store_bytes`.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one call site per direction, all fields are needed")]
 fn rewrite(
     ctx: &TcContext,
     pkt: &Packet4,
@@ -35,11 +44,17 @@ fn rewrite(
     if old_addr != new_addr {
         ctx.l4_csum_replace(csum_off, u64::from(old_addr), u64::from(new_addr), l4_flags(pkt, 4) | BPF_F_PSEUDO_HDR)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)?;
-        ctx.store(addr_off, &new_addr, 0)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(new_port), l4_flags(pkt, 2))?;
-        ctx.store(port_off, &new_port, 0)?;
+    }
+    let addr: *mut u32 = ptr_at(ctx, addr_off).ok_or(-1i64)?;
+    let port: *mut u16 = ptr_at(ctx, port_off).ok_or(-1i64)?;
+    // SAFETY: both bounds-checked against data_end after the last helper call; unaligned
+    // because IPv4 options and the Ethernet header leave no alignment guarantee.
+    unsafe {
+        addr.write_unaligned(new_addr);
+        port.write_unaligned(new_port);
     }
     Ok(())
 }

@@ -61,13 +61,13 @@ impl Packet4 {
 
 /// Pointer to a `T` at `off` bytes into the packet, or `None` if it would cross `data_end`.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + off) as *const T)
+    Some((start + off) as *mut T)
 }
 
 /// Makes sure the headers are in the linear part of the skb (GSO/GRO packets may carry them in
@@ -87,12 +87,12 @@ fn ensure_linear(ctx: &TcContext) {
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
     ensure_linear(ctx);
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
         return None;
     }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
     // SAFETY: bounds-checked by ptr_at.
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.ihl());
@@ -112,7 +112,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
     }
     match proto {
         proto::TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, l4_off)?;
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4_off)?;
             // SAFETY: bounds-checked by ptr_at; the flags byte (offset 13) lies inside the
             // checked 20-byte header. It is read through the same pointer on purpose: a second
             // ptr_at would be folded away by LLVM as redundant, and the verifier does not relate
@@ -123,7 +123,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
             pkt.tcp_flags = flags;
         }
         proto::UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, l4_off)?;
+            let udp: *mut UdpHdr = ptr_at(ctx, l4_off)?;
             // SAFETY: bounds-checked by ptr_at.
             let udp = unsafe { &*udp };
             pkt.sport = u16::from_ne_bytes(udp.src);

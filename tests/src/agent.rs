@@ -67,6 +67,7 @@ impl Agent {
             ])
             .arg("--bpffs")
             .arg(&config.bpffs)
+            .env("NO_COLOR", "1") // plain text in the log file
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -92,7 +93,7 @@ impl Agent {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit; kills it after [`STOP_TIMEOUT`].
+    /// Sends SIGTERM and waits for the exit; kills it after 10 s.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.exited()? {
             return Ok(status);

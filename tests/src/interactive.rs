@@ -22,11 +22,11 @@ use crate::{
 
 /// Requests sent per protocol to show the balancing.
 const REQUESTS: usize = 30;
-/// Env var: exit after this many seconds instead of waiting for a signal.
+/// Env var: exit this many seconds after the lab is up instead of waiting for a signal.
 const DURATION_ENV: &str = "RPROXY_LAB_DURATION_SECS";
 
 /// Builds the demo lab (node, `backend-a..c`, `client`), runs `agent_bin` on `manifests_dir`,
-/// shows the balancing of [`REQUESTS`] TCP and UDP requests to the `ClusterIP`, prints how to poke
+/// shows the balancing of 30 TCP and UDP requests to the `ClusterIP`, prints how to poke
 /// at the lab, then waits for SIGINT/SIGTERM (or `$RPROXY_LAB_DURATION_SECS` seconds) and
 /// removes everything.
 pub fn run_interactive(agent_bin: &Path, manifests_dir: &Path) -> Result<()> {

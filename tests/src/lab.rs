@@ -170,7 +170,7 @@ impl Lab {
         })
     }
 
-    /// Adds pod `name` with address `ip` (see the module doc for the plumbing).
+    /// Adds pod `name` with address `ip_addr` (see the module doc for the plumbing).
     pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
         ensure!(
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),

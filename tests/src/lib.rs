@@ -11,6 +11,11 @@
 //! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
+//!
+//! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests and `tests/e2e.rs`;
+//! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent. The agent-dependent
+//! tests run the binary [`agent_bin`] finds (`RPROXY_AGENT_BIN` overrides it). The interactive lab
+//! without xtask: `cargo run -p rproxy-tests --example lab [-- MANIFESTS_DIR]`.
 
 pub mod agent;
 pub mod client;

@@ -1,10 +1,12 @@
 //! End-to-end tests on the demo lab (see `rproxy_tests::demo`): a node, `backend-a..c` serving
 //! TCP and UDP on 8080, and a client. `lab_plumbing` needs only root; the others also need the
 //! agent binary (`cargo xtask test` builds it; see `rproxy_tests::agent_bin`). Without root every
-//! test prints why and passes.
+//! test prints why and passes, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI),
+//! where it fails.
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::MutexGuard,
     thread,
     time::{Duration, Instant},
 };
@@ -16,6 +18,7 @@ use rproxy_tests::{
     demo::{self, BACKENDS, CLIENT, CLUSTER_IP, PORT, TARGET_PORT},
     is_root,
     manifest::write_atomic,
+    netns::NetNs,
     serial,
 };
 
@@ -50,14 +53,26 @@ fn payload(len: usize) -> Vec<u8> {
     (0..=250u8).cycle().take(len).collect()
 }
 
-/// Runs `body` on a fresh demo lab, holding [`serial`]. Without root, prints why and returns. An
-/// error panics while the lab is still alive, so that its drop prints the agent's log.
-fn with_lab(test: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
-    if !is_root() {
+/// The [`serial`] lock, or `None` (after printing why `test` is skipped) when not root.
+fn root_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
+    if is_root() {
+        Some(serial())
+    } else {
+        assert!(
+            std::env::var("RPROXY_REQUIRE_KERNEL").as_deref() != Ok("1"),
+            "{test}: RPROXY_REQUIRE_KERNEL=1 but not running as root"
+        );
         eprintln!("skipping {test}: needs root (network namespaces, bpffs)");
-        return;
+        None
     }
-    let _serial = serial();
+}
+
+/// Runs `body` on a fresh demo lab, holding [`serial`]; skipped when not root. An error panics
+/// while the lab is still alive, so that its drop prints the agent's log.
+fn with_lab(test: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
+    let Some(_serial) = root_or_skip(test) else {
+        return;
+    };
     let mut lab = demo::build_lab().expect("building the demo lab");
     if let Err(e) = body(&mut lab) {
         panic!("{test}: {e:?}");
@@ -220,6 +235,21 @@ fn lab_plumbing() {
         }
         Ok(())
     });
+}
+
+#[test]
+fn stale_namespace_of_the_same_name_is_replaced() {
+    let Some(_serial) = root_or_skip("stale_namespace_of_the_same_name_is_replaced") else {
+        return;
+    };
+    let lab = Lab::new(demo::NODE_NAME).expect("lab");
+    let name = format!("{}-stale", lab.prefix());
+    std::mem::forget(NetNs::create(&name).expect("first namespace")); // as a killed run leaves it
+    drop(NetNs::create(&name).expect("namespace over a stale one"));
+    assert!(
+        !Path::new("/run/netns").join(&name).exists(),
+        "{name} left behind"
+    );
 }
 
 #[test]
