@@ -49,10 +49,7 @@ fn main() {
         cmd.env_remove(key);
     }
     let status = cmd.status().unwrap_or_else(|e| panic!("running cargo for rproxy-ebpf: {e}"));
-    assert!(
-        status.success(),
-        "building rproxy-ebpf failed ({status}); is the toolchain set up? run scripts/setup.sh"
-    );
+    assert!(status.success(), "building rproxy-ebpf failed ({status}); is the toolchain set up? run scripts/setup.sh");
     let obj = target_dir.join("bpfel-unknown-none").join("release").join("rproxy");
     std::fs::copy(&obj, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
 }

@@ -106,12 +106,12 @@ impl Datapath {
         }
         ensure_bpffs(dir)?;
         loader.default_map_pin_directory(dir);
-        let loaded = loader.load(EBPF_OBJECT);
-        if let Some(scratch) = &scratch {
-            std::fs::remove_dir_all(scratch)
-                .map_err(|source| Error::Io { what: format!("removing {}", scratch.display()), source })?;
+        let result = loader.load(EBPF_OBJECT);
+        if let Some(tmp) = &scratch {
+            std::fs::remove_dir_all(tmp)
+                .map_err(|source| Error::Io { what: format!("removing {}", tmp.display()), source })?;
         }
-        let mut ebpf = loaded?;
+        let mut ebpf = result?;
         for name in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::NOOP] {
             classifier(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
@@ -126,10 +126,7 @@ impl Datapath {
             rev_nat: take(&mut self.ebpf, map_names::REV_NAT4)?,
             conntrack: take(&mut self.ebpf, map_names::CT4)?,
             stats: {
-                let map = self
-                    .ebpf
-                    .take_map(map_names::STATS)
-                    .ok_or(Error::MissingMap { name: map_names::STATS })?;
+                let map = self.ebpf.take_map(map_names::STATS).ok_or(Error::MissingMap { name: map_names::STATS })?;
                 PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map_names::STATS, source })?
             },
         })
@@ -188,7 +185,8 @@ impl Datapath {
             .map_err(|e| iface_err(format!("attaching {name} ({}): {}", hook.dir(), describe(&e))))?;
         if let Some(pin) = pin {
             let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-            let fd = FdLink::try_from(link).map_err(|e| iface_err(format!("link is not a TCX link: {}", describe(&e))))?;
+            let fd =
+                FdLink::try_from(link).map_err(|e| iface_err(format!("link is not a TCX link: {}", describe(&e))))?;
             fd.pin(&pin).map_err(|e| iface_err(format!("pinning {}: {}", pin.display(), describe(&e))))?;
         }
         info!(ifname, hook = hook.dir(), "attached");
@@ -235,7 +233,7 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let st = nix::sys::statfs::statfs(dir)
         .map_err(|e| Error::Io { what: format!("statfs {}", dir.display()), source: e.into() })?;
-    if i64::from(st.filesystem_type().0) != BPF_FS_MAGIC {
+    if st.filesystem_type().0 != BPF_FS_MAGIC {
         return Err(Error::Io {
             what: format!("{} is not on a bpffs mount", dir.display()),
             source: io::Error::other(

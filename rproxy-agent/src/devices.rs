@@ -1,6 +1,6 @@
 //! Pod devices: which interfaces get the programs, and noticing when they come and go.
 //!
-//! A netlink socket subscribed to link notifications (RTNLGRP_LINK) wakes the agent whenever an
+//! A netlink socket subscribed to link notifications (`RTNLGRP_LINK`) wakes the agent whenever an
 //! interface appears, changes or disappears; the agent then rescans the interface list and
 //! attaches to every new device matching `--pod-devices`. A periodic rescan covers a missed
 //! notification (socket buffer overrun).
@@ -28,7 +28,10 @@ impl DevicePattern {
             any = true;
         }
         if !any {
-            return Err(Error::Interface { name: text.to_owned(), reason: String::from("empty --pod-devices pattern") });
+            return Err(Error::Interface {
+                name: text.to_owned(),
+                reason: String::from("empty --pod-devices pattern"),
+            });
         }
         let set = b.build().map_err(|source| Error::Glob { pattern: text.to_owned(), source })?;
         Ok(Self { set, text: text.to_owned() })
@@ -47,10 +50,8 @@ impl DevicePattern {
 
 /// Interfaces of this network namespace: name → ifindex.
 pub fn interfaces() -> Result<BTreeMap<String, u32>> {
-    let list = nix::net::if_::if_nameindex().map_err(|e| Error::Io {
-        what: String::from("listing interfaces"),
-        source: std::io::Error::from(e),
-    })?;
+    let list = nix::net::if_::if_nameindex()
+        .map_err(|e| Error::Io { what: String::from("listing interfaces"), source: std::io::Error::from(e) })?;
     Ok(list.iter().filter_map(|i| Some((i.name().to_str().ok()?.to_owned(), i.index()))).collect())
 }
 
@@ -79,7 +80,8 @@ pub fn plan(present: &BTreeMap<String, u32>, attached: &BTreeMap<String, u32>, p
 pub fn watch_links(tx: mpsc::Sender<()>) -> Result<()> {
     use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
     const RTNLGRP_LINK: u32 = 1;
-    let watch_err = |e: std::io::Error| Error::Watch { what: String::from("netlink link notifications"), reason: e.to_string() };
+    let watch_err =
+        |e: std::io::Error| Error::Watch { what: String::from("netlink link notifications"), reason: e.to_string() };
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(watch_err)?;
     sock.bind_auto().map_err(watch_err)?;
     sock.add_membership(RTNLGRP_LINK).map_err(watch_err)?;

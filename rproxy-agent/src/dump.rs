@@ -3,9 +3,7 @@
 use std::{io::Write, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use rproxy_common::{
-    Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names,
-};
+use rproxy_common::{Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
 
 use crate::{Error, Result, gc::monotonic_ns};
 
@@ -95,11 +93,11 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
             .map_err(io)?;
         }
     }
-    let stats: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(open(dir, map_names::STATS)?).map_err(|source| Error::Map { name: map_names::STATS, source })?;
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(open(dir, map_names::STATS)?)
+        .map_err(|source| Error::Map { name: map_names::STATS, source })?;
     writeln!(out, "counters ({}):", map_names::STATS).map_err(io)?;
     for s in Stat::ALL {
-        let total: u64 = stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let total: u64 = stats.get(&(s as u32), 0).map_or(0, |v| v.iter().sum());
         writeln!(out, "  {:15} {total}", s.name()).map_err(io)?;
     }
     Ok(())

@@ -39,7 +39,11 @@ pub struct Pass {
 
 /// Plans one pass over a snapshot of the table: the keys to delete.
 #[must_use]
-pub fn plan(entries: &HashMap<CtKey4, CtValue>, now_ns: u64, backends: &BTreeSet<u32>) -> (Vec<CtKey4>, Pass) {
+pub fn plan<S: std::hash::BuildHasher>(
+    entries: &HashMap<CtKey4, CtValue, S>,
+    now_ns: u64,
+    backends: &BTreeSet<u32>,
+) -> (Vec<CtKey4>, Pass) {
     let mut pass = Pass { scanned: entries.len(), ..Pass::default() };
     let mut doomed = Vec::new();
     for (k, v) in entries {
@@ -59,7 +63,7 @@ pub fn plan(entries: &HashMap<CtKey4, CtValue>, now_ns: u64, backends: &BTreeSet
     (doomed, pass)
 }
 
-/// The clock the datapath uses (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE).
+/// The clock the datapath uses (`bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC_COARSE`).
 #[must_use]
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
@@ -68,10 +72,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Runs one pass against the conntrack map.
-pub fn run_pass(
-    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
-    backends: &BTreeSet<u32>,
-) -> Pass {
+pub fn run_pass(ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, backends: &BTreeSet<u32>) -> Pass {
     let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
     let (doomed, pass) = plan(&snapshot, monotonic_ns(), backends);
     for k in doomed {
@@ -89,10 +90,12 @@ mod tests {
 
     fn flow(expires_fwd: u64, expires_rev: u64, backend: u32) -> [(CtKey4, CtValue); 2] {
         let svc = CtKey4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: 17, dir: CT_DIR_SERVICE, _pad: [0; 2] };
-        let sv = CtValue { expires_ns: expires_fwd, backend_id: backend, pair_addr: 9, pair_port: 8, ..CtValue::default() };
+        let sv =
+            CtValue { expires_ns: expires_fwd, backend_id: backend, pair_addr: 9, pair_port: 8, ..CtValue::default() };
         let rk = svc.pair(&sv);
         assert_eq!(rk.dir, CT_DIR_REPLY);
-        let rv = CtValue { expires_ns: expires_rev, backend_id: backend, pair_addr: 2, pair_port: 4, ..CtValue::default() };
+        let rv =
+            CtValue { expires_ns: expires_rev, backend_id: backend, pair_addr: 2, pair_port: 4, ..CtValue::default() };
         assert_eq!(rk.pair(&rv), svc);
         [(svc, sv), (rk, rv)]
     }

@@ -1,4 +1,4 @@
-//! rproxy-agent: turns Kubernetes Services and EndpointSlices into rproxy's BPF maps, attaches
+//! `rproxy-agent`: turns Kubernetes Services and `EndpointSlices` into rproxy's BPF maps, attaches
 //! the eBPF programs and keeps both right.
 //!
 //! Pipeline: sources (`manifests`) → pure translation (`translate`, into `model::Desired`) →

@@ -1,4 +1,5 @@
 //! `rproxy-agent`: the rproxy node agent. See `rproxy-agent --help` and README.md.
+#![expect(clippy::doc_markdown, reason = "doc comments here are --help text, shown as written")]
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};

@@ -97,7 +97,7 @@ pub struct ServiceEntry {
     pub port_name: String,
     /// `rproxy_common::SVC_F_*` bits.
     pub flags: u16,
-    /// ClientIP affinity timeout in seconds, 0 if none.
+    /// `ClientIP` affinity timeout in seconds, 0 if none.
     pub affinity_timeout: u32,
     /// Backends that take new connections, sorted, without duplicates: they fill slots
     /// `1..=len`. Ready endpoints if any; otherwise serving+terminating ones.
@@ -117,7 +117,7 @@ pub struct Desired {
 /// kind and name; never stops the others.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    /// "Service", "EndpointSlice", or for a file-level error "file".
+    /// `"Service"`, `"EndpointSlice"`, or for a file-level error "file".
     pub kind: &'static str,
     /// `namespace/name`, or the file path for a file-level error.
     pub object: String,

@@ -53,6 +53,13 @@ struct Agent {
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
+    // Handlers first: a signal during start-up must not kill the agent between attaching a link
+    // and pinning it (an unpinned link dies with the process). It is acted on once start-up is
+    // complete.
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|source| Error::Io { what: "SIGTERM handler".into(), source })?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|source| Error::Io { what: "SIGINT handler".into(), source })?;
     let mut datapath = Datapath::load(Some(&cfg.bpffs))?;
     let maps = datapath.take_maps()?;
     let (writer, warnings) = Writer::adopt(writer::read_adopted(&maps));
@@ -93,8 +100,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         "agent running"
     );
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Io { what: "SIGTERM handler".into(), source })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| Error::Io { what: "SIGINT handler".into(), source })?;
     let mut gc_tick = interval(agent.cfg.gc_interval);
     let mut rescan_tick = interval(agent.cfg.rescan_interval);
     gc_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -18,9 +18,7 @@
 //! its previous state and every other service is still written.
 use std::collections::{BTreeMap, BTreeSet};
 
-use rproxy_common::{
-    BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, ServiceKey4, ServiceValue, proto,
-};
+use rproxy_common::{BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, ServiceKey4, ServiceValue, proto};
 
 use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 
@@ -101,7 +99,7 @@ fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
     })
 }
 
-fn key_of(fe: &Frontend, slot: u16) -> ServiceKey4 {
+fn key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
     ServiceKey4::new(fe.addr, fe.port, fe.proto.number(), slot)
 }
 
@@ -196,11 +194,12 @@ impl Writer {
         };
 
         // 1. Frontends that are no longer wanted.
-        let gone: Vec<Frontend> = self.services.keys().filter(|fe| !desired.services.contains_key(fe)).copied().collect();
+        let gone: Vec<Frontend> =
+            self.services.keys().filter(|fe| !desired.services.contains_key(fe)).copied().collect();
         for fe in gone {
             let p = &self.services[&fe];
-            let mut ops = vec![Op::DelService(key_of(&fe, 0))];
-            ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(&fe, slot_u16(s)))));
+            let mut ops = vec![Op::DelService(key_of(fe, 0))];
+            ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(fe, slot_u16(s)))));
             ops.push(Op::DelRevNat(p.value.rev_nat_id));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
@@ -225,10 +224,16 @@ impl Writer {
         let referenced: BTreeSet<u32> = self
             .services
             .values()
-            .flat_map(|p| p.slots.iter().copied().chain(p.draining.iter().filter_map(|a| self.backends.get(a).map(|b| b.0))))
+            .flat_map(|p| {
+                p.slots.iter().copied().chain(p.draining.iter().filter_map(|a| self.backends.get(a).map(|b| b.0)))
+            })
             .collect();
-        let unused: Vec<(BackendAddr, u32)> =
-            self.backends.iter().filter(|(_, (id, _))| !referenced.contains(id)).map(|(a, (id, _))| (*a, *id)).collect();
+        let unused: Vec<(BackendAddr, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, (id, _))| !referenced.contains(id))
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
         for (addr, id) in unused {
             match run(Op::DelBackend(id)) {
                 Ok(()) => {
@@ -287,7 +292,7 @@ impl Writer {
         for (i, id) in slot_ids.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
                 let v = ServiceValue { backend_id: *id, ..ServiceValue::default() };
-                run(Op::PutService(key_of(&fe, slot_u16(i + 1)), v))?;
+                run(Op::PutService(key_of(fe, slot_u16(i + 1)), v))?;
                 changed = true;
             }
         }
@@ -296,18 +301,19 @@ impl Writer {
             changed = true;
         }
         if old.is_none_or(|p| p.value != value) {
-            run(Op::PutService(key_of(&fe, 0), value))?;
+            run(Op::PutService(key_of(fe, 0), value))?;
             changed = true;
         }
         // Shrinking: the count is already published, the slots past it are unreachable.
         for s in slot_ids.len() + 1..=old_slots.len() {
-            run(Op::DelService(key_of(&fe, slot_u16(s))))?;
+            run(Op::DelService(key_of(fe, slot_u16(s))))?;
             changed = true;
         }
         changed |= old.is_none_or(|p| p.draining != draining);
         // The id counts as used only once the service is recorded: a failed attempt frees it.
         self.rev_nat_ids.insert(rev_nat_id);
-        self.services.insert(fe, Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat });
+        self.services
+            .insert(fe, Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat });
         Ok(changed)
     }
 

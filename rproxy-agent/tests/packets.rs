@@ -1,16 +1,18 @@
-//! Packet tests: real packets through the real programs with BPF_PROG_TEST_RUN.
+//! Packet tests: real packets through the real programs with `BPF_PROG_TEST_RUN`.
 //!
 //! Each test loads the embedded object with private maps, programs services through the same
 //! writer the agent uses, runs a frame through `rpx_from_pod` / `rpx_to_pod`, and checks the
 //! verdict and every rewritten byte, checksums recomputed independently (etherparse).
 //!
-//! Needs root (CAP_BPF + CAP_NET_ADMIN) and a mounted bpffs. Without them the tests print why
+//! Needs root (`CAP_BPF` + `CAP_NET_ADMIN`) and a mounted bpffs. Without them the tests print why
 //! and return, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI), where they
 //! fail instead.
 use std::{net::Ipv4Addr, sync::Mutex};
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number};
+use etherparse::{
+    IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number,
+};
 use rproxy_agent::{
     datapath::{Datapath, Maps},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
@@ -25,7 +27,8 @@ const DROP: u32 = 2; // TC_ACT_SHOT
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
 const CPORT: u16 = 40_000;
 
 /// Kernel tests share nothing, but loading programs concurrently only costs time on 2 cores.
@@ -77,7 +80,7 @@ impl Harness {
     }
 
     fn stat(&self, s: Stat) -> u64 {
-        self.maps.stats.get(&(s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)
+        self.maps.stats.get(&(s as u32), 0).map_or(0, |v| v.iter().sum())
     }
 }
 
@@ -102,6 +105,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
 }
 
 #[derive(Clone, Copy, Default)]
+#[expect(clippy::struct_excessive_bools, reason = "one bool per TCP flag, as on the wire")]
 struct Tcp {
     syn: bool,
     ack: bool,
@@ -118,7 +122,7 @@ const RST: Tcp = Tcp { syn: false, ack: false, fin: false, rst: true };
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: etherparse::IpNumber, options: &[u8]) -> IpHeaders {
     let mut h = Ipv4Header::new(0, 64, proto, src.octets(), dst.octets()).expect("header");
     h.options = Ipv4Options::try_from(options).expect("options");
-    IpHeaders::Ipv4(h, Default::default())
+    IpHeaders::Ipv4(h, etherparse::Ipv4Extensions::default())
 }
 
 fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), f: Tcp, payload: &[u8], options: &[u8]) -> Vec<u8> {
@@ -345,7 +349,9 @@ fn truncated_and_non_ip_frames_pass_untouched() {
     let syn = tcp_frame((CLIENT, CPORT + 3), (VIP, 80), SYN, b"", &[]);
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
-    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 244, 1, 100, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
+    arp.extend_from_slice(&[
+        0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 244, 1, 100, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10,
+    ]);
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x44; // IHL 4 (< 5)
     let mut ipv6_version = syn.clone();

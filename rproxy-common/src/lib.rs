@@ -13,6 +13,8 @@
 //! Layout of a service (after Cilium's `lb4_service`): slot 0 of `(vip, port, proto)` is the
 //! service itself (`count` backends, flags, rev-NAT id); slots `1..=count` hold backend ids.
 #![no_std]
+#![expect(clippy::pub_underscore_fields, reason = "explicit, zeroed padding is part of the ABI")]
+#![expect(clippy::inline_always, reason = "the eBPF side must inline everything it calls")]
 
 /// Map names, as pinned under the agent's bpffs directory. The eBPF side declares maps with
 /// exactly these symbol names.
@@ -92,23 +94,23 @@ pub struct ServiceValue {
     /// Slot 0: `SVC_F_*` bits.
     pub flags: u16,
     pub _pad: u16,
-    /// Slot 0: ClientIP session affinity timeout in seconds (0 = none).
+    /// Slot 0: `ClientIP` session affinity timeout in seconds (0 = none).
     pub affinity_timeout: u32,
 }
 
-/// The service is a ClusterIP.
+/// The service is a `ClusterIP`.
 pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
-/// The service is a NodePort (address is a node IP or the NodePort wildcard).
+/// The service is a `NodePort` (address is a node IP or the `NodePort` wildcard).
 pub const SVC_F_NODE_PORT: u16 = 1 << 1;
 /// The service address is an externalIP.
 pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
-/// The service address is a LoadBalancer ingress IP.
+/// The service address is a `LoadBalancer` ingress IP.
 pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
 /// externalTrafficPolicy: Local.
 pub const SVC_F_ETP_LOCAL: u16 = 1 << 4;
 /// internalTrafficPolicy: Local.
 pub const SVC_F_ITP_LOCAL: u16 = 1 << 5;
-/// sessionAffinity: ClientIP.
+/// `sessionAffinity: ClientIP`.
 pub const SVC_F_AFFINITY: u16 = 1 << 6;
 
 /// Value of the IPv4 backend map, keyed by backend id (`u32`, never 0).
@@ -169,7 +171,7 @@ pub const CT_DIR_REPLY: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// Absolute expiry, `bpf_ktime_get_coarse_ns()` clock (CLOCK_MONOTONIC_COARSE, nanoseconds).
+    /// Absolute expiry, `bpf_ktime_get_coarse_ns()` clock (`CLOCK_MONOTONIC_COARSE`, nanoseconds).
     pub expires_ns: u64,
     /// Service entry: the backend chosen for this flow. Reply entry: the same backend.
     pub backend_id: u32,
@@ -235,10 +237,9 @@ impl CtState {
     pub const fn lifetime_ns(self) -> u64 {
         const S: u64 = 1_000_000_000;
         match self {
-            Self::SynSent => 60 * S,
+            Self::SynSent | Self::Datagram => 60 * S,
             Self::Established => 6 * 3600 * S,
             Self::Closing => 10 * S,
-            Self::Datagram => 60 * S,
         }
     }
 

@@ -15,7 +15,7 @@ use crate::{
 /// `BPF_ANY`: create or replace (a reused tuple overwrites a stale entry).
 const BPF_ANY: u64 = 0;
 
-/// CLOCK_MONOTONIC_COARSE: a tick's resolution is plenty for lifetimes of seconds, and it
+/// `CLOCK_MONOTONIC_COARSE`: a tick's resolution is plenty for lifetimes of seconds, and it
 /// costs far less per packet than the precise clock.
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -118,13 +118,7 @@ pub fn account(ct: *mut CtValue, key: &CtKey4, bits: u8, reopen: bool, now: u64)
 /// Records a new translated flow: the reply entry first, then the service entry, so that the
 /// entry a reply needs exists before any packet of the flow is forwarded.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet4,
-    backend_id: u32,
-    be: &Backend4,
-    rev_nat_id: u16,
-    now: u64,
-) -> Result<(), i32> {
+pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, now: u64) -> Result<(), i32> {
     let bits = fwd_bits(pkt);
     let state = state_of(pkt.proto, bits);
     let value = CtValue {
@@ -146,7 +140,7 @@ pub fn create(
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    CT4.insert(&reply, &value, BPF_ANY)?;
+    CT4.insert(reply, value, BPF_ANY)?;
     let svc = CtValue { pair_addr: be.addr, pair_port: be.port, ..value };
-    CT4.insert(&service_key(pkt), &svc, BPF_ANY)
+    CT4.insert(service_key(pkt), svc, BPF_ANY)
 }

@@ -20,7 +20,7 @@ pub fn lookup_service(pkt: &Packet4) -> Option<(ServiceKey4, ServiceValue)> {
     };
     // SAFETY: the map value is copied out at once; the map is not preallocated, so the element
     // cannot be recycled under us.
-    let svc = unsafe { SVC4.get(&key) }?;
+    let svc = unsafe { SVC4.get(key) }?;
     Some((key, *svc))
 }
 
@@ -41,9 +41,10 @@ pub fn select_backend(key: &ServiceKey4, svc: &ServiceValue) -> Option<(u32, Bac
     // SAFETY: helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
     // Lemire's multiply-shift maps r uniformly onto 0..count without a division.
+    #[expect(clippy::cast_possible_truncation, reason = "(r * count) >> 32 < count, a u16")]
     let slot = ((u64::from(r) * u64::from(svc.count)) >> 32) as u16 + 1;
     let slot_key = ServiceKey4 { slot, ..*key };
     // SAFETY: copied out at once.
-    let id = unsafe { SVC4.get(&slot_key) }?.backend_id;
+    let id = unsafe { SVC4.get(slot_key) }?.backend_id;
     Some((id, backend(id)?))
 }

@@ -1,6 +1,6 @@
 //! rproxy's eBPF programs. Thin entry points; the work is in one module per concern.
 //!
-//! - `rpx_from_pod` (TC ingress, host side of a pod veth): packets leaving a pod. ClusterIP
+//! - `rpx_from_pod` (TC ingress, host side of a pod veth): packets leaving a pod. `ClusterIP`
 //!   DNAT for TCP and UDP, with conntrack.
 //! - `rpx_to_pod` (TC egress, host side of a pod veth): packets entering a pod. Reverse NAT of
 //!   replies from backends.
@@ -10,6 +10,7 @@
 //! programs on the same hook still see them and the packet continues untouched.
 #![no_std]
 #![no_main]
+#![expect(clippy::inline_always, reason = "eBPF helpers must be inlined into each program")]
 
 mod conntrack;
 mod lb;
@@ -27,10 +28,11 @@ use rproxy_common::Stat;
 use crate::maps::{RNAT4, count};
 
 const PASS: i32 = TC_ACT_UNSPEC;
-#[expect(clippy::cast_possible_wrap, reason = "TC_ACT_SHOT is 2")]
+#[allow(clippy::cast_possible_wrap, clippy::unnecessary_cast, reason = "TC_ACT_SHOT (2) is u32 or i32 depending on the bindings' target")]
 const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_from_pod(ctx: TcContext) -> i32 {
     from_pod(&ctx).unwrap_or_else(|_| {
         count(Stat::RewriteFail);
@@ -39,6 +41,7 @@ pub fn rpx_from_pod(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_to_pod(ctx: TcContext) -> i32 {
     to_pod(&ctx).unwrap_or_else(|_| {
         count(Stat::RewriteFail);
@@ -51,7 +54,7 @@ pub fn rpx_tc_noop(_ctx: TcContext) -> i32 {
     PASS
 }
 
-/// ClusterIP DNAT of a packet sent by a pod.
+/// `ClusterIP` DNAT of a packet sent by a pod.
 #[inline(always)]
 fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
@@ -66,7 +69,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     };
     let ct_key = conntrack::service_key(&pkt);
     let now = conntrack::now_ns();
-    if let Some(ct) = maps::CT4.get_ptr_mut(&ct_key) {
+    if let Some(ct) = maps::CT4.get_ptr_mut(ct_key) {
         // SAFETY: valid map value pointer for this run.
         let backend_id = unsafe { (*ct).backend_id };
         if let Some(be) = lb::backend(backend_id) {
@@ -101,7 +104,7 @@ fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(PASS);
     }
     let ct_key = conntrack::reply_key(&pkt);
-    let Some(ct) = maps::CT4.get_ptr_mut(&ct_key) else {
+    let Some(ct) = maps::CT4.get_ptr_mut(ct_key) else {
         return Ok(PASS);
     };
     // SAFETY: valid map value pointer for this run.

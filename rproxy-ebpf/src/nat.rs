@@ -1,7 +1,7 @@
 //! Packet rewriting with the kernel's incremental checksum helpers.
 //!
 //! Address changes update the IPv4 header checksum (`bpf_l3_csum_replace`) and the L4 checksum
-//! with `BPF_F_PSEUDO_HDR` (the pseudo header covers the addresses). For CHECKSUM_PARTIAL skbs,
+//! with `BPF_F_PSEUDO_HDR` (the pseudo header covers the addresses). For `CHECKSUM_PARTIAL` skbs,
 //! which veth hands to TC, the kernel helper then adjusts only the pseudo-header seed kept in the
 //! checksum field, and a port change (not in the pseudo header) leaves it alone, so the final
 //! checksum computed on transmit is right. UDP uses `BPF_F_MARK_MANGLED_0`: a zero checksum

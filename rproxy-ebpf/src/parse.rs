@@ -2,15 +2,11 @@
 //! comes from IHL, so options are honoured. Anything not understood yields `None` and the
 //! caller passes the packet untouched.
 use aya_ebpf::programs::TcContext;
-use network_types::{
-    eth::EthHdr,
-    ip::Ipv4Hdr,
-    tcp::TcpHdr,
-    udp::UdpHdr,
-};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use rproxy_common::proto;
 
 /// Deepest header bytes the programs look at: Ethernet + IPv4 with full options + TCP.
+#[expect(clippy::cast_possible_truncation, reason = "14 + 60 + 20")]
 const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
@@ -76,7 +72,7 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 fn ensure_linear(ctx: &TcContext) {
     let linear = ctx.data_end().saturating_sub(ctx.data());
     let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
-    if (linear as u32) < want {
+    if linear < want as usize {
         // On failure the bounds checks below simply fail and the packet passes untouched.
         let _ = ctx.pull_data(want);
     }
@@ -117,10 +113,10 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
             // checked 20-byte header. It is read through the same pointer on purpose: a second
             // ptr_at would be folded away by LLVM as redundant, and the verifier does not relate
             // a recomputed pointer to the one it checked.
-            let (sport, dport, flags) = unsafe { ((*tcp).source, (*tcp).dest, *tcp.cast::<u8>().add(13)) };
-            pkt.sport = u16::from_ne_bytes(sport);
-            pkt.dport = u16::from_ne_bytes(dport);
-            pkt.tcp_flags = flags;
+            let (src, dst, tcp_flags) = unsafe { ((*tcp).source, (*tcp).dest, *tcp.cast::<u8>().add(13)) };
+            pkt.sport = u16::from_ne_bytes(src);
+            pkt.dport = u16::from_ne_bytes(dst);
+            pkt.tcp_flags = tcp_flags;
         }
         proto::UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, l4_off)?;

@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
-    let manifests = std::env::args_os().nth(1).map_or_else(
-        || rproxy_tests::workspace_root().join("lab/manifests"),
-        PathBuf::from,
-    );
+    let manifests =
+        std::env::args_os().nth(1).map_or_else(|| rproxy_tests::workspace_root().join("lab/manifests"), PathBuf::from);
     rproxy_tests::run_interactive(&rproxy_tests::agent_bin()?, &manifests)
 }

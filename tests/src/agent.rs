@@ -53,18 +53,12 @@ impl Agent {
     /// Starts `<bin> run ...` in the node namespace, in its own process group so that a
     /// terminal's Ctrl-C reaches only the lab, which then stops the agent itself.
     pub fn start(config: AgentConfig) -> Result<Self> {
-        let log = File::create(&config.log)
-            .with_context(|| format!("cannot create {}", config.log.display()))?;
+        let log = File::create(&config.log).with_context(|| format!("cannot create {}", config.log.display()))?;
         let child = netns_command(&config.node_ns, &config.bin)
             .arg("run")
             .arg("--manifests")
             .arg(&config.manifests)
-            .args([
-                "--node-name",
-                &config.node_name,
-                "--pod-devices",
-                &config.pod_devices,
-            ])
+            .args(["--node-name", &config.node_name, "--pod-devices", &config.pod_devices])
             .arg("--bpffs")
             .arg(&config.bpffs)
             .env("NO_COLOR", "1") // plain text in the log file
@@ -86,10 +80,7 @@ impl Agent {
     pub fn ensure_running(&mut self) -> Result<()> {
         match self.exited()? {
             None => Ok(()),
-            Some(status) => bail!(
-                "rproxy-agent exited ({status}); its log:\n{}",
-                self.log_text()
-            ),
+            Some(status) => bail!("rproxy-agent exited ({status}); its log:\n{}", self.log_text()),
         }
     }
 
@@ -114,11 +105,7 @@ impl Agent {
     /// Runs `rproxy-agent cleanup --bpffs <dir>` in the node namespace (same way as `run`).
     pub fn cleanup(&self) -> Result<()> {
         let c = &self.config;
-        run(netns_command(&c.node_ns, &c.bin)
-            .arg("cleanup")
-            .arg("--bpffs")
-            .arg(&c.bpffs))
-        .map(drop)
+        run(netns_command(&c.node_ns, &c.bin).arg("cleanup").arg("--bpffs").arg(&c.bpffs)).map(drop)
     }
 
     /// The log file.
@@ -144,9 +131,7 @@ impl Agent {
 /// execs `program`, so the child's pid is the program's.
 fn netns_command(ns: &str, program: &Path) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
     cmd
 }
 

@@ -31,8 +31,7 @@ pub fn tcp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration)
                 writer.shutdown(Shutdown::Write).context("shutdown(write)")
             });
             let read = stream.read_to_end(&mut answer).context("read");
-            sent.join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            sent.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
             read
         })?;
         Ok(answer)

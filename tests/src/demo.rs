@@ -11,9 +11,7 @@ use anyhow::Result;
 
 use crate::{
     lab::Lab,
-    manifest::{
-        Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort, multi_document,
-    },
+    manifest::{Endpoint, EndpointPort, EndpointSlice, Protocol, Service, ServicePort, multi_document},
 };
 
 /// Kubernetes node name of the lab's node (`--node-name`, endpoints' `nodeName`).
@@ -49,12 +47,7 @@ pub fn service() -> Service {
         cluster_ip: CLUSTER_IP,
         ports: PORTS
             .iter()
-            .map(|&(name, protocol)| ServicePort {
-                name: name.into(),
-                protocol,
-                port: PORT,
-                target_port: TARGET_PORT,
-            })
+            .map(|&(name, protocol)| ServicePort { name: name.into(), protocol, port: PORT, target_port: TARGET_PORT })
             .collect(),
     }
 }
@@ -65,28 +58,16 @@ pub fn service() -> Service {
 /// On a name not in [`BACKENDS`].
 #[must_use]
 pub fn endpoint_slice(backends: &[&str]) -> EndpointSlice {
-    let address = |name: &str| {
-        BACKENDS
-            .iter()
-            .find(|b| b.0 == name)
-            .unwrap_or_else(|| panic!("no demo backend {name}"))
-            .1
-    };
+    let address =
+        |name: &str| BACKENDS.iter().find(|b| b.0 == name).unwrap_or_else(|| panic!("no demo backend {name}")).1;
     EndpointSlice {
         namespace: NAMESPACE.into(),
         name: format!("{SERVICE_NAME}-1"),
         service_name: SERVICE_NAME.into(),
-        endpoints: backends
-            .iter()
-            .map(|b| Endpoint::ready(address(b), NODE_NAME))
-            .collect(),
+        endpoints: backends.iter().map(|b| Endpoint::ready(address(b), NODE_NAME)).collect(),
         ports: PORTS
             .iter()
-            .map(|&(name, protocol)| EndpointPort {
-                name: name.into(),
-                protocol,
-                port: TARGET_PORT,
-            })
+            .map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT })
             .collect(),
     }
 }
@@ -123,18 +104,13 @@ pub fn wait_ready(lab: &mut Lab) -> Result<()> {
     let start = Instant::now();
     loop {
         lab.ensure_agent_running()?;
-        let tried = lab.pod(CLIENT.0).tcp_request_timeout(
-            CLUSTER_IP,
-            PORT,
-            b"",
-            Duration::from_millis(200),
-        );
+        let tried = lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, PORT, b"", Duration::from_millis(200));
         match tried {
             Ok(_) => return Ok(()),
             Err(e) if start.elapsed() >= READY_TIMEOUT => {
-                return Err(e.context(format!(
-                    "the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"
-                )));
+                return Err(
+                    e.context(format!("the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"))
+                );
             }
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }

@@ -32,41 +32,28 @@ const DURATION_ENV: &str = "RPROXY_LAB_DURATION_SECS";
 pub fn run_interactive(agent_bin: &Path, manifests_dir: &Path) -> Result<()> {
     ensure!(is_root(), "the lab needs root (network namespaces, bpffs)");
     let duration = match std::env::var(DURATION_ENV) {
-        Ok(v) => Some(Duration::from_secs(
-            v.parse().with_context(|| format!("{DURATION_ENV}={v}"))?,
-        )),
+        Ok(v) => Some(Duration::from_secs(v.parse().with_context(|| format!("{DURATION_ENV}={v}"))?)),
         Err(_) => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let _signals = SignalFlag::register(&stop)?;
 
-    let manifests_dir = &manifests_dir
-        .canonicalize()
-        .with_context(|| format!("manifests dir {}", manifests_dir.display()))?;
+    let manifests_dir =
+        &manifests_dir.canonicalize().with_context(|| format!("manifests dir {}", manifests_dir.display()))?;
     let mut lab = demo::build_lab()?;
     lab.start_agent(agent_bin, manifests_dir)?;
-    println!(
-        "lab {}: agent started on {}, waiting for it…",
-        lab.prefix(),
-        manifests_dir.display()
-    );
+    println!("lab {}: agent started on {}, waiting for it…", lab.prefix(), manifests_dir.display());
     match demo::wait_ready(&mut lab) {
         Ok(()) => print_balancing(&lab),
         Err(e) => {
             lab.ensure_agent_running()?;
-            println!(
-                "warning: {e:#}\n(does {} hold the demo Service?)",
-                manifests_dir.display()
-            );
+            println!("warning: {e:#}\n(does {} hold the demo Service?)", manifests_dir.display());
         }
     }
     print_instructions(&lab, manifests_dir);
 
     if let Some(d) = duration {
-        println!(
-            "\nthe lab stops in {}s ({DURATION_ENV}) or on Ctrl-C",
-            d.as_secs()
-        );
+        println!("\nthe lab stops in {}s ({DURATION_ENV}) or on Ctrl-C", d.as_secs());
     } else {
         println!("\nCtrl-C (SIGINT) or SIGTERM stops the lab and removes it");
     }
@@ -103,10 +90,7 @@ fn print_balancing(lab: &Lab) {
             counts.entry(key).or_default()[column] += 1;
         }
     }
-    println!(
-        "\n{REQUESTS} TCP and {REQUESTS} UDP requests from {} to {CLUSTER_IP}:{PORT}:",
-        CLIENT.0
-    );
+    println!("\n{REQUESTS} TCP and {REQUESTS} UDP requests from {} to {CLUSTER_IP}:{PORT}:", CLIENT.0);
     println!("  {:<12} {:>5} {:>5}", "answered by", "TCP", "UDP");
     for (name, [tcp, udp]) in &counts {
         println!("  {name:<12} {tcp:>5} {udp:>5}");
@@ -120,32 +104,17 @@ fn print_instructions(lab: &Lab, manifests_dir: &Path) {
     let client = lab.pod(CLIENT.0);
     let (cns, node, pins) = (client.ns(), lab.node_ns(), lab.pin_dir().display());
     println!("\nnamespaces:");
-    println!(
-        "  {:<10} {node}  (pod devices {})",
-        "node",
-        lab.pod_devices_glob()
-    );
+    println!("  {:<10} {node}  (pod devices {})", "node", lab.pod_devices_glob());
     for pod in lab.pods() {
-        println!(
-            "  {:<10} {}  ({}, host side {})",
-            pod.name(),
-            pod.ns(),
-            pod.ip(),
-            pod.host_dev()
-        );
+        println!("  {:<10} {}  ({}, host side {})", pod.name(), pod.ns(), pod.ip(), pod.host_dev());
     }
     println!("\ntry (as root; servers answer '<pod name>' then echo until you close):");
-    println!(
-        "  ip netns exec {cns} bash -c 'exec 3<>/dev/tcp/{CLUSTER_IP}/{PORT}; echo hi >&3; timeout 1 cat <&3'"
-    );
+    println!("  ip netns exec {cns} bash -c 'exec 3<>/dev/tcp/{CLUSTER_IP}/{PORT}; echo hi >&3; timeout 1 cat <&3'");
     if which("nc") {
         println!("  echo hi | ip netns exec {cns} nc -N {CLUSTER_IP} {PORT}");
         println!("  echo hi | ip netns exec {cns} nc -u -w1 {CLUSTER_IP} {PORT}");
     }
-    println!(
-        "  ip netns exec {cns} ping -c1 {}   # a backend's own address",
-        demo::BACKENDS[0].1
-    );
+    println!("  ip netns exec {cns} ping -c1 {}   # a backend's own address", demo::BACKENDS[0].1);
     println!("\nBPF state (pinned under {pins}):");
     for map in ["RPX_SVC4", "RPX_BE4", "RPX_CT4", "RPX_RNAT4", "RPX_STATS"] {
         println!("  bpftool map dump pinned {pins}/{map}");
@@ -162,8 +131,7 @@ fn print_instructions(lab: &Lab, manifests_dir: &Path) {
 
 /// Whether `program` is on `$PATH`.
 fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// SIGINT and SIGTERM set the flag; one while the flag is set already exits at once (status

@@ -70,8 +70,7 @@ impl Pod {
 
     /// Starts a TCP and a UDP server on `port` (see [`crate::server`]).
     pub fn serve(&mut self, port: u16) -> Result<&mut Self> {
-        self.servers
-            .push(Server::start(self.ns.name(), &self.name, port)?);
+        self.servers.push(Server::start(self.ns.name(), &self.name, port)?);
         Ok(self)
     }
 
@@ -92,13 +91,7 @@ impl Pod {
     }
 
     /// [`client::tcp_request`] from this pod.
-    pub fn tcp_request_timeout(
-        &self,
-        addr: Ipv4Addr,
-        port: u16,
-        payload: &[u8],
-        timeout: Duration,
-    ) -> Result<Reply> {
+    pub fn tcp_request_timeout(&self, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
         self.run(|| client::tcp_request(addr, port, payload, timeout))
     }
 
@@ -108,13 +101,7 @@ impl Pod {
     }
 
     /// [`client::udp_request`] from this pod.
-    pub fn udp_request_timeout(
-        &self,
-        addr: Ipv4Addr,
-        port: u16,
-        payload: &[u8],
-        timeout: Duration,
-    ) -> Result<Reply> {
+    pub fn udp_request_timeout(&self, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
         self.run(|| client::udp_request(addr, port, payload, timeout))
     }
 
@@ -147,14 +134,9 @@ impl Lab {
         let prefix = next_prefix()?;
         let pin_dir = Path::new("/sys/fs/bpf").join(&prefix);
         remove_pin_dir(&pin_dir)?;
-        let work = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
-            .tempdir()?;
+        let work = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
         let node = NetNs::create(&format!("{prefix}-node"))?;
-        for key in [
-            "net/ipv4/conf/all/rp_filter",
-            "net/ipv4/conf/default/rp_filter",
-        ] {
+        for key in ["net/ipv4/conf/all/rp_filter", "net/ipv4/conf/default/rp_filter"] {
             sysctl(node.name(), key, "0")?;
         }
         sysctl(node.name(), "net/ipv4/ip_forward", "1")?;
@@ -176,15 +158,9 @@ impl Lab {
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "pod name {name:?}: use letters, digits and '-'"
         );
-        ensure!(
-            self.pods.iter().all(|p| p.name != name),
-            "pod {name} exists already"
-        );
+        ensure!(self.pods.iter().all(|p| p.name != name), "pod {name} exists already");
         let host_dev = format!("{}p{}", self.prefix, self.pods.len() + 1);
-        ensure!(
-            host_dev.len() <= IFNAMSIZ_MAX,
-            "interface name {host_dev} is too long"
-        );
+        ensure!(host_dev.len() <= IFNAMSIZ_MAX, "interface name {host_dev} is too long");
         let ns = NetNs::create(&format!("{}-{name}", self.prefix))?;
         let (node, pod) = (Some(self.node.name()), Some(ns.name()));
         let ip_cidr = format!("{ip_addr}/32");
@@ -206,20 +182,10 @@ impl Lab {
             ip(ns_name, args)?;
         }
         for (key, value) in [("proxy_arp", "1"), ("rp_filter", "0")] {
-            sysctl(
-                self.node.name(),
-                &format!("net/ipv4/conf/{dev}/{key}"),
-                value,
-            )?;
+            sysctl(self.node.name(), &format!("net/ipv4/conf/{dev}/{key}"), value)?;
         }
 
-        self.pods.push(Pod {
-            name: name.to_owned(),
-            ip: ip_addr,
-            host_dev,
-            servers: Vec::new(),
-            ns,
-        });
+        self.pods.push(Pod { name: name.to_owned(), ip: ip_addr, host_dev, servers: Vec::new(), ns });
         Ok(self.pods.last_mut().expect("just pushed"))
     }
 
@@ -229,10 +195,7 @@ impl Lab {
     /// If there is none.
     #[must_use]
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// All pods, in creation order.
@@ -282,9 +245,7 @@ impl Lab {
         if let Some(agent) = &mut self.agent {
             ensure!(agent.exited()?.is_some(), "the agent is already running");
         }
-        let manifests = manifests
-            .canonicalize()
-            .with_context(|| format!("manifests dir {}", manifests.display()))?;
+        let manifests = manifests.canonicalize().with_context(|| format!("manifests dir {}", manifests.display()))?;
         self.agent = Some(Agent::start(AgentConfig {
             bin: agent_bin.to_owned(),
             node_ns: self.node.name().to_owned(),
@@ -346,11 +307,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() && self.agent.is_some() {
-            eprintln!(
-                "---- rproxy-agent log ({}) ----\n{}---- end of log ----",
-                self.prefix,
-                self.agent_log()
-            );
+            eprintln!("---- rproxy-agent log ({}) ----\n{}---- end of log ----", self.prefix, self.agent_log());
         }
         if let Err(e) = self.teardown() {
             eprintln!("rproxy-tests: tearing down lab {}: {e:#}", self.prefix);

@@ -42,8 +42,7 @@ pub use netns::in_netns;
 /// fail the ones after it.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether this process runs as root (the lab needs it).
@@ -69,10 +68,7 @@ pub fn agent_bin() -> Result<PathBuf> {
         return Ok(bin);
     }
     let target = workspace_root().join("target");
-    let candidates = [
-        target.join("release/rproxy-agent"),
-        target.join("debug/rproxy-agent"),
-    ];
+    let candidates = [target.join("release/rproxy-agent"), target.join("debug/rproxy-agent")];
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
         format!(
             "rproxy-agent binary not found (looked at $RPROXY_AGENT_BIN, {}, {}): run `cargo xtask \

@@ -51,11 +51,7 @@ impl fmt::Display for Service {
         writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
         writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
         writeln!(f, "  ipFamilies:\n  - IPv4")?;
-        writeln!(
-            f,
-            "  ports:{}",
-            if self.ports.is_empty() { " []" } else { "" }
-        )?;
+        writeln!(f, "  ports:{}", if self.ports.is_empty() { " []" } else { "" })?;
         for p in &self.ports {
             writeln!(f, "  - name: {}", p.name)?;
             writeln!(f, "    protocol: {}", p.protocol)?;
@@ -80,13 +76,7 @@ impl Endpoint {
     /// A ready, serving, not terminating endpoint on `node_name`.
     #[must_use]
     pub fn ready(address: Ipv4Addr, node_name: &str) -> Self {
-        Self {
-            address,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: node_name.to_owned(),
-        }
+        Self { address, ready: true, serving: true, terminating: false, node_name: node_name.to_owned() }
     }
 }
 
@@ -110,24 +100,10 @@ pub struct EndpointSlice {
 
 impl fmt::Display for EndpointSlice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_header(
-            f,
-            "discovery.k8s.io/v1",
-            "EndpointSlice",
-            &self.namespace,
-            &self.name,
-        )?;
-        writeln!(
-            f,
-            "  labels:\n    kubernetes.io/service-name: {}",
-            self.service_name
-        )?;
+        write_header(f, "discovery.k8s.io/v1", "EndpointSlice", &self.namespace, &self.name)?;
+        writeln!(f, "  labels:\n    kubernetes.io/service-name: {}", self.service_name)?;
         writeln!(f, "addressType: IPv4")?;
-        writeln!(
-            f,
-            "endpoints:{}",
-            if self.endpoints.is_empty() { " []" } else { "" }
-        )?;
+        writeln!(f, "endpoints:{}", if self.endpoints.is_empty() { " []" } else { "" })?;
         for e in &self.endpoints {
             writeln!(f, "- addresses:\n  - {}", e.address)?;
             writeln!(f, "  conditions:")?;
@@ -136,11 +112,7 @@ impl fmt::Display for EndpointSlice {
             writeln!(f, "    terminating: {}", e.terminating)?;
             writeln!(f, "  nodeName: {}", e.node_name)?;
         }
-        writeln!(
-            f,
-            "ports:{}",
-            if self.ports.is_empty() { " []" } else { "" }
-        )?;
+        writeln!(f, "ports:{}", if self.ports.is_empty() { " []" } else { "" })?;
         for p in &self.ports {
             writeln!(f, "- name: {}", p.name)?;
             writeln!(f, "  protocol: {}", p.protocol)?;
@@ -150,13 +122,7 @@ impl fmt::Display for EndpointSlice {
     }
 }
 
-fn write_header(
-    f: &mut fmt::Formatter<'_>,
-    api_version: &str,
-    kind: &str,
-    namespace: &str,
-    name: &str,
-) -> fmt::Result {
+fn write_header(f: &mut fmt::Formatter<'_>, api_version: &str, kind: &str, namespace: &str, name: &str) -> fmt::Result {
     writeln!(f, "apiVersion: {api_version}")?;
     writeln!(f, "kind: {kind}")?;
     writeln!(f, "metadata:\n  name: {name}\n  namespace: {namespace}")
@@ -173,10 +139,7 @@ pub fn multi_document(docs: &[&dyn fmt::Display]) -> String {
 /// does not end in `.yaml`) in the same directory, then renamed over `path`.
 pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let name = path
-        .file_name()
-        .context("manifest path has no file name")?
-        .to_string_lossy();
+    let name = path.file_name().context("manifest path has no file name")?.to_string_lossy();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = path.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()));
     std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;

@@ -49,9 +49,7 @@ impl NetNs {
             ip(None, &["netns", "del", name])?;
         }
         ip(None, &["netns", "add", name])?;
-        let ns = Self {
-            name: name.to_owned(),
-        };
+        let ns = Self { name: name.to_owned() };
         ip(Some(name), &["link", "set", "lo", "up"])?;
         Ok(ns)
     }

@@ -45,10 +45,8 @@ impl Server {
     /// Binds `0.0.0.0:port` for TCP and UDP inside `ns` and serves as pod `name`.
     pub fn start(ns: &str, name: &str, port: u16) -> Result<Self> {
         let addr = (Ipv4Addr::UNSPECIFIED, port);
-        let (tcp, udp) = in_netns(ns, || -> io::Result<_> {
-            Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?))
-        })?
-        .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
+        let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
+            .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(STOP_POLL))?;
 
@@ -62,12 +60,7 @@ impl Server {
             let (name, peers, stop) = (name.to_owned(), peers.clone(), stop.clone());
             move || serve_udp(&udp, &name, &peers, &stop)
         };
-        Ok(Self {
-            port,
-            peers,
-            stop,
-            threads: vec![thread::spawn(tcp_loop), thread::spawn(udp_loop)],
-        })
+        Ok(Self { port, peers, stop, threads: vec![thread::spawn(tcp_loop), thread::spawn(udp_loop)] })
     }
 
     /// The port served.
@@ -79,10 +72,7 @@ impl Server {
     /// A snapshot of the peers seen so far.
     #[must_use]
     pub fn peers(&self) -> Peers {
-        self.peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -103,12 +93,7 @@ fn serve_tcp(listener: &TcpListener, name: &str, peers: &Mutex<Peers>, stop: &At
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         // `STOP_POLL` is 50 ms, which fits in u16.
-        if poll(
-            &mut fds,
-            u16::try_from(STOP_POLL.as_millis()).unwrap_or(u16::MAX),
-        )
-        .is_err()
-        {
+        if poll(&mut fds, u16::try_from(STOP_POLL.as_millis()).unwrap_or(u16::MAX)).is_err() {
             continue;
         }
         match listener.accept() {
@@ -152,11 +137,7 @@ fn serve_udp(socket: &UdpSocket, name: &str, peers: &Mutex<Peers>, stop: &Atomic
                     eprintln!("rproxy-tests: {name}: udp reply to {peer}: {e}");
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => eprintln!("rproxy-tests: {name}: udp recv: {e}"),
         }
     }

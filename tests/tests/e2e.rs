@@ -34,13 +34,7 @@ enum Proto {
 }
 
 /// Sends one request from the client pod.
-fn request(
-    lab: &Lab,
-    proto: Proto,
-    to: (Ipv4Addr, u16),
-    payload: &[u8],
-    timeout: Duration,
-) -> Result<Reply> {
+fn request(lab: &Lab, proto: Proto, to: (Ipv4Addr, u16), payload: &[u8], timeout: Duration) -> Result<Reply> {
     let client = lab.pod(CLIENT.0);
     match proto {
         Proto::Tcp => client.tcp_request_timeout(to.0, to.1, payload, timeout),
@@ -102,9 +96,7 @@ impl Manifests {
 fn with_agent(test: &str, body: impl FnOnce(&mut Lab, &Manifests) -> Result<()>) {
     with_lab(test, |lab| {
         let bin = agent_bin()?;
-        let manifests = Manifests {
-            dir: lab.work_dir().join("manifests"),
-        };
+        let manifests = Manifests { dir: lab.work_dir().join("manifests") };
         std::fs::create_dir(&manifests.dir)?;
         write_atomic(&manifests.service(), &demo::service().to_string())?;
         manifests.write_slice(&demo::backend_names())?;
@@ -119,29 +111,15 @@ fn with_agent(test: &str, body: impl FnOnce(&mut Lab, &Manifests) -> Result<()>)
 fn assert_reaches_every_backend(lab: &Lab, proto: Proto, payload: &[u8]) -> Result<()> {
     let mut unseen = demo::backend_names();
     for attempt in 1..=60 {
-        let (name, echo) = request(
-            lab,
-            proto,
-            (CLUSTER_IP, PORT),
-            payload,
-            Duration::from_secs(2),
-        )
-        .with_context(|| format!("{proto:?} request {attempt} to the ClusterIP"))?;
-        ensure!(
-            echo == payload,
-            "{proto:?}: {name} echoed {} bytes, not the {} sent",
-            echo.len(),
-            payload.len()
-        );
+        let (name, echo) = request(lab, proto, (CLUSTER_IP, PORT), payload, Duration::from_secs(2))
+            .with_context(|| format!("{proto:?} request {attempt} to the ClusterIP"))?;
+        ensure!(echo == payload, "{proto:?}: {name} echoed {} bytes, not the {} sent", echo.len(), payload.len());
         unseen.retain(|b| *b != name);
         if unseen.is_empty() {
             break;
         }
     }
-    ensure!(
-        unseen.is_empty(),
-        "{proto:?}: {unseen:?} never answered in 60 requests"
-    );
+    ensure!(unseen.is_empty(), "{proto:?}: {unseen:?} never answered in 60 requests");
     for (name, _) in BACKENDS {
         let peers = lab.pod(name).peers();
         let peers = match proto {
@@ -159,12 +137,7 @@ fn assert_reaches_every_backend(lab: &Lab, proto: Proto, payload: &[u8]) -> Resu
 
 /// Polls `ok` (at most 10 ms apart) until it held `streak` times in a row or `limit` passed since
 /// `since`; returns when that run started, counted from `since`.
-fn streak_start(
-    since: Instant,
-    limit: Duration,
-    streak: usize,
-    mut ok: impl FnMut() -> bool,
-) -> Option<Duration> {
+fn streak_start(since: Instant, limit: Duration, streak: usize, mut ok: impl FnMut() -> bool) -> Option<Duration> {
     let mut run_start = None;
     let mut run = 0;
     while since.elapsed() < limit {
@@ -186,16 +159,9 @@ fn streak_start(
 /// Asserts that TCP requests to the `ClusterIP` fail (5 in a row) within [`PROPAGATION`] of `since`.
 fn assert_translation_stops(lab: &Lab, since: Instant, what: &str) -> Result<()> {
     let fails = || request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"x", SHORT).is_err();
-    let took = streak_start(since, PROPAGATION * 5, 5, fails).with_context(|| {
-        format!(
-            "requests to the ClusterIP still work {:?} after {what}",
-            PROPAGATION * 5
-        )
-    })?;
-    ensure!(
-        took <= PROPAGATION,
-        "requests to the ClusterIP stopped working {took:?} after {what}"
-    );
+    let took = streak_start(since, PROPAGATION * 5, 5, fails)
+        .with_context(|| format!("requests to the ClusterIP still work {:?} after {what}", PROPAGATION * 5))?;
+    ensure!(took <= PROPAGATION, "requests to the ClusterIP stopped working {took:?} after {what}");
     Ok(())
 }
 
@@ -205,29 +171,13 @@ fn lab_plumbing() {
         let (tcp, udp) = (payload(64 * 1024), payload(512));
         for (name, ip) in BACKENDS {
             for (proto, payload) in [(Proto::Tcp, &tcp), (Proto::Udp, &udp)] {
-                let (answered, echo) = request(
-                    lab,
-                    proto,
-                    (ip, TARGET_PORT),
-                    payload,
-                    Duration::from_secs(2),
-                )?;
-                ensure!(
-                    answered == name,
-                    "{proto:?} to {ip}: answered by {answered}, not {name}"
-                );
-                ensure!(
-                    echo == *payload,
-                    "{proto:?} to {name}: echo differs from the payload"
-                );
+                let (answered, echo) = request(lab, proto, (ip, TARGET_PORT), payload, Duration::from_secs(2))?;
+                ensure!(answered == name, "{proto:?} to {ip}: answered by {answered}, not {name}");
+                ensure!(echo == *payload, "{proto:?} to {name}: echo differs from the payload");
             }
             let peers = lab.pod(name).peers();
             ensure!(
-                peers
-                    .tcp
-                    .iter()
-                    .chain(&peers.udp)
-                    .all(|p| p.ip() == CLIENT.1)
+                peers.tcp.iter().chain(&peers.udp).all(|p| p.ip() == CLIENT.1)
                     && peers.tcp.len() == 1
                     && peers.udp.len() == 1,
                 "{name} saw peers {peers:?}"
@@ -246,10 +196,7 @@ fn stale_namespace_of_the_same_name_is_replaced() {
     let name = format!("{}-stale", lab.prefix());
     std::mem::forget(NetNs::create(&name).expect("first namespace")); // as a killed run leaves it
     drop(NetNs::create(&name).expect("namespace over a stale one"));
-    assert!(
-        !Path::new("/run/netns").join(&name).exists(),
-        "{name} left behind"
-    );
+    assert!(!Path::new("/run/netns").join(&name).exists(), "{name} left behind");
 }
 
 #[test]
@@ -268,37 +215,24 @@ fn udp_to_cluster_ip_reaches_every_backend() {
 
 #[test]
 fn endpoint_slice_edit_moves_traffic_within_a_second() {
-    with_agent(
-        "endpoint_slice_edit_moves_traffic_within_a_second",
-        |lab, manifests| {
-            manifests.write_slice(&["backend-c"])?;
-            let since = Instant::now();
-            let on_c = || matches!(request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"x", SHORT), Ok((name, _)) if name == "backend-c");
-            let took = streak_start(since, PROPAGATION * 5, 10, on_c).with_context(|| {
-                format!(
-                    "traffic not only on backend-c {:?} after the edit",
-                    PROPAGATION * 5
-                )
-            })?;
-            ensure!(
-                took <= PROPAGATION,
-                "traffic moved to backend-c only {took:?} after the edit"
-            );
-            eprintln!("traffic moved {took:?} after the edit");
-            Ok(())
-        },
-    );
+    with_agent("endpoint_slice_edit_moves_traffic_within_a_second", |lab, manifests| {
+        manifests.write_slice(&["backend-c"])?;
+        let since = Instant::now();
+        let on_c = || matches!(request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"x", SHORT), Ok((name, _)) if name == "backend-c");
+        let took = streak_start(since, PROPAGATION * 5, 10, on_c)
+            .with_context(|| format!("traffic not only on backend-c {:?} after the edit", PROPAGATION * 5))?;
+        ensure!(took <= PROPAGATION, "traffic moved to backend-c only {took:?} after the edit");
+        eprintln!("traffic moved {took:?} after the edit");
+        Ok(())
+    });
 }
 
 #[test]
 fn deleting_the_service_stops_translation() {
-    with_agent(
-        "deleting_the_service_stops_translation",
-        |lab, manifests| {
-            std::fs::remove_file(manifests.service())?;
-            assert_translation_stops(lab, Instant::now(), "deleting the Service file")
-        },
-    );
+    with_agent("deleting_the_service_stops_translation", |lab, manifests| {
+        std::fs::remove_file(manifests.service())?;
+        assert_translation_stops(lab, Instant::now(), "deleting the Service file")
+    });
 }
 
 #[test]
@@ -310,11 +244,7 @@ fn datapath_survives_sigterm_until_cleanup() {
             .context("the datapath must keep working after the agent's SIGTERM")?;
         lab.cleanup_agent()?;
         assert_translation_stops(lab, Instant::now(), "rproxy-agent cleanup")?;
-        ensure!(
-            !lab.pin_dir().exists(),
-            "{} still exists after cleanup",
-            lab.pin_dir().display()
-        );
+        ensure!(!lab.pin_dir().exists(), "{} still exists after cleanup", lab.pin_dir().display());
         Ok(())
     });
 }

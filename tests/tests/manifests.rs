@@ -20,8 +20,8 @@ fn documents(yaml: &str) -> Vec<Value> {
 /// Parses `yaml` as a `T` and checks that serialising it again gives the same document.
 fn strict<T: Resource + DeserializeOwned + Serialize>(yaml: &str) -> T {
     let value: Value = serde_yaml_ng::from_str(yaml).expect("valid YAML");
-    let parsed: T = serde_yaml_ng::from_value(value.clone())
-        .unwrap_or_else(|e| panic!("not a valid {}: {e}\n{yaml}", T::KIND));
+    let parsed: T =
+        serde_yaml_ng::from_value(value.clone()).unwrap_or_else(|e| panic!("not a valid {}: {e}\n{yaml}", T::KIND));
     let again = serde_yaml_ng::to_value(&parsed).expect("serialisable");
     assert_eq!(again, value, "fields unknown to {} in:\n{yaml}", T::KIND);
     parsed
@@ -34,20 +34,12 @@ fn service_renders_as_a_valid_service() {
     assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
     let ports = spec.ports.expect("ports");
     assert_eq!(ports.len(), 2);
-    assert_eq!(
-        (
-            ports[1].name.as_deref(),
-            ports[1].protocol.as_deref(),
-            ports[1].port
-        ),
-        (Some("dns"), Some("UDP"), 80)
-    );
+    assert_eq!((ports[1].name.as_deref(), ports[1].protocol.as_deref(), ports[1].port), (Some("dns"), Some("UDP"), 80));
 }
 
 #[test]
 fn endpoint_slice_renders_as_a_valid_endpoint_slice() {
-    let slice: EndpointSlice =
-        strict(&demo::endpoint_slice(&["backend-a", "backend-c"]).to_string());
+    let slice: EndpointSlice = strict(&demo::endpoint_slice(&["backend-a", "backend-c"]).to_string());
     let labels = slice.metadata.labels.expect("labels");
     assert_eq!(labels["kubernetes.io/service-name"], "demo");
     assert_eq!(slice.address_type, "IPv4");
@@ -55,10 +47,7 @@ fn endpoint_slice_renders_as_a_valid_endpoint_slice() {
     let addresses: Vec<_> = endpoints.iter().map(|e| e.addresses[0].as_str()).collect();
     assert_eq!(addresses, ["10.244.1.11", "10.244.1.13"]);
     let conditions = endpoints[0].conditions.as_ref().expect("conditions");
-    assert_eq!(
-        (conditions.ready, conditions.serving, conditions.terminating),
-        (Some(true), Some(true), Some(false))
-    );
+    assert_eq!((conditions.ready, conditions.serving, conditions.terminating), (Some(true), Some(true), Some(false)));
     assert_eq!(endpoints[0].node_name.as_deref(), Some(demo::NODE_NAME));
 }
 
@@ -75,11 +64,7 @@ fn empty_lists_render_as_valid_objects() {
 #[test]
 fn bundled_demo_manifest_matches_the_lab() {
     let bundled = include_str!("../../lab/manifests/demo.yaml");
-    assert_eq!(
-        documents(bundled),
-        documents(&demo::manifest()),
-        "lab/manifests/demo.yaml is out of date"
-    );
+    assert_eq!(documents(bundled), documents(&demo::manifest()), "lab/manifests/demo.yaml is out of date");
 }
 
 #[test]
@@ -89,9 +74,7 @@ fn write_atomic_replaces_the_file_and_leaves_no_temp_file() {
     manifest::write_atomic(&path, "one").expect("first write");
     manifest::write_atomic(&path, "two").expect("second write");
     assert_eq!(std::fs::read_to_string(&path).expect("read"), "two");
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("read_dir").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, ["svc.yaml"]);
 }

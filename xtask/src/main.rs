@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's commands. Each one runs `scripts/setup.sh` first (idempotent and
+#![expect(clippy::doc_markdown, reason = "doc comments here are --help text, shown as written")]
 //! fast when everything is installed), so a fresh Debian machine with rustup needs nothing else.
 use std::{
     path::{Path, PathBuf},
@@ -120,10 +121,17 @@ fn main() -> Result<()> {
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-            run(Command::new("cargo")
-                .current_dir(root().join("rproxy-ebpf"))
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args(["clippy", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]))
+            run(Command::new("cargo").current_dir(root().join("rproxy-ebpf")).env("RUSTC_BOOTSTRAP", "1").args([
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         }
     }
 }

@@ -1,4 +1,5 @@
 //! Writer tests against a fake sink that holds the maps' contents and, after every single
+#![expect(clippy::many_single_char_names, reason = "m(aps), w(riter), r(eport): short names keep the tables readable")]
 //! operation, checks what a packet could observe: every published slot 0 has all its slots, every
 //! slot names an existing backend, every slot 0 has its rev-NAT entry.
 use std::{collections::BTreeMap, net::Ipv4Addr};
@@ -97,10 +98,7 @@ fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
         flags: rproxy_common::SVC_F_CLUSTER_IP,
         affinity_timeout: 0,
         slots: slots.iter().map(|b| be(*b)).collect(),
-        draining: draining
-            .iter()
-            .map(|b| Backend { state: BackendState::Terminating, ..be(*b) })
-            .collect(),
+        draining: draining.iter().map(|b| Backend { state: BackendState::Terminating, ..be(*b) }).collect(),
     }
 }
 
@@ -109,7 +107,7 @@ fn desired(items: &[(Frontend, ServiceEntry)]) -> Desired {
 }
 
 fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<Ipv4Addr> {
-    let k0 = key_of(&f, 0);
+    let k0 = key_of(f, 0);
     let count = m.services[&k0].count;
     (1..=count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..k0 }].backend_id].ip()).collect()
 }
@@ -202,7 +200,7 @@ fn empty_backend_set_is_published_with_count_zero() {
     let mut w = Writer::new();
     w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
     w.sync(&desired(&[(fe(10, 80), entry("a", &[], &[]))]), &mut m);
-    assert_eq!(m.services[&key_of(&fe(10, 80), 0)].count, 0);
+    assert_eq!(m.services[&key_of(fe(10, 80), 0)].count, 0);
     assert_eq!(m.services.len(), 1);
     assert!(m.backends.is_empty());
 }
@@ -230,7 +228,7 @@ fn full_backend_map_fails_only_that_service() {
     assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
     assert!(r.errors[0].contains("default/b") && r.errors[0].contains("map full"));
     assert_eq!(slot_backends(&m, fe(10, 80)).len(), 2);
-    assert!(!m.services.contains_key(&key_of(&fe(11, 80), 0)));
+    assert!(!m.services.contains_key(&key_of(fe(11, 80), 0)));
 }
 
 #[test]
