@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -35,8 +35,10 @@ static SCRATCH_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32:
 /// Typed handles on the maps.
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey4, ServiceValue>,
-    pub backends: HashMap<MapData, u32, Backend4>,
-    pub rev_nat: HashMap<MapData, u16, RevNat4>,
+    /// Indexed by backend id; an all-zero entry is a free id.
+    pub backends: Array<MapData, Backend4>,
+    /// Indexed by rev-NAT id; an all-zero entry is a free id.
+    pub rev_nat: Array<MapData, RevNat4>,
     pub conntrack: HashMap<MapData, CtKey4, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
 }
@@ -122,8 +124,8 @@ impl Datapath {
     pub fn take_maps(&mut self) -> Result<Maps> {
         Ok(Maps {
             services: take(&mut self.ebpf, map_names::SERVICES4)?,
-            backends: take(&mut self.ebpf, map_names::BACKENDS4)?,
-            rev_nat: take(&mut self.ebpf, map_names::REV_NAT4)?,
+            backends: take_array(&mut self.ebpf, map_names::BACKENDS4)?,
+            rev_nat: take_array(&mut self.ebpf, map_names::REV_NAT4)?,
             conntrack: take(&mut self.ebpf, map_names::CT4)?,
             stats: {
                 let map = self.ebpf.take_map(map_names::STATS).ok_or(Error::MissingMap { name: map_names::STATS })?;
@@ -244,6 +246,11 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn take_array<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, V>> {
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    Array::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
 fn remove_pin(path: &Path) -> Result<()> {

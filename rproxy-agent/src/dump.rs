@@ -2,7 +2,7 @@
 //! shows as bytes).
 use std::{io::Write, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use rproxy_common::{Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
 
 use crate::{Error, Result, gc::monotonic_ns};
@@ -14,6 +14,15 @@ fn open(dir: &Path, name: &'static str) -> Result<Map> {
 
 fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
     HashMap::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
+}
+
+fn array<V: aya::Pod>(dir: &Path, name: &'static str) -> Result<Array<MapData, V>> {
+    Array::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
+}
+
+/// The non-zero entries of an id-indexed array (zero marks a free id).
+fn used_entries<V: aya::Pod + Default + PartialEq>(a: &Array<MapData, V>) -> Vec<(u32, V)> {
+    (1..a.len()).filter_map(|i| a.get(&i, 0).ok().filter(|v| *v != V::default()).map(|v| (i, v))).collect()
 }
 
 fn ip(be: u32) -> std::net::Ipv4Addr {
@@ -31,8 +40,8 @@ fn proto(p: u8) -> &'static str {
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let services: HashMap<_, ServiceKey4, ServiceValue> = hash(dir, map_names::SERVICES4)?;
-    let backends: HashMap<_, u32, Backend4> = hash(dir, map_names::BACKENDS4)?;
-    let rev_nat: HashMap<_, u16, RevNat4> = hash(dir, map_names::REV_NAT4)?;
+    let backends: Array<_, Backend4> = array(dir, map_names::BACKENDS4)?;
+    let rev_nat: Array<_, RevNat4> = array(dir, map_names::REV_NAT4)?;
     let ct: HashMap<_, CtKey4, CtValue> = hash(dir, map_names::CT4)?;
 
     let mut svcs: Vec<(ServiceKey4, ServiceValue)> = services.iter().filter_map(std::result::Result::ok).collect();
@@ -57,14 +66,12 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
         )
         .map_err(io)?;
     }
-    let mut bes: Vec<(u32, Backend4)> = backends.iter().filter_map(std::result::Result::ok).collect();
-    bes.sort_by_key(|(id, _)| *id);
+    let bes: Vec<(u32, Backend4)> = used_entries(&backends);
     writeln!(out, "backends ({}):", map_names::BACKENDS4).map_err(io)?;
     for (id, b) in bes {
         writeln!(out, "  {id}: {}:{}/{} flags={:#04x}", b.ip(), b.host_port(), proto(b.proto), b.flags).map_err(io)?;
     }
-    let mut rns: Vec<(u16, RevNat4)> = rev_nat.iter().filter_map(std::result::Result::ok).collect();
-    rns.sort_by_key(|(id, _)| *id);
+    let rns: Vec<(u32, RevNat4)> = used_entries(&rev_nat);
     writeln!(out, "rev-NAT ({}):", map_names::REV_NAT4).map_err(io)?;
     for (id, r) in rns {
         writeln!(out, "  {id}: {}:{}", ip(r.addr), u16::from_be(r.port)).map_err(io)?;

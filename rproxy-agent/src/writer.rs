@@ -333,23 +333,28 @@ impl Writer {
             self.backends.insert(b.addr, (id, value));
             return Ok((id, true));
         }
-        let id = self.alloc_backend_id();
+        let id = self.alloc_backend_id().map_err(|e| format!("backend {}: {e}", b.addr))?;
         run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.backends.insert(b.addr, (id, value));
         self.backend_ids.insert(id);
         Ok((id, true))
     }
 
-    /// Next free backend id. Ids grow monotonically (wrapping, skipping ids in use) so that a
-    /// removed backend's id is not handed out again soon: stale conntrack entries must not
-    /// start pointing at another pod.
-    fn alloc_backend_id(&mut self) -> u32 {
-        let mut id = self.next_backend_id.max(1);
-        while self.backend_ids.contains(&id) {
-            id = id.wrapping_add(1).max(1);
+    /// Next free backend id, in `1..BACKENDS_MAX` (the backend array's size). Ids grow
+    /// monotonically (wrapping, skipping ids in use) so that a removed backend's id is not handed
+    /// out again soon: stale conntrack entries must not start pointing at another pod.
+    fn alloc_backend_id(&mut self) -> Result<u32, String> {
+        const MAX: u32 = rproxy_common::limits::BACKENDS_MAX;
+        if self.backend_ids.len() >= (MAX - 1) as usize {
+            return Err(format!("backend map full ({} backends)", MAX - 1));
         }
-        self.next_backend_id = id.wrapping_add(1).max(1);
-        id
+        let next = |id: u32| if id + 1 >= MAX { 1 } else { id + 1 };
+        let mut id = if (1..MAX).contains(&self.next_backend_id) { self.next_backend_id } else { 1 };
+        while self.backend_ids.contains(&id) {
+            id = next(id);
+        }
+        self.next_backend_id = next(id);
+        Ok(id)
     }
 
     /// Next free rev-NAT id, same policy as backend ids.
@@ -370,12 +375,13 @@ impl Writer {
 impl MapSink for crate::datapath::Maps {
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         let r = match *op {
-            Op::PutBackend(id, v) => self.backends.insert(id, v, 0),
-            Op::DelBackend(id) => ignore_missing(self.backends.remove(&id)),
+            Op::PutBackend(id, v) => self.backends.set(id, v, 0),
+            // Array entries cannot be deleted: zero marks the id free.
+            Op::DelBackend(id) => self.backends.set(id, Backend4::default(), 0),
             Op::PutService(k, v) => self.services.insert(k, v, 0),
             Op::DelService(k) => ignore_missing(self.services.remove(&k)),
-            Op::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
-            Op::DelRevNat(id) => ignore_missing(self.rev_nat.remove(&id)),
+            Op::PutRevNat(id, v) => self.rev_nat.set(u32::from(id), v, 0),
+            Op::DelRevNat(id) => self.rev_nat.set(u32::from(id), RevNat4::default(), 0),
         };
         r.map_err(|e| match e {
             aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
@@ -392,12 +398,19 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-/// Reads what the pinned maps hold, for `Writer::adopt`.
+/// Reads what the pinned maps hold, for `Writer::adopt`: every service entry and every
+/// non-zero (used) backend and rev-NAT array entry.
 pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
+    let used = |i: u32, v: Result<Backend4, _>| v.ok().filter(|b| *b != Backend4::default()).map(|b| (i, b));
     Adopted {
         services: maps.services.iter().filter_map(Result::ok).collect(),
-        backends: maps.backends.iter().filter_map(Result::ok).collect(),
-        rev_nat: maps.rev_nat.iter().filter_map(Result::ok).collect(),
+        backends: (1..maps.backends.len()).filter_map(|i| used(i, maps.backends.get(&i, 0))).collect(),
+        rev_nat: (1..maps.rev_nat.len().min(u32::from(u16::MAX) + 1))
+            .filter_map(|i| {
+                let v = maps.rev_nat.get(&i, 0).ok().filter(|r| *r != RevNat4::default())?;
+                Some((u16::try_from(i).ok()?, v))
+            })
+            .collect(),
     }
 }
 

@@ -42,8 +42,10 @@ pub mod prog_names {
 pub mod limits {
     /// Service map entries: one per (vip, port, proto) for slot 0 plus one per backend slot.
     pub const SERVICES_MAX: u32 = 262_144;
+    /// Size of the backend array: backend ids are `1..BACKENDS_MAX` (0 is never used).
     pub const BACKENDS_MAX: u32 = 131_072;
-    pub const REV_NAT_MAX: u32 = 65_535;
+    /// Size of the rev-NAT array: rev-NAT ids are `1..=u16::MAX` (0 is never used).
+    pub const REV_NAT_MAX: u32 = 65_536;
     /// Conntrack entries (LRU): two per translated flow (forward + reply).
     pub const CT_MAX: u32 = 524_288;
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
@@ -113,7 +115,8 @@ pub const SVC_F_ITP_LOCAL: u16 = 1 << 5;
 /// `sessionAffinity: ClientIP`.
 pub const SVC_F_AFFINITY: u16 = 1 << 6;
 
-/// Value of the IPv4 backend map, keyed by backend id (`u32`, never 0).
+/// Value of the IPv4 backend array, indexed by backend id (`u32`, never 0). An all-zero entry
+/// (no `BE_F_ACTIVE` nor `BE_F_TERMINATING`) is a free id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend4 {
@@ -133,8 +136,8 @@ pub const BE_F_TERMINATING: u8 = 1 << 1;
 /// The endpoint runs on this node.
 pub const BE_F_LOCAL: u8 = 1 << 2;
 
-/// Value of the IPv4 rev-NAT map, keyed by rev-NAT id (`u16`, never 0): the original service
-/// address a reply must appear to come from.
+/// Value of the IPv4 rev-NAT array, indexed by rev-NAT id (`u16`, never 0): the original service
+/// address a reply must appear to come from. An all-zero entry is a free id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNat4 {

@@ -1,6 +1,6 @@
 //! Service lookup and backend selection.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use rproxy_common::{Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue};
+use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue};
 
 use crate::{
     maps::{BE4, SVC4},
@@ -24,11 +24,11 @@ pub fn lookup_service(pkt: &Packet4) -> Option<(ServiceKey4, ServiceValue)> {
     Some((key, *svc))
 }
 
-/// Backend by id.
+/// Backend by id; `None` for a free id (the backend was removed).
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend4> {
-    // SAFETY: copied out at once, see `lookup_service`.
-    unsafe { BE4.get(id) }.copied()
+    let be = *BE4.get(id)?;
+    (be.flags & (BE_F_ACTIVE | BE_F_TERMINATING) != 0).then_some(be)
 }
 
 /// Picks one of the service's `count` backend slots uniformly at random. `None` if the service

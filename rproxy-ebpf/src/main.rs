@@ -28,7 +28,11 @@ use rproxy_common::Stat;
 use crate::maps::{RNAT4, count};
 
 const PASS: i32 = TC_ACT_UNSPEC;
-#[allow(clippy::cast_possible_wrap, clippy::unnecessary_cast, reason = "TC_ACT_SHOT (2) is u32 or i32 depending on the bindings' target")]
+#[allow(
+    clippy::cast_possible_wrap,
+    clippy::unnecessary_cast,
+    reason = "TC_ACT_SHOT (2) is u32 or i32 depending on the bindings' target"
+)]
 const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
@@ -109,8 +113,7 @@ fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
     };
     // SAFETY: valid map value pointer for this run.
     let rev_nat_id = unsafe { (*ct).rev_nat_id };
-    // SAFETY: copied out at once.
-    let Some(rn) = (unsafe { RNAT4.get(rev_nat_id) }).copied() else {
+    let Some(rn) = RNAT4.get(u32::from(rev_nat_id)).copied().filter(|rn| rn.addr != 0) else {
         return Ok(PASS);
     };
     conntrack::account(ct, &ct_key, conntrack::rev_bits(&pkt), false, conntrack::now_ns());

@@ -2,7 +2,7 @@
 //! agent restart reuses them (the agent sets the pin directory).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
     Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat,
@@ -16,11 +16,14 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map(name = "RPX_SVC4")]
 pub static SVC4: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
 
+/// Backends by id. An array: ids are small integers the agent allocates, and the verifier inlines
+/// array lookups, so the per-packet backend lookup costs a bounds check and a load.
 #[map(name = "RPX_BE4")]
-pub static BE4: HashMap<u32, Backend4> = HashMap::pinned(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+pub static BE4: Array<Backend4> = Array::pinned(BACKENDS_MAX, 0);
 
+/// Original service address by rev-NAT id; an array for the same reason.
 #[map(name = "RPX_RNAT4")]
-pub static RNAT4: HashMap<u16, RevNat4> = HashMap::pinned(REV_NAT_MAX, BPF_F_NO_PREALLOC);
+pub static RNAT4: Array<RevNat4> = Array::pinned(REV_NAT_MAX, 0);
 
 /// Per-CPU LRU lists: a new flow's inserts take no lock shared by all CPUs (eviction works on the
 /// inserting CPU's list).

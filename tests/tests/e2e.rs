@@ -292,3 +292,44 @@ fn agent_restart_keeps_established_connections() {
         Ok(())
     });
 }
+
+#[test]
+fn pod_created_after_start_is_attached() {
+    with_agent("pod_created_after_start_is_attached", |lab, _| {
+        // A second client, plugged in while the agent runs: its device must get the programs
+        // (netlink notification) without a restart.
+        let late = Ipv4Addr::new(10, 244, 1, 101);
+        let created = Instant::now();
+        lab.add_pod("late-client", late)?;
+        let pod = lab.pod("late-client");
+        let reached = streak_start(created, PROPAGATION * 5, 1, || {
+            pod.tcp_request_timeout(CLUSTER_IP, PORT, b"late", SHORT).is_ok()
+        })
+        .context("a pod created after the agent started never reached the ClusterIP")?;
+        ensure!(reached <= PROPAGATION, "the late pod's device took {reached:?} to be attached");
+        let (name, echo) = pod.tcp_request(CLUSTER_IP, PORT, b"late")?;
+        ensure!(echo == b"late", "{name} echoed {echo:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn agents_side_by_side_do_not_touch_each_other() {
+    with_agent("agents_side_by_side_do_not_touch_each_other", |first, _| {
+        // A second node with its own agent and pin dir, same addresses in its own namespaces.
+        let mut second = demo::build_lab()?;
+        let dir = second.work_dir().join("manifests");
+        std::fs::create_dir(&dir)?;
+        write_atomic(&dir.join("demo.yaml"), &demo::manifest())?;
+        second.start_agent(&agent_bin()?, &dir)?;
+        demo::wait_ready(&mut second)?;
+        ensure!(first.pin_dir() != second.pin_dir());
+        assert_reaches_every_backend(first, Proto::Udp, b"first")?;
+        assert_reaches_every_backend(&second, Proto::Udp, b"second")?;
+        // Removing the second agent's datapath leaves the first one's alone.
+        second.stop_agent()?;
+        second.cleanup_agent()?;
+        assert_translation_stops(&second, Instant::now(), "the second agent's cleanup")?;
+        assert_reaches_every_backend(first, Proto::Tcp, b"first, still")
+    });
+}
