@@ -18,7 +18,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
 use etherparse::PacketBuilder;
 use rproxy_agent::{
-    datapath::Datapath,
+    datapath::{Datapath, stat_total},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
     writer::Writer,
 };
@@ -174,19 +174,16 @@ fn bench_services(args: &Args, services: usize, rows: &mut Vec<Row>) {
     // Each path must do its work on every packet: the datapath's own counter for it has to grow
     // by exactly the number of packets (a flow evicted from conntrack, say, would otherwise be
     // measured as a cheap miss).
-    let stat = |maps: &rproxy_agent::datapath::Maps, s: Stat| -> u64 {
-        maps.stats.get(&(s as u32), 0).map_or(0, |v| v.iter().sum())
-    };
     let mut measure =
         |path: &'static str, prog: &'static str, expect: Option<Stat>, frames: &mut dyn FnMut() -> Vec<Vec<u8>>| {
             let rounds: Vec<(f64, f64)> = (0..args.rounds)
                 .map(|_| {
                     let f = frames();
                     let noop = mean_ns(&mut dp, prog_names::NOOP, &f);
-                    let before: Vec<u64> = Stat::ALL.iter().map(|s| stat(&maps, *s)).collect();
+                    let before: Vec<u64> = Stat::ALL.iter().map(|s| stat_total(&maps.stats, *s)).collect();
                     let ns = mean_ns(&mut dp, prog, &f);
                     for (s, b) in Stat::ALL.iter().zip(before) {
-                        let grew = stat(&maps, *s) - b;
+                        let grew = stat_total(&maps.stats, *s) - b;
                         let want = if Some(*s) == expect { f.len() as u64 } else { 0 };
                         assert_eq!(grew, want, "{path}: counter {} grew by {grew}, expected {want}", s.name());
                     }

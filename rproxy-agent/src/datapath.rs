@@ -21,7 +21,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, map_names, prog_names};
+use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names, prog_names};
 use tracing::{debug, info};
 
 use crate::{Error, Result};
@@ -246,6 +246,19 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The used entries of an id-indexed array (`RPX_BE4`, `RPX_RNAT4`): id 0 is never used and an
+/// all-zero entry marks a free id.
+#[must_use]
+pub fn used_entries<V: aya::Pod + Default + PartialEq>(a: &Array<MapData, V>) -> Vec<(u32, V)> {
+    (1..a.len()).filter_map(|i| a.get(&i, 0).ok().filter(|v| *v != V::default()).map(|v| (i, v))).collect()
+}
+
+/// A counter of `RPX_STATS`, summed over CPUs (0 if it cannot be read).
+#[must_use]
+pub fn stat_total(stats: &PerCpuArray<MapData, u64>, stat: Stat) -> u64 {
+    stats.get(&(stat as u32), 0).map_or(0, |v| v.iter().sum())
 }
 
 fn take_array<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, V>> {

@@ -5,7 +5,11 @@ use std::{io::Write, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use rproxy_common::{Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
 
-use crate::{Error, Result, gc::monotonic_ns};
+use crate::{
+    Error, Result,
+    datapath::{stat_total, used_entries},
+    gc::monotonic_ns,
+};
 
 fn open(dir: &Path, name: &'static str) -> Result<Map> {
     let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
@@ -18,11 +22,6 @@ fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<Hash
 
 fn array<V: aya::Pod>(dir: &Path, name: &'static str) -> Result<Array<MapData, V>> {
     Array::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
-}
-
-/// The non-zero entries of an id-indexed array (zero marks a free id).
-fn used_entries<V: aya::Pod + Default + PartialEq>(a: &Array<MapData, V>) -> Vec<(u32, V)> {
-    (1..a.len()).filter_map(|i| a.get(&i, 0).ok().filter(|v| *v != V::default()).map(|v| (i, v))).collect()
 }
 
 fn ip(be: u32) -> std::net::Ipv4Addr {
@@ -104,7 +103,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
         .map_err(|source| Error::Map { name: map_names::STATS, source })?;
     writeln!(out, "counters ({}):", map_names::STATS).map_err(io)?;
     for s in Stat::ALL {
-        let total: u64 = stats.get(&(s as u32), 0).map_or(0, |v| v.iter().sum());
+        let total = stat_total(&stats, s);
         writeln!(out, "  {:15} {total}", s.name()).map_err(io)?;
     }
     Ok(())

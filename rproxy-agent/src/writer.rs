@@ -401,15 +401,14 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 /// Reads what the pinned maps hold, for `Writer::adopt`: every service entry and every
 /// non-zero (used) backend and rev-NAT array entry.
 pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
-    let used = |i: u32, v: Result<Backend4, _>| v.ok().filter(|b| *b != Backend4::default()).map(|b| (i, b));
+    use crate::datapath::used_entries;
     Adopted {
         services: maps.services.iter().filter_map(Result::ok).collect(),
-        backends: (1..maps.backends.len()).filter_map(|i| used(i, maps.backends.get(&i, 0))).collect(),
-        rev_nat: (1..maps.rev_nat.len().min(u32::from(u16::MAX) + 1))
-            .filter_map(|i| {
-                let v = maps.rev_nat.get(&i, 0).ok().filter(|r| *r != RevNat4::default())?;
-                Some((u16::try_from(i).ok()?, v))
-            })
+        backends: used_entries(&maps.backends),
+        // Rev-NAT ids are u16; the array has exactly u16::MAX + 1 entries.
+        rev_nat: used_entries(&maps.rev_nat)
+            .into_iter()
+            .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
             .collect(),
     }
 }

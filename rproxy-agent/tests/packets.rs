@@ -80,7 +80,7 @@ impl Harness {
     }
 
     fn stat(&self, s: Stat) -> u64 {
-        self.maps.stats.get(&(s as u32), 0).map_or(0, |v| v.iter().sum())
+        rproxy_agent::datapath::stat_total(&self.maps.stats, s)
     }
 }
 
