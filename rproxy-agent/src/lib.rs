@@ -11,6 +11,7 @@ pub mod gc;
 pub mod manifests;
 pub mod model;
 pub mod run;
+pub mod source;
 pub mod translate;
 pub mod writer;
 

@@ -107,10 +107,22 @@ pub struct ServiceEntry {
     pub draining: Vec<Backend>,
 }
 
+/// A Service's health check node port (`externalTrafficPolicy: Local` `LoadBalancer` Services):
+/// what it must answer on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// Ready endpoints of the Service on this node (the count kube-proxy reports); 0 means the
+    /// node answers 503.
+    pub local_endpoints: usize,
+}
+
 /// Everything the maps must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub services: BTreeMap<Frontend, ServiceEntry>,
+    /// Services with a `healthCheckNodePort`.
+    pub health_checks: BTreeMap<ObjectRef, HealthCheck>,
 }
 
 /// An object (or part of one) that was rejected or skipped, and why. Logged with the object's

@@ -685,7 +685,7 @@ mod tests {
     }
 
     fn desired(entries: Vec<(Frontend, ServiceEntry)>) -> Desired {
-        Desired { services: entries.into_iter().collect() }
+        Desired { services: entries.into_iter().collect(), ..Desired::default() }
     }
 
     fn prob(kind: &'static str, object: &str, reason: &str) -> Problem {

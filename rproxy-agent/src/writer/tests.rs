@@ -103,7 +103,7 @@ fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
 }
 
 fn desired(items: &[(Frontend, ServiceEntry)]) -> Desired {
-    Desired { services: items.iter().cloned().collect() }
+    Desired { services: items.iter().cloned().collect(), ..Desired::default() }
 }
 
 fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<Ipv4Addr> {
