@@ -63,6 +63,38 @@ pub fn plan<S: std::hash::BuildHasher>(
     (doomed, pass)
 }
 
+/// The conntrack entries of UDP flows that must move at once: those whose (rev-NAT id, backend
+/// id) is in `stale`, where rev-NAT id 0 stands for every service (the backend is gone). Both
+/// entries of a flow carry the same ids, so both go.
+#[must_use]
+pub fn plan_udp_purge<S: std::hash::BuildHasher>(
+    entries: &HashMap<CtKey4, CtValue, S>,
+    stale: &BTreeSet<(u16, u32)>,
+) -> Vec<CtKey4> {
+    entries
+        .iter()
+        .filter(|(k, v)| {
+            k.proto == rproxy_common::proto::UDP
+                && (stale.contains(&(v.rev_nat_id, v.backend_id)) || stale.contains(&(0, v.backend_id)))
+        })
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Removes the UDP flows of stale backends (see [`plan_udp_purge`]); returns how many entries
+/// were removed.
+pub fn purge_udp(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+    stale: &BTreeSet<(u16, u32)>,
+) -> usize {
+    if stale.is_empty() {
+        return 0;
+    }
+    let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
+    let doomed = plan_udp_purge(&snapshot, stale);
+    doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
+}
+
 /// The clock the datapath uses (`bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC_COARSE`).
 #[must_use]
 pub fn monotonic_ns() -> u64 {
@@ -116,6 +148,33 @@ mod tests {
             let pv = p.map(|x| CtValue { expires_ns: x, ..CtValue::default() });
             assert_eq!(verdict(&v, pv.as_ref(), 100, exists), want, "{e} {p:?} {exists}");
         }
+    }
+
+    #[test]
+    fn udp_purge_takes_stale_pairs_only() {
+        let mut t: HashMap<CtKey4, CtValue> = HashMap::new();
+        let mut add = |sport: u16, proto: u8, rev_nat_id: u16, backend: u32| {
+            for (mut k, mut v) in flow(200, 200, backend) {
+                k.proto = proto;
+                if k.dir == CT_DIR_SERVICE {
+                    k.sport = sport
+                } else {
+                    k.dport = sport
+                }
+                v.rev_nat_id = rev_nat_id;
+                t.insert(k, v);
+            }
+        };
+        add(1000, 17, 5, 7); // stale pair (5, 7)
+        add(1001, 17, 6, 7); // same backend, other service: kept
+        add(1002, 6, 5, 7); // TCP to the stale pair: kept (ends by itself)
+        add(1003, 17, 6, 9); // backend 9 gone from every service
+        add(1004, 17, 5, 8); // live
+        let doomed = plan_udp_purge(&t, &BTreeSet::from([(5, 7), (0, 9)]));
+        let mut ports: Vec<u16> =
+            doomed.iter().map(|k| if k.dir == CT_DIR_SERVICE { k.sport } else { k.dport }).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, [1000, 1000, 1003, 1003]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod model;
 pub mod run;
 pub mod source;
+pub mod store;
 pub mod translate;
 pub mod writer;
 

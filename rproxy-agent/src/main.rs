@@ -87,7 +87,7 @@ fn main() -> ExitCode {
 
 fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
     let cfg = run::Config {
-        manifests: args.manifests,
+        source: run::Source::Manifests(args.manifests),
         node_name: args.node_name,
         pod_devices: DevicePattern::parse(&args.pod_devices)?,
         bpffs: args.bpffs,

@@ -1,8 +1,15 @@
 //! `rproxy-agent run`: the agent's event loop.
 //!
-//! One task owns the datapath, the map writer and the attach state, and reacts to: manifests
-//! directory changes (inotify), link notifications (netlink), the conntrack GC tick, a periodic
-//! device rescan, and SIGTERM/SIGINT. On a signal it exits without detaching anything: the pinned
+//! One task owns the datapath, the object store, the map writer and the attach state, and reacts
+//! to: source updates (manifests directory changes through inotify, or Kubernetes API watch
+//! events), link notifications (netlink), the conntrack GC tick, a periodic device rescan, and
+//! SIGTERM/SIGINT. Source updates are applied to the [`Store`] as they come and written in
+//! batches: everything already queued is taken in before one flush, and only the frontends the
+//! batch touched are compared and written.
+//!
+//! Nothing is written, and no device attached, before the source has delivered its complete
+//! initial state (the manifests read once, or the API's Services and `EndpointSlices` listed):
+//! writing a partial state would drop backends that established connections still use. On a signal it exits without detaching anything: the pinned
 //! links and maps keep translating with the last state until an agent starts again (and adopts
 //! them) or `rproxy-agent cleanup` removes them.
 use std::{
@@ -23,14 +30,34 @@ use crate::{
     Error, Result,
     datapath::{Datapath, Maps},
     devices::{self, DevicePattern},
-    gc, manifests, translate,
+    gc, manifests,
+    source::Update,
+    store::Store,
     writer::{self, Writer},
 };
+
+/// Where Services and `EndpointSlices` come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of manifests, watched with inotify.
+    Manifests(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Manifests(dir) => write!(f, "manifests directory {}", dir.display()),
+        }
+    }
+}
+
+/// Largest number of queued source updates taken in before one flush.
+const BATCH_MAX: usize = 10_000;
 
 /// Settings of `rproxy-agent run`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub node_name: String,
     pub pod_devices: DevicePattern,
     pub bpffs: PathBuf,
@@ -44,12 +71,17 @@ struct Agent {
     datapath: Datapath,
     maps: Maps,
     writer: Writer,
+    store: Store,
+    /// Kinds whose initial state the source delivered.
+    synced: BTreeSet<&'static str>,
+    /// Services and `EndpointSlices` are both synced: the store holds a complete state.
+    ready: bool,
+    /// The maps were written with a complete state and devices attached.
+    first_synced: bool,
     /// Devices with programs attached: name → ifindex.
     attached: BTreeMap<String, u32>,
     /// (name, ifindex) whose attach failed, so the failure is logged once, not every rescan.
     failed: BTreeSet<(String, u32)>,
-    /// Problems of the last reload, to log each one once when it appears and when it is fixed.
-    problems: BTreeSet<String>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -72,14 +104,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         backends = writer.backend_count(),
         "eBPF programs loaded; pinned state adopted"
     );
+    let store = Store::new(&cfg.node_name);
     let mut agent = Agent {
         cfg,
         datapath,
         maps,
         writer,
+        store,
+        synced: BTreeSet::new(),
+        ready: false,
+        first_synced: false,
         attached: BTreeMap::new(),
         failed: BTreeSet::new(),
-        problems: BTreeSet::new(),
     };
 
     let (link_tx, mut link_rx) = mpsc::channel(1);
@@ -87,14 +123,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         warn!(error = %e, "no link notifications; new devices are found by periodic rescans only");
     }
     let (fs_tx, mut fs_rx) = mpsc::channel(1);
-    let _watcher = watch_dir(&agent.cfg.manifests, fs_tx)?;
-
-    // State first, then hooks: a device is never attached to maps that do not reflect the
-    // manifests yet (beyond what a previous run left).
-    agent.reload();
-    agent.rescan();
+    let (_update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
+    let _watcher = match &agent.cfg.source {
+        Source::Manifests(dir) => {
+            let watcher = watch_dir(dir, fs_tx)?;
+            // State first, then hooks: a device is never attached to maps that do not reflect
+            // the manifests yet (beyond what a previous run left).
+            agent.reload_manifests();
+            Some(watcher)
+        }
+    };
     info!(
-        manifests = %agent.cfg.manifests.display(),
+        source = %agent.cfg.source,
         pod_devices = agent.cfg.pod_devices.as_str(),
         node = %agent.cfg.node_name,
         "agent running"
@@ -112,7 +152,16 @@ pub async fn run(cfg: Config) -> Result<()> {
                 // Coalesce the burst of events one editor save or rename produces.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while fs_rx.try_recv().is_ok() {}
-                agent.reload();
+                agent.reload_manifests();
+            }
+            Some(update) = update_rx.recv() => {
+                agent.update(update);
+                let mut taken = 1;
+                while taken < BATCH_MAX && let Ok(update) = update_rx.try_recv() {
+                    agent.update(update);
+                    taken += 1;
+                }
+                agent.sync();
             }
             Some(()) = link_rx.recv() => agent.rescan(),
             _ = rescan_tick.tick() => agent.rescan(),
@@ -123,10 +172,10 @@ pub async fn run(cfg: Config) -> Result<()> {
 }
 
 impl Agent {
-    /// Reads the manifests directory, translates, writes the maps, and logs what changed.
-    fn reload(&mut self) {
-        let started = Instant::now();
-        let (objects, mut problems) = match manifests::load_dir(&self.cfg.manifests) {
+    /// Reads the manifests directory: it replaces every Service and `EndpointSlice` held.
+    fn reload_manifests(&mut self) {
+        let Source::Manifests(dir) = &self.cfg.source;
+        let (objects, problems) = match manifests::load_dir(dir) {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Keep the last state rather than wiping the maps because of a transient error.
@@ -134,44 +183,111 @@ impl Agent {
                 return;
             }
         };
-        let translation = translate::translate(&objects, &self.cfg.node_name);
-        problems.extend(translation.problems);
-        self.log_problems(problems.iter().map(ToString::to_string).collect());
+        self.store.set_loose_problems("file", problems);
+        self.store.apply(Update::ResetServices(objects.services));
+        self.store.apply(Update::ResetSlices(objects.slices));
+        self.update(Update::Synced("Service"));
+        self.update(Update::Synced("EndpointSlice"));
+        self.sync();
+    }
 
-        let report = self.writer.sync(&translation.desired, &mut self.maps);
+    /// Takes one source update in.
+    fn update(&mut self, update: Update) {
+        match update {
+            Update::Synced(kind) => {
+                if !self.ready && matches!(kind, "Service" | "EndpointSlice") {
+                    self.synced.insert(kind);
+                    self.ready = self.synced.len() == 2;
+                }
+            }
+            Update::Node(node) => {
+                let addresses: Vec<String> = node
+                    .as_ref()
+                    .and_then(|n| n.status.as_ref())
+                    .and_then(|s| s.addresses.as_ref())
+                    .map(|a| a.iter().map(|a| format!("{}={}", a.type_, a.address)).collect())
+                    .unwrap_or_default();
+                if node.is_some() {
+                    info!(node = %self.cfg.node_name, addresses = ?addresses, "Node object");
+                } else {
+                    warn!(node = %self.cfg.node_name, "no Node object for this node");
+                }
+                self.store.apply(Update::Node(node));
+            }
+            other => self.store.apply(other),
+        }
+    }
+
+    /// Translates what changed, writes it, and logs the outcome. The first sync after the
+    /// source's initial state also attaches the devices.
+    fn sync(&mut self) {
+        if !self.ready || (!self.store.is_dirty() && self.first_synced) {
+            return;
+        }
+        let started = Instant::now();
+        let changes = self.store.flush();
+        for p in &changes.new_problems {
+            warn!("rejected: {p}");
+        }
+        for p in &changes.fixed_problems {
+            info!("no longer rejected: {p}");
+        }
+        let report = self.writer.sync_frontends(self.store.desired(), &changes.frontends, &mut self.maps);
+        // One line per frontend, unless a whole cluster is being programmed at once.
+        let detail = report.programmed.len() + report.removed.len() <= 100;
         for (fe, svc, n) in &report.programmed {
-            info!(service = %svc, frontend = %fe, backends = n, "service programmed");
+            if detail {
+                info!(service = %svc, frontend = %fe, backends = n, "service programmed");
+            } else {
+                debug!(service = %svc, frontend = %fe, backends = n, "service programmed");
+            }
         }
         for (fe, svc) in &report.removed {
-            info!(service = %svc, frontend = %fe, "service removed");
+            if detail {
+                info!(service = %svc, frontend = %fe, "service removed");
+            } else {
+                debug!(service = %svc, frontend = %fe, "service removed");
+            }
         }
         for e in &report.errors {
             error!("map write failed, this service keeps its previous state: {e}");
         }
+        let purged = if report.stale_udp.is_empty() {
+            0
+        } else {
+            let stale = report.stale_udp.iter().copied().collect();
+            gc::purge_udp(&mut self.maps.conntrack, &stale)
+        };
+        let (services, slices) = self.store.object_counts();
         info!(
-            services = objects.services.len(),
-            slices = objects.slices.len(),
+            services,
+            slices,
+            translated = changes.translated,
             frontends = self.writer.service_count(),
             backends = self.writer.backend_count(),
-            problems = problems.len(),
+            programmed = report.programmed.len(),
+            removed = report.removed.len(),
+            problems = self.store.problem_count(),
+            rejected_total = ?self.store.rejected_total(),
             map_ops = report.ops,
+            map_errors = report.errors.len(),
+            udp_ct_purged = purged,
             elapsed_ms = started.elapsed().as_millis(),
             "synced"
         );
+        if !self.first_synced {
+            self.first_synced = true;
+            // State first, then hooks: devices are attached only to maps that hold the
+            // source's complete state.
+            self.rescan();
+        }
     }
 
-    fn log_problems(&mut self, now: BTreeSet<String>) {
-        for p in now.difference(&self.problems) {
-            warn!("rejected: {p}");
-        }
-        for p in self.problems.difference(&now) {
-            info!("no longer rejected: {p}");
-        }
-        self.problems = now;
-    }
-
-    /// Attaches to new pod devices, forgets removed ones.
+    /// Attaches to new pod devices, forgets removed ones (once the maps hold a complete state).
     fn rescan(&mut self) {
+        if !self.first_synced {
+            return;
+        }
         let present = match devices::interfaces() {
             Ok(p) => p,
             Err(e) => {

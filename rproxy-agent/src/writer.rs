@@ -16,7 +16,7 @@
 //!
 //! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
 //! its previous state and every other service is still written.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rproxy_common::{BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, ServiceKey4, ServiceValue, proto};
 
@@ -50,6 +50,12 @@ pub struct SyncReport {
     pub errors: Vec<String>,
     /// Map operations issued.
     pub ops: usize,
+    /// UDP (rev-NAT id, backend id) pairs that stopped taking new flows: a removed backend (rev-NAT
+    /// id 0: every service), a backend no longer in its service's slots, or a removed UDP
+    /// frontend. Their conntrack
+    /// entries are to be removed at once so the next datagram picks a live backend (kube-proxy
+    /// clears UDP conntrack for stale endpoints the same way).
+    pub stale_udp: Vec<(u16, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,8 +64,8 @@ struct Programmed {
     value: ServiceValue,
     /// Backend ids in slots 1..=len.
     slots: Vec<u32>,
-    /// Backends kept for existing connections only.
-    draining: Vec<BackendAddr>,
+    /// Backend ids kept for existing connections only.
+    draining: Vec<u32>,
     rev_nat: RevNat4,
 }
 
@@ -73,6 +79,13 @@ pub struct Writer {
     rev_nat_ids: BTreeSet<u16>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
+    /// Backend id → address (the reverse of `backends`).
+    backend_addrs: HashMap<u32, BackendAddr>,
+    /// How many programmed frontends name each backend id (in a slot or as draining).
+    refs: HashMap<u32, u32>,
+    /// Backend ids that may have lost their last reference: deleted at the end of a sync if
+    /// nothing names them by then.
+    unreferenced: BTreeSet<u32>,
 }
 
 /// What the pinned maps held at start.
@@ -138,6 +151,7 @@ impl Writer {
                     let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
                     w.backends.insert(addr, (id, be));
                     w.backend_ids.insert(id);
+                    w.backend_addrs.insert(id, addr);
                 }
                 None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
             }
@@ -159,8 +173,12 @@ impl Writer {
             let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
             w.rev_nat_ids.insert(value.rev_nat_id);
-            w.services.insert(fe, Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn });
+            let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn };
+            w.reference(&p);
+            w.services.insert(fe, p);
         }
+        // Backends no adopted service names: removed by the first sync unless it uses them.
+        w.unreferenced = w.backend_ids.iter().filter(|id| !w.refs.contains_key(id)).copied().collect();
         w.next_backend_id = w.backend_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         (w, warnings)
@@ -184,8 +202,20 @@ impl Writer {
         &self.backend_ids
     }
 
-    /// Makes the maps hold `desired`.
+    /// Makes the maps hold `desired`: every frontend is compared.
     pub fn sync(&mut self, desired: &Desired, sink: &mut impl MapSink) -> SyncReport {
+        let all: BTreeSet<Frontend> = self.services.keys().chain(desired.services.keys()).copied().collect();
+        self.sync_frontends(desired, &all, sink)
+    }
+
+    /// Makes the maps hold `desired` for the given frontends only (those a change may have
+    /// touched; the others are assumed unchanged): O(changed), not O(all services).
+    pub fn sync_frontends(
+        &mut self,
+        desired: &Desired,
+        frontends: &BTreeSet<Frontend>,
+        sink: &mut impl MapSink,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut ops = 0usize;
         let mut run = |op: Op| {
@@ -194,26 +224,29 @@ impl Writer {
         };
 
         // 1. Frontends that are no longer wanted.
-        let gone: Vec<Frontend> =
-            self.services.keys().filter(|fe| !desired.services.contains_key(fe)).copied().collect();
-        for fe in gone {
-            let p = &self.services[&fe];
-            let mut ops = vec![Op::DelService(key_of(fe, 0))];
-            ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(fe, slot_u16(s)))));
+        for fe in frontends.iter().filter(|fe| !desired.services.contains_key(fe)) {
+            let Some(p) = self.services.get(fe) else { continue };
+            let mut ops = vec![Op::DelService(key_of(*fe, 0))];
+            ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(*fe, slot_u16(s)))));
             ops.push(Op::DelRevNat(p.value.rev_nat_id));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
-                    let p = self.services.remove(&fe).expect("present");
+                    let p = self.services.remove(fe).expect("present");
                     self.rev_nat_ids.remove(&p.value.rev_nat_id);
-                    report.removed.push((fe, p.service));
+                    self.unreference(&p);
+                    if fe.proto == Protocol::Udp {
+                        report.stale_udp.extend(p.slots.iter().map(|id| (p.value.rev_nat_id, *id)));
+                    }
+                    report.removed.push((*fe, p.service));
                 }
                 Err(e) => report.errors.push(format!("Service {} frontend {fe}: removing: {e}", p.service)),
             }
         }
 
         // 2. New and changed frontends.
-        for (fe, entry) in &desired.services {
-            match self.sync_frontend(*fe, entry, &mut run) {
+        for fe in frontends {
+            let Some(entry) = desired.services.get(fe) else { continue };
+            match self.sync_frontend(*fe, entry, &mut run, &mut report.stale_udp) {
                 Ok(true) => report.programmed.push((*fe, entry.service.clone(), entry.slots.len())),
                 Ok(false) => {}
                 Err(e) => report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service)),
@@ -221,30 +254,47 @@ impl Writer {
         }
 
         // 3. Backends no service references any more.
-        let referenced: BTreeSet<u32> = self
-            .services
-            .values()
-            .flat_map(|p| {
-                p.slots.iter().copied().chain(p.draining.iter().filter_map(|a| self.backends.get(a).map(|b| b.0)))
-            })
-            .collect();
-        let unused: Vec<(BackendAddr, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| !referenced.contains(id))
-            .map(|(a, (id, _))| (*a, *id))
-            .collect();
-        for (addr, id) in unused {
+        let candidates = std::mem::take(&mut self.unreferenced);
+        for id in candidates.into_iter().filter(|id| !self.refs.contains_key(id)) {
+            let Some(addr) = self.backend_addrs.get(&id).copied() else { continue };
             match run(Op::DelBackend(id)) {
                 Ok(()) => {
                     self.backends.remove(&addr);
                     self.backend_ids.remove(&id);
+                    self.backend_addrs.remove(&id);
+                    // Rev-NAT id 0: the backend's UDP flows of every service.
+                    report.stale_udp.push((0, id));
                 }
-                Err(e) => report.errors.push(format!("backend {addr} (id {id}): removing: {e}")),
+                Err(e) => {
+                    self.unreferenced.insert(id);
+                    report.errors.push(format!("backend {addr} (id {id}): removing: {e}"));
+                }
             }
         }
+        report.stale_udp.sort_unstable();
+        report.stale_udp.dedup();
         report.ops = ops;
         report
+    }
+
+    /// Counts the references `p` makes to backends.
+    fn reference(&mut self, p: &Programmed) {
+        for id in p.slots.iter().chain(&p.draining) {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+    }
+
+    /// Drops the references `p` made; backends left unnamed become deletion candidates.
+    fn unreference(&mut self, p: &Programmed) {
+        for id in p.slots.iter().chain(&p.draining) {
+            if let Some(n) = self.refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(id);
+                    self.unreferenced.insert(*id);
+                }
+            }
+        }
     }
 
     /// Writes one frontend. `Ok(true)` if anything changed.
@@ -253,6 +303,7 @@ impl Writer {
         fe: Frontend,
         entry: &ServiceEntry,
         run: &mut impl FnMut(Op) -> Result<(), String>,
+        stale_udp: &mut Vec<(u16, u32)>,
     ) -> Result<bool, String> {
         if entry.slots.len() > usize::from(rproxy_common::limits::BACKENDS_PER_SERVICE_MAX) {
             return Err(format!(
@@ -264,12 +315,11 @@ impl Writer {
         let mut changed = false;
         // Backends first: every id a slot will name exists before the slot does.
         let mut slot_ids = Vec::with_capacity(entry.slots.len());
+        let mut draining = Vec::with_capacity(entry.draining.len());
         for b in entry.slots.iter().chain(&entry.draining) {
             let (id, fresh) = self.ensure_backend(b, run)?;
             changed |= fresh;
-            if slot_ids.len() < entry.slots.len() {
-                slot_ids.push(id);
-            }
+            if slot_ids.len() < entry.slots.len() { slot_ids.push(id) } else { draining.push(id) }
         }
         let rev_nat_id = match self.services.get(&fe) {
             Some(p) => p.value.rev_nat_id,
@@ -285,7 +335,6 @@ impl Writer {
             affinity_timeout: entry.affinity_timeout,
         };
         let rev_nat = RevNat4::new(fe.addr, fe.port);
-        let draining: Vec<BackendAddr> = entry.draining.iter().map(|b| b.addr).collect();
         let old_slots: &[u32] = old.map_or(&[], |p| &p.slots);
 
         // Slots that differ, up to the new count (growing or rewriting in place).
@@ -312,8 +361,15 @@ impl Writer {
         changed |= old.is_none_or(|p| p.draining != draining);
         // The id counts as used only once the service is recorded: a failed attempt frees it.
         self.rev_nat_ids.insert(rev_nat_id);
-        self.services
-            .insert(fe, Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat });
+        let new = Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat };
+        self.reference(&new);
+        if let Some(old) = self.services.insert(fe, new) {
+            self.unreference(&old);
+            if fe.proto == Protocol::Udp {
+                let now = &self.services[&fe].slots;
+                stale_udp.extend(old.slots.iter().filter(|id| !now.contains(id)).map(|id| (rev_nat_id, *id)));
+            }
+        }
         Ok(changed)
     }
 
@@ -337,6 +393,9 @@ impl Writer {
         run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.backends.insert(b.addr, (id, value));
         self.backend_ids.insert(id);
+        self.backend_addrs.insert(id, b.addr);
+        // Unreferenced until a service that uses it is recorded (which may fail).
+        self.unreferenced.insert(id);
         Ok((id, true))
     }
 

@@ -101,7 +101,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
             .collect(),
         draining: Vec::new(),
     };
-    Desired { services: [(fe, entry)].into_iter().collect() }
+    Desired { services: [(fe, entry)].into_iter().collect(), ..Desired::default() }
 }
 
 #[derive(Clone, Copy, Default)]

@@ -2,7 +2,10 @@
 #![expect(clippy::many_single_char_names, reason = "m(aps), w(riter), r(eport): short names keep the tables readable")]
 //! operation, checks what a packet could observe: every published slot 0 has all its slots, every
 //! slot names an existing backend, every slot 0 has its rev-NAT entry.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use super::*;
 
@@ -240,4 +243,105 @@ fn ids_are_not_reused_at_once() {
     w.sync(&desired(&[(fe(10, 80), entry("a", &[2], &[]))]), &mut m);
     let second = *m.backends.keys().next().unwrap();
     assert_ne!(first, second);
+}
+
+fn udp(f: Frontend) -> Frontend {
+    Frontend { proto: Protocol::Udp, ..f }
+}
+
+fn udp_entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
+    let mut e = entry(name, slots, draining);
+    for b in e.slots.iter_mut().chain(e.draining.iter_mut()) {
+        b.addr.proto = Protocol::Udp;
+    }
+    e
+}
+
+/// What a packet could observe: per frontend, the backend addresses in slot order, and the set
+/// of backend entries.
+type Observable = (BTreeMap<ServiceKey4, Vec<Ipv4Addr>>, BTreeSet<(Ipv4Addr, u16, u8)>);
+
+fn observable(m: &FakeMaps) -> Observable {
+    let mut services = BTreeMap::new();
+    for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+        let ips = (1..=v.count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..*k }].backend_id].ip());
+        services.insert(*k, ips.collect());
+    }
+    (services, m.backends.values().map(|b| (b.ip(), b.host_port(), b.flags)).collect())
+}
+
+#[test]
+fn incremental_sync_matches_full_sync() {
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let mut rand = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        u8::try_from(seed % n).unwrap()
+    };
+    let (mut full_maps, mut inc_maps) = (FakeMaps::default(), FakeMaps::default());
+    let (mut full, mut inc) = (Writer::new(), Writer::new());
+    let mut current = Desired::default();
+    for step in 0..300 {
+        let mut next = current.clone();
+        for _ in 0..=rand(3) {
+            let f = fe(rand(6), 80);
+            if rand(4) == 0 {
+                next.services.remove(&f);
+            } else {
+                let slots: Vec<u8> = (0..rand(5)).map(|_| rand(8)).collect::<BTreeSet<_>>().into_iter().collect();
+                let draining: Vec<u8> =
+                    (0..rand(2)).map(|_| 20 + rand(3)).collect::<BTreeSet<_>>().into_iter().collect();
+                next.services.insert(f, entry("s", &slots, &draining));
+            }
+        }
+        let changed: BTreeSet<Frontend> = current
+            .services
+            .keys()
+            .chain(next.services.keys())
+            .filter(|f| current.services.get(f) != next.services.get(f))
+            .copied()
+            .collect();
+        let rf = full.sync(&next, &mut full_maps);
+        let ri = inc.sync_frontends(&next, &changed, &mut inc_maps);
+        assert!(rf.errors.is_empty() && ri.errors.is_empty(), "step {step}");
+        assert_eq!(observable(&full_maps), observable(&inc_maps), "step {step}");
+        assert_eq!(full.backend_count(), inc.backend_count(), "step {step}");
+        // Nothing unreferenced is left behind.
+        let used: BTreeSet<u8> = next
+            .services
+            .values()
+            .flat_map(|e| e.slots.iter().chain(&e.draining).map(|b| b.addr.addr.octets()[3]))
+            .collect();
+        assert_eq!(inc_maps.backends.len(), used.len(), "step {step}");
+        current = next;
+    }
+}
+
+#[test]
+fn udp_backends_leaving_a_service_are_reported_stale() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let (a, b) = (udp(fe(1, 53)), udp(fe(2, 53)));
+    w.sync(&desired(&[(a, udp_entry("a", &[1, 2, 3], &[])), (b, udp_entry("b", &[3], &[]))]), &mut m);
+    let id = |m: &FakeMaps, last: u8| *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == last).unwrap().0;
+    let rn = |m: &FakeMaps, f: Frontend| m.services[&key_of(f, 0)].rev_nat_id;
+    let (id2, id3, rn_a) = (id(&m, 2), id(&m, 3), rn(&m, a));
+
+    // Backend 2 leaves everything (gone from the map); backend 3 leaves service a only and turns
+    // terminating there (draining: TCP would keep it, UDP moves on).
+    let r = w.sync(&desired(&[(a, udp_entry("a", &[1], &[3])), (b, udp_entry("b", &[3], &[]))]), &mut m);
+    assert_eq!(r.stale_udp, vec![(0, id2), (rn_a, id2), (rn_a, id3)]);
+
+    // Removing service b: its remaining pair goes stale, and backend 3 stays (a drains it).
+    let rn_b = rn(&m, b);
+    let r = w.sync(&desired(&[(a, udp_entry("a", &[1], &[3]))]), &mut m);
+    assert_eq!(r.stale_udp, vec![(rn_b, id3)]);
+
+    // TCP frontends report nothing.
+    let t = fe(3, 80);
+    w.sync(&desired(&[(t, entry("t", &[5, 6], &[]))]), &mut m);
+    let r = w.sync(&desired(&[(t, entry("t", &[5], &[]))]), &mut m);
+    assert_eq!(r.stale_udp.len(), 1, "only the deleted backend: {:?}", r.stale_udp);
+    assert_eq!(r.stale_udp[0].0, 0);
 }

@@ -1,0 +1,431 @@
+//! The agent's view of the cluster, translated incrementally.
+//!
+//! Sources report [`Update`]s; the store keeps the objects, marks the Services they touch as
+//! dirty, and [`Store::flush`] re-translates only those (each Service with its own
+//! `EndpointSlices`, through the same pure [`translate::translate_refs`] the tests exercise) and
+//! returns the frontends whose desired state may have changed, for
+//! [`crate::writer::Writer::sync_frontends`]. Adding one Service to ten thousand costs one
+//! Service's translation and one frontend diff, not a pass over everything.
+//!
+//! The only coupling between Services is a frontend claimed by two of them: as in
+//! [`translate::translate`], the first in `namespace/name` order keeps it and the other gets a
+//! problem. Claims are tracked per frontend, so that a conflict is resolved (and its problem
+//! cleared) as soon as one claimant goes away.
+//!
+//! Problems are tracked per Service (and per frontend for conflicts) so that each one is reported
+//! once when it appears and once when it is gone.
+use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry};
+
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use crate::{
+    model::{Desired, Frontend, HealthCheck, ObjectRef, Problem, ServiceEntry},
+    source::Update,
+    translate::{self, SERVICE_NAME_LABEL},
+};
+
+/// The translated state of one unit: a Service (by `namespace/name`) with its slices, or a
+/// slice that names no Service (keyed by the slice itself).
+#[derive(Debug, Default)]
+struct Unit {
+    frontends: BTreeMap<Frontend, ServiceEntry>,
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
+    problems: Vec<Problem>,
+}
+
+/// What a [`Store::flush`] changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Frontends whose desired entry may differ from what the writer holds.
+    pub frontends: BTreeSet<Frontend>,
+    /// Problems that appeared.
+    pub new_problems: Vec<Problem>,
+    /// Problems that are gone.
+    pub fixed_problems: Vec<Problem>,
+    /// Services re-translated.
+    pub translated: usize,
+}
+
+/// Objects by reference; a manifests directory may define one object twice, which the
+/// translation reports (the API never does).
+type Objects<T> = HashMap<ObjectRef, Vec<T>>;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Store {
+    node_name: String,
+    services: Objects<Service>,
+    slices: Objects<EndpointSlice>,
+    /// Slice → the unit it belongs to.
+    slice_unit: HashMap<ObjectRef, ObjectRef>,
+    /// Unit → its slices.
+    unit_slices: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    node: Option<Node>,
+    units: HashMap<ObjectRef, Unit>,
+    /// Frontend → the units that want it, in `namespace/name` order (the first one has it).
+    claims: BTreeMap<Frontend, BTreeMap<String, ObjectRef>>,
+    /// Conflict problems of each frontend with more than one claimant.
+    conflicts: BTreeMap<Frontend, Vec<Problem>>,
+    /// Problems not tied to a unit: objects without a name, unreadable files. By origin.
+    loose: BTreeMap<&'static str, Vec<Problem>>,
+    desired: Desired,
+    dirty: BTreeSet<ObjectRef>,
+    /// Pending loose-problem changes, reported by the next flush.
+    loose_new: Vec<Problem>,
+    loose_fixed: Vec<Problem>,
+    problem_count: usize,
+    /// Problems ever reported, by object kind.
+    rejected_total: BTreeMap<&'static str, u64>,
+}
+
+impl Store {
+    #[must_use]
+    pub fn new(node_name: &str) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_unit: HashMap::new(),
+            unit_slices: HashMap::new(),
+            node: None,
+            units: HashMap::new(),
+            claims: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            loose: BTreeMap::new(),
+            desired: Desired::default(),
+            dirty: BTreeSet::new(),
+            loose_new: Vec::new(),
+            loose_fixed: Vec::new(),
+            problem_count: 0,
+            rejected_total: BTreeMap::new(),
+        }
+    }
+
+    /// The desired map state as of the last flush.
+    #[must_use]
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// This node's Node object, if a source reported it.
+    #[must_use]
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    /// Services and `EndpointSlices` held.
+    #[must_use]
+    pub fn object_counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    /// Problems currently standing.
+    #[must_use]
+    pub fn problem_count(&self) -> usize {
+        self.problem_count
+    }
+
+    /// Problems reported since start, by object kind (`Service`, `EndpointSlice`, `file`).
+    #[must_use]
+    pub fn rejected_total(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rejected_total
+    }
+
+    /// Whether a flush has work to do.
+    #[must_use]
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.loose_new.is_empty() || !self.loose_fixed.is_empty()
+    }
+
+    /// Takes one update into account (translation waits for [`Store::flush`]).
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::ResetServices(all) => self.reset_services(all),
+            Update::ResetSlices(all) => self.reset_slices(all),
+            Update::ApplyService(svc) => {
+                if let Some(r) = named("Service", &svc.metadata) {
+                    self.put_service(r, Some(vec![*svc]));
+                }
+            }
+            Update::DeleteService(svc) => {
+                if let Some(r) = named("Service", &svc.metadata) {
+                    self.put_service(r, None);
+                }
+            }
+            Update::ApplySlice(slice) => {
+                if let Some(r) = named("EndpointSlice", &slice.metadata) {
+                    self.put_slice(r, Some(vec![*slice]));
+                }
+            }
+            Update::DeleteSlice(slice) => {
+                if let Some(r) = named("EndpointSlice", &slice.metadata) {
+                    self.put_slice(r, None);
+                }
+            }
+            Update::Node(node) => self.node = node.map(|n| *n),
+            Update::Synced(_) => {}
+        }
+    }
+
+    /// Replaces the problems of one origin that belong to no Service (e.g. `"file"` for the
+    /// manifests directory's unreadable files).
+    pub fn set_loose_problems(&mut self, origin: &'static str, problems: Vec<Problem>) {
+        let old = self.loose.remove(origin).unwrap_or_default();
+        let (new, fixed) = diff(&old, &problems);
+        self.loose_new.extend(new);
+        self.loose_fixed.extend(fixed);
+        if !problems.is_empty() {
+            self.loose.insert(origin, problems);
+        }
+    }
+
+    /// Re-translates what changed since the last flush.
+    pub fn flush(&mut self) -> Changes {
+        let mut changes = Changes {
+            new_problems: std::mem::take(&mut self.loose_new),
+            fixed_problems: std::mem::take(&mut self.loose_fixed),
+            ..Changes::default()
+        };
+        let mut touched = BTreeSet::new();
+        for unit_ref in std::mem::take(&mut self.dirty) {
+            changes.translated += 1;
+            let unit = self.translate_unit(&unit_ref);
+            let old = self.units.remove(&unit_ref).unwrap_or_default();
+            let (new, fixed) = diff(&old.problems, &unit.problems);
+            changes.new_problems.extend(new);
+            changes.fixed_problems.extend(fixed);
+            for fe in old.frontends.keys() {
+                if !unit.frontends.contains_key(fe) {
+                    self.unclaim(*fe, &unit_ref);
+                }
+                touched.insert(*fe);
+            }
+            for fe in unit.frontends.keys() {
+                self.claims.entry(*fe).or_default().insert(unit_ref.to_string(), unit_ref.clone());
+                touched.insert(*fe);
+            }
+            for r in old.health_checks.keys() {
+                self.desired.health_checks.remove(r);
+            }
+            self.desired.health_checks.extend(unit.health_checks.iter().map(|(r, h)| (r.clone(), *h)));
+            if !unit.frontends.is_empty() || !unit.problems.is_empty() || !unit.health_checks.is_empty() {
+                self.units.insert(unit_ref, unit);
+            }
+        }
+        for fe in &touched {
+            self.resolve(*fe, &mut changes);
+        }
+        changes.frontends = touched;
+        self.problem_count =
+            (self.problem_count + changes.new_problems.len()).saturating_sub(changes.fixed_problems.len());
+        for p in &changes.new_problems {
+            *self.rejected_total.entry(p.kind).or_default() += 1;
+        }
+        changes
+    }
+
+    fn translate_unit(&self, unit_ref: &ObjectRef) -> Unit {
+        let services: Vec<&Service> = self.services.get(unit_ref).into_iter().flatten().collect();
+        let slices: Vec<&EndpointSlice> =
+            self.unit_slices.get(unit_ref).into_iter().flatten().filter_map(|r| self.slices.get(r)).flatten().collect();
+        if services.is_empty() && slices.is_empty() {
+            return Unit::default();
+        }
+        let t = translate::translate_refs(&services, &slices, &self.node_name);
+        Unit { frontends: t.desired.services, health_checks: t.desired.health_checks, problems: t.problems }
+    }
+
+    fn unclaim(&mut self, fe: Frontend, unit_ref: &ObjectRef) {
+        if let Entry::Occupied(mut claimants) = self.claims.entry(fe) {
+            claimants.get_mut().remove(&unit_ref.to_string());
+            if claimants.get().is_empty() {
+                claimants.remove();
+            }
+        }
+    }
+
+    /// Sets the desired entry of `fe` from its first claimant, and its conflict problems.
+    fn resolve(&mut self, fe: Frontend, changes: &mut Changes) {
+        let mut conflicts = Vec::new();
+        match self.claims.get(&fe).and_then(|c| c.values().next().map(|w| (w, c))) {
+            Some((winner, claimants)) => {
+                let entry = self.units.get(winner).and_then(|u| u.frontends.get(&fe)).cloned();
+                match entry {
+                    Some(entry) => {
+                        self.desired.services.insert(fe, entry);
+                    }
+                    None => {
+                        self.desired.services.remove(&fe);
+                    }
+                }
+                for loser in claimants.values().skip(1) {
+                    conflicts.push(Problem {
+                        kind: "Service",
+                        object: loser.to_string(),
+                        reason: format!("frontend {fe} is already used by Service {winner}; ignored"),
+                    });
+                }
+            }
+            None => {
+                self.desired.services.remove(&fe);
+            }
+        }
+        let old = self.conflicts.remove(&fe).unwrap_or_default();
+        let (new, fixed) = diff(&old, &conflicts);
+        changes.new_problems.extend(new);
+        changes.fixed_problems.extend(fixed);
+        if !conflicts.is_empty() {
+            self.conflicts.insert(fe, conflicts);
+        }
+    }
+
+    fn put_service(&mut self, r: ObjectRef, svc: Option<Vec<Service>>) {
+        let changed = match &svc {
+            Some(new) => self.services.get(&r) != Some(new),
+            None => self.services.contains_key(&r),
+        };
+        if !changed {
+            return;
+        }
+        match svc {
+            Some(new) => self.services.insert(r.clone(), new),
+            None => self.services.remove(&r),
+        };
+        self.dirty.insert(r);
+    }
+
+    fn put_slice(&mut self, r: ObjectRef, slice: Option<Vec<EndpointSlice>>) {
+        let changed = match &slice {
+            Some(new) => self.slices.get(&r) != Some(new),
+            None => self.slices.contains_key(&r),
+        };
+        if !changed {
+            return;
+        }
+        if let Some(old_unit) = self.slice_unit.remove(&r) {
+            if let Some(set) = self.unit_slices.get_mut(&old_unit) {
+                set.remove(&r);
+                if set.is_empty() {
+                    self.unit_slices.remove(&old_unit);
+                }
+            }
+            self.dirty.insert(old_unit);
+        }
+        match slice {
+            Some(new) => {
+                let unit = slice_unit(&r, &new);
+                self.unit_slices.entry(unit.clone()).or_default().insert(r.clone());
+                self.slice_unit.insert(r.clone(), unit.clone());
+                self.slices.insert(r, new);
+                self.dirty.insert(unit);
+            }
+            None => {
+                self.slices.remove(&r);
+            }
+        }
+    }
+
+    fn reset_services(&mut self, all: Vec<Service>) {
+        let (by_ref, unnamed) = group("Service", all);
+        self.set_loose_problems("Service", unnamed);
+        let gone: Vec<ObjectRef> = self.services.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
+        for r in gone {
+            self.put_service(r, None);
+        }
+        for (r, v) in by_ref {
+            self.put_service(r, Some(v));
+        }
+    }
+
+    fn reset_slices(&mut self, all: Vec<EndpointSlice>) {
+        let (by_ref, unnamed) = group("EndpointSlice", all);
+        self.set_loose_problems("EndpointSlice", unnamed);
+        let gone: Vec<ObjectRef> = self.slices.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
+        for r in gone {
+            self.put_slice(r, None);
+        }
+        for (r, v) in by_ref {
+            self.put_slice(r, Some(v));
+        }
+    }
+}
+
+/// Objects with a metadata accessor.
+trait Meta {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl Meta for Service {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl Meta for EndpointSlice {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+/// Groups objects by reference; the unnamed ones become problems.
+fn group<T: Meta>(kind: &'static str, all: Vec<T>) -> (HashMap<ObjectRef, Vec<T>>, Vec<Problem>) {
+    let mut by_ref: HashMap<ObjectRef, Vec<T>> = HashMap::new();
+    let mut unnamed = Vec::new();
+    for obj in all {
+        match object_ref(obj.meta()) {
+            Some(r) => by_ref.entry(r).or_default().push(obj),
+            None => unnamed.push(Problem {
+                kind,
+                object: format!("{}/(no name)", translate::namespace_of(obj.meta())),
+                reason: String::from("missing metadata.name"),
+            }),
+        }
+    }
+    (by_ref, unnamed)
+}
+
+/// The unit a slice belongs to: the Service its label names, or itself without the label (the
+/// translation then reports it).
+fn slice_unit(slice_ref: &ObjectRef, definitions: &[EndpointSlice]) -> ObjectRef {
+    let label = definitions
+        .first()
+        .and_then(|s| s.metadata.labels.as_ref())
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .filter(|name| !name.is_empty());
+    match label {
+        Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() },
+        None => slice_ref.clone(),
+    }
+}
+
+/// The object's reference; an object without a name (which the API never sends) is logged and
+/// ignored.
+fn named(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectRef> {
+    let r = object_ref(meta);
+    if r.is_none() {
+        tracing::warn!(kind, namespace = translate::namespace_of(meta), "ignoring an object without a name");
+    }
+    r
+}
+
+fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    Some(ObjectRef { namespace: translate::namespace_of(meta).to_owned(), name: name.to_owned() })
+}
+
+/// Problems in `new` and not in `old`, and in `old` and not in `new`.
+fn diff(old: &[Problem], new: &[Problem]) -> (Vec<Problem>, Vec<Problem>) {
+    let key = |p: &Problem| p.to_string();
+    let old_keys: BTreeSet<String> = old.iter().map(key).collect();
+    let new_keys: BTreeSet<String> = new.iter().map(key).collect();
+    (
+        new.iter().filter(|p| !old_keys.contains(&key(p))).cloned().collect(),
+        old.iter().filter(|p| !new_keys.contains(&key(p))).cloned().collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests;
