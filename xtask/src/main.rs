@@ -43,6 +43,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Control-plane benchmark: the release agent against a fake API server on loopback with
+    /// 10,000 Services × 10 endpoints: time to program, time to add one Service, peak RSS.
+    BenchControlPlane {
+        /// Extra arguments (see `cargo xtask bench-control-plane -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// rustfmt check and clippy (pedantic, warnings are errors).
     Lint,
 }
@@ -116,6 +123,15 @@ fn main() -> Result<()> {
             setup()?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "datapath-bench", "--"]).args(args);
+            run(&mut c)
+        }
+        Cmd::BenchControlPlane { args } => {
+            setup()?;
+            let agent = build_agent(true)?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "control-plane-bench", "--"])
+                .args(args)
+                .env("RPROXY_AGENT_BIN", &agent);
             run(&mut c)
         }
         Cmd::Lint => {
