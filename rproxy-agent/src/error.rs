@@ -25,6 +25,10 @@ pub enum Error {
     Watch { what: String, reason: String },
     #[error("{0}")]
     Capacity(String),
+    /// Building the Kubernetes API client failed: `what` names the step (reading a kubeconfig,
+    /// inferring the configuration, creating the client).
+    #[error("Kubernetes client: {what}: {source}")]
+    KubeClient { what: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

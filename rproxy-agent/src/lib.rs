@@ -1,13 +1,14 @@
 //! `rproxy-agent`: turns Kubernetes Services and `EndpointSlices` into rproxy's BPF maps, attaches
 //! the eBPF programs and keeps both right.
 //!
-//! Pipeline: sources (`manifests`) → pure translation (`translate`, into `model::Desired`) →
+//! Pipeline: sources (`manifests`, `kube_source`) → pure translation (`translate`, into `model::Desired`) →
 //! map writer → attach and lifecycle.
 pub mod datapath;
 pub mod devices;
 pub mod dump;
 pub mod error;
 pub mod gc;
+pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod run;

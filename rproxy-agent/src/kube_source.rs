@@ -1,0 +1,335 @@
+//! Services, `EndpointSlices` and this node's Node from a live Kubernetes API server, as a stream
+//! of [`Update`]s.
+//!
+//! Three [`kube::runtime::watcher`]s (list, then watch from the list's resource version, with
+//! bookmarks) run side by side:
+//! - Services and `EndpointSlices`, selected like kube-proxy selects them ([`LABEL_SELECTOR`]:
+//!   neither handled by another proxy nor belonging to a headless Service);
+//! - this node's Node, selected with the field selector `metadata.name=<node>`.
+//!
+//! Every (re)list ends with [`Update::ResetServices`] / [`Update::ResetSlices`] / [`Update::Node`]
+//! carrying the complete set, then [`Update::Synced`], so objects deleted while the watch was
+//! down disappear. Watch errors never end a watcher: it retries with kube's default backoff
+//! (0.8 s doubling to 30 s, jittered), relists when the server says the resource version is gone
+//! (410), and each error is logged and counted in [`Stats`].
+use std::{
+    mem,
+    pin::pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        utils::Backoff,
+        watcher::{self, DefaultBackoff, Event},
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    error::{Error, Result},
+    source::Update,
+};
+
+/// Label of Services (and their `EndpointSlices`) that another service proxy handles; kube-proxy
+/// ignores objects that carry it, and so does rproxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Label the `EndpointSlice` controller puts on the `EndpointSlices` of headless Services, which
+/// have no virtual IP to translate.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// The server-side label selector for Services and `EndpointSlices`, the one kube-proxy uses.
+pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// [`LABEL_SELECTOR`], built from its labels.
+#[must_use]
+pub fn label_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+/// The server-side field selector for this node's Node object.
+#[must_use]
+pub fn node_field_selector(node_name: &str) -> String {
+    format!("metadata.name={node_name}")
+}
+
+/// A client for the API server.
+///
+/// With `kubeconfig`, that file's current context. Without, [`Config::infer`]: the kubeconfig
+/// named by `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster service account
+/// (`KUBERNETES_SERVICE_HOST`/`PORT` and the mounted token and CA).
+///
+/// Nothing is sent to the server yet.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let what = || format!("kubeconfig {}", path.display());
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|source| Error::KubeClient { what: what(), source: source.into() })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::KubeClient { what: what(), source: source.into() })?
+        }
+        None => Config::infer().await.map_err(|source| Error::KubeClient {
+            what: "no in-cluster service account and no usable kubeconfig (KUBECONFIG, ~/.kube/config)".to_owned(),
+            source: source.into(),
+        })?,
+    };
+    let server = config.cluster_url.to_string();
+    Client::try_from(config).map_err(|source| Error::KubeClient {
+        what: format!("creating the client for {server}"),
+        source: source.into(),
+    })
+}
+
+/// What the watchers did, per kind, for logs, tests and a future metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// The Services watcher.
+    pub services: KindStats,
+    /// The `EndpointSlices` watcher.
+    pub slices: KindStats,
+    /// The Node watcher.
+    pub node: KindStats,
+    all_synced_logged: AtomicBool,
+}
+
+impl Stats {
+    /// Whether all three watchers completed their initial list.
+    #[must_use]
+    pub fn all_synced(&self) -> bool {
+        self.services.synced() && self.slices.synced() && self.node.synced()
+    }
+}
+
+/// One watcher's counters.
+#[derive(Debug, Default)]
+pub struct KindStats {
+    errors: AtomicU64,
+    relists: AtomicU64,
+    synced: AtomicBool,
+}
+
+impl KindStats {
+    /// Watch errors so far (failed lists, failed watch requests, error events, broken streams).
+    #[must_use]
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Lists after the first one (each follows an error: an expired resource version, a failed list).
+    #[must_use]
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::Relaxed)
+    }
+
+    /// Whether the initial list completed (it stays true through later errors and relists).
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+}
+
+/// Watches Services, `EndpointSlices` and the Node named `node_name` through `client`, sending
+/// [`Update`]s to `tx` and counting into `stats`. Returns when `tx`'s receiver is dropped (and
+/// only then: API errors are retried forever).
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Update>, stats: Arc<Stats>) {
+    let selected = watcher::Config::default().labels(&label_selector());
+    let node = watcher::Config::default().fields(&node_field_selector(&node_name));
+    tokio::join!(
+        watch::<Service>(Api::all(client.clone()), selected.clone(), &tx, &stats),
+        watch::<EndpointSlice>(Api::all(client.clone()), selected, &tx, &stats),
+        watch::<Node>(Api::all(client), node, &tx, &stats),
+    );
+}
+
+/// Runs one watcher until `tx` closes.
+async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: &mpsc::Sender<Update>, stats: &Stats) {
+    let kind_stats = K::stats(stats);
+    let mut mapper = EventMapper::<K>::default();
+    // Backoff between restarts of the whole watcher (see `is_expired`); reset by every sync.
+    let mut restart_backoff = DefaultBackoff::default();
+    let mut lists = 0_u64;
+    loop {
+        let mut events = pin!(watcher::watcher(api.clone(), config.clone()).default_backoff());
+        loop {
+            let item = tokio::select! {
+                item = events.next() => item,
+                () = tx.closed() => return,
+            };
+            // A watcher never ends by itself; should one, start a new one.
+            let Some(item) = item else { break };
+            match item {
+                Ok(event) => {
+                    if matches!(event, Event::Init) {
+                        if lists > 0 {
+                            kind_stats.relists.fetch_add(1, Ordering::Relaxed);
+                            info!(kind = K::KIND, "relisting after a watch error");
+                        }
+                        lists += 1;
+                    }
+                    let step = mapper.map(event);
+                    for update in step.updates {
+                        if tx.send(update).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(objects) = step.synced {
+                        restart_backoff.reset();
+                        kind_stats.synced.store(true, Ordering::Relaxed);
+                        info!(kind = K::KIND, objects, "watch in sync");
+                        if stats.all_synced() && !stats.all_synced_logged.swap(true, Ordering::Relaxed) {
+                            info!("all watches in sync");
+                        }
+                    }
+                }
+                Err(err) => {
+                    kind_stats.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(kind = K::KIND, error = %err, "watch error");
+                    if is_expired(&err) {
+                        break;
+                    }
+                }
+            }
+        }
+        let delay = restart_backoff.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// Whether `err` says the resource version we watch from is gone (HTTP 410) in a way kube's
+/// watcher does not recover from by itself. It relists on a 410 `ERROR` event, but on an HTTP 410
+/// answer to the watch request (or a 410 status line in the stream) it retries the watch from
+/// the same, expired, version forever; so the watcher is restarted, which lists again.
+fn is_expired(err: &watcher::Error) -> bool {
+    matches!(
+        err,
+        watcher::Error::WatchStartFailed(kube::Error::Api(status)) | watcher::Error::WatchFailed(kube::Error::Api(status))
+            if status.code == 410
+    )
+}
+
+/// A kind this source watches, and how its objects become [`Update`]s.
+trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
+    /// The name in [`Update::Synced`] and in logs.
+    const KIND: &'static str;
+    /// The complete set, after a list.
+    fn reset(objects: Vec<Self>) -> Update;
+    fn apply(object: Self) -> Update;
+    fn delete(object: Self) -> Update;
+    fn stats(stats: &Stats) -> &KindStats;
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "Service";
+    fn reset(objects: Vec<Self>) -> Update {
+        Update::ResetServices(objects)
+    }
+    fn apply(object: Self) -> Update {
+        Update::ApplyService(Box::new(object))
+    }
+    fn delete(object: Self) -> Update {
+        Update::DeleteService(Box::new(object))
+    }
+    fn stats(stats: &Stats) -> &KindStats {
+        &stats.services
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    fn reset(objects: Vec<Self>) -> Update {
+        Update::ResetSlices(objects)
+    }
+    fn apply(object: Self) -> Update {
+        Update::ApplySlice(Box::new(object))
+    }
+    fn delete(object: Self) -> Update {
+        Update::DeleteSlice(Box::new(object))
+    }
+    fn stats(stats: &Stats) -> &KindStats {
+        &stats.slices
+    }
+}
+
+impl Watched for Node {
+    const KIND: &'static str = "Node";
+    /// The field selector matches one name, so the list has at most one object.
+    fn reset(mut objects: Vec<Self>) -> Update {
+        Update::Node(objects.pop().map(Box::new))
+    }
+    fn apply(object: Self) -> Update {
+        Update::Node(Some(Box::new(object)))
+    }
+    fn delete(_: Self) -> Update {
+        Update::Node(None)
+    }
+    fn stats(stats: &Stats) -> &KindStats {
+        &stats.node
+    }
+}
+
+/// Turns one watcher's events into [`Update`]s: the objects of a (re)list are buffered from
+/// `Init` to `InitDone`, then sent as one reset.
+struct EventMapper<K> {
+    buffer: Vec<K>,
+}
+
+impl<K> Default for EventMapper<K> {
+    fn default() -> Self {
+        Self { buffer: Vec::new() }
+    }
+}
+
+/// What one event gives.
+#[derive(Debug)]
+struct Mapped {
+    updates: Vec<Update>,
+    /// `Some(object count)` when a list completed.
+    synced: Option<usize>,
+}
+
+impl<K: Watched> EventMapper<K> {
+    fn map(&mut self, event: Event<K>) -> Mapped {
+        let (updates, synced) = match event {
+            Event::Init => {
+                // A list that failed half-way starts over with a new `Init`.
+                self.buffer.clear();
+                (Vec::new(), None)
+            }
+            Event::InitApply(object) => {
+                self.buffer.push(object);
+                (Vec::new(), None)
+            }
+            Event::InitDone => {
+                let objects = mem::take(&mut self.buffer);
+                let count = objects.len();
+                (vec![K::reset(objects), Update::Synced(K::KIND)], Some(count))
+            }
+            Event::Apply(object) => (vec![K::apply(object)], None),
+            Event::Delete(object) => (vec![K::delete(object)], None),
+        };
+        Mapped { updates, synced }
+    }
+}
+
+#[cfg(test)]
+mod tests;
