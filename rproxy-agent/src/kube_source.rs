@@ -1,7 +1,7 @@
 //! Services, `EndpointSlices` and this node's Node from a live Kubernetes API server, as a stream
 //! of [`Update`]s.
 //!
-//! Three [`kube::runtime::watcher`]s (list, then watch from the list's resource version, with
+//! Three [`kube::runtime::watcher()`]s (list, then watch from the list's resource version, with
 //! bookmarks) run side by side:
 //! - Services and `EndpointSlices`, selected like kube-proxy selects them ([`LABEL_SELECTOR`]:
 //!   neither handled by another proxy nor belonging to a headless Service);

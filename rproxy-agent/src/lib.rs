@@ -1,8 +1,8 @@
 //! `rproxy-agent`: turns Kubernetes Services and `EndpointSlices` into rproxy's BPF maps, attaches
 //! the eBPF programs and keeps both right.
 //!
-//! Pipeline: sources (`manifests`, `kube_source`) → pure translation (`translate`, into `model::Desired`) →
-//! map writer → attach and lifecycle.
+//! Pipeline: sources (`manifests`, `kube_source`) → pure translation (`translate`, into
+//! `model::Desired`) → map writer → attach and lifecycle.
 pub mod datapath;
 pub mod devices;
 pub mod dump;
