@@ -157,9 +157,9 @@ mod tests {
             for (mut k, mut v) in flow(200, 200, backend) {
                 k.proto = proto;
                 if k.dir == CT_DIR_SERVICE {
-                    k.sport = sport
+                    k.sport = sport;
                 } else {
-                    k.dport = sport
+                    k.dport = sport;
                 }
                 v.rev_nat_id = rev_nat_id;
                 t.insert(k, v);

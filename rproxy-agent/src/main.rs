@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Load the datapath, attach it to pod devices and keep the maps in sync with the manifests.
+    /// Load the datapath, attach it to pod devices and keep the maps in sync with the Services and
+    /// EndpointSlices of the Kubernetes API (or of a manifests directory).
     Run(RunArgs),
     /// Detach everything an agent attached and remove its pinned maps and links.
     Cleanup {
@@ -41,10 +42,15 @@ const DEFAULT_BPFFS: &str = "/sys/fs/bpf/rproxy";
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML files (v1 Service, discovery.k8s.io/v1 EndpointSlice;
-    /// multi-document files and `kind: List` allowed). Changes apply within a second.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    /// Read Services and EndpointSlices from this directory of Kubernetes YAML files instead of
+    /// the API (v1 Service, discovery.k8s.io/v1 EndpointSlice; multi-document files and `kind:
+    /// List` allowed). Changes apply within a second.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server. Without it (and without --manifests): $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: endpoints whose nodeName matches are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     node_name: String,
@@ -87,7 +93,10 @@ fn main() -> ExitCode {
 
 fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
     let cfg = run::Config {
-        source: run::Source::Manifests(args.manifests),
+        source: match args.manifests {
+            Some(dir) => run::Source::Manifests(dir),
+            None => run::Source::Kube { kubeconfig: args.kubeconfig },
+        },
         node_name: args.node_name,
         pod_devices: DevicePattern::parse(&args.pod_devices)?,
         bpffs: args.bpffs,

@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -30,7 +31,7 @@ use crate::{
     Error, Result,
     datapath::{Datapath, Maps},
     devices::{self, DevicePattern},
-    gc, manifests,
+    gc, kube_source, manifests,
     source::Update,
     store::Store,
     writer::{self, Writer},
@@ -41,12 +42,17 @@ use crate::{
 pub enum Source {
     /// A directory of manifests, watched with inotify.
     Manifests(PathBuf),
+    /// The Kubernetes API: this kubeconfig, or the usual lookup (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account).
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Manifests(dir) => write!(f, "manifests directory {}", dir.display()),
+            Self::Kube { kubeconfig: Some(path) } => write!(f, "Kubernetes API (kubeconfig {})", path.display()),
+            Self::Kube { kubeconfig: None } => f.write_str("Kubernetes API"),
         }
     }
 }
@@ -123,8 +129,19 @@ pub async fn run(cfg: Config) -> Result<()> {
         warn!(error = %e, "no link notifications; new devices are found by periodic rescans only");
     }
     let (fs_tx, mut fs_rx) = mpsc::channel(1);
-    let (_update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
+    let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     let _watcher = match &agent.cfg.source {
+        Source::Kube { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            info!("waiting for the API server's Services and EndpointSlices before writing any map");
+            tokio::spawn(kube_source::run(
+                client,
+                agent.cfg.node_name.clone(),
+                update_tx,
+                Arc::new(kube_source::Stats::default()),
+            ));
+            None
+        }
         Source::Manifests(dir) => {
             let watcher = watch_dir(dir, fs_tx)?;
             // State first, then hooks: a device is never attached to maps that do not reflect
@@ -174,7 +191,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 impl Agent {
     /// Reads the manifests directory: it replaces every Service and `EndpointSlice` held.
     fn reload_manifests(&mut self) {
-        let Source::Manifests(dir) = &self.cfg.source;
+        let Source::Manifests(dir) = &self.cfg.source else { return };
         let (objects, problems) = match manifests::load_dir(dir) {
             Ok(loaded) => loaded,
             Err(e) => {
