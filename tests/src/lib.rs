@@ -12,7 +12,8 @@
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
 //!
-//! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests and `tests/e2e.rs`;
+//! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests, `tests/e2e.rs` (the demo
+//! service) and `tests/semantics.rs` (Service semantics, each test with its own Service);
 //! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent. The agent-dependent
 //! tests run the binary [`agent_bin`] finds (`RPROXY_AGENT_BIN` overrides it). The interactive lab
 //! without xtask: `cargo run -p rproxy-tests --example lab [-- MANIFESTS_DIR]`.
