@@ -43,21 +43,75 @@ pub fn tcp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration)
 /// Sends `payload` as one datagram to `addr:port` and waits for the reply, which must come from
 /// `addr:port` (a reply from anywhere else means the reverse translation is missing).
 pub fn udp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("UDP bind")?;
+    udp_exchange(&socket, addr, port, payload, timeout)
+}
+
+/// [`udp_request`] over an existing `socket` (so from a fixed source port, one conntrack flow).
+/// Datagrams already queued on the socket (late replies to earlier requests) are discarded
+/// first, so the reply read belongs to this request.
+pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
     let to = SocketAddrV4::new(addr, port);
-    let run = || -> Result<Vec<u8>> {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let mut buf = vec![0; 65536];
+    let run = |buf: &mut Vec<u8>| -> Result<usize> {
+        socket.set_nonblocking(true)?;
+        while socket.recv_from(buf).is_ok() {}
+        socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(timeout))?;
         socket.send_to(payload, to).context("send")?;
-        let mut buf = vec![0; 65536];
-        let (n, from) = socket.recv_from(&mut buf).context("no reply")?;
+        let (n, from) = socket.recv_from(buf).context("no reply")?;
         if from != SocketAddr::V4(to) {
             bail!("reply came from {from}, not from {to} (reverse NAT missing?)");
         }
-        buf.truncate(n);
-        Ok(buf)
+        Ok(n)
     };
-    let answer = run().with_context(|| format!("UDP request to {to}"))?;
-    split_reply(&answer).with_context(|| format!("UDP reply from {to}"))
+    let n = run(&mut buf).with_context(|| format!("UDP request to {to}"))?;
+    split_reply(&buf[..n]).with_context(|| format!("UDP reply from {to}"))
+}
+
+/// An open TCP connection to a pod server: the server's greeting has been read, and
+/// [`TcpSession::echo`] sends data and checks it comes back.
+#[derive(Debug)]
+pub struct TcpSession {
+    stream: TcpStream,
+    server: String,
+}
+
+impl TcpSession {
+    /// Connects to `addr:port` (in the calling thread's namespace) and reads the greeting.
+    pub fn connect(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Self> {
+        let to = SocketAddr::from((addr, port));
+        let run = || -> Result<Self> {
+            let stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            // Byte by byte: nothing after the greeting may be consumed here.
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while byte[0] != b'\n' {
+                (&stream).read_exact(&mut byte).context("read the greeting")?;
+                line.push(byte[0]);
+            }
+            let (server, _) = split_reply(&line)?;
+            Ok(Self { stream, server })
+        };
+        run().with_context(|| format!("TCP session to {to}"))
+    }
+
+    /// The pod name the server announced.
+    #[must_use]
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Writes `msg` and reads the echo back; fails unless it is `msg`.
+    pub fn echo(&mut self, msg: &[u8]) -> Result<()> {
+        self.stream.write_all(msg).context("write on the open connection")?;
+        let mut got = vec![0u8; msg.len()];
+        self.stream.read_exact(&mut got).context("read the echo on the open connection")?;
+        ensure!(got == msg, "echo {got:?} != {msg:?}");
+        Ok(())
+    }
 }
 
 /// Splits `<name>\n<rest>`.

@@ -47,7 +47,12 @@ pub fn service() -> Service {
         cluster_ip: CLUSTER_IP,
         ports: PORTS
             .iter()
-            .map(|&(name, protocol)| ServicePort { name: name.into(), protocol, port: PORT, target_port: TARGET_PORT })
+            .map(|&(name, protocol)| ServicePort {
+                name: name.into(),
+                protocol,
+                port: PORT,
+                target_port: TARGET_PORT.into(),
+            })
             .collect(),
     }
 }

@@ -6,7 +6,7 @@
 //! node namespace: `<prefix>p<idx>`, up, proxy ARP on, `rp_filter` off, and the route
 //! `<ip>/32 dev <prefix>p<idx>`. The node forwards (`ip_forward=1`) with `rp_filter` off.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, UdpSocket},
     path::{Path, PathBuf},
     process::ExitStatus,
     sync::atomic::{AtomicU32, Ordering},
@@ -18,7 +18,7 @@ use tempfile::TempDir;
 
 use crate::{
     agent::{Agent, AgentConfig},
-    client::{self, DEFAULT_TIMEOUT, Reply},
+    client::{self, DEFAULT_TIMEOUT, Reply, TcpSession},
     cmd::ip,
     netns::{NetNs, in_netns, sysctl},
     server::{Peers, Server},
@@ -83,6 +83,23 @@ impl Pod {
             all.udp.extend(p.udp);
         }
         all
+    }
+
+    /// Peers seen by this pod's servers on `port` (empty if none serves it).
+    #[must_use]
+    pub fn peers_on(&self, port: u16) -> Peers {
+        self.servers.iter().filter(|s| s.port() == port).map(Server::peers).next().unwrap_or_default()
+    }
+
+    /// A UDP socket bound in this pod to an ephemeral port, for [`client::udp_exchange`] (it
+    /// stays in the pod's namespace whichever thread uses it).
+    pub fn udp_socket(&self) -> Result<UdpSocket> {
+        self.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("UDP bind"))
+    }
+
+    /// Opens a [`TcpSession`] from this pod.
+    pub fn tcp_session(&self, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+        self.run(|| TcpSession::connect(addr, port, timeout))
     }
 
     /// [`client::tcp_request`] from this pod, with [`DEFAULT_TIMEOUT`].

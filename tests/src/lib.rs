@@ -12,7 +12,8 @@
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
 //!
-//! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests and `tests/e2e.rs`;
+//! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests, `tests/e2e.rs` (the demo
+//! service) and `tests/semantics.rs` (Service semantics, each test with its own Service);
 //! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent. The agent-dependent
 //! tests run the binary [`agent_bin`] finds (`RPROXY_AGENT_BIN` overrides it). The interactive lab
 //! without xtask: `cargo run -p rproxy-tests --example lab [-- MANIFESTS_DIR]`.
@@ -30,6 +31,7 @@ pub mod server;
 use std::{
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -43,6 +45,46 @@ pub use netns::in_netns;
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// [`serial`] for a test that needs the kernel, or `None` (after printing why `test` is
+/// skipped) when not root. With `RPROXY_REQUIRE_KERNEL=1` not being root fails instead.
+///
+/// # Panics
+/// When not root while `RPROXY_REQUIRE_KERNEL=1`.
+#[must_use]
+pub fn serial_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
+    if is_root() {
+        Some(serial())
+    } else {
+        assert!(
+            std::env::var("RPROXY_REQUIRE_KERNEL").as_deref() != Ok("1"),
+            "{test}: RPROXY_REQUIRE_KERNEL=1 but not running as root"
+        );
+        eprintln!("skipping {test}: needs root (network namespaces, bpffs)");
+        None
+    }
+}
+
+/// Polls `ok` (sleeping 10 ms after each `false`) until it held `streak` times in a row or
+/// `limit` passed since `since`. Returns when that run of successes started, counted from `since`.
+pub fn streak_start(since: Instant, limit: Duration, streak: usize, mut ok: impl FnMut() -> bool) -> Option<Duration> {
+    let mut run_start = None;
+    let mut run = 0;
+    while since.elapsed() < limit {
+        let tried_at = since.elapsed();
+        if ok() {
+            let start = *run_start.get_or_insert(tried_at);
+            run += 1;
+            if run == streak {
+                return Some(start);
+            }
+        } else {
+            (run_start, run) = (None, 0);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    None
 }
 
 /// Whether this process runs as root (the lab needs it).

@@ -25,13 +25,36 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// A Service port's `targetPort`: a number, or the name of the backends' port (resolved through
+/// the `EndpointSlices`' port names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl From<u16> for TargetPort {
+    fn from(port: u16) -> Self {
+        Self::Number(port)
+    }
+}
+
+impl fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Number(port) => write!(f, "{port}"),
+            Self::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 /// One port of a Service.
 #[derive(Clone, Debug)]
 pub struct ServicePort {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
-    pub target_port: u16,
+    pub target_port: TargetPort,
 }
 
 /// A `type: ClusterIP` Service without selector (its `EndpointSlices` are written by hand).
@@ -51,15 +74,52 @@ impl fmt::Display for Service {
         writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
         writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
         writeln!(f, "  ipFamilies:\n  - IPv4")?;
-        writeln!(f, "  ports:{}", if self.ports.is_empty() { " []" } else { "" })?;
-        for p in &self.ports {
-            writeln!(f, "  - name: {}", p.name)?;
-            writeln!(f, "    protocol: {}", p.protocol)?;
-            writeln!(f, "    port: {}", p.port)?;
-            writeln!(f, "    targetPort: {}", p.target_port)?;
-        }
-        Ok(())
+        write_service_ports(f, &self.ports)
     }
+}
+
+/// A `type: ExternalName` Service: a DNS alias, with no `ClusterIP` and nothing to translate.
+#[derive(Clone, Debug)]
+pub struct ExternalNameService {
+    pub namespace: String,
+    pub name: String,
+    pub external_name: String,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ExternalNameService {
+    /// `service` turned into an `ExternalName` Service for `external_name`: same name and ports,
+    /// the `ClusterIP` dropped (what `kubectl edit` of the type requires).
+    #[must_use]
+    pub fn from_service(service: &Service, external_name: &str) -> Self {
+        Self {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            external_name: external_name.to_owned(),
+            ports: service.ports.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ExternalNameService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_header(f, "v1", "Service", &self.namespace, &self.name)?;
+        writeln!(f, "spec:")?;
+        writeln!(f, "  type: ExternalName")?;
+        writeln!(f, "  externalName: {}", self.external_name)?;
+        write_service_ports(f, &self.ports)
+    }
+}
+
+fn write_service_ports(f: &mut fmt::Formatter<'_>, ports: &[ServicePort]) -> fmt::Result {
+    writeln!(f, "  ports:{}", if ports.is_empty() { " []" } else { "" })?;
+    for p in ports {
+        writeln!(f, "  - name: {}", p.name)?;
+        writeln!(f, "    protocol: {}", p.protocol)?;
+        writeln!(f, "    port: {}", p.port)?;
+        writeln!(f, "    targetPort: {}", p.target_port)?;
+    }
+    Ok(())
 }
 
 /// One endpoint (one address) of an `EndpointSlice`.

@@ -1,0 +1,551 @@
+//! Service semantics that need real packets, end to end in the netns lab with the agent reading a
+//! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
+//! fallback to terminating endpoints and connection draining, a change of Service type, an agent
+//! restart under a stream of connections, and a UDP flow moved off a removed backend.
+//!
+//! Every test builds its own lab (the demo's pods: `backend-a..c` and a client, serving the ports
+//! the test needs), writes its own Service and `EndpointSlice`, starts the agent, and holds
+//! [`serial`](rproxy_tests::serial) so that labs never overlap. Without root every test prints
+//! why and passes, unless `RPROXY_REQUIRE_KERNEL=1`, where it fails.
+use std::{
+    fmt::Display,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use rproxy_tests::{
+    Lab, Pod, agent_bin,
+    client::{self, Reply},
+    demo::{BACKENDS, CLIENT, CLUSTER_IP, NAMESPACE, NODE_NAME},
+    manifest::{
+        Endpoint, EndpointPort, EndpointSlice, ExternalNameService, Protocol, Service, ServicePort, TargetPort,
+        write_atomic,
+    },
+    serial_or_skip, streak_start,
+};
+
+/// How fast the agent must apply a manifest change.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// Timeout of one request in the loops that wait for a change.
+const SHORT: Duration = Duration::from_millis(250);
+/// Timeout of one request that must succeed.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests allowed for every backend to show up (a backend is missed by 60 uniform picks among
+/// three with probability (2/3)^60 ≈ 3e-11).
+const MAX_REQUESTS: usize = 60;
+/// The Service's name.
+const SERVICE: &str = "sem";
+
+// ---------------------------------------------------------------------------------------------
+// Lab and manifests
+
+/// The state of an endpoint in the `EndpointSlice`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Ready,
+    /// `ready: false, serving: true, terminating: true`: a pod shutting down that still serves.
+    Terminating,
+}
+
+/// A running lab with the agent on a manifests directory holding `service.yaml` and `slice.yaml`.
+struct Setup {
+    lab: Lab,
+    dir: PathBuf,
+    slice_ports: Vec<EndpointPort>,
+}
+
+impl Setup {
+    fn client(&self) -> &Pod {
+        self.lab.pod(CLIENT.0)
+    }
+
+    fn write_service(&self, service: &dyn Display) -> Result<()> {
+        write_atomic(&self.dir.join("service.yaml"), &service.to_string())
+    }
+
+    /// Writes the slice with the named backends in the given states.
+    fn write_slice(&self, endpoints: &[(&str, State)]) -> Result<()> {
+        let slice = EndpointSlice {
+            namespace: NAMESPACE.into(),
+            name: format!("{SERVICE}-1"),
+            service_name: SERVICE.into(),
+            endpoints: endpoints.iter().map(|&(name, state)| endpoint(name, state)).collect(),
+            ports: self.slice_ports.clone(),
+        };
+        write_atomic(&self.dir.join("slice.yaml"), &slice.to_string())
+    }
+
+    /// One request from the client pod.
+    fn request(&self, proto: Protocol, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+        match proto {
+            Protocol::Tcp => self.client().tcp_request_timeout(CLUSTER_IP, port, payload, timeout),
+            Protocol::Udp => self.client().udp_request_timeout(CLUSTER_IP, port, payload, timeout),
+        }
+    }
+
+    /// The backend answering one TCP request to the `ClusterIP` on `port`.
+    fn tcp_backend(&self, port: u16, timeout: Duration) -> Result<String> {
+        Ok(self.request(Protocol::Tcp, port, b"who", timeout)?.0)
+    }
+}
+
+fn endpoint(name: &str, state: State) -> Endpoint {
+    let address = BACKENDS.iter().find(|b| b.0 == name).unwrap_or_else(|| panic!("no backend {name}")).1;
+    let ready = state == State::Ready;
+    Endpoint { address, ready, serving: true, terminating: !ready, node_name: NODE_NAME.into() }
+}
+
+fn all(state: State) -> Vec<(&'static str, State)> {
+    BACKENDS.iter().map(|b| (b.0, state)).collect()
+}
+
+fn service_port(name: &str, protocol: Protocol, port: u16, target_port: impl Into<TargetPort>) -> ServicePort {
+    ServicePort { name: name.into(), protocol, port, target_port: target_port.into() }
+}
+
+fn slice_port(name: &str, protocol: Protocol, port: u16) -> EndpointPort {
+    EndpointPort { name: name.into(), protocol, port }
+}
+
+fn service(ports: Vec<ServicePort>) -> Service {
+    Service { namespace: NAMESPACE.into(), name: SERVICE.into(), cluster_ip: CLUSTER_IP, ports }
+}
+
+/// What a test starts from.
+struct Spec<'a> {
+    /// Ports every backend serves (TCP and UDP each).
+    serve: &'a [u16],
+    service: Service,
+    slice_ports: Vec<EndpointPort>,
+    endpoints: Vec<(&'static str, State)>,
+    /// A TCP port of the Service that answers once the agent has programmed it.
+    ready_port: u16,
+}
+
+/// Builds the lab, writes the manifests, starts the agent, waits until the `ClusterIP` answers on
+/// `spec.ready_port`, and runs `body`; skipped when not root. An error panics while the lab is
+/// alive, so that its drop prints the agent's log.
+fn run(test: &str, spec: &Spec<'_>, body: impl FnOnce(&mut Setup) -> Result<()>) {
+    let Some(_serial) = serial_or_skip(test) else {
+        return;
+    };
+    let started = Instant::now();
+    let mut setup = prepare(spec).unwrap_or_else(|e| panic!("{test}: setting up: {e:?}"));
+    let result = start_agent(&mut setup, spec).and_then(|()| body(&mut setup));
+    if let Err(e) = result {
+        panic!("{test}: {e:?}");
+    }
+    eprintln!("{test}: passed in {:?}", started.elapsed());
+}
+
+fn prepare(spec: &Spec<'_>) -> Result<Setup> {
+    let mut lab = Lab::new(NODE_NAME)?;
+    for (name, ip) in BACKENDS {
+        let pod = lab.add_pod(name, ip)?;
+        for &port in spec.serve {
+            pod.serve(port)?;
+        }
+    }
+    lab.add_pod(CLIENT.0, CLIENT.1)?;
+    let dir = lab.work_dir().join("manifests");
+    std::fs::create_dir(&dir)?;
+    Ok(Setup { lab, dir, slice_ports: spec.slice_ports.clone() })
+}
+
+fn start_agent(setup: &mut Setup, spec: &Spec<'_>) -> Result<()> {
+    setup.write_service(&spec.service)?;
+    setup.write_slice(&spec.endpoints)?;
+    setup.lab.start_agent(&agent_bin()?, &setup.dir)?;
+    let start = Instant::now();
+    loop {
+        setup.lab.ensure_agent_running()?;
+        match setup.request(Protocol::Tcp, spec.ready_port, b"", Duration::from_millis(200)) {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                return Err(e.context(format!("{CLUSTER_IP}:{} does not answer 10 s after the start", spec.ready_port)));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions
+
+/// A payload that shows reordering or corruption.
+fn payload(len: usize) -> Vec<u8> {
+    (0..=250u8).cycle().take(len).collect()
+}
+
+/// Connections (TCP) or datagrams (UDP) each backend's server on each of `ports` has seen.
+fn peer_counts(lab: &Lab, proto: Protocol, ports: &[u16]) -> Vec<(String, u16, usize)> {
+    let mut counts = Vec::new();
+    for (name, _) in BACKENDS {
+        for &port in ports {
+            let peers = lab.pod(name).peers_on(port);
+            let seen = match proto {
+                Protocol::Tcp => peers.tcp.len(),
+                Protocol::Udp => peers.udp.len(),
+            };
+            counts.push((name.to_owned(), port, seen));
+        }
+    }
+    counts
+}
+
+/// Sends one request to the `ClusterIP` on `port` and finds where it landed: the backend that
+/// answered and which of the served ports (`served`) its server saw the request on. Fails unless
+/// exactly one server saw exactly one new peer, from the client's own address (no SNAT), and the
+/// echo is intact.
+fn request_landing(setup: &Setup, proto: Protocol, port: u16, served: &[u16]) -> Result<(String, u16)> {
+    let sent = payload(1000);
+    let before = peer_counts(&setup.lab, proto, served);
+    let (name, echo) = setup.request(proto, port, &sent, TIMEOUT)?;
+    ensure!(echo == sent, "{proto} to port {port}: {name} echoed {} bytes, not the {} sent", echo.len(), sent.len());
+    let after = peer_counts(&setup.lab, proto, served);
+    let changed: Vec<_> =
+        before.iter().zip(&after).filter(|(b, a)| a.2 != b.2).map(|(b, a)| (a.0.clone(), a.1, a.2 - b.2)).collect();
+    let [(seen_by, target, 1)] = changed.as_slice() else {
+        bail!("{proto} to port {port}: answered by {name}, but the servers' new peers are {changed:?}");
+    };
+    ensure!(*seen_by == name, "{proto} to port {port}: answered as {name} by the server of {seen_by}");
+    let peers = setup.lab.pod(seen_by).peers_on(*target);
+    let peer = match proto {
+        Protocol::Tcp => peers.tcp.last(),
+        Protocol::Udp => peers.udp.last(),
+    };
+    ensure!(peer.map(std::net::SocketAddr::ip) == Some(CLIENT.1.into()), "{name} saw peer {peer:?}, not the client");
+    Ok((name, *target))
+}
+
+/// Sends requests to the `ClusterIP` on `port` (at most [`MAX_REQUESTS`]) until every backend has
+/// answered; each must have landed on `target` (see [`request_landing`]).
+fn assert_reaches_every_backend(setup: &Setup, proto: Protocol, port: u16, target: u16, served: &[u16]) -> Result<()> {
+    let mut unseen: Vec<&str> = BACKENDS.iter().map(|b| b.0).collect();
+    for attempt in 1..=MAX_REQUESTS {
+        let (name, landed) = request_landing(setup, proto, port, served)
+            .with_context(|| format!("{proto} request {attempt} to {CLUSTER_IP}:{port}"))?;
+        ensure!(landed == target, "{proto} to port {port} reached {name}:{landed}, not port {target}");
+        unseen.retain(|b| *b != name);
+        if unseen.is_empty() {
+            return Ok(());
+        }
+    }
+    bail!("{proto} to port {port}: {unseen:?} never answered in {MAX_REQUESTS} requests")
+}
+
+/// Waits until `matches(backend)` holds for 10 TCP requests in a row to `port`, which must start
+/// within [`PROPAGATION`] of `since`; then checks 20 more requests.
+fn assert_new_connections_move(
+    setup: &Setup,
+    port: u16,
+    since: Instant,
+    what: &str,
+    matches: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let ok = || setup.tcp_backend(port, SHORT).is_ok_and(|b| matches(&b));
+    let took = streak_start(since, PROPAGATION * 5, 10, ok)
+        .with_context(|| format!("new connections are not {what} {:?} after the change", PROPAGATION * 5))?;
+    ensure!(took <= PROPAGATION, "new connections were {what} only {took:?} after the change");
+    for i in 1..=20 {
+        let backend = setup.tcp_backend(port, TIMEOUT).with_context(|| format!("request {i} after the change"))?;
+        ensure!(matches(&backend), "request {i} after the change went to {backend}, not {what}");
+    }
+    eprintln!("new connections {what} {took:?} after the change");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn named_target_port_resolves_through_the_slice_port_names() {
+    // The slice lists an unrelated port first: the Service's ports must pick theirs by name.
+    let spec = Spec {
+        serve: &[8080],
+        service: service(vec![
+            service_port("http", Protocol::Tcp, 80, TargetPort::Name("http".into())),
+            service_port("dns", Protocol::Udp, 80, TargetPort::Name("dns".into())),
+        ]),
+        slice_ports: vec![
+            slice_port("metrics", Protocol::Tcp, 9090),
+            slice_port("http", Protocol::Tcp, 8080),
+            slice_port("dns", Protocol::Udp, 8080),
+        ],
+        endpoints: all(State::Ready),
+        ready_port: 80,
+    };
+    run("named_target_port_resolves_through_the_slice_port_names", &spec, |setup| {
+        assert_reaches_every_backend(setup, Protocol::Tcp, 80, 8080, &[8080])?;
+        assert_reaches_every_backend(setup, Protocol::Udp, 80, 8080, &[8080])
+    });
+}
+
+#[test]
+fn two_ports_of_one_service_reach_their_own_backend_ports() {
+    let spec = Spec {
+        serve: &[8080, 8081],
+        service: service(vec![
+            service_port("web", Protocol::Tcp, 80, 8080),
+            service_port("alt", Protocol::Tcp, 81, 8081),
+        ]),
+        slice_ports: vec![slice_port("web", Protocol::Tcp, 8080), slice_port("alt", Protocol::Tcp, 8081)],
+        endpoints: all(State::Ready),
+        ready_port: 80,
+    };
+    run("two_ports_of_one_service_reach_their_own_backend_ports", &spec, |setup| {
+        assert_reaches_every_backend(setup, Protocol::Tcp, 80, 8080, &[8080, 8081])?;
+        assert_reaches_every_backend(setup, Protocol::Tcp, 81, 8081, &[8080, 8081])
+    });
+}
+
+#[test]
+fn tcp_and_udp_on_the_same_port_are_translated_separately() {
+    // 53/TCP and 53/UDP lead to different backend ports, and every backend serves TCP and UDP on
+    // both: a request landing on the other protocol's target port would be seen.
+    let spec = Spec {
+        serve: &[8080, 8081],
+        service: service(vec![
+            service_port("dns-tcp", Protocol::Tcp, 53, 8080),
+            service_port("dns", Protocol::Udp, 53, 8081),
+        ]),
+        slice_ports: vec![slice_port("dns-tcp", Protocol::Tcp, 8080), slice_port("dns", Protocol::Udp, 8081)],
+        endpoints: all(State::Ready),
+        ready_port: 53,
+    };
+    run("tcp_and_udp_on_the_same_port_are_translated_separately", &spec, |setup| {
+        assert_reaches_every_backend(setup, Protocol::Tcp, 53, 8080, &[8080, 8081])?;
+        assert_reaches_every_backend(setup, Protocol::Udp, 53, 8081, &[8080, 8081])
+    });
+}
+
+fn http_spec(endpoints: Vec<(&'static str, State)>) -> Spec<'static> {
+    Spec {
+        serve: &[8080],
+        service: service(vec![
+            service_port("http", Protocol::Tcp, 80, 8080),
+            service_port("dns", Protocol::Udp, 80, 8080),
+        ]),
+        slice_ports: vec![slice_port("http", Protocol::Tcp, 8080), slice_port("dns", Protocol::Udp, 8080)],
+        endpoints,
+        ready_port: 80,
+    }
+}
+
+#[test]
+fn terminating_endpoints_serve_until_one_is_ready() {
+    run("terminating_endpoints_serve_until_one_is_ready", &http_spec(all(State::Terminating)), |setup| {
+        // No ready endpoint: the serving, terminating ones take the traffic.
+        assert_reaches_every_backend(setup, Protocol::Tcp, 80, 8080, &[8080])
+            .context("with every endpoint terminating (and serving)")?;
+        setup.write_slice(&[
+            ("backend-a", State::Terminating),
+            ("backend-b", State::Ready),
+            ("backend-c", State::Terminating),
+        ])?;
+        assert_new_connections_move(setup, 80, Instant::now(), "only on backend-b (the ready one)", |b| {
+            b == "backend-b"
+        })
+    });
+}
+
+#[test]
+fn open_connection_to_a_terminating_endpoint_keeps_working() {
+    run("open_connection_to_a_terminating_endpoint_keeps_working", &http_spec(all(State::Ready)), |setup| {
+        let mut session = setup.client().tcp_session(CLUSTER_IP, 80, TIMEOUT)?;
+        session.echo(b"before")?;
+        let draining = session.server().to_owned();
+        let endpoints: Vec<_> =
+            BACKENDS.iter().map(|b| (b.0, if b.0 == draining { State::Terminating } else { State::Ready })).collect();
+        setup.write_slice(&endpoints)?;
+        let what = format!("off {draining} (now terminating)");
+        assert_new_connections_move(setup, 80, Instant::now(), &what, |b| b != draining)?;
+        session
+            .echo(b"after the endpoint went terminating")
+            .with_context(|| format!("the connection open to {draining} must keep working while it drains"))?;
+        Ok(())
+    });
+}
+
+#[test]
+fn service_type_change_to_external_name_and_back() {
+    let spec = http_spec(all(State::Ready));
+    let cluster_ip = spec.service.clone();
+    run("service_type_change_to_external_name_and_back", &spec, |setup| {
+        setup.write_service(&ExternalNameService::from_service(&cluster_ip, "example.com"))?;
+        let since = Instant::now();
+        let fails = || setup.tcp_backend(80, SHORT).is_err();
+        let took = streak_start(since, PROPAGATION * 5, 5, fails)
+            .context("the ClusterIP still translates 5 s after the change to ExternalName")?;
+        ensure!(took <= PROPAGATION, "translation stopped {took:?} after the change to ExternalName");
+        eprintln!("translation stopped {took:?} after the change to ExternalName");
+        // Ignored as a valid ExternalName Service, not rejected as a broken one.
+        let log = setup.lab.agent_log();
+        ensure!(!log.contains("WARN"), "the agent warned about the ExternalName Service:\n{log}");
+
+        setup.write_service(&cluster_ip)?;
+        let since = Instant::now();
+        let works = || setup.tcp_backend(80, SHORT).is_ok();
+        let took = streak_start(since, PROPAGATION * 5, 5, works)
+            .context("the ClusterIP does not translate 5 s after the change back to ClusterIP")?;
+        ensure!(took <= PROPAGATION, "translation came back {took:?} after the change back to ClusterIP");
+        eprintln!("translation came back {took:?} after the change back to ClusterIP");
+        assert_reaches_every_backend(setup, Protocol::Udp, 80, 8080, &[8080])
+    });
+}
+
+/// One connection of the stream in [`agent_restarts_under_a_stream_of_connections`].
+struct Attempt {
+    start: Duration,
+    end: Duration,
+    result: Result<String>,
+}
+
+/// Short TCP connections to the `ClusterIP` from `client` (each with a 1 s timeout, so a lost SYN
+/// counts as a failure) until `stop`, [`MAX_STREAM`] connections or [`STREAM_LIMIT`].
+fn connection_stream(client_ns: &str, t0: Instant, stop: &AtomicBool) -> Result<Vec<Attempt>> {
+    rproxy_tests::in_netns(client_ns, || {
+        let mut attempts = Vec::new();
+        while !stop.load(Ordering::Relaxed) && attempts.len() < MAX_STREAM && t0.elapsed() < STREAM_LIMIT {
+            let start = t0.elapsed();
+            let result = client::tcp_request(CLUSTER_IP, 80, b"x", Duration::from_secs(1)).and_then(|(name, echo)| {
+                ensure!(echo == b"x", "{name} echoed {echo:?}");
+                Ok(name)
+            });
+            attempts.push(Attempt { start, end: t0.elapsed(), result });
+            // Paced, so that the cap is not reached before the restarts are over.
+            thread::sleep(Duration::from_millis(2));
+        }
+        attempts
+    })
+}
+
+const MAX_STREAM: usize = 3000;
+const STREAM_LIMIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn agent_restarts_under_a_stream_of_connections() {
+    run("agent_restarts_under_a_stream_of_connections", &http_spec(all(State::Ready)), |setup| {
+        let bin = agent_bin()?;
+        let t0 = Instant::now();
+        let stop = AtomicBool::new(false);
+        let client_ns = setup.client().ns().to_owned();
+        let (attempts, windows) = thread::scope(|s| {
+            let stream = s.spawn(|| connection_stream(&client_ns, t0, &stop));
+            let restarts = (|| -> Result<Vec<(Duration, Duration, Duration)>> {
+                let mut windows = Vec::new();
+                thread::sleep(Duration::from_millis(300));
+                for _ in 0..2 {
+                    let stopping = t0.elapsed();
+                    let status = setup.lab.stop_agent()?;
+                    ensure!(status.success(), "the agent exited with {status} on SIGTERM");
+                    thread::sleep(Duration::from_millis(100));
+                    let starting = t0.elapsed();
+                    setup.lab.start_agent(&bin, &setup.dir)?;
+                    while !setup.lab.agent_log().contains("agent running") {
+                        setup.lab.ensure_agent_running()?;
+                        ensure!(t0.elapsed() < STREAM_LIMIT, "the restarted agent is not running");
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    windows.push((stopping, starting, t0.elapsed()));
+                    thread::sleep(Duration::from_millis(300));
+                }
+                Ok(windows)
+            })();
+            stop.store(true, Ordering::Relaxed);
+            let attempts = stream.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (attempts, restarts)
+        });
+        let (attempts, windows) = (attempts?, windows?);
+
+        let failed: Vec<_> = attempts.iter().filter_map(|a| a.result.as_ref().err().map(|e| (a.start, e))).collect();
+        let slowest = attempts.iter().map(|a| a.end.saturating_sub(a.start)).max().unwrap_or_default();
+        eprintln!(
+            "{} connections in {:?}, {} failed, slowest {slowest:?}; restarts (SIGTERM, start, running): {windows:?}",
+            attempts.len(),
+            attempts.last().map(|a| a.end).unwrap_or_default(),
+            failed.len(),
+        );
+        ensure!(
+            failed.is_empty(),
+            "{} of {} connections failed, the first: {:?}",
+            failed.len(),
+            attempts.len(),
+            &failed[..failed.len().min(3)]
+        );
+        ensure!(attempts.len() < MAX_STREAM, "the stream hit its cap of {MAX_STREAM} before the restarts were over");
+        for (stopping, starting, running) in windows {
+            let within =
+                |from: Duration, to: Duration| attempts.iter().filter(|a| a.start >= from && a.end <= to).count();
+            let (no_agent, restarting) = (within(stopping, starting), within(starting, running));
+            ensure!(
+                no_agent > 0 && restarting > 0,
+                "connections completed while stopping ({no_agent}) and while starting ({restarting}) the agent: \
+                 both must be > 0 (window {stopping:?}..{starting:?}..{running:?})"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn udp_flow_moves_off_a_removed_backend() {
+    run("udp_flow_moves_off_a_removed_backend", &http_spec(all(State::Ready)), |setup| {
+        let socket = setup.client().udp_socket()?;
+        let exchange = |msg: &[u8], timeout| client::udp_exchange(&socket, CLUSTER_IP, 80, msg, timeout);
+        let (removed, _) = exchange(b"first", TIMEOUT)?;
+        for i in 1..=5 {
+            let (name, _) = exchange(b"same flow", TIMEOUT)?;
+            ensure!(name == removed, "datagram {i} of one flow went to {name}, not to {removed} like the first");
+        }
+        let rest: Vec<_> = BACKENDS.iter().filter(|b| b.0 != removed).map(|b| (b.0, State::Ready)).collect();
+        setup.write_slice(&rest)?;
+        let since = Instant::now();
+
+        let moved_to = loop {
+            ensure!(since.elapsed() < PROPAGATION * 5, "the flow still goes to {removed} 5 s after its removal");
+            match exchange(b"after removal", SHORT) {
+                Ok((name, echo)) if name != removed => {
+                    ensure!(echo == b"after removal", "{name} echoed {echo:?}");
+                    break name;
+                }
+                Ok(_) | Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let took = since.elapsed();
+        ensure!(took <= PROPAGATION, "the flow left {removed} only {took:?} after its removal");
+        eprintln!("the UDP flow moved from {removed} to {moved_to} {took:?} after the removal");
+        for i in 1..=20 {
+            let (name, _) = exchange(b"moved", TIMEOUT).with_context(|| format!("datagram {i} after the move"))?;
+            ensure!(name == moved_to, "datagram {i} after the move went to {name}, not {moved_to}");
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The manifests these tests write (no root needed)
+
+#[test]
+fn named_target_port_and_external_name_render_as_the_api_reads_them() {
+    use k8s_openapi::{api::core::v1::Service as ApiService, apimachinery::pkg::util::intstr::IntOrString};
+
+    let svc = service(vec![service_port("http", Protocol::Tcp, 80, TargetPort::Name("http".into()))]);
+    let parsed: ApiService = serde_yaml_ng::from_str(&svc.to_string()).expect("a valid Service");
+    let spec = parsed.spec.expect("spec");
+    let port = &spec.ports.expect("ports")[0];
+    assert_eq!(port.target_port, Some(IntOrString::String("http".into())));
+
+    let external: ApiService =
+        serde_yaml_ng::from_str(&ExternalNameService::from_service(&svc, "example.com").to_string())
+            .expect("a valid Service");
+    assert_eq!(external.metadata.name.as_deref(), Some(SERVICE));
+    let spec = external.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("ExternalName"));
+    assert_eq!(spec.external_name.as_deref(), Some("example.com"));
+    assert_eq!((spec.cluster_ip, spec.cluster_ips), (None, None));
+    assert_eq!(spec.ports.expect("ports")[0].target_port, Some(IntOrString::String("http".into())));
+}
