@@ -71,6 +71,7 @@ fn desired(services: usize, backends: usize) -> Desired {
                 flags: SVC_F_CLUSTER_IP,
                 affinity_timeout: 0,
                 slots,
+                local_slots: Vec::new(),
                 draining: Vec::new(),
             },
         );

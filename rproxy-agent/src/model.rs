@@ -50,6 +50,24 @@ pub struct Frontend {
     pub proto: Protocol,
 }
 
+impl Frontend {
+    /// Address of `NodePort` frontends: a wildcard standing for every node address (`port` is
+    /// the `nodePort`). No Service address can be `0.0.0.0`: the translation refuses it.
+    pub const NODE_PORT_ADDR: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+    /// The `NodePort` wildcard frontend for `node_port`.
+    #[must_use]
+    pub fn node_port(node_port: u16, proto: Protocol) -> Self {
+        Self { addr: Self::NODE_PORT_ADDR, port: node_port, proto }
+    }
+
+    /// Whether this is a `NodePort` wildcard frontend.
+    #[must_use]
+    pub fn is_node_port(&self) -> bool {
+        self.addr == Self::NODE_PORT_ADDR
+    }
+}
+
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
@@ -70,13 +88,15 @@ impl fmt::Display for BackendAddr {
     }
 }
 
-/// Endpoint condition as the datapath needs it.
+/// Endpoint condition as the datapath needs it. A property of the endpoint, the same in every
+/// entry that lists it (the backend map holds one value per backend address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BackendState {
     /// Ready (or published because of publishNotReadyAddresses): takes new connections.
     Active,
-    /// Serving but terminating: takes new connections only when no endpoint is ready
-    /// (kube-proxy's fallback), and keeps its existing connections in every case.
+    /// Not ready and terminating (serving or not): takes new connections only as kube-proxy's
+    /// fallback when no endpoint is ready (then it is serving), and keeps its existing
+    /// connections in every case.
     Terminating,
 }
 
@@ -95,13 +115,24 @@ pub struct ServiceEntry {
     /// The Service this frontend belongs to, and its port name ("" if unnamed).
     pub service: ObjectRef,
     pub port_name: String,
-    /// `rproxy_common::SVC_F_*` bits.
+    /// `rproxy_common::SVC_F_*` bits: the kind of frontend (`SVC_F_CLUSTER_IP`,
+    /// `SVC_F_EXTERNAL_IP`, `SVC_F_LOAD_BALANCER` or `SVC_F_NODE_PORT`, exactly one) and its
+    /// policies (`SVC_F_ITP_LOCAL` on cluster IPs, `SVC_F_ETP_LOCAL` on the others,
+    /// `SVC_F_AFFINITY`).
     pub flags: u16,
     /// `ClientIP` affinity timeout in seconds, 0 if none.
     pub affinity_timeout: u32,
-    /// Backends that take new connections, sorted, without duplicates: they fill slots
-    /// `1..=len`. Ready endpoints if any; otherwise serving+terminating ones.
+    /// Backends that take new connections from pods (east-west), sorted, without duplicates:
+    /// they fill slots `1..=len`. kube-proxy's endpoints for this traffic: the Service's
+    /// cluster endpoints (ready ones if any, else serving+terminating ones), or with
+    /// `SVC_F_ITP_LOCAL` its local endpoints (the same on this node only).
     pub slots: Vec<Backend>,
+    /// Only with `SVC_F_ETP_LOCAL` (else empty): the backends that take new connections from
+    /// outside the cluster (north-south), kube-proxy's local endpoints: local ready ones if any,
+    /// else local serving+terminating ones. Sorted, without duplicates, a subset of
+    /// `slots` ∪ `draining` (so the backend map already holds them). Not the same as the local
+    /// backends of `slots` when remote endpoints are ready and local ones only terminating.
+    pub local_slots: Vec<Backend>,
     /// Backends kept in the backend map only so that existing connections to them keep working
     /// (terminating endpoints not in `slots`). Sorted, without duplicates, disjoint from `slots`.
     pub draining: Vec<Backend>,
@@ -112,7 +143,9 @@ pub struct ServiceEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub node_port: u16,
-    /// Ready endpoints of the Service on this node (the count kube-proxy reports); 0 means the
+    /// The count kube-proxy's health check server reports: distinct addresses of the Service's
+    /// ready endpoints on this node (publishNotReadyAddresses makes every endpoint ready;
+    /// terminating ones are not counted, so that a draining node fails the check). 0 means the
     /// node answers 503.
     pub local_endpoints: usize,
 }

@@ -1,16 +1,49 @@
 //! Pure translation: Kubernetes Services and `EndpointSlices` → [`Desired`] map state, plus the
 //! [`Problem`]s found on the way. No I/O; the same objects in any order give the same result.
 //!
-//! Scope for now: cluster IP frontends (for Services of type `ClusterIP`, `NodePort` and
-//! `LoadBalancer`), IPv4 only, TCP and UDP. The rules follow kube-proxy (`pkg/proxy`:
-//! `endpointslicecache.go` for slices, `topology.go` for endpoint categorization):
+//! IPv4 only; TCP and UDP. The rules follow kube-proxy (`pkg/proxy`: `serviceport.go` for
+//! frontends, `endpointslicecache.go` for slices, `topology.go` for endpoint categorization,
+//! `iptables/proxier.go` for which endpoints each kind of traffic uses).
 //!
+//! Frontends, for each valid port of a Service of type `ClusterIP` (the default), `NodePort` or
+//! `LoadBalancer` that has a cluster IP (`ExternalName` and headless Services have none):
+//! - each IPv4 cluster IP (`clusterIPs`, else `clusterIP`): [`SVC_F_CLUSTER_IP`], plus
+//!   [`SVC_F_ITP_LOCAL`] with `internalTrafficPolicy: Local`;
+//! - each IPv4 `externalIPs` entry: [`SVC_F_EXTERNAL_IP`];
+//! - for `LoadBalancer` Services, each IPv4 `status.loadBalancer.ingress[].ip` whose `ipMode`
+//!   is `VIP` or unset: [`SVC_F_LOAD_BALANCER`]. `Proxy` ingress IPs are left to the load
+//!   balancer (kube-proxy does not short-circuit them); hostname-only ingress is ignored;
+//! - for `NodePort` and `LoadBalancer` Services, the port's `nodePort` when set (not with
+//!   `allocateLoadBalancerNodePorts: false`), as the wildcard [`Frontend::node_port`]:
+//!   [`SVC_F_NODE_PORT`].
+//!
+//! The last three kinds are external frontends: they get [`SVC_F_ETP_LOCAL`] with
+//! `externalTrafficPolicy: Local`. Every frontend gets [`SVC_F_AFFINITY`] and the timeout with
+//! `sessionAffinity: ClientIP`. When two Services claim one frontend, the first in
+//! `namespace/name` order keeps it and the other gets a problem.
+//!
+//! Endpoints:
 //! - slices belong to the Service named by their `kubernetes.io/service-name` label in their
 //!   namespace; the slices of one Service are merged and duplicate endpoints removed;
 //! - a service port takes its backend port from the slice port with the same name and protocol
 //!   (the endpoints controller has already resolved named `targetPort`s into the slices);
-//! - ready endpoints take new connections; when none is ready, serving+terminating ones do;
-//!   terminating endpoints that take no new connections are kept as draining.
+//! - per service port, as kube-proxy's `CategorizeEndpoints`: the *cluster* endpoints are the
+//!   ready ones, or if none is ready the serving+terminating ones; the *local* endpoints are,
+//!   independently, the local ready ones, or if none the local serving+terminating ones.
+//!   Topology hints (`trafficDistribution`) are not honoured: every ready endpoint is used;
+//! - a cluster IP frontend's [`ServiceEntry::slots`] are the local endpoints with
+//!   `internalTrafficPolicy: Local`, else the cluster endpoints;
+//! - an external frontend's slots (what pods use) are always the cluster endpoints: kube-proxy
+//!   sends pod → external destination traffic to the cluster policy chain whatever the policies
+//!   (its `EXT-` chain jumps there for pod sources when `externalTrafficPolicy` is `Local`, and
+//!   the external policy chain is the cluster one otherwise; `internalTrafficPolicy` applies to
+//!   cluster IPs only). With `externalTrafficPolicy: Local`, [`ServiceEntry::local_slots`]
+//!   holds the local endpoints, for traffic from outside the cluster;
+//! - terminating endpoints not in the slots drain ([`ServiceEntry::draining`]).
+//!
+//! Health checks: a `LoadBalancer` Service with `externalTrafficPolicy: Local` (the only ones
+//! kube-proxy serves a health check for) and a `healthCheckNodePort` gets a [`HealthCheck`]
+//! whose count is kube-proxy's: distinct addresses of ready local endpoints.
 //!
 //! A bad object (or the bad part of one) is skipped with a [`Problem`]; everything else is still
 //! translated. Nothing here panics on user data.
@@ -26,10 +59,15 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use rproxy_common::{SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ITP_LOCAL};
+use rproxy_common::{
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT,
+};
 use tracing::debug;
 
-use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Problem, Protocol, ServiceEntry};
+use crate::model::{
+    Backend, BackendAddr, BackendState, Desired, Frontend, HealthCheck, ObjectRef, Problem, Protocol, ServiceEntry,
+};
 
 /// Label that ties an `EndpointSlice` to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -58,7 +96,8 @@ impl Objects {
     }
 }
 
-/// Result of [`translate`]: the desired map state and what was skipped, and why.
+/// Result of [`translate`] and [`translate_refs`]: the desired map state and what was skipped,
+/// and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     pub desired: Desired,
@@ -70,9 +109,18 @@ pub struct Translation {
 /// this node's name (it sets [`Backend::local`]).
 #[must_use]
 pub fn translate(objects: &Objects, node_name: &str) -> Translation {
+    let services: Vec<&Service> = objects.services.iter().collect();
+    let slices: Vec<&EndpointSlice> = objects.slices.iter().collect();
+    translate_refs(&services, &slices, node_name)
+}
+
+/// [`translate`] over borrowed objects, so that a caller can translate a subset (one Service with
+/// its slices, say) without cloning. A slice whose Service is not among `services` is reported.
+#[must_use]
+pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_name: &str) -> Translation {
     let mut problems = Vec::new();
-    let plans = plan_services(&objects.services, &mut problems);
-    let endpoints = collect_endpoints(&objects.slices, &plans, node_name, &mut problems);
+    let plans = plan_services(services, &mut problems);
+    let endpoints = collect_endpoints(slices, &plans, node_name, &mut problems);
     let desired = build_desired(&plans, &endpoints, &mut problems);
     problems.sort_by(|a, b| (a.kind, &a.object, &a.reason).cmp(&(b.kind, &b.object, &b.reason)));
     problems.dedup();
@@ -92,16 +140,23 @@ pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_nam
 // ---------------------------------------------------------------------------------------------
 // Services
 
-/// What a valid Service contributes: its frontends are `addrs × ports`.
+/// What a valid Service contributes: for each port, a frontend per address (of each kind) and
+/// its `nodePort` frontend.
 #[derive(Debug)]
 struct ServicePlan {
-    /// IPv4 cluster IPs, sorted, without duplicates.
-    addrs: Vec<Ipv4Addr>,
+    /// IPv4 addresses, each list sorted, without duplicates.
+    cluster_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<Ipv4Addr>,
+    /// VIP-mode ingress IPs (`LoadBalancer` Services only).
+    load_balancer_ips: Vec<Ipv4Addr>,
     /// Valid ports, in spec order, unique by (port, protocol).
     ports: Vec<PortPlan>,
-    flags: u16,
-    affinity_timeout: u32,
+    itp_local: bool,
+    etp_local: bool,
+    /// `Some(timeout)` with `ClientIP` affinity.
+    affinity_timeout: Option<u32>,
     publish_not_ready: bool,
+    health_check_node_port: Option<u16>,
 }
 
 /// One valid service port.
@@ -111,6 +166,60 @@ struct PortPlan {
     name: String,
     port: u16,
     proto: Protocol,
+    /// Set only for `NodePort` and `LoadBalancer` Services.
+    node_port: Option<u16>,
+}
+
+/// The kinds of frontend, in the order a Service claims them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+impl ServicePlan {
+    /// The frontends of one port, cluster IPs first, then external IPs, ingress IPs, node port.
+    fn frontends(&self, port: &PortPlan) -> impl Iterator<Item = (FrontendKind, Frontend)> {
+        let (number, proto) = (port.port, port.proto);
+        let of = move |kind, addrs: &[Ipv4Addr]| {
+            addrs.iter().map(move |&addr| (kind, Frontend { addr, port: number, proto })).collect::<Vec<_>>()
+        };
+        of(FrontendKind::ClusterIp, &self.cluster_ips)
+            .into_iter()
+            .chain(of(FrontendKind::ExternalIp, &self.external_ips))
+            .chain(of(FrontendKind::LoadBalancer, &self.load_balancer_ips))
+            .chain(port.node_port.map(|node_port| (FrontendKind::NodePort, Frontend::node_port(node_port, proto))))
+    }
+
+    /// `SVC_F_*` bits of a frontend of this kind.
+    fn flags(&self, kind: FrontendKind) -> u16 {
+        let mut flags = match kind {
+            FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+            FrontendKind::ExternalIp => SVC_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+            FrontendKind::NodePort => SVC_F_NODE_PORT,
+        };
+        if kind == FrontendKind::ClusterIp && self.itp_local {
+            flags |= SVC_F_ITP_LOCAL;
+        }
+        if kind != FrontendKind::ClusterIp && self.etp_local {
+            flags |= SVC_F_ETP_LOCAL;
+        }
+        if self.affinity_timeout.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        flags
+    }
+}
+
+/// The Service types that produce frontends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
 }
 
 /// Every Service that has a name: `Some` plan if it produces frontends, `None` if it exists but
@@ -118,9 +227,9 @@ struct PortPlan {
 /// without a problem.
 type ServicePlans = BTreeMap<ObjectRef, Option<ServicePlan>>;
 
-fn plan_services(services: &[Service], problems: &mut Vec<Problem>) -> ServicePlans {
+fn plan_services(services: &[&Service], problems: &mut Vec<Problem>) -> ServicePlans {
     let mut by_ref: BTreeMap<ObjectRef, Vec<&Service>> = BTreeMap::new();
-    for svc in services {
+    for &svc in services {
         match object_ref(&svc.metadata) {
             Some(svc_ref) => by_ref.entry(svc_ref).or_default().push(svc),
             None => problems.push(problem(SERVICE, &unnamed(&svc.metadata), "missing metadata.name")),
@@ -151,8 +260,10 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
         debug!(service = %svc_ref, "ignoring Service without spec");
         return None;
     };
-    match spec.type_.as_deref() {
-        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => {
             debug!(service = %svc_ref, "ignoring ExternalName Service");
             return None;
@@ -161,7 +272,7 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
             report(format!("unknown type {other:?}"));
             return None;
         }
-    }
+    };
     let raw_ips = cluster_ips(spec);
     if raw_ips.is_empty() {
         debug!(service = %svc_ref, "ignoring Service without clusterIP");
@@ -171,15 +282,23 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
         debug!(service = %svc_ref, "ignoring headless Service");
         return None;
     }
-    let addrs = parse_cluster_ips(&raw_ips, &mut report);
-    let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), &mut report);
-    let (flags, affinity_timeout) = service_flags(spec, &mut report);
+    let cluster_ips = parse_addrs("clusterIP", raw_ips, &mut report);
+    let external_ips = parse_addrs("externalIP", spec.external_ips.iter().flatten().map(String::as_str), &mut report);
+    let load_balancer_ips = load_balancer_ips(svc_ref, svc, service_type, &mut report);
+    let has_node_ports = matches!(service_type, ServiceType::NodePort | ServiceType::LoadBalancer);
+    let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), has_node_ports, &mut report);
+    let policies = Policies::of(spec, &mut report);
+    let health_check_node_port = health_check_node_port(spec, service_type, policies.etp_local, &mut report);
     Some(ServicePlan {
-        addrs,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
         ports,
-        flags,
-        affinity_timeout,
+        itp_local: policies.itp_local,
+        etp_local: policies.etp_local,
+        affinity_timeout: policies.affinity_timeout,
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+        health_check_node_port,
     })
 }
 
@@ -192,28 +311,74 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
     ips.into_iter().filter(|ip| !ip.is_empty()).collect()
 }
 
-/// Keeps the IPv4 cluster IPs (sorted, deduplicated); reports IPv6 and unparsable ones.
-fn parse_cluster_ips(raw_ips: &[&str], report: &mut impl FnMut(String)) -> Vec<Ipv4Addr> {
+/// Keeps the IPv4 addresses (sorted, deduplicated); reports IPv6, unparsable and unspecified
+/// ones (`0.0.0.0` is the `NodePort` wildcard). `field` names them in problems.
+fn parse_addrs<'a>(
+    field: &str,
+    raw_addrs: impl IntoIterator<Item = &'a str>,
+    report: &mut impl FnMut(String),
+) -> Vec<Ipv4Addr> {
     let mut addrs = BTreeSet::new();
-    for raw in raw_ips {
+    for raw in raw_addrs {
         match parse_ip(raw) {
+            Some(IpAddr::V4(addr)) if addr.is_unspecified() => {
+                report(format!("{field} {raw}: the unspecified address cannot be a Service address"));
+            }
             Some(IpAddr::V4(addr)) => {
                 addrs.insert(addr);
             }
-            Some(IpAddr::V6(_)) => report(format!("clusterIP {raw}: {IPV6_UNSUPPORTED}")),
-            None => report(format!("invalid clusterIP {raw:?}")),
+            Some(IpAddr::V6(_)) => report(format!("{field} {raw}: {IPV6_UNSUPPORTED}")),
+            None => report(format!("invalid {field} {raw:?}")),
         }
     }
     addrs.into_iter().collect()
 }
 
-/// Keeps the valid ports, unique by (port, protocol); reports the others.
-fn plan_ports(ports: &[ServicePort], report: &mut impl FnMut(String)) -> Vec<PortPlan> {
+/// The VIP-mode ingress IPs of a `LoadBalancer` Service's status, as kube-proxy programs them:
+/// `ipMode` `VIP` or unset. `Proxy` ones are skipped (the load balancer proxies to the nodes, so
+/// the ingress IP never reaches them as a destination); an unknown mode is reported and read as
+/// VIP. Hostname-only ingress is ignored.
+fn load_balancer_ips(
+    svc_ref: &ObjectRef,
+    svc: &Service,
+    service_type: ServiceType,
+    report: &mut impl FnMut(String),
+) -> Vec<Ipv4Addr> {
+    let ingress = svc.status.as_ref().and_then(|status| status.load_balancer.as_ref()?.ingress.as_deref());
+    let ingress = ingress.unwrap_or_default();
+    if service_type != ServiceType::LoadBalancer {
+        if !ingress.is_empty() {
+            debug!(service = %svc_ref, "ignoring status.loadBalancer of a Service that is not a LoadBalancer");
+        }
+        return Vec::new();
+    }
+    let mut raw_ips = Vec::new();
+    for entry in ingress {
+        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            debug!(service = %svc_ref, hostname = ?entry.hostname, "ignoring load balancer ingress without ip");
+            continue;
+        };
+        match entry.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            Some("Proxy") => {
+                debug!(service = %svc_ref, ip, "ignoring load balancer ingress with ipMode Proxy");
+                continue;
+            }
+            Some(other) => report(format!("loadBalancer ingress {ip}: unknown ipMode {other:?}; using VIP")),
+        }
+        raw_ips.push(ip);
+    }
+    parse_addrs("loadBalancer ingress IP", raw_ips, report)
+}
+
+/// Keeps the valid ports, unique by (port, protocol); reports the others. `has_node_ports`:
+/// the Service type has node ports (`NodePort`, `LoadBalancer`).
+fn plan_ports(ports: &[ServicePort], has_node_ports: bool, report: &mut impl FnMut(String)) -> Vec<PortPlan> {
     let mut seen = BTreeSet::new();
     let mut plans = Vec::new();
     for port in ports {
         let label = format!("port {}/{}", port.port, port.protocol.as_deref().unwrap_or("TCP"));
-        match plan_port(port) {
+        match plan_port(port, has_node_ports, &label, report) {
             Ok(plan) if seen.insert((plan.port, plan.proto)) => plans.push(plan),
             Ok(_) => report(format!("{label}: duplicate of an earlier port; ignored")),
             Err(reason) => report(format!("{label}: {reason}")),
@@ -222,16 +387,26 @@ fn plan_ports(ports: &[ServicePort], report: &mut impl FnMut(String)) -> Vec<Por
     plans
 }
 
-fn plan_port(port: &ServicePort) -> Result<PortPlan, String> {
+fn plan_port(
+    port: &ServicePort,
+    has_node_ports: bool,
+    label: &str,
+    report: &mut impl FnMut(String),
+) -> Result<PortPlan, String> {
     let proto = parse_protocol(port.protocol.as_deref())?;
     let number = valid_port(port.port).ok_or_else(|| format!("port {} is out of range 1-65535", port.port))?;
-    // nodePort 0 means "not set", as in the Kubernetes API.
-    if let Some(node_port) = port.node_port.filter(|&n| n != 0)
-        && valid_port(node_port).is_none()
-    {
-        return Err(format!("nodePort {node_port} is out of range 1-65535"));
+    // nodePort 0 means "not set", as in the Kubernetes API (`allocateLoadBalancerNodePorts:
+    // false`, say).
+    let mut node_port = None;
+    if let Some(raw) = port.node_port.filter(|&n| n != 0) {
+        let valid = valid_port(raw).ok_or_else(|| format!("nodePort {raw} is out of range 1-65535"))?;
+        if has_node_ports {
+            node_port = Some(valid);
+        } else {
+            report(format!("{label}: nodePort {raw} is only used by NodePort and LoadBalancer Services; ignored"));
+        }
     }
-    Ok(PortPlan { name: port.name.clone().unwrap_or_default(), port: number, proto })
+    Ok(PortPlan { name: port.name.clone().unwrap_or_default(), port: number, proto, node_port })
 }
 
 /// TCP when unset. SCTP and anything else are refused.
@@ -249,25 +424,75 @@ fn valid_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|&p| p != 0)
 }
 
-/// `SVC_F_*` flags and the affinity timeout (0 without affinity). Unknown policy values are
-/// reported and read as the Kubernetes default.
-fn service_flags(spec: &ServiceSpec, report: &mut impl FnMut(String)) -> (u16, u32) {
-    let mut flags = SVC_F_CLUSTER_IP;
-    let mut affinity_timeout = 0;
-    match spec.session_affinity.as_deref() {
-        None | Some("None") => {}
-        Some("ClientIP") => {
-            flags |= SVC_F_AFFINITY;
-            affinity_timeout = affinity_timeout_of(spec, report);
+/// Traffic policies and session affinity. Unknown values are reported and read as the
+/// Kubernetes default.
+struct Policies {
+    itp_local: bool,
+    etp_local: bool,
+    affinity_timeout: Option<u32>,
+}
+
+impl Policies {
+    fn of(spec: &ServiceSpec, report: &mut impl FnMut(String)) -> Self {
+        let affinity_timeout = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => Some(affinity_timeout_of(spec, report)),
+            Some(other) => {
+                report(format!("unknown sessionAffinity {other:?}; using None"));
+                None
+            }
+        };
+        let itp_local = is_local_policy("internalTrafficPolicy", spec.internal_traffic_policy.as_deref(), report);
+        let etp_local = is_local_policy("externalTrafficPolicy", spec.external_traffic_policy.as_deref(), report);
+        Self { itp_local, etp_local, affinity_timeout }
+    }
+}
+
+/// A traffic policy: `Local`, or `Cluster` (also when unset or unknown, reported).
+fn is_local_policy(field: &str, value: Option<&str>, report: &mut impl FnMut(String)) -> bool {
+    match value {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            report(format!("unknown {field} {other:?}; using Cluster"));
+            false
         }
-        Some(other) => report(format!("unknown sessionAffinity {other:?}; using None")),
     }
-    match spec.internal_traffic_policy.as_deref() {
-        None | Some("Cluster") => {}
-        Some("Local") => flags |= SVC_F_ITP_LOCAL,
-        Some(other) => report(format!("unknown internalTrafficPolicy {other:?}; using Cluster")),
+}
+
+/// The health check node port kube-proxy serves: only for `LoadBalancer` Services with
+/// `externalTrafficPolicy: Local` (`apiservice.NeedsHealthCheck`). A missing one is reported, as
+/// is one set on any other Service (the API server refuses both).
+fn health_check_node_port(
+    spec: &ServiceSpec,
+    service_type: ServiceType,
+    etp_local: bool,
+    report: &mut impl FnMut(String),
+) -> Option<u16> {
+    let needed = service_type == ServiceType::LoadBalancer && etp_local;
+    match spec.health_check_node_port.filter(|&port| port != 0) {
+        None if needed => {
+            report(
+                "no healthCheckNodePort for a LoadBalancer with externalTrafficPolicy Local; no health check served"
+                    .to_owned(),
+            );
+            None
+        }
+        None => None,
+        Some(port) if !needed => {
+            report(format!(
+                "healthCheckNodePort {port} is only used by LoadBalancer Services with externalTrafficPolicy Local; ignored"
+            ));
+            None
+        }
+        Some(port) => {
+            let valid = valid_port(port);
+            if valid.is_none() {
+                report(format!("healthCheckNodePort {port} is out of range 1-65535"));
+            }
+            valid
+        }
     }
-    (flags, affinity_timeout)
 }
 
 fn affinity_timeout_of(spec: &ServiceSpec, report: &mut impl FnMut(String)) -> u32 {
@@ -339,13 +564,13 @@ type PortEndpoints = BTreeMap<BackendAddr, EndpointInfo>;
 type EndpointMap = BTreeMap<ObjectRef, Vec<PortEndpoints>>;
 
 fn collect_endpoints(
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     plans: &ServicePlans,
     node_name: &str,
     problems: &mut Vec<Problem>,
 ) -> EndpointMap {
     let mut endpoints = EndpointMap::new();
-    for slice in slices {
+    for &slice in slices {
         let Some(slice_ref) = object_ref(&slice.metadata) else {
             problems.push(problem(SLICE, &unnamed(&slice.metadata), "missing metadata.name"));
             continue;
@@ -487,56 +712,88 @@ fn merge(merged: &mut PortEndpoints, addr: BackendAddr, info: EndpointInfo) {
     }
 }
 
-/// Splits a port's endpoints into slots (take new connections) and draining (keep existing
-/// ones), as kube-proxy's `CategorizeEndpoints`: ready endpoints if any, else serving and
-/// terminating ones; terminating endpoints left out of the slots drain. Both sorted.
-fn select_backends(endpoints: &PortEndpoints) -> (Vec<Backend>, Vec<Backend>) {
-    let any_ready = endpoints.values().any(|info| info.conditions.ready);
-    let mut slots = Vec::new();
-    let mut draining = Vec::new();
-    for (&addr, info) in endpoints {
-        let Conditions { ready, serving, terminating } = info.conditions;
-        let backend = |state| Backend { addr, state, local: info.local };
-        if any_ready && ready {
-            slots.push(backend(BackendState::Active));
-        } else if !any_ready && serving && terminating {
-            slots.push(backend(BackendState::Terminating));
-        } else if terminating {
-            draining.push(backend(BackendState::Terminating));
-        }
+/// A port's endpoint as a backend. The state is the endpoint's own (so every entry that lists a
+/// backend agrees on it): active if ready, else terminating.
+fn backend_of(addr: BackendAddr, info: &EndpointInfo) -> Backend {
+    let state = if info.conditions.ready { BackendState::Active } else { BackendState::Terminating };
+    Backend { addr, state, local: info.local }
+}
+
+/// kube-proxy's usable endpoints (`CategorizeEndpoints`) among a port's endpoints, or its local
+/// ones only: the ready ones if any, else the serving+terminating ones. Sorted.
+fn usable(endpoints: &PortEndpoints, local_only: bool) -> Vec<Backend> {
+    let candidates = || endpoints.iter().filter(move |(_, info)| !local_only || info.local);
+    let ready: Vec<Backend> =
+        candidates().filter(|(_, info)| info.conditions.ready).map(|(&addr, info)| backend_of(addr, info)).collect();
+    if !ready.is_empty() {
+        return ready;
     }
-    // Already sorted: `endpoints` is ordered by address and each address appears once.
-    (slots, draining)
+    candidates()
+        .filter(|(_, info)| info.conditions.serving && info.conditions.terminating)
+        .map(|(&addr, info)| backend_of(addr, info))
+        .collect()
+}
+
+/// Terminating endpoints that are not in `slots` (sorted): kept for their existing connections.
+fn draining(endpoints: &PortEndpoints, slots: &[Backend]) -> Vec<Backend> {
+    endpoints
+        .iter()
+        .filter(|&(addr, info)| {
+            info.conditions.terminating && slots.binary_search_by_key(addr, |backend| backend.addr).is_err()
+        })
+        .map(|(&addr, info)| backend_of(addr, info))
+        .collect()
+}
+
+/// The backends of one service port, by kind of traffic.
+struct PortBackends {
+    cluster: Vec<Backend>,
+    local: Vec<Backend>,
+}
+
+impl PortBackends {
+    fn of(endpoints: &PortEndpoints) -> Self {
+        Self { cluster: usable(endpoints, false), local: usable(endpoints, true) }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Desired state
 
-/// One entry per frontend. Services are visited in `namespace/name` order, so when two claim the
-/// same frontend, the first in that order keeps it and the other gets a problem.
+/// One entry per frontend, one health check per Service that has one. Services are visited in
+/// `namespace/name` order, so when two claim the same frontend, the first in that order keeps it
+/// and the other gets a problem.
 fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut Vec<Problem>) -> Desired {
     let mut ordered: Vec<(String, &ObjectRef, &ServicePlan)> =
         plans.iter().filter_map(|(svc_ref, plan)| Some((svc_ref.to_string(), svc_ref, plan.as_ref()?))).collect();
     ordered.sort_by(|a, b| a.0.cmp(&b.0));
 
+    let no_endpoints = PortEndpoints::new();
     let mut desired = Desired::default();
     for (_, svc_ref, plan) in ordered {
         let per_port = endpoints.get(svc_ref).map(Vec::as_slice).unwrap_or_default();
         for (index, port) in plan.ports.iter().enumerate() {
-            let (slots, draining) = per_port.get(index).map(select_backends).unwrap_or_default();
-            let entry = ServiceEntry {
-                service: svc_ref.clone(),
-                port_name: port.name.clone(),
-                flags: plan.flags,
-                affinity_timeout: plan.affinity_timeout,
-                slots,
-                draining,
-            };
-            for &addr in &plan.addrs {
-                let frontend = Frontend { addr, port: port.port, proto: port.proto };
+            let port_endpoints = per_port.get(index).unwrap_or(&no_endpoints);
+            let backends = PortBackends::of(port_endpoints);
+            for (kind, frontend) in plan.frontends(port) {
+                let (slots, local_slots) = match kind {
+                    FrontendKind::ClusterIp if plan.itp_local => (backends.local.clone(), Vec::new()),
+                    FrontendKind::ClusterIp => (backends.cluster.clone(), Vec::new()),
+                    _ if plan.etp_local => (backends.cluster.clone(), backends.local.clone()),
+                    _ => (backends.cluster.clone(), Vec::new()),
+                };
+                let entry = ServiceEntry {
+                    service: svc_ref.clone(),
+                    port_name: port.name.clone(),
+                    flags: plan.flags(kind),
+                    affinity_timeout: plan.affinity_timeout.unwrap_or(0),
+                    draining: draining(port_endpoints, &slots),
+                    slots,
+                    local_slots,
+                };
                 match desired.services.entry(frontend) {
                     Entry::Vacant(vacant) => {
-                        vacant.insert(entry.clone());
+                        vacant.insert(entry);
                     }
                     Entry::Occupied(occupied) => problems.push(problem(
                         SERVICE,
@@ -545,6 +802,17 @@ fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut V
                     )),
                 }
             }
+        }
+        if let Some(node_port) = plan.health_check_node_port {
+            let local_ready: BTreeSet<Ipv4Addr> = per_port
+                .iter()
+                .flat_map(BTreeMap::values)
+                .filter(|info| info.local && info.conditions.ready)
+                .map(|info| info.addr)
+                .collect();
+            desired
+                .health_checks
+                .insert(svc_ref.clone(), HealthCheck { node_port, local_endpoints: local_ready.len() });
         }
     }
     desired
@@ -590,545 +858,4 @@ fn parse_ip(raw: &str) -> Option<IpAddr> {
 }
 
 #[cfg(test)]
-mod tests {
-    use k8s_openapi::api::{
-        core::v1::{ClientIPConfig, SessionAffinityConfig},
-        discovery::v1::EndpointConditions,
-    };
-
-    use super::*;
-    use BackendState::{Active, Terminating};
-    use Protocol::{Tcp, Udp};
-
-    const NODE: &str = "node-a";
-
-    // --- builders -----------------------------------------------------------------------------
-
-    /// `ns/name`, or `name` in the default namespace.
-    fn meta(name: &str) -> ObjectMeta {
-        let (namespace, name) = name.split_once('/').unwrap_or(("default", name));
-        ObjectMeta { name: Some(name.to_owned()), namespace: Some(namespace.to_owned()), ..ObjectMeta::default() }
-    }
-
-    fn port(name: &str, number: i32, protocol: &str) -> ServicePort {
-        ServicePort {
-            name: (!name.is_empty()).then(|| name.to_owned()),
-            port: number,
-            protocol: Some(protocol.to_owned()),
-            ..ServicePort::default()
-        }
-    }
-
-    fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> Service {
-        with_spec(Service { metadata: meta(name), ..Service::default() }, |spec| {
-            spec.cluster_ip = Some(cluster_ip.to_owned());
-            spec.ports = Some(ports);
-        })
-    }
-
-    fn with_spec(mut svc: Service, edit: impl FnOnce(&mut ServiceSpec)) -> Service {
-        edit(svc.spec.get_or_insert_with(ServiceSpec::default));
-        svc
-    }
-
-    fn slice(name: &str, service: &str, ports: &[(&str, i32, &str)], endpoints: Vec<Endpoint>) -> EndpointSlice {
-        let mut metadata = meta(name);
-        metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into());
-        EndpointSlice {
-            metadata,
-            address_type: "IPv4".to_owned(),
-            endpoints: Some(endpoints),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|&(name, number, protocol)| EndpointPort {
-                        name: Some(name.to_owned()),
-                        port: Some(number),
-                        protocol: Some(protocol.to_owned()),
-                        ..EndpointPort::default()
-                    })
-                    .collect(),
-            ),
-        }
-    }
-
-    /// An endpoint with unset conditions (ready).
-    fn ep(addr: &str) -> Endpoint {
-        Endpoint { addresses: vec![addr.to_owned()], ..Endpoint::default() }
-    }
-
-    fn ep_on(addr: &str, node: &str) -> Endpoint {
-        Endpoint { node_name: Some(node.to_owned()), ..ep(addr) }
-    }
-
-    fn ep_cond(addr: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Endpoint {
-        Endpoint { conditions: Some(EndpointConditions { ready, serving, terminating }), ..ep(addr) }
-    }
-
-    fn be(addr: &str, port: u16, proto: Protocol, state: BackendState) -> Backend {
-        Backend { addr: BackendAddr { addr: addr.parse().unwrap(), port, proto }, state, local: false }
-    }
-
-    fn local(backend: Backend) -> Backend {
-        Backend { local: true, ..backend }
-    }
-
-    fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
-        Frontend { addr: addr.parse().unwrap(), port, proto }
-    }
-
-    fn objref(name: &str) -> ObjectRef {
-        let (namespace, name) = name.split_once('/').unwrap();
-        ObjectRef { namespace: namespace.to_owned(), name: name.to_owned() }
-    }
-
-    /// A plain cluster IP entry (no affinity, no traffic policy).
-    fn entry(service: &str, port_name: &str, slots: Vec<Backend>, draining: Vec<Backend>) -> ServiceEntry {
-        ServiceEntry {
-            service: objref(service),
-            port_name: port_name.to_owned(),
-            flags: SVC_F_CLUSTER_IP,
-            affinity_timeout: 0,
-            slots,
-            draining,
-        }
-    }
-
-    fn desired(entries: Vec<(Frontend, ServiceEntry)>) -> Desired {
-        Desired { services: entries.into_iter().collect(), ..Desired::default() }
-    }
-
-    fn prob(kind: &'static str, object: &str, reason: &str) -> Problem {
-        problem(kind, object, reason)
-    }
-
-    fn run(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Translation {
-        translate(&Objects { services, slices }, NODE)
-    }
-
-    // --- endpoints ----------------------------------------------------------------------------
-
-    #[test]
-    fn slices_of_a_service_are_merged_without_duplicates() {
-        let out = run(
-            vec![service("web", "10.96.0.10", vec![port("http", 80, "TCP")])],
-            vec![
-                slice(
-                    "web-a",
-                    "web",
-                    &[("http", 8080, "TCP")],
-                    vec![ep_on("10.0.0.2", "node-b"), ep_on("10.0.0.1", NODE)],
-                ),
-                slice("web-b", "web", &[("http", 8080, "TCP")], vec![ep_on("10.0.0.2", "node-b"), ep("10.0.0.3")]),
-            ],
-        );
-        let slots = vec![
-            local(be("10.0.0.1", 8080, Tcp, Active)),
-            be("10.0.0.2", 8080, Tcp, Active),
-            be("10.0.0.3", 8080, Tcp, Active),
-        ];
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(
-            out.desired,
-            desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "http", slots, vec![]))])
-        );
-    }
-
-    /// (case, publishNotReadyAddresses, endpoints, expected slots, expected draining)
-    type Case = (&'static str, bool, Vec<Endpoint>, Vec<Backend>, Vec<Backend>);
-
-    #[test]
-    fn endpoint_conditions_select_slots_and_draining() {
-        let (t, f) = (Some(true), Some(false));
-        let cases: Vec<Case> = vec![
-            ("unset conditions are ready", false, vec![ep("10.0.0.1")], vec![be("10.0.0.1", 80, Tcp, Active)], vec![]),
-            (
-                "not-ready endpoints are excluded",
-                false,
-                vec![ep_cond("10.0.0.1", t, t, f), ep_cond("10.0.0.2", f, f, f), ep_cond("10.0.0.3", f, t, f)],
-                vec![be("10.0.0.1", 80, Tcp, Active)],
-                vec![],
-            ),
-            (
-                "terminating endpoints drain while ready ones exist",
-                false,
-                vec![ep_cond("10.0.0.3", f, f, t), ep_cond("10.0.0.1", t, t, f), ep_cond("10.0.0.2", f, t, t)],
-                vec![be("10.0.0.1", 80, Tcp, Active)],
-                vec![be("10.0.0.2", 80, Tcp, Terminating), be("10.0.0.3", 80, Tcp, Terminating)],
-            ),
-            (
-                "no ready endpoint: serving+terminating ones take new connections",
-                false,
-                vec![ep_cond("10.0.0.1", f, t, t), ep_cond("10.0.0.2", f, f, t), ep_cond("10.0.0.3", f, f, f)],
-                vec![be("10.0.0.1", 80, Tcp, Terminating)],
-                vec![be("10.0.0.2", 80, Tcp, Terminating)],
-            ),
-            ("nothing usable", false, vec![ep_cond("10.0.0.1", f, f, f)], vec![], vec![]),
-            (
-                "serving unset means true",
-                false,
-                vec![ep_cond("10.0.0.1", f, None, t)],
-                vec![be("10.0.0.1", 80, Tcp, Terminating)],
-                vec![],
-            ),
-            (
-                "publishNotReadyAddresses: every endpoint is active",
-                true,
-                vec![ep_cond("10.0.0.1", f, f, f), ep_cond("10.0.0.2", f, t, t), ep("10.0.0.3")],
-                vec![be("10.0.0.1", 80, Tcp, Active), be("10.0.0.2", 80, Tcp, Active), be("10.0.0.3", 80, Tcp, Active)],
-                vec![],
-            ),
-            (
-                "a duplicate keeps its most available copy",
-                false,
-                vec![ep_cond("10.0.0.1", f, t, t), ep_cond("10.0.0.1", t, t, f)],
-                vec![be("10.0.0.1", 80, Tcp, Active)],
-                vec![],
-            ),
-        ];
-        for (case, publish, endpoints, slots, draining) in cases {
-            let svc = with_spec(service("web", "10.96.0.10", vec![port("", 80, "TCP")]), |spec| {
-                spec.publish_not_ready_addresses = Some(publish);
-            });
-            let out = run(vec![svc], vec![slice("web-a", "web", &[("", 80, "TCP")], endpoints)]);
-            let expected = desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "", slots, draining))]);
-            assert_eq!(out.desired, expected, "{case}");
-            assert_eq!(out.problems, vec![], "{case}");
-        }
-    }
-
-    #[test]
-    fn multiple_ports_and_the_same_port_on_tcp_and_udp() {
-        let out = run(
-            vec![service(
-                "kube-system/dns",
-                "10.96.0.10",
-                vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP"), port("metrics", 9153, "TCP")],
-            )],
-            vec![slice(
-                "kube-system/dns-x",
-                "dns",
-                &[("metrics", 9153, "TCP"), ("dns-tcp", 5353, "TCP"), ("dns", 5353, "UDP")],
-                vec![ep("10.0.0.1")],
-            )],
-        );
-        let expected = desired(vec![
-            (
-                fe("10.96.0.10", 53, Udp),
-                entry("kube-system/dns", "dns", vec![be("10.0.0.1", 5353, Udp, Active)], vec![]),
-            ),
-            (
-                fe("10.96.0.10", 53, Tcp),
-                entry("kube-system/dns", "dns-tcp", vec![be("10.0.0.1", 5353, Tcp, Active)], vec![]),
-            ),
-            (
-                fe("10.96.0.10", 9153, Tcp),
-                entry("kube-system/dns", "metrics", vec![be("10.0.0.1", 9153, Tcp, Active)], vec![]),
-            ),
-        ]);
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(out.desired, expected);
-    }
-
-    #[test]
-    fn named_target_port_is_resolved_per_slice() {
-        // During a rollout the same port name maps to different numbers in two slices; a slice
-        // without the port (or with it under another protocol) contributes nothing.
-        let out = run(
-            vec![service("web", "10.96.0.10", vec![port("http", 80, "TCP")])],
-            vec![
-                slice("web-old", "web", &[("http", 8080, "TCP")], vec![ep("10.0.0.1")]),
-                slice("web-new", "web", &[("http", 9090, "TCP")], vec![ep("10.0.0.2")]),
-                slice("web-other", "web", &[("admin", 7000, "TCP"), ("http", 7001, "UDP")], vec![ep("10.0.0.3")]),
-            ],
-        );
-        let slots = vec![be("10.0.0.1", 8080, Tcp, Active), be("10.0.0.2", 9090, Tcp, Active)];
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(
-            out.desired,
-            desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "http", slots, vec![]))])
-        );
-    }
-
-    #[test]
-    fn unnamed_port_matches_unnamed_or_empty_slice_port() {
-        let mut unnamed = slice("web-b", "web", &[("", 8081, "TCP")], vec![ep("10.0.0.2")]);
-        if let Some(ports) = unnamed.ports.as_mut() {
-            ports[0].name = None;
-            ports[0].protocol = None; // TCP
-        }
-        let out = run(
-            vec![with_spec(service("web", "10.96.0.10", vec![port("", 80, "TCP")]), |spec| {
-                if let Some(ports) = spec.ports.as_mut() {
-                    ports[0].protocol = None; // TCP
-                }
-            })],
-            vec![slice("web-a", "web", &[("", 8080, "TCP")], vec![ep("10.0.0.1")]), unnamed],
-        );
-        let slots = vec![be("10.0.0.1", 8080, Tcp, Active), be("10.0.0.2", 8081, Tcp, Active)];
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(out.desired, desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "", slots, vec![]))]));
-    }
-
-    #[test]
-    fn service_without_endpoints_still_has_its_frontend() {
-        let out = run(vec![service("web", "10.96.0.10", vec![port("", 80, "TCP")])], vec![]);
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(out.desired, desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "", vec![], vec![]))]));
-    }
-
-    // --- services -----------------------------------------------------------------------------
-
-    #[test]
-    fn malformed_objects_are_reported_and_the_rest_translated() {
-        let mut nameless = service("team/x", "10.96.0.3", vec![port("", 80, "TCP")]);
-        nameless.metadata.name = None;
-        let mut node_port = port("np", 82, "TCP");
-        node_port.node_port = Some(70_000);
-        let mut unlabeled = slice("orphan", "good", &[("", 80, "TCP")], vec![ep("10.0.0.9")]);
-        unlabeled.metadata.labels = None;
-        let services = vec![
-            service("good", "10.96.0.1", vec![port("", 80, "TCP")]),
-            service("bad-ip", "10.96.0.300", vec![port("", 80, "TCP")]),
-            service(
-                "ports",
-                "10.96.0.2",
-                vec![
-                    port("zero", 0, "TCP"),
-                    port("big", 70_000, "TCP"),
-                    port("weird", 81, "FOO"),
-                    node_port,
-                    port("ok", 83, "TCP"),
-                    port("dup", 83, "TCP"),
-                ],
-            ),
-            nameless,
-        ];
-        let slices = vec![
-            slice(
-                "good-a",
-                "good",
-                &[("", 80, "TCP"), ("extra", 0, "TCP")],
-                vec![ep("10.0.0.1"), ep("10.0.0.x"), Endpoint::default()],
-            ),
-            unlabeled,
-            slice("ghost-a", "ghost", &[("", 80, "TCP")], vec![ep("10.0.0.8")]),
-        ];
-        let out = run(services, slices);
-        let expected = desired(vec![
-            (fe("10.96.0.1", 80, Tcp), entry("default/good", "", vec![be("10.0.0.1", 80, Tcp, Active)], vec![])),
-            (fe("10.96.0.2", 83, Tcp), entry("default/ports", "ok", vec![], vec![])),
-        ]);
-        assert_eq!(out.desired, expected);
-        let problems = vec![
-            prob("EndpointSlice", "default/ghost-a", "no Service default/ghost for this slice"),
-            prob("EndpointSlice", "default/good-a", "endpoint without address; ignored"),
-            prob("EndpointSlice", "default/good-a", "invalid endpoint address \"10.0.0.x\""),
-            prob("EndpointSlice", "default/good-a", "port \"extra\": invalid port number 0; ignored"),
-            prob("EndpointSlice", "default/orphan", "missing label kubernetes.io/service-name"),
-            prob("Service", "default/bad-ip", "invalid clusterIP \"10.96.0.300\""),
-            prob("Service", "default/ports", "port 0/TCP: port 0 is out of range 1-65535"),
-            prob("Service", "default/ports", "port 70000/TCP: port 70000 is out of range 1-65535"),
-            prob("Service", "default/ports", "port 81/FOO: unknown protocol \"FOO\""),
-            prob("Service", "default/ports", "port 82/TCP: nodePort 70000 is out of range 1-65535"),
-            prob("Service", "default/ports", "port 83/TCP: duplicate of an earlier port; ignored"),
-            prob("Service", "team/(no name)", "missing metadata.name"),
-        ];
-        assert_eq!(out.problems, problems);
-    }
-
-    #[test]
-    fn external_name_headless_and_ip_less_services_are_ignored_silently() {
-        let external = with_spec(service("ext", "", vec![port("", 80, "TCP")]), |spec| {
-            spec.type_ = Some("ExternalName".to_owned());
-            spec.cluster_ip = None;
-            spec.external_name = Some("example.com".to_owned());
-        });
-        let headless = with_spec(service("headless", "None", vec![port("", 80, "TCP")]), |spec| {
-            spec.cluster_ips = Some(vec!["None".to_owned()]);
-        });
-        let no_ip = with_spec(service("no-ip", "", vec![port("", 80, "TCP")]), |spec| spec.cluster_ip = None);
-        let slices = ["ext", "headless", "no-ip"]
-            .iter()
-            .map(|name| slice(&format!("{name}-a"), name, &[("", 80, "TCP")], vec![ep("10.0.0.1")]))
-            .collect();
-        let out = run(vec![external, headless, no_ip], slices);
-        assert_eq!(out, Translation::default());
-    }
-
-    #[test]
-    fn service_types_and_sloppy_cluster_ip() {
-        let node_port = with_spec(service("np", "10.96.0.1", vec![port("", 80, "TCP")]), |spec| {
-            spec.type_ = Some("NodePort".to_owned());
-        });
-        let load_balancer = with_spec(service("lb", "010.096.000.002", vec![port("", 80, "TCP")]), |spec| {
-            spec.type_ = Some("LoadBalancer".to_owned());
-        });
-        let out = run(vec![node_port, load_balancer], vec![]);
-        let expected = desired(vec![
-            (fe("10.96.0.1", 80, Tcp), entry("default/np", "", vec![], vec![])),
-            (fe("10.96.0.2", 80, Tcp), entry("default/lb", "", vec![], vec![])),
-        ]);
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(out.desired, expected);
-    }
-
-    #[test]
-    fn ipv6_is_refused_and_dual_stack_keeps_ipv4() {
-        let dual = with_spec(service("dual", "10.96.0.5", vec![port("", 80, "TCP")]), |spec| {
-            spec.cluster_ips = Some(vec!["10.96.0.5".to_owned(), "fd00::5".to_owned()]);
-        });
-        let v6_only = service("v6", "fd00::6", vec![port("", 80, "TCP")]);
-        let mut v6_slice = slice("dual-v6", "dual", &[("", 80, "TCP")], vec![ep("fd00:1::1")]);
-        v6_slice.address_type = "IPv6".to_owned();
-        let mut fqdn_slice = slice("dual-fqdn", "dual", &[("", 80, "TCP")], vec![ep("example.com")]);
-        fqdn_slice.address_type = "FQDN".to_owned();
-        let v4_slice = slice("dual-v4", "dual", &[("", 80, "TCP")], vec![ep("10.0.0.1"), ep("fd00:1::2")]);
-        let out = run(vec![dual, v6_only], vec![v6_slice, fqdn_slice, v4_slice]);
-        let expected = desired(vec![(
-            fe("10.96.0.5", 80, Tcp),
-            entry("default/dual", "", vec![be("10.0.0.1", 80, Tcp, Active)], vec![]),
-        )]);
-        assert_eq!(out.desired, expected);
-        let problems = vec![
-            prob("EndpointSlice", "default/dual-v4", "endpoint fd00:1::2: IPv6 is not supported by the datapath yet"),
-            prob("EndpointSlice", "default/dual-v6", "addressType IPv6: IPv6 is not supported by the datapath yet"),
-            prob("Service", "default/dual", "clusterIP fd00::5: IPv6 is not supported by the datapath yet"),
-            prob("Service", "default/v6", "clusterIP fd00::6: IPv6 is not supported by the datapath yet"),
-        ];
-        assert_eq!(out.problems, problems);
-    }
-
-    #[test]
-    fn sctp_is_refused_for_its_port_only() {
-        let out = run(
-            vec![service("mixed", "10.96.0.7", vec![port("sig", 9000, "SCTP"), port("http", 80, "TCP")])],
-            vec![slice("mixed-a", "mixed", &[("sig", 9000, "SCTP"), ("http", 8080, "TCP")], vec![ep("10.0.0.1")])],
-        );
-        let expected = desired(vec![(
-            fe("10.96.0.7", 80, Tcp),
-            entry("default/mixed", "http", vec![be("10.0.0.1", 8080, Tcp, Active)], vec![]),
-        )]);
-        assert_eq!(out.desired, expected);
-        assert_eq!(
-            out.problems,
-            vec![prob("Service", "default/mixed", "port 9000/SCTP: SCTP is not supported by the datapath")]
-        );
-    }
-
-    #[test]
-    fn frontend_conflict_goes_to_the_first_namespace_name() {
-        let out = run(
-            vec![
-                service("b/api", "10.96.0.9", vec![port("", 80, "TCP"), port("alt", 81, "TCP")]),
-                service("a/api", "10.96.0.9", vec![port("", 80, "TCP")]),
-            ],
-            vec![],
-        );
-        let expected = desired(vec![
-            (fe("10.96.0.9", 80, Tcp), entry("a/api", "", vec![], vec![])),
-            (fe("10.96.0.9", 81, Tcp), entry("b/api", "alt", vec![], vec![])),
-        ]);
-        assert_eq!(out.desired, expected);
-        let reason = "frontend 10.96.0.9:80/TCP is already used by Service a/api; ignored";
-        assert_eq!(out.problems, vec![prob("Service", "b/api", reason)]);
-    }
-
-    #[test]
-    fn duplicate_definitions_of_one_service() {
-        let svc = service("web", "10.96.0.10", vec![port("", 80, "TCP")]);
-        let out = run(vec![svc.clone(), svc.clone()], vec![]);
-        assert_eq!(out.problems, vec![]);
-        assert_eq!(out.desired, desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "", vec![], vec![]))]));
-
-        let other = service("web", "10.96.0.11", vec![port("", 80, "TCP")]);
-        let out = run(vec![svc, other], vec![slice("web-a", "web", &[("", 80, "TCP")], vec![ep("10.0.0.1")])]);
-        assert_eq!(out.desired, Desired::default());
-        let reason = "defined more than once with different content; all definitions ignored";
-        assert_eq!(out.problems, vec![prob("Service", "default/web", reason)]);
-    }
-
-    #[test]
-    fn affinity_and_traffic_policy_flags() {
-        let client_ip = |timeout: Option<i32>| {
-            move |spec: &mut ServiceSpec| {
-                spec.session_affinity = Some("ClientIP".to_owned());
-                spec.session_affinity_config = timeout.map(|timeout_seconds| SessionAffinityConfig {
-                    client_ip: Some(ClientIPConfig { timeout_seconds: Some(timeout_seconds) }),
-                });
-            }
-        };
-        let services = vec![
-            with_spec(service("default-timeout", "10.96.0.1", vec![port("", 80, "TCP")]), client_ip(None)),
-            with_spec(service("short", "10.96.0.2", vec![port("", 80, "TCP")]), client_ip(Some(60))),
-            with_spec(service("bad-timeout", "10.96.0.3", vec![port("", 80, "TCP")]), client_ip(Some(0))),
-            with_spec(service("local", "10.96.0.4", vec![port("", 80, "TCP")]), |spec| {
-                spec.internal_traffic_policy = Some("Local".to_owned());
-            }),
-        ];
-        let out = run(services, vec![]);
-        let with_flags = |name: &str, flags: u16, affinity_timeout: u32| ServiceEntry {
-            flags,
-            affinity_timeout,
-            ..entry(name, "", vec![], vec![])
-        };
-        let affinity = SVC_F_CLUSTER_IP | SVC_F_AFFINITY;
-        let expected = desired(vec![
-            (fe("10.96.0.1", 80, Tcp), with_flags("default/default-timeout", affinity, DEFAULT_AFFINITY_TIMEOUT)),
-            (fe("10.96.0.2", 80, Tcp), with_flags("default/short", affinity, 60)),
-            (fe("10.96.0.3", 80, Tcp), with_flags("default/bad-timeout", affinity, DEFAULT_AFFINITY_TIMEOUT)),
-            (fe("10.96.0.4", 80, Tcp), with_flags("default/local", SVC_F_CLUSTER_IP | SVC_F_ITP_LOCAL, 0)),
-        ]);
-        assert_eq!(out.desired, expected);
-        let reason = "sessionAffinityConfig.clientIP.timeoutSeconds 0 is out of range 1-86400; using 10800";
-        assert_eq!(out.problems, vec![prob("Service", "default/bad-timeout", reason)]);
-    }
-
-    #[test]
-    fn output_does_not_depend_on_input_order() {
-        let (t, f) = (Some(true), Some(false));
-        let services = vec![
-            service("web", "10.96.0.10", vec![port("http", 80, "TCP"), port("dns", 53, "UDP")]),
-            service("b/api", "10.96.0.9", vec![port("", 80, "TCP")]),
-            service("a/api", "10.96.0.9", vec![port("", 80, "TCP")]),
-            service("bad", "nope", vec![port("", 80, "TCP")]),
-        ];
-        let slices = vec![
-            slice(
-                "web-a",
-                "web",
-                &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-                vec![ep_on("10.0.0.1", NODE), ep_cond("10.0.0.2", f, t, t), ep_cond("10.0.0.3", f, f, t)],
-            ),
-            slice("web-b", "web", &[("http", 9090, "TCP")], vec![ep_cond("10.0.0.2", t, t, f), ep("10.0.0.4")]),
-            slice("a/api-a", "api", &[("", 80, "TCP")], vec![ep("10.0.1.1"), ep("10.0.1.2")]),
-            slice("ghost-a", "ghost", &[("", 80, "TCP")], vec![ep("10.0.0.5")]),
-        ];
-        let reference = run(services.clone(), slices.clone());
-        assert!(!reference.desired.services.is_empty());
-        for rotation in 0..services.len() {
-            let mut services = services.clone();
-            let mut slices = slices.clone();
-            services.rotate_left(rotation);
-            slices.reverse();
-            let shift = rotation % slices.len();
-            slices.rotate_left(shift);
-            for slice in &mut slices {
-                if let Some(endpoints) = slice.endpoints.as_mut() {
-                    endpoints.reverse();
-                }
-            }
-            assert_eq!(run(services, slices), reference, "rotation {rotation}");
-        }
-    }
-
-    #[test]
-    fn sloppy_ip_parsing() {
-        assert_eq!(parse_ip("10.96.0.1"), Some(IpAddr::from([10, 96, 0, 1])));
-        assert_eq!(parse_ip("010.096.000.001"), Some(IpAddr::from([10, 96, 0, 1])));
-        assert_eq!(parse_ip("fd00::1"), Some("fd00::1".parse().unwrap()));
-        for bad in ["", "10.96.0", "10.96.0.1.2", "10.96.0.256", "10.96.+1.1", "10..0.1", "None"] {
-            assert_eq!(parse_ip(bad), None, "{bad:?}");
-        }
-    }
-}
+mod tests;

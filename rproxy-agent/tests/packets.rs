@@ -99,6 +99,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
                 local: true,
             })
             .collect(),
+        local_slots: Vec::new(),
         draining: Vec::new(),
     };
     Desired { services: [(fe, entry)].into_iter().collect(), ..Desired::default() }

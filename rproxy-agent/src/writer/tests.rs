@@ -101,6 +101,7 @@ fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
         flags: rproxy_common::SVC_F_CLUSTER_IP,
         affinity_timeout: 0,
         slots: slots.iter().map(|b| be(*b)).collect(),
+        local_slots: Vec::new(),
         draining: draining.iter().map(|b| Backend { state: BackendState::Terminating, ..be(*b) }).collect(),
     }
 }
