@@ -1,7 +1,10 @@
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::{
-    core::v1::{ClientIPConfig, SessionAffinityConfig},
+    core::v1::{ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus, SessionAffinityConfig},
     discovery::v1::EndpointConditions,
 };
+use rproxy_common::{SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT};
 
 use super::*;
 use BackendState::{Active, Terminating};
@@ -111,7 +114,76 @@ fn prob(kind: &'static str, object: &str, reason: &str) -> Problem {
 }
 
 fn run(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Translation {
-    translate(&Objects { services, slices }, NODE)
+    let out = translate(&Objects { services, slices }, NODE);
+    check_invariants(&out.desired);
+    out
+}
+
+/// What every translation must hold, whatever its input: the lists of each entry are sorted and
+/// without duplicates, `draining` is disjoint from `slots`, `local_slots` is empty without
+/// `SVC_F_ETP_LOCAL` and a subset of `slots` ∪ `draining` with it, exactly one kind flag is set,
+/// and every entry of a Service that lists a backend agrees on its state and locality (the
+/// backend map holds one value per address).
+fn check_invariants(desired: &Desired) {
+    let kinds = [SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT];
+    let mut seen: BTreeMap<(ObjectRef, BackendAddr), Backend> = BTreeMap::new();
+    for (frontend, entry) in &desired.services {
+        assert_eq!(kinds.iter().filter(|&&kind| entry.flags & kind != 0).count(), 1, "{frontend}: kind flags");
+        assert_eq!(frontend.is_node_port(), entry.flags & SVC_F_NODE_PORT != 0, "{frontend}");
+        for list in [&entry.slots, &entry.local_slots, &entry.draining] {
+            assert!(list.windows(2).all(|w| w[0].addr < w[1].addr), "{frontend}: {list:?} not sorted/unique");
+        }
+        assert!(entry.draining.iter().all(|d| !entry.slots.contains(d)), "{frontend}: draining overlaps slots");
+        if entry.flags & SVC_F_ETP_LOCAL == 0 {
+            assert!(entry.local_slots.is_empty(), "{frontend}: local_slots without ETP Local");
+        }
+        for backend in &entry.local_slots {
+            assert!(backend.local, "{frontend}: remote backend in local_slots");
+            assert!(entry.slots.contains(backend) || entry.draining.contains(backend), "{frontend}: {backend:?}");
+        }
+        for backend in entry.slots.iter().chain(&entry.draining) {
+            let first = *seen.entry((entry.service.clone(), backend.addr)).or_insert(*backend);
+            assert_eq!(first, *backend, "{frontend}: backend listed with two states");
+        }
+    }
+}
+
+// --- more builders (frontend kinds) -------------------------------------------------------
+
+fn typed(ty: &str, svc: Service) -> Service {
+    with_spec(svc, |spec| spec.type_ = Some(ty.to_owned()))
+}
+
+fn with_node_port(mut port: ServicePort, node_port: i32) -> ServicePort {
+    port.node_port = Some(node_port);
+    port
+}
+
+fn with_ingress(mut svc: Service, ingress: Vec<LoadBalancerIngress>) -> Service {
+    let load_balancer = Some(LoadBalancerStatus { ingress: Some(ingress) });
+    svc.status = Some(ServiceStatus { load_balancer, ..ServiceStatus::default() });
+    svc
+}
+
+fn ingress(ip: &str, ip_mode: Option<&str>) -> LoadBalancerIngress {
+    LoadBalancerIngress {
+        ip: Some(ip.to_owned()),
+        ip_mode: ip_mode.map(str::to_owned),
+        ..LoadBalancerIngress::default()
+    }
+}
+
+fn external_ips(svc: Service, ips: &[&str]) -> Service {
+    with_spec(svc, |spec| spec.external_ips = Some(ips.iter().map(|&ip| ip.to_owned()).collect()))
+}
+
+fn np(node_port: u16, proto: Protocol) -> Frontend {
+    Frontend::node_port(node_port, proto)
+}
+
+/// The frontends of a translation with their flags.
+fn flags_of(out: &Translation) -> BTreeMap<Frontend, u16> {
+    out.desired.services.iter().map(|(frontend, entry)| (*frontend, entry.flags)).collect()
 }
 
 // --- endpoints ----------------------------------------------------------------------------
@@ -480,26 +552,22 @@ fn affinity_and_traffic_policy_flags() {
 
 #[test]
 fn output_does_not_depend_on_input_order() {
-    let (t, f) = (Some(true), Some(false));
-    let services = vec![
-        service("web", "10.96.0.10", vec![port("http", 80, "TCP"), port("dns", 53, "UDP")]),
+    let (mut services, mut slices) = mixed_objects();
+    services.extend([
         service("b/api", "10.96.0.9", vec![port("", 80, "TCP")]),
         service("a/api", "10.96.0.9", vec![port("", 80, "TCP")]),
         service("bad", "nope", vec![port("", 80, "TCP")]),
-    ];
-    let slices = vec![
-        slice(
-            "web-a",
-            "web",
-            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-            vec![ep_on("10.0.0.1", NODE), ep_cond("10.0.0.2", f, t, t), ep_cond("10.0.0.3", f, f, t)],
-        ),
-        slice("web-b", "web", &[("http", 9090, "TCP")], vec![ep_cond("10.0.0.2", t, t, f), ep("10.0.0.4")]),
+        // Claims the NodePort of `np` and the external IP of `shop/lb` under other kinds.
+        typed("NodePort", service("c/np", "192.0.2.1", vec![with_node_port(port("", 80, "TCP"), 30081)])),
+    ]);
+    slices.extend([
         slice("a/api-a", "api", &[("", 80, "TCP")], vec![ep("10.0.1.1"), ep("10.0.1.2")]),
         slice("ghost-a", "ghost", &[("", 80, "TCP")], vec![ep("10.0.0.5")]),
-    ];
+    ]);
     let reference = run(services.clone(), slices.clone());
-    assert!(!reference.desired.services.is_empty());
+    assert!(reference.desired.services.len() > 10 && !reference.desired.health_checks.is_empty());
+    let lost_to_c_np = reference.problems.iter().filter(|p| p.reason.contains("already used by Service c/np")).count();
+    assert_eq!(lost_to_c_np, 2, "{:?}", reference.problems);
     for rotation in 0..services.len() {
         let mut services = services.clone();
         let mut slices = slices.clone();
@@ -524,4 +592,653 @@ fn sloppy_ip_parsing() {
     for bad in ["", "10.96.0", "10.96.0.1.2", "10.96.0.256", "10.96.+1.1", "10..0.1", "None"] {
         assert_eq!(parse_ip(bad), None, "{bad:?}");
     }
+}
+
+// --- frontend kinds -------------------------------------------------------------------------
+
+#[test]
+fn every_frontend_kind_with_its_flags_and_backends() {
+    let ports = vec![with_node_port(port("http", 80, "TCP"), 30080), with_node_port(port("dns", 53, "UDP"), 30053)];
+    let svc = with_ingress(
+        external_ips(
+            typed("LoadBalancer", service("shop/web", "10.96.0.10", ports)),
+            &["192.0.2.11", "192.0.2.10", "192.0.2.11"],
+        ),
+        vec![ingress("198.51.100.10", None), ingress("198.51.100.11", Some("VIP"))],
+    );
+    let slices = vec![slice(
+        "shop/web-a",
+        "web",
+        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        vec![ep_on("10.0.0.1", NODE), ep("10.0.0.2")],
+    )];
+    let out = run(vec![svc], slices);
+    assert_eq!(out.problems, vec![]);
+
+    let http = vec![local(be("10.0.0.1", 8080, Tcp, Active)), be("10.0.0.2", 8080, Tcp, Active)];
+    let dns = vec![local(be("10.0.0.1", 5353, Udp, Active)), be("10.0.0.2", 5353, Udp, Active)];
+    let with_flags = |flags, name: &str, slots: &[Backend]| ServiceEntry {
+        flags,
+        ..entry("shop/web", name, slots.to_vec(), vec![])
+    };
+    let mut expected = Vec::new();
+    for (addr, flags) in [
+        ("10.96.0.10", SVC_F_CLUSTER_IP),
+        ("192.0.2.10", SVC_F_EXTERNAL_IP),
+        ("192.0.2.11", SVC_F_EXTERNAL_IP),
+        ("198.51.100.10", SVC_F_LOAD_BALANCER),
+        ("198.51.100.11", SVC_F_LOAD_BALANCER),
+    ] {
+        expected.push((fe(addr, 80, Tcp), with_flags(flags, "http", &http)));
+        expected.push((fe(addr, 53, Udp), with_flags(flags, "dns", &dns)));
+    }
+    expected.push((np(30080, Tcp), with_flags(SVC_F_NODE_PORT, "http", &http)));
+    expected.push((np(30053, Udp), with_flags(SVC_F_NODE_PORT, "dns", &dns)));
+    assert_eq!(out.desired, desired(expected));
+    assert_eq!(np(30080, Tcp).to_string(), "0.0.0.0:30080/TCP");
+}
+
+/// The `web` Service as the API server leaves it after a change to type `ty`: `ExternalName`
+/// has no cluster IP, `ClusterIP` no node ports, only `LoadBalancer` an ingress status.
+fn web_as(ty: &str) -> Service {
+    let ports = |node_ports: bool| {
+        let (http, dns) = (port("http", 80, "TCP"), port("dns", 53, "UDP"));
+        if node_ports { vec![with_node_port(http, 30080), with_node_port(dns, 30053)] } else { vec![http, dns] }
+    };
+    let with_ips = |ty: &str, node_ports: bool| {
+        external_ips(typed(ty, service("web", "10.96.0.10", ports(node_ports))), &["192.0.2.10"])
+    };
+    match ty {
+        "ExternalName" => with_spec(typed(ty, service("web", "", ports(false))), |spec| {
+            spec.cluster_ip = None;
+            spec.external_name = Some("web.example.com".to_owned());
+        }),
+        "ClusterIP" => with_ips(ty, false),
+        "NodePort" => with_ips(ty, true),
+        "LoadBalancer" => with_ingress(with_ips(ty, true), vec![ingress("198.51.100.10", None)]),
+        other => panic!("no such type in this test: {other}"),
+    }
+}
+
+#[test]
+fn service_type_changes_add_and_remove_exactly_the_right_frontends() {
+    let cluster = [fe("10.96.0.10", 80, Tcp), fe("10.96.0.10", 53, Udp)];
+    let external = [fe("192.0.2.10", 80, Tcp), fe("192.0.2.10", 53, Udp)];
+    let node_ports = [np(30080, Tcp), np(30053, Udp)];
+    let lb = [fe("198.51.100.10", 80, Tcp), fe("198.51.100.10", 53, Udp)];
+    let all = [cluster, external, node_ports, lb];
+    // (before, after, frontend groups added, frontend groups removed)
+    let cases: Vec<(&str, &str, Vec<[Frontend; 2]>, Vec<[Frontend; 2]>)> = vec![
+        ("ExternalName", "ClusterIP", vec![cluster, external], vec![]),
+        ("ClusterIP", "ExternalName", vec![], vec![cluster, external]),
+        ("ClusterIP", "NodePort", vec![node_ports], vec![]),
+        ("NodePort", "ClusterIP", vec![], vec![node_ports]),
+        ("NodePort", "LoadBalancer", vec![lb], vec![]),
+        ("LoadBalancer", "NodePort", vec![], vec![lb]),
+        ("ClusterIP", "LoadBalancer", vec![node_ports, lb], vec![]),
+        ("LoadBalancer", "ClusterIP", vec![], vec![node_ports, lb]),
+        ("ExternalName", "NodePort", vec![cluster, external, node_ports], vec![]),
+        ("NodePort", "ExternalName", vec![], vec![cluster, external, node_ports]),
+        ("ExternalName", "LoadBalancer", all.to_vec(), vec![]),
+        ("LoadBalancer", "ExternalName", vec![], all.to_vec()),
+    ];
+    let slices = || vec![slice("web-a", "web", &[("http", 8080, "TCP"), ("dns", 5353, "UDP")], vec![ep("10.0.0.1")])];
+    for (before_type, after_type, added, removed) in cases {
+        let case = format!("{before_type} -> {after_type}");
+        let before = run(vec![web_as(before_type)], slices());
+        let after = run(vec![web_as(after_type)], slices());
+        assert_eq!((&before.problems, &after.problems), (&vec![], &vec![]), "{case}");
+        let (old, new) = (&before.desired.services, &after.desired.services);
+        let got_added: BTreeSet<Frontend> = new.keys().filter(|fe| !old.contains_key(fe)).copied().collect();
+        let got_removed: BTreeSet<Frontend> = old.keys().filter(|fe| !new.contains_key(fe)).copied().collect();
+        assert_eq!(got_added, added.concat().into_iter().collect(), "{case}: added");
+        assert_eq!(got_removed, removed.concat().into_iter().collect(), "{case}: removed");
+        for (frontend, entry) in old.iter().filter(|(fe, _)| new.contains_key(fe)) {
+            assert_eq!(Some(entry), new.get(frontend), "{case}: kept frontend {frontend} changed");
+        }
+    }
+}
+
+#[test]
+fn unknown_service_type_is_reported() {
+    let out = run(vec![typed("Weird", service("web", "10.96.0.10", vec![port("", 80, "TCP")]))], vec![]);
+    assert_eq!(out.desired, Desired::default());
+    assert_eq!(out.problems, vec![prob("Service", "default/web", "unknown type \"Weird\"")]);
+}
+
+/// (case, ingress, expected `LoadBalancer` frontend addresses, expected problem reasons)
+type IngressCase = (&'static str, Vec<LoadBalancerIngress>, Vec<&'static str>, Vec<&'static str>);
+
+#[test]
+fn load_balancer_ingress_by_ip_mode() {
+    let hostname_only = LoadBalancerIngress { hostname: Some("lb.example.com".to_owned()), ..Default::default() };
+    let cases: Vec<IngressCase> = vec![
+        ("unset ipMode is VIP", vec![ingress("198.51.100.1", None)], vec!["198.51.100.1"], vec![]),
+        ("VIP", vec![ingress("198.51.100.1", Some("VIP"))], vec!["198.51.100.1"], vec![]),
+        ("Proxy is left to the load balancer", vec![ingress("198.51.100.1", Some("Proxy"))], vec![], vec![]),
+        (
+            "unknown ipMode is reported and used as VIP",
+            vec![ingress("198.51.100.1", Some("Router"))],
+            vec!["198.51.100.1"],
+            vec!["loadBalancer ingress 198.51.100.1: unknown ipMode \"Router\"; using VIP"],
+        ),
+        ("hostname-only ingress is ignored", vec![hostname_only], vec![], vec![]),
+        (
+            "dual-stack: IPv6 reported, IPv4 kept",
+            vec![ingress("2001:db8::1", None), ingress("198.51.100.1", Some("VIP"))],
+            vec!["198.51.100.1"],
+            vec!["loadBalancer ingress IP 2001:db8::1: IPv6 is not supported by the datapath yet"],
+        ),
+        ("IPv6 Proxy ingress is skipped silently", vec![ingress("2001:db8::1", Some("Proxy"))], vec![], vec![]),
+        (
+            "invalid and unspecified addresses are reported, duplicates merged",
+            vec![
+                ingress("nope", None),
+                ingress("0.0.0.0", None),
+                ingress("198.51.100.2", None),
+                ingress("198.51.100.2", Some("VIP")),
+            ],
+            vec!["198.51.100.2"],
+            vec![
+                "invalid loadBalancer ingress IP \"nope\"",
+                "loadBalancer ingress IP 0.0.0.0: the unspecified address cannot be a Service address",
+            ],
+        ),
+    ];
+    for (case, ingress_list, addrs, reasons) in cases {
+        let svc =
+            with_ingress(typed("LoadBalancer", service("lb", "10.96.0.1", vec![port("", 80, "TCP")])), ingress_list);
+        let out = run(vec![svc], vec![]);
+        let mut expected: BTreeMap<Frontend, u16> =
+            addrs.iter().map(|a| (fe(a, 80, Tcp), SVC_F_LOAD_BALANCER)).collect();
+        expected.insert(fe("10.96.0.1", 80, Tcp), SVC_F_CLUSTER_IP);
+        assert_eq!(flags_of(&out), expected, "{case}");
+        let problems: Vec<Problem> = reasons.iter().map(|r| prob("Service", "default/lb", r)).collect();
+        assert_eq!(out.problems, problems, "{case}");
+    }
+
+    // Only a LoadBalancer's status counts (the API server clears it on a type change anyway).
+    for ty in ["ClusterIP", "NodePort"] {
+        let svc = with_ingress(
+            typed(ty, service("np", "10.96.0.2", vec![port("", 80, "TCP")])),
+            vec![ingress("198.51.100.3", None)],
+        );
+        let out = run(vec![svc], vec![]);
+        assert_eq!(flags_of(&out), [(fe("10.96.0.2", 80, Tcp), SVC_F_CLUSTER_IP)].into(), "{ty}");
+        assert_eq!(out.problems, vec![], "{ty}");
+    }
+}
+
+#[test]
+fn external_ips_on_every_type_with_a_cluster_ip() {
+    let raw = ["192.0.2.2", "192.0.2.1", "192.0.2.1", "2001:db8::2", "192.0.2.x", "0.0.0.0", "010.000.002.003"];
+    for ty in ["ClusterIP", "NodePort", "LoadBalancer"] {
+        let svc = external_ips(typed(ty, service("web", "10.96.0.10", vec![port("", 80, "TCP")])), &raw);
+        let out = run(vec![svc], vec![]);
+        let expected: BTreeMap<Frontend, u16> = [
+            (fe("10.96.0.10", 80, Tcp), SVC_F_CLUSTER_IP),
+            (fe("10.0.2.3", 80, Tcp), SVC_F_EXTERNAL_IP),
+            (fe("192.0.2.1", 80, Tcp), SVC_F_EXTERNAL_IP),
+            (fe("192.0.2.2", 80, Tcp), SVC_F_EXTERNAL_IP),
+        ]
+        .into();
+        assert_eq!(flags_of(&out), expected, "{ty}");
+        let problems = vec![
+            prob("Service", "default/web", "externalIP 0.0.0.0: the unspecified address cannot be a Service address"),
+            prob("Service", "default/web", "externalIP 2001:db8::2: IPv6 is not supported by the datapath yet"),
+            prob("Service", "default/web", "invalid externalIP \"192.0.2.x\""),
+        ];
+        assert_eq!(out.problems, problems, "{ty}");
+    }
+
+    // Like kube-proxy, a headless Service gets no frontend at all, externalIPs included.
+    let headless = external_ips(service("headless", "None", vec![port("", 80, "TCP")]), &["192.0.2.1"]);
+    assert_eq!(run(vec![headless], vec![]), Translation::default());
+}
+
+#[test]
+fn node_ports() {
+    let cluster_ip = service("plain", "10.96.0.1", vec![with_node_port(port("http", 80, "TCP"), 30080)]);
+    // allocateLoadBalancerNodePorts: false leaves nodePort unset (or 0).
+    let no_node_ports = with_spec(
+        typed(
+            "LoadBalancer",
+            service("lb", "10.96.0.2", vec![port("http", 80, "TCP"), with_node_port(port("alt", 81, "TCP"), 0)]),
+        ),
+        |spec| spec.allocate_load_balancer_node_ports = Some(false),
+    );
+    let first = typed("NodePort", service("a/first", "10.96.0.3", vec![with_node_port(port("", 80, "TCP"), 30090)]));
+    let second = typed(
+        "NodePort",
+        service(
+            "b/second",
+            "10.96.0.4",
+            vec![
+                with_node_port(port("tcp", 80, "TCP"), 30090),
+                with_node_port(port("udp", 80, "UDP"), 30090),
+                with_node_port(port("sig", 9000, "SCTP"), 30091),
+            ],
+        ),
+    );
+    let out = run(vec![cluster_ip, no_node_ports, second, first], vec![]);
+    let expected: BTreeMap<Frontend, u16> = [
+        (fe("10.96.0.1", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.2", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.2", 81, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.3", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.4", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.4", 80, Udp), SVC_F_CLUSTER_IP),
+        (np(30090, Tcp), SVC_F_NODE_PORT),
+        (np(30090, Udp), SVC_F_NODE_PORT),
+    ]
+    .into();
+    assert_eq!(flags_of(&out), expected);
+    assert_eq!(out.desired.services[&np(30090, Tcp)].service, objref("a/first"));
+    assert_eq!(out.desired.services[&np(30090, Udp)].service, objref("b/second"));
+    let problems = vec![
+        prob("Service", "b/second", "frontend 0.0.0.0:30090/TCP is already used by Service a/first; ignored"),
+        prob("Service", "b/second", "port 9000/SCTP: SCTP is not supported by the datapath"),
+        prob(
+            "Service",
+            "default/plain",
+            "port 80/TCP: nodePort 30080 is only used by NodePort and LoadBalancer Services; ignored",
+        ),
+    ];
+    assert_eq!(out.problems, problems);
+}
+
+#[test]
+fn a_frontend_claimed_twice_across_kinds_goes_to_the_first_claimant() {
+    let one = external_ips(service("a/one", "10.96.0.10", vec![port("", 80, "TCP")]), &["10.96.0.20"]);
+    let two = service("b/two", "10.96.0.20", vec![port("", 80, "TCP")]);
+    // A Service whose externalIP is its own cluster IP keeps the cluster IP frontend.
+    let own = external_ips(service("c/own", "10.96.0.30", vec![port("", 80, "TCP")]), &["10.96.0.30"]);
+    let out = run(vec![two, own, one], vec![]);
+    let expected: BTreeMap<Frontend, u16> = [
+        (fe("10.96.0.10", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.20", 80, Tcp), SVC_F_EXTERNAL_IP),
+        (fe("10.96.0.30", 80, Tcp), SVC_F_CLUSTER_IP),
+    ]
+    .into();
+    assert_eq!(flags_of(&out), expected);
+    assert_eq!(out.desired.services[&fe("10.96.0.20", 80, Tcp)].service, objref("a/one"));
+    let problems = vec![
+        prob("Service", "b/two", "frontend 10.96.0.20:80/TCP is already used by Service a/one; ignored"),
+        prob("Service", "c/own", "frontend 10.96.0.30:80/TCP is already used by Service c/own; ignored"),
+    ];
+    assert_eq!(out.problems, problems);
+}
+
+// --- policies -------------------------------------------------------------------------------
+
+#[test]
+fn policy_and_affinity_flags_per_frontend_kind() {
+    let all_kinds = |name: &str, edit: fn(&mut ServiceSpec)| {
+        let svc = typed("LoadBalancer", service(name, "10.96.0.10", vec![with_node_port(port("", 80, "TCP"), 30080)]));
+        with_spec(with_ingress(external_ips(svc, &["192.0.2.10"]), vec![ingress("198.51.100.10", None)]), edit)
+    };
+    // (case, spec edit, flags of the cluster IP frontend, flags added to the external ones,
+    //  affinity timeout, problems)
+    let cases: Vec<(&str, fn(&mut ServiceSpec), u16, u16, u32, Vec<&str>)> = vec![
+        ("defaults", |_| {}, 0, 0, 0, vec![]),
+        (
+            "ITP Local: cluster IP only",
+            |s| s.internal_traffic_policy = Some("Local".to_owned()),
+            SVC_F_ITP_LOCAL,
+            0,
+            0,
+            vec![],
+        ),
+        (
+            "ETP Local: external frontends only",
+            |s| s.external_traffic_policy = Some("Local".to_owned()),
+            0,
+            SVC_F_ETP_LOCAL,
+            0,
+            vec!["no healthCheckNodePort for a LoadBalancer with externalTrafficPolicy Local; no health check served"],
+        ),
+        (
+            "explicit Cluster policies",
+            |s| {
+                s.external_traffic_policy = Some("Cluster".to_owned());
+                s.internal_traffic_policy = Some("Cluster".to_owned());
+            },
+            0,
+            0,
+            0,
+            vec![],
+        ),
+        (
+            "unknown policies are reported and read as Cluster",
+            |s| {
+                s.external_traffic_policy = Some("Sideways".to_owned());
+                s.internal_traffic_policy = Some("Global".to_owned());
+            },
+            0,
+            0,
+            0,
+            vec![
+                "unknown externalTrafficPolicy \"Sideways\"; using Cluster",
+                "unknown internalTrafficPolicy \"Global\"; using Cluster",
+            ],
+        ),
+        (
+            "ClientIP affinity on every frontend",
+            |s| {
+                s.session_affinity = Some("ClientIP".to_owned());
+                s.session_affinity_config =
+                    Some(SessionAffinityConfig { client_ip: Some(ClientIPConfig { timeout_seconds: Some(60) }) });
+            },
+            SVC_F_AFFINITY,
+            SVC_F_AFFINITY,
+            60,
+            vec![],
+        ),
+    ];
+    for (case, edit, cluster_flags, external_flags, timeout, reasons) in cases {
+        let out = run(vec![all_kinds("web", edit)], vec![]);
+        let expected: BTreeMap<Frontend, u16> = [
+            (fe("10.96.0.10", 80, Tcp), SVC_F_CLUSTER_IP | cluster_flags),
+            (fe("192.0.2.10", 80, Tcp), SVC_F_EXTERNAL_IP | external_flags),
+            (fe("198.51.100.10", 80, Tcp), SVC_F_LOAD_BALANCER | external_flags),
+            (np(30080, Tcp), SVC_F_NODE_PORT | external_flags),
+        ]
+        .into();
+        assert_eq!(flags_of(&out), expected, "{case}");
+        assert!(out.desired.services.values().all(|e| e.affinity_timeout == timeout), "{case}");
+        let problems: Vec<Problem> = reasons.iter().map(|r| prob("Service", "default/web", r)).collect();
+        assert_eq!(out.problems, problems, "{case}");
+    }
+
+    // kube-proxy applies externalTrafficPolicy to a ClusterIP Service's externalIPs too.
+    let svc = with_spec(external_ips(service("web", "10.96.0.10", vec![port("", 80, "TCP")]), &["192.0.2.10"]), |s| {
+        s.external_traffic_policy = Some("Local".to_owned());
+    });
+    let out = run(vec![svc], vec![]);
+    let expected: BTreeMap<Frontend, u16> = [
+        (fe("10.96.0.10", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("192.0.2.10", 80, Tcp), SVC_F_EXTERNAL_IP | SVC_F_ETP_LOCAL),
+    ]
+    .into();
+    assert_eq!((flags_of(&out), out.problems), (expected, vec![]));
+}
+
+/// An endpoint on `node` with explicit conditions.
+fn ep_at(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+    let conditions = EndpointConditions { ready: Some(ready), serving: Some(serving), terminating: Some(terminating) };
+    Endpoint { conditions: Some(conditions), ..ep_on(addr, node) }
+}
+
+/// (case, endpoints, cluster endpoints, local endpoints, every terminating endpoint)
+type PolicyCase = (&'static str, Vec<Endpoint>, Vec<Backend>, Vec<Backend>, Vec<Backend>);
+
+#[test]
+fn traffic_policies_select_backends_like_kube_proxy() {
+    const REMOTE: &str = "node-b";
+    let (l1, l2, r1, r2) = ("10.0.0.1", "10.0.0.2", "10.0.1.1", "10.0.1.2");
+    let active = |addr| be(addr, 8080, Tcp, Active);
+    let terminating = |addr| be(addr, 8080, Tcp, Terminating);
+    let cases: Vec<PolicyCase> = vec![
+        (
+            "ready endpoints here and there",
+            vec![
+                ep_at(l1, NODE, true, true, false),
+                ep_at(r1, REMOTE, true, true, false),
+                ep_at(l2, NODE, false, true, true),
+                ep_at(r2, REMOTE, false, true, true),
+            ],
+            vec![local(active(l1)), active(r1)],
+            vec![local(active(l1))],
+            vec![local(terminating(l2)), terminating(r2)],
+        ),
+        (
+            // The local endpoints fall back to terminating ones on their own: the case where
+            // local_slots is not the local part of slots.
+            "remote ready, local only terminating",
+            vec![
+                ep_at(l1, NODE, false, true, true),
+                ep_at(l2, NODE, false, false, true),
+                ep_at(r1, REMOTE, true, true, false),
+            ],
+            vec![active(r1)],
+            vec![local(terminating(l1))],
+            vec![local(terminating(l1)), local(terminating(l2))],
+        ),
+        (
+            "nothing ready anywhere",
+            vec![
+                ep_at(l1, NODE, false, true, true),
+                ep_at(r1, REMOTE, false, true, true),
+                ep_at(r2, REMOTE, false, false, true),
+            ],
+            vec![local(terminating(l1)), terminating(r1)],
+            vec![local(terminating(l1))],
+            vec![local(terminating(l1)), terminating(r1), terminating(r2)],
+        ),
+        (
+            "no local endpoint",
+            vec![ep_at(r1, REMOTE, true, true, false), ep_at(r2, REMOTE, false, true, true)],
+            vec![active(r1)],
+            vec![],
+            vec![terminating(r2)],
+        ),
+        (
+            "a starting local endpoint (serving, not ready, not terminating) is never used",
+            vec![ep_at(l1, NODE, false, true, false), ep_at(r1, REMOTE, true, true, false)],
+            vec![active(r1)],
+            vec![],
+            vec![],
+        ),
+    ];
+    let local_policy = |local: bool| Some(if local { "Local" } else { "Cluster" }.to_owned());
+    for (case, endpoints, cluster, local_eps, all_terminating) in cases {
+        for (itp, etp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let case = format!("{case} (ITP Local: {itp}, ETP Local: {etp})");
+            let svc = with_spec(
+                with_ingress(
+                    external_ips(
+                        typed(
+                            "LoadBalancer",
+                            service("web", "10.96.0.10", vec![with_node_port(port("", 80, "TCP"), 30080)]),
+                        ),
+                        &["192.0.2.10"],
+                    ),
+                    vec![ingress("198.51.100.10", None)],
+                ),
+                |spec| {
+                    spec.internal_traffic_policy = local_policy(itp);
+                    spec.external_traffic_policy = local_policy(etp);
+                    spec.health_check_node_port = etp.then_some(32000);
+                },
+            );
+            let out = run(vec![svc], vec![slice("web-a", "web", &[("", 8080, "TCP")], endpoints.clone())]);
+            assert_eq!(out.problems, vec![], "{case}");
+            let draining =
+                |slots: &[Backend]| all_terminating.iter().filter(|b| !slots.contains(b)).copied().collect::<Vec<_>>();
+            let cluster_ip = &out.desired.services[&fe("10.96.0.10", 80, Tcp)];
+            let slots = if itp { &local_eps } else { &cluster };
+            assert_eq!(&cluster_ip.slots, slots, "{case}: cluster IP slots");
+            assert_eq!(cluster_ip.local_slots, vec![], "{case}: cluster IP local_slots");
+            assert_eq!(cluster_ip.draining, draining(slots), "{case}: cluster IP draining");
+            for frontend in [fe("192.0.2.10", 80, Tcp), fe("198.51.100.10", 80, Tcp), np(30080, Tcp)] {
+                let external = &out.desired.services[&frontend];
+                assert_eq!(external.slots, cluster, "{case}: {frontend} slots");
+                let local_slots = if etp { local_eps.clone() } else { vec![] };
+                assert_eq!(external.local_slots, local_slots, "{case}: {frontend} local_slots");
+                assert_eq!(external.draining, draining(&cluster), "{case}: {frontend} draining");
+            }
+        }
+    }
+}
+
+/// (case, spec edit, endpoints, expected health check, expected problem reasons)
+type HealthCase = (&'static str, fn(&mut ServiceSpec), Vec<Endpoint>, Option<HealthCheck>, Vec<&'static str>);
+
+#[test]
+fn health_check_counts_local_ready_endpoints() {
+    const REMOTE: &str = "node-b";
+    let check = |local_endpoints| Some(HealthCheck { node_port: 32000, local_endpoints });
+    let not_needed =
+        "healthCheckNodePort 32000 is only used by LoadBalancer Services with externalTrafficPolicy Local; ignored";
+    let missing = "no healthCheckNodePort for a LoadBalancer with externalTrafficPolicy Local; no health check served";
+    let cases: Vec<HealthCase> = vec![
+        (
+            "distinct local ready addresses, over every port",
+            |_| {},
+            vec![
+                ep_at("10.0.0.1", NODE, true, true, false),
+                ep_at("10.0.0.2", NODE, true, true, false),
+                ep_at("10.0.1.1", REMOTE, true, true, false),
+                ep_at("10.0.0.3", NODE, false, false, false),
+            ],
+            check(2),
+            vec![],
+        ),
+        (
+            "terminating local endpoints are not counted",
+            |_| {},
+            vec![ep_at("10.0.0.3", NODE, false, true, true), ep_at("10.0.1.1", REMOTE, true, true, false)],
+            check(0),
+            vec![],
+        ),
+        (
+            "publishNotReadyAddresses makes every endpoint ready",
+            |spec| spec.publish_not_ready_addresses = Some(true),
+            vec![ep_at("10.0.0.1", NODE, false, false, false), ep_at("10.0.0.3", NODE, false, true, true)],
+            check(2),
+            vec![],
+        ),
+        ("no endpoints", |_| {}, vec![], check(0), vec![]),
+        (
+            "externalTrafficPolicy Cluster: none",
+            |spec| spec.external_traffic_policy = Some("Cluster".to_owned()),
+            vec![ep_at("10.0.0.1", NODE, true, true, false)],
+            None,
+            vec![not_needed],
+        ),
+        (
+            "type NodePort: none",
+            |spec| spec.type_ = Some("NodePort".to_owned()),
+            vec![ep_at("10.0.0.1", NODE, true, true, false)],
+            None,
+            vec![not_needed],
+        ),
+        ("missing", |spec| spec.health_check_node_port = None, vec![], None, vec![missing]),
+        ("0 means unset", |spec| spec.health_check_node_port = Some(0), vec![], None, vec![missing]),
+        (
+            "out of range",
+            |spec| spec.health_check_node_port = Some(70_000),
+            vec![],
+            None,
+            vec!["healthCheckNodePort 70000 is out of range 1-65535"],
+        ),
+    ];
+    for (case, edit, endpoints, expected, reasons) in cases {
+        let svc = with_spec(
+            typed(
+                "LoadBalancer",
+                service("web", "10.96.0.10", vec![port("http", 80, "TCP"), port("https", 443, "TCP")]),
+            ),
+            |spec| {
+                spec.external_traffic_policy = Some("Local".to_owned());
+                spec.health_check_node_port = Some(32000);
+                edit(spec);
+            },
+        );
+        let slices = vec![slice("web-a", "web", &[("http", 8080, "TCP"), ("https", 8443, "TCP")], endpoints)];
+        let out = run(vec![svc], slices);
+        let expected: BTreeMap<ObjectRef, HealthCheck> =
+            expected.into_iter().map(|check| (objref("default/web"), check)).collect();
+        assert_eq!(out.desired.health_checks, expected, "{case}");
+        let problems: Vec<Problem> = reasons.iter().map(|r| prob("Service", "default/web", r)).collect();
+        assert_eq!(out.problems, problems, "{case}");
+    }
+}
+
+// --- incremental use ------------------------------------------------------------------------
+
+#[test]
+fn translate_refs_translates_one_service_with_its_slices() {
+    let (services, slices) = mixed_objects();
+    let whole = run(services.clone(), slices.clone());
+    let service_refs: Vec<&Service> = services.iter().collect();
+    let slice_refs: Vec<&EndpointSlice> = slices.iter().collect();
+    assert_eq!(translate_refs(&service_refs, &slice_refs, NODE), whole);
+
+    // Each Service alone, with the slices labelled for it, gives exactly its part of the whole
+    // (none of these Services claims another's frontend).
+    let mut merged = Desired::default();
+    let mut problems = Vec::new();
+    for svc in &services {
+        let name = svc.metadata.name.as_deref();
+        let own: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|slice| {
+                slice.metadata.namespace == svc.metadata.namespace
+                    && slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str)
+                        == name
+            })
+            .collect();
+        let part = translate_refs(&[svc], &own, NODE);
+        assert!(!part.desired.services.is_empty(), "{name:?}");
+        for (frontend, entry) in part.desired.services {
+            assert!(merged.services.insert(frontend, entry).is_none(), "{frontend} claimed twice");
+        }
+        merged.health_checks.extend(part.desired.health_checks);
+        problems.extend(part.problems);
+    }
+    problems.sort_by(|a, b| (a.kind, &a.object, &a.reason).cmp(&(b.kind, &b.object, &b.reason)));
+    assert_eq!(Translation { desired: merged, problems }, whole);
+}
+
+/// Services of every kind with their slices (no frontend conflicts, no orphan slices).
+fn mixed_objects() -> (Vec<Service>, Vec<EndpointSlice>) {
+    let (t, f) = (Some(true), Some(false));
+    let lb = with_spec(
+        with_ingress(
+            external_ips(
+                typed(
+                    "LoadBalancer",
+                    service(
+                        "shop/lb",
+                        "10.96.1.1",
+                        vec![
+                            with_node_port(port("http", 80, "TCP"), 30080),
+                            with_node_port(port("dns", 53, "UDP"), 30053),
+                            with_node_port(port("sig", 9000, "SCTP"), 30090),
+                        ],
+                    ),
+                ),
+                &["192.0.2.1", "2001:db8::1"],
+            ),
+            vec![ingress("198.51.100.1", None), ingress("198.51.100.2", Some("Proxy"))],
+        ),
+        |spec| {
+            spec.external_traffic_policy = Some("Local".to_owned());
+            spec.internal_traffic_policy = Some("Local".to_owned());
+            spec.health_check_node_port = Some(32000);
+            spec.session_affinity = Some("ClientIP".to_owned());
+        },
+    );
+    let node_port = typed("NodePort", service("np", "10.96.1.2", vec![with_node_port(port("", 80, "TCP"), 30081)]));
+    let web = service("web", "10.96.0.10", vec![port("http", 80, "TCP"), port("dns", 53, "UDP")]);
+    let services = vec![lb, node_port, web];
+    let slices = vec![
+        slice(
+            "shop/lb-a",
+            "lb",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            vec![ep_on("10.0.0.1", NODE), ep_cond("10.0.0.2", f, t, t), ep_on("10.0.2.1", "node-b")],
+        ),
+        slice("shop/lb-b", "lb", &[("http", 8080, "TCP")], vec![ep_cond("10.0.0.2", t, t, f), ep("10.0.0.4")]),
+        slice("np-a", "np", &[("", 8080, "TCP")], vec![ep_at("10.0.3.1", NODE, false, true, true), ep("10.0.3.2")]),
+        slice(
+            "web-a",
+            "web",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            vec![ep_on("10.0.0.1", NODE), ep_cond("10.0.0.2", f, t, t), ep_cond("10.0.0.3", f, f, t)],
+        ),
+        slice("web-b", "web", &[("http", 9090, "TCP")], vec![ep_cond("10.0.0.2", t, t, f), ep("10.0.0.4")]),
+    ];
+    (services, slices)
 }
