@@ -714,7 +714,7 @@ fn merge(merged: &mut PortEndpoints, addr: BackendAddr, info: EndpointInfo) {
 
 /// A port's endpoint as a backend. The state is the endpoint's own (so every entry that lists a
 /// backend agrees on it): active if ready, else terminating.
-fn backend_of(addr: BackendAddr, info: &EndpointInfo) -> Backend {
+fn backend_of(addr: BackendAddr, info: EndpointInfo) -> Backend {
     let state = if info.conditions.ready { BackendState::Active } else { BackendState::Terminating };
     Backend { addr, state, local: info.local }
 }
@@ -724,13 +724,13 @@ fn backend_of(addr: BackendAddr, info: &EndpointInfo) -> Backend {
 fn usable(endpoints: &PortEndpoints, local_only: bool) -> Vec<Backend> {
     let candidates = || endpoints.iter().filter(move |(_, info)| !local_only || info.local);
     let ready: Vec<Backend> =
-        candidates().filter(|(_, info)| info.conditions.ready).map(|(&addr, info)| backend_of(addr, info)).collect();
+        candidates().filter(|(_, info)| info.conditions.ready).map(|(&addr, info)| backend_of(addr, *info)).collect();
     if !ready.is_empty() {
         return ready;
     }
     candidates()
         .filter(|(_, info)| info.conditions.serving && info.conditions.terminating)
-        .map(|(&addr, info)| backend_of(addr, info))
+        .map(|(&addr, info)| backend_of(addr, *info))
         .collect()
 }
 
@@ -741,7 +741,7 @@ fn draining(endpoints: &PortEndpoints, slots: &[Backend]) -> Vec<Backend> {
         .filter(|&(addr, info)| {
             info.conditions.terminating && slots.binary_search_by_key(addr, |backend| backend.addr).is_err()
         })
-        .map(|(&addr, info)| backend_of(addr, info))
+        .map(|(&addr, info)| backend_of(addr, *info))
         .collect()
 }
 

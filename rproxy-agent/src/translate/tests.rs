@@ -660,6 +660,9 @@ fn web_as(ty: &str) -> Service {
     }
 }
 
+/// (type before, type after, frontend groups added, frontend groups removed)
+type TypeChange = (&'static str, &'static str, Vec<[Frontend; 2]>, Vec<[Frontend; 2]>);
+
 #[test]
 fn service_type_changes_add_and_remove_exactly_the_right_frontends() {
     let cluster = [fe("10.96.0.10", 80, Tcp), fe("10.96.0.10", 53, Udp)];
@@ -667,8 +670,7 @@ fn service_type_changes_add_and_remove_exactly_the_right_frontends() {
     let node_ports = [np(30080, Tcp), np(30053, Udp)];
     let lb = [fe("198.51.100.10", 80, Tcp), fe("198.51.100.10", 53, Udp)];
     let all = [cluster, external, node_ports, lb];
-    // (before, after, frontend groups added, frontend groups removed)
-    let cases: Vec<(&str, &str, Vec<[Frontend; 2]>, Vec<[Frontend; 2]>)> = vec![
+    let cases: Vec<TypeChange> = vec![
         ("ExternalName", "ClusterIP", vec![cluster, external], vec![]),
         ("ClusterIP", "ExternalName", vec![], vec![cluster, external]),
         ("ClusterIP", "NodePort", vec![node_ports], vec![]),
@@ -871,15 +873,17 @@ fn a_frontend_claimed_twice_across_kinds_goes_to_the_first_claimant() {
 
 // --- policies -------------------------------------------------------------------------------
 
+/// (case, spec edit, flags added to the cluster IP frontend, flags added to the external ones,
+/// affinity timeout, problem reasons)
+type FlagCase = (&'static str, fn(&mut ServiceSpec), u16, u16, u32, Vec<&'static str>);
+
 #[test]
 fn policy_and_affinity_flags_per_frontend_kind() {
     let all_kinds = |name: &str, edit: fn(&mut ServiceSpec)| {
         let svc = typed("LoadBalancer", service(name, "10.96.0.10", vec![with_node_port(port("", 80, "TCP"), 30080)]));
         with_spec(with_ingress(external_ips(svc, &["192.0.2.10"]), vec![ingress("198.51.100.10", None)]), edit)
     };
-    // (case, spec edit, flags of the cluster IP frontend, flags added to the external ones,
-    //  affinity timeout, problems)
-    let cases: Vec<(&str, fn(&mut ServiceSpec), u16, u16, u32, Vec<&str>)> = vec![
+    let cases: Vec<FlagCase> = vec![
         ("defaults", |_| {}, 0, 0, 0, vec![]),
         (
             "ITP Local: cluster IP only",
