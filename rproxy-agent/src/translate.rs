@@ -127,16 +127,6 @@ pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_nam
     Translation { desired, problems }
 }
 
-/// [`translate`] over borrowed objects (stand-in until the borrowed translation lands).
-#[must_use]
-pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_name: &str) -> Translation {
-    let objects = Objects {
-        services: services.iter().map(|s| (*s).clone()).collect(),
-        slices: slices.iter().map(|s| (*s).clone()).collect(),
-    };
-    translate(&objects, node_name)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Services
 
