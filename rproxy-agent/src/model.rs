@@ -144,9 +144,9 @@ pub struct ServiceEntry {
 pub struct HealthCheck {
     pub node_port: u16,
     /// The count kube-proxy's health check server reports: distinct addresses of the Service's
-    /// ready endpoints on this node (publishNotReadyAddresses makes every endpoint ready;
-    /// terminating ones are not counted, so that a draining node fails the check). 0 means the
-    /// node answers 503.
+    /// ready endpoints on this node, over all its (translated) ports. publishNotReadyAddresses
+    /// makes every endpoint ready; terminating ones are not counted, so that a node left with
+    /// only terminating endpoints fails the check. 0 means the node answers 503.
     pub local_endpoints: usize,
 }
 

@@ -43,7 +43,8 @@
 //!
 //! Health checks: a `LoadBalancer` Service with `externalTrafficPolicy: Local` (the only ones
 //! kube-proxy serves a health check for) and a `healthCheckNodePort` gets a [`HealthCheck`]
-//! whose count is kube-proxy's: distinct addresses of ready local endpoints.
+//! whose count is kube-proxy's (`EndpointsMap.LocalReadyEndpoints`): distinct addresses of ready
+//! local endpoints over the Service's ports. Ports refused here (SCTP) do not count.
 //!
 //! A bad object (or the bad part of one) is skipped with a [`Problem`]; everything else is still
 //! translated. Nothing here panics on user data.
