@@ -1,6 +1,6 @@
 //! The store must always agree with a full translation of the objects it holds, whatever the
 //! order of updates; and it must re-translate only what an update touches.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
     core::v1::{ServicePort, ServiceSpec},
@@ -104,8 +104,8 @@ fn problem_set(problems: &[Problem]) -> BTreeSet<String> {
 fn always_agrees_with_a_full_translation() {
     let mut rng = Rng(0x5eed_1234_abcd_9876);
     let mut store = Store::new(NODE);
-    let mut services: HashMap<String, Service> = HashMap::new();
-    let mut slices: HashMap<String, EndpointSlice> = HashMap::new();
+    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut standing: BTreeSet<String> = BTreeSet::new();
     let (mut saw_conflict, mut saw_frontends) = (false, 0usize);
     for step in 0..600 {
