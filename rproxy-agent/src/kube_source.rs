@@ -42,6 +42,7 @@ use tracing::{info, warn};
 
 use crate::{
     error::{Error, Result},
+    slim,
     source::Update,
 };
 
@@ -183,6 +184,14 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: &mpsc::Send
                         }
                         lists += 1;
                     }
+                    // Trimmed as they arrive, so that a list of thousands never sits in memory
+                    // in full (see `slim`).
+                    let event = match event {
+                        Event::Apply(o) => Event::Apply(K::slim(o)),
+                        Event::Delete(o) => Event::Delete(K::slim(o)),
+                        Event::InitApply(o) => Event::InitApply(K::slim(o)),
+                        other => other,
+                    };
                     let step = mapper.map(event);
                     for update in step.updates {
                         if tx.send(update).await.is_err() {
@@ -236,6 +245,10 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt:
     fn apply(object: Self) -> Update;
     fn delete(object: Self) -> Update;
     fn stats(stats: &Stats) -> &KindStats;
+    /// The object trimmed to what the agent reads.
+    fn slim(self) -> Self {
+        self
+    }
 }
 
 impl Watched for Service {
@@ -252,6 +265,9 @@ impl Watched for Service {
     fn stats(stats: &Stats) -> &KindStats {
         &stats.services
     }
+    fn slim(self) -> Self {
+        slim::service(self)
+    }
 }
 
 impl Watched for EndpointSlice {
@@ -267,6 +283,9 @@ impl Watched for EndpointSlice {
     }
     fn stats(stats: &Stats) -> &KindStats {
         &stats.slices
+    }
+    fn slim(self) -> Self {
+        slim::slice(self)
     }
 }
 

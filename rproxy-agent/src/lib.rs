@@ -12,6 +12,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod run;
+pub mod slim;
 pub mod source;
 pub mod store;
 pub mod translate;

@@ -289,6 +289,7 @@ impl Agent {
             map_ops = report.ops,
             map_errors = report.errors.len(),
             udp_ct_purged = purged,
+            rss_mib = resident_mib(),
             elapsed_ms = started.elapsed().as_millis(),
             "synced"
         );
@@ -362,6 +363,18 @@ impl Agent {
             debug!(scanned = pass.scanned, "conntrack GC: nothing to remove");
         }
     }
+}
+
+/// The agent's resident memory in MiB (0 if unknown), for the logs.
+fn resident_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    kib / 1024
 }
 
 /// Watches `dir` (not recursively) and sends `()` on every change.

@@ -23,15 +23,21 @@ use k8s_openapi::{
 
 use crate::{
     model::{Desired, Frontend, HealthCheck, ObjectRef, Problem, ServiceEntry},
+    slim,
     source::Update,
     translate::{self, SERVICE_NAME_LABEL},
 };
 
 /// The translated state of one unit: a Service (by `namespace/name`) with its slices, or a
 /// slice that names no Service (keyed by the slice itself).
+///
+/// Small sorted vectors rather than B-trees here and in the claims: most units have one or two
+/// frontends, and a one-entry B-tree allocates a whole node (over 1 KiB for these values), which
+/// at 10,000 Services is tens of MiB.
 #[derive(Debug, Default)]
 struct Unit {
-    frontends: BTreeMap<Frontend, ServiceEntry>,
+    /// Sorted by frontend.
+    frontends: Vec<(Frontend, ServiceEntry)>,
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
     problems: Vec<Problem>,
 }
@@ -62,11 +68,11 @@ pub struct Store {
     /// Slice → the unit it belongs to.
     slice_unit: HashMap<ObjectRef, ObjectRef>,
     /// Unit → its slices.
-    unit_slices: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    unit_slices: HashMap<ObjectRef, Vec<ObjectRef>>,
     node: Option<Node>,
     units: HashMap<ObjectRef, Unit>,
-    /// Frontend → the units that want it, in `namespace/name` order (the first one has it).
-    claims: BTreeMap<Frontend, BTreeMap<String, ObjectRef>>,
+    /// Frontend → the units that want it, sorted by `namespace/name` (the first one has it).
+    claims: BTreeMap<Frontend, Vec<(String, ObjectRef)>>,
     /// Conflict problems of each frontend with more than one claimant.
     conflicts: BTreeMap<Frontend, Vec<Problem>>,
     /// Problems not tied to a unit: objects without a name, unreadable files. By origin.
@@ -147,7 +153,7 @@ impl Store {
             Update::ResetSlices(all) => self.reset_slices(all),
             Update::ApplyService(svc) => {
                 if let Some(r) = named("Service", &svc.metadata) {
-                    self.put_service(r, Some(vec![*svc]));
+                    self.put_service(r, Some(vec![slim::service(*svc)]));
                 }
             }
             Update::DeleteService(svc) => {
@@ -157,7 +163,7 @@ impl Store {
             }
             Update::ApplySlice(slice) => {
                 if let Some(r) = named("EndpointSlice", &slice.metadata) {
-                    self.put_slice(r, Some(vec![*slice]));
+                    self.put_slice(r, Some(vec![slim::slice(*slice)]));
                 }
             }
             Update::DeleteSlice(slice) => {
@@ -197,14 +203,18 @@ impl Store {
             let (new, fixed) = diff(&old.problems, &unit.problems);
             changes.new_problems.extend(new);
             changes.fixed_problems.extend(fixed);
-            for fe in old.frontends.keys() {
-                if !unit.frontends.contains_key(fe) {
+            for (fe, _) in &old.frontends {
+                if find(&unit.frontends, *fe).is_none() {
                     self.unclaim(*fe, &unit_ref);
                 }
                 touched.insert(*fe);
             }
-            for fe in unit.frontends.keys() {
-                self.claims.entry(*fe).or_default().insert(unit_ref.to_string(), unit_ref.clone());
+            for (fe, _) in &unit.frontends {
+                let claimants = self.claims.entry(*fe).or_default();
+                let key = unit_ref.to_string();
+                if let Err(at) = claimants.binary_search_by(|(k, _)| k.cmp(&key)) {
+                    claimants.insert(at, (key, unit_ref.clone()));
+                }
                 touched.insert(*fe);
             }
             for r in old.health_checks.keys() {
@@ -235,12 +245,17 @@ impl Store {
             return Unit::default();
         }
         let t = translate::translate_refs(&services, &slices, &self.node_name);
-        Unit { frontends: t.desired.services, health_checks: t.desired.health_checks, problems: t.problems }
+        Unit {
+            frontends: t.desired.services.into_iter().collect(),
+            health_checks: t.desired.health_checks,
+            problems: t.problems,
+        }
     }
 
     fn unclaim(&mut self, fe: Frontend, unit_ref: &ObjectRef) {
         if let Entry::Occupied(mut claimants) = self.claims.entry(fe) {
-            claimants.get_mut().remove(&unit_ref.to_string());
+            let key = unit_ref.to_string();
+            claimants.get_mut().retain(|(k, _)| *k != key);
             if claimants.get().is_empty() {
                 claimants.remove();
             }
@@ -250,9 +265,9 @@ impl Store {
     /// Sets the desired entry of `fe` from its first claimant, and its conflict problems.
     fn resolve(&mut self, fe: Frontend, changes: &mut Changes) {
         let mut conflicts = Vec::new();
-        match self.claims.get(&fe).and_then(|c| c.values().next().map(|w| (w, c))) {
+        match self.claims.get(&fe).and_then(|c| c.first().map(|(_, w)| (w, c))) {
             Some((winner, claimants)) => {
-                let entry = self.units.get(winner).and_then(|u| u.frontends.get(&fe)).cloned();
+                let entry = self.units.get(winner).and_then(|u| find(&u.frontends, fe)).cloned();
                 match entry {
                     Some(entry) => {
                         self.desired.services.insert(fe, entry);
@@ -261,7 +276,7 @@ impl Store {
                         self.desired.services.remove(&fe);
                     }
                 }
-                for loser in claimants.values().skip(1) {
+                for (_, loser) in claimants.iter().skip(1) {
                     conflicts.push(Problem {
                         kind: "Service",
                         object: loser.to_string(),
@@ -307,7 +322,7 @@ impl Store {
         }
         if let Some(old_unit) = self.slice_unit.remove(&r) {
             if let Some(set) = self.unit_slices.get_mut(&old_unit) {
-                set.remove(&r);
+                set.retain(|s| *s != r);
                 if set.is_empty() {
                     self.unit_slices.remove(&old_unit);
                 }
@@ -317,7 +332,10 @@ impl Store {
         match slice {
             Some(new) => {
                 let unit = slice_unit(&r, &new);
-                self.unit_slices.entry(unit.clone()).or_default().insert(r.clone());
+                let set = self.unit_slices.entry(unit.clone()).or_default();
+                if !set.contains(&r) {
+                    set.push(r.clone());
+                }
                 self.slice_unit.insert(r.clone(), unit.clone());
                 self.slices.insert(r, new);
                 self.dirty.insert(unit);
@@ -329,7 +347,7 @@ impl Store {
     }
 
     fn reset_services(&mut self, all: Vec<Service>) {
-        let (by_ref, unnamed) = group("Service", all);
+        let (by_ref, unnamed) = group("Service", all.into_iter().map(slim::service));
         self.set_loose_problems("Service", unnamed);
         let gone: Vec<ObjectRef> = self.services.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
@@ -341,7 +359,7 @@ impl Store {
     }
 
     fn reset_slices(&mut self, all: Vec<EndpointSlice>) {
-        let (by_ref, unnamed) = group("EndpointSlice", all);
+        let (by_ref, unnamed) = group("EndpointSlice", all.into_iter().map(slim::slice));
         self.set_loose_problems("EndpointSlice", unnamed);
         let gone: Vec<ObjectRef> = self.slices.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
@@ -371,7 +389,7 @@ impl Meta for EndpointSlice {
 }
 
 /// Groups objects by reference; the unnamed ones become problems.
-fn group<T: Meta>(kind: &'static str, all: Vec<T>) -> (HashMap<ObjectRef, Vec<T>>, Vec<Problem>) {
+fn group<T: Meta>(kind: &'static str, all: impl Iterator<Item = T>) -> (HashMap<ObjectRef, Vec<T>>, Vec<Problem>) {
     let mut by_ref: HashMap<ObjectRef, Vec<T>> = HashMap::new();
     let mut unnamed = Vec::new();
     for obj in all {
@@ -414,6 +432,11 @@ fn named(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectRef> {
 fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
     let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
     Some(ObjectRef { namespace: translate::namespace_of(meta).to_owned(), name: name.to_owned() })
+}
+
+/// The entry of `fe` in a sorted unit.
+fn find(frontends: &[(Frontend, ServiceEntry)], fe: Frontend) -> Option<&ServiceEntry> {
+    frontends.binary_search_by(|(f, _)| f.cmp(&fe)).ok().map(|i| &frontends[i].1)
 }
 
 /// Problems in `new` and not in `old`, and in `old` and not in `new`.
