@@ -3,8 +3,9 @@
 //! field would otherwise be dropped silently), and hold the properties deploy/README.md promises:
 //! read-only RBAC on exactly the watched resources, the `DaemonSet`'s host networking, downward-API
 //! node name, host bpffs mount, and an unprivileged container with exactly the documented
-//! capabilities. The container's flags are checked against the real agent's `run --help`: the
-//! binary in `RPROXY_AGENT_BIN`, else one built here with cargo.
+//! capabilities. The container's args are checked against the real agent's `run --help` (every
+//! flag exists, every required flag is given): the binary in `RPROXY_AGENT_BIN`, else one built
+//! here with cargo.
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -324,11 +325,28 @@ fn help_flags(help: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The flags the `Usage:` line of `--help` output requires (those outside `[...]`).
+fn required_flags(help: &str) -> BTreeSet<String> {
+    let usage = help.lines().find_map(|l| l.trim_start().strip_prefix("Usage:")).expect("a Usage: line");
+    let mut depth = 0usize;
+    let mut required = BTreeSet::new();
+    for word in usage.split_whitespace() {
+        depth += word.matches('[').count();
+        if depth == 0 && word.starts_with("--") {
+            required.insert(word.to_owned());
+        }
+        depth = depth.saturating_sub(word.matches(']').count());
+    }
+    required
+}
+
 #[test]
 fn help_flags_are_read_from_option_lines_only() {
     let help = "Usage: x run [OPTIONS] --a <A>\n\nOptions:\n      --alpha <DIR>  Uses --not-a-flag [default: 1]\n  \
                 -h, --help         Print help\n      --beta-gamma\n";
     assert_eq!(help_flags(help), ["--alpha", "--beta-gamma", "--help"].map(str::to_owned).into());
+    let usage = "Usage: x run [OPTIONS] --node-name <NAME> [--opt <A> [--nested]] --pod-devices <GLOB> [ARGS]...\n";
+    assert_eq!(required_flags(usage), ["--node-name", "--pod-devices"].map(str::to_owned).into());
 }
 
 #[test]
@@ -344,8 +362,11 @@ fn the_agent_accepts_every_flag_in_the_container_args() {
         .filter(|a| a.starts_with("--"))
         .map(|a| a.split_once('=').map_or(a.as_str(), |(flag, _)| flag))
         .collect();
-    assert!(used.len() >= 3, "args: {:?}", args(&ds));
-    for flag in used {
+    assert!(!used.is_empty(), "args: {:?}", args(&ds));
+    for &flag in &used {
         assert!(accepted.contains(flag), "`rproxy-agent run` has no {flag} (it accepts {accepted:?})");
+    }
+    for flag in required_flags(&String::from_utf8_lossy(&out.stdout)) {
+        assert!(used.contains(&flag.as_str()), "`rproxy-agent run` requires {flag}; args: {:?}", args(&ds));
     }
 }
