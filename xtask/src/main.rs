@@ -1,6 +1,8 @@
 //! `cargo xtask`: the project's commands. Each one runs `scripts/setup.sh` first (idempotent and
 #![expect(clippy::doc_markdown, reason = "doc comments here are --help text, shown as written")]
 //! fast when everything is installed), so a fresh Debian machine with rustup needs nothing else.
+mod kind;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -52,6 +54,8 @@ enum Cmd {
     },
     /// rustfmt check and clippy (pedantic, warnings are errors).
     Lint,
+    /// Run the release agent on a node of a kind cluster, against its API server (Ctrl-C stops it).
+    Run(kind::RunArgs),
 }
 
 fn root() -> PathBuf {
@@ -77,6 +81,13 @@ fn setup() -> Result<()> {
     run(Command::new("bash").arg(root().join("scripts/setup.sh")))
 }
 
+/// Where `build_agent` puts the binary: under `$CARGO_TARGET_DIR` (relative to the workspace root,
+/// where cargo runs) if set, else `target/`.
+fn agent_path(profile_release: bool) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |dir| root().join(dir));
+    target.join(if profile_release { "release" } else { "debug" }).join("rproxy-agent")
+}
+
 fn build_agent(profile_release: bool) -> Result<PathBuf> {
     let mut c = cargo();
     c.args(["build", "-p", "rproxy-agent", "--bin", "rproxy-agent"]);
@@ -84,7 +95,7 @@ fn build_agent(profile_release: bool) -> Result<PathBuf> {
         c.arg("--release");
     }
     run(&mut c)?;
-    Ok(root().join("target").join(if profile_release { "release" } else { "debug" }).join("rproxy-agent"))
+    Ok(agent_path(profile_release))
 }
 
 fn main() -> Result<()> {
@@ -134,6 +145,10 @@ fn main() -> Result<()> {
                 .env("RPROXY_AGENT_BIN", &agent);
             run(&mut c)
         }
+        Cmd::Run(args) => kind::run(&args, &agent_path(true), || {
+            setup()?;
+            build_agent(true).map(drop)
+        }),
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
