@@ -19,7 +19,7 @@ use rproxy_tests::{
     is_root,
     manifest::write_atomic,
     netns::NetNs,
-    serial,
+    serial, streak_start,
 };
 
 /// How fast the agent must apply manifest changes.
@@ -133,27 +133,6 @@ fn assert_reaches_every_backend(lab: &Lab, proto: Proto, payload: &[u8]) -> Resu
         );
     }
     Ok(())
-}
-
-/// Polls `ok` (at most 10 ms apart) until it held `streak` times in a row or `limit` passed since
-/// `since`; returns when that run started, counted from `since`.
-fn streak_start(since: Instant, limit: Duration, streak: usize, mut ok: impl FnMut() -> bool) -> Option<Duration> {
-    let mut run_start = None;
-    let mut run = 0;
-    while since.elapsed() < limit {
-        let tried_at = since.elapsed();
-        if ok() {
-            let start = *run_start.get_or_insert(tried_at);
-            run += 1;
-            if run == streak {
-                return Some(start);
-            }
-        } else {
-            (run_start, run) = (None, 0);
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-    None
 }
 
 /// Asserts that TCP requests to the `ClusterIP` fail (5 in a row) within [`PROPAGATION`] of `since`.
