@@ -42,13 +42,13 @@ pub struct Pass {
 pub fn plan<S: std::hash::BuildHasher>(
     entries: &HashMap<CtKey4, CtValue, S>,
     now_ns: u64,
-    backends: &BTreeSet<u32>,
+    backend_exists: impl Fn(u32) -> bool,
 ) -> (Vec<CtKey4>, Pass) {
     let mut pass = Pass { scanned: entries.len(), ..Pass::default() };
     let mut doomed = Vec::new();
     for (k, v) in entries {
         let pair = entries.get(&k.pair(v));
-        match verdict(v, pair, now_ns, backends.contains(&v.backend_id)) {
+        match verdict(v, pair, now_ns, backend_exists(v.backend_id)) {
             Verdict::Keep => {}
             Verdict::Expired => {
                 pass.expired += 1;
@@ -104,9 +104,12 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Runs one pass against the conntrack map.
-pub fn run_pass(ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>, backends: &BTreeSet<u32>) -> Pass {
+pub fn run_pass(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+    backend_exists: impl Fn(u32) -> bool,
+) -> Pass {
     let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
-    let (doomed, pass) = plan(&snapshot, monotonic_ns(), backends);
+    let (doomed, pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
         // An entry refreshed or evicted since the snapshot may be gone already: fine.
         let _ = ct.remove(&k);
@@ -182,13 +185,13 @@ mod tests {
         let backends = BTreeSet::from([7]);
         // One-way stream: the reply entry expired, the service entry is fresh: both kept.
         let t: HashMap<_, _> = flow(200, 50, 7).into_iter().collect();
-        assert!(plan(&t, 100, &backends).0.is_empty());
+        assert!(plan(&t, 100, |id| backends.contains(&id)).0.is_empty());
         // Both expired: both removed.
         let t: HashMap<_, _> = flow(60, 50, 7).into_iter().collect();
-        assert_eq!(plan(&t, 100, &backends).0.len(), 2);
+        assert_eq!(plan(&t, 100, |id| backends.contains(&id)).0.len(), 2);
         // Backend 7 removed: both removed although fresh.
         let t: HashMap<_, _> = flow(200, 200, 7).into_iter().collect();
-        let (doomed, pass) = plan(&t, 100, &BTreeSet::new());
+        let (doomed, pass) = plan(&t, 100, |_| false);
         assert_eq!((doomed.len(), pass.backend_gone), (2, 2));
     }
 }

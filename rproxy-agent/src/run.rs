@@ -349,7 +349,7 @@ impl Agent {
 
     fn gc(&mut self) {
         let started = Instant::now();
-        let pass = gc::run_pass(&mut self.maps.conntrack, self.writer.backend_ids());
+        let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
         let level_info = pass.expired + pass.backend_gone > 0;
         if level_info {
             info!(

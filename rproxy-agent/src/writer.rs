@@ -75,12 +75,11 @@ pub struct Writer {
     backends: BTreeMap<BackendAddr, (u32, Backend4)>,
     services: BTreeMap<Frontend, Programmed>,
     /// Ids in use (kept alongside the maps above so that allocation is O(log n)).
-    backend_ids: BTreeSet<u32>,
+    /// Backend id → address (the reverse of `backends`): the ids in use, ordered for allocation.
+    backend_ids: BTreeMap<u32, BackendAddr>,
     rev_nat_ids: BTreeSet<u16>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
-    /// Backend id → address (the reverse of `backends`).
-    backend_addrs: HashMap<u32, BackendAddr>,
     /// How many programmed frontends name each backend id (in a slot or as draining).
     refs: HashMap<u32, u32>,
     /// Backend ids that may have lost their last reference: deleted at the end of a sync if
@@ -150,8 +149,7 @@ impl Writer {
                 Some(p) => {
                     let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
                     w.backends.insert(addr, (id, be));
-                    w.backend_ids.insert(id);
-                    w.backend_addrs.insert(id, addr);
+                    w.backend_ids.insert(id, addr);
                 }
                 None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
             }
@@ -178,8 +176,8 @@ impl Writer {
             w.services.insert(fe, p);
         }
         // Backends no adopted service names: removed by the first sync unless it uses them.
-        w.unreferenced = w.backend_ids.iter().filter(|id| !w.refs.contains_key(id)).copied().collect();
-        w.next_backend_id = w.backend_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
+        w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
+        w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
         w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         (w, warnings)
     }
@@ -196,10 +194,10 @@ impl Writer {
         self.backends.len()
     }
 
-    /// Backend ids currently programmed (for conntrack GC).
+    /// Whether backend `id` is programmed (for conntrack GC).
     #[must_use]
-    pub fn backend_ids(&self) -> &BTreeSet<u32> {
-        &self.backend_ids
+    pub fn has_backend(&self, id: u32) -> bool {
+        self.backend_ids.contains_key(&id)
     }
 
     /// Makes the maps hold `desired`: every frontend is compared.
@@ -256,12 +254,11 @@ impl Writer {
         // 3. Backends no service references any more.
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates.into_iter().filter(|id| !self.refs.contains_key(id)) {
-            let Some(addr) = self.backend_addrs.get(&id).copied() else { continue };
+            let Some(addr) = self.backend_ids.get(&id).copied() else { continue };
             match run(Op::DelBackend(id)) {
                 Ok(()) => {
                     self.backends.remove(&addr);
                     self.backend_ids.remove(&id);
-                    self.backend_addrs.remove(&id);
                     // Rev-NAT id 0: the backend's UDP flows of every service.
                     report.stale_udp.push((0, id));
                 }
@@ -392,8 +389,7 @@ impl Writer {
         let id = self.alloc_backend_id().map_err(|e| format!("backend {}: {e}", b.addr))?;
         run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.backends.insert(b.addr, (id, value));
-        self.backend_ids.insert(id);
-        self.backend_addrs.insert(id, b.addr);
+        self.backend_ids.insert(id, b.addr);
         // Unreferenced until a service that uses it is recorded (which may fail).
         self.unreferenced.insert(id);
         Ok((id, true))
@@ -409,7 +405,7 @@ impl Writer {
         }
         let next = |id: u32| if id + 1 >= MAX { 1 } else { id + 1 };
         let mut id = if (1..MAX).contains(&self.next_backend_id) { self.next_backend_id } else { 1 };
-        while self.backend_ids.contains(&id) {
+        while self.backend_ids.contains_key(&id) {
             id = next(id);
         }
         self.next_backend_id = next(id);

@@ -6,7 +6,6 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::MutexGuard,
     thread,
     time::{Duration, Instant},
 };
@@ -16,10 +15,9 @@ use rproxy_tests::{
     Lab, agent_bin,
     client::Reply,
     demo::{self, BACKENDS, CLIENT, CLUSTER_IP, PORT, TARGET_PORT},
-    is_root,
     manifest::write_atomic,
     netns::NetNs,
-    serial, streak_start,
+    serial_or_skip, streak_start,
 };
 
 /// How fast the agent must apply manifest changes.
@@ -47,24 +45,10 @@ fn payload(len: usize) -> Vec<u8> {
     (0..=250u8).cycle().take(len).collect()
 }
 
-/// The [`serial`] lock, or `None` (after printing why `test` is skipped) when not root.
-fn root_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
-    if is_root() {
-        Some(serial())
-    } else {
-        assert!(
-            std::env::var("RPROXY_REQUIRE_KERNEL").as_deref() != Ok("1"),
-            "{test}: RPROXY_REQUIRE_KERNEL=1 but not running as root"
-        );
-        eprintln!("skipping {test}: needs root (network namespaces, bpffs)");
-        None
-    }
-}
-
-/// Runs `body` on a fresh demo lab, holding [`serial`]; skipped when not root. An error panics
+/// Runs `body` on a fresh demo lab, holding the serial lock ([`serial_or_skip`]); skipped when not root. An error panics
 /// while the lab is still alive, so that its drop prints the agent's log.
 fn with_lab(test: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
-    let Some(_serial) = root_or_skip(test) else {
+    let Some(_serial) = serial_or_skip(test) else {
         return;
     };
     let mut lab = demo::build_lab().expect("building the demo lab");
@@ -168,7 +152,7 @@ fn lab_plumbing() {
 
 #[test]
 fn stale_namespace_of_the_same_name_is_replaced() {
-    let Some(_serial) = root_or_skip("stale_namespace_of_the_same_name_is_replaced") else {
+    let Some(_serial) = serial_or_skip("stale_namespace_of_the_same_name_is_replaced") else {
         return;
     };
     let lab = Lab::new(demo::NODE_NAME).expect("lab");
