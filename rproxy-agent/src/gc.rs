@@ -125,12 +125,26 @@ mod tests {
 
     fn flow(expires_fwd: u64, expires_rev: u64, backend: u32) -> [(CtKey4, CtValue); 2] {
         let svc = CtKey4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: 17, dir: CT_DIR_SERVICE, _pad: [0; 2] };
-        let sv =
-            CtValue { expires_ns: expires_fwd, backend_id: backend, pair_addr: 9, pair_port: 8, ..CtValue::default() };
+        let sv = CtValue {
+            expires_ns: expires_fwd,
+            backend_id: backend,
+            pair_addr: 9,
+            pair_port: 8,
+            nat_addr: 1,
+            nat_port: 3,
+            ..CtValue::default()
+        };
         let rk = svc.pair(&sv);
         assert_eq!(rk.dir, CT_DIR_REPLY);
-        let rv =
-            CtValue { expires_ns: expires_rev, backend_id: backend, pair_addr: 2, pair_port: 4, ..CtValue::default() };
+        let rv = CtValue {
+            expires_ns: expires_rev,
+            backend_id: backend,
+            pair_addr: 2,
+            pair_port: 4,
+            nat_addr: 1,
+            nat_port: 3,
+            ..CtValue::default()
+        };
         assert_eq!(rk.pair(&rv), svc);
         [(svc, sv), (rk, rv)]
     }

@@ -36,6 +36,16 @@ pub mod prog_names {
     pub const TO_POD: &str = "rpx_to_pod";
     /// Does nothing but return `TC_ACT_OK`: the baseline of the datapath benchmark.
     pub const NOOP: &str = "rpx_tc_noop";
+    /// XDP on an external device: north-south service traffic (`NodePort`, externalIPs,
+    /// `LoadBalancer` ingress IPs) and the replies of flows SNATed to remote backends.
+    pub const XDP_EXT: &str = "rpx_xdp_ext";
+    /// The same as a TC ingress program on an external device (`--xdp-mode tc`).
+    pub const EXT_INGRESS: &str = "rpx_ext_ingress";
+    /// TC egress on an external device: reverse NAT of north-south replies from this node's
+    /// backends.
+    pub const EXT_EGRESS: &str = "rpx_ext_egress";
+    /// XDP program returning `XDP_PASS` at once: the XDP baseline of the benchmarks.
+    pub const XDP_NOOP: &str = "rpx_xdp_noop";
 }
 
 /// Map capacities. The agent checks desired state against these before it writes.
@@ -51,6 +61,18 @@ pub mod limits {
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
+}
+
+/// Source ports the north-south path allocates when it SNATs a flow to a node address (a
+/// backend on another node, `externalTrafficPolicy: Cluster`). Above the kernel's default
+/// ephemeral range (32768–60999) and the `NodePort` range, so the node's own connections never
+/// collide with them. Ports are unique per (backend address, backend port, protocol, node
+/// address): the allocation inserts the reply entry with `BPF_NOEXIST`.
+pub mod snat {
+    pub const PORT_MIN: u16 = 61_000;
+    pub const PORT_MAX: u16 = 65_535;
+    /// Ports tried for one new flow before it is dropped and counted (`Stat::SnatExhausted`).
+    pub const TRIES: u32 = 16;
 }
 
 /// IP protocol numbers as carried in keys.
@@ -72,14 +94,20 @@ pub struct ServiceKey4 {
     pub slot: u16,
     /// IP protocol (`proto::TCP`, `proto::UDP`).
     pub proto: u8,
-    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL` (for traffic policies; east-west uses external
-    /// for now).
+    /// `SCOPE_EXTERNAL` or `SCOPE_LOCAL`.
     pub scope: u8,
     pub _pad: [u8; 2],
 }
 
+/// The frontend's backend set for all traffic, except north-south traffic to a frontend with
+/// `SVC_F_ETP_LOCAL`.
 pub const SCOPE_EXTERNAL: u8 = 0;
-pub const SCOPE_INTERNAL: u8 = 1;
+/// Only for frontends with `SVC_F_ETP_LOCAL`: the backend set for traffic from outside the
+/// cluster (arriving on an external device), kube-proxy's local endpoints. Its slot 0 carries
+/// the same rev-NAT id and flags; a count of 0 means this node does not serve the frontend to
+/// outside clients (packets are dropped, like kube-proxy). Traffic from pods and from the node
+/// itself keeps using `SCOPE_EXTERNAL` (kube-proxy's short-circuit to all endpoints).
+pub const SCOPE_LOCAL: u8 = 1;
 
 /// Value of the service map. In slot 0 it describes the service, in slots `1..=count` only
 /// `backend_id` is meaningful.
@@ -171,6 +199,16 @@ pub const CT_DIR_REPLY: u8 = 2;
 
 /// Conntrack value. The TCP state is kept in both entries of a flow: packets carrying SYN, FIN
 /// or RST update the entry they hit and its pair; other packets only refresh their own entry.
+///
+/// Each entry says how to rewrite the packets that hit it, and with its key it names the other
+/// entry of the flow (`CtKey4::pair`). For a flow `client:cport → vip:vport` translated to
+/// `backend:bport`, with the source translated to `nat` (the client itself unless the flow is
+/// SNATed to a node address, `CT_NAT_SNAT`):
+///
+/// | entry | key | `pair_*` | `nat_*` |
+/// |---|---|---|---|
+/// | service | `(client, vip, cport, vport)` | backend (new destination) | nat (new source) |
+/// | reply | `(backend, nat, bport, nport)` | vip (new source) | client (new destination) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
@@ -184,13 +222,22 @@ pub struct CtValue {
     pub flags: u8,
     /// `CtState` as `u8`.
     pub state: u8,
-    /// The other entry of the pair: its source address and port (for the service entry, the
-    /// backend's; for the reply entry, the VIP's). With this key's own fields it rebuilds the
-    /// pair's key without another map lookup.
+    /// Service entry: the backend's address; reply entry: the VIP's.
     pub pair_addr: u32,
+    /// Service entry: the source address the backend sees; reply entry: the client's address.
+    pub nat_addr: u32,
     pub pair_port: u16,
-    pub _pad: u16,
+    pub nat_port: u16,
+    /// `CT_NAT_*` bits.
+    pub nat_flags: u8,
+    pub _pad: [u8; 3],
 }
+
+/// The flow's source is translated to a node address and port (north-south to a remote
+/// backend); the reply entry's key holds that address and port.
+pub const CT_NAT_SNAT: u8 = 1 << 0;
+/// The flow arrived on an external device (north-south).
+pub const CT_NAT_EXTERNAL: u8 = 1 << 1;
 
 /// SYN seen from the client.
 pub const CT_F_SYN_FWD: u8 = 1 << 0;
@@ -278,10 +325,18 @@ pub enum Stat {
     RewriteFail = 6,
     /// IPv4 fragments to a service (not translated; passed).
     Fragment = 7,
+    /// North-south new flow to a remote backend dropped: every SNAT port towards that backend
+    /// is taken.
+    SnatExhausted = 8,
+    /// North-south packet that needed forwarding from XDP/TC but the FIB lookup found no
+    /// usable route or neighbour: handed to the stack instead (new flows: dropped).
+    FibFail = 9,
+    /// North-south packets transmitted from the hook to another node or back to the client.
+    Forwarded = 10,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -291,6 +346,9 @@ impl Stat {
         Self::CtInsertFail,
         Self::RewriteFail,
         Self::Fragment,
+        Self::SnatExhausted,
+        Self::FibFail,
+        Self::Forwarded,
     ];
 
     #[must_use]
@@ -304,6 +362,9 @@ impl Stat {
             Self::CtInsertFail => "ct_insert_fail",
             Self::RewriteFail => "rewrite_fail",
             Self::Fragment => "fragment",
+            Self::SnatExhausted => "snat_exhausted",
+            Self::FibFail => "fib_fail",
+            Self::Forwarded => "forwarded",
         }
     }
 }
@@ -314,14 +375,14 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 // No implicit padding: the size equals the sum of the field sizes.
 const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());
 const _: () = assert!(4 + 2 + 2 + 2 + 2 + 4 == core::mem::size_of::<ServiceValue>());
 const _: () = assert!(4 + 2 + 1 + 1 == core::mem::size_of::<Backend4>());
 const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<RevNat4>());
 const _: () = assert!(4 + 4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<CtKey4>());
-const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 2 + 2 == core::mem::size_of::<CtValue>());
+const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::size_of::<CtValue>());
 
 #[cfg(feature = "user")]
 mod user {
@@ -370,29 +431,30 @@ impl RevNat4 {
 }
 
 impl CtKey4 {
-    /// The key of the other entry of this flow, given the pair address and port stored in the
-    /// value.
+    /// The key of the other entry of this flow, from the pair and nat fields of this entry's
+    /// value (see `CtValue`):
     ///
-    /// - service entry `(client → vip)`, pair = backend: reply key is `(backend → client)`;
-    /// - reply entry `(backend → client)`, pair = vip: service key is `(client → vip)`.
+    /// - service entry `(client → vip)`: reply key is `(pair → nat)`, the backend answering the
+    ///   address the flow was translated to;
+    /// - reply entry `(backend → nat)`: service key is `(nat → pair)`, the client to the VIP.
     #[inline(always)]
     #[must_use]
     pub fn pair(&self, v: &CtValue) -> Self {
         if self.dir == CT_DIR_SERVICE {
             Self {
                 saddr: v.pair_addr,
-                daddr: self.saddr,
+                daddr: v.nat_addr,
                 sport: v.pair_port,
-                dport: self.sport,
+                dport: v.nat_port,
                 proto: self.proto,
                 dir: CT_DIR_REPLY,
                 _pad: [0; 2],
             }
         } else {
             Self {
-                saddr: self.daddr,
+                saddr: v.nat_addr,
                 daddr: v.pair_addr,
-                sport: self.dport,
+                sport: v.nat_port,
                 dport: v.pair_port,
                 proto: self.proto,
                 dir: CT_DIR_SERVICE,
@@ -420,28 +482,51 @@ mod tests {
         assert!(CtState::SynSent.lifetime_ns() < CtState::Established.lifetime_ns());
     }
 
+    fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, dir: u8) -> CtKey4 {
+        CtKey4 {
+            saddr: u32::from_ne_bytes(saddr),
+            daddr: u32::from_ne_bytes(daddr),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto: proto::TCP,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+
+    fn value(pair: &CtKey4, nat_flags: u8) -> CtValue {
+        // What a datapath stores: the pair entry's source is the new destination or source.
+        CtValue {
+            pair_addr: if pair.dir == CT_DIR_REPLY { pair.saddr } else { pair.daddr },
+            pair_port: if pair.dir == CT_DIR_REPLY { pair.sport } else { pair.dport },
+            nat_addr: if pair.dir == CT_DIR_REPLY { pair.daddr } else { pair.saddr },
+            nat_port: if pair.dir == CT_DIR_REPLY { pair.dport } else { pair.sport },
+            nat_flags,
+            ..CtValue::default()
+        }
+    }
+
     #[test]
     fn pair_keys_round_trip() {
-        let client = core::net::Ipv4Addr::new(10, 0, 0, 1);
-        let vip = core::net::Ipv4Addr::new(10, 96, 0, 10);
-        let be = Backend4::new(core::net::Ipv4Addr::new(10, 0, 1, 5), 8080, proto::TCP, BE_F_ACTIVE);
-        let svc = CtKey4 {
-            saddr: u32::from(client).to_be(),
-            daddr: u32::from(vip).to_be(),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: proto::TCP,
-            dir: CT_DIR_SERVICE,
-            _pad: [0; 2],
-        };
-        let sv = CtValue { pair_addr: be.addr, pair_port: be.port, ..CtValue::default() };
-        let reply = svc.pair(&sv);
-        assert_eq!(reply.saddr, be.addr);
-        assert_eq!(reply.daddr, svc.saddr);
-        assert_eq!(reply.sport, be.port);
-        assert_eq!(reply.dport, svc.sport);
-        assert_eq!(reply.dir, CT_DIR_REPLY);
-        let rv = CtValue { pair_addr: svc.daddr, pair_port: svc.dport, ..CtValue::default() };
+        // client 10.0.0.1:40000 → vip 10.96.0.10:80, backend 10.0.1.5:8080, no SNAT.
+        let svc = key([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80, CT_DIR_SERVICE);
+        let reply = key([10, 0, 1, 5], [10, 0, 0, 1], 8080, 40000, CT_DIR_REPLY);
+        assert_eq!(svc.pair(&value(&reply, 0)), reply);
+        assert_eq!(reply.pair(&value(&svc, 0)), svc);
+    }
+
+    #[test]
+    fn pair_keys_round_trip_snat() {
+        // client 192.0.2.7:5555 → node 172.18.0.2:30080, SNAT to 172.18.0.2:61001, backend on
+        // another node 10.0.2.9:8080.
+        let svc = key([192, 0, 2, 7], [172, 18, 0, 2], 5555, 30080, CT_DIR_SERVICE);
+        let reply = key([10, 0, 2, 9], [172, 18, 0, 2], 8080, 61001, CT_DIR_REPLY);
+        let sv = value(&reply, CT_NAT_SNAT);
+        let rv = value(&svc, CT_NAT_SNAT);
+        assert_eq!(svc.pair(&sv), reply);
         assert_eq!(reply.pair(&rv), svc);
+        // The reply entry restores the client as destination and the VIP as source.
+        assert_eq!(rv.nat_addr, u32::from_ne_bytes([192, 0, 2, 7]));
+        assert_eq!(u16::from_be(rv.pair_port), 30080);
     }
 }

@@ -129,7 +129,10 @@ pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, no
         state: state as u8,
         pair_addr: pkt.daddr,
         pair_port: pkt.dport,
-        _pad: 0,
+        nat_addr: pkt.saddr,
+        nat_port: pkt.sport,
+        nat_flags: 0,
+        _pad: [0; 3],
     };
     let reply = CtKey4 {
         saddr: be.addr,
