@@ -3,10 +3,12 @@
 //! Everything this agent owns lives under one bpffs directory (`--bpffs`):
 //! - `RPX_*`: the maps, pinned by name (`rproxy_common::map_names`); a restarted agent reuses
 //!   them, so translation state and conntrack survive restarts;
-//! - `links/<ingress|egress>/<ifname>`: TCX links (bpffs forbids `.` in names, so a `.` in an
-//!   interface name is stored as `%2e`, and `%` as `%25`), pinned so that the programs stay attached when
-//!   the agent exits. A restarted agent swaps its freshly loaded program into the existing link
-//!   (`BPF_LINK_UPDATE`, atomic), so no packet goes untranslated during an upgrade.
+//! - `links/<hook>/<ifname>`: links (bpffs forbids `.` in names, so a `.` in an interface name is
+//!   stored as `%2e`, and `%` as `%25`), pinned so that the programs stay attached when the agent
+//!   exits. Hooks: `ingress` and `egress` (TCX, pod devices), `ext-ingress`, `ext-egress` (TCX,
+//!   external devices) and `xdp` (external devices). A restarted agent swaps its freshly loaded
+//!   program into the existing link (`BPF_LINK_UPDATE`, atomic), so no packet goes untranslated
+//!   during an upgrade.
 use std::{
     io,
     path::{Path, PathBuf},
@@ -16,13 +18,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names, prog_names};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{Error, Result};
 
@@ -49,29 +52,37 @@ pub struct Datapath {
     pin_dir: Option<PathBuf>,
 }
 
-/// Which hook of a pod device.
+/// Which TC hook of a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
-    /// Packets leaving the pod: service DNAT.
+    /// Pod device, packets leaving the pod: service DNAT.
     FromPod,
-    /// Packets entering the pod: reverse NAT.
+    /// Pod device, packets entering the pod: reverse NAT.
     ToPod,
+    /// External device, packets arriving: north-south (the TC fallback of XDP, and what XDP
+    /// hands up).
+    ExtIngress,
+    /// External device, packets leaving: reverse NAT of replies from this node's backends.
+    ExtEgress,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    pub const POD: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+    pub const EXTERNAL: [Hook; 2] = [Hook::ExtIngress, Hook::ExtEgress];
 
     fn program(self) -> &'static str {
         match self {
             Self::FromPod => prog_names::FROM_POD,
             Self::ToPod => prog_names::TO_POD,
+            Self::ExtIngress => prog_names::EXT_INGRESS,
+            Self::ExtEgress => prog_names::EXT_EGRESS,
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Self::FromPod => TcAttachType::Ingress,
-            Self::ToPod => TcAttachType::Egress,
+            Self::FromPod | Self::ExtIngress => TcAttachType::Ingress,
+            Self::ToPod | Self::ExtEgress => TcAttachType::Egress,
         }
     }
 
@@ -79,9 +90,37 @@ impl Hook {
         match self {
             Self::FromPod => "ingress",
             Self::ToPod => "egress",
+            Self::ExtIngress => "ext-ingress",
+            Self::ExtEgress => "ext-egress",
         }
     }
 }
+
+/// `--xdp-mode`: how north-south packets are handled on the external devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// XDP in the driver where it supports it, generic XDP otherwise.
+    #[default]
+    Auto,
+    /// XDP in the driver; attaching fails if the driver cannot.
+    Native,
+    /// Generic (skb) XDP: works on every device, slower than native.
+    Generic,
+    /// No XDP: the TC ingress program does the same work.
+    Tc,
+}
+
+/// Where XDP ended up on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttached {
+    Native,
+    Generic,
+    /// A pinned XDP link from an earlier run got the new program; its mode is unchanged.
+    Replaced,
+    None,
+}
+
+const XDP_DIR: &str = "xdp";
 
 impl Datapath {
     /// Loads the embedded object. With `pin_dir`, maps are pinned there (and reused if already
@@ -101,8 +140,8 @@ impl Datapath {
             ))),
         };
         let dir = pin_dir.or(scratch.as_deref()).expect("one of the two is set");
-        for hook in Hook::ALL {
-            let links = dir.join(LINKS_DIR).join(hook.dir());
+        for sub in Hook::POD.iter().chain(&Hook::EXTERNAL).map(|h| h.dir()).chain([XDP_DIR]) {
+            let links = dir.join(LINKS_DIR).join(sub);
             std::fs::create_dir_all(&links)
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
@@ -114,8 +153,17 @@ impl Datapath {
                 .map_err(|source| Error::Io { what: format!("removing {}", tmp.display()), source })?;
         }
         let mut ebpf = result?;
-        for name in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::NOOP] {
+        for name in [
+            prog_names::FROM_POD,
+            prog_names::TO_POD,
+            prog_names::NOOP,
+            prog_names::EXT_INGRESS,
+            prog_names::EXT_EGRESS,
+        ] {
             classifier(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+        }
+        for name in [prog_names::XDP_EXT, prog_names::XDP_NOOP] {
+            xdp(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf) })
     }
@@ -134,18 +182,79 @@ impl Datapath {
         })
     }
 
-    /// A loaded program, for `BPF_PROG_TEST_RUN`.
+    /// A loaded TC program, for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         classifier(&mut self.ebpf, name)
     }
 
-    /// Attaches (or, after a restart, atomically re-attaches) both programs to `ifname`. With a
-    /// pin directory the links are pinned and outlive this process.
+    /// A loaded XDP program, for `BPF_PROG_TEST_RUN`.
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        xdp(&mut self.ebpf, name)
+    }
+
+    /// Attaches (or, after a restart, atomically re-attaches) both pod programs to `ifname`.
+    /// With a pin directory the links are pinned and outlive this process.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
-        for hook in Hook::ALL {
+        for hook in Hook::POD {
             self.attach_hook(ifname, hook)?;
         }
         Ok(())
+    }
+
+    /// Attaches the north-south programs to external device `ifname`: TC ingress and egress
+    /// always (in XDP modes the TC ingress program handles what XDP hands up), XDP per `mode`.
+    /// Switching to `XdpMode::Tc` removes an XDP link an earlier run pinned.
+    pub fn attach_external(&mut self, ifname: &str, mode: XdpMode) -> Result<XdpAttached> {
+        for hook in Hook::EXTERNAL {
+            self.attach_hook(ifname, hook)?;
+        }
+        let pin = self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(XDP_DIR).join(escape(ifname)));
+        if mode == XdpMode::Tc {
+            if let Some(pin) = &pin {
+                remove_pin(pin)?;
+            }
+            return Ok(XdpAttached::None);
+        }
+        let name = prog_names::XDP_EXT;
+        let prog = xdp(&mut self.ebpf, name)?;
+        let iface_err = |reason: String| Error::Interface { name: ifname.to_owned(), reason };
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let replaced = PinnedLink::from_pin(pin)
+                .map_err(|e| describe(&e))
+                .and_then(|pinned| XdpLink::try_from(FdLink::from(pinned)).map_err(|e| describe(&e)))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| describe(&e)));
+            match replaced {
+                Ok(id) => {
+                    drop(prog.take_link(id).map_err(|source| Error::Program { name, source })?);
+                    debug!(ifname, "XDP program replaced in pinned link");
+                    return Ok(XdpAttached::Replaced);
+                }
+                Err(e) => {
+                    debug!(ifname, error = %e, "stale pinned XDP link, attaching a new one");
+                    remove_pin(pin)?;
+                }
+            }
+        }
+        let (id, attached) = match mode {
+            XdpMode::Native => (prog.attach(ifname, aya::programs::XdpMode::Driver), XdpAttached::Native),
+            XdpMode::Generic => (prog.attach(ifname, aya::programs::XdpMode::Skb), XdpAttached::Generic),
+            XdpMode::Auto | XdpMode::Tc => match prog.attach(ifname, aya::programs::XdpMode::Driver) {
+                Ok(id) => (Ok(id), XdpAttached::Native),
+                Err(e) => {
+                    warn!(ifname, error = %describe(&e), "native XDP not available, using generic XDP");
+                    (prog.attach(ifname, aya::programs::XdpMode::Skb), XdpAttached::Generic)
+                }
+            },
+        };
+        let id = id.map_err(|e| iface_err(format!("attaching {name} ({attached:?} XDP): {}", describe(&e))))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+            let fd = FdLink::try_from(link)
+                .map_err(|e| iface_err(format!("XDP link is not a bpf_link: {}", describe(&e))))?;
+            fd.pin(&pin).map_err(|e| iface_err(format!("pinning {}: {}", pin.display(), describe(&e))))?;
+        }
+        info!(ifname, mode = ?attached, "XDP attached");
+        Ok(attached)
     }
 
     fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<()> {
@@ -195,10 +304,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches both programs from `ifname` by removing their pinned links. Only meaningful with
-    /// a pin directory (unpinned links go away with the process).
+    /// Detaches both pod programs from `ifname` by removing their pinned links. Only meaningful
+    /// with a pin directory (unpinned links go away with the process).
     pub fn detach_pinned(&self, ifname: &str) -> Result<()> {
-        for hook in Hook::ALL {
+        for hook in Hook::POD {
             if let Some(pin) = self.link_pin(ifname, hook) {
                 remove_pin(&pin)?;
             }
@@ -206,7 +315,23 @@ impl Datapath {
         Ok(())
     }
 
-    /// Interface names that have pinned links in this agent's directory.
+    /// Detaches the north-south programs (TC and XDP) from external device `ifname`.
+    pub fn detach_external(&self, ifname: &str) -> Result<()> {
+        let Some(dir) = &self.pin_dir else { return Ok(()) };
+        for hook in Hook::EXTERNAL {
+            remove_pin(&dir.join(LINKS_DIR).join(hook.dir()).join(escape(ifname)))?;
+        }
+        remove_pin(&dir.join(LINKS_DIR).join(XDP_DIR).join(escape(ifname)))
+    }
+
+    /// External devices that have pinned links in this agent's directory.
+    pub fn pinned_external_interfaces(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.pin_dir else { return Ok(Vec::new()) };
+        let subs: Vec<&str> = Hook::EXTERNAL.iter().map(|h| h.dir()).chain([XDP_DIR]).collect();
+        pinned_names(dir, &subs)
+    }
+
+    /// Pod interface names that have pinned links in this agent's directory.
     pub fn pinned_interfaces(&self) -> Result<Vec<String>> {
         let Some(dir) = &self.pin_dir else { return Ok(Vec::new()) };
         pinned_interfaces(dir)
@@ -218,6 +343,13 @@ impl Datapath {
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()
@@ -283,11 +415,16 @@ fn unescape(pin: &str) -> String {
     pin.replace("%2e", ".").replace("%25", "%")
 }
 
-/// Interface names with pinned links under `dir`.
+/// Pod interface names with pinned links under `dir`.
 pub fn pinned_interfaces(dir: &Path) -> Result<Vec<String>> {
+    let subs: Vec<&str> = Hook::POD.iter().map(|h| h.dir()).collect();
+    pinned_names(dir, &subs)
+}
+
+fn pinned_names(dir: &Path, subs: &[&str]) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for hook in Hook::ALL {
-        let links = dir.join(LINKS_DIR).join(hook.dir());
+    for sub in subs {
+        let links = dir.join(LINKS_DIR).join(sub);
         let entries = match std::fs::read_dir(&links) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

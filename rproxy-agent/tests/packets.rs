@@ -7,17 +7,13 @@
 //! Needs root (`CAP_BPF` + `CAP_NET_ADMIN`) and a mounted bpffs. Without them the tests print why
 //! and return, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI), where they
 //! fail instead.
-use std::{net::Ipv4Addr, sync::Mutex};
+mod common;
 
-use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{
-    IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number,
-};
-use rproxy_agent::{
-    datapath::{Datapath, Maps},
-    model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
-    writer::Writer,
-};
+use std::net::Ipv4Addr;
+
+use common::{ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, harness, parse_checked, tcp_frame, udp_frame};
+use etherparse::Ipv4Header;
+use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
     CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtKey4, CtState, SVC_F_CLUSTER_IP, Stat, prog_names, proto,
 };
@@ -30,59 +26,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
 const CPORT: u16 = 40_000;
-
-/// Kernel tests share nothing, but loading programs concurrently only costs time on 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Harness {
-    dp: Datapath,
-    maps: Maps,
-    writer: Writer,
-}
-
-fn harness() -> Option<Harness> {
-    let required = std::env::var("RPROXY_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!required, "RPROXY_REQUIRE_KERNEL=1 but not running as root");
-        eprintln!("skipping: packet tests need root (BPF_PROG_TEST_RUN)");
-        return None;
-    }
-    let mut dp = match Datapath::load(None) {
-        Ok(dp) => dp,
-        Err(e) => panic!("loading the datapath: {e}"),
-    };
-    let maps = dp.take_maps().expect("maps");
-    Some(Harness { dp, maps, writer: Writer::new() })
-}
-
-impl Harness {
-    fn program(&mut self, desired: &Desired) {
-        let r = self.writer.sync(desired, &mut self.maps);
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-    }
-
-    /// Runs `frame` through `prog` once: (return value, output frame).
-    fn run(&mut self, prog: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = self
-            .dp
-            .program(prog)
-            .expect("program")
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
-    }
-
-    fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue> {
-        self.maps.conntrack.get(key, 0).ok()
-    }
-
-    fn stat(&self, s: Stat) -> u64 {
-        rproxy_agent::datapath::stat_total(&self.maps.stats, s)
-    }
-}
 
 fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
     let fe = Frontend { addr: VIP, port: 80, proto };
@@ -103,90 +46,6 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
         draining: Vec::new(),
     };
     Desired { services: [(fe, entry)].into_iter().collect(), ..Desired::default() }
-}
-
-#[derive(Clone, Copy, Default)]
-#[expect(clippy::struct_excessive_bools, reason = "one bool per TCP flag, as on the wire")]
-struct Tcp {
-    syn: bool,
-    ack: bool,
-    fin: bool,
-    rst: bool,
-}
-
-const SYN: Tcp = Tcp { syn: true, ack: false, fin: false, rst: false };
-const SYN_ACK: Tcp = Tcp { syn: true, ack: true, fin: false, rst: false };
-const ACK: Tcp = Tcp { syn: false, ack: true, fin: false, rst: false };
-const FIN: Tcp = Tcp { syn: false, ack: true, fin: true, rst: false };
-const RST: Tcp = Tcp { syn: false, ack: false, fin: false, rst: true };
-
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: etherparse::IpNumber, options: &[u8]) -> IpHeaders {
-    let mut h = Ipv4Header::new(0, 64, proto, src.octets(), dst.octets()).expect("header");
-    h.options = Ipv4Options::try_from(options).expect("options");
-    IpHeaders::Ipv4(h, etherparse::Ipv4Extensions::default())
-}
-
-fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), f: Tcp, payload: &[u8], options: &[u8]) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ip(ipv4(src.0, dst.0, ip_number::TCP, options))
-        .tcp(src.1, dst.1, 1000, 64240);
-    if f.syn {
-        b = b.syn();
-    }
-    if f.ack {
-        b = b.ack(1);
-    }
-    if f.fin {
-        b = b.fin();
-    }
-    if f.rst {
-        b = b.rst();
-    }
-    let mut out = Vec::new();
-    b.write(&mut out, payload).expect("write");
-    out
-}
-
-fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ip(ipv4(src.0, dst.0, ip_number::UDP, &[]))
-        .udp(src.1, dst.1);
-    let mut out = Vec::new();
-    b.write(&mut out, payload).expect("write");
-    out
-}
-
-/// Parsed addresses of an output frame, with both checksums verified.
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    payload: Vec<u8>,
-    options: Vec<u8>,
-}
-
-fn parse_checked(frame: &[u8]) -> Seen {
-    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
-    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
-    let h = ip.header().to_header();
-    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
-    let (src, dst) = (Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination));
-    let (sp, dp, payload) = match &p.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            let want = t.calc_checksum_ipv4(h.source, h.destination).expect("len");
-            assert_eq!(t.checksum(), want, "TCP checksum");
-            (t.source_port(), t.destination_port(), t.payload().to_vec())
-        }
-        Some(TransportSlice::Udp(u)) => {
-            if u.checksum() != 0 {
-                let want = u.to_header().calc_checksum_ipv4_raw(h.source, h.destination, u.payload()).expect("len");
-                assert_eq!(u.checksum(), want, "UDP checksum");
-            }
-            (u.source_port(), u.destination_port(), u.payload().to_vec())
-        }
-        other => panic!("unexpected transport {other:?}"),
-    };
-    Seen { src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
 }
 
 fn svc_key(client: (Ipv4Addr, u16), p: u8) -> CtKey4 {

@@ -13,7 +13,9 @@ use crate::{
 };
 
 /// `BPF_ANY`: create or replace (a reused tuple overwrites a stale entry).
-const BPF_ANY: u64 = 0;
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only (the SNAT port allocation relies on it).
+pub const BPF_NOEXIST: u64 = 1;
 
 /// `CLOCK_MONOTONIC_COARSE`: a tick's resolution is plenty for lifetimes of seconds, and it
 /// costs far less per packet than the precise clock.
@@ -115,13 +117,21 @@ pub fn account(ct: *mut CtValue, key: &CtKey4, bits: u8, reopen: bool, now: u64)
     }
 }
 
-/// Records a new translated flow: the reply entry first, then the service entry, so that the
-/// entry a reply needs exists before any packet of the flow is forwarded.
+/// The two entries of a new flow translated to backend `be` with the source translated to
+/// `nat` (the client itself without SNAT): the reply key and value, and the service value.
 #[inline(always)]
-pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, now: u64) -> Result<(), i32> {
+pub fn flow_entries(
+    pkt: &Packet4,
+    backend_id: u32,
+    be: &Backend4,
+    rev_nat_id: u16,
+    nat: (u32, u16),
+    nat_flags: u8,
+    now: u64,
+) -> (CtKey4, CtValue, CtValue) {
     let bits = fwd_bits(pkt);
     let state = state_of(pkt.proto, bits);
-    let value = CtValue {
+    let reply_value = CtValue {
         expires_ns: now + state.lifetime_ns(),
         backend_id,
         rev_nat_id,
@@ -131,19 +141,42 @@ pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, no
         pair_port: pkt.dport,
         nat_addr: pkt.saddr,
         nat_port: pkt.sport,
-        nat_flags: 0,
+        nat_flags,
         _pad: [0; 3],
     };
     let reply = CtKey4 {
         saddr: be.addr,
-        daddr: pkt.saddr,
+        daddr: nat.0,
         sport: be.port,
-        dport: pkt.sport,
+        dport: nat.1,
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    CT4.insert(reply, value, BPF_ANY)?;
-    let svc = CtValue { pair_addr: be.addr, pair_port: be.port, ..value };
-    CT4.insert(service_key(pkt), svc, BPF_ANY)
+    let service_value =
+        CtValue { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
+    (reply, reply_value, service_value)
+}
+
+/// Records a new translated flow: the reply entry first, then the service entry, so that the
+/// entry a reply needs exists before any packet of the flow is forwarded.
+#[inline(always)]
+pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, now: u64) -> Result<(), i32> {
+    create_nat(pkt, backend_id, be, rev_nat_id, (pkt.saddr, pkt.sport), 0, now)
+}
+
+/// `create` for a flow whose source is translated to `nat`, with `CT_NAT_*` flags.
+#[inline(always)]
+pub fn create_nat(
+    pkt: &Packet4,
+    backend_id: u32,
+    be: &Backend4,
+    rev_nat_id: u16,
+    nat: (u32, u16),
+    nat_flags: u8,
+    now: u64,
+) -> Result<(), i32> {
+    let (reply, reply_value, service_value) = flow_entries(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
+    CT4.insert(reply, reply_value, BPF_ANY)?;
+    CT4.insert(service_key(pkt), service_value, BPF_ANY)
 }

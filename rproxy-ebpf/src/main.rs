@@ -4,7 +4,11 @@
 //!   DNAT for TCP and UDP, with conntrack.
 //! - `rpx_to_pod` (TC egress, host side of a pod veth): packets entering a pod. Reverse NAT of
 //!   replies from backends.
-//! - `rpx_tc_noop`: returns at once; the baseline of `cargo xtask bench`.
+//! - `rpx_xdp_ext` (XDP) and `rpx_ext_ingress` (TC ingress) on the node's external devices:
+//!   north-south service traffic, and the replies of the flows forwarded to other nodes (`nodeport`).
+//! - `rpx_ext_egress` (TC egress, external devices): reverse NAT of north-south replies from this
+//!   node's backends.
+//! - `rpx_tc_noop`, `rpx_xdp_noop`: return at once; the baselines of the benchmarks.
 //!
 //! Packets a program does not translate are returned with `TC_ACT_UNSPEC` (TCX "next"), so other
 //! programs on the same hook still see them and the packet continues untouched.
@@ -13,16 +17,22 @@
 #![expect(clippy::inline_always, reason = "eBPF helpers must be inlined into each program")]
 
 mod conntrack;
+mod csum;
+mod ctx;
+mod fib;
 mod lb;
 mod maps;
 mod nat;
+mod nodeport;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
+use nodeport::Action;
 use rproxy_common::Stat;
 
 use crate::maps::{RNAT4, count};
@@ -56,6 +66,65 @@ pub fn rpx_to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn rpx_tc_noop(_ctx: TcContext) -> i32 {
     PASS
+}
+
+#[xdp]
+pub fn rpx_xdp_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
+pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
+    match nodeport::ingress(&ctx) {
+        Ok(Action::Pass | Action::RedirectNeigh(_)) => xdp_action::XDP_PASS,
+        Ok(Action::Drop) => xdp_action::XDP_DROP,
+        Ok(Action::Redirect(ifindex)) => {
+            if ifindex == ctx::Ctx::ingress_ifindex(&ctx) {
+                xdp_action::XDP_TX
+            } else {
+                // SAFETY: plain helper; returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
+                #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "an XDP action")]
+                let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+                action
+            }
+        }
+        Err(_) => {
+            count(Stat::RewriteFail);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
+    tc_action(nodeport::ingress(&ctx))
+}
+
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
+    tc_action(nodeport::egress(&ctx))
+}
+
+#[inline(always)]
+#[expect(clippy::needless_pass_by_value, reason = "consumed by the match; a reference adds nothing")]
+fn tc_action(r: Result<Action, i64>) -> i32 {
+    #[expect(clippy::cast_possible_truncation, reason = "TC actions are small integers")]
+    match r {
+        Ok(Action::Pass) => PASS,
+        Ok(Action::Drop) => DROP,
+        // SAFETY: plain helpers; they return TC_ACT_REDIRECT, or TC_ACT_SHOT on a bad index.
+        Ok(Action::Redirect(ifindex)) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Ok(Action::RedirectNeigh(ifindex)) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        Err(_) => {
+            count(Stat::RewriteFail);
+            DROP
+        }
+    }
 }
 
 /// `ClusterIP` DNAT of a packet sent by a pod.

@@ -12,7 +12,11 @@
 use aya_ebpf::programs::TcContext;
 use rproxy_common::proto;
 
-use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet4, ptr_at};
+use crate::{
+    csum,
+    ctx::Ctx,
+    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet4, ptr_at},
+};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -69,4 +73,47 @@ pub fn dnat(ctx: &TcContext, pkt: &Packet4, addr: u32, port: u16) -> Result<(), 
 #[inline(always)]
 pub fn snat(ctx: &TcContext, pkt: &Packet4, addr: u32, port: u16) -> Result<(), i64> {
     rewrite(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr, pkt.sport_off(), pkt.sport, port)
+}
+
+/// A packet's IPv4 tuple, wire byte order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Tuple4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Tuple4 {
+    #[inline(always)]
+    pub fn of(pkt: &Packet4) -> Self {
+        Self { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport }
+    }
+}
+
+/// The source and destination ports as the one 32-bit word they form at the start of the TCP or
+/// UDP header (memory order).
+#[inline(always)]
+fn ports_word(sport: u16, dport: u16) -> u32 {
+    let s = sport.to_ne_bytes();
+    let d = dport.to_ne_bytes();
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// Rewrites the whole tuple (any of the four fields may change), on TC or XDP, with the
+/// checksums updated incrementally (see `csum`).
+#[inline(always)]
+pub fn rewrite_tuple<C: Ctx>(ctx: &C, pkt: &Packet4, new: &Tuple4) -> Result<(), i64> {
+    let addrs = csum::diff(&mut [pkt.saddr, pkt.daddr], &mut [new.saddr, new.daddr])?;
+    let ports = csum::diff(&mut [ports_word(pkt.sport, pkt.dport)], &mut [ports_word(new.sport, new.dport)])?;
+    csum::update(ctx, pkt, addrs, ports)?;
+    let ip: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
+    let l4: *mut u32 = ptr_at(ctx, pkt.l4_off).ok_or(-1i64)?;
+    // SAFETY: bounds-checked after the last helper call (which may move skb data); unaligned
+    // because IP options and the Ethernet header leave no alignment guarantee.
+    unsafe {
+        ip.write_unaligned([new.saddr, new.daddr]);
+        l4.write_unaligned(ports_word(new.sport, new.dport));
+    }
+    Ok(())
 }

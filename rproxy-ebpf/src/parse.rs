@@ -1,13 +1,14 @@
 //! Header parsing. Every access is bounds-checked against `data_end`; the IPv4 header length
 //! comes from IHL, so options are honoured. Anything not understood yields `None` and the
 //! caller passes the packet untouched.
-use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use rproxy_common::proto;
 
+use crate::ctx::Ctx;
+
 /// Deepest header bytes the programs look at: Ethernet + IPv4 with full options + TCP.
 #[expect(clippy::cast_possible_truncation, reason = "14 + 60 + 20")]
-const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
+pub const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
 const IP_MF: u16 = 0x2000;
@@ -57,7 +58,7 @@ impl Packet4 {
 
 /// Pointer to a `T` at `off` bytes into the packet, or `None` if it would cross `data_end`.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -66,23 +67,11 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Makes sure the headers are in the linear part of the skb (GSO/GRO packets may carry them in
-/// fragments), so that direct packet access can see them.
-#[inline(always)]
-fn ensure_linear(ctx: &TcContext) {
-    let linear = ctx.data_end().saturating_sub(ctx.data());
-    let want = if ctx.len() < MAX_HDR { ctx.len() } else { MAX_HDR };
-    if linear < want as usize {
-        // On failure the bounds checks below simply fail and the packet passes untouched.
-        let _ = ctx.pull_data(want);
-    }
-}
-
 /// Parses Ethernet + IPv4 + TCP/UDP. `None` for anything else (ARP, IPv6, ICMP, truncated
 /// frames, bad IHL): the caller passes such packets untouched.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Packet4> {
-    ensure_linear(ctx);
+pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
+    ctx.make_headers_linear();
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {

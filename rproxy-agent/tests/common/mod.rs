@@ -1,0 +1,207 @@
+//! Shared by the packet test crates: the harness (embedded object, private maps, the agent's
+//! writer) and frame building/checking with independently computed checksums (etherparse).
+#![allow(dead_code, reason = "each test crate uses a different subset")]
+
+use std::{net::Ipv4Addr, sync::Mutex};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{
+    IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number,
+};
+use rproxy_agent::{
+    datapath::{Datapath, Maps},
+    model::Desired,
+    writer::Writer,
+};
+use rproxy_common::{CtKey4, Stat};
+
+/// Kernel tests share nothing, but loading programs concurrently only costs time on 2 cores.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub struct Harness {
+    pub dp: Datapath,
+    pub maps: Maps,
+    pub writer: Writer,
+}
+
+pub fn harness() -> Option<Harness> {
+    let required = std::env::var("RPROXY_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!required, "RPROXY_REQUIRE_KERNEL=1 but not running as root");
+        eprintln!("skipping: packet tests need root (BPF_PROG_TEST_RUN)");
+        return None;
+    }
+    let mut dp = match Datapath::load(None) {
+        Ok(dp) => dp,
+        Err(e) => panic!("loading the datapath: {e}"),
+    };
+    let maps = dp.take_maps().expect("maps");
+    Some(Harness { dp, maps, writer: Writer::new() })
+}
+
+impl Harness {
+    pub fn program(&mut self, desired: &Desired) {
+        let r = self.writer.sync(desired, &mut self.maps);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    /// Runs `frame` through `prog` once: (return value, output frame).
+    pub fn run(&mut self, prog: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = self
+            .dp
+            .program(prog)
+            .expect("program")
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    /// Runs `frame` through TC program `prog` as if it arrived on (or left through) device
+    /// `ifindex` of the calling thread's network namespace.
+    pub fn run_on(&mut self, prog: &'static str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct __sk_buff up to `ifindex`: ingress_ifindex at 36, ifindex at 40; the kernel
+        // takes a shorter context and zeroes the rest.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = self
+            .dp
+            .program(prog)
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} on ifindex {ifindex}: {e}"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    /// Runs `frame` through XDP program `prog` as received on device `ifindex` (queue 0) of the
+    /// calling thread's network namespace.
+    pub fn run_xdp(&mut self, prog: &'static str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let len = u32::try_from(frame.len()).expect("small frame");
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = self
+            .dp
+            .xdp_program(prog)
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} on ifindex {ifindex}: {e}"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    pub fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    pub fn stat(&self, s: Stat) -> u64 {
+        rproxy_agent::datapath::stat_total(&self.maps.stats, s)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+#[expect(clippy::struct_excessive_bools, reason = "one bool per TCP flag, as on the wire")]
+pub struct Tcp {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+pub const SYN: Tcp = Tcp { syn: true, ack: false, fin: false, rst: false };
+pub const SYN_ACK: Tcp = Tcp { syn: true, ack: true, fin: false, rst: false };
+pub const ACK: Tcp = Tcp { syn: false, ack: true, fin: false, rst: false };
+pub const FIN: Tcp = Tcp { syn: false, ack: true, fin: true, rst: false };
+pub const RST: Tcp = Tcp { syn: false, ack: false, fin: false, rst: true };
+
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: etherparse::IpNumber, options: &[u8]) -> IpHeaders {
+    let mut h = Ipv4Header::new(0, 64, proto, src.octets(), dst.octets()).expect("header");
+    h.options = Ipv4Options::try_from(options).expect("options");
+    IpHeaders::Ipv4(h, etherparse::Ipv4Extensions::default())
+}
+
+pub fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), f: Tcp, payload: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ip(ipv4(src.0, dst.0, ip_number::TCP, options))
+        .tcp(src.1, dst.1, 1000, 64240);
+    if f.syn {
+        b = b.syn();
+    }
+    if f.ack {
+        b = b.ack(1);
+    }
+    if f.fin {
+        b = b.fin();
+    }
+    if f.rst {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+pub fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ip(ipv4(src.0, dst.0, ip_number::UDP, &[]))
+        .udp(src.1, dst.1);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+/// Parsed addresses of an output frame, with both checksums verified.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub payload: Vec<u8>,
+    pub options: Vec<u8>,
+}
+
+/// Ethernet addresses of a frame: (destination, source).
+pub fn macs(frame: &[u8]) -> ([u8; 6], [u8; 6]) {
+    (frame[0..6].try_into().expect("6 bytes"), frame[6..12].try_into().expect("6 bytes"))
+}
+
+pub fn parse_checked(frame: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    let (src, dst) = (Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination));
+    let (sp, dp, payload) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv4(h.source, h.destination).expect("len");
+            assert_eq!(t.checksum(), want, "TCP checksum");
+            (t.source_port(), t.destination_port(), t.payload().to_vec())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let want = u.to_header().calc_checksum_ipv4_raw(h.source, h.destination, u.payload()).expect("len");
+                assert_eq!(u.checksum(), want, "UDP checksum");
+            }
+            (u.source_port(), u.destination_port(), u.payload().to_vec())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    };
+    Seen { src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
+}

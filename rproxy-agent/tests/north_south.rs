@@ -1,0 +1,305 @@
+//! Packet tests of the north-south programs (`rpx_xdp_ext`, `rpx_ext_ingress`,
+//! `rpx_ext_egress`) with `BPF_PROG_TEST_RUN`.
+//!
+//! Each test runs in a thread that first moves into a new, anonymous network namespace
+//! (`unshare(CLONE_NEWNET)`), where it builds what the FIB lookups need: the node's external
+//! device `nsx` (a veth, 172.31.0.1/24), permanent neighbours for a second node (172.31.0.2) and
+//! the client (172.31.0.100), a route to the second node's pods (10.244.2.0/24 via 172.31.0.2) and
+//! one to a third node whose MAC is unknown (10.244.3.0/24 via 172.31.0.3). The namespace, and the
+//! devices in it, disappear with the thread, even when an assertion fails.
+//!
+//! Needs root; see packets.rs for the skip rule.
+mod common;
+
+use std::{net::Ipv4Addr, process::Command};
+
+use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, harness, macs, parse_checked, tcp_frame, udp_frame};
+use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
+use rproxy_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL,
+    SVC_F_NODE_PORT, Stat, prog_names, proto, snat,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_PASS: u32 = u32::MAX; // TC_ACT_UNSPEC
+const TC_DROP: u32 = 2;
+const TC_REDIRECT: u32 = 7;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x64];
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 21);
+const UNRESOLVED_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 31);
+const CPORT: u16 = 40_000;
+
+/// Runs `f` in a thread inside a fresh network namespace set up as the module doc says, with
+/// the index of `nsx`.
+fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(mut h) = harness() else { return };
+    let r = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        for args in [
+            "link add nsx address 02:00:00:00:00:01 type veth peer name nsy",
+            "addr add 172.31.0.1/24 dev nsx",
+            "link set nsx up",
+            "link set nsy up",
+            "neigh add 172.31.0.2 lladdr 02:00:00:00:00:02 dev nsx nud permanent",
+            "neigh add 172.31.0.100 lladdr 02:00:00:00:00:64 dev nsx nud permanent",
+            "route add 10.244.2.0/24 via 172.31.0.2 dev nsx",
+            "route add 10.244.3.0/24 via 172.31.0.3 dev nsx",
+        ] {
+            let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
+            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // /proc/sys/net is the opening thread's namespace.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+        let ifindex = nix::net::if_::if_nametoindex("nsx").expect("ifindex of nsx");
+        f(&mut h, ifindex);
+    })
+    .join();
+    if let Err(panic) = r {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn backend(addr: Ipv4Addr, proto: Protocol, local: bool) -> Backend {
+    Backend { addr: BackendAddr { addr, port: 8080, proto }, state: BackendState::Active, local }
+}
+
+/// One frontend `addr:port/proto` with `flags` and backends (`local_slots` for ETP Local).
+fn frontend(
+    addr: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    flags: u16,
+    slots: Vec<Backend>,
+    local: Vec<Backend>,
+) -> Desired {
+    let entry = ServiceEntry {
+        service: ObjectRef { namespace: "default".into(), name: format!("np{port}") },
+        port_name: String::new(),
+        flags,
+        affinity_timeout: 0,
+        slots,
+        local_slots: local,
+        draining: Vec::new(),
+    };
+    Desired { services: [(Frontend { addr, port, proto }, entry)].into_iter().collect(), ..Desired::default() }
+}
+
+fn key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), p: u8, dir: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from(src.0).to_be(),
+        daddr: u32::from(dst.0).to_be(),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto: p,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The pod on this node gets the client's packets DNATed with the client's own source (XDP and
+/// TC alike), and its reply leaves the node from the node address and port.
+#[test]
+fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
+    in_node_netns(|h, ifindex| {
+        h.program(&frontend(
+            NODE,
+            30080,
+            Protocol::Tcp,
+            SVC_F_NODE_PORT,
+            vec![backend(LOCAL_POD, Protocol::Tcp, true)],
+            vec![],
+        ));
+        for (i, xdp) in [true, false].into_iter().enumerate() {
+            let c = (CLIENT, CPORT + u16::try_from(i).unwrap());
+            let syn = tcp_frame(c, (NODE, 30080), SYN, b"", &[]);
+            let (rc, out) = if xdp {
+                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
+            } else {
+                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
+            };
+            assert_eq!(rc, if xdp { XDP_PASS } else { TC_PASS }, "xdp={xdp}");
+            let seen = parse_checked(&out);
+            assert_eq!((seen.src, seen.dst), (c, (LOCAL_POD, 8080)), "xdp={xdp}");
+            assert_eq!(macs(&out), macs(&syn), "handed to the stack with its Ethernet header unchanged");
+            let ct = h.ct(&key(c, (NODE, 30080), proto::TCP, CT_DIR_SERVICE)).expect("service entry");
+            assert_eq!(ct.nat_flags, CT_NAT_EXTERNAL);
+
+            let (rc, out) =
+                h.run_on(prog_names::EXT_EGRESS, ifindex, &tcp_frame((LOCAL_POD, 8080), c, SYN_ACK, b"", &[]));
+            assert_eq!(rc, TC_PASS);
+            let seen = parse_checked(&out);
+            assert_eq!((seen.src, seen.dst), ((NODE, 30080), c), "reply from the NodePort");
+        }
+        assert_eq!(h.stat(Stat::NewFlow), 2);
+        assert_eq!(h.stat(Stat::RevNat), 2);
+    });
+}
+
+/// A backend on another node: DNAT + SNAT to the node address with a port from the SNAT range,
+/// Ethernet addresses from the FIB, transmitted back out of the device; the reply is translated
+/// back to the client and transmitted to it; later packets of the flow keep the port.
+#[test]
+fn nodeport_to_remote_backend_is_snated_and_forwarded() {
+    in_node_netns(|h, ifindex| {
+        let remote = vec![backend(REMOTE_POD, Protocol::Tcp, false)];
+        h.program(&frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote, vec![]));
+        for xdp in [true, false] {
+            let (ok, c) = if xdp { (XDP_TX, (CLIENT, CPORT)) } else { (TC_REDIRECT, (CLIENT, CPORT + 1)) };
+            let run = |h: &mut Harness, frame: &[u8]| {
+                if xdp {
+                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
+                } else {
+                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
+                }
+            };
+            let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), SYN, b"", &[]));
+            assert_eq!(rc, ok, "xdp={xdp}");
+            let seen = parse_checked(&out);
+            assert_eq!(seen.dst, (REMOTE_POD, 8080));
+            assert_eq!(seen.src.0, NODE, "SNAT to the node address towards the backend");
+            let port = seen.src.1;
+            assert!((snat::PORT_MIN..=snat::PORT_MAX).contains(&port), "SNAT port {port}");
+            assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to the other node's MAC from ours");
+            let reply = h.ct(&key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY)).expect("reply entry");
+            assert_eq!(reply.nat_flags, CT_NAT_EXTERNAL | CT_NAT_SNAT);
+
+            let (rc, out) = run(h, &tcp_frame((REMOTE_POD, 8080), (NODE, port), SYN_ACK, b"", &[]));
+            assert_eq!(rc, ok, "reply forwarded, xdp={xdp}");
+            let seen = parse_checked(&out);
+            assert_eq!((seen.src, seen.dst), ((NODE, 30081), c));
+            assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+
+            let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), ACK, b"data", &[]));
+            assert_eq!(rc, ok);
+            let seen = parse_checked(&out);
+            assert_eq!((seen.src, seen.dst, seen.payload.as_slice()), ((NODE, port), (REMOTE_POD, 8080), &b"data"[..]));
+        }
+        assert_eq!(h.stat(Stat::Forwarded), 6);
+    });
+}
+
+#[test]
+fn udp_to_remote_backend_both_ways_with_checksums() {
+    in_node_netns(|h, ifindex| {
+        let remote = vec![backend(REMOTE_POD, Protocol::Udp, false)];
+        h.program(&frontend(NODE, 30082, Protocol::Udp, SVC_F_NODE_PORT, remote, vec![]));
+        let c = (CLIENT, 5353);
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &udp_frame(c, (NODE, 30082), b"question"));
+        assert_eq!(rc, XDP_TX);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src.0, seen.dst, seen.payload.as_slice()), (NODE, (REMOTE_POD, 8080), &b"question"[..]));
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &udp_frame((REMOTE_POD, 8080), seen.src, b"answer"));
+        assert_eq!(rc, XDP_TX);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src, seen.dst, seen.payload.as_slice()), ((NODE, 30082), c, &b"answer"[..]));
+    });
+}
+
+/// externalTrafficPolicy Local: outside clients only reach this node's endpoints, keep their
+/// address, and a node without local endpoints drops.
+#[test]
+fn etp_local_serves_local_endpoints_only() {
+    in_node_netns(|h, ifindex| {
+        let flags = SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
+        let slots = vec![backend(LOCAL_POD, Protocol::Tcp, true), backend(REMOTE_POD, Protocol::Tcp, false)];
+        let mut d = frontend(NODE, 30083, Protocol::Tcp, flags, slots.clone(), vec![slots[0]]);
+        d.services.extend(frontend(NODE, 30084, Protocol::Tcp, flags, vec![slots[1]], vec![]).services);
+        h.program(&d);
+        for i in 0..8 {
+            let c = (CLIENT, CPORT + i);
+            let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame(c, (NODE, 30083), SYN, b"", &[]));
+            assert_eq!(rc, XDP_PASS);
+            let seen = parse_checked(&out);
+            assert_eq!((seen.src, seen.dst), (c, (LOCAL_POD, 8080)), "never the remote endpoint, never SNAT");
+        }
+        let syn = tcp_frame((CLIENT, CPORT), (NODE, 30084), SYN, b"", &[]);
+        assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0, XDP_DROP);
+        assert_eq!(h.run_on(prog_names::EXT_INGRESS, ifindex, &syn).0, TC_DROP);
+        assert_eq!(h.stat(Stat::NoBackend), 2);
+    });
+}
+
+/// Every SNAT port towards a backend taken: the new flow is dropped and counted, the packet
+/// is not touched, no entry is left behind.
+#[test]
+fn snat_port_exhaustion_is_counted_and_dropped() {
+    in_node_netns(|h, ifindex| {
+        h.program(&frontend(
+            NODE,
+            30085,
+            Protocol::Tcp,
+            SVC_F_NODE_PORT,
+            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
+            vec![],
+        ));
+        let taken = CtValue { nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT, ..CtValue::default() };
+        for port in snat::PORT_MIN..=snat::PORT_MAX {
+            let k = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
+            h.maps.conntrack.insert(k, taken, 0).expect("prefill");
+        }
+        let c = (CLIENT, CPORT);
+        let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame(c, (NODE, 30085), SYN, b"", &[]));
+        assert_eq!(rc, XDP_DROP);
+        assert_eq!(h.stat(Stat::SnatExhausted), 1);
+        assert!(h.ct(&key(c, (NODE, 30085), proto::TCP, CT_DIR_SERVICE)).is_none());
+    });
+}
+
+/// The next hop's MAC unknown: XDP hands the packet up untouched, TC translates it and lets the
+/// kernel resolve the neighbour (`bpf_redirect_neigh`).
+#[test]
+fn unresolved_next_hop_goes_from_xdp_to_tc() {
+    in_node_netns(|h, ifindex| {
+        h.program(&frontend(
+            NODE,
+            30086,
+            Protocol::Tcp,
+            SVC_F_NODE_PORT,
+            vec![backend(UNRESOLVED_POD, Protocol::Tcp, false)],
+            vec![],
+        ));
+        let syn = tcp_frame((CLIENT, CPORT), (NODE, 30086), SYN, b"", &[]);
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn);
+        assert_eq!((rc, &out), (XDP_PASS, &syn));
+        let (rc, out) = h.run_on(prog_names::EXT_INGRESS, ifindex, &syn);
+        assert_eq!(rc, TC_REDIRECT);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src.0, seen.dst), (NODE, (UNRESOLVED_POD, 8080)));
+    });
+}
+
+/// Outside clients do not reach `ClusterIP` frontends, and other traffic to the node passes
+/// byte for byte.
+#[test]
+fn cluster_ip_and_other_traffic_pass_untouched() {
+    in_node_netns(|h, ifindex| {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        h.program(&frontend(
+            vip,
+            80,
+            Protocol::Tcp,
+            SVC_F_CLUSTER_IP,
+            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
+            vec![],
+        ));
+        for frame in [
+            tcp_frame((CLIENT, CPORT), (vip, 80), SYN, b"", &[]),
+            tcp_frame((CLIENT, CPORT), (NODE, 22), SYN, b"", &[]),
+            udp_frame((CLIENT, CPORT), (NODE, 61_234), b"not ours"),
+        ] {
+            assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &frame), (XDP_PASS, frame.clone()));
+            assert_eq!(h.run_on(prog_names::EXT_INGRESS, ifindex, &frame), (TC_PASS, frame.clone()));
+            assert_eq!(h.run_on(prog_names::EXT_EGRESS, ifindex, &frame), (TC_PASS, frame.clone()));
+        }
+        assert_eq!(h.stat(Stat::NewFlow), 0);
+    });
+}

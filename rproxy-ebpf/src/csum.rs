@@ -1,0 +1,92 @@
+//! Incremental checksum updates for a rewrite of the whole IPv4 tuple (addresses and ports).
+//!
+//! The difference of the old and new words is computed once with the kernel's `bpf_csum_diff`,
+//! separately for the addresses (which the L4 pseudo header covers) and the ports. On an skb
+//! (TC) the kernel's `bpf_l3_csum_replace` / `bpf_l4_csum_replace` apply the differences in
+//! their "diff" mode, so `CHECKSUM_PARTIAL` skbs are handled by the kernel (only the
+//! pseudo-header part is folded into their seed). On an XDP frame there are no skb checksum
+//! states: the checksums in the frame are complete, and the differences are folded into them
+//! here (RFC 1624). UDP keeps a zero checksum ("none") zero and writes a computed zero as
+//! 0xffff, like `BPF_F_MARK_MANGLED_0`.
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_csum_diff, bpf_l3_csum_replace, bpf_l4_csum_replace},
+};
+use rproxy_common::proto;
+
+use crate::{
+    ctx::Ctx,
+    parse::{IP_CSUM_OFF, Packet4, ptr_at},
+};
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+/// Ones' complement sum of `new` minus `old` (32-bit words as they are in memory).
+#[inline(always)]
+pub fn diff<const N: usize>(old: &mut [u32; N], new: &mut [u32; N]) -> Result<u32, i64> {
+    #[expect(clippy::cast_possible_truncation, reason = "N is 1 or 2 words")]
+    let size = (N * 4) as u32;
+    // SAFETY: both arrays live on this program's stack, initialised, `size` bytes each.
+    let d = unsafe { bpf_csum_diff(old.as_mut_ptr(), size, new.as_mut_ptr(), size, 0) };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a 32-bit wsum on success")]
+    if d < 0 { Err(d) } else { Ok(d as u32) }
+}
+
+/// Folds a 16-bit checksum field's complement and 32-bit differences into the new field value.
+#[inline(always)]
+fn apply(field: u16, a: u32, b: u32) -> u16 {
+    let mut s = u64::from(!field) + u64::from(a) + u64::from(b);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+    let folded = s as u16;
+    !folded
+}
+
+/// Updates the IPv4 header and L4 checksums for an address difference `addrs` and a port
+/// difference `ports` (see `diff`).
+#[inline(always)]
+pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<(), i64> {
+    let l4_off = pkt.l4_csum_off();
+    #[expect(clippy::cast_possible_truncation, reason = "header offsets are below 100")]
+    let (l4_off32, ip_off32) = (l4_off as u32, IP_CSUM_OFF as u32);
+    let udp = pkt.proto == proto::UDP;
+    if C::SKB {
+        let skb: *mut __sk_buff = ctx.as_ptr().cast();
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+        // Size 0 in the flags: `to` is a precomputed difference.
+        // SAFETY: skb is this program's context; offsets are inside the headers parsed above
+        // (the helpers check them against the skb anyway).
+        unsafe {
+            let r = bpf_l4_csum_replace(skb, l4_off32, 0, u64::from(addrs), BPF_F_PSEUDO_HDR | mangled);
+            if r < 0 {
+                return Err(r);
+            }
+            let r = bpf_l3_csum_replace(skb, ip_off32, 0, u64::from(addrs), 0);
+            if r < 0 {
+                return Err(r);
+            }
+            if ports != 0 {
+                let r = bpf_l4_csum_replace(skb, l4_off32, 0, u64::from(ports), mangled);
+                if r < 0 {
+                    return Err(r);
+                }
+            }
+        }
+        return Ok(());
+    }
+    let ip: *mut u16 = ptr_at(ctx, IP_CSUM_OFF).ok_or(-1i64)?;
+    let l4: *mut u16 = ptr_at(ctx, l4_off).ok_or(-1i64)?;
+    // SAFETY: both bounds-checked; unaligned because IP options leave no alignment guarantee.
+    unsafe {
+        ip.write_unaligned(apply(ip.read_unaligned(), addrs, 0));
+        let old = l4.read_unaligned();
+        if !(udp && old == 0) {
+            let new = apply(old, addrs, ports);
+            l4.write_unaligned(if udp && new == 0 { 0xffff } else { new });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! What the shared packet code needs from a program context, for TC (`TcContext`, an skb) and
+//! XDP (`XdpContext`, a raw frame). The north-south path runs the same code on both hooks.
+use aya_ebpf::{
+    EbpfContext,
+    programs::{TcContext, XdpContext},
+};
+
+use crate::parse::MAX_HDR;
+
+pub trait Ctx: EbpfContext {
+    /// Start of the packet's linear data.
+    fn data(&self) -> usize;
+    /// End of the packet's linear data.
+    fn data_end(&self) -> usize;
+    /// Makes the headers directly readable where the hook may hold them in fragments (TC: GSO/GRO
+    /// skbs). On failure the bounds checks fail and the packet passes untouched.
+    fn make_headers_linear(&self);
+    /// Index of the device the packet arrived on.
+    fn ingress_ifindex(&self) -> u32;
+    /// Whether the checksum helpers of an skb are available (TC), or checksums are rewritten
+    /// in the frame (XDP).
+    const SKB: bool;
+}
+
+impl Ctx for TcContext {
+    const SKB: bool = true;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn make_headers_linear(&self) {
+        let linear = self.data_end().saturating_sub(self.data());
+        let want = if self.len() < MAX_HDR { self.len() } else { MAX_HDR };
+        if linear < want as usize {
+            let _ = self.pull_data(want);
+        }
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context's skb pointer is valid for the whole program run.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+}
+
+impl Ctx for XdpContext {
+    const SKB: bool = false;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn make_headers_linear(&self) {
+        // XDP sees the frame's first buffer, which holds the headers of any sane frame.
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        #[expect(clippy::cast_possible_truncation, reason = "ifindex is a u32 in xdp_md")]
+        let i = XdpContext::ingress_ifindex(self) as u32;
+        i
+    }
+}

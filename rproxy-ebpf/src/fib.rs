@@ -1,0 +1,60 @@
+//! Forwarding from the hook: the kernel's FIB lookup (`bpf_fib_lookup`) gives the egress device,
+//! the MAC addresses and, on request, the source address the node would use towards a
+//! destination (`BPF_FIB_LOOKUP_SRC`, the address north-south SNAT translates to).
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
+    helpers::bpf_fib_lookup as fib_lookup,
+};
+use network_types::eth::EthHdr;
+
+use crate::{ctx::Ctx, parse::ptr_at};
+
+const AF_INET: u8 = 2;
+
+/// Where a packet to some address leaves.
+pub enum Route {
+    /// Egress device and the Ethernet addresses to write.
+    Ready { ifindex: u32, smac: [u8; 6], dmac: [u8; 6], src: u32 },
+    /// Routed through `ifindex`, but the next hop's MAC is not known yet: TC hands the packet to
+    /// `bpf_redirect_neigh`, XDP passes it up untouched (TC then handles it).
+    NoNeigh { ifindex: u32, src: u32 },
+    /// No route, forwarding disabled, fragmentation needed, …
+    Unusable,
+}
+
+/// Looks up the route from `saddr` (0 with `want_src`: the node picks one and reports it in
+/// `src`) to `daddr` for a packet of protocol `proto` that arrived on this context's device.
+#[inline(always)]
+pub fn lookup<C: Ctx>(ctx: &C, proto: u8, saddr: u32, daddr: u32, want_src: bool) -> Route {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.ifindex = ctx.ingress_ifindex();
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64-byte struct")]
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    // SAFETY: the context pointer is this program's; `p` is on the stack, `size` bytes.
+    let r = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, size, flags) };
+    // SAFETY: the helper fills the source address union as IPv4 for family AF_INET.
+    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    match u32::try_from(r).unwrap_or(u32::MAX) {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Ready { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, src },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh { ifindex: p.ifindex, src },
+        _ => Route::Unusable,
+    }
+}
+
+/// Writes the Ethernet addresses of a `Route::Ready`.
+#[inline(always)]
+pub fn set_macs<C: Ctx>(ctx: &C, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), i64> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(-1i64)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = *dmac;
+        (*eth).src_addr = *smac;
+    }
+    Ok(())
+}

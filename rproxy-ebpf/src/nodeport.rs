@@ -1,0 +1,242 @@
+//! North-south: packets arriving on the node's external devices for a `NodePort` (a node
+//! address), an externalIP or a `LoadBalancer` ingress IP, and the replies of the flows this node
+//! forwarded to other nodes. The same code runs at XDP and at TC ingress (`--xdp-mode tc`, and
+//! in XDP modes for what XDP hands up, see `fib::Route::NoNeigh`).
+//!
+//! - Backend on this node (and every backend under `externalTrafficPolicy: Local`): DNAT and
+//!   hand to the stack, which routes to the pod; the reply is translated back by
+//!   `rpx_ext_egress` as it leaves through the external device. The backend sees the client.
+//! - Backend on another node (`externalTrafficPolicy: Cluster`): DNAT and SNAT to this node's
+//!   address towards that node (from the FIB) and a port allocated by inserting the reply entry
+//!   with `BPF_NOEXIST` (so two flows never share one), then forwarded from the hook. Replies
+//!   come back here, are translated back to the client and forwarded to it.
+//! - `ClusterIP` frontends are not served to outside clients (like Cilium's default); those
+//!   packets pass untouched.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use rproxy_common::{
+    BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SCOPE_LOCAL, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, snat,
+};
+
+use crate::{
+    conntrack::{self, BPF_NOEXIST},
+    ctx::Ctx,
+    fib::{self, Route},
+    lb,
+    maps::{CT4, SVC4, count},
+    nat::{self, Tuple4},
+    parse::{self, Packet4},
+};
+
+/// What the entry point does with the packet.
+pub enum Action {
+    /// Hand to the stack (translated or not).
+    Pass,
+    Drop,
+    /// Transmit through this device (XDP: `XDP_TX` if it is the ingress device).
+    Redirect(u32),
+    /// TC only: transmit through this device, the kernel resolving the next hop's MAC.
+    RedirectNeigh(u32),
+}
+
+const NORTH_SOUTH: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
+const SNAT_RANGE: u32 = (snat::PORT_MAX - snat::PORT_MIN) as u32 + 1;
+
+/// A packet on an external device's ingress.
+#[inline(always)]
+pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
+    let Some(pkt) = parse::parse_ipv4(ctx) else {
+        return Ok(Action::Pass);
+    };
+    if pkt.fragment {
+        return Ok(Action::Pass);
+    }
+    // Only SNATed flows' replies come back to a port of the SNAT range: everything else skips
+    // the conntrack lookup.
+    if (snat::PORT_MIN..=snat::PORT_MAX).contains(&u16::from_be(pkt.dport)) {
+        let key = conntrack::reply_key(&pkt);
+        if let Some(ct) = CT4.get_ptr_mut(key) {
+            // SAFETY: valid map value pointer for this run; copied out.
+            let v = unsafe { *ct };
+            if v.nat_flags & CT_NAT_SNAT != 0 {
+                return snat_reply(ctx, &pkt, ct, &key, &v);
+            }
+        }
+    }
+    let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
+        return Ok(Action::Pass);
+    };
+    if svc.flags & NORTH_SOUTH == 0 {
+        return Ok(Action::Pass);
+    }
+    let now = conntrack::now_ns();
+    let ct_key = conntrack::service_key(&pkt);
+    if let Some(ct) = CT4.get_ptr_mut(ct_key) {
+        // SAFETY: as above.
+        let v = unsafe { *ct };
+        if v.nat_flags & CT_NAT_EXTERNAL != 0 && lb::backend(v.backend_id).is_some() {
+            return established(ctx, &pkt, ct, &ct_key, &v, now);
+        }
+        count(Stat::BackendGone);
+    }
+    // A new flow. Under externalTrafficPolicy Local only this node's endpoints take it.
+    let etp_local = svc.flags & SVC_F_ETP_LOCAL != 0;
+    let (key, value) = if etp_local {
+        let key = ServiceKey4 { scope: SCOPE_LOCAL, ..svc_key };
+        // SAFETY: copied out at once.
+        let Some(v) = (unsafe { SVC4.get(key) }) else {
+            count(Stat::NoBackend);
+            return Ok(Action::Drop);
+        };
+        (key, *v)
+    } else {
+        (svc_key, svc)
+    };
+    let Some((backend_id, be)) = lb::select_backend(&key, &value) else {
+        count(Stat::NoBackend);
+        return Ok(Action::Drop);
+    };
+    if etp_local || be.flags & BE_F_LOCAL != 0 {
+        if conntrack::create_nat(&pkt, backend_id, &be, svc.rev_nat_id, (pkt.saddr, pkt.sport), CT_NAT_EXTERNAL, now)
+            .is_err()
+        {
+            count(Stat::CtInsertFail);
+            return Ok(Action::Drop);
+        }
+        nat::rewrite_tuple(ctx, &pkt, &Tuple4 { daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) })?;
+        count(Stat::NewFlow);
+        return Ok(Action::Pass);
+    }
+    // Remote backend: the FIB first (it names the SNAT address), then state, then the rewrite.
+    let route = fib::lookup(ctx, pkt.proto, 0, be.addr, true);
+    let src = match route {
+        Route::Ready { src, .. } => src,
+        Route::NoNeigh { src, .. } if C::SKB => src,
+        // XDP cannot resolve the neighbour: the TC program on this device does it.
+        Route::NoNeigh { .. } => return Ok(Action::Pass),
+        Route::Unusable => {
+            count(Stat::FibFail);
+            return Ok(Action::Drop);
+        }
+    };
+    let flags = CT_NAT_EXTERNAL | CT_NAT_SNAT;
+    let (mut reply, reply_value, service_value) =
+        conntrack::flow_entries(&pkt, backend_id, &be, svc.rev_nat_id, (src, 0), flags, now);
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % SNAT_RANGE;
+    let mut port = None;
+    for i in 0..snat::TRIES {
+        let p = snat::PORT_MIN + ((start + i) % SNAT_RANGE) as u16;
+        reply.dport = p.to_be();
+        if CT4.insert(reply, reply_value, BPF_NOEXIST).is_ok() {
+            port = Some(p.to_be());
+            break;
+        }
+    }
+    let Some(port) = port else {
+        count(Stat::SnatExhausted);
+        return Ok(Action::Drop);
+    };
+    let service_value = CtValue { nat_port: port, ..service_value };
+    if CT4.insert(ct_key, service_value, conntrack::BPF_ANY).is_err() {
+        let _ = CT4.remove(reply);
+        count(Stat::CtInsertFail);
+        return Ok(Action::Drop);
+    }
+    nat::rewrite_tuple(ctx, &pkt, &Tuple4 { saddr: src, daddr: be.addr, sport: port, dport: be.port })?;
+    count(Stat::NewFlow);
+    forward(ctx, &route)
+}
+
+/// A packet of a known north-south flow from the client.
+#[inline(always)]
+fn established<C: Ctx>(
+    ctx: &C,
+    pkt: &Packet4,
+    ct: *mut CtValue,
+    key: &CtKey4,
+    v: &CtValue,
+    now: u64,
+) -> Result<Action, i64> {
+    let new = Tuple4 { saddr: v.nat_addr, daddr: v.pair_addr, sport: v.nat_port, dport: v.pair_port };
+    let route = if v.nat_flags & CT_NAT_SNAT == 0 {
+        None
+    } else {
+        match fib::lookup(ctx, pkt.proto, new.saddr, new.daddr, false) {
+            Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
+            Route::Unusable => {
+                count(Stat::FibFail);
+                return Ok(Action::Drop);
+            }
+            r => Some(r),
+        }
+    };
+    conntrack::account(ct, key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    count(Stat::Established);
+    match route {
+        None => Ok(Action::Pass),
+        Some(r) => forward(ctx, &r),
+    }
+}
+
+/// A backend's reply to a flow whose source this node translated: back to the client, from the service address.
+#[inline(always)]
+fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v: &CtValue) -> Result<Action, i64> {
+    let new = Tuple4 { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
+    let route = fib::lookup(ctx, pkt.proto, new.saddr, new.daddr, false);
+    match route {
+        Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
+        Route::Unusable => {
+            count(Stat::FibFail);
+            return Ok(Action::Drop);
+        }
+        _ => {}
+    }
+    conntrack::account(ct, key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    count(Stat::RevNat);
+    forward(ctx, &route)
+}
+
+/// Transmits a rewritten packet along `route`.
+#[inline(always)]
+fn forward<C: Ctx>(ctx: &C, route: &Route) -> Result<Action, i64> {
+    match route {
+        Route::Ready { ifindex, smac, dmac, .. } => {
+            fib::set_macs(ctx, smac, dmac)?;
+            count(Stat::Forwarded);
+            Ok(Action::Redirect(*ifindex))
+        }
+        Route::NoNeigh { ifindex, .. } => {
+            count(Stat::Forwarded);
+            Ok(Action::RedirectNeigh(*ifindex))
+        }
+        Route::Unusable => Ok(Action::Drop),
+    }
+}
+
+/// A packet leaving through an external device: the reply of a north-south flow to a backend
+/// on this node gets the service address back as its source.
+#[inline(always)]
+pub fn egress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
+    let Some(pkt) = parse::parse_ipv4(ctx) else {
+        return Ok(Action::Pass);
+    };
+    if pkt.fragment {
+        return Ok(Action::Pass);
+    }
+    let key = conntrack::reply_key(&pkt);
+    let Some(ct) = CT4.get_ptr_mut(key) else {
+        return Ok(Action::Pass);
+    };
+    // SAFETY: valid map value pointer for this run; copied out.
+    let v = unsafe { *ct };
+    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_EXTERNAL {
+        return Ok(Action::Pass);
+    }
+    conntrack::account(ct, &key, conntrack::rev_bits(&pkt), false, conntrack::now_ns());
+    nat::rewrite_tuple(ctx, &pkt, &Tuple4 { saddr: v.pair_addr, sport: v.pair_port, ..Tuple4::of(&pkt) })?;
+    count(Stat::RevNat);
+    Ok(Action::Pass)
+}
