@@ -45,4 +45,13 @@ if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
     log "mounting bpffs on /sys/fs/bpf"
     mount -t bpf bpf /sys/fs/bpf
 fi
+# cgroup v2 for the socket hooks (host-network processes → services). Hosts with only cgroup
+# v1 hierarchies mounted get the v2 hierarchy beside them (every process is in its root).
+if ! grep -q ' - cgroup2 ' /proc/self/mountinfo; then
+    dir=/sys/fs/cgroup/unified
+    [ -d /sys/fs/cgroup ] && ! mountpoint -q /sys/fs/cgroup && dir=/sys/fs/cgroup
+    log "mounting cgroup2 on $dir"
+    mkdir -p "$dir"
+    mount -t cgroup2 none "$dir"
+fi
 log "done"

@@ -18,13 +18,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
-use rproxy_common::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names, prog_names};
+use rproxy_common::{
+    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names, prog_names,
+};
 use tracing::{debug, info, warn};
 
 use crate::{Error, Result};
@@ -121,6 +123,10 @@ pub enum XdpAttached {
 }
 
 const XDP_DIR: &str = "xdp";
+const CGROUP_DIR: &str = "cgroup";
+/// The socket programs, in attach order.
+const SOCK_PROGRAMS: [&str; 4] =
+    [prog_names::SOCK_CONNECT4, prog_names::SOCK_SENDMSG4, prog_names::SOCK_RECVMSG4, prog_names::SOCK_GETPEERNAME4];
 
 impl Datapath {
     /// Loads the embedded object. With `pin_dir`, maps are pinned there (and reused if already
@@ -140,7 +146,7 @@ impl Datapath {
             ))),
         };
         let dir = pin_dir.or(scratch.as_deref()).expect("one of the two is set");
-        for sub in Hook::POD.iter().chain(&Hook::EXTERNAL).map(|h| h.dir()).chain([XDP_DIR]) {
+        for sub in Hook::POD.iter().chain(&Hook::EXTERNAL).map(|h| h.dir()).chain([XDP_DIR, CGROUP_DIR]) {
             let links = dir.join(LINKS_DIR).join(sub);
             std::fs::create_dir_all(&links)
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
@@ -164,6 +170,9 @@ impl Datapath {
         }
         for name in [prog_names::XDP_EXT, prog_names::XDP_NOOP] {
             xdp(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+        }
+        for name in SOCK_PROGRAMS {
+            sock_addr(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf) })
     }
@@ -304,6 +313,50 @@ impl Datapath {
         Ok(())
     }
 
+    /// Translates service addresses for the sockets of this agent's network namespace
+    /// (host-network processes): records the namespace's cookie in `RPX_CONFIG`, then attaches
+    /// the socket programs to cgroup v2 directory `cgroup` (normally the root: every process).
+    /// Sockets of other namespaces are left alone by the programs. A restart attaches the new
+    /// programs first and then unpins the old links, so no `connect` goes untranslated.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        let cookie = netns_cookie()?;
+        let map = self.ebpf.map_mut(map_names::CONFIG).ok_or(Error::MissingMap { name: map_names::CONFIG })?;
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
+        config
+            .set(0, Config { host_netns_cookie: cookie }, 0)
+            .map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
+        let dir = std::fs::File::open(cgroup)
+            .map_err(|source| Error::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
+        for name in SOCK_PROGRAMS {
+            let prog = sock_addr(&mut self.ebpf, name)?;
+            // With a bpf_link (Linux ≥ 5.7) the kernel refuses attach flags, and links are
+            // always multi-attach: "Single" is aya's name for no flags.
+            let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Interface {
+                name: cgroup.display().to_string(),
+                reason: format!("attaching {name}: {}", describe(&e)),
+            })?;
+            let Some(pins) = self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(CGROUP_DIR)) else { continue };
+            let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+            let fd = FdLink::try_from(link).map_err(|e| Error::Interface {
+                name: cgroup.display().to_string(),
+                reason: format!("{name}: not a bpf_link: {}", describe(&e)),
+            })?;
+            let (fresh, pin) = (pins.join(format!("{name}-new")), pins.join(name));
+            remove_pin(&fresh)?;
+            fd.pin(&fresh).map_err(|e| Error::Interface {
+                name: cgroup.display().to_string(),
+                reason: format!("pinning {}: {}", fresh.display(), describe(&e)),
+            })?;
+            // Unpinning the old link detaches the previous run's program.
+            remove_pin(&pin)?;
+            std::fs::rename(&fresh, &pin)
+                .map_err(|source| Error::Io { what: format!("renaming {}", fresh.display()), source })?;
+        }
+        info!(cgroup = %cgroup.display(), netns_cookie = cookie, "socket hooks attached");
+        Ok(())
+    }
+
     /// Detaches both pod programs from `ifname` by removing their pinned links. Only meaningful
     /// with a pin directory (unpinned links go away with the process).
     pub fn detach_pinned(&self, ifname: &str) -> Result<()> {
@@ -354,6 +407,53 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
         .ok_or(Error::MissingProgram { name })?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+/// Cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), what
+/// `bpf_get_netns_cookie` returns for its sockets.
+fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(|source| Error::Io { what: String::from("opening a socket"), source })?;
+    let mut cookie = 0u64;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("8 fits");
+    // SAFETY: valid socket fd, out-pointer to a u64 with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(Error::Io {
+            what: String::from("getsockopt(SO_NETNS_COOKIE)"),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(cookie)
+}
+
+/// The first cgroup v2 mount in `mountinfo` (the text of `/proc/self/mountinfo`).
+#[must_use]
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    // Fields: id parent major:minor root mount-point options... - fstype source super-options
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
 }
 
 fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>> {
@@ -463,5 +563,27 @@ pub fn cleanup(dir: &Path) -> Result<()> {
             Ok(())
         }
         Err(source) => Err(Error::Io { what: format!("removing {}", dir.display()), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let v1_only = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                       40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n";
+        assert_eq!(cgroup2_mount(v1_only), None);
+        let hybrid = format!("{v1_only}41 31 0:38 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n");
+        assert_eq!(cgroup2_mount(&hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn pin_names_escape_dots() {
+        for name in ["eth0", "eth0.100", "a%2eb", "%"] {
+            assert_eq!(unescape(&escape(name)), name);
+            assert!(!escape(name).contains('.'));
+        }
     }
 }

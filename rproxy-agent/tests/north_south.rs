@@ -303,3 +303,59 @@ fn cluster_ip_and_other_traffic_pass_untouched() {
         assert_eq!(h.stat(Stat::NewFlow), 0);
     });
 }
+
+/// Host-network sockets (the node's own namespace): connecting or sending to a service address
+/// reaches a backend, and the socket still sees the service address as its peer. The programs
+/// are attached to the cgroup v2 root, but translate only sockets of this test's namespace.
+#[test]
+fn host_sockets_reach_services_through_the_socket_hooks() {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream, UdpSocket},
+        time::Duration,
+    };
+    let Some(cgroup) = rproxy_agent::datapath::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+    else {
+        assert!(std::env::var("RPROXY_REQUIRE_KERNEL").is_err(), "no cgroup2 mount: run scripts/setup.sh");
+        eprintln!("skipping: no cgroup2 mount");
+        return;
+    };
+    in_node_netns(move |h, _| {
+        let lo = "link set lo up".split(' ');
+        assert!(Command::new("ip").args(lo).status().unwrap().success());
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (tport, uport) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+        let vip = Ipv4Addr::new(10, 96, 7, 7);
+        let be = |port, proto| Backend {
+            addr: BackendAddr { addr: Ipv4Addr::LOCALHOST, port, proto },
+            state: BackendState::Active,
+            local: true,
+        };
+        let mut d = frontend(vip, 80, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![be(tport, Protocol::Tcp)], vec![]);
+        d.services.extend(
+            frontend(vip, 53, Protocol::Udp, SVC_F_CLUSTER_IP, vec![be(uport, Protocol::Udp)], vec![]).services,
+        );
+        h.program(&d);
+        h.dp.attach_sockets(&cgroup).expect("attaching the socket hooks");
+
+        let mut c = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2)).expect("connect to the VIP");
+        assert_eq!(c.peer_addr().unwrap(), (vip, 80).into(), "getpeername shows the service");
+        let (mut s, from) = tcp.accept().unwrap();
+        assert_eq!(from.ip(), Ipv4Addr::LOCALHOST);
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        u.send_to(b"question", (vip, 53)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, client) = udp.recv_from(&mut buf).expect("the backend gets the datagram");
+        assert_eq!(&buf[..n], b"question");
+        udp.send_to(b"answer", client).unwrap();
+        let (n, from) = u.recv_from(&mut buf).expect("the answer comes back");
+        assert_eq!((&buf[..n], from), (&b"answer"[..], (vip, 53).into()), "recvmsg shows the service");
+    });
+}

@@ -24,8 +24,10 @@ pub mod map_names {
     pub const REV_NAT4: &str = "RPX_RNAT4";
     pub const CT4: &str = "RPX_CT4";
     pub const STATS: &str = "RPX_STATS";
+    pub const SOCK_REV_NAT4: &str = "RPX_SK_RNAT4";
+    pub const CONFIG: &str = "RPX_CONFIG";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 5] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS];
+    pub const ALL: [&str; 7] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG];
 }
 
 /// Program names (the `#[classifier]` function names in rproxy-ebpf).
@@ -46,6 +48,15 @@ pub mod prog_names {
     pub const EXT_EGRESS: &str = "rpx_ext_egress";
     /// XDP program returning `XDP_PASS` at once: the XDP baseline of the benchmarks.
     pub const XDP_NOOP: &str = "rpx_xdp_noop";
+    /// cgroup `connect4`: a host-network socket connecting to a service address is connected to
+    /// a backend instead.
+    pub const SOCK_CONNECT4: &str = "rpx_sock_connect4";
+    /// cgroup `sendmsg4`: the same for unconnected UDP sends.
+    pub const SOCK_SENDMSG4: &str = "rpx_sock_sendmsg4";
+    /// cgroup `recvmsg4`: replies to translated UDP sends appear to come from the service.
+    pub const SOCK_RECVMSG4: &str = "rpx_sock_recvmsg4";
+    /// cgroup `getpeername4`: a translated socket's peer is the service address.
+    pub const SOCK_GETPEERNAME4: &str = "rpx_sock_getpeername4";
 }
 
 /// Map capacities. The agent checks desired state against these before it writes.
@@ -58,6 +69,8 @@ pub mod limits {
     pub const REV_NAT_MAX: u32 = 65_536;
     /// Conntrack entries (LRU): two per translated flow (forward + reply).
     pub const CT_MAX: u32 = 524_288;
+    /// Host-network sockets remembered by the socket hooks (LRU).
+    pub const SOCK_REV_NAT_MAX: u32 = 65_536;
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
@@ -174,6 +187,29 @@ pub struct RevNat4 {
     /// Service port, network byte order.
     pub port: u16,
     pub _pad: u16,
+}
+
+/// Key of `RPX_SK_RNAT4` (LRU): a host-network socket translated by the socket hooks, and the
+/// backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey4 {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `RPX_CONFIG[0]`: settings the agent writes before attaching anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Network namespace cookie (`SO_NETNS_COOKIE`) of the node's own namespace: the socket hooks
+    /// translate only sockets of this namespace (host-network processes), never pods' (their
+    /// traffic is translated on their devices). 0 disables the socket hooks.
+    pub host_netns_cookie: u64,
 }
 
 /// Conntrack key (IPv4): the packet's own 5-tuple plus the direction of the entry.
@@ -376,6 +412,9 @@ const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
 // No implicit padding: the size equals the sum of the field sizes.
 const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());
 const _: () = assert!(4 + 2 + 2 + 2 + 2 + 4 == core::mem::size_of::<ServiceValue>());
@@ -386,7 +425,7 @@ const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::si
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue};
+    use super::{Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4};
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
     // above), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for ServiceKey4 {}
@@ -395,6 +434,8 @@ mod user {
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(feature = "user")]

@@ -8,6 +8,8 @@
 //!   north-south service traffic, and the replies of the flows forwarded to other nodes (`nodeport`).
 //! - `rpx_ext_egress` (TC egress, external devices): reverse NAT of north-south replies from this
 //!   node's backends.
+//! - `rpx_sock_*` (cgroup socket hooks): host-network processes connecting or sending to a
+//!   service address go to a backend directly (`sock`).
 //! - `rpx_tc_noop`, `rpx_xdp_noop`: return at once; the baselines of the benchmarks.
 //!
 //! Packets a program does not translate are returned with `TC_ACT_UNSPEC` (TCX "next"), so other
@@ -25,12 +27,13 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_redirect, bpf_redirect_neigh},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use nodeport::Action;
 use rproxy_common::Stat;
@@ -106,6 +109,30 @@ pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
     tc_action(nodeport::egress(&ctx))
+}
+
+#[cgroup_sock_addr(connect4)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[inline(always)]

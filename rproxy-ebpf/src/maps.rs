@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    Backend4, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat,
-    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX},
+    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, Stat,
+    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX},
 };
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
@@ -31,6 +31,14 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 #[map(name = "RPX_CT4")]
 pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(CT_MAX, BPF_F_NO_COMMON_LRU);
+
+/// Host-network sockets translated by the socket hooks → the service address to report back.
+/// LRU: an entry outlives its socket until it is evicted.
+#[map(name = "RPX_SK_RNAT4")]
+pub static SK_RNAT4: LruHashMap<SockRevKey4, RevNat4> = LruHashMap::pinned(SOCK_REV_NAT_MAX, 0);
+
+#[map(name = "RPX_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
