@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod devices;
 pub mod dump;
 pub mod error;
+pub mod external;
 pub mod gc;
 pub mod kube_source;
 pub mod manifests;

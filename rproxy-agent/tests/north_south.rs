@@ -105,7 +105,7 @@ fn key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), p: u8, dir: u8) -> CtKey4 {
     }
 }
 
-/// The pod on this node gets the client's packets DNATed with the client's own source (XDP and
+/// The pod on this node gets the client's packets translated to it with the client's own source (XDP and
 /// TC alike), and its reply leaves the node from the node address and port.
 #[test]
 fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
@@ -332,18 +332,19 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
             state: BackendState::Active,
             local: true,
         };
-        let mut d = frontend(vip, 80, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![be(tport, Protocol::Tcp)], vec![]);
-        d.services.extend(
+        let mut desired = frontend(vip, 80, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![be(tport, Protocol::Tcp)], vec![]);
+        desired.services.extend(
             frontend(vip, 53, Protocol::Udp, SVC_F_CLUSTER_IP, vec![be(uport, Protocol::Udp)], vec![]).services,
         );
-        h.program(&d);
+        h.program(&desired);
         h.dp.attach_sockets(&cgroup).expect("attaching the socket hooks");
 
-        let mut c = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2)).expect("connect to the VIP");
-        assert_eq!(c.peer_addr().unwrap(), (vip, 80).into(), "getpeername shows the service");
+        let mut conn =
+            TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2)).expect("connect to the VIP");
+        assert_eq!(conn.peer_addr().unwrap(), (vip, 80).into(), "getpeername shows the service");
         let (mut s, from) = tcp.accept().unwrap();
         assert_eq!(from.ip(), Ipv4Addr::LOCALHOST);
-        c.write_all(b"ping").unwrap();
+        conn.write_all(b"ping").unwrap();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");

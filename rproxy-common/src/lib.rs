@@ -39,7 +39,7 @@ pub mod prog_names {
     /// Does nothing but return `TC_ACT_OK`: the baseline of the datapath benchmark.
     pub const NOOP: &str = "rpx_tc_noop";
     /// XDP on an external device: north-south service traffic (`NodePort`, externalIPs,
-    /// `LoadBalancer` ingress IPs) and the replies of flows SNATed to remote backends.
+    /// `LoadBalancer` ingress IPs) and the replies of the flows forwarded to remote backends.
     pub const XDP_EXT: &str = "rpx_xdp_ext";
     /// The same as a TC ingress program on an external device (`--xdp-mode tc`).
     pub const EXT_INGRESS: &str = "rpx_ext_ingress";
@@ -239,7 +239,7 @@ pub const CT_DIR_REPLY: u8 = 2;
 /// Each entry says how to rewrite the packets that hit it, and with its key it names the other
 /// entry of the flow (`CtKey4::pair`). For a flow `client:cport → vip:vport` translated to
 /// `backend:bport`, with the source translated to `nat` (the client itself unless the flow is
-/// SNATed to a node address, `CT_NAT_SNAT`):
+/// translated to a node address, `CT_NAT_SNAT`):
 ///
 /// | entry | key | `pair_*` | `nat_*` |
 /// |---|---|---|---|
