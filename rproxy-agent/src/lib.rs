@@ -8,6 +8,7 @@ pub mod devices;
 pub mod dump;
 pub mod error;
 pub mod gc;
+pub mod healthcheck;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;
