@@ -1,12 +1,18 @@
-//! Pod devices: which interfaces get the programs, and noticing when they come and go.
+//! Devices: which pod interfaces get the programs, the node addresses of the external devices,
+//! and noticing when either changes.
 //!
-//! A netlink socket subscribed to link notifications (`RTNLGRP_LINK`) wakes the agent whenever an
-//! interface appears, changes or disappears; the agent then rescans the interface list and
-//! attaches to every new device matching `--pod-devices`. A periodic rescan covers a missed
-//! notification (socket buffer overrun).
-use std::collections::BTreeMap;
+//! A netlink socket subscribed to link and IPv4 address notifications (`RTNLGRP_LINK`,
+//! `RTNLGRP_IPV4_IFADDR`) wakes the agent whenever an interface appears, changes or disappears,
+//! or an address is added or removed; the agent then rescans the interface list, attaches to
+//! every new device matching `--pod-devices`, and re-reads the addresses of `--devices`
+//! ([`node_addresses`]). A periodic rescan covers a missed notification (socket buffer overrun).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -48,6 +54,72 @@ impl DevicePattern {
     }
 }
 
+/// One `--nodeport-addresses` entry: an IPv4 CIDR (`10.0.0.0/8`; host bits may be set, as
+/// kube-proxy allows).
+pub fn parse_cidr(text: &str) -> Result<Ipv4Net> {
+    let text = text.trim();
+    let invalid = |reason: &str| Error::Cidr { value: text.to_owned(), reason: reason.to_owned() };
+    match text.parse::<IpNet>() {
+        Ok(IpNet::V4(net)) => Ok(net),
+        Ok(IpNet::V6(_)) => Err(invalid("IPv6 is not supported yet")),
+        Err(_) if text.parse::<IpAddr>().is_ok() => Err(invalid("a CIDR needs a prefix length, e.g. 192.0.2.7/32")),
+        Err(_) => Err(invalid("not a CIDR such as 10.0.0.0/8")),
+    }
+}
+
+/// The node's `NodePort` addresses, and the external devices that do not exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddresses {
+    /// Sorted, without duplicates.
+    pub addresses: Vec<Ipv4Addr>,
+    /// Devices of `--devices` that are not in this network namespace, in the order given.
+    pub missing: Vec<String>,
+}
+
+/// The IPv4 addresses of `devices` (from `addresses`: interface name → address, as
+/// `getifaddrs` lists them) that are inside one of `filter`'s CIDRs (every address when
+/// `filter` is empty). `present` is the set of interface names that exist.
+#[must_use]
+pub fn select_node_addresses(
+    devices: &[String],
+    present: &BTreeSet<String>,
+    addresses: &[(String, Ipv4Addr)],
+    filter: &[Ipv4Net],
+) -> NodeAddresses {
+    let wanted: BTreeSet<&str> = devices.iter().map(String::as_str).collect();
+    let selected: BTreeSet<Ipv4Addr> = addresses
+        .iter()
+        .filter(|(ifname, addr)| {
+            wanted.contains(ifname.as_str()) && (filter.is_empty() || filter.iter().any(|net| net.contains(addr)))
+        })
+        .map(|(_, addr)| *addr)
+        .collect();
+    let mut missing: Vec<String> = Vec::new();
+    for device in devices.iter().filter(|d| !present.contains(*d)) {
+        if !missing.contains(device) {
+            missing.push(device.clone());
+        }
+    }
+    NodeAddresses { addresses: selected.into_iter().collect(), missing }
+}
+
+/// Reads the node's `NodePort` addresses: [`select_node_addresses`] over this network
+/// namespace's interfaces and their IPv4 addresses.
+pub fn node_addresses(devices: &[String], filter: &[Ipv4Net]) -> Result<NodeAddresses> {
+    let present: BTreeSet<String> = interfaces()?.into_keys().collect();
+    let list = nix::ifaddrs::getifaddrs().map_err(|e| Error::Io {
+        what: String::from("listing interface addresses"),
+        source: std::io::Error::from(e),
+    })?;
+    let addresses: Vec<(String, Ipv4Addr)> = list
+        .filter_map(|ifa| {
+            let addr = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+            Some((ifa.interface_name, addr))
+        })
+        .collect();
+    Ok(select_node_addresses(devices, &present, &addresses, filter))
+}
+
 /// Interfaces of this network namespace: name → ifindex.
 pub fn interfaces() -> Result<BTreeMap<String, u32>> {
     let list = nix::net::if_::if_nameindex()
@@ -75,16 +147,20 @@ pub fn plan(present: &BTreeMap<String, u32>, attached: &BTreeMap<String, u32>, p
     Plan { attach, detach }
 }
 
-/// Starts a thread that sends `()` on `tx` for every burst of link notifications. The channel
-/// has capacity 1: notifications arriving while a rescan is pending coalesce into it.
+/// Starts a thread that sends `()` on `tx` for every burst of link and IPv4 address
+/// notifications. The channel has capacity 1: notifications arriving while a rescan is pending
+/// coalesce into it.
 pub fn watch_links(tx: mpsc::Sender<()>) -> Result<()> {
     use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+    // From linux/rtnetlink.h (enum rtnetlink_groups).
     const RTNLGRP_LINK: u32 = 1;
+    const RTNLGRP_IPV4_IFADDR: u32 = 5;
     let watch_err =
         |e: std::io::Error| Error::Watch { what: String::from("netlink link notifications"), reason: e.to_string() };
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(watch_err)?;
     sock.bind_auto().map_err(watch_err)?;
     sock.add_membership(RTNLGRP_LINK).map_err(watch_err)?;
+    sock.add_membership(RTNLGRP_IPV4_IFADDR).map_err(watch_err)?;
     std::thread::Builder::new()
         .name(String::from("link-watch"))
         .spawn(move || {
@@ -122,6 +198,58 @@ mod tests {
         assert!(p.matches("veth1234") && p.matches("lxc0") && !p.matches("eth0"));
         assert!(DevicePattern::parse("").is_err());
         assert!(DevicePattern::parse("a[").is_err());
+    }
+
+    #[test]
+    fn nodeport_address_cidrs() {
+        assert_eq!(parse_cidr(" 10.0.0.0/8").unwrap(), "10.0.0.0/8".parse::<Ipv4Net>().unwrap());
+        assert!(parse_cidr("192.0.2.7/24").unwrap().contains(&Ipv4Addr::new(192, 0, 2, 200)));
+        for (bad, reason) in [
+            ("10.0.0.0/33", "not a CIDR"),
+            ("10.0.0.1", "needs a prefix length"),
+            ("fd00::/64", "IPv6"),
+            ("eth0", "not a CIDR"),
+            ("", "not a CIDR"),
+        ] {
+            let err = parse_cidr(bad).unwrap_err().to_string();
+            assert!(err.contains(reason) && err.contains("--nodeport-addresses"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_addresses_of_the_devices_filtered_sorted_unique() {
+        let devices = vec![String::from("eth1"), String::from("eth0"), String::from("gone"), String::from("gone")];
+        let present: BTreeSet<String> = ["lo", "eth0", "eth1", "veth1"].iter().map(|s| (*s).to_owned()).collect();
+        let addr = |ifname: &str, a: [u8; 4]| (ifname.to_owned(), Ipv4Addr::from(a));
+        let addresses = vec![
+            addr("lo", [127, 0, 0, 1]),
+            addr("eth0", [192, 168, 1, 5]),
+            addr("eth0", [10, 0, 0, 5]),
+            addr("eth1", [172, 18, 0, 2]),
+            addr("eth1", [10, 0, 0, 5]),
+            addr("veth1", [169, 254, 1, 1]),
+        ];
+        let all = select_node_addresses(&devices, &present, &addresses, &[]);
+        let ips = |list: &[[u8; 4]]| list.iter().map(|a| Ipv4Addr::from(*a)).collect::<Vec<_>>();
+        assert_eq!(all.addresses, ips(&[[10, 0, 0, 5], [172, 18, 0, 2], [192, 168, 1, 5]]));
+        assert_eq!(all.missing, vec![String::from("gone")]);
+        let filter = [parse_cidr("10.0.0.0/8").unwrap(), parse_cidr("192.168.1.5/32").unwrap()];
+        let filtered = select_node_addresses(&devices, &present, &addresses, &filter);
+        assert_eq!(filtered.addresses, ips(&[[10, 0, 0, 5], [192, 168, 1, 5]]));
+        // A filter that matches nothing, and no devices at all.
+        let none = select_node_addresses(&devices, &present, &addresses, &[parse_cidr("198.51.100.0/24").unwrap()]);
+        assert!(none.addresses.is_empty());
+        assert_eq!(select_node_addresses(&[], &present, &addresses, &[]), NodeAddresses::default());
+    }
+
+    #[test]
+    fn node_addresses_of_loopback_from_the_kernel() {
+        // Every network namespace has `lo` with 127.0.0.1 (once up); `lo` is read like any device.
+        let found = node_addresses(&[String::from("lo"), String::from("rpx-no-such-dev")], &[]).unwrap();
+        assert_eq!(found.missing, vec![String::from("rpx-no-such-dev")]);
+        let filtered = node_addresses(&[String::from("lo")], &[parse_cidr("198.51.100.0/24").unwrap()]).unwrap();
+        assert!(filtered.addresses.is_empty() && filtered.missing.is_empty());
+        assert!(found.addresses.iter().all(Ipv4Addr::is_loopback), "{found:?}");
     }
 
     #[test]

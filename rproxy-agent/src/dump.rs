@@ -9,6 +9,7 @@ use crate::{
     Error, Result,
     datapath::{stat_total, used_entries},
     gc::monotonic_ns,
+    writer::scope_name,
 };
 
 fn open(dir: &Path, name: &'static str) -> Result<Map> {
@@ -36,6 +37,9 @@ fn proto(p: u8) -> &'static str {
     }
 }
 
+/// Writes the pinned maps under `dir` to `out`, decoded: every service entry (with its scope,
+/// `external` or `local`) and its backend ids, backends, rev-NAT entries, the conntrack size (and
+/// with `conntrack` every entry), and the counters summed over CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let services: HashMap<_, ServiceKey4, ServiceValue> = hash(dir, map_names::SERVICES4)?;
@@ -44,20 +48,23 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let ct: HashMap<_, CtKey4, CtValue> = hash(dir, map_names::CT4)?;
 
     let mut svcs: Vec<(ServiceKey4, ServiceValue)> = services.iter().filter_map(std::result::Result::ok).collect();
-    svcs.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.slot));
+    svcs.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.scope, k.slot));
     writeln!(out, "services ({}):", map_names::SERVICES4).map_err(io)?;
     for (k, v) in svcs.iter().filter(|(k, _)| k.slot == 0) {
         let ids: Vec<String> = svcs
             .iter()
-            .filter(|(s, _)| s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.slot != 0)
+            .filter(|(s, _)| {
+                s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.scope == k.scope && s.slot != 0
+            })
             .map(|(_, sv)| sv.backend_id.to_string())
             .collect();
         writeln!(
             out,
-            "  {}:{}/{}  count={} rev_nat={} flags={:#06x} backends=[{}]",
+            "  {}:{}/{}  scope={} count={} rev_nat={} flags={:#06x} backends=[{}]",
             ip(k.addr),
             u16::from_be(k.port),
             proto(k.proto),
+            scope_name(k.scope),
             v.count,
             v.rev_nat_id,
             v.flags,

@@ -21,6 +21,8 @@ pub enum Error {
     Interface { name: String, reason: String },
     #[error("invalid --pod-devices pattern {pattern:?}: {source}")]
     Glob { pattern: String, source: globset::Error },
+    #[error("invalid --nodeport-addresses entry {value:?}: {reason}")]
+    Cidr { value: String, reason: String },
     #[error("watching {what}: {reason}")]
     Watch { what: String, reason: String },
     #[error("{0}")]

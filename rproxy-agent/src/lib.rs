@@ -9,6 +9,7 @@ pub mod dump;
 pub mod error;
 pub mod external;
 pub mod gc;
+pub mod healthcheck;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;

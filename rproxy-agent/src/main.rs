@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use rproxy_agent::{datapath, devices::DevicePattern, dump, run};
+use ipnet::Ipv4Net;
+use rproxy_agent::{
+    datapath,
+    devices::{self, DevicePattern},
+    dump, run,
+};
 use tracing::error;
 use tracing_subscriber::EnvFilter;
 
@@ -65,10 +70,18 @@ struct RunArgs {
     /// Seconds between conntrack garbage-collection passes.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     ct_gc_interval: u64,
-    /// Seconds between full device rescans (new devices are also found at once through
-    /// netlink notifications).
+    /// Seconds between full device rescans (new devices and addresses are also found at once
+    /// through netlink notifications).
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     rescan_interval: u64,
+    /// The node's external devices, comma-separated (e.g. 'eth0,eth1'). NodePorts answer on
+    /// their IPv4 addresses, re-read when addresses or links change. Empty: no NodePort.
+    #[arg(long, value_name = "IF[,IF...]", value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Only the device addresses inside one of these IPv4 CIDRs carry NodePorts,
+    /// comma-separated (e.g. '10.0.0.0/8,192.168.1.5/32'). Default: every address of --devices.
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',', value_parser = devices::parse_cidr)]
+    nodeport_addresses: Vec<Ipv4Net>,
 }
 
 fn main() -> ExitCode {
@@ -104,10 +117,38 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         bpffs: args.bpffs,
         gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
         rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
+        devices: args.devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+        nodeport_addresses: args.nodeport_addresses,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| rproxy_agent::Error::Io { what: "starting the runtime".into(), source })?;
     rt.block_on(run::run(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = ["rproxy-agent", "run", "--node-name", "n", "--pod-devices", "veth*"];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Run(args) => Ok(args),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn north_south_flags() {
+        let args = run_args(&[]).unwrap();
+        assert!(args.devices.is_empty() && args.nodeport_addresses.is_empty());
+        let args = run_args(&["--devices", "eth0,eth1", "--nodeport-addresses", "10.0.0.0/8,192.0.2.7/32"]).unwrap();
+        assert_eq!(args.devices, ["eth0", "eth1"]);
+        let nets: Vec<Ipv4Net> = ["10.0.0.0/8", "192.0.2.7/32"].iter().map(|n| n.parse().unwrap()).collect();
+        assert_eq!(args.nodeport_addresses, nets);
+        let err = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/64"]).unwrap_err().to_string();
+        assert!(err.contains("fd00::/64") && err.contains("IPv6"), "{err}");
+    }
 }

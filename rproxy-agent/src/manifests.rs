@@ -517,7 +517,7 @@ metadata: {name: last}
     fn manifests_translate_end_to_end() {
         let (objects, problems) = parse_documents(MULTI, "multi.yaml");
         assert_eq!(problems, vec![]);
-        let out = crate::translate::translate(&objects, "node-a");
+        let out = crate::translate::translate(&objects, &crate::model::NodeContext::named("node-a"));
         assert_eq!(out.problems, vec![]);
         let rendered: Vec<String> = out
             .desired

@@ -50,24 +50,6 @@ pub struct Frontend {
     pub proto: Protocol,
 }
 
-impl Frontend {
-    /// Address of `NodePort` frontends: a wildcard standing for every node address (`port` is
-    /// the `nodePort`). No Service address can be `0.0.0.0`: the translation refuses it.
-    pub const NODE_PORT_ADDR: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
-
-    /// The `NodePort` wildcard frontend for `node_port`.
-    #[must_use]
-    pub fn node_port(node_port: u16, proto: Protocol) -> Self {
-        Self { addr: Self::NODE_PORT_ADDR, port: node_port, proto }
-    }
-
-    /// Whether this is a `NodePort` wildcard frontend.
-    #[must_use]
-    pub fn is_node_port(&self) -> bool {
-        self.addr == Self::NODE_PORT_ADDR
-    }
-}
-
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
@@ -148,6 +130,24 @@ pub struct HealthCheck {
     /// makes every endpoint ready; terminating ones are not counted, so that a node left with
     /// only terminating endpoints fails the check. 0 means the node answers 503.
     pub local_endpoints: usize,
+}
+
+/// What the translation needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name: endpoints whose `nodeName` matches are local ([`Backend::local`]).
+    pub name: String,
+    /// The addresses `NodePort`s answer on (the IPv4 addresses of `--devices`, filtered by
+    /// `--nodeport-addresses`), sorted, without duplicates. Empty: no `NodePort` frontend.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeContext {
+    /// A node without `NodePort` addresses.
+    #[must_use]
+    pub fn named(name: &str) -> Self {
+        Self { name: name.to_owned(), addresses: Vec::new() }
+    }
 }
 
 /// Everything the maps must hold.

@@ -1,24 +1,30 @@
 //! `rproxy-agent run`: the agent's event loop.
 //!
-//! One task owns the datapath, the object store, the map writer and the attach state, and reacts
-//! to: source updates (manifests directory changes through inotify, or Kubernetes API watch
-//! events), link notifications (netlink), the conntrack GC tick, a periodic device rescan, and
-//! SIGTERM/SIGINT. Source updates are applied to the [`Store`] as they come and written in
+//! One task owns the datapath, the object store, the map writer, the attach state and the health
+//! check server, and reacts to: source updates (manifests directory changes through inotify, or
+//! Kubernetes API watch events), link and address notifications (netlink), the conntrack GC tick,
+//! a periodic device rescan, and SIGTERM/SIGINT. Link and address notifications and the rescan
+//! also re-read the node addresses of `--devices`; a change re-translates the Services with
+//! `nodePort`s. Source updates are applied to the [`Store`] as they come and written in
 //! batches: everything already queued is taken in before one flush, and only the frontends the
 //! batch touched are compared and written.
 //!
 //! Nothing is written, and no device attached, before the source has delivered its complete
 //! initial state (the manifests read once, or the API's Services and `EndpointSlices` listed):
-//! writing a partial state would drop backends that established connections still use. On a signal it exits without detaching anything: the pinned
+//! writing a partial state would drop backends that established connections still use. Health
+//! check node ports open after the same first write. On a signal it exits without detaching
+//! anything: the pinned
 //! links and maps keep translating with the last state until an agent starts again (and adopts
 //! them) or `rproxy-agent cleanup` removes them.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use ipnet::Ipv4Net;
 use notify::{RecursiveMode, Watcher};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -31,7 +37,9 @@ use crate::{
     Error, Result,
     datapath::{Datapath, Maps},
     devices::{self, DevicePattern},
-    gc, kube_source, manifests,
+    gc,
+    healthcheck::HealthCheckServer,
+    kube_source, manifests,
     source::Update,
     store::Store,
     writer::{self, Writer},
@@ -69,6 +77,12 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub gc_interval: Duration,
     pub rescan_interval: Duration,
+    /// The node's external devices (`--devices`): `NodePort`s answer on their IPv4 addresses.
+    /// Empty: no `NodePort` frontend.
+    pub devices: Vec<String>,
+    /// `--nodeport-addresses`: only device addresses inside one of these carry `NodePort`s
+    /// (every address when empty).
+    pub nodeport_addresses: Vec<Ipv4Net>,
 }
 
 /// Everything the loop owns.
@@ -88,6 +102,11 @@ struct Agent {
     attached: BTreeMap<String, u32>,
     /// (name, ifindex) whose attach failed, so the failure is logged once, not every rescan.
     failed: BTreeSet<(String, u32)>,
+    /// External devices found missing, so that each is logged once when it goes missing.
+    missing_devices: BTreeSet<String>,
+    /// The node addresses have been read (and logged) once.
+    addresses_read: bool,
+    health: HealthCheckServer,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -122,12 +141,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         first_synced: false,
         attached: BTreeMap::new(),
         failed: BTreeSet::new(),
+        missing_devices: BTreeSet::new(),
+        addresses_read: false,
+        health: HealthCheckServer::new(Ipv4Addr::UNSPECIFIED),
     };
 
     let (link_tx, mut link_rx) = mpsc::channel(1);
     if let Err(e) = devices::watch_links(link_tx) {
-        warn!(error = %e, "no link notifications; new devices are found by periodic rescans only");
+        warn!(error = %e, "no link notifications; new devices and addresses are found by periodic rescans only");
     }
+    // Before the first translation, so that it has the NodePort addresses already.
+    agent.refresh_node_addresses();
     let (fs_tx, mut fs_rx) = mpsc::channel(1);
     let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     let _watcher = match &agent.cfg.source {
@@ -153,6 +177,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     info!(
         source = %agent.cfg.source,
         pod_devices = agent.cfg.pod_devices.as_str(),
+        devices = ?agent.cfg.devices,
+        nodeport_addresses = ?agent.cfg.nodeport_addresses,
         node = %agent.cfg.node_name,
         "agent running"
     );
@@ -180,8 +206,8 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 agent.sync();
             }
-            Some(()) = link_rx.recv() => agent.rescan(),
-            _ = rescan_tick.tick() => agent.rescan(),
+            Some(()) = link_rx.recv() => agent.devices_changed(),
+            _ = rescan_tick.tick() => agent.devices_changed(),
             _ = gc_tick.tick() => agent.gc(),
         }
     }
@@ -206,6 +232,51 @@ impl Agent {
         self.update(Update::Synced("Service"));
         self.update(Update::Synced("EndpointSlice"));
         self.sync();
+    }
+
+    /// A link or address notification, or the periodic rescan: re-reads the node addresses
+    /// (and writes what they change), attaches to new pod devices, and retries the health check
+    /// ports that failed to open.
+    fn devices_changed(&mut self) {
+        self.refresh_node_addresses();
+        self.sync();
+        self.rescan();
+        if self.first_synced {
+            self.health.update(&self.store.desired().health_checks);
+        }
+    }
+
+    /// Reads the addresses of `--devices` into the store (which re-translates the Services with
+    /// `nodePort`s on the next flush if they changed). Logs the set when it changes, and each
+    /// device when it goes missing or comes back.
+    fn refresh_node_addresses(&mut self) {
+        if self.cfg.devices.is_empty() {
+            return;
+        }
+        let found = match devices::node_addresses(&self.cfg.devices, &self.cfg.nodeport_addresses) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "reading the node addresses; keeping the current ones");
+                return;
+            }
+        };
+        let missing: BTreeSet<String> = found.missing.into_iter().collect();
+        for name in missing.difference(&self.missing_devices) {
+            warn!(device = %name, "external device not found; its addresses are used once it appears");
+        }
+        for name in self.missing_devices.difference(&missing) {
+            info!(device = %name, "external device found");
+        }
+        self.missing_devices = missing;
+        let changed = self.store.set_node_addresses(found.addresses.iter().copied());
+        if changed || !self.addresses_read {
+            self.addresses_read = true;
+            if found.addresses.is_empty() {
+                warn!(devices = ?self.cfg.devices, "no node address on the external devices: NodePorts are not served");
+            } else {
+                info!(addresses = ?found.addresses, "node addresses for NodePorts");
+            }
+        }
     }
 
     /// Takes one source update in.
@@ -269,6 +340,7 @@ impl Agent {
         for e in &report.errors {
             error!("map write failed, this service keeps its previous state: {e}");
         }
+        self.health.update(&self.store.desired().health_checks);
         let purged = if report.stale_udp.is_empty() {
             0
         } else {

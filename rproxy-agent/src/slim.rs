@@ -168,9 +168,10 @@ mod tests {
     #[test]
     fn slimmed_objects_translate_the_same() {
         let (svc, sl) = objects("1");
-        let full = translate_refs(&[&svc], &[&sl], "node-a");
+        let node = crate::model::NodeContext { name: "node-a".into(), addresses: vec![[172, 18, 0, 2].into()] };
+        let full = translate_refs(&[&svc], &[&sl], &node);
         let (s, l) = (service(svc), slice(sl));
-        assert_eq!(translate_refs(&[&s], &[&l], "node-a"), full);
+        assert_eq!(translate_refs(&[&s], &[&l], &node), full);
         assert!(!full.desired.services.is_empty() && !full.desired.health_checks.is_empty());
         // What was dropped.
         assert!(s.metadata.annotations.is_none() && s.metadata.managed_fields.is_none());

@@ -14,7 +14,13 @@
 //!
 //! Problems are tracked per Service (and per frontend for conflicts) so that each one is reported
 //! once when it appears and once when it is gone.
-use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry};
+//!
+//! The node's addresses ([`Store::set_node_addresses`]) are an input of the translation too:
+//! when they change, every Service with a `nodePort` is re-translated by the next flush.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::{
     api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
@@ -22,7 +28,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    model::{Desired, Frontend, HealthCheck, ObjectRef, Problem, ServiceEntry},
+    model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
     slim,
     source::Update,
     translate::{self, SERVICE_NAME_LABEL},
@@ -39,7 +45,14 @@ struct Unit {
     /// Sorted by frontend.
     frontends: Vec<(Frontend, ServiceEntry)>,
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
+    /// Problems of the unit's own translation, except those of `repeated`.
     problems: Vec<Problem>,
+    /// Frontends the unit claims more than once (a Service whose externalIP is its own cluster
+    /// IP, a node address that is also its externalIP…), sorted. The translation reports the
+    /// second claim against the Service itself; here that problem is a conflict like the others
+    /// (see [`Store::resolve`]), since a full translation reports it only while the Service is the
+    /// frontend's first claimant.
+    repeated: Vec<Frontend>,
 }
 
 /// What a [`Store::flush`] changed.
@@ -62,7 +75,8 @@ type Objects<T> = HashMap<ObjectRef, Vec<T>>;
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Store {
-    node_name: String,
+    /// This node's name and addresses: the translation's input besides the objects.
+    context: NodeContext,
     services: Objects<Service>,
     slices: Objects<EndpointSlice>,
     /// Slice → the unit it belongs to.
@@ -88,10 +102,12 @@ pub struct Store {
 }
 
 impl Store {
+    /// An empty store for node `node_name`, without node addresses (no `NodePort` frontends
+    /// until [`Store::set_node_addresses`]).
     #[must_use]
     pub fn new(node_name: &str) -> Self {
         Self {
-            node_name: node_name.to_owned(),
+            context: NodeContext::named(node_name),
             services: HashMap::new(),
             slices: HashMap::new(),
             slice_unit: HashMap::new(),
@@ -176,6 +192,28 @@ impl Store {
         }
     }
 
+    /// The node addresses `NodePort` frontends are built on (sorted, without duplicates).
+    #[must_use]
+    pub fn node_addresses(&self) -> &[Ipv4Addr] {
+        &self.context.addresses
+    }
+
+    /// Sets the node addresses `NodePort` frontends answer on. If they differ from the current
+    /// ones, every Service with a `nodePort` is marked dirty, for the next flush. Returns whether
+    /// they changed.
+    pub fn set_node_addresses(&mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> bool {
+        let addresses: Vec<Ipv4Addr> = addresses.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        if addresses == self.context.addresses {
+            return false;
+        }
+        self.context.addresses = addresses;
+        // Every Service that declares a nodePort, whatever its type: re-translating one that gets
+        // no NodePort frontend (a ClusterIP Service, say) costs a translation and changes nothing.
+        let with_node_ports = self.services.iter().filter(|(_, defs)| defs.iter().any(has_node_port));
+        self.dirty.extend(with_node_ports.map(|(r, _)| r.clone()));
+        true
+    }
+
     /// Replaces the problems of one origin that belong to no Service (e.g. `"file"` for the
     /// manifests directory's unreadable files).
     pub fn set_loose_problems(&mut self, origin: &'static str, problems: Vec<Problem>) {
@@ -244,12 +282,20 @@ impl Store {
         if services.is_empty() && slices.is_empty() {
             return Unit::default();
         }
-        let t = translate::translate_refs(&services, &slices, &self.node_name);
-        Unit {
-            frontends: t.desired.services.into_iter().collect(),
-            health_checks: t.desired.health_checks,
-            problems: t.problems,
+        let t = translate::translate_refs(&services, &slices, &self.context);
+        let frontends: Vec<(Frontend, ServiceEntry)> = t.desired.services.into_iter().collect();
+        let mut problems = t.problems;
+        let mut repeated = Vec::new();
+        let unit_name = unit_ref.to_string();
+        for (fe, _) in &frontends {
+            let reason = translate::conflict_reason(*fe, unit_ref);
+            let before = problems.len();
+            problems.retain(|p| !(p.kind == "Service" && p.object == unit_name && p.reason == reason));
+            if problems.len() != before {
+                repeated.push(*fe);
+            }
         }
+        Unit { frontends, health_checks: t.desired.health_checks, problems, repeated }
     }
 
     fn unclaim(&mut self, fe: Frontend, unit_ref: &ObjectRef) {
@@ -262,12 +308,21 @@ impl Store {
         }
     }
 
-    /// Sets the desired entry of `fe` from its first claimant, and its conflict problems.
+    /// Sets the desired entry of `fe` from its first claimant, and its conflict problems: one for
+    /// each other claimant, and one for the first claimant if it claims `fe` twice itself.
     fn resolve(&mut self, fe: Frontend, changes: &mut Changes) {
         let mut conflicts = Vec::new();
         match self.claims.get(&fe).and_then(|c| c.first().map(|(_, w)| (w, c))) {
             Some((winner, claimants)) => {
-                let entry = self.units.get(winner).and_then(|u| find(&u.frontends, fe)).cloned();
+                let unit = self.units.get(winner);
+                if unit.is_some_and(|u| u.repeated.binary_search(&fe).is_ok()) {
+                    conflicts.push(Problem {
+                        kind: "Service",
+                        object: winner.to_string(),
+                        reason: translate::conflict_reason(fe, winner),
+                    });
+                }
+                let entry = unit.and_then(|u| find(&u.frontends, fe)).cloned();
                 match entry {
                     Some(entry) => {
                         self.desired.services.insert(fe, entry);
@@ -280,7 +335,7 @@ impl Store {
                     conflicts.push(Problem {
                         kind: "Service",
                         object: loser.to_string(),
-                        reason: format!("frontend {fe} is already used by Service {winner}; ignored"),
+                        reason: translate::conflict_reason(fe, winner),
                     });
                 }
             }
@@ -417,6 +472,11 @@ fn slice_unit(slice_ref: &ObjectRef, definitions: &[EndpointSlice]) -> ObjectRef
         Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() },
         None => slice_ref.clone(),
     }
+}
+
+/// Whether a Service declares a `nodePort` on any of its ports.
+fn has_node_port(svc: &Service) -> bool {
+    svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()).any(|p| p.node_port.is_some_and(|n| n != 0))
 }
 
 /// The object's reference; an object without a name (which the API never sends) is logged and

@@ -14,8 +14,10 @@
 //!   is `VIP` or unset: [`SVC_F_LOAD_BALANCER`]. `Proxy` ingress IPs are left to the load
 //!   balancer (kube-proxy does not short-circuit them); hostname-only ingress is ignored;
 //! - for `NodePort` and `LoadBalancer` Services, the port's `nodePort` when set (not with
-//!   `allocateLoadBalancerNodePorts: false`), as the wildcard [`Frontend::node_port`]:
-//!   [`SVC_F_NODE_PORT`].
+//!   `allocateLoadBalancerNodePorts: false`), on each of the node's addresses
+//!   ([`NodeContext::addresses`], `nodeIP:nodePort`): [`SVC_F_NODE_PORT`]. A node without
+//!   addresses gets no `NodePort` frontend. A node address that is also another Service's address
+//!   (with the same port) is a frontend conflict like any other.
 //!
 //! The last three kinds are external frontends: they get [`SVC_F_ETP_LOCAL`] with
 //! `externalTrafficPolicy: Local`. Every frontend gets [`SVC_F_AFFINITY`] and the timeout with
@@ -67,7 +69,8 @@ use rproxy_common::{
 use tracing::debug;
 
 use crate::model::{
-    Backend, BackendAddr, BackendState, Desired, Frontend, HealthCheck, ObjectRef, Problem, Protocol, ServiceEntry,
+    Backend, BackendAddr, BackendState, Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, Protocol,
+    ServiceEntry,
 };
 
 /// Label that ties an `EndpointSlice` to its Service (same namespace).
@@ -106,23 +109,23 @@ pub struct Translation {
     pub problems: Vec<Problem>,
 }
 
-/// Translates Services and `EndpointSlices` into the desired state of the maps. `node_name` is
-/// this node's name (it sets [`Backend::local`]).
+/// Translates Services and `EndpointSlices` into the desired state of the maps. `node` is this
+/// node: its name sets [`Backend::local`], its addresses carry the `NodePort` frontends.
 #[must_use]
-pub fn translate(objects: &Objects, node_name: &str) -> Translation {
+pub fn translate(objects: &Objects, node: &NodeContext) -> Translation {
     let services: Vec<&Service> = objects.services.iter().collect();
     let slices: Vec<&EndpointSlice> = objects.slices.iter().collect();
-    translate_refs(&services, &slices, node_name)
+    translate_refs(&services, &slices, node)
 }
 
 /// [`translate`] over borrowed objects, so that a caller can translate a subset (one Service with
 /// its slices, say) without cloning. A slice whose Service is not among `services` is reported.
 #[must_use]
-pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_name: &str) -> Translation {
+pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node: &NodeContext) -> Translation {
     let mut problems = Vec::new();
     let plans = plan_services(services, &mut problems);
-    let endpoints = collect_endpoints(slices, &plans, node_name, &mut problems);
-    let desired = build_desired(&plans, &endpoints, &mut problems);
+    let endpoints = collect_endpoints(slices, &plans, &node.name, &mut problems);
+    let desired = build_desired(&plans, &endpoints, &node.addresses, &mut problems);
     problems.sort_by(|a, b| (a.kind, &a.object, &a.reason).cmp(&(b.kind, &b.object, &b.reason)));
     problems.dedup();
     Translation { desired, problems }
@@ -132,7 +135,7 @@ pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node_nam
 // Services
 
 /// What a valid Service contributes: for each port, a frontend per address (of each kind) and
-/// its `nodePort` frontend.
+/// its `nodePort` frontends.
 #[derive(Debug)]
 struct ServicePlan {
     /// IPv4 addresses, each list sorted, without duplicates.
@@ -171,17 +174,20 @@ enum FrontendKind {
 }
 
 impl ServicePlan {
-    /// The frontends of one port, cluster IPs first, then external IPs, ingress IPs, node port.
-    fn frontends(&self, port: &PortPlan) -> impl Iterator<Item = (FrontendKind, Frontend)> {
-        let (number, proto) = (port.port, port.proto);
-        let of = move |kind, addrs: &[Ipv4Addr]| {
-            addrs.iter().map(move |&addr| (kind, Frontend { addr, port: number, proto })).collect::<Vec<_>>()
+    /// The frontends of one port, cluster IPs first, then external IPs, ingress IPs, and the
+    /// node port on each node address.
+    fn frontends(&self, port: &PortPlan, node_addresses: &[Ipv4Addr]) -> Vec<(FrontendKind, Frontend)> {
+        let mut frontends = Vec::new();
+        let mut add = |kind, addrs: &[Ipv4Addr], number| {
+            frontends.extend(addrs.iter().map(|&addr| (kind, Frontend { addr, port: number, proto: port.proto })));
         };
-        of(FrontendKind::ClusterIp, &self.cluster_ips)
-            .into_iter()
-            .chain(of(FrontendKind::ExternalIp, &self.external_ips))
-            .chain(of(FrontendKind::LoadBalancer, &self.load_balancer_ips))
-            .chain(port.node_port.map(|node_port| (FrontendKind::NodePort, Frontend::node_port(node_port, proto))))
+        add(FrontendKind::ClusterIp, &self.cluster_ips, port.port);
+        add(FrontendKind::ExternalIp, &self.external_ips, port.port);
+        add(FrontendKind::LoadBalancer, &self.load_balancer_ips, port.port);
+        if let Some(node_port) = port.node_port {
+            add(FrontendKind::NodePort, node_addresses, node_port);
+        }
+        frontends
     }
 
     /// `SVC_F_*` bits of a frontend of this kind.
@@ -303,7 +309,7 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
 }
 
 /// Keeps the IPv4 addresses (sorted, deduplicated); reports IPv6, unparsable and unspecified
-/// ones (`0.0.0.0` is the `NodePort` wildcard). `field` names them in problems.
+/// ones. `field` names them in problems.
 fn parse_addrs<'a>(
     field: &str,
     raw_addrs: impl IntoIterator<Item = &'a str>,
@@ -754,7 +760,12 @@ impl PortBackends {
 /// One entry per frontend, one health check per Service that has one. Services are visited in
 /// `namespace/name` order, so when two claim the same frontend, the first in that order keeps it
 /// and the other gets a problem.
-fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut Vec<Problem>) -> Desired {
+fn build_desired(
+    plans: &ServicePlans,
+    endpoints: &EndpointMap,
+    node_addresses: &[Ipv4Addr],
+    problems: &mut Vec<Problem>,
+) -> Desired {
     let mut ordered: Vec<(String, &ObjectRef, &ServicePlan)> =
         plans.iter().filter_map(|(svc_ref, plan)| Some((svc_ref.to_string(), svc_ref, plan.as_ref()?))).collect();
     ordered.sort_by(|a, b| a.0.cmp(&b.0));
@@ -766,7 +777,7 @@ fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut V
         for (index, port) in plan.ports.iter().enumerate() {
             let port_endpoints = per_port.get(index).unwrap_or(&no_endpoints);
             let backends = PortBackends::of(port_endpoints);
-            for (kind, frontend) in plan.frontends(port) {
+            for (kind, frontend) in plan.frontends(port, node_addresses) {
                 let (slots, local_slots) = match kind {
                     FrontendKind::ClusterIp if plan.itp_local => (backends.local.clone(), Vec::new()),
                     FrontendKind::ClusterIp => (backends.cluster.clone(), Vec::new()),
@@ -786,11 +797,9 @@ fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut V
                     Entry::Vacant(vacant) => {
                         vacant.insert(entry);
                     }
-                    Entry::Occupied(occupied) => problems.push(problem(
-                        SERVICE,
-                        svc_ref,
-                        format!("frontend {frontend} is already used by Service {}; ignored", occupied.get().service),
-                    )),
+                    Entry::Occupied(occupied) => {
+                        problems.push(problem(SERVICE, svc_ref, conflict_reason(frontend, &occupied.get().service)));
+                    }
                 }
             }
         }
@@ -811,6 +820,13 @@ fn build_desired(plans: &ServicePlans, endpoints: &EndpointMap, problems: &mut V
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
+
+/// The reason of the problem a Service gets for a frontend that Service `holder` (maybe itself,
+/// through another of its addresses) already has.
+#[must_use]
+pub fn conflict_reason(frontend: Frontend, holder: &ObjectRef) -> String {
+    format!("frontend {frontend} is already used by Service {holder}; ignored")
+}
 
 /// `namespace/name` of an object (namespace defaulted), `None` without a name.
 fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {

@@ -10,6 +10,17 @@
 //! - delete: slot 0 (the service disappears at once), then its slots, then rev-NAT;
 //! - backends are deleted only after no service references them.
 //!
+//! A frontend with `SVC_F_ETP_LOCAL` also has a `SCOPE_LOCAL` set (the backends for traffic from
+//! outside the cluster, [`ServiceEntry::local_slots`]): its slot 0 carries the same rev-NAT id
+//! and flags with the local count (0 is meaningful: this node does not serve the frontend to
+//! outside clients, so it exists whenever the flag is set), its slots `1..=count` the local
+//! backends. Its writes follow the same rules, and so that a packet that sees the flag in the
+//! `SCOPE_EXTERNAL` slot 0 always finds the local set complete:
+//! - its slots are written with the external ones, its slot 0 just before the external slot 0;
+//! - when the flag goes away, the external slot 0 (without the flag) is written first, then the
+//!   local slot 0 and its slots are deleted;
+//! - a removed frontend loses its external slot 0 first, then the local slot 0, then the slots.
+//!
 //! The writer keeps a mirror of what it wrote. On start it adopts what the pinned maps already
 //! hold (ids included), so a restart rewrites nothing that is still right and established
 //! connections, which point at backend ids and rev-NAT ids, keep working.
@@ -18,7 +29,10 @@
 //! its previous state and every other service is still written.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rproxy_common::{BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, ServiceKey4, ServiceValue, proto};
+use rproxy_common::{
+    BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_ETP_LOCAL,
+    ServiceKey4, ServiceValue, proto,
+};
 
 use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 
@@ -67,6 +81,30 @@ struct Programmed {
     /// Backend ids kept for existing connections only.
     draining: Vec<u32>,
     rev_nat: RevNat4,
+    /// The `SCOPE_LOCAL` set, present exactly when the frontend has `SVC_F_ETP_LOCAL` (as
+    /// written; adoption may find it otherwise, and the next sync corrects it).
+    local: Option<LocalScope>,
+}
+
+/// A frontend's `SCOPE_LOCAL` entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LocalScope {
+    /// Slot 0.
+    value: ServiceValue,
+    /// Backend ids in slots `1..=len`.
+    slots: Vec<u32>,
+}
+
+impl Programmed {
+    /// Backend ids that take new flows: the slots of both scopes (for stale UDP flows).
+    fn serving_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().chain(self.local.iter().flat_map(|l| &l.slots)).copied()
+    }
+
+    /// Every backend id this frontend names: its slots of both scopes and its draining ones.
+    fn referenced_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.serving_ids().chain(self.draining.iter().copied())
+    }
 }
 
 /// The writer's mirror of the maps.
@@ -111,8 +149,24 @@ fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
     })
 }
 
+/// The `SCOPE_EXTERNAL` key of `fe`'s `slot`.
 fn key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
     ServiceKey4::new(fe.addr, fe.port, fe.proto.number(), slot)
+}
+
+/// The `SCOPE_LOCAL` key of `fe`'s `slot`.
+fn local_key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
+    ServiceKey4 { scope: SCOPE_LOCAL, ..key_of(fe, slot) }
+}
+
+/// The scope's name, for messages and `dump`.
+#[must_use]
+pub fn scope_name(scope: u8) -> &'static str {
+    match scope {
+        SCOPE_EXTERNAL => "external",
+        SCOPE_LOCAL => "local",
+        _ => "unknown",
+    }
 }
 
 fn backend_value(b: &Backend) -> Backend4 {
@@ -124,6 +178,24 @@ fn backend_value(b: &Backend) -> Backend4 {
         flags |= BE_F_LOCAL;
     }
     Backend4::new(b.addr.addr, b.addr.port, b.addr.proto.number(), flags)
+}
+
+/// Writes the slots `1..=ids.len()` of one scope (`key(slot)`) that differ from `old`. Whether
+/// anything was written.
+fn write_slots(
+    ids: &[u32],
+    old: &[u32],
+    key: impl Fn(u16) -> ServiceKey4,
+    run: &mut impl FnMut(Op) -> Result<(), String>,
+) -> Result<bool, String> {
+    let mut written = false;
+    for (i, id) in ids.iter().enumerate() {
+        if old.get(i) != Some(id) {
+            run(Op::PutService(key(slot_u16(i + 1)), ServiceValue { backend_id: *id, ..ServiceValue::default() }))?;
+            written = true;
+        }
+    }
+    Ok(written)
 }
 
 fn slot_u16(slot: usize) -> u16 {
@@ -155,23 +227,45 @@ impl Writer {
             }
         }
         let rev_nat: BTreeMap<u16, RevNat4> = adopted.rev_nat.into_iter().collect();
-        let slots: BTreeMap<ServiceKey4, u32> =
-            adopted.services.iter().filter(|(k, _)| k.slot != 0).map(|(k, v)| (*k, v.backend_id)).collect();
-        for (key, value) in adopted.services.iter().filter(|(k, _)| k.slot == 0) {
+        let entries: BTreeMap<ServiceKey4, ServiceValue> = adopted.services.into_iter().collect();
+        // The backend ids of slots 1..=count of the set whose slot 0 is `key0`, if all are there.
+        let slot_ids = |key0: &ServiceKey4, count: u16| -> Option<Vec<u32>> {
+            (1..=count).map(|slot| entries.get(&ServiceKey4 { slot, ..*key0 }).map(|v| v.backend_id)).collect()
+        };
+        for (key, value) in entries.iter().filter(|(k, _)| k.slot == 0) {
             let Some(fe) = frontend_of(key) else {
                 warnings.push(format!("service entry with unknown protocol {}", key.proto));
                 continue;
             };
-            let ids: Option<Vec<u32>> =
-                (1..=value.count).map(|s| slots.get(&ServiceKey4 { slot: s, ..*key }).copied()).collect();
-            let Some(ids) = ids else {
+            match key.scope {
+                SCOPE_EXTERNAL => {}
+                SCOPE_LOCAL => {
+                    if !entries.contains_key(&ServiceKey4 { scope: SCOPE_EXTERNAL, ..*key }) {
+                        warnings.push(format!("{fe}: local-scope entries without the service; left in place"));
+                    }
+                    continue;
+                }
+                other => {
+                    warnings.push(format!("{fe}: service entry with unknown scope {other}; left in place"));
+                    continue;
+                }
+            }
+            let Some(ids) = slot_ids(key, value.count) else {
                 warnings.push(format!("{fe}: slot missing, will be rewritten"));
                 continue;
             };
+            let local_key = ServiceKey4 { scope: SCOPE_LOCAL, ..*key };
+            let local = entries.get(&local_key).and_then(|local_value| {
+                let slots = slot_ids(&local_key, local_value.count);
+                if slots.is_none() {
+                    warnings.push(format!("{fe}: local-scope slot missing, will be rewritten"));
+                }
+                Some(LocalScope { value: *local_value, slots: slots? })
+            });
             let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
             w.rev_nat_ids.insert(value.rev_nat_id);
-            let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn };
+            let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn, local };
             w.reference(&p);
             w.services.insert(fe, p);
         }
@@ -225,7 +319,10 @@ impl Writer {
         for fe in frontends.iter().filter(|fe| !desired.services.contains_key(fe)) {
             let Some(p) = self.services.get(fe) else { continue };
             let mut ops = vec![Op::DelService(key_of(*fe, 0))];
+            let local_slots = p.local.as_ref().map(|l| l.slots.len());
+            ops.extend(local_slots.map(|_| Op::DelService(local_key_of(*fe, 0))));
             ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(*fe, slot_u16(s)))));
+            ops.extend((1..=local_slots.unwrap_or(0)).map(|s| Op::DelService(local_key_of(*fe, slot_u16(s)))));
             ops.push(Op::DelRevNat(p.value.rev_nat_id));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
@@ -233,7 +330,7 @@ impl Writer {
                     self.rev_nat_ids.remove(&p.value.rev_nat_id);
                     self.unreference(&p);
                     if fe.proto == Protocol::Udp {
-                        report.stale_udp.extend(p.slots.iter().map(|id| (p.value.rev_nat_id, *id)));
+                        report.stale_udp.extend(p.serving_ids().map(|id| (p.value.rev_nat_id, id)));
                     }
                     report.removed.push((*fe, p.service));
                 }
@@ -276,19 +373,19 @@ impl Writer {
 
     /// Counts the references `p` makes to backends.
     fn reference(&mut self, p: &Programmed) {
-        for id in p.slots.iter().chain(&p.draining) {
-            *self.refs.entry(*id).or_default() += 1;
+        for id in p.referenced_ids() {
+            *self.refs.entry(id).or_default() += 1;
         }
     }
 
     /// Drops the references `p` made; backends left unnamed become deletion candidates.
     fn unreference(&mut self, p: &Programmed) {
-        for id in p.slots.iter().chain(&p.draining) {
-            if let Some(n) = self.refs.get_mut(id) {
+        for id in p.referenced_ids() {
+            if let Some(n) = self.refs.get_mut(&id) {
                 *n -= 1;
                 if *n == 0 {
-                    self.refs.remove(id);
-                    self.unreferenced.insert(*id);
+                    self.refs.remove(&id);
+                    self.unreferenced.insert(id);
                 }
             }
         }
@@ -302,12 +399,11 @@ impl Writer {
         run: &mut impl FnMut(Op) -> Result<(), String>,
         stale_udp: &mut Vec<(u16, u32)>,
     ) -> Result<bool, String> {
-        if entry.slots.len() > usize::from(rproxy_common::limits::BACKENDS_PER_SERVICE_MAX) {
-            return Err(format!(
-                "{} backends exceed the limit of {} per service port",
-                entry.slots.len(),
-                rproxy_common::limits::BACKENDS_PER_SERVICE_MAX
-            ));
+        const MAX: u16 = rproxy_common::limits::BACKENDS_PER_SERVICE_MAX;
+        let etp_local = entry.flags & SVC_F_ETP_LOCAL != 0;
+        let largest = if etp_local { entry.slots.len().max(entry.local_slots.len()) } else { entry.slots.len() };
+        if largest > usize::from(MAX) {
+            return Err(format!("{largest} backends exceed the limit of {MAX} per service port"));
         }
         let mut changed = false;
         // Backends first: every id a slot will name exists before the slot does.
@@ -317,6 +413,16 @@ impl Writer {
             let (id, fresh) = self.ensure_backend(b, run)?;
             changed |= fresh;
             if slot_ids.len() < entry.slots.len() { slot_ids.push(id) } else { draining.push(id) }
+        }
+        // The local backends are among those already (the translation guarantees it), so this
+        // only looks their ids up; a backend that is not is written like the others.
+        let mut local_ids = Vec::new();
+        if etp_local {
+            for b in &entry.local_slots {
+                let (id, fresh) = self.ensure_backend(b, run)?;
+                changed |= fresh;
+                local_ids.push(id);
+            }
         }
         let rev_nat_id = match self.services.get(&fe) {
             Some(p) => p.value.rev_nat_id,
@@ -331,40 +437,67 @@ impl Writer {
             _pad: 0,
             affinity_timeout: entry.affinity_timeout,
         };
+        let local = etp_local.then(|| LocalScope {
+            value: ServiceValue { count: slot_u16(local_ids.len()), ..value },
+            slots: local_ids,
+        });
         let rev_nat = RevNat4::new(fe.addr, fe.port);
         let old_slots: &[u32] = old.map_or(&[], |p| &p.slots);
+        let old_local = old.and_then(|p| p.local.as_ref());
+        let old_local_slots: &[u32] = old_local.map_or(&[], |l| &l.slots);
 
-        // Slots that differ, up to the new count (growing or rewriting in place).
-        for (i, id) in slot_ids.iter().enumerate() {
-            if old_slots.get(i) != Some(id) {
-                let v = ServiceValue { backend_id: *id, ..ServiceValue::default() };
-                run(Op::PutService(key_of(fe, slot_u16(i + 1)), v))?;
-                changed = true;
-            }
+        // Slots that differ, up to the new count (growing or rewriting in place), of both scopes.
+        changed |= write_slots(&slot_ids, old_slots, |s| key_of(fe, s), run)?;
+        if let Some(l) = &local {
+            changed |= write_slots(&l.slots, old_local_slots, |s| local_key_of(fe, s), run)?;
         }
         if old.is_none_or(|p| p.rev_nat != rev_nat) {
             run(Op::PutRevNat(rev_nat_id, rev_nat))?;
+            changed = true;
+        }
+        // The local slot 0 before the external one, which may carry the flag that leads to it.
+        if let Some(l) = &local
+            && old_local.is_none_or(|o| o.value != l.value)
+        {
+            run(Op::PutService(local_key_of(fe, 0), l.value))?;
             changed = true;
         }
         if old.is_none_or(|p| p.value != value) {
             run(Op::PutService(key_of(fe, 0), value))?;
             changed = true;
         }
-        // Shrinking: the count is already published, the slots past it are unreachable.
+        // Shrinking: the counts are already published, the slots past them are unreachable.
         for s in slot_ids.len() + 1..=old_slots.len() {
             run(Op::DelService(key_of(fe, slot_u16(s))))?;
             changed = true;
         }
+        match (&local, old_local) {
+            (Some(l), _) => {
+                for s in l.slots.len() + 1..=old_local_slots.len() {
+                    run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+                    changed = true;
+                }
+            }
+            // The flag is gone (the external slot 0 no longer leads here): slot 0, then slots.
+            (None, Some(o)) => {
+                run(Op::DelService(local_key_of(fe, 0)))?;
+                for s in 1..=o.slots.len() {
+                    run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+                }
+                changed = true;
+            }
+            (None, None) => {}
+        }
         changed |= old.is_none_or(|p| p.draining != draining);
         // The id counts as used only once the service is recorded: a failed attempt frees it.
         self.rev_nat_ids.insert(rev_nat_id);
-        let new = Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat };
+        let new = Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat, local };
         self.reference(&new);
         if let Some(old) = self.services.insert(fe, new) {
             self.unreference(&old);
             if fe.proto == Protocol::Udp {
-                let now = &self.services[&fe].slots;
-                stale_udp.extend(old.slots.iter().filter(|id| !now.contains(id)).map(|id| (rev_nat_id, *id)));
+                let now: BTreeSet<u32> = self.services[&fe].serving_ids().collect();
+                stale_udp.extend(old.serving_ids().filter(|id| !now.contains(id)).map(|id| (rev_nat_id, id)));
             }
         }
         Ok(changed)

@@ -1,6 +1,9 @@
 //! The store must always agree with a full translation of the objects it holds, whatever the
 //! order of updates; and it must re-translate only what an update touches.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::{
     core::v1::{ServicePort, ServiceSpec},
@@ -17,6 +20,10 @@ fn meta(name: &str) -> ObjectMeta {
 }
 
 fn service(name: &str, ip: &str, port: i32, kind: &str) -> Service {
+    service_np(name, ip, port, kind, None)
+}
+
+fn service_np(name: &str, ip: &str, port: i32, kind: &str, node_port: Option<i32>) -> Service {
     Service {
         metadata: meta(name),
         spec: Some(ServiceSpec {
@@ -27,6 +34,7 @@ fn service(name: &str, ip: &str, port: i32, kind: &str) -> Service {
                 name: Some(String::from("p")),
                 port,
                 protocol: Some(String::from("UDP")),
+                node_port,
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()
@@ -79,11 +87,19 @@ impl Rng {
 const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 const IPS: [&str; 3] = ["10.96.0.1", "10.96.0.2", "10.96.0.3"];
 const KINDS: [&str; 4] = ["ClusterIP", "NodePort", "ExternalName", "Bogus"];
+/// Node addresses: one of them is also a cluster IP of [`IPS`].
+const NODE_IPS: [&str; 3] = ["10.96.0.1", "192.168.0.1", "192.168.0.2"];
 
 fn random_service(rng: &mut Rng) -> Service {
     let name = NAMES[rng.below(NAMES.len())];
-    // Few addresses and ports: frontends collide often.
-    service(name, IPS[rng.below(IPS.len())], [53, 54][rng.below(2)], KINDS[rng.below(KINDS.len())])
+    // Few addresses and ports: frontends collide often (node ports with each other, and with
+    // cluster IPs when the node address is one and the nodePort is 53).
+    let node_port = [None, Some(53), Some(30053)][rng.below(3)];
+    service_np(name, IPS[rng.below(IPS.len())], [53, 54][rng.below(2)], KINDS[rng.below(KINDS.len())], node_port)
+}
+
+fn random_node_addresses(rng: &mut Rng) -> Vec<Ipv4Addr> {
+    NODE_IPS.iter().filter(|_| rng.below(2) == 0).map(|a| a.parse().unwrap()).collect()
 }
 
 fn random_slice(rng: &mut Rng) -> EndpointSlice {
@@ -107,9 +123,11 @@ fn always_agrees_with_a_full_translation() {
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut standing: BTreeSet<String> = BTreeSet::new();
+    let mut node = NodeContext::named(NODE);
     let (mut saw_conflict, mut saw_frontends) = (false, 0usize);
-    for step in 0..600 {
-        match rng.below(10) {
+    let (mut saw_node_ports, mut saw_node_port_conflict, mut saw_cross_kind_conflict) = (0usize, false, false);
+    for step in 0..800 {
+        match rng.below(11) {
             0..=2 => {
                 let s = random_service(&mut rng);
                 services.insert(s.metadata.name.clone().unwrap(), s.clone());
@@ -139,6 +157,17 @@ fn always_agrees_with_a_full_translation() {
                 services.insert(s.metadata.name.clone().unwrap(), s);
                 store.apply(Update::ResetServices(services.values().cloned().collect()));
             }
+            10 => {
+                // The node's addresses change (in any order, with duplicates).
+                let mut addresses = random_node_addresses(&mut rng);
+                addresses.extend(addresses.clone().iter().rev());
+                let changed = store.set_node_addresses(addresses.clone());
+                addresses.sort_unstable();
+                addresses.dedup();
+                assert_eq!(changed, addresses != node.addresses, "step {step}");
+                assert_eq!(store.node_addresses(), addresses.as_slice(), "step {step}");
+                node.addresses = addresses;
+            }
             _ => {
                 slices.retain(|_, _| rng.below(3) != 0);
                 let s = random_slice(&mut rng);
@@ -158,15 +187,27 @@ fn always_agrees_with_a_full_translation() {
         }
         let objects =
             Objects { services: services.values().cloned().collect(), slices: slices.values().cloned().collect() };
-        let full = translate(&objects, NODE);
+        let full = translate(&objects, &node);
         assert_eq!(store.desired(), &full.desired, "step {step}");
         assert_eq!(standing, problem_set(&full.problems), "step {step}");
         assert_eq!(store.problem_count(), standing.len(), "step {step}");
         saw_conflict |= standing.iter().any(|p| p.contains("already used by"));
         saw_frontends = saw_frontends.max(store.desired().services.len());
+        let node_ports = store.desired().services.values().filter(|e| e.flags & rproxy_common::SVC_F_NODE_PORT != 0);
+        saw_node_ports = saw_node_ports.max(node_ports.count());
+        saw_node_port_conflict |= standing.iter().any(|p| p.contains("frontend 192.168.0."));
+        // The node address 10.96.0.1 with nodePort 53 against the cluster IP 10.96.0.1:53.
+        saw_cross_kind_conflict |= standing.iter().any(|p| p.contains("frontend 10.96.0.1:53/"))
+            && store.desired().services.iter().any(|(fe, e)| {
+                fe.addr == Ipv4Addr::new(10, 96, 0, 1) && fe.port == 53 && e.flags & rproxy_common::SVC_F_NODE_PORT != 0
+            });
     }
     // The sequence exercised what it is meant to.
     assert!(saw_conflict && saw_frontends >= 4, "{saw_conflict} {saw_frontends}");
+    assert!(
+        saw_node_ports >= 2 && saw_node_port_conflict && saw_cross_kind_conflict,
+        "{saw_node_ports} {saw_node_port_conflict} {saw_cross_kind_conflict}"
+    );
 }
 
 #[test]
@@ -215,4 +256,45 @@ fn a_conflict_clears_when_the_winner_goes() {
     assert_eq!(store.desired().services[&fe].service.name, "b");
     assert_eq!(store.problem_count(), 0);
     assert_eq!(store.rejected_total().get("Service"), Some(&1));
+}
+
+#[test]
+fn node_address_changes_retranslate_only_services_with_node_ports() {
+    let mut store = Store::new(NODE);
+    let plain = (0..20).map(|i| service(&format!("plain{i}"), &format!("10.96.1.{i}"), 53, "ClusterIP"));
+    let with_np = service_np("np", "10.96.2.1", 53, "NodePort", Some(30053));
+    store.apply(Update::ResetServices(plain.chain([with_np]).collect()));
+    store.apply(Update::ResetSlices(vec![slice("np-1", Some("np"), &[2], true)]));
+    let first = store.flush();
+    assert_eq!(first.translated, 21);
+    // No node address yet: no NodePort frontend.
+    assert_eq!(store.desired().services.len(), 21);
+
+    let node_ip: Ipv4Addr = "192.168.0.1".parse().unwrap();
+    assert!(store.set_node_addresses([node_ip]));
+    let changes = store.flush();
+    assert_eq!(changes.translated, 1, "only the Service with a nodePort");
+    let fe = Frontend { addr: node_ip, port: 30053, proto: crate::model::Protocol::Udp };
+    let cluster_ip = Frontend { addr: "10.96.2.1".parse().unwrap(), port: 53, ..fe };
+    assert_eq!(changes.frontends, BTreeSet::from([cluster_ip, fe]));
+    let entry = &store.desired().services[&fe];
+    assert_eq!((entry.service.name.as_str(), entry.flags), ("np", rproxy_common::SVC_F_NODE_PORT));
+    assert_eq!(entry.slots.len(), 1);
+
+    // The same set again (another order, duplicates) is no change.
+    assert!(!store.set_node_addresses([node_ip, node_ip]));
+    assert!(!store.is_dirty());
+
+    // Another address replaces it: the old frontend goes, the new one comes.
+    let other: Ipv4Addr = "192.168.0.2".parse().unwrap();
+    assert!(store.set_node_addresses([other]));
+    let changes = store.flush();
+    let new_fe = Frontend { addr: other, ..fe };
+    assert_eq!(changes.frontends, BTreeSet::from([cluster_ip, fe, new_fe]));
+    assert!(!store.desired().services.contains_key(&fe) && store.desired().services.contains_key(&new_fe));
+
+    // None left: no NodePort frontend.
+    assert!(store.set_node_addresses([]));
+    store.flush();
+    assert_eq!(store.desired().services.len(), 21);
 }

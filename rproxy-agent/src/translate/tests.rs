@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{
     core::v1::{ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus, SessionAffinityConfig},
@@ -11,6 +11,12 @@ use BackendState::{Active, Terminating};
 use Protocol::{Tcp, Udp};
 
 const NODE: &str = "node-a";
+/// The node address `NodePort`s answer on in most tests.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+fn node() -> NodeContext {
+    NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP] }
+}
 
 // --- builders -----------------------------------------------------------------------------
 
@@ -114,22 +120,28 @@ fn prob(kind: &'static str, object: &str, reason: &str) -> Problem {
 }
 
 fn run(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Translation {
-    let out = translate(&Objects { services, slices }, NODE);
-    check_invariants(&out.desired);
+    translate_on(&node(), services, slices)
+}
+
+fn translate_on(node: &NodeContext, services: Vec<Service>, slices: Vec<EndpointSlice>) -> Translation {
+    let out = translate(&Objects { services, slices }, node);
+    check_invariants(&out.desired, node);
     out
 }
 
 /// What every translation must hold, whatever its input: the lists of each entry are sorted and
 /// without duplicates, `draining` is disjoint from `slots`, `local_slots` is empty without
 /// `SVC_F_ETP_LOCAL` and a subset of `slots` ∪ `draining` with it, exactly one kind flag is set,
-/// and every entry of a Service that lists a backend agrees on its state and locality (the
+/// `NodePort` frontends are on node addresses, and every entry of a Service that lists a backend agrees on its state and locality (the
 /// backend map holds one value per address).
-fn check_invariants(desired: &Desired) {
+fn check_invariants(desired: &Desired, node: &NodeContext) {
     let kinds = [SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT];
     let mut seen: BTreeMap<(ObjectRef, BackendAddr), Backend> = BTreeMap::new();
     for (frontend, entry) in &desired.services {
         assert_eq!(kinds.iter().filter(|&&kind| entry.flags & kind != 0).count(), 1, "{frontend}: kind flags");
-        assert_eq!(frontend.is_node_port(), entry.flags & SVC_F_NODE_PORT != 0, "{frontend}");
+        if entry.flags & SVC_F_NODE_PORT != 0 {
+            assert!(node.addresses.contains(&frontend.addr), "{frontend}: NodePort off the node's addresses");
+        }
         for list in [&entry.slots, &entry.local_slots, &entry.draining] {
             assert!(list.windows(2).all(|w| w[0].addr < w[1].addr), "{frontend}: {list:?} not sorted/unique");
         }
@@ -177,8 +189,9 @@ fn external_ips(svc: Service, ips: &[&str]) -> Service {
     with_spec(svc, |spec| spec.external_ips = Some(ips.iter().map(|&ip| ip.to_owned()).collect()))
 }
 
+/// A `NodePort` frontend on [`NODE_IP`].
 fn np(node_port: u16, proto: Protocol) -> Frontend {
-    Frontend::node_port(node_port, proto)
+    Frontend { addr: NODE_IP, port: node_port, proto }
 }
 
 /// The frontends of a translation with their flags.
@@ -635,7 +648,7 @@ fn every_frontend_kind_with_its_flags_and_backends() {
     expected.push((np(30080, Tcp), with_flags(SVC_F_NODE_PORT, "http", &http)));
     expected.push((np(30053, Udp), with_flags(SVC_F_NODE_PORT, "dns", &dns)));
     assert_eq!(out.desired, desired(expected));
-    assert_eq!(np(30080, Tcp).to_string(), "0.0.0.0:30080/TCP");
+    assert_eq!(np(30080, Tcp).to_string(), "172.18.0.2:30080/TCP");
 }
 
 /// The `web` Service as the API server leaves it after a change to type `ty`: `ExternalName`
@@ -838,13 +851,68 @@ fn node_ports() {
     assert_eq!(out.desired.services[&np(30090, Tcp)].service, objref("a/first"));
     assert_eq!(out.desired.services[&np(30090, Udp)].service, objref("b/second"));
     let problems = vec![
-        prob("Service", "b/second", "frontend 0.0.0.0:30090/TCP is already used by Service a/first; ignored"),
+        prob("Service", "b/second", "frontend 172.18.0.2:30090/TCP is already used by Service a/first; ignored"),
         prob("Service", "b/second", "port 9000/SCTP: SCTP is not supported by the datapath"),
         prob(
             "Service",
             "default/plain",
             "port 80/TCP: nodePort 30080 is only used by NodePort and LoadBalancer Services; ignored",
         ),
+    ];
+    assert_eq!(out.problems, problems);
+}
+
+#[test]
+fn node_ports_are_served_on_every_node_address_and_without_one_nowhere() {
+    let svc = typed(
+        "NodePort",
+        service("web", "10.96.0.10", vec![with_node_port(port("http", 80, "TCP"), 30080), port("dns", 53, "UDP")]),
+    );
+    let slices = vec![slice("web-a", "web", &[("http", 8080, "TCP"), ("dns", 5353, "UDP")], vec![ep("10.0.0.1")])];
+    let second = Ipv4Addr::new(192, 168, 1, 5);
+    let two = NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP, second] };
+    let out = translate_on(&two, vec![svc.clone()], slices.clone());
+    assert_eq!(out.problems, vec![]);
+    let http = entry("default/web", "http", vec![be("10.0.0.1", 8080, Tcp, Active)], vec![]);
+    let dns = entry("default/web", "dns", vec![be("10.0.0.1", 5353, Udp, Active)], vec![]);
+    let node_port = ServiceEntry { flags: SVC_F_NODE_PORT, ..http.clone() };
+    let cluster = [(fe("10.96.0.10", 80, Tcp), http), (fe("10.96.0.10", 53, Udp), dns)];
+    let mut expected = cluster.to_vec();
+    expected.push((np(30080, Tcp), node_port.clone()));
+    expected.push((Frontend { addr: second, port: 30080, proto: Tcp }, node_port));
+    assert_eq!(out.desired, desired(expected));
+
+    // No node address: no NodePort frontend at all, and nothing to report.
+    let out = translate_on(&NodeContext::named(NODE), vec![svc], slices);
+    assert_eq!(out.problems, vec![]);
+    assert_eq!(out.desired, desired(cluster.to_vec()));
+}
+
+#[test]
+fn a_node_address_that_is_a_service_address_is_a_frontend_conflict() {
+    let node_ip = NODE_IP.to_string();
+    // a/ext's externalIP is the node address, on the port that b/np uses as nodePort: a/ext
+    // comes first and keeps it.
+    let ext = external_ips(service("a/ext", "10.96.0.1", vec![port("", 30080, "TCP")]), &[&node_ip]);
+    let node_port = typed("NodePort", service("b/np", "10.96.0.2", vec![with_node_port(port("", 80, "TCP"), 30080)]));
+    // z/cip's cluster IP is the node address (a misconfiguration): c/np comes first.
+    let cip = service("z/cip", &node_ip, vec![port("", 30081, "UDP")]);
+    let other = typed("NodePort", service("c/np", "10.96.0.3", vec![with_node_port(port("", 81, "UDP"), 30081)]));
+    let out = run(vec![cip, other, node_port, ext], vec![]);
+    let expected: BTreeMap<Frontend, u16> = [
+        (fe("10.96.0.1", 30080, Tcp), SVC_F_CLUSTER_IP),
+        (np(30080, Tcp), SVC_F_EXTERNAL_IP),
+        (fe("10.96.0.2", 80, Tcp), SVC_F_CLUSTER_IP),
+        (fe("10.96.0.3", 81, Udp), SVC_F_CLUSTER_IP),
+        (np(30081, Udp), SVC_F_NODE_PORT),
+    ]
+    .into();
+    assert_eq!(flags_of(&out), expected);
+    assert_eq!(out.desired.services[&np(30080, Tcp)].service, objref("a/ext"));
+    assert_eq!(out.desired.services[&np(30081, Udp)].service, objref("c/np"));
+    let problems = vec![
+        prob("Service", "b/np", "frontend 172.18.0.2:30080/TCP is already used by Service a/ext; ignored"),
+        prob("Service", "z/cip", "frontend 172.18.0.2:30081/UDP is already used by Service c/np; ignored"),
     ];
     assert_eq!(out.problems, problems);
 }
@@ -1167,7 +1235,7 @@ fn translate_refs_translates_one_service_with_its_slices() {
     let whole = run(services.clone(), slices.clone());
     let service_refs: Vec<&Service> = services.iter().collect();
     let slice_refs: Vec<&EndpointSlice> = slices.iter().collect();
-    assert_eq!(translate_refs(&service_refs, &slice_refs, NODE), whole);
+    assert_eq!(translate_refs(&service_refs, &slice_refs, &node()), whole);
 
     // Each Service alone, with the slices labelled for it, gives exactly its part of the whole
     // (none of these Services claims another's frontend).
@@ -1183,7 +1251,7 @@ fn translate_refs_translates_one_service_with_its_slices() {
                         == name
             })
             .collect();
-        let part = translate_refs(&[svc], &own, NODE);
+        let part = translate_refs(&[svc], &own, &node());
         assert!(!part.desired.services.is_empty(), "{name:?}");
         for (frontend, entry) in part.desired.services {
             assert!(merged.services.insert(frontend, entry).is_none(), "{frontend} claimed twice");

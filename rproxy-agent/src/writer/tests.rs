@@ -1,7 +1,9 @@
 //! Writer tests against a fake sink that holds the maps' contents and, after every single
 #![expect(clippy::many_single_char_names, reason = "m(aps), w(riter), r(eport): short names keep the tables readable")]
-//! operation, checks what a packet could observe: every published slot 0 has all its slots, every
-//! slot names an existing backend, every slot 0 has its rev-NAT entry.
+//! operation, checks what a packet could observe: every published slot 0 (of either scope) has
+//! all its slots, every slot names an existing backend, every slot 0 has its rev-NAT entry, and
+//! a slot 0 with `SVC_F_ETP_LOCAL` has its `SCOPE_LOCAL` slot 0 with the same rev-NAT id and
+//! flags.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -19,6 +21,8 @@ struct FakeMaps {
     fail_addr: Option<Ipv4Addr>,
     /// Fail backend inserts once this many backends exist.
     backend_capacity: Option<usize>,
+    /// Skip the checks after each operation (for maps broken from outside the writer).
+    unchecked: bool,
 }
 
 impl FakeMaps {
@@ -30,6 +34,11 @@ impl FakeMaps {
                 assert!(self.backends.contains_key(&slot.backend_id), "slot {s} of {k:?} names missing backend");
             }
             assert!(self.rev_nat.contains_key(&v.rev_nat_id), "rev-NAT {} of {k:?} missing", v.rev_nat_id);
+            if k.scope == SCOPE_EXTERNAL && v.flags & SVC_F_ETP_LOCAL != 0 {
+                let local = self.services.get(&ServiceKey4 { scope: SCOPE_LOCAL, ..*k });
+                let local = local.unwrap_or_else(|| panic!("{k:?} has SVC_F_ETP_LOCAL but no local slot 0"));
+                assert_eq!((local.rev_nat_id, local.flags), (v.rev_nat_id, v.flags), "{k:?}: local slot 0");
+            }
         }
     }
 
@@ -77,7 +86,9 @@ impl MapSink for FakeMaps {
             }
         }
         self.log.push(*op);
-        self.check_consistent();
+        if !self.unchecked {
+            self.check_consistent();
+        }
         Ok(())
     }
 }
@@ -283,7 +294,8 @@ fn incremental_sync_matches_full_sync() {
     let (mut full_maps, mut inc_maps) = (FakeMaps::default(), FakeMaps::default());
     let (mut full, mut inc) = (Writer::new(), Writer::new());
     let mut current = Desired::default();
-    for step in 0..300 {
+    let mut saw_local = (0usize, 0usize);
+    for step in 0..400 {
         let mut next = current.clone();
         for _ in 0..=rand(3) {
             let f = fe(rand(6), 80);
@@ -293,7 +305,15 @@ fn incremental_sync_matches_full_sync() {
                 let slots: Vec<u8> = (0..rand(5)).map(|_| rand(8)).collect::<BTreeSet<_>>().into_iter().collect();
                 let draining: Vec<u8> =
                     (0..rand(2)).map(|_| 20 + rand(3)).collect::<BTreeSet<_>>().into_iter().collect();
-                next.services.insert(f, entry("s", &slots, &draining));
+                let mut e = entry("s", &slots, &draining);
+                if rand(2) == 0 {
+                    // ETP Local, with some of the slots and draining backends as local slots.
+                    e.flags = rproxy_common::SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
+                    let candidates = e.slots.iter().chain(&e.draining).copied().collect::<Vec<_>>();
+                    e.local_slots = candidates.into_iter().filter(|_| rand(2) == 0).collect();
+                    e.local_slots.sort_unstable();
+                }
+                next.services.insert(f, e);
             }
         }
         let changed: BTreeSet<Frontend> = current
@@ -308,6 +328,23 @@ fn incremental_sync_matches_full_sync() {
         assert!(rf.errors.is_empty() && ri.errors.is_empty(), "step {step}");
         assert_eq!(observable(&full_maps), observable(&inc_maps), "step {step}");
         assert_eq!(full.backend_count(), inc.backend_count(), "step {step}");
+        // The maps hold exactly the desired state: one slot 0 per frontend and per local set,
+        // and their slots.
+        let expected_entries: usize = next
+            .services
+            .values()
+            .map(|e| 1 + e.slots.len() + if e.flags & SVC_F_ETP_LOCAL != 0 { 1 + e.local_slots.len() } else { 0 })
+            .sum();
+        assert_eq!(inc_maps.services.len(), expected_entries, "step {step}");
+        for (f, e) in &next.services {
+            let local_key = local_key_of(*f, 0);
+            let want = (e.flags & SVC_F_ETP_LOCAL != 0).then(|| e.local_slots.iter().map(|b| b.addr.addr).collect());
+            assert_eq!(observable(&inc_maps).0.get(&local_key).cloned(), want, "step {step}: {f}");
+            if want.is_some() {
+                saw_local.0 += 1;
+                saw_local.1 += usize::from(!e.local_slots.is_empty());
+            }
+        }
         // Nothing unreferenced is left behind.
         let used: BTreeSet<u8> = next
             .services
@@ -317,6 +354,7 @@ fn incremental_sync_matches_full_sync() {
         assert_eq!(inc_maps.backends.len(), used.len(), "step {step}");
         current = next;
     }
+    assert!(saw_local.0 > 100 && saw_local.1 > 50, "{saw_local:?}");
 }
 
 #[test]
@@ -345,4 +383,139 @@ fn udp_backends_leaving_a_service_are_reported_stale() {
     let r = w.sync(&desired(&[(t, entry("t", &[5], &[]))]), &mut m);
     assert_eq!(r.stale_udp.len(), 1, "only the deleted backend: {:?}", r.stale_udp);
     assert_eq!(r.stale_udp[0].0, 0);
+}
+
+fn etp_entry(name: &str, slots: &[u8], draining: &[u8], local_slots: &[u8]) -> ServiceEntry {
+    let mut e = entry(name, slots, draining);
+    e.flags = rproxy_common::SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
+    e.local_slots =
+        e.slots.iter().chain(&e.draining).filter(|b| local_slots.contains(&b.addr.addr.octets()[3])).copied().collect();
+    e
+}
+
+/// The backend addresses of `f`'s `SCOPE_LOCAL` slots, `None` without its slot 0.
+fn local_backends(m: &FakeMaps, f: Frontend) -> Option<Vec<Ipv4Addr>> {
+    observable(m).0.get(&local_key_of(f, 0)).cloned()
+}
+
+#[test]
+fn etp_local_programs_the_local_scope() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let f = fe(10, 30080);
+    let ip = |last| Ipv4Addr::new(10, 244, 1, last);
+    let r = w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(slot_backends(&m, f).len(), 3);
+    assert_eq!(local_backends(&m, f), Some(vec![ip(1)]));
+    let (ext0, loc0) = (m.services[&key_of(f, 0)], m.services[&local_key_of(f, 0)]);
+    assert_eq!(loc0, ServiceValue { count: 1, ..ext0 }, "same rev-NAT id, flags and timeout");
+    // The local slot 0 is published just before the external one, which comes last.
+    let n = m.log.len();
+    assert!(matches!(m.log[n - 2], Op::PutService(k, _) if k == local_key_of(f, 0)), "{:?}", m.log);
+    assert!(matches!(m.log[n - 1], Op::PutService(k, _) if k == key_of(f, 0)), "{:?}", m.log);
+
+    // Grow the local set, then shrink it to nothing: count 0 stays published.
+    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 3]))]), &mut m);
+    assert_eq!(local_backends(&m, f), Some(vec![ip(1), ip(3)]));
+    m.log.clear();
+    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[]))]), &mut m);
+    assert_eq!(local_backends(&m, f), Some(vec![]));
+    assert_eq!(m.log[0], Op::PutService(local_key_of(f, 0), ServiceValue { count: 0, ..ext0 }), "count first");
+    assert_eq!(m.services.len(), 1 + 3 + 1);
+
+    // The flag goes away: the external slot 0 without it first, then the local entries.
+    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[2]))]), &mut m);
+    m.log.clear();
+    w.sync(&desired(&[(f, entry("a", &[1, 2, 3], &[]))]), &mut m);
+    assert_eq!(local_backends(&m, f), None);
+    assert!(matches!(m.log[0], Op::PutService(k, v) if k == key_of(f, 0) && v.flags & SVC_F_ETP_LOCAL == 0));
+    assert_eq!(m.log[1..], [Op::DelService(local_key_of(f, 0)), Op::DelService(local_key_of(f, 1))]);
+    assert_eq!(m.services.len(), 1 + 3);
+
+    // Back to ETP Local, then removed: everything goes, the external slot 0 first.
+    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 2]))]), &mut m);
+    assert_eq!(m.services.len(), 1 + 3 + 1 + 2);
+    m.log.clear();
+    w.sync(&Desired::default(), &mut m);
+    assert_eq!(m.log[0], Op::DelService(key_of(f, 0)));
+    assert_eq!(m.log[1], Op::DelService(local_key_of(f, 0)));
+    assert!(m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty());
+}
+
+#[test]
+fn local_slots_keep_their_backends_referenced() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let f = fe(10, 30080);
+    // A local terminating backend (draining for pods, serving outside clients), then one named
+    // only by the local set (not what the translation produces, but the writer copes).
+    w.sync(&desired(&[(f, etp_entry("a", &[1], &[21], &[21]))]), &mut m);
+    assert_eq!(local_backends(&m, f), Some(vec![Ipv4Addr::new(10, 244, 1, 21)]));
+    let mut only_local = etp_entry("a", &[1], &[], &[]);
+    only_local.local_slots = vec![be(5)];
+    w.sync(&desired(&[(f, only_local)]), &mut m);
+    assert_eq!(local_backends(&m, f), Some(vec![Ipv4Addr::new(10, 244, 1, 5)]));
+    assert_eq!(m.backends.len(), 2, "backend 21 deleted, 5 kept for the local slot");
+    // Gone from the local set: deleted (FakeMaps checks that no slot names it any more).
+    w.sync(&desired(&[(f, etp_entry("a", &[1], &[], &[]))]), &mut m);
+    assert_eq!(m.backends.len(), 1);
+}
+
+#[test]
+fn restart_adopts_local_scopes_and_writes_nothing() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let d = desired(&[
+        (fe(10, 30080), etp_entry("a", &[1, 2, 3], &[21], &[2, 21])),
+        (fe(11, 30081), etp_entry("b", &[4], &[], &[])),
+        (fe(12, 80), entry("c", &[1], &[])),
+    ]);
+    w.sync(&d, &mut m);
+    let before = (m.services.clone(), m.backends.clone());
+    let (mut w2, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    m.log.clear();
+    let r = w2.sync(&d, &mut m);
+    assert_eq!(r.ops, 0, "restart rewrote {:?}", m.log);
+    assert_eq!((m.services.clone(), m.backends.clone()), before);
+    // The adopted local sets are the writer's to change and remove.
+    w2.sync(&desired(&[(fe(10, 30080), entry("a", &[1, 2, 3], &[]))]), &mut m);
+    assert_eq!(local_backends(&m, fe(10, 30080)), None);
+    assert_eq!(m.services.len(), 4);
+    assert_eq!(m.backends.len(), 3);
+
+    // A local set with a missing slot is reported and rewritten by the next sync.
+    w2.sync(&d, &mut m);
+    assert_eq!(local_backends(&m, fe(10, 30080)).map(|v| v.len()), Some(2));
+    let mut broken = m.adopted();
+    broken.services.retain(|(k, _)| *k != local_key_of(fe(10, 30080), 2));
+    let (mut w3, warnings) = Writer::adopt(broken);
+    assert_eq!(warnings, vec![String::from("10.96.0.10:30080/TCP: local-scope slot missing, will be rewritten")]);
+    m.services.remove(&local_key_of(fe(10, 30080), 2));
+    m.unchecked = true;
+    let r = w3.sync(&d, &mut m);
+    assert!(r.errors.is_empty());
+    m.check_consistent();
+    assert_eq!(local_backends(&m, fe(10, 30080)).map(|v| v.len()), Some(2));
+}
+
+#[test]
+fn udp_backends_leaving_the_local_scope_are_reported_stale() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let f = udp(fe(1, 30053));
+    let etp_udp = |slots: &[u8], draining: &[u8], local: &[u8]| {
+        let mut e = udp_entry("a", slots, draining);
+        e.flags = rproxy_common::SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
+        e.local_slots =
+            e.slots.iter().chain(&e.draining).filter(|b| local.contains(&b.addr.addr.octets()[3])).copied().collect();
+        e
+    };
+    w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[3]))]), &mut m);
+    let id3 = *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == 3).unwrap().0;
+    let rn = m.services[&key_of(f, 0)].rev_nat_id;
+    // 3 stays (draining) but no longer serves outside clients: its UDP flows move on.
+    let r = w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[]))]), &mut m);
+    assert_eq!(r.stale_udp, vec![(rn, id3)]);
 }
