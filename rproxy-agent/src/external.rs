@@ -3,7 +3,7 @@
 //! are no longer listed.
 use std::collections::{BTreeMap, BTreeSet};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::datapath::{Datapath, XdpAttached, XdpMode};
 
@@ -75,10 +75,9 @@ impl External {
             self.attached.remove(&name);
             warn!(ifname = %name, "external device gone; north-south traffic on it is not served until it returns");
         }
+        // Missing devices are reported with the node addresses (run.rs).
         for name in p.missing {
-            if self.reported.insert(name.clone()) {
-                warn!(ifname = %name, "external device (--devices) does not exist; will attach when it appears");
-            }
+            debug!(ifname = %name, "external device absent");
         }
         for (name, idx) in p.attach {
             match dp.attach_external(&name, self.mode) {

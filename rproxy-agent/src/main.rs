@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rproxy_agent::{
-    datapath,
+    datapath::{self, XdpMode},
     devices::{self, DevicePattern},
     dump, run,
 };
@@ -82,6 +82,16 @@ struct RunArgs {
     /// comma-separated (e.g. '10.0.0.0/8,192.168.1.5/32'). Default: every address of --devices.
     #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',', value_parser = devices::parse_cidr)]
     nodeport_addresses: Vec<Ipv4Net>,
+    /// How north-south packets are handled on --devices: XDP in the driver with a fallback to
+    /// generic XDP ('auto'), only one of the two ('native', 'generic'), or TC only ('tc'). In the
+    /// XDP modes a TC program on the same device handles what XDP hands up.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
+    xdp_mode: XdpMode,
+    /// cgroup v2 directory whose processes' sockets reach services directly (connect/sendmsg
+    /// hooks; only sockets of the agent's own network namespace, i.e. host-network processes, are
+    /// translated). Default: the root of the cgroup v2 mount. 'none' disables the hooks.
+    #[arg(long, value_name = "PATH|none")]
+    cgroup: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +129,12 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
         devices: args.devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).map(str::to_owned).collect(),
         nodeport_addresses: args.nodeport_addresses,
+        xdp_mode: args.xdp_mode,
+        cgroup: match args.cgroup.as_deref() {
+            Some("none") => run::Cgroup::Disabled,
+            Some(path) => run::Cgroup::Path(PathBuf::from(path)),
+            None => run::Cgroup::Auto,
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

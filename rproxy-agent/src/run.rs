@@ -35,8 +35,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     Error, Result,
-    datapath::{Datapath, Maps},
+    datapath::{Datapath, Maps, XdpMode},
     devices::{self, DevicePattern},
+    external::External,
     gc,
     healthcheck::HealthCheckServer,
     kube_source, manifests,
@@ -83,6 +84,20 @@ pub struct Config {
     /// `--nodeport-addresses`: only device addresses inside one of these carry `NodePort`s
     /// (every address when empty).
     pub nodeport_addresses: Vec<Ipv4Net>,
+    /// `--xdp-mode` on the external devices.
+    pub xdp_mode: XdpMode,
+    /// `--cgroup`: where the socket hooks for host-network processes attach.
+    pub cgroup: Cgroup,
+}
+
+/// `--cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cgroup {
+    /// The root of the (first) cgroup v2 mount; without one, host-network processes are not
+    /// translated (logged).
+    Auto,
+    Path(PathBuf),
+    Disabled,
 }
 
 /// Everything the loop owns.
@@ -107,6 +122,7 @@ struct Agent {
     /// The node addresses have been read (and logged) once.
     addresses_read: bool,
     health: HealthCheckServer,
+    external: External,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -130,6 +146,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         "eBPF programs loaded; pinned state adopted"
     );
     let store = Store::new(&cfg.node_name);
+    let (cfg_devices, cfg_xdp_mode) = (cfg.devices.clone(), cfg.xdp_mode);
     let mut agent = Agent {
         cfg,
         datapath,
@@ -144,6 +161,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         missing_devices: BTreeSet::new(),
         addresses_read: false,
         health: HealthCheckServer::new(Ipv4Addr::UNSPECIFIED),
+        external: External::new(cfg_devices, cfg_xdp_mode),
     };
 
     let (link_tx, mut link_rx) = mpsc::channel(1);
@@ -369,6 +387,7 @@ impl Agent {
             self.first_synced = true;
             // State first, then hooks: devices are attached only to maps that hold the
             // source's complete state.
+            self.attach_sockets();
             self.rescan();
         }
     }
@@ -406,6 +425,7 @@ impl Agent {
                 }
             }
         }
+        self.external.sync(&mut self.datapath, &present);
         // Links pinned by an earlier run for devices that no longer exist.
         match self.datapath.pinned_interfaces() {
             Ok(pinned) => {
@@ -416,6 +436,27 @@ impl Agent {
                 }
             }
             Err(e) => warn!(error = %e, "listing pinned links"),
+        }
+    }
+
+    /// Attaches the socket hooks for host-network processes (`--cgroup`).
+    fn attach_sockets(&mut self) {
+        let cgroup = match &self.cfg.cgroup {
+            Cgroup::Disabled => return,
+            Cgroup::Path(p) => p.clone(),
+            Cgroup::Auto => {
+                let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+                let Some(p) = crate::datapath::cgroup2_mount(&mountinfo) else {
+                    warn!(
+                        "no cgroup v2 mount: host-network processes do not reach services (mount one, or pass --cgroup)"
+                    );
+                    return;
+                };
+                p
+            }
+        };
+        if let Err(e) = self.datapath.attach_sockets(&cgroup) {
+            error!(cgroup = %cgroup.display(), error = %e, "socket hooks not attached: host-network processes do not reach services");
         }
     }
 
