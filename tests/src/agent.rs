@@ -8,7 +8,7 @@ use std::{
     fs::File,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus},
+    process::{Child, ExitStatus},
     thread,
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::cmd::run;
+use crate::{cmd::run, netns::command as netns_command};
 
 /// How long the agent may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     /// Where stdout and stderr go.
     pub log: PathBuf,
+    /// Appended to the command line after the arguments above (e.g. `--devices eth0`).
+    pub extra_args: Vec<String>,
 }
 
 /// A running (or exited) agent. Dropping it kills the process if it still runs.
@@ -50,8 +52,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `<bin> run ...` in the node namespace, in its own process group so that a
-    /// terminal's Ctrl-C reaches only the lab, which then stops the agent itself.
+    /// Starts `<bin> run --manifests .. --node-name .. --pod-devices .. --bpffs .. <extra args>` in
+    /// the node namespace, in its own process group so that a terminal's Ctrl-C reaches only the
+    /// lab, which then stops the agent itself.
     pub fn start(config: AgentConfig) -> Result<Self> {
         let log = File::create(&config.log).with_context(|| format!("cannot create {}", config.log.display()))?;
         let child = netns_command(&config.node_ns, &config.bin)
@@ -61,6 +64,7 @@ impl Agent {
             .args(["--node-name", &config.node_name, "--pod-devices", &config.pod_devices])
             .arg("--bpffs")
             .arg(&config.bpffs)
+            .args(&config.extra_args)
             .env("NO_COLOR", "1") // plain text in the log file
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -125,14 +129,6 @@ impl Agent {
         // Pids fit in i32 (pid_max ≤ 2^22).
         Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
     }
-}
-
-/// `nsenter --net=/run/netns/<ns> -- <program>`: only the network namespace changes. `nsenter`
-/// execs `program`, so the child's pid is the program's.
-fn netns_command(ns: &str, program: &Path) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
-    cmd
 }
 
 impl Drop for Agent {

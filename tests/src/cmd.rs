@@ -1,5 +1,9 @@
-//! Running external commands (`ip`, the agent's `cleanup`) with their exit status checked.
-use std::process::Command;
+//! Running external commands (`ip`, the agent's `cleanup`, `iptables-restore`, `nft`) with their
+//! exit status checked.
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -10,6 +14,23 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     if !out.status.success() {
         bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`run`] with `input` written to the command's stdin.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let written = child.stdin.take().context("stdin")?.write_all(input.as_bytes());
+    let out = child.wait_with_output().with_context(|| format!("waiting for {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    written.with_context(|| format!("writing the input of {cmd:?}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -1,4 +1,6 @@
 //! The topology: one node namespace and pods routed Calico-style, plus the agent's lifecycle.
+//! [`Node`] is one node with its pods and agent; [`Lab`] is a single-node lab built on it (the
+//! two-node lab is [`crate::cluster`]).
 //!
 //! Each pod is a namespace joined to the node by a veth pair. Pod side: `eth0` with `<ip>/32`,
 //! default route `via 169.254.1.1 dev eth0 onlink`, and a permanent neighbour entry for
@@ -29,7 +31,7 @@ pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' gateway address (link-local, never assigned anywhere).
 pub const GATEWAY: &str = "169.254.1.1";
 /// Linux's limit on interface name length.
-const IFNAMSIZ_MAX: usize = 15;
+pub(crate) const IFNAMSIZ_MAX: usize = 15;
 
 /// A pod: a namespace with `eth0`, and the servers running in it. Dropping it stops the servers
 /// and deletes the namespace (and so the veth pair).
@@ -127,45 +129,78 @@ impl Pod {
     }
 }
 
-/// A lab: the node namespace, its pods, and optionally the agent. Dropping it (also while a test
-/// panics) stops the agent, runs `rproxy-agent cleanup`, deletes every namespace and the pin
-/// dir, and — when panicking — prints the agent's log.
+/// A node: a namespace that forwards, its pods (see the module doc for the plumbing), and
+/// optionally the agent running in it. [`Lab`] has one; [`crate::cluster::Cluster`] has two.
+///
+/// Dropping it (also while a test panics) stops the agent, runs `rproxy-agent cleanup`, removes
+/// the pin dir, deletes the pods' and the node's namespaces, and — when panicking — prints the
+/// agent's log.
 #[derive(Debug)]
-pub struct Lab {
-    prefix: String,
-    node_name: String,
+pub struct Node {
+    /// The Kubernetes node name (`--node-name`).
+    name: String,
+    /// Start of the pods' namespace names (`<prefix>-<pod name>`).
+    ns_prefix: String,
+    /// Start of the host-side pod device names (`<dev_prefix><n>`).
+    dev_prefix: String,
+    /// Pod names whose namespace would be one of the lab's own.
+    reserved: Vec<String>,
     pin_dir: PathBuf,
+    log: PathBuf,
     agent: Option<Agent>,
     /// An agent was started and `rproxy-agent cleanup` has not succeeded since.
     needs_cleanup: bool,
-    // Drop order: pods, then the node, then the work dir (agent log).
+    // Drop order: pods, then the node.
     pods: Vec<Pod>,
-    node: NetNs,
-    work: TempDir,
+    ns: NetNs,
 }
 
-impl Lab {
-    /// Creates the node namespace. `node_name` is the Kubernetes node name given to the agent
-    /// (`--node-name`), matched against `EndpointSlices`' `nodeName`.
-    pub fn new(node_name: &str) -> Result<Self> {
-        let prefix = next_prefix()?;
-        let pin_dir = Path::new("/sys/fs/bpf").join(&prefix);
-        remove_pin_dir(&pin_dir)?;
-        let work = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
-        let node = NetNs::create(&format!("{prefix}-node"))?;
-        for key in ["net/ipv4/conf/all/rp_filter", "net/ipv4/conf/default/rp_filter"] {
-            sysctl(node.name(), key, "0")?;
+/// Where and how a [`Node`] is created.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeSpec {
+    /// Namespace name.
+    pub ns: String,
+    /// Kubernetes node name.
+    pub name: String,
+    /// Start of the pods' namespace names.
+    pub ns_prefix: String,
+    /// Start of the host-side pod device names.
+    pub dev_prefix: String,
+    /// Pod names not allowed (their namespace would be one of the lab's own).
+    pub reserved: Vec<String>,
+    /// The agent's bpffs pin dir.
+    pub pin_dir: PathBuf,
+    /// The agent's log file.
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Creates the node namespace: forwarding on, `rp_filter` off, ICMP redirects off (a node
+    /// forwarding out of the interface a packet came in on must not teach the sender a shortcut
+    /// past it). Removes a stale pin dir of the same name.
+    pub(crate) fn create(spec: NodeSpec) -> Result<Self> {
+        remove_pin_dir(&spec.pin_dir)?;
+        let ns = NetNs::create(&spec.ns)?;
+        for (key, value) in [
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+            ("net/ipv4/conf/all/send_redirects", "0"),
+            ("net/ipv4/conf/default/send_redirects", "0"),
+            ("net/ipv4/ip_forward", "1"),
+        ] {
+            sysctl(ns.name(), key, value)?;
         }
-        sysctl(node.name(), "net/ipv4/ip_forward", "1")?;
         Ok(Self {
-            prefix,
-            node_name: node_name.to_owned(),
-            pin_dir,
+            name: spec.name,
+            ns_prefix: spec.ns_prefix,
+            dev_prefix: spec.dev_prefix,
+            reserved: spec.reserved,
+            pin_dir: spec.pin_dir,
+            log: spec.log,
             agent: None,
             needs_cleanup: false,
             pods: Vec::new(),
-            node,
-            work,
+            ns,
         })
     }
 
@@ -175,11 +210,12 @@ impl Lab {
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
             "pod name {name:?}: use letters, digits and '-'"
         );
+        ensure!(!self.reserved.iter().any(|r| r == name), "pod name {name:?} is reserved by the lab");
         ensure!(self.pods.iter().all(|p| p.name != name), "pod {name} exists already");
-        let host_dev = format!("{}p{}", self.prefix, self.pods.len() + 1);
+        let host_dev = format!("{}{}", self.dev_prefix, self.pods.len() + 1);
         ensure!(host_dev.len() <= IFNAMSIZ_MAX, "interface name {host_dev} is too long");
-        let ns = NetNs::create(&format!("{}-{name}", self.prefix))?;
-        let (node, pod) = (Some(self.node.name()), Some(ns.name()));
+        let ns = NetNs::create(&format!("{}-{name}", self.ns_prefix))?;
+        let (node, pod) = (Some(self.ns.name()), Some(ns.name()));
         let ip_cidr = format!("{ip_addr}/32");
         let dev = host_dev.as_str();
 
@@ -199,11 +235,17 @@ impl Lab {
             ip(ns_name, args)?;
         }
         for (key, value) in [("proxy_arp", "1"), ("rp_filter", "0")] {
-            sysctl(self.node.name(), &format!("net/ipv4/conf/{dev}/{key}"), value)?;
+            sysctl(self.ns.name(), &format!("net/ipv4/conf/{dev}/{key}"), value)?;
         }
 
         self.pods.push(Pod { name: name.to_owned(), ip: ip_addr, host_dev, servers: Vec::new(), ns });
         Ok(self.pods.last_mut().expect("just pushed"))
+    }
+
+    /// The pod named `name`, if this node has it.
+    #[must_use]
+    pub fn find_pod(&self, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.name == name)
     }
 
     /// The pod named `name`.
@@ -212,7 +254,12 @@ impl Lab {
     /// If there is none.
     #[must_use]
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.find_pod(name).unwrap_or_else(|| panic!("no pod {name} on node {}", self.name))
+    }
+
+    /// The pod named `name`, mutable (to start servers in it), if this node has it.
+    pub fn find_pod_mut(&mut self, name: &str) -> Option<&mut Pod> {
+        self.pods.iter_mut().find(|p| p.name == name)
     }
 
     /// All pods, in creation order.
@@ -221,56 +268,46 @@ impl Lab {
         &self.pods
     }
 
-    /// `rpx<pid><counter>`: the start of every name this lab creates.
-    #[must_use]
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// The node's network namespace.
     #[must_use]
-    pub fn node_ns(&self) -> &str {
-        self.node.name()
+    pub fn ns(&self) -> &str {
+        self.ns.name()
     }
 
     /// The Kubernetes node name given to the agent.
     #[must_use]
-    pub fn node_name(&self) -> &str {
-        &self.node_name
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Glob matching every pod's host-side device (`--pod-devices`).
     #[must_use]
     pub fn pod_devices_glob(&self) -> String {
-        format!("{}p*", self.prefix)
+        format!("{}*", self.dev_prefix)
     }
 
-    /// The agent's bpffs pin dir (`--bpffs`), removed with the lab.
+    /// The agent's bpffs pin dir (`--bpffs`), removed with the node.
     #[must_use]
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
 
-    /// A scratch directory removed with the lab (holds the agent's log).
-    #[must_use]
-    pub fn work_dir(&self) -> &Path {
-        self.work.path()
-    }
-
-    /// Starts `rproxy-agent run` in the node namespace on the manifests in `manifests`.
-    pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path) -> Result<()> {
+    /// Starts `rproxy-agent run` in the node namespace on the manifests in `manifests`, with
+    /// `extra_args` appended to the command line (see [`AgentConfig::extra_args`]).
+    pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path, extra_args: &[&str]) -> Result<()> {
         if let Some(agent) = &mut self.agent {
             ensure!(agent.exited()?.is_some(), "the agent is already running");
         }
         let manifests = manifests.canonicalize().with_context(|| format!("manifests dir {}", manifests.display()))?;
         self.agent = Some(Agent::start(AgentConfig {
             bin: agent_bin.to_owned(),
-            node_ns: self.node.name().to_owned(),
-            node_name: self.node_name.clone(),
+            node_ns: self.ns.name().to_owned(),
+            node_name: self.name.clone(),
             manifests,
             pod_devices: self.pod_devices_glob(),
             bpffs: self.pin_dir.clone(),
-            log: self.work.path().join("agent.log"),
+            log: self.log.clone(),
+            extra_args: extra_args.iter().map(|&a| a.to_owned()).collect(),
         })?);
         self.needs_cleanup = true;
         Ok(())
@@ -293,6 +330,20 @@ impl Lab {
         Ok(())
     }
 
+    /// [`Node::stop_agent`], then [`Node::cleanup_agent`] if an agent was started; also removes
+    /// the pin dir. Nothing to do without an agent.
+    pub fn remove_agent(&mut self) -> Result<()> {
+        if let Some(agent) = &mut self.agent {
+            let stopped = agent.stop().map(drop);
+            if self.needs_cleanup {
+                agent.cleanup()?;
+                self.needs_cleanup = false;
+            }
+            stopped?;
+        }
+        remove_pin_dir(&self.pin_dir)
+    }
+
     /// The agent's log file, once an agent was started.
     #[must_use]
     pub fn agent_log_path(&self) -> Option<&Path> {
@@ -308,35 +359,148 @@ impl Lab {
     fn agent_mut(&mut self) -> Result<&mut Agent> {
         self.agent.as_mut().context("no agent was started")
     }
+}
 
-    fn teardown(&mut self) -> Result<()> {
-        if let Some(agent) = &mut self.agent {
-            let stopped = agent.stop().map(drop);
-            if self.needs_cleanup {
-                agent.cleanup()?;
-            }
-            stopped?;
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.agent.is_some() {
+            eprintln!("---- rproxy-agent log ({}) ----\n{}---- end of log ----", self.ns.name(), self.agent_log());
         }
-        remove_pin_dir(&self.pin_dir)
+        if let Err(e) = self.remove_agent() {
+            eprintln!("rproxy-tests: tearing down node {}: {e:#}", self.ns.name());
+        }
+        self.agent = None;
+        // The fields' drops delete the pods', then the node's namespace.
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::thread::panicking() && self.agent.is_some() {
-            eprintln!("---- rproxy-agent log ({}) ----\n{}---- end of log ----", self.prefix, self.agent_log());
-        }
-        if let Err(e) = self.teardown() {
-            eprintln!("rproxy-tests: tearing down lab {}: {e:#}", self.prefix);
-        }
-        self.agent = None;
-        // The fields' drops delete the pods', then the node's namespace, then the work dir.
+/// A lab: the node namespace, its pods, and optionally the agent. Dropping it (also while a test
+/// panics) stops the agent, runs `rproxy-agent cleanup`, deletes every namespace and the pin
+/// dir, and — when panicking — prints the agent's log (see [`Node`]).
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    // Drop order: the node (agent, pods, namespace), then the work dir (agent log).
+    node: Node,
+    work: TempDir,
+}
+
+impl Lab {
+    /// Creates the node namespace. `node_name` is the Kubernetes node name given to the agent
+    /// (`--node-name`), matched against `EndpointSlices`' `nodeName`.
+    pub fn new(node_name: &str) -> Result<Self> {
+        let prefix = next_prefix()?;
+        let work = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
+        let node = Node::create(NodeSpec {
+            ns: format!("{prefix}-node"),
+            name: node_name.to_owned(),
+            ns_prefix: prefix.clone(),
+            dev_prefix: format!("{prefix}p"),
+            reserved: vec!["node".to_owned()],
+            pin_dir: Path::new("/sys/fs/bpf").join(&prefix),
+            log: work.path().join("agent.log"),
+        })?;
+        Ok(Self { prefix, node, work })
+    }
+
+    /// Adds pod `name` with address `ip_addr` (see the module doc for the plumbing).
+    pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
+        self.node.add_pod(name, ip_addr)
+    }
+
+    /// The pod named `name`.
+    ///
+    /// # Panics
+    /// If there is none.
+    #[must_use]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.node.pod(name)
+    }
+
+    /// All pods, in creation order.
+    #[must_use]
+    pub fn pods(&self) -> &[Pod] {
+        self.node.pods()
+    }
+
+    /// The node (its namespace, pods and agent).
+    #[must_use]
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// `rpx<pid><counter>`: the start of every name this lab creates.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The node's network namespace.
+    #[must_use]
+    pub fn node_ns(&self) -> &str {
+        self.node.ns()
+    }
+
+    /// The Kubernetes node name given to the agent.
+    #[must_use]
+    pub fn node_name(&self) -> &str {
+        self.node.name()
+    }
+
+    /// Glob matching every pod's host-side device (`--pod-devices`).
+    #[must_use]
+    pub fn pod_devices_glob(&self) -> String {
+        self.node.pod_devices_glob()
+    }
+
+    /// The agent's bpffs pin dir (`--bpffs`), removed with the lab.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        self.node.pin_dir()
+    }
+
+    /// A scratch directory removed with the lab (holds the agent's log).
+    #[must_use]
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// Starts `rproxy-agent run` in the node namespace on the manifests in `manifests`.
+    pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path) -> Result<()> {
+        self.node.start_agent(agent_bin, manifests, &[])
+    }
+
+    /// Fails, with the agent's log, unless the agent is running.
+    pub fn ensure_agent_running(&mut self) -> Result<()> {
+        self.node.ensure_agent_running()
+    }
+
+    /// Sends SIGTERM to the agent and waits for it to exit (killing it after 10 s).
+    pub fn stop_agent(&mut self) -> Result<ExitStatus> {
+        self.node.stop_agent()
+    }
+
+    /// Runs `rproxy-agent cleanup --bpffs <pin dir>` in the node namespace.
+    pub fn cleanup_agent(&mut self) -> Result<()> {
+        self.node.cleanup_agent()
+    }
+
+    /// The agent's log file, once an agent was started.
+    #[must_use]
+    pub fn agent_log_path(&self) -> Option<&Path> {
+        self.node.agent_log_path()
+    }
+
+    /// The agent's log so far ("" if no agent was started).
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        self.node.agent_log()
     }
 }
 
 /// `rpx<pid><nn>`: the counter has a fixed width of two digits so that the digits after `rpx`
 /// can never be the same for two different (pid, counter) pairs.
-fn next_prefix() -> Result<String> {
+pub(crate) fn next_prefix() -> Result<String> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     if n >= 100 {
@@ -345,7 +509,7 @@ fn next_prefix() -> Result<String> {
     Ok(format!("rpx{}{n:02}", std::process::id()))
 }
 
-fn remove_pin_dir(dir: &Path) -> Result<()> {
+pub(crate) fn remove_pin_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", dir.display()))

@@ -7,25 +7,34 @@
 //! `rpx<pid><counter>` (see [`Lab::prefix`]), so concurrent processes never collide.
 //!
 //! - [`netns`]: namespaces and running code inside one ([`in_netns`]);
-//! - [`lab`]: the topology ([`Lab`], [`Pod`]) and the agent's lifecycle;
+//! - [`lab`]: the topology ([`Lab`], [`Node`], [`Pod`]) and the agent's lifecycle;
+//! - [`cluster`]: two nodes and an external client on one bridge ([`Cluster`]), for north-south
+//!   traffic; [`nodeport`]: the `NodePort` Service used on it; [`kube_proxy`]: kube-proxy-shaped
+//!   iptables and nftables baselines; [`load`]: the `NodePort` benchmark's load generators;
 //! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
 //!
 //! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests, `tests/e2e.rs` (the demo
-//! service) and `tests/semantics.rs` (Service semantics, each test with its own Service);
-//! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent. The agent-dependent
+//! service), `tests/semantics.rs` (Service semantics, each test with its own Service),
+//! `tests/cluster_lab.rs` and `tests/nodeport_baselines.rs` (the two-node lab);
+//! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent, nor do the
+//! `nodeport_baselines` tests. The agent-dependent
 //! tests run the binary [`agent_bin`] finds (`RPROXY_AGENT_BIN` overrides it). The interactive lab
 //! without xtask: `cargo run -p rproxy-tests --example lab [-- MANIFESTS_DIR]`.
 
 pub mod agent;
 pub mod client;
+pub mod cluster;
 pub mod cmd;
 pub mod demo;
 pub mod interactive;
+pub mod kube_proxy;
 pub mod lab;
+pub mod load;
 pub mod manifest;
 pub mod netns;
+pub mod nodeport;
 pub mod server;
 
 use std::{
@@ -36,8 +45,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub use cluster::{Cluster, NodeId};
 pub use interactive::run_interactive;
-pub use lab::{Lab, Pod};
+pub use lab::{Lab, Node, Pod};
 pub use netns::in_netns;
 
 /// Serialises every test that touches the kernel. Poison-tolerant: a panicking test does not

@@ -74,7 +74,37 @@ impl fmt::Display for Service {
         writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
         writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
         writeln!(f, "  ipFamilies:\n  - IPv4")?;
-        write_service_ports(f, &self.ports)
+        write_service_ports(f, self.ports.iter().map(|p| (p, None)))
+    }
+}
+
+/// One port of a [`NodePortService`]: a Service port and its fixed `nodePort`.
+#[derive(Clone, Debug)]
+pub struct NodePortServicePort {
+    pub port: ServicePort,
+    pub node_port: u16,
+}
+
+/// A `type: NodePort` Service without selector, with `externalTrafficPolicy: Cluster` (backends
+/// on every node, external traffic masqueraded to the node's address when forwarded).
+#[derive(Clone, Debug)]
+pub struct NodePortService {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<NodePortServicePort>,
+}
+
+impl fmt::Display for NodePortService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_header(f, "v1", "Service", &self.namespace, &self.name)?;
+        writeln!(f, "spec:")?;
+        writeln!(f, "  type: NodePort")?;
+        writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
+        writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
+        writeln!(f, "  ipFamilies:\n  - IPv4")?;
+        writeln!(f, "  externalTrafficPolicy: Cluster")?;
+        write_service_ports(f, self.ports.iter().map(|p| (&p.port, Some(p.node_port))))
     }
 }
 
@@ -107,17 +137,24 @@ impl fmt::Display for ExternalNameService {
         writeln!(f, "spec:")?;
         writeln!(f, "  type: ExternalName")?;
         writeln!(f, "  externalName: {}", self.external_name)?;
-        write_service_ports(f, &self.ports)
+        write_service_ports(f, self.ports.iter().map(|p| (p, None)))
     }
 }
 
-fn write_service_ports(f: &mut fmt::Formatter<'_>, ports: &[ServicePort]) -> fmt::Result {
-    writeln!(f, "  ports:{}", if ports.is_empty() { " []" } else { "" })?;
-    for p in ports {
+/// The `ports:` list; each port with its `nodePort` if it has one.
+fn write_service_ports<'a>(
+    f: &mut fmt::Formatter<'_>,
+    ports: impl ExactSizeIterator<Item = (&'a ServicePort, Option<u16>)>,
+) -> fmt::Result {
+    writeln!(f, "  ports:{}", if ports.len() == 0 { " []" } else { "" })?;
+    for (p, node_port) in ports {
         writeln!(f, "  - name: {}", p.name)?;
         writeln!(f, "    protocol: {}", p.protocol)?;
         writeln!(f, "    port: {}", p.port)?;
         writeln!(f, "    targetPort: {}", p.target_port)?;
+        if let Some(node_port) = node_port {
+            writeln!(f, "    nodePort: {node_port}")?;
+        }
     }
     Ok(())
 }

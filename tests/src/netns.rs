@@ -4,7 +4,7 @@
 //! The network namespace is per thread: [`in_netns`] runs a closure on a fresh thread that has
 //! joined the namespace. Sockets created there stay in that namespace after the thread ends, so
 //! a closure may bind a socket and hand it back to be used from any thread.
-use std::{fs::File, path::Path, thread};
+use std::{fs::File, path::Path, process::Command, thread};
 
 use anyhow::{Context as _, Result};
 use nix::sched::{CloneFlags, setns};
@@ -32,6 +32,17 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let path = Path::new("/proc/sys").join(key);
     in_netns(ns, || std::fs::write(&path, value))?
         .with_context(|| format!("cannot write {value} to {} in netns {ns}", path.display()))
+}
+
+/// `nsenter --net=/run/netns/<ns> -- <program>`: a command that runs `program` in network
+/// namespace `ns` and changes nothing else. Unlike `ip netns exec`, it leaves the mount namespace
+/// alone, so `/sys/fs/bpf` stays the host's bpffs. `nsenter` execs `program`, so the child's pid
+/// is the program's.
+#[must_use]
+pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+    cmd
 }
 
 /// A named network namespace, deleted on drop.

@@ -6,7 +6,7 @@ use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     serde::{Deserialize as _, Serialize, de::DeserializeOwned},
 };
-use rproxy_tests::{demo, manifest};
+use rproxy_tests::{demo, manifest, nodeport};
 use serde_yaml_ng::Value;
 
 /// The documents of a multi-document YAML text.
@@ -77,4 +77,28 @@ fn write_atomic_replaces_the_file_and_leaves_no_temp_file() {
     let names: Vec<_> =
         std::fs::read_dir(dir.path()).expect("read_dir").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(names, ["svc.yaml"]);
+}
+
+#[test]
+fn nodeport_service_renders_as_a_valid_nodeport_service() {
+    let svc: Service = strict(&nodeport::service().to_string());
+    let spec = svc.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
+    let ports: Vec<_> = spec.ports.expect("ports").into_iter().map(|p| (p.protocol, p.port, p.node_port)).collect();
+    assert_eq!(
+        ports,
+        [(Some("TCP".into()), 80, Some(i32::from(nodeport::NODE_PORT))), (Some("UDP".into()), 80, Some(30080))]
+    );
+    let slice: EndpointSlice = strict(&nodeport::endpoint_slice(&nodeport::backends(1)).to_string());
+    let nodes: Vec<_> = slice.endpoints.expect("endpoints").into_iter().map(|e| (e.addresses, e.node_name)).collect();
+    assert_eq!(
+        nodes,
+        [
+            (vec!["10.244.1.11".to_owned()], Some("node-1".to_owned())),
+            (vec!["10.244.2.11".to_owned()], Some("node-2".to_owned()))
+        ]
+    );
+    // The multi-document file holds both.
+    assert_eq!(documents(&nodeport::manifest(&nodeport::backends(1))).len(), 2);
 }

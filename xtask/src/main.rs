@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// NodePort benchmark in the two-node lab: TCP connections/s and UDP packets/s from an
+    /// external client to a node port, through direct routing, kube-proxy-shaped iptables and
+    /// nftables rules, and the rproxy agent (XDP and TC).
+    BenchNodeport {
+        /// Extra arguments (see `cargo xtask bench-nodeport -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// rustfmt check and clippy (pedantic, warnings are errors).
     Lint,
     /// Run the release agent on a node of a kind cluster, against its API server (Ctrl-C stops it).
@@ -141,6 +149,15 @@ fn main() -> Result<()> {
             let agent = build_agent(true)?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "control-plane-bench", "--"])
+                .args(args)
+                .env("RPROXY_AGENT_BIN", &agent);
+            run(&mut c)
+        }
+        Cmd::BenchNodeport { args } => {
+            setup()?;
+            let agent = build_agent(true)?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "nodeport-bench", "--"])
                 .args(args)
                 .env("RPROXY_AGENT_BIN", &agent);
             run(&mut c)

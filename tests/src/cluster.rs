@@ -1,0 +1,345 @@
+//! The two-node lab for north-south traffic: two nodes routed to each other over a shared L2
+//! segment, and an external client on that segment.
+//!
+//! ```text
+//!            switch namespace: bridge <prefix>br
+//!        ┌──────────────┬──────────────┬───────────────┐
+//!   <prefix>s1      <prefix>s2      <prefix>sc          (bridge side of each veth)
+//!        │              │              │
+//!   node1 eth0      node2 eth0     client eth0
+//!   172.31.0.1/24   172.31.0.2/24  172.31.0.100/24
+//!   pods 10.244.1.0/24   pods 10.244.2.0/24
+//! ```
+//!
+//! Each node is a [`Node`] (Calico-style routed pods, see [`crate::lab`]) with an external device
+//! `eth0` on the shared /24 and a route to the other node's pod CIDR via the other node's `eth0`
+//! address. Nodes send no ICMP redirects: a node port whose backend is on the other node is
+//! forwarded out of the `eth0` it came in on, and the client must keep sending to the node. The client has only its address on the /24: no route to any pod, as for a client
+//! outside the cluster. Host-side pod devices are `<prefix>a<n>` on node 1 and `<prefix>b<n>` on
+//! node 2. Every lab uses the same addresses: they exist only inside its own namespaces.
+//!
+//! **Offloads.** TX checksum offload is off on both ends of the three external veths
+//! (`ethtool -K <dev> tx off`). With it on, the kernel hands a veth `CHECKSUM_PARTIAL` packets
+//! whose L4 checksum field holds only the pseudo-header sum, to be completed "by the hardware"
+//! later; veth never completes it, and the receiving skb just carries the partial state along.
+//! An XDP program sees raw bytes without that skb metadata: an incremental checksum update
+//! over a partial sum, then `XDP_TX`/`XDP_REDIRECT`, would put a wrong checksum on the wire. With
+//! TX offload off the sender computes complete checksums, so the frames look like frames from a
+//! real wire. GRO is on on the bridge-side peers (`ethtool -K <peer> gro on`): veth runs a NAPI
+//! poll on a receiving peer only with GRO or an XDP program, and native `XDP_TX` from a node's
+//! `eth0` (and `XDP_REDIRECT` into it) needs NAPI on the peer that receives the frame.
+//!
+//! Dropping a [`Cluster`] (also while a test panics) stops both agents, runs
+//! `rproxy-agent cleanup` for each, removes their pin dirs and deletes every namespace.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use tempfile::TempDir;
+
+use crate::{
+    cmd::{ip, run},
+    lab::{IFNAMSIZ_MAX, Node, NodeSpec, Pod, next_prefix},
+    netns::{self, NetNs, in_netns},
+};
+
+/// The external device of each node and of the client.
+pub const EXTERNAL_DEV: &str = "eth0";
+/// The client's address on the shared segment.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
+/// Prefix length of the shared segment (172.31.0.0/24).
+pub const EXTERNAL_PREFIX_LEN: u8 = 24;
+
+/// One of the cluster's two nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeId {
+    One,
+    Two,
+}
+
+impl NodeId {
+    /// Both nodes.
+    pub const ALL: [Self; 2] = [Self::One, Self::Two];
+
+    /// 1 or 2.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::One => 1,
+            Self::Two => 2,
+        }
+    }
+
+    /// The other node.
+    #[must_use]
+    pub fn peer(self) -> Self {
+        match self {
+            Self::One => Self::Two,
+            Self::Two => Self::One,
+        }
+    }
+
+    /// The Kubernetes node name: `node-1`, `node-2` (`--node-name`, endpoints' `nodeName`).
+    #[must_use]
+    pub fn k8s_name(self) -> &'static str {
+        match self {
+            Self::One => "node-1",
+            Self::Two => "node-2",
+        }
+    }
+
+    /// The address of the node's `eth0`: 172.31.0.1 or 172.31.0.2 (/24).
+    #[must_use]
+    pub fn ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(172, 31, 0, self.number())
+    }
+
+    /// The node's pod CIDR, /24: 10.244.1.0 or 10.244.2.0.
+    #[must_use]
+    pub fn pod_cidr(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.number(), 0)
+    }
+
+    /// Address `host` (1..=254) in the node's pod CIDR.
+    #[must_use]
+    pub fn pod_ip(self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.number(), host)
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.number() - 1)
+    }
+}
+
+/// The two-node lab (see the module doc).
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    // Drop order: nodes (agents, pods, node namespaces), client, switch, then the work dir.
+    nodes: [Node; 2],
+    client: NetNs,
+    switch: NetNs,
+    work: TempDir,
+}
+
+impl Cluster {
+    /// Builds the switch, both nodes and the client (see the module doc).
+    pub fn new() -> Result<Self> {
+        let prefix = next_prefix()?;
+        let work = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
+        let reserved: Vec<String> = ["switch", "client", "node1", "node2"].map(String::from).into();
+        let node = |id: NodeId| {
+            let n = id.number();
+            Node::create(NodeSpec {
+                ns: format!("{prefix}-node{n}"),
+                name: id.k8s_name().to_owned(),
+                ns_prefix: prefix.clone(),
+                dev_prefix: format!("{prefix}{}", if id == NodeId::One { 'a' } else { 'b' }),
+                reserved: reserved.clone(),
+                pin_dir: Path::new("/sys/fs/bpf").join(format!("{prefix}-node{n}")),
+                log: work.path().join(format!("agent-node{n}.log")),
+            })
+        };
+        let nodes = [node(NodeId::One)?, node(NodeId::Two)?];
+        let client = NetNs::create(&format!("{prefix}-client"))?;
+        let switch = NetNs::create(&format!("{prefix}-switch"))?;
+        let cluster = Self { prefix, nodes, client, switch, work };
+        cluster.wire().with_context(|| format!("wiring cluster {}", cluster.prefix))?;
+        Ok(cluster)
+    }
+
+    /// The bridge, the external veths, addresses and routes.
+    fn wire(&self) -> Result<()> {
+        let bridge = format!("{}br", self.prefix);
+        let sw = Some(self.switch.name());
+        ip(sw, &["link", "add", &bridge, "type", "bridge"])?;
+        ip(sw, &["link", "set", &bridge, "up"])?;
+        let ends = [
+            (self.nodes[0].ns(), "s1", NodeId::One.ip()),
+            (self.nodes[1].ns(), "s2", NodeId::Two.ip()),
+            (self.client.name(), "sc", CLIENT_IP),
+        ];
+        for (ns, suffix, addr) in ends {
+            let peer = format!("{}{suffix}", self.prefix);
+            ensure!(peer.len() <= IFNAMSIZ_MAX, "interface name {peer} is too long");
+            ip(sw, &["link", "add", &peer, "type", "veth", "peer", "name", EXTERNAL_DEV, "netns", ns])?;
+            ip(sw, &["link", "set", &peer, "master", &bridge, "up"])?;
+            run(netns::command(self.switch.name(), "ethtool").args(["-K", &peer, "tx", "off", "gro", "on"]))?;
+            run(netns::command(ns, "ethtool").args(["-K", EXTERNAL_DEV, "tx", "off"]))?;
+            let cidr = format!("{addr}/{EXTERNAL_PREFIX_LEN}");
+            ip(Some(ns), &["addr", "add", &cidr, "dev", EXTERNAL_DEV])?;
+            ip(Some(ns), &["link", "set", EXTERNAL_DEV, "up"])?;
+        }
+        for id in NodeId::ALL {
+            let (ns, other) = (self.node(id).ns(), id.peer());
+            let cidr = format!("{}/24", other.pod_cidr());
+            ip(Some(ns), &["route", "add", &cidr, "via", &other.ip().to_string(), "dev", EXTERNAL_DEV])?;
+        }
+        Ok(())
+    }
+
+    /// `rpx<pid><counter>`: the start of every name this lab creates.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Node `id` (its namespace, pods and agent).
+    #[must_use]
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    /// Node `id`, mutable (to add pods or drive its agent).
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.nodes[id.index()]
+    }
+
+    /// The address of node `id`'s `eth0` (what external clients connect to).
+    #[must_use]
+    pub fn node_ip(&self, id: NodeId) -> Ipv4Addr {
+        id.ip()
+    }
+
+    /// The client's network namespace.
+    #[must_use]
+    pub fn client_ns(&self) -> &str {
+        self.client.name()
+    }
+
+    /// The client's address.
+    #[must_use]
+    pub fn client_ip(&self) -> Ipv4Addr {
+        CLIENT_IP
+    }
+
+    /// The switch's network namespace (the bridge and the bridge side of every external veth).
+    #[must_use]
+    pub fn switch_ns(&self) -> &str {
+        self.switch.name()
+    }
+
+    /// The bridge-side peer of node `id`'s `eth0`, in the switch namespace.
+    #[must_use]
+    pub fn switch_port(&self, id: NodeId) -> String {
+        format!("{}s{}", self.prefix, id.number())
+    }
+
+    /// The bridge-side peer of the client's `eth0`, in the switch namespace.
+    #[must_use]
+    pub fn client_switch_port(&self) -> String {
+        format!("{}sc", self.prefix)
+    }
+
+    /// Every namespace of the cluster: switch, client, nodes, pods.
+    #[must_use]
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.switch.name().to_owned(), self.client.name().to_owned()];
+        for node in &self.nodes {
+            all.push(node.ns().to_owned());
+            all.extend(node.pods().iter().map(|p| p.ns().to_owned()));
+        }
+        all
+    }
+
+    /// A scratch directory removed with the cluster (holds the agents' logs).
+    #[must_use]
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// Adds pod `name` with address `ip_addr` (in node `id`'s pod CIDR) on node `id`. Pod names
+    /// are unique across the cluster.
+    pub fn add_pod(&mut self, id: NodeId, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
+        ensure!(
+            ip_addr.octets()[..3] == id.pod_cidr().octets()[..3],
+            "{ip_addr} is not in {}'s pod CIDR {}/24",
+            id.k8s_name(),
+            id.pod_cidr()
+        );
+        ensure!(self.find_pod(name).is_none(), "pod {name} exists already");
+        self.node_mut(id).add_pod(name, ip_addr)
+    }
+
+    /// The pod named `name`, on either node, if any.
+    #[must_use]
+    pub fn find_pod(&self, name: &str) -> Option<&Pod> {
+        self.nodes.iter().find_map(|n| n.find_pod(name))
+    }
+
+    /// The pod named `name`, on either node.
+    ///
+    /// # Panics
+    /// If there is none.
+    #[must_use]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.find_pod(name).unwrap_or_else(|| panic!("no pod {name} in cluster {}", self.prefix))
+    }
+
+    /// The pod named `name`, on either node, mutable (to start servers in it).
+    ///
+    /// # Panics
+    /// If there is none.
+    pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
+        let prefix = &self.prefix;
+        self.nodes
+            .iter_mut()
+            .find_map(|n| n.find_pod_mut(name))
+            .unwrap_or_else(|| panic!("no pod {name} in cluster {prefix}"))
+    }
+
+    /// Runs `f` in the client's namespace (see [`in_netns`]).
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(self.client.name(), f)
+    }
+
+    /// Runs `f` in node `id`'s namespace (see [`in_netns`]).
+    pub fn in_node<T: Send>(&self, id: NodeId, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_netns(self.node(id).ns(), f)
+    }
+
+    /// A command running `program` in the client's namespace (see [`netns::command`]).
+    #[must_use]
+    pub fn client_command(&self, program: &str) -> Command {
+        netns::command(self.client.name(), program)
+    }
+
+    /// A command running `program` in node `id`'s namespace (see [`netns::command`]).
+    #[must_use]
+    pub fn node_command(&self, id: NodeId, program: &str) -> Command {
+        netns::command(self.node(id).ns(), program)
+    }
+
+    /// Starts `rproxy-agent run` in both nodes on the manifests in `manifests`, each with its own
+    /// pin dir and log, and `extra_args` appended (such as `--devices eth0`).
+    pub fn start_agents(&mut self, agent_bin: &Path, manifests: &Path, extra_args: &[&str]) -> Result<()> {
+        for node in &mut self.nodes {
+            node.start_agent(agent_bin, manifests, extra_args).with_context(|| format!("on {}", node.name()))?;
+        }
+        Ok(())
+    }
+
+    /// Fails, with the log of the first agent that exited, unless both are running.
+    pub fn ensure_agents_running(&mut self) -> Result<()> {
+        for node in &mut self.nodes {
+            let name = node.name().to_owned();
+            node.ensure_agent_running().with_context(|| format!("agent on {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops both agents and removes their datapath (`rproxy-agent cleanup`) and pin dirs.
+    pub fn remove_agents(&mut self) -> Result<()> {
+        let results: Vec<Result<()>> = self.nodes.iter_mut().map(Node::remove_agent).collect();
+        results.into_iter().collect()
+    }
+
+    /// The agents' pin dirs, node 1's first.
+    #[must_use]
+    pub fn pin_dirs(&self) -> Vec<PathBuf> {
+        self.nodes.iter().map(|n| n.pin_dir().to_owned()).collect()
+    }
+}

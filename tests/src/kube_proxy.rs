@@ -1,0 +1,472 @@
+//! kube-proxy-shaped baselines: the NAT rules kube-proxy's `iptables` and `nftables` modes
+//! generate for `NodePort` Services (`externalTrafficPolicy: Cluster`), as text from pure
+//! functions, and their installation in a node's namespace ([`Installed`], removed on drop).
+//!
+//! **iptables** ([`iptables_rules`], for `iptables-restore --noflush`), table `nat`:
+//! `PREROUTING`/`OUTPUT` → `KUBE-SERVICES` (one rule per `ClusterIP`, ending in
+//! `-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS`) → `KUBE-NODEPORTS` (one rule per node port)
+//! → `KUBE-EXT-<hash>` (`KUBE-MARK-MASQ`, then `KUBE-SVC-<hash>`) → `KUBE-SVC-<hash>`
+//! (`-m statistic --mode random --probability 1/(n-i)` for endpoint `i` of `n`, the last one
+//! unconditional) → `KUBE-SEP-<hash>` (hairpin `KUBE-MARK-MASQ`, `DNAT --to-destination ip:port`).
+//! `KUBE-MARK-MASQ` ors mark 0x4000 in; `KUBE-POSTROUTING` (from `POSTROUTING`) returns unless
+//! the mark is set, clears it and masquerades (`--random-fully`). Table `filter` gets kube-proxy's
+//! `KUBE-FORWARD` (from `FORWARD`), which every forwarded packet goes through: drop conntrack
+//! `INVALID`, accept marked packets, accept `RELATED,ESTABLISHED`.
+//!
+//! **nftables** ([`nftables_rules`], for `nft -f`): table `ip kube-proxy-bench` with the chains of
+//! kube-proxy's nftables mode: `nat-prerouting`/`nat-output` (nat hooks, priority dstnat = -100) jump
+//! to `services`, which looks `daddr . l4proto . dport` up in the `service-ips` verdict map and,
+//! for a destination in the `nodeport-ips` set, `l4proto . dport` in `service-nodeports`;
+//! `external-*` chains mark and go to `service-*`, which picks an endpoint with
+//! `numgen random mod n vmap`; `endpoint-*` chains `dnat to ip:port`; `nat-postrouting` (priority
+//! srcnat) jumps to `masquerading` (marked packets: clear the mark, `masquerade fully-random`).
+//! `filter-forward` (priority filter - 10) jumps to `service-endpoints-check` for new
+//! connections (an empty `no-endpoint-services` map here, since every Service has endpoints).
+//!
+//! Hashes in chain names are not kube-proxy's (SHA-256, base32) but a stable 128-bit FNV-1a in
+//! the same alphabet and length: only the shape matters for the cost.
+use std::{
+    fmt::{self, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    cmd::{run, run_with_input},
+    manifest::{EndpointSlice, NodePortService, Protocol, TargetPort},
+    netns,
+};
+
+/// kube-proxy's masquerade mark.
+pub const MASQ_MARK: u32 = 0x4000;
+/// The nftables table the baseline installs.
+pub const NFT_TABLE: &str = "kube-proxy-bench";
+
+/// One Service port as kube-proxy programs it: its frontends and its ready endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub namespace: String,
+    pub service: String,
+    /// The Service port's name (may be empty).
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: u16,
+    /// Ready endpoints with the resolved target port, in slice order.
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl Frontend {
+    /// `namespace/service:port` (kube-proxy's `ServicePortName`).
+    #[must_use]
+    pub fn port_name(&self) -> String {
+        format!("{}/{}:{}", self.namespace, self.service, self.port_name)
+    }
+
+    fn proto(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    fn svc_chain(&self) -> String {
+        format!("KUBE-SVC-{}", hash(&[&self.port_name(), self.proto()], 16))
+    }
+
+    fn ext_chain(&self) -> String {
+        format!("KUBE-EXT-{}", hash(&[&self.port_name(), self.proto()], 16))
+    }
+
+    fn sep_chain(&self, endpoint: SocketAddrV4) -> String {
+        format!("KUBE-SEP-{}", hash(&[&self.port_name(), self.proto(), &endpoint.to_string()], 16))
+    }
+
+    /// kube-proxy's nftables chain name suffix: `<hash>-<ns>/<svc>/<proto>/<port name>`.
+    fn nft_base(&self) -> String {
+        format!(
+            "{}-{}/{}/{}/{}",
+            hash(&[&self.port_name(), self.proto()], 8),
+            self.namespace,
+            self.service,
+            self.proto(),
+            self.port_name
+        )
+    }
+
+    fn nft_endpoint(&self, endpoint: SocketAddrV4) -> String {
+        let h = hash(&[&self.port_name(), self.proto(), &endpoint.to_string()], 8);
+        format!(
+            "endpoint-{h}-{}/{}/{}/{}__{}/{}",
+            self.namespace,
+            self.service,
+            self.proto(),
+            self.port_name,
+            endpoint.ip(),
+            endpoint.port()
+        )
+    }
+}
+
+/// The frontends of `service` with the ready endpoints of `slice`: one per Service port, target
+/// ports resolved (a named target port through the slice's port names, as kube-proxy does).
+pub fn frontends(service: &NodePortService, slice: &EndpointSlice) -> Result<Vec<Frontend>> {
+    service
+        .ports
+        .iter()
+        .map(|p| {
+            let target = match &p.port.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Name(name) => {
+                    slice
+                        .ports
+                        .iter()
+                        .find(|ep| &ep.name == name && ep.protocol == p.port.protocol)
+                        .with_context(|| format!("no slice port named {name}"))?
+                        .port
+                }
+            };
+            Ok(Frontend {
+                namespace: service.namespace.clone(),
+                service: service.name.clone(),
+                port_name: p.port.name.clone(),
+                protocol: p.port.protocol,
+                cluster_ip: service.cluster_ip,
+                port: p.port.port,
+                node_port: p.node_port,
+                endpoints: slice
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| SocketAddrV4::new(e.address, target))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// 128-bit FNV-1a of `parts` (joined by NUL), in base32 (RFC 4648 alphabet), `len` ≤ 25 chars.
+fn hash(parts: &[&str], len: usize) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for (i, part) in parts.iter().enumerate() {
+        let sep: &[u8] = if i == 0 { &[] } else { &[0] };
+        for &b in sep.iter().chain(part.as_bytes()) {
+            h = (h ^ u128::from(b)).wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+        }
+    }
+    (0..len.min(25)).map(|i| char::from(ALPHABET[usize::try_from((h >> (123 - 5 * i)) & 31).unwrap_or(0)])).collect()
+}
+
+/// `1/(n-i)` with ten decimals, as kube-proxy writes `--probability`.
+fn probability(n: usize, i: usize) -> String {
+    let left = u32::try_from(n - i).unwrap_or(u32::MAX);
+    format!("{:.10}", 1.0 / f64::from(left))
+}
+
+/// Jump rules from the built-in chains: (table, chain, rule).
+const IPT_JUMPS: [(&str, &str, &str); 4] = [
+    ("nat", "PREROUTING", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "OUTPUT", "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+    ("nat", "POSTROUTING", "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"),
+    ("filter", "FORWARD", "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD"),
+];
+
+/// The custom chains of each table, in declaration order.
+fn ipt_chains(frontends: &[Frontend]) -> (Vec<String>, Vec<String>) {
+    let mut nat: Vec<String> =
+        ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"].map(String::from).into();
+    for f in frontends {
+        nat.push(f.svc_chain());
+        nat.push(f.ext_chain());
+        nat.extend(f.endpoints.iter().map(|&e| f.sep_chain(e)));
+    }
+    (nat, vec!["KUBE-FORWARD".to_owned()])
+}
+
+/// The kube-proxy-shaped ruleset for `iptables-restore --noflush` (see the module doc).
+#[must_use]
+pub fn iptables_rules(frontends: &[Frontend]) -> String {
+    let (nat, filter) = ipt_chains(frontends);
+    let mut out = String::new();
+    let mut line = |args: fmt::Arguments<'_>| {
+        out.write_fmt(args).expect("writing to a String");
+        out.push('\n');
+    };
+    line(format_args!("*nat"));
+    for chain in &nat {
+        line(format_args!(":{chain} - [0:0]"));
+    }
+    for (_, chain, rule) in IPT_JUMPS.iter().filter(|j| j.0 == "nat") {
+        line(format_args!("-A {chain} {rule}"));
+    }
+    line(format_args!("-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} -j RETURN"));
+    line(format_args!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK:#x}"));
+    line(format_args!(
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE \
+         --random-fully"
+    ));
+    line(format_args!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK:#x}"));
+    for f in frontends {
+        let (name, proto) = (f.port_name(), f.proto());
+        line(format_args!(
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {}",
+            f.cluster_ip,
+            f.port,
+            f.svc_chain()
+        ));
+    }
+    line(format_args!(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in \
+         this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+    ));
+    for f in frontends {
+        let (name, proto, ext, svc) = (f.port_name(), f.proto(), f.ext_chain(), f.svc_chain());
+        line(format_args!(
+            "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {} -j {ext}",
+            f.node_port
+        ));
+        line(format_args!(
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        ));
+        line(format_args!("-A {ext} -j {svc}"));
+        let n = f.endpoints.len();
+        for (i, &e) in f.endpoints.iter().enumerate() {
+            let statistic = if i + 1 < n {
+                format!(" -m statistic --mode random --probability {}", probability(n, i))
+            } else {
+                String::new()
+            };
+            line(format_args!("-A {svc} -m comment --comment \"{name} -> {e}\"{statistic} -j {}", f.sep_chain(e)));
+        }
+        for &e in &f.endpoints {
+            let sep = f.sep_chain(e);
+            line(format_args!("-A {sep} -m comment --comment {name} -s {}/32 -j KUBE-MARK-MASQ", e.ip()));
+            line(format_args!(
+                "-A {sep} -m comment --comment {name} -m {proto} -p {proto} -j DNAT --to-destination {e}"
+            ));
+        }
+    }
+    line(format_args!("COMMIT"));
+    line(format_args!("*filter"));
+    for chain in &filter {
+        line(format_args!(":{chain} - [0:0]"));
+    }
+    for (_, chain, rule) in IPT_JUMPS.iter().filter(|j| j.0 == "filter") {
+        line(format_args!("-A {chain} {rule}"));
+    }
+    line(format_args!("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"));
+    line(format_args!(
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK:#x}/{MASQ_MARK:#x} \
+         -j ACCEPT"
+    ));
+    line(format_args!(
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate \
+         RELATED,ESTABLISHED -j ACCEPT"
+    ));
+    line(format_args!("COMMIT"));
+    out
+}
+
+/// Removes what [`iptables_rules`] installed (for `iptables-restore --noflush`): the jumps from
+/// the built-in chains, then every custom chain flushed (declaring it does that) and deleted.
+#[must_use]
+pub fn iptables_removal(frontends: &[Frontend]) -> String {
+    let (nat, filter) = ipt_chains(frontends);
+    let mut out = String::new();
+    for (table, chains) in [("nat", nat), ("filter", filter)] {
+        let _ = writeln!(out, "*{table}");
+        for (_, chain, rule) in IPT_JUMPS.iter().filter(|j| j.0 == table) {
+            let _ = writeln!(out, "-D {chain} {rule}");
+        }
+        for chain in &chains {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for chain in &chains {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// The kube-proxy-shaped nftables ruleset for `nft -f` (see the module doc); `node_ips` fill
+/// the `nodeport-ips` set (kube-proxy's default: the node's primary addresses).
+#[must_use]
+pub fn nftables_rules(frontends: &[Frontend], node_ips: &[Ipv4Addr]) -> String {
+    let mut o = String::new();
+    let mut w = |s: &str| {
+        o.push_str(s);
+        o.push('\n');
+    };
+    let mark = format!("{MASQ_MARK:#010x}");
+    w(&format!("table ip {NFT_TABLE} {{"));
+    w("\tcomment \"rules for kube-proxy (rproxy benchmark baseline)\"");
+    for (chain, hook, priority, body) in [
+        ("nat-prerouting", "prerouting", "dstnat", "jump services"),
+        ("nat-output", "output", "-100", "jump services"),
+        ("nat-postrouting", "postrouting", "srcnat", "jump masquerading"),
+        ("filter-forward", "forward", "filter - 10", "ct state new jump service-endpoints-check"),
+    ] {
+        let kind = if chain.starts_with("nat") { "nat" } else { "filter" };
+        w(&format!(
+            "\tchain {chain} {{\n\t\ttype {kind} hook {hook} priority {priority}; policy accept;\n\t\t{body}\n\t}}"
+        ));
+    }
+    w(&format!("\tchain mark-for-masquerade {{\n\t\tmeta mark set meta mark | {mark}\n\t}}"));
+    w(&format!(
+        "\tchain masquerading {{\n\t\tmeta mark & {mark} == 0 return\n\t\tmeta mark set meta mark ^ {mark}\n\t\t\
+         masquerade fully-random\n\t}}"
+    ));
+    let ips: Vec<String> = node_ips.iter().map(ToString::to_string).collect();
+    w(&format!("\tset nodeport-ips {{\n\t\ttype ipv4_addr\n\t\telements = {{ {} }}\n\t}}", ips.join(", ")));
+    let elements = |items: Vec<String>| {
+        if items.is_empty() { String::new() } else { format!("\n\t\telements = {{ {} }}", items.join(",\n\t\t\t")) }
+    };
+    let service_ips = frontends
+        .iter()
+        .map(|f| format!("{} . {} . {} : goto service-{}", f.cluster_ip, f.proto(), f.port, f.nft_base()))
+        .collect();
+    w(&format!(
+        "\tmap service-ips {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict{}\n\t}}",
+        elements(service_ips)
+    ));
+    let nodeports =
+        frontends.iter().map(|f| format!("{} . {} : goto external-{}", f.proto(), f.node_port, f.nft_base())).collect();
+    w(&format!(
+        "\tmap service-nodeports {{\n\t\ttype inet_proto . inet_service : verdict{}\n\t}}",
+        elements(nodeports)
+    ));
+    w("\tmap no-endpoint-services {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}");
+    w("\tchain service-endpoints-check {\n\t\tip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\t}");
+    w("\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t\t\
+       ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n\t}");
+    for f in frontends {
+        let base = f.nft_base();
+        w(&format!("\tchain external-{base} {{\n\t\tjump mark-for-masquerade\n\t\tgoto service-{base}\n\t}}"));
+        let picks: Vec<String> =
+            f.endpoints.iter().enumerate().map(|(i, &e)| format!("{i} : goto {}", f.nft_endpoint(e))).collect();
+        let body = if picks.is_empty() {
+            "drop".to_owned()
+        } else {
+            format!("numgen random mod {} vmap {{ {} }}", picks.len(), picks.join(", "))
+        };
+        w(&format!("\tchain service-{base} {{\n\t\t{body}\n\t}}"));
+        for &e in &f.endpoints {
+            w(&format!(
+                "\tchain {} {{\n\t\tip saddr {} jump mark-for-masquerade\n\t\tmeta l4proto {} dnat to {e}\n\t}}",
+                f.nft_endpoint(e),
+                e.ip(),
+                f.proto()
+            ));
+        }
+    }
+    w("}");
+    o
+}
+
+/// Removes what [`nftables_rules`] installed.
+#[must_use]
+pub fn nftables_removal() -> String {
+    format!("delete table ip {NFT_TABLE}\n")
+}
+
+/// Which baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline {
+    Iptables,
+    Nftables,
+}
+
+impl fmt::Display for Baseline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+        })
+    }
+}
+
+/// A baseline installed in a namespace; removed on drop (errors printed).
+#[derive(Debug)]
+pub struct Installed {
+    ns: String,
+    baseline: Baseline,
+    removal: String,
+    removed: bool,
+}
+
+impl Installed {
+    /// Installs `baseline` for `frontends` in namespace `ns` (`node_ips` for the nftables
+    /// `nodeport-ips` set).
+    pub fn new(baseline: Baseline, ns: &str, frontends: &[Frontend], node_ips: &[Ipv4Addr]) -> Result<Self> {
+        let (rules, removal) = match baseline {
+            Baseline::Iptables => (iptables_rules(frontends), iptables_removal(frontends)),
+            Baseline::Nftables => (nftables_rules(frontends, node_ips), nftables_removal()),
+        };
+        apply(baseline, ns, &rules).with_context(|| format!("installing the {baseline} baseline in {ns}:\n{rules}"))?;
+        Ok(Self { ns: ns.to_owned(), baseline, removal, removed: false })
+    }
+
+    /// Which baseline this is.
+    #[must_use]
+    pub fn baseline(&self) -> Baseline {
+        self.baseline
+    }
+
+    /// Removes the rules now (dropping does it otherwise, printing errors).
+    pub fn remove(mut self) -> Result<()> {
+        self.removed = true;
+        apply(self.baseline, &self.ns, &self.removal)
+            .with_context(|| format!("removing the {} baseline from {}", self.baseline, self.ns))
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if !self.removed
+            && let Err(e) = apply(self.baseline, &self.ns, &self.removal)
+        {
+            eprintln!("rproxy-tests: removing the {} baseline from {}: {e:#}", self.baseline, self.ns);
+        }
+    }
+}
+
+/// Feeds `text` to `iptables-restore --noflush` or `nft -f -` in namespace `ns`.
+fn apply(baseline: Baseline, ns: &str, text: &str) -> Result<()> {
+    let mut cmd = match baseline {
+        Baseline::Iptables => netns::command(ns, "iptables-restore"),
+        Baseline::Nftables => netns::command(ns, "nft"),
+    };
+    match baseline {
+        Baseline::Iptables => cmd.arg("--noflush"),
+        Baseline::Nftables => cmd.args(["-f", "-"]),
+    };
+    run_with_input(&mut cmd, text).map(drop)
+}
+
+/// What the namespace's rules hold: `iptables-save` output (nat and filter) or `nft list ruleset`.
+pub fn dump(baseline: Baseline, ns: &str) -> Result<String> {
+    match baseline {
+        Baseline::Iptables => {
+            let mut all = String::new();
+            for table in ["nat", "filter"] {
+                all.push_str(&run(netns::command(ns, "iptables-save").args(["-t", table]))?);
+            }
+            Ok(all)
+        }
+        Baseline::Nftables => run(netns::command(ns, "nft").args(["list", "ruleset"])),
+    }
+}
+
+/// `iptables -V` and `nft -v`, e.g. `iptables v1.8.9 (nf_tables); nftables v1.0.6 (Lester Gooch #5)`.
+pub fn versions() -> Result<String> {
+    let ipt = run(std::process::Command::new("iptables").arg("-V"))?;
+    let nft = run(std::process::Command::new("nft").arg("-v"))?;
+    Ok(format!("{}; {}", ipt.trim(), nft.trim()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+//! Load generation for the `NodePort` benchmark: backend servers that count ([`LoadServer`]), a
+//! TCP connection-rate client ([`tcp_connection_rate`]) and a UDP packet blaster
+//! ([`udp_blast`]). Every loop is bounded in time; every socket operation has a timeout.
+//!
+//! Protocol — TCP: the client connects and sends one line; the server answers `<pod name>\n`
+//! and closes (so the server, not the client, holds `TIME_WAIT` and the client's ports stay
+//! free). UDP: datagrams are counted, never answered.
+use std::{
+    collections::BTreeMap,
+    io::{self, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use nix::{
+    poll::{PollFd, PollFlags, poll},
+    sys::socket::{setsockopt, sockopt},
+};
+
+use crate::netns::in_netns;
+
+/// How often the server loops look at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// Timeout of each read and write on an accepted connection.
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// The TCP request line.
+pub const REQUEST: &[u8] = b"rproxy-bench\n";
+/// Receive buffer asked for the UDP counters (the kernel caps it at `net.core.rmem_max`).
+const UDP_RCVBUF: usize = 4 << 20;
+
+/// A TCP responder and a UDP counter on one port in a pod; stopped (threads joined) on drop.
+#[derive(Debug)]
+pub struct LoadServer {
+    tcp: Arc<AtomicU64>,
+    udp: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl LoadServer {
+    /// Binds `0.0.0.0:port` (TCP and UDP) in namespace `ns` and serves as `name`.
+    pub fn start(ns: &str, name: &str, port: u16) -> Result<Self> {
+        let addr = (Ipv4Addr::UNSPECIFIED, port);
+        let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
+            .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(STOP_POLL))?;
+        // Best effort: a smaller buffer only shows up as more socket-buffer drops.
+        let _ = setsockopt(&udp, sockopt::RcvBuf, &UDP_RCVBUF);
+        let (tcp_count, udp_count, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::default());
+        let tcp_loop = {
+            let (reply, count, stop) = (format!("{name}\n"), Arc::clone(&tcp_count), Arc::clone(&stop));
+            move || respond_tcp(&tcp, reply.as_bytes(), &count, &stop)
+        };
+        let udp_loop = {
+            let (count, stop) = (Arc::clone(&udp_count), Arc::clone(&stop));
+            move || count_udp(&udp, &count, &stop)
+        };
+        Ok(Self {
+            tcp: tcp_count,
+            udp: udp_count,
+            stop,
+            threads: vec![thread::spawn(tcp_loop), thread::spawn(udp_loop)],
+        })
+    }
+
+    /// TCP requests answered so far.
+    #[must_use]
+    pub fn tcp_answered(&self) -> u64 {
+        self.tcp.load(Ordering::Relaxed)
+    }
+
+    /// UDP datagrams received so far.
+    #[must_use]
+    pub fn udp_received(&self) -> u64 {
+        self.udp.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoadServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn respond_tcp(listener: &TcpListener, reply: &[u8], count: &AtomicU64, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, u16::try_from(STOP_POLL.as_millis()).unwrap_or(u16::MAX)).is_err() {
+            continue;
+        }
+        // Drain the accept queue; each connection is served inline (one short line each way).
+        while let Ok((stream, _)) = listener.accept() {
+            if answer(stream, reply).is_ok() {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, reply: &[u8]) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') {
+        match stream.read(&mut buf[got..])? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+        if got == buf.len() {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+    }
+    stream.write_all(reply)
+}
+
+fn count_udp(socket: &UdpSocket, count: &AtomicU64, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if socket.recv(&mut buf).is_ok() {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Outcome of [`tcp_connection_rate`].
+#[derive(Clone, Debug, Default)]
+pub struct TcpRate {
+    /// Connections that got a server name back.
+    pub ok: u64,
+    /// Connections that failed (connect, read, write, or an answer without a name).
+    pub failed: u64,
+    /// From the start of the workers to the end of the last one.
+    pub elapsed: Duration,
+    /// Successful connections per server name.
+    pub by_server: BTreeMap<String, u64>,
+    /// The first failure, for the report.
+    pub first_error: Option<String>,
+}
+
+impl TcpRate {
+    /// Successful connections per second.
+    #[must_use]
+    pub fn per_second(&self) -> f64 {
+        rate(self.ok, self.elapsed)
+    }
+}
+
+/// `count / elapsed` (0 for no time).
+#[must_use]
+pub fn rate(count: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    // Counts stay far below 2^52, so the conversion is exact.
+    #[expect(clippy::cast_precision_loss, reason = "counts are far below 2^52")]
+    let count = count as f64;
+    if secs > 0.0 { count / secs } else { 0.0 }
+}
+
+/// From namespace `ns`, `workers` threads each connect, send [`REQUEST`], read the answer to
+/// EOF and close, over and over, until `duration` has passed. Worker `w`'s `k`-th connection goes
+/// to `targets[(w + k) % len]`. Every connect, read and write times out after `timeout`.
+pub fn tcp_connection_rate(
+    ns: &str,
+    targets: &[SocketAddrV4],
+    workers: usize,
+    duration: Duration,
+    timeout: Duration,
+) -> Result<TcpRate> {
+    ensure!(!targets.is_empty() && workers > 0, "no targets or no workers");
+    let results: Vec<Result<(TcpRate, Instant, Instant)>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                s.spawn(move || {
+                    in_netns(ns, || {
+                        let start = Instant::now();
+                        let mut r = TcpRate::default();
+                        let mut k = w;
+                        while start.elapsed() < duration {
+                            let target = targets[k % targets.len()];
+                            k += 1;
+                            match tcp_exchange(target, timeout) {
+                                Ok(name) => {
+                                    r.ok += 1;
+                                    *r.by_server.entry(name).or_default() += 1;
+                                }
+                                Err(e) => {
+                                    r.failed += 1;
+                                    r.first_error.get_or_insert_with(|| format!("{target}: {e:#}"));
+                                }
+                            }
+                        }
+                        (r, start, Instant::now())
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut total = TcpRate::default();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    for result in results {
+        let (r, start, end) = result?;
+        total.ok += r.ok;
+        total.failed += r.failed;
+        for (name, n) in r.by_server {
+            *total.by_server.entry(name).or_default() += n;
+        }
+        total.first_error = total.first_error.or(r.first_error);
+        first = Some(first.map_or(start, |f| f.min(start)));
+        last = Some(last.map_or(end, |l| l.max(end)));
+    }
+    total.elapsed = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
+    Ok(total)
+}
+
+/// One connection: connect, send [`REQUEST`], read to EOF; returns the announced name.
+pub fn tcp_exchange(target: SocketAddrV4, timeout: Duration) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout).context("connect")?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    stream.write_all(REQUEST).context("write")?;
+    let mut answer = Vec::with_capacity(64);
+    stream.read_to_end(&mut answer).context("read")?;
+    let line = answer.strip_suffix(b"\n").context("no newline-terminated answer")?;
+    ensure!(!line.is_empty() && !line.contains(&b'\n'), "answer {answer:?} is not one name");
+    String::from_utf8(line.to_vec()).context("name is not UTF-8")
+}
+
+/// Outcome of [`udp_blast`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpBlast {
+    /// Datagrams the kernel accepted from `send`.
+    pub sent: u64,
+    /// `send` calls that failed (e.g. `ECONNREFUSED` after an ICMP port unreachable).
+    pub errors: u64,
+    /// From the start of the senders to the end of the last one.
+    pub elapsed: Duration,
+}
+
+/// From namespace `ns`, `senders` threads each send `payload_len`-byte datagrams as fast as they
+/// can for `duration`, round-robin over `sockets_per_sender` connected sockets with ephemeral
+/// source ports (so each socket is its own flow and flows spread over backends). Socket `i` of
+/// sender `s` targets `targets[(s * sockets_per_sender + i) % len]`.
+pub fn udp_blast(
+    ns: &str,
+    targets: &[SocketAddrV4],
+    senders: usize,
+    sockets_per_sender: usize,
+    payload_len: usize,
+    duration: Duration,
+) -> Result<UdpBlast> {
+    ensure!(!targets.is_empty() && senders > 0 && sockets_per_sender > 0, "no targets, senders or sockets");
+    let payload = vec![0x5a_u8; payload_len];
+    let results: Vec<Result<Result<(UdpBlast, Instant, Instant)>>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..senders)
+            .map(|sender| {
+                let payload = &payload;
+                s.spawn(move || {
+                    in_netns(ns, || {
+                        let sockets = (0..sockets_per_sender)
+                            .map(|i| {
+                                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                                socket.connect(targets[(sender * sockets_per_sender + i) % targets.len()])?;
+                                Ok(socket)
+                            })
+                            .collect::<io::Result<Vec<_>>>()
+                            .context("UDP sockets")?;
+                        let start = Instant::now();
+                        let mut r = UdpBlast::default();
+                        while start.elapsed() < duration {
+                            for socket in &sockets {
+                                match socket.send(payload) {
+                                    Ok(_) => r.sent += 1,
+                                    Err(_) => r.errors += 1,
+                                }
+                            }
+                        }
+                        Ok((r, start, Instant::now()))
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut total = UdpBlast::default();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    for result in results {
+        let (r, start, end) = result??;
+        total.sent += r.sent;
+        total.errors += r.errors;
+        first = Some(first.map_or(start, |f| f.min(start)));
+        last = Some(last.map_or(end, |l| l.max(end)));
+    }
+    total.elapsed = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
+    Ok(total)
+}
+
+/// `RcvbufErrors` of namespace `ns`'s UDP statistics: datagrams dropped because a socket's
+/// receive buffer was full.
+pub fn udp_rcvbuf_errors(ns: &str) -> Result<u64> {
+    // /proc/thread-self/net is the calling thread's namespace (/proc/self/net the process's).
+    let text = in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))?.context("reading snmp")?;
+    snmp_field(&text, "Udp", "RcvbufErrors").with_context(|| format!("no Udp RcvbufErrors in the snmp of {ns}"))
+}
+
+/// Field `field` of protocol `proto` in `/proc/net/snmp` text (a header line of names, then a
+/// line of values, both starting with `<proto>:`).
+#[must_use]
+pub fn snmp_field(text: &str, proto: &str, field: &str) -> Option<u64> {
+    let tag = format!("{proto}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&tag));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let index = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_field_reads_the_value_under_its_name() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nUdp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\n\
+                    Udp: 167 0 5 170 4\nUdpLite: InDatagrams RcvbufErrors\nUdpLite: 9 9\n";
+        assert_eq!(snmp_field(text, "Udp", "RcvbufErrors"), Some(4));
+        assert_eq!(snmp_field(text, "Udp", "InDatagrams"), Some(167));
+        assert_eq!(snmp_field(text, "UdpLite", "RcvbufErrors"), Some(9));
+        assert_eq!(snmp_field(text, "Udp", "Nope"), None);
+        assert_eq!(snmp_field(text, "Tcp", "InErrs"), None);
+    }
+
+    #[test]
+    fn rate_is_count_per_second() {
+        assert!((rate(300, Duration::from_millis(1500)) - 200.0).abs() < 1e-9);
+        assert!(rate(5, Duration::ZERO) == 0.0);
+    }
+}
