@@ -25,9 +25,11 @@
 //! An XDP program sees raw bytes without that skb metadata: an incremental checksum update
 //! over a partial sum, then `XDP_TX`/`XDP_REDIRECT`, would put a wrong checksum on the wire. With
 //! TX offload off the sender computes complete checksums, so the frames look like frames from a
-//! real wire. GRO is on on the bridge-side peers (`ethtool -K <peer> gro on`): veth runs a NAPI
-//! poll on a receiving peer only with GRO or an XDP program, and native `XDP_TX` from a node's
-//! `eth0` (and `XDP_REDIRECT` into it) needs NAPI on the peer that receives the frame.
+//! real wire. GRO stays off on the bridge-side peers (`ethtool -K <peer> gro off`): GRO would
+//! merge segments into super-packets whose L4 checksum field holds a `CHECKSUM_PARTIAL` seed,
+//! and XDP on the next node would see neither wire frames nor complete checksums. The price:
+//! veth runs no NAPI poll on those peers, so native-mode `XDP_TX` from a node's `eth0` has no
+//! receiver; XDP is exercised here in generic mode (`--xdp-mode generic`).
 //!
 //! Dropping a [`Cluster`] (also while a test panics) stops both agents, runs
 //! `rproxy-agent cleanup` for each, removes their pin dirs and deletes every namespace.
@@ -167,7 +169,7 @@ impl Cluster {
             ensure!(peer.len() <= IFNAMSIZ_MAX, "interface name {peer} is too long");
             ip(sw, &["link", "add", &peer, "type", "veth", "peer", "name", EXTERNAL_DEV, "netns", ns])?;
             ip(sw, &["link", "set", &peer, "master", &bridge, "up"])?;
-            run(netns::command(self.switch.name(), "ethtool").args(["-K", &peer, "tx", "off", "gro", "on"]))?;
+            run(netns::command(self.switch.name(), "ethtool").args(["-K", &peer, "tx", "off", "gro", "off"]))?;
             run(netns::command(ns, "ethtool").args(["-K", EXTERNAL_DEV, "tx", "off"]))?;
             let cidr = format!("{addr}/{EXTERNAL_PREFIX_LEN}");
             ip(Some(ns), &["addr", "add", &cidr, "dev", EXTERNAL_DEV])?;

@@ -1,0 +1,266 @@
+//! North-south end to end on the two-node lab (`rproxy_tests::Cluster`), with an rproxy agent on
+//! each node serving `--devices eth0`, once with generic XDP (`--xdp-mode generic`) and once with
+//! the TC fallback (`--xdp-mode tc`). Native XDP on a veth needs NAPI on the peer for `XDP_TX`
+//! (GRO or an XDP program there), and GRO on the segment would aggregate frames beyond what an
+//! XDP program without multi-buffer support receives; the lab keeps GRO off (see
+//! `rproxy_tests::cluster`), so native mode is covered by the packet tests only.
+//! - a client outside the cluster reaches backends on both nodes through either node's `NodePort`,
+//!   over TCP (64 KiB echoed intact) and UDP; a remote backend sees the node's address (SNAT), a
+//!   local one the client's;
+//! - an `externalIP` and a `LoadBalancer` ingress IP routed to node 1 work;
+//! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
+//!   sees the client, node 2 (without) does not answer, and the health check node port answers
+//!   200 with the count on node 1 and 503 on node 2;
+//! - a pod and a host-network process of node 1 reach the `NodePorts` (and the `ClusterIP`).
+//!
+//! Needs root; skipped without it unless `RPROXY_REQUIRE_KERNEL=1`.
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use rproxy_tests::{
+    Cluster, NodeId, agent_bin,
+    client::{self, Reply},
+    cluster::CLIENT_IP,
+    cmd::ip,
+    serial_or_skip,
+};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 50);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 60);
+const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 61);
+const NODE_PORT: u16 = 30080;
+const LOCAL_NODE_PORT: u16 = 30090;
+const HEALTH_PORT: u16 = 32100;
+const TARGET_PORT: u16 = 8080;
+const BACKEND_1: &str = "backend-1";
+const BACKEND_2: &str = "backend-2";
+const POD_CLIENT: &str = "client-1";
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests tried until every expected backend has answered.
+const MAX_REQUESTS: usize = 60;
+
+/// `web`: `LoadBalancer`, externalTrafficPolicy Cluster, TCP and UDP, an `externalIP` and an ingress
+/// IP, backends on both nodes. `local`: `LoadBalancer`, externalTrafficPolicy Local, its only
+/// endpoint on node 1.
+fn manifests() -> String {
+    format!(
+        r"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {CLUSTER_IP}
+  externalIPs: [{EXTERNAL_IP}]
+  externalTrafficPolicy: Cluster
+  ports:
+  - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
+  - {{name: udp, protocol: UDP, port: 80, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [{b1}], conditions: {{ready: true}}, nodeName: node-1}}
+- {{addresses: [{b2}], conditions: {{ready: true}}, nodeName: node-2}}
+ports:
+- {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
+- {{name: udp, protocol: UDP, port: {TARGET_PORT}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: local, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.21
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {HEALTH_PORT}
+  ports:
+  - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}, nodePort: {LOCAL_NODE_PORT}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {LOCAL_LB_IP}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [{b1}], conditions: {{ready: true}}, nodeName: node-1}}
+ports:
+- {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
+",
+        b1 = NodeId::One.pod_ip(11),
+        b2 = NodeId::Two.pod_ip(11),
+    )
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..=250u8).cycle().take(len).collect()
+}
+
+/// Builds the cluster, starts the agents with `--xdp-mode mode` and waits until node 1's and
+/// node 2's `NodePort`s answer.
+fn setup(mode: &str) -> Result<(Cluster, tempfile::TempDir)> {
+    let mut cluster = Cluster::new()?;
+    cluster.add_pod(NodeId::One, BACKEND_1, NodeId::One.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::Two, BACKEND_2, NodeId::Two.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::One, POD_CLIENT, NodeId::One.pod_ip(50))?;
+    // The externalIP and the LoadBalancer IPs are routed to node 1, as a router would.
+    for vip in [EXTERNAL_IP, LB_IP, LOCAL_LB_IP] {
+        ip(Some(cluster.client_ns()), &["route", "add", &format!("{vip}/32"), "via", &NodeId::One.ip().to_string()])?;
+    }
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("services.yaml"), manifests())?;
+    cluster.start_agents(&agent_bin()?, dir.path(), &["--devices", "eth0", "--xdp-mode", mode])?;
+    let started = Instant::now();
+    for node in NodeId::ALL {
+        loop {
+            cluster.ensure_agents_running()?;
+            if client_tcp(&cluster, node.ip(), NODE_PORT, b"hello").is_ok() {
+                break;
+            }
+            ensure!(started.elapsed() < Duration::from_secs(20), "{node:?}'s NodePort never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok((cluster, dir))
+}
+
+fn client_tcp(cluster: &Cluster, addr: Ipv4Addr, port: u16, payload: &[u8]) -> Result<Reply> {
+    cluster.in_client(|| client::tcp_request(addr, port, payload, TIMEOUT))?
+}
+
+fn client_udp(cluster: &Cluster, addr: Ipv4Addr, port: u16, payload: &[u8]) -> Result<Reply> {
+    cluster.in_client(|| client::udp_request(addr, port, payload, TIMEOUT))?
+}
+
+/// Requests until both backends answered, each echo intact.
+fn reach_both(what: &str, mut request: impl FnMut() -> Result<Reply>, sent: &[u8]) -> Result<()> {
+    let mut unseen = BTreeSet::from([BACKEND_1, BACKEND_2]);
+    for attempt in 1..=MAX_REQUESTS {
+        let (name, echo) = request().with_context(|| format!("{what}: request {attempt}"))?;
+        ensure!(echo == sent, "{what}: {name} echoed {} bytes, not the {} sent", echo.len(), sent.len());
+        unseen.remove(name.as_str());
+        if unseen.is_empty() {
+            return Ok(());
+        }
+    }
+    bail!("{what}: {unseen:?} never answered in {MAX_REQUESTS} requests")
+}
+
+fn tcp_peers(cluster: &Cluster, pod: &str) -> BTreeSet<Ipv4Addr> {
+    cluster
+        .pod(pod)
+        .peers_on(TARGET_PORT)
+        .tcp
+        .iter()
+        .filter_map(|a| match a {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+fn http_get(addr: Ipv4Addr, port: u16) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&(addr, port).into(), TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn scenario(mode: &str) -> Result<()> {
+    let (cluster, _dir) = setup(mode)?;
+    let big = payload(64 * 1024);
+    for node in NodeId::ALL {
+        let addr = node.ip();
+        reach_both(&format!("TCP to {addr}:{NODE_PORT}"), || client_tcp(&cluster, addr, NODE_PORT, &big), &big)?;
+        let small = payload(1200);
+        reach_both(&format!("UDP to {addr}:{NODE_PORT}"), || client_udp(&cluster, addr, NODE_PORT, &small), &small)?;
+    }
+    // Through node 1 the remote backend saw node 1's address, through node 2 node 2's; local
+    // backends saw the client.
+    for (pod, local, remote) in [(BACKEND_1, NodeId::One, NodeId::Two), (BACKEND_2, NodeId::Two, NodeId::One)] {
+        let peers = tcp_peers(&cluster, pod);
+        ensure!(peers.contains(&CLIENT_IP), "{pod} never saw the client through {local:?}: {peers:?}");
+        ensure!(peers.contains(&remote.ip()), "{pod} never saw {remote:?}'s address (SNAT): {peers:?}");
+        ensure!(!peers.contains(&local.ip()), "{pod} saw its own node's address: {peers:?}");
+    }
+    for vip in [EXTERNAL_IP, LB_IP] {
+        reach_both(&format!("TCP to {vip}:80"), || client_tcp(&cluster, vip, 80, b"vip"), b"vip")?;
+    }
+
+    // externalTrafficPolicy Local.
+    let before = cluster.pod(BACKEND_1).peers_on(TARGET_PORT).tcp.len();
+    for addr in [NodeId::One.ip(), LOCAL_LB_IP] {
+        for _ in 0..8 {
+            let port = if addr == LOCAL_LB_IP { 80 } else { LOCAL_NODE_PORT };
+            let (name, _) = client_tcp(&cluster, addr, port, b"local")?;
+            ensure!(name == BACKEND_1, "ETP Local via {addr} reached {name}");
+        }
+    }
+    let after = cluster.pod(BACKEND_1).peers_on(TARGET_PORT).tcp;
+    ensure!(
+        after[before..].iter().all(|a| a.ip() == std::net::IpAddr::V4(CLIENT_IP)),
+        "ETP Local lost the client address"
+    );
+    let refused =
+        cluster.in_client(|| client::tcp_request(NodeId::Two.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
+    ensure!(refused.is_err(), "node 2 has no local endpoint but served the ETP Local NodePort: {refused:?}");
+    let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT))??;
+    ensure!(status == 200 && body.contains("\"localEndpoints\":1"), "node 1 health check: {status} {body}");
+    let (status, body) = cluster.in_client(|| http_get(NodeId::Two.ip(), HEALTH_PORT))??;
+    ensure!(status == 503 && body.contains("\"localEndpoints\":0"), "node 2 health check: {status} {body}");
+
+    // From a pod and from the host network of node 1.
+    for node in NodeId::ALL {
+        let addr = node.ip();
+        reach_both(
+            &format!("pod to {addr}:{NODE_PORT}"),
+            || cluster.pod(POD_CLIENT).tcp_request(addr, NODE_PORT, b"pod"),
+            b"pod",
+        )?;
+        reach_both(
+            &format!("host of node 1 to {addr}:{NODE_PORT}"),
+            || cluster.in_node(NodeId::One, || client::tcp_request(addr, NODE_PORT, b"host", TIMEOUT))?,
+            b"host",
+        )?;
+    }
+    reach_both(
+        "host of node 1 to the ClusterIP over UDP",
+        || cluster.in_node(NodeId::One, || client::udp_request(CLUSTER_IP, 80, b"dns?", TIMEOUT))?,
+        b"dns?",
+    )?;
+    Ok(())
+}
+
+fn run(mode: &str) {
+    let Some(_serial) = serial_or_skip(&format!("north_south {mode}")) else { return };
+    if let Err(e) = scenario(mode) {
+        panic!("--xdp-mode {mode}: {e:#}");
+    }
+}
+
+#[test]
+fn north_south_through_generic_xdp() {
+    run("generic");
+}
+
+#[test]
+fn north_south_through_tc() {
+    run("tc");
+}
