@@ -26,6 +26,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use notify::{RecursiveMode, Watcher};
+use rproxy_common::Stat;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -123,6 +124,8 @@ struct Agent {
     addresses_read: bool,
     health: HealthCheckServer,
     external: External,
+    /// Last seen totals of the counters `check_counters` watches.
+    counters: BTreeMap<u32, u64>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -162,6 +165,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         addresses_read: false,
         health: HealthCheckServer::new(Ipv4Addr::UNSPECIFIED),
         external: External::new(cfg_devices, cfg_xdp_mode),
+        counters: BTreeMap::new(),
     };
 
     let (link_tx, mut link_rx) = mpsc::channel(1);
@@ -460,7 +464,24 @@ impl Agent {
         }
     }
 
+    /// Warns when datapath drop counters that need an operator's attention moved since the last
+    /// look (SNAT port exhaustion, FIB failures, conntrack inserts failing).
+    fn check_counters(&mut self) {
+        for (stat, what) in [
+            (Stat::SnatExhausted, "new north-south flows dropped: every SNAT port towards their backend is taken"),
+            (Stat::FibFail, "north-south packets dropped: no usable route (FIB lookup failed)"),
+            (Stat::CtInsertFail, "new flows dropped: conntrack insert failed (map full?)"),
+        ] {
+            let now = crate::datapath::stat_total(&self.maps.stats, stat);
+            let last = self.counters.insert(stat as u32, now).unwrap_or(now);
+            if now > last {
+                warn!(counter = stat.name(), dropped = now - last, total = now, "{what}");
+            }
+        }
+    }
+
     fn gc(&mut self) {
+        self.check_counters();
         let started = Instant::now();
         let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
         let level_info = pass.expired + pass.backend_gone > 0;
