@@ -150,6 +150,8 @@ struct Measured {
     received: BTreeMap<String, u64>,
     /// Datagrams dropped at the backends' full socket buffers during the UDP run.
     socket_drops: u64,
+    /// SYNs the client sent again during the TCP run (each costs its connection a second).
+    syn_retransmits: u64,
     /// Notes for the report (e.g. the agent exited during the run).
     notes: Vec<String>,
 }
@@ -267,7 +269,9 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     wait_ready(&mut cluster, datapath, targets[0])?;
     let client = cluster.client_ns().to_owned();
     load::tcp_connection_rate(&client, &targets, args.tcp_workers, WARM_UP, IO_TIMEOUT)?;
+    let syn_before = load::tcp_syn_retransmits(&client)?;
     let tcp = load::tcp_connection_rate(&client, &targets, args.tcp_workers, args.duration, IO_TIMEOUT)?;
+    let syn_retransmits = load::tcp_syn_retransmits(&client)?.saturating_sub(syn_before);
     let before: u64 = servers.iter().map(LoadServer::udp_received).sum();
     let pod_ns: Vec<String> = backends.iter().map(|b| cluster.pod(&b.name).ns().to_owned()).collect();
     let socket_drops = || pod_ns.iter().map(|ns| load::udp_rcvbuf_errors(ns)).sum::<Result<u64>>();
@@ -292,7 +296,7 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     if let Some(rules) = rules {
         rules.remove()?;
     }
-    Ok(Measured { tcp, udp, received, socket_drops, notes })
+    Ok(Measured { tcp, udp, received, socket_drops, syn_retransmits, notes })
 }
 
 fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &Args) -> Result<()> {
@@ -461,7 +465,11 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)]) -> String {
             if failed_rounds > 0 { format!("  ({failed_rounds} rounds failed)") } else { String::new() },
         );
     }
-    let _ = writeln!(out, "\nUDP datagrams lost (medians): at the backends' full receive buffers, and on the way");
+    let _ = writeln!(
+        out,
+        "\nmedians: UDP datagrams lost at the backends' full receive buffers and on the way; TCP SYNs the client \
+         retransmitted (a lost SYN, or one refused by a backend's TIME_WAIT socket for a reused SNAT tuple)"
+    );
     for (mode, s, _) in &summaries {
         if s.ok.is_empty() {
             continue;
@@ -469,10 +477,11 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)]) -> String {
         let lost = s.median_of(|m| count(m.udp.sent.saturating_sub(m.received_total())));
         let _ = write!(
             out,
-            "{:<9} lost {lost:.0}: receive buffers {:.0}, on the way {:.0}",
+            "{:<9} UDP lost {lost:.0}: receive buffers {:.0}, on the way {:.0}; TCP SYN retransmits {:.0}",
             mode.name(),
             s.median_of(|m| count(m.socket_drops)),
             s.median_of(|m| count(m.udp.sent.saturating_sub(m.received_total() + m.socket_drops))),
+            s.median_of(|m| count(m.syn_retransmits)),
         );
         if rounds > 1 {
             let per_round = |f: &dyn Fn(&Measured) -> f64| {

@@ -311,13 +311,25 @@ pub fn udp_blast(
 /// `RcvbufErrors` of namespace `ns`'s UDP statistics: datagrams dropped because a socket's
 /// receive buffer was full.
 pub fn udp_rcvbuf_errors(ns: &str) -> Result<u64> {
-    // /proc/thread-self/net is the calling thread's namespace (/proc/self/net the process's).
-    let text = in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))?.context("reading snmp")?;
-    snmp_field(&text, "Udp", "RcvbufErrors").with_context(|| format!("no Udp RcvbufErrors in the snmp of {ns}"))
+    net_counter(ns, "snmp", "Udp", "RcvbufErrors")
 }
 
-/// Field `field` of protocol `proto` in `/proc/net/snmp` text (a header line of names, then a
-/// line of values, both starting with `<proto>:`).
+/// `TCPSynRetrans` of namespace `ns`'s TCP statistics: SYNs sent again because the first got no
+/// answer (a lost SYN, or one a backend's `TIME_WAIT` socket refused).
+pub fn tcp_syn_retransmits(ns: &str) -> Result<u64> {
+    net_counter(ns, "netstat", "TcpExt", "TCPSynRetrans")
+}
+
+/// Counter `field` of `proto` in `/proc/net/<file>` (`snmp` or `netstat`) of namespace `ns`.
+fn net_counter(ns: &str, file: &str, proto: &str, field: &str) -> Result<u64> {
+    // /proc/thread-self/net is the calling thread's namespace (/proc/self/net the process's).
+    let path = format!("/proc/thread-self/net/{file}");
+    let text = in_netns(ns, || std::fs::read_to_string(&path))?.with_context(|| format!("reading {path} in {ns}"))?;
+    snmp_field(&text, proto, field).with_context(|| format!("no {proto} {field} in {path} of {ns}"))
+}
+
+/// Field `field` of protocol `proto` in `/proc/net/snmp` or `/proc/net/netstat` text (a line of
+/// names, then a line of values, both starting with `<proto>:`).
 #[must_use]
 pub fn snmp_field(text: &str, proto: &str, field: &str) -> Option<u64> {
     let tag = format!("{proto}:");
@@ -340,6 +352,8 @@ mod tests {
         assert_eq!(snmp_field(text, "UdpLite", "RcvbufErrors"), Some(9));
         assert_eq!(snmp_field(text, "Udp", "Nope"), None);
         assert_eq!(snmp_field(text, "Tcp", "InErrs"), None);
+        let netstat = "TcpExt: SyncookiesSent TCPSynRetrans\nTcpExt: 0 37\nIpExt: InNoRoutes\nIpExt: 1\n";
+        assert_eq!(snmp_field(netstat, "TcpExt", "TCPSynRetrans"), Some(37));
     }
 
     #[test]
