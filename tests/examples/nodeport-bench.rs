@@ -6,7 +6,8 @@
 //!   the pod CIDRs via node 1 and sends to the backends' own addresses (round-robin); node 1 only
 //!   forwards. Replies from node 2's pods go straight back to the client.
 //! - `iptables`, `nftables`: the kube-proxy-shaped rules of `rproxy_tests::kube_proxy` in node 1.
-//! - `xdp`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode native|tc`) on a
+//! - `xdp`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode generic|tc`; native
+//!   `XDP_TX` on the lab's veths has no NAPI receiver, see `rproxy_tests::cluster`) on a
 //!   manifests directory holding the Service (`type: NodePort`) and its `EndpointSlice`.
 //!
 //! Each mode gets a fresh lab (so no conntrack or `TIME_WAIT` state carries over), then:
@@ -307,7 +308,7 @@ fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &
     let manifests = cluster.work_dir().join("manifests");
     std::fs::create_dir(&manifests)?;
     nodeport::write_manifests(&manifests, backends)?;
-    let xdp_mode = if mode == Mode::Xdp { "native" } else { "tc" };
+    let xdp_mode = if mode == Mode::Xdp { "generic" } else { "tc" };
     let extra = ["--devices", rproxy_tests::cluster::EXTERNAL_DEV, "--xdp-mode", xdp_mode];
     cluster
         .start_agents(&bin, &manifests, &extra)
