@@ -6,9 +6,11 @@
 //!   the pod CIDRs via node 1 and sends to the backends' own addresses (round-robin); node 1 only
 //!   forwards. Replies from node 2's pods go straight back to the client.
 //! - `iptables`, `nftables`: the kube-proxy-shaped rules of `rproxy_tests::kube_proxy` in node 1.
-//! - `xdp`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode generic|tc`; native
-//!   `XDP_TX` on the lab's veths has no NAPI receiver, see `rproxy_tests::cluster`) on a
-//!   manifests directory holding the Service (`type: NodePort`) and its `EndpointSlice`.
+//! - `xdp`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode generic|tc --cgroup
+//!   none`; native `XDP_TX` on the lab's veths has no NAPI receiver, see `rproxy_tests::cluster`)
+//!   on a manifests directory holding the Service (`type: NodePort`) and its `EndpointSlice`. The
+//!   socket hooks stay off: attached to the host's cgroup root they would also run for every
+//!   `sendmsg` of the load generator, which is not the datapath under test.
 //!
 //! Each mode gets a fresh lab (so no conntrack or `TIME_WAIT` state carries over), then:
 //! - TCP connection rate: N workers connect, send one line, read the backend's name, close, for
@@ -41,8 +43,9 @@ use rproxy_tests::{
 
 /// How long a mode may take to answer on the node port.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Timeout of each connect, read and write of the TCP workers.
-const IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Timeout of each connect, read and write of the TCP workers: longer than the first SYN
+/// retransmission (1 s), so that a lost or refused SYN shows as a retransmit, not a failure.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Unmeasured TCP traffic before the measurement (caches, neighbour entries, conntrack).
 const WARM_UP: Duration = Duration::from_millis(300);
 
@@ -309,7 +312,7 @@ fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &
     std::fs::create_dir(&manifests)?;
     nodeport::write_manifests(&manifests, backends)?;
     let xdp_mode = if mode == Mode::Xdp { "generic" } else { "tc" };
-    let extra = ["--devices", rproxy_tests::cluster::EXTERNAL_DEV, "--xdp-mode", xdp_mode];
+    let extra = ["--devices", rproxy_tests::cluster::EXTERNAL_DEV, "--xdp-mode", xdp_mode, "--cgroup", "none"];
     cluster
         .start_agents(&bin, &manifests, &extra)
         .with_context(|| format!("starting {} {}", bin.display(), extra.join(" ")))
