@@ -166,13 +166,13 @@ impl Datapath {
             prog_names::EXT_INGRESS,
             prog_names::EXT_EGRESS,
         ] {
-            classifier(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+            program_as::<SchedClassifier>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         for name in [prog_names::XDP_EXT, prog_names::XDP_NOOP] {
-            xdp(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+            program_as::<Xdp>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         for name in SOCK_PROGRAMS {
-            sock_addr(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+            program_as::<CgroupSockAddr>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf) })
     }
@@ -193,12 +193,12 @@ impl Datapath {
 
     /// A loaded TC program, for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
-        classifier(&mut self.ebpf, name)
+        program_as::<SchedClassifier>(&mut self.ebpf, name)
     }
 
     /// A loaded XDP program, for `BPF_PROG_TEST_RUN`.
     pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        xdp(&mut self.ebpf, name)
+        program_as::<Xdp>(&mut self.ebpf, name)
     }
 
     /// Attaches (or, after a restart, atomically re-attaches) both pod programs to `ifname`.
@@ -225,7 +225,7 @@ impl Datapath {
             return Ok(XdpAttached::None);
         }
         let name = prog_names::XDP_EXT;
-        let prog = xdp(&mut self.ebpf, name)?;
+        let prog = program_as::<Xdp>(&mut self.ebpf, name)?;
         let iface_err = |reason: String| Error::Interface { name: ifname.to_owned(), reason };
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
             let replaced = PinnedLink::from_pin(pin)
@@ -269,7 +269,7 @@ impl Datapath {
     fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<()> {
         let pin = self.link_pin(ifname, hook);
         let name = hook.program();
-        let prog = classifier(&mut self.ebpf, name)?;
+        let prog = program_as::<SchedClassifier>(&mut self.ebpf, name)?;
         let iface_err = |reason: String| Error::Interface { name: ifname.to_owned(), reason };
 
         // A link pinned by an earlier run: swap our program into it.
@@ -329,7 +329,7 @@ impl Datapath {
         let dir = std::fs::File::open(cgroup)
             .map_err(|source| Error::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
         for name in SOCK_PROGRAMS {
-            let prog = sock_addr(&mut self.ebpf, name)?;
+            let prog = program_as::<CgroupSockAddr>(&mut self.ebpf, name)?;
             // With a bpf_link (Linux ≥ 5.7) the kernel refuses attach flags, and links are
             // always multi-attach: "Single" is aya's name for no flags.
             let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Interface {
@@ -395,21 +395,11 @@ impl Datapath {
     }
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })
-}
-
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })
-}
-
-fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+/// Program `name` of the object as its type `T` (`SchedClassifier`, `Xdp`, `CgroupSockAddr`).
+fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(Error::MissingProgram { name })?
         .try_into()

@@ -13,10 +13,10 @@ mod common;
 
 use std::{net::Ipv4Addr, process::Command};
 
-use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, harness, macs, parse_checked, tcp_frame, udp_frame};
+use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, ct_key as key, harness, macs, parse_checked, tcp_frame, udp_frame};
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL,
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtValue, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL,
     SVC_F_NODE_PORT, Stat, prog_names, proto, snat,
 };
 
@@ -91,18 +91,6 @@ fn frontend(
         draining: Vec::new(),
     };
     Desired { services: [(Frontend { addr, port, proto }, entry)].into_iter().collect(), ..Desired::default() }
-}
-
-fn key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), p: u8, dir: u8) -> CtKey4 {
-    CtKey4 {
-        saddr: u32::from(src.0).to_be(),
-        daddr: u32::from(dst.0).to_be(),
-        sport: src.1.to_be(),
-        dport: dst.1.to_be(),
-        proto: p,
-        dir,
-        _pad: [0; 2],
-    }
 }
 
 /// The pod on this node gets the client's packets translated to it with the client's own source (XDP and

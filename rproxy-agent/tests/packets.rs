@@ -11,7 +11,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, harness, parse_checked, tcp_frame, udp_frame};
+use common::{ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, ct_key, harness, parse_checked, tcp_frame, udp_frame};
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
@@ -49,27 +49,11 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
 }
 
 fn svc_key(client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
-    CtKey4 {
-        saddr: u32::from(client.0).to_be(),
-        daddr: u32::from(VIP).to_be(),
-        sport: client.1.to_be(),
-        dport: 80u16.to_be(),
-        proto: p,
-        dir: CT_DIR_SERVICE,
-        _pad: [0; 2],
-    }
+    ct_key(client, (VIP, 80), p, CT_DIR_SERVICE)
 }
 
 fn reply_key(backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
-    CtKey4 {
-        saddr: u32::from(backend.0).to_be(),
-        daddr: u32::from(client.0).to_be(),
-        sport: backend.1.to_be(),
-        dport: client.1.to_be(),
-        proto: p,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    }
+    ct_key(backend, client, p, CT_DIR_REPLY)
 }
 
 macro_rules! kernel_test {

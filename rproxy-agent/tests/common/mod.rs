@@ -48,15 +48,7 @@ impl Harness {
 
     /// Runs `frame` through `prog` once: (return value, output frame).
     pub fn run(&mut self, prog: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = self
-            .dp
-            .program(prog)
-            .expect("program")
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run(self.dp.program(prog).expect("program"), prog, frame, None)
     }
 
     /// Runs `frame` through TC program `prog` as if it arrived on (or left through) device
@@ -67,20 +59,7 @@ impl Harness {
         let mut ctx = [0u8; 44];
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = self
-            .dp
-            .program(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} on ifindex {ifindex}: {e}"));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run(self.dp.program(prog).expect("program"), prog, frame, Some(&ctx))
     }
 
     /// Runs `frame` through XDP program `prog` as received on device `ifindex` (queue 0) of the
@@ -92,20 +71,7 @@ impl Harness {
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&len.to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let res = self
-            .dp
-            .xdp_program(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} on ifindex {ifindex}: {e}"));
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run(self.dp.xdp_program(prog).expect("program"), prog, frame, Some(&ctx))
     }
 
     pub fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue> {
@@ -175,6 +141,37 @@ pub struct Seen {
     pub dst: (Ipv4Addr, u16),
     pub payload: Vec<u8>,
     pub options: Vec<u8>,
+}
+
+/// One `BPF_PROG_TEST_RUN` of `frame` (with context `ctx`, if any): (return value, output frame).
+fn test_run<P>(prog: &P, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx,
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} with a {}-byte frame: {e}", frame.len()));
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+/// The conntrack key of a packet `src → dst` (host-order ports) in direction `dir`.
+pub fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, dir: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from(src.0).to_be(),
+        daddr: u32::from(dst.0).to_be(),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
 }
 
 /// Ethernet addresses of a frame: (destination, source).
