@@ -108,16 +108,13 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         return Ok(Action::Pass);
     }
     // Remote backend: the FIB first (it names the SNAT address), then state, then the rewrite.
-    let route = fib::lookup(ctx, pkt.proto, 0, be.addr, true);
+    let route = match usable_route(ctx, pkt.proto, 0, be.addr, true) {
+        Ok(r) => r,
+        Err(action) => return Ok(action),
+    };
     let src = match route {
-        Route::Ready { src, .. } => src,
-        Route::NoNeigh { src, .. } if C::SKB => src,
-        // XDP cannot resolve the neighbour: the TC program on this device does it.
-        Route::NoNeigh { .. } => return Ok(Action::Pass),
-        Route::Unusable => {
-            count(Stat::FibFail);
-            return Ok(Action::Drop);
-        }
+        Route::Ready { src, .. } | Route::NoNeigh { src, .. } => src,
+        Route::Unusable => return Ok(Action::Drop),
     };
     let flags = CT_NAT_EXTERNAL | CT_NAT_SNAT;
     let (mut reply, reply_value, service_value) =
@@ -162,13 +159,9 @@ fn established<C: Ctx>(
     let route = if v.nat_flags & CT_NAT_SNAT == 0 {
         None
     } else {
-        match fib::lookup(ctx, pkt.proto, new.saddr, new.daddr, false) {
-            Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
-            Route::Unusable => {
-                count(Stat::FibFail);
-                return Ok(Action::Drop);
-            }
-            r => Some(r),
+        match usable_route(ctx, pkt.proto, new.saddr, new.daddr, false) {
+            Ok(r) => Some(r),
+            Err(action) => return Ok(action),
         }
     };
     conntrack::account(ct, key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
@@ -184,19 +177,29 @@ fn established<C: Ctx>(
 #[inline(always)]
 fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v: &CtValue) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
-    let route = fib::lookup(ctx, pkt.proto, new.saddr, new.daddr, false);
-    match route {
-        Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
-        Route::Unusable => {
-            count(Stat::FibFail);
-            return Ok(Action::Drop);
-        }
-        _ => {}
-    }
+    let route = match usable_route(ctx, pkt.proto, new.saddr, new.daddr, false) {
+        Ok(r) => r,
+        Err(action) => return Ok(action),
+    };
     conntrack::account(ct, key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
     nat::rewrite_tuple(ctx, pkt, &new)?;
     count(Stat::RevNat);
     forward(ctx, &route)
+}
+
+/// The route to `daddr` (see `fib::lookup`), or, when this hook cannot forward along it, what
+/// to do with the still untouched packet: XDP hands an unresolved next hop to TC (`Pass`); no
+/// usable route drops and counts.
+#[inline(always)]
+fn usable_route<C: Ctx>(ctx: &C, proto: u8, saddr: u32, daddr: u32, want_src: bool) -> Result<Route, Action> {
+    match fib::lookup(ctx, proto, saddr, daddr, want_src) {
+        Route::NoNeigh { .. } if !C::SKB => Err(Action::Pass),
+        Route::Unusable => {
+            count(Stat::FibFail);
+            Err(Action::Drop)
+        }
+        r => Ok(r),
+    }
 }
 
 /// Transmits a rewritten packet along `route`.
