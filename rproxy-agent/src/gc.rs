@@ -111,8 +111,12 @@ pub fn run_pass(
     let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
     let (doomed, pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
-        // An entry refreshed or evicted since the snapshot may be gone already: fine.
-        let _ = ct.remove(&k);
+        // Read again right before the delete: an entry the datapath refreshed since the snapshot,
+        // or replaced (a closed flow's SNAT port taken over by a new flow), is left for the next
+        // pass to judge. One evicted since is gone already: fine.
+        if ct.get(&k, 0).ok() == snapshot.get(&k).copied() {
+            let _ = ct.remove(&k);
+        }
     }
     pass
 }

@@ -16,8 +16,8 @@ use std::{net::Ipv4Addr, process::Command};
 use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, ct_key as key, harness, macs, parse_checked, tcp_frame, udp_frame};
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtValue, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL,
-    SVC_F_NODE_PORT, Stat, prog_names, proto, snat,
+    CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, CtValue,
+    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_NODE_PORT, Stat, prog_names, proto, snat,
 };
 
 const XDP_DROP: u32 = 1;
@@ -239,6 +239,83 @@ fn snat_port_exhaustion_is_counted_and_dropped() {
         assert_eq!(rc, XDP_DROP);
         assert_eq!(h.stat(Stat::SnatExhausted), 1);
         assert!(h.ct(&key(c, (NODE, 30085), proto::TCP, CT_DIR_SERVICE)).is_none());
+    });
+}
+
+/// The SNAT range held by closed flows: a new flow takes over the port of one that closed more
+/// than `snat::REUSE_AFTER_NS` ago, and that old flow's client-side entry goes. Ports of flows
+/// closed just now, or still open, are never taken.
+#[test]
+fn closed_flow_snat_port_is_taken_over() {
+    in_node_netns(|h, ifindex| {
+        h.program(&frontend(
+            NODE,
+            30087,
+            Protocol::Tcp,
+            SVC_F_NODE_PORT,
+            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
+            vec![],
+        ));
+        let old_client = |port: u16| (Ipv4Addr::new(172, 31, 0, 200), port);
+        // Every port held by a flow in `state` whose last packet was `ago_ns` ago.
+        let fill = |h: &mut Harness, state: CtState, ago_ns: u64| {
+            let expires = rproxy_agent::gc::monotonic_ns() + state.lifetime_ns() - ago_ns;
+            for port in snat::PORT_MIN..=snat::PORT_MAX {
+                let c = old_client(port);
+                let reply = CtValue {
+                    expires_ns: expires,
+                    state: state as u8,
+                    nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT,
+                    pair_addr: u32::from(NODE).to_be(),
+                    pair_port: 30087u16.to_be(),
+                    nat_addr: u32::from(c.0).to_be(),
+                    nat_port: c.1.to_be(),
+                    ..CtValue::default()
+                };
+                let service = CtValue {
+                    pair_addr: u32::from(REMOTE_POD).to_be(),
+                    pair_port: 8080u16.to_be(),
+                    nat_addr: u32::from(NODE).to_be(),
+                    nat_port: port.to_be(),
+                    ..reply
+                };
+                let reply_key = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
+                h.maps.conntrack.insert(reply_key, reply, 0).expect("prefill");
+                h.maps
+                    .conntrack
+                    .insert(key(c, (NODE, 30087), proto::TCP, CT_DIR_SERVICE), service, 0)
+                    .expect("prefill");
+            }
+        };
+        let syn = |cport: u16| tcp_frame((CLIENT, cport), (NODE, 30087), SYN, b"", &[]);
+
+        for (state, ago_ns) in [(CtState::Established, 5_000_000_000), (CtState::Closing, 200_000_000)] {
+            fill(h, state, ago_ns);
+            let before = h.stat(Stat::SnatExhausted);
+            let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn(CPORT));
+            assert_eq!(rc, XDP_DROP, "{state:?}, last packet {ago_ns} ns ago: not taken");
+            assert_eq!(h.stat(Stat::SnatExhausted), before + 1);
+        }
+
+        fill(h, CtState::Closing, 2_000_000_000);
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn(CPORT));
+        assert_eq!(rc, XDP_TX);
+        let seen = parse_checked(&out);
+        assert_eq!(seen.src.0, NODE);
+        let port = seen.src.1;
+        let reply_key = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
+        let reply = h.ct(&reply_key).expect("reply entry");
+        assert_eq!((reply.nat_addr, reply.nat_port), (u32::from(CLIENT).to_be(), CPORT.to_be()), "the new flow's");
+        assert_eq!(reply.state, CtState::SynSent as u8);
+        let old = key(old_client(port), (NODE, 30087), proto::TCP, CT_DIR_SERVICE);
+        assert!(h.ct(&old).is_none(), "the old flow's client-side entry is gone");
+        assert!(h.ct(&CtKey4 { dir: CT_DIR_RECLAIM, ..reply_key }).is_none(), "the reclaim lock is released");
+
+        // The reply of the backend reaches the new client.
+        let (rc, out) =
+            h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame((REMOTE_POD, 8080), (NODE, port), SYN_ACK, b"", &[]));
+        assert_eq!(rc, XDP_TX);
+        assert_eq!(parse_checked(&out).dst, (CLIENT, CPORT));
     });
 }
 

@@ -26,8 +26,10 @@ pub mod map_names {
     pub const STATS: &str = "RPX_STATS";
     pub const SOCK_REV_NAT4: &str = "RPX_SK_RNAT4";
     pub const CONFIG: &str = "RPX_CONFIG";
+    /// Per-CPU cursor of the SNAT port allocation (`snat`): a per-CPU array of one `u32`.
+    pub const SNAT_CURSOR: &str = "RPX_SNAT_CURSOR";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 7] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG];
+    pub const ALL: [&str; 8] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR];
 }
 
 /// Program names (the `#[classifier]` function names in rproxy-ebpf).
@@ -85,7 +87,21 @@ pub mod snat {
     pub const PORT_MIN: u16 = 61_000;
     pub const PORT_MAX: u16 = 65_535;
     /// Ports tried for one new flow before it is dropped and counted (`Stat::SnatExhausted`).
-    pub const TRIES: u32 = 16;
+    ///
+    /// Each CPU walks the range from a cursor (`map_names::SNAT_CURSOR`, started at a random
+    /// port), trying the next ports in turn and leaving the cursor after the port it took, like
+    /// the kernel's ephemeral port search. A port is taken again only after the whole range has
+    /// gone by (range / new-flow rate), as late as this range allows, which keeps new flows off
+    /// the tuples whose `TIME_WAIT` (60 s) the backends still hold: a SYN meeting one may be
+    /// refused and retransmitted. At the `NodePort` benchmark's ~1,500 new flows per second to
+    /// one backend the range comes round in ~3 s, and about 2.6 % of those SYNs still meet a
+    /// `TIME_WAIT` socket, as with random ports; no choice of port avoids that at such rates.
+    pub const TRIES: u32 = 32;
+    /// Number of ports in the range.
+    pub const RANGE: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
+    /// A closed flow's port may be taken by a new flow this long after it closed (its last
+    /// packets have arrived by then); before that, and for flows still open, never.
+    pub const REUSE_AFTER_NS: u64 = 1_000_000_000;
 }
 
 /// IP protocol numbers as carried in keys.
@@ -232,6 +248,9 @@ pub struct CtKey4 {
 
 pub const CT_DIR_SERVICE: u8 = 1;
 pub const CT_DIR_REPLY: u8 = 2;
+/// A lock held for nanoseconds while the datapath takes over a closed flow's SNAT port (the
+/// reply key with this direction; see the eBPF `conntrack::reclaim_snat`). A dump may catch one.
+pub const CT_DIR_RECLAIM: u8 = 3;
 
 /// Conntrack value. The TCP state is kept in both entries of a flow: packets carrying SYN, FIN
 /// or RST update the entry they hit and its pair; other packets only refresh their own entry.

@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
     Backend4, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV, CT_F_SYN_FWD,
-    CT_F_SYN_REV, CtKey4, CtState, CtValue, proto,
+    CT_DIR_RECLAIM, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue, proto, snat,
 };
 
 use crate::{
@@ -179,4 +179,70 @@ pub fn create_nat(
     let (reply, reply_value, service_value) = flow_entries(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
     CT4.insert(reply, reply_value, BPF_ANY)?;
     CT4.insert(service_key(pkt), service_value, BPF_ANY)
+}
+
+/// Takes over the SNAT port of `reply` (a reply key whose insertion failed: the port is in use
+/// towards this backend) if the flow holding it has closed and been quiet for
+/// `snat::REUSE_AFTER_NS`, storing `value` in its place. Without this a closed flow would hold
+/// its port until its entries expire and the agent's GC removes them (10 to 20 s), which caps
+/// new connections to one backend at a few hundred per second.
+///
+/// Two CPUs must never take one port. The claim is made under a lock entry: the same key with
+/// `CT_DIR_RECLAIM`, inserted with `BPF_NOEXIST` (only one CPU succeeds) and removed before
+/// returning. Under it the entry is read again and checked, removed, and the new one inserted
+/// with `BPF_NOEXIST` (a CPU that found the port free in between has it instead). Only entries
+/// not yet expired, on both sides of the old flow, are taken: the GC never removes an entry that
+/// was alive when it looked (it re-reads before deleting). The old flow's client-side entry is
+/// removed too, so a late packet of the old client cannot touch the new flow.
+#[inline(always)]
+pub fn reclaim_snat(reply: &CtKey4, value: &CtValue, now: u64) -> bool {
+    // A cheap look first: most taken ports belong to open flows.
+    if reclaimable(reply, now).is_none() {
+        return false;
+    }
+    let lock = CtKey4 { dir: CT_DIR_RECLAIM, ..*reply };
+    if CT4.insert(lock, CtValue::default(), BPF_NOEXIST).is_err() {
+        return false;
+    }
+    let won = claim(reply, value, now);
+    let _ = CT4.remove(lock);
+    won
+}
+
+#[inline(always)]
+fn claim(reply: &CtKey4, value: &CtValue, now: u64) -> bool {
+    let Some(client_side) = reclaimable(reply, now) else {
+        return false;
+    };
+    if CT4.remove(reply).is_err() || CT4.insert(*reply, *value, BPF_NOEXIST).is_err() {
+        return false;
+    }
+    let _ = CT4.remove(client_side);
+    true
+}
+
+/// If the SNAT reply entry `reply` and its client-side pair are quietly closing, the pair's key.
+#[inline(always)]
+fn reclaimable(reply: &CtKey4, now: u64) -> Option<CtKey4> {
+    // SAFETY: copied out at once.
+    let old = *unsafe { CT4.get(reply) }?;
+    if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(&old, now) {
+        return None;
+    }
+    let client_side = reply.pair(&old);
+    // SAFETY: copied out at once.
+    if let Some(c) = unsafe { CT4.get(client_side) }
+        && !quiet_closing(c, now)
+    {
+        return None;
+    }
+    Some(client_side)
+}
+
+/// A closing entry, not expired, that has seen no packet for `snat::REUSE_AFTER_NS` (every
+/// packet sets the expiry to the state's lifetime from now).
+#[inline(always)]
+fn quiet_closing(v: &CtValue, now: u64) -> bool {
+    let last_packet = v.expires_ns.saturating_sub(CtState::Closing.lifetime_ns());
+    v.state == CtState::Closing as u8 && v.expires_ns > now && now >= last_packet + snat::REUSE_AFTER_NS
 }

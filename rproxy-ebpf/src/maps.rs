@@ -41,6 +41,10 @@ pub static SK_RNAT4: LruHashMap<SockRevKey4, RevNat4> = LruHashMap::pinned(SOCK_
 #[map(name = "RPX_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
+/// Where each CPU's next SNAT port search starts (see `rproxy_common::snat`).
+#[map(name = "RPX_SNAT_CURSOR")]
+pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 

@@ -23,7 +23,7 @@ use crate::{
     ctx::Ctx,
     fib::{self, Route},
     lb,
-    maps::{CT4, SVC4, count},
+    maps::{CT4, SNAT_CURSOR, SVC4, count},
     nat::{self, Tuple4},
     parse::{self, Packet4},
 };
@@ -40,7 +40,6 @@ pub enum Action {
 }
 
 const NORTH_SOUTH: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
-const SNAT_RANGE: u32 = (snat::PORT_MAX - snat::PORT_MIN) as u32 + 1;
 
 /// A packet on an external device's ingress.
 #[inline(always)]
@@ -119,18 +118,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let flags = CT_NAT_EXTERNAL | CT_NAT_SNAT;
     let (mut reply, reply_value, service_value) =
         conntrack::flow_entries(&pkt, backend_id, &be, svc.rev_nat_id, (src, 0), flags, now);
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() } % SNAT_RANGE;
-    let mut port = None;
-    for i in 0..snat::TRIES {
-        let p = snat::PORT_MIN + ((start + i) % SNAT_RANGE) as u16;
-        reply.dport = p.to_be();
-        if CT4.insert(reply, reply_value, BPF_NOEXIST).is_ok() {
-            port = Some(p.to_be());
-            break;
-        }
-    }
-    let Some(port) = port else {
+    let Some(port) = allocate_port(&mut reply, &reply_value, now) else {
         count(Stat::SnatExhausted);
         return Ok(Action::Drop);
     };
@@ -143,6 +131,36 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     nat::rewrite_tuple(ctx, &pkt, &Tuple4 { saddr: src, daddr: be.addr, sport: port, dport: be.port })?;
     count(Stat::NewFlow);
     forward(ctx, &route)
+}
+
+/// Finds a free SNAT port for the reply entry `reply` (its `dport` is set to each candidate in
+/// turn) and inserts the entry: the first port after this CPU's cursor that is free or held by a
+/// quietly closed flow (`conntrack::reclaim_snat`). Returns the port (wire order), or `None`
+/// after `snat::TRIES` taken ports. See `rproxy_common::snat`.
+#[inline(always)]
+fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
+    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+    let mut next = unsafe { *cursor };
+    if next == 0 {
+        // First use on this CPU: start somewhere random, so CPUs walk different stretches.
+        // SAFETY: helper without arguments.
+        next = unsafe { bpf_get_prandom_u32() };
+    }
+    for _ in 0..snat::TRIES {
+        let offset = next % snat::RANGE;
+        next = offset + 1;
+        let p = (snat::PORT_MIN + offset as u16).to_be();
+        reply.dport = p;
+        if CT4.insert(*reply, *value, BPF_NOEXIST).is_ok() || conntrack::reclaim_snat(reply, value, now) {
+            // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
+            unsafe { *cursor = next };
+            return Some(p);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *cursor = next };
+    None
 }
 
 /// A packet of a known north-south flow from the client.
