@@ -157,6 +157,7 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
             let port = seen.src.1;
             assert!((snat::PORT_MIN..=snat::PORT_MAX).contains(&port), "SNAT port {port}");
             assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to the other node's MAC from ours");
+            assert_eq!(seen.ttl, 63, "forwarded: TTL decremented (checksums checked by parse_checked)");
             let reply = h.ct(&key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY)).expect("reply entry");
             assert_eq!(reply.nat_flags, CT_NAT_EXTERNAL | CT_NAT_SNAT);
 
@@ -165,6 +166,7 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
             let seen = parse_checked(&out);
             assert_eq!((seen.src, seen.dst), ((NODE, 30081), c));
             assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+            assert_eq!(seen.ttl, 63);
 
             let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), ACK, b"data", &[]));
             assert_eq!(rc, ok);
@@ -172,6 +174,14 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
             assert_eq!((seen.src, seen.dst, seen.payload.as_slice()), ((NODE, port), (REMOTE_POD, 8080), &b"data"[..]));
         }
         assert_eq!(h.stat(Stat::Forwarded), 6);
+
+        // A packet that forwarding would take to TTL 0 is dropped, before any state is made.
+        let mut syn = tcp_frame((CLIENT, CPORT + 2), (NODE, 30081), SYN, b"", &[]);
+        syn[14 + 8] = 1;
+        let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn);
+        assert_eq!(rc, XDP_DROP);
+        assert_eq!(h.stat(Stat::TtlExceeded), 1);
+        assert!(h.ct(&key((CLIENT, CPORT + 2), (NODE, 30081), proto::TCP, CT_DIR_SERVICE)).is_none());
     });
 }
 

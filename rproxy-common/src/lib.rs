@@ -388,10 +388,13 @@ pub enum Stat {
     FibFail = 9,
     /// North-south packets transmitted from the hook to another node or back to the client.
     Forwarded = 10,
+    /// North-south packets that would have been forwarded with a TTL of 1 or less: dropped, as
+    /// a router would (without the ICMP time-exceeded message).
+    TtlExceeded = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -404,6 +407,7 @@ impl Stat {
         Self::SnatExhausted,
         Self::FibFail,
         Self::Forwarded,
+        Self::TtlExceeded,
     ];
 
     #[must_use]
@@ -420,6 +424,7 @@ impl Stat {
             Self::SnatExhausted => "snat_exhausted",
             Self::FibFail => "fib_fail",
             Self::Forwarded => "forwarded",
+            Self::TtlExceeded => "ttl_exceeded",
         }
     }
 }

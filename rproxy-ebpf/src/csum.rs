@@ -90,3 +90,21 @@ pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<
     }
     Ok(())
 }
+
+/// Updates the IPv4 header checksum for a change of one 16-bit header word from `old` to `new`
+/// (both as they are in memory); the caller writes the word.
+#[inline(always)]
+pub fn update_ip_word<C: Ctx>(ctx: &C, old: u16, new: u16) -> Result<(), i64> {
+    if C::SKB {
+        let skb: *mut __sk_buff = ctx.as_ptr().cast();
+        #[expect(clippy::cast_possible_truncation, reason = "header offset below 100")]
+        let off = IP_CSUM_OFF as u32;
+        // SAFETY: skb is this program's context; the offset is inside the parsed IPv4 header.
+        let r = unsafe { bpf_l3_csum_replace(skb, off, u64::from(old), u64::from(new), 2) };
+        return if r < 0 { Err(r) } else { Ok(()) };
+    }
+    let ip: *mut u16 = ptr_at(ctx, IP_CSUM_OFF).ok_or(-1i64)?;
+    // SAFETY: bounds-checked; unaligned for the same reason as in `update`.
+    unsafe { ip.write_unaligned(apply(ip.read_unaligned(), u32::from(!old), u32::from(new))) };
+    Ok(())
+}

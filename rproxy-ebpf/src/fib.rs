@@ -7,7 +7,11 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 
-use crate::{ctx::Ctx, parse::ptr_at};
+use crate::{
+    csum,
+    ctx::Ctx,
+    parse::{IP_TTL_OFF, ptr_at},
+};
 
 const AF_INET: u8 = 2;
 
@@ -56,5 +60,21 @@ pub fn set_macs<C: Ctx>(ctx: &C, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), i
         (*eth).dst_addr = *dmac;
         (*eth).src_addr = *smac;
     }
+    Ok(())
+}
+
+/// Decrements the TTL of a packet this node forwards, as a router does (the caller has checked
+/// that it is above 1), with the header checksum updated.
+#[inline(always)]
+pub fn dec_ttl<C: Ctx>(ctx: &C) -> Result<(), i64> {
+    let word: *mut [u8; 2] = ptr_at(ctx, IP_TTL_OFF).ok_or(-1i64)?;
+    // SAFETY: bounds-checked by ptr_at; TTL and protocol, one 16-bit word of the header.
+    let [ttl, proto] = unsafe { word.read_unaligned() };
+    let new = [ttl.saturating_sub(1), proto];
+    csum::update_ip_word(ctx, u16::from_ne_bytes([ttl, proto]), u16::from_ne_bytes(new))?;
+    // The checksum helper may have moved the skb's data: check again.
+    let word: *mut [u8; 2] = ptr_at(ctx, IP_TTL_OFF).ok_or(-1i64)?;
+    // SAFETY: as above.
+    unsafe { word.write_unaligned(new) };
     Ok(())
 }

@@ -107,7 +107,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         return Ok(Action::Pass);
     }
     // Remote backend: the FIB first (it names the SNAT address), then state, then the rewrite.
-    let route = match usable_route(ctx, pkt.proto, 0, be.addr, true) {
+    let route = match usable_route(ctx, &pkt, 0, be.addr, true) {
         Ok(r) => r,
         Err(action) => return Ok(action),
     };
@@ -177,7 +177,7 @@ fn established<C: Ctx>(
     let route = if v.nat_flags & CT_NAT_SNAT == 0 {
         None
     } else {
-        match usable_route(ctx, pkt.proto, new.saddr, new.daddr, false) {
+        match usable_route(ctx, pkt, new.saddr, new.daddr, false) {
             Ok(r) => Some(r),
             Err(action) => return Ok(action),
         }
@@ -195,7 +195,7 @@ fn established<C: Ctx>(
 #[inline(always)]
 fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v: &CtValue) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
-    let route = match usable_route(ctx, pkt.proto, new.saddr, new.daddr, false) {
+    let route = match usable_route(ctx, pkt, new.saddr, new.daddr, false) {
         Ok(r) => r,
         Err(action) => return Ok(action),
     };
@@ -207,10 +207,14 @@ fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v:
 
 /// The route to `daddr` (see `fib::lookup`), or, when this hook cannot forward along it, what
 /// to do with the still untouched packet: XDP hands an unresolved next hop to TC (`Pass`); no
-/// usable route drops and counts.
+/// usable route, or a TTL that forwarding would take to 0, drops and counts.
 #[inline(always)]
-fn usable_route<C: Ctx>(ctx: &C, proto: u8, saddr: u32, daddr: u32, want_src: bool) -> Result<Route, Action> {
-    match fib::lookup(ctx, proto, saddr, daddr, want_src) {
+fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src: bool) -> Result<Route, Action> {
+    if pkt.ttl <= 1 {
+        count(Stat::TtlExceeded);
+        return Err(Action::Drop);
+    }
+    match fib::lookup(ctx, pkt.proto, saddr, daddr, want_src) {
         Route::NoNeigh { .. } if !C::SKB => Err(Action::Pass),
         Route::Unusable => {
             count(Stat::FibFail);
@@ -220,9 +224,12 @@ fn usable_route<C: Ctx>(ctx: &C, proto: u8, saddr: u32, daddr: u32, want_src: bo
     }
 }
 
-/// Transmits a rewritten packet along `route`.
+/// Transmits a rewritten packet along `route`, its TTL decremented.
 #[inline(always)]
 fn forward<C: Ctx>(ctx: &C, route: &Route) -> Result<Action, i64> {
+    if !matches!(route, Route::Unusable) {
+        fib::dec_ttl(ctx)?;
+    }
     match route {
         Route::Ready { ifindex, smac, dmac, .. } => {
             fib::set_macs(ctx, smac, dmac)?;

@@ -20,6 +20,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Offsets of the IPv4 header fields the NAT rewrites.
+pub const IP_TTL_OFF: usize = EthHdr::LEN + 8;
 pub const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
 pub const IP_SADDR_OFF: usize = EthHdr::LEN + 12;
 pub const IP_DADDR_OFF: usize = EthHdr::LEN + 16;
@@ -36,6 +37,8 @@ pub struct Packet4 {
     pub tcp_flags: u8,
     /// IPv4 fragment (first or later): not translated.
     pub fragment: bool,
+    /// IPv4 time to live.
+    pub ttl: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
@@ -90,7 +93,8 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
     let daddr = u32::from_ne_bytes(ip.dst_addr);
     let proto = ip.proto;
     let l4_off = EthHdr::LEN + ihl;
-    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, l4_off };
+    let ttl = ip.ttl;
+    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, ttl, l4_off };
     if fragment {
         // Later fragments carry no L4 header; report the packet so the caller can count it.
         return Some(pkt);

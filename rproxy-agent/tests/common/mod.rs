@@ -137,6 +137,7 @@ pub fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> 
 /// Parsed addresses of an output frame, with both checksums verified.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Seen {
+    pub ttl: u8,
     pub src: (Ipv4Addr, u16),
     pub dst: (Ipv4Addr, u16),
     pub payload: Vec<u8>,
@@ -200,5 +201,5 @@ pub fn parse_checked(frame: &[u8]) -> Seen {
         }
         other => panic!("unexpected transport {other:?}"),
     };
-    Seen { src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
+    Seen { ttl: h.time_to_live, src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
 }
