@@ -152,6 +152,9 @@ impl Datapath {
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
         ensure_bpffs(dir)?;
+        if pin_dir.is_some() {
+            check_pinned_maps(dir)?;
+        }
         loader.default_map_pin_directory(dir);
         let result = loader.load(EBPF_OBJECT);
         if let Some(tmp) = &scratch {
@@ -556,6 +559,70 @@ pub fn cleanup(dir: &Path) -> Result<()> {
     }
 }
 
+/// What must agree between a map pinned by an earlier agent and this agent's definition of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    /// How `found` (pinned) differs from `self` (wanted), if it does.
+    #[must_use]
+    pub fn mismatch(&self, found: &Self) -> Option<String> {
+        let fields = [
+            ("type", self.map_type, found.map_type),
+            ("key size", self.key_size, found.key_size),
+            ("value size", self.value_size, found.value_size),
+            ("max entries", self.max_entries, found.max_entries),
+            ("flags", self.flags, found.flags),
+        ];
+        let diffs: Vec<String> = fields
+            .iter()
+            .filter(|(_, want, got)| want != got)
+            .map(|(what, want, got)| format!("{what} {got}, needs {want}"))
+            .collect();
+        (!diffs.is_empty()).then(|| diffs.join(", "))
+    }
+}
+
+/// Refuses to start on maps pinned in `dir` whose shape differs from this agent's object (an
+/// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
+/// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual.
+fn check_pinned_maps(dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| Error::Object(e.to_string()))?;
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let want = object.maps.get(name).ok_or(Error::MissingMap { name })?;
+        let want = MapShape {
+            map_type: want.map_type(),
+            key_size: want.key_size(),
+            value_size: want.value_size(),
+            max_entries: want.max_entries(),
+            flags: want.map_flags(),
+        };
+        let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|source| Error::Map { name, source })?;
+        let found = MapShape {
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "bpf_map_type values")]
+            map_type: info.map_type().map_or(u32::MAX, |t| t as isize as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        if let Some(detail) = want.mismatch(&found) {
+            return Err(Error::PinnedMapMismatch { name, dir: dir.to_path_buf(), detail });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,6 +634,14 @@ mod tests {
         assert_eq!(cgroup2_mount(v1_only), None);
         let hybrid = format!("{v1_only}41 31 0:38 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n");
         assert_eq!(cgroup2_mount(&hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn map_shape_mismatch_names_each_difference() {
+        let want = MapShape { map_type: 9, key_size: 16, value_size: 32, max_entries: 1024, flags: 0 };
+        assert_eq!(want.mismatch(&want), None);
+        let old = MapShape { value_size: 24, flags: 2, ..want };
+        assert_eq!(want.mismatch(&old).as_deref(), Some("value size 24, needs 32, flags 2, needs 0"));
     }
 
     #[test]

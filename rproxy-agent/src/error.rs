@@ -13,6 +13,14 @@ pub enum Error {
     Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error(
+        "map {name} pinned in {dir} does not fit this agent ({detail}): it was made by another \
+         rproxy version. Run `rproxy-agent cleanup --bpffs {dir}` once, then start again \
+         (connections through this node are dropped)"
+    )]
+    PinnedMapMismatch { name: &'static str, dir: PathBuf, detail: String },
+    #[error("parsing the embedded eBPF object: {0}")]
+    Object(String),
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
     #[error("program {name} is missing from the eBPF object")]

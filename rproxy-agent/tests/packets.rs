@@ -293,3 +293,40 @@ fn backends_are_chosen_among_all() {
     }
     assert_eq!(seen.len(), BACKENDS.len(), "200 new flows should reach all 3 backends");
 }
+
+/// Removes a test's pin dir, also when the test fails.
+struct PinDirCleanup(std::path::PathBuf);
+
+impl Drop for PinDirCleanup {
+    fn drop(&mut self) {
+        let _ = rproxy_agent::datapath::cleanup(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A map pinned by another rproxy version with a different layout (here the 24-byte conntrack
+/// value of earlier agents) stops the load with an error that names the map and the way out,
+/// and leaves the pinned map alone.
+#[test]
+fn pinned_map_of_another_layout_is_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if harness().is_none() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/rpxtest-pinned-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let _cleanup = PinDirCleanup(dir.clone());
+    let pin = dir.join(rproxy_common::map_names::CT4);
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "lru_hash", "key", "16", "value", "24", "entries", "1024", "name", "RPX_CT4"])
+        .status()
+        .expect("bpftool (scripts/setup.sh installs it)");
+    assert!(status.success(), "bpftool map create");
+    let err = rproxy_agent::datapath::Datapath::load(Some(&dir)).err().expect("load must refuse the old map");
+    let msg = err.to_string();
+    assert!(msg.contains("RPX_CT4") && msg.contains("value size 24, needs 32") && msg.contains("cleanup"), "{msg}");
+    assert!(pin.exists(), "the pinned map is left alone");
+}
