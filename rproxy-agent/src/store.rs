@@ -449,7 +449,12 @@ fn group<T: Meta>(kind: &'static str, all: impl Iterator<Item = T>) -> (HashMap<
     let mut unnamed = Vec::new();
     for obj in all {
         match object_ref(obj.meta()) {
-            Some(r) => by_ref.entry(r).or_default().push(obj),
+            Some(r) => {
+                // Exactly: a first push would make room for four (over 3 KiB for a Service).
+                let definitions = by_ref.entry(r).or_default();
+                definitions.reserve_exact(1);
+                definitions.push(obj);
+            }
             None => unnamed.push(Problem {
                 kind,
                 object: format!("{}/(no name)", translate::namespace_of(obj.meta())),
