@@ -140,8 +140,6 @@ pub struct Store {
     listed_slices: Option<Listing<CompactSlice>>,
     /// The field selector matches one name: at most one.
     listed_node: Option<Vec<Node>>,
-    /// Slice → the unit it belongs to.
-    slice_unit: HashMap<ObjectRef, ObjectRef>,
     /// Unit → its slices.
     unit_slices: HashMap<ObjectRef, Vec<ObjectRef>>,
     node: Option<Node>,
@@ -174,7 +172,6 @@ impl Store {
             listed_services: None,
             listed_slices: None,
             listed_node: None,
-            slice_unit: HashMap::new(),
             unit_slices: HashMap::new(),
             node: None,
             units: HashMap::new(),
@@ -363,6 +360,10 @@ impl Store {
                 let claimants = self.claims.entry(*fe).or_default();
                 let key = unit_ref.to_string();
                 if let Err(at) = claimants.binary_search_by(|(k, _)| k.cmp(&key)) {
+                    if claimants.is_empty() {
+                        // Most frontends have one claimant: not room for four.
+                        claimants.reserve_exact(1);
+                    }
                     claimants.insert(at, (key, unit_ref.clone()));
                 }
                 touched.insert(*fe);
@@ -494,7 +495,7 @@ impl Store {
         if !changed {
             return;
         }
-        if let Some(old_unit) = self.slice_unit.remove(&r) {
+        if let Some(old_unit) = self.slices.get(&r).map(|old| slice_unit(&r, old)) {
             if let Some(set) = self.unit_slices.get_mut(&old_unit) {
                 set.retain(|s| *s != r);
                 if set.is_empty() {
@@ -508,9 +509,12 @@ impl Store {
                 let unit = slice_unit(&r, &new);
                 let set = self.unit_slices.entry(unit.clone()).or_default();
                 if !set.contains(&r) {
+                    if set.is_empty() {
+                        // Most Services have one slice: not room for four.
+                        set.reserve_exact(1);
+                    }
                     set.push(r.clone());
                 }
-                self.slice_unit.insert(r.clone(), unit.clone());
                 self.slices.insert(r, new);
                 self.dirty.insert(unit);
             }
