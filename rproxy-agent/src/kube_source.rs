@@ -12,9 +12,11 @@
 //! [`Update::ListDone`] (the store then replaces what it held with the complete set, so objects
 //! deleted while the watch was down disappear), then [`Update::Synced`]. Nothing here holds a
 //! list: with 10,000 Services and their slices, a buffered list would be tens of MiB of API
-//! objects next to the store's copies. Watch errors never end a watcher: it retries with kube's default backoff
-//! (0.8 s doubling to 30 s, jittered), relists when the server says the resource version is gone
-//! (410), and each error is logged and counted in [`Stats`].
+//! objects next to the store's copies.
+//!
+//! Watch errors never end a watcher: it retries with kube's default backoff (0.8 s doubling to
+//! 30 s, jittered), relists when the server says the resource version is gone (410), and each
+//! error is logged and counted in [`Stats`].
 use std::{
     marker::PhantomData,
     pin::pin,
