@@ -7,13 +7,18 @@
 //!   neither handled by another proxy nor belonging to a headless Service);
 //! - this node's Node, selected with the field selector `metadata.name=<node>`.
 //!
-//! Every (re)list ends with [`Update::ResetServices`] / [`Update::ResetSlices`] / [`Update::Node`]
-//! carrying the complete set, then [`Update::Synced`], so objects deleted while the watch was
-//! down disappear. Watch errors never end a watcher: it retries with kube's default backoff
-//! (0.8 s doubling to 30 s, jittered), relists when the server says the resource version is gone
-//! (410), and each error is logged and counted in [`Stats`].
+//! Every (re)list is streamed as it is read, page by page: [`Update::ListStart`], one
+//! [`Update::ListedService`] / [`Update::ListedSlice`] / [`Update::ListedNode`] per object,
+//! [`Update::ListDone`] (the store then replaces what it held with the complete set, so objects
+//! deleted while the watch was down disappear), then [`Update::Synced`]. Nothing here holds a
+//! list: with 10,000 Services and their slices, a buffered list would be tens of MiB of API
+//! objects next to the store's copies.
+//!
+//! Watch errors never end a watcher: it retries with kube's default backoff (0.8 s doubling to
+//! 30 s, jittered), relists when the server says the resource version is gone (410), and each
+//! error is logged and counted in [`Stats`].
 use std::{
-    mem,
+    marker::PhantomData,
     pin::pin,
     sync::{
         Arc,
@@ -184,8 +189,8 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: &mpsc::Send
                         }
                         lists += 1;
                     }
-                    // Trimmed as they arrive, so that a list of thousands never sits in memory
-                    // in full (see `slim`).
+                    // Trimmed as they arrive, so that the updates queued for the store are
+                    // small (see `slim`).
                     let event = match event {
                         Event::Apply(o) => Event::Apply(K::slim(o)),
                         Event::Delete(o) => Event::Delete(K::slim(o)),
@@ -238,10 +243,10 @@ fn is_expired(err: &watcher::Error) -> bool {
 
 /// A kind this source watches, and how its objects become [`Update`]s.
 trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static {
-    /// The name in [`Update::Synced`] and in logs.
+    /// The name in [`Update::ListStart`], [`Update::ListDone`], [`Update::Synced`] and in logs.
     const KIND: &'static str;
-    /// The complete set, after a list.
-    fn reset(objects: Vec<Self>) -> Update;
+    /// One object of a (re)list.
+    fn listed(object: Self) -> Update;
     fn apply(object: Self) -> Update;
     fn delete(object: Self) -> Update;
     fn stats(stats: &Stats) -> &KindStats;
@@ -253,8 +258,8 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt:
 
 impl Watched for Service {
     const KIND: &'static str = "Service";
-    fn reset(objects: Vec<Self>) -> Update {
-        Update::ResetServices(objects)
+    fn listed(object: Self) -> Update {
+        Update::ListedService(Box::new(object))
     }
     fn apply(object: Self) -> Update {
         Update::ApplyService(Box::new(object))
@@ -272,8 +277,8 @@ impl Watched for Service {
 
 impl Watched for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
-    fn reset(objects: Vec<Self>) -> Update {
-        Update::ResetSlices(objects)
+    fn listed(object: Self) -> Update {
+        Update::ListedSlice(Box::new(object))
     }
     fn apply(object: Self) -> Update {
         Update::ApplySlice(Box::new(object))
@@ -292,8 +297,8 @@ impl Watched for EndpointSlice {
 impl Watched for Node {
     const KIND: &'static str = "Node";
     /// The field selector matches one name, so the list has at most one object.
-    fn reset(mut objects: Vec<Self>) -> Update {
-        Update::Node(objects.pop().map(Box::new))
+    fn listed(object: Self) -> Update {
+        Update::ListedNode(Box::new(object))
     }
     fn apply(object: Self) -> Update {
         Update::Node(Some(Box::new(object)))
@@ -306,15 +311,16 @@ impl Watched for Node {
     }
 }
 
-/// Turns one watcher's events into [`Update`]s: the objects of a (re)list are buffered from
-/// `Init` to `InitDone`, then sent as one reset.
+/// Turns one watcher's events into [`Update`]s, streaming its (re)lists (see the module
+/// documentation), and counts the objects each list gave.
 struct EventMapper<K> {
-    buffer: Vec<K>,
+    listed: usize,
+    kind: PhantomData<fn() -> K>,
 }
 
 impl<K> Default for EventMapper<K> {
     fn default() -> Self {
-        Self { buffer: Vec::new() }
+        Self { listed: 0, kind: PhantomData }
     }
 }
 
@@ -330,19 +336,16 @@ impl<K: Watched> EventMapper<K> {
     fn map(&mut self, event: Event<K>) -> Mapped {
         let (updates, synced) = match event {
             Event::Init => {
-                // A list that failed half-way starts over with a new `Init`.
-                self.buffer.clear();
-                (Vec::new(), None)
+                // A list that failed half-way starts over with a new `Init`, and so a new
+                // `ListStart`, which drops its partial objects.
+                self.listed = 0;
+                (vec![Update::ListStart(K::KIND)], None)
             }
             Event::InitApply(object) => {
-                self.buffer.push(object);
-                (Vec::new(), None)
+                self.listed += 1;
+                (vec![K::listed(object)], None)
             }
-            Event::InitDone => {
-                let objects = mem::take(&mut self.buffer);
-                let count = objects.len();
-                (vec![K::reset(objects), Update::Synced(K::KIND)], Some(count))
-            }
+            Event::InitDone => (vec![Update::ListDone(K::KIND), Update::Synced(K::KIND)], Some(self.listed)),
             Event::Apply(object) => (vec![K::apply(object)], None),
             Event::Delete(object) => (vec![K::delete(object)], None),
         };

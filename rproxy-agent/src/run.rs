@@ -310,9 +310,10 @@ impl Agent {
                     self.ready = self.synced.len() == 2;
                 }
             }
-            Update::Node(node) => {
+            update @ (Update::Node(_) | Update::ListDone("Node")) => {
+                self.store.apply(update);
+                let node = self.store.node();
                 let addresses: Vec<String> = node
-                    .as_ref()
                     .and_then(|n| n.status.as_ref())
                     .and_then(|s| s.addresses.as_ref())
                     .map(|a| a.iter().map(|a| format!("{}={}", a.type_, a.address)).collect())
@@ -322,7 +323,6 @@ impl Agent {
                 } else {
                     warn!(node = %self.cfg.node_name, "no Node object for this node");
                 }
-                self.store.apply(Update::Node(node));
             }
             other => self.store.apply(other),
         }

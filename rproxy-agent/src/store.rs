@@ -17,6 +17,12 @@
 //!
 //! The node's addresses ([`Store::set_node_addresses`]) are an input of the translation too:
 //! when they change, every Service with a `nodePort` is re-translated by the next flush.
+//!
+//! Memory: Services are kept trimmed ([`slim::service`]), `EndpointSlices` packed
+//! ([`CompactSlice`]); a Service's slices are rebuilt as API objects only while it is
+//! translated. A streamed list ([`Update::ListStart`] … [`Update::ListDone`]) is gathered in the
+//! same forms, and replaces the held set of its kind only when complete, so that a relist is
+//! applied at once, and its objects never sit in memory as API objects all together.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
     net::Ipv4Addr,
@@ -29,9 +35,9 @@ use k8s_openapi::{
 
 use crate::{
     model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
-    slim,
+    slim::{self, CompactSlice},
     source::Update,
-    translate::{self, SERVICE_NAME_LABEL},
+    translate,
 };
 
 /// The translated state of one unit: a Service (by `namespace/name`) with its slices, or a
@@ -72,15 +78,68 @@ pub struct Changes {
 /// translation reports (the API never does).
 type Objects<T> = HashMap<ObjectRef, Vec<T>>;
 
+/// A list in progress: what it has listed so far.
+#[derive(Debug)]
+struct Listing<T> {
+    objects: Objects<T>,
+    /// Objects without a name, as problems.
+    unnamed: Vec<Problem>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Self { objects: HashMap::new(), unnamed: Vec::new() }
+    }
+}
+
+impl<T> Listing<T> {
+    /// Adds one listed object as `keep` converts it, if it has a name.
+    fn add<O: Meta>(&mut self, kind: &'static str, object: O, keep: impl FnOnce(O) -> T) {
+        match object_ref(object.meta()) {
+            Some(r) => {
+                // Exactly: a first push would make room for four (over 3 KiB for a Service).
+                let definitions = self.objects.entry(r).or_default();
+                definitions.reserve_exact(1);
+                definitions.push(keep(object));
+            }
+            None => self.unnamed.push(Problem {
+                kind,
+                object: format!("{}/(no name)", translate::namespace_of(object.meta())),
+                reason: String::from("missing metadata.name"),
+            }),
+        }
+    }
+}
+
+/// Objects with a metadata accessor.
+trait Meta {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl Meta for Service {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl Meta for EndpointSlice {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Store {
     /// This node's name and addresses: the translation's input besides the objects.
     context: NodeContext,
     services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
-    /// Slice → the unit it belongs to.
-    slice_unit: HashMap<ObjectRef, ObjectRef>,
+    slices: Objects<CompactSlice>,
+    /// Lists in progress ([`Update::ListStart`] to [`Update::ListDone`]).
+    listed_services: Option<Listing<Service>>,
+    listed_slices: Option<Listing<CompactSlice>>,
+    /// The field selector matches one name: at most one.
+    listed_node: Option<Vec<Node>>,
     /// Unit → its slices.
     unit_slices: HashMap<ObjectRef, Vec<ObjectRef>>,
     node: Option<Node>,
@@ -110,7 +169,9 @@ impl Store {
             context: NodeContext::named(node_name),
             services: HashMap::new(),
             slices: HashMap::new(),
-            slice_unit: HashMap::new(),
+            listed_services: None,
+            listed_slices: None,
+            listed_node: None,
             unit_slices: HashMap::new(),
             node: None,
             units: HashMap::new(),
@@ -163,10 +224,58 @@ impl Store {
     }
 
     /// Takes one update into account (translation waits for [`Store::flush`]).
+    ///
+    /// An object listed without a [`Update::ListStart`] starts a list; a [`Update::ListDone`]
+    /// without one is ignored.
     pub fn apply(&mut self, update: Update) {
         match update {
-            Update::ResetServices(all) => self.reset_services(all),
-            Update::ResetSlices(all) => self.reset_slices(all),
+            Update::ResetServices(all) => {
+                let mut listing = Listing::default();
+                for svc in all {
+                    listing.add("Service", svc, slim::service);
+                }
+                self.reset_services(listing);
+            }
+            Update::ResetSlices(all) => {
+                let mut listing = Listing::default();
+                for slice in all {
+                    listing.add("EndpointSlice", slice, |s| CompactSlice::new(&s, &self.context.name));
+                }
+                self.reset_slices(listing);
+            }
+            Update::ListStart(kind) => match kind {
+                "Service" => self.listed_services = Some(Listing::default()),
+                "EndpointSlice" => self.listed_slices = Some(Listing::default()),
+                "Node" => self.listed_node = Some(Vec::new()),
+                _ => {}
+            },
+            Update::ListedService(svc) => {
+                let listing = self.listed_services.get_or_insert_default();
+                listing.add("Service", *svc, slim::service);
+            }
+            Update::ListedSlice(slice) => {
+                let listing = self.listed_slices.get_or_insert_default();
+                listing.add("EndpointSlice", *slice, |s| CompactSlice::new(&s, &self.context.name));
+            }
+            Update::ListedNode(node) => self.listed_node.get_or_insert_default().push(*node),
+            Update::ListDone(kind) => match kind {
+                "Service" => {
+                    if let Some(listing) = self.listed_services.take() {
+                        self.reset_services(listing);
+                    }
+                }
+                "EndpointSlice" => {
+                    if let Some(listing) = self.listed_slices.take() {
+                        self.reset_slices(listing);
+                    }
+                }
+                "Node" => {
+                    if let Some(mut nodes) = self.listed_node.take() {
+                        self.node = nodes.pop();
+                    }
+                }
+                _ => {}
+            },
             Update::ApplyService(svc) => {
                 if let Some(r) = named("Service", &svc.metadata) {
                     self.put_service(r, Some(vec![slim::service(*svc)]));
@@ -179,7 +288,7 @@ impl Store {
             }
             Update::ApplySlice(slice) => {
                 if let Some(r) = named("EndpointSlice", &slice.metadata) {
-                    self.put_slice(r, Some(vec![slim::slice(*slice)]));
+                    self.put_slice(r, Some(vec![CompactSlice::new(&slice, &self.context.name)]));
                 }
             }
             Update::DeleteSlice(slice) => {
@@ -251,6 +360,10 @@ impl Store {
                 let claimants = self.claims.entry(*fe).or_default();
                 let key = unit_ref.to_string();
                 if let Err(at) = claimants.binary_search_by(|(k, _)| k.cmp(&key)) {
+                    if claimants.is_empty() {
+                        // Most frontends have one claimant: not room for four.
+                        claimants.reserve_exact(1);
+                    }
                     claimants.insert(at, (key, unit_ref.clone()));
                 }
                 touched.insert(*fe);
@@ -277,11 +390,18 @@ impl Store {
 
     fn translate_unit(&self, unit_ref: &ObjectRef) -> Unit {
         let services: Vec<&Service> = self.services.get(unit_ref).into_iter().flatten().collect();
-        let slices: Vec<&EndpointSlice> =
-            self.unit_slices.get(unit_ref).into_iter().flatten().filter_map(|r| self.slices.get(r)).flatten().collect();
+        let slices: Vec<EndpointSlice> = self
+            .unit_slices
+            .get(unit_ref)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| Some((r, self.slices.get(r)?)))
+            .flat_map(|(r, definitions)| definitions.iter().map(move |d| d.to_slice(r, &self.context.name)))
+            .collect();
         if services.is_empty() && slices.is_empty() {
             return Unit::default();
         }
+        let slices: Vec<&EndpointSlice> = slices.iter().collect();
         let t = translate::translate_refs(&services, &slices, &self.context);
         let frontends: Vec<(Frontend, ServiceEntry)> = t.desired.services.into_iter().collect();
         let mut problems = t.problems;
@@ -367,7 +487,7 @@ impl Store {
         self.dirty.insert(r);
     }
 
-    fn put_slice(&mut self, r: ObjectRef, slice: Option<Vec<EndpointSlice>>) {
+    fn put_slice(&mut self, r: ObjectRef, slice: Option<Vec<CompactSlice>>) {
         let changed = match &slice {
             Some(new) => self.slices.get(&r) != Some(new),
             None => self.slices.contains_key(&r),
@@ -375,7 +495,7 @@ impl Store {
         if !changed {
             return;
         }
-        if let Some(old_unit) = self.slice_unit.remove(&r) {
+        if let Some(old_unit) = self.slices.get(&r).map(|old| slice_unit(&r, old)) {
             if let Some(set) = self.unit_slices.get_mut(&old_unit) {
                 set.retain(|s| *s != r);
                 if set.is_empty() {
@@ -389,9 +509,12 @@ impl Store {
                 let unit = slice_unit(&r, &new);
                 let set = self.unit_slices.entry(unit.clone()).or_default();
                 if !set.contains(&r) {
+                    if set.is_empty() {
+                        // Most Services have one slice: not room for four.
+                        set.reserve_exact(1);
+                    }
                     set.push(r.clone());
                 }
-                self.slice_unit.insert(r.clone(), unit.clone());
                 self.slices.insert(r, new);
                 self.dirty.insert(unit);
             }
@@ -401,9 +524,10 @@ impl Store {
         }
     }
 
-    fn reset_services(&mut self, all: Vec<Service>) {
-        let (by_ref, unnamed) = group("Service", all.into_iter().map(slim::service));
-        self.set_loose_problems("Service", unnamed);
+    /// Replaces the Services held with a complete list.
+    fn reset_services(&mut self, listing: Listing<Service>) {
+        self.set_loose_problems("Service", listing.unnamed);
+        let by_ref = listing.objects;
         let gone: Vec<ObjectRef> = self.services.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
             self.put_service(r, None);
@@ -413,9 +537,10 @@ impl Store {
         }
     }
 
-    fn reset_slices(&mut self, all: Vec<EndpointSlice>) {
-        let (by_ref, unnamed) = group("EndpointSlice", all.into_iter().map(slim::slice));
-        self.set_loose_problems("EndpointSlice", unnamed);
+    /// Replaces the slices held with a complete list.
+    fn reset_slices(&mut self, listing: Listing<CompactSlice>) {
+        self.set_loose_problems("EndpointSlice", listing.unnamed);
+        let by_ref = listing.objects;
         let gone: Vec<ObjectRef> = self.slices.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
             self.put_slice(r, None);
@@ -426,50 +551,12 @@ impl Store {
     }
 }
 
-/// Objects with a metadata accessor.
-trait Meta {
-    fn meta(&self) -> &ObjectMeta;
-}
-
-impl Meta for Service {
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-}
-
-impl Meta for EndpointSlice {
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-}
-
-/// Groups objects by reference; the unnamed ones become problems.
-fn group<T: Meta>(kind: &'static str, all: impl Iterator<Item = T>) -> (HashMap<ObjectRef, Vec<T>>, Vec<Problem>) {
-    let mut by_ref: HashMap<ObjectRef, Vec<T>> = HashMap::new();
-    let mut unnamed = Vec::new();
-    for obj in all {
-        match object_ref(obj.meta()) {
-            Some(r) => by_ref.entry(r).or_default().push(obj),
-            None => unnamed.push(Problem {
-                kind,
-                object: format!("{}/(no name)", translate::namespace_of(obj.meta())),
-                reason: String::from("missing metadata.name"),
-            }),
-        }
-    }
-    (by_ref, unnamed)
-}
-
 /// The unit a slice belongs to: the Service its label names, or itself without the label (the
 /// translation then reports it).
-fn slice_unit(slice_ref: &ObjectRef, definitions: &[EndpointSlice]) -> ObjectRef {
-    let label = definitions
-        .first()
-        .and_then(|s| s.metadata.labels.as_ref())
-        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        .filter(|name| !name.is_empty());
+fn slice_unit(slice_ref: &ObjectRef, definitions: &[CompactSlice]) -> ObjectRef {
+    let label = definitions.first().and_then(CompactSlice::service_name).filter(|name| !name.is_empty());
     match label {
-        Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() },
+        Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.to_owned() },
         None => slice_ref.clone(),
     }
 }

@@ -656,13 +656,18 @@ fn slice_endpoints(
             Some(IpAddr::V4(addr)) => infos.push(EndpointInfo {
                 addr,
                 conditions: Conditions::of(endpoint, publish_not_ready),
-                local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
+                local: is_local(endpoint.node_name.as_deref(), node_name),
             }),
             Some(IpAddr::V6(_)) => report(format!("endpoint {raw}: {IPV6_UNSUPPORTED}")),
             None => report(format!("invalid endpoint address {raw:?}")),
         }
     }
     infos
+}
+
+/// Whether an endpoint with this `nodeName` is on the node named `node_name`.
+pub(crate) fn is_local(endpoint_node: Option<&str>, node_name: &str) -> bool {
+    !node_name.is_empty() && endpoint_node == Some(node_name)
 }
 
 /// A slice port: name ("" when unnamed), protocol (`None` when not one we support), number.
@@ -851,7 +856,7 @@ fn problem<O: ToString + ?Sized>(kind: &'static str, object: &O, reason: impl In
 
 /// Parses an IP address like Kubernetes' `ParseIPSloppy`: IPv4 octets with leading zeros,
 /// which old API objects may hold, are read as decimal.
-fn parse_ip(raw: &str) -> Option<IpAddr> {
+pub(crate) fn parse_ip(raw: &str) -> Option<IpAddr> {
     if let Ok(ip) = raw.parse() {
         return Some(ip);
     }

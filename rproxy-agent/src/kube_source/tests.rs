@@ -77,6 +77,11 @@ fn describe(update: &Update) -> String {
     match update {
         Update::ResetServices(objects) => format!("ResetServices [{}]", keys(objects)),
         Update::ResetSlices(objects) => format!("ResetSlices [{}]", keys(objects)),
+        Update::ListStart(kind) => format!("ListStart {kind}"),
+        Update::ListedService(object) => format!("ListedService {}", key(object.as_ref())),
+        Update::ListedSlice(object) => format!("ListedSlice {}", key(object.as_ref())),
+        Update::ListedNode(object) => format!("ListedNode {}", key(object.as_ref())),
+        Update::ListDone(kind) => format!("ListDone {kind}"),
         Update::ApplyService(object) => format!("ApplyService {}", key(object.as_ref())),
         Update::DeleteService(object) => format!("DeleteService {}", key(object.as_ref())),
         Update::ApplySlice(object) => format!("ApplySlice {}", key(object.as_ref())),
@@ -90,11 +95,25 @@ fn describe(update: &Update) -> String {
 /// The kind an update is about.
 fn kind_of(update: &Update) -> &'static str {
     match update {
-        Update::ResetServices(_) | Update::ApplyService(_) | Update::DeleteService(_) => "Service",
-        Update::ResetSlices(_) | Update::ApplySlice(_) | Update::DeleteSlice(_) => "EndpointSlice",
-        Update::Node(_) => "Node",
-        Update::Synced(kind) => kind,
+        Update::ResetServices(_) | Update::ListedService(_) | Update::ApplyService(_) | Update::DeleteService(_) => {
+            "Service"
+        }
+        Update::ResetSlices(_) | Update::ListedSlice(_) | Update::ApplySlice(_) | Update::DeleteSlice(_) => {
+            "EndpointSlice"
+        }
+        Update::ListedNode(_) | Update::Node(_) => "Node",
+        Update::ListStart(kind) | Update::ListDone(kind) | Update::Synced(kind) => kind,
     }
+}
+
+/// The updates of a complete list of `kind` that gives the objects `keys`, then its `Synced`.
+fn streamed(kind: &str, keys: &[&str]) -> Vec<String> {
+    let listed = keys.iter().map(|key| format!("Listed{} {key}", if kind == "EndpointSlice" { "Slice" } else { kind }));
+    [format!("ListStart {kind}")]
+        .into_iter()
+        .chain(listed)
+        .chain([format!("ListDone {kind}"), format!("Synced {kind}")])
+        .collect()
 }
 
 fn map_all<K: Watched>(mapper: &mut EventMapper<K>, events: Vec<Event<K>>) -> (Vec<String>, Vec<Option<usize>>) {
@@ -116,7 +135,7 @@ fn selectors_are_kube_proxys() {
 }
 
 #[test]
-fn a_list_becomes_one_reset_then_changes_pass_through() {
+fn a_list_is_streamed_then_changes_pass_through() {
     let mut mapper = EventMapper::<Service>::default();
     let (updates, synced) = map_all(
         &mut mapper,
@@ -129,25 +148,20 @@ fn a_list_becomes_one_reset_then_changes_pass_through() {
             Event::Delete(object(service("a", 4))),
         ],
     );
-    assert_eq!(
-        updates,
-        [
-            "ResetServices [default/a@1,default/b@2]",
-            "Synced Service",
-            "ApplyService default/c@3",
-            "DeleteService default/a@4"
-        ]
-    );
+    let mut expected = streamed("Service", &["default/a@1", "default/b@2"]);
+    expected.extend(["ApplyService default/c@3".to_owned(), "DeleteService default/a@4".to_owned()]);
+    assert_eq!(updates, expected);
     assert_eq!(synced, [None, None, None, Some(2), None, None]);
 
-    // A relist replaces everything: what it lacks is gone.
-    let (updates, _) =
+    // A relist is a new complete list (the store drops what it lacks).
+    let (updates, synced) =
         map_all(&mut mapper, vec![Event::Init, Event::InitApply(object(service("b", 5))), Event::InitDone]);
-    assert_eq!(updates, ["ResetServices [default/b@5]", "Synced Service"]);
+    assert_eq!(updates, streamed("Service", &["default/b@5"]));
+    assert_eq!(synced, [None, None, Some(1)]);
 }
 
 #[test]
-fn a_list_that_restarts_drops_its_partial_objects() {
+fn a_list_that_restarts_starts_a_new_list() {
     let mut mapper = EventMapper::<EndpointSlice>::default();
     let (updates, synced) = map_all(
         &mut mapper,
@@ -161,15 +175,11 @@ fn a_list_that_restarts_drops_its_partial_objects() {
             Event::Delete(object(slice("a-2", 4))),
         ],
     );
-    assert_eq!(
-        updates,
-        [
-            "ResetSlices [default/a-2@2]",
-            "Synced EndpointSlice",
-            "ApplySlice default/a-3@3",
-            "DeleteSlice default/a-2@4"
-        ]
-    );
+    // The second `ListStart` tells the store to drop a-1 (see the store's tests).
+    let mut expected = vec!["ListStart EndpointSlice".to_owned(), "ListedSlice default/a-1@1".to_owned()];
+    expected.extend(streamed("EndpointSlice", &["default/a-2@2"]));
+    expected.extend(["ApplySlice default/a-3@3".to_owned(), "DeleteSlice default/a-2@4".to_owned()]);
+    assert_eq!(updates, expected);
     assert_eq!(synced[4], Some(1));
 }
 
@@ -188,7 +198,10 @@ fn node_events() {
             Event::InitDone,
         ],
     );
-    assert_eq!(updates, ["Node none", "Synced Node", "Node node-1@1", "Node none", "Node node-1@3", "Synced Node"]);
+    let mut expected = streamed("Node", &[]);
+    expected.extend(["Node node-1@1".to_owned(), "Node none".to_owned()]);
+    expected.extend(streamed("Node", &["node-1@3"]));
+    assert_eq!(updates, expected);
     assert_eq!(synced, [None, Some(0), None, None, None, None, Some(1)]);
 }
 
@@ -474,9 +487,9 @@ impl Harness {
 async fn initial_lists_reset_and_sync() {
     let mut harness = Harness::start(|_| {});
     let updates = harness.until_synced(&["Service", "EndpointSlice", "Node"]).await;
-    assert_eq!(updates["Service"], ["ResetServices [default/a@1,default/b@2]", "Synced Service"]);
-    assert_eq!(updates["EndpointSlice"], ["ResetSlices [default/a-1@3]", "Synced EndpointSlice"]);
-    assert_eq!(updates["Node"], ["Node node-1@4", "Synced Node"]);
+    assert_eq!(updates["Service"], streamed("Service", &["default/a@1", "default/b@2"]));
+    assert_eq!(updates["EndpointSlice"], streamed("EndpointSlice", &["default/a-1@3"]));
+    assert_eq!(updates["Node"], streamed("Node", &["node-1@4"]));
     assert!(harness.stats.all_synced());
     for kind in [&harness.stats.services, &harness.stats.slices, &harness.stats.node] {
         assert_eq!((kind.errors(), kind.relists()), (0, 0));
@@ -488,7 +501,7 @@ async fn initial_lists_reset_and_sync() {
 async fn a_missing_node_is_none() {
     let mut harness = Harness::start(|fake| fake.set("Node", 300, Vec::new()));
     let updates = harness.until_synced(&["Node"]).await;
-    assert_eq!(updates["Node"], ["Node none", "Synced Node"]);
+    assert_eq!(updates["Node"], streamed("Node", &[]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -566,8 +579,9 @@ async fn an_expired_watch_event_relists() {
     // Service b is deleted while the watch is behind.
     harness.change(|fake| fake.set("Service", 120, vec![service("a", 1)]));
     services.event("ERROR", &status(410));
-    assert_eq!(harness.next_update().await, "ResetServices [default/a@1]");
-    assert_eq!(harness.next_update().await, "Synced Service");
+    for expected in streamed("Service", &["default/a@1"]) {
+        assert_eq!(harness.next_update().await, expected);
+    }
 
     let services = harness.next_watch("Service").await;
     assert_eq!(services.query.get("resourceVersion").map(String::as_str), Some("120"));
@@ -588,8 +602,9 @@ async fn an_http_410_on_the_watch_relists() {
         fake.kind("EndpointSlice").failing_watches.push_back(410);
     });
     drop(slices);
-    assert_eq!(harness.next_update().await, "ResetSlices [default/a-2@210]");
-    assert_eq!(harness.next_update().await, "Synced EndpointSlice");
+    for expected in streamed("EndpointSlice", &["default/a-2@210"]) {
+        assert_eq!(harness.next_update().await, expected);
+    }
 
     let slices = harness.next_watch("EndpointSlice").await;
     assert_eq!(slices.query.get("resourceVersion").map(String::as_str), Some("220"));
@@ -607,7 +622,10 @@ async fn errors_do_not_stop_the_source() {
     });
     // The slices are listed at the third try.
     let updates = harness.until_synced(&["Service", "EndpointSlice", "Node"]).await;
-    assert_eq!(updates["EndpointSlice"], ["ResetSlices [default/a-1@3]", "Synced EndpointSlice"]);
+    // Each try starts a list; the third one completes.
+    let mut expected = vec!["ListStart EndpointSlice".to_owned(); 2];
+    expected.extend(streamed("EndpointSlice", &["default/a-1@3"]));
+    assert_eq!(updates["EndpointSlice"], expected);
     assert_eq!(harness.seen("EndpointSlice", false).len(), 3);
     assert_eq!((harness.stats.slices.errors(), harness.stats.slices.relists()), (2, 2));
 

@@ -11,7 +11,7 @@ use k8s_openapi::api::{
 };
 
 use super::*;
-use crate::translate::{Objects, translate};
+use crate::translate::{Objects, SERVICE_NAME_LABEL, translate};
 
 const NODE: &str = "node-a";
 
@@ -109,7 +109,77 @@ fn random_slice(rng: &mut Rng) -> EndpointSlice {
         i => Some(NAMES[i]),
     };
     let ips: Vec<u8> = (0..rng.below(4)).map(|_| u8::try_from(rng.below(6)).expect("small")).collect();
-    slice(&format!("s{}", rng.below(6)), owner, &ips, rng.below(4) != 0)
+    let mut slice = slice(&format!("s{}", rng.below(6)), owner, &ips, rng.below(4) != 0);
+    // Endpoints the store packs in other ways (see `CompactSlice`).
+    for endpoint in slice.endpoints.iter_mut().flatten() {
+        match rng.below(10) {
+            0 => endpoint.conditions = None,
+            1 => endpoint.node_name = None,
+            2 => endpoint.addresses[0] = endpoint.addresses[0].replace("10.244.0.", "010.244.000."),
+            3 => endpoint.addresses = vec![String::from("fd00::1")],
+            4 => endpoint.addresses.insert(0, String::from("not-an-ip")),
+            _ => {}
+        }
+    }
+    slice
+}
+
+/// Streams `listed` to the store as a list of `kind`, maybe after a list that breaks off
+/// half-way (with `junk` objects); the store must not show any of it before `ListDone`: a flush
+/// in the middle (maybe) agrees with `before`.
+fn stream(
+    store: &mut Store,
+    rng: &mut Rng,
+    kind: &'static str,
+    listed: Vec<Update>,
+    junk: Vec<Update>,
+    before: &mut Check,
+) {
+    if rng.below(2) == 0 {
+        store.apply(Update::ListStart(kind));
+        for update in junk {
+            store.apply(update);
+        }
+    }
+    store.apply(Update::ListStart(kind));
+    let half = listed.len() / 2;
+    let mut listed = listed.into_iter();
+    listed.by_ref().take(half).for_each(|u| store.apply(u));
+    if rng.below(2) == 0 {
+        before.flush_and_check(store, "in the middle of a list");
+    }
+    listed.for_each(|u| store.apply(u));
+    store.apply(Update::ListDone(kind));
+}
+
+/// What the store must agree with, and the problems it reported and did not fix yet.
+#[derive(Clone, Default)]
+struct Check {
+    services: BTreeMap<String, Service>,
+    slices: BTreeMap<String, EndpointSlice>,
+    node: NodeContext,
+    standing: BTreeSet<String>,
+}
+
+impl Check {
+    /// Flushes the store and checks that it agrees with a full translation.
+    fn flush_and_check(&mut self, store: &mut Store, step: &str) {
+        let changes = store.flush();
+        for p in &changes.fixed_problems {
+            assert!(self.standing.remove(&p.to_string()), "{step}: fixed a problem never reported: {p}");
+        }
+        for p in &changes.new_problems {
+            assert!(self.standing.insert(p.to_string()), "{step}: reported twice: {p}");
+        }
+        let objects = Objects {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+        };
+        let full = translate(&objects, &self.node);
+        assert_eq!(store.desired(), &full.desired, "{step}");
+        assert_eq!(self.standing, problem_set(&full.problems), "{step}");
+        assert_eq!(store.problem_count(), self.standing.len(), "{step}");
+    }
 }
 
 fn problem_set(problems: &[Problem]) -> BTreeSet<String> {
@@ -120,42 +190,51 @@ fn problem_set(problems: &[Problem]) -> BTreeSet<String> {
 fn always_agrees_with_a_full_translation() {
     let mut rng = Rng(0x5eed_1234_abcd_9876);
     let mut store = Store::new(NODE);
-    let mut services: BTreeMap<String, Service> = BTreeMap::new();
-    let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-    let mut standing: BTreeSet<String> = BTreeSet::new();
-    let mut node = NodeContext::named(NODE);
-    let (mut saw_conflict, mut saw_frontends) = (false, 0usize);
+    let mut check = Check { node: NodeContext::named(NODE), ..Check::default() };
+    let (mut saw_conflict, mut saw_frontends, mut saw_streamed) = (false, 0usize, 0usize);
+    let (mut saw_ipv6_endpoint, mut saw_invalid_endpoint) = (false, false);
     let (mut saw_node_ports, mut saw_node_port_conflict, mut saw_cross_kind_conflict) = (0usize, false, false);
     for step in 0..800 {
+        // The objects before this step, for a flush in the middle of a streamed list.
+        let mut before = check.clone();
         match rng.below(11) {
             0..=2 => {
                 let s = random_service(&mut rng);
-                services.insert(s.metadata.name.clone().unwrap(), s.clone());
+                check.services.insert(s.metadata.name.clone().unwrap(), s.clone());
                 store.apply(Update::ApplyService(Box::new(s)));
             }
             3 => {
                 let name = NAMES[rng.below(NAMES.len())];
-                if let Some(s) = services.remove(name) {
+                if let Some(s) = check.services.remove(name) {
                     store.apply(Update::DeleteService(Box::new(s)));
                 }
             }
             4..=6 => {
                 let s = random_slice(&mut rng);
-                slices.insert(s.metadata.name.clone().unwrap(), s.clone());
+                check.slices.insert(s.metadata.name.clone().unwrap(), s.clone());
                 store.apply(Update::ApplySlice(Box::new(s)));
             }
             7 => {
                 let name = format!("s{}", rng.below(6));
-                if let Some(s) = slices.remove(&name) {
+                if let Some(s) = check.slices.remove(&name) {
                     store.apply(Update::DeleteSlice(Box::new(s)));
                 }
             }
             8 => {
                 // A relist: some objects vanished, some changed.
-                services.retain(|_, _| rng.below(3) != 0);
+                check.services.retain(|_, _| rng.below(3) != 0);
                 let s = random_service(&mut rng);
-                services.insert(s.metadata.name.clone().unwrap(), s);
-                store.apply(Update::ResetServices(services.values().cloned().collect()));
+                check.services.insert(s.metadata.name.clone().unwrap(), s);
+                if rng.below(2) == 0 {
+                    store.apply(Update::ResetServices(check.services.values().cloned().collect()));
+                } else {
+                    saw_streamed += 1;
+                    let listed = check.services.values().map(|s| Update::ListedService(Box::new(s.clone())));
+                    let junk = (0..2).map(|_| Update::ListedService(Box::new(random_service(&mut rng))));
+                    let junk = junk.collect();
+                    stream(&mut store, &mut rng, "Service", listed.collect(), junk, &mut before);
+                    check.standing = before.standing;
+                }
             }
             10 => {
                 // The node's addresses change (in any order, with duplicates).
@@ -164,34 +243,34 @@ fn always_agrees_with_a_full_translation() {
                 let changed = store.set_node_addresses(addresses.clone());
                 addresses.sort_unstable();
                 addresses.dedup();
-                assert_eq!(changed, addresses != node.addresses, "step {step}");
+                assert_eq!(changed, addresses != check.node.addresses, "step {step}");
                 assert_eq!(store.node_addresses(), addresses.as_slice(), "step {step}");
-                node.addresses = addresses;
+                check.node.addresses = addresses;
             }
             _ => {
-                slices.retain(|_, _| rng.below(3) != 0);
+                check.slices.retain(|_, _| rng.below(3) != 0);
                 let s = random_slice(&mut rng);
-                slices.insert(s.metadata.name.clone().unwrap(), s);
-                store.apply(Update::ResetSlices(slices.values().cloned().collect()));
+                check.slices.insert(s.metadata.name.clone().unwrap(), s);
+                if rng.below(2) == 0 {
+                    store.apply(Update::ResetSlices(check.slices.values().cloned().collect()));
+                } else {
+                    saw_streamed += 1;
+                    let listed = check.slices.values().map(|s| Update::ListedSlice(Box::new(s.clone())));
+                    let junk = (0..2).map(|_| Update::ListedSlice(Box::new(random_slice(&mut rng))));
+                    let junk = junk.collect();
+                    stream(&mut store, &mut rng, "EndpointSlice", listed.collect(), junk, &mut before);
+                    check.standing = before.standing;
+                }
             }
         }
         if rng.below(3) == 0 {
             continue; // let updates pile up before some flushes
         }
-        let changes = store.flush();
-        for p in &changes.fixed_problems {
-            assert!(standing.remove(&p.to_string()), "step {step}: fixed a problem never reported: {p}");
-        }
-        for p in &changes.new_problems {
-            assert!(standing.insert(p.to_string()), "step {step}: reported twice: {p}");
-        }
-        let objects =
-            Objects { services: services.values().cloned().collect(), slices: slices.values().cloned().collect() };
-        let full = translate(&objects, &node);
-        assert_eq!(store.desired(), &full.desired, "step {step}");
-        assert_eq!(standing, problem_set(&full.problems), "step {step}");
-        assert_eq!(store.problem_count(), standing.len(), "step {step}");
+        check.flush_and_check(&mut store, &format!("step {step}"));
+        let standing = &check.standing;
         saw_conflict |= standing.iter().any(|p| p.contains("already used by"));
+        saw_ipv6_endpoint |= standing.iter().any(|p| p.contains("endpoint fd00::1: IPv6"));
+        saw_invalid_endpoint |= standing.iter().any(|p| p.contains("invalid endpoint address \"not-an-ip\""));
         saw_frontends = saw_frontends.max(store.desired().services.len());
         let node_ports = store.desired().services.values().filter(|e| e.flags & rproxy_common::SVC_F_NODE_PORT != 0);
         saw_node_ports = saw_node_ports.max(node_ports.count());
@@ -208,6 +287,7 @@ fn always_agrees_with_a_full_translation() {
         saw_node_ports >= 2 && saw_node_port_conflict && saw_cross_kind_conflict,
         "{saw_node_ports} {saw_node_port_conflict} {saw_cross_kind_conflict}"
     );
+    assert!(saw_streamed >= 20 && saw_ipv6_endpoint && saw_invalid_endpoint, "{saw_streamed}");
 }
 
 #[test]
@@ -297,4 +377,45 @@ fn node_address_changes_retranslate_only_services_with_node_ports() {
     assert!(store.set_node_addresses([]));
     store.flush();
     assert_eq!(store.desired().services.len(), 21);
+}
+
+#[test]
+fn a_streamed_list_replaces_the_held_set_at_its_end() {
+    let mut store = Store::new(NODE);
+    store.apply(Update::ResetServices(vec![
+        service("a", IPS[0], 53, "ClusterIP"),
+        service("b", IPS[1], 53, "ClusterIP"),
+    ]));
+    store.flush();
+    assert_eq!(store.object_counts(), (2, 0));
+
+    // A list that breaks off after `c`, then a complete one with `b` and `d`.
+    store.apply(Update::ListStart("Service"));
+    store.apply(Update::ListedService(Box::new(service("c", IPS[2], 53, "ClusterIP"))));
+    store.apply(Update::ListStart("Service"));
+    store.apply(Update::ListedService(Box::new(service("b", IPS[1], 53, "ClusterIP"))));
+    store.apply(Update::ListedService(Box::new(service("d", IPS[2], 53, "ClusterIP"))));
+    assert!(!store.is_dirty(), "nothing changes before the list is complete");
+    store.apply(Update::ListDone("Service"));
+    let changes = store.flush();
+    assert_eq!(changes.translated, 2, "a is gone, d is new, b is the same");
+    let names: BTreeSet<&str> = store.desired().services.values().map(|e| e.service.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["b", "d"]));
+
+    // A `ListDone` without its `ListStart` changes nothing.
+    store.apply(Update::ListDone("Service"));
+    assert!(!store.is_dirty());
+    assert_eq!(store.object_counts(), (2, 0));
+
+    // The Node: listed or not found.
+    let node = Node { metadata: meta(NODE), ..Node::default() };
+    store.apply(Update::ListStart("Node"));
+    store.apply(Update::ListedNode(Box::new(node.clone())));
+    assert!(store.node().is_none());
+    store.apply(Update::ListDone("Node"));
+    assert_eq!(store.node(), Some(&node));
+    store.apply(Update::ListStart("Node"));
+    store.apply(Update::ListDone("Node"));
+    assert!(store.node().is_none());
+    assert!(!store.is_dirty(), "the Node object does not re-translate anything");
 }
