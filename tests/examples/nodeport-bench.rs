@@ -32,7 +32,9 @@
 //! cost is measured each round on a sink: frames to the client's own MAC, which the bridge drops
 //! at once (the generator plus the switch's first hop, which every mode pays too). The report
 //! gives that ceiling and, per mode, `gen%` = pps / ceiling: the share of each packet's CPU time
-//! that is the generator's. The lower, the more the mode's pps is the datapath's own.
+//! that is the generator's. The lower, the more the mode's pps is the datapath's own. It also
+//! gives each mode's CPU time per delivered packet (threads × duration / delivered) net of the
+//! generator's (threads × duration / frames on the sink), and iptables' net over the mode's.
 //!
 //! Run as root: `cargo xtask bench-nodeport [-- --help]`. A mode that fails (the agent does not
 //! start, rejects its flags, or the node port never answers) is reported as failed, and the
@@ -577,8 +579,41 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
             if failed_rounds > 0 { format!("  ({failed_rounds} rounds failed)") } else { String::new() },
         );
     }
+    cpu_per_packet(&mut out, &summaries, ceilings);
     details(&mut out, &summaries, rounds);
     out
+}
+
+/// Per mode: CPU time per delivered packet (generator threads × duration / delivered: the
+/// threads keep their CPUs busy with the generator and the softirqs it raises), and that net of
+/// the generator's own (the same from the sink), with the ratio of iptables' net to the mode's.
+fn cpu_per_packet(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], ceilings: &[Injected]) {
+    let per_packet = |threads: usize, elapsed: Duration, packets: u64| {
+        if packets == 0 { f64::INFINITY } else { count(threads as u64) * elapsed.as_secs_f64() * 1e9 / count(packets) }
+    };
+    let generator = median(ceilings.iter().map(|c| per_packet(c.threads, c.elapsed, c.frames)).collect());
+    let net =
+        |s: &Summary<'_>| s.median_of(|m| per_packet(m.udp.threads, m.udp.elapsed, m.delivered_total())) - generator;
+    let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| net(s));
+    let _ = writeln!(
+        out,
+        "\nCPU time per delivered packet (generator threads × duration / delivered), net of the generator's own \
+         {generator:.0} ns (from the ceiling); iptables' net / the mode's net"
+    );
+    for (mode, s, _) in summaries {
+        if s.ok.is_empty() {
+            continue;
+        }
+        let n = net(s);
+        let _ = writeln!(
+            out,
+            "{:<10} {:>7.0} ns, net {:>7.0} ns  {}",
+            mode.name(),
+            n + generator,
+            n,
+            base.filter(|_| n > 0.0).map_or_else(|| "-".to_owned(), |b| format!("{:.2}x", b / n))
+        );
+    }
 }
 
 /// Per mode: the UDP counts and SYN retransmits behind the table, failures and notes.
