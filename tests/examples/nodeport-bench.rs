@@ -31,10 +31,15 @@
 //! what the datapath sustains, and loss shows only where a queue overflows. The generator's own
 //! cost is measured each round on a sink: frames to the client's own MAC, which the bridge drops
 //! at once (the generator plus the switch's first hop, which every mode pays too). The report
-//! gives that ceiling and, per mode, `gen%` = pps / ceiling: the share of each packet's CPU time
-//! that is the generator's. The lower, the more the mode's pps is the datapath's own. It also
-//! gives each mode's CPU time per delivered packet (threads × duration / delivered) net of the
-//! generator's (threads × duration / frames on the sink), and iptables' net over the mode's.
+//! gives that ceiling and, per mode, `gen%`: the generator's share of each delivered packet's CPU
+//! time. The lower, the more the mode's pps is the datapath's own.
+//!
+//! **CPU time per packet.** The machine's cores are shared (other processes, and a hypervisor
+//! that steals time), so pps moves from round to round. The report also gives each mode's
+//! measured CPU time per delivered packet: the generator threads' CPU time (the softirqs their
+//! frames raise run in their context) plus `ksoftirqd`'s, over the packets delivered. Steal time
+//! and other processes are not in it, which makes it the steadier comparison. It is given net of
+//! the generator's own (per frame on the sink), with iptables' net over the mode's.
 //!
 //! Run as root: `cargo xtask bench-nodeport [-- --help]`. A mode that fails (the agent does not
 //! start, rejects its flags, or the node port never answers) is reported as failed, and the
@@ -534,6 +539,7 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
     let (base_conn, base_pps) = (base.map(|b| b.conn), base.map(|b| b.pps));
     let ceiling =
         (!ceilings.is_empty()).then(|| median(ceilings.iter().map(|c| load::rate(c.frames, c.elapsed)).collect()));
+    let generator = generator_ns(ceilings);
     let rounds = runs.first().map_or(0, |(_, r)| r.len());
     let mut out = String::new();
     if rounds > 1 {
@@ -544,8 +550,9 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
             let threads = ceilings.first().map_or(0, |s| s.threads);
             let _ = writeln!(
                 out,
-                "generator ceiling: {c:.0} frames/s ({threads} threads; frames the switch drops at once). gen% = pps / \
-                 ceiling: the generator's share of a delivered packet's CPU time"
+                "generator ceiling: {c:.0} frames/s ({threads} threads; frames the switch drops at once). gen%: the \
+                 generator's share of a delivered packet's CPU time (its CPU per frame on the sink / the mode's per \
+                 packet)"
             );
         }
         None => out.push_str("generator ceiling: not measured (failed)\n"),
@@ -573,7 +580,10 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
             s.median_of(Measured::offered_per_second),
             s.median_of(Measured::loss_percent),
             ratio(s.pps, base_pps),
-            ceiling.filter(|c| *c > 0.0).map_or_else(|| "-".to_owned(), |c| format!("{:.0}", s.pps * 100.0 / c)),
+            generator.map_or_else(
+                || "-".to_owned(),
+                |g| format!("{:.0}", g * 100.0 / s.median_of(|m| cpu_ns(&m.udp, m.delivered_total())))
+            ),
             spread(&s.counts(|m| &m.tcp.by_server)),
             spread(&s.counts(|m| &m.delivered)),
             if failed_rounds > 0 { format!("  ({failed_rounds} rounds failed)") } else { String::new() },
@@ -584,21 +594,29 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
     out
 }
 
-/// Per mode: CPU time per delivered packet (generator threads × duration / delivered: the
-/// threads keep their CPUs busy with the generator and the softirqs it raises), and that net of
-/// the generator's own (the same from the sink), with the ratio of iptables' net to the mode's.
+/// CPU time per packet in ns: the run's measured CPU time (see [`Injected::cpu`]) over the
+/// packets it got through (infinite for none).
+fn cpu_ns(run: &Injected, packets: u64) -> f64 {
+    if packets == 0 { f64::INFINITY } else { run.cpu.as_secs_f64() * 1e9 / count(packets) }
+}
+
+/// The generator's CPU time per frame on the sink, median over the rounds (`None` if never
+/// measured).
+fn generator_ns(ceilings: &[Injected]) -> Option<f64> {
+    (!ceilings.is_empty()).then(|| median(ceilings.iter().map(|c| cpu_ns(c, c.frames)).collect()))
+}
+
+/// Per mode: measured CPU time per delivered packet, that net of the generator's own (on the
+/// sink), and iptables' net over the mode's.
 fn cpu_per_packet(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], ceilings: &[Injected]) {
-    let per_packet = |threads: usize, elapsed: Duration, packets: u64| {
-        if packets == 0 { f64::INFINITY } else { count(threads as u64) * elapsed.as_secs_f64() * 1e9 / count(packets) }
-    };
-    let generator = median(ceilings.iter().map(|c| per_packet(c.threads, c.elapsed, c.frames)).collect());
-    let net =
-        |s: &Summary<'_>| s.median_of(|m| per_packet(m.udp.threads, m.udp.elapsed, m.delivered_total())) - generator;
+    let generator = generator_ns(ceilings).unwrap_or(0.0);
+    let net = |s: &Summary<'_>| s.median_of(|m| cpu_ns(&m.udp, m.delivered_total())) - generator;
     let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| net(s));
     let _ = writeln!(
         out,
-        "\nCPU time per delivered packet (generator threads × duration / delivered), net of the generator's own \
-         {generator:.0} ns (from the ceiling); iptables' net / the mode's net"
+        "\nCPU time per delivered packet (measured: the generator threads, which run the softirqs of their frames, \
+         plus ksoftirqd; steal and other processes excluded), net of the generator's own {generator:.0} ns per frame \
+         (on the sink); iptables' net / the mode's net"
     );
     for (mode, s, _) in summaries {
         if s.ok.is_empty() {

@@ -33,6 +33,7 @@ use etherparse::PacketBuilder;
 use nix::{
     net::if_::if_nametoindex,
     sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    time::{ClockId, clock_gettime},
     unistd::Pid,
 };
 
@@ -92,6 +93,11 @@ pub struct Injected {
     pub elapsed: Duration,
     /// Generator threads (one per CPU).
     pub threads: usize,
+    /// CPU time the run took: the generator threads' own (the softirqs their frames raise run in
+    /// their context when they re-enable bottom halves: the whole path through switch, nodes and
+    /// pods) plus the `ksoftirqd` threads' (softirq work deferred) over the run. Time the
+    /// hypervisor stole and time other processes ran are not in it.
+    pub cpu: Duration,
 }
 
 /// Injects frames into namespace `ns` as if device `ifname` had received them (see the module
@@ -136,7 +142,8 @@ impl<'p> LiveFrames<'p> {
     pub fn run(&self, duration: Duration) -> Result<Injected> {
         let cpus = allowed_cpus()?;
         let threads = cpus.len();
-        let results: Vec<Result<(u64, u64, Instant, Instant)>> = thread::scope(|s| {
+        let softirq_before = softirq_daemons_cpu()?;
+        let results: Vec<Result<Pumped>> = thread::scope(|s| {
             let handles: Vec<_> = cpus
                 .iter()
                 .enumerate()
@@ -147,22 +154,24 @@ impl<'p> LiveFrames<'p> {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
-        let mut total = Injected { threads, ..Injected::default() };
+        let softirq = softirq_daemons_cpu()?.saturating_sub(softirq_before);
+        let mut total = Injected { threads, cpu: softirq, ..Injected::default() };
         let (mut first, mut last) = (None::<Instant>, None::<Instant>);
         for result in results {
-            let (frames, calls, start, end) = result?;
-            total.frames += frames;
-            total.calls += calls;
-            first = Some(first.map_or(start, |f| f.min(start)));
-            last = Some(last.map_or(end, |l| l.max(end)));
+            let pumped = result?;
+            total.frames += pumped.frames;
+            total.calls += pumped.calls;
+            total.cpu += pumped.cpu;
+            first = Some(first.map_or(pumped.start, |f| f.min(pumped.start)));
+            last = Some(last.map_or(pumped.end, |l| l.max(pumped.end)));
         }
         total.elapsed = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
         Ok(total)
     }
 
     /// One generator thread (already in the namespace): pinned to `cpu`, a batch of each frame
-    /// in turn from frame `first` on, for `duration`. Returns (frames, calls, start, end).
-    fn pump(&self, cpu: usize, first: usize, duration: Duration) -> Result<(u64, u64, Instant, Instant)> {
+    /// in turn from frame `first` on, for `duration`.
+    fn pump(&self, cpu: usize, first: usize, duration: Duration) -> Result<Pumped> {
         let mut set = CpuSet::new();
         set.set(cpu)?;
         sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning a generator to CPU {cpu}"))?;
@@ -170,6 +179,7 @@ impl<'p> LiveFrames<'p> {
         let ctxs = self.frames.iter().map(|f| xdp_md(ifindex, f.len())).collect::<Result<Vec<_>>>()?;
         let (mut frames, mut calls) = (0u64, 0u64);
         let mut k = first;
+        let cpu_start = thread_cpu_time()?;
         let start = Instant::now();
         while start.elapsed() < duration {
             let i = k % self.frames.len();
@@ -178,7 +188,9 @@ impl<'p> LiveFrames<'p> {
             calls += 1;
             k += 1;
         }
-        Ok((frames, calls, start, Instant::now()))
+        let end = Instant::now();
+        let cpu = thread_cpu_time()?.saturating_sub(cpu_start);
+        Ok(Pumped { frames, calls, start, end, cpu })
     }
 
     /// The device's index in the calling thread's namespace.
@@ -198,6 +210,44 @@ impl<'p> LiveFrames<'p> {
         self.program.test_run(opts).context("BPF_PROG_TEST_RUN (XDP live frames)")?;
         Ok(())
     }
+}
+
+/// What one generator thread did.
+struct Pumped {
+    frames: u64,
+    calls: u64,
+    start: Instant,
+    end: Instant,
+    /// The thread's CPU time over the run.
+    cpu: Duration,
+}
+
+/// The calling thread's CPU time (with the softirqs run in its context; without steal time).
+fn thread_cpu_time() -> Result<Duration> {
+    Ok(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).context("clock_gettime")?.into())
+}
+
+/// CPU time of every `ksoftirqd/<cpu>` thread so far (the first field of its
+/// `/proc/<pid>/schedstat`).
+fn softirq_daemons_cpu() -> Result<Duration> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let path = entry?.path();
+        let is_pid = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        // A thread may exit between the listing and the reads: skip what cannot be read.
+        if !is_pid || !std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.starts_with("ksoftirqd/")) {
+            continue;
+        }
+        if let Some(ns) = std::fs::read_to_string(path.join("schedstat")).ok().as_deref().and_then(schedstat_runtime) {
+            total += ns;
+        }
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// The run time in nanoseconds in `/proc/<pid>/schedstat` text (its first field).
+fn schedstat_runtime(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// The CPUs this process may run on.
@@ -244,6 +294,12 @@ mod tests {
         let expected = udp.to_header().calc_checksum_ipv4(&header, udp.payload()).unwrap();
         assert_ne!(udp.checksum(), 0, "UDP checksum present");
         assert_eq!(udp.checksum(), expected, "UDP checksum");
+    }
+
+    #[test]
+    fn schedstat_runtime_is_the_first_field() {
+        assert_eq!(schedstat_runtime("55796151304 161510274416 194829\n"), Some(55_796_151_304));
+        assert_eq!(schedstat_runtime(""), None);
     }
 
     #[test]

@@ -275,6 +275,9 @@ fn the_generator_injects_client_frames_that_arrive_intact() {
         let cpus = (0..nix::sched::CpuSet::count()).filter(|&c| cpus.is_set(c).unwrap_or(false)).count();
         ensure!(injected.threads == cpus, "{} threads for {cpus} CPUs", injected.threads);
         ensure!(injected.frames > 0 && injected.frames == injected.calls * 64, "{injected:?}");
+        // Measured CPU time: some, and no more than the CPUs had (plus the threads' start-up).
+        let most = injected.elapsed * u32::try_from(cpus)? + Duration::from_millis(50);
+        ensure!(injected.cpu > Duration::ZERO && injected.cpu <= most, "CPU time {:?}: {injected:?}", injected.cpu);
         let (from, intact) = drain(&socket, &[0x5a; 16], usize::MAX);
         let counted = load::udp_counters(&dst_ns)?.since(before);
         let known = |peer: &SocketAddr| matches!(peer, SocketAddr::V4(a) if sources.contains(a));
