@@ -39,7 +39,8 @@
 //! measured CPU time per delivered packet: the generator threads' CPU time (the softirqs their
 //! frames raise run in their context) plus `ksoftirqd`'s, over the packets delivered. Steal time
 //! and other processes are not in it, which makes it the steadier comparison. It is given net of
-//! the generator's own (per frame on the sink), with iptables' net over the mode's.
+//! the generator's own (per frame on the sink), with iptables' net over the mode's. The share of
+//! CPU time stolen during each UDP run is reported too.
 //!
 //! Run as root: `cargo xtask bench-nodeport [-- --help]`. A mode that fails (the agent does not
 //! start, rejects its flags, or the node port never answers) is reported as failed, and the
@@ -59,7 +60,7 @@ use rproxy_tests::{
     cluster::{CLIENT_IP, EXTERNAL_DEV},
     cmd::ip,
     kube_proxy::{self, Baseline, Installed},
-    load::{self, LoadServer, TcpRate, UdpCounters},
+    load::{self, CpuTicks, LoadServer, TcpRate, UdpCounters},
     netns::{mac_address, sysctl},
     nodeport::{self, Backend, NODE_PORT, TARGET_PORT},
     pktgen::{self, Injected, LiveFrames, UdpFlow},
@@ -196,6 +197,8 @@ struct Measured {
     socket_drops: u64,
     /// Datagrams that reached a backend's UDP layer but no socket (no port, bad checksum).
     refused: u64,
+    /// The share of the machine's CPU time the hypervisor stole during the UDP run, percent.
+    steal: f64,
     /// SYNs the client sent again during the TCP run (each costs its connection a second).
     syn_retransmits: u64,
     /// Notes for the report (e.g. the agent exited during the run).
@@ -374,7 +377,9 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
         s.pause_udp(true);
     }
     let before = counters()?;
+    let ticks = CpuTicks::read()?;
     let udp = inject(&mut cluster, frames, args);
+    let steal = CpuTicks::read()?.steal_percent_since(ticks);
     for s in &servers {
         s.pause_udp(false);
     }
@@ -398,6 +403,7 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
         delivered,
         socket_drops: counts.iter().map(|c| c.socket_drops).sum(),
         refused: counts.iter().map(|c| c.refused).sum(),
+        steal,
         syn_retransmits,
         notes,
     })
@@ -639,8 +645,8 @@ fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>
     let _ = writeln!(
         out,
         "\nmedians: UDP frames offered, delivered to the backends' sockets (of which dropped at a full socket buffer), \
-         lost on the way; TCP SYNs the client retransmitted (a lost SYN, or one refused by a backend's TIME_WAIT socket \
-         for a reused SNAT tuple)"
+         lost on the way, the machine's CPU time the hypervisor stole meanwhile; TCP SYNs the client retransmitted (a \
+         lost SYN, or one refused by a backend's TIME_WAIT socket for a reused SNAT tuple)"
     );
     for (mode, s, _) in summaries {
         if s.ok.is_empty() {
@@ -648,12 +654,14 @@ fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>
         }
         let _ = write!(
             out,
-            "{:<10} UDP offered {:.0}, delivered {:.0} (socket buffers full {:.0}), lost {:.0}; TCP SYN retransmits {:.0}",
+            "{:<10} UDP offered {:.0}, delivered {:.0} (socket buffers full {:.0}), lost {:.0}, CPU stolen {:.0}%; TCP SYN \
+             retransmits {:.0}",
             mode.name(),
             s.median_of(|m| count(m.udp.frames)),
             s.median_of(|m| count(m.delivered_total())),
             s.median_of(|m| count(m.socket_drops)),
             s.median_of(|m| count(m.lost())),
+            s.median_of(|m| m.steal),
             s.median_of(|m| count(m.syn_retransmits)),
         );
         if rounds > 1 {
@@ -662,9 +670,10 @@ fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>
             };
             let _ = write!(
                 out,
-                "; rounds: conn/s {}; pps {}",
+                "; rounds: conn/s {}; pps {}; CPU ns/packet {}",
                 per_round(&|m| m.tcp.per_second()),
-                per_round(&Measured::pps)
+                per_round(&Measured::pps),
+                per_round(&|m| cpu_ns(&m.udp, m.delivered_total()))
             );
         }
         out.push('\n');

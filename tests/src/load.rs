@@ -298,6 +298,43 @@ pub fn udp_counters(ns: &str) -> Result<UdpCounters> {
     UdpCounters::parse(&text).with_context(|| format!("no Udp counters in /proc/net/snmp of {ns}"))
 }
 
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock ticks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// user, nice, system, idle, iowait, irq, softirq and steal (guest time is in user).
+    pub total: u64,
+    /// Time the hypervisor ran something else while this machine had work (steal).
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// From `/proc/stat` text.
+    #[must_use]
+    pub fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+        let fields: Vec<u64> =
+            line.split_whitespace().skip(1).take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+        (fields.len() == 8).then(|| Self { total: fields.iter().sum(), steal: fields[7] })
+    }
+
+    /// Now.
+    pub fn read() -> Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        Self::parse(&text).context("no cpu line in /proc/stat")
+    }
+
+    /// The share of the CPU time since `before` that was stolen, in percent (0 for none).
+    #[must_use]
+    pub fn steal_percent_since(self, before: Self) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        let steal = self.steal.saturating_sub(before.steal);
+        // Tick counts stay far below 2^52.
+        #[expect(clippy::cast_precision_loss, reason = "tick counts are far below 2^52")]
+        let percent = if total == 0 { 0.0 } else { steal as f64 * 100.0 / total as f64 };
+        percent
+    }
+}
+
 /// `TCPSynRetrans` of namespace `ns`'s TCP statistics: SYNs sent again because the first got no
 /// answer (a lost SYN, or one a backend's `TIME_WAIT` socket refused).
 pub fn tcp_syn_retransmits(ns: &str) -> Result<u64> {
@@ -354,6 +391,16 @@ mod tests {
         let before = UdpCounters { delivered: 11, socket_drops: 1, refused: 5 };
         assert_eq!(now.since(before), UdpCounters { delivered: 100, socket_drops: 10, refused: 0 });
         assert_eq!(UdpCounters::parse("Udp: InDatagrams\nUdp: 1\n"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_count_steal_against_the_total() {
+        let before = CpuTicks::parse("cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n").unwrap();
+        assert_eq!(before, CpuTicks { total: 1000, steal: 20 });
+        let after = CpuTicks { total: 1200, steal: 70 };
+        assert!((after.steal_percent_since(before) - 25.0).abs() < 1e-9);
+        assert!(before.steal_percent_since(before) == 0.0);
+        assert_eq!(CpuTicks::parse("cpu0 1 2 3\n"), None);
     }
 
     #[test]
