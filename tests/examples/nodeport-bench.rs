@@ -6,18 +6,41 @@
 //!   the pod CIDRs via node 1 and sends to the backends' own addresses (round-robin); node 1 only
 //!   forwards. Replies from node 2's pods go straight back to the client.
 //! - `iptables`, `nftables`: the kube-proxy-shaped rules of `rproxy_tests::kube_proxy` in node 1.
-//! - `xdp`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode generic|tc --cgroup
-//!   none`; native `XDP_TX` on the lab's veths has no NAPI receiver, see `rproxy_tests::cluster`)
-//!   on a manifests directory holding the Service (`type: NodePort`) and its `EndpointSlice`. The
-//!   socket hooks stay off: attached to the host's cgroup root they would also run for every
-//!   `sendmsg` of the load generator, which is not the datapath under test.
+//! - `xdp`, `xdp-native`, `tc`: the rproxy agent in each node (`--devices eth0 --xdp-mode
+//!   generic|native|tc --cgroup none`) on a manifests directory holding the Service (`type:
+//!   NodePort`) and its `EndpointSlice`. Native XDP works on the lab's veths because the bridge
+//!   side of every external veth runs an `XDP_PASS` program, in every mode (see
+//!   `rproxy_tests::cluster`). The socket hooks stay off: attached to the host's cgroup root they
+//!   would also run for the TCP workers' `connect`, which is not the datapath under test.
 //!
 //! Each mode gets a fresh lab (so no conntrack or `TIME_WAIT` state carries over), then:
 //! - TCP connection rate: N workers connect, send one line, read the backend's name, close, for
 //!   the duration; successes and failures counted;
-//! - UDP packet rate: senders blast small datagrams over many connected sockets (one flow per
-//!   source port, spread over the backends); counters in the backend pods count what arrives.
-//!   pps = received / duration; sent and loss are reported too.
+//! - UDP packet rate: complete Ethernet/IPv4/UDP frames from the client (one per flow: source
+//!   ports 20000.., destinations the node port, or the pods round-robin in `direct`) are injected
+//!   at the client's switch port by `BPF_PROG_TEST_RUN` in live-frames mode
+//!   (`rproxy_tests::pktgen`): one generator thread per CPU, one call of `--batch` frames per flow
+//!   in turn, for the duration. The frames enter the bridge as if the client had sent them; no
+//!   socket, `sendmsg` or client veth is involved. The backend pods' readers pause during the
+//!   run, and the backends' own UDP statistics count what arrives (datagrams read, plus those
+//!   dropped at a full socket buffer: the datapath delivered them). pps = delivered / duration;
+//!   offered (frames injected) and loss (offered − delivered) are reported too.
+//!
+//! **Is the generator fast enough?** It runs the datapath inline: a thread's call returns after
+//! the softirqs its frames raised (bridge, nodes, pods) have run on its CPU, so offered tracks
+//! what the datapath sustains, and loss shows only where a queue overflows. The generator's own
+//! cost is measured each round on a sink: frames to the client's own MAC, which the bridge drops
+//! at once (the generator plus the switch's first hop, which every mode pays too). The report
+//! gives that ceiling and, per mode, `gen%`: the generator's share of each delivered packet's CPU
+//! time. The lower, the more the mode's pps is the datapath's own.
+//!
+//! **CPU time per packet.** The machine's cores are shared (other processes, and a hypervisor
+//! that steals time), so pps moves from round to round. The report also gives each mode's
+//! measured CPU time per delivered packet: the generator threads' CPU time (the softirqs their
+//! frames raise run in their context) plus `ksoftirqd`'s, over the packets delivered. Steal time
+//! and other processes are not in it, which makes it the steadier comparison. It is given net of
+//! the generator's own (per frame on the sink), with iptables' net over the mode's. The share of
+//! CPU time stolen during each UDP run is reported too.
 //!
 //! Run as root: `cargo xtask bench-nodeport [-- --help]`. A mode that fails (the agent does not
 //! start, rejects its flags, or the node port never answers) is reported as failed, and the
@@ -34,11 +57,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use rproxy_tests::{
     Cluster, NodeId, agent_bin,
+    cluster::{CLIENT_IP, EXTERNAL_DEV},
     cmd::ip,
     kube_proxy::{self, Baseline, Installed},
-    load::{self, LoadServer, TcpRate, UdpBlast},
-    netns::sysctl,
+    load::{self, CpuTicks, LoadServer, TcpRate, UdpCounters},
+    netns::{mac_address, sysctl},
     nodeport::{self, Backend, NODE_PORT, TARGET_PORT},
+    pktgen::{self, Injected, LiveFrames, UdpFlow},
 };
 
 /// How long a mode may take to answer on the node port.
@@ -48,6 +73,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Unmeasured TCP traffic before the measurement (caches, neighbour entries, conntrack).
 const WARM_UP: Duration = Duration::from_millis(300);
+/// The source port of the first UDP flow; flow `i` uses `FIRST_SOURCE_PORT + i`.
+const FIRST_SOURCE_PORT: u16 = 20_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -55,11 +82,12 @@ enum Mode {
     Iptables,
     Nftables,
     Xdp,
+    XdpNative,
     Tc,
 }
 
 impl Mode {
-    const ALL: [Self; 5] = [Self::Direct, Self::Iptables, Self::Nftables, Self::Xdp, Self::Tc];
+    const ALL: [Self; 6] = [Self::Direct, Self::Iptables, Self::Nftables, Self::Xdp, Self::XdpNative, Self::Tc];
 
     fn name(self) -> &'static str {
         match self {
@@ -67,6 +95,7 @@ impl Mode {
             Self::Iptables => "iptables",
             Self::Nftables => "nftables",
             Self::Xdp => "xdp",
+            Self::XdpNative => "xdp-native",
             Self::Tc => "tc",
         }
     }
@@ -77,6 +106,16 @@ impl Mode {
             .find(|m| m.name() == s)
             .with_context(|| format!("unknown mode {s:?} (known: {})", Self::ALL.map(Self::name).join(",")))
     }
+
+    /// The agent's `--xdp-mode`, for the agent modes.
+    fn xdp_mode(self) -> Option<&'static str> {
+        match self {
+            Self::Xdp => Some("generic"),
+            Self::XdpNative => Some("native"),
+            Self::Tc => Some("tc"),
+            Self::Direct | Self::Iptables | Self::Nftables => None,
+        }
+    }
 }
 
 struct Args {
@@ -85,15 +124,15 @@ struct Args {
     rounds: usize,
     backends_per_node: u8,
     tcp_workers: usize,
-    udp_senders: usize,
-    udp_sockets: usize,
+    udp_flows: u16,
     udp_size: usize,
+    batch: u32,
     agent: Option<PathBuf>,
 }
 
-const USAGE: &str = "nodeport-bench [--modes direct,iptables,nftables,xdp,tc] [--duration SECS (3)] [--rounds N (1)] \
-[--backends-per-node N (2)] [--tcp-workers N (4)] [--udp-senders N (2)] [--udp-sockets PER_SENDER (16)] \
-[--udp-size BYTES (18)] [--agent PATH ($RPROXY_AGENT_BIN)]";
+const USAGE: &str = "nodeport-bench [--modes direct,iptables,nftables,xdp,xdp-native,tc] [--duration SECS (3)] \
+[--rounds N (1)] [--backends-per-node N (2)] [--tcp-workers N (4)] [--udp-flows N (64)] [--udp-size BYTES (18)] \
+[--batch FRAMES_PER_CALL (64)] [--agent PATH ($RPROXY_AGENT_BIN)]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -102,9 +141,9 @@ fn parse_args() -> Result<Args> {
         rounds: 1,
         backends_per_node: 2,
         tcp_workers: 4,
-        udp_senders: 2,
-        udp_sockets: 16,
+        udp_flows: 64,
         udp_size: 18,
+        batch: 64,
         agent: None,
     };
     let mut it = std::env::args().skip(1);
@@ -116,9 +155,9 @@ fn parse_args() -> Result<Args> {
             "--rounds" => args.rounds = value()?.parse()?,
             "--backends-per-node" => args.backends_per_node = value()?.parse()?,
             "--tcp-workers" => args.tcp_workers = value()?.parse()?,
-            "--udp-senders" => args.udp_senders = value()?.parse()?,
-            "--udp-sockets" => args.udp_sockets = value()?.parse()?,
+            "--udp-flows" => args.udp_flows = value()?.parse()?,
             "--udp-size" => args.udp_size = value()?.parse()?,
+            "--batch" => args.batch = value()?.parse()?,
             "--agent" => args.agent = Some(value()?.into()),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -135,12 +174,14 @@ fn parse_args() -> Result<Args> {
     }
     if !(1..=50).contains(&args.backends_per_node)
         || !(1..=64).contains(&args.tcp_workers)
-        || !(1..=16).contains(&args.udp_senders)
-        || !(1..=1024).contains(&args.udp_sockets)
+        || !(1..=1024).contains(&args.udp_flows)
         || !(1..=1400).contains(&args.udp_size)
+        || !(1..=pktgen::MAX_BATCH).contains(&args.batch)
     {
         bail!(
-            "out of range: --backends-per-node 1..=50, --tcp-workers 1..=64, --udp-senders 1..=16, --udp-sockets 1..=1024, --udp-size 1..=1400"
+            "out of range: --backends-per-node 1..=50, --tcp-workers 1..=64, --udp-flows 1..=1024, --udp-size 1..=1400, \
+             --batch 1..={}",
+            pktgen::MAX_BATCH
         );
     }
     Ok(args)
@@ -149,11 +190,15 @@ fn parse_args() -> Result<Args> {
 /// What one mode measured.
 struct Measured {
     tcp: TcpRate,
-    udp: UdpBlast,
-    /// Datagrams counted per backend.
-    received: BTreeMap<String, u64>,
-    /// Datagrams dropped at the backends' full socket buffers during the UDP run.
+    udp: Injected,
+    /// Datagrams delivered per backend (see [`UdpCounters::delivered`]).
+    delivered: BTreeMap<String, u64>,
+    /// The part of `delivered` dropped at the backends' full socket buffers.
     socket_drops: u64,
+    /// Datagrams that reached a backend's UDP layer but no socket (no port, bad checksum).
+    refused: u64,
+    /// The share of the machine's CPU time the hypervisor stole during the UDP run, percent.
+    steal: f64,
     /// SYNs the client sent again during the TCP run (each costs its connection a second).
     syn_retransmits: u64,
     /// Notes for the report (e.g. the agent exited during the run).
@@ -161,24 +206,24 @@ struct Measured {
 }
 
 impl Measured {
-    fn received_total(&self) -> u64 {
-        self.received.values().sum()
+    fn delivered_total(&self) -> u64 {
+        self.delivered.values().sum()
     }
 
     fn pps(&self) -> f64 {
-        load::rate(self.received_total(), self.udp.elapsed)
+        load::rate(self.delivered_total(), self.udp.elapsed)
     }
 
-    fn sent_per_second(&self) -> f64 {
-        load::rate(self.udp.sent, self.udp.elapsed)
+    fn offered_per_second(&self) -> f64 {
+        load::rate(self.udp.frames, self.udp.elapsed)
+    }
+
+    fn lost(&self) -> u64 {
+        self.udp.frames.saturating_sub(self.delivered_total())
     }
 
     fn loss_percent(&self) -> f64 {
-        if self.udp.sent == 0 {
-            0.0
-        } else {
-            percent(self.udp.sent.saturating_sub(self.received_total()), self.udp.sent)
-        }
+        if self.udp.frames == 0 { 0.0 } else { percent(self.lost(), self.udp.frames) }
     }
 }
 
@@ -197,46 +242,92 @@ fn main() -> Result<()> {
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "NodePort benchmark: client {} → {}:{NODE_PORT}, {} backends on each of 2 nodes, {:.1} s per measurement",
-        rproxy_tests::cluster::CLIENT_IP,
+        "NodePort benchmark: client {CLIENT_IP} → {}:{NODE_PORT}, {} backends on each of 2 nodes, {:.1} s per measurement",
         NodeId::One.ip(),
         args.backends_per_node,
         args.duration.as_secs_f64()
     );
     println!(
-        "TCP: {} workers (connect, {} B request, name back, close); UDP: {} senders × {} sockets, {} B datagrams",
+        "TCP: {} workers (connect, {} B request, name back, close); UDP: {} flows of {} B datagrams injected at the \
+         client's switch port (BPF_PROG_TEST_RUN live frames, one thread per CPU, {} frames per call), counted by \
+         the backends' UDP statistics",
         args.tcp_workers,
         load::REQUEST.len(),
-        args.udp_senders,
-        args.udp_sockets,
-        args.udp_size
+        args.udp_flows,
+        args.udp_size,
+        args.batch
     );
     println!("kernel {}; {}\n", kernel.trim(), kube_proxy::versions().unwrap_or_else(|e| format!("{e:#}")));
 
+    let mut ceilings = Vec::new();
     let mut runs: Vec<(Mode, Vec<Result<Measured>>)> = args.modes.iter().map(|&m| (m, Vec::new())).collect();
     for round in 1..=args.rounds {
+        eprintln!("== generator ceiling (round {round}/{}) ==", args.rounds);
+        match generator_ceiling(&args) {
+            Ok(sink) => {
+                eprintln!(
+                    "   {:.0} frames/s injected and dropped by the switch",
+                    load::rate(sink.frames, sink.elapsed)
+                );
+                ceilings.push(sink);
+            }
+            Err(e) => eprintln!("   failed: {}", first_line(&e)),
+        }
         for (mode, results) in &mut runs {
             eprintln!("== {} (round {round}/{}) ==", mode.name(), args.rounds);
             let result = run_mode(*mode, &args);
             match &result {
                 Ok(m) => eprintln!(
-                    "   {:.0} conn/s ({} failed), {:.0} pps received of {:.0} sent/s",
+                    "   {:.0} conn/s ({} failed), {:.0} pps delivered of {:.0} offered/s",
                     m.tcp.per_second(),
                     m.tcp.failed,
                     m.pps(),
-                    m.sent_per_second()
+                    m.offered_per_second()
                 ),
                 Err(e) => eprintln!("   failed: {}", first_line(e)),
             }
             results.push(result);
         }
     }
-    print!("{}", report(&runs));
+    print!("{}", report(&runs, &ceilings));
     Ok(())
 }
 
 fn first_line(e: &anyhow::Error) -> String {
     format!("{e:#}").lines().next().unwrap_or_default().to_owned()
+}
+
+/// The generator on a sink: in a fresh lab, frames from the client to the client's own MAC,
+/// which the bridge drops at once (the destination is on the port they came in on).
+fn generator_ceiling(args: &Args) -> Result<Injected> {
+    let mut cluster = Cluster::new()?;
+    let client_mac = mac_address(cluster.client_ns(), EXTERNAL_DEV)?;
+    let target = SocketAddrV4::new(NodeId::One.ip(), NODE_PORT);
+    let frames = udp_frames(client_mac, client_mac, &[target], args)?;
+    inject(&mut cluster, frames, args)
+}
+
+/// One frame per flow from the client (`client_mac`) to `dst_mac`: flow `i` from source port
+/// `FIRST_SOURCE_PORT + i` to `targets[i % len]`.
+fn udp_frames(client_mac: [u8; 6], dst_mac: [u8; 6], targets: &[SocketAddrV4], args: &Args) -> Result<Vec<Vec<u8>>> {
+    (0..args.udp_flows)
+        .map(|i| {
+            let flow = UdpFlow {
+                src_mac: client_mac,
+                dst_mac,
+                src: SocketAddrV4::new(CLIENT_IP, FIRST_SOURCE_PORT + i),
+                dst: targets[usize::from(i) % targets.len()],
+            };
+            pktgen::udp_frame(&flow, args.udp_size)
+        })
+        .collect()
+}
+
+/// Runs the generator on `frames` at the client's switch port for the duration.
+fn inject(cluster: &mut Cluster, frames: Vec<Vec<u8>>, args: &Args) -> Result<Injected> {
+    let (switch, port) = (cluster.switch_ns().to_owned(), cluster.client_switch_port());
+    let program = cluster.pass_program().program()?;
+    LiveFrames::new(program, &switch, &port, frames, args.batch)?.run(args.duration)
 }
 
 fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
@@ -264,7 +355,7 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
             rules = Some(Installed::new(baseline, &ns, &nodeport::frontends(&backends)?, &[NodeId::One.ip()])?);
             (Datapath::Rules, node_port)
         }
-        Mode::Xdp | Mode::Tc => {
+        Mode::Xdp | Mode::XdpNative | Mode::Tc => {
             start_agents(&mut cluster, &backends, mode, args)?;
             (Datapath::Agents, node_port)
         }
@@ -276,21 +367,27 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     let syn_before = load::tcp_syn_retransmits(&client)?;
     let tcp = load::tcp_connection_rate(&client, &targets, args.tcp_workers, args.duration, IO_TIMEOUT)?;
     let syn_retransmits = load::tcp_syn_retransmits(&client)?.saturating_sub(syn_before);
-    let before: u64 = servers.iter().map(LoadServer::udp_received).sum();
+
+    let client_mac = mac_address(&client, EXTERNAL_DEV)?;
+    let node_mac = mac_address(cluster.node(NodeId::One).ns(), EXTERNAL_DEV)?;
+    let frames = udp_frames(client_mac, node_mac, &targets, args)?;
     let pod_ns: Vec<String> = backends.iter().map(|b| cluster.pod(&b.name).ns().to_owned()).collect();
-    let socket_drops = || pod_ns.iter().map(|ns| load::udp_rcvbuf_errors(ns)).sum::<Result<u64>>();
-    let sockets_before = socket_drops()?;
-    let udp = load::udp_blast(&client, &targets, args.udp_senders, args.udp_sockets, args.udp_size, args.duration)?;
-    settle(&servers);
-    let socket_drops = socket_drops()?.saturating_sub(sockets_before);
-    let mut received = BTreeMap::new();
-    for (b, s) in backends.iter().zip(&servers) {
-        received.insert(b.name.clone(), s.udp_received());
+    let counters = || pod_ns.iter().map(|ns| load::udp_counters(ns)).collect::<Result<Vec<_>>>();
+    for s in &servers {
+        s.pause_udp(true);
     }
+    let before = counters()?;
+    let ticks = CpuTicks::read()?;
+    let udp = inject(&mut cluster, frames, args);
+    let steal = CpuTicks::read()?.steal_percent_since(ticks);
+    for s in &servers {
+        s.pause_udp(false);
+    }
+    let udp = udp?;
+    settle(&pod_ns)?;
+    let counts: Vec<UdpCounters> = counters()?.into_iter().zip(before).map(|(after, b)| after.since(b)).collect();
+    let delivered = backends.iter().zip(&counts).map(|(b, c)| (b.name.clone(), c.delivered)).collect();
     let mut notes = Vec::new();
-    if before != 0 {
-        notes.push(format!("{before} datagrams arrived before the UDP run"));
-    }
     if datapath == Datapath::Agents
         && let Err(e) = cluster.ensure_agents_running()
     {
@@ -300,7 +397,16 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     if let Some(rules) = rules {
         rules.remove()?;
     }
-    Ok(Measured { tcp, udp, received, socket_drops, syn_retransmits, notes })
+    Ok(Measured {
+        tcp,
+        udp,
+        delivered,
+        socket_drops: counts.iter().map(|c| c.socket_drops).sum(),
+        refused: counts.iter().map(|c| c.refused).sum(),
+        steal,
+        syn_retransmits,
+        notes,
+    })
 }
 
 fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &Args) -> Result<()> {
@@ -311,8 +417,8 @@ fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &
     let manifests = cluster.work_dir().join("manifests");
     std::fs::create_dir(&manifests)?;
     nodeport::write_manifests(&manifests, backends)?;
-    let xdp_mode = if mode == Mode::Xdp { "generic" } else { "tc" };
-    let extra = ["--devices", rproxy_tests::cluster::EXTERNAL_DEV, "--xdp-mode", xdp_mode, "--cgroup", "none"];
+    let xdp_mode = mode.xdp_mode().context("not an agent mode")?;
+    let extra = ["--devices", EXTERNAL_DEV, "--xdp-mode", xdp_mode, "--cgroup", "none"];
     cluster
         .start_agents(&bin, &manifests, &extra)
         .with_context(|| format!("starting {} {}", bin.display(), extra.join(" ")))
@@ -348,19 +454,20 @@ fn wait_ready(cluster: &mut Cluster, datapath: Datapath, target: SocketAddrV4) -
     }
 }
 
-/// Waits (at most 1 s) until the UDP counters stop moving: the datagrams in flight and in the
-/// socket buffers when the senders stopped are counted too.
-fn settle(servers: &[LoadServer]) {
-    let total = || servers.iter().map(LoadServer::udp_received).sum::<u64>();
-    let mut last = total();
-    for _ in 0..20 {
+/// Waits (at most 2 s) until the backends' delivered counts stop moving: the readers, resumed,
+/// count the datagrams still queued in their sockets when the generator stopped.
+fn settle(pod_ns: &[String]) -> Result<()> {
+    let total = || pod_ns.iter().map(|ns| load::udp_counters(ns).map(|c| c.delivered)).sum::<Result<u64>>();
+    let mut last = total()?;
+    for _ in 0..40 {
         thread::sleep(Duration::from_millis(50));
-        let now = total();
+        let now = total()?;
         if now == last {
-            return;
+            return Ok(());
         }
         last = now;
     }
+    Ok(())
 }
 
 /// Share of `counts` on node 1 and node 2, in percent (backend names are `backend-<node>-<i>`).
@@ -431,60 +538,130 @@ impl<'a> Summary<'a> {
     }
 }
 
-fn report(runs: &[(Mode, Vec<Result<Measured>>)]) -> String {
+fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> String {
     let summaries: Vec<(Mode, Summary<'_>, &[Result<Measured>])> =
         runs.iter().map(|(m, r)| (*m, Summary::of(r), r.as_slice())).collect();
     let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| s);
     let (base_conn, base_pps) = (base.map(|b| b.conn), base.map(|b| b.pps));
+    let ceiling =
+        (!ceilings.is_empty()).then(|| median(ceilings.iter().map(|c| load::rate(c.frames, c.elapsed)).collect()));
+    let generator = generator_ns(ceilings);
     let rounds = runs.first().map_or(0, |(_, r)| r.len());
     let mut out = String::new();
     if rounds > 1 {
         let _ = writeln!(out, "\nmedians over {rounds} rounds (modes interleaved round by round)");
     }
+    match ceiling {
+        Some(c) => {
+            let threads = ceilings.first().map_or(0, |s| s.threads);
+            let _ = writeln!(
+                out,
+                "generator ceiling: {c:.0} frames/s ({threads} threads; frames the switch drops at once). gen%: the \
+                 generator's share of a delivered packet's CPU time (its CPU per frame on the sink / the mode's per \
+                 packet)"
+            );
+        }
+        None => out.push_str("generator ceiling: not measured (failed)\n"),
+    }
     let _ = writeln!(
         out,
-        "{:<9} {:>9} {:>6} {:>7} {:>10} {:>10} {:>6} {:>7}  {:>9} {:>9}",
-        "mode", "conn/s", "fail", "vs ipt", "pps", "sent/s", "loss", "vs ipt", "tcp n1/n2", "udp n1/n2"
+        "{:<10} {:>9} {:>6} {:>7} {:>10} {:>10} {:>6} {:>7} {:>5}  {:>9} {:>9}",
+        "mode", "conn/s", "fail", "vs ipt", "pps", "offered/s", "loss", "vs ipt", "gen%", "tcp n1/n2", "udp n1/n2"
     );
     for (mode, s, results) in &summaries {
         if s.ok.is_empty() {
             let first = results.iter().find_map(|r| r.as_ref().err()).map(first_line).unwrap_or_default();
-            let _ = writeln!(out, "{:<9} FAILED: {first}", mode.name());
+            let _ = writeln!(out, "{:<10} FAILED: {first}", mode.name());
             continue;
         }
         let failed_rounds = results.len() - s.ok.len();
         let _ = writeln!(
             out,
-            "{:<9} {:>9.0} {:>6} {:>7} {:>10.0} {:>10.0} {:>5.1}% {:>7}  {:>9} {:>9}{}",
+            "{:<10} {:>9.0} {:>6} {:>7} {:>10.0} {:>10.0} {:>5.1}% {:>7} {:>5}  {:>9} {:>9}{}",
             mode.name(),
             s.conn,
             s.sum_of(|m| m.tcp.failed),
             ratio(s.conn, base_conn),
             s.pps,
-            s.median_of(Measured::sent_per_second),
+            s.median_of(Measured::offered_per_second),
             s.median_of(Measured::loss_percent),
             ratio(s.pps, base_pps),
+            generator.map_or_else(
+                || "-".to_owned(),
+                |g| format!("{:.0}", g * 100.0 / s.median_of(|m| cpu_ns(&m.udp, m.delivered_total())))
+            ),
             spread(&s.counts(|m| &m.tcp.by_server)),
-            spread(&s.counts(|m| &m.received)),
+            spread(&s.counts(|m| &m.delivered)),
             if failed_rounds > 0 { format!("  ({failed_rounds} rounds failed)") } else { String::new() },
         );
     }
+    cpu_per_packet(&mut out, &summaries, ceilings);
+    details(&mut out, &summaries, rounds);
+    out
+}
+
+/// CPU time per packet in ns: the run's measured CPU time (see [`Injected::cpu`]) over the
+/// packets it got through (infinite for none).
+fn cpu_ns(run: &Injected, packets: u64) -> f64 {
+    if packets == 0 { f64::INFINITY } else { run.cpu.as_secs_f64() * 1e9 / count(packets) }
+}
+
+/// The generator's CPU time per frame on the sink, median over the rounds (`None` if never
+/// measured).
+fn generator_ns(ceilings: &[Injected]) -> Option<f64> {
+    (!ceilings.is_empty()).then(|| median(ceilings.iter().map(|c| cpu_ns(c, c.frames)).collect()))
+}
+
+/// Per mode: measured CPU time per delivered packet, that net of the generator's own (on the
+/// sink), and iptables' net over the mode's.
+fn cpu_per_packet(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], ceilings: &[Injected]) {
+    let generator = generator_ns(ceilings).unwrap_or(0.0);
+    let net = |s: &Summary<'_>| s.median_of(|m| cpu_ns(&m.udp, m.delivered_total())) - generator;
+    let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| net(s));
     let _ = writeln!(
         out,
-        "\nmedians: UDP datagrams lost at the backends' full receive buffers and on the way; TCP SYNs the client \
-         retransmitted (a lost SYN, or one refused by a backend's TIME_WAIT socket for a reused SNAT tuple)"
+        "\nCPU time per delivered packet (measured: the generator threads, which run the softirqs of their frames, \
+         plus ksoftirqd; steal and other processes excluded), net of the generator's own {generator:.0} ns per frame \
+         (on the sink); iptables' net / the mode's net"
     );
-    for (mode, s, _) in &summaries {
+    for (mode, s, _) in summaries {
         if s.ok.is_empty() {
             continue;
         }
-        let lost = s.median_of(|m| count(m.udp.sent.saturating_sub(m.received_total())));
+        let n = net(s);
+        let _ = writeln!(
+            out,
+            "{:<10} {:>7.0} ns, net {:>7.0} ns  {}",
+            mode.name(),
+            n + generator,
+            n,
+            base.filter(|_| n > 0.0).map_or_else(|| "-".to_owned(), |b| format!("{:.2}x", b / n))
+        );
+    }
+}
+
+/// Per mode: the UDP counts and SYN retransmits behind the table, failures and notes.
+fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], rounds: usize) {
+    let _ = writeln!(
+        out,
+        "\nmedians: UDP frames offered, delivered to the backends' sockets (of which dropped at a full socket buffer), \
+         lost on the way, the machine's CPU time the hypervisor stole meanwhile; TCP SYNs the client retransmitted (a \
+         lost SYN, or one refused by a backend's TIME_WAIT socket for a reused SNAT tuple)"
+    );
+    for (mode, s, _) in summaries {
+        if s.ok.is_empty() {
+            continue;
+        }
         let _ = write!(
             out,
-            "{:<9} UDP lost {lost:.0}: receive buffers {:.0}, on the way {:.0}; TCP SYN retransmits {:.0}",
+            "{:<10} UDP offered {:.0}, delivered {:.0} (socket buffers full {:.0}), lost {:.0}, CPU stolen {:.0}%; TCP SYN \
+             retransmits {:.0}",
             mode.name(),
+            s.median_of(|m| count(m.udp.frames)),
+            s.median_of(|m| count(m.delivered_total())),
             s.median_of(|m| count(m.socket_drops)),
-            s.median_of(|m| count(m.udp.sent.saturating_sub(m.received_total() + m.socket_drops))),
+            s.median_of(|m| count(m.lost())),
+            s.median_of(|m| m.steal),
             s.median_of(|m| count(m.syn_retransmits)),
         );
         if rounds > 1 {
@@ -493,20 +670,26 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)]) -> String {
             };
             let _ = write!(
                 out,
-                "; rounds: conn/s {}; pps {}",
+                "; rounds: conn/s {}; pps {}; CPU ns/packet {}",
                 per_round(&|m| m.tcp.per_second()),
-                per_round(&Measured::pps)
+                per_round(&Measured::pps),
+                per_round(&|m| cpu_ns(&m.udp, m.delivered_total()))
             );
         }
         out.push('\n');
     }
-    for (mode, s, results) in &summaries {
+    for (mode, s, results) in summaries {
         for m in &s.ok {
             if let Some(e) = &m.tcp.first_error {
                 let _ = writeln!(out, "{}: first TCP failure: {e}", mode.name());
             }
-            if m.udp.errors > 0 {
-                let _ = writeln!(out, "{}: {} UDP send errors", mode.name(), m.udp.errors);
+            if m.refused > 0 {
+                let _ = writeln!(
+                    out,
+                    "{}: {} datagrams reached a backend's UDP layer but no socket (no port or bad checksum)",
+                    mode.name(),
+                    m.refused
+                );
             }
             for note in &m.notes {
                 let _ = writeln!(out, "{}: {note}", mode.name());
@@ -516,7 +699,6 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)]) -> String {
             let _ = writeln!(out, "\n{} failed:\n{e:#}", mode.name());
         }
     }
-    out
 }
 
 /// A count as `f64`, for medians and rates.

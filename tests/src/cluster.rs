@@ -27,25 +27,41 @@
 //! TX offload off the sender computes complete checksums, so the frames look like frames from a
 //! real wire. GRO stays off on the bridge-side peers (`ethtool -K <peer> gro off`): GRO would
 //! merge segments into super-packets whose L4 checksum field holds a `CHECKSUM_PARTIAL` seed,
-//! and XDP on the next node would see neither wire frames nor complete checksums. The price:
-//! veth runs no NAPI poll on those peers, so native-mode `XDP_TX` from a node's `eth0` has no
-//! receiver; XDP is exercised here in generic mode (`--xdp-mode generic`).
+//! and XDP on the next node would see neither wire frames nor complete checksums.
+//!
+//! **XDP on the switch ports.** Every bridge-side peer runs rproxy's `XDP_PASS` program
+//! (`rpx_xdp_noop`, [`crate::xdp::PassProgram`]) in driver mode, in every use of the lab. Veth
+//! runs a NAPI poll on a device only with GRO or an XDP program, and native `XDP_TX` /
+//! `XDP_REDIRECT` out of a veth hands frames to the peer's NAPI ring: without a program there,
+//! a node's native XDP (`--xdp-mode native`) would transmit into nothing. With it, frames from
+//! the nodes cross the switch port's ring and its program, and native XDP works end to end. GRO
+//! is turned off after the program is attached (some kernels turn GRO on with a veth's first XDP
+//! program). The links are the cluster's and detach when it is dropped.
+//!
+//! **Queues.** Each end of an external veth has one queue per CPU each way, and transmit queue
+//! `i` is pinned to CPU `i` (XPS): a frame sent on CPU `i` lands in receive queue `i` of the
+//! other end and is polled by CPU `i`'s NAPI, as a multi-queue NIC with RSS spreads its work. With
+//! a single queue, one CPU's NAPI would poll every frame native XDP receives while the stack's
+//! path (no NAPI: `netif_rx` on the sending CPU) used every CPU, and the packet generator's
+//! frames from the other CPUs would overflow that one ring.
 //!
 //! Dropping a [`Cluster`] (also while a test panics) stops both agents, runs
 //! `rproxy-agent cleanup` for each, removes their pin dirs and deletes every namespace.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, ensure};
+use aya::programs::xdp::XdpLink;
 use tempfile::TempDir;
 
 use crate::{
-    cmd::{ip, run},
+    cmd::{ip, run, run_with_input},
     lab::{IFNAMSIZ_MAX, Node, NodeSpec, Pod, next_prefix},
     netns::{self, NetNs, in_netns},
+    xdp::PassProgram,
 };
 
 /// The external device of each node and of the client.
@@ -54,6 +70,8 @@ pub const EXTERNAL_DEV: &str = "eth0";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
 /// Prefix length of the shared segment (172.31.0.0/24).
 pub const EXTERNAL_PREFIX_LEN: u8 = 24;
+/// Most queues an external veth gets (one per CPU up to this).
+const MAX_QUEUES: usize = 64;
 
 /// One of the cluster's two nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -120,8 +138,11 @@ impl NodeId {
 #[derive(Debug)]
 pub struct Cluster {
     prefix: String,
-    // Drop order: nodes (agents, pods, node namespaces), client, switch, then the work dir.
+    // Drop order: nodes (agents, pods, node namespaces), the switch ports' XDP links, the
+    // program, client, switch, then the work dir.
     nodes: [Node; 2],
+    switch_xdp: Vec<XdpLink>,
+    pass: PassProgram,
     client: NetNs,
     switch: NetNs,
     work: TempDir,
@@ -148,13 +169,15 @@ impl Cluster {
         let nodes = [node(NodeId::One)?, node(NodeId::Two)?];
         let client = NetNs::create(&format!("{prefix}-client"))?;
         let switch = NetNs::create(&format!("{prefix}-switch"))?;
-        let cluster = Self { prefix, nodes, client, switch, work };
+        let pass = PassProgram::load()?;
+        let mut cluster = Self { prefix, nodes, switch_xdp: Vec::new(), pass, client, switch, work };
         cluster.wire().with_context(|| format!("wiring cluster {}", cluster.prefix))?;
         Ok(cluster)
     }
 
-    /// The bridge, the external veths, addresses and routes.
-    fn wire(&self) -> Result<()> {
+    /// The bridge, the external veths (with `XDP_PASS` on their bridge side), addresses and
+    /// routes.
+    fn wire(&mut self) -> Result<()> {
         let bridge = format!("{}br", self.prefix);
         let sw = Some(self.switch.name());
         ip(sw, &["link", "add", &bridge, "type", "bridge"])?;
@@ -164,13 +187,24 @@ impl Cluster {
             (self.nodes[1].ns(), "s2", NodeId::Two.ip()),
             (self.client.name(), "sc", CLIENT_IP),
         ];
+        let queues = external_queues();
+        let q = queues.to_string();
+        let multi = ["numtxqueues", q.as_str(), "numrxqueues", q.as_str()];
         for (ns, suffix, addr) in ends {
             let peer = format!("{}{suffix}", self.prefix);
             ensure!(peer.len() <= IFNAMSIZ_MAX, "interface name {peer} is too long");
-            ip(sw, &["link", "add", &peer, "type", "veth", "peer", "name", EXTERNAL_DEV, "netns", ns])?;
+            let mut add = vec!["link", "add", peer.as_str()];
+            add.extend(multi);
+            add.extend(["type", "veth", "peer", "name", EXTERNAL_DEV, "netns", ns]);
+            add.extend(multi);
+            ip(sw, &add)?;
             ip(sw, &["link", "set", &peer, "master", &bridge, "up"])?;
+            let link = self.pass.attach_native(self.switch.name(), &peer)?;
+            self.switch_xdp.push(link);
             run(netns::command(self.switch.name(), "ethtool").args(["-K", &peer, "tx", "off", "gro", "off"]))?;
             run(netns::command(ns, "ethtool").args(["-K", EXTERNAL_DEV, "tx", "off"]))?;
+            set_xps(self.switch.name(), &peer, queues)?;
+            set_xps(ns, EXTERNAL_DEV, queues)?;
             let cidr = format!("{addr}/{EXTERNAL_PREFIX_LEN}");
             ip(Some(ns), &["addr", "add", &cidr, "dev", EXTERNAL_DEV])?;
             ip(Some(ns), &["link", "set", EXTERNAL_DEV, "up"])?;
@@ -181,6 +215,12 @@ impl Cluster {
             ip(Some(ns), &["route", "add", &cidr, "via", &other.ip().to_string(), "dev", EXTERNAL_DEV])?;
         }
         Ok(())
+    }
+
+    /// Queues of each external veth (each end): one per CPU (see the module doc).
+    #[must_use]
+    pub fn external_queues(&self) -> usize {
+        external_queues()
     }
 
     /// `rpx<pid><counter>`: the start of every name this lab creates.
@@ -234,6 +274,12 @@ impl Cluster {
     #[must_use]
     pub fn client_switch_port(&self) -> String {
         format!("{}sc", self.prefix)
+    }
+
+    /// rproxy's `XDP_PASS` program, as attached to the switch ports (for
+    /// [`crate::pktgen::LiveFrames`]).
+    pub fn pass_program(&mut self) -> &mut PassProgram {
+        &mut self.pass
     }
 
     /// Every namespace of the cluster: switch, client, nodes, pods.
@@ -343,5 +389,51 @@ impl Cluster {
     #[must_use]
     pub fn pin_dirs(&self) -> Vec<PathBuf> {
         self.nodes.iter().map(|n| n.pin_dir().to_owned()).collect()
+    }
+}
+
+/// One queue per CPU, at most [`MAX_QUEUES`].
+fn external_queues() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from).min(MAX_QUEUES)
+}
+
+/// Maps transmit queue `i` of device `dev` in namespace `ns` to CPU `i` (XPS), for `queues`
+/// queues. `/sys/class/net` shows the namespace of the sysfs instance, so the write runs under
+/// `ip netns exec`, which mounts one for `ns`.
+fn set_xps(ns: &str, dev: &str, queues: usize) -> Result<()> {
+    for (queue, mask) in xps_masks(queues).iter().enumerate() {
+        let path = format!("/sys/class/net/{dev}/queues/tx-{queue}/xps_cpus");
+        run_with_input(Command::new("ip").args(["netns", "exec", ns, "tee", &path]).stdout(Stdio::null()), mask)
+            .with_context(|| format!("setting XPS of {dev} in {ns}"))?;
+    }
+    Ok(())
+}
+
+/// The XPS CPU mask of each of `queues` transmit queues: queue `i` → CPU `i`, in the hex format
+/// of `xps_cpus` (32-bit words separated by commas, most significant first).
+fn xps_masks(queues: usize) -> Vec<String> {
+    (0..queues)
+        .map(|cpu| {
+            let words = cpu / 32 + 1;
+            (0..words)
+                .rev()
+                .map(|w| if w == cpu / 32 { format!("{:08x}", 1u32 << (cpu % 32)) } else { "00000000".to_owned() })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xps_maps_queue_i_to_cpu_i() {
+        assert_eq!(xps_masks(3), ["00000001", "00000002", "00000004"]);
+        let masks = xps_masks(MAX_QUEUES);
+        assert_eq!(masks[31], "80000000");
+        assert_eq!(masks[32], "00000001,00000000");
+        assert_eq!(masks.len(), MAX_QUEUES);
     }
 }

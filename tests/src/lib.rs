@@ -10,7 +10,9 @@
 //! - [`lab`]: the topology ([`Lab`], [`Node`], [`Pod`]) and the agent's lifecycle;
 //! - [`cluster`]: two nodes and an external client on one bridge ([`Cluster`]), for north-south
 //!   traffic; [`nodeport`]: the `NodePort` Service used on it; [`kube_proxy`]: kube-proxy-shaped
-//!   iptables and nftables baselines; [`load`]: the `NodePort` benchmark's load generators;
+//!   iptables and nftables baselines; [`load`]: the `NodePort` benchmark's TCP load and UDP
+//!   counters; [`pktgen`]: its UDP packet generator (`BPF_PROG_TEST_RUN` live frames); [`xdp`]:
+//!   rproxy's `XDP_PASS` program, for the cluster's switch ports and the generator;
 //! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
@@ -35,7 +37,9 @@ pub mod load;
 pub mod manifest;
 pub mod netns;
 pub mod nodeport;
+pub mod pktgen;
 pub mod server;
+pub mod xdp;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,10 +1,12 @@
 //! Load generation for the `NodePort` benchmark: backend servers that count ([`LoadServer`]), a
-//! TCP connection-rate client ([`tcp_connection_rate`]) and a UDP packet blaster
-//! ([`udp_blast`]). Every loop is bounded in time; every socket operation has a timeout.
+//! TCP connection-rate client ([`tcp_connection_rate`]), and the kernel counters that count UDP
+//! datagrams arriving in a backend ([`udp_counters`]); the UDP load itself comes from
+//! [`crate::pktgen`]. Every loop is bounded in time; every socket operation has a timeout.
 //!
 //! Protocol — TCP: the client connects and sends one line; the server answers `<pod name>\n`
 //! and closes (so the server, not the client, holds `TIME_WAIT` and the client's ports stay
-//! free). UDP: datagrams are counted, never answered.
+//! free). UDP: datagrams are counted, never answered; reading can be paused
+//! ([`LoadServer::pause_udp`]) so that no receiver competes with the datapath for the CPUs.
 use std::{
     collections::BTreeMap,
     io::{self, Read as _, Write as _},
@@ -28,6 +30,8 @@ use crate::netns::in_netns;
 
 /// How often the server loops look at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// How often a paused UDP counter looks at its flags.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// Timeout of each read and write on an accepted connection.
 const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// The TCP request line.
@@ -40,6 +44,7 @@ const UDP_RCVBUF: usize = 4 << 20;
 pub struct LoadServer {
     tcp: Arc<AtomicU64>,
     udp: Arc<AtomicU64>,
+    udp_paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -54,18 +59,20 @@ impl LoadServer {
         udp.set_read_timeout(Some(STOP_POLL))?;
         // Best effort: a smaller buffer only shows up as more socket-buffer drops.
         let _ = setsockopt(&udp, sockopt::RcvBuf, &UDP_RCVBUF);
-        let (tcp_count, udp_count, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::default());
+        let (tcp_count, udp_count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (udp_paused, stop): (Arc<AtomicBool>, Arc<AtomicBool>) = (Arc::default(), Arc::default());
         let tcp_loop = {
             let (reply, count, stop) = (format!("{name}\n"), Arc::clone(&tcp_count), Arc::clone(&stop));
             move || respond_tcp(&tcp, reply.as_bytes(), &count, &stop)
         };
         let udp_loop = {
-            let (count, stop) = (Arc::clone(&udp_count), Arc::clone(&stop));
-            move || count_udp(&udp, &count, &stop)
+            let (count, paused, stop) = (Arc::clone(&udp_count), Arc::clone(&udp_paused), Arc::clone(&stop));
+            move || count_udp(&udp, &count, &paused, &stop)
         };
         Ok(Self {
             tcp: tcp_count,
             udp: udp_count,
+            udp_paused,
             stop,
             threads: vec![thread::spawn(tcp_loop), thread::spawn(udp_loop)],
         })
@@ -81,6 +88,12 @@ impl LoadServer {
     #[must_use]
     pub fn udp_received(&self) -> u64 {
         self.udp.load(Ordering::Relaxed)
+    }
+
+    /// Stops (`true`) or resumes reading UDP datagrams. While paused, datagrams queue in the
+    /// socket and, once its buffer is full, are dropped (and counted) by the kernel.
+    pub fn pause_udp(&self, paused: bool) {
+        self.udp_paused.store(paused, Ordering::Relaxed);
     }
 }
 
@@ -126,10 +139,12 @@ fn answer(mut stream: TcpStream, reply: &[u8]) -> io::Result<()> {
     stream.write_all(reply)
 }
 
-fn count_udp(socket: &UdpSocket, count: &AtomicU64, stop: &AtomicBool) {
+fn count_udp(socket: &UdpSocket, count: &AtomicU64, paused: &AtomicBool, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        if socket.recv(&mut buf).is_ok() {
+        if paused.load(Ordering::Relaxed) {
+            thread::sleep(PAUSE_POLL);
+        } else if socket.recv(&mut buf).is_ok() {
             count.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -239,79 +254,85 @@ pub fn tcp_exchange(target: SocketAddrV4, timeout: Duration) -> Result<String> {
     String::from_utf8(line.to_vec()).context("name is not UTF-8")
 }
 
-/// Outcome of [`udp_blast`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UdpBlast {
-    /// Datagrams the kernel accepted from `send`.
-    pub sent: u64,
-    /// `send` calls that failed (e.g. `ECONNREFUSED` after an ICMP port unreachable).
-    pub errors: u64,
-    /// From the start of the senders to the end of the last one.
-    pub elapsed: Duration,
+/// A backend namespace's UDP statistics (`/proc/net/snmp`), as far as the `NodePort` benchmark
+/// counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpCounters {
+    /// Datagrams that reached a socket: read (`InDatagrams`, counted when the application reads
+    /// them) or dropped at its full receive buffer (`RcvbufErrors`, `MemErrors`).
+    pub delivered: u64,
+    /// The part of `delivered` dropped at a full receive buffer.
+    pub socket_drops: u64,
+    /// Datagrams that reached the namespace's UDP layer but no socket: no socket on the port
+    /// (`NoPorts`) or a bad checksum (`InCsumErrors`).
+    pub refused: u64,
 }
 
-/// From namespace `ns`, `senders` threads each send `payload_len`-byte datagrams as fast as they
-/// can for `duration`, round-robin over `sockets_per_sender` connected sockets with ephemeral
-/// source ports (so each socket is its own flow and flows spread over backends). Socket `i` of
-/// sender `s` targets `targets[(s * sockets_per_sender + i) % len]`.
-pub fn udp_blast(
-    ns: &str,
-    targets: &[SocketAddrV4],
-    senders: usize,
-    sockets_per_sender: usize,
-    payload_len: usize,
-    duration: Duration,
-) -> Result<UdpBlast> {
-    ensure!(!targets.is_empty() && senders > 0 && sockets_per_sender > 0, "no targets, senders or sockets");
-    let payload = vec![0x5a_u8; payload_len];
-    let results: Vec<Result<Result<(UdpBlast, Instant, Instant)>>> = thread::scope(|s| {
-        let handles: Vec<_> = (0..senders)
-            .map(|sender| {
-                let payload = &payload;
-                s.spawn(move || {
-                    in_netns(ns, || {
-                        let sockets = (0..sockets_per_sender)
-                            .map(|i| {
-                                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-                                socket.connect(targets[(sender * sockets_per_sender + i) % targets.len()])?;
-                                Ok(socket)
-                            })
-                            .collect::<io::Result<Vec<_>>>()
-                            .context("UDP sockets")?;
-                        let start = Instant::now();
-                        let mut r = UdpBlast::default();
-                        while start.elapsed() < duration {
-                            for socket in &sockets {
-                                match socket.send(payload) {
-                                    Ok(_) => r.sent += 1,
-                                    Err(_) => r.errors += 1,
-                                }
-                            }
-                        }
-                        Ok((r, start, Instant::now()))
-                    })
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    });
-    let mut total = UdpBlast::default();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    for result in results {
-        let (r, start, end) = result??;
-        total.sent += r.sent;
-        total.errors += r.errors;
-        first = Some(first.map_or(start, |f| f.min(start)));
-        last = Some(last.map_or(end, |l| l.max(end)));
+impl UdpCounters {
+    /// From `/proc/net/snmp` text.
+    #[must_use]
+    pub fn parse(snmp: &str) -> Option<Self> {
+        let field = |name| snmp_field(snmp, "Udp", name);
+        let (rcvbuf, mem) = (field("RcvbufErrors")?, field("MemErrors")?);
+        Some(Self {
+            delivered: field("InDatagrams")? + rcvbuf + mem,
+            socket_drops: rcvbuf + mem,
+            refused: field("NoPorts")? + field("InCsumErrors")?,
+        })
     }
-    total.elapsed = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
-    Ok(total)
+
+    /// The counts since `before`.
+    #[must_use]
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            delivered: self.delivered.saturating_sub(before.delivered),
+            socket_drops: self.socket_drops.saturating_sub(before.socket_drops),
+            refused: self.refused.saturating_sub(before.refused),
+        }
+    }
 }
 
-/// `RcvbufErrors` of namespace `ns`'s UDP statistics: datagrams dropped because a socket's
-/// receive buffer was full.
-pub fn udp_rcvbuf_errors(ns: &str) -> Result<u64> {
-    net_counter(ns, "snmp", "Udp", "RcvbufErrors")
+/// Namespace `ns`'s [`UdpCounters`].
+pub fn udp_counters(ns: &str) -> Result<UdpCounters> {
+    let text = proc_net(ns, "snmp")?;
+    UdpCounters::parse(&text).with_context(|| format!("no Udp counters in /proc/net/snmp of {ns}"))
+}
+
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock ticks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// user, nice, system, idle, iowait, irq, softirq and steal (guest time is in user).
+    pub total: u64,
+    /// Time the hypervisor ran something else while this machine had work (steal).
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// From `/proc/stat` text.
+    #[must_use]
+    pub fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+        let fields: Vec<u64> =
+            line.split_whitespace().skip(1).take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+        (fields.len() == 8).then(|| Self { total: fields.iter().sum(), steal: fields[7] })
+    }
+
+    /// Now.
+    pub fn read() -> Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        Self::parse(&text).context("no cpu line in /proc/stat")
+    }
+
+    /// The share of the CPU time since `before` that was stolen, in percent (0 for none).
+    #[must_use]
+    pub fn steal_percent_since(self, before: Self) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        let steal = self.steal.saturating_sub(before.steal);
+        // Tick counts stay far below 2^52.
+        #[expect(clippy::cast_precision_loss, reason = "tick counts are far below 2^52")]
+        let percent = if total == 0 { 0.0 } else { steal as f64 * 100.0 / total as f64 };
+        percent
+    }
 }
 
 /// `TCPSynRetrans` of namespace `ns`'s TCP statistics: SYNs sent again because the first got no
@@ -322,10 +343,15 @@ pub fn tcp_syn_retransmits(ns: &str) -> Result<u64> {
 
 /// Counter `field` of `proto` in `/proc/net/<file>` (`snmp` or `netstat`) of namespace `ns`.
 fn net_counter(ns: &str, file: &str, proto: &str, field: &str) -> Result<u64> {
+    let text = proc_net(ns, file)?;
+    snmp_field(&text, proto, field).with_context(|| format!("no {proto} {field} in /proc/net/{file} of {ns}"))
+}
+
+/// `/proc/net/<file>` of namespace `ns`.
+fn proc_net(ns: &str, file: &str) -> Result<String> {
     // /proc/thread-self/net is the calling thread's namespace (/proc/self/net the process's).
     let path = format!("/proc/thread-self/net/{file}");
-    let text = in_netns(ns, || std::fs::read_to_string(&path))?.with_context(|| format!("reading {path} in {ns}"))?;
-    snmp_field(&text, proto, field).with_context(|| format!("no {proto} {field} in {path} of {ns}"))
+    in_netns(ns, || std::fs::read_to_string(&path))?.with_context(|| format!("reading {path} in {ns}"))
 }
 
 /// Field `field` of protocol `proto` in `/proc/net/snmp` or `/proc/net/netstat` text (a line of
@@ -354,6 +380,27 @@ mod tests {
         assert_eq!(snmp_field(text, "Tcp", "InErrs"), None);
         let netstat = "TcpExt: SyncookiesSent TCPSynRetrans\nTcpExt: 0 37\nIpExt: InNoRoutes\nIpExt: 1\n";
         assert_eq!(snmp_field(netstat, "TcpExt", "TCPSynRetrans"), Some(37));
+    }
+
+    #[test]
+    fn udp_counters_count_what_reached_a_socket() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti \
+                    MemErrors\nUdp: 100 3 12 0 10 0 2 0 1\n";
+        let now = UdpCounters::parse(snmp).unwrap();
+        assert_eq!(now, UdpCounters { delivered: 111, socket_drops: 11, refused: 5 });
+        let before = UdpCounters { delivered: 11, socket_drops: 1, refused: 5 };
+        assert_eq!(now.since(before), UdpCounters { delivered: 100, socket_drops: 10, refused: 0 });
+        assert_eq!(UdpCounters::parse("Udp: InDatagrams\nUdp: 1\n"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_count_steal_against_the_total() {
+        let before = CpuTicks::parse("cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n").unwrap();
+        assert_eq!(before, CpuTicks { total: 1000, steal: 20 });
+        let after = CpuTicks { total: 1200, steal: 70 };
+        assert!((after.steal_percent_since(before) - 25.0).abs() < 1e-9);
+        assert!(before.steal_percent_since(before) == 0.0);
+        assert_eq!(CpuTicks::parse("cpu0 1 2 3\n"), None);
     }
 
     #[test]

@@ -4,12 +4,12 @@
 //! The network namespace is per thread: [`in_netns`] runs a closure on a fresh thread that has
 //! joined the namespace. Sockets created there stay in that namespace after the thread ends, so
 //! a closure may bind a socket and hand it back to be used from any thread.
-use std::{fs::File, path::Path, process::Command, thread};
+use std::{collections::BTreeMap, fs::File, path::Path, process::Command, thread};
 
 use anyhow::{Context as _, Result};
 use nix::sched::{CloneFlags, setns};
 
-use crate::cmd::ip;
+use crate::cmd::{ip, run};
 
 /// Runs `f` on a thread that has joined network namespace `ns` and returns its result. A panic
 /// in `f` is propagated.
@@ -32,6 +32,31 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let path = Path::new("/proc/sys").join(key);
     in_netns(ns, || std::fs::write(&path, value))?
         .with_context(|| format!("cannot write {value} to {} in netns {ns}", path.display()))
+}
+
+/// The MAC address of device `ifname` in namespace `ns`.
+pub fn mac_address(ns: &str, ifname: &str) -> Result<[u8; 6]> {
+    let found = in_netns(ns, || -> Result<Option<[u8; 6]>> {
+        let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+        Ok(addrs
+            .filter(|a| a.interface_name == ifname)
+            .find_map(|a| a.address.as_ref().and_then(|s| s.as_link_addr()).and_then(nix::sys::socket::LinkAddr::addr)))
+    })??;
+    found.with_context(|| format!("no MAC address for {ifname} in netns {ns}"))
+}
+
+/// `ethtool -S <dev>` in namespace `ns`: the device's statistics by name.
+pub fn ethtool_stats(ns: &str, dev: &str) -> Result<BTreeMap<String, u64>> {
+    Ok(parse_ethtool_stats(&run(command(ns, "ethtool").args(["-S", dev]))?))
+}
+
+/// The `name: value` lines of `ethtool -S` output (the header line has no value).
+#[must_use]
+pub fn parse_ethtool_stats(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter_map(|(name, value)| Some((name.trim().to_owned(), value.trim().parse().ok()?)))
+        .collect()
 }
 
 /// `nsenter --net=/run/netns/<ns> -- <program>`: a command that runs `program` in network
@@ -77,5 +102,20 @@ impl Drop for NetNs {
         if let Err(e) = ip(None, &["netns", "del", &self.name]) {
             eprintln!("rproxy-tests: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ethtool_stats_are_read_by_name() {
+        let text =
+            "NIC statistics:\n     peer_ifindex: 3\n     rx_queue_0_xdp_packets: 292496\n     rx_queue_1_xdp_tx: 7\n";
+        let stats = parse_ethtool_stats(text);
+        assert_eq!(stats.len(), 3);
+        assert_eq!(stats["rx_queue_0_xdp_packets"], 292_496);
+        assert_eq!(stats["rx_queue_1_xdp_tx"], 7);
     }
 }

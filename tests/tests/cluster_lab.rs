@@ -1,10 +1,12 @@
 //! The two-node lab (`rproxy_tests::cluster`) on its own: the client reaches the nodes' external
 //! addresses, pods reach each other across the nodes without NAT, the client has no way to pods,
-//! the offloads are set, the load tools count right, agents start in both nodes, and dropping
+//! the offloads, queues and switch-side XDP programs are set, the load tools count right, the
+//! packet generator's frames arrive intact and counted, agents start in both nodes, and dropping
 //! the lab (also in a panic) removes everything. Needs root; skipped without it unless
 //! `RPROXY_REQUIRE_KERNEL=1`.
 use std::{
-    net::SocketAddrV4,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
     thread,
@@ -12,18 +14,25 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use nix::sys::socket::{setsockopt, sockopt};
 use rproxy_tests::{
     Cluster, NodeId, agent_bin,
     client::{self, DEFAULT_TIMEOUT},
+    cluster::CLIENT_IP,
     cmd::{ip, run},
-    load::{self, LoadServer},
+    in_netns,
+    load::{self, LoadServer, UdpCounters},
+    netns::mac_address,
     nodeport::{self, CLUSTER_IP, PORT, TARGET_PORT},
+    pktgen::{self, LiveFrames, UdpFlow},
     serial_or_skip,
     server::Server,
 };
 
 /// A port served in the node namespaces themselves.
 const NODE_SERVER_PORT: u16 = 9000;
+/// The port of the generator test's receiving socket in pod-2.
+const SINK_PORT: u16 = 8090;
 
 /// A payload that shows reordering or corruption: bytes 0..=250 repeated.
 fn payload(len: usize) -> Vec<u8> {
@@ -105,23 +114,53 @@ fn feature(ns: &str, dev: &str, feature: &str) -> Result<String> {
         .with_context(|| format!("no {feature} in ethtool -k {dev}:\n{out}"))
 }
 
+/// `ip -d -j link show dev <dev>` in namespace `ns`.
+fn link_details(ns: &str, dev: &str) -> Result<serde_json::Value> {
+    let out = ip(Some(ns), &["-d", "-j", "link", "show", "dev", dev])?;
+    let mut links: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| format!("parsing {out}"))?;
+    links.pop().with_context(|| format!("no link {dev} in {ns}"))
+}
+
+/// Checks that `dev` in `ns` has one queue per CPU each way and transmit queue `i` mapped to
+/// CPU `i`.
+fn ensure_queue_per_cpu(ns: &str, dev: &str, queues: usize) -> Result<()> {
+    let link = link_details(ns, dev)?;
+    for key in ["num_tx_queues", "num_rx_queues"] {
+        ensure!(link[key].as_u64() == u64::try_from(queues).ok(), "{dev} in {ns}: {key} is {}", link[key]);
+    }
+    for queue in 0..queues {
+        let path = format!("/sys/class/net/{dev}/queues/tx-{queue}/xps_cpus");
+        let mask = run(std::process::Command::new("ip").args(["netns", "exec", ns, "cat", &path]))?;
+        let mask = u128::from_str_radix(&mask.trim().replace(',', ""), 16)?;
+        ensure!(mask == 1 << queue, "{dev} in {ns}: tx-{queue} → CPUs {mask:#x}");
+    }
+    Ok(())
+}
+
 #[test]
-fn external_veths_have_tx_checksum_offload_and_gro_off() {
-    serially("external_veths_have_tx_checksum_offload_and_gro_off", || {
+fn external_veths_have_offloads_off_a_queue_per_cpu_and_xdp_on_the_bridge_side() {
+    serially("external_veths_have_offloads_off_a_queue_per_cpu_and_xdp_on_the_bridge_side", || {
         let cluster = Cluster::new()?;
         let ends = [
             (cluster.node(NodeId::One).ns(), cluster.switch_port(NodeId::One)),
             (cluster.node(NodeId::Two).ns(), cluster.switch_port(NodeId::Two)),
             (cluster.client_ns(), cluster.client_switch_port()),
         ];
+        let (sw, queues) = (cluster.switch_ns(), cluster.external_queues());
+        ensure!(queues >= 1, "no queue");
         for (ns, port) in &ends {
             ensure!(feature(ns, "eth0", "tx-checksumming")?.starts_with("tx-checksumming: off"), "{ns} eth0");
-            let sw = cluster.switch_ns();
             ensure!(feature(sw, port, "tx-checksumming")?.starts_with("tx-checksumming: off"), "{port}");
             ensure!(
                 feature(sw, port, "generic-receive-offload")?.starts_with("generic-receive-offload: off"),
                 "{port}"
             );
+            // XDP_ATTACHED_DRV (1): the driver runs the program, so veth runs NAPI on the port.
+            let xdp = &link_details(sw, port)?["xdp"];
+            ensure!(xdp["mode"].as_u64() == Some(1), "{port}: XDP {xdp}");
+            ensure!(link_details(ns, "eth0")?["xdp"].is_null(), "{ns} eth0 has an XDP program");
+            ensure_queue_per_cpu(ns, "eth0", queues)?;
+            ensure_queue_per_cpu(sw, port, queues)?;
         }
         Ok(())
     });
@@ -146,24 +185,108 @@ fn load_tools_count_connections_and_datagrams() {
             tcp.ok
         );
 
-        let udp = load::udp_blast(src.ns(), &target, 1, 4, 16, Duration::from_millis(200))?;
-        ensure!(udp.sent > 0 && udp.errors == 0, "UDP: {udp:?}");
-        // The counter may still be draining its socket: wait (bounded) until it stops moving.
-        let mut received = server.udp_received();
-        for _ in 0..50 {
-            thread::sleep(Duration::from_millis(20));
-            let now = server.udp_received();
-            if now == received {
-                break;
+        // UDP: counted while reading, left queued while paused, counted once resumed.
+        let sender = in_netns(src.ns(), || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+        let send = |n: usize| -> Result<()> {
+            for _ in 0..n {
+                sender.send_to(b"count me", target[0])?;
             }
-            received = now;
-        }
-        ensure!(received > 0 && received <= udp.sent, "received {received} of {} sent", udp.sent);
+            Ok(())
+        };
+        let settled = |expected: u64| {
+            rproxy_tests::streak_start(Instant::now(), Duration::from_secs(2), 1, || server.udp_received() == expected)
+                .is_some()
+        };
+        send(20)?;
+        ensure!(settled(20), "counted {} of 20 datagrams", server.udp_received());
+        server.pause_udp(true);
+        send(10)?;
+        thread::sleep(Duration::from_millis(200));
+        ensure!(server.udp_received() <= 21, "counted {} while paused", server.udp_received());
+        server.pause_udp(false);
+        ensure!(settled(30), "counted {} of 30 datagrams after resuming", server.udp_received());
 
         // Nothing listens on 8082: every connection fails, and is counted as failed.
         let refused = [SocketAddrV4::new(dst.ip(), 8082)];
         let tcp = load::tcp_connection_rate(src.ns(), &refused, 1, Duration::from_millis(100), DEFAULT_TIMEOUT)?;
         ensure!(tcp.ok == 0 && tcp.failed > 0 && tcp.first_error.is_some(), "to a closed port: {tcp:?}");
+        Ok(())
+    });
+}
+
+/// Receives datagrams on `socket` until none comes for its read timeout (at most `limit`):
+/// count per source, and whether every payload was `payload`.
+fn drain(socket: &UdpSocket, payload: &[u8], limit: usize) -> (BTreeMap<SocketAddr, u64>, bool) {
+    let (mut from, mut intact) = (BTreeMap::new(), true);
+    let mut buf = [0u8; 2048];
+    for _ in 0..limit {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else { break };
+        *from.entry(peer).or_default() += 1;
+        intact &= buf[..n] == *payload;
+    }
+    (from, intact)
+}
+
+#[test]
+fn the_generator_injects_client_frames_that_arrive_intact() {
+    serially("the_generator_injects_client_frames_that_arrive_intact", || {
+        let mut cluster = two_pods()?;
+        let (dst_ns, dst_ip) = (cluster.pod("pod-2").ns().to_owned(), cluster.pod("pod-2").ip());
+        // Neighbour entries on the way (node 1 → node 2), so that no frame waits for ARP.
+        cluster.pod("pod-1").tcp_request(dst_ip, TARGET_PORT, b"warm-up")?;
+        let socket = in_netns(&dst_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, SINK_PORT)))??;
+        setsockopt(&socket, sockopt::RcvBufForce, &(16 << 20))?;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let (client_mac, node_mac) =
+            (mac_address(cluster.client_ns(), "eth0")?, mac_address(cluster.node(NodeId::One).ns(), "eth0")?);
+        // From the client to pod-2, through node 1 (the client itself has no route to pods):
+        // node 1 forwards each frame in place (TTL, Ethernet header) on the generator's pages.
+        let sources = [SocketAddrV4::new(CLIENT_IP, 20_000), SocketAddrV4::new(CLIENT_IP, 20_001)];
+        let frames = sources
+            .iter()
+            .map(|&src| {
+                let flow =
+                    UdpFlow { src_mac: client_mac, dst_mac: node_mac, src, dst: SocketAddrV4::new(dst_ip, SINK_PORT) };
+                pktgen::udp_frame(&flow, 16)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (switch, port) = (cluster.switch_ns().to_owned(), cluster.client_switch_port());
+        let before = load::udp_counters(&dst_ns)?;
+        let program = cluster.pass_program().program()?;
+        let generator = LiveFrames::new(program, &switch, &port, frames, 64)?;
+
+        // Exact counts: 300 + 200 frames in calls of at most 64, every one delivered, intact.
+        generator.send(0, 300)?;
+        generator.send(1, 200)?;
+        let (from, intact) = drain(&socket, &[0x5a; 16], 1000);
+        let expected = BTreeMap::from([(SocketAddr::V4(sources[0]), 300), (SocketAddr::V4(sources[1]), 200)]);
+        ensure!(from == expected, "pod-2 received {from:?}, expected {expected:?}");
+        ensure!(intact, "a payload differs");
+        let counted = load::udp_counters(&dst_ns)?.since(before);
+        ensure!(
+            counted == UdpCounters { delivered: 500, socket_drops: 0, refused: 0 },
+            "pod-2's UDP statistics: {counted:?}"
+        );
+
+        // Bounded in time, one thread per CPU, whole batches.
+        let injected = generator.run(Duration::from_millis(200))?;
+        ensure!(injected.elapsed >= Duration::from_millis(200), "stopped early: {injected:?}");
+        let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+        let cpus = (0..nix::sched::CpuSet::count()).filter(|&c| cpus.is_set(c).unwrap_or(false)).count();
+        ensure!(injected.threads == cpus, "{} threads for {cpus} CPUs", injected.threads);
+        ensure!(injected.frames > 0 && injected.frames == injected.calls * 64, "{injected:?}");
+        // Measured CPU time: some, and no more than the CPUs had (plus the threads' start-up).
+        let most = injected.elapsed * u32::try_from(cpus)? + Duration::from_millis(50);
+        ensure!(injected.cpu > Duration::ZERO && injected.cpu <= most, "CPU time {:?}: {injected:?}", injected.cpu);
+        let (from, intact) = drain(&socket, &[0x5a; 16], usize::MAX);
+        let counted = load::udp_counters(&dst_ns)?.since(before);
+        let known = |peer: &SocketAddr| matches!(peer, SocketAddr::V4(a) if sources.contains(a));
+        ensure!(intact && from.keys().all(known), "unexpected datagrams: {from:?}");
+        ensure!(
+            counted.delivered > 500 && counted.delivered <= 500 + injected.frames && counted.refused == 0,
+            "pod-2 counted {counted:?} of {} injected",
+            injected.frames
+        );
         Ok(())
     });
 }

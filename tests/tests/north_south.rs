@@ -1,9 +1,9 @@
 //! North-south end to end on the two-node lab (`rproxy_tests::Cluster`), with an rproxy agent on
-//! each node serving `--devices eth0`, once with generic XDP (`--xdp-mode generic`) and once with
-//! the TC fallback (`--xdp-mode tc`). Native XDP on a veth needs NAPI on the peer for `XDP_TX`
-//! (GRO or an XDP program there), and GRO on the segment would aggregate frames beyond what an
-//! XDP program without multi-buffer support receives; the lab keeps GRO off (see
-//! `rproxy_tests::cluster`), so native mode is covered by the packet tests only.
+//! each node serving `--devices eth0`, once per `--xdp-mode`: native XDP, generic XDP and the TC
+//! fallback. Native `XDP_TX` from a node's `eth0` reaches the bridge because the lab runs an
+//! `XDP_PASS` program on the bridge side of every external veth (see `rproxy_tests::cluster`);
+//! the native case also checks, from the veths' counters, that the nodes did transmit with
+//! `XDP_TX` and the switch received it.
 //! - a client outside the cluster reaches backends on both nodes through either node's `NodePort`,
 //!   over TCP (64 KiB echoed intact) and UDP; a remote backend sees the node's address (SNAT), a
 //!   local one the client's;
@@ -15,7 +15,7 @@
 //!
 //! Needs root; skipped without it unless `RPROXY_REQUIRE_KERNEL=1`.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -27,6 +27,7 @@ use rproxy_tests::{
     client::{self, Reply},
     cluster::CLIENT_IP,
     cmd::ip,
+    netns::ethtool_stats,
     serial_or_skip,
 };
 
@@ -245,6 +246,27 @@ fn scenario(mode: &str) -> Result<()> {
         || cluster.in_node(NodeId::One, || client::udp_request(CLUSTER_IP, 80, b"dns?", TIMEOUT))?,
         b"dns?",
     )?;
+    if mode == "native" {
+        ensure_native_xdp_tx(&cluster)?;
+    }
+    Ok(())
+}
+
+/// Native mode: each node's XDP program sent frames back out of its `eth0` (`XDP_TX`: new
+/// flows to the remote backend, and their replies to the client) without a transmit error, and
+/// the switch port received at least that many frames on its XDP path.
+fn ensure_native_xdp_tx(cluster: &Cluster) -> Result<()> {
+    let sum = |stats: &BTreeMap<String, u64>, suffix: &str| -> u64 {
+        stats.iter().filter(|(name, _)| name.starts_with("rx_queue_") && name.ends_with(suffix)).map(|(_, n)| n).sum()
+    };
+    for id in NodeId::ALL {
+        let node = ethtool_stats(cluster.node(id).ns(), "eth0")?;
+        let port = ethtool_stats(cluster.switch_ns(), &cluster.switch_port(id))?;
+        let (tx, errors, received) = (sum(&node, "_xdp_tx"), sum(&node, "_xdp_tx_errors"), sum(&port, "_xdp_packets"));
+        ensure!(tx > 0, "{id:?}'s eth0 sent nothing with XDP_TX: {node:?}");
+        ensure!(errors == 0, "{id:?}'s eth0: {errors} XDP_TX errors: {node:?}");
+        ensure!(received >= tx, "{id:?}'s switch port received {received} XDP frames, fewer than the {tx} sent");
+    }
     Ok(())
 }
 
@@ -263,4 +285,9 @@ fn north_south_through_generic_xdp() {
 #[test]
 fn north_south_through_tc() {
     run("tc");
+}
+
+#[test]
+fn north_south_through_native_xdp() {
+    run("native");
 }

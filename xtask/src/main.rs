@@ -54,7 +54,7 @@ enum Cmd {
     },
     /// NodePort benchmark in the two-node lab: TCP connections/s and UDP packets/s from an
     /// external client to a node port, through direct routing, kube-proxy-shaped iptables and
-    /// nftables rules, and the rproxy agent (XDP and TC).
+    /// nftables rules, and the rproxy agent (generic XDP, native XDP and TC).
     BenchNodeport {
         /// Extra arguments (see `cargo xtask bench-nodeport -- --help`).
         #[arg(last = true)]
