@@ -99,6 +99,10 @@ pub mod snat {
     pub const TRIES: u32 = 32;
     /// Number of ports in the range.
     pub const RANGE: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
+    /// Of those, the first ones are also taken over if their flow is quietly closed (see
+    /// `REUSE_AFTER_NS`). Each such try is program code the verifier checks on every load:
+    /// with all 32 the agent took 1.3 s instead of 0.14 s to load its programs.
+    pub const RECLAIM_TRIES: u32 = 4;
     /// A closed flow's port may be taken by a new flow this long after it closed (its last
     /// packets have arrived by then); before that, and for flows still open, never.
     pub const REUSE_AFTER_NS: u64 = 1_000_000_000;

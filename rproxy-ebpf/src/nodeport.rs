@@ -134,9 +134,10 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
 }
 
 /// Finds a free SNAT port for the reply entry `reply` (its `dport` is set to each candidate in
-/// turn) and inserts the entry: the first port after this CPU's cursor that is free or held by a
-/// quietly closed flow (`conntrack::reclaim_snat`). Returns the port (wire order), or `None`
-/// after `snat::TRIES` taken ports. See `rproxy_common::snat`.
+/// turn) and inserts the entry: the first port after this CPU's cursor that is free, or, among
+/// the first `snat::RECLAIM_TRIES`, held by a quietly closed flow (`conntrack::reclaim_snat`).
+/// Returns the port (wire order), or `None` after `snat::TRIES` taken ports. See
+/// `rproxy_common::snat`.
 #[inline(always)]
 fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
     let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
@@ -147,12 +148,16 @@ fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
         // SAFETY: helper without arguments.
         next = unsafe { bpf_get_prandom_u32() };
     }
-    for _ in 0..snat::TRIES {
+    for i in 0..snat::TRIES {
         let offset = next % snat::RANGE;
         next = offset + 1;
         let p = (snat::PORT_MIN + offset as u16).to_be();
         reply.dport = p;
-        if CT4.insert(*reply, *value, BPF_NOEXIST).is_ok() || conntrack::reclaim_snat(reply, value, now) {
+        // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
+        // try adds a copy of `reclaim_snat` for the verifier to check.
+        if CT4.insert(*reply, *value, BPF_NOEXIST).is_ok()
+            || (i < snat::RECLAIM_TRIES && conntrack::reclaim_snat(reply, value, now))
+        {
             // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
             unsafe { *cursor = next };
             return Some(p);
