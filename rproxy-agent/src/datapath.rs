@@ -589,6 +589,9 @@ impl MapShape {
     }
 }
 
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
 /// Refuses to start on maps pinned in `dir` whose shape differs from this agent's object (an
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
 /// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual.
@@ -616,8 +619,14 @@ fn check_pinned_maps(dir: &Path) -> Result<()> {
             max_entries: info.max_entries(),
             flags: info.map_flags(),
         };
-        if let Some(detail) = want.mismatch(&found) {
+        // The LRU list flavour changes only how fast inserts are: a map pinned with the other
+        // one is kept (its connections with it) rather than refused.
+        let lru_flavour = |s: MapShape| MapShape { flags: s.flags & !BPF_F_NO_COMMON_LRU, ..s };
+        if let Some(detail) = lru_flavour(want).mismatch(&lru_flavour(found)) {
             return Err(Error::PinnedMapMismatch { name, dir: dir.to_path_buf(), detail });
+        }
+        if want.flags != found.flags {
+            warn!(map = name, pinned = found.flags, wanted = want.flags, "reusing a map pinned with other LRU flags");
         }
     }
     Ok(())

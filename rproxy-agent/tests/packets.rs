@@ -306,7 +306,7 @@ impl Drop for PinDirCleanup {
 
 /// A map pinned by another rproxy version with a different layout (here the 24-byte conntrack
 /// value of earlier agents) stops the load with an error that names the map and the way out,
-/// and leaves the pinned map alone.
+/// and leaves the pinned map alone; one that differs only in its LRU flavour is reused.
 #[test]
 fn pinned_map_of_another_layout_is_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -329,4 +329,16 @@ fn pinned_map_of_another_layout_is_refused() {
     let msg = err.to_string();
     assert!(msg.contains("RPX_CT4") && msg.contains("value size 24, needs 32") && msg.contains("cleanup"), "{msg}");
     assert!(pin.exists(), "the pinned map is left alone");
+
+    // The right layout with the other LRU flavour (per-CPU lists, an older agent's) is reused.
+    std::fs::remove_file(&pin).expect("unpin");
+    let entries = rproxy_common::limits::CT_MAX.to_string();
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "lru_hash", "key", "16", "value", "32", "entries", &entries, "name", "RPX_CT4", "flags", "2"])
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map create");
+    rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
 }
