@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     sync::{
         Arc,
@@ -26,10 +26,11 @@ use nix::{
     sys::socket::{setsockopt, sockopt},
 };
 
-use crate::netns::in_netns;
+use crate::{
+    netns::in_netns,
+    server::{self, STOP_POLL},
+};
 
-/// How often the server loops look at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(50);
 /// How often a paused UDP counter looks at its flags.
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// Timeout of each read and write on an accepted connection.
@@ -52,11 +53,7 @@ pub struct LoadServer {
 impl LoadServer {
     /// Binds `0.0.0.0:port` (TCP and UDP) in namespace `ns` and serves as `name`.
     pub fn start(ns: &str, name: &str, port: u16) -> Result<Self> {
-        let addr = (Ipv4Addr::UNSPECIFIED, port);
-        let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
-            .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
-        tcp.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(STOP_POLL))?;
+        let (tcp, udp) = server::bind_tcp_udp(ns, port)?;
         // Best effort: a smaller buffer only shows up as more socket-buffer drops.
         let _ = setsockopt(&udp, sockopt::RcvBuf, &UDP_RCVBUF);
         let (tcp_count, udp_count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

@@ -20,8 +20,8 @@ use nix::poll::{PollFd, PollFlags, poll};
 
 use crate::netns::in_netns;
 
-/// How often the server loops look at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(50);
+/// How often the server loops (here and in [`crate::load`]) look at the stop flag.
+pub const STOP_POLL: Duration = Duration::from_millis(50);
 /// Read/write timeout of an accepted TCP connection, so a stuck client cannot pin a thread.
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,6 +30,17 @@ const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Peers {
     pub tcp: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
+}
+
+/// Binds `0.0.0.0:port` for TCP (non-blocking) and UDP (reads time out after [`STOP_POLL`])
+/// inside namespace `ns`: the sockets of the lab's servers, whose loops poll a stop flag.
+pub fn bind_tcp_udp(ns: &str, port: u16) -> Result<(TcpListener, UdpSocket)> {
+    let addr = (Ipv4Addr::UNSPECIFIED, port);
+    let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
+        .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
+    tcp.set_nonblocking(true)?;
+    udp.set_read_timeout(Some(STOP_POLL))?;
+    Ok((tcp, udp))
 }
 
 /// A running TCP + UDP server pair; stopped (threads joined) on drop.
@@ -44,11 +55,7 @@ pub struct Server {
 impl Server {
     /// Binds `0.0.0.0:port` for TCP and UDP inside `ns` and serves as pod `name`.
     pub fn start(ns: &str, name: &str, port: u16) -> Result<Self> {
-        let addr = (Ipv4Addr::UNSPECIFIED, port);
-        let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
-            .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
-        tcp.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(STOP_POLL))?;
+        let (tcp, udp) = bind_tcp_udp(ns, port)?;
 
         let peers = Arc::new(Mutex::new(Peers::default()));
         let stop = Arc::new(AtomicBool::new(false));
