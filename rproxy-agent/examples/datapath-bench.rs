@@ -9,6 +9,13 @@
 //! so that drift of the machine (a VM's steal time, frequency) hits both; the report gives the
 //! median round's raw numbers, cost net of the empty program, and ratio.
 //!
+//! With `--baseline-object FILE` (an eBPF object built from another commit, e.g.
+//! `target/bpf/bpfel-unknown-none/release/rproxy` saved before a change) both objects are loaded
+//! side by side, each with its own maps programmed the same way, and every round runs the empty
+//! program, this build and the baseline on the same frames one after the other. The report adds
+//! the baseline's net cost and this build's net over the baseline's: a comparison that a VM's
+//! drift between runs cannot fake.
+//!
 //! Paths: `established` (client → VIP of a flow with conntrack state), `new flow` (a new
 //! 5-tuple per packet: service lookup, random backend, two conntrack inserts), `reply` (backend →
 //! client reverse NAT), `not a service` (pod traffic that is not for a service).
@@ -18,7 +25,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
 use etherparse::PacketBuilder;
 use rproxy_agent::{
-    datapath::{Datapath, stat_total},
+    datapath::{Datapath, EBPF_OBJECT, Maps, stat_total},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
     writer::Writer,
 };
@@ -39,6 +46,13 @@ struct Args {
     /// Backends per service.
     #[arg(long, default_value_t = 3)]
     backends: usize,
+    /// Measure only the paths whose name starts with one of these (e.g. `established` while
+    /// profiling it with perf); all paths by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Another build of the eBPF object to measure side by side with the embedded one.
+    #[arg(long)]
+    baseline_object: Option<std::path::PathBuf>,
 }
 
 fn vip(i: usize) -> Ipv4Addr {
@@ -126,29 +140,46 @@ struct Row {
     net: f64,
     /// Median over rounds of path / empty program.
     ratio: f64,
+    /// With a baseline object: median over rounds of its (path − empty program), and of
+    /// this build's net / the baseline's net.
+    baseline: Option<(f64, f64)>,
 }
 
-fn bench_services(args: &Args, services: usize, rows: &mut Vec<Row>) {
-    let mut dp = Datapath::load(None).expect("load datapath (root needed)");
+/// The frames of a path for one round and one subject (replies come from its chosen backend).
+type Frames<'a> = dyn FnMut(&Subject) -> Vec<Vec<u8>> + 'a;
+
+/// One round of a path: its ns/packet, the empty program's, and the baseline's if any.
+type Round = (f64, f64, Option<f64>);
+
+/// One loaded object with its maps programmed and one flow established.
+struct Subject {
+    dp: Datapath,
+    maps: Maps,
+    /// The backend the established flow went to.
+    chosen: Ipv4Addr,
+}
+
+const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
+
+fn subject(object: &[u8], args: &Args, services: usize) -> Subject {
+    let mut dp = Datapath::load_object(object, None).expect("load datapath (root needed)");
     let mut maps = dp.take_maps().expect("maps");
     let started = std::time::Instant::now();
     let report = Writer::new().sync(&desired(services, args.backends), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     eprintln!("programmed {services} services ({} map writes) in {:?}", report.ops, started.elapsed());
     let target = vip(services / 2);
-    let client = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
-
     // Establish one flow: SYN out, SYN-ACK back (from whichever backend was chosen).
-    let syn = tcp(client, (target, 80), true, false);
+    let syn = tcp(CLIENT, (target, 80), true, false);
     mean_ns(&mut dp, prog_names::FROM_POD, std::slice::from_ref(&syn));
     let chosen = (0..args.backends)
         .map(|j| backend(services / 2, j))
         .find(|b| {
             let k = rproxy_common::CtKey4 {
                 saddr: u32::from(*b).to_be(),
-                daddr: u32::from(client.0).to_be(),
+                daddr: u32::from(CLIENT.0).to_be(),
                 sport: 8080u16.to_be(),
-                dport: client.1.to_be(),
+                dport: CLIENT.1.to_be(),
                 proto: rproxy_common::proto::TCP,
                 dir: rproxy_common::CT_DIR_REPLY,
                 _pad: [0; 2],
@@ -156,12 +187,33 @@ fn bench_services(args: &Args, services: usize, rows: &mut Vec<Row>) {
             maps.conntrack.get(&k, 0).is_ok()
         })
         .expect("flow created");
-    let synack = tcp((chosen, 8080), client, true, true);
+    let synack = tcp((chosen, 8080), CLIENT, true, true);
     mean_ns(&mut dp, prog_names::TO_POD, std::slice::from_ref(&synack));
+    Subject { dp, maps, chosen }
+}
 
-    let established = vec![tcp(client, (target, 80), false, true); args.packets];
-    let reply = vec![tcp((chosen, 8080), client, false, true); args.packets];
-    let other = vec![tcp(client, (Ipv4Addr::new(10, 244, 9, 9), 80), false, true); args.packets];
+/// Runs `frames` through `prog` of `s`; each path must do its work on every packet: the
+/// datapath's own counter for it has to grow by exactly the number of packets (a flow evicted
+/// from conntrack, say, would otherwise be measured as a cheap miss).
+fn run_checked(s: &mut Subject, path: &str, prog: &'static str, expect: Option<Stat>, frames: &[Vec<u8>]) -> f64 {
+    let before: Vec<u64> = Stat::ALL.iter().map(|st| stat_total(&s.maps.stats, *st)).collect();
+    let ns = mean_ns(&mut s.dp, prog, frames);
+    for (st, b) in Stat::ALL.iter().zip(before) {
+        let grew = stat_total(&s.maps.stats, *st) - b;
+        let want = if Some(*st) == expect { frames.len() as u64 } else { 0 };
+        assert_eq!(grew, want, "{path}: counter {} grew by {grew}, expected {want}", st.name());
+    }
+    ns
+}
+
+fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &mut Vec<Row>) {
+    let mut subjects = vec![subject(EBPF_OBJECT, args, services)];
+    if let Some(obj) = baseline {
+        subjects.push(subject(obj, args, services));
+    }
+    let target = vip(services / 2);
+    let established = vec![tcp(CLIENT, (target, 80), false, true); args.packets];
+    let other = vec![tcp(CLIENT, (Ipv4Addr::new(10, 244, 9, 9), 80), false, true); args.packets];
     let mut flow = 0u32;
     let mut new_flows = || -> Vec<Vec<u8>> {
         (0..args.packets)
@@ -172,46 +224,85 @@ fn bench_services(args: &Args, services: usize, rows: &mut Vec<Row>) {
             })
             .collect()
     };
-    // Each path must do its work on every packet: the datapath's own counter for it has to grow
-    // by exactly the number of packets (a flow evicted from conntrack, say, would otherwise be
-    // measured as a cheap miss).
-    let mut measure =
-        |path: &'static str, prog: &'static str, expect: Option<Stat>, frames: &mut dyn FnMut() -> Vec<Vec<u8>>| {
-            let rounds: Vec<(f64, f64)> = (0..args.rounds)
-                .map(|_| {
-                    let f = frames();
-                    let noop = mean_ns(&mut dp, prog_names::NOOP, &f);
-                    let before: Vec<u64> = Stat::ALL.iter().map(|s| stat_total(&maps.stats, *s)).collect();
-                    let ns = mean_ns(&mut dp, prog, &f);
-                    for (s, b) in Stat::ALL.iter().zip(before) {
-                        let grew = stat_total(&maps.stats, *s) - b;
-                        let want = if Some(*s) == expect { f.len() as u64 } else { 0 };
-                        assert_eq!(grew, want, "{path}: counter {} grew by {grew}, expected {want}", s.name());
-                    }
-                    (ns, noop)
-                })
-                .collect();
-            rows.push(Row {
-                path,
-                services,
-                ns: median(rounds.iter().map(|r| r.0).collect()),
-                noop: median(rounds.iter().map(|r| r.1).collect()),
-                net: median(rounds.iter().map(|r| r.0 - r.1).collect()),
-                ratio: median(rounds.iter().map(|r| r.0 / r.1).collect()),
-            });
-        };
-    measure("established", prog_names::FROM_POD, Some(Stat::Established), &mut || established.clone());
-    measure("reply (rev-NAT)", prog_names::TO_POD, Some(Stat::RevNat), &mut || reply.clone());
-    measure("not a service", prog_names::FROM_POD, None, &mut || other.clone());
-    // Last: it fills conntrack, and an LRU may then evict the flow measured above.
-    measure("new flow", prog_names::FROM_POD, Some(Stat::NewFlow), &mut new_flows);
+    let mut measure = |path: &'static str, prog: &'static str, expect: Option<Stat>, frames: &mut Frames| {
+        if !args.only.is_empty() && !args.only.iter().any(|p| path.starts_with(p.as_str())) {
+            return;
+        }
+        let rounds: Vec<Round> = (0..args.rounds)
+            .map(|round| {
+                let f = frames(&subjects[0]);
+                let noop = mean_ns(&mut subjects[0].dp, prog_names::NOOP, &f);
+                let first_chosen = subjects[0].chosen;
+                let mut base = |subjects: &mut [Subject]| {
+                    subjects.get_mut(1).map(|b| {
+                        let f = if b.chosen == first_chosen { f.clone() } else { frames(b) };
+                        run_checked(b, path, prog, expect, &f)
+                    })
+                };
+                // The baseline goes first every other round, so neither build always runs on
+                // caches the other warmed.
+                let early = if round % 2 == 1 { base(&mut subjects) } else { None };
+                let ns = run_checked(&mut subjects[0], path, prog, expect, &f);
+                let late = if round % 2 == 0 { base(&mut subjects) } else { None };
+                (ns, noop, early.or(late))
+            })
+            .collect();
+        let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+        rows.push(Row {
+            path,
+            services,
+            ns: med(&|r| r.0),
+            noop: med(&|r| r.1),
+            net: med(&|r| r.0 - r.1),
+            ratio: med(&|r| r.0 / r.1),
+            baseline: subjects.get(1).map(|_| {
+                let b = |r: &Round| r.2.expect("baseline measured");
+                (med(&|r| b(r) - r.1), med(&|r| (r.0 - r.1) / (b(r) - r.1)))
+            }),
+        });
+    };
+    measure("established", prog_names::FROM_POD, Some(Stat::Established), &mut |_| established.clone());
+    measure("reply (rev-NAT)", prog_names::TO_POD, Some(Stat::RevNat), &mut |s| {
+        vec![tcp((s.chosen, 8080), CLIENT, false, true); args.packets]
+    });
+    measure("not a service", prog_names::FROM_POD, None, &mut |_| other.clone());
+    // Last: it fills conntrack, and an LRU may then evict the flow measured above. Each subject
+    // has its own conntrack, so the frames are new to both.
+    measure("new flow", prog_names::FROM_POD, Some(Stat::NewFlow), &mut |_| new_flows());
+}
+
+/// A file's bytes, 8-byte aligned as the ELF parser wants them.
+struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        Self { words, len: bytes.len() }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
 }
 
 fn main() {
     let args = Args::parse();
+    let baseline = args
+        .baseline_object
+        .as_ref()
+        .map(|p| Aligned::new(&std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))));
     let mut rows = Vec::new();
     for &n in &args.services {
-        bench_services(&args, n, &mut rows);
+        bench_services(&args, baseline.as_ref().map(Aligned::bytes), n, &mut rows);
     }
     let row = |path: &str, n: usize| rows.iter().find(|r| r.path == path && r.services == n).expect("row");
     println!(
@@ -219,13 +310,19 @@ fn main() {
         "path", "services", "ns/packet", "empty prog", "net of empty", "× empty"
     );
     for r in &rows {
-        println!("{:<17} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2}", r.path, r.services, r.ns, r.noop, r.net, r.ratio);
+        print!("{:<17} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2}", r.path, r.services, r.ns, r.noop, r.net, r.ratio);
+        match r.baseline {
+            Some((net, rel)) => println!("   baseline net {net:>7.1}, this / baseline {rel:.3}"),
+            None => println!(),
+        }
     }
     println!(
         "\n({} packets × {} rounds per row, median round; one BPF_PROG_TEST_RUN per packet)",
         args.packets, args.rounds
     );
-    if let (Some(&small), Some(&large)) = (args.services.iter().min(), args.services.iter().max()) {
+    if let (Some(&small), Some(&large), true) =
+        (args.services.iter().min(), args.services.iter().max(), args.only.is_empty())
+    {
         let est = row("established", large);
         let new = row("new flow", large);
         let growth = |path: &str| row(path, large).net / row(path, small).net - 1.0;

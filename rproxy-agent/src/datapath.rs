@@ -133,6 +133,12 @@ impl Datapath {
     /// pinned); without, they are private to this process (packet tests, benchmarks) and no
     /// link is pinned.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_object(EBPF_OBJECT, pin_dir)
+    }
+
+    /// `load` with another build of the eBPF object (`cargo xtask bench --baseline-object`
+    /// compares two builds side by side). The object must have this agent's programs and maps.
+    pub fn load_object(object: &[u8], pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         // The maps are declared pinned-by-name, and without a directory aya would pin them in
         // /sys/fs/bpf itself. Private loads pin into a unique scratch directory instead and
@@ -153,10 +159,10 @@ impl Datapath {
         }
         ensure_bpffs(dir)?;
         if pin_dir.is_some() {
-            check_pinned_maps(dir)?;
+            check_pinned_maps(object, dir)?;
         }
         loader.default_map_pin_directory(dir);
-        let result = loader.load(EBPF_OBJECT);
+        let result = loader.load(object);
         if let Some(tmp) = &scratch {
             std::fs::remove_dir_all(tmp)
                 .map_err(|source| Error::Io { what: format!("removing {}", tmp.display()), source })?;
@@ -595,8 +601,8 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// Refuses to start on maps pinned in `dir` whose shape differs from this agent's object (an
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
 /// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual.
-fn check_pinned_maps(dir: &Path) -> Result<()> {
-    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| Error::Object(e.to_string()))?;
+fn check_pinned_maps(object: &[u8], dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
     for name in map_names::ALL {
         let path = dir.join(name);
         if !path.exists() {
