@@ -6,9 +6,9 @@
 //! agent), HTTP/1.1. Every request, whatever its method and path, gets the answer kube-proxy
 //! gives ([`response`]): status 200 when the Service has local endpoints, else 503, with
 //! `Content-Type: application/json`, `X-Content-Type-Options: nosniff` and the body
-//! `{"service":{"namespace":"…","name":"…"},"localEndpoints":N,"serviceProxyHealthy":true}`.
-//! `serviceProxyHealthy` is always true: the agent serves health checks only once the maps hold
-//! a complete state, and has no health state of its own yet.
+//! `{"service":{"namespace":"…","name":"…"},"localEndpoints":N,"serviceProxyHealthy":B}`.
+//! `serviceProxyHealthy` is the agent's own health ([`crate::proxy_health`]): when it is false
+//! the answer is 503 whatever the count, as kube-proxy's.
 //!
 //! [`HealthCheckServer::update`] opens and closes listeners as health checks appear and go away,
 //! and changes the answer of an open port in place (no reopening; open connections see it at
@@ -20,7 +20,7 @@ use std::{
     convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http_body_util::Full;
@@ -39,7 +39,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::model::{HealthCheck, ObjectRef};
+use crate::{
+    model::{HealthCheck, ObjectRef},
+    proxy_health::{self, ProxyHealth},
+};
 
 /// Connections served at once on one port; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -71,18 +74,26 @@ struct ServiceName<'a> {
 }
 
 /// The response to any request on a health check port, as kube-proxy's health check server
-/// builds it (`pkg/proxy/healthcheck/service_health.go`).
+/// builds it (`pkg/proxy/healthcheck/service_health.go`): 200 only with local endpoints and a
+/// healthy agent (`proxy_healthy`).
 #[must_use]
-pub fn response(answer: &Answer) -> Response<Full<Bytes>> {
+pub fn response(answer: &Answer, proxy_healthy: bool) -> Response<Full<Bytes>> {
     let body = Body {
         service: ServiceName { namespace: &answer.service.namespace, name: &answer.service.name },
         local_endpoints: answer.local_endpoints,
-        service_proxy_healthy: true,
+        service_proxy_healthy: proxy_healthy,
     };
-    // Strings and an integer always serialize.
-    let json = serde_json::to_vec(&body).unwrap_or_default();
+    let ok = answer.local_endpoints > 0 && proxy_healthy;
+    json_response(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// A JSON response with kube-proxy's headers (`Content-Type: application/json`,
+/// `X-Content-Type-Options: nosniff`).
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    // The bodies are strings, integers and booleans, which always serialize.
+    let json = serde_json::to_vec(body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(json)));
-    *resp.status_mut() = if answer.local_endpoints > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
@@ -131,6 +142,8 @@ impl Drop for Listener {
 /// a Tokio runtime (it spawns a task per open port).
 pub struct HealthCheckServer {
     bind: Ipv4Addr,
+    /// The agent's own health, reported in every answer.
+    health: Arc<Mutex<ProxyHealth>>,
     listeners: BTreeMap<u16, Listener>,
     /// Ports whose bind failed: the Service and the error, as last logged.
     failed: BTreeMap<u16, (ObjectRef, String)>,
@@ -139,10 +152,11 @@ pub struct HealthCheckServer {
 }
 
 impl HealthCheckServer {
-    /// A server with no port open, that will bind its ports on `bind` (`0.0.0.0` in the agent).
+    /// A server with no port open, that will bind its ports on `bind` (`0.0.0.0` in the agent)
+    /// and report `health` as `serviceProxyHealthy`.
     #[must_use]
-    pub fn new(bind: Ipv4Addr) -> Self {
-        Self { bind, listeners: BTreeMap::new(), failed: BTreeMap::new(), conflicts: BTreeSet::new() }
+    pub fn new(bind: Ipv4Addr, health: Arc<Mutex<ProxyHealth>>) -> Self {
+        Self { bind, health, listeners: BTreeMap::new(), failed: BTreeMap::new(), conflicts: BTreeSet::new() }
     }
 
     /// Ports open, in order.
@@ -191,7 +205,12 @@ impl HealthCheckServer {
                     info!(service = %answer.service, port, local_endpoints = answer.local_endpoints, "health check node port open");
                     self.failed.remove(&port);
                     let answer = Arc::new(Mutex::new(answer));
-                    let task = tokio::spawn(serve(socket, Arc::clone(&answer)));
+                    let (shared, health) = (Arc::clone(&answer), Arc::clone(&self.health));
+                    let respond = move |_path: &str| {
+                        let healthy = proxy_health::lock(&health).is_healthy(Instant::now());
+                        response(&lock(&shared), healthy)
+                    };
+                    let task = tokio::spawn(serve(socket, Arc::new(respond)));
                     self.listeners.insert(port, Listener { answer, task });
                 }
                 Err(e) => {
@@ -215,24 +234,27 @@ fn lock(answer: &Mutex<Answer>) -> std::sync::MutexGuard<'_, Answer> {
 
 /// A listening socket on `addr`, with `SO_REUSEADDR` so that a port closed and opened again
 /// does not wait for its old connections' `TIME_WAIT`.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(128)
 }
 
-/// Accepts connections on `listener` and answers every request on them with `answer`.
-async fn serve(listener: TcpListener, answer: Arc<Mutex<Answer>>) {
+/// Answers a request for a path.
+pub(crate) type Respond = Arc<dyn Fn(&str) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// Accepts connections on `listener` and answers every request on them with `respond`.
+pub(crate) async fn serve(listener: TcpListener, respond: Respond) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept(), if connections.len() < MAX_CONNECTIONS => match accepted {
                 Ok((stream, peer)) => {
-                    let answer = Arc::clone(&answer);
+                    let respond = Arc::clone(&respond);
                     connections.spawn(async move {
-                        let service = service_fn(move |_request| {
-                            let resp = response(&lock(&answer));
+                        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                            let resp = respond(request.uri().path());
                             async move { Ok::<_, Infallible>(resp) }
                         });
                         let conn = http1::Builder::new()
@@ -240,7 +262,7 @@ async fn serve(listener: TcpListener, answer: Arc<Mutex<Answer>>) {
                             .header_read_timeout(HEADER_READ_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service);
                         if let Err(e) = conn.await {
-                            debug!(%peer, error = %e, "health check connection");
+                            debug!(%peer, error = %e, "health connection");
                         }
                     });
                 }
@@ -278,18 +300,27 @@ mod tests {
 
     #[tokio::test]
     async fn response_is_kube_proxys() {
-        for (n, status) in [(2, StatusCode::OK), (0, StatusCode::SERVICE_UNAVAILABLE)] {
-            let resp = response(&Answer { service: svc("shop/web"), local_endpoints: n });
+        for (n, healthy, status) in [
+            (2, true, StatusCode::OK),
+            (0, true, StatusCode::SERVICE_UNAVAILABLE),
+            (2, false, StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            let resp = response(&Answer { service: svc("shop/web"), local_endpoints: n }, healthy);
             assert_eq!(resp.status(), status);
             assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
             assert_eq!(resp.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
             assert_eq!(resp.headers().len(), 2);
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let expected = format!(
-                r#"{{"service":{{"namespace":"shop","name":"web"}},"localEndpoints":{n},"serviceProxyHealthy":true}}"#
+                r#"{{"service":{{"namespace":"shop","name":"web"}},"localEndpoints":{n},"serviceProxyHealthy":{healthy}}}"#
             );
             assert_eq!(std::str::from_utf8(&body).unwrap(), expected);
         }
+    }
+
+    /// Agent health with `timeout` for changes to reach the maps; healthy until one is queued.
+    fn health(timeout: Duration) -> Arc<Mutex<ProxyHealth>> {
+        Arc::new(Mutex::new(ProxyHealth::new(timeout)))
     }
 
     #[test]
@@ -337,7 +368,9 @@ mod tests {
     #[tokio::test]
     async fn serves_real_http_and_updates_in_place() {
         let port = free_port();
-        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST);
+        // No time for changes to reach the maps: queueing one makes the agent unhealthy at once.
+        let health = health(Duration::ZERO);
+        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, Arc::clone(&health));
         server.update(&checks(&[("shop/web", port, 2)]));
         assert_eq!(server.serving(), vec![port]);
 
@@ -350,6 +383,13 @@ mod tests {
             body,
             r#"{"service":{"namespace":"shop","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
         );
+
+        // A change has waited too long for the maps: the agent is unhealthy, and says so.
+        proxy_health::lock(&health).queued(Instant::now());
+        let (status, _, body) = get(&mut conn, "/healthz").await;
+        assert_eq!(status, 503);
+        assert!(body.ends_with(r#""localEndpoints":2,"serviceProxyHealthy":false}"#), "{body}");
+        proxy_health::lock(&health).updated(jiff::Timestamp::now());
 
         // The count drops to 0: the same connection (so the same listener) now gets 503.
         server.update(&checks(&[("shop/web", port, 0)]));
@@ -372,7 +412,7 @@ mod tests {
     async fn a_port_in_use_is_retried_by_later_updates() {
         let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = blocker.local_addr().unwrap().port();
-        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST);
+        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, health(proxy_health::HEALTH_TIMEOUT));
         let wanted = checks(&[("shop/web", port, 1)]);
         server.update(&wanted);
         assert_eq!((server.serving(), server.failed()), (vec![], vec![port]));

@@ -13,6 +13,7 @@ pub mod healthcheck;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;
+pub mod proxy_health;
 pub mod run;
 pub mod slim;
 pub mod source;

@@ -1,13 +1,13 @@
 //! `rproxy-agent`: the rproxy node agent. See `rproxy-agent --help` and README.md.
 #![expect(clippy::doc_markdown, reason = "doc comments here are --help text, shown as written")]
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rproxy_agent::{
     datapath::{self, XdpMode},
     devices::{self, DevicePattern},
-    dump, run,
+    dump, proxy_health, run,
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Load the datapath, attach it to pod devices and keep the maps in sync with the Services and
     /// EndpointSlices of the Kubernetes API (or of a manifests directory).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach everything an agent attached and remove its pinned maps and links.
     Cleanup {
         /// The bpffs directory the agent used (`run --bpffs`).
@@ -92,6 +92,23 @@ struct RunArgs {
     /// translated). Default: the root of the cgroup v2 mount. 'none' disables the hooks.
     #[arg(long, value_name = "PATH|none")]
     cgroup: Option<String>,
+    /// Address and port of the agent's own health endpoints, /healthz and /livez, as
+    /// kube-proxy's (load balancers probe /healthz for externalTrafficPolicy Cluster). 503 when a
+    /// change has not reached the maps within 60 s, or (/healthz only) when the Node is being
+    /// deleted or tainted ToBeDeletedByClusterAutoscaler. Empty: not served.
+    #[arg(long, value_name = "IP:PORT", default_value = proxy_health::DEFAULT_BIND, value_parser = parse_bind)]
+    healthz_bind_address: Bind,
+}
+
+/// `--healthz-bind-address`: an address, or none (empty).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bind(Option<SocketAddr>);
+
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s.trim().is_empty() {
+        return Ok(Bind(None));
+    }
+    s.trim().parse().map(|a| Bind(Some(a))).map_err(|e| format!("'{s}': {e} (expected IP:PORT, or empty)"))
 }
 
 fn main() -> ExitCode {
@@ -103,7 +120,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_agent(*args),
         Command::Cleanup { bpffs } => datapath::cleanup(&bpffs),
         Command::Dump { bpffs, conntrack } => dump::dump(&bpffs, conntrack, &mut std::io::stdout()),
     };
@@ -135,6 +152,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
             Some(path) => run::Cgroup::Path(PathBuf::from(path)),
             None => run::Cgroup::Auto,
         },
+        healthz_bind: args.healthz_bind_address.0,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -151,7 +169,7 @@ mod tests {
         let base = ["rproxy-agent", "run", "--node-name", "n", "--pod-devices", "veth*"];
         let cli = Cli::try_parse_from(base.iter().chain(extra))?;
         match cli.command {
-            Command::Run(args) => Ok(args),
+            Command::Run(args) => Ok(*args),
             other => panic!("not run: {other:?}"),
         }
     }
@@ -166,5 +184,16 @@ mod tests {
         assert_eq!(args.nodeport_addresses, nets);
         let err = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/64"]).unwrap_err().to_string();
         assert!(err.contains("fd00::/64") && err.contains("IPv6"), "{err}");
+    }
+
+    #[test]
+    fn healthz_bind_address() {
+        let addr = |a: &str| Some(a.parse::<SocketAddr>().unwrap());
+        assert_eq!(run_args(&[]).unwrap().healthz_bind_address.0, addr("0.0.0.0:10256"));
+        let args = run_args(&["--healthz-bind-address", "127.0.0.1:9256"]).unwrap();
+        assert_eq!(args.healthz_bind_address.0, addr("127.0.0.1:9256"));
+        assert_eq!(run_args(&["--healthz-bind-address", ""]).unwrap().healthz_bind_address.0, None);
+        let err = run_args(&["--healthz-bind-address", "10256"]).unwrap_err().to_string();
+        assert!(err.contains("expected IP:PORT"), "{err}");
     }
 }

@@ -18,9 +18,9 @@
 //! them) or `rproxy-agent cleanup` removes them.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -42,6 +42,8 @@ use crate::{
     gc,
     healthcheck::HealthCheckServer,
     kube_source, manifests,
+    model::Frontend,
+    proxy_health::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
     source::Update,
     store::Store,
     writer::{self, Writer},
@@ -89,6 +91,8 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     /// `--cgroup`: where the socket hooks for host-network processes attach.
     pub cgroup: Cgroup,
+    /// `--healthz-bind-address`: where `/healthz` and `/livez` are served (`None`: not served).
+    pub healthz_bind: Option<SocketAddr>,
 }
 
 /// `--cgroup`.
@@ -123,6 +127,14 @@ struct Agent {
     /// The node addresses have been read (and logged) once.
     addresses_read: bool,
     health: HealthCheckServer,
+    /// The agent's own health (`/healthz`, `serviceProxyHealthy`).
+    proxy_health: Arc<Mutex<ProxyHealth>>,
+    healthz: HealthzServer,
+    /// Frontends whose last write failed, retried by the next sync (also on the rescan tick).
+    retry: BTreeSet<Frontend>,
+    /// Errors of the last write (frontends, or backends that could not be removed): while
+    /// there are any, every sync writes again. Kept to log a repeated error only once.
+    write_errors: BTreeSet<String>,
     external: External,
     /// Last seen totals of the counters `check_counters` watches.
     counters: BTreeMap<u32, u64>,
@@ -148,26 +160,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         backends = writer.backend_count(),
         "eBPF programs loaded; pinned state adopted"
     );
-    let store = Store::new(&cfg.node_name);
-    let (cfg_devices, cfg_xdp_mode) = (cfg.devices.clone(), cfg.xdp_mode);
-    let mut agent = Agent {
-        cfg,
-        datapath,
-        maps,
-        writer,
-        store,
-        synced: BTreeSet::new(),
-        ready: false,
-        first_synced: false,
-        attached: BTreeMap::new(),
-        failed: BTreeSet::new(),
-        missing_devices: BTreeSet::new(),
-        addresses_read: false,
-        health: HealthCheckServer::new(Ipv4Addr::UNSPECIFIED),
-        external: External::new(cfg_devices, cfg_xdp_mode),
-        counters: BTreeMap::new(),
-    };
-
+    let mut agent = Agent::new(cfg, datapath, maps, writer);
+    // Like kube-proxy's, served from the start: healthy while starting up.
+    agent.healthz.ensure();
     let (link_tx, mut link_rx) = mpsc::channel(1);
     if let Err(e) = devices::watch_links(link_tx) {
         warn!(error = %e, "no link notifications; new devices and addresses are found by periodic rescans only");
@@ -237,6 +232,32 @@ pub async fn run(cfg: Config) -> Result<()> {
 }
 
 impl Agent {
+    /// The loop's state before the source has delivered anything.
+    fn new(cfg: Config, datapath: Datapath, maps: Maps, writer: Writer) -> Self {
+        let proxy_health = Arc::new(Mutex::new(ProxyHealth::new(HEALTH_TIMEOUT)));
+        Agent {
+            store: Store::new(&cfg.node_name),
+            healthz: HealthzServer::new(cfg.healthz_bind, Arc::clone(&proxy_health)),
+            external: External::new(cfg.devices.clone(), cfg.xdp_mode),
+            cfg,
+            datapath,
+            maps,
+            writer,
+            synced: BTreeSet::new(),
+            ready: false,
+            first_synced: false,
+            attached: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            missing_devices: BTreeSet::new(),
+            addresses_read: false,
+            health: HealthCheckServer::new(Ipv4Addr::UNSPECIFIED, Arc::clone(&proxy_health)),
+            proxy_health,
+            retry: BTreeSet::new(),
+            write_errors: BTreeSet::new(),
+            counters: BTreeMap::new(),
+        }
+    }
+
     /// Reads the manifests directory: it replaces every Service and `EndpointSlice` held.
     fn reload_manifests(&mut self) {
         let Source::Manifests(dir) = &self.cfg.source else { return };
@@ -257,12 +278,14 @@ impl Agent {
     }
 
     /// A link or address notification, or the periodic rescan: re-reads the node addresses
-    /// (and writes what they change), attaches to new pod devices, and retries the health check
-    /// ports that failed to open.
+    /// (and writes what they change), retries failed map writes, attaches to new pod devices,
+    /// and retries the health ports that failed to open.
     fn devices_changed(&mut self) {
         self.refresh_node_addresses();
         self.sync();
+        self.retry_failed();
         self.rescan();
+        self.healthz.ensure();
         if self.first_synced {
             self.health.update(&self.store.desired().health_checks);
         }
@@ -323,19 +346,81 @@ impl Agent {
                 } else {
                     warn!(node = %self.cfg.node_name, "no Node object for this node");
                 }
+                if proxy_health::lock(&self.proxy_health).set_node(node) {
+                    let eligible = proxy_health::lock(&self.proxy_health).node_eligible();
+                    if eligible {
+                        info!(node = %self.cfg.node_name, "node eligible for load balancer traffic again: /healthz answers 200");
+                    } else {
+                        warn!(node = %self.cfg.node_name, "node being deleted or tainted {}: /healthz answers 503", proxy_health::TO_BE_DELETED_TAINT);
+                    }
+                }
             }
             other => self.store.apply(other),
         }
     }
 
-    /// Translates what changed, writes it, and logs the outcome. The first sync after the
-    /// source's initial state also attaches the devices.
+    /// Writes again what failed to be written (`retry`, and backends whose removal failed), on
+    /// the rescan tick while the store has no change of its own: one line when it completes, the
+    /// errors only when they change.
+    fn retry_failed(&mut self) {
+        if self.write_errors.is_empty() || self.store.is_dirty() {
+            return;
+        }
+        let retry = std::mem::take(&mut self.retry);
+        proxy_health::lock(&self.proxy_health).queued(Instant::now());
+        let report = self.writer.sync_frontends(self.store.desired(), &retry, &mut self.maps);
+        for (fe, svc, n) in &report.programmed {
+            info!(service = %svc, frontend = %fe, backends = n, "service programmed (retry)");
+        }
+        for (fe, svc) in &report.removed {
+            info!(service = %svc, frontend = %fe, "service removed (retry)");
+        }
+        let purged = self.take_write_outcome(&report);
+        if purged > 0 {
+            info!(udp_ct_purged = purged, "conntrack entries of stale UDP flows removed (retry)");
+        }
+        self.health.update(&self.store.desired().health_checks);
+    }
+
+    /// Logs a write's errors (each once while it repeats), keeps its failed frontends for a
+    /// retry, marks the agent up to date when there were none, and removes the conntrack
+    /// entries of UDP flows the write left without a backend (returns how many).
+    fn take_write_outcome(&mut self, report: &writer::SyncReport) -> usize {
+        let errors: BTreeSet<String> = report.errors.iter().cloned().collect();
+        for e in &errors {
+            if self.write_errors.contains(e) {
+                debug!("map write failed again: {e}");
+            } else {
+                error!("map write failed, this service keeps its previous state until a retry succeeds: {e}");
+            }
+        }
+        if errors.is_empty() && !self.write_errors.is_empty() {
+            info!(retried = self.write_errors.len(), "failed map writes completed");
+        }
+        self.retry.clone_from(&report.failed);
+        self.write_errors = errors;
+        if self.write_errors.is_empty() {
+            proxy_health::lock(&self.proxy_health).updated(jiff::Timestamp::now());
+        }
+        if report.stale_udp.is_empty() {
+            0
+        } else {
+            let stale = report.stale_udp.iter().copied().collect();
+            gc::purge_udp(&mut self.maps.conntrack, &stale)
+        }
+    }
+
+    /// Translates what changed, writes it (with the frontends whose last write failed), and logs
+    /// the outcome. The first sync after the source's initial state also attaches the devices.
+    /// The agent is healthy again once a write has no errors.
     fn sync(&mut self) {
         if !self.ready || (!self.store.is_dirty() && self.first_synced) {
             return;
         }
         let started = Instant::now();
-        let changes = self.store.flush();
+        proxy_health::lock(&self.proxy_health).queued(started);
+        let mut changes = self.store.flush();
+        changes.frontends.append(&mut self.retry);
         for p in &changes.new_problems {
             warn!("rejected: {p}");
         }
@@ -359,16 +444,8 @@ impl Agent {
                 debug!(service = %svc, frontend = %fe, "service removed");
             }
         }
-        for e in &report.errors {
-            error!("map write failed, this service keeps its previous state: {e}");
-        }
+        let purged = self.take_write_outcome(&report);
         self.health.update(&self.store.desired().health_checks);
-        let purged = if report.stale_udp.is_empty() {
-            0
-        } else {
-            let stale = report.stale_udp.iter().copied().collect();
-            gc::purge_udp(&mut self.maps.conntrack, &stale)
-        };
         let (services, slices) = self.store.object_counts();
         info!(
             services,

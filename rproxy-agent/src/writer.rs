@@ -62,6 +62,9 @@ pub struct SyncReport {
     pub removed: Vec<(Frontend, ObjectRef)>,
     /// Failures: the service (or "backend") concerned and the reason.
     pub errors: Vec<String>,
+    /// Frontends whose write (or removal) failed: their maps keep the previous state, and a
+    /// later sync of them retries.
+    pub failed: BTreeSet<Frontend>,
     /// Map operations issued.
     pub ops: usize,
     /// UDP (rev-NAT id, backend id) pairs that stopped taking new flows: a removed backend (rev-NAT
@@ -334,7 +337,10 @@ impl Writer {
                     }
                     report.removed.push((*fe, p.service));
                 }
-                Err(e) => report.errors.push(format!("Service {} frontend {fe}: removing: {e}", p.service)),
+                Err(e) => {
+                    report.errors.push(format!("Service {} frontend {fe}: removing: {e}", p.service));
+                    report.failed.insert(*fe);
+                }
             }
         }
 
@@ -344,7 +350,10 @@ impl Writer {
             match self.sync_frontend(*fe, entry, &mut run, &mut report.stale_udp) {
                 Ok(true) => report.programmed.push((*fe, entry.service.clone(), entry.slots.len())),
                 Ok(false) => {}
-                Err(e) => report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service)),
+                Err(e) => {
+                    report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service));
+                    report.failed.insert(*fe);
+                }
             }
         }
 

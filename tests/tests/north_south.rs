@@ -11,6 +11,7 @@
 //! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
 //!   200 with the count on node 1 and 503 on node 2;
+//! - each agent answers kube-proxy's `/healthz` and `/livez` on port 10256;
 //! - a pod and a host-network process of node 1 reach the `NodePorts` (and the `ClusterIP`).
 //!
 //! Needs root; skipped without it unless `RPROXY_REQUIRE_KERNEL=1`.
@@ -173,10 +174,10 @@ fn tcp_peers(cluster: &Cluster, pod: &str) -> BTreeSet<Ipv4Addr> {
 }
 
 /// A plain HTTP/1.1 GET: (status code, body).
-fn http_get(addr: Ipv4Addr, port: u16) -> Result<(u16, String)> {
+fn http_get(addr: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&(addr, port).into(), TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
@@ -222,10 +223,22 @@ fn scenario(mode: &str) -> Result<()> {
     let refused =
         cluster.in_client(|| client::tcp_request(NodeId::Two.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
     ensure!(refused.is_err(), "node 2 has no local endpoint but served the ETP Local NodePort: {refused:?}");
-    let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT))??;
-    ensure!(status == 200 && body.contains("\"localEndpoints\":1"), "node 1 health check: {status} {body}");
-    let (status, body) = cluster.in_client(|| http_get(NodeId::Two.ip(), HEALTH_PORT))??;
+    let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT, "/healthz"))??;
+    ensure!(
+        status == 200 && body.contains("\"localEndpoints\":1") && body.contains("\"serviceProxyHealthy\":true"),
+        "node 1 health check: {status} {body}"
+    );
+    let (status, body) = cluster.in_client(|| http_get(NodeId::Two.ip(), HEALTH_PORT, "/healthz"))??;
     ensure!(status == 503 && body.contains("\"localEndpoints\":0"), "node 2 health check: {status} {body}");
+    // Each agent's own health, on kube-proxy's port.
+    for node in NodeId::ALL {
+        for path in ["/healthz", "/livez"] {
+            let (status, body) = cluster.in_client(|| http_get(node.ip(), 10256, path))??;
+            ensure!(status == 200 && body.contains("\"lastUpdated\""), "{node:?} {path}: {status} {body}");
+        }
+        let (_, body) = cluster.in_client(|| http_get(node.ip(), 10256, "/healthz"))??;
+        ensure!(body.contains("\"nodeEligible\":true"), "{node:?} /healthz: {body}");
+    }
 
     // From a pod and from the host network of node 1.
     for node in NodeId::ALL {

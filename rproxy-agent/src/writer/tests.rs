@@ -227,12 +227,27 @@ fn a_failing_service_is_reported_and_others_are_written() {
     let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]), &mut m);
     assert_eq!(r.errors.len(), 1);
     assert!(r.errors[0].contains("default/bad") && r.errors[0].contains("10.96.0.11:80/TCP"), "{:?}", r.errors);
+    assert_eq!(r.failed, BTreeSet::from([fe(11, 80)]));
     assert_eq!(slot_backends(&m, fe(10, 80)).len(), 1);
-    // Once the failure is gone the next sync completes it.
+    // Retrying the failed frontends alone (as the agent does) fails again while the fault lasts,
+    // and completes the write once it is gone.
+    let d = desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]);
+    let again = w.sync_frontends(&d, &r.failed, &mut m);
+    assert_eq!((again.errors.len(), &again.failed), (1, &r.failed));
     m.fail_addr = None;
-    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]), &mut m);
-    assert!(r.errors.is_empty());
+    let r = w.sync_frontends(&d, &r.failed, &mut m);
+    assert!(r.errors.is_empty() && r.failed.is_empty());
     assert_eq!(slot_backends(&m, fe(11, 80)).len(), 1);
+    // A removal that fails is reported the same way, and retried.
+    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 11));
+    let d = desired(&[(fe(10, 80), entry("a", &[1], &[]))]);
+    let r = w.sync(&d, &mut m);
+    assert_eq!(r.failed, BTreeSet::from([fe(11, 80)]));
+    assert!(r.errors[0].contains("removing"), "{:?}", r.errors);
+    m.fail_addr = None;
+    let r = w.sync_frontends(&d, &r.failed, &mut m);
+    assert!(r.errors.is_empty() && r.failed.is_empty());
+    assert!(!m.services.contains_key(&key_of(fe(11, 80), 0)));
 }
 
 #[test]
