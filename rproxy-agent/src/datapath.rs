@@ -595,12 +595,17 @@ impl MapShape {
     }
 }
 
+/// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit): a
+/// pinned one of another shape is replaced, not refused.
+const REPLACEABLE: [&str; 3] = [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT];
+
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).
 const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Refuses to start on maps pinned in `dir` whose shape differs from this agent's object (an
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
-/// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual.
+/// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual,
+/// and so are the `REPLACEABLE` ones after their old pin is removed.
 fn check_pinned_maps(object: &[u8], dir: &Path) -> Result<()> {
     let object = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
     for name in map_names::ALL {
@@ -629,6 +634,14 @@ fn check_pinned_maps(object: &[u8], dir: &Path) -> Result<()> {
         // one is kept (its connections with it) rather than refused.
         let lru_flavour = |s: MapShape| MapShape { flags: s.flags & !BPF_F_NO_COMMON_LRU, ..s };
         if let Some(detail) = lru_flavour(want).mismatch(&lru_flavour(found)) {
+            // Counters and per-CPU scratch state are not worth a refusal: a new map replaces
+            // the pinned one (the old programs keep theirs until the new ones replace them).
+            if REPLACEABLE.contains(&name) {
+                warn!(map = name, %detail, "replacing a pinned map of another shape (its contents start afresh)");
+                std::fs::remove_file(&path)
+                    .map_err(|source| Error::Io { what: format!("unpinning {}", path.display()), source })?;
+                continue;
+            }
             return Err(Error::PinnedMapMismatch { name, dir: dir.to_path_buf(), detail });
         }
         if want.flags != found.flags {

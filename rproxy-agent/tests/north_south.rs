@@ -175,13 +175,108 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
         }
         assert_eq!(h.stat(Stat::Forwarded), 6);
 
-        // A packet that forwarding would take to TTL 0 is dropped, before any state is made.
-        let mut syn = tcp_frame((CLIENT, CPORT + 2), (NODE, 30081), SYN, b"", &[]);
-        syn[14 + 8] = 1;
-        let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn);
-        assert_eq!(rc, XDP_DROP);
-        assert_eq!(h.stat(Stat::TtlExceeded), 1);
-        assert!(h.ct(&key((CLIENT, CPORT + 2), (NODE, 30081), proto::TCP, CT_DIR_SERVICE)).is_none());
+        // A packet that forwarding would take to TTL 0 is answered with ICMP time exceeded,
+        // before any state is made: back out of the device it came in on (XDP_TX, TC redirect).
+        for (i, xdp) in [(2u16, true), (3, false)] {
+            let mut syn = tcp_frame((CLIENT, CPORT + i), (NODE, 30081), SYN, b"", &[]);
+            syn[14 + 8] = 1;
+            fix_ip_checksum(&mut syn);
+            let (rc, out) = if xdp {
+                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
+            } else {
+                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
+            };
+            assert_eq!(rc, if xdp { XDP_TX } else { TC_REDIRECT }, "xdp={xdp}");
+            assert_icmp_error(&out, &syn, 11, 0, 0);
+            assert!(h.ct(&key((CLIENT, CPORT + i), (NODE, 30081), proto::TCP, CT_DIR_SERVICE)).is_none());
+        }
+        assert_eq!((h.stat(Stat::TtlExceeded), h.stat(Stat::IcmpSent)), (2, 2));
+    });
+}
+
+/// Ones' complement sum of `bytes` as 16-bit big-endian words, folded.
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).expect("folded")
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame (no options).
+fn fix_ip_checksum(frame: &mut [u8]) {
+    frame[24..26].fill(0);
+    let sum = !ones_sum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// `out` is the ICMP error `typ`/`code` (with next-hop `mtu`) that `sent` calls for: from the
+/// address it was sent to, back to its sender and its MAC, valid checksums, quoting its IPv4
+/// header and first 8 payload bytes.
+fn assert_icmp_error(out: &[u8], sent: &[u8], typ: u8, code: u8, mtu: u16) {
+    assert_eq!(out.len(), 70, "Ethernet + IPv4 + ICMP + 28 quoted bytes");
+    assert_eq!((&out[0..6], &out[6..12]), (&sent[6..12], &sent[0..6]), "MACs swapped");
+    let ip = &out[14..34];
+    assert_eq!((ip[0], ip[9], ip[8]), (0x45, 1, 64), "IPv4, ICMP, TTL 64");
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56);
+    assert_eq!((&ip[12..16], &ip[16..20]), (&sent[30..34], &sent[26..30]), "from the address sent to, to the sender");
+    assert_eq!(ones_sum(ip), 0xffff, "IPv4 header checksum");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (typ, code));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), mtu, "next-hop MTU");
+    assert_eq!(ones_sum(icmp), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &sent[14..42], "quote: the header and 8 bytes as they arrived");
+}
+
+/// A packet too big for the route to a remote backend (a locked route MTU, which the kernel's
+/// forwarding honours too; an unlocked one only with `ip_forward_use_pmtu`): with "don't
+/// fragment" the client gets
+/// ICMP fragmentation needed with the route's MTU (path MTU discovery), without it the packet
+/// is dropped; no state either way. XDP and TC alike; counted.
+#[test]
+fn too_big_for_the_route_gets_fragmentation_needed() {
+    in_node_netns(|h, ifindex| {
+        let out = Command::new("ip")
+            .args(["route", "add", "10.244.4.0/24", "via", "172.31.0.2", "dev", "nsx", "mtu", "lock", "1400"])
+            .output()
+            .expect("ip route");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let far = Ipv4Addr::new(10, 244, 4, 41);
+        h.program(&frontend(
+            NODE,
+            30084,
+            Protocol::Tcp,
+            SVC_F_NODE_PORT,
+            vec![backend(far, Protocol::Tcp, false)],
+            vec![],
+        ));
+        let mut sent = 0;
+        for (i, xdp) in [(0u16, true), (1, false)] {
+            let c = (CLIENT, CPORT + 10 + i);
+            let run = |h: &mut Harness, frame: &[u8]| {
+                if xdp {
+                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
+                } else {
+                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
+                }
+            };
+            // 1360 bytes of payload: 1400 with the headers, the route's MTU, goes through.
+            let (rc, _) = run(h, &tcp_frame(c, (NODE, 30084), SYN, &[7; 1360], &[]));
+            assert_eq!(rc, if xdp { XDP_TX } else { TC_REDIRECT }, "fits, xdp={xdp}");
+            let big = tcp_frame((CLIENT, CPORT + 20 + i), (NODE, 30084), SYN, &[7; 1361], &[]);
+            let (rc, out) = run(h, &big);
+            assert_eq!(rc, if xdp { XDP_TX } else { TC_REDIRECT }, "ICMP back, xdp={xdp}");
+            assert_icmp_error(&out, &big, 3, 4, 1400);
+            sent += 1;
+            assert!(h.ct(&key((CLIENT, CPORT + 20 + i), (NODE, 30084), proto::TCP, CT_DIR_SERVICE)).is_none());
+            // Without "don't fragment" (flags byte 20 of the frame): dropped, no message.
+            let mut no_df = big.clone();
+            no_df[20] &= !0x40;
+            fix_ip_checksum(&mut no_df);
+            let (rc, _) = run(h, &no_df);
+            assert_eq!(rc, if xdp { XDP_DROP } else { TC_DROP }, "no DF, xdp={xdp}");
+        }
+        assert_eq!((h.stat(Stat::FragNeeded), h.stat(Stat::IcmpSent)), (4, sent));
     });
 }
 

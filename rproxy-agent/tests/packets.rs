@@ -341,4 +341,18 @@ fn pinned_map_of_another_layout_is_refused() {
         .expect("bpftool");
     assert!(status.success(), "bpftool map create");
     rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
+
+    // Counters of an older agent (fewer of them) are replaced, not refused.
+    let counters = dir.join(rproxy_common::map_names::STATS);
+    std::fs::remove_file(&counters).expect("unpin the loaded counters");
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&counters)
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "12", "name", "RPX_STATS"])
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map create");
+    let mut dp = rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
+    let maps = dp.take_maps().expect("maps");
+    assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");
 }

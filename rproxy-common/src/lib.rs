@@ -28,8 +28,12 @@ pub mod map_names {
     pub const CONFIG: &str = "RPX_CONFIG";
     /// Per-CPU cursor of the SNAT port allocation (`snat`): a per-CPU array of one `u32`.
     pub const SNAT_CURSOR: &str = "RPX_SNAT_CURSOR";
+    /// Per-CPU rate limit of the ICMP errors the north-south path sends (`icmp`): a per-CPU
+    /// array of one `u64`.
+    pub const ICMP_LIMIT: &str = "RPX_ICMP_LIMIT";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 8] = [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR];
+    pub const ALL: [&str; 9] =
+        [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR, ICMP_LIMIT];
 }
 
 /// Program names (the `#[classifier]` function names in rproxy-ebpf).
@@ -108,8 +112,28 @@ pub mod snat {
     pub const REUSE_AFTER_NS: u64 = 1_000_000_000;
 }
 
+/// ICMP errors for north-south packets the node cannot forward, as a router sends them: time
+/// exceeded (the TTL would reach 0) and fragmentation needed (too big for the route, with "don't
+/// fragment" set; the message carries the route's MTU, for path MTU discovery). They go back out
+/// of the device the packet came in on, from the address the packet was sent to, quoting its
+/// IPv4 header and first 8 bytes of payload (headers with options get no message).
+///
+/// Each CPU sends at most one per `INTERVAL_NS` on average, with bursts of `BURST`: the state
+/// is the time the next one may go (`map_names::ICMP_LIMIT`), kept no further than `BURST`
+/// intervals in the past. The kernel limits its own ICMP errors likewise
+/// (`net.ipv4.icmp_msgs_per_sec`, 1000 by default).
+pub mod icmp {
+    /// 1,000 per second per CPU.
+    pub const INTERVAL_NS: u64 = 1_000_000;
+    pub const BURST: u64 = 50;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const DEST_UNREACH: u8 = 3;
+    pub const FRAG_NEEDED: u8 = 4;
+}
+
 /// IP protocol numbers as carried in keys.
 pub mod proto {
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
@@ -393,12 +417,18 @@ pub enum Stat {
     /// North-south packets transmitted from the hook to another node or back to the client.
     Forwarded = 10,
     /// North-south packets that would have been forwarded with a TTL of 1 or less: dropped, as
-    /// a router would (without the ICMP time-exceeded message).
+    /// a router would, with an ICMP time-exceeded message (`icmp`).
     TtlExceeded = 11,
+    /// North-south packets too big for the route to their next hop: dropped; with "don't
+    /// fragment" set, answered with ICMP fragmentation-needed (`icmp`). No fragmentation.
+    FragNeeded = 12,
+    /// ICMP errors sent (time exceeded, fragmentation needed); fewer than the packets that
+    /// called for one when the rate limit (`icmp`) held some back.
+    IcmpSent = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -412,6 +442,8 @@ impl Stat {
         Self::FibFail,
         Self::Forwarded,
         Self::TtlExceeded,
+        Self::FragNeeded,
+        Self::IcmpSent,
     ];
 
     #[must_use]
@@ -429,6 +461,8 @@ impl Stat {
             Self::FibFail => "fib_fail",
             Self::Forwarded => "forwarded",
             Self::TtlExceeded => "ttl_exceeded",
+            Self::FragNeeded => "frag_needed",
+            Self::IcmpSent => "icmp_sent",
         }
     }
 }

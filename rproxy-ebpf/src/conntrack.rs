@@ -3,8 +3,8 @@
 //! lifetime; the agent's garbage collector removes expired pairs.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
-    Backend4, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV, CT_F_SYN_FWD,
-    CT_DIR_RECLAIM, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue, proto, snat,
+    Backend4, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue, proto, snat,
 };
 
 use crate::{

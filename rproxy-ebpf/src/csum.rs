@@ -45,6 +45,13 @@ fn apply(field: u16, a: u32, b: u32) -> u16 {
     !folded
 }
 
+/// The checksum field value for `sum`, the ones' complement sum of the bytes it covers (with
+/// the field itself zero).
+#[inline(always)]
+pub fn fold_complement(sum: u32) -> u16 {
+    apply(0xffff, sum, 0)
+}
+
 /// Updates the IPv4 header and L4 checksums for an address difference `addrs` and a port
 /// difference `ports` (see `diff`).
 #[inline(always)]

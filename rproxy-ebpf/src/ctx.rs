@@ -2,6 +2,7 @@
 //! XDP (`XdpContext`, a raw frame). The north-south path runs the same code on both hooks.
 use aya_ebpf::{
     EbpfContext,
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
 
@@ -17,6 +18,13 @@ pub trait Ctx: EbpfContext {
     fn make_headers_linear(&self);
     /// Index of the device the packet arrived on.
     fn ingress_ifindex(&self) -> u32;
+    /// Cuts or extends the packet to `len` bytes (new bytes are zero on TC, undefined on XDP).
+    /// Invalidates packet pointers.
+    fn set_len(&self, len: u32) -> Result<(), i64>;
+    /// The packet's length as the route's MTU check wants it (`bpf_fib_lookup`'s `tot_len`):
+    /// the IPv4 total length, or 0 for a TC GSO packet, which the FIB lookup then checks
+    /// segment by segment against the device's MTU.
+    fn mtu_len(&self, ip_tot_len: u16) -> u16;
     /// Whether the checksum helpers of an skb are available (TC), or checksums are rewritten
     /// in the frame (XDP).
     const SKB: bool;
@@ -49,6 +57,19 @@ impl Ctx for TcContext {
         // SAFETY: the context's skb pointer is valid for the whole program run.
         unsafe { (*self.skb.skb).ingress_ifindex }
     }
+
+    #[inline(always)]
+    fn set_len(&self, len: u32) -> Result<(), i64> {
+        // SAFETY: the context's skb; the helper checks the length.
+        let r = unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) };
+        if r < 0 { Err(r) } else { Ok(()) }
+    }
+
+    #[inline(always)]
+    fn mtu_len(&self, ip_tot_len: u16) -> u16 {
+        // SAFETY: as above.
+        if unsafe { (*self.skb.skb).gso_size } != 0 { 0 } else { ip_tot_len }
+    }
 }
 
 impl Ctx for XdpContext {
@@ -74,5 +95,19 @@ impl Ctx for XdpContext {
         #[expect(clippy::cast_possible_truncation, reason = "ifindex is a u32 in xdp_md")]
         let i = XdpContext::ingress_ifindex(self) as u32;
         i
+    }
+
+    #[inline(always)]
+    fn set_len(&self, len: u32) -> Result<(), i64> {
+        #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "frame lengths < 2^31")]
+        let delta = len as i32 - (self.data_end() - self.data()) as i32;
+        // SAFETY: the context's xdp_md; the helper checks the new length against the buffer.
+        let r = unsafe { bpf_xdp_adjust_tail(self.ctx, delta) };
+        if r < 0 { Err(r) } else { Ok(()) }
+    }
+
+    #[inline(always)]
+    fn mtu_len(&self, ip_tot_len: u16) -> u16 {
+        ip_tot_len
     }
 }

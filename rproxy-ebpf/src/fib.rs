@@ -2,7 +2,10 @@
 //! the MAC addresses and, on request, the source address the node would use towards a
 //! destination (`BPF_FIB_LOOKUP_SRC`, the address north-south SNAT translates to).
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup,
+    },
     helpers::bpf_fib_lookup as fib_lookup,
 };
 use network_types::eth::EthHdr;
@@ -22,32 +25,49 @@ pub enum Route {
     /// Routed through `ifindex`, but the next hop's MAC is not known yet: TC hands the packet to
     /// `bpf_redirect_neigh`, XDP passes it up untouched (TC then handles it).
     NoNeigh { ifindex: u32, src: u32 },
-    /// No route, forwarding disabled, fragmentation needed, …
+    /// The packet is bigger than the route's MTU (`mtu`).
+    TooBig { mtu: u16 },
+    /// No route, forwarding disabled, …
     Unusable,
 }
 
 /// Looks up the route from `saddr` (0 with `want_src`: the node picks one and reports it in
-/// `src`) to `daddr` for a packet of protocol `proto` that arrived on this context's device.
+/// `src`) to `daddr` for a packet of protocol `proto` and IPv4 total length `tot_len` that
+/// arrived on this context's device, checking the length against the route's MTU.
 #[inline(always)]
-pub fn lookup<C: Ctx>(ctx: &C, proto: u8, saddr: u32, daddr: u32, want_src: bool) -> Route {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers and unions of them).
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.ifindex = ctx.ingress_ifindex();
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
+pub fn lookup<C: Ctx>(ctx: &C, proto: u8, tot_len: u16, saddr: u32, daddr: u32, want_src: bool) -> Route {
+    let mut slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let p = slot.as_mut_ptr();
+    // Zeroed with volatile word stores, and used in place: LLVM otherwise turns the zeroing (or
+    // a copy) into a call of the `memset` subprogram, which the verifier rejects in this
+    // program (the caller reads a register the call clobbered).
+    let words = p.cast::<u32>();
+    for i in 0..core::mem::size_of::<bpf_fib_lookup>() / 4 {
+        // SAFETY: `i` < 16 words of the 64-byte, 4-aligned struct on this stack frame.
+        unsafe { words.add(i).write_volatile(0) };
+    }
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64-byte struct")]
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
-    // SAFETY: the context pointer is this program's; `p` is on the stack, `size` bytes.
-    let r = unsafe { fib_lookup(ctx.as_ptr(), &raw mut p, size, flags) };
-    // SAFETY: the helper fills the source address union as IPv4 for family AF_INET.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
-    match u32::try_from(r).unwrap_or(u32::MAX) {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Ready { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, src },
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh { ifindex: p.ifindex, src },
-        _ => Route::Unusable,
+    // SAFETY: `p` points to the zeroed struct on this stack frame (all-zero is a valid
+    // bpf_fib_lookup: integers and unions of them); the context pointer is this program's.
+    unsafe {
+        (*p).family = AF_INET;
+        (*p).l4_protocol = proto;
+        (*p).ifindex = ctx.ingress_ifindex();
+        (*p).__bindgen_anon_3.ipv4_src = saddr;
+        (*p).__bindgen_anon_4.ipv4_dst = daddr;
+        (*p).__bindgen_anon_1.tot_len = ctx.mtu_len(tot_len);
+        let r = fib_lookup(ctx.as_ptr(), p, size, flags);
+        // The helper fills the source address union as IPv4 for family AF_INET, and the MTU
+        // into the length union on FRAG_NEEDED.
+        let src = (*p).__bindgen_anon_3.ipv4_src;
+        match u32::try_from(r).unwrap_or(u32::MAX) {
+            BPF_FIB_LKUP_RET_SUCCESS => Route::Ready { ifindex: (*p).ifindex, smac: (*p).smac, dmac: (*p).dmac, src },
+            BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh { ifindex: (*p).ifindex, src },
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig { mtu: (*p).__bindgen_anon_1.mtu_result },
+            _ => Route::Unusable,
+        }
     }
 }
 

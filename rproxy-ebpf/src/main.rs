@@ -22,6 +22,7 @@ mod conntrack;
 mod csum;
 mod ctx;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -82,6 +83,7 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
     match nodeport::ingress(&ctx) {
         Ok(Action::Pass | Action::RedirectNeigh(_)) => xdp_action::XDP_PASS,
         Ok(Action::Drop) => xdp_action::XDP_DROP,
+        Ok(Action::Bounce) => xdp_action::XDP_TX,
         Ok(Action::Redirect(ifindex)) => {
             if ifindex == ctx::Ctx::ingress_ifindex(&ctx) {
                 xdp_action::XDP_TX
@@ -102,13 +104,13 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
-    tc_action(nodeport::ingress(&ctx))
+    tc_action(&ctx, nodeport::ingress(&ctx))
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
-    tc_action(nodeport::egress(&ctx))
+    tc_action(&ctx, nodeport::egress(&ctx))
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -137,7 +139,7 @@ pub fn rpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 #[expect(clippy::needless_pass_by_value, reason = "consumed by the match; a reference adds nothing")]
-fn tc_action(r: Result<Action, i64>) -> i32 {
+fn tc_action(ctx: &TcContext, r: Result<Action, i64>) -> i32 {
     #[expect(clippy::cast_possible_truncation, reason = "TC actions are small integers")]
     match r {
         Ok(Action::Pass) => PASS,
@@ -147,6 +149,8 @@ fn tc_action(r: Result<Action, i64>) -> i32 {
         Ok(Action::RedirectNeigh(ifindex)) => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        // SAFETY: as above.
+        Ok(Action::Bounce) => unsafe { bpf_redirect(ctx::Ctx::ingress_ifindex(ctx), 0) as i32 },
         Err(_) => {
             count(Stat::RewriteFail);
             DROP

@@ -45,6 +45,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "RPX_SNAT_CURSOR")]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
+/// When each CPU may send its next ICMP error (see `rproxy_common::icmp`).
+#[map(name = "RPX_ICMP_LIMIT")]
+pub static ICMP_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 

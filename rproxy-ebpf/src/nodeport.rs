@@ -15,14 +15,14 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use rproxy_common::{
     BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SCOPE_LOCAL, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, snat,
+    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, icmp as icmp_msg, snat,
 };
 
 use crate::{
     conntrack::{self, BPF_NOEXIST},
     ctx::Ctx,
     fib::{self, Route},
-    lb,
+    icmp, lb,
     maps::{CT4, SNAT_CURSOR, SVC4, count},
     nat::{self, Tuple4},
     parse::{self, Packet4},
@@ -37,6 +37,9 @@ pub enum Action {
     Redirect(u32),
     /// TC only: transmit through this device, the kernel resolving the next hop's MAC.
     RedirectNeigh(u32),
+    /// Send back out of the device it came in on (an ICMP error to the sender): `XDP_TX`, or a
+    /// TC redirect to the ingress device's egress.
+    Bounce,
 }
 
 const NORTH_SOUTH: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
@@ -113,7 +116,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     };
     let src = match route {
         Route::Ready { src, .. } | Route::NoNeigh { src, .. } => src,
-        Route::Unusable => return Ok(Action::Drop),
+        Route::TooBig { .. } | Route::Unusable => return Ok(Action::Drop),
     };
     let flags = CT_NAT_EXTERNAL | CT_NAT_SNAT;
     let (mut reply, reply_value, service_value) =
@@ -212,15 +215,26 @@ fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v:
 
 /// The route to `daddr` (see `fib::lookup`), or, when this hook cannot forward along it, what
 /// to do with the still untouched packet: XDP hands an unresolved next hop to TC (`Pass`); no
-/// usable route, or a TTL that forwarding would take to 0, drops and counts.
+/// usable route drops and counts; a TTL that forwarding would take to 0, or a packet too big
+/// for the route with "don't fragment" set, becomes an ICMP error back to its sender (`icmp`;
+/// counted, and dropped when none is sent). Too big without "don't fragment": dropped, as this
+/// hook does not fragment.
 #[inline(always)]
 fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src: bool) -> Result<Route, Action> {
     if pkt.ttl <= 1 {
         count(Stat::TtlExceeded);
-        return Err(Action::Drop);
+        return Err(icmp_error(ctx, pkt, icmp_msg::TIME_EXCEEDED, 0, 0));
     }
-    match fib::lookup(ctx, pkt.proto, saddr, daddr, want_src) {
+    match fib::lookup(ctx, pkt.proto, pkt.tot_len, saddr, daddr, want_src) {
         Route::NoNeigh { .. } if !C::SKB => Err(Action::Pass),
+        Route::TooBig { mtu } => {
+            count(Stat::FragNeeded);
+            if pkt.df {
+                Err(icmp_error(ctx, pkt, icmp_msg::DEST_UNREACH, icmp_msg::FRAG_NEEDED, mtu))
+            } else {
+                Err(Action::Drop)
+            }
+        }
         Route::Unusable => {
             count(Stat::FibFail);
             Err(Action::Drop)
@@ -229,10 +243,16 @@ fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src
     }
 }
 
+/// `pkt` turned into an ICMP error to its sender, out of the device it came in on; or dropped.
+#[inline(always)]
+fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16) -> Action {
+    if icmp::reply(ctx, pkt, typ, code, mtu, conntrack::now_ns()) { Action::Bounce } else { Action::Drop }
+}
+
 /// Transmits a rewritten packet along `route`, its TTL decremented.
 #[inline(always)]
 fn forward<C: Ctx>(ctx: &C, route: &Route) -> Result<Action, i64> {
-    if !matches!(route, Route::Unusable) {
+    if matches!(route, Route::Ready { .. } | Route::NoNeigh { .. }) {
         fib::dec_ttl(ctx)?;
     }
     match route {
@@ -245,7 +265,7 @@ fn forward<C: Ctx>(ctx: &C, route: &Route) -> Result<Action, i64> {
             count(Stat::Forwarded);
             Ok(Action::RedirectNeigh(*ifindex))
         }
-        Route::Unusable => Ok(Action::Drop),
+        Route::TooBig { .. } | Route::Unusable => Ok(Action::Drop),
     }
 }
 

@@ -12,6 +12,7 @@ pub const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
 const IP_MF: u16 = 0x2000;
+const IP_DF: u16 = 0x4000;
 const IP_OFFMASK: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -39,6 +40,10 @@ pub struct Packet4 {
     pub fragment: bool,
     /// IPv4 time to live.
     pub ttl: u8,
+    /// IPv4 "don't fragment" flag.
+    pub df: bool,
+    /// IPv4 total length (host order).
+    pub tot_len: u16,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
@@ -94,7 +99,9 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
     let proto = ip.proto;
     let l4_off = EthHdr::LEN + ihl;
     let ttl = ip.ttl;
-    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, ttl, l4_off };
+    let df = frags & IP_DF != 0;
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, ttl, df, tot_len, l4_off };
     if fragment {
         // Later fragments carry no L4 header; report the packet so the caller can count it.
         return Some(pkt);

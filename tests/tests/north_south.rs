@@ -12,6 +12,9 @@
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
 //!   200 with the count on node 1 and 503 on node 2;
 //! - each agent answers kube-proxy's `/healthz` and `/livez` on port 10256;
+//! - with a smaller MTU on node 2's link (and node 1's route to it), 64 KiB still go through
+//!   node 1's `NodePort` to both backends: path MTU discovery works on node 1's ICMP
+//!   fragmentation-needed messages;
 //! - a pod and a host-network process of node 1 reach the `NodePorts` (and the `ClusterIP`).
 //!
 //! Needs root; skipped without it unless `RPROXY_REQUIRE_KERNEL=1`.
@@ -262,6 +265,32 @@ fn scenario(mode: &str) -> Result<()> {
     if mode == "native" {
         ensure_native_xdp_tx(&cluster)?;
     }
+
+    // Path MTU discovery through the datapath: node 2's link gets a smaller MTU (1300), and
+    // node 1's route to node 2's pods says so (a locked route MTU, as for a smaller inter-node
+    // path). The client's full-size segments for node 2's backend no longer fit: node 1's hook
+    // answers them with ICMP fragmentation needed, the client's TCP lowers its path MTU, and
+    // 64 KiB still reach both backends intact. Without the message node 2's link would drop
+    // them and the transfer would stall.
+    ip(Some(cluster.node(NodeId::Two).ns()), &["link", "set", "eth0", "mtu", "1300"])?;
+    let to_node2_pods = format!("{}/24", NodeId::Two.pod_cidr());
+    let via = NodeId::Two.ip().to_string();
+    let route = ["route", "change", &to_node2_pods, "via", &via, "dev", "eth0", "mtu", "lock", "1300"];
+    ip(Some(cluster.node(NodeId::One).ns()), &route)?;
+    let addr = NodeId::One.ip();
+    reach_both("TCP through a 1300-byte path", || client_tcp(&cluster, addr, NODE_PORT, &big), &big)?;
+    let dump = std::process::Command::new(agent_bin()?)
+        .args(["dump", "--bpffs"])
+        .arg(cluster.node(NodeId::One).pin_dir())
+        .output()?;
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let counter = |name: &str| -> u64 {
+        dump.lines().find_map(|l| l.trim().strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+    };
+    ensure!(
+        counter("frag_needed") > 0 && counter("icmp_sent") > 0,
+        "node 1 sent no fragmentation-needed message:\n{dump}"
+    );
     Ok(())
 }
 
