@@ -168,6 +168,8 @@ fn main() -> Result<()> {
         }),
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            // The eBPF crate is outside the workspace.
+            run(Command::new("cargo").current_dir(root().join("rproxy-ebpf")).args(["fmt", "--check"]))?;
             run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
             run(Command::new("cargo").current_dir(root().join("rproxy-ebpf")).env("RUSTC_BOOTSTRAP", "1").args([
                 "clippy",
