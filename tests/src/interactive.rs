@@ -50,7 +50,7 @@ pub fn run_interactive(agent_bin: &Path, manifests_dir: &Path) -> Result<()> {
             println!("warning: {e:#}\n(does {} hold the demo Service?)", manifests_dir.display());
         }
     }
-    print_instructions(&lab, manifests_dir);
+    print_instructions(&lab, agent_bin, manifests_dir);
 
     if let Some(d) = duration {
         println!("\nthe lab stops in {}s ({DURATION_ENV}) or on Ctrl-C", d.as_secs());
@@ -100,7 +100,7 @@ fn print_balancing(lab: &Lab) {
     }
 }
 
-fn print_instructions(lab: &Lab, manifests_dir: &Path) {
+fn print_instructions(lab: &Lab, agent_bin: &Path, manifests_dir: &Path) {
     let client = lab.pod(CLIENT.0);
     let (cns, node, pins) = (client.ns(), lab.node_ns(), lab.pin_dir().display());
     println!("\nnamespaces:");
@@ -120,6 +120,11 @@ fn print_instructions(lab: &Lab, manifests_dir: &Path) {
         println!("  bpftool map dump pinned {pins}/{map}");
     }
     println!("  ip netns exec {node} bpftool net show");
+    println!("  {} dump --bpffs {pins}   # the same maps, decoded, with the counters", agent_bin.display());
+    println!("\nthe agent's own health, as kube-proxy's (port 10256):");
+    println!(
+        "  ip netns exec {node} bash -c 'exec 3<>/dev/tcp/127.0.0.1/10256; printf \"GET /healthz HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'"
+    );
     if let Some(log) = lab.agent_log_path() {
         println!("\nagent log: tail -f {}", log.display());
     }
