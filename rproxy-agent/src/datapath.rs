@@ -46,6 +46,8 @@ pub struct Maps {
     pub rev_nat: Array<MapData, RevNat4>,
     pub conntrack: HashMap<MapData, CtKey4, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// The service filter (`rproxy_common::svc_filter`).
+    pub svc_filter: Array<MapData, u64>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -197,6 +199,7 @@ impl Datapath {
                 let map = self.ebpf.take_map(map_names::STATS).ok_or(Error::MissingMap { name: map_names::STATS })?;
                 PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map_names::STATS, source })?
             },
+            svc_filter: take_array(&mut self.ebpf, map_names::SVC_FILTER)?,
         })
     }
 
@@ -595,9 +598,10 @@ impl MapShape {
     }
 }
 
-/// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit): a
-/// pinned one of another shape is replaced, not refused.
-const REPLACEABLE: [&str; 3] = [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT];
+/// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, and the
+/// service filter, which the writer rewrites from the services): a pinned one of another shape
+/// is replaced, not refused.
+const REPLACEABLE: [&str; 4] = [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT, map_names::SVC_FILTER];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).
 const BPF_F_NO_COMMON_LRU: u32 = 2;

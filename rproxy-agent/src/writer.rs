@@ -46,6 +46,8 @@ pub enum Op {
     DelService(ServiceKey4),
     PutRevNat(u16, RevNat4),
     DelRevNat(u16),
+    /// A word of the service filter (`rproxy_common::svc_filter`).
+    PutFilterWord(u32, u64),
 }
 
 /// Where operations go: the BPF maps, or a recorder in tests.
@@ -126,6 +128,8 @@ pub struct Writer {
     /// Backend ids that may have lost their last reference: deleted at the end of a sync if
     /// nothing names them by then.
     unreferenced: BTreeSet<u32>,
+    /// The service filter's bits and words.
+    filter: filter::Filter,
 }
 
 /// What the pinned maps held at start.
@@ -134,6 +138,8 @@ pub struct Adopted {
     pub services: Vec<(ServiceKey4, ServiceValue)>,
     pub backends: Vec<(u32, Backend4)>,
     pub rev_nat: Vec<(u16, RevNat4)>,
+    /// The service filter's words (empty: none known).
+    pub filter: Vec<u64>,
 }
 
 fn protocol(p: u8) -> Option<Protocol> {
@@ -217,7 +223,7 @@ impl Writer {
     /// or delete; they are returned as warnings.
     #[must_use]
     pub fn adopt(adopted: Adopted) -> (Self, Vec<String>) {
-        let mut w = Self::new();
+        let mut w = Self { filter: filter::Filter::adopt(adopted.filter), ..Self::new() };
         let mut warnings = Vec::new();
         for (id, be) in adopted.backends {
             match protocol(be.proto) {
@@ -271,7 +277,10 @@ impl Writer {
             let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn, local };
             w.reference(&p);
             w.services.insert(fe, p);
+            w.filter.add(fe);
         }
+        // The first sync rewrites the words a previous agent left otherwise.
+        w.filter.mark_all();
         // Backends no adopted service names: removed by the first sync unless it uses them.
         w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
         w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
@@ -330,6 +339,7 @@ impl Writer {
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
                     let p = self.services.remove(fe).expect("present");
+                    self.filter.remove(*fe);
                     self.rev_nat_ids.remove(&p.value.rev_nat_id);
                     self.unreference(&p);
                     if fe.proto == Protocol::Udp {
@@ -344,10 +354,20 @@ impl Writer {
             }
         }
 
-        // 2. New and changed frontends.
+        // 2. New and changed frontends; a new one's filter bit first.
         for fe in frontends {
             let Some(entry) = desired.services.get(fe) else { continue };
-            match self.sync_frontend(*fe, entry, &mut run, &mut report.stale_udp) {
+            let new = !self.services.contains_key(fe);
+            if new && let Err(e) = self.filter.preset(*fe, &mut run) {
+                report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service));
+                report.failed.insert(*fe);
+                continue;
+            }
+            let result = self.sync_frontend(*fe, entry, &mut run, &mut report.stale_udp);
+            if new && result.is_ok() {
+                self.filter.add(*fe);
+            }
+            match result {
                 Ok(true) => report.programmed.push((*fe, entry.service.clone(), entry.slots.len())),
                 Ok(false) => {}
                 Err(e) => {
@@ -374,6 +394,9 @@ impl Writer {
                 }
             }
         }
+        // 4. Filter bits no programmed frontend has any more (and those preset for frontends
+        // whose write failed).
+        report.errors.extend(self.filter.flush(&mut run));
         report.stale_udp.sort_unstable();
         report.stale_udp.dedup();
         report.ops = ops;
@@ -579,6 +602,7 @@ impl MapSink for crate::datapath::Maps {
             Op::DelService(k) => ignore_missing(self.services.remove(&k)),
             Op::PutRevNat(id, v) => self.rev_nat.set(u32::from(id), v, 0),
             Op::DelRevNat(id) => self.rev_nat.set(u32::from(id), RevNat4::default(), 0),
+            Op::PutFilterWord(i, w) => self.svc_filter.set(i, w, 0),
         };
         r.map_err(|e| match e {
             aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
@@ -607,8 +631,14 @@ pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
             .into_iter()
             .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
             .collect(),
+        // A word that cannot be read makes the whole filter unknown: it is rewritten in full.
+        filter: (0..rproxy_common::svc_filter::WORDS)
+            .map(|i| maps.svc_filter.get(&i, 0))
+            .collect::<Result<Vec<u64>, _>>()
+            .unwrap_or_default(),
     }
 }
 
+mod filter;
 #[cfg(test)]
 mod tests;

@@ -279,6 +279,35 @@ fn removed_backend_moves_flow_to_a_live_one() {
     assert_eq!(h.stat(Stat::BackendGone), 1);
 }
 
+/// An established flow is translated from its conntrack entry only while its frontend exists:
+/// once the Service is removed its packets pass untouched, even with the conntrack entry still
+/// there, and a frontend created again at the address starts the flow afresh. With the
+/// service filter clear for the address, nothing is looked up: no counter moves.
+#[test]
+fn removed_frontend_stops_established_flows() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
+    let c = (CLIENT, 5400);
+    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
+    assert_eq!((rc, parse_checked(&out).dst.0), (PASS, BACKENDS[0]));
+    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), ACK, b"x", &[]));
+    assert_eq!(parse_checked(&out).dst.0, BACKENDS[0]);
+    assert_eq!(h.stat(Stat::Established), 1);
+
+    h.program(&Desired::default());
+    assert!(h.ct(&svc_key(c, proto::TCP)).is_some(), "the conntrack entry outlives the Service");
+    let ack = tcp_frame(c, (VIP, 80), ACK, b"y", &[]);
+    let (rc, out) = h.run(prog_names::FROM_POD, &ack);
+    assert_eq!((rc, out.as_slice()), (PASS, ack.as_slice()), "untouched once the Service is gone");
+    assert_eq!(h.stat(Stat::Established), 1, "not counted as established");
+
+    // The same frontend again (a new rev-NAT id): the old flow starts afresh as a new one.
+    h.program(&service(Protocol::Tcp, &BACKENDS[1..2]));
+    let (rc, out) = h.run(prog_names::FROM_POD, &ack);
+    assert_eq!((rc, parse_checked(&out).dst.0), (PASS, BACKENDS[1]));
+    assert_eq!((h.stat(Stat::Established), h.stat(Stat::NewFlow)), (1, 2));
+}
+
 #[test]
 fn backends_are_chosen_among_all() {
     kernel_test!(h);

@@ -31,9 +31,11 @@ pub mod map_names {
     /// Per-CPU rate limit of the ICMP errors the north-south path sends (`icmp`): a per-CPU
     /// array of one `u64`.
     pub const ICMP_LIMIT: &str = "RPX_ICMP_LIMIT";
+    /// Bitmap over service frontends (`svc_filter`): an array of `u64` words.
+    pub const SVC_FILTER: &str = "RPX_SVC_FILTER";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 9] =
-        [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR, ICMP_LIMIT];
+    pub const ALL: [&str; 10] =
+        [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR, ICMP_LIMIT, SVC_FILTER];
 }
 
 /// Program names (the `#[classifier]` function names in rproxy-ebpf).
@@ -129,6 +131,24 @@ pub mod icmp {
     pub const TIME_EXCEEDED: u8 = 11;
     pub const DEST_UNREACH: u8 = 3;
     pub const FRAG_NEEDED: u8 = 4;
+}
+
+/// A bitmap over the frontends `(address, port, protocol)` of the services map, which lets a
+/// packet leaving a pod skip every map lookup when its destination cannot be a service (most
+/// pod traffic). One bit per hash value: a set bit may be a collision (the lookups then find
+/// nothing), a clear bit is never a frontend. The agent sets a frontend's bit before it
+/// publishes the frontend, and clears it (when no other frontend shares it) after removing it.
+pub mod svc_filter {
+    /// 4,096 words of 64 bits: 262,144 bits, 32 KiB.
+    pub const WORDS: u32 = 4096;
+    /// The bit of a frontend; `addr` and `port` in wire order, as in `ServiceKey4`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn bit(addr: u32, port: u16, proto: u8) -> u32 {
+        // Multiplicative hashing; the top 18 bits index 2^18 = WORDS * 64 bits.
+        (addr ^ ((port as u32) << 16) ^ proto as u32).wrapping_mul(0x9e37_79b1) >> 14
+    }
+    const _: () = assert!(WORDS * 64 == 1 << 18);
 }
 
 /// IP protocol numbers as carried in keys.

@@ -1,11 +1,27 @@
 //! Service lookup and backend selection.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue};
+use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue, svc_filter};
 
 use crate::{
-    maps::{BE4, SVC4},
+    maps::{BE4, RNAT4, SVC_FILTER, SVC4},
     parse::Packet4,
 };
+
+/// Whether the packet's destination may be a frontend (`rproxy_common::svc_filter`); `false`
+/// means it certainly is not.
+#[inline(always)]
+pub fn may_be_service(pkt: &Packet4) -> bool {
+    let bit = svc_filter::bit(pkt.daddr, pkt.dport, pkt.proto);
+    SVC_FILTER.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+}
+
+/// Whether the frontend with rev-NAT id `rev_nat_id` still exists and is the packet's
+/// destination: the agent deletes a removed frontend's rev-NAT entry, and its address and port
+/// tell a later frontend that got the same id apart.
+#[inline(always)]
+pub fn frontend_alive(rev_nat_id: u16, pkt: &Packet4) -> bool {
+    RNAT4.get(u32::from(rev_nat_id)).is_some_and(|r| r.addr == pkt.daddr && r.port == pkt.dport)
+}
 
 /// Slot 0 of the service `(daddr, dport, proto)`, if the packet is addressed to one.
 #[inline(always)]

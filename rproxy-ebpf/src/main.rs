@@ -168,21 +168,34 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         count(Stat::Fragment);
         return Ok(PASS);
     }
+    if !lb::may_be_service(&pkt) {
+        return Ok(PASS);
+    }
+    // Conntrack first: an established flow needs no service lookup, only the check (two array
+    // loads) that its frontend and backend still exist.
+    let ct_key = conntrack::service_key(&pkt);
+    let now = conntrack::now_ns();
+    let mut backend_gone = false;
+    if let Some(ct) = maps::CT4.get_ptr_mut(ct_key) {
+        // SAFETY: valid map value pointer for this run.
+        let (backend_id, rev_nat_id) = unsafe { ((*ct).backend_id, (*ct).rev_nat_id) };
+        if lb::frontend_alive(rev_nat_id, &pkt) {
+            if let Some(be) = lb::backend(backend_id) {
+                conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
+                nat::dnat(ctx, &pkt, be.addr, be.port)?;
+                count(Stat::Established);
+                return Ok(PASS);
+            }
+            // The backend was removed: pick a live one (a TCP peer will answer with RST).
+            backend_gone = true;
+        }
+        // A removed frontend: its flows are no longer translated (below: a new one at the same
+        // address starts afresh, otherwise the packet passes).
+    }
     let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
         return Ok(PASS);
     };
-    let ct_key = conntrack::service_key(&pkt);
-    let now = conntrack::now_ns();
-    if let Some(ct) = maps::CT4.get_ptr_mut(ct_key) {
-        // SAFETY: valid map value pointer for this run.
-        let backend_id = unsafe { (*ct).backend_id };
-        if let Some(be) = lb::backend(backend_id) {
-            conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-            nat::dnat(ctx, &pkt, be.addr, be.port)?;
-            count(Stat::Established);
-            return Ok(PASS);
-        }
-        // The backend was removed: pick a live one (a TCP peer will answer with RST).
+    if backend_gone {
         count(Stat::BackendGone);
     }
     let Some((backend_id, be)) = lb::select_backend(&svc_key, &svc) else {

@@ -7,6 +7,7 @@ use aya_ebpf::{
 use rproxy_common::{
     Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, Stat,
     limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX},
+    svc_filter,
 };
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
@@ -48,6 +49,11 @@ pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// When each CPU may send its next ICMP error (see `rproxy_common::icmp`).
 #[map(name = "RPX_ICMP_LIMIT")]
 pub static ICMP_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Which frontends may exist (see `rproxy_common::svc_filter`); an array, so the check is a
+/// few instructions and a load.
+#[map(name = "RPX_SVC_FILTER")]
+pub static SVC_FILTER: Array<u64> = Array::pinned(svc_filter::WORDS, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

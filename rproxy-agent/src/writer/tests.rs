@@ -16,6 +16,7 @@ struct FakeMaps {
     services: BTreeMap<ServiceKey4, ServiceValue>,
     backends: BTreeMap<u32, Backend4>,
     rev_nat: BTreeMap<u16, RevNat4>,
+    filter: BTreeMap<u32, u64>,
     log: Vec<Op>,
     /// Fail every op whose service key has this address.
     fail_addr: Option<Ipv4Addr>,
@@ -34,6 +35,9 @@ impl FakeMaps {
                 assert!(self.backends.contains_key(&slot.backend_id), "slot {s} of {k:?} names missing backend");
             }
             assert!(self.rev_nat.contains_key(&v.rev_nat_id), "rev-NAT {} of {k:?} missing", v.rev_nat_id);
+            let bit = rproxy_common::svc_filter::bit(k.addr, k.port, k.proto);
+            let word = self.filter.get(&(bit >> 6)).copied().unwrap_or(0);
+            assert!(word & (1 << (bit & 63)) != 0, "{k:?} published without its service filter bit");
             if k.scope == SCOPE_EXTERNAL && v.flags & SVC_F_ETP_LOCAL != 0 {
                 let local = self.services.get(&ServiceKey4 { scope: SCOPE_LOCAL, ..*k });
                 let local = local.unwrap_or_else(|| panic!("{k:?} has SVC_F_ETP_LOCAL but no local slot 0"));
@@ -47,6 +51,7 @@ impl FakeMaps {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            filter: (0..rproxy_common::svc_filter::WORDS).map(|i| self.filter.get(&i).copied().unwrap_or(0)).collect(),
         }
     }
 }
@@ -83,6 +88,9 @@ impl MapSink for FakeMaps {
             }
             Op::DelRevNat(id) => {
                 self.rev_nat.remove(&id);
+            }
+            Op::PutFilterWord(i, w) => {
+                self.filter.insert(i, w);
             }
         }
         self.log.push(*op);
@@ -533,4 +541,49 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
     // 3 stays (draining) but no longer serves outside clients: its UDP flows move on.
     let r = w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[]))]), &mut m);
     assert_eq!(r.stale_udp, vec![(rn, id3)]);
+}
+
+/// The service filter holds exactly the bits of the programmed frontends once a sync is done:
+/// a removed frontend's bit is cleared unless another frontend shares it, and a frontend whose
+/// write failed leaves no bit behind. A restarted writer clears the bits a previous one left.
+#[test]
+fn service_filter_follows_the_frontends() {
+    let filter_of = |m: &FakeMaps| -> BTreeSet<u32> {
+        m.filter.iter().flat_map(|(i, w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| i * 64 + b)).collect()
+    };
+    let bits = |fes: &[Frontend]| -> BTreeSet<u32> {
+        fes.iter()
+            .map(|fe| {
+                let k = key_of(*fe, 0);
+                rproxy_common::svc_filter::bit(k.addr, k.port, k.proto)
+            })
+            .collect()
+    };
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let (a, b, c) = (fe(10, 80), fe(11, 80), fe(11, 443));
+    let r =
+        w.sync(&desired(&[(a, entry("a", &[1], &[])), (b, entry("b", &[2], &[])), (c, entry("c", &[3], &[]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(filter_of(&m), bits(&[a, b, c]));
+    assert!(w.filter.written_has(a));
+
+    w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
+    assert_eq!(filter_of(&m), bits(&[a]));
+
+    // A frontend whose write fails: its bit, set before the attempt, is gone after it.
+    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 12));
+    let r = w.sync(&desired(&[(a, entry("a", &[1], &[])), (fe(12, 80), entry("bad", &[4], &[]))]), &mut m);
+    assert_eq!(r.failed, BTreeSet::from([fe(12, 80)]));
+    assert_eq!(filter_of(&m), bits(&[a]));
+    m.fail_addr = None;
+
+    // A bit left by a previous agent for a frontend that no longer exists is cleared by the next
+    // agent's first sync; the adopted frontend's bit stays.
+    let stale = bits(&[fe(99, 99)]).into_iter().next().unwrap();
+    *m.filter.entry(stale >> 6).or_default() |= 1 << (stale & 63);
+    let (mut w, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
+    assert_eq!(filter_of(&m), bits(&[a]));
 }
