@@ -18,7 +18,8 @@
 //!
 //! Paths: `established` (client → VIP of a flow with conntrack state), `new flow` (a new
 //! 5-tuple per packet: service lookup, random backend, two conntrack inserts), `reply` (backend →
-//! client reverse NAT), `not a service` (pod traffic that is not for a service).
+//! client reverse NAT), `not a service` (pod traffic that is not for a service), `not a reply`
+//! (traffic into a pod that is not a backend's reply).
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -214,6 +215,7 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &
     let target = vip(services / 2);
     let established = vec![tcp(CLIENT, (target, 80), false, true); args.packets];
     let other = vec![tcp(CLIENT, (Ipv4Addr::new(10, 244, 9, 9), 80), false, true); args.packets];
+    let not_reply = vec![tcp((Ipv4Addr::new(10, 244, 9, 9), 80), CLIENT, false, true); args.packets];
     let mut flow = 0u32;
     let mut new_flows = || -> Vec<Vec<u8>> {
         (0..args.packets)
@@ -266,6 +268,7 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &
         vec![tcp((s.chosen, 8080), CLIENT, false, true); args.packets]
     });
     measure("not a service", prog_names::FROM_POD, None, &mut |_| other.clone());
+    measure("not a reply", prog_names::TO_POD, None, &mut |_| not_reply.clone());
     // Last: it fills conntrack, and an LRU may then evict the flow measured above. Each subject
     // has its own conntrack, so the frames are new to both.
     measure("new flow", prog_names::FROM_POD, Some(Stat::NewFlow), &mut |_| new_flows());

@@ -46,8 +46,10 @@ pub struct Maps {
     pub rev_nat: Array<MapData, RevNat4>,
     pub conntrack: HashMap<MapData, CtKey4, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
-    /// The service filter (`rproxy_common::svc_filter`).
+    /// The service filter (`rproxy_common::filter`).
     pub svc_filter: Array<MapData, u64>,
+    /// The backend filter (`rproxy_common::filter`).
+    pub be_filter: Array<MapData, u64>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -200,6 +202,7 @@ impl Datapath {
                 PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map_names::STATS, source })?
             },
             svc_filter: take_array(&mut self.ebpf, map_names::SVC_FILTER)?,
+            be_filter: take_array(&mut self.ebpf, map_names::BE_FILTER)?,
         })
     }
 
@@ -599,8 +602,8 @@ impl MapShape {
 }
 
 /// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, and the
-/// service filter, which the writer rewrites from the services): a pinned one of another shape
-/// is replaced, not refused.
+/// filters, which the writer rewrites from the services and backends): a pinned one of another
+/// shape is replaced, not refused.
 const REPLACEABLE: [&str; 4] = [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT, map_names::SVC_FILTER];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

@@ -46,8 +46,8 @@ pub enum Op {
     DelService(ServiceKey4),
     PutRevNat(u16, RevNat4),
     DelRevNat(u16),
-    /// A word of the service filter (`rproxy_common::svc_filter`).
-    PutFilterWord(u32, u64),
+    /// A word of a filter map (`rproxy_common::filter`).
+    PutFilterWord(FilterMap, u32, u64),
 }
 
 /// Where operations go: the BPF maps, or a recorder in tests.
@@ -113,7 +113,7 @@ impl Programmed {
 }
 
 /// The writer's mirror of the maps.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Writer {
     backends: BTreeMap<BackendAddr, (u32, Backend4)>,
     services: BTreeMap<Frontend, Programmed>,
@@ -130,6 +130,8 @@ pub struct Writer {
     unreferenced: BTreeSet<u32>,
     /// The service filter's bits and words.
     filter: filter::Filter,
+    /// The backend filter's.
+    be_filter: filter::Filter,
 }
 
 /// What the pinned maps held at start.
@@ -140,6 +142,8 @@ pub struct Adopted {
     pub rev_nat: Vec<(u16, RevNat4)>,
     /// The service filter's words (empty: none known).
     pub filter: Vec<u64>,
+    /// The backend filter's words (empty: none known).
+    pub be_filter: Vec<u64>,
 }
 
 fn protocol(p: u8) -> Option<Protocol> {
@@ -161,6 +165,17 @@ fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
 /// The `SCOPE_EXTERNAL` key of `fe`'s `slot`.
 fn key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
     ServiceKey4::new(fe.addr, fe.port, fe.proto.number(), slot)
+}
+
+/// The service filter's bit of `fe`.
+fn frontend_bit(fe: Frontend) -> u32 {
+    let k = key_of(fe, 0);
+    rproxy_common::filter::bit(k.addr, k.port, k.proto)
+}
+
+/// The backend filter's bit of a backend (its address, port and protocol as written).
+fn backend_bit(be: Backend4) -> u32 {
+    rproxy_common::filter::bit(be.addr, be.port, be.proto)
 }
 
 /// The `SCOPE_LOCAL` key of `fe`'s `slot`.
@@ -211,11 +226,28 @@ fn slot_u16(slot: usize) -> u16 {
     u16::try_from(slot).expect("slot counts are bounded by BACKENDS_PER_SERVICE_MAX")
 }
 
+impl Default for Writer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Writer {
     /// A writer for empty maps.
     #[must_use]
     pub fn new() -> Self {
-        Self { next_backend_id: 1, next_rev_nat_id: 1, ..Self::default() }
+        Self {
+            backends: BTreeMap::new(),
+            services: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            rev_nat_ids: BTreeSet::new(),
+            next_backend_id: 1,
+            next_rev_nat_id: 1,
+            refs: HashMap::new(),
+            unreferenced: BTreeSet::new(),
+            filter: filter::Filter::new(FilterMap::Services),
+            be_filter: filter::Filter::new(FilterMap::Backends),
+        }
     }
 
     /// A writer whose mirror is what the pinned maps hold. Entries that cannot be interpreted
@@ -223,7 +255,11 @@ impl Writer {
     /// or delete; they are returned as warnings.
     #[must_use]
     pub fn adopt(adopted: Adopted) -> (Self, Vec<String>) {
-        let mut w = Self { filter: filter::Filter::adopt(adopted.filter), ..Self::new() };
+        let mut w = Self {
+            filter: filter::Filter::adopt(FilterMap::Services, adopted.filter),
+            be_filter: filter::Filter::adopt(FilterMap::Backends, adopted.be_filter),
+            ..Self::new()
+        };
         let mut warnings = Vec::new();
         for (id, be) in adopted.backends {
             match protocol(be.proto) {
@@ -231,6 +267,7 @@ impl Writer {
                     let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
                     w.backends.insert(addr, (id, be));
                     w.backend_ids.insert(id, addr);
+                    w.be_filter.add(backend_bit(be));
                 }
                 None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
             }
@@ -277,10 +314,11 @@ impl Writer {
             let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn, local };
             w.reference(&p);
             w.services.insert(fe, p);
-            w.filter.add(fe);
+            w.filter.add(frontend_bit(fe));
         }
         // The first sync rewrites the words a previous agent left otherwise.
         w.filter.mark_all();
+        w.be_filter.mark_all();
         // Backends no adopted service names: removed by the first sync unless it uses them.
         w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
         w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
@@ -339,7 +377,7 @@ impl Writer {
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
                     let p = self.services.remove(fe).expect("present");
-                    self.filter.remove(*fe);
+                    self.filter.remove(frontend_bit(*fe));
                     self.rev_nat_ids.remove(&p.value.rev_nat_id);
                     self.unreference(&p);
                     if fe.proto == Protocol::Udp {
@@ -358,14 +396,14 @@ impl Writer {
         for fe in frontends {
             let Some(entry) = desired.services.get(fe) else { continue };
             let new = !self.services.contains_key(fe);
-            if new && let Err(e) = self.filter.preset(*fe, &mut run) {
+            if new && let Err(e) = self.filter.preset(frontend_bit(*fe), &mut run) {
                 report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service));
                 report.failed.insert(*fe);
                 continue;
             }
             let result = self.sync_frontend(*fe, entry, &mut run, &mut report.stale_udp);
             if new && result.is_ok() {
-                self.filter.add(*fe);
+                self.filter.add(frontend_bit(*fe));
             }
             match result {
                 Ok(true) => report.programmed.push((*fe, entry.service.clone(), entry.slots.len())),
@@ -383,7 +421,9 @@ impl Writer {
             let Some(addr) = self.backend_ids.get(&id).copied() else { continue };
             match run(Op::DelBackend(id)) {
                 Ok(()) => {
-                    self.backends.remove(&addr);
+                    if let Some((_, be)) = self.backends.remove(&addr) {
+                        self.be_filter.remove(backend_bit(be));
+                    }
                     self.backend_ids.remove(&id);
                     // Rev-NAT id 0: the backend's UDP flows of every service.
                     report.stale_udp.push((0, id));
@@ -394,9 +434,10 @@ impl Writer {
                 }
             }
         }
-        // 4. Filter bits no programmed frontend has any more (and those preset for frontends
-        // whose write failed).
+        // 4. Filter bits no programmed frontend or backend has any more (and those preset for
+        // entries whose write failed).
         report.errors.extend(self.filter.flush(&mut run));
+        report.errors.extend(self.be_filter.flush(&mut run));
         report.stale_udp.sort_unstable();
         report.stale_udp.dedup();
         report.ops = ops;
@@ -552,7 +593,10 @@ impl Writer {
             return Ok((id, true));
         }
         let id = self.alloc_backend_id().map_err(|e| format!("backend {}: {e}", b.addr))?;
+        // Its filter bit first: a reply from it must never be hidden from the datapath.
+        self.be_filter.preset(backend_bit(value), run).map_err(|e| format!("backend {}: {e}", b.addr))?;
         run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
+        self.be_filter.add(backend_bit(value));
         self.backends.insert(b.addr, (id, value));
         self.backend_ids.insert(id, b.addr);
         // Unreferenced until a service that uses it is recorded (which may fail).
@@ -602,7 +646,8 @@ impl MapSink for crate::datapath::Maps {
             Op::DelService(k) => ignore_missing(self.services.remove(&k)),
             Op::PutRevNat(id, v) => self.rev_nat.set(u32::from(id), v, 0),
             Op::DelRevNat(id) => self.rev_nat.set(u32::from(id), RevNat4::default(), 0),
-            Op::PutFilterWord(i, w) => self.svc_filter.set(i, w, 0),
+            Op::PutFilterWord(FilterMap::Services, i, w) => self.svc_filter.set(i, w, 0),
+            Op::PutFilterWord(FilterMap::Backends, i, w) => self.be_filter.set(i, w, 0),
         };
         r.map_err(|e| match e {
             aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
@@ -632,13 +677,16 @@ pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
             .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
             .collect(),
         // A word that cannot be read makes the whole filter unknown: it is rewritten in full.
-        filter: (0..rproxy_common::svc_filter::WORDS)
-            .map(|i| maps.svc_filter.get(&i, 0))
-            .collect::<Result<Vec<u64>, _>>()
-            .unwrap_or_default(),
+        filter: read_words(&maps.svc_filter),
+        be_filter: read_words(&maps.be_filter),
     }
 }
 
+fn read_words(map: &aya::maps::Array<aya::maps::MapData, u64>) -> Vec<u64> {
+    (0..rproxy_common::filter::WORDS).map(|i| map.get(&i, 0)).collect::<Result<Vec<u64>, _>>().unwrap_or_default()
+}
+
 mod filter;
+pub use filter::FilterMap;
 #[cfg(test)]
 mod tests;

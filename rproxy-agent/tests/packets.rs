@@ -279,7 +279,8 @@ fn removed_backend_moves_flow_to_a_live_one() {
     assert_eq!(h.stat(Stat::BackendGone), 1);
 }
 
-/// An established flow is translated from its conntrack entry only while its frontend exists:
+/// An established flow is translated from its conntrack entry only while its frontend exists
+/// (and its replies only while its backend does):
 /// once the Service is removed its packets pass untouched, even with the conntrack entry still
 /// there, and a frontend created again at the address starts the flow afresh. With the
 /// service filter clear for the address, nothing is looked up: no counter moves.
@@ -300,6 +301,12 @@ fn removed_frontend_stops_established_flows() {
     let (rc, out) = h.run(prog_names::FROM_POD, &ack);
     assert_eq!((rc, out.as_slice()), (PASS, ack.as_slice()), "untouched once the Service is gone");
     assert_eq!(h.stat(Stat::Established), 1, "not counted as established");
+    // Its backend is gone from the maps too (and from the backend filter): a late reply from it
+    // passes untouched, with no lookup.
+    let reply = tcp_frame((BACKENDS[0], 8080), c, ACK, b"z", &[]);
+    let (rc, out) = h.run(prog_names::TO_POD, &reply);
+    assert_eq!((rc, out.as_slice()), (PASS, reply.as_slice()));
+    assert_eq!(h.stat(Stat::RevNat), 0);
 
     // The same frontend again (a new rev-NAT id): the old flow starts afresh as a new one.
     h.program(&service(Protocol::Tcp, &BACKENDS[1..2]));

@@ -31,11 +31,24 @@ pub mod map_names {
     /// Per-CPU rate limit of the ICMP errors the north-south path sends (`icmp`): a per-CPU
     /// array of one `u64`.
     pub const ICMP_LIMIT: &str = "RPX_ICMP_LIMIT";
-    /// Bitmap over service frontends (`svc_filter`): an array of `u64` words.
+    /// Bitmap over service frontends (`filter`): an array of `u64` words.
     pub const SVC_FILTER: &str = "RPX_SVC_FILTER";
+    /// Bitmap over backends (`filter`): an array of `u64` words.
+    pub const BE_FILTER: &str = "RPX_BE_FILTER";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 10] =
-        [SERVICES4, BACKENDS4, REV_NAT4, CT4, STATS, SOCK_REV_NAT4, CONFIG, SNAT_CURSOR, ICMP_LIMIT, SVC_FILTER];
+    pub const ALL: [&str; 11] = [
+        SERVICES4,
+        BACKENDS4,
+        REV_NAT4,
+        CT4,
+        STATS,
+        SOCK_REV_NAT4,
+        CONFIG,
+        SNAT_CURSOR,
+        ICMP_LIMIT,
+        SVC_FILTER,
+        BE_FILTER,
+    ];
 }
 
 /// Program names (the `#[classifier]` function names in rproxy-ebpf).
@@ -133,15 +146,21 @@ pub mod icmp {
     pub const FRAG_NEEDED: u8 = 4;
 }
 
-/// A bitmap over the frontends `(address, port, protocol)` of the services map, which lets a
-/// packet leaving a pod skip every map lookup when its destination cannot be a service (most
-/// pod traffic). One bit per hash value: a set bit may be a collision (the lookups then find
-/// nothing), a clear bit is never a frontend. The agent sets a frontend's bit before it
-/// publishes the frontend, and clears it (when no other frontend shares it) after removing it.
-pub mod svc_filter {
+/// Bitmaps that let the programs skip every map lookup for packets that cannot concern them,
+/// which is most traffic. One bit per hash value of `(address, port, protocol)`: a set bit may
+/// be a collision (the lookups then find nothing), a clear bit never belongs to an entry.
+/// - `map_names::SVC_FILTER`, over the frontends: a packet leaving a pod whose destination's
+///   bit is clear is not for a service.
+/// - `map_names::BE_FILTER`, over the backends: a packet entering a pod (or leaving through an
+///   external device) whose source's bit is clear is not a backend's reply.
+///
+/// The agent sets an entry's bit before it writes the entry, and clears it (when no other entry
+/// shares it) after removing the entry.
+pub mod filter {
     /// 4,096 words of 64 bits: 262,144 bits, 32 KiB.
     pub const WORDS: u32 = 4096;
-    /// The bit of a frontend; `addr` and `port` in wire order, as in `ServiceKey4`.
+    /// The bit of a frontend or backend; `addr` and `port` in wire order, as in the map keys
+    /// and values.
     #[inline(always)]
     #[must_use]
     pub const fn bit(addr: u32, port: u16, proto: u8) -> u32 {

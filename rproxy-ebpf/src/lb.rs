@@ -1,18 +1,26 @@
 //! Service lookup and backend selection.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue, svc_filter};
+use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue, filter};
 
 use crate::{
-    maps::{BE4, RNAT4, SVC_FILTER, SVC4},
+    maps::{BE_FILTER, BE4, RNAT4, SVC_FILTER, SVC4},
     parse::Packet4,
 };
 
-/// Whether the packet's destination may be a frontend (`rproxy_common::svc_filter`); `false`
+/// Whether the packet's destination may be a frontend (`rproxy_common::filter`); `false`
 /// means it certainly is not.
 #[inline(always)]
 pub fn may_be_service(pkt: &Packet4) -> bool {
-    let bit = svc_filter::bit(pkt.daddr, pkt.dport, pkt.proto);
+    let bit = filter::bit(pkt.daddr, pkt.dport, pkt.proto);
     SVC_FILTER.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+}
+
+/// Whether the packet's source may be a backend, i.e. the packet a backend's reply
+/// (`rproxy_common::filter`); `false` means it certainly is not.
+#[inline(always)]
+pub fn may_be_backend(pkt: &Packet4) -> bool {
+    let bit = filter::bit(pkt.saddr, pkt.sport, pkt.proto);
+    BE_FILTER.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
 }
 
 /// Whether the frontend with rev-NAT id `rev_nat_id` still exists and is the packet's

@@ -217,7 +217,7 @@ fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
         return Ok(PASS);
     };
-    if pkt.fragment {
+    if pkt.fragment || !lb::may_be_backend(&pkt) {
         return Ok(PASS);
     }
     let ct_key = conntrack::reply_key(&pkt);

@@ -5,9 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, Stat,
+    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, Stat, filter,
     limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX},
-    svc_filter,
 };
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
@@ -50,10 +49,14 @@ pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 #[map(name = "RPX_ICMP_LIMIT")]
 pub static ICMP_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// Which frontends may exist (see `rproxy_common::svc_filter`); an array, so the check is a
+/// Which frontends may exist (see `rproxy_common::filter`); an array, so the check is a
 /// few instructions and a load.
 #[map(name = "RPX_SVC_FILTER")]
-pub static SVC_FILTER: Array<u64> = Array::pinned(svc_filter::WORDS, 0);
+pub static SVC_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
+
+/// Which backends may exist (see `rproxy_common::filter`).
+#[map(name = "RPX_BE_FILTER")]
+pub static BE_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

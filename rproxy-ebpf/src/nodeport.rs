@@ -276,7 +276,7 @@ pub fn egress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
         return Ok(Action::Pass);
     };
-    if pkt.fragment {
+    if pkt.fragment || !lb::may_be_backend(&pkt) {
         return Ok(Action::Pass);
     }
     let key = conntrack::reply_key(&pkt);

@@ -305,7 +305,13 @@ fn ensure_native_xdp_tx(cluster: &Cluster) -> Result<()> {
         let node = ethtool_stats(cluster.node(id).ns(), "eth0")?;
         let port = ethtool_stats(cluster.switch_ns(), &cluster.switch_port(id))?;
         let (tx, errors, received) = (sum(&node, "_xdp_tx"), sum(&node, "_xdp_tx_errors"), sum(&port, "_xdp_packets"));
-        ensure!(tx > 0, "{id:?}'s eth0 sent nothing with XDP_TX: {node:?}");
+        if tx == 0 {
+            // What the agent says about attaching, for a failure that does not reproduce alone.
+            let log = cluster.node(id).agent_log();
+            let attach: Vec<&str> =
+                log.lines().filter(|l| l.contains("external device") || l.contains("XDP")).collect();
+            bail!("{id:?}'s eth0 sent nothing with XDP_TX: {node:?}\nagent: {attach:#?}");
+        }
         ensure!(errors == 0, "{id:?}'s eth0: {errors} XDP_TX errors: {node:?}");
         ensure!(received >= tx, "{id:?}'s switch port received {received} XDP frames, fewer than the {tx} sent");
     }

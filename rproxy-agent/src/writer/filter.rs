@@ -1,22 +1,29 @@
-//! The writer's side of the service filter (`rproxy_common::svc_filter`, map `RPX_SVC_FILTER`):
-//! how many programmed frontends share each bit, the words that follows from that, and the
-//! words the map holds.
+//! The writer's side of a filter bitmap (`rproxy_common::filter`: `RPX_SVC_FILTER` over the
+//! frontends, `RPX_BE_FILTER` over the backends): how many programmed entries share each bit,
+//! the words that follow from that, and the words the map holds.
 //!
-//! A new frontend's bit is written before the frontend is published ([`Filter::preset`]); a bit
-//! is cleared only once no programmed frontend has it, after the removal ([`Filter::flush`]). So
-//! the filter never hides a published frontend from the datapath; a set bit with no frontend
-//! only costs the packets that hit it two lookups.
+//! A new entry's bit is written before the entry is ([`Filter::preset`]); a bit is cleared only
+//! once no programmed entry has it, after the removal ([`Filter::flush`]). So the filter never
+//! hides an entry from the datapath; a set bit with no entry only costs the packets that hit
+//! it a lookup or two.
 use std::collections::{BTreeSet, HashMap};
 
-use rproxy_common::svc_filter;
+use rproxy_common::filter;
 
-use super::{Op, key_of};
-use crate::model::Frontend;
+use super::Op;
 
-const WORDS: usize = svc_filter::WORDS as usize;
+const WORDS: usize = filter::WORDS as usize;
+
+/// Which filter map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterMap {
+    Services,
+    Backends,
+}
 
 #[derive(Debug)]
 pub(super) struct Filter {
+    map: FilterMap,
     /// Programmed frontends per bit (bits with none are absent).
     refs: HashMap<u32, u32>,
     /// The words `refs` calls for.
@@ -25,17 +32,6 @@ pub(super) struct Filter {
     written: Vec<u64>,
     /// Words where `wanted` and `written` may differ.
     dirty: BTreeSet<u32>,
-}
-
-impl Default for Filter {
-    fn default() -> Self {
-        Self { refs: HashMap::new(), wanted: vec![0; WORDS], written: vec![0; WORDS], dirty: BTreeSet::new() }
-    }
-}
-
-fn bit_of(fe: Frontend) -> u32 {
-    let k = key_of(fe, 0);
-    svc_filter::bit(k.addr, k.port, k.proto)
 }
 
 fn index(bit: u32) -> (u32, u64) {
@@ -47,14 +43,19 @@ fn usize_of(word: u32) -> usize {
 }
 
 impl Filter {
+    /// A filter for an empty map.
+    pub(super) fn new(map: FilterMap) -> Self {
+        Self { map, refs: HashMap::new(), wanted: vec![0; WORDS], written: vec![0; WORDS], dirty: BTreeSet::new() }
+    }
+
     /// A filter whose map holds `words` (read at start; anything but `WORDS` words counts as
     /// unknown, all zero, and is rewritten in full).
-    pub(super) fn adopt(words: Vec<u64>) -> Self {
-        let mut f = Self::default();
+    pub(super) fn adopt(map: FilterMap, words: Vec<u64>) -> Self {
+        let mut f = Self::new(map);
         if words.len() == WORDS {
             f.written = words;
         } else {
-            f.dirty = (0..svc_filter::WORDS).collect();
+            f.dirty = (0..filter::WORDS).collect();
         }
         f
     }
@@ -62,12 +63,11 @@ impl Filter {
     /// Marks every word where the map differs from what the programmed frontends call for (after
     /// adopting, when a previous agent's bits may be stale).
     pub(super) fn mark_all(&mut self) {
-        self.dirty.extend((0..svc_filter::WORDS).filter(|&i| self.wanted[usize_of(i)] != self.written[usize_of(i)]));
+        self.dirty.extend((0..filter::WORDS).filter(|&i| self.wanted[usize_of(i)] != self.written[usize_of(i)]));
     }
 
-    /// `fe` is programmed.
-    pub(super) fn add(&mut self, fe: Frontend) {
-        let bit = bit_of(fe);
+    /// An entry with `bit` is programmed.
+    pub(super) fn add(&mut self, bit: u32) {
         let n = self.refs.entry(bit).or_default();
         *n += 1;
         if *n == 1 {
@@ -77,9 +77,8 @@ impl Filter {
         }
     }
 
-    /// `fe` is no longer programmed.
-    pub(super) fn remove(&mut self, fe: Frontend) {
-        let bit = bit_of(fe);
+    /// An entry with `bit` is no longer programmed.
+    pub(super) fn remove(&mut self, bit: u32) {
         let Some(n) = self.refs.get_mut(&bit) else { return };
         *n -= 1;
         if *n == 0 {
@@ -90,20 +89,16 @@ impl Filter {
         }
     }
 
-    /// Makes sure the map has `fe`'s bit before `fe` is published.
-    pub(super) fn preset(
-        &mut self,
-        fe: Frontend,
-        run: &mut impl FnMut(Op) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let (word, mask) = index(bit_of(fe));
+    /// Makes sure the map has `bit` before the entry it stands for is written.
+    pub(super) fn preset(&mut self, bit: u32, run: &mut impl FnMut(Op) -> Result<(), String>) -> Result<(), String> {
+        let (word, mask) = index(bit);
         let held = self.written[usize_of(word)];
         if held & mask != 0 {
             return Ok(());
         }
-        run(Op::PutFilterWord(word, held | mask)).map_err(|e| format!("service filter: {e}"))?;
+        run(Op::PutFilterWord(self.map, word, held | mask)).map_err(|e| format!("{:?} filter: {e}", self.map))?;
         self.written[usize_of(word)] = held | mask;
-        // Until `fe` is recorded as programmed (or not), the word may hold more than wanted.
+        // Until the entry is recorded as programmed (or not), the word may hold more than wanted.
         self.dirty.insert(word);
         Ok(())
     }
@@ -117,10 +112,10 @@ impl Filter {
             if self.written[i] == wanted {
                 continue;
             }
-            match run(Op::PutFilterWord(word, wanted)) {
+            match run(Op::PutFilterWord(self.map, word, wanted)) {
                 Ok(()) => self.written[i] = wanted,
                 Err(e) => {
-                    errors.push(format!("service filter word {word}: {e}"));
+                    errors.push(format!("{:?} filter word {word}: {e}", self.map));
                     self.dirty.insert(word);
                 }
             }
@@ -128,10 +123,10 @@ impl Filter {
         errors
     }
 
-    /// Whether the map holds `fe`'s bit (tests).
+    /// Whether the map holds `bit` (tests).
     #[cfg(test)]
-    pub(super) fn written_has(&self, fe: Frontend) -> bool {
-        let (word, mask) = index(bit_of(fe));
+    pub(super) fn written_has(&self, bit: u32) -> bool {
+        let (word, mask) = index(bit);
         self.written[usize_of(word)] & mask != 0
     }
 }

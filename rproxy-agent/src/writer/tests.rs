@@ -17,6 +17,7 @@ struct FakeMaps {
     backends: BTreeMap<u32, Backend4>,
     rev_nat: BTreeMap<u16, RevNat4>,
     filter: BTreeMap<u32, u64>,
+    be_filter: BTreeMap<u32, u64>,
     log: Vec<Op>,
     /// Fail every op whose service key has this address.
     fail_addr: Option<Ipv4Addr>,
@@ -35,9 +36,7 @@ impl FakeMaps {
                 assert!(self.backends.contains_key(&slot.backend_id), "slot {s} of {k:?} names missing backend");
             }
             assert!(self.rev_nat.contains_key(&v.rev_nat_id), "rev-NAT {} of {k:?} missing", v.rev_nat_id);
-            let bit = rproxy_common::svc_filter::bit(k.addr, k.port, k.proto);
-            let word = self.filter.get(&(bit >> 6)).copied().unwrap_or(0);
-            assert!(word & (1 << (bit & 63)) != 0, "{k:?} published without its service filter bit");
+            assert!(has_bit(&self.filter, k.addr, k.port, k.proto), "{k:?} published without its service filter bit");
             if k.scope == SCOPE_EXTERNAL && v.flags & SVC_F_ETP_LOCAL != 0 {
                 let local = self.services.get(&ServiceKey4 { scope: SCOPE_LOCAL, ..*k });
                 let local = local.unwrap_or_else(|| panic!("{k:?} has SVC_F_ETP_LOCAL but no local slot 0"));
@@ -46,12 +45,19 @@ impl FakeMaps {
         }
     }
 
+    fn check_backend_bits(&self) {
+        for (id, b) in &self.backends {
+            assert!(has_bit(&self.be_filter, b.addr, b.port, b.proto), "backend {id} written without its filter bit");
+        }
+    }
+
     fn adopted(&self) -> Adopted {
         Adopted {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
-            filter: (0..rproxy_common::svc_filter::WORDS).map(|i| self.filter.get(&i).copied().unwrap_or(0)).collect(),
+            filter: words(&self.filter),
+            be_filter: words(&self.be_filter),
         }
     }
 }
@@ -89,16 +95,31 @@ impl MapSink for FakeMaps {
             Op::DelRevNat(id) => {
                 self.rev_nat.remove(&id);
             }
-            Op::PutFilterWord(i, w) => {
+            Op::PutFilterWord(FilterMap::Services, i, w) => {
                 self.filter.insert(i, w);
+            }
+            Op::PutFilterWord(FilterMap::Backends, i, w) => {
+                self.be_filter.insert(i, w);
             }
         }
         self.log.push(*op);
         if !self.unchecked {
             self.check_consistent();
+            self.check_backend_bits();
         }
         Ok(())
     }
+}
+
+/// Whether a filter's words have the bit of `(addr, port, proto)`.
+fn has_bit(words: &BTreeMap<u32, u64>, addr: u32, port: u16, proto: u8) -> bool {
+    let bit = rproxy_common::filter::bit(addr, port, proto);
+    words.get(&(bit >> 6)).copied().unwrap_or(0) & (1 << (bit & 63)) != 0
+}
+
+/// A filter's words as the map would hold them.
+fn words(filter: &BTreeMap<u32, u64>) -> Vec<u64> {
+    (0..rproxy_common::filter::WORDS).map(|i| filter.get(&i).copied().unwrap_or(0)).collect()
 }
 
 fn fe(last: u8, port: u16) -> Frontend {
@@ -555,7 +576,7 @@ fn service_filter_follows_the_frontends() {
         fes.iter()
             .map(|fe| {
                 let k = key_of(*fe, 0);
-                rproxy_common::svc_filter::bit(k.addr, k.port, k.proto)
+                rproxy_common::filter::bit(k.addr, k.port, k.proto)
             })
             .collect()
     };
@@ -566,7 +587,7 @@ fn service_filter_follows_the_frontends() {
         w.sync(&desired(&[(a, entry("a", &[1], &[])), (b, entry("b", &[2], &[])), (c, entry("c", &[3], &[]))]), &mut m);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(filter_of(&m), bits(&[a, b, c]));
-    assert!(w.filter.written_has(a));
+    assert!(w.filter.written_has(frontend_bit(a)));
 
     w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
     assert_eq!(filter_of(&m), bits(&[a]));
@@ -586,4 +607,13 @@ fn service_filter_follows_the_frontends() {
     assert!(warnings.is_empty(), "{warnings:?}");
     w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
     assert_eq!(filter_of(&m), bits(&[a]));
+    // The backend filter: exactly the backends written (1), the others' bits cleared.
+    let be_bits: BTreeSet<u32> =
+        m.backends.values().map(|b| rproxy_common::filter::bit(b.addr, b.port, b.proto)).collect();
+    let held: BTreeSet<u32> = m
+        .be_filter
+        .iter()
+        .flat_map(|(i, w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| i * 64 + b))
+        .collect();
+    assert_eq!((m.backends.len(), held), (1, be_bits));
 }
