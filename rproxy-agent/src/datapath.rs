@@ -604,7 +604,8 @@ impl MapShape {
 /// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, and the
 /// filters, which the writer rewrites from the services and backends): a pinned one of another
 /// shape is replaced, not refused.
-const REPLACEABLE: [&str; 4] = [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT, map_names::SVC_FILTER];
+const REPLACEABLE: [&str; 5] =
+    [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT, map_names::SVC_FILTER, map_names::BE_FILTER];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).
 const BPF_F_NO_COMMON_LRU: u32 = 2;
