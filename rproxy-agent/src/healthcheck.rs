@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     model::{HealthCheck, ObjectRef},
-    proxy_health::{self, ProxyHealth},
+    proxy_health::ProxyHealth,
 };
 
 /// Connections served at once on one port; more wait in the listen backlog.
@@ -207,7 +207,7 @@ impl HealthCheckServer {
                     let answer = Arc::new(Mutex::new(answer));
                     let (shared, health) = (Arc::clone(&answer), Arc::clone(&self.health));
                     let respond = move |_path: &str| {
-                        let healthy = proxy_health::lock(&health).is_healthy(Instant::now());
+                        let healthy = lock(&health).is_healthy(Instant::now());
                         response(&lock(&shared), healthy)
                     };
                     let task = tokio::spawn(serve(socket, Arc::new(respond)));
@@ -227,9 +227,10 @@ impl HealthCheckServer {
     }
 }
 
-fn lock(answer: &Mutex<Answer>) -> std::sync::MutexGuard<'_, Answer> {
-    // The answer is plain data, always whole: a panic elsewhere cannot leave it half-written.
-    answer.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks shared health state (an answer, the agent's health): plain data, always whole, so a
+/// panic elsewhere cannot leave it half-written and a poisoned lock is used as is.
+pub fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A listening socket on `addr`, with `SO_REUSEADDR` so that a port closed and opened again
@@ -385,11 +386,11 @@ mod tests {
         );
 
         // A change has waited too long for the maps: the agent is unhealthy, and says so.
-        proxy_health::lock(&health).queued(Instant::now());
+        lock(&health).queued(Instant::now());
         let (status, _, body) = get(&mut conn, "/healthz").await;
         assert_eq!(status, 503);
         assert!(body.ends_with(r#""localEndpoints":2,"serviceProxyHealthy":false}"#), "{body}");
-        proxy_health::lock(&health).updated(jiff::Timestamp::now());
+        lock(&health).updated(jiff::Timestamp::now());
 
         // The count drops to 0: the same connection (so the same listener) now gets 503.
         server.update(&checks(&[("shop/web", port, 0)]));
@@ -412,7 +413,7 @@ mod tests {
     async fn a_port_in_use_is_retried_by_later_updates() {
         let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = blocker.local_addr().unwrap().port();
-        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, health(proxy_health::HEALTH_TIMEOUT));
+        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, health(crate::proxy_health::HEALTH_TIMEOUT));
         let wanted = checks(&[("shop/web", port, 1)]);
         server.update(&wanted);
         assert_eq!((server.serving(), server.failed()), (vec![], vec![port]));

@@ -26,7 +26,7 @@
 //! prints Go's default time format; probes look only at the status).
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -38,7 +38,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::healthcheck::{bind, json_response, serve};
+use crate::healthcheck::{bind, json_response, lock, serve};
 
 /// How long a change may wait for the maps before the agent reports itself unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
@@ -90,13 +90,14 @@ impl ProxyHealth {
         self.oldest_pending.is_none_or(|p| now.saturating_duration_since(p) < self.timeout)
     }
 
-    /// Follows this node's Node object (`None`: none known). Returns whether eligibility changed.
-    pub fn set_node(&mut self, node: Option<&Node>) -> bool {
+    /// Follows this node's Node object (`None`: none known). Returns the node's eligibility if
+    /// it changed.
+    pub fn set_node(&mut self, node: Option<&Node>) -> Option<bool> {
         let eligible = node.is_none_or(|n| {
             let taints = n.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default();
             n.metadata.deletion_timestamp.is_none() && !taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)
         });
-        std::mem::replace(&mut self.node_eligible, eligible) != eligible
+        (std::mem::replace(&mut self.node_eligible, eligible) != eligible).then_some(eligible)
     }
 
     #[must_use]
@@ -125,12 +126,6 @@ impl ProxyHealth {
         let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(status, &Healthz { last_updated, current_time, node_eligible })
     }
-}
-
-/// Locks the shared health state (plain data, always whole: a panic elsewhere cannot leave it
-/// half-written).
-pub fn lock(health: &Mutex<ProxyHealth>) -> std::sync::MutexGuard<'_, ProxyHealth> {
-    health.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Serves `/healthz` and `/livez` on one address; a failed bind is logged once and retried by
@@ -285,7 +280,8 @@ mod tests {
             let (status, _) = body(h.answer("/livez", t0, wall(0))).await;
             assert_eq!(status, 200, "livez ignores the node");
         }
-        assert!(!h.set_node(Some(&other_taint)), "no change reported");
-        assert!(h.set_node(Some(&tainted)));
+        assert_eq!(h.set_node(Some(&other_taint)), None, "no change reported");
+        assert_eq!(h.set_node(Some(&tainted)), Some(false));
+        assert_eq!(h.set_node(None), Some(true));
     }
 }

@@ -40,7 +40,7 @@ use crate::{
     devices::{self, DevicePattern},
     external::External,
     gc,
-    healthcheck::HealthCheckServer,
+    healthcheck::{HealthCheckServer, lock},
     kube_source, manifests,
     model::Frontend,
     proxy_health::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
@@ -346,8 +346,8 @@ impl Agent {
                 } else {
                     warn!(node = %self.cfg.node_name, "no Node object for this node");
                 }
-                if proxy_health::lock(&self.proxy_health).set_node(node) {
-                    let eligible = proxy_health::lock(&self.proxy_health).node_eligible();
+                let changed = lock(&self.proxy_health).set_node(node);
+                if let Some(eligible) = changed {
                     if eligible {
                         info!(node = %self.cfg.node_name, "node eligible for load balancer traffic again: /healthz answers 200");
                     } else {
@@ -366,15 +366,11 @@ impl Agent {
         if self.write_errors.is_empty() || self.store.is_dirty() {
             return;
         }
+        // The failed write left its change marked as waiting (`take_write_outcome`): the agent's
+        // health keeps counting from then.
         let retry = std::mem::take(&mut self.retry);
-        proxy_health::lock(&self.proxy_health).queued(Instant::now());
         let report = self.writer.sync_frontends(self.store.desired(), &retry, &mut self.maps);
-        for (fe, svc, n) in &report.programmed {
-            info!(service = %svc, frontend = %fe, backends = n, "service programmed (retry)");
-        }
-        for (fe, svc) in &report.removed {
-            info!(service = %svc, frontend = %fe, "service removed (retry)");
-        }
+        log_written(&report);
         let purged = self.take_write_outcome(&report);
         if purged > 0 {
             info!(udp_ct_purged = purged, "conntrack entries of stale UDP flows removed (retry)");
@@ -400,7 +396,7 @@ impl Agent {
         self.retry.clone_from(&report.failed);
         self.write_errors = errors;
         if self.write_errors.is_empty() {
-            proxy_health::lock(&self.proxy_health).updated(jiff::Timestamp::now());
+            lock(&self.proxy_health).updated(jiff::Timestamp::now());
         }
         if report.stale_udp.is_empty() {
             0
@@ -418,7 +414,7 @@ impl Agent {
             return;
         }
         let started = Instant::now();
-        proxy_health::lock(&self.proxy_health).queued(started);
+        lock(&self.proxy_health).queued(started);
         let mut changes = self.store.flush();
         changes.frontends.append(&mut self.retry);
         for p in &changes.new_problems {
@@ -428,22 +424,7 @@ impl Agent {
             info!("no longer rejected: {p}");
         }
         let report = self.writer.sync_frontends(self.store.desired(), &changes.frontends, &mut self.maps);
-        // One line per frontend, unless a whole cluster is being programmed at once.
-        let detail = report.programmed.len() + report.removed.len() <= 100;
-        for (fe, svc, n) in &report.programmed {
-            if detail {
-                info!(service = %svc, frontend = %fe, backends = n, "service programmed");
-            } else {
-                debug!(service = %svc, frontend = %fe, backends = n, "service programmed");
-            }
-        }
-        for (fe, svc) in &report.removed {
-            if detail {
-                info!(service = %svc, frontend = %fe, "service removed");
-            } else {
-                debug!(service = %svc, frontend = %fe, "service removed");
-            }
-        }
+        log_written(&report);
         let purged = self.take_write_outcome(&report);
         self.health.update(&self.store.desired().health_checks);
         let (services, slices) = self.store.object_counts();
@@ -577,6 +558,26 @@ impl Agent {
 }
 
 /// The agent's resident memory in MiB (0 if unknown), for the logs.
+/// One line per frontend a write programmed or removed, unless a whole cluster is being
+/// programmed at once (then at debug).
+fn log_written(report: &writer::SyncReport) {
+    let detail = report.programmed.len() + report.removed.len() <= 100;
+    for (fe, svc, n) in &report.programmed {
+        if detail {
+            info!(service = %svc, frontend = %fe, backends = n, "service programmed");
+        } else {
+            debug!(service = %svc, frontend = %fe, backends = n, "service programmed");
+        }
+    }
+    for (fe, svc) in &report.removed {
+        if detail {
+            info!(service = %svc, frontend = %fe, "service removed");
+        } else {
+            debug!(service = %svc, frontend = %fe, "service removed");
+        }
+    }
+}
+
 fn resident_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib = status

@@ -676,7 +676,7 @@ pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
             .into_iter()
             .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
             .collect(),
-        // A word that cannot be read makes the whole filter unknown: it is rewritten in full.
+        // A word that cannot be read makes the whole filter unknown (see `Filter::adopt`).
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
     }

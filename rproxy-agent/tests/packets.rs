@@ -340,6 +340,17 @@ impl Drop for PinDirCleanup {
     }
 }
 
+/// Pins a new map at `pin` with `bpftool map create PIN ARGS…`, as another program would.
+fn bpftool_map_create(pin: &std::path::Path, args: &[&str]) {
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin)
+        .args(args)
+        .status()
+        .expect("bpftool (scripts/setup.sh installs it)");
+    assert!(status.success(), "bpftool map create {} {args:?}", pin.display());
+}
+
 /// A map pinned by another rproxy version with a different layout (here the 24-byte conntrack
 /// value of earlier agents) stops the load with an error that names the map and the way out,
 /// and leaves the pinned map alone; one that differs only in its LRU flavour is reused.
@@ -354,13 +365,7 @@ fn pinned_map_of_another_layout_is_refused() {
     std::fs::create_dir_all(&dir).expect("pin dir");
     let _cleanup = PinDirCleanup(dir.clone());
     let pin = dir.join(rproxy_common::map_names::CT4);
-    let status = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "lru_hash", "key", "16", "value", "24", "entries", "1024", "name", "RPX_CT4"])
-        .status()
-        .expect("bpftool (scripts/setup.sh installs it)");
-    assert!(status.success(), "bpftool map create");
+    bpftool_map_create(&pin, &["type", "lru_hash", "key", "16", "value", "24", "entries", "1024", "name", "RPX_CT4"]);
     let err = rproxy_agent::datapath::Datapath::load(Some(&dir)).err().expect("load must refuse the old map");
     let msg = err.to_string();
     assert!(msg.contains("RPX_CT4") && msg.contains("value size 24, needs 32") && msg.contains("cleanup"), "{msg}");
@@ -369,25 +374,17 @@ fn pinned_map_of_another_layout_is_refused() {
     // The right layout with the other LRU flavour (per-CPU lists, an older agent's) is reused.
     std::fs::remove_file(&pin).expect("unpin");
     let entries = rproxy_common::limits::CT_MAX.to_string();
-    let status = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "lru_hash", "key", "16", "value", "32", "entries", &entries, "name", "RPX_CT4", "flags", "2"])
-        .status()
-        .expect("bpftool");
-    assert!(status.success(), "bpftool map create");
+    let lru = ["type", "lru_hash", "key", "16", "value", "32", "entries", &entries, "name", "RPX_CT4", "flags", "2"];
+    bpftool_map_create(&pin, &lru);
     rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
 
     // Counters of an older agent (fewer of them) are replaced, not refused.
     let counters = dir.join(rproxy_common::map_names::STATS);
     std::fs::remove_file(&counters).expect("unpin the loaded counters");
-    let status = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&counters)
-        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "12", "name", "RPX_STATS"])
-        .status()
-        .expect("bpftool");
-    assert!(status.success(), "bpftool map create");
+    bpftool_map_create(
+        &counters,
+        &["type", "percpu_array", "key", "4", "value", "8", "entries", "12", "name", "RPX_STATS"],
+    );
     let mut dp = rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
     let maps = dp.take_maps().expect("maps");
     assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");

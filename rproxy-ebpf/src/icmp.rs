@@ -9,17 +9,19 @@
 //! new bytes with `bpf_csum_diff`. A TC packet's checksum state is left as it came from a wire
 //! (complete); this hook only sees packets received on the node's external devices.
 use aya_ebpf::helpers::bpf_csum_diff;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use rproxy_common::{Stat, icmp, proto};
 
 use crate::{
     csum,
     ctx::Ctx,
     maps::{ICMP_LIMIT, count},
-    parse::{Packet4, ptr_at},
+    parse::{ETH_P_IP_BE, Packet4, ptr_at},
 };
 
-const ETH_LEN: usize = 14;
-const IP_LEN: usize = 20;
+const ETH_LEN: usize = EthHdr::LEN;
+/// An IPv4 header without options: the reply's, and the only kind quoted.
+const IP_LEN: usize = Ipv4Hdr::LEN;
 /// The quoted header and payload bytes.
 const QUOTE_LEN: usize = IP_LEN + 8;
 /// ICMP header and quote.
@@ -88,7 +90,7 @@ fn build<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16) -> Result<
     let out_ip: *mut [u32; IP_LEN / 4] = ptr_at(ctx, ETH_LEN).ok_or(-1i64)?;
     let out_msg: *mut [u32; ICMP_LEN / 4] = ptr_at(ctx, ETH_LEN + IP_LEN).ok_or(-1i64)?;
     // Back to the sender: its MAC becomes the destination.
-    let eth = [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2], 0x0800u16.to_be()];
+    let eth = [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2], ETH_P_IP_BE];
     // SAFETY: bounds-checked after the resize, which invalidated earlier packet pointers;
     // unaligned as the Ethernet header leaves no alignment guarantee.
     unsafe {

@@ -9,7 +9,7 @@ use crate::ctx::Ctx;
 /// Deepest header bytes the programs look at: Ethernet + IPv4 with full options + TCP.
 #[expect(clippy::cast_possible_truncation, reason = "14 + 60 + 20")]
 pub const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
 const IP_MF: u16 = 0x2000;
 const IP_DF: u16 = 0x4000;

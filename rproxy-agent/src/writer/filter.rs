@@ -48,19 +48,18 @@ impl Filter {
         Self { map, refs: HashMap::new(), wanted: vec![0; WORDS], written: vec![0; WORDS], dirty: BTreeSet::new() }
     }
 
-    /// A filter whose map holds `words` (read at start; anything but `WORDS` words counts as
-    /// unknown, all zero, and is rewritten in full).
+    /// A filter whose map holds `words` (read at start). Anything but `WORDS` words is taken as
+    /// all zero: every bit the adopted entries need is then written again, and a stale set bit
+    /// the map may hold costs only lookups.
     pub(super) fn adopt(map: FilterMap, words: Vec<u64>) -> Self {
         let mut f = Self::new(map);
         if words.len() == WORDS {
             f.written = words;
-        } else {
-            f.dirty = (0..filter::WORDS).collect();
         }
         f
     }
 
-    /// Marks every word where the map differs from what the programmed frontends call for (after
+    /// Marks every word where the map differs from what the programmed entries call for (after
     /// adopting, when a previous agent's bits may be stale).
     pub(super) fn mark_all(&mut self) {
         self.dirty.extend((0..filter::WORDS).filter(|&i| self.wanted[usize_of(i)] != self.written[usize_of(i)]));
