@@ -194,6 +194,49 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
     });
 }
 
+/// An established north-south flow is translated from its conntrack entry only while its
+/// frontend exists (XDP and TC): once the Service is gone its packets pass untouched, and a
+/// frontend re-created at the node port takes them as a new flow.
+#[test]
+fn removed_nodeport_stops_established_flows() {
+    in_node_netns(|h, ifindex| {
+        let remote = || vec![backend(REMOTE_POD, Protocol::Tcp, false)];
+        for xdp in [true, false] {
+            let (ok, c) = if xdp { (XDP_TX, (CLIENT, CPORT)) } else { (TC_REDIRECT, (CLIENT, CPORT + 1)) };
+            let pass = if xdp { XDP_PASS } else { TC_PASS };
+            let run = |h: &mut Harness, frame: &[u8]| {
+                if xdp {
+                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
+                } else {
+                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
+                }
+            };
+            h.program(&frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote(), vec![]));
+            let established = h.stat(Stat::Established);
+            let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), SYN, b"", &[]));
+            assert_eq!((rc, parse_checked(&out).dst), (ok, (REMOTE_POD, 8080)), "xdp={xdp}");
+            let ack = tcp_frame(c, (NODE, 30081), ACK, b"x", &[]);
+            let (rc, out) = run(h, &ack);
+            assert_eq!((rc, parse_checked(&out).dst), (ok, (REMOTE_POD, 8080)), "xdp={xdp}");
+            assert_eq!(h.stat(Stat::Established), established + 1);
+
+            h.program(&Desired::default());
+            assert!(h.ct(&key(c, (NODE, 30081), proto::TCP, CT_DIR_SERVICE)).is_some(), "entry outlives the Service");
+            let (rc, out) = run(h, &ack);
+            assert_eq!((rc, out.as_slice()), (pass, ack.as_slice()), "untouched once the Service is gone, xdp={xdp}");
+            assert_eq!(h.stat(Stat::Established), established + 1, "not counted as established");
+
+            // The node port again (a new rev-NAT id): the flow's next packet is a new flow.
+            let new_flows = h.stat(Stat::NewFlow);
+            h.program(&frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote(), vec![]));
+            let (rc, out) = run(h, &ack);
+            assert_eq!((rc, parse_checked(&out).dst), (ok, (REMOTE_POD, 8080)), "xdp={xdp}");
+            assert_eq!(h.stat(Stat::NewFlow), new_flows + 1, "xdp={xdp}");
+            h.program(&Desired::default());
+        }
+    });
+}
+
 /// Ones' complement sum of `bytes` as 16-bit big-endian words, folded.
 fn ones_sum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();

@@ -65,20 +65,33 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
             }
         }
     }
+    // Most of what reaches a node's external devices is not for a frontend: one array load
+    // lets it pass.
+    if !lb::may_be_service(&pkt) {
+        return Ok(Action::Pass);
+    }
+    // Conntrack first, as for pods (`rpx_from_pod`): an established flow needs no service
+    // lookup, only the checks (array loads) that its frontend and backend still exist.
+    let now = conntrack::now_ns();
+    let ct_key = conntrack::service_key(&pkt);
+    let mut backend_gone = false;
+    if let Some(ct) = CT4.get_ptr_mut(ct_key) {
+        // SAFETY: as above.
+        let v = unsafe { *ct };
+        if v.nat_flags & CT_NAT_EXTERNAL != 0 && lb::frontend_alive(v.rev_nat_id, &pkt) {
+            if lb::backend(v.backend_id).is_some() {
+                return established(ctx, &pkt, ct, &ct_key, &v, now);
+            }
+            backend_gone = true;
+        }
+    }
     let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
         return Ok(Action::Pass);
     };
     if svc.flags & NORTH_SOUTH == 0 {
         return Ok(Action::Pass);
     }
-    let now = conntrack::now_ns();
-    let ct_key = conntrack::service_key(&pkt);
-    if let Some(ct) = CT4.get_ptr_mut(ct_key) {
-        // SAFETY: as above.
-        let v = unsafe { *ct };
-        if v.nat_flags & CT_NAT_EXTERNAL != 0 && lb::backend(v.backend_id).is_some() {
-            return established(ctx, &pkt, ct, &ct_key, &v, now);
-        }
+    if backend_gone {
         count(Stat::BackendGone);
     }
     // A new flow. Under externalTrafficPolicy Local only this node's endpoints take it.
