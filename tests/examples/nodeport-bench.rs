@@ -24,7 +24,22 @@
 //!   socket, `sendmsg` or client veth is involved. The backend pods' readers pause during the
 //!   run, and the backends' own UDP statistics count what arrives (datagrams read, plus those
 //!   dropped at a full socket buffer: the datapath delivered them). pps = delivered / duration;
-//!   offered (frames injected) and loss (offered − delivered) are reported too.
+//!   offered (frames injected) and loss (offered − delivered) are reported too;
+//! - node 1 forwarding rate: what node 1 alone sustains, without the bridge, node 2 and the
+//!   pods, which every mode pays alike and which dilute the difference in the two measurements
+//!   above. The lab has a second Service, `nodeport-remote` on node port 30081, whose backends
+//!   are all on node 2 (`rproxy_tests::nodeport`), so that every packet for it is translated
+//!   (destination and source) and sent back out of node 1's `eth0`. Frames from the client to it (in `direct`: to node 2's
+//!   pods) are injected as if node 1's `eth0` had received them: the generator runs rproxy's own
+//!   XDP program in `xdp-native` (the agent's, with its maps: `rproxy_tests::xdp::attached_program`),
+//!   the `XDP_PASS` program otherwise, after which generic XDP, TC or the stack take them as
+//!   frames from the wire. Where they leave node 1, on its switch port, the wire sink
+//!   (`rproxy_tests::wire`) counts and drops the frames to node 2's MAC; node 1 has a permanent
+//!   neighbour entry for node 2, since the sink also drops its ARP. `--fwd-batch` frames per call
+//!   (256: fewer page-pool setups per frame). Reported: forwarded pps, CPU time per forwarded
+//!   packet, and that net of the generator's own cost, measured each round as frames that node
+//!   1's XDP drops at once; and a floor, a program that only writes node 2's MAC and returns
+//!   `XDP_TX` — the cheapest XDP forwarding there is on these veths.
 //!
 //! **Is the generator fast enough?** It runs the datapath inline: a thread's call returns after
 //! the softirqs its frames raised (bridge, nodes, pods) have run on its CPU, so offered tracks
@@ -49,7 +64,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddrV4,
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -62,8 +77,10 @@ use rproxy_tests::{
     kube_proxy::{self, Baseline, Installed},
     load::{self, CpuTicks, LoadServer, TcpRate, UdpCounters},
     netns::{mac_address, sysctl},
-    nodeport::{self, Backend, NODE_PORT, TARGET_PORT},
+    nodeport::{self, Backend, NODE_PORT, REMOTE_NODE_PORT, TARGET_PORT},
     pktgen::{self, Injected, LiveFrames, UdpFlow},
+    wire::{self, WireSink},
+    xdp,
 };
 
 /// How long a mode may take to answer on the node port.
@@ -127,12 +144,13 @@ struct Args {
     udp_flows: u16,
     udp_size: usize,
     batch: u32,
+    fwd_batch: u32,
     agent: Option<PathBuf>,
 }
 
 const USAGE: &str = "nodeport-bench [--modes direct,iptables,nftables,xdp,xdp-native,tc] [--duration SECS (3)] \
 [--rounds N (1)] [--backends-per-node N (2)] [--tcp-workers N (4)] [--udp-flows N (64)] [--udp-size BYTES (18)] \
-[--batch FRAMES_PER_CALL (64)] [--agent PATH ($RPROXY_AGENT_BIN)]";
+[--batch FRAMES_PER_CALL (64)] [--fwd-batch FRAMES_PER_CALL (256)] [--agent PATH ($RPROXY_AGENT_BIN)]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -144,6 +162,7 @@ fn parse_args() -> Result<Args> {
         udp_flows: 64,
         udp_size: 18,
         batch: 64,
+        fwd_batch: pktgen::MAX_BATCH,
         agent: None,
     };
     let mut it = std::env::args().skip(1);
@@ -158,6 +177,7 @@ fn parse_args() -> Result<Args> {
             "--udp-flows" => args.udp_flows = value()?.parse()?,
             "--udp-size" => args.udp_size = value()?.parse()?,
             "--batch" => args.batch = value()?.parse()?,
+            "--fwd-batch" => args.fwd_batch = value()?.parse()?,
             "--agent" => args.agent = Some(value()?.into()),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -177,10 +197,11 @@ fn parse_args() -> Result<Args> {
         || !(1..=1024).contains(&args.udp_flows)
         || !(1..=1400).contains(&args.udp_size)
         || !(1..=pktgen::MAX_BATCH).contains(&args.batch)
+        || !(1..=pktgen::MAX_BATCH).contains(&args.fwd_batch)
     {
         bail!(
             "out of range: --backends-per-node 1..=50, --tcp-workers 1..=64, --udp-flows 1..=1024, --udp-size 1..=1400, \
-             --batch 1..={}",
+             --batch and --fwd-batch 1..={}",
             pktgen::MAX_BATCH
         );
     }
@@ -201,6 +222,8 @@ struct Measured {
     steal: f64,
     /// SYNs the client sent again during the TCP run (each costs its connection a second).
     syn_retransmits: u64,
+    /// The forwarding measurement.
+    fwd: Forwarded,
     /// Notes for the report (e.g. the agent exited during the run).
     notes: Vec<String>,
 }
@@ -224,6 +247,32 @@ impl Measured {
 
     fn loss_percent(&self) -> f64 {
         if self.udp.frames == 0 { 0.0 } else { percent(self.lost(), self.udp.frames) }
+    }
+}
+
+/// What the forwarding measurement counted (see the module doc).
+struct Forwarded {
+    /// The generator's run at node 1's `eth0`.
+    run: Injected,
+    /// Frames node 1 sent to node 2's MAC: dropped and counted by the wire sink.
+    packets: u64,
+    /// Other frames node 1 sent out of `eth0` meanwhile (ICMP errors, ARP): passed on by the sink.
+    other: u64,
+    /// The share of the machine's CPU time the hypervisor stole during the run, percent.
+    steal: f64,
+}
+
+impl Forwarded {
+    fn pps(&self) -> f64 {
+        load::rate(self.packets, self.run.elapsed)
+    }
+
+    fn offered_per_second(&self) -> f64 {
+        load::rate(self.run.frames, self.run.elapsed)
+    }
+
+    fn cpu_ns(&self) -> f64 {
+        cpu_ns(&self.run, self.packets)
     }
 }
 
@@ -262,14 +311,17 @@ fn main() -> Result<()> {
     let mut ceilings = Vec::new();
     let mut runs: Vec<(Mode, Vec<Result<Measured>>)> = args.modes.iter().map(|&m| (m, Vec::new())).collect();
     for round in 1..=args.rounds {
-        eprintln!("== generator ceiling (round {round}/{}) ==", args.rounds);
-        match generator_ceiling(&args) {
-            Ok(sink) => {
+        eprintln!("== generator ceilings and XDP floor (round {round}/{}) ==", args.rounds);
+        match generator_ceilings(&args) {
+            Ok(c) => {
                 eprintln!(
-                    "   {:.0} frames/s injected and dropped by the switch",
-                    load::rate(sink.frames, sink.elapsed)
+                    "   {:.0} frames/s injected and dropped by the switch; {:.0} frames/s injected at node 1 and \
+                     dropped by its XDP; {:.0} pps forwarded by the XDP floor",
+                    load::rate(c.switch.frames, c.switch.elapsed),
+                    load::rate(c.node_drop.frames, c.node_drop.elapsed),
+                    c.floor.pps()
                 );
-                ceilings.push(sink);
+                ceilings.push(c);
             }
             Err(e) => eprintln!("   failed: {}", first_line(&e)),
         }
@@ -278,11 +330,14 @@ fn main() -> Result<()> {
             let result = run_mode(*mode, &args);
             match &result {
                 Ok(m) => eprintln!(
-                    "   {:.0} conn/s ({} failed), {:.0} pps delivered of {:.0} offered/s",
+                    "   {:.0} conn/s ({} failed), {:.0} pps delivered of {:.0} offered/s; node 1 forwarded {:.0} pps \
+                     of {:.0} offered/s",
                     m.tcp.per_second(),
                     m.tcp.failed,
                     m.pps(),
-                    m.offered_per_second()
+                    m.offered_per_second(),
+                    m.fwd.pps(),
+                    m.fwd.offered_per_second()
                 ),
                 Err(e) => eprintln!("   failed: {}", first_line(e)),
             }
@@ -297,14 +352,81 @@ fn first_line(e: &anyhow::Error) -> String {
     format!("{e:#}").lines().next().unwrap_or_default().to_owned()
 }
 
-/// The generator on a sink: in a fresh lab, frames from the client to the client's own MAC,
-/// which the bridge drops at once (the destination is on the port they came in on).
-fn generator_ceiling(args: &Args) -> Result<Injected> {
+/// What the generator alone costs, and the cheapest XDP forwarding, measured in a fresh lab
+/// each round.
+struct Ceilings {
+    /// Frames from the client to the client's own MAC, which the bridge drops at once (the
+    /// destination is on the port they came in on).
+    switch: Injected,
+    /// Frames for the remote-only node port injected at node 1's `eth0` with a program that
+    /// drops them (the wire sink, for node 1's MAC): the forwarding measurement's generator and
+    /// nothing else.
+    node_drop: Injected,
+    /// The same frames injected with the wire forwarder (node 2's MAC, `XDP_TX`) and counted by
+    /// the wire sink: node 1 forwarding with no work at all, the floor of any XDP datapath here.
+    floor: Forwarded,
+}
+
+fn generator_ceilings(args: &Args) -> Result<Ceilings> {
     let mut cluster = Cluster::new()?;
     let client_mac = mac_address(cluster.client_ns(), EXTERNAL_DEV)?;
     let target = SocketAddrV4::new(NodeId::One.ip(), NODE_PORT);
     let frames = udp_frames(client_mac, client_mac, &[target], args)?;
-    inject(&mut cluster, frames, args)
+    let switch = inject(&mut cluster, frames, args)?;
+
+    let node1 = cluster.node(NodeId::One).ns().to_owned();
+    let node1_mac = mac_address(&node1, EXTERNAL_DEV)?;
+    let node2_mac = mac_address(cluster.node(NodeId::Two).ns(), EXTERNAL_DEV)?;
+    let frames = udp_frames(client_mac, node1_mac, &[SocketAddrV4::new(NodeId::One.ip(), REMOTE_NODE_PORT)], args)?;
+    let mut drop = WireSink::load(node1_mac)?;
+    let node_drop = {
+        // Attached, the program stays in the kernel's XDP dispatcher (see
+        // `rproxy_tests::pktgen`). Nothing else is sent to node 1 meanwhile.
+        let _attached = drop.attach_native(&node1, EXTERNAL_DEV)?;
+        LiveFrames::new(drop.program()?, &node1, EXTERNAL_DEV, frames.clone(), args.fwd_batch)?.run(args.duration)?
+    };
+
+    cluster.sink_switch_port(NodeId::One, node2_mac)?;
+    let mut forwarder = WireSink::forwarder(node2_mac)?;
+    let _attached = forwarder.attach_native(&node1, EXTERNAL_DEV)?;
+    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::One) };
+    let floor = wire.count(|| {
+        LiveFrames::new(forwarder.program()?, &node1, EXTERNAL_DEV, frames, args.fwd_batch)?.run(args.duration)
+    })?;
+    Ok(Ceilings { switch, node_drop, floor })
+}
+
+/// The wire sink on node 1's switch port (see `rproxy_tests::wire`).
+struct Wire {
+    switch_ns: String,
+    port: String,
+}
+
+impl Wire {
+    /// Runs `generate` and counts what the sink took meanwhile (waiting, at most a second, for
+    /// the frames still in the port's ring).
+    fn count(&self, generate: impl FnOnce() -> Result<Injected>) -> Result<Forwarded> {
+        let (drops_before, passes_before) = wire::xdp_verdicts(&self.switch_ns, &self.port)?;
+        let ticks = CpuTicks::read()?;
+        let run = generate()?;
+        let steal = CpuTicks::read()?.steal_percent_since(ticks);
+        let mut last = wire::xdp_verdicts(&self.switch_ns, &self.port)?;
+        for _ in 0..20 {
+            thread::sleep(Duration::from_millis(50));
+            let now = wire::xdp_verdicts(&self.switch_ns, &self.port)?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let (drops, passes) = last;
+        Ok(Forwarded {
+            run,
+            packets: drops.saturating_sub(drops_before),
+            other: passes.saturating_sub(passes_before),
+            steal,
+        })
+    }
 }
 
 /// One frame per flow from the client (`client_mac`) to `dst_mac`: flow `i` from source port
@@ -352,7 +474,9 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
         Mode::Iptables | Mode::Nftables => {
             let baseline = if mode == Mode::Iptables { Baseline::Iptables } else { Baseline::Nftables };
             let ns = cluster.node(NodeId::One).ns().to_owned();
-            rules = Some(Installed::new(baseline, &ns, &nodeport::frontends(&backends)?, &[NodeId::One.ip()])?);
+            let mut frontends = nodeport::frontends(&backends)?;
+            frontends.extend(nodeport::remote_frontends(&backends)?);
+            rules = Some(Installed::new(baseline, &ns, &frontends, &[NodeId::One.ip()])?);
             (Datapath::Rules, node_port)
         }
         Mode::Xdp | Mode::XdpNative | Mode::Tc => {
@@ -387,13 +511,14 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     settle(&pod_ns)?;
     let counts: Vec<UdpCounters> = counters()?.into_iter().zip(before).map(|(after, b)| after.since(b)).collect();
     let delivered = backends.iter().zip(&counts).map(|(b, c)| (b.name.clone(), c.delivered)).collect();
+    drop(servers);
+    let fwd = forward(&mut cluster, mode, &backends, args)?;
     let mut notes = Vec::new();
     if datapath == Datapath::Agents
         && let Err(e) = cluster.ensure_agents_running()
     {
         notes.push(format!("an agent exited during the run: {}", first_line(&e)));
     }
-    drop(servers);
     if let Some(rules) = rules {
         rules.remove()?;
     }
@@ -405,8 +530,43 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
         refused: counts.iter().map(|c| c.refused).sum(),
         steal,
         syn_retransmits,
+        fwd,
         notes,
     })
+}
+
+/// The forwarding measurement (see the module doc): frames from the client to the remote-only
+/// Service's node port (in `direct`, to node 2's pods) injected as if node 1's `eth0` had
+/// received them, counted by the wire sink where they leave node 1 for node 2.
+fn forward(cluster: &mut Cluster, mode: Mode, backends: &[Backend], args: &Args) -> Result<Forwarded> {
+    let node1 = cluster.node(NodeId::One).ns().to_owned();
+    let node1_mac = mac_address(&node1, EXTERNAL_DEV)?;
+    let node2_mac = mac_address(cluster.node(NodeId::Two).ns(), EXTERNAL_DEV)?;
+    let client_mac = mac_address(cluster.client_ns(), EXTERNAL_DEV)?;
+    // The sink drops node 1's ARP requests to node 2 too: its entry must never need refreshing.
+    let lladdr = node2_mac.map(|b| format!("{b:02x}")).join(":");
+    let node2_ip = NodeId::Two.ip().to_string();
+    ip(Some(&node1), &["neigh", "replace", &node2_ip, "lladdr", &lladdr, "dev", EXTERNAL_DEV, "nud", "permanent"])?;
+    cluster.sink_switch_port(NodeId::One, node2_mac)?;
+    let targets: Vec<SocketAddrV4> = match mode {
+        Mode::Direct => {
+            backends.iter().filter(|b| b.node == NodeId::Two).map(|b| SocketAddrV4::new(b.ip, TARGET_PORT)).collect()
+        }
+        _ => vec![SocketAddrV4::new(NodeId::One.ip(), REMOTE_NODE_PORT)],
+    };
+    let frames = udp_frames(client_mac, node1_mac, &targets, args)?;
+    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::One) };
+    // In native mode the agent's program is node 1's receive path: the generator runs it (with
+    // the agent's maps) in place of the pass program, whose frames would enter after it.
+    let agent_program;
+    let program = if mode == Mode::XdpNative {
+        let pin = Path::new("/sys/fs/bpf").join(format!("{}-generator", cluster.prefix()));
+        agent_program = xdp::attached_program(&node1, EXTERNAL_DEV, &pin)?;
+        &agent_program
+    } else {
+        cluster.pass_program().program()?
+    };
+    wire.count(|| LiveFrames::new(program, &node1, EXTERNAL_DEV, frames, args.fwd_batch)?.run(args.duration))
 }
 
 fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &Args) -> Result<()> {
@@ -417,6 +577,7 @@ fn start_agents(cluster: &mut Cluster, backends: &[Backend], mode: Mode, args: &
     let manifests = cluster.work_dir().join("manifests");
     std::fs::create_dir(&manifests)?;
     nodeport::write_manifests(&manifests, backends)?;
+    nodeport::write_remote_manifests(&manifests, backends)?;
     let xdp_mode = mode.xdp_mode().context("not an agent mode")?;
     let extra = ["--devices", EXTERNAL_DEV, "--xdp-mode", xdp_mode, "--cgroup", "none"];
     cluster
@@ -538,7 +699,9 @@ impl<'a> Summary<'a> {
     }
 }
 
-fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> String {
+fn report(runs: &[(Mode, Vec<Result<Measured>>)], all: &[Ceilings]) -> String {
+    let ceilings: Vec<Injected> = all.iter().map(|c| c.switch).collect();
+    let ceilings = ceilings.as_slice();
     let summaries: Vec<(Mode, Summary<'_>, &[Result<Measured>])> =
         runs.iter().map(|(m, r)| (*m, Summary::of(r), r.as_slice())).collect();
     let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| s);
@@ -596,6 +759,7 @@ fn report(runs: &[(Mode, Vec<Result<Measured>>)], ceilings: &[Injected]) -> Stri
         );
     }
     cpu_per_packet(&mut out, &summaries, ceilings);
+    forwarding(&mut out, &summaries, all);
     details(&mut out, &summaries, rounds);
     out
 }
@@ -640,6 +804,54 @@ fn cpu_per_packet(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Me
     }
 }
 
+/// Per mode: the forwarding measurement's rate and CPU time per packet, against iptables', and
+/// the CPU time net of the generator's own (on the drop ceiling); the XDP floor first.
+fn forwarding(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], ceilings: &[Ceilings]) {
+    let drops: Vec<Injected> = ceilings.iter().map(|c| c.node_drop).collect();
+    let generator = generator_ns(&drops).unwrap_or(0.0);
+    let fwd_median = |runs: &[&Forwarded], f: &dyn Fn(&Forwarded) -> f64| median(runs.iter().map(|r| f(r)).collect());
+    let base = summaries.iter().find(|(m, s, _)| *m == Mode::Iptables && !s.ok.is_empty()).map(|(_, s, _)| {
+        let runs: Vec<&Forwarded> = s.ok.iter().map(|m| &m.fwd).collect();
+        (fwd_median(&runs, &Forwarded::pps), fwd_median(&runs, &Forwarded::cpu_ns) - generator)
+    });
+    let _ = writeln!(
+        out,
+        "\nnode 1 forwarding: UDP frames for node port {REMOTE_NODE_PORT} (a Service whose backends are all on node 2; \
+         direct: node 2's pods) injected as if node 1's eth0 had received them (--fwd-batch frames per call), counted \
+         where they leave node 1 for node 2 (the wire sink on its switch port). CPU: the generator threads' and \
+         ksoftirqd's time per forwarded packet; net: less the generator's own {generator:.0} ns per frame (frames \
+         dropped by node 1's XDP at once: {:.0}/s). floor: a program that only writes node 2's MAC and returns XDP_TX",
+        median(drops.iter().map(|d| load::rate(d.frames, d.elapsed)).collect())
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>7} {:>10} {:>8} {:>8} {:>6}",
+        "mode", "fwd pps", "offered/s", "fwd%", "other", "vs ipt", "CPU ns/pkt", "net ns", "ipt/mode", "stolen"
+    );
+    let mut row = |name: &str, runs: &[&Forwarded]| {
+        let (pps, cpu) = (fwd_median(runs, &Forwarded::pps), fwd_median(runs, &Forwarded::cpu_ns));
+        let net = cpu - generator;
+        let _ = writeln!(
+            out,
+            "{name:<10} {pps:>10.0} {:>10.0} {:>5.1}% {:>6.0} {:>7} {cpu:>10.0} {net:>8.0} {:>8} {:>5.0}%",
+            fwd_median(runs, &Forwarded::offered_per_second),
+            fwd_median(runs, &|f| if f.run.frames == 0 { 0.0 } else { percent(f.packets, f.run.frames) }),
+            fwd_median(runs, &|f| count(f.other)),
+            ratio(pps, base.map(|b| b.0)),
+            base.filter(|_| net > 0.0).map_or_else(|| "-".to_owned(), |b| format!("{:.2}x", b.1 / net)),
+            fwd_median(runs, &|f| f.steal),
+        );
+    };
+    if !ceilings.is_empty() {
+        row("floor", &ceilings.iter().map(|c| &c.floor).collect::<Vec<_>>());
+    }
+    for (mode, s, _) in summaries {
+        if !s.ok.is_empty() {
+            row(mode.name(), &s.ok.iter().map(|m| &m.fwd).collect::<Vec<_>>());
+        }
+    }
+}
+
 /// Per mode: the UDP counts and SYN retransmits behind the table, failures and notes.
 fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>])], rounds: usize) {
     let _ = writeln!(
@@ -670,10 +882,11 @@ fn details(out: &mut String, summaries: &[(Mode, Summary<'_>, &[Result<Measured>
             };
             let _ = write!(
                 out,
-                "; rounds: conn/s {}; pps {}; CPU ns/packet {}",
+                "; rounds: conn/s {}; pps {}; CPU ns/packet {}; node 1 forwarding pps {}",
                 per_round(&|m| m.tcp.per_second()),
                 per_round(&Measured::pps),
-                per_round(&|m| cpu_ns(&m.udp, m.delivered_total()))
+                per_round(&|m| cpu_ns(&m.udp, m.delivered_total())),
+                per_round(&|m| m.fwd.pps())
             );
         }
         out.push('\n');

@@ -61,6 +61,7 @@ use crate::{
     cmd::{ip, run, run_with_input},
     lab::{IFNAMSIZ_MAX, Node, NodeSpec, Pod, next_prefix},
     netns::{self, NetNs, in_netns},
+    wire::WireSink,
     xdp::PassProgram,
 };
 
@@ -280,6 +281,19 @@ impl Cluster {
     /// [`crate::pktgen::LiveFrames`]).
     pub fn pass_program(&mut self) -> &mut PassProgram {
         &mut self.pass
+    }
+
+    /// Replaces the `XDP_PASS` program on node `id`'s switch port with the wire sink for `mac`
+    /// ([`crate::wire`]): from then on, frames node `id` sends to `mac` are counted and dropped
+    /// there instead of crossing the bridge. For the rest of the cluster's life.
+    pub fn sink_switch_port(&mut self, id: NodeId, mac: [u8; 6]) -> Result<()> {
+        let mut sink = WireSink::load(mac)?;
+        // Ports were attached in the order of `wire`'s ends: node 1, node 2, client. One device
+        // takes one XDP link, so the pass program's goes first.
+        drop(self.switch_xdp.remove(id.index()));
+        let link = sink.attach_native(self.switch.name(), &self.switch_port(id))?;
+        self.switch_xdp.insert(id.index(), link);
+        Ok(())
     }
 
     /// Every namespace of the cluster: switch, client, nodes, pods.

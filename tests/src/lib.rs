@@ -12,7 +12,8 @@
 //!   traffic; [`nodeport`]: the `NodePort` Service used on it; [`kube_proxy`]: kube-proxy-shaped
 //!   iptables and nftables baselines; [`load`]: the `NodePort` benchmark's TCP load and UDP
 //!   counters; [`pktgen`]: its UDP packet generator (`BPF_PROG_TEST_RUN` live frames); [`xdp`]:
-//!   rproxy's `XDP_PASS` program, for the cluster's switch ports and the generator;
+//!   rproxy's `XDP_PASS` program, for the cluster's switch ports and the generator; [`wire`]: the
+//!   benchmark's wire sink and XDP floor (tested by `tests/wire.rs`);
 //! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
@@ -39,6 +40,7 @@ pub mod netns;
 pub mod nodeport;
 pub mod pktgen;
 pub mod server;
+pub mod wire;
 pub mod xdp;
 
 use std::{
