@@ -19,11 +19,11 @@
 //! freed later is never handed out again. The price is one page-pool setup per batch, which
 //! [`LiveFrames::run`]'s caller can measure against a sink (frames the bridge drops at once).
 //!
-//! **The program must be attached to a device** (any, in driver mode). A live-frames run puts
-//! its program in the kernel's XDP dispatcher for the call and takes it out again, unless an
-//! attachment already holds it there; each change of the dispatcher waits for an RCU grace
-//! period (`bpf_dispatcher_change_prog` → `synchronize_rcu`), measured here at about 25 ms per
-//! call, which then dominates the run.
+//! **The program must be attached to some device's XDP hook** (the lab's are in driver mode). A
+//! live-frames run puts its program in the kernel's XDP dispatcher for the call and takes it out
+//! again, unless an attachment already holds it there; each change of the dispatcher waits for an
+//! RCU grace period (`bpf_dispatcher_change_prog` → `synchronize_rcu`), measured here at about
+//! 25 ms per call, which then dominates the run.
 //!
 //! Every loop is bounded in time or in count; the generator counts the frames the kernel took
 //! (offered load), not what arrives: receivers count that with kernel counters.

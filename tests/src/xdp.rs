@@ -4,7 +4,8 @@
 //!
 //! Two uses: attached in driver mode to the bridge side of the two-node lab's veths, where it
 //! makes veth run NAPI (see [`crate::cluster`]); and as the program that
-//! [`crate::pktgen::LiveFrames`] runs to inject frames.
+//! [`crate::pktgen::LiveFrames`] runs to inject frames. [`attached_program`] opens another
+//! process's XDP program (an agent's) for the same generator.
 use std::path::Path;
 
 use anyhow::{Context as _, Result, ensure};
