@@ -120,20 +120,30 @@ const HALF: u8 = 0x08;
 /// ```
 fn instructions(mac: [u8; 6]) -> Vec<Insn> {
     let (head, tail) = mac_immediates(mac);
-    vec![
-        Insn::load(WORD, 2, 1, 0),
-        Insn::load(WORD, 3, 1, 4),
-        Insn::mov_imm(0, XDP_PASS),
-        Insn::mov(4, 2),
-        Insn::add_imm(4, 6),
-        Insn::jgt(4, 3, 5),
+    with_mac_in_bounds(&[
         Insn::load(WORD, 5, 2, 0),
         Insn::jne32_imm(5, head, 3),
         Insn::load(HALF, 5, 2, 4),
         Insn::jne32_imm(5, tail, 1),
         Insn::mov_imm(0, XDP_DROP),
-        Insn::exit(),
-    ]
+    ])
+}
+
+/// Instructions 0–5 of both programs, then `body`, then `exit`: `r2` = data, `r3` = data end,
+/// `r0` = `XDP_PASS`, and a frame shorter than a MAC address jumps over `body` to the exit.
+fn with_mac_in_bounds(body: &[Insn]) -> Vec<Insn> {
+    let skip = i16::try_from(body.len()).expect("a body of a few instructions");
+    let mut insns = vec![
+        Insn::load(WORD, 2, 1, 0),
+        Insn::load(WORD, 3, 1, 4),
+        Insn::mov_imm(0, XDP_PASS),
+        Insn::mov(4, 2),
+        Insn::add_imm(4, 6),
+        Insn::jgt(4, 3, skip),
+    ];
+    insns.extend_from_slice(body);
+    insns.push(Insn::exit());
+    insns
 }
 
 /// The forwarder: writes `mac` as the frame's destination and returns `XDP_TX`.
@@ -152,18 +162,11 @@ fn instructions(mac: [u8; 6]) -> Vec<Insn> {
 /// ```
 fn forwarder_instructions(mac: [u8; 6]) -> Vec<Insn> {
     let (head, tail) = mac_immediates(mac);
-    vec![
-        Insn::load(WORD, 2, 1, 0),
-        Insn::load(WORD, 3, 1, 4),
-        Insn::mov_imm(0, XDP_PASS),
-        Insn::mov(4, 2),
-        Insn::add_imm(4, 6),
-        Insn::jgt(4, 3, 3),
+    with_mac_in_bounds(&[
         Insn::store_imm(WORD, 2, 0, head),
         Insn::store_imm(HALF, 2, 4, tail),
         Insn::mov_imm(0, XDP_TX),
-        Insn::exit(),
-    ]
+    ])
 }
 
 /// A MAC address as the immediates of a 4-byte and a 2-byte access to it (little-endian).
