@@ -149,8 +149,8 @@ pub mod icmp {
 /// Bitmaps that let the programs skip every map lookup for packets that cannot concern them,
 /// which is most traffic. One bit per hash value of `(address, port, protocol)`: a set bit may
 /// be a collision (the lookups then find nothing), a clear bit never belongs to an entry.
-/// - `map_names::SVC_FILTER`, over the frontends: a packet leaving a pod whose destination's
-///   bit is clear is not for a service.
+/// - `map_names::SVC_FILTER`, over the frontends: a packet leaving a pod, or arriving on an
+///   external device, whose destination's bit is clear is not for a service.
 /// - `map_names::BE_FILTER`, over the backends: a packet entering a pod (or leaving through an
 ///   external device) whose source's bit is clear is not a backend's reply.
 ///
