@@ -29,7 +29,7 @@ use rproxy_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{Error, Result};
+use crate::{Error, Result, snat::PortRange};
 
 /// The eBPF object built by build.rs from rproxy-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rproxy.bpf.o"));
@@ -328,6 +328,25 @@ impl Datapath {
         Ok(())
     }
 
+    /// Sets the SNAT port range of north-south flows to remote backends (`--snat-port-range`).
+    /// Before anything is attached: until then the programs SNAT nothing.
+    pub fn set_snat_ports(&mut self, range: PortRange) -> Result<()> {
+        self.update_config(|c| {
+            c.snat_port_min = range.first;
+            c.snat_port_max = range.last;
+        })
+    }
+
+    /// Changes `RPX_CONFIG[0]` with `f`.
+    fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
+        let err = |source| Error::Map { name: map_names::CONFIG, source };
+        let map = self.ebpf.map_mut(map_names::CONFIG).ok_or(Error::MissingMap { name: map_names::CONFIG })?;
+        let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(err)?;
+        let mut value = config.get(&0, 0).map_err(err)?;
+        f(&mut value);
+        config.set(0, value, 0).map_err(err)
+    }
+
     /// Translates service addresses for the sockets of this agent's network namespace
     /// (host-network processes): records the namespace's cookie in `RPX_CONFIG`, then attaches
     /// the socket programs to cgroup v2 directory `cgroup` (normally the root: every process).
@@ -335,12 +354,7 @@ impl Datapath {
     /// programs first and then unpins the old links, so no `connect` goes untranslated.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
         let cookie = netns_cookie()?;
-        let map = self.ebpf.map_mut(map_names::CONFIG).ok_or(Error::MissingMap { name: map_names::CONFIG })?;
-        let mut config: Array<&mut MapData, Config> =
-            Array::try_from(map).map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
-        config
-            .set(0, Config { host_netns_cookie: cookie }, 0)
-            .map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
+        self.update_config(|c| c.host_netns_cookie = cookie)?;
         let dir = std::fs::File::open(cgroup)
             .map_err(|source| Error::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
         for name in SOCK_PROGRAMS {
@@ -601,11 +615,17 @@ impl MapShape {
     }
 }
 
-/// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, and the
-/// filters, which the writer rewrites from the services and backends): a pinned one of another
-/// shape is replaced, not refused.
-const REPLACEABLE: [&str; 5] =
-    [map_names::STATS, map_names::SNAT_CURSOR, map_names::ICMP_LIMIT, map_names::SVC_FILTER, map_names::BE_FILTER];
+/// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, the
+/// filters, which the writer rewrites from the services and backends, and the configuration,
+/// which the agent writes at start): a pinned one of another shape is replaced, not refused.
+const REPLACEABLE: [&str; 6] = [
+    map_names::STATS,
+    map_names::SNAT_CURSOR,
+    map_names::ICMP_LIMIT,
+    map_names::SVC_FILTER,
+    map_names::BE_FILTER,
+    map_names::CONFIG,
+];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).
 const BPF_F_NO_COMMON_LRU: u32 = 2;

@@ -3,7 +3,7 @@
 use std::{io::Write, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use rproxy_common::{Backend4, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
+use rproxy_common::{Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
 
 use crate::{
     Error, Result,
@@ -37,11 +37,20 @@ fn proto(p: u8) -> &'static str {
     }
 }
 
-/// Writes the pinned maps under `dir` to `out`, decoded: every service entry (with its scope,
-/// `external` or `local`) and its backend ids, backends, rev-NAT entries, the conntrack size (and
-/// with `conntrack` every entry), and the counters summed over CPUs.
+/// Writes the pinned maps under `dir` to `out`, decoded: the configuration, every service entry
+/// (with its scope, `external` or `local`) and its backend ids, backends, rev-NAT entries, the
+/// conntrack size (and with `conntrack` every entry), and the counters summed over CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
+    let config: Array<_, Config> = array(dir, map_names::CONFIG)?;
+    let config = config.get(&0, 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
+    writeln!(out, "config ({}):", map_names::CONFIG).map_err(io)?;
+    let snat = if config.snat_port_count() == 0 {
+        String::from("none")
+    } else {
+        format!("{}-{}", config.snat_port_min, config.snat_port_max)
+    };
+    writeln!(out, "  snat ports {snat}; host netns cookie {}", config.host_netns_cookie).map_err(io)?;
     let services: HashMap<_, ServiceKey4, ServiceValue> = hash(dir, map_names::SERVICES4)?;
     let backends: Array<_, Backend4> = array(dir, map_names::BACKENDS4)?;
     let rev_nat: Array<_, RevNat4> = array(dir, map_names::REV_NAT4)?;

@@ -35,6 +35,8 @@ pub enum Error {
     Watch { what: String, reason: String },
     #[error("{0}")]
     Capacity(String),
+    #[error("--snat-port-range {range}: {reason}")]
+    SnatPortRange { range: crate::snat::PortRange, reason: String },
     /// Building the Kubernetes API client failed: `what` names the step (reading a kubeconfig,
     /// inferring the configuration, creating the client).
     #[error("Kubernetes client: {what}: {source}")]

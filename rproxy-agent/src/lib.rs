@@ -16,6 +16,7 @@ pub mod model;
 pub mod proxy_health;
 pub mod run;
 pub mod slim;
+pub mod snat;
 pub mod source;
 pub mod store;
 pub mod translate;

@@ -8,6 +8,7 @@ use rproxy_agent::{
     datapath::{self, XdpMode},
     devices::{self, DevicePattern},
     dump, proxy_health, run,
+    snat::PortRange,
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -98,6 +99,15 @@ struct RunArgs {
     /// deleted or tainted ToBeDeletedByClusterAutoscaler. Empty: not served.
     #[arg(long, value_name = "IP:PORT", default_value = proxy_health::DEFAULT_BIND, value_parser = parse_bind)]
     healthz_bind_address: Bind,
+    /// Source ports given to north-south flows that go to a backend on another node (SNAT to
+    /// this node's address, externalTrafficPolicy Cluster), MIN-MAX with MIN >= 1024. Each
+    /// backend can take about (MAX - MIN + 1) / 60 new flows per second before a port comes round
+    /// within its TIME_WAIT. The agent refuses a range that overlaps net.ipv4.ip_local_port_range
+    /// unless net.ipv4.ip_local_reserved_ports covers the overlap: the node's own connections
+    /// must not take these ports. Default: below the NodePort range (30000-32767) and the kernel's
+    /// default ephemeral ports (32768-60999).
+    #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
+    snat_port_range: PortRange,
 }
 
 /// `--healthz-bind-address`: an address, or none (empty).
@@ -153,6 +163,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
             None => run::Cgroup::Auto,
         },
         healthz_bind: args.healthz_bind_address.0,
+        snat_ports: args.snat_port_range,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -184,6 +195,15 @@ mod tests {
         assert_eq!(args.nodeport_addresses, nets);
         let err = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/64"]).unwrap_err().to_string();
         assert!(err.contains("fd00::/64") && err.contains("IPv6"), "{err}");
+    }
+
+    #[test]
+    fn snat_port_range() {
+        assert_eq!(run_args(&[]).unwrap().snat_port_range, PortRange::DEFAULT);
+        let args = run_args(&["--snat-port-range", "40000-40015"]).unwrap();
+        assert_eq!(args.snat_port_range, PortRange { first: 40000, last: 40015 });
+        let err = run_args(&["--snat-port-range", "100-200"]).unwrap_err().to_string();
+        assert!(err.contains("privileged"), "{err}");
     }
 
     #[test]

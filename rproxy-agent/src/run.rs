@@ -44,6 +44,7 @@ use crate::{
     kube_source, manifests,
     model::Frontend,
     proxy_health::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
+    snat::{self, PortRange},
     source::Update,
     store::Store,
     writer::{self, Writer},
@@ -93,6 +94,8 @@ pub struct Config {
     pub cgroup: Cgroup,
     /// `--healthz-bind-address`: where `/healthz` and `/livez` are served (`None`: not served).
     pub healthz_bind: Option<SocketAddr>,
+    /// `--snat-port-range`: source ports of north-south flows to remote backends.
+    pub snat_ports: PortRange,
 }
 
 /// `--cgroup`.
@@ -148,7 +151,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         signal(SignalKind::terminate()).map_err(|source| Error::Io { what: "SIGTERM handler".into(), source })?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|source| Error::Io { what: "SIGINT handler".into(), source })?;
+    if !cfg.devices.is_empty() {
+        // Only the north-south path SNATs: without external devices the range is unused.
+        snat::check_node_ports(cfg.snat_ports, Path::new("/proc/sys"))?;
+    }
     let mut datapath = Datapath::load(Some(&cfg.bpffs))?;
+    datapath.set_snat_ports(cfg.snat_ports)?;
+    debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
     let maps = datapath.take_maps()?;
     let (writer, warnings) = Writer::adopt(writer::read_adopted(&maps));
     for w in warnings {

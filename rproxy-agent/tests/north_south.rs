@@ -14,10 +14,13 @@ mod common;
 use std::{net::Ipv4Addr, process::Command};
 
 use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, ct_key as key, harness, macs, parse_checked, tcp_frame, udp_frame};
-use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
+use rproxy_agent::{
+    model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
+    snat::PortRange,
+};
 use rproxy_common::{
     CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, CtValue,
-    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_NODE_PORT, Stat, prog_names, proto, snat,
+    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_NODE_PORT, Stat, prog_names, proto,
 };
 
 const XDP_DROP: u32 = 1;
@@ -70,6 +73,11 @@ fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
 
 fn backend(addr: Ipv4Addr, proto: Protocol, local: bool) -> Backend {
     Backend { addr: BackendAddr { addr, port: 8080, proto }, state: BackendState::Active, local }
+}
+
+/// A TCP `NodePort` on the node's address whose only backend is `pod` on another node.
+fn tcp_nodeport(port: u16, pod: Ipv4Addr) -> Desired {
+    frontend(NODE, port, Protocol::Tcp, SVC_F_NODE_PORT, vec![backend(pod, Protocol::Tcp, false)], vec![])
 }
 
 /// One frontend `addr:port/proto` with `flags` and backends (`local_slots` for ETP Local).
@@ -155,7 +163,7 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
             assert_eq!(seen.dst, (REMOTE_POD, 8080));
             assert_eq!(seen.src.0, NODE, "SNAT to the node address towards the backend");
             let port = seen.src.1;
-            assert!((snat::PORT_MIN..=snat::PORT_MAX).contains(&port), "SNAT port {port}");
+            assert!(PortRange::DEFAULT.ports().contains(&port), "SNAT port {port}");
             assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to the other node's MAC from ours");
             assert_eq!(seen.ttl, 63, "forwarded: TTL decremented (checksums checked by parse_checked)");
             let reply = h.ct(&key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY)).expect("reply entry");
@@ -285,14 +293,7 @@ fn too_big_for_the_route_gets_fragmentation_needed() {
             .expect("ip route");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let far = Ipv4Addr::new(10, 244, 4, 41);
-        h.program(&frontend(
-            NODE,
-            30084,
-            Protocol::Tcp,
-            SVC_F_NODE_PORT,
-            vec![backend(far, Protocol::Tcp, false)],
-            vec![],
-        ));
+        h.program(&tcp_nodeport(30084, far));
         let mut sent = 0;
         for (i, xdp) in [(0u16, true), (1, false)] {
             let c = (CLIENT, CPORT + 10 + i);
@@ -364,21 +365,18 @@ fn etp_local_serves_local_endpoints_only() {
     });
 }
 
+/// A SNAT range (`--snat-port-range`) small enough to fill in a test.
+const SMALL_RANGE: PortRange = PortRange { first: 40_000, last: 40_011 };
+
 /// Every SNAT port towards a backend taken: the new flow is dropped and counted, the packet
 /// is not touched, no entry is left behind.
 #[test]
 fn snat_port_exhaustion_is_counted_and_dropped() {
     in_node_netns(|h, ifindex| {
-        h.program(&frontend(
-            NODE,
-            30085,
-            Protocol::Tcp,
-            SVC_F_NODE_PORT,
-            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
-            vec![],
-        ));
+        h.program(&tcp_nodeport(30085, REMOTE_POD));
+        h.dp.set_snat_ports(SMALL_RANGE).expect("SNAT range");
         let taken = CtValue { nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT, ..CtValue::default() };
-        for port in snat::PORT_MIN..=snat::PORT_MAX {
+        for port in SMALL_RANGE.ports() {
             let k = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
             h.maps.conntrack.insert(k, taken, 0).expect("prefill");
         }
@@ -390,25 +388,55 @@ fn snat_port_exhaustion_is_counted_and_dropped() {
     });
 }
 
+/// Ports come from the configured range (`--snat-port-range`), one flow per port and backend;
+/// a flow allocated before the range changed (an agent restarted with another range) keeps
+/// working, since replies are recognised by their source, a backend, not by their port. With no
+/// range at all (before the agent writes one) no flow is source-translated.
+#[test]
+fn snat_ports_come_from_the_configured_range() {
+    in_node_netns(|h, ifindex| {
+        h.program(&tcp_nodeport(30088, REMOTE_POD));
+        let syn = |cport: u16| tcp_frame((CLIENT, cport), (NODE, 30088), SYN, b"", &[]);
+        let mut ports = Vec::new();
+        for (i, first) in [(0u16, 45_000u16), (1, 46_000)] {
+            h.dp.set_snat_ports(PortRange { first, last: first }).expect("SNAT range");
+            let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn(CPORT + i));
+            assert_eq!(rc, XDP_TX);
+            let seen = parse_checked(&out);
+            assert_eq!(seen.src, (NODE, first), "the range's only port");
+            ports.push(first);
+        }
+        // The one port is taken towards this backend: the next flow finds none.
+        let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn(CPORT + 2));
+        assert_eq!((rc, h.stat(Stat::SnatExhausted)), (XDP_DROP, 1));
+        // The backend's replies reach both clients, the one of the old range too.
+        for (i, port) in (0u16..).zip(ports) {
+            let reply = tcp_frame((REMOTE_POD, 8080), (NODE, port), SYN_ACK, b"", &[]);
+            let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &reply);
+            assert_eq!(rc, XDP_TX, "reply to port {port}");
+            assert_eq!(parse_checked(&out).dst, (CLIENT, CPORT + i));
+        }
+        // No range: dropped and counted, no state.
+        h.dp.set_snat_ports(PortRange { first: 0, last: 0 }).expect("SNAT range");
+        let (rc, _) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn(CPORT + 3));
+        assert_eq!((rc, h.stat(Stat::SnatExhausted)), (XDP_DROP, 2));
+        assert!(h.ct(&key((CLIENT, CPORT + 3), (NODE, 30088), proto::TCP, CT_DIR_SERVICE)).is_none());
+    });
+}
+
 /// The SNAT range held by closed flows: a new flow takes over the port of one that closed more
 /// than `snat::REUSE_AFTER_NS` ago, and that old flow's client-side entry goes. Ports of flows
 /// closed just now, or still open, are never taken.
 #[test]
 fn closed_flow_snat_port_is_taken_over() {
     in_node_netns(|h, ifindex| {
-        h.program(&frontend(
-            NODE,
-            30087,
-            Protocol::Tcp,
-            SVC_F_NODE_PORT,
-            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
-            vec![],
-        ));
+        h.program(&tcp_nodeport(30087, REMOTE_POD));
+        h.dp.set_snat_ports(SMALL_RANGE).expect("SNAT range");
         let old_client = |port: u16| (Ipv4Addr::new(172, 31, 0, 200), port);
         // Every port held by a flow in `state` whose last packet was `ago_ns` ago.
         let fill = |h: &mut Harness, state: CtState, ago_ns: u64| {
             let expires = rproxy_agent::gc::monotonic_ns() + state.lifetime_ns() - ago_ns;
-            for port in snat::PORT_MIN..=snat::PORT_MAX {
+            for port in SMALL_RANGE.ports() {
                 let c = old_client(port);
                 let reply = CtValue {
                     expires_ns: expires,
@@ -451,6 +479,7 @@ fn closed_flow_snat_port_is_taken_over() {
         let seen = parse_checked(&out);
         assert_eq!(seen.src.0, NODE);
         let port = seen.src.1;
+        assert!(SMALL_RANGE.ports().contains(&port), "SNAT port {port}");
         let reply_key = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
         let reply = h.ct(&reply_key).expect("reply entry");
         assert_eq!((reply.nat_addr, reply.nat_port), (u32::from(CLIENT).to_be(), CPORT.to_be()), "the new flow's");
@@ -472,14 +501,7 @@ fn closed_flow_snat_port_is_taken_over() {
 #[test]
 fn unresolved_next_hop_goes_from_xdp_to_tc() {
     in_node_netns(|h, ifindex| {
-        h.program(&frontend(
-            NODE,
-            30086,
-            Protocol::Tcp,
-            SVC_F_NODE_PORT,
-            vec![backend(UNRESOLVED_POD, Protocol::Tcp, false)],
-            vec![],
-        ));
+        h.program(&tcp_nodeport(30086, UNRESOLVED_POD));
         let syn = tcp_frame((CLIENT, CPORT), (NODE, 30086), SYN, b"", &[]);
         let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn);
         assert_eq!((rc, &out), (XDP_PASS, &syn));

@@ -98,26 +98,35 @@ pub mod limits {
 }
 
 /// Source ports the north-south path allocates when it SNATs a flow to a node address (a
-/// backend on another node, `externalTrafficPolicy: Cluster`). Above the kernel's default
-/// ephemeral range (32768–60999) and the `NodePort` range, so the node's own connections never
-/// collide with them. Ports are unique per (backend address, backend port, protocol, node
-/// address): the allocation inserts the reply entry with `BPF_NOEXIST`.
+/// backend on another node, `externalTrafficPolicy: Cluster`). The range is the agent's
+/// `--snat-port-range`, in `Config`; ports are unique per (backend address, backend port,
+/// protocol, node address): the allocation inserts the reply entry with `BPF_NOEXIST`.
+///
+/// **Why the range is wide, and where it lies.** A backend keeps each connection it closed
+/// first in `TIME_WAIT` for 60 s, and a SYN that reuses its tuple may be refused (a timestamp
+/// older than the one it remembers, `PAWSTimewait`): the client then waits for a retransmission.
+/// So a port should come round to the same backend no sooner than 60 s later, which a range of
+/// `n` ports allows up to `n / 60` new flows per second and backend. The default,
+/// `DEFAULT_PORT_MIN..=DEFAULT_PORT_MAX` (28,976 ports: ~480/s), lies below the `NodePort` range
+/// (30000–32767) and the kernel's default ephemeral range (32768–60999), so that the node's own
+/// connections never take a tuple that a translated flow holds: the kernel does not know the
+/// datapath's ports. The agent refuses a range that overlaps the node's `net.ipv4.ip_local_port_range`
+/// unless `net.ipv4.ip_local_reserved_ports` covers the overlap. (kube-proxy's masquerading
+/// takes ports from 1024–65535 and avoids the node's tuples through conntrack.)
 pub mod snat {
-    pub const PORT_MIN: u16 = 61_000;
-    pub const PORT_MAX: u16 = 65_535;
+    pub const DEFAULT_PORT_MIN: u16 = 1_024;
+    pub const DEFAULT_PORT_MAX: u16 = 29_999;
+    /// Lowest port `--snat-port-range` may start at: below are the privileged ports (NFS and
+    /// other clients bind them explicitly).
+    pub const PORT_FLOOR: u16 = 1_024;
     /// Ports tried for one new flow before it is dropped and counted (`Stat::SnatExhausted`).
     ///
     /// Each CPU walks the range from a cursor (`map_names::SNAT_CURSOR`, started at a random
     /// port), trying the next ports in turn and leaving the cursor after the port it took, like
     /// the kernel's ephemeral port search. A port is taken again only after the whole range has
-    /// gone by (range / new-flow rate), as late as this range allows, which keeps new flows off
-    /// the tuples whose `TIME_WAIT` (60 s) the backends still hold: a SYN meeting one may be
-    /// refused and retransmitted. At the `NodePort` benchmark's ~1,500 new flows per second to
-    /// one backend the range comes round in ~3 s, and about 2.6 % of those SYNs still meet a
-    /// `TIME_WAIT` socket, as with random ports; no choice of port avoids that at such rates.
+    /// gone by (range / new-flow rate), as late as the range allows, which keeps new flows off
+    /// the tuples whose `TIME_WAIT` the backends still hold.
     pub const TRIES: u32 = 32;
-    /// Number of ports in the range.
-    pub const RANGE: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
     /// Of those, the first ones are also taken over if their flow is quietly closed (see
     /// `REUSE_AFTER_NS`). Each such try is program code the verifier checks on every load:
     /// with all 32 the agent took 1.3 s instead of 0.14 s to load its programs.
@@ -293,6 +302,26 @@ pub struct Config {
     /// translate only sockets of this namespace (host-network processes), never pods' (their
     /// traffic is translated on their devices). 0 disables the socket hooks.
     pub host_netns_cookie: u64,
+    /// The SNAT port range (`snat`), first and last port. **Host byte order**, unlike the
+    /// ports in keys: the programs count and compare in it, they never copy it into a header.
+    /// An empty range (`snat_port_count` 0, as before the agent writes it) SNATs nothing: such
+    /// flows are dropped and counted as `Stat::SnatExhausted`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+impl Config {
+    /// Number of ports in the SNAT range; 0 if it is empty or unset.
+    #[inline(always)]
+    #[must_use]
+    pub const fn snat_port_count(&self) -> u32 {
+        if self.snat_port_min == 0 || self.snat_port_max < self.snat_port_min {
+            0
+        } else {
+            (self.snat_port_max - self.snat_port_min) as u32 + 1
+        }
+    }
 }
 
 /// Conntrack key (IPv4): the packet's own 5-tuple plus the direction of the entry.
@@ -514,7 +543,8 @@ const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
 const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
 // No implicit padding: the size equals the sum of the field sizes.
 const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());

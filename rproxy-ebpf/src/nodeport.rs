@@ -23,7 +23,7 @@ use crate::{
     ctx::Ctx,
     fib::{self, Route},
     icmp, lb,
-    maps::{CT4, SNAT_CURSOR, SVC4, count},
+    maps::{CONFIG, CT4, SNAT_CURSOR, SVC4, count},
     nat::{self, Tuple4},
     parse::{self, Packet4},
 };
@@ -53,9 +53,10 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     if pkt.fragment {
         return Ok(Action::Pass);
     }
-    // Only SNATed flows' replies come back to a port of the SNAT range: everything else skips
-    // the conntrack lookup.
-    if (snat::PORT_MIN..=snat::PORT_MAX).contains(&u16::from_be(pkt.dport)) {
+    // Only backends send the replies of SNATed flows: everything else skips the conntrack
+    // lookup after one array load. (Not the SNAT range: flows from before a restart with
+    // another `--snat-port-range` keep working.)
+    if lb::may_be_backend(&pkt) {
         let key = conntrack::reply_key(&pkt);
         if let Some(ct) = CT4.get_ptr_mut(key) {
             // SAFETY: valid map value pointer for this run; copied out.
@@ -149,13 +150,18 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     forward(ctx, &route)
 }
 
-/// Finds a free SNAT port for the reply entry `reply` (its `dport` is set to each candidate in
-/// turn) and inserts the entry: the first port after this CPU's cursor that is free, or, among
-/// the first `snat::RECLAIM_TRIES`, held by a quietly closed flow (`conntrack::reclaim_snat`).
-/// Returns the port (wire order), or `None` after `snat::TRIES` taken ports. See
-/// `rproxy_common::snat`.
+/// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is
+/// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
+/// that is free, or, among the first `snat::RECLAIM_TRIES`, held by a quietly closed flow
+/// (`conntrack::reclaim_snat`). Returns the port (wire order), or `None` after `snat::TRIES`
+/// taken ports or with an empty range. See `rproxy_common::snat`.
 #[inline(always)]
 fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
+    let config = CONFIG.get(0)?;
+    let (first, ports) = (config.snat_port_min, config.snat_port_count());
+    if ports == 0 {
+        return None;
+    }
     let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
     let mut next = unsafe { *cursor };
@@ -165,9 +171,10 @@ fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
         next = unsafe { bpf_get_prandom_u32() };
     }
     for i in 0..snat::TRIES {
-        let offset = next % snat::RANGE;
+        let offset = next % ports;
         next = offset + 1;
-        let p = (snat::PORT_MIN + offset as u16).to_be();
+        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
+        let p = first.wrapping_add(offset as u16).to_be();
         reply.dport = p;
         // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
         // try adds a copy of `reclaim_snat` for the verifier to check.

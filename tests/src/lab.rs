@@ -318,6 +318,11 @@ impl Node {
         self.agent_mut()?.ensure_running()
     }
 
+    /// The agent's exit status once it has exited; `None` while it runs.
+    pub fn agent_exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.agent_mut()?.exited()
+    }
+
     /// Sends SIGTERM to the agent and waits for it to exit (killing it after 10 s).
     pub fn stop_agent(&mut self) -> Result<ExitStatus> {
         self.agent_mut()?.stop()
@@ -470,9 +475,19 @@ impl Lab {
         self.node.start_agent(agent_bin, manifests, &[])
     }
 
+    /// [`Lab::start_agent`] with `extra_args` appended to the command line.
+    pub fn start_agent_with(&mut self, agent_bin: &Path, manifests: &Path, extra_args: &[&str]) -> Result<()> {
+        self.node.start_agent(agent_bin, manifests, extra_args)
+    }
+
     /// Fails, with the agent's log, unless the agent is running.
     pub fn ensure_agent_running(&mut self) -> Result<()> {
         self.node.ensure_agent_running()
+    }
+
+    /// The agent's exit status once it has exited; `None` while it runs.
+    pub fn agent_exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.node.agent_exited()
     }
 
     /// Sends SIGTERM to the agent and waits for it to exit (killing it after 10 s).

@@ -16,7 +16,7 @@ use rproxy_tests::{
     client::Reply,
     demo::{self, BACKENDS, CLIENT, CLUSTER_IP, PORT, TARGET_PORT},
     manifest::write_atomic,
-    netns::NetNs,
+    netns::{NetNs, sysctl},
     serial_or_skip, streak_start,
 };
 
@@ -160,6 +160,48 @@ fn stale_namespace_of_the_same_name_is_replaced() {
     std::mem::forget(NetNs::create(&name).expect("first namespace")); // as a killed run leaves it
     drop(NetNs::create(&name).expect("namespace over a stale one"));
     assert!(!Path::new("/run/netns").join(&name).exists(), "{name} left behind");
+}
+
+/// A `--snat-port-range` that the node's own connections could take (inside
+/// `net.ipv4.ip_local_port_range`, not reserved) is refused at start, before anything is loaded,
+/// naming both sysctls; once the administrator reserves it the same agent starts and serves.
+#[test]
+fn snat_port_range_among_ephemeral_ports_is_refused_unless_reserved() {
+    with_lab("snat_port_range_among_ephemeral_ports_is_refused_unless_reserved", |lab| {
+        let bin = agent_bin()?;
+        let manifests = lab.work_dir().join("manifests");
+        std::fs::create_dir(&manifests)?;
+        write_atomic(&manifests.join("demo-service.yaml"), &demo::service().to_string())?;
+        write_atomic(&manifests.join("demo-slice.yaml"), &demo::endpoint_slice(&demo::backend_names()).to_string())?;
+        let ns = lab.node_ns().to_owned();
+        sysctl(&ns, "net/ipv4/ip_local_port_range", "1024 65535")?;
+        // The check applies with external devices only (the north-south path is what SNATs); a
+        // missing one is only logged.
+        let args = ["--devices", "rpxnodev0"];
+        lab.start_agent_with(&bin, &manifests, &args)?;
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = lab.agent_exited()? {
+                break status;
+            }
+            ensure!(started.elapsed() < Duration::from_secs(10), "the agent did not refuse the range");
+            thread::sleep(Duration::from_millis(50));
+        };
+        let log = lab.agent_log();
+        ensure!(!status.success(), "the agent exited successfully: {log}");
+        ensure!(
+            log.contains("--snat-port-range 1024-29999")
+                && log.contains("net.ipv4.ip_local_port_range 1024 65535")
+                && log.contains("ip_local_reserved_ports"),
+            "the refusal does not name the range and the sysctls: {log}"
+        );
+        ensure!(!lab.pin_dir().join("RPX_SVC4").exists(), "maps were pinned before the refusal");
+
+        sysctl(&ns, "net/ipv4/ip_local_reserved_ports", "1024-29999")?;
+        lab.start_agent_with(&bin, &manifests, &args)?;
+        demo::wait_ready(lab).context("with the range reserved")?;
+        assert_reaches_every_backend(lab, Proto::Tcp, b"reserved")
+    });
 }
 
 #[test]

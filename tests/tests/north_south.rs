@@ -5,8 +5,9 @@
 //! the native case also checks, from the veths' counters, that the nodes did transmit with
 //! `XDP_TX` and the switch received it.
 //! - a client outside the cluster reaches backends on both nodes through either node's `NodePort`,
-//!   over TCP (64 KiB echoed intact) and UDP; a remote backend sees the node's address (SNAT), a
-//!   local one the client's;
+//!   over TCP (64 KiB echoed intact) and UDP; a remote backend sees the node's address (SNAT,
+//!   with ports from the default `--snat-port-range`, which `rproxy-agent dump` shows), a local
+//!   one the client's;
 //! - an `externalIP` and a `LoadBalancer` ingress IP routed to node 1 work;
 //! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
@@ -26,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use rproxy_agent::snat::PortRange;
 use rproxy_tests::{
     Cluster, NodeId, agent_bin,
     client::{self, Reply},
@@ -188,6 +190,31 @@ fn http_get(addr: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Through node 1 the remote backend saw node 1's address, with ports of the SNAT range, and
+/// through node 2 node 2's; local backends saw the client.
+fn ensure_translated_sources(cluster: &Cluster) -> Result<()> {
+    for (pod, local, remote) in [(BACKEND_1, NodeId::One, NodeId::Two), (BACKEND_2, NodeId::Two, NodeId::One)] {
+        let peers = tcp_peers(cluster, pod);
+        ensure!(peers.contains(&CLIENT_IP), "{pod} never saw the client through {local:?}: {peers:?}");
+        ensure!(peers.contains(&remote.ip()), "{pod} never saw {remote:?}'s address (SNAT): {peers:?}");
+        ensure!(!peers.contains(&local.ip()), "{pod} saw its own node's address: {peers:?}");
+        let snat = PortRange::DEFAULT;
+        let ports: Vec<u16> = cluster
+            .pod(pod)
+            .peers_on(TARGET_PORT)
+            .tcp
+            .iter()
+            .filter(|a| a.ip() == std::net::IpAddr::V4(remote.ip()))
+            .map(SocketAddr::port)
+            .collect();
+        ensure!(
+            ports.iter().all(|p| snat.ports().contains(p)),
+            "{pod} saw {remote:?}'s address with ports outside --snat-port-range {snat}: {ports:?}"
+        );
+    }
+    Ok(())
+}
+
 fn scenario(mode: &str) -> Result<()> {
     let (cluster, _dir) = setup(mode)?;
     let big = payload(64 * 1024);
@@ -197,14 +224,7 @@ fn scenario(mode: &str) -> Result<()> {
         let small = payload(1200);
         reach_both(&format!("UDP to {addr}:{NODE_PORT}"), || client_udp(&cluster, addr, NODE_PORT, &small), &small)?;
     }
-    // Through node 1 the remote backend saw node 1's address, through node 2 node 2's; local
-    // backends saw the client.
-    for (pod, local, remote) in [(BACKEND_1, NodeId::One, NodeId::Two), (BACKEND_2, NodeId::Two, NodeId::One)] {
-        let peers = tcp_peers(&cluster, pod);
-        ensure!(peers.contains(&CLIENT_IP), "{pod} never saw the client through {local:?}: {peers:?}");
-        ensure!(peers.contains(&remote.ip()), "{pod} never saw {remote:?}'s address (SNAT): {peers:?}");
-        ensure!(!peers.contains(&local.ip()), "{pod} saw its own node's address: {peers:?}");
-    }
+    ensure_translated_sources(&cluster)?;
     for vip in [EXTERNAL_IP, LB_IP] {
         reach_both(&format!("TCP to {vip}:80"), || client_tcp(&cluster, vip, 80, b"vip"), b"vip")?;
     }
@@ -291,6 +311,8 @@ fn scenario(mode: &str) -> Result<()> {
         counter("frag_needed") > 0 && counter("icmp_sent") > 0,
         "node 1 sent no fragmentation-needed message:\n{dump}"
     );
+    let snat = format!("snat ports {};", PortRange::DEFAULT);
+    ensure!(dump.lines().any(|l| l.trim().starts_with(&snat)), "dump does not show '{snat}':\n{dump}");
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use etherparse::{
 use rproxy_agent::{
     datapath::{Datapath, Maps},
     model::Desired,
+    snat::PortRange,
     writer::Writer,
 };
 use rproxy_common::{CtKey4, Stat};
@@ -36,6 +37,8 @@ pub fn harness() -> Option<Harness> {
         Ok(dp) => dp,
         Err(e) => panic!("loading the datapath: {e}"),
     };
+    // As the agent does before attaching anything.
+    dp.set_snat_ports(PortRange::DEFAULT).expect("SNAT port range");
     let maps = dp.take_maps().expect("maps");
     Some(Harness { dp, maps, writer: Writer::new() })
 }
