@@ -13,7 +13,10 @@ mod common;
 
 use std::{net::Ipv4Addr, process::Command};
 
-use common::{ACK, Harness, SERIAL, SYN, SYN_ACK, ct_key as key, harness, macs, parse_checked, tcp_frame, udp_frame};
+use common::{
+    ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, ct_key as key, harness, macs, ones_sum, parse_checked,
+    tcp_frame, udp_frame,
+};
 use rproxy_agent::{
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
     snat::PortRange,
@@ -245,38 +248,11 @@ fn removed_nodeport_stops_established_flows() {
     });
 }
 
-/// Ones' complement sum of `bytes` as 16-bit big-endian words, folded.
-fn ones_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).expect("folded")
-}
-
 /// Recomputes the IPv4 header checksum of an Ethernet frame (no options).
 fn fix_ip_checksum(frame: &mut [u8]) {
     frame[24..26].fill(0);
     let sum = !ones_sum(&frame[14..34]);
     frame[24..26].copy_from_slice(&sum.to_be_bytes());
-}
-
-/// `out` is the ICMP error `typ`/`code` (with next-hop `mtu`) that `sent` calls for: from the
-/// address it was sent to, back to its sender and its MAC, valid checksums, quoting its IPv4
-/// header and first 8 payload bytes.
-fn assert_icmp_error(out: &[u8], sent: &[u8], typ: u8, code: u8, mtu: u16) {
-    assert_eq!(out.len(), 70, "Ethernet + IPv4 + ICMP + 28 quoted bytes");
-    assert_eq!((&out[0..6], &out[6..12]), (&sent[6..12], &sent[0..6]), "MACs swapped");
-    let ip = &out[14..34];
-    assert_eq!((ip[0], ip[9], ip[8]), (0x45, 1, 64), "IPv4, ICMP, TTL 64");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56);
-    assert_eq!((&ip[12..16], &ip[16..20]), (&sent[30..34], &sent[26..30]), "from the address sent to, to the sender");
-    assert_eq!(ones_sum(ip), 0xffff, "IPv4 header checksum");
-    let icmp = &out[34..];
-    assert_eq!((icmp[0], icmp[1]), (typ, code));
-    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), mtu, "next-hop MTU");
-    assert_eq!(ones_sum(icmp), 0xffff, "ICMP checksum");
-    assert_eq!(&icmp[8..], &sent[14..42], "quote: the header and 8 bytes as they arrived");
 }
 
 /// A packet too big for the route to a remote backend (a locked route MTU, which the kernel's
@@ -362,6 +338,32 @@ fn etp_local_serves_local_endpoints_only() {
         assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0, XDP_DROP);
         assert_eq!(h.run_on(prog_names::EXT_INGRESS, ifindex, &syn).0, TC_DROP);
         assert_eq!(h.stat(Stat::NoBackend), 2);
+    });
+}
+
+/// A `NodePort` without any endpoint rejects new flows as kube-proxy does, whatever the traffic
+/// policy: ICMP port unreachable from the node address, back out of the device (XDP and TC);
+/// no state is made. (Under externalTrafficPolicy Local, endpoints on other nodes only mean a
+/// drop: `etp_local_serves_local_endpoints_only`.)
+#[test]
+fn nodeport_without_endpoints_rejects() {
+    in_node_netns(|h, ifindex| {
+        let mut d = frontend(NODE, 30089, Protocol::Tcp, SVC_F_NODE_PORT, vec![], vec![]);
+        d.services
+            .extend(frontend(NODE, 30090, Protocol::Udp, SVC_F_NODE_PORT | SVC_F_ETP_LOCAL, vec![], vec![]).services);
+        h.program(&d);
+        let syn = tcp_frame((CLIENT, CPORT), (NODE, 30089), SYN, b"", &[]);
+        let datagram = udp_frame((CLIENT, CPORT), (NODE, 30090), b"question");
+        for frame in [&syn, &datagram] {
+            let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, frame);
+            assert_eq!(rc, XDP_TX);
+            assert_icmp_error(&out, frame, 3, 3, 0);
+            let (rc, out) = h.run_on(prog_names::EXT_INGRESS, ifindex, frame);
+            assert_eq!(rc, TC_REDIRECT);
+            assert_icmp_error(&out, frame, 3, 3, 0);
+        }
+        assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (4, 4));
+        assert!(h.ct(&key((CLIENT, CPORT), (NODE, 30089), proto::TCP, CT_DIR_SERVICE)).is_none());
     });
 }
 
@@ -540,8 +542,9 @@ fn cluster_ip_and_other_traffic_pass_untouched() {
 }
 
 /// Host-network sockets (the node's own namespace): connecting or sending to a service address
-/// reaches a backend, and the socket still sees the service address as its peer. The programs
-/// are attached to the cgroup v2 root, but translate only sockets of this test's namespace.
+/// reaches a backend, and the socket still sees the service address as its peer; a TCP connect
+/// to a service without endpoints is refused. The programs are attached to the cgroup v2 root,
+/// but translate only sockets of this test's namespace.
 #[test]
 fn host_sockets_reach_services_through_the_socket_hooks() {
     use std::{
@@ -571,8 +574,13 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
         desired.services.extend(
             frontend(vip, 53, Protocol::Udp, SVC_F_CLUSTER_IP, vec![be(uport, Protocol::Udp)], vec![]).services,
         );
+        desired.services.extend(frontend(vip, 81, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![], vec![]).services);
         h.program(&desired);
         h.dp.attach_sockets(&cgroup).expect("attaching the socket hooks");
+
+        // No endpoints: refused at once, as with kube-proxy's REJECT.
+        let refused = TcpStream::connect_timeout(&(vip, 81).into(), Duration::from_secs(2)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
 
         let mut conn =
             TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(2)).expect("connect to the VIP");

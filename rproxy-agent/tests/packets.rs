@@ -11,7 +11,10 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, ct_key, harness, parse_checked, tcp_frame, udp_frame};
+use common::{
+    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, ct_key, harness, parse_checked, tcp_frame,
+    udp_frame,
+};
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
@@ -20,6 +23,7 @@ use rproxy_common::{
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const DROP: u32 = 2; // TC_ACT_SHOT
+const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -256,13 +260,27 @@ fn fragments_are_passed_and_counted() {
     assert_eq!(h.stat(Stat::Fragment), 1);
 }
 
+/// A service without endpoints rejects new flows as kube-proxy does: ICMP port unreachable
+/// from the service address, back into the pod (TCP and UDP); no state is made. A header with
+/// options gets no message and is dropped.
 #[test]
-fn service_without_backends_drops() {
+fn service_without_backends_rejects() {
     kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &[]));
-    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]));
-    assert_eq!(rc, DROP);
-    assert_eq!(h.stat(Stat::NoBackend), 1);
+    let mut desired = service(Protocol::Tcp, &[]);
+    desired.services.extend(service(Protocol::Udp, &[]).services);
+    h.program(&desired);
+    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
+    let datagram = udp_frame((CLIENT, CPORT), (VIP, 80), b"question");
+    for (i, frame) in [syn.clone(), datagram].iter().enumerate() {
+        let (rc, out) = h.run(prog_names::FROM_POD, frame);
+        assert_eq!(rc, REDIRECT, "frame {i}: back out of the pod's device");
+        assert_icmp_error(&out, frame, 3, 3, 0);
+    }
+    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (2, 2));
+    assert!(h.ct(&ct_key((CLIENT, CPORT), (VIP, 80), proto::TCP, CT_DIR_SERVICE)).is_none());
+    let with_options = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[1, 1, 1, 0]);
+    assert_eq!(h.run(prog_names::FROM_POD, &with_options).0, DROP);
+    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (3, 2));
 }
 
 #[test]

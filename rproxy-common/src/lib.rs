@@ -136,11 +136,15 @@ pub mod snat {
     pub const REUSE_AFTER_NS: u64 = 1_000_000_000;
 }
 
-/// ICMP errors for north-south packets the node cannot forward, as a router sends them: time
-/// exceeded (the TTL would reach 0) and fragmentation needed (too big for the route, with "don't
-/// fragment" set; the message carries the route's MTU, for path MTU discovery). They go back out
-/// of the device the packet came in on, from the address the packet was sent to, quoting its
-/// IPv4 header and first 8 bytes of payload (headers with options get no message).
+/// ICMP errors the datapath sends, back out of the device the packet came in on, from the
+/// address the packet was sent to, quoting its IPv4 header and first 8 bytes of payload (headers
+/// with options get no message):
+/// - for north-south packets the node cannot forward, as a router sends them: time exceeded (the
+///   TTL would reach 0) and fragmentation needed (too big for the route, with "don't fragment"
+///   set; the message carries the route's MTU, for path MTU discovery);
+/// - port unreachable for a new flow to a frontend without any backend, from a pod or from
+///   outside, like kube-proxy's `REJECT` rule for a Service without endpoints: the client's
+///   connect fails at once (`ECONNREFUSED`) instead of timing out.
 ///
 /// Each CPU sends at most one per `INTERVAL_NS` on average, with bursts of `BURST`: the state
 /// is the time the next one may go (`map_names::ICMP_LIMIT`), kept no further than `BURST`
@@ -153,6 +157,7 @@ pub mod icmp {
     pub const TIME_EXCEEDED: u8 = 11;
     pub const DEST_UNREACH: u8 = 3;
     pub const FRAG_NEEDED: u8 = 4;
+    pub const PORT_UNREACH: u8 = 3;
 }
 
 /// Bitmaps that let the programs skip every map lookup for packets that cannot concern them,

@@ -1,16 +1,21 @@
-//! ICMP errors for north-south packets this node cannot forward (`rproxy_common::icmp`): the
-//! packet is rewritten in place into the error and sent back out of the device it came in on.
+//! ICMP errors (`rproxy_common::icmp`): for north-south packets this node cannot forward, and
+//! port unreachable for new flows to a frontend without backends (`reject`, kube-proxy's
+//! `REJECT`). The packet is rewritten in place into the error and sent back out of the device
+//! it came in on.
 //!
 //! The reply is 70 bytes: Ethernet (the addresses swapped), IPv4 (from the address the packet
 //! was sent to, TTL 64, precedence "internetwork control" like the kernel's errors), ICMP
 //! (type, code, and the next-hop MTU for fragmentation needed), then the quote: the packet's
 //! IPv4 header and the first 8 bytes of its payload, as they arrived (before any translation),
 //! so the sender's stack finds the socket they belong to. Both checksums are computed over the
-//! new bytes with `bpf_csum_diff`. A TC packet's checksum state is left as it came from a wire
-//! (complete); this hook only sees packets received on the node's external devices.
+//! new bytes with `bpf_csum_diff`. A TC packet's checksum state is left as it came: complete
+//! from a wire, or, from a pod, partial with its start in the old L4 header. The latter is
+//! harmless: the error goes straight back into the pod through its veth, which computes no
+//! checksum on the way, and the receiving stack takes a partial checksum as verified (the one
+//! written here is right anyway).
 use aya_ebpf::helpers::bpf_csum_diff;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{Stat, icmp, proto};
+use rproxy_common::{ServiceValue, Stat, icmp, proto};
 
 use crate::{
     csum,
@@ -40,6 +45,15 @@ pub fn reply<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16, now: u
         return false;
     }
     build(ctx, pkt, typ, code, mtu).is_ok()
+}
+
+/// A new flow to a frontend whose service value `svc` has no backend at all: turned into ICMP
+/// port unreachable from the service address (see `reply`), as kube-proxy's `REJECT` answers.
+/// `false` when there are backends (their slots being rewritten: the caller drops, the next
+/// packet finds one) or no error is sent.
+#[inline(always)]
+pub fn reject<C: Ctx>(ctx: &C, pkt: &Packet4, svc: &ServiceValue, now: u64) -> bool {
+    svc.count == 0 && reply(ctx, pkt, icmp::DEST_UNREACH, icmp::PORT_UNREACH, 0, now)
 }
 
 /// One more ICMP error from this CPU within its budget (see `rproxy_common::icmp`).

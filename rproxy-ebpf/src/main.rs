@@ -200,6 +200,10 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     }
     let Some((backend_id, be)) = lb::select_backend(&svc_key, &svc) else {
         count(Stat::NoBackend);
+        // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
+        if icmp::reject(ctx, &pkt, &svc, now) {
+            return Ok(tc_action(ctx, Ok(Action::Bounce)));
+        }
         return Ok(DROP);
     };
     if conntrack::create(&pkt, backend_id, &be, svc.rev_nat_id, now).is_err() {

@@ -95,7 +95,13 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     if backend_gone {
         count(Stat::BackendGone);
     }
-    // A new flow. Under externalTrafficPolicy Local only this node's endpoints take it.
+    // No endpoints at all: rejected, as kube-proxy does (whatever the traffic policy).
+    if svc.count == 0 {
+        count(Stat::NoBackend);
+        return Ok(if icmp::reject(ctx, &pkt, &svc, now) { Action::Bounce } else { Action::Drop });
+    }
+    // A new flow. Under externalTrafficPolicy Local only this node's endpoints take it (none
+    // here: dropped, as kube-proxy does, so that load balancers go by the health check).
     let etp_local = svc.flags & SVC_F_ETP_LOCAL != 0;
     let (key, value) = if etp_local {
         let key = ServiceKey4 { scope: SCOPE_LOCAL, ..svc_key };

@@ -1,11 +1,12 @@
 //! Host-network processes: cgroup socket hooks translate a service address when a socket of the
 //! node's own network namespace connects to it (TCP, connected UDP) or sends to it (unconnected
 //! UDP), so the packets leave for the backend directly and no per-packet NAT is needed; replies
-//! and `getpeername` show the service address again. Sockets of other namespaces (pods) are
-//! left alone: their traffic is translated on their devices.
+//! and `getpeername` show the service address again. A TCP connect to a service without
+//! endpoints fails with `ECONNREFUSED`. Sockets of other namespaces (pods) are left alone: their
+//! traffic is translated on their devices.
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use rproxy_common::{RevNat4, SCOPE_EXTERNAL, ServiceKey4, SockRevKey4, proto};
@@ -17,6 +18,8 @@ use crate::{
 
 /// Socket programs return 1 to let the call go on.
 pub const ALLOW: i32 = 1;
+/// `ECONNREFUSED` (Linux).
+const ECONNREFUSED: i32 = 111;
 
 #[inline(always)]
 fn own_namespace(ctx: &SockAddrContext) -> bool {
@@ -47,7 +50,11 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let key = ServiceKey4 { addr: vip, port: vport, slot: 0, proto: p, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { crate::maps::SVC4.get(key) }).copied() else { return ALLOW };
-    let Some((_, be)) = lb::select_backend(&key, &svc) else { return ALLOW };
+    let Some((_, be)) = lb::select_backend(&key, &svc) else {
+        // No endpoints: a TCP connect fails at once, as kube-proxy's REJECT makes it fail.
+        // UDP goes on untranslated (a connected socket learns nothing before it sends).
+        return if p == proto::TCP && svc.count == 0 { refuse() } else { ALLOW };
+    };
     // SAFETY: helper on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rk = SockRevKey4 { cookie, addr: be.addr, port: be.port, _pad: 0 };
@@ -57,6 +64,15 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     sa.user_ip4 = be.addr;
     sa.user_port = u32::from(be.port);
     ALLOW
+}
+
+/// Fails the call with `ECONNREFUSED` (a socket program's 0 means "fail"; the error is
+/// `EPERM` unless the program sets another).
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: helper without pointers.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    0
 }
 
 /// `recvmsg4` and `getpeername4`: a backend address of a translated socket becomes the

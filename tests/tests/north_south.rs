@@ -12,6 +12,7 @@
 //! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
 //!   200 with the count on node 1 and 503 on node 2;
+//! - a `NodePort` without endpoints refuses connections at once on both nodes;
 //! - each agent answers kube-proxy's `/healthz` and `/livez` on port 10256;
 //! - with a smaller MTU on node 2's link (and node 1's route to it), 64 KiB still go through
 //!   node 1's `NodePort` to both backends: path MTU discovery works on node 1's ICMP
@@ -44,6 +45,7 @@ const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 61);
 const NODE_PORT: u16 = 30080;
 const LOCAL_NODE_PORT: u16 = 30090;
 const HEALTH_PORT: u16 = 32100;
+const EMPTY_NODE_PORT: u16 = 30095;
 const TARGET_PORT: u16 = 8080;
 const BACKEND_1: &str = "backend-1";
 const BACKEND_2: &str = "backend-2";
@@ -54,7 +56,7 @@ const MAX_REQUESTS: usize = 60;
 
 /// `web`: `LoadBalancer`, externalTrafficPolicy Cluster, TCP and UDP, an `externalIP` and an ingress
 /// IP, backends on both nodes. `local`: `LoadBalancer`, externalTrafficPolicy Local, its only
-/// endpoint on node 1.
+/// endpoint on node 1. `empty`: a `NodePort` without endpoints.
 fn manifests() -> String {
     format!(
         r"apiVersion: v1
@@ -105,6 +107,15 @@ endpoints:
 - {{addresses: [{b1}], conditions: {{ready: true}}, nodeName: node-1}}
 ports:
 - {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.22
+  ports:
+  - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}, nodePort: {EMPTY_NODE_PORT}}}
 ",
         b1 = NodeId::One.pod_ip(11),
         b2 = NodeId::Two.pod_ip(11),
@@ -246,6 +257,15 @@ fn scenario(mode: &str) -> Result<()> {
     let refused =
         cluster.in_client(|| client::tcp_request(NodeId::Two.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
     ensure!(refused.is_err(), "node 2 has no local endpoint but served the ETP Local NodePort: {refused:?}");
+    // No endpoints at all: refused at once (ICMP port unreachable), as kube-proxy rejects.
+    for node in NodeId::ALL {
+        let to = SocketAddr::from((node.ip(), EMPTY_NODE_PORT));
+        let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, TIMEOUT))?;
+        ensure!(
+            tried.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{to} without endpoints was not refused: {tried:?}"
+        );
+    }
     let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT, "/healthz"))??;
     ensure!(
         status == 200 && body.contains("\"localEndpoints\":1") && body.contains("\"serviceProxyHealthy\":true"),

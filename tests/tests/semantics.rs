@@ -1,7 +1,8 @@
 //! Service semantics that need real packets, end to end in the netns lab with the agent reading a
 //! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
-//! fallback to terminating endpoints and connection draining, a change of Service type, an agent
-//! restart under a stream of connections, and a UDP flow moved off a removed backend.
+//! fallback to terminating endpoints and connection draining, a Service without endpoints
+//! refusing connections, a change of Service type, an agent restart under a stream of
+//! connections, and a UDP flow moved off a removed backend.
 //!
 //! Every test builds its own lab (the demo's pods: `backend-a..c` and a client, serving the ports
 //! the test needs), writes its own Service and `EndpointSlice`, starts the agent, and holds
@@ -24,6 +25,7 @@ use rproxy_tests::{
         Endpoint, EndpointPort, EndpointSlice, ExternalNameService, Protocol, Service, ServicePort, TargetPort,
         write_atomic,
     },
+    netns::in_netns,
     serial_or_skip, streak_start,
 };
 
@@ -337,6 +339,63 @@ fn http_spec(endpoints: Vec<(&'static str, State)>) -> Spec<'static> {
         endpoints,
         ready_port: 80,
     }
+}
+
+/// How a new TCP connection and a connected UDP socket from the calling thread's namespace
+/// fare against `CLUSTER_IP:port`: refused (`ECONNREFUSED`), or anything else (`Err`: connected,
+/// timed out, another error).
+fn refused(port: u16) -> (bool, bool) {
+    let is_refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
+    let tcp = std::net::TcpStream::connect_timeout(&(CLUSTER_IP, port).into(), SHORT).is_err_and(|e| is_refused(&e));
+    let udp = (|| -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect((CLUSTER_IP, port))?;
+        socket.set_read_timeout(Some(SHORT))?;
+        socket.send(b"anyone?")?;
+        socket.recv(&mut [0u8; 64]).map(drop)
+    })()
+    .is_err_and(|e| is_refused(&e));
+    (tcp, udp)
+}
+
+/// A Service whose endpoints are all gone rejects new connections at once, as kube-proxy's
+/// `REJECT` rule does (ICMP port unreachable from the `ClusterIP`): a pod's TCP connect is refused
+/// instead of timing out, and a connected UDP socket learns it on its next receive. With an
+/// endpoint back, connections work again.
+#[test]
+fn service_without_endpoints_refuses_connections() {
+    run("service_without_endpoints_refuses_connections", &http_spec(all(State::Ready)), |setup| {
+        let ns = setup.client().ns().to_owned();
+        ensure!(in_netns(&ns, || refused(80))? == (false, false), "refused with every endpoint ready");
+        setup.write_slice(&[])?;
+        let since = Instant::now();
+        loop {
+            let (tcp, udp) = in_netns(&ns, || refused(80))?;
+            if tcp && udp {
+                break;
+            }
+            ensure!(
+                since.elapsed() < PROPAGATION + SHORT * 2,
+                "not refused {:?} after the endpoints went: TCP {tcp}, UDP {udp}",
+                since.elapsed()
+            );
+        }
+        // Refused, not timed out: the answer comes at once.
+        let t = Instant::now();
+        ensure!(in_netns(&ns, || refused(80))?.0, "a second connect was not refused");
+        ensure!(t.elapsed() < SHORT, "the refusal took {:?}", t.elapsed());
+
+        setup.write_slice(&[("backend-b", State::Ready)])?;
+        let since = Instant::now();
+        while setup.tcp_backend(80, SHORT).is_err() {
+            ensure!(
+                since.elapsed() < PROPAGATION + SHORT * 2,
+                "no connection {:?} after an endpoint came back",
+                since.elapsed()
+            );
+        }
+        Ok(())
+    });
 }
 
 #[test]

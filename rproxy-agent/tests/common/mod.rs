@@ -206,3 +206,30 @@ pub fn parse_checked(frame: &[u8]) -> Seen {
     };
     Seen { ttl: h.time_to_live, src: (src, sp), dst: (dst, dp), payload, options: h.options.as_slice().to_vec() }
 }
+
+/// Ones' complement sum of `bytes` as 16-bit big-endian words, folded.
+pub fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).expect("folded")
+}
+
+/// `out` is the ICMP error `typ`/`code` (with next-hop `mtu`) that `sent` calls for: from the
+/// address it was sent to, back to its sender and its MAC, valid checksums, quoting its IPv4
+/// header and first 8 payload bytes.
+pub fn assert_icmp_error(out: &[u8], sent: &[u8], typ: u8, code: u8, mtu: u16) {
+    assert_eq!(out.len(), 70, "Ethernet + IPv4 + ICMP + 28 quoted bytes");
+    assert_eq!((&out[0..6], &out[6..12]), (&sent[6..12], &sent[0..6]), "MACs swapped");
+    let ip = &out[14..34];
+    assert_eq!((ip[0], ip[9], ip[8]), (0x45, 1, 64), "IPv4, ICMP, TTL 64");
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56);
+    assert_eq!((&ip[12..16], &ip[16..20]), (&sent[30..34], &sent[26..30]), "from the address sent to, to the sender");
+    assert_eq!(ones_sum(ip), 0xffff, "IPv4 header checksum");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (typ, code));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), mtu, "next-hop MTU");
+    assert_eq!(ones_sum(icmp), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &sent[14..42], "quote: the header and 8 bytes as they arrived");
+}
