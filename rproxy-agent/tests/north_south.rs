@@ -14,8 +14,8 @@ mod common;
 use std::{net::Ipv4Addr, process::Command};
 
 use common::{
-    ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, ct_key as key, harness, macs, ones_sum, parse_checked,
-    tcp_frame, udp_frame,
+    ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key as key, harness,
+    icmp_error_frame, macs, ones_sum, parse_checked, tcp_frame, udp_frame,
 };
 use rproxy_agent::{
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
@@ -105,7 +105,8 @@ fn frontend(
 }
 
 /// The pod on this node gets the client's packets translated to it with the client's own source (XDP and
-/// TC alike), and its reply leaves the node from the node address and port.
+/// TC alike), and its reply leaves the node from the node address and port, as does its ICMP
+/// error about the flow, translated back.
 #[test]
 fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
     in_node_netns(|h, ifindex| {
@@ -129,6 +130,7 @@ fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
             let seen = parse_checked(&out);
             assert_eq!((seen.src, seen.dst), (c, (LOCAL_POD, 8080)), "xdp={xdp}");
             assert_eq!(macs(&out), macs(&syn), "handed to the stack with its Ethernet header unchanged");
+            let translated = out;
             let ct = h.ct(&key(c, (NODE, 30080), proto::TCP, CT_DIR_SERVICE)).expect("service entry");
             assert_eq!(ct.nat_flags, CT_NAT_EXTERNAL);
 
@@ -137,9 +139,17 @@ fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
             assert_eq!(rc, TC_PASS);
             let seen = parse_checked(&out);
             assert_eq!((seen.src, seen.dst), ((NODE, 30080), c), "reply from the NodePort");
+
+            // An ICMP error of the backend about the flow leaves from the node address, quoting
+            // the packet as the client sent it (conntrack's "related").
+            let error = icmp_error_frame(LOCAL_POD, c.0, 3, 4, &translated[14..42]);
+            let (rc, out) = h.run_on(prog_names::EXT_EGRESS, ifindex, &error);
+            assert_eq!(rc, TC_PASS);
+            assert_related_error(&out, &syn, NODE);
         }
         assert_eq!(h.stat(Stat::NewFlow), 2);
         assert_eq!(h.stat(Stat::RevNat), 2);
+        assert_eq!(h.stat(Stat::IcmpRelated), 2);
     });
 }
 

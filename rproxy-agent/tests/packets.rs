@@ -12,8 +12,8 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::{
-    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, ct_key, harness, parse_checked, tcp_frame,
-    udp_frame,
+    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key, harness,
+    icmp_error_frame, parse_checked, tcp_frame, udp_frame,
 };
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
@@ -215,9 +215,10 @@ fn truncated_and_non_ip_frames_pass_untouched() {
         ("ARP", arp),
         ("IHL < 5", bad_ihl),
         ("version 6 in an IPv4 frame", ipv6_version),
+        ("ICMP error cut in its quote", icmp_error_frame(BACKENDS[0], CLIENT, 3, 3, &syn[14..42])[..60].to_vec()),
     ];
     for (what, frame) in frames {
-        for prog in [prog_names::FROM_POD, prog_names::TO_POD] {
+        for prog in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::EXT_EGRESS] {
             let (rc, out) = h.run(prog, &frame);
             assert_eq!(rc, PASS, "{what} via {prog}");
             assert_eq!(out, frame, "{what} via {prog}: changed");
@@ -281,6 +282,39 @@ fn service_without_backends_rejects() {
     let with_options = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[1, 1, 1, 0]);
     assert_eq!(h.run(prog_names::FROM_POD, &with_options).0, DROP);
     assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (3, 2));
+}
+
+/// ICMP errors about a translated flow reach the client translated back (conntrack's
+/// "related"): a backend's port unreachable for a UDP datagram and a router's fragmentation
+/// needed for a TCP segment quote the packet as the backend got it; on the way into the pod the
+/// quote becomes the packet the client sent again (destination, checksums), and the backend's
+/// own error comes from the service address. Errors about no known flow pass untouched.
+#[test]
+fn icmp_errors_about_translated_flows_are_reverse_translated() {
+    kernel_test!(h);
+    let mut desired = service(Protocol::Udp, &BACKENDS[..1]);
+    desired.services.extend(service(Protocol::Tcp, &BACKENDS[..1]).services);
+    h.program(&desired);
+    let router = Ipv4Addr::new(10, 0, 0, 1);
+    let datagram = udp_frame((CLIENT, CPORT), (VIP, 80), b"question");
+    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
+    for (sent, from, typ, code) in [(&datagram, BACKENDS[0], 3, 3), (&syn, router, 3, 4)] {
+        let (_, translated) = h.run(prog_names::FROM_POD, sent);
+        assert_eq!(parse_checked(&translated).dst, (BACKENDS[0], 8080));
+        let error = icmp_error_frame(from, CLIENT, typ, code, &translated[14..42]);
+        let (rc, out) = h.run(prog_names::TO_POD, &error);
+        assert_eq!(rc, PASS);
+        let src = if from == BACKENDS[0] { VIP } else { router };
+        assert_related_error(&out, sent, src);
+    }
+    assert_eq!(h.stat(Stat::IcmpRelated), 2);
+    // No flow of this client port: untouched.
+    let (_, other) = h.run(prog_names::FROM_POD, &udp_frame((CLIENT, CPORT + 1), (VIP, 80), b"x"));
+    let mut quote = other[14..42].to_vec();
+    quote[20..22].copy_from_slice(&(CPORT + 2).to_be_bytes());
+    let error = icmp_error_frame(BACKENDS[0], CLIENT, 3, 3, &quote);
+    assert_eq!(h.run(prog_names::TO_POD, &error), (PASS, error.clone()));
+    assert_eq!(h.stat(Stat::IcmpRelated), 2);
 }
 
 #[test]

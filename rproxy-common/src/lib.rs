@@ -471,7 +471,8 @@ pub enum Stat {
     Established = 1,
     /// Replies reverse-translated.
     RevNat = 2,
-    /// Packets to a service with no backend: dropped.
+    /// Packets of a new flow to a frontend with no backend: rejected with ICMP port unreachable
+    /// (`icmp`) when the service has no endpoint at all, else dropped.
     NoBackend = 3,
     /// A conntrack entry pointed at a backend that no longer exists; a new one was chosen.
     BackendGone = 4,
@@ -495,13 +496,18 @@ pub enum Stat {
     /// North-south packets too big for the route to their next hop: dropped; with "don't
     /// fragment" set, answered with ICMP fragmentation-needed (`icmp`). No fragmentation.
     FragNeeded = 12,
-    /// ICMP errors sent (time exceeded, fragmentation needed); fewer than the packets that
-    /// called for one when the rate limit (`icmp`) held some back.
+    /// ICMP errors sent (time exceeded, fragmentation needed, port unreachable); fewer than the
+    /// packets that called for one when the rate limit (`icmp`) held some back.
     IcmpSent = 13,
+    /// ICMP errors about a packet of a translated flow (a backend's port unreachable, a router's
+    /// fragmentation needed…), translated back on their way to the client: the quoted packet's
+    /// destination becomes the service address again, and so does the error's source when the
+    /// backend sent it (conntrack's "related" packets).
+    IcmpRelated = 14,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -517,6 +523,7 @@ impl Stat {
         Self::TtlExceeded,
         Self::FragNeeded,
         Self::IcmpSent,
+        Self::IcmpRelated,
     ];
 
     #[must_use]
@@ -536,6 +543,7 @@ impl Stat {
             Self::TtlExceeded => "ttl_exceeded",
             Self::FragNeeded => "frag_needed",
             Self::IcmpSent => "icmp_sent",
+            Self::IcmpRelated => "icmp_related",
         }
     }
 }

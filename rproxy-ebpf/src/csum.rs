@@ -35,7 +35,7 @@ pub fn diff<const N: usize>(old: &mut [u32; N], new: &mut [u32; N]) -> Result<u3
 
 /// Folds a 16-bit checksum field's complement and 32-bit differences into the new field value.
 #[inline(always)]
-fn apply(field: u16, a: u32, b: u32) -> u16 {
+pub fn apply(field: u16, a: u32, b: u32) -> u16 {
     let mut s = u64::from(!field) + u64::from(a) + u64::from(b);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);

@@ -3,11 +3,11 @@
 //! - `rpx_from_pod` (TC ingress, host side of a pod veth): packets leaving a pod. `ClusterIP`
 //!   DNAT for TCP and UDP, with conntrack.
 //! - `rpx_to_pod` (TC egress, host side of a pod veth): packets entering a pod. Reverse NAT of
-//!   replies from backends.
+//!   replies from backends, and of ICMP errors about translated flows (`related`).
 //! - `rpx_xdp_ext` (XDP) and `rpx_ext_ingress` (TC ingress) on the node's external devices:
 //!   north-south service traffic, and the replies of the flows forwarded to other nodes (`nodeport`).
 //! - `rpx_ext_egress` (TC egress, external devices): reverse NAT of north-south replies from this
-//!   node's backends.
+//!   node's backends, and of ICMP errors about those flows (`related`).
 //! - `rpx_sock_*` (cgroup socket hooks): host-network processes connecting or sending to a
 //!   service address go to a backend directly (`sock`).
 //! - `rpx_tc_noop`, `rpx_xdp_noop`: return at once; the baselines of the benchmarks.
@@ -28,6 +28,7 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod related;
 mod sock;
 
 use aya_ebpf::{
@@ -219,6 +220,8 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
 #[inline(always)]
 fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
+        // Not TCP or UDP: perhaps an ICMP error about a translated flow.
+        related::rev_nat(ctx, false)?;
         return Ok(PASS);
     };
     if pkt.fragment || !lb::may_be_backend(&pkt) {

@@ -12,7 +12,7 @@
 //!   come back here, are translated back to the client and forwarded to it.
 //! - `ClusterIP` frontends are not served to outside clients (like Cilium's default); those
 //!   packets pass untouched.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use rproxy_common::{
     BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SCOPE_LOCAL, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP,
     SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, icmp as icmp_msg, snat,
@@ -26,6 +26,7 @@ use crate::{
     maps::{CONFIG, CT4, SNAT_CURSOR, SVC4, count},
     nat::{self, Tuple4},
     parse::{self, Packet4},
+    related,
 };
 
 /// What the entry point does with the packet.
@@ -296,10 +297,13 @@ fn forward<C: Ctx>(ctx: &C, route: &Route) -> Result<Action, i64> {
 }
 
 /// A packet leaving through an external device: the reply of a north-south flow to a backend
-/// on this node gets the service address back as its source.
+/// on this node gets the service address back as its source (an ICMP error about such a flow:
+/// `related`).
 #[inline(always)]
-pub fn egress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
+pub fn egress(ctx: &TcContext) -> Result<Action, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
+        // Not TCP or UDP: perhaps an ICMP error about a flow to a backend here.
+        related::rev_nat(ctx, true)?;
         return Ok(Action::Pass);
     };
     if pkt.fragment || !lb::may_be_backend(&pkt) {

@@ -1,7 +1,7 @@
 //! Service semantics that need real packets, end to end in the netns lab with the agent reading a
 //! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
 //! fallback to terminating endpoints and connection draining, a Service without endpoints
-//! refusing connections, a change of Service type, an agent restart under a stream of
+//! refusing connections, a backend's ICMP error reaching the client, a change of Service type, an agent restart under a stream of
 //! connections, and a UDP flow moved off a removed backend.
 //!
 //! Every test builds its own lab (the demo's pods: `backend-a..c` and a client, serving the ports
@@ -125,6 +125,24 @@ struct Spec<'a> {
     endpoints: Vec<(&'static str, State)>,
     /// A TCP port of the Service that answers once the agent has programmed it.
     ready_port: u16,
+}
+
+/// A Service port: name, protocol, port, target port.
+type PortSpec = (&'static str, Protocol, u16, u16);
+
+/// A Service with ports `a` (TCP 80, which tells when the agent is ready) and `b`, every endpoint
+/// ready and serving `serve`.
+fn two_port_spec(serve: &'static [u16], a: PortSpec, b: PortSpec) -> Spec<'static> {
+    let ports = [a, b];
+    Spec {
+        serve,
+        service: service(
+            ports.iter().map(|&(name, proto, port, target)| service_port(name, proto, port, target)).collect(),
+        ),
+        slice_ports: ports.iter().map(|&(name, proto, _, target)| slice_port(name, proto, target)).collect(),
+        endpoints: all(State::Ready),
+        ready_port: 80,
+    }
 }
 
 /// Builds the lab, writes the manifests, starts the agent, waits until the `ClusterIP` answers on
@@ -292,16 +310,7 @@ fn named_target_port_resolves_through_the_slice_port_names() {
 
 #[test]
 fn two_ports_of_one_service_reach_their_own_backend_ports() {
-    let spec = Spec {
-        serve: &[8080, 8081],
-        service: service(vec![
-            service_port("web", Protocol::Tcp, 80, 8080),
-            service_port("alt", Protocol::Tcp, 81, 8081),
-        ]),
-        slice_ports: vec![slice_port("web", Protocol::Tcp, 8080), slice_port("alt", Protocol::Tcp, 8081)],
-        endpoints: all(State::Ready),
-        ready_port: 80,
-    };
+    let spec = two_port_spec(&[8080, 8081], ("web", Protocol::Tcp, 80, 8080), ("alt", Protocol::Tcp, 81, 8081));
     run("two_ports_of_one_service_reach_their_own_backend_ports", &spec, |setup| {
         assert_reaches_every_backend(setup, Protocol::Tcp, 80, 8080, &[8080, 8081])?;
         assert_reaches_every_backend(setup, Protocol::Tcp, 81, 8081, &[8080, 8081])
@@ -394,6 +403,21 @@ fn service_without_endpoints_refuses_connections() {
                 since.elapsed()
             );
         }
+        Ok(())
+    });
+}
+
+/// A backend's ICMP error about a translated flow reaches the client translated back
+/// (conntrack's "related" packets): a connected UDP socket to a port that the backends do not
+/// serve gets `ECONNREFUSED` from the backend's port unreachable, as with kube-proxy, instead of
+/// waiting in vain.
+#[test]
+fn backend_port_unreachable_reaches_the_client() {
+    let spec = two_port_spec(&[8080], ("http", Protocol::Tcp, 80, 8080), ("closed", Protocol::Udp, 81, 9090));
+    run("backend_port_unreachable_reaches_the_client", &spec, |setup| {
+        let ns = setup.client().ns().to_owned();
+        let (_, udp) = in_netns(&ns, || refused(81))?;
+        ensure!(udp, "the backend's port unreachable did not reach the client's connected UDP socket");
         Ok(())
     });
 }

@@ -233,3 +233,33 @@ pub fn assert_icmp_error(out: &[u8], sent: &[u8], typ: u8, code: u8, mtu: u16) {
     assert_eq!(ones_sum(icmp), 0xffff, "ICMP checksum");
     assert_eq!(&icmp[8..], &sent[14..42], "quote: the header and 8 bytes as they arrived");
 }
+
+/// An ICMP error `typ`/`code` from `src` to `dst` quoting `quoted` (an IPv4 header and what
+/// follows of its packet), with valid checksums, as a backend's or a router's stack sends it.
+pub fn icmp_error_frame(src: Ipv4Addr, dst: Ipv4Addr, typ: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![typ, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let sum = !ones_sum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let len = u16::try_from(20 + icmp.len()).expect("small frame").to_be_bytes();
+    let mut ip = vec![0x45, 0xc0, len[0], len[1], 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = !ones_sum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+    frame.extend(ip);
+    frame.extend(icmp);
+    frame
+}
+
+/// The ICMP error `frame` (see [`icmp_error_frame`]) was translated back for the client that
+/// sent `sent`: it comes from `src`, both checksums hold, and its quote is `sent`'s IPv4 header
+/// and first 8 payload bytes exactly, as the client's stack must find them.
+pub fn assert_related_error(out: &[u8], sent: &[u8], src: Ipv4Addr) {
+    let ip = &out[14..34];
+    assert_eq!(&ip[12..16], &src.octets(), "the error's source");
+    assert_eq!(ones_sum(ip), 0xffff, "IPv4 header checksum");
+    assert_eq!(ones_sum(&out[34..]), 0xffff, "ICMP checksum");
+    assert_eq!(&out[42..70], &sent[14..42], "the quote is the packet the client sent");
+}
