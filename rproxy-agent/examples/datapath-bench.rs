@@ -88,6 +88,7 @@ fn desired(services: usize, backends: usize) -> Desired {
                 slots,
                 local_slots: Vec::new(),
                 draining: Vec::new(),
+                source_ranges: Vec::new(),
             },
         );
     }

@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names, prog_names,
+    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SrcRange4, Stat, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
 
@@ -50,6 +50,8 @@ pub struct Maps {
     pub svc_filter: Array<MapData, u64>,
     /// The backend filter (`rproxy_common::filter`).
     pub be_filter: Array<MapData, u64>,
+    /// `loadBalancerSourceRanges` (`rproxy_common::SrcRange4`).
+    pub src_range: LpmTrie<MapData, SrcRange4, u8>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -203,6 +205,11 @@ impl Datapath {
             },
             svc_filter: take_array(&mut self.ebpf, map_names::SVC_FILTER)?,
             be_filter: take_array(&mut self.ebpf, map_names::BE_FILTER)?,
+            src_range: {
+                let name = map_names::SRC_RANGE4;
+                let map = self.ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+                LpmTrie::try_from(map).map_err(|source| Error::Map { name, source })?
+            },
         })
     }
 

@@ -2,14 +2,16 @@
 //! shows as bytes).
 use std::{io::Write, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use rproxy_common::{Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, Stat, map_names};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use rproxy_common::{
+    Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, SrcRange4, Stat, map_names,
+};
 
 use crate::{
     Error, Result,
     datapath::{stat_total, used_entries},
     gc::monotonic_ns,
-    writer::scope_name,
+    writer::{scope_name, src_range_of},
 };
 
 fn open(dir: &Path, name: &'static str) -> Result<Map> {
@@ -39,7 +41,7 @@ fn proto(p: u8) -> &'static str {
 
 /// Writes the pinned maps under `dir` to `out`, decoded: the configuration, every service entry
 /// (with its scope, `external` or `local`) and its backend ids, backends, rev-NAT entries, the
-/// conntrack size (and with `conntrack` every entry), and the counters summed over CPUs.
+/// source ranges (`loadBalancerSourceRanges`) by rev-NAT id, the conntrack size (and with `conntrack` every entry), and the counters summed over CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let config: Array<_, Config> = array(dir, map_names::CONFIG)?;
@@ -90,6 +92,15 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     writeln!(out, "rev-NAT ({}):", map_names::REV_NAT4).map_err(io)?;
     for (id, r) in rns {
         writeln!(out, "  {id}: {}:{}", ip(r.addr), u16::from_be(r.port)).map_err(io)?;
+    }
+    let trie: LpmTrie<_, SrcRange4, u8> = LpmTrie::try_from(open(dir, map_names::SRC_RANGE4)?)
+        .map_err(|source| Error::Map { name: map_names::SRC_RANGE4, source })?;
+    let mut ranges: Vec<(u16, ipnet::Ipv4Net)> =
+        trie.keys().filter_map(std::result::Result::ok).filter_map(|k| src_range_of(&k)).collect();
+    ranges.sort_unstable();
+    writeln!(out, "source ranges ({}), by rev-NAT id:", map_names::SRC_RANGE4).map_err(io)?;
+    for (id, net) in ranges {
+        writeln!(out, "  {id}: {net}").map_err(io)?;
     }
     let entries: Vec<(CtKey4, CtValue)> = ct.iter().filter_map(std::result::Result::ok).collect();
     writeln!(out, "conntrack ({}): {} entries", map_names::CT4, entries.len()).map_err(io)?;

@@ -2,6 +2,8 @@
 //! functions (no I/O), so it is table-tested without a kernel.
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
+
 /// L4 protocol of a service port. SCTP is refused by the translation for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -118,6 +120,10 @@ pub struct ServiceEntry {
     /// Backends kept in the backend map only so that existing connections to them keep working
     /// (terminating endpoints not in `slots`). Sorted, without duplicates, disjoint from `slots`.
     pub draining: Vec<Backend>,
+    /// Only with `SVC_F_SOURCE_RANGE` (else empty): the sources that may open new flows, the
+    /// Service's `loadBalancerSourceRanges` (IPv4 ones, host bits cleared), sorted, without
+    /// duplicates. Empty with the flag: none may.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// A Service's health check node port (`externalTrafficPolicy: Local` `LoadBalancer` Services):

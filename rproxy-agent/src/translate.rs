@@ -20,7 +20,9 @@
 //!   (with the same port) is a frontend conflict like any other.
 //!
 //! The last three kinds are external frontends: they get [`SVC_F_ETP_LOCAL`] with
-//! `externalTrafficPolicy: Local`. Every frontend gets [`SVC_F_AFFINITY`] and the timeout with
+//! `externalTrafficPolicy: Local`. Ingress IPs of a Service with `loadBalancerSourceRanges` get
+//! [`SVC_F_SOURCE_RANGE`] and the ranges ([`ServiceEntry::source_ranges`]), as kube-proxy's
+//! firewall applies them to its load balancer IPs only (not to node ports or externalIPs). Every frontend gets [`SVC_F_AFFINITY`] and the timeout with
 //! `sessionAffinity: ClientIP`. When two Services claim one frontend, the first in
 //! `namespace/name` order keeps it and the other gets a problem.
 //!
@@ -55,6 +57,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
@@ -64,7 +67,7 @@ use k8s_openapi::{
 };
 use rproxy_common::{
     SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
 };
 use tracing::debug;
 
@@ -151,6 +154,9 @@ struct ServicePlan {
     affinity_timeout: Option<u32>,
     publish_not_ready: bool,
     health_check_node_port: Option<u16>,
+    /// `LoadBalancer` Services with `loadBalancerSourceRanges`: the IPv4 ones (see
+    /// [`source_ranges`]).
+    source_ranges: Option<Vec<Ipv4Net>>,
 }
 
 /// One valid service port.
@@ -206,6 +212,9 @@ impl ServicePlan {
         }
         if self.affinity_timeout.is_some() {
             flags |= SVC_F_AFFINITY;
+        }
+        if kind == FrontendKind::LoadBalancer && self.source_ranges.is_some() {
+            flags |= SVC_F_SOURCE_RANGE;
         }
         flags
     }
@@ -286,6 +295,7 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), has_node_ports, &mut report);
     let policies = Policies::of(spec, &mut report);
     let health_check_node_port = health_check_node_port(spec, service_type, policies.etp_local, &mut report);
+    let source_ranges = source_ranges(spec, service_type, &mut report);
     Some(ServicePlan {
         cluster_ips,
         external_ips,
@@ -296,7 +306,42 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
         affinity_timeout: policies.affinity_timeout,
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
         health_check_node_port,
+        source_ranges,
     })
+}
+
+/// `loadBalancerSourceRanges` of a `LoadBalancer` Service, as kube-proxy's firewall reads them:
+/// `None` when there are none (every source may connect); else the IPv4 CIDRs, host bits
+/// cleared, sorted and deduplicated. IPv6 ranges concern the other family and are skipped;
+/// unparsable ones are reported. Fail closed: a Service whose ranges hold no valid IPv4 CIDR
+/// gets an empty list, and its ingress IPs take no new flow at all.
+fn source_ranges(
+    spec: &ServiceSpec,
+    service_type: ServiceType,
+    report: &mut impl FnMut(String),
+) -> Option<Vec<Ipv4Net>> {
+    let raw = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
+    if raw.is_empty() {
+        return None;
+    }
+    if service_type != ServiceType::LoadBalancer {
+        report(String::from("loadBalancerSourceRanges on a Service that is not a LoadBalancer; ignored"));
+        return None;
+    }
+    let mut nets = BTreeSet::new();
+    for cidr in raw {
+        match cidr.trim().parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => {
+                nets.insert(net.trunc());
+            }
+            Ok(ipnet::IpNet::V6(_)) => debug!(cidr, "skipping an IPv6 loadBalancerSourceRange"),
+            Err(e) => report(format!("loadBalancerSourceRanges entry {cidr:?}: {e}; skipped")),
+        }
+    }
+    if nets.is_empty() {
+        report(String::from("loadBalancerSourceRanges holds no valid IPv4 range: the ingress IPs take no connection"));
+    }
+    Some(nets.into_iter().collect())
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` when that is empty; empty strings dropped.
@@ -797,6 +842,10 @@ fn build_desired(
                     draining: draining(port_endpoints, &slots),
                     slots,
                     local_slots,
+                    source_ranges: match (kind, &plan.source_ranges) {
+                        (FrontendKind::LoadBalancer, Some(nets)) => nets.clone(),
+                        _ => Vec::new(),
+                    },
                 };
                 match desired.services.entry(frontend) {
                     Entry::Vacant(vacant) => {

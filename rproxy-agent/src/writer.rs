@@ -25,13 +25,18 @@
 //! hold (ids included), so a restart rewrites nothing that is still right and established
 //! connections, which point at backend ids and rev-NAT ids, keep working.
 //!
+//! A frontend with `SVC_F_SOURCE_RANGE` has its `loadBalancerSourceRanges` in the source range
+//! trie under its rev-NAT id: ranges it gains are written before its slot 0, ranges it loses are
+//! deleted after it, and a removed frontend's go before its rev-NAT entry.
+//!
 //! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
 //! its previous state and every other service is still written.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use ipnet::Ipv4Net;
 use rproxy_common::{
     BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_ETP_LOCAL,
-    ServiceKey4, ServiceValue, proto,
+    ServiceKey4, ServiceValue, SrcRange4, proto,
 };
 
 use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
@@ -48,6 +53,9 @@ pub enum Op {
     DelRevNat(u16),
     /// A word of a filter map (`rproxy_common::filter`).
     PutFilterWord(FilterMap, u32, u64),
+    /// A source range of the frontend with this rev-NAT id (`rproxy_common::SrcRange4`).
+    PutSrcRange(u16, Ipv4Net),
+    DelSrcRange(u16, Ipv4Net),
 }
 
 /// Where operations go: the BPF maps, or a recorder in tests.
@@ -89,6 +97,8 @@ struct Programmed {
     /// The `SCOPE_LOCAL` set, present exactly when the frontend has `SVC_F_ETP_LOCAL` (as
     /// written; adoption may find it otherwise, and the next sync corrects it).
     local: Option<LocalScope>,
+    /// Source ranges written under the rev-NAT id, sorted.
+    source_ranges: Vec<Ipv4Net>,
 }
 
 /// A frontend's `SCOPE_LOCAL` entries.
@@ -132,6 +142,9 @@ pub struct Writer {
     filter: filter::Filter,
     /// The backend filter's.
     be_filter: filter::Filter,
+    /// Source ranges found at adoption under rev-NAT ids of no adopted frontend: deleted by the
+    /// next sync.
+    stale_src_ranges: Vec<(u16, Ipv4Net)>,
 }
 
 /// What the pinned maps held at start.
@@ -144,6 +157,8 @@ pub struct Adopted {
     pub filter: Vec<u64>,
     /// The backend filter's words (empty: none known).
     pub be_filter: Vec<u64>,
+    /// Source ranges, by rev-NAT id.
+    pub src_ranges: Vec<(u16, Ipv4Net)>,
 }
 
 fn protocol(p: u8) -> Option<Protocol> {
@@ -222,6 +237,23 @@ fn write_slots(
     Ok(written)
 }
 
+/// Issues `op(id, range)` for each of `ranges` (sorted) that `except` (sorted) lacks. Whether
+/// anything was issued.
+fn range_ops(
+    id: u16,
+    ranges: &[Ipv4Net],
+    except: &[Ipv4Net],
+    op: fn(u16, Ipv4Net) -> Op,
+    run: &mut impl FnMut(Op) -> Result<(), String>,
+) -> Result<bool, String> {
+    let mut issued = false;
+    for net in ranges.iter().filter(|n| except.binary_search(n).is_err()) {
+        run(op(id, *net))?;
+        issued = true;
+    }
+    Ok(issued)
+}
+
 fn slot_u16(slot: usize) -> u16 {
     u16::try_from(slot).expect("slot counts are bounded by BACKENDS_PER_SERVICE_MAX")
 }
@@ -247,6 +279,7 @@ impl Writer {
             unreferenced: BTreeSet::new(),
             filter: filter::Filter::new(FilterMap::Services),
             be_filter: filter::Filter::new(FilterMap::Backends),
+            stale_src_ranges: Vec::new(),
         }
     }
 
@@ -273,6 +306,10 @@ impl Writer {
             }
         }
         let rev_nat: BTreeMap<u16, RevNat4> = adopted.rev_nat.into_iter().collect();
+        let mut src_ranges: BTreeMap<u16, Vec<Ipv4Net>> = BTreeMap::new();
+        for (id, net) in adopted.src_ranges {
+            src_ranges.entry(id).or_default().push(net);
+        }
         let entries: BTreeMap<ServiceKey4, ServiceValue> = adopted.services.into_iter().collect();
         // The backend ids of slots 1..=count of the set whose slot 0 is `key0`, if all are there.
         let slot_ids = |key0: &ServiceKey4, count: u16| -> Option<Vec<u32>> {
@@ -311,11 +348,23 @@ impl Writer {
             let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
             w.rev_nat_ids.insert(value.rev_nat_id);
-            let p = Programmed { service, value: *value, slots: ids, draining: Vec::new(), rev_nat: rn, local };
+            let mut source_ranges = src_ranges.remove(&value.rev_nat_id).unwrap_or_default();
+            source_ranges.sort_unstable();
+            let p = Programmed {
+                service,
+                value: *value,
+                slots: ids,
+                draining: Vec::new(),
+                rev_nat: rn,
+                local,
+                source_ranges,
+            };
             w.reference(&p);
             w.services.insert(fe, p);
             w.filter.add(frontend_bit(fe));
         }
+        w.stale_src_ranges =
+            src_ranges.into_iter().flat_map(|(id, nets)| nets.into_iter().map(move |net| (id, net))).collect();
         // The first sync rewrites the words a previous agent left otherwise.
         w.filter.mark_all();
         w.be_filter.mark_all();
@@ -373,6 +422,7 @@ impl Writer {
             ops.extend(local_slots.map(|_| Op::DelService(local_key_of(*fe, 0))));
             ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(*fe, slot_u16(s)))));
             ops.extend((1..=local_slots.unwrap_or(0)).map(|s| Op::DelService(local_key_of(*fe, slot_u16(s)))));
+            ops.extend(p.source_ranges.iter().map(|net| Op::DelSrcRange(p.value.rev_nat_id, *net)));
             ops.push(Op::DelRevNat(p.value.rev_nat_id));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
@@ -412,6 +462,14 @@ impl Writer {
                     report.errors.push(format!("Service {} frontend {fe}: {e}", entry.service));
                     report.failed.insert(*fe);
                 }
+            }
+        }
+
+        // Source ranges a previous agent left under ids no frontend has.
+        for (id, net) in std::mem::take(&mut self.stale_src_ranges) {
+            if let Err(e) = run(Op::DelSrcRange(id, net)) {
+                report.errors.push(format!("source range {net} of rev-NAT id {id}: removing: {e}"));
+                self.stale_src_ranges.push((id, net));
             }
         }
 
@@ -472,6 +530,54 @@ impl Writer {
         run: &mut impl FnMut(Op) -> Result<(), String>,
         stale_udp: &mut Vec<(u16, u32)>,
     ) -> Result<bool, String> {
+        let rev_nat_id = match self.services.get(&fe) {
+            Some(p) => p.value.rev_nat_id,
+            None => self.alloc_rev_nat_id()?,
+        };
+        let result = self.write_frontend(fe, entry, rev_nat_id, run, stale_udp);
+        if result.is_err() {
+            // What this attempt wrote and nothing records: best-effort removal (errors are
+            // already reported). For a new frontend, its slots (no slot 0 leads to them) and
+            // rev-NAT entry; for any, the source ranges it added, which must not outlive the
+            // attempt under an id another frontend may get.
+            let old = self.services.get(&fe);
+            let mut undo = Vec::new();
+            if old.is_none() {
+                // At most as many slots as a write gets to (a larger set fails before any).
+                let max = usize::from(rproxy_common::limits::BACKENDS_PER_SERVICE_MAX);
+                undo.push(Op::DelService(local_key_of(fe, 0)));
+                undo.extend((1..=entry.slots.len().min(max)).map(|s| Op::DelService(key_of(fe, slot_u16(s)))));
+                undo.extend(
+                    (1..=entry.local_slots.len().min(max)).map(|s| Op::DelService(local_key_of(fe, slot_u16(s)))),
+                );
+            }
+            let kept: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
+            undo.extend(
+                entry
+                    .source_ranges
+                    .iter()
+                    .filter(|n| kept.binary_search(n).is_err())
+                    .map(|n| Op::DelSrcRange(rev_nat_id, *n)),
+            );
+            if old.is_none() {
+                undo.push(Op::DelRevNat(rev_nat_id));
+            }
+            for op in undo {
+                let _ = run(op);
+            }
+        }
+        result
+    }
+
+    /// [`Writer::sync_frontend`] with the frontend's rev-NAT id chosen.
+    fn write_frontend(
+        &mut self,
+        fe: Frontend,
+        entry: &ServiceEntry,
+        rev_nat_id: u16,
+        run: &mut impl FnMut(Op) -> Result<(), String>,
+        stale_udp: &mut Vec<(u16, u32)>,
+    ) -> Result<bool, String> {
         const MAX: u16 = rproxy_common::limits::BACKENDS_PER_SERVICE_MAX;
         let etp_local = entry.flags & SVC_F_ETP_LOCAL != 0;
         let largest = if etp_local { entry.slots.len().max(entry.local_slots.len()) } else { entry.slots.len() };
@@ -497,10 +603,6 @@ impl Writer {
                 local_ids.push(id);
             }
         }
-        let rev_nat_id = match self.services.get(&fe) {
-            Some(p) => p.value.rev_nat_id,
-            None => self.alloc_rev_nat_id()?,
-        };
         let old = self.services.get(&fe);
         let value = ServiceValue {
             backend_id: 0,
@@ -528,6 +630,9 @@ impl Writer {
             run(Op::PutRevNat(rev_nat_id, rev_nat))?;
             changed = true;
         }
+        // Source ranges the frontend gains, before the slot 0 that may carry the flag they serve.
+        let old_ranges: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
+        changed |= range_ops(rev_nat_id, &entry.source_ranges, old_ranges, Op::PutSrcRange, run)?;
         // The local slot 0 before the external one, which may carry the flag that leads to it.
         if let Some(l) = &local
             && old_local.is_none_or(|o| o.value != l.value)
@@ -539,6 +644,8 @@ impl Writer {
             run(Op::PutService(key_of(fe, 0), value))?;
             changed = true;
         }
+        // Ranges it loses, once slot 0 no longer leads to them (or still does, to fewer).
+        changed |= range_ops(rev_nat_id, old_ranges, &entry.source_ranges, Op::DelSrcRange, run)?;
         // Shrinking: the counts are already published, the slots past them are unreachable.
         for s in slot_ids.len() + 1..=old_slots.len() {
             run(Op::DelService(key_of(fe, slot_u16(s))))?;
@@ -564,7 +671,15 @@ impl Writer {
         changed |= old.is_none_or(|p| p.draining != draining);
         // The id counts as used only once the service is recorded: a failed attempt frees it.
         self.rev_nat_ids.insert(rev_nat_id);
-        let new = Programmed { service: entry.service.clone(), value, slots: slot_ids, draining, rev_nat, local };
+        let new = Programmed {
+            service: entry.service.clone(),
+            value,
+            slots: slot_ids,
+            draining,
+            rev_nat,
+            local,
+            source_ranges: entry.source_ranges.clone(),
+        };
         self.reference(&new);
         if let Some(old) = self.services.insert(fe, new) {
             self.unreference(&old);
@@ -648,12 +763,28 @@ impl MapSink for crate::datapath::Maps {
             Op::DelRevNat(id) => self.rev_nat.set(u32::from(id), RevNat4::default(), 0),
             Op::PutFilterWord(FilterMap::Services, i, w) => self.svc_filter.set(i, w, 0),
             Op::PutFilterWord(FilterMap::Backends, i, w) => self.be_filter.set(i, w, 0),
+            Op::PutSrcRange(id, net) => self.src_range.insert(&src_range_key(id, net), 1, 0),
+            Op::DelSrcRange(id, net) => ignore_missing(self.src_range.remove(&src_range_key(id, net))),
         };
         r.map_err(|e| match e {
             aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
             other => other.to_string(),
         })
     }
+}
+
+/// The trie key of source range `net` of the frontend with rev-NAT id `id`.
+fn src_range_key(id: u16, net: Ipv4Net) -> aya::maps::lpm_trie::Key<SrcRange4> {
+    let data = SrcRange4 { rev_nat_id: id, _pad: 0, addr: u32::from(net.network()).to_be() };
+    aya::maps::lpm_trie::Key::new(SrcRange4::ID_BITS + u32::from(net.prefix_len()), data)
+}
+
+/// The source range a trie key names, if it is one the writer could have written.
+pub(crate) fn src_range_of(key: &aya::maps::lpm_trie::Key<SrcRange4>) -> Option<(u16, Ipv4Net)> {
+    let data = key.data();
+    let len = u8::try_from(key.prefix_len().checked_sub(SrcRange4::ID_BITS)?).ok()?;
+    let net = Ipv4Net::new(std::net::Ipv4Addr::from(u32::from_be(data.addr)), len).ok()?;
+    Some((data.rev_nat_id, net))
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
@@ -679,6 +810,7 @@ pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
         // A word that cannot be read makes the whole filter unknown (see `Filter::adopt`).
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
+        src_ranges: maps.src_range.keys().filter_map(Result::ok).filter_map(|k| src_range_of(&k)).collect(),
     }
 }
 

@@ -23,7 +23,8 @@ use rproxy_agent::{
 };
 use rproxy_common::{
     CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, CtValue,
-    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_NODE_PORT, Stat, prog_names, proto,
+    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names,
+    proto,
 };
 
 const XDP_DROP: u32 = 1;
@@ -100,6 +101,7 @@ fn frontend(
         slots,
         local_slots: local,
         draining: Vec::new(),
+        source_ranges: Vec::new(),
     };
     Desired { services: [(Frontend { addr, port, proto }, entry)].into_iter().collect(), ..Desired::default() }
 }
@@ -374,6 +376,62 @@ fn nodeport_without_endpoints_rejects() {
         }
         assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (4, 4));
         assert!(h.ct(&key((CLIENT, CPORT), (NODE, 30089), proto::TCP, CT_DIR_SERVICE)).is_none());
+    });
+}
+
+/// `loadBalancerSourceRanges`: a new flow to the ingress IP opens only from a source inside the
+/// ranges, from outside (XDP and TC) as from a pod; others are dropped and counted, with no
+/// state. A flow opened while allowed keeps going (kube-proxy filters new connections only).
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources() {
+    in_node_netns(|h, ifindex| {
+        let lb_ip = Ipv4Addr::new(172, 31, 0, 60);
+        let flags = SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGE;
+        let mut d = frontend(lb_ip, 80, Protocol::Tcp, flags, vec![backend(LOCAL_POD, Protocol::Tcp, true)], vec![]);
+        let with_ranges = |d: &mut Desired, ranges: &[&str]| {
+            for e in d.services.values_mut() {
+                e.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            }
+        };
+        with_ranges(&mut d, &["172.31.0.64/26"]);
+        h.program(&d);
+        let outsider = (Ipv4Addr::new(172, 31, 0, 20), CPORT);
+        let pod = (Ipv4Addr::new(10, 244, 1, 50), CPORT);
+        for (i, xdp) in [(0u16, true), (1, false)] {
+            let inside = (CLIENT, CPORT + i);
+            let syn = tcp_frame(inside, (lb_ip, 80), SYN, b"", &[]);
+            let (rc, out) = if xdp {
+                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
+            } else {
+                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
+            };
+            assert_eq!(rc, if xdp { XDP_PASS } else { TC_PASS }, "xdp={xdp}");
+            assert_eq!(parse_checked(&out).dst, (LOCAL_POD, 8080), "inside the range: translated");
+            let syn = tcp_frame(outsider, (lb_ip, 80), SYN, b"", &[]);
+            let rc = if xdp {
+                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0
+            } else {
+                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn).0
+            };
+            assert_eq!(rc, if xdp { XDP_DROP } else { TC_DROP }, "outside the range: dropped, xdp={xdp}");
+        }
+        let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(pod, (lb_ip, 80), SYN, b"", &[]));
+        assert_eq!(rc, TC_DROP, "a pod outside the range too");
+        assert_eq!(h.stat(Stat::SourceRangeDrop), 3);
+        assert!(h.ct(&key(outsider, (lb_ip, 80), proto::TCP, CT_DIR_SERVICE)).is_none());
+
+        // The ranges change: the pod's network comes in, the client's goes out; the client's
+        // open flow keeps going.
+        with_ranges(&mut d, &["10.244.0.0/16"]);
+        h.program(&d);
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(pod, (lb_ip, 80), SYN, b"", &[]));
+        assert_eq!((rc, parse_checked(&out).dst), (TC_PASS, (LOCAL_POD, 8080)));
+        let ack = tcp_frame((CLIENT, CPORT), (lb_ip, 80), ACK, b"more", &[]);
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &ack);
+        assert_eq!((rc, parse_checked(&out).dst), (XDP_PASS, (LOCAL_POD, 8080)));
+        let syn = tcp_frame((CLIENT, CPORT + 5), (lb_ip, 80), SYN, b"", &[]);
+        assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0, XDP_DROP);
+        assert_eq!(h.stat(Stat::SourceRangeDrop), 4);
     });
 }
 

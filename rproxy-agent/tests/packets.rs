@@ -48,6 +48,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
             .collect(),
         local_slots: Vec::new(),
         draining: Vec::new(),
+        source_ranges: Vec::new(),
     };
     Desired { services: [(fe, entry)].into_iter().collect(), ..Desired::default() }
 }

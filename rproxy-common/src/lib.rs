@@ -35,8 +35,10 @@ pub mod map_names {
     pub const SVC_FILTER: &str = "RPX_SVC_FILTER";
     /// Bitmap over backends (`filter`): an array of `u64` words.
     pub const BE_FILTER: &str = "RPX_BE_FILTER";
+    /// `loadBalancerSourceRanges`: an LPM trie of `SrcRange4` (see there).
+    pub const SRC_RANGE4: &str = "RPX_SRC_RANGE4";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -48,6 +50,7 @@ pub mod map_names {
         ICMP_LIMIT,
         SVC_FILTER,
         BE_FILTER,
+        SRC_RANGE4,
     ];
 }
 
@@ -92,6 +95,8 @@ pub mod limits {
     pub const CT_MAX: u32 = 524_288;
     /// Host-network sockets remembered by the socket hooks (LRU).
     pub const SOCK_REV_NAT_MAX: u32 = 65_536;
+    /// `loadBalancerSourceRanges` entries (source CIDRs of all frontends together).
+    pub const SRC_RANGES_MAX: u32 = 65_536;
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
@@ -252,6 +257,30 @@ pub const SVC_F_ETP_LOCAL: u16 = 1 << 4;
 pub const SVC_F_ITP_LOCAL: u16 = 1 << 5;
 /// `sessionAffinity: ClientIP`.
 pub const SVC_F_AFFINITY: u16 = 1 << 6;
+/// `loadBalancerSourceRanges`: new flows only from the sources that `RPX_SRC_RANGE4` holds
+/// under the frontend's rev-NAT id (none: every new flow is dropped).
+pub const SVC_F_SOURCE_RANGE: u16 = 1 << 7;
+
+/// The data of an `RPX_SRC_RANGE4` key (an LPM trie): a source CIDR allowed to open flows to the
+/// frontend with rev-NAT id `rev_nat_id` (`SVC_F_SOURCE_RANGE`). The full key is the trie's
+/// `prefixlen: u32` followed by this struct (aya's `lpm_trie::Key<SrcRange4>` on both sides):
+/// `SrcRange4::ID_BITS` + the CIDR's length, so the id (and the zero pad) always match exactly.
+/// A lookup uses the packet's source with `ID_BITS + 32`. The value is a `u8`, 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange4 {
+    /// Host order, like ids elsewhere: every prefix covers it whole, so the trie's bit order
+    /// does not matter for it.
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// The CIDR's address (network byte order), host bits zero.
+    pub addr: u32,
+}
+
+impl SrcRange4 {
+    /// Key bits before the address: `rev_nat_id` and `_pad`.
+    pub const ID_BITS: u32 = 32;
+}
 
 /// Value of the IPv4 backend array, indexed by backend id (`u32`, never 0). An all-zero entry
 /// (no `BE_F_ACTIVE` nor `BE_F_TERMINATING`) is a free id.
@@ -504,10 +533,13 @@ pub enum Stat {
     /// destination becomes the service address again, and so does the error's source when the
     /// backend sent it (conntrack's "related" packets).
     IcmpRelated = 14,
+    /// New flows to a frontend with `loadBalancerSourceRanges` from a source outside them:
+    /// dropped, as kube-proxy's firewall chain does.
+    SourceRangeDrop = 15,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -524,6 +556,7 @@ impl Stat {
         Self::FragNeeded,
         Self::IcmpSent,
         Self::IcmpRelated,
+        Self::SourceRangeDrop,
     ];
 
     #[must_use]
@@ -544,6 +577,7 @@ impl Stat {
             Self::FragNeeded => "frag_needed",
             Self::IcmpSent => "icmp_sent",
             Self::IcmpRelated => "icmp_related",
+            Self::SourceRangeDrop => "src_range_drop",
         }
     }
 }
@@ -556,6 +590,8 @@ const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<SrcRange4>() == 8);
+const _: () = assert!(2 + 2 + 4 == core::mem::size_of::<SrcRange4>());
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
 const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
@@ -569,7 +605,7 @@ const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::si
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4};
+    use super::{Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, SrcRange4};
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
     // above), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for ServiceKey4 {}
@@ -580,6 +616,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for SockRevKey4 {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SrcRange4 {}
 }
 
 #[cfg(feature = "user")]

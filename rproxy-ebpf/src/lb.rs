@@ -1,9 +1,12 @@
 //! Service lookup and backend selection.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use rproxy_common::{BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, ServiceKey4, ServiceValue, filter};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use rproxy_common::{
+    BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_F_SOURCE_RANGE, ServiceKey4, ServiceValue, SrcRange4,
+    filter,
+};
 
 use crate::{
-    maps::{BE_FILTER, BE4, RNAT4, SVC_FILTER, SVC4},
+    maps::{BE_FILTER, BE4, RNAT4, SRC_RANGE4, SVC_FILTER, SVC4},
     parse::Packet4,
 };
 
@@ -29,6 +32,17 @@ pub fn may_be_backend(pkt: &Packet4) -> bool {
 #[inline(always)]
 pub fn frontend_alive(rev_nat_id: u16, pkt: &Packet4) -> bool {
     RNAT4.get(u32::from(rev_nat_id)).is_some_and(|r| r.addr == pkt.daddr && r.port == pkt.dport)
+}
+
+/// Whether a new flow from the packet's source may open to the frontend `svc`: always, unless
+/// it has `loadBalancerSourceRanges` (`SVC_F_SOURCE_RANGE`) and none of them holds the source.
+#[inline(always)]
+pub fn source_allowed(svc: &ServiceValue, pkt: &Packet4) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGE == 0 {
+        return true;
+    }
+    let data = SrcRange4 { rev_nat_id: svc.rev_nat_id, _pad: 0, addr: pkt.saddr };
+    SRC_RANGE4.get(Key::new(SrcRange4::ID_BITS + 32, data)).is_some()
 }
 
 /// Slot 0 of the service `(daddr, dport, proto)`, if the packet is addressed to one.

@@ -199,6 +199,10 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     if backend_gone {
         count(Stat::BackendGone);
     }
+    if !lb::source_allowed(&svc, &pkt) {
+        count(Stat::SourceRangeDrop);
+        return Ok(DROP);
+    }
     let Some((backend_id, be)) = lb::select_backend(&svc_key, &svc) else {
         count(Stat::NoBackend);
         // No endpoints: port unreachable back into the pod, as kube-proxy rejects.

@@ -2,11 +2,11 @@
 //! agent restart reuses them (the agent sets the pin directory).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, Stat, filter,
-    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX},
+    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, SrcRange4, Stat, filter,
+    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX, SRC_RANGES_MAX},
 };
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
@@ -57,6 +57,11 @@ pub static SVC_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
 /// Which backends may exist (see `rproxy_common::filter`).
 #[map(name = "RPX_BE_FILTER")]
 pub static BE_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
+
+/// `loadBalancerSourceRanges` (see `rproxy_common::SrcRange4`). aya adds `BPF_F_NO_PREALLOC`,
+/// which LPM tries require.
+#[map(name = "RPX_SRC_RANGE4")]
+pub static SRC_RANGE4: LpmTrie<SrcRange4, u8> = LpmTrie::pinned(SRC_RANGES_MAX, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -96,6 +96,12 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     if backend_gone {
         count(Stat::BackendGone);
     }
+    // loadBalancerSourceRanges first: a source outside them learns nothing, not even that
+    // there is no endpoint.
+    if !lb::source_allowed(&svc, &pkt) {
+        count(Stat::SourceRangeDrop);
+        return Ok(Action::Drop);
+    }
     // No endpoints at all: rejected, as kube-proxy does (whatever the traffic policy).
     if svc.count == 0 {
         count(Stat::NoBackend);

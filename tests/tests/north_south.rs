@@ -8,7 +8,8 @@
 //!   over TCP (64 KiB echoed intact) and UDP; a remote backend sees the node's address (SNAT,
 //!   with ports from the default `--snat-port-range`, which `rproxy-agent dump` shows), a local
 //!   one the client's;
-//! - an `externalIP` and a `LoadBalancer` ingress IP routed to node 1 work;
+//! - an `externalIP` and a `LoadBalancer` ingress IP routed to node 1 work, the latter with
+//!   `loadBalancerSourceRanges` that hold the client; one whose ranges leave it out drops it;
 //! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
 //!   200 with the count on node 1 and 503 on node 2;
@@ -42,6 +43,7 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 50);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 60);
 const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 61);
+const FENCED_LB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 62);
 const NODE_PORT: u16 = 30080;
 const LOCAL_NODE_PORT: u16 = 30090;
 const HEALTH_PORT: u16 = 32100;
@@ -55,8 +57,10 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUESTS: usize = 60;
 
 /// `web`: `LoadBalancer`, externalTrafficPolicy Cluster, TCP and UDP, an `externalIP` and an ingress
-/// IP, backends on both nodes. `local`: `LoadBalancer`, externalTrafficPolicy Local, its only
-/// endpoint on node 1. `empty`: a `NodePort` without endpoints.
+/// IP, backends on both nodes, `loadBalancerSourceRanges` that hold the client. `local`:
+/// `LoadBalancer`, externalTrafficPolicy Local, its only endpoint on node 1. `fenced`: a
+/// `LoadBalancer` whose source ranges leave the client out. `empty`: a `NodePort` without
+/// endpoints.
 fn manifests() -> String {
     format!(
         r"apiVersion: v1
@@ -67,6 +71,7 @@ spec:
   clusterIP: {CLUSTER_IP}
   externalIPs: [{EXTERNAL_IP}]
   externalTrafficPolicy: Cluster
+  loadBalancerSourceRanges: [{CLIENT_IP}/28]
   ports:
   - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
   - {{name: udp, protocol: UDP, port: 80, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
@@ -98,16 +103,20 @@ spec:
 status:
   loadBalancer:
     ingress: [{{ip: {LOCAL_LB_IP}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}
-addressType: IPv4
-endpoints:
-- {{addresses: [{b1}], conditions: {{ready: true}}, nodeName: node-1}}
-ports:
-- {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
----
+{local_slice}---
+apiVersion: v1
+kind: Service
+metadata: {{name: fenced, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.23
+  loadBalancerSourceRanges: [192.0.2.0/24]
+  ports:
+  - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: {FENCED_LB_IP}}}]
+{fenced_slice}---
 apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: default}}
@@ -119,6 +128,25 @@ spec:
 ",
         b1 = NodeId::One.pod_ip(11),
         b2 = NodeId::Two.pod_ip(11),
+        local_slice = backend_1_slice("local"),
+        fenced_slice = backend_1_slice("fenced"),
+    )
+}
+
+/// The `EndpointSlice` of Service `service` whose only endpoint is backend 1 (node 1), TCP.
+fn backend_1_slice(service: &str) -> String {
+    format!(
+        r"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [{b1}], conditions: {{ready: true}}, nodeName: node-1}}
+ports:
+- {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
+",
+        b1 = NodeId::One.pod_ip(11),
     )
 }
 
@@ -134,7 +162,7 @@ fn setup(mode: &str) -> Result<(Cluster, tempfile::TempDir)> {
     cluster.add_pod(NodeId::Two, BACKEND_2, NodeId::Two.pod_ip(11))?.serve(TARGET_PORT)?;
     cluster.add_pod(NodeId::One, POD_CLIENT, NodeId::One.pod_ip(50))?;
     // The externalIP and the LoadBalancer IPs are routed to node 1, as a router would.
-    for vip in [EXTERNAL_IP, LB_IP, LOCAL_LB_IP] {
+    for vip in [EXTERNAL_IP, LB_IP, LOCAL_LB_IP, FENCED_LB_IP] {
         ip(Some(cluster.client_ns()), &["route", "add", &format!("{vip}/32"), "via", &NodeId::One.ip().to_string()])?;
     }
     let dir = tempfile::tempdir()?;
@@ -239,6 +267,13 @@ fn scenario(mode: &str) -> Result<()> {
     for vip in [EXTERNAL_IP, LB_IP] {
         reach_both(&format!("TCP to {vip}:80"), || client_tcp(&cluster, vip, 80, b"vip"), b"vip")?;
     }
+    // loadBalancerSourceRanges without the client: dropped (a timeout, not a refusal).
+    let to = SocketAddr::from((FENCED_LB_IP, 80));
+    let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, Duration::from_secs(1)))?;
+    ensure!(
+        tried.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused),
+        "{to}, whose source ranges leave the client out, did not drop it: {tried:?}"
+    );
 
     // externalTrafficPolicy Local.
     let before = cluster.pod(BACKEND_1).peers_on(TARGET_PORT).tcp.len();

@@ -4,7 +4,7 @@ use k8s_openapi::api::{
     core::v1::{ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus, SessionAffinityConfig},
     discovery::v1::EndpointConditions,
 };
-use rproxy_common::{SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT};
+use rproxy_common::{SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE};
 
 use super::*;
 use BackendState::{Active, Terminating};
@@ -108,6 +108,7 @@ fn entry(service: &str, port_name: &str, slots: Vec<Backend>, draining: Vec<Back
         slots,
         local_slots: Vec::new(),
         draining,
+        source_ranges: Vec::new(),
     }
 }
 
@@ -149,6 +150,12 @@ fn check_invariants(desired: &Desired, node: &NodeContext) {
         if entry.flags & SVC_F_ETP_LOCAL == 0 {
             assert!(entry.local_slots.is_empty(), "{frontend}: local_slots without ETP Local");
         }
+        if entry.flags & SVC_F_SOURCE_RANGE == 0 {
+            assert!(entry.source_ranges.is_empty(), "{frontend}: source ranges without the flag");
+        } else {
+            assert!(entry.flags & SVC_F_LOAD_BALANCER != 0, "{frontend}: source ranges on another kind");
+        }
+        assert!(entry.source_ranges.windows(2).all(|w| w[0] < w[1]), "{frontend}: source ranges not sorted/unique");
         for backend in &entry.local_slots {
             assert!(backend.local, "{frontend}: remote backend in local_slots");
             assert!(entry.slots.contains(backend) || entry.draining.contains(backend), "{frontend}: {backend:?}");
@@ -671,6 +678,43 @@ fn web_as(ty: &str) -> Service {
         "LoadBalancer" => with_ingress(with_ips(ty, true), vec![ingress("198.51.100.10", None)]),
         other => panic!("no such type in this test: {other}"),
     }
+}
+
+/// `loadBalancerSourceRanges` go to the ingress IPs only (as kube-proxy's firewall applies
+/// them), IPv4 ranges with host bits cleared, sorted and deduplicated; IPv6 ones are the other
+/// family's and skipped; a malformed one is reported. Ranges holding no valid IPv4 CIDR close
+/// the ingress IPs (fail closed), and ranges on a Service that is not a `LoadBalancer` are
+/// reported and ignored.
+#[test]
+fn load_balancer_source_ranges_restrict_the_ingress_ips_only() {
+    let with_ranges = |ty: &str, ranges: &[&str]| {
+        with_spec(web_as(ty), |spec| {
+            spec.load_balancer_source_ranges = Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+        })
+    };
+    let lb = fe("198.51.100.10", 80, Tcp);
+    let ranges = ["10.0.0.0/8", " 192.168.1.7/24", "fd00::/8", "bogus", "10.0.0.0/8"];
+    let out = run(vec![with_ranges("LoadBalancer", &ranges)], vec![]);
+    let nets: Vec<Ipv4Net> = ["10.0.0.0/8", "192.168.1.0/24"].iter().map(|n| n.parse().unwrap()).collect();
+    for (frontend, entry) in &out.desired.services {
+        if frontend.addr == lb.addr {
+            assert!(entry.flags & SVC_F_SOURCE_RANGE != 0, "{frontend}");
+            assert_eq!(entry.source_ranges, nets, "{frontend}");
+        } else {
+            assert_eq!((entry.flags & SVC_F_SOURCE_RANGE, entry.source_ranges.len()), (0, 0), "{frontend}");
+        }
+    }
+    assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+    assert!(out.problems[0].reason.contains("\"bogus\""), "{:?}", out.problems);
+
+    let closed = run(vec![with_ranges("LoadBalancer", &["fd00::/8"])], vec![]);
+    let entry = &closed.desired.services[&lb];
+    assert!(entry.flags & SVC_F_SOURCE_RANGE != 0 && entry.source_ranges.is_empty());
+    assert!(closed.problems[0].reason.contains("no valid IPv4 range"), "{:?}", closed.problems);
+
+    let node_port = run(vec![with_ranges("NodePort", &["10.0.0.0/8"])], vec![]);
+    assert!(node_port.desired.services.values().all(|e| e.flags & SVC_F_SOURCE_RANGE == 0));
+    assert!(node_port.problems[0].reason.contains("not a LoadBalancer"), "{:?}", node_port.problems);
 }
 
 /// (type before, type after, frontend groups added, frontend groups removed)

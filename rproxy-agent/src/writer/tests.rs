@@ -3,7 +3,7 @@
 //! operation, checks what a packet could observe: every published slot 0 (of either scope) has
 //! all its slots, every slot names an existing backend, every slot 0 has its rev-NAT entry, and
 //! a slot 0 with `SVC_F_ETP_LOCAL` has its `SCOPE_LOCAL` slot 0 with the same rev-NAT id and
-//! flags.
+//! flags, and every source range belongs to a rev-NAT id in use.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -18,9 +18,12 @@ struct FakeMaps {
     rev_nat: BTreeMap<u16, RevNat4>,
     filter: BTreeMap<u32, u64>,
     be_filter: BTreeMap<u32, u64>,
+    src_ranges: BTreeSet<(u16, Ipv4Net)>,
     log: Vec<Op>,
     /// Fail every op whose service key has this address.
     fail_addr: Option<Ipv4Addr>,
+    /// Fail the writes of slot 0 of this address (after its slots, rev-NAT and ranges).
+    fail_slot0: Option<Ipv4Addr>,
     /// Fail backend inserts once this many backends exist.
     backend_capacity: Option<usize>,
     /// Skip the checks after each operation (for maps broken from outside the writer).
@@ -43,6 +46,9 @@ impl FakeMaps {
                 assert_eq!((local.rev_nat_id, local.flags), (v.rev_nat_id, v.flags), "{k:?}: local slot 0");
             }
         }
+        for (id, net) in &self.src_ranges {
+            assert!(self.rev_nat.contains_key(id), "source range {net} of rev-NAT id {id}, which has no entry");
+        }
     }
 
     fn check_backend_bits(&self) {
@@ -58,6 +64,7 @@ impl FakeMaps {
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
             filter: words(&self.filter),
             be_filter: words(&self.be_filter),
+            src_ranges: self.src_ranges.iter().copied().collect(),
         }
     }
 }
@@ -68,6 +75,12 @@ impl MapSink for FakeMaps {
             && k.addr == u32::from(a).to_be()
         {
             return Err(String::from("injected failure"));
+        }
+        if let (Some(a), Op::PutService(k, _)) = (self.fail_slot0, op)
+            && k.addr == u32::from(a).to_be()
+            && k.slot == 0
+        {
+            return Err(String::from("injected failure of slot 0"));
         }
         match *op {
             Op::PutBackend(id, v) => {
@@ -100,6 +113,12 @@ impl MapSink for FakeMaps {
             }
             Op::PutFilterWord(FilterMap::Backends, i, w) => {
                 self.be_filter.insert(i, w);
+            }
+            Op::PutSrcRange(id, net) => {
+                self.src_ranges.insert((id, net));
+            }
+            Op::DelSrcRange(id, net) => {
+                self.src_ranges.remove(&(id, net));
             }
         }
         self.log.push(*op);
@@ -143,6 +162,7 @@ fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
         slots: slots.iter().map(|b| be(*b)).collect(),
         local_slots: Vec::new(),
         draining: draining.iter().map(|b| Backend { state: BackendState::Terminating, ..be(*b) }).collect(),
+        source_ranges: Vec::new(),
     }
 }
 
@@ -616,4 +636,77 @@ fn service_filter_follows_the_frontends() {
         .flat_map(|(i, w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| i * 64 + b))
         .collect();
     assert_eq!((m.backends.len(), held), (1, be_bits));
+}
+
+fn lb_entry(name: &str, slots: &[u8], ranges: &[&str]) -> ServiceEntry {
+    ServiceEntry {
+        flags: rproxy_common::SVC_F_LOAD_BALANCER | rproxy_common::SVC_F_SOURCE_RANGE,
+        // Sorted, as the translation leaves them.
+        source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect::<BTreeSet<_>>().into_iter().collect(),
+        ..entry(name, slots, &[])
+    }
+}
+
+fn ranges(m: &FakeMaps) -> Vec<String> {
+    m.src_ranges.iter().map(|(id, net)| format!("{id}:{net}")).collect()
+}
+
+/// `loadBalancerSourceRanges`: ranges a frontend gains are written before its slot 0, ranges it
+/// loses deleted after, all of a removed frontend's before its rev-NAT entry (the fake maps
+/// check after every operation that each range's rev-NAT id is in use); a restart adopts them
+/// and writes nothing, and ranges under no adopted frontend's id are deleted.
+#[test]
+fn source_ranges_follow_their_frontend() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let lb = fe(20, 80);
+    let r = w.sync(&desired(&[(lb, lb_entry("lb", &[1], &["10.0.0.0/8", "192.168.1.0/24"]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(ranges(&m), ["1:10.0.0.0/8", "1:192.168.1.0/24"]);
+    let slot0 = m.log.iter().position(|o| matches!(o, Op::PutService(k, _) if k.slot == 0)).unwrap();
+    assert!(m.log[..slot0].iter().filter(|o| matches!(o, Op::PutSrcRange(..))).count() == 2, "{:?}", m.log);
+
+    m.log.clear();
+    w.sync(&desired(&[(lb, lb_entry("lb", &[1], &["192.168.1.0/24", "172.16.0.0/12"]))]), &mut m);
+    assert_eq!(ranges(&m), ["1:172.16.0.0/12", "1:192.168.1.0/24"]);
+    assert_eq!(
+        m.log,
+        [Op::PutSrcRange(1, "172.16.0.0/12".parse().unwrap()), Op::DelSrcRange(1, "10.0.0.0/8".parse().unwrap())]
+    );
+
+    // A restart writes nothing; a range a previous agent left under an unused id goes.
+    m.src_ranges.insert((77, "10.1.0.0/16".parse().unwrap()));
+    m.rev_nat.insert(77, RevNat4::default());
+    let (mut w2, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    m.rev_nat.remove(&77);
+    m.log.clear();
+    let same = desired(&[(lb, lb_entry("lb", &[1], &["192.168.1.0/24", "172.16.0.0/12"]))]);
+    let r = w2.sync(&same, &mut m);
+    assert!(r.errors.is_empty() && r.programmed.is_empty(), "{r:?}");
+    assert_eq!(m.log, [Op::DelSrcRange(77, "10.1.0.0/16".parse().unwrap())]);
+
+    // Removed: its ranges go before its rev-NAT entry.
+    m.log.clear();
+    w2.sync(&Desired::default(), &mut m);
+    assert!(m.src_ranges.is_empty());
+    let last_range = m.log.iter().rposition(|o| matches!(o, Op::DelSrcRange(..))).unwrap();
+    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(_))).unwrap();
+    assert!(last_range < rev_nat, "{:?}", m.log);
+}
+
+/// A new frontend whose write fails (at its slot 0, after everything else) leaves nothing
+/// behind: not the ranges it was given (they would otherwise stay under an id another frontend
+/// may get), nor its slots and rev-NAT entry.
+#[test]
+fn a_failed_frontend_leaves_no_source_ranges() {
+    let lb = fe(21, 80);
+    let mut m = FakeMaps { fail_slot0: Some(lb.addr), ..FakeMaps::default() };
+    let mut w = Writer::new();
+    let r = w.sync(&desired(&[(lb, lb_entry("lb", &[1], &["10.0.0.0/8"]))]), &mut m);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(m.log.iter().any(|o| matches!(o, Op::PutSrcRange(..))), "{:?}", m.log);
+    assert!(m.src_ranges.is_empty(), "{:?}", m.src_ranges);
+    // Nor its slots and rev-NAT entry (it was new), nor its backend.
+    assert!(m.services.is_empty() && m.rev_nat.is_empty() && m.backends.is_empty(), "{:?}", m.log);
 }
