@@ -435,6 +435,52 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
     });
 }
 
+/// An ICMP error about a flow source-translated to another node's backend comes back to the node's
+/// address and SNAT port: it is translated for the client (its quote the datagram the client
+/// sent, from the `NodePort` when the backend sent it, a router's address kept) and forwarded to
+/// the client, from XDP and TC. Errors about no such flow pass.
+#[test]
+fn icmp_errors_about_snated_flows_reach_the_client() {
+    in_node_netns(|h, ifindex| {
+        let remote = vec![backend(REMOTE_POD, Protocol::Udp, false)];
+        h.program(&frontend(NODE, 30091, Protocol::Udp, SVC_F_NODE_PORT, remote, vec![]));
+        let node2 = Ipv4Addr::new(172, 31, 0, 2);
+        for (i, xdp) in [(0u16, true), (1, false)] {
+            let (ok, run): (u32, RunOn) = if xdp {
+                (XDP_TX, |h, i, f| h.run_xdp(prog_names::XDP_EXT, i, f))
+            } else {
+                (TC_REDIRECT, |h, i, f| h.run_on(prog_names::EXT_INGRESS, i, f))
+            };
+            let sent = udp_frame((CLIENT, CPORT + i), (NODE, 30091), b"question");
+            let (rc, translated) = run(h, ifindex, &sent);
+            assert_eq!(rc, ok);
+            assert_eq!(parse_checked(&translated).dst, (REMOTE_POD, 8080));
+            // The quote carries the TTL the datagram left this node with.
+            let mut as_forwarded = sent.clone();
+            as_forwarded[14 + 8] -= 1;
+            fix_ip_checksum(&mut as_forwarded);
+            for (from, code) in [(REMOTE_POD, 3), (node2, 4)] {
+                let error = icmp_error_frame(from, NODE, 3, code, &translated[14..42]);
+                let (rc, out) = run(h, ifindex, &error);
+                assert_eq!(rc, ok, "xdp={xdp}, from {from}");
+                assert_related_error(&out, &as_forwarded, if from == REMOTE_POD { NODE } else { node2 });
+                assert_eq!(&out[30..34], &CLIENT.octets(), "to the client");
+                assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+                assert_eq!(out[14 + 8], 63, "forwarded: TTL decremented");
+            }
+        }
+        assert_eq!(h.stat(Stat::IcmpRelated), 4);
+        // About a flow the node never SNATed: passes untouched.
+        let quote = udp_frame((NODE, 40_999), (REMOTE_POD, 8080), b"question")[14..42].to_vec();
+        let error = icmp_error_frame(REMOTE_POD, NODE, 3, 3, &quote);
+        assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &error), (XDP_PASS, error.clone()));
+        assert_eq!(h.stat(Stat::IcmpRelated), 4);
+    });
+}
+
+/// Runs a frame through a north-south program as if it arrived on the device (XDP or TC).
+type RunOn = fn(&mut Harness, u32, &[u8]) -> (u32, Vec<u8>);
+
 /// A SNAT range (`--snat-port-range`) small enough to fill in a test.
 const SMALL_RANGE: PortRange = PortRange { first: 40_000, last: 40_011 };
 

@@ -98,6 +98,31 @@ pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<
     Ok(())
 }
 
+/// Folds a difference `diff` (see `diff`) into the checksum at `off`: the IPv4 header's (`l3`),
+/// or one without a pseudo header (ICMP). TC: the kernel helpers in their "diff" mode; XDP: in
+/// the frame.
+#[inline(always)]
+pub fn fold_diff<C: Ctx>(ctx: &C, off: usize, diff: u32, l3: bool) -> Result<(), i64> {
+    if C::SKB {
+        let skb: *mut __sk_buff = ctx.as_ptr().cast();
+        #[expect(clippy::cast_possible_truncation, reason = "header offsets are below 100")]
+        let off = off as u32;
+        // SAFETY: skb is this program's context; the helpers check the offset against the skb.
+        let r = unsafe {
+            if l3 {
+                bpf_l3_csum_replace(skb, off, 0, u64::from(diff), 0)
+            } else {
+                bpf_l4_csum_replace(skb, off, 0, u64::from(diff), 0)
+            }
+        };
+        return if r < 0 { Err(r) } else { Ok(()) };
+    }
+    let field: *mut u16 = ptr_at(ctx, off).ok_or(-1i64)?;
+    // SAFETY: bounds-checked; unaligned for the same reason as in `update`.
+    unsafe { field.write_unaligned(apply(field.read_unaligned(), diff, 0)) };
+    Ok(())
+}
+
 /// Updates the IPv4 header checksum for a change of one 16-bit header word from `old` to `new`
 /// (both as they are in memory); the caller writes the word.
 #[inline(always)]

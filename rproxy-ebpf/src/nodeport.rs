@@ -49,7 +49,8 @@ const NORTH_SOUTH: u16 = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANC
 #[inline(always)]
 pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(Action::Pass);
+        // Not TCP or UDP: perhaps an ICMP error about a flow this node SNATed.
+        return snat_error(ctx);
     };
     if pkt.fragment {
         return Ok(Action::Pass);
@@ -243,6 +244,40 @@ fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v:
     conntrack::account(ct, key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
     nat::rewrite_tuple(ctx, pkt, &new)?;
     count(Stat::RevNat);
+    forward(ctx, &route)
+}
+
+/// An ICMP error about a flow this node source-translated to another node's backend, addressed to the
+/// node's address and SNAT port (`related`): its quote becomes the packet the client sent
+/// (from the client, to the frontend), the error goes from the frontend (if the backend sent it)
+/// to the client, and is forwarded there like the flow's replies. Anything else passes. An error
+/// whose TTL would run out is dropped (no error about an error).
+#[inline(always)]
+fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
+    let Some(q) = related::parse(ctx) else {
+        return Ok(Action::Pass);
+    };
+    let Some(v) = related::flow(&q) else {
+        return Ok(Action::Pass);
+    };
+    if v.nat_flags & CT_NAT_SNAT == 0 || q.dst != q.inner_src() {
+        return Ok(Action::Pass);
+    }
+    if q.ttl <= 1 {
+        return Ok(Action::Drop);
+    }
+    let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
+    let route = match fib::lookup(ctx, rproxy_common::proto::ICMP, q.tot_len, src, v.nat_addr, false) {
+        Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
+        Route::Unusable => {
+            count(Stat::FibFail);
+            return Ok(Action::Drop);
+        }
+        Route::TooBig { .. } => return Ok(Action::Drop),
+        r => r,
+    };
+    let new = related::requote(&q, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port))?;
+    related::rewrite(ctx, &q, new, src, v.nat_addr)?;
     forward(ctx, &route)
 }
 

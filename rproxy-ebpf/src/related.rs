@@ -1,22 +1,25 @@
 //! ICMP errors about translated flows, conntrack's "related" packets. A backend that has no
 //! socket for a datagram, or a router that cannot forward a packet of a flow to a backend,
 //! answers with an ICMP error quoting the packet as it was sent on: to the backend's address and
-//! port. The client's stack matches the quote against its own sockets, which know the service
-//! address, so the error must be translated back like a reply: the quoted packet's destination
-//! becomes the service address and port again, and so does the error's own source when the
-//! backend sent it. Without this a connected UDP socket never learns that a backend refused it,
-//! and path MTU discovery fails on translated TCP flows.
+//! port (and, for a source-translated flow, from the node's address and SNAT port). The client's
+//! stack matches the quote against its own sockets, which know the service address, so the error
+//! must be translated back like a reply: the quoted packet becomes the one the client sent, and the
+//! error's own source becomes the service address when the backend sent it. Without this a
+//! connected UDP socket never learns that a backend refused it, and path MTU discovery fails on
+//! translated TCP flows.
 //!
-//! Handled on the way into a pod (`rpx_to_pod`: flows translated on the pod path) and out of an
-//! external device (`rpx_ext_egress`: north-south flows to this node's backends). Errors with
-//! IPv4 options, outer or quoted, and errors about source-translated (north-south SNAT) flows
-//! pass untouched.
+//! Handled on the way into a pod (`rpx_to_pod`: flows translated on the pod path), out of an
+//! external device (`rpx_ext_egress`: north-south flows to this node's backends), and, for
+//! north-south flows source-translated to another node's backend, where the error comes back in
+//! (`nodeport::ingress`, which forwards it to the client). Errors with IPv4 options, outer or
+//! quoted, pass untouched.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, Stat, proto};
+use rproxy_common::{CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, Stat, proto};
 
 use crate::{
     csum,
+    ctx::Ctx,
     maps::{CT4, count},
     parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_SADDR_OFF, ptr_at},
 };
@@ -35,23 +38,68 @@ const QUOTE_WORDS: usize = (Ipv4Hdr::LEN + 8) / 4;
 const IP_MF: u16 = 0x2000;
 const IP_OFFMASK: u16 = 0x1fff;
 
-/// Translates an ICMP error about a flow this node translated back for its client (see the
-/// module doc): `external` for the north-south hook (entries with `CT_NAT_EXTERNAL`), else the
-/// pod path's. Anything else is left untouched; `Err` only when a helper failed after the
-/// packet was changed (the caller drops it).
+/// An ICMP error quoting a TCP or UDP packet.
+pub struct Quoted {
+    /// The error's own addresses, TTL and IPv4 total length.
+    pub src: u32,
+    pub dst: u32,
+    pub ttl: u8,
+    pub tot_len: u16,
+    /// The quote, as 32-bit words in memory order: IPv4 header, then ports, then (UDP) length
+    /// and checksum or (TCP) sequence number.
+    words: [u32; QUOTE_WORDS],
+}
+
+impl Quoted {
+    /// The quoted packet's protocol.
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        self.words[2].to_ne_bytes()[1]
+    }
+    /// The quoted packet's source and destination addresses (wire order).
+    #[inline(always)]
+    pub fn inner_src(&self) -> u32 {
+        self.words[3]
+    }
+    #[inline(always)]
+    pub fn inner_dst(&self) -> u32 {
+        self.words[4]
+    }
+    /// The quoted packet's ports (wire order).
+    #[inline(always)]
+    fn ports(&self) -> (u16, u16) {
+        let [s0, s1, d0, d1] = self.words[5].to_ne_bytes();
+        (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]))
+    }
+
+    /// The reply entry of the quoted packet's flow: the key of a packet from its destination
+    /// (the backend) back to its source.
+    #[inline(always)]
+    pub fn reply_key(&self) -> CtKey4 {
+        let (sport, dport) = self.ports();
+        CtKey4 {
+            saddr: self.inner_dst(),
+            daddr: self.inner_src(),
+            sport: dport,
+            dport: sport,
+            proto: self.proto(),
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// The ICMP error this frame is, if it is one quoting a TCP or UDP packet (or its first
+/// fragment), without IPv4 options in either header.
 #[inline(always)]
-pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
-    // Anything shorter than an error with its quote (ARP, say) is not one: left alone.
-    let Some(quote) = ptr_at::<_, [u32; QUOTE_WORDS]>(ctx, QUOTE_OFF) else {
-        return Ok(());
-    };
-    let (Some(eth), Some(outer), Some(icmp)) =
-        (ptr_at::<_, EthHdr>(ctx, 0), ptr_at::<_, Ipv4Hdr>(ctx, EthHdr::LEN), ptr_at::<_, [u8; 8]>(ctx, ICMP_OFF))
-    else {
-        return Ok(());
-    };
+pub fn parse<C: Ctx>(ctx: &C) -> Option<Quoted> {
+    // Anything shorter than an error with its quote (ARP, say) is not one.
+    let quote = ptr_at::<_, [u32; QUOTE_WORDS]>(ctx, QUOTE_OFF)?;
+    let eth = ptr_at::<_, EthHdr>(ctx, 0)?;
+    let outer = ptr_at::<_, Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    let icmp = ptr_at::<_, [u8; 8]>(ctx, ICMP_OFF)?;
     // SAFETY: all bounds-checked above; copied out, read unaligned (no alignment guarantee).
-    let (ether_type, outer, icmp, old) =
+    let (ether_type, outer, icmp, words) =
         unsafe { ((*eth).ether_type, outer.read_unaligned(), icmp.read_unaligned(), quote.read_unaligned()) };
     if ether_type != ETH_P_IP_BE
         || outer.version() != 4
@@ -60,33 +108,82 @@ pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
         || u16::from_be_bytes(outer.frags) & (IP_OFFMASK | IP_MF) != 0
         || !QUOTING_TYPES.contains(&icmp[0])
     {
-        return Ok(());
+        return None;
     }
-    // The quoted packet: a TCP or UDP packet (or its first fragment) without options.
-    let [vihl, _, _, _] = old[0].to_ne_bytes();
-    let [_, _, f0, f1] = old[1].to_ne_bytes();
-    let [ttl, inner_proto, _, _] = old[2].to_ne_bytes();
-    if vihl != 0x45 || u16::from_be_bytes([f0, f1]) & IP_OFFMASK != 0 {
-        return Ok(());
-    }
-    if inner_proto != proto::TCP && inner_proto != proto::UDP {
-        return Ok(());
-    }
-    let (client, backend) = (old[3], old[4]);
-    let [s0, s1, d0, d1] = old[5].to_ne_bytes();
-    let (cport, bport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));
-    // The reply entry of the flow: as a packet from the backend to the client.
-    let key = CtKey4 {
-        saddr: backend,
-        daddr: client,
-        sport: bport,
-        dport: cport,
-        proto: inner_proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+    let [vihl, _, _, _] = words[0].to_ne_bytes();
+    let [_, _, f0, f1] = words[1].to_ne_bytes();
+    let q = Quoted {
+        src: u32::from_ne_bytes(outer.src_addr),
+        dst: u32::from_ne_bytes(outer.dst_addr),
+        ttl: outer.ttl,
+        tot_len: u16::from_be_bytes(outer.tot_len),
+        words,
     };
-    // SAFETY: copied out at once.
-    let Some(v) = (unsafe { CT4.get(key) }).copied() else {
+    let known = q.proto() == proto::TCP || q.proto() == proto::UDP;
+    (vihl == 0x45 && u16::from_be_bytes([f0, f1]) & IP_OFFMASK == 0 && known).then_some(q)
+}
+
+/// `q`'s quote with the tuple `(src, sport) → (dst, dport)` (wire order), its IPv4 and UDP
+/// checksums updated. A UDP checksum of zero ("none") stays zero, a computed zero is written as
+/// 0xffff.
+#[inline(always)]
+pub fn requote(q: &Quoted, src: (u32, u16), dst: (u32, u16)) -> Result<[u32; QUOTE_WORDS], i64> {
+    let old = q.words;
+    let [s0, s1] = src.1.to_ne_bytes();
+    let [d0, d1] = dst.1.to_ne_bytes();
+    let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
+    let addr = csum::diff(&mut [old[3], old[4]], &mut [src.0, dst.0])?;
+    let port = csum::diff(&mut [old[5]], &mut [ports])?;
+    let [ttl, inner_proto, c0, c1] = old[2].to_ne_bytes();
+    let ip = csum::apply(u16::from_ne_bytes([c0, c1]), addr, 0).to_ne_bytes();
+    let mut new = old;
+    new[2] = u32::from_ne_bytes([ttl, inner_proto, ip[0], ip[1]]);
+    new[3] = src.0;
+    new[4] = dst.0;
+    new[5] = ports;
+    if inner_proto == proto::UDP {
+        // The UDP checksum is in the quote (bytes 6..8): pseudo header and ports changed.
+        let [l0, l1, u0, u1] = old[6].to_ne_bytes();
+        let udp = u16::from_ne_bytes([u0, u1]);
+        if udp != 0 {
+            let sum = csum::apply(udp, addr, port);
+            let u = if sum == 0 { 0xffff } else { sum }.to_ne_bytes();
+            new[6] = u32::from_ne_bytes([l0, l1, u[0], u[1]]);
+        }
+    }
+    Ok(new)
+}
+
+/// Writes `new` as `q`'s quote and `(src, dst)` as the error's addresses, with the ICMP
+/// checksum updated by one difference over the quote and the IPv4 header's by the addresses'.
+#[inline(always)]
+pub fn rewrite<C: Ctx>(ctx: &C, q: &Quoted, mut new: [u32; QUOTE_WORDS], src: u32, dst: u32) -> Result<(), i64> {
+    let mut old = q.words;
+    csum::fold_diff(ctx, ICMP_CSUM_OFF, csum::diff(&mut old, &mut new)?, false)?;
+    if (src, dst) != (q.src, q.dst) {
+        csum::fold_diff(ctx, IP_CSUM_OFF, csum::diff(&mut [q.src, q.dst], &mut [src, dst])?, true)?;
+    }
+    let quote: *mut [u32; QUOTE_WORDS] = ptr_at(ctx, QUOTE_OFF).ok_or(-1i64)?;
+    let addrs: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
+    // SAFETY: bounds-checked after the helpers, which may move skb data.
+    unsafe {
+        quote.write_unaligned(new);
+        addrs.write_unaligned([src, dst]);
+    }
+    count(Stat::IcmpRelated);
+    Ok(())
+}
+
+/// Translates an ICMP error about a flow whose destination this node translated (no SNAT)
+/// back for its client (see the module doc): `external` for the north-south egress (entries
+/// with `CT_NAT_EXTERNAL`), else the pod path's. Anything else is left untouched; `Err` only
+/// when a helper failed after the packet was changed (the caller drops it).
+#[inline(always)]
+pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
+    let Some(q) = parse(ctx) else {
+        return Ok(());
+    };
+    let Some(v) = flow(&q) else {
         return Ok(());
     };
     let want = if external { CT_NAT_EXTERNAL } else { 0 };
@@ -94,50 +191,16 @@ pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
         return Ok(());
     }
     // The reply entry's pair is the frontend the client addressed.
-    let (vip, vport) = (v.pair_addr, v.pair_port);
-
-    // The quote with the destination back to the frontend, its checksums updated.
-    let addr = csum::diff(&mut [backend], &mut [vip])?;
-    let [v0, v1] = vport.to_ne_bytes();
-    let ports = u32::from_ne_bytes([s0, s1, v0, v1]);
-    let port = csum::diff(&mut [old[5]], &mut [ports])?;
-    let [_, _, c0, c1] = old[2].to_ne_bytes();
-    let ip_csum = csum::apply(u16::from_ne_bytes([c0, c1]), addr, 0).to_ne_bytes();
-    let mut new = old;
-    new[2] = u32::from_ne_bytes([ttl, inner_proto, ip_csum[0], ip_csum[1]]);
-    new[4] = vip;
-    new[5] = ports;
-    if inner_proto == proto::UDP {
-        // The UDP checksum is in the quote (bytes 6..8): pseudo header and port changed. Zero
-        // ("none") stays zero, a computed zero is written as 0xffff.
-        let [l0, l1, u0, u1] = old[6].to_ne_bytes();
-        let udp = u16::from_ne_bytes([u0, u1]);
-        if udp != 0 {
-            let mut sum = csum::apply(udp, addr, port);
-            if sum == 0 {
-                sum = 0xffff;
-            }
-            let u = sum.to_ne_bytes();
-            new[6] = u32::from_ne_bytes([l0, l1, u[0], u[1]]);
-        }
-    }
-    // The ICMP checksum covers the quote: one difference for all of it.
-    let mut old_words = old;
-    let quote_diff = csum::diff(&mut old_words, &mut new)?;
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, 0, u64::from(quote_diff), 0)?;
+    let (sport, _) = q.ports();
+    let new = requote(&q, (q.inner_src(), sport), (v.pair_addr, v.pair_port))?;
     // The backend's own error comes from the frontend; a router's keeps its address.
-    let outer_src = u32::from_ne_bytes(outer.src_addr);
-    let new_src = if outer_src == backend { vip } else { outer_src };
-    if new_src != outer_src {
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(outer_src), u64::from(new_src), 4)?;
-    }
-    let quote: *mut [u32; QUOTE_WORDS] = ptr_at(ctx, QUOTE_OFF).ok_or(-1i64)?;
-    let src: *mut u32 = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
-    // SAFETY: bounds-checked after the helpers, which may move skb data.
-    unsafe {
-        quote.write_unaligned(new);
-        src.write_unaligned(new_src);
-    }
-    count(Stat::IcmpRelated);
-    Ok(())
+    let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
+    rewrite(ctx, &q, new, src, q.dst)
+}
+
+/// The conntrack reply entry of the flow `q` quotes.
+#[inline(always)]
+pub fn flow(q: &Quoted) -> Option<CtValue> {
+    // SAFETY: copied out at once.
+    unsafe { CT4.get(q.reply_key()) }.copied()
 }

@@ -13,7 +13,9 @@
 //! - `externalTrafficPolicy: Local`: node 1 (with the endpoint) always picks it and the backend
 //!   sees the client, node 2 (without) does not answer, and the health check node port answers
 //!   200 with the count on node 1 and 503 on node 2;
-//! - a `NodePort` without endpoints refuses connections at once on both nodes;
+//! - a `NodePort` without endpoints refuses connections at once on both nodes, and a UDP one
+//!   whose backend does not listen gets the backend's port unreachable to the client (through
+//!   node 1's SNAT, and node 2's own backend);
 //! - each agent answers kube-proxy's `/healthz` and `/livez` on port 10256;
 //! - with a smaller MTU on node 2's link (and node 1's route to it), 64 KiB still go through
 //!   node 1's `NodePort` to both backends: path MTU discovery works on node 1's ICMP
@@ -48,6 +50,9 @@ const NODE_PORT: u16 = 30080;
 const LOCAL_NODE_PORT: u16 = 30090;
 const HEALTH_PORT: u16 = 32100;
 const EMPTY_NODE_PORT: u16 = 30095;
+const CLOSED_NODE_PORT: u16 = 30096;
+/// A port backend 2 does not serve.
+const CLOSED_PORT: u16 = 9090;
 const TARGET_PORT: u16 = 8080;
 const BACKEND_1: &str = "backend-1";
 const BACKEND_2: &str = "backend-2";
@@ -59,8 +64,8 @@ const MAX_REQUESTS: usize = 60;
 /// `web`: `LoadBalancer`, externalTrafficPolicy Cluster, TCP and UDP, an `externalIP` and an ingress
 /// IP, backends on both nodes, `loadBalancerSourceRanges` that hold the client. `local`:
 /// `LoadBalancer`, externalTrafficPolicy Local, its only endpoint on node 1. `fenced`: a
-/// `LoadBalancer` whose source ranges leave the client out. `empty`: a `NodePort` without
-/// endpoints.
+/// `LoadBalancer` whose source ranges leave the client out. `closed`: a UDP `NodePort` whose only
+/// endpoint (on node 2) does not listen. `empty`: a `NodePort` without endpoints.
 fn manifests() -> String {
     format!(
         r"apiVersion: v1
@@ -117,6 +122,24 @@ status:
   loadBalancer:
     ingress: [{{ip: {FENCED_LB_IP}}}]
 {fenced_slice}---
+apiVersion: v1
+kind: Service
+metadata: {{name: closed, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.24
+  ports:
+  - {{name: udp, protocol: UDP, port: 80, targetPort: {CLOSED_PORT}, nodePort: {CLOSED_NODE_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: closed-1, namespace: default, labels: {{kubernetes.io/service-name: closed}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [{b2}], conditions: {{ready: true}}, nodeName: node-2}}
+ports:
+- {{name: udp, protocol: UDP, port: {CLOSED_PORT}}}
+---
 apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: default}}
@@ -254,6 +277,45 @@ fn ensure_translated_sources(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// What the datapath turns away, and how: a source outside `loadBalancerSourceRanges` is
+/// dropped (a timeout, not a refusal); a backend's port unreachable reaches the client's
+/// connected UDP socket; a Service without endpoints refuses at once.
+fn ensure_turned_away(cluster: &Cluster) -> Result<()> {
+    // loadBalancerSourceRanges without the client: dropped (a timeout, not a refusal).
+    let to = SocketAddr::from((FENCED_LB_IP, 80));
+    let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, Duration::from_secs(1)))?;
+    ensure!(
+        tried.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused),
+        "{to}, whose source ranges leave the client out, did not drop it: {tried:?}"
+    );
+    // The backend's port unreachable reaches the client's connected UDP socket, through node 1
+    // (SNAT, forwarded back) and node 2 (its own backend).
+    for node in NodeId::ALL {
+        let to = SocketAddr::from((node.ip(), CLOSED_NODE_PORT));
+        let tried = cluster.in_client(|| -> std::io::Result<usize> {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.send(b"anyone?")?;
+            socket.recv(&mut [0u8; 64])
+        })?;
+        ensure!(
+            tried.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{to}: the backend's port unreachable did not reach the client: {tried:?}"
+        );
+    }
+    // No endpoints at all: refused at once (ICMP port unreachable), as kube-proxy rejects.
+    for node in NodeId::ALL {
+        let to = SocketAddr::from((node.ip(), EMPTY_NODE_PORT));
+        let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, TIMEOUT))?;
+        ensure!(
+            tried.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{to} without endpoints was not refused: {tried:?}"
+        );
+    }
+    Ok(())
+}
+
 fn scenario(mode: &str) -> Result<()> {
     let (cluster, _dir) = setup(mode)?;
     let big = payload(64 * 1024);
@@ -267,13 +329,7 @@ fn scenario(mode: &str) -> Result<()> {
     for vip in [EXTERNAL_IP, LB_IP] {
         reach_both(&format!("TCP to {vip}:80"), || client_tcp(&cluster, vip, 80, b"vip"), b"vip")?;
     }
-    // loadBalancerSourceRanges without the client: dropped (a timeout, not a refusal).
-    let to = SocketAddr::from((FENCED_LB_IP, 80));
-    let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, Duration::from_secs(1)))?;
-    ensure!(
-        tried.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused),
-        "{to}, whose source ranges leave the client out, did not drop it: {tried:?}"
-    );
+    ensure_turned_away(&cluster)?;
 
     // externalTrafficPolicy Local.
     let before = cluster.pod(BACKEND_1).peers_on(TARGET_PORT).tcp.len();
@@ -292,15 +348,6 @@ fn scenario(mode: &str) -> Result<()> {
     let refused =
         cluster.in_client(|| client::tcp_request(NodeId::Two.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
     ensure!(refused.is_err(), "node 2 has no local endpoint but served the ETP Local NodePort: {refused:?}");
-    // No endpoints at all: refused at once (ICMP port unreachable), as kube-proxy rejects.
-    for node in NodeId::ALL {
-        let to = SocketAddr::from((node.ip(), EMPTY_NODE_PORT));
-        let tried = cluster.in_client(|| TcpStream::connect_timeout(&to, TIMEOUT))?;
-        ensure!(
-            tried.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
-            "{to} without endpoints was not refused: {tried:?}"
-        );
-    }
     let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT, "/healthz"))??;
     ensure!(
         status == 200 && body.contains("\"localEndpoints\":1") && body.contains("\"serviceProxyHealthy\":true"),
