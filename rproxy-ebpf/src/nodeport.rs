@@ -247,11 +247,11 @@ fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v:
     forward(ctx, &route)
 }
 
-/// An ICMP error about a flow this node source-translated to another node's backend, addressed to the
-/// node's address and SNAT port (`related`): its quote becomes the packet the client sent
-/// (from the client, to the frontend), the error goes from the frontend (if the backend sent it)
-/// to the client, and is forwarded there like the flow's replies. Anything else passes. An error
-/// whose TTL would run out is dropped (no error about an error).
+/// An ICMP error about a flow this node source-translated to another node's backend,
+/// addressed to the node's address and SNAT port (`related`): its quote becomes the packet the
+/// client sent (from the client, to the frontend), the error goes from the frontend (if the
+/// backend sent it) to the client, and is forwarded there like the flow's replies. Anything else
+/// passes. An error whose TTL would run out is dropped (no error about an error).
 #[inline(always)]
 fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some(q) = related::parse(ctx) else {
