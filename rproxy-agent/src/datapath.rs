@@ -25,7 +25,8 @@ use aya::{
     },
 };
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SrcRange4, Stat, map_names, prog_names,
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue,
+    SrcRange4, Stat, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
 
@@ -52,6 +53,10 @@ pub struct Maps {
     pub be_filter: Array<MapData, u64>,
     /// `loadBalancerSourceRanges` (`rproxy_common::SrcRange4`).
     pub src_range: LpmTrie<MapData, SrcRange4, u8>,
+    /// `ClientIP` affinity: the backend each client last got (LRU).
+    pub affinity: HashMap<MapData, AffinityKey4, AffinityValue>,
+    /// The backends affinity may use per frontend (`rproxy_common::AffinityMatch`).
+    pub affinity_match: HashMap<MapData, AffinityMatch, u8>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -210,6 +215,8 @@ impl Datapath {
                 let map = self.ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
                 LpmTrie::try_from(map).map_err(|source| Error::Map { name, source })?
             },
+            affinity: take(&mut self.ebpf, map_names::AFFINITY4)?,
+            affinity_match: take(&mut self.ebpf, map_names::AFFINITY_MATCH)?,
         })
     }
 
@@ -623,15 +630,18 @@ impl MapShape {
 }
 
 /// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, the
-/// filters, which the writer rewrites from the services and backends, and the configuration,
-/// which the agent writes at start): a pinned one of another shape is replaced, not refused.
-const REPLACEABLE: [&str; 6] = [
+/// filters and affinity matches, which the writer rewrites from the services and backends, the
+/// configuration, which the agent writes at start, and the affinity memory, whose loss only
+/// makes clients pick afresh): a pinned one of another shape is replaced, not refused.
+const REPLACEABLE: [&str; 8] = [
     map_names::STATS,
     map_names::SNAT_CURSOR,
     map_names::ICMP_LIMIT,
     map_names::SVC_FILTER,
     map_names::BE_FILTER,
     map_names::CONFIG,
+    map_names::AFFINITY4,
+    map_names::AFFINITY_MATCH,
 ];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

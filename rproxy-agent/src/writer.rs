@@ -2,7 +2,7 @@
 //! order that never lets a packet see a half-written service.
 //!
 //! Ordering (the datapath reads slot 0, picks a slot in `1..=count`, reads that backend):
-//! - insert/grow: backends → backend slots → rev-NAT → slot 0 (the count published last). The
+//! - insert/grow: backends → rev-NAT → backend slots → slot 0 (the count published last). The
 //!   rev-NAT entry is written before slot 0 (not after, as in a literal reading of "slot 0 then
 //!   rev-NAT"), so that the reply to the very first translated packet finds it;
 //! - shrink: rewrite the kept slots in place (each always holds a live backend), publish the new
@@ -26,8 +26,10 @@
 //! connections, which point at backend ids and rev-NAT ids, keep working.
 //!
 //! A frontend with `SVC_F_SOURCE_RANGE` has its `loadBalancerSourceRanges` in the source range
-//! trie under its rev-NAT id: ranges it gains are written before its slot 0, ranges it loses are
-//! deleted after it, and a removed frontend's go before its rev-NAT entry.
+//! trie under its rev-NAT id, and one with `SVC_F_AFFINITY` an affinity match per backend of its
+//! slots (either scope): entries it gains are written before its slot 0, entries it loses are
+//! deleted after it (and after the slots that named them), and a removed frontend's go before
+//! its rev-NAT entry.
 //!
 //! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
 //! its previous state and every other service is still written.
@@ -35,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::Ipv4Net;
 use rproxy_common::{
-    BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_ETP_LOCAL,
-    ServiceKey4, ServiceValue, SrcRange4, proto,
+    AffinityMatch, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, SCOPE_EXTERNAL, SCOPE_LOCAL,
+    SVC_F_AFFINITY, SVC_F_ETP_LOCAL, ServiceKey4, ServiceValue, SrcRange4, proto,
 };
 
 use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
@@ -56,6 +58,10 @@ pub enum Op {
     /// A source range of the frontend with this rev-NAT id (`rproxy_common::SrcRange4`).
     PutSrcRange(u16, Ipv4Net),
     DelSrcRange(u16, Ipv4Net),
+    /// A backend id that affinity may use for the frontend with this rev-NAT id
+    /// (`rproxy_common::AffinityMatch`).
+    PutAffinityMatch(u16, u32),
+    DelAffinityMatch(u16, u32),
 }
 
 /// Where operations go: the BPF maps, or a recorder in tests.
@@ -99,6 +105,9 @@ struct Programmed {
     local: Option<LocalScope>,
     /// Source ranges written under the rev-NAT id, sorted.
     source_ranges: Vec<Ipv4Net>,
+    /// With `SVC_F_AFFINITY`: the backend ids written as its affinity matches (those of its
+    /// slots of both scopes), sorted.
+    affinity_ids: Vec<u32>,
 }
 
 /// A frontend's `SCOPE_LOCAL` entries.
@@ -145,6 +154,8 @@ pub struct Writer {
     /// Source ranges found at adoption under rev-NAT ids of no adopted frontend: deleted by the
     /// next sync.
     stale_src_ranges: Vec<(u16, Ipv4Net)>,
+    /// Affinity matches likewise.
+    stale_affinity: Vec<(u16, u32)>,
 }
 
 /// What the pinned maps held at start.
@@ -159,6 +170,8 @@ pub struct Adopted {
     pub be_filter: Vec<u64>,
     /// Source ranges, by rev-NAT id.
     pub src_ranges: Vec<(u16, Ipv4Net)>,
+    /// Affinity matches: (rev-NAT id, backend id).
+    pub affinity: Vec<(u16, u32)>,
 }
 
 fn protocol(p: u8) -> Option<Protocol> {
@@ -237,21 +250,73 @@ fn write_slots(
     Ok(written)
 }
 
-/// Issues `op(id, range)` for each of `ranges` (sorted) that `except` (sorted) lacks. Whether
-/// anything was issued.
-fn range_ops(
+/// Issues `op(id, item)` for each of `items` (sorted) that `except` (sorted) lacks: the entries
+/// of a per-frontend set (source ranges, affinity matches) to write or delete. Whether anything
+/// was issued.
+fn set_ops<T: Ord + Copy>(
     id: u16,
-    ranges: &[Ipv4Net],
-    except: &[Ipv4Net],
-    op: fn(u16, Ipv4Net) -> Op,
+    items: &[T],
+    except: &[T],
+    op: fn(u16, T) -> Op,
     run: &mut impl FnMut(Op) -> Result<(), String>,
 ) -> Result<bool, String> {
     let mut issued = false;
-    for net in ranges.iter().filter(|n| except.binary_search(n).is_err()) {
-        run(op(id, *net))?;
+    for item in items.iter().filter(|i| except.binary_search(i).is_err()) {
+        run(op(id, *item))?;
         issued = true;
     }
     Ok(issued)
+}
+
+/// Groups `(rev-NAT id, item)` pairs by id, each group sorted.
+fn by_id<T: Ord>(pairs: Vec<(u16, T)>) -> BTreeMap<u16, Vec<T>> {
+    let mut groups: BTreeMap<u16, Vec<T>> = BTreeMap::new();
+    for (id, item) in pairs {
+        groups.entry(id).or_default().push(item);
+    }
+    for items in groups.values_mut() {
+        items.sort_unstable();
+        items.dedup();
+    }
+    groups
+}
+
+/// The backend ids a frontend's affinity matches name: those of its slots of both scopes
+/// (sorted, unique), or none without `SVC_F_AFFINITY`.
+fn affinity_ids(flags: u16, slot_ids: &[u32], local: Option<&LocalScope>) -> Vec<u32> {
+    if flags & SVC_F_AFFINITY == 0 {
+        return Vec::new();
+    }
+    let ids: BTreeSet<u32> = slot_ids.iter().chain(local.iter().flat_map(|l| &l.slots)).copied().collect();
+    ids.into_iter().collect()
+}
+
+/// Deletes the `SCOPE_LOCAL` slots past the new count, or, when the flag is gone (the external
+/// slot 0 no longer leads there), the whole set: slot 0, then the slots. Whether anything was
+/// deleted.
+fn shrink_local(
+    fe: Frontend,
+    local: Option<&LocalScope>,
+    old_local: Option<&LocalScope>,
+    run: &mut impl FnMut(Op) -> Result<(), String>,
+) -> Result<bool, String> {
+    let old_len = old_local.map_or(0, |o| o.slots.len());
+    match (local, old_local) {
+        (Some(l), _) => {
+            for s in l.slots.len() + 1..=old_len {
+                run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+            }
+            Ok(old_len > l.slots.len())
+        }
+        (None, Some(_)) => {
+            run(Op::DelService(local_key_of(fe, 0)))?;
+            for s in 1..=old_len {
+                run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+            }
+            Ok(true)
+        }
+        (None, None) => Ok(false),
+    }
 }
 
 fn slot_u16(slot: usize) -> u16 {
@@ -280,6 +345,7 @@ impl Writer {
             filter: filter::Filter::new(FilterMap::Services),
             be_filter: filter::Filter::new(FilterMap::Backends),
             stale_src_ranges: Vec::new(),
+            stale_affinity: Vec::new(),
         }
     }
 
@@ -306,10 +372,8 @@ impl Writer {
             }
         }
         let rev_nat: BTreeMap<u16, RevNat4> = adopted.rev_nat.into_iter().collect();
-        let mut src_ranges: BTreeMap<u16, Vec<Ipv4Net>> = BTreeMap::new();
-        for (id, net) in adopted.src_ranges {
-            src_ranges.entry(id).or_default().push(net);
-        }
+        let mut src_ranges = by_id(adopted.src_ranges);
+        let mut affinity = by_id(adopted.affinity);
         let entries: BTreeMap<ServiceKey4, ServiceValue> = adopted.services.into_iter().collect();
         // The backend ids of slots 1..=count of the set whose slot 0 is `key0`, if all are there.
         let slot_ids = |key0: &ServiceKey4, count: u16| -> Option<Vec<u32>> {
@@ -348,8 +412,8 @@ impl Writer {
             let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
             w.rev_nat_ids.insert(value.rev_nat_id);
-            let mut source_ranges = src_ranges.remove(&value.rev_nat_id).unwrap_or_default();
-            source_ranges.sort_unstable();
+            let source_ranges = src_ranges.remove(&value.rev_nat_id).unwrap_or_default();
+            let affinity_ids = affinity.remove(&value.rev_nat_id).unwrap_or_default();
             let p = Programmed {
                 service,
                 value: *value,
@@ -358,6 +422,7 @@ impl Writer {
                 rev_nat: rn,
                 local,
                 source_ranges,
+                affinity_ids,
             };
             w.reference(&p);
             w.services.insert(fe, p);
@@ -365,6 +430,7 @@ impl Writer {
         }
         w.stale_src_ranges =
             src_ranges.into_iter().flat_map(|(id, nets)| nets.into_iter().map(move |net| (id, net))).collect();
+        w.stale_affinity = affinity.into_iter().flat_map(|(id, ids)| ids.into_iter().map(move |be| (id, be))).collect();
         // The first sync rewrites the words a previous agent left otherwise.
         w.filter.mark_all();
         w.be_filter.mark_all();
@@ -423,6 +489,7 @@ impl Writer {
             ops.extend((1..=p.slots.len()).map(|s| Op::DelService(key_of(*fe, slot_u16(s)))));
             ops.extend((1..=local_slots.unwrap_or(0)).map(|s| Op::DelService(local_key_of(*fe, slot_u16(s)))));
             ops.extend(p.source_ranges.iter().map(|net| Op::DelSrcRange(p.value.rev_nat_id, *net)));
+            ops.extend(p.affinity_ids.iter().map(|be| Op::DelAffinityMatch(p.value.rev_nat_id, *be)));
             ops.push(Op::DelRevNat(p.value.rev_nat_id));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
@@ -465,11 +532,17 @@ impl Writer {
             }
         }
 
-        // Source ranges a previous agent left under ids no frontend has.
+        // Source ranges and affinity matches a previous agent left under ids no frontend has.
         for (id, net) in std::mem::take(&mut self.stale_src_ranges) {
             if let Err(e) = run(Op::DelSrcRange(id, net)) {
                 report.errors.push(format!("source range {net} of rev-NAT id {id}: removing: {e}"));
                 self.stale_src_ranges.push((id, net));
+            }
+        }
+        for (id, be) in std::mem::take(&mut self.stale_affinity) {
+            if let Err(e) = run(Op::DelAffinityMatch(id, be)) {
+                report.errors.push(format!("affinity match of backend {be}, rev-NAT id {id}: removing: {e}"));
+                self.stale_affinity.push((id, be));
             }
         }
 
@@ -559,6 +632,14 @@ impl Writer {
                     .filter(|n| kept.binary_search(n).is_err())
                     .map(|n| Op::DelSrcRange(rev_nat_id, *n)),
             );
+            let kept: &[u32] = old.map_or(&[], |p| &p.affinity_ids);
+            let tried = entry.slots.iter().chain(&entry.local_slots).filter_map(|b| self.backends.get(&b.addr));
+            undo.extend(
+                tried
+                    .map(|(id, _)| *id)
+                    .filter(|id| kept.binary_search(id).is_err())
+                    .map(|id| Op::DelAffinityMatch(rev_nat_id, id)),
+            );
             if old.is_none() {
                 undo.push(Op::DelRevNat(rev_nat_id));
             }
@@ -621,18 +702,22 @@ impl Writer {
         let old_local = old.and_then(|p| p.local.as_ref());
         let old_local_slots: &[u32] = old_local.map_or(&[], |l| &l.slots);
 
+        if old.is_none_or(|p| p.rev_nat != rev_nat) {
+            run(Op::PutRevNat(rev_nat_id, rev_nat))?;
+            changed = true;
+        }
+        // Source ranges the frontend gains, before the slot 0 that may carry the flag they serve;
+        // affinity matches before the slots that name their backends.
+        let old_ranges: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
+        changed |= set_ops(rev_nat_id, &entry.source_ranges, old_ranges, Op::PutSrcRange, run)?;
+        let affinity_ids = affinity_ids(entry.flags, &slot_ids, local.as_ref());
+        let old_affinity: &[u32] = old.map_or(&[], |p| &p.affinity_ids);
+        changed |= set_ops(rev_nat_id, &affinity_ids, old_affinity, Op::PutAffinityMatch, run)?;
         // Slots that differ, up to the new count (growing or rewriting in place), of both scopes.
         changed |= write_slots(&slot_ids, old_slots, |s| key_of(fe, s), run)?;
         if let Some(l) = &local {
             changed |= write_slots(&l.slots, old_local_slots, |s| local_key_of(fe, s), run)?;
         }
-        if old.is_none_or(|p| p.rev_nat != rev_nat) {
-            run(Op::PutRevNat(rev_nat_id, rev_nat))?;
-            changed = true;
-        }
-        // Source ranges the frontend gains, before the slot 0 that may carry the flag they serve.
-        let old_ranges: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
-        changed |= range_ops(rev_nat_id, &entry.source_ranges, old_ranges, Op::PutSrcRange, run)?;
         // The local slot 0 before the external one, which may carry the flag that leads to it.
         if let Some(l) = &local
             && old_local.is_none_or(|o| o.value != l.value)
@@ -645,29 +730,15 @@ impl Writer {
             changed = true;
         }
         // Ranges it loses, once slot 0 no longer leads to them (or still does, to fewer).
-        changed |= range_ops(rev_nat_id, old_ranges, &entry.source_ranges, Op::DelSrcRange, run)?;
+        changed |= set_ops(rev_nat_id, old_ranges, &entry.source_ranges, Op::DelSrcRange, run)?;
         // Shrinking: the counts are already published, the slots past them are unreachable.
         for s in slot_ids.len() + 1..=old_slots.len() {
             run(Op::DelService(key_of(fe, slot_u16(s))))?;
             changed = true;
         }
-        match (&local, old_local) {
-            (Some(l), _) => {
-                for s in l.slots.len() + 1..=old_local_slots.len() {
-                    run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
-                    changed = true;
-                }
-            }
-            // The flag is gone (the external slot 0 no longer leads here): slot 0, then slots.
-            (None, Some(o)) => {
-                run(Op::DelService(local_key_of(fe, 0)))?;
-                for s in 1..=o.slots.len() {
-                    run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
-                }
-                changed = true;
-            }
-            (None, None) => {}
-        }
+        changed |= shrink_local(fe, local.as_ref(), old_local, run)?;
+        // Affinity matches of backends no slot names any more.
+        changed |= set_ops(rev_nat_id, old_affinity, &affinity_ids, Op::DelAffinityMatch, run)?;
         changed |= old.is_none_or(|p| p.draining != draining);
         // The id counts as used only once the service is recorded: a failed attempt frees it.
         self.rev_nat_ids.insert(rev_nat_id);
@@ -679,6 +750,7 @@ impl Writer {
             rev_nat,
             local,
             source_ranges: entry.source_ranges.clone(),
+            affinity_ids,
         };
         self.reference(&new);
         if let Some(old) = self.services.insert(fe, new) {
@@ -765,12 +837,19 @@ impl MapSink for crate::datapath::Maps {
             Op::PutFilterWord(FilterMap::Backends, i, w) => self.be_filter.set(i, w, 0),
             Op::PutSrcRange(id, net) => self.src_range.insert(&src_range_key(id, net), 1, 0),
             Op::DelSrcRange(id, net) => ignore_missing(self.src_range.remove(&src_range_key(id, net))),
+            Op::PutAffinityMatch(id, be) => self.affinity_match.insert(affinity_match(id, be), 1, 0),
+            Op::DelAffinityMatch(id, be) => ignore_missing(self.affinity_match.remove(&affinity_match(id, be))),
         };
         r.map_err(|e| match e {
             aya::maps::MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
             other => other.to_string(),
         })
     }
+}
+
+/// The affinity match of backend `be` for the frontend with rev-NAT id `id`.
+fn affinity_match(id: u16, be: u32) -> AffinityMatch {
+    AffinityMatch { backend_id: be, rev_nat_id: id, _pad: 0 }
 }
 
 /// The trie key of source range `net` of the frontend with rev-NAT id `id`.
@@ -811,6 +890,7 @@ pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
         src_ranges: maps.src_range.keys().filter_map(Result::ok).filter_map(|k| src_range_of(&k)).collect(),
+        affinity: maps.affinity_match.keys().filter_map(Result::ok).map(|m| (m.rev_nat_id, m.backend_id)).collect(),
     }
 }
 

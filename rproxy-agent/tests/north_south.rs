@@ -22,9 +22,9 @@ use rproxy_agent::{
     snat::PortRange,
 };
 use rproxy_common::{
-    CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, CtValue,
-    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names,
-    proto,
+    AffinityKey4, AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4,
+    CtState, CtValue, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
+    SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
 };
 
 const XDP_DROP: u32 = 1;
@@ -350,6 +350,34 @@ fn etp_local_serves_local_endpoints_only() {
         assert_eq!(h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0, XDP_DROP);
         assert_eq!(h.run_on(prog_names::EXT_INGRESS, ifindex, &syn).0, TC_DROP);
         assert_eq!(h.stat(Stat::NoBackend), 2);
+    });
+}
+
+/// `ClientIP` affinity under externalTrafficPolicy Local: a client remembered with a backend
+/// on another node (from the pod path, which uses every endpoint) is served by a local one from
+/// outside, and that one is remembered.
+#[test]
+fn affinity_under_etp_local_stays_local() {
+    in_node_netns(|h, ifindex| {
+        let flags = SVC_F_NODE_PORT | SVC_F_ETP_LOCAL | SVC_F_AFFINITY;
+        let slots = vec![backend(LOCAL_POD, Protocol::Tcp, true), backend(REMOTE_POD, Protocol::Tcp, false)];
+        let mut d = frontend(NODE, 30092, Protocol::Tcp, flags, slots.clone(), vec![slots[0]]);
+        for e in d.services.values_mut() {
+            e.affinity_timeout = 600;
+        }
+        h.program(&d);
+        let id_of = |h: &Harness, addr: Ipv4Addr| {
+            let entries = rproxy_agent::datapath::used_entries(&h.maps.backends);
+            entries.into_iter().find(|(_, b)| b.ip() == addr).map(|(id, _)| id).expect("backend")
+        };
+        let key = AffinityKey4 { client: u32::from(CLIENT).to_be(), rev_nat_id: 1, _pad: 0 };
+        let now = rproxy_agent::gc::monotonic_ns();
+        let remote = AffinityValue { last_used_ns: now, backend_id: id_of(h, REMOTE_POD), _pad: 0 };
+        h.maps.affinity.insert(key, remote, 0).unwrap();
+        let syn = tcp_frame((CLIENT, CPORT), (NODE, 30092), SYN, b"", &[]);
+        let (rc, out) = h.run_xdp(prog_names::XDP_EXT, ifindex, &syn);
+        assert_eq!((rc, parse_checked(&out).dst), (XDP_PASS, (LOCAL_POD, 8080)), "never the remote one");
+        assert_eq!(h.maps.affinity.get(&key, 0).unwrap().backend_id, id_of(h, LOCAL_POD));
     });
 }
 

@@ -18,7 +18,8 @@ use common::{
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtKey4, CtState, SVC_F_CLUSTER_IP, Stat, prog_names, proto,
+    AffinityKey4, AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtKey4, CtState, SVC_F_AFFINITY,
+    SVC_F_CLUSTER_IP, Stat, prog_names, proto,
 };
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -316,6 +317,65 @@ fn icmp_errors_about_translated_flows_are_reverse_translated() {
     let error = icmp_error_frame(BACKENDS[0], CLIENT, 3, 3, &quote);
     assert_eq!(h.run(prog_names::TO_POD, &error), (PASS, error.clone()));
     assert_eq!(h.stat(Stat::IcmpRelated), 2);
+}
+
+/// The service with `ClientIP` session affinity (`timeout` seconds).
+fn affine_service(backends: &[Ipv4Addr], timeout: u32) -> Desired {
+    let mut d = service(Protocol::Tcp, backends);
+    for e in d.services.values_mut() {
+        e.flags |= SVC_F_AFFINITY;
+        e.affinity_timeout = timeout;
+    }
+    d
+}
+
+/// `sessionAffinity: ClientIP`: every new flow of a client goes to the backend its last new
+/// flow got, while that was within the timeout and the backend still serves the Service; then
+/// it picks afresh (and is remembered again). Affinity is per client.
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend() {
+    kernel_test!(h);
+    h.program(&affine_service(&BACKENDS, 60));
+    let new_flow = |h: &mut Harness, client: Ipv4Addr, port: u16| {
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame((client, port), (VIP, 80), SYN, b"", &[]));
+        assert_eq!(rc, PASS);
+        parse_checked(&out).dst.0
+    };
+    let first = new_flow(&mut h, CLIENT, CPORT);
+    for i in 1..24 {
+        assert_eq!(new_flow(&mut h, CLIENT, CPORT + i), first, "flow {i} of the same client");
+    }
+    let other = Ipv4Addr::new(10, 244, 1, 101);
+    let theirs = new_flow(&mut h, other, CPORT);
+    for i in 1..8 {
+        assert_eq!(new_flow(&mut h, other, CPORT + i), theirs, "the other client keeps its own");
+    }
+
+    // What the map remembers decides: a fresh entry for another backend is followed ...
+    let key = AffinityKey4 { client: u32::from(CLIENT).to_be(), rev_nat_id: 1, _pad: 0 };
+    let remembered = h.maps.affinity.get(&key, 0).expect("the client is remembered");
+    let id_of = |h: &Harness, addr: Ipv4Addr| {
+        let entries = rproxy_agent::datapath::used_entries(&h.maps.backends);
+        entries.into_iter().find(|(_, b)| b.ip() == addr).map(|(id, _)| id).expect("backend")
+    };
+    let now = rproxy_agent::gc::monotonic_ns();
+    let target = BACKENDS.iter().copied().find(|b| *b != first).unwrap();
+    let fresh = AffinityValue { last_used_ns: now, backend_id: id_of(&h, target), _pad: 0 };
+    h.maps.affinity.insert(key, fresh, 0).unwrap();
+    assert_eq!(new_flow(&mut h, CLIENT, CPORT + 100), target);
+    // ... an expired one is not (the pick is remembered afresh) ...
+    let expired = AffinityValue { last_used_ns: now.saturating_sub(61_000_000_000), ..fresh };
+    h.maps.affinity.insert(key, expired, 0).unwrap();
+    let picked = new_flow(&mut h, CLIENT, CPORT + 101);
+    let after = h.maps.affinity.get(&key, 0).unwrap();
+    assert!(after.last_used_ns >= now && after.backend_id == id_of(&h, picked), "{after:?}");
+    assert!(remembered.last_used_ns <= after.last_used_ns);
+    // ... and neither is a backend that no longer serves the Service.
+    let kept: Vec<Ipv4Addr> = BACKENDS.iter().copied().filter(|b| *b != picked).collect();
+    h.program(&affine_service(&kept, 60));
+    for i in 0..8 {
+        assert_ne!(new_flow(&mut h, CLIENT, CPORT + 200 + i), picked, "a backend the Service lost");
+    }
 }
 
 #[test]

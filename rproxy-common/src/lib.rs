@@ -37,8 +37,13 @@ pub mod map_names {
     pub const BE_FILTER: &str = "RPX_BE_FILTER";
     /// `loadBalancerSourceRanges`: an LPM trie of `SrcRange4` (see there).
     pub const SRC_RANGE4: &str = "RPX_SRC_RANGE4";
+    /// `sessionAffinity: ClientIP`: the backend each client last got (LRU hash
+    /// `AffinityKey4` → `AffinityValue`).
+    pub const AFFINITY4: &str = "RPX_AFFINITY4";
+    /// Which backends may serve a frontend's affinity (hash `AffinityMatch` → `u8`).
+    pub const AFFINITY_MATCH: &str = "RPX_AFFINITY_MATCH";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -51,6 +56,8 @@ pub mod map_names {
         SVC_FILTER,
         BE_FILTER,
         SRC_RANGE4,
+        AFFINITY4,
+        AFFINITY_MATCH,
     ];
 }
 
@@ -97,6 +104,11 @@ pub mod limits {
     pub const SOCK_REV_NAT_MAX: u32 = 65_536;
     /// `loadBalancerSourceRanges` entries (source CIDRs of all frontends together).
     pub const SRC_RANGES_MAX: u32 = 65_536;
+    /// Clients remembered for `ClientIP` affinity (LRU: the least recently used go first).
+    pub const AFFINITY_MAX: u32 = 131_072;
+    /// (frontend, backend) pairs that affinity may use: one per slot of a frontend with
+    /// affinity.
+    pub const AFFINITY_MATCH_MAX: u32 = 262_144;
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
@@ -280,6 +292,39 @@ pub struct SrcRange4 {
 impl SrcRange4 {
     /// Key bits before the address: `rev_nat_id` and `_pad`.
     pub const ID_BITS: u32 = 32;
+}
+
+/// Key of `RPX_AFFINITY4`: a client address (network byte order) of the frontend with rev-NAT
+/// id `rev_nat_id` (`SVC_F_AFFINITY`, kube-proxy's `sessionAffinity: ClientIP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey4 {
+    pub client: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Value of `RPX_AFFINITY4`: the backend the client's last new flow got, and when
+/// (`CLOCK_MONOTONIC_COARSE` ns). A new flow within the frontend's `affinity_timeout` of that
+/// goes to the same backend while `RPX_AFFINITY_MATCH` says it still serves the frontend, as
+/// kube-proxy's `recent` match (`--rcheck --seconds timeout`, `--set` by each new connection).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of `RPX_AFFINITY_MATCH`: backend `backend_id` is one of the slots of the frontend with
+/// rev-NAT id `rev_nat_id` (either scope). The agent writes an entry before the slot that
+/// needs it is published and deletes it after the slot is gone; the value is a `u8`, 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatch {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
 }
 
 /// Value of the IPv4 backend array, indexed by backend id (`u32`, never 0). An all-zero entry
@@ -591,6 +636,12 @@ const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
 const _: () = assert!(core::mem::size_of::<SrcRange4>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
+const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<AffinityKey4>());
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(8 + 4 + 4 == core::mem::size_of::<AffinityValue>());
+const _: () = assert!(core::mem::size_of::<AffinityMatch>() == 8);
+const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<AffinityMatch>());
 const _: () = assert!(2 + 2 + 4 == core::mem::size_of::<SrcRange4>());
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
@@ -605,7 +656,10 @@ const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::si
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, SrcRange4};
+    use super::{
+        AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4,
+        ServiceValue, SockRevKey4, SrcRange4,
+    };
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
     // above), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for ServiceKey4 {}
@@ -617,6 +671,9 @@ mod user {
     unsafe impl aya::Pod for SockRevKey4 {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SrcRange4 {}
+    unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatch {}
 }
 
 #[cfg(feature = "user")]

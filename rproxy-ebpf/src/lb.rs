@@ -1,12 +1,12 @@
 //! Service lookup and backend selection.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use rproxy_common::{
-    BE_F_ACTIVE, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL, SVC_F_SOURCE_RANGE, ServiceKey4, ServiceValue, SrcRange4,
-    filter,
+    AffinityKey4, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL,
+    SVC_F_AFFINITY, SVC_F_SOURCE_RANGE, ServiceKey4, ServiceValue, SrcRange4, filter,
 };
 
 use crate::{
-    maps::{BE_FILTER, BE4, RNAT4, SRC_RANGE4, SVC_FILTER, SVC4},
+    maps::{AFFINITY_MATCH, AFFINITY4, BE_FILTER, BE4, RNAT4, SRC_RANGE4, SVC_FILTER, SVC4},
     parse::Packet4,
 };
 
@@ -85,4 +85,40 @@ pub fn select_backend(key: &ServiceKey4, svc: &ServiceValue) -> Option<(u32, Bac
     // SAFETY: copied out at once.
     let id = unsafe { SVC4.get(slot_key) }?.backend_id;
     Some((id, backend(id)?))
+}
+
+/// [`select_backend`] for a new flow from `client`, with `ClientIP` session affinity when the
+/// frontend has it (`SVC_F_AFFINITY`): the backend the client's last new flow to this frontend
+/// got, if that was within the frontend's timeout, the backend still serves the frontend
+/// (`RPX_AFFINITY_MATCH`), exists, and (`local_only`: the `SCOPE_LOCAL` set) is on this node;
+/// else a random one. Either way remembered, with the time, for the client's next new flow.
+#[inline(always)]
+pub fn select_backend_for(
+    key: &ServiceKey4,
+    svc: &ServiceValue,
+    client: u32,
+    now: u64,
+    local_only: bool,
+) -> Option<(u32, Backend4)> {
+    if svc.flags & SVC_F_AFFINITY == 0 {
+        return select_backend(key, svc);
+    }
+    let akey = AffinityKey4 { client, rev_nat_id: svc.rev_nat_id, _pad: 0 };
+    // SAFETY: copied out at once.
+    let remembered = unsafe { AFFINITY4.get(akey) }.copied();
+    let timeout_ns = u64::from(svc.affinity_timeout) * 1_000_000_000;
+    let kept = remembered.and_then(|a| {
+        let matched = AffinityMatch { backend_id: a.backend_id, rev_nat_id: svc.rev_nat_id, _pad: 0 };
+        // SAFETY: only the presence is used.
+        let serves = unsafe { AFFINITY_MATCH.get(matched) }.is_some();
+        let be = backend(a.backend_id).filter(|be| !local_only || be.flags & BE_F_LOCAL != 0)?;
+        (now.saturating_sub(a.last_used_ns) <= timeout_ns && serves).then_some((a.backend_id, be))
+    });
+    let (id, be) = match kept {
+        Some(picked) => picked,
+        None => select_backend(key, svc)?,
+    };
+    // A full LRU map evicts its least recently used client: that one picks afresh next time.
+    let _ = AFFINITY4.insert(akey, AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 }, 0);
+    Some((id, be))
 }

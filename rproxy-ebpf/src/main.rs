@@ -203,7 +203,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         count(Stat::SourceRangeDrop);
         return Ok(DROP);
     }
-    let Some((backend_id, be)) = lb::select_backend(&svc_key, &svc) else {
+    let Some((backend_id, be)) = lb::select_backend_for(&svc_key, &svc, pkt.saddr, now, false) else {
         count(Stat::NoBackend);
         // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
         if icmp::reject(ctx, &pkt, &svc, now) {

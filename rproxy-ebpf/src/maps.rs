@@ -5,8 +5,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue, SockRevKey4, SrcRange4, Stat, filter,
-    limits::{BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX, SRC_RANGES_MAX},
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue,
+    SockRevKey4, SrcRange4, Stat, filter,
+    limits::{
+        AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX,
+        SRC_RANGES_MAX,
+    },
 };
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
@@ -62,6 +66,14 @@ pub static BE_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
 /// which LPM tries require.
 #[map(name = "RPX_SRC_RANGE4")]
 pub static SRC_RANGE4: LpmTrie<SrcRange4, u8> = LpmTrie::pinned(SRC_RANGES_MAX, 0);
+
+/// `sessionAffinity: ClientIP` (see `rproxy_common::AffinityValue`).
+#[map(name = "RPX_AFFINITY4")]
+pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+
+/// The (frontend, backend) pairs affinity may use (see `rproxy_common::AffinityMatch`).
+#[map(name = "RPX_AFFINITY_MATCH")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8> = HashMap::pinned(AFFINITY_MATCH_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

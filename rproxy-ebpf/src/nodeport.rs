@@ -122,7 +122,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     } else {
         (svc_key, svc)
     };
-    let Some((backend_id, be)) = lb::select_backend(&key, &value) else {
+    let Some((backend_id, be)) = lb::select_backend_for(&key, &value, pkt.saddr, now, etp_local) else {
         count(Stat::NoBackend);
         return Ok(Action::Drop);
     };

@@ -50,7 +50,8 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let key = ServiceKey4 { addr: vip, port: vport, slot: 0, proto: p, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { crate::maps::SVC4.get(key) }).copied() else { return ALLOW };
-    let Some((_, be)) = lb::select_backend(&key, &svc) else {
+    // Affinity: this node's sockets count as one client (they would leave from its address).
+    let Some((_, be)) = lb::select_backend_for(&key, &svc, 0, crate::conntrack::now_ns(), false) else {
         // No endpoints: a TCP connect fails at once, as kube-proxy's REJECT makes it fail.
         // UDP goes on untranslated (a connected socket learns nothing before it sends).
         return if p == proto::TCP && svc.count == 0 { refuse() } else { ALLOW };

@@ -1,6 +1,7 @@
 //! Service semantics that need real packets, end to end in the netns lab with the agent reading a
 //! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
-//! fallback to terminating endpoints and connection draining, a Service without endpoints
+//! fallback to terminating endpoints and connection draining, `ClientIP` session affinity, a
+//! Service without endpoints
 //! refusing connections, a backend's ICMP error reaching the client, a change of Service type, an agent restart under a stream of
 //! connections, and a UDP flow moved off a removed backend.
 //!
@@ -418,6 +419,26 @@ fn backend_port_unreachable_reaches_the_client() {
         let ns = setup.client().ns().to_owned();
         let (_, udp) = in_netns(&ns, || refused(81))?;
         ensure!(udp, "the backend's port unreachable did not reach the client's connected UDP socket");
+        Ok(())
+    });
+}
+
+/// `sessionAffinity: ClientIP`: once the agent has the Service with affinity, every new
+/// connection of the client pod lands on one backend (20 in a row; without affinity three
+/// backends share them at random).
+#[test]
+fn client_ip_affinity_keeps_the_client_on_one_backend() {
+    let spec = http_spec(all(State::Ready));
+    run("client_ip_affinity_keeps_the_client_on_one_backend", &spec, |setup| {
+        setup.write_service(&format!("{}  sessionAffinity: ClientIP\n", spec.service))?;
+        let mut last: Option<String> = None;
+        let held = streak_start(Instant::now(), PROPAGATION * 3, 20, || {
+            let backend = setup.tcp_backend(80, SHORT).ok();
+            let same = backend.is_some() && backend == last;
+            last = backend;
+            same
+        });
+        ensure!(held.is_some(), "no 20 connections in a row reached one backend; last {last:?}");
         Ok(())
     });
 }

@@ -19,6 +19,7 @@ struct FakeMaps {
     filter: BTreeMap<u32, u64>,
     be_filter: BTreeMap<u32, u64>,
     src_ranges: BTreeSet<(u16, Ipv4Net)>,
+    affinity: BTreeSet<(u16, u32)>,
     log: Vec<Op>,
     /// Fail every op whose service key has this address.
     fail_addr: Option<Ipv4Addr>,
@@ -49,6 +50,22 @@ impl FakeMaps {
         for (id, net) in &self.src_ranges {
             assert!(self.rev_nat.contains_key(id), "source range {net} of rev-NAT id {id}, which has no entry");
         }
+        for (id, be) in &self.affinity {
+            assert!(
+                self.rev_nat.contains_key(id),
+                "affinity match of backend {be}, rev-NAT id {id}, which has no entry"
+            );
+            assert!(self.backends.contains_key(be), "affinity match of backend {be}, which does not exist");
+        }
+        // Every slot of a frontend with affinity has its match (a missing one would only make a
+        // client pick afresh, but the writer never leaves one out).
+        for (k, v) in self.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & rproxy_common::SVC_F_AFFINITY != 0)
+        {
+            for s in 1..=v.count {
+                let id = self.services[&ServiceKey4 { slot: s, ..*k }].backend_id;
+                assert!(self.affinity.contains(&(v.rev_nat_id, id)), "slot {s} of {k:?} has no affinity match");
+            }
+        }
     }
 
     fn check_backend_bits(&self) {
@@ -65,6 +82,7 @@ impl FakeMaps {
             filter: words(&self.filter),
             be_filter: words(&self.be_filter),
             src_ranges: self.src_ranges.iter().copied().collect(),
+            affinity: self.affinity.iter().copied().collect(),
         }
     }
 }
@@ -119,6 +137,12 @@ impl MapSink for FakeMaps {
             }
             Op::DelSrcRange(id, net) => {
                 self.src_ranges.remove(&(id, net));
+            }
+            Op::PutAffinityMatch(id, be) => {
+                self.affinity.insert((id, be));
+            }
+            Op::DelAffinityMatch(id, be) => {
+                self.affinity.remove(&(id, be));
             }
         }
         self.log.push(*op);
@@ -709,4 +733,49 @@ fn a_failed_frontend_leaves_no_source_ranges() {
     assert!(m.src_ranges.is_empty(), "{:?}", m.src_ranges);
     // Nor its slots and rev-NAT entry (it was new), nor its backend.
     assert!(m.services.is_empty() && m.rev_nat.is_empty() && m.backends.is_empty(), "{:?}", m.log);
+}
+
+fn affinity_entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
+    ServiceEntry {
+        flags: rproxy_common::SVC_F_CLUSTER_IP | rproxy_common::SVC_F_AFFINITY,
+        affinity_timeout: 10_800,
+        ..entry(name, slots, draining)
+    }
+}
+
+fn matches(m: &FakeMaps) -> Vec<(u16, Ipv4Addr)> {
+    m.affinity.iter().map(|(id, be)| (*id, m.backends[be].ip())).collect()
+}
+
+/// `ClientIP` affinity: each slot's backend has its match before the slot 0 that publishes it,
+/// a backend leaving the slots loses it after them (draining ones have none), a removed
+/// frontend's go before its rev-NAT entry, the flag going away removes them all, and a restart
+/// adopts them with zero writes.
+#[test]
+fn affinity_matches_follow_the_slots() {
+    let ip = |last| Ipv4Addr::new(10, 244, 1, last);
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let f = fe(30, 80);
+    w.sync(&desired(&[(f, affinity_entry("aff", &[1, 2], &[]))]), &mut m);
+    assert_eq!(matches(&m), [(1, ip(1)), (1, ip(2))]);
+    w.sync(&desired(&[(f, affinity_entry("aff", &[2, 3], &[1]))]), &mut m);
+    assert_eq!(matches(&m), [(1, ip(2)), (1, ip(3))], "backend 1 only drains: no match");
+
+    let (mut w2, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    m.log.clear();
+    let r = w2.sync(&desired(&[(f, affinity_entry("aff", &[2, 3], &[1]))]), &mut m);
+    assert_eq!(r.ops, 0, "restart rewrote {:?}", m.log);
+
+    w2.sync(&desired(&[(f, entry("aff", &[2, 3], &[1]))]), &mut m);
+    assert!(m.affinity.is_empty(), "the flag went away");
+    w2.sync(&desired(&[(f, affinity_entry("aff", &[2], &[]))]), &mut m);
+    assert_eq!(matches(&m), [(1, ip(2))]);
+    m.log.clear();
+    w2.sync(&Desired::default(), &mut m);
+    assert!(m.affinity.is_empty());
+    let last = m.log.iter().rposition(|o| matches!(o, Op::DelAffinityMatch(..))).unwrap();
+    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(_))).unwrap();
+    assert!(last < rev_nat, "{:?}", m.log);
 }
