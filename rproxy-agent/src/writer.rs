@@ -611,8 +611,8 @@ impl Writer {
         if result.is_err() {
             // What this attempt wrote and nothing records: best-effort removal (errors are
             // already reported). For a new frontend, its slots (no slot 0 leads to them) and
-            // rev-NAT entry; for any, the source ranges it added, which must not outlive the
-            // attempt under an id another frontend may get.
+            // rev-NAT entry; for any, the source ranges and affinity matches it added, which
+            // must not outlive the attempt under an id another frontend may get.
             let old = self.services.get(&fe);
             let mut undo = Vec::new();
             if old.is_none() {
