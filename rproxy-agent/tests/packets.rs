@@ -319,6 +319,35 @@ fn icmp_errors_about_translated_flows_are_reverse_translated() {
     assert_eq!(h.stat(Stat::IcmpRelated), 2);
 }
 
+/// Hairpin: a pod whose connection to its Service is translated to itself gets the source
+/// translated too, to the hairpin address (else its own stack would drop a packet from itself);
+/// its replies, which go to its gateway, are translated back to come from the service. Later
+/// packets keep both translations.
+#[test]
+fn a_pod_reaching_itself_is_translated_both_ways() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &[CLIENT]));
+    let hairpin = Ipv4Addr::from(u32::from_be(rproxy_common::hairpin::ADDR));
+    assert_eq!(hairpin, Ipv4Addr::new(169, 254, 42, 1));
+    let c = (CLIENT, CPORT);
+    for (i, flags) in [SYN, ACK].into_iter().enumerate() {
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), flags, b"", &[]));
+        assert_eq!(rc, PASS);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src, seen.dst), ((hairpin, CPORT), (CLIENT, 8080)), "packet {i}");
+    }
+    let reply = tcp_frame((CLIENT, 8080), (hairpin, CPORT), SYN_ACK, b"", &[]);
+    let (rc, out) = h.run(prog_names::FROM_POD, &reply);
+    assert_eq!(rc, PASS);
+    let seen = parse_checked(&out);
+    assert_eq!((seen.src, seen.dst), ((VIP, 80), c), "the reply comes from the service");
+    assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (1, 1, 1));
+    // Another pod's flow to the same backend is not source-translated.
+    let other = (Ipv4Addr::new(10, 244, 1, 101), CPORT);
+    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(other, (VIP, 80), SYN, b"", &[]));
+    assert_eq!(parse_checked(&out).src, other);
+}
+
 /// The service with `ClientIP` session affinity (`timeout` seconds).
 fn affine_service(backends: &[Ipv4Addr], timeout: u32) -> Desired {
     let mut d = service(Protocol::Tcp, backends);

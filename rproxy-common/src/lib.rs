@@ -153,6 +153,18 @@ pub mod snat {
     pub const REUSE_AFTER_NS: u64 = 1_000_000_000;
 }
 
+/// Hairpin: a pod whose connection to a service is translated to the pod itself. Its packets
+/// would come back to it from its own address, which its stack drops (a martian source), so
+/// the datapath also translates the source, to `ADDR`, a link-local address no pod or node has,
+/// like Cilium's loopback address (kube-proxy masquerades such connections to the node). The
+/// pod sees the connection come from `ADDR`; its replies go to its default gateway, the host
+/// side of its veth, where `rpx_from_pod` translates them back (`CT_NAT_SNAT` without
+/// `CT_NAT_EXTERNAL`).
+pub mod hairpin {
+    /// 169.254.42.1, network byte order as in packets.
+    pub const ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+}
+
 /// ICMP errors the datapath sends, back out of the device the packet came in on, from the
 /// address the packet was sent to, quoting its IPv4 header and first 8 bytes of payload (headers
 /// with options get no message):

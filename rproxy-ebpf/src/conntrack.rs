@@ -158,14 +158,9 @@ pub fn flow_entries(
     (reply, reply_value, service_value)
 }
 
-/// Records a new translated flow: the reply entry first, then the service entry, so that the
-/// entry a reply needs exists before any packet of the flow is forwarded.
-#[inline(always)]
-pub fn create(pkt: &Packet4, backend_id: u32, be: &Backend4, rev_nat_id: u16, now: u64) -> Result<(), i32> {
-    create_nat(pkt, backend_id, be, rev_nat_id, (pkt.saddr, pkt.sport), 0, now)
-}
-
-/// `create` for a flow whose source is translated to `nat`, with `CT_NAT_*` flags.
+/// Records a new translated flow whose source the backend sees as `nat` (the client itself
+/// unless translated), with `CT_NAT_*` flags: the reply entry first, then the service entry, so
+/// that the entry a reply needs exists before any packet of the flow is forwarded.
 #[inline(always)]
 pub fn create_nat(
     pkt: &Packet4,

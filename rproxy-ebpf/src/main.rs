@@ -37,8 +37,10 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
+use nat::Tuple4;
 use nodeport::Action;
-use rproxy_common::Stat;
+use parse::Packet4;
+use rproxy_common::{CT_NAT_EXTERNAL, CT_NAT_SNAT, Stat, hairpin};
 
 use crate::maps::{RNAT4, count};
 
@@ -169,6 +171,9 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         count(Stat::Fragment);
         return Ok(PASS);
     }
+    if pkt.daddr == hairpin::ADDR {
+        return hairpin_reply(ctx, &pkt);
+    }
     if !lb::may_be_service(&pkt) {
         return Ok(PASS);
     }
@@ -179,11 +184,17 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     let mut backend_gone = false;
     if let Some(ct) = maps::CT4.get_ptr_mut(ct_key) {
         // SAFETY: valid map value pointer for this run.
-        let (backend_id, rev_nat_id) = unsafe { ((*ct).backend_id, (*ct).rev_nat_id) };
+        let (backend_id, rev_nat_id, nat_flags) = unsafe { ((*ct).backend_id, (*ct).rev_nat_id, (*ct).nat_flags) };
         if lb::frontend_alive(rev_nat_id, &pkt) {
             if let Some(be) = lb::backend(backend_id) {
                 conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-                nat::dnat(ctx, &pkt, be.addr, be.port)?;
+                if nat_flags & CT_NAT_SNAT == 0 {
+                    nat::dnat(ctx, &pkt, be.addr, be.port)?;
+                } else {
+                    // A hairpin flow: the source too.
+                    let new = Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) };
+                    nat::rewrite_tuple(ctx, &pkt, &new)?;
+                }
                 count(Stat::Established);
                 return Ok(PASS);
             }
@@ -211,12 +222,44 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         }
         return Ok(DROP);
     };
-    if conntrack::create(&pkt, backend_id, &be, svc.rev_nat_id, now).is_err() {
+    // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
+    let looped = be.addr == pkt.saddr;
+    let (nat, flags) = if looped { ((hairpin::ADDR, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
+    if conntrack::create_nat(&pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
         count(Stat::CtInsertFail);
         return Ok(DROP);
     }
-    nat::dnat(ctx, &pkt, be.addr, be.port)?;
+    if looped {
+        nat::rewrite_tuple(
+            ctx,
+            &pkt,
+            &Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) },
+        )?;
+    } else {
+        nat::dnat(ctx, &pkt, be.addr, be.port)?;
+    }
     count(Stat::NewFlow);
+    Ok(PASS)
+}
+
+/// A pod's reply to a hairpin flow (to `rproxy_common::hairpin::ADDR`): back to the service
+/// address as its source and the pod's own address as its destination; the host then routes it
+/// into the pod. Anything else to that address passes (and goes nowhere).
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet4) -> Result<i32, i64> {
+    let key = conntrack::reply_key(pkt);
+    let Some(ct) = maps::CT4.get_ptr_mut(key) else {
+        return Ok(PASS);
+    };
+    // SAFETY: valid map value pointer for this run; copied out.
+    let v = unsafe { *ct };
+    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_SNAT {
+        return Ok(PASS);
+    }
+    conntrack::account(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    let new = Tuple4 { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port };
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    count(Stat::RevNat);
     Ok(PASS)
 }
 

@@ -63,7 +63,8 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         if let Some(ct) = CT4.get_ptr_mut(key) {
             // SAFETY: valid map value pointer for this run; copied out.
             let v = unsafe { *ct };
-            if v.nat_flags & CT_NAT_SNAT != 0 {
+            // North-south SNAT only (a hairpin flow's replies never come from outside).
+            if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_EXTERNAL | CT_NAT_SNAT {
                 return snat_reply(ctx, &pkt, ct, &key, &v);
             }
         }
@@ -260,7 +261,7 @@ fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some(v) = related::flow(&q) else {
         return Ok(Action::Pass);
     };
-    if v.nat_flags & CT_NAT_SNAT == 0 || q.dst != q.inner_src() {
+    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_EXTERNAL | CT_NAT_SNAT || q.dst != q.inner_src() {
         return Ok(Action::Pass);
     }
     if q.ttl <= 1 {

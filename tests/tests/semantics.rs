@@ -1,6 +1,7 @@
 //! Service semantics that need real packets, end to end in the netns lab with the agent reading a
 //! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
-//! fallback to terminating endpoints and connection draining, `ClientIP` session affinity, a
+//! fallback to terminating endpoints and connection draining, a pod reaching its own Service
+//! (hairpin), `ClientIP` session affinity, a
 //! Service without endpoints
 //! refusing connections, a backend's ICMP error reaching the client, a change of Service type, an agent restart under a stream of
 //! connections, and a UDP flow moved off a removed backend.
@@ -10,7 +11,9 @@
 //! [`serial`](rproxy_tests::serial) so that labs never overlap. Without root every test prints
 //! why and passes, unless `RPROXY_REQUIRE_KERNEL=1`, where it fails.
 use std::{
+    collections::BTreeMap,
     fmt::Display,
+    net::Ipv4Addr,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -439,6 +442,33 @@ fn client_ip_affinity_keeps_the_client_on_one_backend() {
             same
         });
         ensure!(held.is_some(), "no 20 connections in a row reached one backend; last {last:?}");
+        Ok(())
+    });
+}
+
+/// Hairpin: a pod reaches its own Service, also when the Service picks the pod itself (over
+/// TCP and UDP), and sees such connections come from the hairpin address, as kube-proxy's
+/// masquerade makes them come from the node.
+#[test]
+fn a_pod_reaches_its_own_service() {
+    run("a_pod_reaches_its_own_service", &http_spec(all(State::Ready)), |setup| {
+        let me = "backend-a";
+        let pod = setup.lab.pod(me);
+        let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..MAX_REQUESTS {
+            let (name, _) = pod
+                .tcp_request_timeout(CLUSTER_IP, 80, b"self", TIMEOUT)
+                .with_context(|| format!("TCP request {i} from {me}"))?;
+            *landed.entry(name).or_default() += 1;
+            let (name, _) = pod
+                .udp_request_timeout(CLUSTER_IP, 80, b"self", TIMEOUT)
+                .with_context(|| format!("UDP request {i} from {me}"))?;
+            *landed.entry(name).or_default() += 1;
+        }
+        ensure!(landed.contains_key(me), "{me} never reached itself: {landed:?}");
+        let hairpin = std::net::IpAddr::V4(Ipv4Addr::new(169, 254, 42, 1));
+        let peers = pod.peers_on(8080).tcp;
+        ensure!(peers.iter().any(|p| p.ip() == hairpin), "{me} saw itself from {peers:?}, not the hairpin address");
         Ok(())
     });
 }
