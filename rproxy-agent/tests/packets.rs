@@ -346,6 +346,19 @@ fn a_pod_reaching_itself_is_translated_both_ways() {
     let other = (Ipv4Addr::new(10, 244, 1, 101), CPORT);
     let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(other, (VIP, 80), SYN, b"", &[]));
     assert_eq!(parse_checked(&out).src, other);
+
+    // The same source port to a second service whose backend is the pod too would need the
+    // reply tuple the first flow holds: dropped rather than steal its replies.
+    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
+    let mut second = service(Protocol::Tcp, &[CLIENT]);
+    second.services = second.services.into_iter().map(|(fe, e)| (Frontend { addr: vip2, ..fe }, e)).collect();
+    let mut both = service(Protocol::Tcp, &[CLIENT]);
+    both.services.extend(second.services);
+    h.program(&both);
+    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(c, (vip2, 80), SYN, b"", &[]));
+    assert_eq!((rc, h.stat(Stat::CtInsertFail)), (DROP, 1));
+    let (rc, out) = h.run(prog_names::FROM_POD, &reply);
+    assert_eq!((rc, parse_checked(&out).src), (PASS, (VIP, 80)), "the first flow keeps its replies");
 }
 
 /// The service with `ClientIP` session affinity (`timeout` seconds).

@@ -40,7 +40,7 @@ use aya_ebpf::{
 use nat::Tuple4;
 use nodeport::Action;
 use parse::Packet4;
-use rproxy_common::{CT_NAT_EXTERNAL, CT_NAT_SNAT, Stat, hairpin};
+use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, Stat, hairpin};
 
 use crate::maps::{RNAT4, count};
 
@@ -188,12 +188,12 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         if lb::frontend_alive(rev_nat_id, &pkt) {
             if let Some(be) = lb::backend(backend_id) {
                 conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-                if nat_flags & CT_NAT_SNAT == 0 {
-                    nat::dnat(ctx, &pkt, be.addr, be.port)?;
-                } else {
+                if nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_SNAT {
                     // A hairpin flow: the source too.
                     let new = Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) };
                     nat::rewrite_tuple(ctx, &pkt, &new)?;
+                } else {
+                    nat::dnat(ctx, &pkt, be.addr, be.port)?;
                 }
                 count(Stat::Established);
                 return Ok(PASS);
@@ -224,6 +224,10 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     };
     // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
     let looped = be.addr == pkt.saddr;
+    if looped && hairpin_taken(&pkt, &be, now) {
+        count(Stat::CtInsertFail);
+        return Ok(DROP);
+    }
     let (nat, flags) = if looped { ((hairpin::ADDR, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
     if conntrack::create_nat(&pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
         count(Stat::CtInsertFail);
@@ -240,6 +244,29 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     }
     count(Stat::NewFlow);
     Ok(PASS)
+}
+
+/// Whether a live hairpin flow of another frontend already holds the reply tuple this one
+/// needs (the backend's address and port, the hairpin address and the pod's source port): the
+/// pod reused its source port for two services whose backend is itself. Overwriting it would
+/// send that flow's replies to this one's service; this flow is dropped instead (the pod's next
+/// try may take another port). A closed or expired holder, or one of this same frontend (port
+/// reuse), is replaced.
+#[inline(always)]
+fn hairpin_taken(pkt: &Packet4, be: &Backend4, now: u64) -> bool {
+    let key = CtKey4 {
+        saddr: be.addr,
+        daddr: hairpin::ADDR,
+        sport: be.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    unsafe { maps::CT4.get(key) }.copied().is_some_and(|v| {
+        v.expires_ns > now && v.state != CtState::Closing as u8 && (v.pair_addr, v.pair_port) != (pkt.daddr, pkt.dport)
+    })
 }
 
 /// A pod's reply to a hairpin flow (to `rproxy_common::hairpin::ADDR`): back to the service
