@@ -102,10 +102,10 @@ struct RunArgs {
     /// Source ports given to north-south flows that go to a backend on another node (SNAT to
     /// this node's address, externalTrafficPolicy Cluster), MIN-MAX with MIN >= 1024. Each
     /// backend can take about (MAX - MIN + 1) / 60 new flows per second before a port comes round
-    /// within its TIME_WAIT. The agent refuses a range that overlaps net.ipv4.ip_local_port_range
-    /// unless net.ipv4.ip_local_reserved_ports covers the overlap: the node's own connections
-    /// must not take these ports. Default: below the NodePort range (30000-32767) and the kernel's
-    /// default ephemeral ports (32768-60999).
+    /// within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
+    /// net.ipv4.ip_local_port_range unless net.ipv4.ip_local_reserved_ports covers the overlap:
+    /// the node's own connections must not take these ports. Default: below the NodePort range
+    /// (30000-32767) and the kernel's default ephemeral ports (32768-60999).
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
     snat_port_range: PortRange,
 }
