@@ -355,15 +355,16 @@ fn http_spec(endpoints: Vec<(&'static str, State)>) -> Spec<'static> {
 }
 
 /// How a new TCP connection and a connected UDP socket from the calling thread's namespace
-/// fare against `CLUSTER_IP:port`: refused (`ECONNREFUSED`), or anything else (`Err`: connected,
-/// timed out, another error).
+/// fare against `CLUSTER_IP:port`: refused (`ECONNREFUSED`, which only an answer gives: a
+/// dropped packet times out after `TIMEOUT` instead), or anything else (connected, timed out,
+/// another error).
 fn refused(port: u16) -> (bool, bool) {
     let is_refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
-    let tcp = std::net::TcpStream::connect_timeout(&(CLUSTER_IP, port).into(), SHORT).is_err_and(|e| is_refused(&e));
+    let tcp = std::net::TcpStream::connect_timeout(&(CLUSTER_IP, port).into(), TIMEOUT).is_err_and(|e| is_refused(&e));
     let udp = (|| -> std::io::Result<()> {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
         socket.connect((CLUSTER_IP, port))?;
-        socket.set_read_timeout(Some(SHORT))?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
         socket.send(b"anyone?")?;
         socket.recv(&mut [0u8; 64]).map(drop)
     })()
@@ -387,16 +388,14 @@ fn service_without_endpoints_refuses_connections() {
             if tcp && udp {
                 break;
             }
+            // One try may wait out its timeouts while the change is under way.
             ensure!(
-                since.elapsed() < PROPAGATION + SHORT * 2,
+                since.elapsed() < PROPAGATION + TIMEOUT * 2,
                 "not refused {:?} after the endpoints went: TCP {tcp}, UDP {udp}",
                 since.elapsed()
             );
         }
-        // Refused, not timed out: the answer comes at once.
-        let t = Instant::now();
         ensure!(in_netns(&ns, || refused(80))?.0, "a second connect was not refused");
-        ensure!(t.elapsed() < SHORT, "the refusal took {:?}", t.elapsed());
 
         setup.write_slice(&[("backend-b", State::Ready)])?;
         let since = Instant::now();
