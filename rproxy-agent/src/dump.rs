@@ -4,7 +4,8 @@ use std::{io::Write, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use rproxy_common::{
-    Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue, SrcRange4, Stat, map_names,
+    AffinityKey4, AffinityValue, Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue,
+    SrcRange4, Stat, map_names,
 };
 
 use crate::{
@@ -41,7 +42,9 @@ fn proto(p: u8) -> &'static str {
 
 /// Writes the pinned maps under `dir` to `out`, decoded: the configuration, every service entry
 /// (with its scope, `external` or `local`) and its backend ids, backends, rev-NAT entries, the
-/// source ranges (`loadBalancerSourceRanges`) by rev-NAT id, the conntrack size (and with `conntrack` every entry), and the counters summed over CPUs.
+/// source ranges (`loadBalancerSourceRanges`) by rev-NAT id, the clients `ClientIP` affinity
+/// remembers, the conntrack size (and with `conntrack` every entry), and the counters summed over
+/// CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let config: Array<_, Config> = array(dir, map_names::CONFIG)?;
@@ -93,15 +96,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     for (id, r) in rns {
         writeln!(out, "  {id}: {}:{}", ip(r.addr), u16::from_be(r.port)).map_err(io)?;
     }
-    let trie: LpmTrie<_, SrcRange4, u8> = LpmTrie::try_from(open(dir, map_names::SRC_RANGE4)?)
-        .map_err(|source| Error::Map { name: map_names::SRC_RANGE4, source })?;
-    let mut ranges: Vec<(u16, ipnet::Ipv4Net)> =
-        trie.keys().filter_map(std::result::Result::ok).filter_map(|k| src_range_of(&k)).collect();
-    ranges.sort_unstable();
-    writeln!(out, "source ranges ({}), by rev-NAT id:", map_names::SRC_RANGE4).map_err(io)?;
-    for (id, net) in ranges {
-        writeln!(out, "  {id}: {net}").map_err(io)?;
-    }
+    per_frontend(dir, out)?;
     let entries: Vec<(CtKey4, CtValue)> = ct.iter().filter_map(std::result::Result::ok).collect();
     writeln!(out, "conntrack ({}): {} entries", map_names::CT4, entries.len()).map_err(io)?;
     if conntrack {
@@ -132,6 +127,33 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     for s in Stat::ALL {
         let total = stat_total(&stats, s);
         writeln!(out, "  {:15} {total}", s.name()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The per-frontend extras: source ranges and the clients session affinity remembers.
+fn per_frontend(dir: &Path, out: &mut impl Write) -> Result<()> {
+    let io = |source| Error::Io { what: String::from("writing output"), source };
+    let trie: LpmTrie<_, SrcRange4, u8> = LpmTrie::try_from(open(dir, map_names::SRC_RANGE4)?)
+        .map_err(|source| Error::Map { name: map_names::SRC_RANGE4, source })?;
+    let mut ranges: Vec<(u16, ipnet::Ipv4Net)> =
+        trie.keys().filter_map(std::result::Result::ok).filter_map(|k| src_range_of(&k)).collect();
+    ranges.sort_unstable();
+    writeln!(out, "source ranges ({}), by rev-NAT id:", map_names::SRC_RANGE4).map_err(io)?;
+    for (id, net) in ranges {
+        writeln!(out, "  {id}: {net}").map_err(io)?;
+    }
+    let affinity: HashMap<_, AffinityKey4, AffinityValue> = hash(dir, map_names::AFFINITY4)?;
+    let now = monotonic_ns();
+    let mut clients: Vec<(u16, std::net::Ipv4Addr, u32, u64)> = affinity
+        .iter()
+        .filter_map(std::result::Result::ok)
+        .map(|(k, v)| (k.rev_nat_id, ip(k.client), v.backend_id, now.saturating_sub(v.last_used_ns) / 1_000_000_000))
+        .collect();
+    clients.sort_unstable();
+    writeln!(out, "session affinity ({}): {} clients", map_names::AFFINITY4, clients.len()).map_err(io)?;
+    for (id, client, backend, age) in clients {
+        writeln!(out, "  rev_nat {id}: {client} -> backend {backend}, last new flow {age}s ago").map_err(io)?;
     }
     Ok(())
 }

@@ -441,6 +441,12 @@ fn client_ip_affinity_keeps_the_client_on_one_backend() {
             same
         });
         ensure!(held.is_some(), "no 20 connections in a row reached one backend; last {last:?}");
+        // `rproxy-agent dump` shows the client remembered.
+        let dump =
+            std::process::Command::new(agent_bin()?).arg("dump").arg("--bpffs").arg(setup.lab.pin_dir()).output()?;
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        let client = format!(": {} -> backend", CLIENT.1);
+        ensure!(dump.lines().any(|l| l.contains(&client)), "dump does not show the client's affinity:\n{dump}");
         Ok(())
     });
 }
