@@ -276,6 +276,13 @@ impl Datapath {
         let (id, attached) = match mode {
             XdpMode::Native => (prog.attach(ifname, aya::programs::XdpMode::Driver), XdpAttached::Native),
             XdpMode::Generic => (prog.attach(ifname, aya::programs::XdpMode::Skb), XdpAttached::Generic),
+            // A veth (a kind node's eth0, a container's uplink) takes a native program, but the
+            // frames it transmits (XDP_TX, redirects) are dropped unless the peer, in another
+            // namespace, runs XDP too: generic XDP unless asked for native.
+            XdpMode::Auto | XdpMode::Tc if crate::devices::driver(ifname).as_deref() == Some("veth") => {
+                info!(ifname, "veth: generic XDP (native XDP_TX needs an XDP program on the peer; --xdp-mode native)");
+                (prog.attach(ifname, aya::programs::XdpMode::Skb), XdpAttached::Generic)
+            }
             XdpMode::Auto | XdpMode::Tc => match prog.attach(ifname, aya::programs::XdpMode::Driver) {
                 Ok(id) => (Ok(id), XdpAttached::Native),
                 Err(e) => {

@@ -120,6 +120,68 @@ pub fn node_addresses(devices: &[String], filter: &[Ipv4Net]) -> Result<NodeAddr
     Ok(select_node_addresses(devices, &present, &addresses, filter))
 }
 
+/// The kernel driver of network device `ifname` (`ethtool -i`'s `driver`: `veth`, `virtio_net`,
+/// `mlx5_core`…), or `None` when the device does not say (no such device, no ethtool support).
+#[must_use]
+pub fn driver(ifname: &str) -> Option<String> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h), of which only `driver` is read.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    // SAFETY: an all-zero ifreq is valid (a name and a union of integers and pointers).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: plain socket call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a DrvInfo that outlives the
+    // call, as the ioctl expects for ETHTOOL_GDRVINFO.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &raw mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
 /// Interfaces of this network namespace: name → ifindex.
 pub fn interfaces() -> Result<BTreeMap<String, u32>> {
     let list = nix::net::if_::if_nameindex()
@@ -240,6 +302,14 @@ mod tests {
         let none = select_node_addresses(&devices, &present, &addresses, &[parse_cidr("198.51.100.0/24").unwrap()]);
         assert!(none.addresses.is_empty());
         assert_eq!(select_node_addresses(&[], &present, &addresses, &[]), NodeAddresses::default());
+    }
+
+    #[test]
+    fn drivers_from_the_kernel() {
+        // Loopback has an ethtool driver name on no kernel; a missing device has none either.
+        assert_eq!(driver("rpx-no-such-dev"), None);
+        assert_eq!(driver(""), None);
+        assert_eq!(driver("a-name-longer-than-ifnamsiz"), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use common::{
     icmp_error_frame, macs, ones_sum, parse_checked, tcp_frame, udp_frame,
 };
 use rproxy_agent::{
+    datapath::{XdpAttached, XdpMode},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
     snat::PortRange,
 };
@@ -508,6 +509,18 @@ fn icmp_errors_about_snated_flows_reach_the_client() {
 
 /// Runs a frame through a north-south program as if it arrived on the device (XDP or TC).
 type RunOn = fn(&mut Harness, u32, &[u8]) -> (u32, Vec<u8>);
+
+/// `--xdp-mode auto` on a veth: generic XDP, since native `XDP_TX` from a veth needs an XDP
+/// program on its peer, which the agent cannot see to (a kind node's eth0). The device's driver
+/// is read with ethtool's ioctl.
+#[test]
+fn auto_xdp_mode_picks_generic_on_a_veth() {
+    in_node_netns(|h, _| {
+        assert_eq!(rproxy_agent::devices::driver("nsx").as_deref(), Some("veth"));
+        let attached = h.dp.attach_external("nsx", XdpMode::Auto).expect("attaching");
+        assert_eq!(attached, XdpAttached::Generic);
+    });
+}
 
 /// A SNAT range (`--snat-port-range`) small enough to fill in a test.
 const SMALL_RANGE: PortRange = PortRange { first: 40_000, last: 40_011 };

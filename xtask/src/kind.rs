@@ -34,6 +34,8 @@ use anyhow::{Context as _, Result, bail};
 /// Default `--pod-devices`: the host-side pod interfaces of kindnet, Flannel and most bridge
 /// CNIs (`veth*`), Calico (`cali*`) and Cilium (`lxc*`).
 pub const DEFAULT_POD_DEVICES: &str = "veth*,cali*,lxc*";
+/// The external device of a kind node.
+pub const DEFAULT_DEVICES: &str = "eth0";
 /// Where the agent binary goes in the node.
 pub const NODE_AGENT: &str = "/usr/local/bin/rproxy-agent";
 /// Where the cluster's internal kubeconfig goes in the node.
@@ -86,6 +88,10 @@ pub struct RunArgs {
     /// The agent's --pod-devices: comma-separated globs of host-side pod interfaces.
     #[arg(long, default_value = DEFAULT_POD_DEVICES)]
     pub pod_devices: String,
+    /// The agent's --devices: the node's external devices, where NodePorts answer (a kind
+    /// node's is eth0). Empty: no NodePort.
+    #[arg(long, default_value = DEFAULT_DEVICES)]
+    pub devices: String,
     /// Print the commands instead of running them (builds nothing, asks kind nothing).
     #[arg(long)]
     pub dry_run: bool,
@@ -243,8 +249,8 @@ pub fn install_kubeconfig(engine: Engine, node: &str) -> Cmdline {
 
 /// The agent's own command line in the node.
 #[must_use]
-pub fn agent_args(node: &str, pod_devices: &str) -> Vec<String> {
-    [
+pub fn agent_args(node: &str, pod_devices: &str, devices: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
         NODE_AGENT,
         "run",
         "--kubeconfig",
@@ -257,14 +263,19 @@ pub fn agent_args(node: &str, pod_devices: &str) -> Vec<String> {
         NODE_BPFFS,
     ]
     .map(str::to_owned)
-    .to_vec()
+    .to_vec();
+    if !devices.trim().is_empty() {
+        args.extend(["--devices".to_owned(), devices.to_owned()]);
+    }
+    args
 }
 
 /// `rproxy-agent run` in the node, in the foreground: the shell records its pid in
-/// [`NODE_PIDFILE`] and execs the agent (so the pid is the agent's). With `tty`, `-it` makes
-/// Ctrl-C reach the agent. `log` is passed on as `RPROXY_LOG`.
+/// [`NODE_PIDFILE`] and execs the agent (so the pid is the agent's). `devices`: its
+/// `--pod-devices` and `--devices`. With `tty`, `-it` makes Ctrl-C reach the agent. `log` is
+/// passed on as `RPROXY_LOG`.
 #[must_use]
-pub fn run_agent(engine: Engine, node: &str, pod_devices: &str, tty: bool, log: Option<&str>) -> Cmdline {
+pub fn run_agent(engine: Engine, node: &str, devices: (&str, &str), tty: bool, log: Option<&str>) -> Cmdline {
     let mut words: Vec<String> = vec!["exec".into()];
     if tty {
         words.push("-it".into());
@@ -274,7 +285,7 @@ pub fn run_agent(engine: Engine, node: &str, pod_devices: &str, tty: bool, log: 
     }
     words.extend([node.into(), "sh".into(), "-c".into(), format!("echo $$ > {NODE_PIDFILE} && exec \"$@\"")]);
     words.push("rproxy-agent".into()); // $0 of the script
-    words.extend(agent_args(node, pod_devices));
+    words.extend(agent_args(node, devices.0, devices.1));
     Cmdline::new(engine.program(), words)
 }
 
@@ -329,7 +340,7 @@ pub fn dry_run_script(args: &RunArgs, bin: &str, tty: bool, log: Option<&str>) -
     out.extend(setup_steps(args, bin, node).iter().map(ToString::to_string));
     out.push(format!(
         "# run the agent (Ctrl-C stops it)\n{}",
-        run_agent(args.engine, node, &args.pod_devices, tty, log)
+        run_agent(args.engine, node, (&args.pod_devices, &args.devices), tty, log)
     ));
     out.join("\n")
 }
@@ -352,7 +363,7 @@ pub fn run(args: &RunArgs, bin: &Path, build: impl FnOnce() -> Result<()>) -> Re
     }
     eprintln!("{}", hints(args.engine, &node));
     let status = foreground(
-        &run_agent(args.engine, &node, &args.pod_devices, tty, log.as_deref()),
+        &run_agent(args.engine, &node, (&args.pod_devices, &args.devices), tty, log.as_deref()),
         &stop_agent(args.engine, &node),
         tty,
     )?;
@@ -449,6 +460,7 @@ mod tests {
             node: None,
             engine: Engine::Docker,
             pod_devices: DEFAULT_POD_DEVICES.into(),
+            devices: DEFAULT_DEVICES.into(),
             dry_run: false,
         }
     }
@@ -473,6 +485,8 @@ mod tests {
             "podman",
             "--pod-devices",
             "eth*",
+            "--devices",
+            "",
             "--dry-run",
         ])
         .expect("valid options")
@@ -482,6 +496,7 @@ mod tests {
             node: Some("dev-worker2".into()),
             engine: Engine::Podman,
             pod_devices: "eth*".into(),
+            devices: String::new(),
             dry_run: true,
         };
         assert_eq!(parsed, expected);
@@ -551,7 +566,7 @@ mod tests {
 
     #[test]
     fn the_agent_runs_against_the_kubeconfig_in_the_node() {
-        let cmd = run_agent(Engine::Docker, "kind-worker", "veth*", false, None);
+        let cmd = run_agent(Engine::Docker, "kind-worker", ("veth*", "eth0"), false, None);
         assert_eq!(cmd.program, "docker");
         let (exec, agent) = cmd.args.split_at(5);
         assert_eq!(exec, ["exec", "kind-worker", "sh", "-c", "echo $$ > /run/rproxy-agent.pid && exec \"$@\""]);
@@ -568,14 +583,19 @@ mod tests {
                 "--pod-devices",
                 "veth*",
                 "--bpffs",
-                "/sys/fs/bpf/rproxy"
+                "/sys/fs/bpf/rproxy",
+                "--devices",
+                "eth0"
             ]
         );
+        // No external device: no --devices.
+        let cmd = run_agent(Engine::Docker, "kind-worker", ("veth*", " "), false, None);
+        assert!(!cmd.args.contains(&"--devices".to_owned()), "{:?}", cmd.args);
     }
 
     #[test]
     fn a_terminal_gets_a_pty_and_the_log_level_is_passed_on() {
-        let cmd = run_agent(Engine::Podman, "kind-worker", "veth*", true, Some("debug"));
+        let cmd = run_agent(Engine::Podman, "kind-worker", ("veth*", "eth0"), true, Some("debug"));
         assert_eq!(cmd.program, "podman");
         assert_eq!(cmd.args[..5], ["exec", "-it", "-e", "RPROXY_LOG=debug", "kind-worker"]);
     }
@@ -618,7 +638,7 @@ mod tests {
             prepare_node(Engine::Docker, "n"),
             install_kubeconfig(Engine::Docker, "n"),
             stop_agent(Engine::Docker, "n"),
-            run_agent(Engine::Docker, "n", "veth*", false, None),
+            run_agent(Engine::Docker, "n", ("veth*", "eth0"), false, None),
         ]
         .map(|cmd| {
             let at = cmd.args.iter().position(|a| a == "-c").expect("sh -c") + 1;
@@ -647,13 +667,13 @@ mod tests {
 
     #[test]
     fn shell_rendering_quotes_what_needs_it() {
-        let cmd = run_agent(Engine::Docker, "kind-worker", "veth*,cali*", false, None);
+        let cmd = run_agent(Engine::Docker, "kind-worker", ("veth*,cali*", "eth0"), false, None);
         let text = cmd.to_string();
         assert!(
             text.starts_with("docker exec kind-worker sh -c 'echo $$ > /run/rproxy-agent.pid && exec \"$@\"' "),
             "{text}"
         );
-        assert!(text.ends_with("--pod-devices 'veth*,cali*' --bpffs /sys/fs/bpf/rproxy"), "{text}");
+        assert!(text.ends_with("--pod-devices 'veth*,cali*' --bpffs /sys/fs/bpf/rproxy --devices eth0"), "{text}");
         // What the shell makes of it is the argument list itself.
         assert_eq!(
             shlex::split(&text).expect("valid shell words"),
