@@ -58,7 +58,7 @@ pub fn fold_complement(sum: u32) -> u16 {
 pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<(), i64> {
     let l4_off = pkt.l4_csum_off();
     #[expect(clippy::cast_possible_truncation, reason = "header offsets are below 100")]
-    let (l4_off32, ip_off32) = (l4_off as u32, IP_CSUM_OFF as u32);
+    let l4_off32 = l4_off as u32;
     let udp = pkt.proto == proto::UDP;
     if C::SKB {
         let skb: *mut __sk_buff = ctx.as_ptr().cast();
@@ -71,10 +71,6 @@ pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<
             if r < 0 {
                 return Err(r);
             }
-            let r = bpf_l3_csum_replace(skb, ip_off32, 0, u64::from(addrs), 0);
-            if r < 0 {
-                return Err(r);
-            }
             if ports != 0 {
                 let r = bpf_l4_csum_replace(skb, l4_off32, 0, u64::from(ports), mangled);
                 if r < 0 {
@@ -82,20 +78,18 @@ pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<
                 }
             }
         }
-        return Ok(());
-    }
-    let ip: *mut u16 = ptr_at(ctx, IP_CSUM_OFF).ok_or(-1i64)?;
-    let l4: *mut u16 = ptr_at(ctx, l4_off).ok_or(-1i64)?;
-    // SAFETY: both bounds-checked; unaligned because IP options leave no alignment guarantee.
-    unsafe {
-        ip.write_unaligned(apply(ip.read_unaligned(), addrs, 0));
-        let old = l4.read_unaligned();
-        if !(udp && old == 0) {
-            let new = apply(old, addrs, ports);
-            l4.write_unaligned(if udp && new == 0 { 0xffff } else { new });
+    } else {
+        let l4: *mut u16 = ptr_at(ctx, l4_off).ok_or(-1i64)?;
+        // SAFETY: bounds-checked; unaligned because IP options leave no alignment guarantee.
+        unsafe {
+            let old = l4.read_unaligned();
+            if !(udp && old == 0) {
+                let new = apply(old, addrs, ports);
+                l4.write_unaligned(if udp && new == 0 { 0xffff } else { new });
+            }
         }
     }
-    Ok(())
+    fold_diff(ctx, IP_CSUM_OFF, addrs, true)
 }
 
 /// Folds a difference `diff` (see `diff`) into the checksum at `off`: the IPv4 header's (`l3`),
@@ -127,16 +121,6 @@ pub fn fold_diff<C: Ctx>(ctx: &C, off: usize, diff: u32, l3: bool) -> Result<(),
 /// (both as they are in memory); the caller writes the word.
 #[inline(always)]
 pub fn update_ip_word<C: Ctx>(ctx: &C, old: u16, new: u16) -> Result<(), i64> {
-    if C::SKB {
-        let skb: *mut __sk_buff = ctx.as_ptr().cast();
-        #[expect(clippy::cast_possible_truncation, reason = "header offset below 100")]
-        let off = IP_CSUM_OFF as u32;
-        // SAFETY: skb is this program's context; the offset is inside the parsed IPv4 header.
-        let r = unsafe { bpf_l3_csum_replace(skb, off, u64::from(old), u64::from(new), 2) };
-        return if r < 0 { Err(r) } else { Ok(()) };
-    }
-    let ip: *mut u16 = ptr_at(ctx, IP_CSUM_OFF).ok_or(-1i64)?;
-    // SAFETY: bounds-checked; unaligned for the same reason as in `update`.
-    unsafe { ip.write_unaligned(apply(ip.read_unaligned(), u32::from(!old), u32::from(new))) };
-    Ok(())
+    // The word's difference: its old value's complement plus its new value.
+    fold_diff(ctx, IP_CSUM_OFF, u32::from(!old) + u32::from(new), true)
 }
