@@ -1,5 +1,8 @@
 //! Service lookup and backend selection.
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
+    maps::{Array, lpm_trie::Key},
+};
 use rproxy_common::{
     AffinityKey4, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, SCOPE_EXTERNAL,
     SVC_F_AFFINITY, SVC_F_SOURCE_RANGE, ServiceKey4, ServiceValue, SrcRange4, filter,
@@ -14,16 +17,20 @@ use crate::{
 /// means it certainly is not.
 #[inline(always)]
 pub fn may_be_service(pkt: &Packet4) -> bool {
-    let bit = filter::bit(pkt.daddr, pkt.dport, pkt.proto);
-    SVC_FILTER.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+    has_bit(&SVC_FILTER, filter::bit(pkt.daddr, pkt.dport, pkt.proto))
 }
 
 /// Whether the packet's source may be a backend, i.e. the packet a backend's reply
 /// (`rproxy_common::filter`); `false` means it certainly is not.
 #[inline(always)]
 pub fn may_be_backend(pkt: &Packet4) -> bool {
-    let bit = filter::bit(pkt.saddr, pkt.sport, pkt.proto);
-    BE_FILTER.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+    has_bit(&BE_FILTER, filter::bit(pkt.saddr, pkt.sport, pkt.proto))
+}
+
+/// Whether bit `bit` of a filter map is set.
+#[inline(always)]
+fn has_bit(words: &Array<u64>, bit: u32) -> bool {
+    words.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
 }
 
 /// Whether the frontend with rev-NAT id `rev_nat_id` still exists and is the packet's
@@ -107,12 +114,13 @@ pub fn select_backend_for(
     // SAFETY: copied out at once.
     let remembered = unsafe { AFFINITY4.get(akey) }.copied();
     let timeout_ns = u64::from(svc.affinity_timeout) * 1_000_000_000;
-    let kept = remembered.and_then(|a| {
+    // Cheapest check first: an expired entry needs no lookup.
+    let kept = remembered.filter(|a| now.saturating_sub(a.last_used_ns) <= timeout_ns).and_then(|a| {
         let matched = AffinityMatch { backend_id: a.backend_id, rev_nat_id: svc.rev_nat_id, _pad: 0 };
         // SAFETY: only the presence is used.
-        let serves = unsafe { AFFINITY_MATCH.get(matched) }.is_some();
+        unsafe { AFFINITY_MATCH.get(matched) }?;
         let be = backend(a.backend_id).filter(|be| !local_only || be.flags & BE_F_LOCAL != 0)?;
-        (now.saturating_sub(a.last_used_ns) <= timeout_ns && serves).then_some((a.backend_id, be))
+        Some((a.backend_id, be))
     });
     let (id, be) = match kept {
         Some(picked) => picked,
