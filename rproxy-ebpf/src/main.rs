@@ -188,13 +188,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         if lb::frontend_alive(rev_nat_id, &pkt) {
             if let Some(be) = lb::backend(backend_id) {
                 conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-                if nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_SNAT {
-                    // A hairpin flow: the source too.
-                    let new = Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) };
-                    nat::rewrite_tuple(ctx, &pkt, &new)?;
-                } else {
-                    nat::dnat(ctx, &pkt, be.addr, be.port)?;
-                }
+                to_backend(ctx, &pkt, &be, nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_SNAT)?;
                 count(Stat::Established);
                 return Ok(PASS);
             }
@@ -233,17 +227,24 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         count(Stat::CtInsertFail);
         return Ok(DROP);
     }
+    to_backend(ctx, &pkt, &be, looped)?;
+    count(Stat::NewFlow);
+    Ok(PASS)
+}
+
+/// Translates a pod's packet to backend `be`: its destination, and with `looped` (a hairpin
+/// flow, `rproxy_common::hairpin`) its source too.
+#[inline(always)]
+fn to_backend(ctx: &TcContext, pkt: &Packet4, be: &Backend4, looped: bool) -> Result<(), i64> {
     if looped {
         nat::rewrite_tuple(
             ctx,
-            &pkt,
-            &Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(&pkt) },
-        )?;
+            pkt,
+            &Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(pkt) },
+        )
     } else {
-        nat::dnat(ctx, &pkt, be.addr, be.port)?;
+        nat::dnat(ctx, pkt, be.addr, be.port)
     }
-    count(Stat::NewFlow);
-    Ok(PASS)
 }
 
 /// Whether a live hairpin flow of another frontend already holds the reply tuple this one

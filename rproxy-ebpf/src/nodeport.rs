@@ -268,14 +268,10 @@ fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         return Ok(Action::Drop);
     }
     let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
-    let route = match fib::lookup(ctx, rproxy_common::proto::ICMP, q.tot_len, src, v.nat_addr, false) {
-        Route::NoNeigh { .. } if !C::SKB => return Ok(Action::Pass),
-        Route::Unusable => {
-            count(Stat::FibFail);
-            return Ok(Action::Drop);
-        }
-        Route::TooBig { .. } => return Ok(Action::Drop),
-        r => r,
+    let route = match forwardable::<C>(fib::lookup(ctx, rproxy_common::proto::ICMP, q.tot_len, src, v.nat_addr, false))
+    {
+        Ok(r) => r,
+        Err(action) => return Ok(action),
     };
     let new = related::requote(&q, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port))?;
     related::rewrite(ctx, &q, new, src, v.nat_addr)?;
@@ -295,7 +291,6 @@ fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src
         return Err(icmp_error(ctx, pkt, icmp_msg::TIME_EXCEEDED, 0, 0));
     }
     match fib::lookup(ctx, pkt.proto, pkt.tot_len, saddr, daddr, want_src) {
-        Route::NoNeigh { .. } if !C::SKB => Err(Action::Pass),
         Route::TooBig { mtu } => {
             count(Stat::FragNeeded);
             if pkt.df {
@@ -304,10 +299,22 @@ fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src
                 Err(Action::Drop)
             }
         }
+        r => forwardable::<C>(r),
+    }
+}
+
+/// `route` if this hook can forward along it; else what to do with the untouched packet: XDP
+/// hands an unresolved next hop to TC (`Pass`), no usable route drops and counts, and a packet
+/// too big for the route is dropped (the hook does not fragment).
+#[inline(always)]
+fn forwardable<C: Ctx>(route: Route) -> Result<Route, Action> {
+    match route {
+        Route::NoNeigh { .. } if !C::SKB => Err(Action::Pass),
         Route::Unusable => {
             count(Stat::FibFail);
             Err(Action::Drop)
         }
+        Route::TooBig { .. } => Err(Action::Drop),
         r => Ok(r),
     }
 }
