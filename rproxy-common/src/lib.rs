@@ -187,6 +187,7 @@ pub mod icmp {
     pub const DEST_UNREACH: u8 = 3;
     pub const FRAG_NEEDED: u8 = 4;
     pub const PORT_UNREACH: u8 = 3;
+    pub const PARAM_PROBLEM: u8 = 12;
 }
 
 /// Bitmaps that let the programs skip every map lookup for packets that cannot concern them,

@@ -27,8 +27,10 @@ use crate::{
 const ETH_LEN: usize = EthHdr::LEN;
 /// An IPv4 header without options: the reply's, and the only kind quoted.
 const IP_LEN: usize = Ipv4Hdr::LEN;
-/// The quoted header and payload bytes.
-const QUOTE_LEN: usize = IP_LEN + 8;
+/// Offset of an ICMP header after an IPv4 header without options.
+pub const ICMP_OFF: usize = ETH_LEN + IP_LEN;
+/// The quoted header and payload bytes: an IPv4 header without options and 8 bytes.
+pub const QUOTE_LEN: usize = IP_LEN + 8;
 /// ICMP header and quote.
 const ICMP_LEN: usize = 8 + QUOTE_LEN;
 const REPLY_LEN: usize = ETH_LEN + IP_LEN + ICMP_LEN;
@@ -41,7 +43,7 @@ const TTL: u8 = 64;
 /// limit, or a helper failure (the caller drops the packet).
 #[inline(always)]
 pub fn reply<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16, now: u64) -> bool {
-    if pkt.l4_off != ETH_LEN + IP_LEN || !allowed(now) {
+    if pkt.l4_off != ICMP_OFF || !allowed(now) {
         return false;
     }
     build(ctx, pkt, typ, code, mtu).is_ok()
@@ -102,7 +104,7 @@ fn build<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16) -> Result<
     ctx.set_len(REPLY_LEN as u32)?;
     let out_eth: *mut [u16; 7] = ptr_at(ctx, 0).ok_or(-1i64)?;
     let out_ip: *mut [u32; IP_LEN / 4] = ptr_at(ctx, ETH_LEN).ok_or(-1i64)?;
-    let out_msg: *mut [u32; ICMP_LEN / 4] = ptr_at(ctx, ETH_LEN + IP_LEN).ok_or(-1i64)?;
+    let out_msg: *mut [u32; ICMP_LEN / 4] = ptr_at(ctx, ICMP_OFF).ok_or(-1i64)?;
     // Back to the sender: its MAC becomes the destination.
     let eth = [macs[3], macs[4], macs[5], macs[0], macs[1], macs[2], ETH_P_IP_BE];
     // SAFETY: bounds-checked after the resize, which invalidated earlier packet pointers;

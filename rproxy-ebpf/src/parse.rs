@@ -11,9 +11,9 @@ use crate::ctx::Ctx;
 pub const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
-const IP_MF: u16 = 0x2000;
+pub const IP_MF: u16 = 0x2000;
 const IP_DF: u16 = 0x4000;
-const IP_OFFMASK: u16 = 0x1fff;
+pub const IP_OFFMASK: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

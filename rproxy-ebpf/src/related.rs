@@ -15,28 +15,23 @@
 //! quoted, pass untouched.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, Stat, proto};
+use rproxy_common::{CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, Stat, icmp as msg, proto};
 
 use crate::{
     csum,
     ctx::Ctx,
+    icmp::{ICMP_OFF, QUOTE_LEN},
     maps::{CT4, count},
-    parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_SADDR_OFF, ptr_at},
+    parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_MF, IP_OFFMASK, IP_SADDR_OFF, ptr_at},
 };
 
-/// ICMP types that quote the packet they are about: destination unreachable, time exceeded,
-/// parameter problem.
-const QUOTING_TYPES: [u8; 3] = [3, 11, 12];
-/// Offset of the ICMP header (an outer IPv4 header without options).
-const ICMP_OFF: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+/// ICMP types that quote the packet they are about.
+const QUOTING_TYPES: [u8; 3] = [msg::DEST_UNREACH, msg::TIME_EXCEEDED, msg::PARAM_PROBLEM];
 const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
 /// Offset of the quoted IPv4 header, and of what is rewritten: that header (without options)
 /// and the first 8 bytes of its payload, as 7 words.
 const QUOTE_OFF: usize = ICMP_OFF + 8;
-const QUOTE_WORDS: usize = (Ipv4Hdr::LEN + 8) / 4;
-/// IPv4 fragment field, host order: "more fragments" and the offset mask.
-const IP_MF: u16 = 0x2000;
-const IP_OFFMASK: u16 = 0x1fff;
+const QUOTE_WORDS: usize = QUOTE_LEN / 4;
 
 /// An ICMP error quoting a TCP or UDP packet.
 pub struct Quoted {
