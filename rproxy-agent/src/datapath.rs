@@ -201,20 +201,13 @@ impl Datapath {
     pub fn take_maps(&mut self) -> Result<Maps> {
         Ok(Maps {
             services: take(&mut self.ebpf, map_names::SERVICES4)?,
-            backends: take_array(&mut self.ebpf, map_names::BACKENDS4)?,
-            rev_nat: take_array(&mut self.ebpf, map_names::REV_NAT4)?,
+            backends: take(&mut self.ebpf, map_names::BACKENDS4)?,
+            rev_nat: take(&mut self.ebpf, map_names::REV_NAT4)?,
             conntrack: take(&mut self.ebpf, map_names::CT4)?,
-            stats: {
-                let map = self.ebpf.take_map(map_names::STATS).ok_or(Error::MissingMap { name: map_names::STATS })?;
-                PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map_names::STATS, source })?
-            },
-            svc_filter: take_array(&mut self.ebpf, map_names::SVC_FILTER)?,
-            be_filter: take_array(&mut self.ebpf, map_names::BE_FILTER)?,
-            src_range: {
-                let name = map_names::SRC_RANGE4;
-                let map = self.ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
-                LpmTrie::try_from(map).map_err(|source| Error::Map { name, source })?
-            },
+            stats: take(&mut self.ebpf, map_names::STATS)?,
+            svc_filter: take(&mut self.ebpf, map_names::SVC_FILTER)?,
+            be_filter: take(&mut self.ebpf, map_names::BE_FILTER)?,
+            src_range: take(&mut self.ebpf, map_names::SRC_RANGE4)?,
             affinity: take(&mut self.ebpf, map_names::AFFINITY4)?,
             affinity_match: take(&mut self.ebpf, map_names::AFFINITY_MATCH)?,
         })
@@ -496,9 +489,10 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>> {
+/// Map `name` taken out of the object, as its typed handle (hash, array, LPM trie, …).
+fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<M> {
     let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
-    HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+    M::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
 /// Pins only work on a bpffs mount. A common trap: `ip netns exec` mounts a fresh sysfs on /sys,
@@ -531,11 +525,6 @@ pub fn used_entries<V: aya::Pod + Default + PartialEq>(a: &Array<MapData, V>) ->
 #[must_use]
 pub fn stat_total(stats: &PerCpuArray<MapData, u64>, stat: Stat) -> u64 {
     stats.get(&(stat as u32), 0).map_or(0, |v| v.iter().sum())
-}
-
-fn take_array<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, V>> {
-    let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
-    Array::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
 fn remove_pin(path: &Path) -> Result<()> {

@@ -15,17 +15,11 @@ use crate::{
     writer::{scope_name, src_range_of},
 };
 
-fn open(dir: &Path, name: &'static str) -> Result<Map> {
+/// Map `name` pinned under `dir`, as its typed handle (hash, array, LPM trie, …).
+fn pinned<M: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str) -> Result<M> {
     let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
-}
-
-fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>> {
-    HashMap::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
-}
-
-fn array<V: aya::Pod>(dir: &Path, name: &'static str) -> Result<Array<MapData, V>> {
-    Array::try_from(open(dir, name)?).map_err(|source| Error::Map { name, source })
+    let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
+    M::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
 fn ip(be: u32) -> std::net::Ipv4Addr {
@@ -47,7 +41,7 @@ fn proto(p: u8) -> &'static str {
 /// CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
-    let config: Array<_, Config> = array(dir, map_names::CONFIG)?;
+    let config: Array<_, Config> = pinned(dir, map_names::CONFIG)?;
     let config = config.get(&0, 0).map_err(|source| Error::Map { name: map_names::CONFIG, source })?;
     writeln!(out, "config ({}):", map_names::CONFIG).map_err(io)?;
     let snat = if config.snat_port_count() == 0 {
@@ -56,10 +50,10 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
         format!("{}-{}", config.snat_port_min, config.snat_port_max)
     };
     writeln!(out, "  snat ports {snat}; host netns cookie {}", config.host_netns_cookie).map_err(io)?;
-    let services: HashMap<_, ServiceKey4, ServiceValue> = hash(dir, map_names::SERVICES4)?;
-    let backends: Array<_, Backend4> = array(dir, map_names::BACKENDS4)?;
-    let rev_nat: Array<_, RevNat4> = array(dir, map_names::REV_NAT4)?;
-    let ct: HashMap<_, CtKey4, CtValue> = hash(dir, map_names::CT4)?;
+    let services: HashMap<_, ServiceKey4, ServiceValue> = pinned(dir, map_names::SERVICES4)?;
+    let backends: Array<_, Backend4> = pinned(dir, map_names::BACKENDS4)?;
+    let rev_nat: Array<_, RevNat4> = pinned(dir, map_names::REV_NAT4)?;
+    let ct: HashMap<_, CtKey4, CtValue> = pinned(dir, map_names::CT4)?;
 
     let mut svcs: Vec<(ServiceKey4, ServiceValue)> = services.iter().filter_map(std::result::Result::ok).collect();
     svcs.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.scope, k.slot));
@@ -121,8 +115,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
             .map_err(io)?;
         }
     }
-    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(open(dir, map_names::STATS)?)
-        .map_err(|source| Error::Map { name: map_names::STATS, source })?;
+    let stats: PerCpuArray<_, u64> = pinned(dir, map_names::STATS)?;
     writeln!(out, "counters ({}):", map_names::STATS).map_err(io)?;
     for s in Stat::ALL {
         let total = stat_total(&stats, s);
@@ -134,8 +127,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
 /// The per-frontend extras: source ranges and the clients session affinity remembers.
 fn per_frontend(dir: &Path, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
-    let trie: LpmTrie<_, SrcRange4, u8> = LpmTrie::try_from(open(dir, map_names::SRC_RANGE4)?)
-        .map_err(|source| Error::Map { name: map_names::SRC_RANGE4, source })?;
+    let trie: LpmTrie<_, SrcRange4, u8> = pinned(dir, map_names::SRC_RANGE4)?;
     let mut ranges: Vec<(u16, ipnet::Ipv4Net)> =
         trie.keys().filter_map(std::result::Result::ok).filter_map(|k| src_range_of(&k)).collect();
     ranges.sort_unstable();
@@ -143,7 +135,7 @@ fn per_frontend(dir: &Path, out: &mut impl Write) -> Result<()> {
     for (id, net) in ranges {
         writeln!(out, "  {id}: {net}").map_err(io)?;
     }
-    let affinity: HashMap<_, AffinityKey4, AffinityValue> = hash(dir, map_names::AFFINITY4)?;
+    let affinity: HashMap<_, AffinityKey4, AffinityValue> = pinned(dir, map_names::AFFINITY4)?;
     let now = monotonic_ns();
     let mut clients: Vec<(u16, std::net::Ipv4Addr, u32, u64)> = affinity
         .iter()
