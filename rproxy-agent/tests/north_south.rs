@@ -76,6 +76,12 @@ fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
     }
 }
 
+/// Runs `frame` through the external ingress as if it arrived on device `ifindex`: the XDP
+/// program (`xdp`) or its TC twin.
+fn run_ext(h: &mut Harness, xdp: bool, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    if xdp { h.run_xdp(prog_names::XDP_EXT, ifindex, frame) } else { h.run_on(prog_names::EXT_INGRESS, ifindex, frame) }
+}
+
 fn backend(addr: Ipv4Addr, proto: Protocol, local: bool) -> Backend {
     Backend { addr: BackendAddr { addr, port: 8080, proto }, state: BackendState::Active, local }
 }
@@ -124,11 +130,7 @@ fn nodeport_to_local_backend_is_dnated_and_reply_reverse_natted() {
         for (i, xdp) in [true, false].into_iter().enumerate() {
             let c = (CLIENT, CPORT + u16::try_from(i).unwrap());
             let syn = tcp_frame(c, (NODE, 30080), SYN, b"", &[]);
-            let (rc, out) = if xdp {
-                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
-            } else {
-                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
-            };
+            let (rc, out) = run_ext(h, xdp, ifindex, &syn);
             assert_eq!(rc, if xdp { XDP_PASS } else { TC_PASS }, "xdp={xdp}");
             let seen = parse_checked(&out);
             assert_eq!((seen.src, seen.dst), (c, (LOCAL_POD, 8080)), "xdp={xdp}");
@@ -166,13 +168,7 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
         h.program(&frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote, vec![]));
         for xdp in [true, false] {
             let (ok, c) = if xdp { (XDP_TX, (CLIENT, CPORT)) } else { (TC_REDIRECT, (CLIENT, CPORT + 1)) };
-            let run = |h: &mut Harness, frame: &[u8]| {
-                if xdp {
-                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
-                } else {
-                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
-                }
-            };
+            let run = |h: &mut Harness, frame: &[u8]| run_ext(h, xdp, ifindex, frame);
             let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), SYN, b"", &[]));
             assert_eq!(rc, ok, "xdp={xdp}");
             let seen = parse_checked(&out);
@@ -205,11 +201,7 @@ fn nodeport_to_remote_backend_is_snated_and_forwarded() {
             let mut syn = tcp_frame((CLIENT, CPORT + i), (NODE, 30081), SYN, b"", &[]);
             syn[14 + 8] = 1;
             fix_ip_checksum(&mut syn);
-            let (rc, out) = if xdp {
-                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
-            } else {
-                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
-            };
+            let (rc, out) = run_ext(h, xdp, ifindex, &syn);
             assert_eq!(rc, if xdp { XDP_TX } else { TC_REDIRECT }, "xdp={xdp}");
             assert_icmp_error(&out, &syn, 11, 0, 0);
             assert!(h.ct(&key((CLIENT, CPORT + i), (NODE, 30081), proto::TCP, CT_DIR_SERVICE)).is_none());
@@ -228,13 +220,7 @@ fn removed_nodeport_stops_established_flows() {
         for xdp in [true, false] {
             let (ok, c) = if xdp { (XDP_TX, (CLIENT, CPORT)) } else { (TC_REDIRECT, (CLIENT, CPORT + 1)) };
             let pass = if xdp { XDP_PASS } else { TC_PASS };
-            let run = |h: &mut Harness, frame: &[u8]| {
-                if xdp {
-                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
-                } else {
-                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
-                }
-            };
+            let run = |h: &mut Harness, frame: &[u8]| run_ext(h, xdp, ifindex, frame);
             h.program(&frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote(), vec![]));
             let established = h.stat(Stat::Established);
             let (rc, out) = run(h, &tcp_frame(c, (NODE, 30081), SYN, b"", &[]));
@@ -286,13 +272,7 @@ fn too_big_for_the_route_gets_fragmentation_needed() {
         let mut sent = 0;
         for (i, xdp) in [(0u16, true), (1, false)] {
             let c = (CLIENT, CPORT + 10 + i);
-            let run = |h: &mut Harness, frame: &[u8]| {
-                if xdp {
-                    h.run_xdp(prog_names::XDP_EXT, ifindex, frame)
-                } else {
-                    h.run_on(prog_names::EXT_INGRESS, ifindex, frame)
-                }
-            };
+            let run = |h: &mut Harness, frame: &[u8]| run_ext(h, xdp, ifindex, frame);
             // 1360 bytes of payload: 1400 with the headers, the route's MTU, goes through.
             let (rc, _) = run(h, &tcp_frame(c, (NODE, 30084), SYN, &[7; 1360], &[]));
             assert_eq!(rc, if xdp { XDP_TX } else { TC_REDIRECT }, "fits, xdp={xdp}");
@@ -429,19 +409,11 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
         for (i, xdp) in [(0u16, true), (1, false)] {
             let inside = (CLIENT, CPORT + i);
             let syn = tcp_frame(inside, (lb_ip, 80), SYN, b"", &[]);
-            let (rc, out) = if xdp {
-                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn)
-            } else {
-                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn)
-            };
+            let (rc, out) = run_ext(h, xdp, ifindex, &syn);
             assert_eq!(rc, if xdp { XDP_PASS } else { TC_PASS }, "xdp={xdp}");
             assert_eq!(parse_checked(&out).dst, (LOCAL_POD, 8080), "inside the range: translated");
             let syn = tcp_frame(outsider, (lb_ip, 80), SYN, b"", &[]);
-            let rc = if xdp {
-                h.run_xdp(prog_names::XDP_EXT, ifindex, &syn).0
-            } else {
-                h.run_on(prog_names::EXT_INGRESS, ifindex, &syn).0
-            };
+            let rc = run_ext(h, xdp, ifindex, &syn).0;
             assert_eq!(rc, if xdp { XDP_DROP } else { TC_DROP }, "outside the range: dropped, xdp={xdp}");
         }
         let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(pod, (lb_ip, 80), SYN, b"", &[]));
@@ -475,13 +447,9 @@ fn icmp_errors_about_snated_flows_reach_the_client() {
         h.program(&frontend(NODE, 30091, Protocol::Udp, SVC_F_NODE_PORT, remote, vec![]));
         let node2 = Ipv4Addr::new(172, 31, 0, 2);
         for (i, xdp) in [(0u16, true), (1, false)] {
-            let (ok, run): (u32, RunOn) = if xdp {
-                (XDP_TX, |h, i, f| h.run_xdp(prog_names::XDP_EXT, i, f))
-            } else {
-                (TC_REDIRECT, |h, i, f| h.run_on(prog_names::EXT_INGRESS, i, f))
-            };
+            let ok = if xdp { XDP_TX } else { TC_REDIRECT };
             let sent = udp_frame((CLIENT, CPORT + i), (NODE, 30091), b"question");
-            let (rc, translated) = run(h, ifindex, &sent);
+            let (rc, translated) = run_ext(h, xdp, ifindex, &sent);
             assert_eq!(rc, ok);
             assert_eq!(parse_checked(&translated).dst, (REMOTE_POD, 8080));
             // The quote carries the TTL the datagram left this node with.
@@ -490,7 +458,7 @@ fn icmp_errors_about_snated_flows_reach_the_client() {
             fix_ip_checksum(&mut as_forwarded);
             for (from, code) in [(REMOTE_POD, 3), (node2, 4)] {
                 let error = icmp_error_frame(from, NODE, 3, code, &translated[14..42]);
-                let (rc, out) = run(h, ifindex, &error);
+                let (rc, out) = run_ext(h, xdp, ifindex, &error);
                 assert_eq!(rc, ok, "xdp={xdp}, from {from}");
                 assert_related_error(&out, &as_forwarded, if from == REMOTE_POD { NODE } else { node2 });
                 assert_eq!(&out[30..34], &CLIENT.octets(), "to the client");
@@ -506,9 +474,6 @@ fn icmp_errors_about_snated_flows_reach_the_client() {
         assert_eq!(h.stat(Stat::IcmpRelated), 4);
     });
 }
-
-/// Runs a frame through a north-south program as if it arrived on the device (XDP or TC).
-type RunOn = fn(&mut Harness, u32, &[u8]) -> (u32, Vec<u8>);
 
 /// `--xdp-mode auto` on a veth: generic XDP, since native `XDP_TX` from a veth needs an XDP
 /// program on its peer, which the agent cannot see to (a kind node's eth0). The device's driver
