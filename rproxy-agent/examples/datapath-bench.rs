@@ -19,8 +19,16 @@
 //! Paths: `established` (client → VIP of a flow with conntrack state), `new flow` (a new
 //! 5-tuple per packet: service lookup, random backend, two conntrack inserts), `reply` (backend →
 //! client reverse NAT), `not a service` (pod traffic that is not for a service), `not a reply`
-//! (traffic into a pod that is not a backend's reply).
-use std::net::Ipv4Addr;
+//! (traffic into a pod that is not a backend's reply); and north-south at XDP (`rpx_xdp_ext`):
+//! `nodeport forward` (a client's packet of an established flow to a `NodePort` whose backend is
+//! on another node: DNAT, SNAT, FIB lookup, `XDP_TX`) and `nodeport reply` (that backend's
+//! reply, translated back and forwarded to the client).
+//!
+//! The process first moves into a network namespace of its own (`unshare(CLONE_NEWNET)`), gone
+//! with it, where it builds what the FIB lookups of the north-south paths need: the node's
+//! external device (a veth, 172.31.0.1/24), permanent neighbours for the other node and the
+//! client, and a route to the other node's pods.
+use std::{net::Ipv4Addr, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
@@ -28,9 +36,10 @@ use etherparse::PacketBuilder;
 use rproxy_agent::{
     datapath::{Datapath, EBPF_OBJECT, Maps, stat_total},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
+    snat::PortRange,
     writer::Writer,
 };
-use rproxy_common::{SVC_F_CLUSTER_IP, Stat, prog_names};
+use rproxy_common::{CT_DIR_SERVICE, CtKey4, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, prog_names, proto};
 
 #[derive(Parser)]
 struct Args {
@@ -66,33 +75,65 @@ fn backend(i: usize, j: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n + 1)
 }
 
+/// The node's address on its external device, where the `NodePort` answers.
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+/// The north-south client, a neighbour on the external device.
+const NS_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(172, 31, 0, 100), 40_000);
+const NODE_PORT: u16 = 30_081;
+/// The `NodePort`'s only backend, a pod on the other node (172.31.0.2).
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 21);
+/// The node's external device.
+const EXT_DEV: &str = "rpxb0";
+
+fn entry(name: String, flags: u16, slots: Vec<Backend>) -> ServiceEntry {
+    ServiceEntry {
+        service: ObjectRef { namespace: "bench".into(), name },
+        port_name: String::new(),
+        flags,
+        affinity_timeout: 0,
+        slots,
+        local_slots: Vec::new(),
+        draining: Vec::new(),
+        source_ranges: Vec::new(),
+    }
+}
+
+fn tcp_backend(addr: Ipv4Addr, local: bool) -> Backend {
+    Backend { addr: BackendAddr { addr, port: 8080, proto: Protocol::Tcp }, state: BackendState::Active, local }
+}
+
+/// `services` `ClusterIP`s with `backends` local backends each, and one `NodePort` on the node's
+/// address whose backend is on the other node.
 fn desired(services: usize, backends: usize) -> Desired {
     let mut d = Desired::default();
     for i in 0..services {
         let fe = Frontend { addr: vip(i), port: 80, proto: Protocol::Tcp };
-        let slots = (0..backends)
-            .map(|j| Backend {
-                addr: BackendAddr { addr: backend(i, j), port: 8080, proto: Protocol::Tcp },
-                state: BackendState::Active,
-                local: true,
-            })
-            .collect();
-        let service = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}") };
-        d.services.insert(
-            fe,
-            ServiceEntry {
-                service,
-                port_name: String::new(),
-                flags: SVC_F_CLUSTER_IP,
-                affinity_timeout: 0,
-                slots,
-                local_slots: Vec::new(),
-                draining: Vec::new(),
-                source_ranges: Vec::new(),
-            },
-        );
+        let slots = (0..backends).map(|j| tcp_backend(backend(i, j), true)).collect();
+        d.services.insert(fe, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots));
     }
+    let fe = Frontend { addr: NODE, port: NODE_PORT, proto: Protocol::Tcp };
+    d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
     d
+}
+
+/// Moves the process into a network namespace of its own and builds the node's side of the
+/// north-south paths there (see the module doc). Returns the external device's index.
+fn node_netns() -> u32 {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (root needed)");
+    for args in [
+        "link add rpxb0 address 02:00:00:00:00:01 type veth peer name rpxb1",
+        "addr add 172.31.0.1/24 dev rpxb0",
+        "link set rpxb0 up",
+        "link set rpxb1 up",
+        "neigh add 172.31.0.2 lladdr 02:00:00:00:00:02 dev rpxb0 nud permanent",
+        "neigh add 172.31.0.100 lladdr 02:00:00:00:00:64 dev rpxb0 nud permanent",
+        "route add 10.244.2.0/24 via 172.31.0.2 dev rpxb0",
+    ] {
+        let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
+        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+    nix::net::if_::if_nametoindex(EXT_DEV).expect("ifindex of the external device")
 }
 
 fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, ack: bool) -> Vec<u8> {
@@ -110,20 +151,46 @@ fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, ack: bool) -> Vec<
     out
 }
 
+/// A program to run frames through.
+#[derive(Clone, Copy)]
+enum Prog {
+    Tc(&'static str),
+    /// An XDP program, the frames received on the device with this index (queue 0).
+    Xdp(&'static str, u32),
+}
+
 /// Runs every frame once; returns the mean in-kernel ns/packet.
-fn mean_ns(dp: &mut Datapath, prog: &'static str, frames: &[Vec<u8>]) -> f64 {
-    let p = dp.program(prog).expect("program");
+fn mean_ns(dp: &mut Datapath, prog: Prog, frames: &[Vec<u8>]) -> f64 {
     let mut out = vec![0u8; 512];
     let mut total: u128 = 0;
     for f in frames {
-        let r = p
-            .test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::default() })
-            .expect("BPF_PROG_TEST_RUN");
+        let r = test_run(dp, prog, f, &mut out);
         total += r.duration.as_nanos();
     }
     #[expect(clippy::cast_precision_loss, reason = "nanosecond sums far below 2^52")]
     let mean = total as f64 / frames.len() as f64;
     mean
+}
+
+fn test_run(dp: &mut Datapath, prog: Prog, frame: &[u8], out: &mut [u8]) -> aya::TestRunResult {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, ...
+    let mut ctx = [0u8; 24];
+    if let Prog::Xdp(_, ifindex) = prog {
+        ctx[4..8].copy_from_slice(&u32::try_from(frame.len()).expect("small frame").to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    }
+    let xdp = matches!(prog, Prog::Xdp(..));
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        ctx_in: xdp.then_some(&ctx[..]),
+        ..TestRunOptions::default()
+    };
+    match prog {
+        Prog::Tc(name) => dp.program(name).expect("program").test_run(opts),
+        Prog::Xdp(name, _) => dp.xdp_program(name).expect("program").test_run(opts),
+    }
+    .expect("BPF_PROG_TEST_RUN")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -153,18 +220,22 @@ type Frames<'a> = dyn FnMut(&Subject) -> Vec<Vec<u8>> + 'a;
 /// One round of a path: its ns/packet, the empty program's, and the baseline's if any.
 type Round = (f64, f64, Option<f64>);
 
-/// One loaded object with its maps programmed and one flow established.
+/// One loaded object with its maps programmed and two flows established: one from a pod to a
+/// `ClusterIP`, one from outside to the `NodePort`.
 struct Subject {
     dp: Datapath,
     maps: Maps,
     /// The backend the established flow went to.
     chosen: Ipv4Addr,
+    /// The node's port that the north-south flow was source-translated to.
+    snat_port: u16,
 }
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
 
-fn subject(object: &[u8], args: &Args, services: usize) -> Subject {
+fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     let mut dp = Datapath::load_object(object, None).expect("load datapath (root needed)");
+    dp.set_snat_ports(PortRange::DEFAULT).expect("SNAT port range");
     let mut maps = dp.take_maps().expect("maps");
     let started = std::time::Instant::now();
     let report = Writer::new().sync(&desired(services, args.backends), &mut maps);
@@ -173,7 +244,7 @@ fn subject(object: &[u8], args: &Args, services: usize) -> Subject {
     let target = vip(services / 2);
     // Establish one flow: SYN out, SYN-ACK back (from whichever backend was chosen).
     let syn = tcp(CLIENT, (target, 80), true, false);
-    mean_ns(&mut dp, prog_names::FROM_POD, std::slice::from_ref(&syn));
+    mean_ns(&mut dp, Prog::Tc(prog_names::FROM_POD), std::slice::from_ref(&syn));
     let chosen = (0..args.backends)
         .map(|j| backend(services / 2, j))
         .find(|b| {
@@ -190,28 +261,42 @@ fn subject(object: &[u8], args: &Args, services: usize) -> Subject {
         })
         .expect("flow created");
     let synack = tcp((chosen, 8080), CLIENT, true, true);
-    mean_ns(&mut dp, prog_names::TO_POD, std::slice::from_ref(&synack));
-    Subject { dp, maps, chosen }
+    mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), std::slice::from_ref(&synack));
+    // The north-south flow: the client's SYN, the backend's SYN-ACK to the node's SNAT port.
+    let xdp = Prog::Xdp(prog_names::XDP_EXT, ext);
+    mean_ns(&mut dp, xdp, &[tcp(NS_CLIENT, (NODE, NODE_PORT), true, false)]);
+    let k = CtKey4 {
+        saddr: u32::from(NS_CLIENT.0).to_be(),
+        daddr: u32::from(NODE).to_be(),
+        sport: NS_CLIENT.1.to_be(),
+        dport: NODE_PORT.to_be(),
+        proto: proto::TCP,
+        dir: CT_DIR_SERVICE,
+        _pad: [0; 2],
+    };
+    let snat_port = u16::from_be(maps.conntrack.get(&k, 0).expect("north-south flow created").nat_port);
+    mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD, 8080), (NODE, snat_port), true, true)]);
+    Subject { dp, maps, chosen, snat_port }
 }
 
 /// Runs `frames` through `prog` of `s`; each path must do its work on every packet: the
-/// datapath's own counter for it has to grow by exactly the number of packets (a flow evicted
-/// from conntrack, say, would otherwise be measured as a cheap miss).
-fn run_checked(s: &mut Subject, path: &str, prog: &'static str, expect: Option<Stat>, frames: &[Vec<u8>]) -> f64 {
+/// datapath's own counters for it (`expect`) have to grow by exactly the number of packets, and
+/// no other (a flow evicted from conntrack, say, would otherwise be measured as a cheap miss).
+fn run_checked(s: &mut Subject, path: &str, prog: Prog, expect: &[Stat], frames: &[Vec<u8>]) -> f64 {
     let before: Vec<u64> = Stat::ALL.iter().map(|st| stat_total(&s.maps.stats, *st)).collect();
     let ns = mean_ns(&mut s.dp, prog, frames);
     for (st, b) in Stat::ALL.iter().zip(before) {
         let grew = stat_total(&s.maps.stats, *st) - b;
-        let want = if Some(*st) == expect { frames.len() as u64 } else { 0 };
+        let want = if expect.contains(st) { frames.len() as u64 } else { 0 };
         assert_eq!(grew, want, "{path}: counter {} grew by {grew}, expected {want}", st.name());
     }
     ns
 }
 
-fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &mut Vec<Row>) {
-    let mut subjects = vec![subject(EBPF_OBJECT, args, services)];
+fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u32, rows: &mut Vec<Row>) {
+    let mut subjects = vec![subject(EBPF_OBJECT, args, services, ext)];
     if let Some(obj) = baseline {
-        subjects.push(subject(obj, args, services));
+        subjects.push(subject(obj, args, services, ext));
     }
     let target = vip(services / 2);
     let established = vec![tcp(CLIENT, (target, 80), false, true); args.packets];
@@ -227,18 +312,18 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &
             })
             .collect()
     };
-    let mut measure = |path: &'static str, prog: &'static str, expect: Option<Stat>, frames: &mut Frames| {
+    let mut measure = |path: &'static str, prog: Prog, expect: &[Stat], frames: &mut Frames| {
         if !args.only.is_empty() && !args.only.iter().any(|p| path.starts_with(p.as_str())) {
             return;
         }
         let rounds: Vec<Round> = (0..args.rounds)
             .map(|round| {
                 let f = frames(&subjects[0]);
-                let noop = mean_ns(&mut subjects[0].dp, prog_names::NOOP, &f);
-                let first_chosen = subjects[0].chosen;
+                let noop = mean_ns(&mut subjects[0].dp, Prog::Tc(prog_names::NOOP), &f);
+                let first = (subjects[0].chosen, subjects[0].snat_port);
                 let mut base = |subjects: &mut [Subject]| {
                     subjects.get_mut(1).map(|b| {
-                        let f = if b.chosen == first_chosen { f.clone() } else { frames(b) };
+                        let f = if (b.chosen, b.snat_port) == first { f.clone() } else { frames(b) };
                         run_checked(b, path, prog, expect, &f)
                     })
                 };
@@ -264,15 +349,22 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, rows: &
             }),
         });
     };
-    measure("established", prog_names::FROM_POD, Some(Stat::Established), &mut |_| established.clone());
-    measure("reply (rev-NAT)", prog_names::TO_POD, Some(Stat::RevNat), &mut |s| {
+    let (from_pod, to_pod) = (Prog::Tc(prog_names::FROM_POD), Prog::Tc(prog_names::TO_POD));
+    measure("established", from_pod, &[Stat::Established], &mut |_| established.clone());
+    measure("reply (rev-NAT)", to_pod, &[Stat::RevNat], &mut |s| {
         vec![tcp((s.chosen, 8080), CLIENT, false, true); args.packets]
     });
-    measure("not a service", prog_names::FROM_POD, None, &mut |_| other.clone());
-    measure("not a reply", prog_names::TO_POD, None, &mut |_| not_reply.clone());
-    // Last: it fills conntrack, and an LRU may then evict the flow measured above. Each subject
+    measure("not a service", from_pod, &[], &mut |_| other.clone());
+    measure("not a reply", to_pod, &[], &mut |_| not_reply.clone());
+    let xdp = Prog::Xdp(prog_names::XDP_EXT, ext);
+    let ns_forward = vec![tcp(NS_CLIENT, (NODE, NODE_PORT), false, true); args.packets];
+    measure("nodeport forward", xdp, &[Stat::Established, Stat::Forwarded], &mut |_| ns_forward.clone());
+    measure("nodeport reply", xdp, &[Stat::RevNat, Stat::Forwarded], &mut |s| {
+        vec![tcp((REMOTE_POD, 8080), (NODE, s.snat_port), false, true); args.packets]
+    });
+    // Last: it fills conntrack, and an LRU may then evict the flows measured above. Each subject
     // has its own conntrack, so the frames are new to both.
-    measure("new flow", prog_names::FROM_POD, Some(Stat::NewFlow), &mut |_| new_flows());
+    measure("new flow", from_pod, &[Stat::NewFlow], &mut |_| new_flows());
 }
 
 /// A file's bytes, 8-byte aligned as the ELF parser wants them.
@@ -304,9 +396,10 @@ fn main() {
         .baseline_object
         .as_ref()
         .map(|p| Aligned::new(&std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))));
+    let ext = node_netns();
     let mut rows = Vec::new();
     for &n in &args.services {
-        bench_services(&args, baseline.as_ref().map(Aligned::bytes), n, &mut rows);
+        bench_services(&args, baseline.as_ref().map(Aligned::bytes), n, ext, &mut rows);
     }
     let row = |path: &str, n: usize| rows.iter().find(|r| r.path == path && r.services == n).expect("row");
     println!(
