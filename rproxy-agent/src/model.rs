@@ -146,13 +146,17 @@ pub struct NodeContext {
     /// The addresses `NodePort`s answer on (the IPv4 addresses of `--devices`, filtered by
     /// `--nodeport-addresses`), sorted, without duplicates. Empty: no `NodePort` frontend.
     pub addresses: Vec<Ipv4Addr>,
+    /// This node's zone, its Node's `topology.kubernetes.io/zone` label: endpoints whose zone
+    /// hints name it are preferred (`trafficDistribution`, topology-aware routing). `None`
+    /// without a Node object or label: zone hints are ignored, as kube-proxy does.
+    pub zone: Option<String>,
 }
 
 impl NodeContext {
-    /// A node without `NodePort` addresses.
+    /// A node without `NodePort` addresses or zone.
     #[must_use]
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), addresses: Vec::new() }
+        Self { name: name.to_owned(), addresses: Vec::new(), zone: None }
     }
 }
 

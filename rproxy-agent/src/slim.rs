@@ -2,7 +2,7 @@
 //! keeps them, like kube-proxy's informer transform (which drops `managedFields`).
 //!
 //! A real object carries much the agent never reads: managed fields, annotations, owner
-//! references, most labels, endpoint target references and hints, and vectors with spare
+//! references, most labels, endpoint target references and zones, and vectors with spare
 //! capacity from deserialization. Keeping only what matters cuts the store's memory by more than
 //! half at 10,000 Services. The `resourceVersion` is kept (logs and tests name versions by it), so
 //! an API update still re-translates its one Service, which costs microseconds; a relist of
@@ -10,7 +10,7 @@
 //!
 //! Kept: name, namespace, resource version, the `kubernetes.io/service-name` label; the whole Service spec except
 //! the pod selector, and `status.loadBalancer`; a slice's address type, ports, and each endpoint's
-//! addresses, conditions and node name.
+//! addresses, conditions, node name and topology hints.
 //!
 //! The store goes further with slices, which are most of its objects (ten endpoints a slice is
 //! common): it keeps each one as a [`CompactSlice`], a few dozen bytes an endpoint instead of
@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServiceStatus},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -57,7 +57,13 @@ pub fn slice(slice: EndpointSlice) -> EndpointSlice {
             .map(|e| {
                 let mut addresses = e.addresses;
                 addresses.shrink_to_fit();
-                Endpoint { addresses, conditions: e.conditions, node_name: e.node_name, ..Endpoint::default() }
+                Endpoint {
+                    addresses,
+                    conditions: e.conditions,
+                    node_name: e.node_name,
+                    hints: e.hints,
+                    ..Endpoint::default()
+                }
             })
             .collect::<Vec<_>>()
             .into_boxed_slice()
@@ -90,7 +96,8 @@ fn meta(meta: ObjectMeta) -> ObjectMeta {
 /// Name and namespace are left out (the store keys slices by them), and so is the resource
 /// version: two versions that translate the same compare equal. An endpoint keeps its first
 /// address (the only one the translation reads), its three conditions, and whether it is on this
-/// node rather than its node name (all the translation does with it); a compact slice is so tied
+/// node rather than its node name (all the translation does with it); likewise, of its topology
+/// hints, the zone names and whether the node hints name this node. A compact slice is so tied
 /// to one node. [`CompactSlice::to_slice`] rebuilds an `EndpointSlice` that translates exactly as
 /// the original does on that node.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,6 +118,41 @@ struct CompactEndpoint {
     terminating: Option<bool>,
     /// The endpoint's `nodeName` is this node.
     local: bool,
+    /// Its topology hints, if it has any (most endpoints have none: a pointer's worth).
+    hints: Option<Box<CompactHints>>,
+}
+
+/// An endpoint's topology hints as the translation reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct CompactHints {
+    /// `hints.forZones[].name`; empty: no zone hints.
+    zones: Box<[Box<str>]>,
+    /// `hints.forNodes`: `None` if there are none, else whether one names this node.
+    this_node: Option<bool>,
+}
+
+/// The node name a rebuilt slice's node hint carries when the original's named other nodes
+/// only: no node has it (node names cannot hold a NUL).
+const OTHER_NODE: &str = "\0other-node";
+
+impl CompactHints {
+    fn new(hints: Option<&EndpointHints>, node_name: &str) -> Option<Box<Self>> {
+        let hints = hints?;
+        let zones: Box<[Box<str>]> = hints.for_zones.iter().flatten().map(|z| z.name.as_str().into()).collect();
+        let nodes = hints.for_nodes.as_deref().unwrap_or_default();
+        let this_node = (!nodes.is_empty()).then(|| nodes.iter().any(|n| n.name == node_name));
+        (!zones.is_empty() || this_node.is_some()).then(|| Box::new(Self { zones, this_node }))
+    }
+
+    fn to_hints(&self, node_name: &str) -> EndpointHints {
+        EndpointHints {
+            for_zones: (!self.zones.is_empty())
+                .then(|| self.zones.iter().map(|z| ForZone { name: z.to_string() }).collect()),
+            for_nodes: self
+                .this_node
+                .map(|here| vec![ForNode { name: if here { node_name } else { OTHER_NODE }.into() }]),
+        }
+    }
 }
 
 /// An endpoint's first address.
@@ -142,6 +184,7 @@ impl CompactSlice {
                 serving: conditions.and_then(|c| c.serving),
                 terminating: conditions.and_then(|c| c.terminating),
                 local: translate::is_local(e.node_name.as_deref(), node_name),
+                hints: CompactHints::new(e.hints.as_ref(), node_name),
             }
         });
         let ports = slice.ports.iter().flatten().map(|p| EndpointPort {
@@ -169,6 +212,12 @@ impl CompactSlice {
         self.service_name.as_deref()
     }
 
+    /// Whether an endpoint has zone hints: how the slice translates depends on the node's zone.
+    #[must_use]
+    pub fn has_zone_hints(&self) -> bool {
+        self.endpoints.iter().any(|e| e.hints.as_ref().is_some_and(|h| !h.zones.is_empty()))
+    }
+
     /// An `EndpointSlice` named `slice_ref` that translates, on the node named `node_name` (the
     /// one it was packed for), as the original slice does.
     #[must_use]
@@ -181,6 +230,7 @@ impl CompactSlice {
             },
             conditions: Some(EndpointConditions { ready: e.ready, serving: e.serving, terminating: e.terminating }),
             node_name: e.local.then(|| node_name.to_owned()),
+            hints: e.hints.as_ref().map(|h| h.to_hints(node_name)),
             ..Endpoint::default()
         });
         EndpointSlice {
@@ -291,7 +341,8 @@ mod tests {
     #[test]
     fn slimmed_objects_translate_the_same() {
         let (svc, sl) = objects("1");
-        let node = crate::model::NodeContext { name: "node-a".into(), addresses: vec![[172, 18, 0, 2].into()] };
+        let node =
+            crate::model::NodeContext { name: "node-a".into(), addresses: vec![[172, 18, 0, 2].into()], zone: None };
         let full = translate_refs(&[&svc], &[&sl], &node);
         let (s, l) = (service(svc), slice(sl));
         assert_eq!(translate_refs(&[&s], &[&l], &node), full);
@@ -301,7 +352,60 @@ mod tests {
         assert!(s.metadata.labels.is_none() && s.spec.as_ref().unwrap().selector.is_none());
         assert!(s.status.as_ref().unwrap().conditions.is_none());
         assert_eq!(l.metadata.labels.as_ref().unwrap().len(), 1);
-        assert!(l.endpoints.as_ref().unwrap().iter().all(|e| e.target_ref.is_none() && e.hints.is_none()));
+        assert!(l.endpoints.as_ref().unwrap().iter().all(|e| e.target_ref.is_none() && e.zone.is_none()));
+        assert!(l.endpoints.as_ref().unwrap().iter().all(|e| e.hints.is_some()), "topology hints are kept");
+    }
+
+    /// Endpoints with node and zone hints, with hints of one kind only, with empty hints: the
+    /// compact form translates as the original on every node, in every zone.
+    #[test]
+    fn compact_slices_keep_the_topology_hints() {
+        let hints = |zones: &[&str], nodes: &[&str]| EndpointHints {
+            for_zones: Some(zones.iter().map(|z| ForZone { name: (*z).to_owned() }).collect()),
+            for_nodes: Some(nodes.iter().map(|n| ForNode { name: (*n).to_owned() }).collect()),
+        };
+        let endpoint = |i: u8, node: &str, hints: EndpointHints| Endpoint {
+            addresses: vec![format!("10.244.0.{i}")],
+            node_name: Some(node.into()),
+            hints: Some(hints),
+            ..Endpoint::default()
+        };
+        let all = vec![
+            endpoint(1, "node-a", hints(&["zone-a"], &["node-a"])),
+            endpoint(2, "node-b", hints(&["zone-b"], &["node-b"])),
+            endpoint(3, "node-c", hints(&["zone-a", "zone-b"], &["node-c"])),
+        ];
+        let mut zones_only = all.clone();
+        for e in &mut zones_only {
+            e.hints.as_mut().unwrap().for_nodes = None;
+        }
+        let mut one_empty = all.clone();
+        one_empty[2].hints = Some(hints(&[], &[]));
+        let svc = web_service();
+        let mut narrowed = 0;
+        for endpoints in [all, zones_only, one_empty] {
+            let mut slice = odd_slices().remove(0);
+            slice.endpoints = Some(endpoints);
+            let r = ObjectRef { namespace: "shop".into(), name: "web".into() };
+            for node_name in ["node-a", "node-b", "node-c", ""] {
+                for zone in [None, Some("zone-a"), Some("zone-b")] {
+                    let node = crate::model::NodeContext {
+                        name: node_name.into(),
+                        addresses: Vec::new(),
+                        zone: zone.map(str::to_owned),
+                    };
+                    let compact = CompactSlice::new(&slice, node_name);
+                    assert!(compact.has_zone_hints());
+                    let rebuilt = compact.to_slice(&r, node_name);
+                    let full = translate_refs(&[&svc], &[&slice], &node);
+                    assert_eq!(translate_refs(&[&svc], &[&rebuilt], &node), full, "node {node_name:?}, zone {zone:?}");
+                    let slots = full.desired.services.values().next().unwrap().slots.len();
+                    narrowed += usize::from(slots < 3);
+                }
+            }
+        }
+        assert!(narrowed > 10, "the hints narrow the slots in most cases: {narrowed}");
+        assert!(!CompactSlice::new(&odd_slices()[0], "node-a").has_zone_hints());
     }
 
     #[test]
@@ -402,7 +506,11 @@ mod tests {
         let svc = web_service();
         let slices = odd_slices();
         for node_name in ["node-a", "node-b", ""] {
-            let node = crate::model::NodeContext { name: node_name.into(), addresses: vec![[172, 18, 0, 2].into()] };
+            let node = crate::model::NodeContext {
+                name: node_name.into(),
+                addresses: vec![[172, 18, 0, 2].into()],
+                zone: None,
+            };
             let rebuilt: Vec<EndpointSlice> = slices
                 .iter()
                 .map(|s| {

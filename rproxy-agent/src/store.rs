@@ -16,7 +16,9 @@
 //! once when it appears and once when it is gone.
 //!
 //! The node's addresses ([`Store::set_node_addresses`]) are an input of the translation too:
-//! when they change, every Service with a `nodePort` is re-translated by the next flush.
+//! when they change, every Service with a `nodePort` is re-translated by the next flush. So is
+//! the node's zone (its Node's [`ZONE_LABEL`]): when it changes, every Service whose slices carry
+//! zone hints is.
 //!
 //! Memory: Services are kept trimmed ([`slim::service`]), `EndpointSlices` packed
 //! ([`CompactSlice`]); a Service's slices are rebuilt as API objects only while it is
@@ -33,12 +35,17 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use tracing::info;
+
 use crate::{
     model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
     slim::{self, CompactSlice},
     source::Update,
     translate,
 };
+
+/// The Node label naming its zone, which topology hints refer to.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// The translated state of one unit: a Service (by `namespace/name`) with its slices, or a
 /// slice that names no Service (keyed by the slice itself).
@@ -271,7 +278,7 @@ impl Store {
                 }
                 "Node" => {
                     if let Some(mut nodes) = self.listed_node.take() {
-                        self.node = nodes.pop();
+                        self.set_node(nodes.pop());
                     }
                 }
                 _ => {}
@@ -296,9 +303,24 @@ impl Store {
                     self.put_slice(r, None);
                 }
             }
-            Update::Node(node) => self.node = node.map(|n| *n),
+            Update::Node(node) => self.set_node(node.map(|n| *n)),
             Update::Synced(_) => {}
         }
+    }
+
+    /// Takes this node's Node object (or its absence) in. When its zone label changes, every
+    /// Service with zone hints in its slices is marked dirty, for the next flush.
+    fn set_node(&mut self, node: Option<Node>) {
+        let zone = node.as_ref().and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned());
+        self.node = node;
+        if zone == self.context.zone {
+            return;
+        }
+        info!(node = %self.context.name, zone = zone.as_deref().unwrap_or("(none)"), "node zone for topology hints");
+        self.context.zone = zone;
+        let hinted = self.slices.iter().filter(|(_, defs)| defs.iter().any(CompactSlice::has_zone_hints));
+        let units: Vec<ObjectRef> = hinted.map(|(r, defs)| slice_unit(r, defs)).collect();
+        self.dirty.extend(units);
     }
 
     /// The node addresses `NodePort` frontends are built on (sorted, without duplicates).

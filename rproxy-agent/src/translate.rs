@@ -33,8 +33,14 @@
 //!   (the endpoints controller has already resolved named `targetPort`s into the slices);
 //! - per service port, as kube-proxy's `CategorizeEndpoints`: the *cluster* endpoints are the
 //!   ready ones, or if none is ready the serving+terminating ones; the *local* endpoints are,
-//!   independently, the local ready ones, or if none the local serving+terminating ones.
-//!   Topology hints (`trafficDistribution`) are not honoured: every ready endpoint is used;
+//!   independently, the local ready ones, or if none the local serving+terminating ones;
+//! - topology hints, which the `EndpointSlice` controller sets for `trafficDistribution:
+//!   PreferClose` / `PreferSameZone` / `PreferSameNode` and the `service.kubernetes.io/topology-mode:
+//!   Auto` annotation, narrow the ready cluster endpoints as kube-proxy's `topologyModeFromHints`
+//!   does: if every ready endpoint has node hints and one names this node, only those; else if
+//!   every ready endpoint has zone hints and one names this node's zone
+//!   ([`NodeContext::zone`]), only those; else all. The ready endpoints so left out keep their
+//!   established connections ([`ServiceEntry::draining`]);
 //! - a cluster IP frontend's [`ServiceEntry::slots`] are the local endpoints with
 //!   `internalTrafficPolicy: Local`, else the cluster endpoints;
 //! - an external frontend's slots (what pods use) are always the cluster endpoints: kube-proxy
@@ -127,7 +133,7 @@ pub fn translate(objects: &Objects, node: &NodeContext) -> Translation {
 pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node: &NodeContext) -> Translation {
     let mut problems = Vec::new();
     let plans = plan_services(services, &mut problems);
-    let endpoints = collect_endpoints(slices, &plans, &node.name, &mut problems);
+    let endpoints = collect_endpoints(slices, &plans, node, &mut problems);
     let desired = build_desired(&plans, &endpoints, &node.addresses, &mut problems);
     problems.sort_by(|a, b| (a.kind, &a.object, &a.reason).cmp(&(b.kind, &b.object, &b.reason)));
     problems.dedup();
@@ -588,6 +594,67 @@ struct EndpointInfo {
     addr: Ipv4Addr,
     conditions: Conditions,
     local: bool,
+    hints: Hints,
+}
+
+/// An endpoint's topology hints, as they concern this node.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hints {
+    /// `None` without zone hints; else whether one names this node's zone.
+    zone: Option<bool>,
+    /// `None` without node hints; else whether one names this node.
+    node: Option<bool>,
+}
+
+impl Hints {
+    fn of(endpoint: &Endpoint, node: &NodeContext) -> Self {
+        let Some(hints) = &endpoint.hints else { return Self::default() };
+        let zone = node.zone.as_deref().unwrap_or_default();
+        let zones = hints.for_zones.as_deref().unwrap_or_default();
+        let nodes = hints.for_nodes.as_deref().unwrap_or_default();
+        Self {
+            zone: (!zones.is_empty()).then(|| zones.iter().any(|z| z.name == zone)),
+            node: (!nodes.is_empty()).then(|| nodes.iter().any(|n| n.name == node.name)),
+        }
+    }
+}
+
+/// Which ready endpoints the cluster endpoints are narrowed to (kube-proxy's
+/// `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    All,
+    /// Those whose node hints name this node.
+    SameNode,
+    /// Those whose zone hints name this node's zone.
+    SameZone,
+}
+
+impl Topology {
+    /// Node hints first, then zone hints; each kind only if every ready endpoint has hints of
+    /// that kind and at least one names this node (its zone). Endpoints that are not ready are
+    /// not looked at.
+    fn of(endpoints: &PortEndpoints) -> Self {
+        let ready = || endpoints.values().filter(|info| info.conditions.ready).map(|info| info.hints);
+        let narrows = |kind: fn(Hints) -> Option<bool>| {
+            ready().all(|h| kind(h).is_some()) && ready().any(|h| kind(h) == Some(true))
+        };
+        if narrows(|h| h.node) {
+            Self::SameNode
+        } else if narrows(|h| h.zone) {
+            Self::SameZone
+        } else {
+            Self::All
+        }
+    }
+
+    fn admits(self, info: &EndpointInfo) -> bool {
+        match self {
+            Self::All => true,
+            Self::SameNode => info.hints.node == Some(true),
+            Self::SameZone => info.hints.zone == Some(true),
+        }
+    }
 }
 
 impl EndpointInfo {
@@ -608,7 +675,7 @@ type EndpointMap = BTreeMap<ObjectRef, Vec<PortEndpoints>>;
 fn collect_endpoints(
     slices: &[&EndpointSlice],
     plans: &ServicePlans,
-    node_name: &str,
+    node: &NodeContext,
     problems: &mut Vec<Problem>,
 ) -> EndpointMap {
     let mut endpoints = EndpointMap::new();
@@ -624,7 +691,7 @@ fn collect_endpoints(
         if !is_ipv4_slice(slice, &slice_ref, &mut report) {
             continue;
         }
-        let infos = slice_endpoints(slice, plan.publish_not_ready, node_name, &mut report);
+        let infos = slice_endpoints(slice, plan.publish_not_ready, node, &mut report);
         let slice_ports = slice_ports(slice, &mut report);
         let per_port = endpoints.entry(svc_ref).or_insert_with(|| vec![PortEndpoints::new(); plan.ports.len()]);
         for (port, merged) in plan.ports.iter().zip(per_port) {
@@ -688,7 +755,7 @@ fn is_ipv4_slice(slice: &EndpointSlice, slice_ref: &ObjectRef, report: &mut impl
 fn slice_endpoints(
     slice: &EndpointSlice,
     publish_not_ready: bool,
-    node_name: &str,
+    node: &NodeContext,
     report: &mut impl FnMut(String),
 ) -> Vec<EndpointInfo> {
     let mut infos = Vec::new();
@@ -701,7 +768,8 @@ fn slice_endpoints(
             Some(IpAddr::V4(addr)) => infos.push(EndpointInfo {
                 addr,
                 conditions: Conditions::of(endpoint, publish_not_ready),
-                local: is_local(endpoint.node_name.as_deref(), node_name),
+                local: is_local(endpoint.node_name.as_deref(), &node.name),
+                hints: Hints::of(endpoint, node),
             }),
             Some(IpAddr::V6(_)) => report(format!("endpoint {raw}: {IPV6_UNSUPPORTED}")),
             None => report(format!("invalid endpoint address {raw:?}")),
@@ -767,11 +835,14 @@ fn backend_of(addr: BackendAddr, info: EndpointInfo) -> Backend {
 }
 
 /// kube-proxy's usable endpoints (`CategorizeEndpoints`) among a port's endpoints, or its local
-/// ones only: the ready ones if any, else the serving+terminating ones. Sorted.
-fn usable(endpoints: &PortEndpoints, local_only: bool) -> Vec<Backend> {
+/// ones only: the ready ones (that `topology` admits) if any, else the serving+terminating
+/// ones. Sorted.
+fn usable(endpoints: &PortEndpoints, local_only: bool, topology: Topology) -> Vec<Backend> {
     let candidates = || endpoints.iter().filter(move |(_, info)| !local_only || info.local);
-    let ready: Vec<Backend> =
-        candidates().filter(|(_, info)| info.conditions.ready).map(|(&addr, info)| backend_of(addr, *info)).collect();
+    let ready: Vec<Backend> = candidates()
+        .filter(|(_, info)| info.conditions.ready && topology.admits(info))
+        .map(|(&addr, info)| backend_of(addr, *info))
+        .collect();
     if !ready.is_empty() {
         return ready;
     }
@@ -781,12 +852,15 @@ fn usable(endpoints: &PortEndpoints, local_only: bool) -> Vec<Backend> {
         .collect()
 }
 
-/// Terminating endpoints that are not in `slots` (sorted): kept for their existing connections.
-fn draining(endpoints: &PortEndpoints, slots: &[Backend]) -> Vec<Backend> {
+/// Endpoints that are not in `slots` (sorted) but keep their existing connections: the
+/// terminating ones, and with `topology` narrowing `slots`, the ready ones it leaves out (the
+/// hints change as pods come and go; kube-proxy's conntrack entries outlive such a change too).
+fn draining(endpoints: &PortEndpoints, slots: &[Backend], topology: Topology) -> Vec<Backend> {
     endpoints
         .iter()
         .filter(|&(addr, info)| {
-            info.conditions.terminating && slots.binary_search_by_key(addr, |backend| backend.addr).is_err()
+            let kept = info.conditions.terminating || (info.conditions.ready && !topology.admits(info));
+            kept && slots.binary_search_by_key(addr, |backend| backend.addr).is_err()
         })
         .map(|(&addr, info)| backend_of(addr, *info))
         .collect()
@@ -796,11 +870,14 @@ fn draining(endpoints: &PortEndpoints, slots: &[Backend]) -> Vec<Backend> {
 struct PortBackends {
     cluster: Vec<Backend>,
     local: Vec<Backend>,
+    /// How the topology hints narrow `cluster` (the local endpoints are not narrowed).
+    topology: Topology,
 }
 
 impl PortBackends {
     fn of(endpoints: &PortEndpoints) -> Self {
-        Self { cluster: usable(endpoints, false), local: usable(endpoints, true) }
+        let topology = Topology::of(endpoints);
+        Self { cluster: usable(endpoints, false, topology), local: usable(endpoints, true, Topology::All), topology }
     }
 }
 
@@ -828,18 +905,18 @@ fn build_desired(
             let port_endpoints = per_port.get(index).unwrap_or(&no_endpoints);
             let backends = PortBackends::of(port_endpoints);
             for (kind, frontend) in plan.frontends(port, node_addresses) {
-                let (slots, local_slots) = match kind {
-                    FrontendKind::ClusterIp if plan.itp_local => (backends.local.clone(), Vec::new()),
-                    FrontendKind::ClusterIp => (backends.cluster.clone(), Vec::new()),
-                    _ if plan.etp_local => (backends.cluster.clone(), backends.local.clone()),
-                    _ => (backends.cluster.clone(), Vec::new()),
+                let (slots, local_slots, topology) = match kind {
+                    FrontendKind::ClusterIp if plan.itp_local => (backends.local.clone(), Vec::new(), Topology::All),
+                    FrontendKind::ClusterIp => (backends.cluster.clone(), Vec::new(), backends.topology),
+                    _ if plan.etp_local => (backends.cluster.clone(), backends.local.clone(), backends.topology),
+                    _ => (backends.cluster.clone(), Vec::new(), backends.topology),
                 };
                 let entry = ServiceEntry {
                     service: svc_ref.clone(),
                     port_name: port.name.clone(),
                     flags: plan.flags(kind),
                     affinity_timeout: plan.affinity_timeout.unwrap_or(0),
-                    draining: draining(port_endpoints, &slots),
+                    draining: draining(port_endpoints, &slots, topology),
                     slots,
                     local_slots,
                     source_ranges: match (kind, &plan.source_ranges) {

@@ -7,7 +7,7 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{ServicePort, ServiceSpec},
-    discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
+    discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, ForNode, ForZone},
 };
 
 use super::*;
@@ -121,7 +121,35 @@ fn random_slice(rng: &mut Rng) -> EndpointSlice {
             _ => {}
         }
     }
+    // Topology hints on every endpoint (they only narrow when all ready ones have some).
+    if rng.below(2) == 0 {
+        for endpoint in slice.endpoints.iter_mut().flatten() {
+            let zone = ZONES[rng.below(ZONES.len())].to_owned();
+            let node = ["node-a", "node-b"][rng.below(2)].to_owned();
+            endpoint.hints = Some(EndpointHints {
+                for_zones: Some(vec![ForZone { name: zone }]),
+                for_nodes: (rng.below(4) == 0).then(|| vec![ForNode { name: node }]),
+            });
+        }
+    }
     slice
+}
+
+const ZONES: [&str; 2] = ["zone-a", "zone-b"];
+
+/// The node's zone changes (or the Node goes, taking the zone with it).
+fn change_zone(store: &mut Store, check: &mut Check, rng: &mut Rng) {
+    let zone = [None, Some(ZONES[0]), Some(ZONES[1])][rng.below(3)];
+    let node = (zone.is_some() || rng.below(2) == 0).then(|| Box::new(node_in(zone)));
+    store.apply(Update::Node(node));
+    check.node.zone = zone.map(str::to_owned);
+}
+
+/// This node's Node object, in `zone`.
+fn node_in(zone: Option<&str>) -> Node {
+    let mut metadata = meta(NODE);
+    metadata.labels = zone.map(|z| [(ZONE_LABEL.to_owned(), z.to_owned())].into());
+    Node { metadata, ..Node::default() }
 }
 
 /// Streams `listed` to the store as a list of `kind`, maybe after a list that breaks off
@@ -194,6 +222,8 @@ fn always_agrees_with_a_full_translation() {
     let (mut saw_conflict, mut saw_frontends, mut saw_streamed) = (false, 0usize, 0usize);
     let (mut saw_ipv6_endpoint, mut saw_invalid_endpoint) = (false, false);
     let (mut saw_node_ports, mut saw_node_port_conflict, mut saw_cross_kind_conflict) = (0usize, false, false);
+    // Flushes where topology hints kept a ready endpoint out of the slots (it drains, active).
+    let mut saw_narrowed = 0usize;
     for step in 0..800 {
         // The objects before this step, for a flush in the middle of a streamed list.
         let mut before = check.clone();
@@ -236,6 +266,7 @@ fn always_agrees_with_a_full_translation() {
                     check.standing = before.standing;
                 }
             }
+            10 if rng.below(3) == 0 => change_zone(&mut store, &mut check, &mut rng),
             10 => {
                 // The node's addresses change (in any order, with duplicates).
                 let mut addresses = random_node_addresses(&mut rng);
@@ -272,6 +303,8 @@ fn always_agrees_with_a_full_translation() {
         saw_ipv6_endpoint |= standing.iter().any(|p| p.contains("endpoint fd00::1: IPv6"));
         saw_invalid_endpoint |= standing.iter().any(|p| p.contains("invalid endpoint address \"not-an-ip\""));
         saw_frontends = saw_frontends.max(store.desired().services.len());
+        let narrowed = |e: &ServiceEntry| e.draining.iter().any(|b| b.state == crate::model::BackendState::Active);
+        saw_narrowed += usize::from(store.desired().services.values().any(narrowed));
         let node_ports = store.desired().services.values().filter(|e| e.flags & rproxy_common::SVC_F_NODE_PORT != 0);
         saw_node_ports = saw_node_ports.max(node_ports.count());
         saw_node_port_conflict |= standing.iter().any(|p| p.contains("frontend 192.168.0."));
@@ -288,6 +321,7 @@ fn always_agrees_with_a_full_translation() {
         "{saw_node_ports} {saw_node_port_conflict} {saw_cross_kind_conflict}"
     );
     assert!(saw_streamed >= 20 && saw_ipv6_endpoint && saw_invalid_endpoint, "{saw_streamed}");
+    assert!(saw_narrowed >= 5, "{saw_narrowed}");
 }
 
 #[test]
@@ -336,6 +370,40 @@ fn a_conflict_clears_when_the_winner_goes() {
     assert_eq!(store.desired().services[&fe].service.name, "b");
     assert_eq!(store.problem_count(), 0);
     assert_eq!(store.rejected_total().get("Service"), Some(&1));
+}
+
+#[test]
+fn zone_changes_retranslate_only_services_with_zone_hints() {
+    let mut store = Store::new(NODE);
+    let plain = (0..20).map(|i| service(&format!("plain{i}"), &format!("10.96.1.{i}"), 53, "ClusterIP"));
+    let hinted_svc = service("hinted", "10.96.2.1", 53, "ClusterIP");
+    store.apply(Update::ResetServices(plain.chain([hinted_svc]).collect()));
+    let mut hinted = slice("hinted-1", Some("hinted"), &[1, 2], true);
+    for (endpoint, zone) in hinted.endpoints.iter_mut().flatten().zip(ZONES) {
+        endpoint.hints = Some(EndpointHints { for_zones: Some(vec![ForZone { name: zone.into() }]), for_nodes: None });
+    }
+    store.apply(Update::ResetSlices(vec![hinted, slice("plain1-1", Some("plain1"), &[3], true)]));
+    assert_eq!(store.flush().translated, 21);
+    let fe = Frontend { addr: "10.96.2.1".parse().unwrap(), port: 53, proto: crate::model::Protocol::Udp };
+    let slots =
+        |store: &Store| store.desired().services[&fe].slots.iter().map(|b| b.addr.addr.octets()[3]).collect::<Vec<_>>();
+    // No zone yet: both endpoints.
+    assert_eq!(slots(&store), [1, 2]);
+
+    for (zone, want) in [(Some("zone-b"), vec![2]), (Some("zone-a"), vec![1]), (None, vec![1, 2])] {
+        store.apply(Update::Node(Some(Box::new(node_in(zone)))));
+        let changes = store.flush();
+        assert_eq!(changes.translated, 1, "only the Service with hints ({zone:?})");
+        assert_eq!(changes.frontends, BTreeSet::from([fe]));
+        assert_eq!(slots(&store), want, "{zone:?}");
+    }
+    // The same zone again, or another label change: nothing to do.
+    store.apply(Update::Node(Some(Box::new(node_in(None)))));
+    assert!(!store.is_dirty());
+    store.apply(Update::Node(Some(Box::new(node_in(Some("zone-a"))))));
+    store.apply(Update::Node(None));
+    assert_eq!(store.flush().translated, 1);
+    assert_eq!(slots(&store), [1, 2], "no Node: no zone");
 }
 
 #[test]

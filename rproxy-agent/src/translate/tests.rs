@@ -2,7 +2,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{
     core::v1::{ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus, SessionAffinityConfig},
-    discovery::v1::EndpointConditions,
+    discovery::v1::{EndpointConditions, EndpointHints, ForNode, ForZone},
 };
 use rproxy_common::{SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE};
 
@@ -15,7 +15,7 @@ const NODE: &str = "node-a";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 
 fn node() -> NodeContext {
-    NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP] }
+    NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP], zone: None }
 }
 
 // --- builders -----------------------------------------------------------------------------
@@ -914,7 +914,7 @@ fn node_ports_are_served_on_every_node_address_and_without_one_nowhere() {
     );
     let slices = vec![slice("web-a", "web", &[("http", 8080, "TCP"), ("dns", 5353, "UDP")], vec![ep("10.0.0.1")])];
     let second = Ipv4Addr::new(192, 168, 1, 5);
-    let two = NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP, second] };
+    let two = NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP, second], zone: None };
     let out = translate_on(&two, vec![svc.clone()], slices.clone());
     assert_eq!(out.problems, vec![]);
     let http = entry("default/web", "http", vec![be("10.0.0.1", 8080, Tcp, Active)], vec![]);
@@ -1357,4 +1357,162 @@ fn mixed_objects() -> (Vec<Service>, Vec<EndpointSlice>) {
         slice("web-b", "web", &[("http", 9090, "TCP")], vec![ep_cond("10.0.0.2", t, t, f), ep("10.0.0.4")]),
     ];
     (services, slices)
+}
+
+// --- topology hints -------------------------------------------------------------------------
+
+/// `endpoint` with zone hints `zones` and node hints `nodes` (an empty list: none of that kind).
+fn hinted(endpoint: Endpoint, zones: &[&str], nodes: &[&str]) -> Endpoint {
+    let hints = EndpointHints {
+        for_zones: (!zones.is_empty()).then(|| zones.iter().map(|z| ForZone { name: (*z).to_owned() }).collect()),
+        for_nodes: (!nodes.is_empty()).then(|| nodes.iter().map(|n| ForNode { name: (*n).to_owned() }).collect()),
+    };
+    Endpoint { hints: Some(hints), ..endpoint }
+}
+
+fn in_zone(zone: Option<&str>) -> NodeContext {
+    NodeContext { zone: zone.map(str::to_owned), ..node() }
+}
+
+/// A case name, the node's zone, the endpoints, and the addresses of the expected slots and
+/// draining backends.
+type TopologyCase<'a> = (&'a str, Option<&'a str>, Vec<Endpoint>, Vec<&'a str>, Vec<&'a str>);
+
+/// kube-proxy's `topologyModeFromHints` and `CategorizeEndpoints`: which ready endpoints take
+/// new connections of a cluster IP, given the hints and the node's zone; the ready ones left out
+/// drain (they keep their connections).
+#[test]
+fn topology_hints_narrow_the_cluster_endpoints() {
+    let (t, f) = (Some(true), Some(false));
+    let active = |a: &str| be(a, 80, Tcp, Active);
+    let a = |addr: &str| hinted(ep(addr), &["zone-a"], &[]);
+    let b = |addr: &str| hinted(ep(addr), &["zone-b"], &[]);
+    let cases: Vec<TopologyCase> = vec![
+        (
+            "zone hints: this zone's only",
+            Some("zone-a"),
+            vec![a("10.0.0.1"), b("10.0.0.2"), a("10.0.0.3")],
+            vec!["10.0.0.1", "10.0.0.3"],
+            vec!["10.0.0.2"],
+        ),
+        (
+            "a hint may name several zones",
+            Some("zone-b"),
+            vec![hinted(ep("10.0.0.1"), &["zone-a", "zone-b"], &[]), a("10.0.0.2")],
+            vec!["10.0.0.1"],
+            vec!["10.0.0.2"],
+        ),
+        (
+            "no hint for this zone: all",
+            Some("zone-c"),
+            vec![a("10.0.0.1"), b("10.0.0.2")],
+            vec!["10.0.0.1", "10.0.0.2"],
+            vec![],
+        ),
+        (
+            "node without a zone: hints ignored",
+            None,
+            vec![a("10.0.0.1"), b("10.0.0.2")],
+            vec!["10.0.0.1", "10.0.0.2"],
+            vec![],
+        ),
+        (
+            "a ready endpoint without hints: all",
+            Some("zone-a"),
+            vec![a("10.0.0.1"), ep("10.0.0.2")],
+            vec!["10.0.0.1", "10.0.0.2"],
+            vec![],
+        ),
+        (
+            "endpoints that are not ready do not count",
+            Some("zone-a"),
+            vec![a("10.0.0.1"), b("10.0.0.2"), ep_cond("10.0.0.3", f, f, f)],
+            vec!["10.0.0.1"],
+            vec!["10.0.0.2"],
+        ),
+        (
+            "node hints first",
+            Some("zone-a"),
+            vec![hinted(ep("10.0.0.1"), &["zone-a"], &["node-b"]), hinted(ep("10.0.0.2"), &["zone-b"], &[NODE])],
+            vec!["10.0.0.2"],
+            vec!["10.0.0.1"],
+        ),
+        (
+            "node hints for other nodes only: zone hints",
+            Some("zone-a"),
+            vec![hinted(ep("10.0.0.1"), &["zone-a"], &["node-b"]), hinted(ep("10.0.0.2"), &["zone-b"], &["node-c"])],
+            vec!["10.0.0.1"],
+            vec!["10.0.0.2"],
+        ),
+        (
+            "node hints on some endpoints only: zone hints",
+            Some("zone-b"),
+            vec![hinted(ep("10.0.0.1"), &["zone-a"], &[NODE]), b("10.0.0.2")],
+            vec!["10.0.0.2"],
+            vec!["10.0.0.1"],
+        ),
+    ];
+    for (case, zone, endpoints, slots, draining) in cases {
+        let svc = service("web", "10.96.0.10", vec![port("", 80, "TCP")]);
+        let out = translate_on(&in_zone(zone), vec![svc], vec![slice("web-a", "web", &[("", 80, "TCP")], endpoints)]);
+        let slots = slots.into_iter().map(active).collect();
+        let draining = draining.into_iter().map(active).collect();
+        let expected = desired(vec![(fe("10.96.0.10", 80, Tcp), entry("default/web", "", slots, draining))]);
+        assert_eq!(out.desired, expected, "{case}");
+        assert_eq!(out.problems, vec![], "{case}");
+    }
+
+    // No ready endpoint at all: the serving+terminating ones, whatever their hints (kube-proxy
+    // falls back without topology).
+    let svc = service("web", "10.96.0.10", vec![port("", 80, "TCP")]);
+    let endpoints = vec![
+        hinted(ep_cond("10.0.0.1", f, t, t), &["zone-b"], &[]),
+        hinted(ep_cond("10.0.0.2", f, t, t), &["zone-a"], &[]),
+    ];
+    let out =
+        translate_on(&in_zone(Some("zone-a")), vec![svc], vec![slice("web-a", "web", &[("", 80, "TCP")], endpoints)]);
+    let terminating = |a: &str| be(a, 80, Tcp, Terminating);
+    let expected = vec![terminating("10.0.0.1"), terminating("10.0.0.2")];
+    assert_eq!(out.desired.services.values().next().unwrap().slots, expected);
+}
+
+/// The hints narrow every frontend's cluster endpoints (what pods use for external addresses
+/// too), never the local ones: `internalTrafficPolicy: Local` and the `local_slots` of
+/// `externalTrafficPolicy: Local` take every local endpoint.
+#[test]
+fn topology_hints_leave_the_local_endpoints_alone() {
+    let here = |addr: &str, zone: &str| hinted(ep_on(addr, NODE), &[zone], &[]);
+    let there = |addr: &str, zone: &str| hinted(ep_on(addr, "node-b"), &[zone], &[]);
+    let endpoints = vec![here("10.0.0.1", "zone-a"), here("10.0.0.2", "zone-b"), there("10.0.0.3", "zone-a")];
+    let active = |a: &str, is_local: bool| {
+        let b = be(a, 80, Tcp, Active);
+        if is_local { local(b) } else { b }
+    };
+    let svc = |itp: &str, etp: &str| {
+        let svc = typed("NodePort", service("web", "10.96.0.10", vec![with_node_port(port("", 80, "TCP"), 30080)]));
+        with_spec(svc, |s| {
+            s.internal_traffic_policy = Some(itp.to_owned());
+            s.external_traffic_policy = Some(etp.to_owned());
+        })
+    };
+    let zone_a = in_zone(Some("zone-a"));
+    let run_as = |svc: Service| {
+        translate_on(&zone_a, vec![svc], vec![slice("web-a", "web", &[("", 80, "TCP")], endpoints.clone())]).desired
+    };
+
+    let out = run_as(svc("Cluster", "Cluster"));
+    for frontend in [fe("10.96.0.10", 80, Tcp), np(30080, Tcp)] {
+        let entry = &out.services[&frontend];
+        assert_eq!(entry.slots, vec![active("10.0.0.1", true), active("10.0.0.3", false)], "{frontend}");
+        assert_eq!(entry.draining, vec![active("10.0.0.2", true)], "{frontend}");
+    }
+
+    let out = run_as(svc("Local", "Local"));
+    let cluster_ip = &out.services[&fe("10.96.0.10", 80, Tcp)];
+    assert_eq!(cluster_ip.slots, vec![active("10.0.0.1", true), active("10.0.0.2", true)]);
+    assert_eq!(cluster_ip.draining, vec![]);
+    let node_port = &out.services[&np(30080, Tcp)];
+    assert_eq!(node_port.slots, vec![active("10.0.0.1", true), active("10.0.0.3", false)]);
+    assert_eq!(node_port.local_slots, vec![active("10.0.0.1", true), active("10.0.0.2", true)]);
+    assert_eq!(node_port.draining, vec![active("10.0.0.2", true)]);
 }
