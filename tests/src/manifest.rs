@@ -167,13 +167,22 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: String,
+    /// Topology hints: `hints.forNodes[].name` (none when empty).
+    pub for_nodes: Vec<String>,
 }
 
 impl Endpoint {
     /// A ready, serving, not terminating endpoint on `node_name`.
     #[must_use]
     pub fn ready(address: Ipv4Addr, node_name: &str) -> Self {
-        Self { address, ready: true, serving: true, terminating: false, node_name: node_name.to_owned() }
+        Self {
+            address,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: node_name.to_owned(),
+            for_nodes: Vec::new(),
+        }
     }
 }
 
@@ -208,6 +217,12 @@ impl fmt::Display for EndpointSlice {
             writeln!(f, "    serving: {}", e.serving)?;
             writeln!(f, "    terminating: {}", e.terminating)?;
             writeln!(f, "  nodeName: {}", e.node_name)?;
+            if !e.for_nodes.is_empty() {
+                writeln!(f, "  hints:\n    forNodes:")?;
+                for node in &e.for_nodes {
+                    writeln!(f, "    - name: {node}")?;
+                }
+            }
         }
         writeln!(f, "ports:{}", if self.ports.is_empty() { " []" } else { "" })?;
         for p in &self.ports {

@@ -1,7 +1,7 @@
 //! Service semantics that need real packets, end to end in the netns lab with the agent reading a
 //! manifests directory: named target ports, several ports, TCP and UDP on one port number, the
 //! fallback to terminating endpoints and connection draining, a pod reaching its own Service
-//! (hairpin), `ClientIP` session affinity, a
+//! (hairpin), `ClientIP` session affinity, topology (node) hints, a
 //! Service without endpoints
 //! refusing connections, a backend's ICMP error reaching the client, a change of Service type, an agent restart under a stream of
 //! connections, and a UDP flow moved off a removed backend.
@@ -74,11 +74,15 @@ impl Setup {
 
     /// Writes the slice with the named backends in the given states.
     fn write_slice(&self, endpoints: &[(&str, State)]) -> Result<()> {
+        self.write_endpoints(endpoints.iter().map(|&(name, state)| endpoint(name, state)).collect())
+    }
+
+    fn write_endpoints(&self, endpoints: Vec<Endpoint>) -> Result<()> {
         let slice = EndpointSlice {
             namespace: NAMESPACE.into(),
             name: format!("{SERVICE}-1"),
             service_name: SERVICE.into(),
-            endpoints: endpoints.iter().map(|&(name, state)| endpoint(name, state)).collect(),
+            endpoints,
             ports: self.slice_ports.clone(),
         };
         write_atomic(&self.dir.join("slice.yaml"), &slice.to_string())
@@ -101,7 +105,7 @@ impl Setup {
 fn endpoint(name: &str, state: State) -> Endpoint {
     let address = BACKENDS.iter().find(|b| b.0 == name).unwrap_or_else(|| panic!("no backend {name}")).1;
     let ready = state == State::Ready;
-    Endpoint { address, ready, serving: true, terminating: !ready, node_name: NODE_NAME.into() }
+    Endpoint { address, ready, serving: true, terminating: !ready, node_name: NODE_NAME.into(), for_nodes: Vec::new() }
 }
 
 fn all(state: State) -> Vec<(&'static str, State)> {
@@ -447,6 +451,45 @@ fn client_ip_affinity_keeps_the_client_on_one_backend() {
         let dump = String::from_utf8_lossy(&dump.stdout);
         let client = format!(": {} -> backend", CLIENT.1);
         ensure!(dump.lines().any(|l| l.contains(&client)), "dump does not show the client's affinity:\n{dump}");
+        Ok(())
+    });
+}
+
+/// Topology hints (what the `EndpointSlice` controller writes for `trafficDistribution:
+/// PreferSameNode`): with every endpoint hinted and one hinted to this node, new connections go
+/// to that one only; without hints, to all again.
+#[test]
+fn node_hints_keep_new_connections_on_this_nodes_endpoints() {
+    let spec = http_spec(all(State::Ready));
+    run("node_hints_keep_new_connections_on_this_nodes_endpoints", &spec, |setup| {
+        let hinted: Vec<Endpoint> = BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let node = if i == 1 { NODE_NAME } else { "other-node" };
+                Endpoint { for_nodes: vec![node.into()], ..endpoint(b.0, State::Ready) }
+            })
+            .collect();
+        setup.write_endpoints(hinted)?;
+        let only = BACKENDS[1].0;
+        let held =
+            streak_start(Instant::now(), PROPAGATION * 3, 20, || setup.tcp_backend(80, SHORT).is_ok_and(|b| b == only));
+        ensure!(held.is_some(), "no 20 connections in a row reached {only}, the one endpoint hinted to this node");
+        for _ in 0..20 {
+            let backend = setup.tcp_backend(80, TIMEOUT)?;
+            ensure!(backend == only, "a new connection reached {backend}, hinted to another node");
+        }
+        // Without hints: every endpoint again, within the propagation time (bounded in count too).
+        setup.write_slice(&all(State::Ready))?;
+        let started = Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            if seen.len() == BACKENDS.len() || started.elapsed() > PROPAGATION * 3 {
+                break;
+            }
+            seen.insert(setup.tcp_backend(80, TIMEOUT)?);
+        }
+        ensure!(seen.len() == BACKENDS.len(), "without hints only {seen:?} answered");
         Ok(())
     });
 }
