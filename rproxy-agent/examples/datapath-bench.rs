@@ -39,7 +39,7 @@ use rproxy_agent::{
     snat::PortRange,
     writer::Writer,
 };
-use rproxy_common::{CT_DIR_SERVICE, CtKey4, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, prog_names, proto};
+use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, prog_names, proto};
 
 #[derive(Parser)]
 struct Args {
@@ -233,6 +233,19 @@ struct Subject {
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
 
+/// The conntrack key of a TCP packet `src → dst` (host-order ports) in direction `dir`.
+fn tcp_ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), dir: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from(src.0).to_be(),
+        daddr: u32::from(dst.0).to_be(),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto: proto::TCP,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
 fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     let mut dp = Datapath::load_object(object, None).expect("load datapath (root needed)");
     dp.set_snat_ports(PortRange::DEFAULT).expect("SNAT port range");
@@ -248,15 +261,7 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     let chosen = (0..args.backends)
         .map(|j| backend(services / 2, j))
         .find(|b| {
-            let k = rproxy_common::CtKey4 {
-                saddr: u32::from(*b).to_be(),
-                daddr: u32::from(CLIENT.0).to_be(),
-                sport: 8080u16.to_be(),
-                dport: CLIENT.1.to_be(),
-                proto: rproxy_common::proto::TCP,
-                dir: rproxy_common::CT_DIR_REPLY,
-                _pad: [0; 2],
-            };
+            let k = tcp_ct_key((*b, 8080), CLIENT, CT_DIR_REPLY);
             maps.conntrack.get(&k, 0).is_ok()
         })
         .expect("flow created");
@@ -265,15 +270,7 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     // The north-south flow: the client's SYN, the backend's SYN-ACK to the node's SNAT port.
     let xdp = Prog::Xdp(prog_names::XDP_EXT, ext);
     mean_ns(&mut dp, xdp, &[tcp(NS_CLIENT, (NODE, NODE_PORT), true, false)]);
-    let k = CtKey4 {
-        saddr: u32::from(NS_CLIENT.0).to_be(),
-        daddr: u32::from(NODE).to_be(),
-        sport: NS_CLIENT.1.to_be(),
-        dport: NODE_PORT.to_be(),
-        proto: proto::TCP,
-        dir: CT_DIR_SERVICE,
-        _pad: [0; 2],
-    };
+    let k = tcp_ct_key(NS_CLIENT, (NODE, NODE_PORT), CT_DIR_SERVICE);
     let snat_port = u16::from_be(maps.conntrack.get(&k, 0).expect("north-south flow created").nat_port);
     mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD, 8080), (NODE, snat_port), true, true)]);
     Subject { dp, maps, chosen, snat_port }
