@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue,
-    SrcRange4, Stat, map_names, prog_names,
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
+    ServiceKey4, ServiceValue, SrcRange4, Stat, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
 
@@ -57,6 +57,9 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey4, AffinityValue>,
     /// The backends affinity may use per frontend (`rproxy_common::AffinityMatch`).
     pub affinity_match: HashMap<MapData, AffinityMatch, u8>,
+    /// The north-south forwarding's route cache (`rproxy_common::route`): written by the
+    /// programs only.
+    pub routes: HashMap<MapData, RouteKey4, RouteValue4>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -210,6 +213,7 @@ impl Datapath {
             src_range: take(&mut self.ebpf, map_names::SRC_RANGE4)?,
             affinity: take(&mut self.ebpf, map_names::AFFINITY4)?,
             affinity_match: take(&mut self.ebpf, map_names::AFFINITY_MATCH)?,
+            routes: take(&mut self.ebpf, map_names::ROUTE4)?,
         })
     }
 
@@ -628,8 +632,9 @@ impl MapShape {
 /// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, the
 /// filters and affinity matches, which the writer rewrites from the services and backends, the
 /// configuration, which the agent writes at start, and the affinity memory, whose loss only
-/// makes clients pick afresh): a pinned one of another shape is replaced, not refused.
-const REPLACEABLE: [&str; 8] = [
+/// makes clients pick afresh, and the route cache, whose loss costs a FIB lookup): a pinned
+/// one of another shape is replaced, not refused.
+const REPLACEABLE: [&str; 9] = [
     map_names::STATS,
     map_names::SNAT_CURSOR,
     map_names::ICMP_LIMIT,
@@ -638,6 +643,7 @@ const REPLACEABLE: [&str; 8] = [
     map_names::CONFIG,
     map_names::AFFINITY4,
     map_names::AFFINITY_MATCH,
+    map_names::ROUTE4,
 ];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

@@ -4,8 +4,8 @@ use std::{io::Write, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use rproxy_common::{
-    AffinityKey4, AffinityValue, Backend4, Config, CtKey4, CtState, CtValue, RevNat4, ServiceKey4, ServiceValue,
-    SrcRange4, Stat, map_names,
+    AffinityKey4, AffinityValue, Backend4, Config, CtKey4, CtState, CtValue, RevNat4, RouteKey4, RouteValue4,
+    ServiceKey4, ServiceValue, SrcRange4, Stat, map_names,
 };
 
 use crate::{
@@ -37,8 +37,8 @@ fn proto(p: u8) -> &'static str {
 /// Writes the pinned maps under `dir` to `out`, decoded: the configuration, every service entry
 /// (with its scope, `external` or `local`) and its backend ids, backends, rev-NAT entries, the
 /// source ranges (`loadBalancerSourceRanges`) by rev-NAT id, the clients `ClientIP` affinity
-/// remembers, the conntrack size (and with `conntrack` every entry), and the counters summed over
-/// CPUs.
+/// remembers, the conntrack size (and with `conntrack` every entry), the route cache's (likewise),
+/// and the counters summed over CPUs.
 pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let config: Array<_, Config> = pinned(dir, map_names::CONFIG)?;
@@ -115,11 +115,45 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
             .map_err(io)?;
         }
     }
+    routes(dir, conntrack, out)?;
     let stats: PerCpuArray<_, u64> = pinned(dir, map_names::STATS)?;
     writeln!(out, "counters ({}):", map_names::STATS).map_err(io)?;
     for s in Stat::ALL {
         let total = stat_total(&stats, s);
         writeln!(out, "  {:15} {total}", s.name()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The north-south forwarding's route cache: its size, and with `list` every entry (ingress
+/// device, source, destination and protocol → egress device, next hop's MAC, MTU, age). A
+/// pinned map from an agent without the cache counts as empty.
+fn routes(dir: &Path, list: bool, out: &mut impl Write) -> Result<()> {
+    let io = |source| Error::Io { what: String::from("writing output"), source };
+    if !dir.join(map_names::ROUTE4).exists() {
+        return writeln!(out, "route cache ({}): not pinned", map_names::ROUTE4).map_err(io);
+    }
+    let routes: HashMap<_, RouteKey4, RouteValue4> = pinned(dir, map_names::ROUTE4)?;
+    let mut entries: Vec<(RouteKey4, RouteValue4)> = routes.iter().filter_map(std::result::Result::ok).collect();
+    writeln!(out, "route cache ({}): {} entries", map_names::ROUTE4, entries.len()).map_err(io)?;
+    if list {
+        entries.sort_unstable_by_key(|(k, _)| (k.ifindex, u32::from_be(k.daddr), u32::from_be(k.saddr), k.proto));
+        let now = monotonic_ns();
+        for (k, v) in entries {
+            let mac = v.dmac.map(|b| format!("{b:02x}")).join(":");
+            writeln!(
+                out,
+                "  if{} {} {} -> {}: out if{} to {mac} mtu {} (looked up {} ms ago)",
+                k.ifindex,
+                proto(k.proto),
+                ip(k.saddr),
+                ip(k.daddr),
+                v.ifindex,
+                v.mtu,
+                now.saturating_sub(v.checked_ns) / 1_000_000
+            )
+            .map_err(io)?;
+        }
     }
     Ok(())
 }

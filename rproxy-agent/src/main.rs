@@ -33,12 +33,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
-    /// Print the pinned maps of an agent: services, backends, rev-NAT, conntrack, counters.
+    /// Print the pinned maps of an agent: services, backends, rev-NAT, conntrack, route cache, counters.
     Dump {
         /// The bpffs directory the agent used (`run --bpffs`).
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
-        /// Also print every conntrack entry (otherwise only their number).
+        /// Also print every conntrack entry and cached route (otherwise only their numbers).
         #[arg(long)]
         conntrack: bool,
     },

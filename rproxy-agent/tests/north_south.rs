@@ -24,8 +24,8 @@ use rproxy_agent::{
 };
 use rproxy_common::{
     AffinityKey4, AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4,
-    CtState, CtValue, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT,
-    SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
+    CtState, CtValue, RouteKey4, RouteValue4, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
 };
 
 const XDP_DROP: u32 = 1;
@@ -62,8 +62,7 @@ fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
             "route add 10.244.2.0/24 via 172.31.0.2 dev nsx",
             "route add 10.244.3.0/24 via 172.31.0.3 dev nsx",
         ] {
-            let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
-            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+            ip_cmd(args);
         }
         // /proc/sys/net is the opening thread's namespace.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
@@ -74,6 +73,12 @@ fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
     if let Err(panic) = r {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Runs `ip ARGS` (split at spaces) in the calling thread's network namespace.
+fn ip_cmd(args: &str) {
+    let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
+    assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs `frame` through the external ingress as if it arrived on device `ifindex`: the XDP
@@ -262,11 +267,7 @@ fn fix_ip_checksum(frame: &mut [u8]) {
 #[test]
 fn too_big_for_the_route_gets_fragmentation_needed() {
     in_node_netns(|h, ifindex| {
-        let out = Command::new("ip")
-            .args(["route", "add", "10.244.4.0/24", "via", "172.31.0.2", "dev", "nsx", "mtu", "lock", "1400"])
-            .output()
-            .expect("ip route");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ip_cmd("route add 10.244.4.0/24 via 172.31.0.2 dev nsx mtu lock 1400");
         let far = Ipv4Addr::new(10, 244, 4, 41);
         h.program(&tcp_nodeport(30084, far));
         let mut sent = 0;
@@ -615,6 +616,82 @@ fn closed_flow_snat_port_is_taken_over() {
             h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame((REMOTE_POD, 8080), (NODE, port), SYN_ACK, b"", &[]));
         assert_eq!(rc, XDP_TX);
         assert_eq!(parse_checked(&out).dst, (CLIENT, CPORT));
+    });
+}
+
+fn route_key(ifindex: u32, src: Ipv4Addr, dst: Ipv4Addr) -> RouteKey4 {
+    RouteKey4 { ifindex, saddr: u32::from(src).to_be(), daddr: u32::from(dst).to_be(), proto: proto::TCP, _pad: [0; 3] }
+}
+
+/// At XDP the packets of an established flow, both ways, take their route from the route cache
+/// (`rproxy_common::route`): the first ones fill it with the route's MTU (not the packet's
+/// length); an entry younger than `route::VALID_NS` is used as it is, its MTU included (one
+/// planted with another MAC and MTU takes the flow); a changed neighbour, and a removed route,
+/// are followed once the entry is older.
+#[test]
+fn established_flows_route_through_the_cache_and_follow_changes() {
+    in_node_netns(|h, ifindex| {
+        h.program(&tcp_nodeport(30087, REMOTE_POD));
+        let c = (CLIENT, CPORT);
+        let run = |h: &mut Harness, frame: &[u8]| h.run_xdp(prog_names::XDP_EXT, ifindex, frame);
+        let ack = |payload: &[u8]| tcp_frame(c, (NODE, 30087), ACK, payload, &[]);
+        let (rc, out) = run(h, &tcp_frame(c, (NODE, 30087), SYN, b"", &[]));
+        assert_eq!(rc, XDP_TX);
+        let port = parse_checked(&out).src.1;
+        let (rc, out) = run(h, &tcp_frame((REMOTE_POD, 8080), (NODE, port), SYN_ACK, b"", &[]));
+        assert_eq!((rc, macs(&out)), (XDP_TX, (CLIENT_MAC, NODE_MAC)));
+        let (rc, out) = run(h, &ack(b"x"));
+        assert_eq!((rc, macs(&out)), (XDP_TX, (NODE2_MAC, NODE_MAC)));
+        let client_side = route_key(ifindex, NODE, REMOTE_POD);
+        let r = h.maps.routes.get(&client_side, 0).expect("the client side's route is cached");
+        assert_eq!((r.ifindex, r.smac, r.dmac, r.mtu), (ifindex, NODE_MAC, NODE2_MAC, 1500), "the route's MTU");
+        let r = h.maps.routes.get(&route_key(ifindex, NODE, CLIENT), 0).expect("the reply side's route is cached");
+        assert_eq!((r.dmac, r.mtu), (CLIENT_MAC, 1500));
+
+        // Full size fits; a byte more is answered with the MTU (cached or looked up again).
+        let (rc, out) = run(h, &ack(&[7; 1460]));
+        assert_eq!((rc, parse_checked(&out).payload.len()), (XDP_TX, 1460));
+        let big = ack(&[7; 1461]);
+        let (rc, out) = run(h, &big);
+        assert_eq!(rc, XDP_TX, "ICMP back to the client");
+        assert_icmp_error(&out, &big, 3, 4, 1500);
+
+        // A recent entry is used as it is. Tried a few times: it must still be recent when the
+        // packet runs, which a descheduled test thread could miss.
+        let planted = [2, 0, 0, 0, 0, 0x99];
+        let used = (0..5).any(|_| {
+            let fresh = RouteValue4 {
+                checked_ns: rproxy_agent::gc::monotonic_ns(),
+                ifindex,
+                mtu: 1000,
+                smac: NODE_MAC,
+                dmac: planted,
+                _pad: [0; 6],
+            };
+            h.maps.routes.insert(client_side, fresh, 0).expect("planting a route");
+            let (rc, out) = run(h, &ack(b"y"));
+            let (rc2, out2) = run(h, &ack(&[7; 961]));
+            rc == XDP_TX
+                && macs(&out).0 == planted
+                && rc2 == XDP_TX
+                && out2.len() == 70
+                && out2[14 + 20..14 + 22] == [3, 4]
+                && out2[14 + 26..14 + 28] == 1000u16.to_be_bytes()
+        });
+        assert!(used, "a recent cached route (MAC and MTU) is used");
+
+        // The neighbour's new MAC, then the route's removal, once the entry is older.
+        let older = std::time::Duration::from_nanos(rproxy_common::route::VALID_NS + 50_000_000);
+        ip_cmd("neigh replace 172.31.0.2 lladdr 02:00:00:00:00:22 dev nsx nud permanent");
+        std::thread::sleep(older);
+        let (rc, out) = run(h, &ack(b"z"));
+        assert_eq!((rc, macs(&out)), (XDP_TX, ([2, 0, 0, 0, 0, 0x22], NODE_MAC)), "the new neighbour");
+        assert_eq!(h.maps.routes.get(&client_side, 0).expect("still cached").dmac, [2, 0, 0, 0, 0, 0x22]);
+        ip_cmd("route del 10.244.2.0/24");
+        std::thread::sleep(older);
+        let fib_fail = h.stat(Stat::FibFail);
+        let (rc, _) = run(h, &ack(b"z"));
+        assert_eq!((rc, h.stat(Stat::FibFail)), (XDP_DROP, fib_fail + 1), "no route any more");
     });
 }
 

@@ -42,8 +42,11 @@ pub mod map_names {
     pub const AFFINITY4: &str = "RPX_AFFINITY4";
     /// Which backends may serve a frontend's affinity (hash `AffinityMatch` → `u8`).
     pub const AFFINITY_MATCH: &str = "RPX_AFFINITY_MATCH";
+    /// The north-south forwarding's route cache (`route`): an LRU hash `RouteKey4` →
+    /// `RouteValue4`.
+    pub const ROUTE4: &str = "RPX_ROUTE4";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -58,6 +61,7 @@ pub mod map_names {
         SRC_RANGE4,
         AFFINITY4,
         AFFINITY_MATCH,
+        ROUTE4,
     ];
 }
 
@@ -112,6 +116,10 @@ pub mod limits {
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
+    /// Routes remembered by the north-south forwarding (`route`, LRU): one per (ingress
+    /// device, source, destination, protocol) of the packets it forwards, i.e. per remote node
+    /// (client side) and per client address (reply side).
+    pub const ROUTES_MAX: u32 = 65_536;
 }
 
 /// Source ports the north-south path allocates when it SNATs a flow to a node address (a
@@ -188,6 +196,27 @@ pub mod icmp {
     pub const FRAG_NEEDED: u8 = 4;
     pub const PORT_UNREACH: u8 = 3;
     pub const PARAM_PROBLEM: u8 = 12;
+}
+
+/// The route cache of the north-south forwarding at XDP (`map_names::ROUTE4`).
+///
+/// Forwarding a packet from the hook needs the kernel's FIB lookup (`bpf_fib_lookup`): the
+/// egress device, the next hop's MAC and the route's MTU. It is the largest single cost of a
+/// forwarded packet (about a third of the program's time in the two-node benchmark's profile).
+/// The packets of established flows (client side and reply side) therefore use the result of a
+/// lookup made at most `VALID_NS` earlier for the same ingress device, source, destination and
+/// protocol (`RouteKey4`); an older or missing entry means a new lookup, whose successful result
+/// replaces the entry. Only complete results are kept: an unresolved next hop, no route or a
+/// packet too big for the route are looked up again on every packet, as before.
+///
+/// **Staleness.** A change of route, neighbour MAC or MTU reaches the forwarding within
+/// `VALID_NS` (the kernel's own neighbour entries stay reachable for tens of seconds). A
+/// packet bigger than the remembered MTU is still answered with "fragmentation needed". The
+/// cache is used at XDP only: the TC twin (`--xdp-mode tc`) looks up every packet, since on an
+/// skb the FIB lookup checks the MTU only when it fails and so cannot report it.
+pub mod route {
+    /// 100 ms: at a million packets per second per destination, one lookup in 100,000.
+    pub const VALID_NS: u64 = 100_000_000;
 }
 
 /// Bitmaps that let the programs skip every map lookup for packets that cannot concern them,
@@ -640,6 +669,34 @@ impl Stat {
     }
 }
 
+/// Key of `RPX_ROUTE4` (see `route`): what a FIB lookup of the north-south forwarding depends
+/// on. Addresses in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteKey4 {
+    /// The device the packet arrived on.
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `RPX_ROUTE4`: a successful FIB lookup's result and when it was made
+/// (`CLOCK_MONOTONIC_COARSE` ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteValue4 {
+    pub checked_ns: u64,
+    /// The egress device.
+    pub ifindex: u32,
+    /// The route's MTU (host byte order).
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
 // Sizes are part of the ABI: a change here is a change on both sides and of pinned maps.
 const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
@@ -657,6 +714,10 @@ const _: () = assert!(core::mem::size_of::<AffinityMatch>() == 8);
 const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<AffinityMatch>());
 const _: () = assert!(2 + 2 + 4 == core::mem::size_of::<SrcRange4>());
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<RouteKey4>() == 16);
+const _: () = assert!(4 + 4 + 4 + 1 + 3 == core::mem::size_of::<RouteKey4>());
+const _: () = assert!(core::mem::size_of::<RouteValue4>() == 32);
+const _: () = assert!(8 + 4 + 2 + 6 + 6 + 6 == core::mem::size_of::<RouteValue4>());
 const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
 const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
 // No implicit padding: the size equals the sum of the field sizes.
@@ -670,8 +731,8 @@ const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::si
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4,
-        ServiceValue, SockRevKey4, SrcRange4,
+        AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
+        ServiceKey4, ServiceValue, SockRevKey4, SrcRange4,
     };
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
     // above), so every bit pattern is valid and no byte is uninitialised.
@@ -687,6 +748,8 @@ mod user {
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatch {}
+    unsafe impl aya::Pod for RouteKey4 {}
+    unsafe impl aya::Pod for RouteValue4 {}
 }
 
 #[cfg(feature = "user")]

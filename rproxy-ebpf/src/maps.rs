@@ -5,11 +5,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, ServiceKey4, ServiceValue,
-    SockRevKey4, SrcRange4, Stat, filter,
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
+    ServiceKey4, ServiceValue, SockRevKey4, SrcRange4, Stat, filter,
     limits::{
-        AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, SERVICES_MAX, SOCK_REV_NAT_MAX,
-        SRC_RANGES_MAX,
+        AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
+        SOCK_REV_NAT_MAX, SRC_RANGES_MAX,
     },
 };
 
@@ -74,6 +74,11 @@ pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::pinn
 /// The (frontend, backend) pairs affinity may use (see `rproxy_common::AffinityMatch`).
 #[map(name = "RPX_AFFINITY_MATCH")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8> = HashMap::pinned(AFFINITY_MATCH_MAX, BPF_F_NO_PREALLOC);
+
+/// The north-south forwarding's route cache (see `rproxy_common::route`). LRU: routes to
+/// clients gone quiet make room by themselves.
+#[map(name = "RPX_ROUTE4")]
+pub static ROUTE4: LruHashMap<RouteKey4, RouteValue4> = LruHashMap::pinned(ROUTES_MAX, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

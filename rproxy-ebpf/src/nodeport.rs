@@ -139,7 +139,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         return Ok(Action::Pass);
     }
     // Remote backend: the FIB first (it names the SNAT address), then state, then the rewrite.
-    let route = match usable_route(ctx, &pkt, 0, be.addr, true) {
+    let route = match usable_route(ctx, &pkt, 0, be.addr, None) {
         Ok(r) => r,
         Err(action) => return Ok(action),
     };
@@ -220,7 +220,7 @@ fn established<C: Ctx>(
     let route = if v.nat_flags & CT_NAT_SNAT == 0 {
         None
     } else {
-        match usable_route(ctx, pkt, new.saddr, new.daddr, false) {
+        match usable_route(ctx, pkt, new.saddr, new.daddr, Some(now)) {
             Ok(r) => Some(r),
             Err(action) => return Ok(action),
         }
@@ -238,11 +238,12 @@ fn established<C: Ctx>(
 #[inline(always)]
 fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v: &CtValue) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
-    let route = match usable_route(ctx, pkt, new.saddr, new.daddr, false) {
+    let now = conntrack::now_ns();
+    let route = match usable_route(ctx, pkt, new.saddr, new.daddr, Some(now)) {
         Ok(r) => r,
         Err(action) => return Ok(action),
     };
-    conntrack::account(ct, key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    conntrack::account(ct, key, conntrack::rev_bits(pkt), false, now);
     nat::rewrite_tuple(ctx, pkt, &new)?;
     count(Stat::RevNat);
     forward(ctx, &route)
@@ -278,19 +279,25 @@ fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     forward(ctx, &route)
 }
 
-/// The route to `daddr` (see `fib::lookup`), or, when this hook cannot forward along it, what
+/// The route to `daddr` (see `fib::lookup`): from `saddr` through the route cache at `now` for
+/// a packet of an established flow (`Some(now)`, see `fib::cached`), else from the source the
+/// node picks (`saddr` 0, reported in the route). Or, when this hook cannot forward along it, what
 /// to do with the still untouched packet: XDP hands an unresolved next hop to TC (`Pass`); no
 /// usable route drops and counts; a TTL that forwarding would take to 0, or a packet too big
 /// for the route with "don't fragment" set, becomes an ICMP error back to its sender (`icmp`;
 /// counted, and dropped when none is sent). Too big without "don't fragment": dropped, as this
 /// hook does not fragment.
 #[inline(always)]
-fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, want_src: bool) -> Result<Route, Action> {
+fn usable_route<C: Ctx>(ctx: &C, pkt: &Packet4, saddr: u32, daddr: u32, now: Option<u64>) -> Result<Route, Action> {
     if pkt.ttl <= 1 {
         count(Stat::TtlExceeded);
         return Err(icmp_error(ctx, pkt, icmp_msg::TIME_EXCEEDED, 0, 0));
     }
-    match fib::lookup(ctx, pkt.proto, pkt.tot_len, saddr, daddr, want_src) {
+    let route = match now {
+        Some(now) => fib::cached(ctx, pkt.proto, pkt.tot_len, saddr, daddr, now),
+        None => fib::lookup(ctx, pkt.proto, pkt.tot_len, saddr, daddr, true),
+    };
+    match route {
         Route::TooBig { mtu } => {
             count(Stat::FragNeeded);
             if pkt.df {
