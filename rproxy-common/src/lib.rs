@@ -16,6 +16,8 @@
 #![expect(clippy::pub_underscore_fields, reason = "explicit, zeroed padding is part of the ABI")]
 #![expect(clippy::inline_always, reason = "the eBPF side must inline everything it calls")]
 
+pub mod csum;
+
 /// Map names, as pinned under the agent's bpffs directory. The eBPF side declares maps with
 /// exactly these symbol names.
 pub mod map_names {

@@ -104,8 +104,8 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// checksums updated incrementally (see `csum`).
 #[inline(always)]
 pub fn rewrite_tuple<C: Ctx>(ctx: &C, pkt: &Packet4, new: &Tuple4) -> Result<(), i64> {
-    let addrs = csum::diff(&mut [pkt.saddr, pkt.daddr], &mut [new.saddr, new.daddr])?;
-    let ports = csum::diff(&mut [ports_word(pkt.sport, pkt.dport)], &mut [ports_word(new.sport, new.dport)])?;
+    let addrs = csum::diff(&[pkt.saddr, pkt.daddr], &[new.saddr, new.daddr]);
+    let ports = csum::diff(&[ports_word(pkt.sport, pkt.dport)], &[ports_word(new.sport, new.dport)]);
     csum::update(ctx, pkt, addrs, ports)?;
     let ip: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
     let l4: *mut u32 = ptr_at(ctx, pkt.l4_off).ok_or(-1i64)?;

@@ -274,7 +274,7 @@ fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         Ok(r) => r,
         Err(action) => return Ok(action),
     };
-    let new = related::requote(&q, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port))?;
+    let new = related::requote(&q, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port));
     related::rewrite(ctx, &q, new, src, v.nat_addr)?;
     forward(ctx, &route)
 }

@@ -122,13 +122,13 @@ pub fn parse<C: Ctx>(ctx: &C) -> Option<Quoted> {
 /// checksums updated. A UDP checksum of zero ("none") stays zero, a computed zero is written as
 /// 0xffff.
 #[inline(always)]
-pub fn requote(q: &Quoted, src: (u32, u16), dst: (u32, u16)) -> Result<[u32; QUOTE_WORDS], i64> {
+pub fn requote(q: &Quoted, src: (u32, u16), dst: (u32, u16)) -> [u32; QUOTE_WORDS] {
     let old = q.words;
     let [s0, s1] = src.1.to_ne_bytes();
     let [d0, d1] = dst.1.to_ne_bytes();
     let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
-    let addr = csum::diff(&mut [old[3], old[4]], &mut [src.0, dst.0])?;
-    let port = csum::diff(&mut [old[5]], &mut [ports])?;
+    let addr = csum::diff(&[old[3], old[4]], &[src.0, dst.0]);
+    let port = csum::diff(&[old[5]], &[ports]);
     let [ttl, inner_proto, c0, c1] = old[2].to_ne_bytes();
     let ip = csum::apply(u16::from_ne_bytes([c0, c1]), addr, 0).to_ne_bytes();
     let mut new = old;
@@ -146,17 +146,17 @@ pub fn requote(q: &Quoted, src: (u32, u16), dst: (u32, u16)) -> Result<[u32; QUO
             new[6] = u32::from_ne_bytes([l0, l1, u[0], u[1]]);
         }
     }
-    Ok(new)
+    new
 }
 
 /// Writes `new` as `q`'s quote and `(src, dst)` as the error's addresses, with the ICMP
 /// checksum updated by one difference over the quote and the IPv4 header's by the addresses'.
 #[inline(always)]
-pub fn rewrite<C: Ctx>(ctx: &C, q: &Quoted, mut new: [u32; QUOTE_WORDS], src: u32, dst: u32) -> Result<(), i64> {
-    let mut old = q.words;
-    csum::fold_diff(ctx, ICMP_CSUM_OFF, csum::diff(&mut old, &mut new)?, false)?;
+pub fn rewrite<C: Ctx>(ctx: &C, q: &Quoted, new: [u32; QUOTE_WORDS], src: u32, dst: u32) -> Result<(), i64> {
+    let old = q.words;
+    csum::fold_diff(ctx, ICMP_CSUM_OFF, csum::diff(&old, &new), false)?;
     if (src, dst) != (q.src, q.dst) {
-        csum::fold_diff(ctx, IP_CSUM_OFF, csum::diff(&mut [q.src, q.dst], &mut [src, dst])?, true)?;
+        csum::fold_diff(ctx, IP_CSUM_OFF, csum::diff(&[q.src, q.dst], &[src, dst]), true)?;
     }
     let quote: *mut [u32; QUOTE_WORDS] = ptr_at(ctx, QUOTE_OFF).ok_or(-1i64)?;
     let addrs: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
@@ -187,7 +187,7 @@ pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
     }
     // The reply entry's pair is the frontend the client addressed.
     let (sport, _) = q.ports();
-    let new = requote(&q, (q.inner_src(), sport), (v.pair_addr, v.pair_port))?;
+    let new = requote(&q, (q.inner_src(), sport), (v.pair_addr, v.pair_port));
     // The backend's own error comes from the frontend; a router's keeps its address.
     let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
     rewrite(ctx, &q, new, src, q.dst)
