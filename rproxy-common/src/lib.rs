@@ -513,6 +513,36 @@ pub const CT_NAT_SNAT: u8 = 1 << 0;
 /// The flow arrived on an external device (north-south).
 pub const CT_NAT_EXTERNAL: u8 = 1 << 1;
 
+/// What a translated flow is, from its entries' `CT_NAT_*` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowKind {
+    /// From a pod (or the node) to a service: the backend sees the client.
+    EastWest,
+    /// A pod to a service whose chosen backend is that pod: the source is translated to
+    /// `hairpin::ADDR`.
+    Hairpin,
+    /// From an external device to a backend on this node (or any under
+    /// `externalTrafficPolicy: Local`): the backend sees the client.
+    External,
+    /// From an external device to a backend on another node: the source is translated to a
+    /// node address and SNAT port, and the node forwards both ways.
+    ExternalSnat,
+}
+
+impl FlowKind {
+    /// The kind of a flow whose entries carry `nat_flags`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn of(nat_flags: u8) -> Self {
+        match (nat_flags & CT_NAT_EXTERNAL != 0, nat_flags & CT_NAT_SNAT != 0) {
+            (false, false) => Self::EastWest,
+            (false, true) => Self::Hairpin,
+            (true, false) => Self::External,
+            (true, true) => Self::ExternalSnat,
+        }
+    }
+}
+
 /// SYN seen from the client.
 pub const CT_F_SYN_FWD: u8 = 1 << 0;
 /// SYN seen from the backend (SYN-ACK).
@@ -784,6 +814,15 @@ impl RevNat4 {
     #[must_use]
     pub fn new(addr: core::net::Ipv4Addr, port: u16) -> Self {
         Self { addr: u32::from(addr).to_be(), port: port.to_be(), _pad: 0 }
+    }
+}
+
+impl CtValue {
+    /// The kind of flow this entry belongs to.
+    #[inline(always)]
+    #[must_use]
+    pub const fn kind(&self) -> FlowKind {
+        FlowKind::of(self.nat_flags)
     }
 }
 

@@ -40,7 +40,7 @@ use aya_ebpf::{
 use nat::Tuple4;
 use nodeport::Action;
 use parse::Packet4;
-use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState, Stat, hairpin};
+use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_SNAT, CtKey4, CtState, FlowKind, Stat, hairpin};
 
 use crate::maps::{RNAT4, count};
 
@@ -188,7 +188,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         if lb::frontend_alive(rev_nat_id, &pkt) {
             if let Some(be) = lb::backend(backend_id) {
                 conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-                to_backend(ctx, &pkt, &be, nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_SNAT)?;
+                to_backend(ctx, &pkt, &be, FlowKind::of(nat_flags) == FlowKind::Hairpin)?;
                 count(Stat::Established);
                 return Ok(PASS);
             }
@@ -281,7 +281,7 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet4) -> Result<i32, i64> {
     };
     // SAFETY: valid map value pointer for this run; copied out.
     let v = unsafe { *ct };
-    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_SNAT {
+    if v.kind() != FlowKind::Hairpin {
         return Ok(PASS);
     }
     conntrack::account(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());

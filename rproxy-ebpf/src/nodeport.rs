@@ -14,8 +14,8 @@
 //!   packets pass untouched.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use rproxy_common::{
-    BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, SCOPE_LOCAL, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, icmp as icmp_msg, snat,
+    BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, FlowKind, SCOPE_LOCAL, SVC_F_ETP_LOCAL,
+    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, icmp as icmp_msg, snat,
 };
 
 use crate::{
@@ -64,7 +64,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
             // SAFETY: valid map value pointer for this run; copied out.
             let v = unsafe { *ct };
             // North-south SNAT only (a hairpin flow's replies never come from outside).
-            if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) == CT_NAT_EXTERNAL | CT_NAT_SNAT {
+            if v.kind() == FlowKind::ExternalSnat {
                 return snat_reply(ctx, &pkt, ct, &key, &v);
             }
         }
@@ -217,13 +217,14 @@ fn established<C: Ctx>(
     now: u64,
 ) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.nat_addr, daddr: v.pair_addr, sport: v.nat_port, dport: v.pair_port };
-    let route = if v.nat_flags & CT_NAT_SNAT == 0 {
-        None
-    } else {
+    // A backend on another node: forwarded from here. On this node: handed to the stack.
+    let route = if v.kind() == FlowKind::ExternalSnat {
         match usable_route(ctx, pkt, new.saddr, new.daddr, Some(now)) {
             Ok(r) => Some(r),
             Err(action) => return Ok(action),
         }
+    } else {
+        None
     };
     conntrack::account(ct, key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
     nat::rewrite_tuple(ctx, pkt, &new)?;
@@ -262,7 +263,7 @@ fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some(v) = related::flow(&q) else {
         return Ok(Action::Pass);
     };
-    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_EXTERNAL | CT_NAT_SNAT || q.dst != q.inner_src() {
+    if v.kind() != FlowKind::ExternalSnat || q.dst != q.inner_src() {
         return Ok(Action::Pass);
     }
     if q.ttl <= 1 {
@@ -371,7 +372,7 @@ pub fn egress(ctx: &TcContext) -> Result<Action, i64> {
     };
     // SAFETY: valid map value pointer for this run; copied out.
     let v = unsafe { *ct };
-    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != CT_NAT_EXTERNAL {
+    if v.kind() != FlowKind::External {
         return Ok(Action::Pass);
     }
     conntrack::account(ct, &key, conntrack::rev_bits(&pkt), false, conntrack::now_ns());

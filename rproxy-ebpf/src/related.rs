@@ -15,7 +15,7 @@
 //! quoted, pass untouched.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{CT_DIR_REPLY, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, Stat, icmp as msg, proto};
+use rproxy_common::{CT_DIR_REPLY, CtKey4, CtValue, FlowKind, Stat, icmp as msg, proto};
 
 use crate::{
     csum,
@@ -181,8 +181,7 @@ pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
     let Some(v) = flow(&q) else {
         return Ok(());
     };
-    let want = if external { CT_NAT_EXTERNAL } else { 0 };
-    if v.nat_flags & (CT_NAT_EXTERNAL | CT_NAT_SNAT) != want {
+    if v.kind() != if external { FlowKind::External } else { FlowKind::EastWest } {
         return Ok(());
     }
     // The reply entry's pair is the frontend the client addressed.
