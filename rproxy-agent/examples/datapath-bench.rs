@@ -25,10 +25,13 @@
 //! reply, translated back and forwarded to the client).
 //!
 //! The process first moves into a network namespace of its own (`unshare(CLONE_NEWNET)`), gone
-//! with it, where it builds what the FIB lookups of the north-south paths need: the node's
-//! external device (a veth, 172.31.0.1/24), permanent neighbours for the other node and the
-//! client, and a route to the other node's pods.
-use std::{net::Ipv4Addr, process::Command};
+//! with it, where it builds what the FIB lookups of the north-south paths need, as the packet
+//! tests do (`tests/common/node_netns.rs`: the node's external device, the other node and the
+//! client as neighbours, a route to the other node's pods).
+#[path = "../tests/common/node_netns.rs"]
+mod node_netns;
+
+use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
@@ -114,26 +117,6 @@ fn desired(services: usize, backends: usize) -> Desired {
     let fe = Frontend { addr: NODE, port: NODE_PORT, proto: Protocol::Tcp };
     d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
     d
-}
-
-/// Moves the process into a network namespace of its own and builds the node's side of the
-/// north-south paths there (see the module doc). Returns the external device's index.
-fn node_netns() -> u32 {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (root needed)");
-    for args in [
-        "link add rpxb0 address 02:00:00:00:00:01 type veth peer name rpxb1",
-        "addr add 172.31.0.1/24 dev rpxb0",
-        "link set rpxb0 up",
-        "link set rpxb1 up",
-        "neigh add 172.31.0.2 lladdr 02:00:00:00:00:02 dev rpxb0 nud permanent",
-        "neigh add 172.31.0.100 lladdr 02:00:00:00:00:64 dev rpxb0 nud permanent",
-        "route add 10.244.2.0/24 via 172.31.0.2 dev rpxb0",
-    ] {
-        let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
-        assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
-    nix::net::if_::if_nametoindex(EXT_DEV).expect("ifindex of the external device")
 }
 
 fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, ack: bool) -> Vec<u8> {
@@ -393,7 +376,8 @@ fn main() {
         .baseline_object
         .as_ref()
         .map(|p| Aligned::new(&std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))));
-    let ext = node_netns();
+    // This thread's own namespace (the benchmark runs on this thread), gone with the process.
+    let ext = node_netns::enter(EXT_DEV, "rpxb1");
     let mut rows = Vec::new();
     for &n in &args.services {
         bench_services(&args, baseline.as_ref().map(Aligned::bytes), n, ext, &mut rows);

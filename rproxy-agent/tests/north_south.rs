@@ -1,21 +1,20 @@
 //! Packet tests of the north-south programs (`rpx_xdp_ext`, `rpx_ext_ingress`,
 //! `rpx_ext_egress`) with `BPF_PROG_TEST_RUN`.
 //!
-//! Each test runs in a thread that first moves into a new, anonymous network namespace
-//! (`unshare(CLONE_NEWNET)`), where it builds what the FIB lookups need: the node's external
-//! device `nsx` (a veth, 172.31.0.1/24), permanent neighbours for a second node (172.31.0.2) and
-//! the client (172.31.0.100), a route to the second node's pods (10.244.2.0/24 via 172.31.0.2) and
-//! one to a third node whose MAC is unknown (10.244.3.0/24 via 172.31.0.3). The namespace, and the
-//! devices in it, disappear with the thread, even when an assertion fails.
+//! Each test runs in a thread that first moves into a new, anonymous network namespace and builds
+//! what the FIB lookups need there (`common::node_netns`: the node's external device `nsx`, a
+//! second node, a client, routes to the second node's pods and to a third node whose MAC is
+//! unknown). The namespace, and the devices in it, disappear with the thread, even when an
+//! assertion fails.
 //!
 //! Needs root; see packets.rs for the skip rule.
 mod common;
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::Ipv4Addr;
 
 use common::{
     ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key as key, harness,
-    icmp_error_frame, macs, ones_sum, parse_checked, tcp_frame, udp_frame,
+    icmp_error_frame, macs, node_netns, ones_sum, parse_checked, tcp_frame, udp_frame,
 };
 use rproxy_agent::{
     datapath::{XdpAttached, XdpMode},
@@ -51,34 +50,13 @@ fn in_node_netns(f: impl FnOnce(&mut Harness, u32) + Send + 'static) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(mut h) = harness() else { return };
     let r = std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        for args in [
-            "link add nsx address 02:00:00:00:00:01 type veth peer name nsy",
-            "addr add 172.31.0.1/24 dev nsx",
-            "link set nsx up",
-            "link set nsy up",
-            "neigh add 172.31.0.2 lladdr 02:00:00:00:00:02 dev nsx nud permanent",
-            "neigh add 172.31.0.100 lladdr 02:00:00:00:00:64 dev nsx nud permanent",
-            "route add 10.244.2.0/24 via 172.31.0.2 dev nsx",
-            "route add 10.244.3.0/24 via 172.31.0.3 dev nsx",
-        ] {
-            ip_cmd(args);
-        }
-        // /proc/sys/net is the opening thread's namespace.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
-        let ifindex = nix::net::if_::if_nametoindex("nsx").expect("ifindex of nsx");
+        let ifindex = node_netns::enter("nsx", "nsy");
         f(&mut h, ifindex);
     })
     .join();
     if let Err(panic) = r {
         std::panic::resume_unwind(panic);
     }
-}
-
-/// Runs `ip ARGS` (split at spaces) in the calling thread's network namespace.
-fn ip_cmd(args: &str) {
-    let out = Command::new("ip").args(args.split(' ')).output().expect("running ip");
-    assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs `frame` through the external ingress as if it arrived on device `ifindex`: the XDP
@@ -267,7 +245,7 @@ fn fix_ip_checksum(frame: &mut [u8]) {
 #[test]
 fn too_big_for_the_route_gets_fragmentation_needed() {
     in_node_netns(|h, ifindex| {
-        ip_cmd("route add 10.244.4.0/24 via 172.31.0.2 dev nsx mtu lock 1400");
+        node_netns::ip("route add 10.244.4.0/24 via 172.31.0.2 dev nsx mtu lock 1400");
         let far = Ipv4Addr::new(10, 244, 4, 41);
         h.program(&tcp_nodeport(30084, far));
         let mut sent = 0;
@@ -682,12 +660,12 @@ fn established_flows_route_through_the_cache_and_follow_changes() {
 
         // The neighbour's new MAC, then the route's removal, once the entry is older.
         let older = std::time::Duration::from_nanos(rproxy_common::route::VALID_NS + 50_000_000);
-        ip_cmd("neigh replace 172.31.0.2 lladdr 02:00:00:00:00:22 dev nsx nud permanent");
+        node_netns::ip("neigh replace 172.31.0.2 lladdr 02:00:00:00:00:22 dev nsx nud permanent");
         std::thread::sleep(older);
         let (rc, out) = run(h, &ack(b"z"));
         assert_eq!((rc, macs(&out)), (XDP_TX, ([2, 0, 0, 0, 0, 0x22], NODE_MAC)), "the new neighbour");
         assert_eq!(h.maps.routes.get(&client_side, 0).expect("still cached").dmac, [2, 0, 0, 0, 0, 0x22]);
-        ip_cmd("route del 10.244.2.0/24");
+        node_netns::ip("route del 10.244.2.0/24");
         std::thread::sleep(older);
         let fib_fail = h.stat(Stat::FibFail);
         let (rc, _) = run(h, &ack(b"z"));
@@ -756,8 +734,7 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
         return;
     };
     in_node_netns(move |h, _| {
-        let lo = "link set lo up".split(' ');
-        assert!(Command::new("ip").args(lo).status().unwrap().success());
+        node_netns::ip("link set lo up");
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (tport, uport) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());

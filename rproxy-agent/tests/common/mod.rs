@@ -2,6 +2,8 @@
 //! writer) and frame building/checking with independently computed checksums (etherparse).
 #![allow(dead_code, reason = "each test crate uses a different subset")]
 
+pub mod node_netns;
+
 use std::{net::Ipv4Addr, sync::Mutex};
 
 use aya::programs::{TestRun, TestRunOptions};
