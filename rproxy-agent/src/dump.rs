@@ -126,8 +126,8 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
 }
 
 /// The north-south forwarding's route cache: its size, and with `list` every entry (ingress
-/// device, source, destination and protocol → egress device, next hop's MAC, MTU, age). A
-/// pinned map from an agent without the cache counts as empty.
+/// device, source, destination and protocol → egress device, next hop's MAC, MTU, age). Pins
+/// of an agent from before the cache have none: said so, and the rest is still printed.
 fn routes(dir: &Path, list: bool, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     if !dir.join(map_names::ROUTE4).exists() {
