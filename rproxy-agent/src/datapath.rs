@@ -166,12 +166,14 @@ impl Datapath {
             ))),
         };
         let dir = pin_dir.or(scratch.as_deref()).expect("one of the two is set");
+        // Before creating anything: on a sysfs (`ip netns exec` remounts /sys) the directories
+        // cannot even be made, and the error would hide the real cause.
+        ensure_bpffs(dir)?;
         for sub in Hook::POD.iter().chain(&Hook::EXTERNAL).map(|h| h.dir()).chain([XDP_DIR, CGROUP_DIR]) {
             let links = dir.join(LINKS_DIR).join(sub);
             std::fs::create_dir_all(&links)
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
-        ensure_bpffs(dir)?;
         if pin_dir.is_some() {
             check_pinned_maps(object, dir)?;
         }
@@ -501,10 +503,14 @@ fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 
 /// Pins only work on a bpffs mount. A common trap: `ip netns exec` mounts a fresh sysfs on /sys,
 /// hiding the host's /sys/fs/bpf; start the agent with `nsenter --net=/run/netns/NAME` instead.
+///
+/// `dir` may not exist yet: the check applies to its nearest existing ancestor, where it would
+/// be created.
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let st = nix::sys::statfs::statfs(dir)
-        .map_err(|e| Error::Io { what: format!("statfs {}", dir.display()), source: e.into() })?;
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
+    let st = nix::sys::statfs::statfs(existing)
+        .map_err(|e| Error::Io { what: format!("statfs {}", existing.display()), source: e.into() })?;
     if st.filesystem_type().0 != BPF_FS_MAGIC {
         return Err(Error::Io {
             what: format!("{} is not on a bpffs mount", dir.display()),

@@ -338,3 +338,32 @@ fn agents_side_by_side_do_not_touch_each_other() {
         assert_reaches_every_backend(first, Proto::Tcp, b"first, still")
     });
 }
+
+/// Started with `ip netns exec` (which remounts /sys, hiding the host's bpffs), the agent refuses
+/// with the message that says so and names `nsenter`, instead of failing to create its pin
+/// directories there.
+#[test]
+fn agent_under_ip_netns_exec_says_to_use_nsenter() {
+    with_lab("agent_under_ip_netns_exec_says_to_use_nsenter", |lab| {
+        let bin = agent_bin()?;
+        let manifests = lab.work_dir().join("manifests");
+        std::fs::create_dir(&manifests)?;
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", lab.node_ns()])
+            .arg(&bin)
+            .args(["run", "--node-name", demo::NODE_NAME, "--pod-devices", "none*", "--cgroup", "none"])
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--bpffs")
+            .arg(lab.pin_dir())
+            .env("NO_COLOR", "1")
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "the agent started under ip netns exec:\n{log}");
+        ensure!(
+            log.contains("is not on a bpffs mount") && log.contains("nsenter"),
+            "the refusal does not say why nor what to do:\n{log}"
+        );
+        Ok(())
+    });
+}
