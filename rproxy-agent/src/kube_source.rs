@@ -45,19 +45,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+pub use crate::translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::{
     error::{Error, Result},
     slim,
     source::Update,
 };
-
-/// Label of Services (and their `EndpointSlices`) that another service proxy handles; kube-proxy
-/// ignores objects that carry it, and so does rproxy.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-
-/// Label the `EndpointSlice` controller puts on the `EndpointSlices` of headless Services, which
-/// have no virtual IP to translate.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// The server-side label selector for Services and `EndpointSlices`, the one kube-proxy uses.
 pub const LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";

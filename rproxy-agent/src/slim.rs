@@ -8,7 +8,8 @@
 //! an API update still re-translates its one Service, which costs microseconds; a relist of
 //! unchanged objects compares equal and costs nothing.
 //!
-//! Kept: name, namespace, resource version, the `kubernetes.io/service-name` label; the whole Service spec except
+//! Kept: name, namespace, resource version, the `kubernetes.io/service-name` label (and the
+//! labels that hide an object from kube-proxies, [`translate::hiding_label`]); the whole Service spec except
 //! the pod selector, and `status.loadBalancer`; a slice's address type, ports, and each endpoint's
 //! addresses, conditions, node name and topology hints.
 //!
@@ -28,7 +29,7 @@ use k8s_openapi::{
 
 use crate::{
     model::ObjectRef,
-    translate::{self, SERVICE_NAME_LABEL},
+    translate::{self, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
 
 /// The Service with only what the translation reads.
@@ -77,10 +78,15 @@ pub fn slice(slice: EndpointSlice) -> EndpointSlice {
 }
 
 fn meta(meta: ObjectMeta) -> ObjectMeta {
-    let labels = meta.labels.and_then(|mut labels| {
-        let name = labels.remove(SERVICE_NAME_LABEL)?;
-        Some([(SERVICE_NAME_LABEL.to_owned(), name)].into())
+    // The service name, and the labels that hide an object from kube-proxies (the store
+    // applies that rule).
+    let labels = meta.labels.map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(k, _)| [SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL].contains(&k.as_str()))
+            .collect::<std::collections::BTreeMap<_, _>>()
     });
+    let labels = labels.filter(|l| !l.is_empty());
     ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,

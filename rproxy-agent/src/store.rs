@@ -35,7 +35,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::{
     model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
@@ -100,8 +100,12 @@ impl<T> Default for Listing<T> {
 }
 
 impl<T> Listing<T> {
-    /// Adds one listed object as `keep` converts it, if it has a name.
+    /// Adds one listed object as `keep` converts it, if it has a name and no label hides it
+    /// from kube-proxies ([`translate::hiding_label`]: left out as if it did not exist).
     fn add<O: Meta>(&mut self, kind: &'static str, object: O, keep: impl FnOnce(O) -> T) {
+        if hidden(kind, object.meta()) {
+            return;
+        }
         match object_ref(object.meta()) {
             Some(r) => {
                 // Exactly: a first push would make room for four (over 3 KiB for a Service).
@@ -285,7 +289,8 @@ impl Store {
             },
             Update::ApplyService(svc) => {
                 if let Some(r) = named("Service", &svc.metadata) {
-                    self.put_service(r, Some(vec![slim::service(*svc)]));
+                    let kept = (!hidden("Service", &svc.metadata)).then(|| vec![slim::service(*svc)]);
+                    self.put_service(r, kept);
                 }
             }
             Update::DeleteService(svc) => {
@@ -295,7 +300,9 @@ impl Store {
             }
             Update::ApplySlice(slice) => {
                 if let Some(r) = named("EndpointSlice", &slice.metadata) {
-                    self.put_slice(r, Some(vec![CompactSlice::new(&slice, &self.context.name)]));
+                    let kept = (!hidden("EndpointSlice", &slice.metadata))
+                        .then(|| vec![CompactSlice::new(&slice, &self.context.name)]);
+                    self.put_slice(r, kept);
                 }
             }
             Update::DeleteSlice(slice) => {
@@ -586,6 +593,18 @@ fn slice_unit(slice_ref: &ObjectRef, definitions: &[CompactSlice]) -> ObjectRef 
 /// Whether a Service declares a `nodePort` on any of its ports.
 fn has_node_port(svc: &Service) -> bool {
     svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()).any(|p| p.node_port.is_some_and(|n| n != 0))
+}
+
+/// Whether a label hides the object from kube-proxies ([`translate::hiding_label`]); such an
+/// object counts as absent (an update that adds the label removes it, like the API server's
+/// label selector does).
+fn hidden(kind: &'static str, meta: &ObjectMeta) -> bool {
+    let label = translate::hiding_label(meta);
+    if let Some(label) = label {
+        let object = object_ref(meta).map_or_else(|| String::from("(no name)"), |r| r.to_string());
+        debug!(kind, object, label, "ignored: labelled for another proxy or headless");
+    }
+    label.is_some()
 }
 
 /// The object's reference; an object without a name (which the API never sends) is logged and

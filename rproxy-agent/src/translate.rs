@@ -84,6 +84,22 @@ use crate::model::{
 
 /// Label that ties an `EndpointSlice` to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of Services (and their `EndpointSlices`) that another service proxy handles; kube-proxy
+/// ignores objects that carry it, and so does rproxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller puts on the `EndpointSlices` of headless Services (and a
+/// Service may carry it too): no virtual IP to translate.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// The label that hides an object from every kube-proxy (present with any value), if it carries
+/// one: [`SERVICE_PROXY_NAME_LABEL`] or [`HEADLESS_LABEL`]. The API source also asks the server
+/// to leave such objects out; every source applies the rule itself through the store.
+#[must_use]
+pub fn hiding_label(meta: &ObjectMeta) -> Option<&'static str> {
+    let labels = meta.labels.as_ref()?;
+    [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL].into_iter().find(|l| labels.contains_key(*l))
+}
+
 /// Namespace of objects that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// `ClientIP` affinity timeout when the Service sets none (Kubernetes' default, 3 hours).

@@ -487,3 +487,51 @@ fn a_streamed_list_replaces_the_held_set_at_its_end() {
     assert!(store.node().is_none());
     assert!(!store.is_dirty(), "the Node object does not re-translate anything");
 }
+
+/// kube-proxy's rule, applied by the store for every source: a Service or slice labelled for
+/// another proxy (or headless) counts as absent, in a list and in an update; removing the label
+/// brings it back.
+#[test]
+fn hiding_labels_make_objects_absent() {
+    use crate::translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+    let labelled = |mut svc: Service, label: &str| {
+        svc.metadata.labels = Some([(label.to_owned(), String::from("other"))].into());
+        svc
+    };
+    let fe = |ip: &str| Frontend { addr: ip.parse().unwrap(), port: 53, proto: crate::model::Protocol::Udp };
+    let mut store = Store::new(NODE);
+    store.apply(Update::ResetServices(vec![
+        service("plain", "10.96.3.1", 53, "ClusterIP"),
+        labelled(service("other-proxy", "10.96.3.2", 53, "ClusterIP"), SERVICE_PROXY_NAME_LABEL),
+        labelled(service("headless", "10.96.3.3", 53, "ClusterIP"), HEADLESS_LABEL),
+    ]));
+    let mut hidden_slice = slice("plain-hidden", Some("plain"), &[9], true);
+    hidden_slice.metadata.labels.as_mut().unwrap().insert(HEADLESS_LABEL.to_owned(), String::new());
+    store.apply(Update::ResetSlices(vec![slice("plain-1", Some("plain"), &[1], true), hidden_slice]));
+    store.flush();
+    let frontends: Vec<Frontend> = store.desired().services.keys().copied().collect();
+    assert_eq!(frontends, [fe("10.96.3.1")]);
+    assert_eq!(store.desired().services[&fe("10.96.3.1")].slots.len(), 1, "the labelled slice's endpoint was used");
+    assert_eq!(store.object_counts(), (1, 1));
+
+    // An update that adds the label removes the object; one that removes it brings it back.
+    store.apply(Update::ApplyService(Box::new(labelled(
+        service("plain", "10.96.3.1", 53, "ClusterIP"),
+        SERVICE_PROXY_NAME_LABEL,
+    ))));
+    store.flush();
+    assert!(store.desired().services.is_empty());
+    store.apply(Update::ApplyService(Box::new(service("other-proxy", "10.96.3.2", 53, "ClusterIP"))));
+    store.apply(Update::ApplyService(Box::new(service("plain", "10.96.3.1", 53, "ClusterIP"))));
+    store.flush();
+    let frontends: Vec<Frontend> = store.desired().services.keys().copied().collect();
+    assert_eq!(frontends, [fe("10.96.3.1"), fe("10.96.3.2")]);
+    // The same through the API source's trimming, which keeps the hiding labels.
+    store.apply(Update::ApplyService(Box::new(slim::service(labelled(
+        service("other-proxy", "10.96.3.2", 53, "ClusterIP"),
+        HEADLESS_LABEL,
+    )))));
+    store.flush();
+    let frontends: Vec<Frontend> = store.desired().services.keys().copied().collect();
+    assert_eq!(frontends, [fe("10.96.3.1")]);
+}
