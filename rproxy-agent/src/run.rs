@@ -11,8 +11,10 @@
 //!
 //! Nothing is written, and no device attached, before the source has delivered its complete
 //! initial state (the manifests read once, or the API's Services and `EndpointSlices` listed):
-//! writing a partial state would drop backends that established connections still use. Health
-//! check node ports open after the same first write. On a signal it exits without detaching
+//! writing a partial state would drop backends that established connections still use. That
+//! first write compares every frontend, those adopted from the pinned maps included, so a
+//! Service deleted while no agent ran is removed then. Health check node ports open after the
+//! same first write. On a signal it exits without detaching
 //! anything: the pinned
 //! links and maps keep translating with the last state until an agent starts again (and adopts
 //! them) or `rproxy-agent cleanup` removes them.
@@ -426,6 +428,12 @@ impl Agent {
         lock(&self.proxy_health).queued(started);
         let mut changes = self.store.flush();
         changes.frontends.append(&mut self.retry);
+        if !self.first_synced {
+            // The source's complete state against everything the maps hold: frontends adopted
+            // from an earlier agent that the source no longer has (deleted while no agent ran)
+            // are removed now; the source reports no change for them.
+            changes.frontends.extend(self.writer.frontends());
+        }
         for p in &changes.new_problems {
             warn!("rejected: {p}");
         }

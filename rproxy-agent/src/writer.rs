@@ -447,6 +447,11 @@ impl Writer {
         self.services.len()
     }
 
+    /// The frontends programmed (or adopted).
+    pub fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
+        self.services.keys().copied()
+    }
+
     /// Number of backends programmed.
     #[must_use]
     pub fn backend_count(&self) -> usize {

@@ -367,3 +367,55 @@ fn agent_under_ip_netns_exec_says_to_use_nsenter() {
         Ok(())
     });
 }
+
+/// A Service deleted while no agent runs (a DaemonSet rolling update's window) is removed by the
+/// next agent's first sync, and stays removed at every later restart; the Service that still
+/// exists keeps working throughout.
+#[test]
+fn service_deleted_while_the_agent_is_down_is_removed_at_start() {
+    with_agent("service_deleted_while_the_agent_is_down_is_removed_at_start", |lab, manifests| {
+        let second_ip = Ipv4Addr::new(10, 96, 0, 20);
+        let second =
+            rproxy_tests::manifest::Service { name: "second".into(), cluster_ip: second_ip, ..demo::service() };
+        let second_slice = rproxy_tests::manifest::EndpointSlice {
+            name: "second-1".into(),
+            service_name: "second".into(),
+            ..demo::endpoint_slice(&["backend-a"])
+        };
+        let second_file = manifests.dir.join("second.yaml");
+        write_atomic(&second_file, &rproxy_tests::manifest::multi_document(&[&second, &second_slice]))?;
+        let client = lab.pod(CLIENT.0);
+        let reached = streak_start(Instant::now(), PROPAGATION * 5, 1, || {
+            client.tcp_request_timeout(second_ip, PORT, b"x", SHORT).is_ok()
+        });
+        ensure!(reached.is_some(), "the second Service never answered");
+
+        lab.stop_agent()?;
+        std::fs::remove_file(&second_file)?;
+        for restart in 1..=2 {
+            lab.start_agent(&agent_bin()?, &manifests.dir)?;
+            let started = Instant::now();
+            while !lab.agent_log().contains(" synced") {
+                lab.ensure_agent_running()?;
+                ensure!(started.elapsed() < Duration::from_secs(10), "restart {restart}: no sync within 10 s");
+                thread::sleep(Duration::from_millis(20));
+            }
+            let log = lab.agent_log();
+            let synced = log.lines().find(|l| l.contains(" synced")).unwrap_or_default();
+            ensure!(
+                synced.contains("frontends=2 ") && (restart > 1 || log.contains("service removed")),
+                "restart {restart}: the deleted Service's frontend was not removed at the first sync:\n{log}"
+            );
+            let client = lab.pod(CLIENT.0);
+            for _ in 0..3 {
+                ensure!(
+                    client.tcp_request_timeout(second_ip, PORT, b"x", SHORT).is_err(),
+                    "restart {restart}: the deleted Service's ClusterIP still reaches a backend"
+                );
+            }
+            assert_reaches_every_backend(lab, Proto::Tcp, b"still here")?;
+            lab.stop_agent()?;
+        }
+        Ok(())
+    });
+}
