@@ -66,8 +66,10 @@ fi
 
 # Keep only the current key: drop other entries and leftovers of interrupted builds.
 # An entry for this key without all binaries (not made by this script) goes too.
+# Only names this script makes are touched, in case the cache is a shared directory.
 for old in "$cache"/* "$cache"/.tmp-*; do
     [ -e "$old" ] || continue
+    [[ "$(basename "$old")" =~ ^(\.tmp-)?[0-9a-f]{12}(\..*)?$ ]] || continue
     log "removing $old"
     rm -rf -- "$old"
 done
