@@ -14,9 +14,11 @@
 //! list: with 10,000 Services and their slices, a buffered list would be tens of MiB of API
 //! objects next to the store's copies.
 //!
-//! Watch errors never end a watcher: it retries with kube's default backoff (0.8 s doubling to
-//! 30 s, jittered), relists when the server says the resource version is gone (410), and each
-//! error is logged and counted in [`Stats`].
+//! Watch errors never end the source: a broken watch is reported ([`Update::WatchLost`]) and
+//! lists again after a short delay ([`Retry`]: about a second while the server is away for less
+//! than a minute), so the agent catches up a second after the API server answers again; each
+//! error is counted in [`Stats`], logged at debug, and a watch failing for ten seconds is
+//! warned about once.
 use std::{
     marker::PhantomData,
     pin::pin,
@@ -35,15 +37,12 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        utils::Backoff,
-        watcher::{self, DefaultBackoff, Event},
-    },
+    runtime::watcher::{self, Event},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 pub use crate::translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::{
@@ -158,63 +157,92 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<Update>, st
 }
 
 /// Runs one watcher until `tx` closes.
+///
+/// Any error ends the watch: the agent is told ([`Update::WatchLost`]) and, after a [`Retry`]
+/// delay, a new watcher lists again (as client-go's reflector relists after a broken watch), so
+/// that what the agent holds is complete again at that list's end, whatever happened meanwhile.
+/// Errors are logged at debug; a watch failing for [`Retry::PERSISTENT`] gets one warning, and
+/// its recovery one line.
 async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: &mpsc::Sender<Update>, stats: &Stats) {
     let kind_stats = K::stats(stats);
     let mut mapper = EventMapper::<K>::default();
-    // Backoff between restarts of the whole watcher (see `is_expired`); reset by every sync.
-    let mut restart_backoff = DefaultBackoff::default();
+    let mut retry = Retry::default();
     let mut lists = 0_u64;
+    // The agent was told the watch broke, and its relist has not completed yet.
+    let mut lost = false;
+    // A warning went out for the current run of failures.
+    let mut warned = false;
     loop {
-        let mut events = pin!(watcher::watcher(api.clone(), config.clone()).default_backoff());
-        loop {
+        let mut events = pin!(watcher::watcher(api.clone(), config.clone()));
+        let error = loop {
             let item = tokio::select! {
                 item = events.next() => item,
                 () = tx.closed() => return,
             };
             // A watcher never ends by itself; should one, start a new one.
-            let Some(item) = item else { break };
-            match item {
-                Ok(event) => {
-                    if matches!(event, Event::Init) {
-                        if lists > 0 {
-                            kind_stats.relists.fetch_add(1, Ordering::Relaxed);
-                            info!(kind = K::KIND, "relisting after a watch error");
-                        }
-                        lists += 1;
-                    }
-                    // Trimmed as they arrive, so that the updates queued for the store are
-                    // small (see `slim`).
-                    let event = match event {
-                        Event::Apply(o) => Event::Apply(K::slim(o)),
-                        Event::Delete(o) => Event::Delete(K::slim(o)),
-                        Event::InitApply(o) => Event::InitApply(K::slim(o)),
-                        other => other,
-                    };
-                    let step = mapper.map(event);
-                    for update in step.updates {
-                        if tx.send(update).await.is_err() {
-                            return;
-                        }
-                    }
-                    if let Some(objects) = step.synced {
-                        restart_backoff.reset();
-                        kind_stats.synced.store(true, Ordering::Relaxed);
-                        info!(kind = K::KIND, objects, "watch in sync");
-                        if stats.all_synced() && !stats.all_synced_logged.swap(true, Ordering::Relaxed) {
-                            info!("all watches in sync");
-                        }
-                    }
+            let Some(item) = item else { break None };
+            let event = match item {
+                Ok(event) => event,
+                Err(err) => break Some(err),
+            };
+            if matches!(event, Event::Init) {
+                if lists > 0 {
+                    kind_stats.relists.fetch_add(1, Ordering::Relaxed);
+                    debug!(kind = K::KIND, "relisting");
                 }
-                Err(err) => {
-                    kind_stats.errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(kind = K::KIND, error = %err, "watch error");
-                    if is_expired(&err) {
-                        break;
-                    }
+                lists += 1;
+            }
+            // Trimmed as they arrive, so that the updates queued for the store are small (see
+            // `slim`).
+            let event = match event {
+                Event::Apply(o) => Event::Apply(K::slim(o)),
+                Event::Delete(o) => Event::Delete(K::slim(o)),
+                Event::InitApply(o) => Event::InitApply(K::slim(o)),
+                other => other,
+            };
+            let step = mapper.map(event);
+            for update in step.updates {
+                if tx.send(update).await.is_err() {
+                    return;
                 }
             }
+            if let Some(objects) = step.synced {
+                lost = false;
+                kind_stats.synced.store(true, Ordering::Relaxed);
+                if std::mem::take(&mut warned) {
+                    let failing = retry.failing_for(Instant::now()).unwrap_or_default();
+                    info!(kind = K::KIND, objects, failing_s = failing.as_secs(), "watch recovered and in sync");
+                } else {
+                    info!(kind = K::KIND, objects, "watch in sync");
+                }
+                if stats.all_synced() && !stats.all_synced_logged.swap(true, Ordering::Relaxed) {
+                    info!("all watches in sync");
+                }
+            }
+        };
+        let now = Instant::now();
+        let delay = retry.failed(now);
+        if let Some(err) = &error {
+            kind_stats.errors.fetch_add(1, Ordering::Relaxed);
+            let failing = retry.failing_for(now).unwrap_or_default();
+            if failing >= Retry::PERSISTENT && !warned {
+                warned = true;
+                warn!(
+                    kind = K::KIND,
+                    error = %err,
+                    failing_s = failing.as_secs(),
+                    "cannot watch the API server; retrying, the datapath keeps the state it has"
+                );
+            } else {
+                debug!(kind = K::KIND, error = %err, retry_ms = delay.as_millis(), "watch error; relisting");
+            }
         }
-        let delay = restart_backoff.next().unwrap_or(Duration::from_secs(30));
+        if !lost {
+            lost = true;
+            if tx.send(Update::WatchLost(K::KIND)).await.is_err() {
+                return;
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = tx.closed() => return,
@@ -222,16 +250,59 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: &mpsc::Send
     }
 }
 
-/// Whether `err` says the resource version we watch from is gone (HTTP 410) in a way kube's
-/// watcher does not recover from by itself. It relists on a 410 `ERROR` event, but on an HTTP 410
-/// answer to the watch request (or a 410 status line in the stream) it retries the watch from
-/// the same, expired, version forever; so the watcher is restarted, which lists again.
-fn is_expired(err: &watcher::Error) -> bool {
-    matches!(
-        err,
-        watcher::Error::WatchStartFailed(kube::Error::Api(status)) | watcher::Error::WatchFailed(kube::Error::Api(status))
-            if status.code == 410
-    )
+/// When to try again after a watch or list failed: soon enough that the agent catches up about a
+/// second after the API server answers again, gently enough that a long outage does not become
+/// a storm of requests from every node.
+///
+/// The first retry after 250 ms, doubling to 1 s for the first minute of failures, then to 10 s;
+/// each delay jittered by ±20 %. A run of failures ends after [`Retry::QUIET`] without one.
+#[derive(Debug, Default)]
+pub struct Retry {
+    /// First failure of the current run, the last one, and how many.
+    run: Option<(Instant, Instant, u32)>,
+}
+
+impl Retry {
+    pub const FIRST: Duration = Duration::from_millis(250);
+    /// Longest delay during the first [`Retry::FAST_FOR`] of a run.
+    pub const FAST_MAX: Duration = Duration::from_secs(1);
+    pub const FAST_FOR: Duration = Duration::from_mins(1);
+    /// Longest delay after that.
+    pub const SLOW_MAX: Duration = Duration::from_secs(10);
+    /// A run of failures ends after this long without one.
+    pub const QUIET: Duration = Duration::from_secs(30);
+    /// Failing this long is worth a warning.
+    pub const PERSISTENT: Duration = Duration::from_secs(10);
+
+    /// Records a failure at `now`; the delay before the next try.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        let (first, failures) = match self.run {
+            Some((first, last, failures)) if now.saturating_duration_since(last) < Self::QUIET => {
+                (first, failures.saturating_add(1))
+            }
+            _ => (now, 1),
+        };
+        self.run = Some((first, now, failures));
+        let max = if now.saturating_duration_since(first) < Self::FAST_FOR { Self::FAST_MAX } else { Self::SLOW_MAX };
+        let base = Self::FIRST.saturating_mul(1 << (failures - 1).min(16)).min(max);
+        base.mul_f64(0.8 + 0.4 * unit_random())
+    }
+
+    /// How long the current run of failures has lasted at `now` (`None` outside one).
+    #[must_use]
+    pub fn failing_for(&self, now: Instant) -> Option<Duration> {
+        let (first, last, _) = self.run?;
+        (now.saturating_duration_since(last) < Self::QUIET).then(|| now.saturating_duration_since(first))
+    }
+}
+
+/// A number in `[0, 1)`, random enough for jitter (std's per-process random hash keys).
+fn unit_random() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish() >> 11;
+    #[expect(clippy::cast_precision_loss, reason = "53 bits fit an f64 exactly")]
+    let (x, scale) = (bits as f64, (1u64 << 53) as f64);
+    x / scale
 }
 
 /// A kind this source watches, and how its objects become [`Update`]s.

@@ -46,6 +46,11 @@ enum Command {
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/rproxy";
 
+/// Log filter without `RPROXY_LOG`. kube-client's HTTP layer logs every failed request at error
+/// level; the watches report their own failures (a warning once one persists), so those lines
+/// are left out.
+const DEFAULT_LOG: &str = "info,kube_client::client::builder=off";
+
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Read Services and EndpointSlices from this directory of Kubernetes YAML files instead of
@@ -123,7 +128,7 @@ fn parse_bind(s: &str) -> Result<Bind, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("RPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_env("RPROXY_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)))
         .with_writer(std::io::stderr)
         // Colours only on a terminal: logs collected by a container runtime stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

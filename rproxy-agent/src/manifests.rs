@@ -89,7 +89,7 @@ fn is_dir(path: &Path) -> bool {
 }
 
 fn file_problem(origin: &str, reason: String) -> Problem {
-    Problem { kind: "file", object: origin.to_owned(), reason }
+    Problem { kind: "file", object: origin.to_owned(), reason, transient: false }
 }
 
 /// Splits a YAML stream at its document markers (`---` at the start of a line, as kubectl

@@ -177,6 +177,9 @@ pub struct Problem {
     /// `namespace/name`, or the file path for a file-level error.
     pub object: String,
     pub reason: String,
+    /// A state that normally passes by itself within seconds (a slice seen before its Service,
+    /// or after it was deleted): logged at debug, and warned about only if it lasts.
+    pub transient: bool,
 }
 
 impl fmt::Display for Problem {

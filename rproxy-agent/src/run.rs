@@ -47,7 +47,7 @@ use crate::{
     model::Frontend,
     proxy_health::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
     snat::{self, PortRange},
-    source::Update,
+    source::{ResyncGate, Update},
     store::Store,
     writer::{self, Writer},
 };
@@ -143,6 +143,54 @@ struct Agent {
     external: External,
     /// Last seen totals of the counters `check_counters` watches.
     counters: BTreeMap<u32, u64>,
+    /// Holds writes while a watch relists, so Services and slices are not written half-way.
+    gate: ResyncGate,
+    problems: ProblemLog,
+}
+
+/// Logs rejected objects: a problem at warning level when it appears and at info when it is
+/// gone; a transient one ([`crate::model::Problem::transient`]) at debug, with one warning if it
+/// lasts [`ProblemLog::LASTING`] (checked on the rescan tick) and then its end at info.
+#[derive(Debug, Default)]
+struct ProblemLog {
+    /// Transient problems standing: since when, and whether they were warned about.
+    transient: BTreeMap<String, (Instant, bool)>,
+}
+
+impl ProblemLog {
+    const LASTING: Duration = Duration::from_secs(30);
+
+    fn appeared(&mut self, p: &crate::model::Problem, now: Instant) {
+        if p.transient {
+            debug!("waiting: {p}");
+            self.transient.insert(p.to_string(), (now, false));
+        } else {
+            warn!("rejected: {p}");
+        }
+    }
+
+    fn gone(&mut self, p: &crate::model::Problem) {
+        match self.transient.remove(&p.to_string()) {
+            Some((_, true)) => info!("no longer rejected: {p}"),
+            Some((_, false)) => debug!("resolved: {p}"),
+            None if p.transient => debug!("resolved: {p}"),
+            None => info!("no longer rejected: {p}"),
+        }
+    }
+
+    /// Warns once about each transient problem standing for [`ProblemLog::LASTING`]; returns
+    /// how many it warned about.
+    fn warn_lasting(&mut self, now: Instant) -> usize {
+        let mut warned = 0;
+        for (p, (since, done)) in &mut self.transient {
+            if !*done && now.saturating_duration_since(*since) >= Self::LASTING {
+                *done = true;
+                warned += 1;
+                warn!(for_s = now.saturating_duration_since(*since).as_secs(), "rejected: {p}");
+            }
+        }
+        warned
+    }
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -216,6 +264,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     gc_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     rescan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
+        // Changes held while a watch relists (`ResyncGate`) are written by this deadline.
+        let hold = agent.gate.deadline();
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: exiting, the datapath keeps its last state"); break; }
             _ = sigint.recv() => { info!("SIGINT: exiting, the datapath keeps its last state"); break; }
@@ -232,6 +282,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                     agent.update(update);
                     taken += 1;
                 }
+                agent.sync();
+            }
+            () = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => {
                 agent.sync();
             }
             Some(()) = link_rx.recv() => agent.devices_changed(),
@@ -266,6 +319,8 @@ impl Agent {
             retry: BTreeSet::new(),
             write_errors: BTreeSet::new(),
             counters: BTreeMap::new(),
+            gate: ResyncGate::default(),
+            problems: ProblemLog::default(),
         }
     }
 
@@ -292,6 +347,7 @@ impl Agent {
     /// (and writes what they change), retries failed map writes, attaches to new pod devices,
     /// and retries the health ports that failed to open.
     fn devices_changed(&mut self) {
+        self.problems.warn_lasting(Instant::now());
         self.refresh_node_addresses();
         self.sync();
         self.retry_failed();
@@ -337,6 +393,7 @@ impl Agent {
 
     /// Takes one source update in.
     fn update(&mut self, update: Update) {
+        self.gate.observe(&update);
         match update {
             Update::Synced(kind) => {
                 if !self.ready && matches!(kind, "Service" | "EndpointSlice") {
@@ -424,6 +481,10 @@ impl Agent {
         if !self.ready || (!self.store.is_dirty() && self.first_synced) {
             return;
         }
+        if self.first_synced && self.gate.hold(tokio::time::Instant::now()) {
+            debug!(relisting = ?self.gate.relisting().collect::<Vec<_>>(), "changes held until the relists complete");
+            return;
+        }
         let started = Instant::now();
         lock(&self.proxy_health).queued(started);
         let mut changes = self.store.flush();
@@ -434,11 +495,12 @@ impl Agent {
             // are removed now; the source reports no change for them.
             changes.frontends.extend(self.writer.frontends());
         }
+        let now = Instant::now();
         for p in &changes.new_problems {
-            warn!("rejected: {p}");
+            self.problems.appeared(p, now);
         }
         for p in &changes.fixed_problems {
-            info!("no longer rejected: {p}");
+            self.problems.gone(p);
         }
         let report = self.writer.sync_frontends(self.store.desired(), &changes.frontends, &mut self.maps);
         log_written(&report);
@@ -629,4 +691,31 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatc
         .watch(dir, RecursiveMode::NonRecursive)
         .map_err(|e| Error::Watch { what: dir.display().to_string(), reason: e.to_string() })?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Problem;
+
+    fn problem(reason: &str, transient: bool) -> Problem {
+        Problem { kind: "EndpointSlice", object: String::from("default/a-1"), reason: reason.to_owned(), transient }
+    }
+
+    #[test]
+    fn transient_problems_are_warned_about_only_when_they_last() {
+        let t0 = Instant::now();
+        let mut log = ProblemLog::default();
+        let passing = problem("no Service default/a for this slice", true);
+        let lasting = problem("no Service default/b for this slice", true);
+        log.appeared(&passing, t0);
+        log.appeared(&lasting, t0);
+        log.appeared(&problem("missing label", false), t0);
+        assert_eq!(log.warn_lasting(t0 + Duration::from_secs(5)), 0);
+        log.gone(&passing);
+        assert_eq!(log.warn_lasting(t0 + ProblemLog::LASTING), 1, "the lasting one, once");
+        assert_eq!(log.warn_lasting(t0 + ProblemLog::LASTING * 2), 0);
+        log.gone(&lasting);
+        assert!(log.transient.is_empty());
+    }
 }

@@ -117,6 +117,7 @@ impl<T> Listing<T> {
                 kind,
                 object: format!("{}/(no name)", translate::namespace_of(object.meta())),
                 reason: String::from("missing metadata.name"),
+                transient: false,
             }),
         }
     }
@@ -311,7 +312,7 @@ impl Store {
                 }
             }
             Update::Node(node) => self.set_node(node.map(|n| *n)),
-            Update::Synced(_) => {}
+            Update::Synced(_) | Update::WatchLost(_) => {}
         }
     }
 
@@ -469,6 +470,7 @@ impl Store {
                         kind: "Service",
                         object: winner.to_string(),
                         reason: translate::conflict_reason(fe, winner),
+                        transient: false,
                     });
                 }
                 let entry = unit.and_then(|u| find(&u.frontends, fe)).cloned();
@@ -485,6 +487,7 @@ impl Store {
                         kind: "Service",
                         object: loser.to_string(),
                         reason: translate::conflict_reason(fe, winner),
+                        transient: false,
                     });
                 }
             }

@@ -700,10 +700,15 @@ fn collect_endpoints(
             problems.push(problem(SLICE, &unnamed(&slice.metadata), "missing metadata.name"));
             continue;
         };
-        let mut report = |reason: String| problems.push(problem(SLICE, &slice_ref, reason));
-        let Some((svc_ref, plan)) = owning_service(slice, &slice_ref, plans, &mut report) else {
-            continue;
+        let (svc_ref, plan) = match owning_service(slice, &slice_ref, plans) {
+            Ok(Some(owner)) => owner,
+            Ok(None) => continue,
+            Err((reason, transient)) => {
+                problems.push(Problem { transient, ..problem(SLICE, &slice_ref, reason) });
+                continue;
+            }
         };
+        let mut report = |reason: String| problems.push(problem(SLICE, &slice_ref, reason));
         if !is_ipv4_slice(slice, &slice_ref, &mut report) {
             continue;
         }
@@ -721,30 +726,28 @@ fn collect_endpoints(
     endpoints
 }
 
-/// The Service a slice belongs to, if it produces frontends. Reports a slice without the
-/// service-name label or whose Service does not exist.
+/// The Service a slice belongs to, if it produces frontends (`None`: its Service has none). An
+/// error for a slice without the service-name label, or whose Service does not exist: the
+/// reason, and whether it is transient ([`Problem::transient`]).
 fn owning_service<'p>(
     slice: &EndpointSlice,
     slice_ref: &ObjectRef,
     plans: &'p ServicePlans,
-    report: &mut impl FnMut(String),
-) -> Option<(ObjectRef, &'p ServicePlan)> {
+) -> Result<Option<(ObjectRef, &'p ServicePlan)>, (String, bool)> {
     let label = slice.metadata.labels.as_ref().and_then(|labels| labels.get(SERVICE_NAME_LABEL));
     let Some(name) = label.filter(|name| !name.is_empty()) else {
-        report(format!("missing label {SERVICE_NAME_LABEL}"));
-        return None;
+        return Err((format!("missing label {SERVICE_NAME_LABEL}"), false));
     };
     let svc_ref = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() };
     match plans.get(&svc_ref) {
-        None => {
-            report(format!("no Service {svc_ref} for this slice"));
-            None
-        }
+        // The slice came before its Service, or its Service was deleted and the garbage
+        // collector has not removed the slice yet.
+        None => Err((format!("no Service {svc_ref} for this slice"), true)),
         Some(None) => {
             debug!(slice = %slice_ref, service = %svc_ref, "slice unused: its Service has no frontend");
-            None
+            Ok(None)
         }
-        Some(Some(plan)) => Some((svc_ref, plan)),
+        Some(Some(plan)) => Ok(Some((svc_ref, plan))),
     }
 }
 
@@ -993,7 +996,7 @@ fn unnamed(meta: &ObjectMeta) -> String {
 }
 
 fn problem<O: ToString + ?Sized>(kind: &'static str, object: &O, reason: impl Into<String>) -> Problem {
-    Problem { kind, object: object.to_string(), reason: reason.into() }
+    Problem { kind, object: object.to_string(), reason: reason.into(), transient: false }
 }
 
 /// Parses an IP address like Kubernetes' `ParseIPSloppy`: IPv4 octets with leading zeros,

@@ -368,7 +368,7 @@ fn agent_under_ip_netns_exec_says_to_use_nsenter() {
     });
 }
 
-/// A Service deleted while no agent runs (a DaemonSet rolling update's window) is removed by the
+/// A Service deleted while no agent runs (the window of a `DaemonSet` rolling update) is removed by the
 /// next agent's first sync, and stays removed at every later restart; the Service that still
 /// exists keeps working throughout.
 #[test]

@@ -14,7 +14,7 @@ use futures::channel::mpsc as body_channel;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::StreamBody;
-use kube::{ResourceExt, client::Body, core::Status};
+use kube::{ResourceExt, client::Body};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
 use tower_test::mock;
@@ -89,6 +89,7 @@ fn describe(update: &Update) -> String {
         Update::Node(Some(object)) => format!("Node {}", key(object.as_ref())),
         Update::Node(None) => "Node none".to_owned(),
         Update::Synced(kind) => format!("Synced {kind}"),
+        Update::WatchLost(kind) => format!("WatchLost {kind}"),
     }
 }
 
@@ -102,7 +103,7 @@ fn kind_of(update: &Update) -> &'static str {
             "EndpointSlice"
         }
         Update::ListedNode(_) | Update::Node(_) => "Node",
-        Update::ListStart(kind) | Update::ListDone(kind) | Update::Synced(kind) => kind,
+        Update::ListStart(kind) | Update::ListDone(kind) | Update::Synced(kind) | Update::WatchLost(kind) => kind,
     }
 }
 
@@ -206,17 +207,36 @@ fn node_events() {
 }
 
 #[test]
-fn only_an_http_410_on_the_watch_restarts_the_watcher() {
-    let status = |code| Box::new(Status::failure("expired", "Expired").with_code(code));
-    let api = |code| kube::Error::Api(status(code));
-    assert!(is_expired(&watcher::Error::WatchStartFailed(api(410))));
-    assert!(is_expired(&watcher::Error::WatchFailed(api(410))));
-    // kube's watcher relists on these by itself.
-    assert!(!is_expired(&watcher::Error::WatchError(status(410))));
-    assert!(!is_expired(&watcher::Error::InitialListFailed(api(410))));
-    // Other errors are retried as they are.
-    assert!(!is_expired(&watcher::Error::WatchStartFailed(api(500))));
-    assert!(!is_expired(&watcher::Error::WatchError(status(500))));
+fn retries_stay_within_a_second_for_a_minute_then_slow_down() {
+    let t0 = Instant::now();
+    let mut retry = Retry::default();
+    assert_eq!(retry.failing_for(t0), None);
+    let mut now = t0;
+    let mut delays = Vec::new();
+    while now.duration_since(t0) < Retry::FAST_FOR {
+        let delay = retry.failed(now);
+        delays.push(delay);
+        now += delay;
+    }
+    // 250 ms (±20 %), doubling, then never above a second (+20 % jitter).
+    assert!(delays[0] >= Duration::from_millis(200) && delays[0] <= Duration::from_millis(300), "{delays:?}");
+    assert!(delays.iter().all(|d| *d <= Retry::FAST_MAX.mul_f64(1.2)), "{delays:?}");
+    assert!(delays.len() > 50, "{} tries in the first minute", delays.len());
+    assert!(retry.failing_for(now).unwrap() >= Retry::FAST_FOR);
+    // After a minute of failures: longer, up to 10 s.
+    let mut later = Vec::new();
+    for _ in 0..10 {
+        let delay = retry.failed(now);
+        later.push(delay);
+        now += delay;
+    }
+    assert!(later.iter().all(|d| *d <= Retry::SLOW_MAX.mul_f64(1.2)), "{later:?}");
+    assert!(later.last().unwrap() >= &Retry::SLOW_MAX.mul_f64(0.8), "{later:?}");
+    // Quiet for a while: the next failure starts a new run, from 250 ms.
+    now += Retry::QUIET;
+    assert_eq!(retry.failing_for(now), None);
+    assert!(retry.failed(now) <= Duration::from_millis(300));
+    assert_eq!(retry.failing_for(now), Some(Duration::ZERO));
 }
 
 // --- The client --------------------------------------------------------------------------------
@@ -298,11 +318,19 @@ struct FakeState {
     kinds: HashMap<&'static str, KindState>,
     /// Every request: kind, whether it was a watch, its decoded query.
     seen: Vec<(&'static str, bool, Query)>,
+    /// Requests answered with a failure, and when the last one was.
+    failures: usize,
+    last_failure: Option<Instant>,
 }
 
 impl FakeState {
     fn kind(&mut self, kind: &'static str) -> &mut KindState {
         self.kinds.entry(kind).or_default()
+    }
+
+    fn failed(&mut self) {
+        self.failures += 1;
+        self.last_failure = Some(Instant::now());
     }
 
     fn set(&mut self, kind: &'static str, resource_version: u32, items: Vec<Value>) {
@@ -367,6 +395,7 @@ fn answer(
     let kind_state = state.kind(kind);
     if watch {
         if let Some(code) = kind_state.failing_watches.pop_front() {
+            state.failed();
             return full_response(code, &status(code));
         }
         let (body, rx) = body_channel::unbounded();
@@ -375,6 +404,7 @@ fn answer(
         return Response::new(StreamBody::new(rx));
     }
     if let Some(code) = kind_state.failing_lists.pop_front() {
+        state.failed();
         return full_response(code, &status(code));
     }
     // Items of a list come without apiVersion and kind.
@@ -579,6 +609,7 @@ async fn an_expired_watch_event_relists() {
     // Service b is deleted while the watch is behind.
     harness.change(|fake| fake.set("Service", 120, vec![service("a", 1)]));
     services.event("ERROR", &status(410));
+    assert_eq!(harness.next_update().await, "WatchLost Service");
     for expected in streamed("Service", &["default/a@1"]) {
         assert_eq!(harness.next_update().await, expected);
     }
@@ -602,6 +633,7 @@ async fn an_http_410_on_the_watch_relists() {
         fake.kind("EndpointSlice").failing_watches.push_back(410);
     });
     drop(slices);
+    assert_eq!(harness.next_update().await, "WatchLost EndpointSlice");
     for expected in streamed("EndpointSlice", &["default/a-2@210"]) {
         assert_eq!(harness.next_update().await, expected);
     }
@@ -618,32 +650,77 @@ async fn an_http_410_on_the_watch_relists() {
 async fn errors_do_not_stop_the_source() {
     let mut harness = Harness::start(|fake| {
         fake.kind("EndpointSlice").failing_lists.extend([500, 503]);
-        fake.kind("Node").failing_watches.push_back(500);
     });
-    // The slices are listed at the third try.
+    // The slices are listed at the third try; the agent hears that the watch broke once.
     let updates = harness.until_synced(&["Service", "EndpointSlice", "Node"]).await;
-    // Each try starts a list; the third one completes.
-    let mut expected = vec!["ListStart EndpointSlice".to_owned(); 2];
+    let mut expected = vec!["ListStart EndpointSlice".to_owned(), "WatchLost EndpointSlice".to_owned()];
+    expected.push("ListStart EndpointSlice".to_owned());
     expected.extend(streamed("EndpointSlice", &["default/a-1@3"]));
     assert_eq!(updates["EndpointSlice"], expected);
     assert_eq!(harness.seen("EndpointSlice", false).len(), 3);
     assert_eq!((harness.stats.slices.errors(), harness.stats.slices.relists()), (2, 2));
 
-    // An error event on an open watch: the watch goes on.
+    // An error event on an open watch: the agent is told, and the kind is listed again, with
+    // what changed meanwhile.
     let services = harness.next_watch("Service").await;
+    harness.change(|fake| fake.set("Service", 130, vec![service("a", 1), service("c", 101)]));
     services.event("ERROR", &status(500));
-    services.event("ADDED", &service("c", 101));
-    assert_eq!(harness.next_update().await, "ApplyService default/c@101");
-    assert_eq!((harness.stats.services.errors(), harness.stats.services.relists()), (1, 0));
+    assert_eq!(harness.next_update().await, "WatchLost Service");
+    for expected in streamed("Service", &["default/a@1", "default/c@101"]) {
+        assert_eq!(harness.next_update().await, expected);
+    }
+    assert_eq!((harness.stats.services.errors(), harness.stats.services.relists()), (1, 1));
 
-    // A failed watch request is retried from the same version, without a relist.
+    // A failed watch request likewise (here, the one that follows a watch that ended).
     let nodes = harness.next_watch("Node").await;
-    assert_eq!(nodes.query.get("resourceVersion").map(String::as_str), Some("300"));
-    assert_eq!(harness.seen("Node", true).len(), 2);
-    nodes.event("MODIFIED", &node(NODE, 301));
-    assert_eq!(harness.next_update().await, "Node node-1@301");
-    assert_eq!((harness.stats.node.errors(), harness.stats.node.relists()), (1, 0));
-    assert_eq!(harness.seen("Node", false).len(), 1);
+    harness.change(|fake| fake.kind("Node").failing_watches.push_back(500));
+    drop(nodes);
+    let updates = harness.until_synced(&["Node"]).await;
+    let mut expected = vec!["WatchLost Node".to_owned()];
+    expected.extend(streamed("Node", &["node-1@4"]));
+    assert_eq!(updates["Node"], expected);
+    assert_eq!((harness.stats.node.errors(), harness.stats.node.relists()), (1, 1));
+    assert_eq!(harness.seen("Node", false).len(), 2);
+}
+
+/// The API server away for about twenty seconds (every list and watch refused), while a Service
+/// and its slice are created: both watches catch up within about a second of the server
+/// answering again, each with a complete list that holds the new objects.
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_caught_up_about_a_second_after_the_server_answers() {
+    let mut harness = Harness::start(|_| {});
+    harness.until_synced(&["Service", "EndpointSlice", "Node"]).await;
+    let (services, slices) = (harness.next_watch("Service").await, harness.next_watch("EndpointSlice").await);
+    let outage_start = Instant::now();
+    harness.change(|fake| {
+        for kind in ["Service", "EndpointSlice"] {
+            fake.kind(kind).failing_watches.push_back(503);
+            fake.kind(kind).failing_lists.extend([503; 25]);
+        }
+        fake.set("Service", 140, vec![service("a", 1), service("b", 2), service("new", 139)]);
+        fake.set("EndpointSlice", 240, vec![slice("a-1", 3), slice("new-1", 239)]);
+    });
+    drop((services, slices));
+    let updates = harness.until_synced(&["Service", "EndpointSlice"]).await;
+    let caught_up = Instant::now();
+    let (last_failure, failures) = {
+        let state = harness.state.lock().expect("fake state");
+        (state.last_failure.expect("requests failed"), state.failures)
+    };
+    assert_eq!(failures, 52, "every refusal was used up");
+    assert!(last_failure.duration_since(outage_start) >= Duration::from_secs(15), "the outage was too short");
+    let lag = caught_up.duration_since(last_failure);
+    assert!(lag <= Retry::FAST_MAX.mul_f64(1.25), "caught up {lag:?} after the server answered");
+    assert_eq!(
+        updates["Service"].iter().filter(|u| u.starts_with("WatchLost")).count(),
+        1,
+        "one WatchLost per outage: {:?}",
+        updates["Service"]
+    );
+    let services_tail: Vec<String> = updates["Service"].iter().rev().take(6).rev().cloned().collect();
+    assert_eq!(services_tail, streamed("Service", &["default/a@1", "default/b@2", "default/new@139"]));
+    let slices_tail: Vec<String> = updates["EndpointSlice"].iter().rev().take(5).rev().cloned().collect();
+    assert_eq!(slices_tail, streamed("EndpointSlice", &["default/a-1@3", "default/new-1@239"]));
 }
 
 #[tokio::test(start_paused = true)]

@@ -407,7 +407,10 @@ fn malformed_objects_are_reported_and_the_rest_translated() {
     ]);
     assert_eq!(out.desired, expected);
     let problems = vec![
-        prob("EndpointSlice", "default/ghost-a", "no Service default/ghost for this slice"),
+        Problem {
+            transient: true,
+            ..prob("EndpointSlice", "default/ghost-a", "no Service default/ghost for this slice")
+        },
         prob("EndpointSlice", "default/good-a", "endpoint without address; ignored"),
         prob("EndpointSlice", "default/good-a", "invalid endpoint address \"10.0.0.x\""),
         prob("EndpointSlice", "default/good-a", "port \"extra\": invalid port number 0; ignored"),
