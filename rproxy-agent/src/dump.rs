@@ -81,9 +81,14 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
         .map_err(io)?;
     }
     let bes: Vec<(u32, Backend4)> = used_entries(&backends);
+    // A backend no slot names (draining, or gone from its Services) stays for its open flows.
+    let named: std::collections::HashSet<u32> =
+        svcs.iter().filter(|(k, _)| k.slot != 0).map(|(_, v)| v.backend_id).collect();
     writeln!(out, "backends ({}):", map_names::BACKENDS4).map_err(io)?;
     for (id, b) in bes {
-        writeln!(out, "  {id}: {}:{}/{} flags={:#04x}", b.ip(), b.host_port(), proto(b.proto), b.flags).map_err(io)?;
+        let orphan = if named.contains(&id) { "" } else { " (in no slot: kept for open flows)" };
+        writeln!(out, "  {id}: {}:{}/{} flags={:#04x}{orphan}", b.ip(), b.host_port(), proto(b.proto), b.flags)
+            .map_err(io)?;
     }
     let rns: Vec<(u32, RevNat4)> = used_entries(&rev_nat);
     writeln!(out, "rev-NAT ({}):", map_names::REV_NAT4).map_err(io)?;

@@ -3,11 +3,12 @@
 //! The datapath refreshes an entry's expiry on every packet in its direction (see
 //! `rproxy_common::CtState` for lifetimes). A flow's two entries are removed together once both
 //! have expired, so a one-way UDP stream (only the client talks) keeps its reply entry. Entries
-//! pointing at a backend that no longer exists are removed at once: the next packet of such a
-//! flow picks a live backend (UDP moves on; a TCP peer sees a reset) instead of waiting for the
-//! entry to age out. The map is an LRU, so a full table evicts the oldest entries by itself; the
+//! pointing at a backend that no longer exists are removed at once. A backend that left every
+//! Service is kept (orphaned) while entries name it, so its established connections live on;
+//! each pass reports the backends still named ([`Pass::in_use`]), and the writer deletes the
+//! orphans that are not. The map is an LRU, so a full table evicts the oldest entries by itself; the
 //! GC keeps it from filling with dead flows.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use rproxy_common::{CtKey4, CtValue};
 
@@ -30,11 +31,14 @@ pub fn verdict(entry: &CtValue, pair: Option<&CtValue>, now_ns: u64, backend_exi
 }
 
 /// Result of one pass.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pass {
     pub scanned: usize,
     pub expired: usize,
     pub backend_gone: usize,
+    /// The backend ids that the entries left in the table name: an orphaned backend
+    /// (`Writer::release_orphans`) not among them has no flow left.
+    pub in_use: HashSet<u32>,
 }
 
 /// Plans one pass over a snapshot of the table: the keys to delete.
@@ -49,7 +53,9 @@ pub fn plan<S: std::hash::BuildHasher>(
     for (k, v) in entries {
         let pair = entries.get(&k.pair(v));
         match verdict(v, pair, now_ns, backend_exists(v.backend_id)) {
-            Verdict::Keep => {}
+            Verdict::Keep => {
+                pass.in_use.insert(v.backend_id);
+            }
             Verdict::Expired => {
                 pass.expired += 1;
                 doomed.push(*k);
@@ -109,13 +115,20 @@ pub fn run_pass(
     backend_exists: impl Fn(u32) -> bool,
 ) -> Pass {
     let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
-    let (doomed, pass) = plan(&snapshot, monotonic_ns(), backend_exists);
+    let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
         // Read again right before the delete: an entry the datapath refreshed since the snapshot,
         // or replaced (a closed flow's SNAT port taken over by a new flow), is left for the next
-        // pass to judge. One evicted since is gone already: fine.
-        if ct.get(&k, 0).ok() == snapshot.get(&k).copied() {
-            let _ = ct.remove(&k);
+        // pass to judge (and its backend is still in use). One evicted since is gone already:
+        // fine.
+        match ct.get(&k, 0).ok() {
+            Some(now) if Some(&now) == snapshot.get(&k) => {
+                let _ = ct.remove(&k);
+            }
+            Some(now) => {
+                pass.in_use.insert(now.backend_id);
+            }
+            None => {}
         }
     }
     pass
@@ -203,10 +216,14 @@ mod tests {
         let backends = BTreeSet::from([7]);
         // One-way stream: the reply entry expired, the service entry is fresh: both kept.
         let t: HashMap<_, _> = flow(200, 50, 7).into_iter().collect();
-        assert!(plan(&t, 100, |id| backends.contains(&id)).0.is_empty());
-        // Both expired: both removed.
+        let (doomed, pass) = plan(&t, 100, |id| backends.contains(&id));
+        assert!(doomed.is_empty());
+        assert_eq!(pass.in_use, HashSet::from([7]), "a kept flow keeps its backend in use");
+        // Both expired: both removed, and the backend no longer in use.
         let t: HashMap<_, _> = flow(60, 50, 7).into_iter().collect();
-        assert_eq!(plan(&t, 100, |id| backends.contains(&id)).0.len(), 2);
+        let (doomed, pass) = plan(&t, 100, |id| backends.contains(&id));
+        assert_eq!(doomed.len(), 2);
+        assert!(pass.in_use.is_empty());
         // Backend 7 removed: both removed although fresh.
         let t: HashMap<_, _> = flow(200, 200, 7).into_iter().collect();
         let (doomed, pass) = plan(&t, 100, |_| false);

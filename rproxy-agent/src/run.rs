@@ -621,17 +621,23 @@ impl Agent {
         self.check_counters();
         let started = Instant::now();
         let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
-        let level_info = pass.expired + pass.backend_gone > 0;
-        if level_info {
+        // Backends that left their Services, once no flow names them.
+        let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
+        for e in errors {
+            warn!("orphaned backend not removed (retried at the next pass): {e}");
+        }
+        if pass.expired + pass.backend_gone + released > 0 {
             info!(
                 scanned = pass.scanned,
                 expired = pass.expired,
                 backend_gone = pass.backend_gone,
+                backends_released = released,
+                orphans = self.writer.orphan_count(),
                 elapsed_ms = started.elapsed().as_millis(),
                 "conntrack GC"
             );
         } else {
-            debug!(scanned = pass.scanned, "conntrack GC: nothing to remove");
+            debug!(scanned = pass.scanned, orphans = self.writer.orphan_count(), "conntrack GC: nothing to remove");
         }
     }
 }

@@ -8,7 +8,9 @@
 //! - shrink: rewrite the kept slots in place (each always holds a live backend), publish the new
 //!   count, then delete the slots past it;
 //! - delete: slot 0 (the service disappears at once), then its slots, then rev-NAT;
-//! - backends are deleted only after no service references them.
+//! - a backend no service references any more is orphaned, not deleted: established flows
+//!   keep it (as kube-proxy's NAT, which applies to new connections only), and it is deleted
+//!   once the conntrack GC finds no flow that names it ([`Writer::release_orphans`]).
 //!
 //! A frontend with `SVC_F_ETP_LOCAL` also has a `SCOPE_LOCAL` set (the backends for traffic from
 //! outside the cluster, [`ServiceEntry::local_slots`]): its slot 0 carries the same rev-NAT id
@@ -144,9 +146,12 @@ pub struct Writer {
     next_rev_nat_id: u16,
     /// How many programmed frontends name each backend id (in a slot or as draining).
     refs: HashMap<u32, u32>,
-    /// Backend ids that may have lost their last reference: deleted at the end of a sync if
+    /// Backend ids that may have lost their last reference: orphaned at the end of a sync if
     /// nothing names them by then.
     unreferenced: BTreeSet<u32>,
+    /// Backend ids no frontend names, still in the maps for the flows that use them, until
+    /// [`Writer::release_orphans`] finds none does.
+    orphans: BTreeSet<u32>,
     /// The service filter's bits and words.
     filter: filter::Filter,
     /// The backend filter's.
@@ -342,6 +347,7 @@ impl Writer {
             next_rev_nat_id: 1,
             refs: HashMap::new(),
             unreferenced: BTreeSet::new(),
+            orphans: BTreeSet::new(),
             filter: filter::Filter::new(FilterMap::Services),
             be_filter: filter::Filter::new(FilterMap::Backends),
             stale_src_ranges: Vec::new(),
@@ -434,7 +440,8 @@ impl Writer {
         // The first sync rewrites the words a previous agent left otherwise.
         w.filter.mark_all();
         w.be_filter.mark_all();
-        // Backends no adopted service names: removed by the first sync unless it uses them.
+        // Backends no adopted service names: orphaned by the first sync unless it uses them,
+        // and deleted once no flow does.
         w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
         w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
         w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
@@ -551,23 +558,14 @@ impl Writer {
             }
         }
 
-        // 3. Backends no service references any more.
+        // 3. Backends no service references any more become orphans: no new flow can pick them,
+        // but their entries stay while established flows use them (`release_orphans`). Their
+        // UDP flows move at once, as kube-proxy clears UDP conntrack of stale endpoints.
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates.into_iter().filter(|id| !self.refs.contains_key(id)) {
-            let Some(addr) = self.backend_ids.get(&id).copied() else { continue };
-            match run(Op::DelBackend(id)) {
-                Ok(()) => {
-                    if let Some((_, be)) = self.backends.remove(&addr) {
-                        self.be_filter.remove(backend_bit(be));
-                    }
-                    self.backend_ids.remove(&id);
-                    // Rev-NAT id 0: the backend's UDP flows of every service.
-                    report.stale_udp.push((0, id));
-                }
-                Err(e) => {
-                    self.unreferenced.insert(id);
-                    report.errors.push(format!("backend {addr} (id {id}): removing: {e}"));
-                }
+            if self.backend_ids.contains_key(&id) && self.orphans.insert(id) {
+                // Rev-NAT id 0: the backend's UDP flows of every service.
+                report.stale_udp.push((0, id));
             }
         }
         // 4. Filter bits no programmed frontend or backend has any more (and those preset for
@@ -578,6 +576,43 @@ impl Writer {
         report.stale_udp.dedup();
         report.ops = ops;
         report
+    }
+
+    /// Deletes the orphaned backends (named by no frontend) that no flow uses any more:
+    /// `in_use(id)` says whether a conntrack entry names backend `id` (the conntrack GC's
+    /// answer). A backend that left its Service (unready, removed from its slice) so keeps its
+    /// established TCP connections until they end, as under kube-proxy, where NAT applies to new
+    /// connections only. Returns how many were deleted, and the errors.
+    pub fn release_orphans(&mut self, in_use: impl Fn(u32) -> bool, sink: &mut impl MapSink) -> (usize, Vec<String>) {
+        let mut run = |op: Op| sink.apply(&op);
+        let mut released = 0;
+        let mut errors = Vec::new();
+        let idle: Vec<u32> = self.orphans.iter().copied().filter(|id| !in_use(*id)).collect();
+        for id in idle {
+            let Some(addr) = self.backend_ids.get(&id).copied() else {
+                self.orphans.remove(&id);
+                continue;
+            };
+            match run(Op::DelBackend(id)) {
+                Ok(()) => {
+                    if let Some((_, be)) = self.backends.remove(&addr) {
+                        self.be_filter.remove(backend_bit(be));
+                    }
+                    self.backend_ids.remove(&id);
+                    self.orphans.remove(&id);
+                    released += 1;
+                }
+                Err(e) => errors.push(format!("backend {addr} (id {id}): removing: {e}")),
+            }
+        }
+        errors.extend(self.be_filter.flush(&mut run));
+        (released, errors)
+    }
+
+    /// Number of orphaned backends: named by no frontend, kept for the flows that use them.
+    #[must_use]
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.len()
     }
 
     /// Counts the references `p` makes to backends.
@@ -776,6 +811,8 @@ impl Writer {
     ) -> Result<(u32, bool), String> {
         let value = backend_value(b);
         if let Some((id, old)) = self.backends.get(&b.addr) {
+            // An orphan back in a Service keeps its id (and its flows).
+            self.orphans.remove(id);
             if *old == value {
                 return Ok((*id, false));
             }

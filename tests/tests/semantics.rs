@@ -54,6 +54,9 @@ enum State {
     Ready,
     /// `ready: false, serving: true, terminating: true`: a pod shutting down that still serves.
     Terminating,
+    /// `ready: false, serving: false, terminating: false`: a running pod that failed its
+    /// readiness probe.
+    NotReady,
 }
 
 /// A running lab with the agent on a manifests directory holding `service.yaml` and `slice.yaml`.
@@ -104,8 +107,14 @@ impl Setup {
 
 fn endpoint(name: &str, state: State) -> Endpoint {
     let address = BACKENDS.iter().find(|b| b.0 == name).unwrap_or_else(|| panic!("no backend {name}")).1;
-    let ready = state == State::Ready;
-    Endpoint { address, ready, serving: true, terminating: !ready, node_name: NODE_NAME.into(), for_nodes: Vec::new() }
+    Endpoint {
+        address,
+        ready: state == State::Ready,
+        serving: state != State::NotReady,
+        terminating: state == State::Terminating,
+        node_name: NODE_NAME.into(),
+        for_nodes: Vec::new(),
+    }
 }
 
 fn all(state: State) -> Vec<(&'static str, State)> {
@@ -554,6 +563,51 @@ fn open_connection_to_a_terminating_endpoint_keeps_working() {
             .with_context(|| format!("the connection open to {draining} must keep working while it drains"))?;
         Ok(())
     });
+}
+
+/// kube-proxy keeps an established TCP connection on its backend whatever happens to the
+/// endpoint (NAT applies to new connections only): a pod that turns unready, then leaves the
+/// slice, while it still runs keeps its open connections, also across an agent restart and
+/// conntrack GC passes, while new connections go to the other endpoints.
+#[test]
+fn open_connection_to_an_endpoint_that_turns_unready_or_leaves_keeps_working() {
+    run(
+        "open_connection_to_an_endpoint_that_turns_unready_or_leaves_keeps_working",
+        &http_spec(all(State::Ready)),
+        |setup| {
+            let mut session = setup.client().tcp_session(CLUSTER_IP, 80, TIMEOUT)?;
+            session.echo(b"before")?;
+            let pinned = session.server().to_owned();
+            let others = || BACKENDS.iter().filter(|b| b.0 != pinned).map(|b| (b.0, State::Ready));
+            let mut endpoints: Vec<_> = others().collect();
+            endpoints.push((pinned.as_str(), State::NotReady));
+            setup.write_slice(&endpoints)?;
+            assert_new_connections_move(setup, 80, Instant::now(), &format!("off {pinned} (now unready)"), |b| {
+                b != pinned
+            })?;
+            session
+                .echo(b"after the endpoint turned unready")
+                .with_context(|| format!("the connection to {pinned}, unready"))?;
+
+            setup.write_slice(&others().collect::<Vec<_>>())?;
+            thread::sleep(PROPAGATION);
+            session
+                .echo(b"after the endpoint left")
+                .with_context(|| format!("the connection to {pinned}, gone from the slice"))?;
+
+            // A restart adopts the maps; the GC (every second here) runs a few passes.
+            setup.lab.stop_agent()?;
+            setup.lab.start_agent_with(&agent_bin()?, &setup.dir, &["--ct-gc-interval", "1"])?;
+            thread::sleep(PROPAGATION * 3);
+            setup.lab.ensure_agent_running()?;
+            session
+                .echo(b"after a restart and GC passes")
+                .with_context(|| format!("the connection to {pinned}, after the restart"))?;
+            assert_new_connections_move(setup, 80, Instant::now(), &format!("still off {pinned}"), |b| b != pinned)?;
+            session.echo(b"still").context("the connection, at the end")?;
+            Ok(())
+        },
+    );
 }
 
 #[test]

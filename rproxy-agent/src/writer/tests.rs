@@ -200,11 +200,71 @@ fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<Ipv4Addr> {
     (1..=count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..k0 }].backend_id].ip()).collect()
 }
 
+/// A sync followed by a conntrack GC pass that finds no flow: the backends the sync orphaned
+/// are deleted ([`Writer::release_orphans`]).
+fn sync_idle(w: &mut Writer, d: &Desired, m: &mut FakeMaps) -> SyncReport {
+    let r = w.sync(d, m);
+    let (_, errors) = w.release_orphans(|_| false, m);
+    assert!(errors.is_empty(), "{errors:?}");
+    r
+}
+
+/// A backend that leaves every Service (unready, gone from its slice) stays in the map, orphaned,
+/// while a flow uses it: established connections keep it, as under kube-proxy. It is deleted
+/// once the GC finds no flow naming it; one that comes back first keeps its id; its UDP flows
+/// are reported stale at once; an adopted backend no Service names is kept the same way.
+#[test]
+fn backends_that_leave_every_service_live_while_flows_use_them() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let f = fe(10, 80);
+    w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
+    let id = |m: &FakeMaps, last: u8| *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == last).unwrap().0;
+    let id2 = id(&m, 2);
+    // Backend 2 leaves: out of the slots, still in the map, reported for its UDP flows.
+    m.log.clear();
+    let r = w.sync(&desired(&[(f, entry("a", &[1], &[]))]), &mut m);
+    assert!(r.errors.is_empty() && !m.log.iter().any(|o| matches!(o, Op::DelBackend(_))), "{:?}", m.log);
+    assert_eq!(slot_backends(&m, f), vec![Ipv4Addr::new(10, 244, 1, 1)]);
+    assert!(m.backends.contains_key(&id2));
+    assert!(r.stale_udp.contains(&(0, id2)), "{:?}", r.stale_udp);
+    assert_eq!((w.orphan_count(), w.backend_count()), (1, 2));
+    assert!(w.has_backend(id2), "the GC must keep the flows of an orphan");
+    // A GC pass that finds a flow on it keeps it.
+    assert_eq!(w.release_orphans(|i| i == id2, &mut m), (0, Vec::new()));
+    assert!(m.backends.contains_key(&id2));
+    // It comes back (ready again): same id, no longer an orphan.
+    w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
+    assert_eq!(id(&m, 2), id2);
+    assert_eq!(w.orphan_count(), 0);
+    assert_eq!(w.release_orphans(|_| false, &mut m), (0, Vec::new()));
+    // It leaves again, and no flow uses it: deleted, its filter bit cleared.
+    w.sync(&desired(&[(f, entry("a", &[1], &[]))]), &mut m);
+    assert_eq!(w.release_orphans(|_| false, &mut m), (1, Vec::new()));
+    assert!(!m.backends.contains_key(&id2) && !w.has_backend(id2));
+    m.check_backend_bits();
+    assert_eq!(w.orphan_count(), 0);
+
+    // A restarted writer adopts a backend no Service names as an orphan, not deleting it.
+    w.sync(&desired(&[(f, entry("a", &[1, 3], &[]))]), &mut m);
+    let id3 = id(&m, 3);
+    let d = desired(&[(f, entry("a", &[1], &[]))]);
+    w.sync(&d, &mut m);
+    let (mut w2, _) = Writer::adopt(m.adopted());
+    m.log.clear();
+    let r = w2.sync(&d, &mut m);
+    assert_eq!(r.ops, 0, "{:?}", m.log);
+    assert!(m.backends.contains_key(&id3) && w2.has_backend(id3));
+    assert_eq!(w2.release_orphans(|i| i == id3, &mut m), (0, Vec::new()));
+    assert_eq!(w2.release_orphans(|_| false, &mut m), (1, Vec::new()));
+    assert!(!m.backends.contains_key(&id3));
+}
+
 #[test]
 fn programs_grows_shrinks_and_removes_consistently() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
-    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2, 3], &[]))]), &mut m);
+    let r = sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1, 2, 3], &[]))]), &mut m);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.programmed.len(), 1);
     assert_eq!(slot_backends(&m, fe(10, 80)).len(), 3);
@@ -214,20 +274,20 @@ fn programs_grows_shrinks_and_removes_consistently() {
 
     // Grow to 5.
     m.log.clear();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2, 3, 4, 5], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1, 2, 3, 4, 5], &[]))]), &mut m);
     assert_eq!(slot_backends(&m, fe(10, 80)).len(), 5);
     assert!(matches!(m.log.last(), Some(Op::PutService(k, v)) if k.slot == 0 && v.count == 5));
 
     // Shrink to 2 (backends 4 and 5): count first, then trailing slots, then unused backends.
     m.log.clear();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[4, 5], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[4, 5], &[]))]), &mut m);
     assert_eq!(slot_backends(&m, fe(10, 80)), vec![Ipv4Addr::new(10, 244, 1, 4), Ipv4Addr::new(10, 244, 1, 5)]);
     assert_eq!(m.backends.len(), 2);
     assert_eq!(m.services.len(), 3);
 
     // Remove.
     m.log.clear();
-    let r = w.sync(&Desired::default(), &mut m);
+    let r = sync_idle(&mut w, &Desired::default(), &mut m);
     assert_eq!(r.removed.len(), 1);
     assert!(matches!(m.log[0], Op::DelService(k) if k.slot == 0), "slot 0 goes first: {:?}", m.log);
     assert!(m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty());
@@ -267,18 +327,18 @@ fn restart_adopts_maps_and_writes_nothing() {
 fn shared_and_draining_backends_live_until_unreferenced() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2], &[])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1, 2], &[])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
     // Backend 2 terminates: out of a's slots, still in the map (existing connections), flagged.
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[2], &[]))]), &mut m);
     assert_eq!(slot_backends(&m, fe(10, 80)), vec![Ipv4Addr::new(10, 244, 1, 1)]);
     assert_eq!(m.backends.len(), 2);
     // Gone from b too, but still draining in a: kept.
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
     assert_eq!(m.backends.len(), 2);
     let two = m.backends.values().find(|b| b.ip() == Ipv4Addr::new(10, 244, 1, 2)).unwrap();
     assert_eq!(two.flags & BE_F_TERMINATING, BE_F_TERMINATING);
-    // Gone everywhere: deleted.
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
+    // Gone everywhere: deleted once no flow uses it.
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
     assert_eq!(m.backends.len(), 1);
 }
 
@@ -286,8 +346,8 @@ fn shared_and_draining_backends_live_until_unreferenced() {
 fn empty_backend_set_is_published_with_count_zero() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[], &[]))]), &mut m);
     assert_eq!(m.services[&key_of(fe(10, 80), 0)].count, 0);
     assert_eq!(m.services.len(), 1);
     assert!(m.backends.is_empty());
@@ -338,9 +398,9 @@ fn full_backend_map_fails_only_that_service() {
 fn ids_are_not_reused_at_once() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[]))]), &mut m);
     let first = *m.backends.keys().next().unwrap();
-    w.sync(&desired(&[(fe(10, 80), entry("a", &[2], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[2], &[]))]), &mut m);
     let second = *m.backends.keys().next().unwrap();
     assert_ne!(first, second);
 }
@@ -411,8 +471,9 @@ fn incremental_sync_matches_full_sync() {
             .filter(|f| current.services.get(f) != next.services.get(f))
             .copied()
             .collect();
-        let rf = full.sync(&next, &mut full_maps);
+        let rf = sync_idle(&mut full, &next, &mut full_maps);
         let ri = inc.sync_frontends(&next, &changed, &mut inc_maps);
+        inc.release_orphans(|_| false, &mut inc_maps);
         assert!(rf.errors.is_empty() && ri.errors.is_empty(), "step {step}");
         assert_eq!(observable(&full_maps), observable(&inc_maps), "step {step}");
         assert_eq!(full.backend_count(), inc.backend_count(), "step {step}");
@@ -492,7 +553,7 @@ fn etp_local_programs_the_local_scope() {
     let mut w = Writer::new();
     let f = fe(10, 30080);
     let ip = |last| Ipv4Addr::new(10, 244, 1, last);
-    let r = w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1]))]), &mut m);
+    let r = sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1]))]), &mut m);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(slot_backends(&m, f).len(), 3);
     assert_eq!(local_backends(&m, f), Some(vec![ip(1)]));
@@ -504,28 +565,28 @@ fn etp_local_programs_the_local_scope() {
     assert!(matches!(m.log[n - 1], Op::PutService(k, _) if k == key_of(f, 0)), "{:?}", m.log);
 
     // Grow the local set, then shrink it to nothing: count 0 stays published.
-    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 3]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 3]))]), &mut m);
     assert_eq!(local_backends(&m, f), Some(vec![ip(1), ip(3)]));
     m.log.clear();
-    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[]))]), &mut m);
     assert_eq!(local_backends(&m, f), Some(vec![]));
     assert_eq!(m.log[0], Op::PutService(local_key_of(f, 0), ServiceValue { count: 0, ..ext0 }), "count first");
     assert_eq!(m.services.len(), 1 + 3 + 1);
 
     // The flag goes away: the external slot 0 without it first, then the local entries.
-    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[2]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[2]))]), &mut m);
     m.log.clear();
-    w.sync(&desired(&[(f, entry("a", &[1, 2, 3], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, entry("a", &[1, 2, 3], &[]))]), &mut m);
     assert_eq!(local_backends(&m, f), None);
     assert!(matches!(m.log[0], Op::PutService(k, v) if k == key_of(f, 0) && v.flags & SVC_F_ETP_LOCAL == 0));
     assert_eq!(m.log[1..], [Op::DelService(local_key_of(f, 0)), Op::DelService(local_key_of(f, 1))]);
     assert_eq!(m.services.len(), 1 + 3);
 
     // Back to ETP Local, then removed: everything goes, the external slot 0 first.
-    w.sync(&desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 2]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1, 2, 3], &[], &[1, 2]))]), &mut m);
     assert_eq!(m.services.len(), 1 + 3 + 1 + 2);
     m.log.clear();
-    w.sync(&Desired::default(), &mut m);
+    sync_idle(&mut w, &Desired::default(), &mut m);
     assert_eq!(m.log[0], Op::DelService(key_of(f, 0)));
     assert_eq!(m.log[1], Op::DelService(local_key_of(f, 0)));
     assert!(m.services.is_empty() && m.backends.is_empty() && m.rev_nat.is_empty());
@@ -538,15 +599,15 @@ fn local_slots_keep_their_backends_referenced() {
     let f = fe(10, 30080);
     // A local terminating backend (draining for pods, serving outside clients), then one named
     // only by the local set (not what the translation produces, but the writer copes).
-    w.sync(&desired(&[(f, etp_entry("a", &[1], &[21], &[21]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1], &[21], &[21]))]), &mut m);
     assert_eq!(local_backends(&m, f), Some(vec![Ipv4Addr::new(10, 244, 1, 21)]));
     let mut only_local = etp_entry("a", &[1], &[], &[]);
     only_local.local_slots = vec![be(5)];
-    w.sync(&desired(&[(f, only_local)]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, only_local)]), &mut m);
     assert_eq!(local_backends(&m, f), Some(vec![Ipv4Addr::new(10, 244, 1, 5)]));
     assert_eq!(m.backends.len(), 2, "backend 21 deleted, 5 kept for the local slot");
     // Gone from the local set: deleted (FakeMaps checks that no slot names it any more).
-    w.sync(&desired(&[(f, etp_entry("a", &[1], &[], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(f, etp_entry("a", &[1], &[], &[]))]), &mut m);
     assert_eq!(m.backends.len(), 1);
 }
 
@@ -559,22 +620,22 @@ fn restart_adopts_local_scopes_and_writes_nothing() {
         (fe(11, 30081), etp_entry("b", &[4], &[], &[])),
         (fe(12, 80), entry("c", &[1], &[])),
     ]);
-    w.sync(&d, &mut m);
+    sync_idle(&mut w, &d, &mut m);
     let before = (m.services.clone(), m.backends.clone());
     let (mut w2, warnings) = Writer::adopt(m.adopted());
     assert!(warnings.is_empty(), "{warnings:?}");
     m.log.clear();
-    let r = w2.sync(&d, &mut m);
+    let r = sync_idle(&mut w2, &d, &mut m);
     assert_eq!(r.ops, 0, "restart rewrote {:?}", m.log);
     assert_eq!((m.services.clone(), m.backends.clone()), before);
     // The adopted local sets are the writer's to change and remove.
-    w2.sync(&desired(&[(fe(10, 30080), entry("a", &[1, 2, 3], &[]))]), &mut m);
+    sync_idle(&mut w2, &desired(&[(fe(10, 30080), entry("a", &[1, 2, 3], &[]))]), &mut m);
     assert_eq!(local_backends(&m, fe(10, 30080)), None);
     assert_eq!(m.services.len(), 4);
     assert_eq!(m.backends.len(), 3);
 
     // A local set with a missing slot is reported and rewritten by the next sync.
-    w2.sync(&d, &mut m);
+    sync_idle(&mut w2, &d, &mut m);
     assert_eq!(local_backends(&m, fe(10, 30080)).map(|v| v.len()), Some(2));
     let mut broken = m.adopted();
     broken.services.retain(|(k, _)| *k != local_key_of(fe(10, 30080), 2));
@@ -582,7 +643,7 @@ fn restart_adopts_local_scopes_and_writes_nothing() {
     assert_eq!(warnings, vec![String::from("10.96.0.10:30080/TCP: local-scope slot missing, will be rewritten")]);
     m.services.remove(&local_key_of(fe(10, 30080), 2));
     m.unchecked = true;
-    let r = w3.sync(&d, &mut m);
+    let r = sync_idle(&mut w3, &d, &mut m);
     assert!(r.errors.is_empty());
     m.check_consistent();
     assert_eq!(local_backends(&m, fe(10, 30080)).map(|v| v.len()), Some(2));
@@ -627,18 +688,21 @@ fn service_filter_follows_the_frontends() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
     let (a, b, c) = (fe(10, 80), fe(11, 80), fe(11, 443));
-    let r =
-        w.sync(&desired(&[(a, entry("a", &[1], &[])), (b, entry("b", &[2], &[])), (c, entry("c", &[3], &[]))]), &mut m);
+    let r = sync_idle(
+        &mut w,
+        &desired(&[(a, entry("a", &[1], &[])), (b, entry("b", &[2], &[])), (c, entry("c", &[3], &[]))]),
+        &mut m,
+    );
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(filter_of(&m), bits(&[a, b, c]));
     assert!(w.filter.written_has(frontend_bit(a)));
 
-    w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(a, entry("a", &[1], &[]))]), &mut m);
     assert_eq!(filter_of(&m), bits(&[a]));
 
     // A frontend whose write fails: its bit, set before the attempt, is gone after it.
     m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 12));
-    let r = w.sync(&desired(&[(a, entry("a", &[1], &[])), (fe(12, 80), entry("bad", &[4], &[]))]), &mut m);
+    let r = sync_idle(&mut w, &desired(&[(a, entry("a", &[1], &[])), (fe(12, 80), entry("bad", &[4], &[]))]), &mut m);
     assert_eq!(r.failed, BTreeSet::from([fe(12, 80)]));
     assert_eq!(filter_of(&m), bits(&[a]));
     m.fail_addr = None;
@@ -649,7 +713,7 @@ fn service_filter_follows_the_frontends() {
     *m.filter.entry(stale >> 6).or_default() |= 1 << (stale & 63);
     let (mut w, warnings) = Writer::adopt(m.adopted());
     assert!(warnings.is_empty(), "{warnings:?}");
-    w.sync(&desired(&[(a, entry("a", &[1], &[]))]), &mut m);
+    sync_idle(&mut w, &desired(&[(a, entry("a", &[1], &[]))]), &mut m);
     assert_eq!(filter_of(&m), bits(&[a]));
     // The backend filter: exactly the backends written (1), the others' bits cleared.
     let be_bits: BTreeSet<u32> =
@@ -727,7 +791,7 @@ fn a_failed_frontend_leaves_no_source_ranges() {
     let lb = fe(21, 80);
     let mut m = FakeMaps { fail_slot0: Some(lb.addr), ..FakeMaps::default() };
     let mut w = Writer::new();
-    let r = w.sync(&desired(&[(lb, lb_entry("lb", &[1], &["10.0.0.0/8"]))]), &mut m);
+    let r = sync_idle(&mut w, &desired(&[(lb, lb_entry("lb", &[1], &["10.0.0.0/8"]))]), &mut m);
     assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
     assert!(m.log.iter().any(|o| matches!(o, Op::PutSrcRange(..))), "{:?}", m.log);
     assert!(m.src_ranges.is_empty(), "{:?}", m.src_ranges);
