@@ -356,9 +356,68 @@ fn a_pod_reaching_itself_is_translated_both_ways() {
     both.services.extend(second.services);
     h.program(&both);
     let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(c, (vip2, 80), SYN, b"", &[]));
-    assert_eq!((rc, h.stat(Stat::CtInsertFail)), (DROP, 1));
+    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
     let (rc, out) = h.run(prog_names::FROM_POD, &reply);
     assert_eq!((rc, parse_checked(&out).src), (PASS, (VIP, 80)), "the first flow keeps its replies");
+}
+
+/// Two connections never share a reply tuple. One backend behind two frontends, and a pod that
+/// reuses its source port towards it: while the first flow is live, a new flow through the
+/// second frontend, or straight to the backend's own address, is dropped (and counted) rather
+/// than steal its replies; once the first flow is over (closing), the new connection takes the
+/// tuple, the old flow's entries go, and the replies are the new connection's.
+#[test]
+fn a_reply_tuple_is_never_shared_and_a_closed_flow_gives_it_up() {
+    kernel_test!(h);
+    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
+    let mut both = service(Protocol::Tcp, &BACKENDS[..1]);
+    let second =
+        service(Protocol::Tcp, &BACKENDS[..1]).services.into_iter().map(|(fe, e)| (Frontend { addr: vip2, ..fe }, e));
+    both.services.extend(second.collect::<Vec<_>>());
+    h.program(&both);
+    let c = (CLIENT, 41_000);
+    let b = (BACKENDS[0], 8080);
+    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
+    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
+    h.run(prog_names::TO_POD, &tcp_frame(b, c, SYN_ACK, b"", &[]));
+    assert_eq!(h.ct(&svc_key(c, proto::TCP)).unwrap().state, CtState::Established as u8);
+
+    // Live: the second frontend's flow and a direct connection are dropped, the first flow's
+    // replies stay its own.
+    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(c, (vip2, 80), SYN, b"", &[]));
+    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
+    let direct = tcp_frame(c, b, SYN, b"", &[]);
+    let (rc, _) = h.run(prog_names::FROM_POD, &direct);
+    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 2));
+    let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c, ACK, b"data", &[]));
+    assert_eq!(parse_checked(&out).src, (VIP, 80), "the live flow keeps its replies");
+    // A direct connection from another port, or to another port, is none of its business.
+    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 41_001), b, SYN, b"", &[]));
+    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
+
+    // The first flow closes (FIN both ways): a direct connection from the same port takes the
+    // tuple; the SYN passes untouched, and the SYN-ACK reaches the pod from the backend itself.
+    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), FIN, b"", &[]));
+    h.run(prog_names::TO_POD, &tcp_frame(b, c, FIN, b"", &[]));
+    assert_eq!(h.ct(&svc_key(c, proto::TCP)).unwrap().state, CtState::Closing as u8);
+    let (rc, out) = h.run(prog_names::FROM_POD, &direct);
+    assert_eq!((rc, out.as_slice()), (PASS, direct.as_slice()));
+    assert!(h.ct(&svc_key(c, proto::TCP)).is_none() && h.ct(&reply_key(b, c, proto::TCP)).is_none());
+    let synack = tcp_frame(b, c, SYN_ACK, b"", &[]);
+    let (rc, out) = h.run(prog_names::TO_POD, &synack);
+    assert_eq!((rc, out.as_slice()), (PASS, synack.as_slice()), "the backend's own SYN-ACK, untranslated");
+
+    // Likewise a closed flow gives the tuple up to a new flow through the other frontend: its
+    // client-side entry goes, the new flow's replies come from the second frontend.
+    let c2 = (CLIENT, 41_002);
+    h.run(prog_names::FROM_POD, &tcp_frame(c2, (VIP, 80), SYN, b"", &[]));
+    h.run(prog_names::TO_POD, &tcp_frame(b, c2, RST, b"", &[]));
+    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c2, (vip2, 80), SYN, b"", &[]));
+    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
+    assert!(h.ct(&svc_key(c2, proto::TCP)).is_none(), "the closed flow's client side is gone");
+    let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c2, SYN_ACK, b"", &[]));
+    assert_eq!(parse_checked(&out).src, (vip2, 80));
+    assert_eq!(h.stat(Stat::CtClash), 2);
 }
 
 /// The service with `ClientIP` session affinity (`timeout` seconds).
@@ -420,8 +479,10 @@ fn client_ip_affinity_keeps_a_client_on_its_backend() {
     }
 }
 
+/// A UDP flow whose backend leaves the Service moves at once: the agent removes its conntrack
+/// entries with the write, and the next datagram picks a live backend.
 #[test]
-fn removed_backend_moves_flow_to_a_live_one() {
+fn udp_flow_moves_off_a_backend_that_leaves() {
     kernel_test!(h);
     h.program(&service(Protocol::Udp, &BACKENDS[..1]));
     let c = (CLIENT, 5356);
@@ -431,6 +492,49 @@ fn removed_backend_moves_flow_to_a_live_one() {
     let (rc, out) = h.run(prog_names::FROM_POD, &udp_frame(c, (VIP, 80), b"2"));
     assert_eq!(rc, PASS);
     assert_eq!(parse_checked(&out).dst.0, BACKENDS[1], "next datagram picks a live backend");
+    assert_eq!(h.stat(Stat::NewFlow), 2);
+}
+
+/// An established TCP flow keeps its backend when the backend leaves the Service (unready,
+/// gone from its slice), as under kube-proxy: the backend stays in the map while the flow names
+/// it, GC passes included, and replies are still translated. Once the flow's entries are gone the
+/// GC deletes it. Should a flow's backend entry be gone anyway, its next packet picks a live
+/// backend and is counted.
+#[test]
+fn established_tcp_flow_keeps_a_backend_that_leaves() {
+    kernel_test!(h);
+    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
+    let c = (CLIENT, 5357);
+    let b = (BACKENDS[0], 8080);
+    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
+    h.run(prog_names::TO_POD, &tcp_frame(b, c, SYN_ACK, b"", &[]));
+    h.program(&service(Protocol::Tcp, &BACKENDS[1..2]));
+    assert_eq!(h.gc(), 0, "the flow still names the backend");
+    for i in 0..3u8 {
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), ACK, &[i], &[]));
+        assert_eq!((rc, parse_checked(&out).dst), (PASS, b), "packet {i} of the open connection");
+        let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c, ACK, &[i], &[]));
+        assert_eq!(parse_checked(&out).src, (VIP, 80));
+    }
+    // New connections go to the current backend only.
+    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 5358), (VIP, 80), SYN, b"", &[]));
+    assert_eq!(parse_checked(&out).dst.0, BACKENDS[1]);
+    assert_eq!(h.stat(Stat::BackendGone), 0);
+
+    // The flow's entries gone (as when they expire): the next pass deletes the backend.
+    let _ = h.maps.conntrack.remove(&svc_key(c, proto::TCP));
+    let _ = h.maps.conntrack.remove(&reply_key(b, c, proto::TCP));
+    assert_eq!(h.gc(), 1);
+    assert!(!h.writer.has_backend(1));
+
+    // A flow whose backend entry is gone picks a live one (the peer answers with RST).
+    let c3 = (CLIENT, 5359);
+    h.run(prog_names::FROM_POD, &tcp_frame(c3, (VIP, 80), SYN, b"", &[]));
+    h.program(&service(Protocol::Tcp, &BACKENDS[2..3]));
+    let (released, _) = h.writer.release_orphans(|_| false, &mut h.maps);
+    assert_eq!(released, 1);
+    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(c3, (VIP, 80), ACK, b"x", &[]));
+    assert_eq!(parse_checked(&out).dst.0, BACKENDS[2]);
     assert_eq!(h.stat(Stat::BackendGone), 1);
 }
 

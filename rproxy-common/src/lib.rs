@@ -655,10 +655,15 @@ pub enum Stat {
     /// New flows to a frontend with `loadBalancerSourceRanges` from a source outside them:
     /// dropped, as kube-proxy's firewall chain does.
     SourceRangeDrop = 15,
+    /// New connections from pods dropped because a live translated flow holds the tuple their
+    /// replies would come back on (the pod reused a source port towards one backend, through
+    /// two frontends or a frontend and the backend's own address): taking it would send that
+    /// flow's replies to the wrong socket. A closing or expired holder is replaced instead.
+    CtClash = 16,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -676,6 +681,7 @@ impl Stat {
         Self::IcmpSent,
         Self::IcmpRelated,
         Self::SourceRangeDrop,
+        Self::CtClash,
     ];
 
     #[must_use]
@@ -697,6 +703,7 @@ impl Stat {
             Self::IcmpSent => "icmp_sent",
             Self::IcmpRelated => "icmp_related",
             Self::SourceRangeDrop => "src_range_drop",
+            Self::CtClash => "ct_clash",
         }
     }
 }

@@ -241,3 +241,49 @@ fn quiet_closing(v: &CtValue, now: u64) -> bool {
     let last_packet = v.expires_ns.saturating_sub(CtState::Closing.lifetime_ns());
     v.state == CtState::Closing as u8 && v.expires_ns > now && now >= last_packet + snat::REUSE_AFTER_NS
 }
+
+/// Who holds the reply entry a new connection needs.
+pub enum Holder {
+    /// Nobody.
+    Free,
+    /// A flow that is over (closing, or expired but not yet collected), or the same
+    /// connection's earlier flow: the new connection replaces it. Its other entry, to remove.
+    Stale(CtKey4),
+    /// A live flow of another frontend: the new connection must not take its tuple.
+    Live,
+}
+
+/// Who holds `reply`, the entry the replies of a new connection to `frontend` (address and
+/// port, wire order; for a connection straight to a backend, the backend itself) would hit.
+/// Two live connections never share one: the replies of one would be translated for the other.
+#[inline(always)]
+pub fn reply_holder(reply: &CtKey4, frontend: (u32, u16), now: u64) -> Holder {
+    // SAFETY: copied out at once.
+    let Some(v) = (unsafe { CT4.get(reply) }).copied() else {
+        return Holder::Free;
+    };
+    let over = v.expires_ns <= now || v.state == CtState::Closing as u8;
+    if over || (v.pair_addr, v.pair_port) == frontend { Holder::Stale(reply.pair(&v)) } else { Holder::Live }
+}
+
+/// The reply entry that replies to `pkt` would hit if `pkt` were the first packet of a flow
+/// translated for its source: the key of a packet from its destination back to its source.
+#[inline(always)]
+pub fn reverse_reply_key(pkt: &Packet4) -> CtKey4 {
+    CtKey4 {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// Removes a flow's two entries: `key` and its pair `other`.
+#[inline(always)]
+pub fn remove_flow(key: &CtKey4, other: &CtKey4) {
+    let _ = CT4.remove(other);
+    let _ = CT4.remove(key);
+}

@@ -27,6 +27,13 @@ pub fn may_be_backend(pkt: &Packet4) -> bool {
     has_bit(&BE_FILTER, filter::bit(pkt.saddr, pkt.sport, pkt.proto))
 }
 
+/// Whether the packet's destination may be a backend (a pod reaching one directly);
+/// `false` means it certainly is not.
+#[inline(always)]
+pub fn may_be_backend_dst(pkt: &Packet4) -> bool {
+    has_bit(&BE_FILTER, filter::bit(pkt.daddr, pkt.dport, pkt.proto))
+}
+
 /// Whether bit `bit` of a filter map is set.
 #[inline(always)]
 fn has_bit(words: &Array<u64>, bit: u32) -> bool {

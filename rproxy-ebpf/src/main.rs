@@ -40,7 +40,7 @@ use aya_ebpf::{
 use nat::Tuple4;
 use nodeport::Action;
 use parse::Packet4;
-use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_SNAT, CtKey4, CtState, FlowKind, Stat, hairpin};
+use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_SNAT, CtKey4, FlowKind, Stat, hairpin};
 
 use crate::maps::{RNAT4, count};
 
@@ -175,6 +175,11 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
         return hairpin_reply(ctx, &pkt);
     }
     if !lb::may_be_service(&pkt) {
+        // A new connection straight to a backend from the source port of a translated flow to
+        // it: see `direct_syn`.
+        if conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt) {
+            return Ok(direct_syn(&pkt));
+        }
         return Ok(PASS);
     }
     // Conntrack first: an established flow needs no service lookup, only the check (two array
@@ -218,14 +223,34 @@ fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
     };
     // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
     let looped = be.addr == pkt.saddr;
-    if looped && hairpin_taken(&pkt, &be, now) {
-        count(Stat::CtInsertFail);
-        return Ok(DROP);
-    }
     let (nat, flags) = if looped { ((hairpin::ADDR, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
+    // The replies come back on (backend, nat): a live flow of another frontend there (the pod
+    // reused its source port towards this backend) keeps it, and this flow is dropped; a flow
+    // that is over gives it up.
+    let reply = CtKey4 {
+        saddr: be.addr,
+        daddr: nat.0,
+        sport: be.port,
+        dport: nat.1,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let stale = match conntrack::reply_holder(&reply, (pkt.daddr, pkt.dport), now) {
+        conntrack::Holder::Live => {
+            count(Stat::CtClash);
+            return Ok(DROP);
+        }
+        conntrack::Holder::Stale(other) => Some(other),
+        conntrack::Holder::Free => None,
+    };
     if conntrack::create_nat(&pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
         count(Stat::CtInsertFail);
         return Ok(DROP);
+    }
+    // The replaced flow's client side, unless this flow's own entry took its place.
+    if let Some(other) = stale.filter(|other| *other != ct_key) {
+        let _ = maps::CT4.remove(other);
     }
     to_backend(ctx, &pkt, &be, looped)?;
     count(Stat::NewFlow);
@@ -247,27 +272,27 @@ fn to_backend(ctx: &TcContext, pkt: &Packet4, be: &Backend4, looped: bool) -> Re
     }
 }
 
-/// Whether a live hairpin flow of another frontend already holds the reply tuple this one
-/// needs (the backend's address and port, the hairpin address and the pod's source port): the
-/// pod reused its source port for two services whose backend is itself. Overwriting it would
-/// send that flow's replies to this one's service; this flow is dropped instead (the pod's next
-/// try may take another port). A closed or expired holder, or one of this same frontend (port
-/// reuse), is replaced.
+/// A pod's bare SYN straight to a backend's address and port (no frontend), from a source port
+/// whose reply tuple a translated flow holds: the pod connected to a Service, and now to the
+/// backend itself from the same port (its kernel hands a port out again once the destination
+/// differs). Were that flow's entry left, the backend's SYN-ACK would be translated to the
+/// service address and the pod would never see it. A flow that is over gives the tuple up (both
+/// its entries go, the new connection passes); a live one keeps it, and the SYN is dropped and
+/// counted: two live connections must not share one reply tuple.
 #[inline(always)]
-fn hairpin_taken(pkt: &Packet4, be: &Backend4, now: u64) -> bool {
-    let key = CtKey4 {
-        saddr: be.addr,
-        daddr: hairpin::ADDR,
-        sport: be.port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    unsafe { maps::CT4.get(key) }.copied().is_some_and(|v| {
-        v.expires_ns > now && v.state != CtState::Closing as u8 && (v.pair_addr, v.pair_port) != (pkt.daddr, pkt.dport)
-    })
+fn direct_syn(pkt: &Packet4) -> i32 {
+    let reply = conntrack::reverse_reply_key(pkt);
+    match conntrack::reply_holder(&reply, (pkt.daddr, pkt.dport), conntrack::now_ns()) {
+        conntrack::Holder::Free => PASS,
+        conntrack::Holder::Stale(other) => {
+            conntrack::remove_flow(&reply, &other);
+            PASS
+        }
+        conntrack::Holder::Live => {
+            count(Stat::CtClash);
+            DROP
+        }
+    }
 }
 
 /// A pod's reply to a hairpin flow (to `rproxy_common::hairpin::ADDR`): back to the service

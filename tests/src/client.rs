@@ -80,9 +80,19 @@ pub struct TcpSession {
 impl TcpSession {
     /// Connects to `addr:port` (in the calling thread's namespace) and reads the greeting.
     pub fn connect(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Self> {
+        Self::connect_from(None, addr, port, timeout)
+    }
+
+    /// [`TcpSession::connect`] from source port `local_port` (bound with `SO_REUSEADDR`, so a
+    /// port whose earlier connection is in `TIME_WAIT` can connect elsewhere), or an ephemeral
+    /// one.
+    pub fn connect_from(local_port: Option<u16>, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Self> {
         let to = SocketAddr::from((addr, port));
         let run = || -> Result<Self> {
-            let stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
+            let stream = match local_port {
+                None => TcpStream::connect_timeout(&to, timeout).context("connect")?,
+                Some(local) => connect_bound(local, to, timeout)?,
+            };
             stream.set_read_timeout(Some(timeout))?;
             stream.set_write_timeout(Some(timeout))?;
             // Byte by byte: nothing after the greeting may be consumed here.
@@ -96,6 +106,11 @@ impl TcpSession {
             Ok(Self { stream, server })
         };
         run().with_context(|| format!("TCP session to {to}"))
+    }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
     }
 
     /// The pod name the server announced.
@@ -112,6 +127,25 @@ impl TcpSession {
         ensure!(got == msg, "echo {got:?} != {msg:?}");
         Ok(())
     }
+}
+
+/// A TCP connection to `to` from local port `local` (`SO_REUSEADDR`), giving up after `timeout`
+/// (`SO_SNDTIMEO` bounds a blocking connect on Linux).
+fn connect_bound(local: u16, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    use nix::sys::{
+        socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt},
+        time::TimeVal,
+    };
+    let SocketAddr::V4(to) = to else { bail!("IPv4 only") };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
+    let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(micros / 1_000_000, micros % 1_000_000))
+        .context("SO_SNDTIMEO")?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, local))
+        .with_context(|| format!("bind to port {local}"))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).context("connect")?;
+    Ok(TcpStream::from(fd))
 }
 
 /// Splits `<name>\n<rest>`.

@@ -104,6 +104,18 @@ impl Pod {
         self.run(|| TcpSession::connect(addr, port, timeout))
     }
 
+    /// Opens a [`TcpSession`] from this pod's source port `local_port`
+    /// ([`TcpSession::connect_from`]).
+    pub fn tcp_session_from(
+        &self,
+        local_port: u16,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpSession> {
+        self.run(|| TcpSession::connect_from(Some(local_port), addr, port, timeout))
+    }
+
     /// [`client::tcp_request`] from this pod, with [`DEFAULT_TIMEOUT`].
     pub fn tcp_request(&self, addr: Ipv4Addr, port: u16, payload: &[u8]) -> Result<Reply> {
         self.tcp_request_timeout(addr, port, payload, DEFAULT_TIMEOUT)

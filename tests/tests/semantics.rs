@@ -610,6 +610,37 @@ fn open_connection_to_an_endpoint_that_turns_unready_or_leaves_keeps_working() {
     );
 }
 
+/// A pod that connects to its Service, closes, then connects straight to the backend that
+/// served it from the same source port (its kernel gives a port out again once the destination
+/// differs) reaches it. The closed flow's entries would otherwise translate the backend's SYN-ACK
+/// to the service address for their whole closing lifetime, and the pod would time out;
+/// netfilter remaps such a clash, rproxy lets the new connection take the tuple of the flow that
+/// is over.
+#[test]
+fn a_pod_reaches_a_backend_directly_from_the_port_of_a_closed_service_connection() {
+    run(
+        "a_pod_reaches_a_backend_directly_from_the_port_of_a_closed_service_connection",
+        &http_spec(all(State::Ready)),
+        |setup| {
+            const PORT: u16 = 42_424;
+            let mut session = setup.client().tcp_session_from(PORT, CLUSTER_IP, 80, TIMEOUT)?;
+            session.echo(b"through the service")?;
+            let served = session.server().to_owned();
+            drop(session);
+            // The server closes on the client's FIN: the flow is over both ways.
+            thread::sleep(Duration::from_millis(100));
+            let backend = BACKENDS.iter().find(|b| b.0 == served).expect("a demo backend").1;
+            let mut direct = setup
+                .client()
+                .tcp_session_from(PORT, backend, 8080, TIMEOUT)
+                .with_context(|| format!("straight to {served} ({backend}:8080) from port {PORT}"))?;
+            ensure!(direct.server() == served, "answered by {}", direct.server());
+            direct.echo(b"straight to the backend")?;
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn service_type_change_to_external_name_and_back() {
     let spec = http_spec(all(State::Ready));

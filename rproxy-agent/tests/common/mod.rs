@@ -46,9 +46,23 @@ pub fn harness() -> Option<Harness> {
 }
 
 impl Harness {
+    /// Programs `desired` as the agent does: the write, then the removal of the conntrack
+    /// entries of UDP flows whose backend left.
     pub fn program(&mut self, desired: &Desired) {
         let r = self.writer.sync(desired, &mut self.maps);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let stale = r.stale_udp.iter().copied().collect();
+        rproxy_agent::gc::purge_udp(&mut self.maps.conntrack, &stale);
+    }
+
+    /// One conntrack GC pass as the agent runs it: expired entries go, and the backends that
+    /// left every frontend are deleted once no entry names them. How many were deleted.
+    pub fn gc(&mut self) -> usize {
+        let writer = &self.writer;
+        let pass = rproxy_agent::gc::run_pass(&mut self.maps.conntrack, |id| writer.has_backend(id));
+        let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        released
     }
 
     /// Runs `frame` through `prog` once: (return value, output frame).
