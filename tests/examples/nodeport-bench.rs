@@ -292,7 +292,7 @@ fn main() -> Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "NodePort benchmark: client {CLIENT_IP} → {}:{NODE_PORT}, {} backends on each of 2 nodes, {:.1} s per measurement",
-        NodeId::One.ip(),
+        NodeId::ONE.ip(),
         args.backends_per_node,
         args.duration.as_secs_f64()
     );
@@ -370,14 +370,14 @@ struct Ceilings {
 fn generator_ceilings(args: &Args) -> Result<Ceilings> {
     let mut cluster = Cluster::new()?;
     let client_mac = mac_address(cluster.client_ns(), EXTERNAL_DEV)?;
-    let target = SocketAddrV4::new(NodeId::One.ip(), NODE_PORT);
+    let target = SocketAddrV4::new(NodeId::ONE.ip(), NODE_PORT);
     let frames = udp_frames(client_mac, client_mac, &[target], args)?;
     let switch = inject(&mut cluster, frames, args)?;
 
-    let node1 = cluster.node(NodeId::One).ns().to_owned();
+    let node1 = cluster.node(NodeId::ONE).ns().to_owned();
     let node1_mac = mac_address(&node1, EXTERNAL_DEV)?;
-    let node2_mac = mac_address(cluster.node(NodeId::Two).ns(), EXTERNAL_DEV)?;
-    let frames = udp_frames(client_mac, node1_mac, &[SocketAddrV4::new(NodeId::One.ip(), REMOTE_NODE_PORT)], args)?;
+    let node2_mac = mac_address(cluster.node(NodeId::TWO).ns(), EXTERNAL_DEV)?;
+    let frames = udp_frames(client_mac, node1_mac, &[SocketAddrV4::new(NodeId::ONE.ip(), REMOTE_NODE_PORT)], args)?;
     let mut drop = WireSink::load(node1_mac)?;
     let node_drop = {
         // Attached, the program stays in the kernel's XDP dispatcher (see
@@ -386,10 +386,10 @@ fn generator_ceilings(args: &Args) -> Result<Ceilings> {
         LiveFrames::new(drop.program()?, &node1, EXTERNAL_DEV, frames.clone(), args.fwd_batch)?.run(args.duration)?
     };
 
-    cluster.sink_switch_port(NodeId::One, node2_mac)?;
+    cluster.sink_switch_port(NodeId::ONE, node2_mac)?;
     let mut forwarder = WireSink::forwarder(node2_mac)?;
     let _attached = forwarder.attach_native(&node1, EXTERNAL_DEV)?;
-    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::One) };
+    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::ONE) };
     let floor = wire.count(|| {
         LiveFrames::new(forwarder.program()?, &node1, EXTERNAL_DEV, frames, args.fwd_batch)?.run(args.duration)
     })?;
@@ -462,21 +462,21 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     // Room for every connection of a long run without reusing a port in the client.
     sysctl(cluster.client_ns(), "net/ipv4/ip_local_port_range", "1024 65535")?;
 
-    let node_port = vec![SocketAddrV4::new(NodeId::One.ip(), NODE_PORT)];
+    let node_port = vec![SocketAddrV4::new(NodeId::ONE.ip(), NODE_PORT)];
     // The rules stay installed while they are measured, and are removed when dropped.
     let mut rules = None;
     let (datapath, targets) = match mode {
         Mode::Direct => {
-            ip(Some(cluster.client_ns()), &["route", "add", "10.244.0.0/16", "via", &NodeId::One.ip().to_string()])?;
+            ip(Some(cluster.client_ns()), &["route", "add", "10.244.0.0/16", "via", &NodeId::ONE.ip().to_string()])?;
             let pods = backends.iter().map(|b| SocketAddrV4::new(b.ip, TARGET_PORT)).collect();
             (Datapath::Direct, pods)
         }
         Mode::Iptables | Mode::Nftables => {
             let baseline = if mode == Mode::Iptables { Baseline::Iptables } else { Baseline::Nftables };
-            let ns = cluster.node(NodeId::One).ns().to_owned();
+            let ns = cluster.node(NodeId::ONE).ns().to_owned();
             let mut frontends = nodeport::frontends(&backends)?;
             frontends.extend(nodeport::remote_frontends(&backends)?);
-            rules = Some(Installed::new(baseline, &ns, &frontends, &[NodeId::One.ip()])?);
+            rules = Some(Installed::new(baseline, &ns, &frontends, &[NodeId::ONE.ip()])?);
             (Datapath::Rules, node_port)
         }
         Mode::Xdp | Mode::XdpNative | Mode::Tc => {
@@ -493,7 +493,7 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
     let syn_retransmits = load::tcp_syn_retransmits(&client)?.saturating_sub(syn_before);
 
     let client_mac = mac_address(&client, EXTERNAL_DEV)?;
-    let node_mac = mac_address(cluster.node(NodeId::One).ns(), EXTERNAL_DEV)?;
+    let node_mac = mac_address(cluster.node(NodeId::ONE).ns(), EXTERNAL_DEV)?;
     let frames = udp_frames(client_mac, node_mac, &targets, args)?;
     let pod_ns: Vec<String> = backends.iter().map(|b| cluster.pod(&b.name).ns().to_owned()).collect();
     let counters = || pod_ns.iter().map(|ns| load::udp_counters(ns)).collect::<Result<Vec<_>>>();
@@ -539,23 +539,23 @@ fn run_mode(mode: Mode, args: &Args) -> Result<Measured> {
 /// Service's node port (in `direct`, to node 2's pods) injected as if node 1's `eth0` had
 /// received them, counted by the wire sink where they leave node 1 for node 2.
 fn forward(cluster: &mut Cluster, mode: Mode, backends: &[Backend], args: &Args) -> Result<Forwarded> {
-    let node1 = cluster.node(NodeId::One).ns().to_owned();
+    let node1 = cluster.node(NodeId::ONE).ns().to_owned();
     let node1_mac = mac_address(&node1, EXTERNAL_DEV)?;
-    let node2_mac = mac_address(cluster.node(NodeId::Two).ns(), EXTERNAL_DEV)?;
+    let node2_mac = mac_address(cluster.node(NodeId::TWO).ns(), EXTERNAL_DEV)?;
     let client_mac = mac_address(cluster.client_ns(), EXTERNAL_DEV)?;
     // The sink drops node 1's ARP requests to node 2 too: its entry must never need refreshing.
     let lladdr = node2_mac.map(|b| format!("{b:02x}")).join(":");
-    let node2_ip = NodeId::Two.ip().to_string();
+    let node2_ip = NodeId::TWO.ip().to_string();
     ip(Some(&node1), &["neigh", "replace", &node2_ip, "lladdr", &lladdr, "dev", EXTERNAL_DEV, "nud", "permanent"])?;
-    cluster.sink_switch_port(NodeId::One, node2_mac)?;
+    cluster.sink_switch_port(NodeId::ONE, node2_mac)?;
     let targets: Vec<SocketAddrV4> = match mode {
         Mode::Direct => {
-            backends.iter().filter(|b| b.node == NodeId::Two).map(|b| SocketAddrV4::new(b.ip, TARGET_PORT)).collect()
+            backends.iter().filter(|b| b.node == NodeId::TWO).map(|b| SocketAddrV4::new(b.ip, TARGET_PORT)).collect()
         }
-        _ => vec![SocketAddrV4::new(NodeId::One.ip(), REMOTE_NODE_PORT)],
+        _ => vec![SocketAddrV4::new(NodeId::ONE.ip(), REMOTE_NODE_PORT)],
     };
     let frames = udp_frames(client_mac, node1_mac, &targets, args)?;
-    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::One) };
+    let wire = Wire { switch_ns: cluster.switch_ns().to_owned(), port: cluster.switch_port(NodeId::ONE) };
     // In native mode the agent's program is node 1's receive path: the generator runs it (with
     // the agent's maps) in place of the pass program, whose frames would enter after it.
     let agent_program;

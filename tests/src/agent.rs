@@ -32,8 +32,8 @@ pub struct AgentConfig {
     pub node_ns: String,
     /// `--node-name`.
     pub node_name: String,
-    /// `--manifests`.
-    pub manifests: PathBuf,
+    /// `--manifests DIR` or `--kubeconfig PATH`.
+    pub source: AgentSource,
     /// `--pod-devices`.
     pub pod_devices: String,
     /// `--bpffs`.
@@ -44,6 +44,15 @@ pub struct AgentConfig {
     pub extra_args: Vec<String>,
 }
 
+/// Where an agent reads its Services and `EndpointSlices` from.
+#[derive(Debug, Clone)]
+pub enum AgentSource {
+    /// `--manifests DIR`.
+    Manifests(PathBuf),
+    /// `--kubeconfig PATH`: a real API server.
+    Kubeconfig(PathBuf),
+}
+
 /// A running (or exited) agent. Dropping it kills the process if it still runs.
 #[derive(Debug)]
 pub struct Agent {
@@ -52,15 +61,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `<bin> run --manifests .. --node-name .. --pod-devices .. --bpffs .. <extra args>` in
-    /// the node namespace, in its own process group so that a terminal's Ctrl-C reaches only the
-    /// lab, which then stops the agent itself.
+    /// Starts `<bin> run --manifests|--kubeconfig .. --node-name .. --pod-devices .. --bpffs ..
+    /// <extra args>` in the node namespace, in its own process group so that a terminal's Ctrl-C
+    /// reaches only the lab, which then stops the agent itself.
     pub fn start(config: AgentConfig) -> Result<Self> {
         let log = File::create(&config.log).with_context(|| format!("cannot create {}", config.log.display()))?;
+        let (flag, path) = match &config.source {
+            AgentSource::Manifests(dir) => ("--manifests", dir),
+            AgentSource::Kubeconfig(file) => ("--kubeconfig", file),
+        };
         let child = netns_command(&config.node_ns, &config.bin)
             .arg("run")
-            .arg("--manifests")
-            .arg(&config.manifests)
+            .arg(flag)
+            .arg(path)
             .args(["--node-name", &config.node_name, "--pod-devices", &config.pod_devices])
             .arg("--bpffs")
             .arg(&config.bpffs)

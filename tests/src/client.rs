@@ -75,6 +75,8 @@ pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16, payload: &[u8
 pub struct TcpSession {
     stream: TcpStream,
     server: String,
+    /// The client's address and port as the server saw them (from its greeting).
+    seen_as: Option<SocketAddr>,
 }
 
 impl TcpSession {
@@ -102,8 +104,9 @@ impl TcpSession {
                 (&stream).read_exact(&mut byte).context("read the greeting")?;
                 line.push(byte[0]);
             }
+            let seen_as = greeting_peer(&line);
             let (server, _) = split_reply(&line)?;
-            Ok(Self { stream, server })
+            Ok(Self { stream, server, seen_as })
         };
         run().with_context(|| format!("TCP session to {to}"))
     }
@@ -111,6 +114,12 @@ impl TcpSession {
     /// The local address of the connection.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.stream.local_addr()?)
+    }
+
+    /// The client's address and port as the server saw them.
+    #[must_use]
+    pub fn seen_as(&self) -> Option<SocketAddr> {
+        self.seen_as
     }
 
     /// The pod name the server announced.
@@ -148,13 +157,24 @@ fn connect_bound(local: u16, to: SocketAddr, timeout: Duration) -> Result<TcpStr
     Ok(TcpStream::from(fd))
 }
 
-/// Splits `<name>\n<rest>`.
+/// Splits `<name> <peer address> <peer port>\n<rest>` (see [`crate::server`]) into the name and
+/// the rest.
 fn split_reply(answer: &[u8]) -> Result<Reply> {
     let nl = answer
         .iter()
         .position(|&b| b == b'\n')
         .ok_or_else(|| anyhow!("no server name line in {} bytes", answer.len()))?;
-    let name = std::str::from_utf8(&answer[..nl]).context("server name is not UTF-8")?;
+    let line = std::str::from_utf8(&answer[..nl]).context("server name is not UTF-8")?;
+    let name = line.split(' ').next().unwrap_or_default();
     ensure!(!name.is_empty(), "empty server name");
     Ok((name.to_owned(), answer[nl + 1..].to_vec()))
+}
+
+/// The peer a server's greeting line names (see [`crate::server`]).
+#[must_use]
+pub fn greeting_peer(line: &[u8]) -> Option<SocketAddr> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.trim_end().split(' ').skip(1);
+    let (addr, port) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
+    Some(SocketAddr::new(addr, port))
 }

@@ -74,74 +74,82 @@ pub const EXTERNAL_PREFIX_LEN: u8 = 24;
 /// Most queues an external veth gets (one per CPU up to this).
 const MAX_QUEUES: usize = 64;
 
-/// One of the cluster's two nodes.
+/// One of the cluster's nodes, numbered from 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum NodeId {
-    One,
-    Two,
-}
+pub struct NodeId(u8);
 
 impl NodeId {
-    /// Both nodes.
-    pub const ALL: [Self; 2] = [Self::One, Self::Two];
+    pub const ONE: Self = Self(1);
+    pub const TWO: Self = Self(2);
+    /// Both nodes of the two-node lab ([`Cluster::new`]).
+    pub const ALL: [Self; 2] = [Self::ONE, Self::TWO];
 
-    /// 1 or 2.
+    /// Node `number` (1 to [`MAX_NODES`]).
+    ///
+    /// # Panics
+    /// Outside that range.
+    #[must_use]
+    pub fn new(number: u8) -> Self {
+        assert!((1..=MAX_NODES).contains(&number), "node number {number} not in 1..={MAX_NODES}");
+        Self(number)
+    }
+
+    /// 1, 2, …
     #[must_use]
     pub fn number(self) -> u8 {
-        match self {
-            Self::One => 1,
-            Self::Two => 2,
-        }
+        self.0
     }
 
-    /// The other node.
+    /// The other node of the two-node lab.
     #[must_use]
     pub fn peer(self) -> Self {
-        match self {
-            Self::One => Self::Two,
-            Self::Two => Self::One,
-        }
+        if self == Self::ONE { Self::TWO } else { Self::ONE }
     }
 
-    /// The Kubernetes node name: `node-1`, `node-2` (`--node-name`, endpoints' `nodeName`).
+    /// The Kubernetes node name: `node-1`, `node-2`, … (`--node-name`, endpoints' `nodeName`).
     #[must_use]
-    pub fn k8s_name(self) -> &'static str {
-        match self {
-            Self::One => "node-1",
-            Self::Two => "node-2",
-        }
+    pub fn k8s_name(self) -> String {
+        format!("node-{}", self.0)
     }
 
-    /// The address of the node's `eth0`: 172.31.0.1 or 172.31.0.2 (/24).
+    /// The address of the node's `eth0`: 172.31.0.N (/24).
     #[must_use]
     pub fn ip(self) -> Ipv4Addr {
-        Ipv4Addr::new(172, 31, 0, self.number())
+        Ipv4Addr::new(172, 31, 0, self.0)
     }
 
-    /// The node's pod CIDR, /24: 10.244.1.0 or 10.244.2.0.
+    /// The node's pod CIDR, /24: 10.244.N.0.
     #[must_use]
     pub fn pod_cidr(self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, self.number(), 0)
+        Ipv4Addr::new(10, 244, self.0, 0)
     }
 
     /// Address `host` (1..=254) in the node's pod CIDR.
     #[must_use]
     pub fn pod_ip(self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, self.number(), host)
+        Ipv4Addr::new(10, 244, self.0, host)
+    }
+
+    /// The letter of the node's host-side pod devices (`<prefix>a<n>` on node 1, …).
+    fn device_letter(self) -> char {
+        char::from(b'a' + self.0 - 1)
     }
 
     fn index(self) -> usize {
-        usize::from(self.number() - 1)
+        usize::from(self.0 - 1)
     }
 }
 
-/// The two-node lab (see the module doc).
+/// Most nodes a [`Cluster`] has.
+pub const MAX_NODES: u8 = 16;
+
+/// The lab of nodes on one segment (two by default; see the module doc).
 #[derive(Debug)]
 pub struct Cluster {
     prefix: String,
     // Drop order: nodes (agents, pods, node namespaces), the switch ports' XDP links, the
     // program, client, switch, then the work dir.
-    nodes: [Node; 2],
+    nodes: Vec<Node>,
     switch_xdp: Vec<XdpLink>,
     pass: PassProgram,
     client: NetNs,
@@ -152,28 +160,47 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the switch, both nodes and the client (see the module doc).
     pub fn new() -> Result<Self> {
+        Self::with_nodes(2)
+    }
+
+    /// Builds the switch, `count` nodes (1 to [`MAX_NODES`]) and the client.
+    pub fn with_nodes(count: u8) -> Result<Self> {
+        ensure!((1..=MAX_NODES).contains(&count), "{count} nodes: 1 to {MAX_NODES} are supported");
         let prefix = next_prefix()?;
         let work = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
-        let reserved: Vec<String> = ["switch", "client", "node1", "node2"].map(String::from).into();
+        let mut reserved: Vec<String> = ["switch", "client"].map(String::from).into();
+        reserved.extend((1..=count).map(|n| format!("node{n}")));
         let node = |id: NodeId| {
             let n = id.number();
             Node::create(NodeSpec {
                 ns: format!("{prefix}-node{n}"),
-                name: id.k8s_name().to_owned(),
+                name: id.k8s_name(),
                 ns_prefix: prefix.clone(),
-                dev_prefix: format!("{prefix}{}", if id == NodeId::One { 'a' } else { 'b' }),
+                dev_prefix: format!("{prefix}{}", id.device_letter()),
                 reserved: reserved.clone(),
                 pin_dir: Path::new("/sys/fs/bpf").join(format!("{prefix}-node{n}")),
                 log: work.path().join(format!("agent-node{n}.log")),
             })
         };
-        let nodes = [node(NodeId::One)?, node(NodeId::Two)?];
+        let nodes = (1..=count).map(|n| node(NodeId::new(n))).collect::<Result<Vec<_>>>()?;
         let client = NetNs::create(&format!("{prefix}-client"))?;
         let switch = NetNs::create(&format!("{prefix}-switch"))?;
         let pass = PassProgram::load()?;
         let mut cluster = Self { prefix, nodes, switch_xdp: Vec::new(), pass, client, switch, work };
         cluster.wire().with_context(|| format!("wiring cluster {}", cluster.prefix))?;
         Ok(cluster)
+    }
+
+    /// The nodes' ids, in order.
+    #[must_use]
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        (1..=u8::try_from(self.nodes.len()).unwrap_or(MAX_NODES)).map(NodeId::new).collect()
+    }
+
+    /// The bridge in the switch namespace.
+    #[must_use]
+    pub fn bridge(&self) -> String {
+        format!("{}br", self.prefix)
     }
 
     /// The bridge, the external veths (with `XDP_PASS` on their bridge side), addresses and
@@ -183,11 +210,12 @@ impl Cluster {
         let sw = Some(self.switch.name());
         ip(sw, &["link", "add", &bridge, "type", "bridge"])?;
         ip(sw, &["link", "set", &bridge, "up"])?;
-        let ends = [
-            (self.nodes[0].ns(), "s1", NodeId::One.ip()),
-            (self.nodes[1].ns(), "s2", NodeId::Two.ip()),
-            (self.client.name(), "sc", CLIENT_IP),
-        ];
+        let mut ends: Vec<(&str, String, Ipv4Addr)> = self
+            .node_ids()
+            .into_iter()
+            .map(|id| (self.nodes[id.index()].ns(), format!("s{}", id.number()), id.ip()))
+            .collect();
+        ends.push((self.client.name(), String::from("sc"), CLIENT_IP));
         let queues = external_queues();
         let q = queues.to_string();
         let multi = ["numtxqueues", q.as_str(), "numrxqueues", q.as_str()];
@@ -210,10 +238,12 @@ impl Cluster {
             ip(Some(ns), &["addr", "add", &cidr, "dev", EXTERNAL_DEV])?;
             ip(Some(ns), &["link", "set", EXTERNAL_DEV, "up"])?;
         }
-        for id in NodeId::ALL {
-            let (ns, other) = (self.node(id).ns(), id.peer());
-            let cidr = format!("{}/24", other.pod_cidr());
-            ip(Some(ns), &["route", "add", &cidr, "via", &other.ip().to_string(), "dev", EXTERNAL_DEV])?;
+        for id in self.node_ids() {
+            for other in self.node_ids().into_iter().filter(|other| *other != id) {
+                let cidr = format!("{}/24", other.pod_cidr());
+                let via = other.ip().to_string();
+                ip(Some(self.node(id).ns()), &["route", "add", &cidr, "via", &via, "dev", EXTERNAL_DEV])?;
+            }
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use tempfile::TempDir;
 
 use crate::{
-    agent::{Agent, AgentConfig},
+    agent::{Agent, AgentConfig, AgentSource},
     client::{self, DEFAULT_TIMEOUT, Reply, TcpSession},
     cmd::ip,
     netns::{NetNs, in_netns, sysctl},
@@ -162,6 +162,8 @@ pub struct Node {
     agent: Option<Agent>,
     /// An agent was started and `rproxy-agent cleanup` has not succeeded since.
     needs_cleanup: bool,
+    /// Pod devices made so far (the next one is `<dev_prefix><devices + 1>`).
+    devices: usize,
     // Drop order: pods, then the node.
     pods: Vec<Pod>,
     ns: NetNs,
@@ -211,22 +213,32 @@ impl Node {
             log: spec.log,
             agent: None,
             needs_cleanup: false,
+            devices: 0,
             pods: Vec::new(),
             ns,
         })
     }
 
-    /// Adds pod `name` with address `ip_addr` (see the module doc for the plumbing).
+    /// Adds pod `name` with address `ip_addr` (see the module doc for the plumbing), in namespace
+    /// `<prefix>-<name>`.
     pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
+        self.add_pod_in(name, name, ip_addr)
+    }
+
+    /// [`Node::add_pod`] with namespace `<prefix>-<ns_suffix>`: a pod whose name is not unique
+    /// in the lab (the same name in two Kubernetes namespaces) or not a namespace name.
+    pub fn add_pod_in(&mut self, name: &str, ns_suffix: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
         ensure!(
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
-            "pod name {name:?}: use letters, digits and '-'"
+            !ns_suffix.is_empty() && ns_suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "pod namespace {ns_suffix:?}: use letters, digits and '-'"
         );
-        ensure!(!self.reserved.iter().any(|r| r == name), "pod name {name:?} is reserved by the lab");
-        ensure!(self.pods.iter().all(|p| p.name != name), "pod {name} exists already");
-        let host_dev = format!("{}{}", self.dev_prefix, self.pods.len() + 1);
+        ensure!(!self.reserved.iter().any(|r| r == ns_suffix), "pod namespace {ns_suffix:?} is reserved by the lab");
+        let ns_name = format!("{}-{ns_suffix}", self.ns_prefix);
+        ensure!(self.pods.iter().all(|p| p.ns.name() != ns_name), "pod namespace {ns_name} exists already");
+        self.devices += 1;
+        let host_dev = format!("{}{}", self.dev_prefix, self.devices);
         ensure!(host_dev.len() <= IFNAMSIZ_MAX, "interface name {host_dev} is too long");
-        let ns = NetNs::create(&format!("{}-{name}", self.ns_prefix))?;
+        let ns = NetNs::create(&ns_name)?;
         let (node, pod) = (Some(self.ns.name()), Some(ns.name()));
         let ip_cidr = format!("{ip_addr}/32");
         let dev = host_dev.as_str();
@@ -252,6 +264,15 @@ impl Node {
 
         self.pods.push(Pod { name: name.to_owned(), ip: ip_addr, host_dev, servers: Vec::new(), ns });
         Ok(self.pods.last_mut().expect("just pushed"))
+    }
+
+    /// Removes the pod whose namespace is `<prefix>-<ns_suffix>` (its servers stop, its
+    /// namespace and veth pair go). Whether there was one.
+    pub fn remove_pod(&mut self, ns_suffix: &str) -> bool {
+        let ns_name = format!("{}-{ns_suffix}", self.ns_prefix);
+        let before = self.pods.len();
+        self.pods.retain(|p| p.ns.name() != ns_name);
+        self.pods.len() != before
     }
 
     /// The pod named `name`, if this node has it.
@@ -307,15 +328,20 @@ impl Node {
     /// Starts `rproxy-agent run` in the node namespace on the manifests in `manifests`, with
     /// `extra_args` appended to the command line (see [`AgentConfig::extra_args`]).
     pub fn start_agent(&mut self, agent_bin: &Path, manifests: &Path, extra_args: &[&str]) -> Result<()> {
+        let manifests = manifests.canonicalize().with_context(|| format!("manifests dir {}", manifests.display()))?;
+        self.start_agent_from(agent_bin, AgentSource::Manifests(manifests), extra_args)
+    }
+
+    /// Starts `rproxy-agent run` in the node namespace on `source` (see [`Node::start_agent`]).
+    pub fn start_agent_from(&mut self, agent_bin: &Path, source: AgentSource, extra_args: &[&str]) -> Result<()> {
         if let Some(agent) = &mut self.agent {
             ensure!(agent.exited()?.is_some(), "the agent is already running");
         }
-        let manifests = manifests.canonicalize().with_context(|| format!("manifests dir {}", manifests.display()))?;
         self.agent = Some(Agent::start(AgentConfig {
             bin: agent_bin.to_owned(),
             node_ns: self.ns.name().to_owned(),
             node_name: self.name.clone(),
-            manifests,
+            source,
             pod_devices: self.pod_devices_glob(),
             bpffs: self.pin_dir.clone(),
             log: self.log.clone(),

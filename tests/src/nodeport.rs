@@ -89,7 +89,7 @@ pub fn remote_service() -> NodePortService {
 /// The remote-only Service's `EndpointSlice`: node 2's backends of `backends`.
 #[must_use]
 pub fn remote_endpoint_slice(backends: &[Backend]) -> EndpointSlice {
-    slice_of(REMOTE_SERVICE_NAME, backends.iter().filter(|b| b.node == NodeId::Two))
+    slice_of(REMOTE_SERVICE_NAME, backends.iter().filter(|b| b.node == NodeId::TWO))
 }
 
 fn service_named(name: &str, cluster_ip: Ipv4Addr, node_port: u16) -> NodePortService {
@@ -112,7 +112,7 @@ fn slice_of<'a>(service: &str, backends: impl Iterator<Item = &'a Backend>) -> E
         namespace: NAMESPACE.into(),
         name: format!("{service}-1"),
         service_name: service.into(),
-        endpoints: backends.map(|b| Endpoint::ready(b.ip, b.node.k8s_name())).collect(),
+        endpoints: backends.map(|b| Endpoint::ready(b.ip, &b.node.k8s_name())).collect(),
         ports: PORTS
             .iter()
             .map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT })

@@ -1,8 +1,9 @@
 //! Pod servers: a TCP and a UDP server on one port, inside a pod's namespace.
 //!
-//! Protocol — TCP: on accept the server writes `<pod name>\n`, then echoes every byte until the
-//! client shuts down its write side, then closes. UDP: each datagram gets the reply
-//! `<pod name>\n<payload>`. Both record the peer address of every connection / datagram.
+//! Protocol — TCP: on accept the server writes one line, `<pod name> <peer address> <peer
+//! port>\n` (the client as the pod sees it), then echoes every byte until the client shuts down
+//! its write side, then closes. UDP: each datagram gets the reply `<pod name> <peer address>
+//! <peer port>\n<payload>`. Both record the peer address of every connection / datagram.
 use std::{
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -109,7 +110,7 @@ fn serve_tcp(listener: &TcpListener, name: &str, peers: &Mutex<Peers>, stop: &At
                 let name = name.to_owned();
                 // Detached: the connection ends by itself (client EOF or `CONN_TIMEOUT`).
                 thread::spawn(move || {
-                    let _ = echo(stream, &name);
+                    let _ = echo(stream, &name, peer);
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -118,11 +119,17 @@ fn serve_tcp(listener: &TcpListener, name: &str, peers: &Mutex<Peers>, stop: &At
     }
 }
 
-fn echo(mut stream: TcpStream, name: &str) -> io::Result<()> {
+/// The line a server answers with: its name and the peer as it sees it.
+#[must_use]
+pub fn greeting(name: &str, peer: SocketAddr) -> String {
+    format!("{name} {} {}\n", peer.ip(), peer.port())
+}
+
+fn echo(mut stream: TcpStream, name: &str, peer: SocketAddr) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CONN_TIMEOUT))?;
     stream.set_write_timeout(Some(CONN_TIMEOUT))?;
-    stream.write_all(format!("{name}\n").as_bytes())?;
+    stream.write_all(greeting(name, peer).as_bytes())?;
     let mut buf = [0; 16 * 1024];
     loop {
         match stream.read(&mut buf)? {
@@ -134,12 +141,11 @@ fn echo(mut stream: TcpStream, name: &str) -> io::Result<()> {
 
 fn serve_udp(socket: &UdpSocket, name: &str, peers: &Mutex<Peers>, stop: &AtomicBool) {
     let mut buf = vec![0; 65536];
-    let header = format!("{name}\n");
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 record(peers, |p| p.udp.push(peer));
-                let reply = [header.as_bytes(), &buf[..n]].concat();
+                let reply = [greeting(name, peer).as_bytes(), &buf[..n]].concat();
                 if let Err(e) = socket.send_to(&reply, peer) {
                     eprintln!("rproxy-tests: {name}: udp reply to {peer}: {e}");
                 }

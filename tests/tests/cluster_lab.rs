@@ -54,8 +54,8 @@ fn serially(test: &str, body: impl FnOnce() -> Result<()>) {
 /// serving the echo protocol on [`TARGET_PORT`].
 fn two_pods() -> Result<Cluster> {
     let mut cluster = Cluster::new()?;
-    cluster.add_pod(NodeId::One, "pod-1", NodeId::One.pod_ip(11))?.serve(TARGET_PORT)?;
-    cluster.add_pod(NodeId::Two, "pod-2", NodeId::Two.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::ONE, "pod-1", NodeId::ONE.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::TWO, "pod-2", NodeId::TWO.pod_ip(11))?.serve(TARGET_PORT)?;
     Ok(cluster)
 }
 
@@ -67,7 +67,7 @@ fn client_reaches_the_nodes_and_pods_reach_each_other_across_nodes() {
 
         // Client → each node's eth0 address: a server in the node namespace answers.
         let _node_servers = NodeId::ALL
-            .map(|id| Server::start(cluster.node(id).ns(), id.k8s_name(), NODE_SERVER_PORT))
+            .map(|id| Server::start(cluster.node(id).ns(), &id.k8s_name(), NODE_SERVER_PORT))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         for id in NodeId::ALL {
@@ -142,8 +142,8 @@ fn external_veths_have_offloads_off_a_queue_per_cpu_and_xdp_on_the_bridge_side()
     serially("external_veths_have_offloads_off_a_queue_per_cpu_and_xdp_on_the_bridge_side", || {
         let cluster = Cluster::new()?;
         let ends = [
-            (cluster.node(NodeId::One).ns(), cluster.switch_port(NodeId::One)),
-            (cluster.node(NodeId::Two).ns(), cluster.switch_port(NodeId::Two)),
+            (cluster.node(NodeId::ONE).ns(), cluster.switch_port(NodeId::ONE)),
+            (cluster.node(NodeId::TWO).ns(), cluster.switch_port(NodeId::TWO)),
             (cluster.client_ns(), cluster.client_switch_port()),
         ];
         let (sw, queues) = (cluster.switch_ns(), cluster.external_queues());
@@ -238,7 +238,7 @@ fn the_generator_injects_client_frames_that_arrive_intact() {
         setsockopt(&socket, sockopt::RcvBufForce, &(16 << 20))?;
         socket.set_read_timeout(Some(Duration::from_millis(300)))?;
         let (client_mac, node_mac) =
-            (mac_address(cluster.client_ns(), "eth0")?, mac_address(cluster.node(NodeId::One).ns(), "eth0")?);
+            (mac_address(cluster.client_ns(), "eth0")?, mac_address(cluster.node(NodeId::ONE).ns(), "eth0")?);
         // From the client to pod-2, through node 1 (the client itself has no route to pods):
         // node 1 forwards each frame in place (TTL, Ethernet header) on the generator's pages.
         let sources = [SocketAddrV4::new(CLIENT_IP, 20_000), SocketAddrV4::new(CLIENT_IP, 20_001)];
@@ -366,7 +366,7 @@ fn agents_run_in_both_nodes_and_translate_across_them() {
         for b in &backends {
             cluster.pod_mut(&b.name).serve(TARGET_PORT)?;
         }
-        cluster.add_pod(NodeId::One, "client-pod", NodeId::One.pod_ip(100))?;
+        cluster.add_pod(NodeId::ONE, "client-pod", NodeId::ONE.pod_ip(100))?;
         let manifests = cluster.work_dir().join("manifests");
         std::fs::create_dir(&manifests)?;
         nodeport::write_manifests(&manifests, &backends)?;
@@ -390,7 +390,7 @@ fn agents_run_in_both_nodes_and_translate_across_them() {
         }
         ensure!(unseen.is_empty(), "{unseen:?} never answered on {CLUSTER_IP}:{PORT} within 10 s");
         // Routed to node 2 after the DNAT on node 1, with the client pod's own address.
-        let remote = backends.iter().find(|b| b.node == NodeId::Two).context("no backend on node 2")?;
+        let remote = backends.iter().find(|b| b.node == NodeId::TWO).context("no backend on node 2")?;
         let seen = cluster.pod(&remote.name).peers_on(TARGET_PORT).tcp;
         let client_ip = cluster.pod("client-pod").ip();
         ensure!(!seen.is_empty() && seen.iter().all(|p| p.ip() == client_ip), "{} saw {seen:?}", remote.name);

@@ -30,7 +30,7 @@ fn payload(len: usize) -> Vec<u8> {
 
 /// One request from the client to node 1's address and the node port.
 fn request(cluster: &Cluster, proto: Proto, payload: &[u8]) -> Result<Reply> {
-    let (addr, timeout) = (NodeId::One.ip(), Duration::from_secs(2));
+    let (addr, timeout) = (NodeId::ONE.ip(), Duration::from_secs(2));
     cluster.in_client(|| match proto {
         Proto::Tcp => client::tcp_request(addr, NODE_PORT, payload, timeout),
         Proto::Udp => client::udp_request(addr, NODE_PORT, payload, timeout),
@@ -42,7 +42,7 @@ fn reach_every_backend(cluster: &Cluster, backends: &[Backend], proto: Proto, pa
     let mut unseen: BTreeSet<&str> = backends.iter().map(|b| b.name.as_str()).collect();
     for attempt in 1..=MAX_REQUESTS {
         let (name, echo) = request(cluster, proto, payload)
-            .map_err(|e| e.context(format!("{proto:?} request {attempt} to {}:{NODE_PORT}", NodeId::One.ip())))?;
+            .map_err(|e| e.context(format!("{proto:?} request {attempt} to {}:{NODE_PORT}", NodeId::ONE.ip())))?;
         ensure!(echo == payload, "{proto:?}: {name} echoed {} bytes, not the {} sent", echo.len(), payload.len());
         unseen.remove(name.as_str());
         if unseen.is_empty() {
@@ -70,22 +70,22 @@ fn baseline_translates(test: &str, baseline: Baseline) {
         for b in &backends {
             cluster.pod_mut(&b.name).serve(TARGET_PORT)?;
         }
-        let node1 = cluster.node(NodeId::One).ns().to_owned();
+        let node1 = cluster.node(NodeId::ONE).ns().to_owned();
 
         // Without rules nothing listens on the node port.
         ensure!(request(&cluster, Proto::Tcp, b"x").is_err(), "the node port answered before {baseline} was installed");
 
-        let installed = Installed::new(baseline, &node1, &nodeport::frontends(&backends)?, &[NodeId::One.ip()])?;
+        let installed = Installed::new(baseline, &node1, &nodeport::frontends(&backends)?, &[NodeId::ONE.ip()])?;
         for (proto, payload) in [(Proto::Tcp, payload(64 * 1024)), (Proto::Udp, payload(1200))] {
             reach_every_backend(&cluster, &backends, proto, &payload)?;
             for b in &backends {
                 let seen = peers(&cluster, b, proto);
                 ensure!(
-                    !seen.is_empty() && seen.iter().all(|p| p.ip() == NodeId::One.ip()),
+                    !seen.is_empty() && seen.iter().all(|p| p.ip() == NodeId::ONE.ip()),
                     "{baseline} {proto:?}: {} (on {}) saw {seen:?}, expected only node 1's {} (masquerade)",
                     b.name,
                     b.node.k8s_name(),
-                    NodeId::One.ip()
+                    NodeId::ONE.ip()
                 );
             }
         }

@@ -149,8 +149,8 @@ spec:
   ports:
   - {{name: tcp, protocol: TCP, port: 80, targetPort: {TARGET_PORT}, nodePort: {EMPTY_NODE_PORT}}}
 ",
-        b1 = NodeId::One.pod_ip(11),
-        b2 = NodeId::Two.pod_ip(11),
+        b1 = NodeId::ONE.pod_ip(11),
+        b2 = NodeId::TWO.pod_ip(11),
         local_slice = backend_1_slice("local"),
         fenced_slice = backend_1_slice("fenced"),
     )
@@ -169,7 +169,7 @@ endpoints:
 ports:
 - {{name: tcp, protocol: TCP, port: {TARGET_PORT}}}
 ",
-        b1 = NodeId::One.pod_ip(11),
+        b1 = NodeId::ONE.pod_ip(11),
     )
 }
 
@@ -181,12 +181,12 @@ fn payload(len: usize) -> Vec<u8> {
 /// node 2's `NodePort`s answer.
 fn setup(mode: &str) -> Result<(Cluster, tempfile::TempDir)> {
     let mut cluster = Cluster::new()?;
-    cluster.add_pod(NodeId::One, BACKEND_1, NodeId::One.pod_ip(11))?.serve(TARGET_PORT)?;
-    cluster.add_pod(NodeId::Two, BACKEND_2, NodeId::Two.pod_ip(11))?.serve(TARGET_PORT)?;
-    cluster.add_pod(NodeId::One, POD_CLIENT, NodeId::One.pod_ip(50))?;
+    cluster.add_pod(NodeId::ONE, BACKEND_1, NodeId::ONE.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::TWO, BACKEND_2, NodeId::TWO.pod_ip(11))?.serve(TARGET_PORT)?;
+    cluster.add_pod(NodeId::ONE, POD_CLIENT, NodeId::ONE.pod_ip(50))?;
     // The externalIP and the LoadBalancer IPs are routed to node 1, as a router would.
     for vip in [EXTERNAL_IP, LB_IP, LOCAL_LB_IP, FENCED_LB_IP] {
-        ip(Some(cluster.client_ns()), &["route", "add", &format!("{vip}/32"), "via", &NodeId::One.ip().to_string()])?;
+        ip(Some(cluster.client_ns()), &["route", "add", &format!("{vip}/32"), "via", &NodeId::ONE.ip().to_string()])?;
     }
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("services.yaml"), manifests())?;
@@ -255,7 +255,7 @@ fn http_get(addr: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
 /// Through node 1 the remote backend saw node 1's address, with ports of the SNAT range, and
 /// through node 2 node 2's; local backends saw the client.
 fn ensure_translated_sources(cluster: &Cluster) -> Result<()> {
-    for (pod, local, remote) in [(BACKEND_1, NodeId::One, NodeId::Two), (BACKEND_2, NodeId::Two, NodeId::One)] {
+    for (pod, local, remote) in [(BACKEND_1, NodeId::ONE, NodeId::TWO), (BACKEND_2, NodeId::TWO, NodeId::ONE)] {
         let peers = tcp_peers(cluster, pod);
         ensure!(peers.contains(&CLIENT_IP), "{pod} never saw the client through {local:?}: {peers:?}");
         ensure!(peers.contains(&remote.ip()), "{pod} never saw {remote:?}'s address (SNAT): {peers:?}");
@@ -333,7 +333,7 @@ fn scenario(mode: &str) -> Result<()> {
 
     // externalTrafficPolicy Local.
     let before = cluster.pod(BACKEND_1).peers_on(TARGET_PORT).tcp.len();
-    for addr in [NodeId::One.ip(), LOCAL_LB_IP] {
+    for addr in [NodeId::ONE.ip(), LOCAL_LB_IP] {
         for _ in 0..8 {
             let port = if addr == LOCAL_LB_IP { 80 } else { LOCAL_NODE_PORT };
             let (name, _) = client_tcp(&cluster, addr, port, b"local")?;
@@ -346,14 +346,14 @@ fn scenario(mode: &str) -> Result<()> {
         "ETP Local lost the client address"
     );
     let refused =
-        cluster.in_client(|| client::tcp_request(NodeId::Two.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
+        cluster.in_client(|| client::tcp_request(NodeId::TWO.ip(), LOCAL_NODE_PORT, b"x", Duration::from_secs(1)))?;
     ensure!(refused.is_err(), "node 2 has no local endpoint but served the ETP Local NodePort: {refused:?}");
-    let (status, body) = cluster.in_client(|| http_get(NodeId::One.ip(), HEALTH_PORT, "/healthz"))??;
+    let (status, body) = cluster.in_client(|| http_get(NodeId::ONE.ip(), HEALTH_PORT, "/healthz"))??;
     ensure!(
         status == 200 && body.contains("\"localEndpoints\":1") && body.contains("\"serviceProxyHealthy\":true"),
         "node 1 health check: {status} {body}"
     );
-    let (status, body) = cluster.in_client(|| http_get(NodeId::Two.ip(), HEALTH_PORT, "/healthz"))??;
+    let (status, body) = cluster.in_client(|| http_get(NodeId::TWO.ip(), HEALTH_PORT, "/healthz"))??;
     ensure!(status == 503 && body.contains("\"localEndpoints\":0"), "node 2 health check: {status} {body}");
     // Each agent's own health, on kube-proxy's port.
     for node in NodeId::ALL {
@@ -375,13 +375,13 @@ fn scenario(mode: &str) -> Result<()> {
         )?;
         reach_both(
             &format!("host of node 1 to {addr}:{NODE_PORT}"),
-            || cluster.in_node(NodeId::One, || client::tcp_request(addr, NODE_PORT, b"host", TIMEOUT))?,
+            || cluster.in_node(NodeId::ONE, || client::tcp_request(addr, NODE_PORT, b"host", TIMEOUT))?,
             b"host",
         )?;
     }
     reach_both(
         "host of node 1 to the ClusterIP over UDP",
-        || cluster.in_node(NodeId::One, || client::udp_request(CLUSTER_IP, 80, b"dns?", TIMEOUT))?,
+        || cluster.in_node(NodeId::ONE, || client::udp_request(CLUSTER_IP, 80, b"dns?", TIMEOUT))?,
         b"dns?",
     )?;
     if mode == "native" {
@@ -394,16 +394,16 @@ fn scenario(mode: &str) -> Result<()> {
     // answers them with ICMP fragmentation needed, the client's TCP lowers its path MTU, and
     // 64 KiB still reach both backends intact. Without the message node 2's link would drop
     // them and the transfer would stall.
-    ip(Some(cluster.node(NodeId::Two).ns()), &["link", "set", "eth0", "mtu", "1300"])?;
-    let to_node2_pods = format!("{}/24", NodeId::Two.pod_cidr());
-    let via = NodeId::Two.ip().to_string();
+    ip(Some(cluster.node(NodeId::TWO).ns()), &["link", "set", "eth0", "mtu", "1300"])?;
+    let to_node2_pods = format!("{}/24", NodeId::TWO.pod_cidr());
+    let via = NodeId::TWO.ip().to_string();
     let route = ["route", "change", &to_node2_pods, "via", &via, "dev", "eth0", "mtu", "lock", "1300"];
-    ip(Some(cluster.node(NodeId::One).ns()), &route)?;
-    let addr = NodeId::One.ip();
+    ip(Some(cluster.node(NodeId::ONE).ns()), &route)?;
+    let addr = NodeId::ONE.ip();
     reach_both("TCP through a 1300-byte path", || client_tcp(&cluster, addr, NODE_PORT, &big), &big)?;
     let dump = std::process::Command::new(agent_bin()?)
         .args(["dump", "--bpffs"])
-        .arg(cluster.node(NodeId::One).pin_dir())
+        .arg(cluster.node(NodeId::ONE).pin_dir())
         .output()?;
     let dump = String::from_utf8_lossy(&dump.stdout);
     let counter = |name: &str| -> u64 {
