@@ -26,8 +26,9 @@
 //! - kube-apiserver binds 127.0.0.1 and advertises it: nothing outside this host needs it
 //!   directly (the lab's nodes reach it through a TCP forwarder in the test process). With a
 //!   loopback advertise address the `kubernetes` Service's endpoints cannot be reconciled, hence
-//!   `--endpoint-reconciler-type=none` (the `kubernetes` Service has no endpoints; nothing here needs it). Authentication is the static token
-//!   file (plus client certificates from the CA), authorization RBAC. The `ServiceAccount`
+//!   `--endpoint-reconciler-type=none` (the `kubernetes` Service has no endpoints; no pod here
+//!   needs it). Authentication is the static token file (plus client certificates from the CA),
+//!   authorization RBAC. The `ServiceAccount`
 //!   admission plugin is off so that pods need no token volume (there are no kubelets to mount
 //!   one), and `--allow-privileged` lets the lab run privileged pods;
 //! - kube-controller-manager runs every controller but `nodelifecycle` (without kubelets it
