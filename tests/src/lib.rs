@@ -32,6 +32,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod demo;
 pub mod interactive;
+pub mod k8s;
 pub mod kube_proxy;
 pub mod lab;
 pub mod load;

@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the toolchain and system packages (LLVM 22, bpf-linker, rust-src, iproute2, bpftool).
+    /// Install the toolchain and system packages (LLVM 22, bpf-linker, rust-src, iproute2, bpftool,
+    /// openssl) and build the Kubernetes control plane from tests/k8s (Go 1.26 or later needed).
     Setup,
     /// Build the self-contained agent binary (target/release/rproxy-agent).
     Build,
@@ -64,6 +65,20 @@ enum Cmd {
     Lint,
     /// Run the release agent on a node of a kind cluster, against its API server (Ctrl-C stops it).
     Run(kind::RunArgs),
+    /// A real Kubernetes cluster on this machine, without containers: etcd, kube-apiserver,
+    /// kube-controller-manager and kube-scheduler built from their Go modules, network-namespace
+    /// nodes running the release agent and a lab kubelet, and an external client. Ctrl-C removes it.
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// Write the admin kubeconfig's path, the nodes and the client as JSON here once ready.
+        #[arg(long, value_name = "PATH")]
+        status_file: Option<PathBuf>,
+        /// Exit after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -85,8 +100,25 @@ fn cargo() -> Command {
     c
 }
 
+/// `scripts/setup.sh`: the toolchain, system packages and the Kubernetes control plane.
 fn setup() -> Result<()> {
     run(Command::new("bash").arg(root().join("scripts/setup.sh")))
+}
+
+/// `scripts/setup.sh` without the Kubernetes control plane (the commands that do not need it).
+fn setup_without_control_plane() -> Result<()> {
+    run(Command::new("bash").arg(root().join("scripts/setup.sh")).arg("--no-control-plane"))
+}
+
+/// The directory of the Kubernetes binaries `scripts/build-k8s.sh` built (it prints it last).
+fn k8s_bin() -> Result<PathBuf> {
+    let out = Command::new("bash").arg(root().join("scripts/build-k8s.sh")).output().context("build-k8s.sh")?;
+    if !out.status.success() {
+        bail!("scripts/build-k8s.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8(out.stdout).context("build-k8s.sh output")?;
+    let dir = text.lines().rev().find(|l| !l.trim().is_empty()).context("build-k8s.sh printed no directory")?;
+    Ok(PathBuf::from(dir.trim()))
 }
 
 /// Where `build_agent` puts the binary: under `$CARGO_TARGET_DIR` (relative to the workspace root,
@@ -121,13 +153,14 @@ fn main() -> Result<()> {
             let mut c = cargo();
             c.args(["test", "--workspace"])
                 .env("RPROXY_AGENT_BIN", &agent)
+                .env("RPROXY_K8S_BIN", k8s_bin()?)
                 .env("RPROXY_REQUIRE_KERNEL", "1")
                 .arg("--")
                 .args(args);
             run(&mut c)
         }
         Cmd::Lab { manifests, duration } => {
-            setup()?;
+            setup_without_control_plane()?;
             let agent = build_agent(true)?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "lab", "--"])
@@ -139,13 +172,13 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Bench { args } => {
-            setup()?;
+            setup_without_control_plane()?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "datapath-bench", "--"]).args(args);
             run(&mut c)
         }
         Cmd::BenchControlPlane { args } => {
-            setup()?;
+            setup_without_control_plane()?;
             let agent = build_agent(true)?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "control-plane-bench", "--"])
@@ -154,7 +187,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::BenchNodeport { args } => {
-            setup()?;
+            setup_without_control_plane()?;
             let agent = build_agent(true)?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "nodeport-bench", "--"])
@@ -163,9 +196,26 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Run(args) => kind::run(&args, &agent_path(true), || {
-            setup()?;
+            setup_without_control_plane()?;
             build_agent(true).map(drop)
         }),
+        Cmd::Cluster { nodes, status_file, duration } => {
+            setup()?;
+            let agent = build_agent(true)?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "cluster", "--"])
+                .args(["--nodes", &nodes.to_string()])
+                .env("RPROXY_AGENT_BIN", &agent)
+                .env("RPROXY_K8S_BIN", k8s_bin()?);
+            if let Some(path) = status_file {
+                // Relative to where the user ran cargo xtask, not to the workspace root.
+                c.arg("--status-file").arg(std::path::absolute(path)?);
+            }
+            if let Some(d) = duration {
+                c.args(["--duration", &d.to_string()]);
+            }
+            run(&mut c)
+        }
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             // The eBPF crate is outside the workspace.
