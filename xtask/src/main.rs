@@ -61,6 +61,14 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmark against the real API server (`cargo xtask cluster`'s): network programming
+    /// latency (a pod's Ready update to the first connection reaching it through its Service)
+    /// with 1,000 and 10,000 Services present, and the agents' start-to-programmed time.
+    BenchCluster {
+        /// Extra arguments (see `cargo xtask bench-cluster -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// rustfmt check and clippy (pedantic, warnings are errors).
     Lint,
     /// Run the release agent on a node of a kind cluster, against its API server (Ctrl-C stops it).
@@ -199,6 +207,16 @@ fn main() -> Result<()> {
             setup_without_control_plane()?;
             build_agent(true).map(drop)
         }),
+        Cmd::BenchCluster { args } => {
+            setup()?;
+            let agent = build_agent(true)?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "cluster-bench", "--"])
+                .args(args)
+                .env("RPROXY_AGENT_BIN", &agent)
+                .env("RPROXY_K8S_BIN", k8s_bin()?);
+            run(&mut c)
+        }
         Cmd::Cluster { nodes, status_file, duration } => {
             setup()?;
             let agent = build_agent(true)?;
