@@ -146,6 +146,26 @@ fn build_agent(profile_release: bool) -> Result<PathBuf> {
     Ok(agent_path(profile_release))
 }
 
+/// Runs example `name` of rproxy-tests (release) with `args`, after the setup (with the
+/// Kubernetes control plane when `control_plane`) and the release agent's build, which it gets
+/// in `RPROXY_AGENT_BIN` (and the control plane's binaries in `RPROXY_K8S_BIN`).
+fn lab_example(name: &str, args: &[String], control_plane: bool) -> Result<()> {
+    if control_plane {
+        setup()?;
+    } else {
+        setup_without_control_plane()?;
+    }
+    let agent = build_agent(true)?;
+    let mut c = cargo();
+    c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", name, "--"])
+        .args(args)
+        .env("RPROXY_AGENT_BIN", &agent);
+    if control_plane {
+        c.env("RPROXY_K8S_BIN", k8s_bin()?);
+    }
+    run(&mut c)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
@@ -185,54 +205,24 @@ fn main() -> Result<()> {
             c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "datapath-bench", "--"]).args(args);
             run(&mut c)
         }
-        Cmd::BenchControlPlane { args } => {
-            setup_without_control_plane()?;
-            let agent = build_agent(true)?;
-            let mut c = cargo();
-            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "control-plane-bench", "--"])
-                .args(args)
-                .env("RPROXY_AGENT_BIN", &agent);
-            run(&mut c)
-        }
-        Cmd::BenchNodeport { args } => {
-            setup_without_control_plane()?;
-            let agent = build_agent(true)?;
-            let mut c = cargo();
-            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "nodeport-bench", "--"])
-                .args(args)
-                .env("RPROXY_AGENT_BIN", &agent);
-            run(&mut c)
-        }
+        Cmd::BenchControlPlane { args } => lab_example("control-plane-bench", &args, false),
+        Cmd::BenchNodeport { args } => lab_example("nodeport-bench", &args, false),
         Cmd::Run(args) => kind::run(&args, &agent_path(true), || {
             setup_without_control_plane()?;
             build_agent(true).map(drop)
         }),
-        Cmd::BenchCluster { args } => {
-            setup()?;
-            let agent = build_agent(true)?;
-            let mut c = cargo();
-            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "cluster-bench", "--"])
-                .args(args)
-                .env("RPROXY_AGENT_BIN", &agent)
-                .env("RPROXY_K8S_BIN", k8s_bin()?);
-            run(&mut c)
-        }
+        Cmd::BenchCluster { args } => lab_example("cluster-bench", &args, true),
         Cmd::Cluster { nodes, status_file, duration } => {
-            setup()?;
-            let agent = build_agent(true)?;
-            let mut c = cargo();
-            c.args(["run", "--release", "-q", "-p", "rproxy-tests", "--example", "cluster", "--"])
-                .args(["--nodes", &nodes.to_string()])
-                .env("RPROXY_AGENT_BIN", &agent)
-                .env("RPROXY_K8S_BIN", k8s_bin()?);
+            let mut args = vec![String::from("--nodes"), nodes.to_string()];
             if let Some(path) = status_file {
                 // Relative to where the user ran cargo xtask, not to the workspace root.
-                c.arg("--status-file").arg(std::path::absolute(path)?);
+                args.push(String::from("--status-file"));
+                args.push(std::path::absolute(path)?.display().to_string());
             }
             if let Some(d) = duration {
-                c.args(["--duration", &d.to_string()]);
+                args.extend([String::from("--duration"), d.to_string()]);
             }
-            run(&mut c)
+            lab_example("cluster", &args, true)
         }
         Cmd::Lint => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
