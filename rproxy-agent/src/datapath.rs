@@ -357,6 +357,18 @@ impl Datapath {
         })
     }
 
+    /// Whether `ClusterIP` frontends take traffic arriving on the external devices
+    /// (`--external-cluster-ip`).
+    pub fn set_external_cluster_ip(&mut self, on: bool) -> Result<()> {
+        self.update_config(|c| {
+            c.flags = if on {
+                c.flags | rproxy_common::CONFIG_F_EXTERNAL_CLUSTER_IP
+            } else {
+                c.flags & !rproxy_common::CONFIG_F_EXTERNAL_CLUSTER_IP
+            };
+        })
+    }
+
     /// Changes `RPX_CONFIG[0]` with `f`.
     fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
         let err = |source| Error::Map { name: map_names::CONFIG, source };

@@ -113,6 +113,12 @@ struct RunArgs {
     /// (30000-32767) and the kernel's default ephemeral ports (32768-60999).
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
     snat_port_range: PortRange,
+    /// Whether ClusterIPs answer packets that arrive on --devices (routed to the node from
+    /// outside the cluster), as kube-proxy's rules do: a backend on this node gets the client's
+    /// address, one elsewhere the node's (SNAT). 'false' keeps ClusterIPs to pods and the node
+    /// itself (Cilium's default).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    external_cluster_ip: bool,
 }
 
 /// `--healthz-bind-address`: an address, or none (empty).
@@ -169,6 +175,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         },
         healthz_bind: args.healthz_bind_address.0,
         snat_ports: args.snat_port_range,
+        external_cluster_ip: args.external_cluster_ip,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -209,6 +216,13 @@ mod tests {
         assert_eq!(args.snat_port_range, PortRange { first: 40000, last: 40015 });
         let err = run_args(&["--snat-port-range", "100-200"]).unwrap_err().to_string();
         assert!(err.contains("privileged"), "{err}");
+    }
+
+    #[test]
+    fn external_cluster_ip() {
+        assert!(run_args(&[]).unwrap().external_cluster_ip);
+        assert!(!run_args(&["--external-cluster-ip", "false"]).unwrap().external_cluster_ip);
+        assert!(run_args(&["--external-cluster-ip", "maybe"]).is_err());
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct Config {
     pub healthz_bind: Option<SocketAddr>,
     /// `--snat-port-range`: source ports of north-south flows to remote backends.
     pub snat_ports: PortRange,
+    /// `--external-cluster-ip`: `ClusterIP` frontends take traffic from the external devices.
+    pub external_cluster_ip: bool,
 }
 
 /// `--cgroup`.
@@ -207,6 +209,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let mut datapath = Datapath::load(Some(&cfg.bpffs))?;
     datapath.set_snat_ports(cfg.snat_ports)?;
+    datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
     debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
     let maps = datapath.take_maps()?;
     let (writer, warnings) = Writer::adopt(writer::read_adopted(&maps));

@@ -689,11 +689,12 @@ fn unresolved_next_hop_goes_from_xdp_to_tc() {
     });
 }
 
-/// Outside clients do not reach `ClusterIP` frontends, and other traffic to the node passes
-/// byte for byte.
+/// With `--external-cluster-ip false`, outside clients do not reach `ClusterIP` frontends; other
+/// traffic to the node passes byte for byte either way.
 #[test]
 fn cluster_ip_and_other_traffic_pass_untouched() {
     in_node_netns(|h, ifindex| {
+        h.dp.set_external_cluster_ip(false).unwrap();
         let vip = Ipv4Addr::new(10, 96, 0, 10);
         h.program(&frontend(
             vip,
@@ -713,6 +714,52 @@ fn cluster_ip_and_other_traffic_pass_untouched() {
             assert_eq!(h.run_on(prog_names::EXT_EGRESS, ifindex, &frame), (TC_PASS, frame.clone()));
         }
         assert_eq!(h.stat(Stat::NewFlow), 0);
+    });
+}
+
+/// By default (`--external-cluster-ip`), a `ClusterIP` routed to the node from outside is served
+/// as kube-proxy's rules serve it: to a backend on another node with DNAT and SNAT, forwarded
+/// from the hook; to one on this node with DNAT only (the pod sees the client).
+#[test]
+fn cluster_ip_from_outside_is_served_like_kube_proxy() {
+    in_node_netns(|h, ifindex| {
+        h.dp.set_external_cluster_ip(true).unwrap();
+        let (remote_vip, local_vip) = (Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 96, 0, 11));
+        let mut desired = frontend(
+            remote_vip,
+            80,
+            Protocol::Tcp,
+            SVC_F_CLUSTER_IP,
+            vec![backend(REMOTE_POD, Protocol::Tcp, false)],
+            vec![],
+        );
+        let local = frontend(
+            local_vip,
+            80,
+            Protocol::Tcp,
+            SVC_F_CLUSTER_IP,
+            vec![backend(LOCAL_POD, Protocol::Tcp, true)],
+            vec![],
+        );
+        desired.services.extend(local.services);
+        h.program(&desired);
+        let (rc, out) =
+            h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame((CLIENT, CPORT), (remote_vip, 80), SYN, b"", &[]));
+        assert_eq!(rc, XDP_TX);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src.0, seen.dst), (NODE, (REMOTE_POD, 8080)), "DNAT and SNAT to the node");
+        let (rc, out) =
+            h.run_xdp(prog_names::XDP_EXT, ifindex, &tcp_frame((CLIENT, CPORT), (local_vip, 80), SYN, b"", &[]));
+        assert_eq!(rc, XDP_PASS);
+        let seen = parse_checked(&out);
+        assert_eq!((seen.src, seen.dst), ((CLIENT, CPORT), (LOCAL_POD, 8080)), "DNAT only: the pod sees the client");
+        let (rc, out) = h.run_on(
+            prog_names::EXT_EGRESS,
+            ifindex,
+            &tcp_frame((LOCAL_POD, 8080), (CLIENT, CPORT), SYN_ACK, b"", &[]),
+        );
+        assert_eq!((rc, parse_checked(&out).src), (TC_PASS, (local_vip, 80)), "the reply from the ClusterIP");
+        assert_eq!(h.stat(Stat::NewFlow), 2);
     });
 }
 

@@ -431,8 +431,13 @@ pub struct Config {
     /// flows are dropped and counted as `Stat::SnatExhausted`.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
 }
+
+/// `Config::flags`: `ClusterIP` frontends take traffic arriving on the external devices (routed
+/// to the node from outside), as kube-proxy's rules do (`--external-cluster-ip`).
+pub const CONFIG_F_EXTERNAL_CLUSTER_IP: u32 = 1 << 0;
 
 impl Config {
     /// Number of ports in the SNAT range; 0 if it is empty or unset.

@@ -10,12 +10,14 @@
 //!   address towards that node (from the FIB) and a port allocated by inserting the reply entry
 //!   with `BPF_NOEXIST` (so two flows never share one), then forwarded from the hook. Replies
 //!   come back here, are translated back to the client and forwarded to it.
-//! - `ClusterIP` frontends are not served to outside clients (like Cilium's default); those
-//!   packets pass untouched.
+//! - `ClusterIP` frontends take outside clients' packets routed to the node too, as kube-proxy's
+//!   rules do (a backend here: DNAT; elsewhere: DNAT and SNAT), unless the agent runs with
+//!   `--external-cluster-ip false` (Cilium's default): then those packets pass untouched.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use rproxy_common::{
-    BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, FlowKind, SCOPE_LOCAL, SVC_F_ETP_LOCAL,
-    SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat, icmp as icmp_msg, snat,
+    BE_F_LOCAL, CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, FlowKind, SCOPE_LOCAL,
+    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat,
+    icmp as icmp_msg, snat,
 };
 
 use crate::{
@@ -92,7 +94,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
         return Ok(Action::Pass);
     };
-    if svc.flags & NORTH_SOUTH == 0 {
+    if svc.flags & NORTH_SOUTH == 0 && !(svc.flags & SVC_F_CLUSTER_IP != 0 && external_cluster_ip()) {
         return Ok(Action::Pass);
     }
     if backend_gone {
@@ -163,6 +165,12 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
     nat::rewrite_tuple(ctx, &pkt, &Tuple4 { saddr: src, daddr: be.addr, sport: port, dport: be.port })?;
     count(Stat::NewFlow);
     forward(ctx, &route)
+}
+
+/// Whether `ClusterIP` frontends take traffic from outside (`CONFIG_F_EXTERNAL_CLUSTER_IP`).
+#[inline(always)]
+fn external_cluster_ip() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_EXTERNAL_CLUSTER_IP != 0)
 }
 
 /// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is

@@ -95,6 +95,10 @@ fn main() -> Result<()> {
         "  nsenter --net=/run/netns/{} bash -c \"exec 3<>/dev/tcp/{}/$NP; head -1 <&3\"   # from the external client",
         status.client.netns, node1.address
     );
+    println!(
+        "  nsenter --net=/run/netns/{} bash -c \"exec 3<>/dev/tcp/$CIP/80; head -1 <&3\"   # the ClusterIP from outside (routed via {})",
+        status.client.netns, node1.name
+    );
     println!("Agent logs: {}", lab.lab().work_dir().display());
     println!("Ctrl-C stops the cluster and removes everything.");
     while !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| started.elapsed() < d) {

@@ -399,7 +399,8 @@ fn agent_token_can_only_read_services_endpointslices_and_nodes() {
 }
 
 /// A Deployment exposed as a NodePort Service: from a pod and from the external client (through
-/// either node) traffic reaches every replica, over TCP and UDP; scaling up and down moves it;
+/// either node's NodePort, and its ClusterIP routed through node-1) traffic reaches every
+/// replica, over TCP and UDP; scaling up and down moves it;
 /// a pod made unready leaves and comes back when ready again.
 #[test]
 fn deployment_traffic_follows_replicas_scale_and_readiness() {
@@ -414,6 +415,8 @@ fn deployment_traffic_follows_replicas_scale_and_readiness() {
             for node in [NodeId::ONE, NodeId::TWO] {
                 converges_to(ctx.lab.client_ns(), (node.ip(), np), udp, &pods)?;
             }
+            // The ClusterIP from outside, routed through node-1, as kube-proxy serves it.
+            converges_to(ctx.lab.client_ns(), (cip, 80), udp, &pods)?;
         }
 
         ctx.kubectl(&["scale", "deployment", "web", "--replicas", "5"])?;

@@ -7,7 +7,7 @@
 //!        ▲ forwarded from 172.31.0.250:6443 (the bridge's address in the switch namespace)
 //!  switch: bridge 172.31.0.250 ─┬─ node-1 eth0 172.31.0.1 (pods 10.244.1.0/24, rproxy-agent)
 //!                               ├─ node-2 eth0 172.31.0.2 (pods 10.244.2.0/24, rproxy-agent)
-//!                               └─ client eth0 172.31.0.100
+//!                               └─ client eth0 172.31.0.100 (route to 10.96.0.0/16 via node-1)
 //! ```
 //!
 //! The agents reach the API server at `https://172.31.0.250:6443`, as pods and nodes reach a
@@ -133,6 +133,10 @@ impl KubeLab {
             .map(|id| KubeletNode { id, name: id.k8s_name(), ns: cluster.node(id).ns().to_owned(), address: id.ip() })
             .collect();
         let client_ns = cluster.client_ns().to_owned();
+        // As a router that advertises the cluster's Service range: the client reaches
+        // ClusterIPs through node-1 (rproxy serves them from outside, as kube-proxy does).
+        let via = NodeId::ONE.ip().to_string();
+        ip(Some(&client_ns), &["route", "add", SERVICE_CIDR, "via", &via])?;
         let lab = Arc::new(Mutex::new(cluster));
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             bin_dir,
