@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue4, RevNat4, RouteKey4, RouteValue,
     ServiceKey4, ServiceValue, SrcRange4, Stat, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
@@ -45,7 +45,7 @@ pub struct Maps {
     pub backends: Array<MapData, Backend4>,
     /// Indexed by rev-NAT id; an all-zero entry is a free id.
     pub rev_nat: Array<MapData, RevNat4>,
-    pub conntrack: HashMap<MapData, CtKey4, CtValue>,
+    pub conntrack: HashMap<MapData, CtKey4, CtValue4>,
     pub stats: PerCpuArray<MapData, u64>,
     /// The service filter (`rproxy_common::filter`).
     pub svc_filter: Array<MapData, u64>,
@@ -59,7 +59,7 @@ pub struct Maps {
     pub affinity_match: HashMap<MapData, AffinityMatch, u8>,
     /// The north-south forwarding's route cache (`rproxy_common::route`): written by the
     /// programs only.
-    pub routes: HashMap<MapData, RouteKey4, RouteValue4>,
+    pub routes: HashMap<MapData, RouteKey4, RouteValue>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.

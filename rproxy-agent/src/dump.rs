@@ -4,7 +4,7 @@ use std::{io::Write, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use rproxy_common::{
-    AffinityKey4, AffinityValue, Backend4, Config, CtKey4, CtState, CtValue, RevNat4, RouteKey4, RouteValue4,
+    AffinityKey4, AffinityValue, Backend4, Config, CtKey4, CtState, CtValue4, RevNat4, RouteKey4, RouteValue,
     ServiceKey4, ServiceValue, SrcRange4, Stat, map_names,
 };
 
@@ -53,7 +53,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
     let services: HashMap<_, ServiceKey4, ServiceValue> = pinned(dir, map_names::SERVICES4)?;
     let backends: Array<_, Backend4> = pinned(dir, map_names::BACKENDS4)?;
     let rev_nat: Array<_, RevNat4> = pinned(dir, map_names::REV_NAT4)?;
-    let ct: HashMap<_, CtKey4, CtValue> = pinned(dir, map_names::CT4)?;
+    let ct: HashMap<_, CtKey4, CtValue4> = pinned(dir, map_names::CT4)?;
 
     let mut svcs: Vec<(ServiceKey4, ServiceValue)> = services.iter().filter_map(std::result::Result::ok).collect();
     svcs.sort_by_key(|(k, _)| (k.addr, k.port, k.proto, k.scope, k.slot));
@@ -96,7 +96,7 @@ pub fn dump(dir: &Path, conntrack: bool, out: &mut impl Write) -> Result<()> {
         writeln!(out, "  {id}: {}:{}", ip(r.addr), u16::from_be(r.port)).map_err(io)?;
     }
     per_frontend(dir, out)?;
-    let entries: Vec<(CtKey4, CtValue)> = ct.iter().filter_map(std::result::Result::ok).collect();
+    let entries: Vec<(CtKey4, CtValue4)> = ct.iter().filter_map(std::result::Result::ok).collect();
     writeln!(out, "conntrack ({}): {} entries", map_names::CT4, entries.len()).map_err(io)?;
     if conntrack {
         let now = monotonic_ns();
@@ -138,8 +138,8 @@ fn routes(dir: &Path, list: bool, out: &mut impl Write) -> Result<()> {
     if !dir.join(map_names::ROUTE4).exists() {
         return writeln!(out, "route cache ({}): not pinned", map_names::ROUTE4).map_err(io);
     }
-    let routes: HashMap<_, RouteKey4, RouteValue4> = pinned(dir, map_names::ROUTE4)?;
-    let mut entries: Vec<(RouteKey4, RouteValue4)> = routes.iter().filter_map(std::result::Result::ok).collect();
+    let routes: HashMap<_, RouteKey4, RouteValue> = pinned(dir, map_names::ROUTE4)?;
+    let mut entries: Vec<(RouteKey4, RouteValue)> = routes.iter().filter_map(std::result::Result::ok).collect();
     writeln!(out, "route cache ({}): {} entries", map_names::ROUTE4, entries.len()).map_err(io)?;
     if list {
         entries.sort_unstable_by_key(|(k, _)| (k.ifindex, u32::from_be(k.daddr), u32::from_be(k.saddr), k.proto));

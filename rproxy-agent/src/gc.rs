@@ -10,7 +10,7 @@
 //! GC keeps it from filling with dead flows.
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use rproxy_common::{CtKey4, CtValue};
+use rproxy_common::{CtKey4, CtValue4};
 
 /// Why an entry is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,11 +22,11 @@ pub enum Verdict {
 
 /// Decides one entry's fate. `pair` is the other entry of its flow, if present.
 #[must_use]
-pub fn verdict(entry: &CtValue, pair: Option<&CtValue>, now_ns: u64, backend_exists: bool) -> Verdict {
+pub fn verdict(entry: &CtValue4, pair: Option<&CtValue4>, now_ns: u64, backend_exists: bool) -> Verdict {
     if !backend_exists {
         return Verdict::BackendGone;
     }
-    let expired = |v: &CtValue| v.expires_ns <= now_ns;
+    let expired = |v: &CtValue4| v.expires_ns <= now_ns;
     if expired(entry) && pair.is_none_or(expired) { Verdict::Expired } else { Verdict::Keep }
 }
 
@@ -44,7 +44,7 @@ pub struct Pass {
 /// Plans one pass over a snapshot of the table: the keys to delete.
 #[must_use]
 pub fn plan<S: std::hash::BuildHasher>(
-    entries: &HashMap<CtKey4, CtValue, S>,
+    entries: &HashMap<CtKey4, CtValue4, S>,
     now_ns: u64,
     backend_exists: impl Fn(u32) -> bool,
 ) -> (Vec<CtKey4>, Pass) {
@@ -74,7 +74,7 @@ pub fn plan<S: std::hash::BuildHasher>(
 /// entries of a flow carry the same ids, so both go.
 #[must_use]
 pub fn plan_udp_purge<S: std::hash::BuildHasher>(
-    entries: &HashMap<CtKey4, CtValue, S>,
+    entries: &HashMap<CtKey4, CtValue4, S>,
     stale: &BTreeSet<(u16, u32)>,
 ) -> Vec<CtKey4> {
     entries
@@ -90,13 +90,13 @@ pub fn plan_udp_purge<S: std::hash::BuildHasher>(
 /// Removes the UDP flows of stale backends (see [`plan_udp_purge`]); returns how many entries
 /// were removed.
 pub fn purge_udp(
-    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue4>,
     stale: &BTreeSet<(u16, u32)>,
 ) -> usize {
     if stale.is_empty() {
         return 0;
     }
-    let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
+    let snapshot: HashMap<CtKey4, CtValue4> = ct.iter().filter_map(Result::ok).collect();
     let doomed = plan_udp_purge(&snapshot, stale);
     doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
 }
@@ -111,10 +111,10 @@ pub fn monotonic_ns() -> u64 {
 
 /// Runs one pass against the conntrack map.
 pub fn run_pass(
-    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue4>,
     backend_exists: impl Fn(u32) -> bool,
 ) -> Pass {
-    let snapshot: HashMap<CtKey4, CtValue> = ct.iter().filter_map(Result::ok).collect();
+    let snapshot: HashMap<CtKey4, CtValue4> = ct.iter().filter_map(Result::ok).collect();
     let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
         // Read again right before the delete: an entry the datapath refreshed since the snapshot,
@@ -140,27 +140,27 @@ mod tests {
 
     use super::*;
 
-    fn flow(expires_fwd: u64, expires_rev: u64, backend: u32) -> [(CtKey4, CtValue); 2] {
+    fn flow(expires_fwd: u64, expires_rev: u64, backend: u32) -> [(CtKey4, CtValue4); 2] {
         let svc = CtKey4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: 17, dir: CT_DIR_SERVICE, _pad: [0; 2] };
-        let sv = CtValue {
+        let sv = CtValue4 {
             expires_ns: expires_fwd,
             backend_id: backend,
             pair_addr: 9,
             pair_port: 8,
             nat_addr: 1,
             nat_port: 3,
-            ..CtValue::default()
+            ..CtValue4::default()
         };
         let rk = svc.pair(&sv);
         assert_eq!(rk.dir, CT_DIR_REPLY);
-        let rv = CtValue {
+        let rv = CtValue4 {
             expires_ns: expires_rev,
             backend_id: backend,
             pair_addr: 2,
             pair_port: 4,
             nat_addr: 1,
             nat_port: 3,
-            ..CtValue::default()
+            ..CtValue4::default()
         };
         assert_eq!(rk.pair(&rv), svc);
         [(svc, sv), (rk, rv)]
@@ -178,15 +178,15 @@ mod tests {
             (150, Some(150), false, Verdict::BackendGone),
         ];
         for (e, p, exists, want) in table {
-            let v = CtValue { expires_ns: e, ..CtValue::default() };
-            let pv = p.map(|x| CtValue { expires_ns: x, ..CtValue::default() });
+            let v = CtValue4 { expires_ns: e, ..CtValue4::default() };
+            let pv = p.map(|x| CtValue4 { expires_ns: x, ..CtValue4::default() });
             assert_eq!(verdict(&v, pv.as_ref(), 100, exists), want, "{e} {p:?} {exists}");
         }
     }
 
     #[test]
     fn udp_purge_takes_stale_pairs_only() {
-        let mut t: HashMap<CtKey4, CtValue> = HashMap::new();
+        let mut t: HashMap<CtKey4, CtValue4> = HashMap::new();
         let mut add = |sport: u16, proto: u8, rev_nat_id: u16, backend: u32| {
             for (mut k, mut v) in flow(200, 200, backend) {
                 k.proto = proto;

@@ -23,7 +23,7 @@ use rproxy_agent::{
 };
 use rproxy_common::{
     AffinityKey4, AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4,
-    CtState, CtValue, RouteKey4, RouteValue4, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER,
+    CtState, CtValue4, RouteKey4, RouteValue, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER,
     SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
 };
 
@@ -476,7 +476,7 @@ fn snat_port_exhaustion_is_counted_and_dropped() {
     in_node_netns(|h, ifindex| {
         h.program(&tcp_nodeport(30085, REMOTE_POD));
         h.dp.set_snat_ports(SMALL_RANGE).expect("SNAT range");
-        let taken = CtValue { nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT, ..CtValue::default() };
+        let taken = CtValue4 { nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT, ..CtValue4::default() };
         for port in SMALL_RANGE.ports() {
             let k = key((REMOTE_POD, 8080), (NODE, port), proto::TCP, CT_DIR_REPLY);
             h.maps.conntrack.insert(k, taken, 0).expect("prefill");
@@ -539,7 +539,7 @@ fn closed_flow_snat_port_is_taken_over() {
             let expires = rproxy_agent::gc::monotonic_ns() + state.lifetime_ns() - ago_ns;
             for port in SMALL_RANGE.ports() {
                 let c = old_client(port);
-                let reply = CtValue {
+                let reply = CtValue4 {
                     expires_ns: expires,
                     state: state as u8,
                     nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT,
@@ -547,9 +547,9 @@ fn closed_flow_snat_port_is_taken_over() {
                     pair_port: 30087u16.to_be(),
                     nat_addr: u32::from(c.0).to_be(),
                     nat_port: c.1.to_be(),
-                    ..CtValue::default()
+                    ..CtValue4::default()
                 };
-                let service = CtValue {
+                let service = CtValue4 {
                     pair_addr: u32::from(REMOTE_POD).to_be(),
                     pair_port: 8080u16.to_be(),
                     nat_addr: u32::from(NODE).to_be(),
@@ -638,7 +638,7 @@ fn established_flows_route_through_the_cache_and_follow_changes() {
         // packet runs, which a descheduled test thread could miss.
         let planted = [2, 0, 0, 0, 0, 0x99];
         let used = (0..5).any(|_| {
-            let fresh = RouteValue4 {
+            let fresh = RouteValue {
                 checked_ns: rproxy_agent::gc::monotonic_ns(),
                 ifindex,
                 mtu: 1000,

@@ -6,9 +6,13 @@
 //!   asserted at compile time;
 //! - addresses and ports in **network byte order** exactly as they appear on the wire, so the
 //!   datapath never swaps bytes; the userspace constructors take host values and convert;
-//! - IPv4 maps carry a `4` suffix. IPv6 adds sibling `*6` types and maps with the same value
-//!   types (`ServiceValue`, `CtValue`, …); backend and rev-NAT ids are one id space for both
-//!   families, so nothing here has to change when IPv6 arrives.
+//! - one layout for both address families: the types that hold an address are generic over it,
+//!   `A` = `u32` for IPv4 and [`In6`] for IPv6 (the `…4` and `…6` aliases), so the datapath's
+//!   code is written once for both (`rproxy-ebpf`'s `Family`); each family has its own maps
+//!   (`RPX_SVC4`, `RPX_SVC6`, …), and the IPv4 layouts are unchanged from before IPv6, so pinned
+//!   maps of an earlier agent are adopted as they are. Backend and rev-NAT ids are one id space
+//!   for both families (a Service's families share nothing else). Types without an address
+//!   (`ServiceValue`, `RouteValue`, `Config`, …) serve both.
 //!
 //! Layout of a service (after Cilium's `lb4_service`): slot 0 of `(vip, port, proto)` is the
 //! service itself (`count` backends, flags, rev-NAT id); slots `1..=count` hold backend ids.
@@ -45,7 +49,7 @@ pub mod map_names {
     /// Which backends may serve a frontend's affinity (hash `AffinityMatch` → `u8`).
     pub const AFFINITY_MATCH: &str = "RPX_AFFINITY_MATCH";
     /// The north-south forwarding's route cache (`route`): an LRU hash `RouteKey4` →
-    /// `RouteValue4`.
+    /// `RouteValue`.
     pub const ROUTE4: &str = "RPX_ROUTE4";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
     pub const ALL: [&str; 15] = [
@@ -253,12 +257,17 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
-/// Key of the IPv4 service map: `(vip, dport, proto, scope, slot)`.
+/// An IPv6 address as the maps carry it: its 16 wire bytes as four 32-bit words in memory order
+/// (network byte order, like IPv4's `u32`). Words, not bytes: the checksum arithmetic and the
+/// comparisons work on words, and the keys stay 4-byte aligned like IPv4's.
+pub type In6 = [u32; 4];
+
+/// Key of a service map (`RPX_SVC4`, `RPX_SVC6`): `(vip, dport, proto, scope, slot)`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey4 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey<A> {
     /// Service IP, network byte order.
-    pub addr: u32,
+    pub addr: A,
     /// Service port, network byte order.
     pub port: u16,
     /// Backend slot: 0 is the service itself, `1..=count` are backends.
@@ -269,6 +278,8 @@ pub struct ServiceKey4 {
     pub scope: u8,
     pub _pad: [u8; 2],
 }
+pub type ServiceKey4 = ServiceKey<u32>;
+pub type ServiceKey6 = ServiceKey<In6>;
 
 /// The frontend's backend set for all traffic, except north-south traffic to a frontend with
 /// `SVC_F_ETP_LOCAL`.
@@ -324,16 +335,18 @@ pub const SVC_F_SOURCE_RANGE: u16 = 1 << 7;
 /// A lookup uses the packet's source with `ID_BITS + 32`. The value is a `u8`, 1.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SrcRange4 {
+pub struct SrcRange<A> {
     /// Host order, like ids elsewhere: every prefix covers it whole, so the trie's bit order
     /// does not matter for it.
     pub rev_nat_id: u16,
     pub _pad: u16,
     /// The CIDR's address (network byte order), host bits zero.
-    pub addr: u32,
+    pub addr: A,
 }
+pub type SrcRange4 = SrcRange<u32>;
+pub type SrcRange6 = SrcRange<In6>;
 
-impl SrcRange4 {
+impl<A> SrcRange<A> {
     /// Key bits before the address: `rev_nat_id` and `_pad`.
     pub const ID_BITS: u32 = 32;
 }
@@ -342,11 +355,13 @@ impl SrcRange4 {
 /// id `rev_nat_id` (`SVC_F_AFFINITY`, kube-proxy's `sessionAffinity: ClientIP`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey4 {
-    pub client: u32,
+pub struct AffinityKey<A> {
+    pub client: A,
     pub rev_nat_id: u16,
     pub _pad: u16,
 }
+pub type AffinityKey4 = AffinityKey<u32>;
+pub type AffinityKey6 = AffinityKey<In6>;
 
 /// Value of `RPX_AFFINITY4`: the backend the client's last new flow got, and when
 /// (`CLOCK_MONOTONIC_COARSE` ns). A new flow within the frontend's `affinity_timeout` of that
@@ -375,15 +390,17 @@ pub struct AffinityMatch {
 /// (no `BE_F_ACTIVE` nor `BE_F_TERMINATING`) is a free id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend4 {
+pub struct Backend<A> {
     /// Backend (pod) IP, network byte order.
-    pub addr: u32,
+    pub addr: A,
     /// Backend port, network byte order.
     pub port: u16,
     pub proto: u8,
     /// `BE_F_*` bits.
     pub flags: u8,
 }
+pub type Backend4 = Backend<u32>;
+pub type Backend6 = Backend<In6>;
 
 /// The endpoint is ready.
 pub const BE_F_ACTIVE: u8 = 1 << 0;
@@ -396,13 +413,15 @@ pub const BE_F_LOCAL: u8 = 1 << 2;
 /// address a reply must appear to come from. An all-zero entry is a free id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat4 {
+pub struct RevNat<A> {
     /// Service IP, network byte order.
-    pub addr: u32,
+    pub addr: A,
     /// Service port, network byte order.
     pub port: u16,
     pub _pad: u16,
 }
+pub type RevNat4 = RevNat<u32>;
+pub type RevNat6 = RevNat<In6>;
 
 /// Key of `RPX_SK_RNAT4` (LRU): a host-network socket translated by the socket hooks, and the
 /// backend it was sent to.
@@ -415,6 +434,17 @@ pub struct SockRevKey4 {
     pub addr: u32,
     pub port: u16,
     pub _pad: u16,
+}
+
+/// `SockRevKey4` for IPv6 sockets (`RPX_SK_RNAT6`); its own type, as the alignment of the
+/// cookie needs explicit padding after an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr: In6,
+    pub port: u16,
+    pub _pad: [u16; 3],
 }
 
 /// `RPX_CONFIG[0]`: settings the agent writes before attaching anything.
@@ -459,9 +489,9 @@ impl Config {
 /// - `CT_DIR_REPLY`: `(backend, client, bport, cport)` as sent by the backend → rev-NAT id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey4 {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -469,6 +499,8 @@ pub struct CtKey4 {
     pub dir: u8,
     pub _pad: [u8; 2],
 }
+pub type CtKey4 = CtKey<u32>;
+pub type CtKey6 = CtKey<In6>;
 
 pub const CT_DIR_SERVICE: u8 = 1;
 pub const CT_DIR_REPLY: u8 = 2;
@@ -490,7 +522,7 @@ pub const CT_DIR_RECLAIM: u8 = 3;
 /// | reply | `(backend, nat, bport, nport)` | vip (new source) | client (new destination) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtValue {
+pub struct CtValue<A> {
     /// Absolute expiry, `bpf_ktime_get_coarse_ns()` clock (`CLOCK_MONOTONIC_COARSE`, nanoseconds).
     pub expires_ns: u64,
     /// Service entry: the backend chosen for this flow. Reply entry: the same backend.
@@ -502,15 +534,17 @@ pub struct CtValue {
     /// `CtState` as `u8`.
     pub state: u8,
     /// Service entry: the backend's address; reply entry: the VIP's.
-    pub pair_addr: u32,
+    pub pair_addr: A,
     /// Service entry: the source address the backend sees; reply entry: the client's address.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub pair_port: u16,
     pub nat_port: u16,
     /// `CT_NAT_*` bits.
     pub nat_flags: u8,
     pub _pad: [u8; 3],
 }
+pub type CtValue4 = CtValue<u32>;
+pub type CtValue6 = CtValue<In6>;
 
 /// The flow's source is translated to a node address and port (north-south to a remote
 /// backend); the reply entry's key holds that address and port.
@@ -717,20 +751,22 @@ impl Stat {
 /// on. Addresses in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RouteKey4 {
+pub struct RouteKey<A> {
     /// The device the packet arrived on.
     pub ifindex: u32,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+pub type RouteKey4 = RouteKey<u32>;
+pub type RouteKey6 = RouteKey<In6>;
 
 /// Value of `RPX_ROUTE4`: a successful FIB lookup's result and when it was made
 /// (`CLOCK_MONOTONIC_COARSE` ns).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RouteValue4 {
+pub struct RouteValue {
     pub checked_ns: u64,
     /// The egress device.
     pub ifindex: u32,
@@ -741,59 +777,80 @@ pub struct RouteValue4 {
     pub _pad: [u8; 6],
 }
 
-// Sizes are part of the ABI: a change here is a change on both sides and of pinned maps.
+// Sizes are part of the ABI: a change here is a change on both sides and of pinned maps. Each
+// type's size also equals the sum of its fields' sizes: no implicit padding. The IPv4 layouts
+// are those of the agents before IPv6 (their pinned maps are adopted).
 const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 12);
+const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 24);
+const _: () = assert!(16 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey6>());
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(4 + 2 + 2 + 2 + 2 + 4 == core::mem::size_of::<ServiceValue>());
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
+const _: () = assert!(4 + 2 + 1 + 1 == core::mem::size_of::<Backend4>());
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+const _: () = assert!(16 + 2 + 1 + 1 == core::mem::size_of::<Backend6>());
 const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
+const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<RevNat4>());
+const _: () = assert!(core::mem::size_of::<RevNat6>() == 20);
+const _: () = assert!(16 + 2 + 2 == core::mem::size_of::<RevNat6>());
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(4 + 4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<CtKey4>());
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+const _: () = assert!(16 + 16 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<CtKey6>());
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 32);
+const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::size_of::<CtValue4>());
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 56);
+const _: () = assert!(8 + 4 + 2 + 1 + 1 + 16 + 16 + 2 + 2 + 1 + 3 == core::mem::size_of::<CtValue6>());
 const _: () = assert!(core::mem::size_of::<SockRevKey4>() == 16);
+const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
+const _: () = assert!(core::mem::size_of::<SockRevKey6>() == 32);
+const _: () = assert!(8 + 16 + 2 + 6 == core::mem::size_of::<SockRevKey6>());
 const _: () = assert!(core::mem::size_of::<SrcRange4>() == 8);
+const _: () = assert!(2 + 2 + 4 == core::mem::size_of::<SrcRange4>());
+const _: () = assert!(core::mem::size_of::<SrcRange6>() == 20);
+const _: () = assert!(2 + 2 + 16 == core::mem::size_of::<SrcRange6>());
 const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 8);
 const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<AffinityKey4>());
+const _: () = assert!(core::mem::size_of::<AffinityKey6>() == 20);
+const _: () = assert!(16 + 2 + 2 == core::mem::size_of::<AffinityKey6>());
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(8 + 4 + 4 == core::mem::size_of::<AffinityValue>());
 const _: () = assert!(core::mem::size_of::<AffinityMatch>() == 8);
 const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<AffinityMatch>());
-const _: () = assert!(2 + 2 + 4 == core::mem::size_of::<SrcRange4>());
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
 const _: () = assert!(core::mem::size_of::<RouteKey4>() == 16);
 const _: () = assert!(4 + 4 + 4 + 1 + 3 == core::mem::size_of::<RouteKey4>());
-const _: () = assert!(core::mem::size_of::<RouteValue4>() == 32);
-const _: () = assert!(8 + 4 + 2 + 6 + 6 + 6 == core::mem::size_of::<RouteValue4>());
-const _: () = assert!(8 + 2 + 2 + 4 == core::mem::size_of::<Config>());
-const _: () = assert!(8 + 4 + 2 + 2 == core::mem::size_of::<SockRevKey4>());
-// No implicit padding: the size equals the sum of the field sizes.
-const _: () = assert!(4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<ServiceKey4>());
-const _: () = assert!(4 + 2 + 2 + 2 + 2 + 4 == core::mem::size_of::<ServiceValue>());
-const _: () = assert!(4 + 2 + 1 + 1 == core::mem::size_of::<Backend4>());
-const _: () = assert!(4 + 2 + 2 == core::mem::size_of::<RevNat4>());
-const _: () = assert!(4 + 4 + 2 + 2 + 1 + 1 + 2 == core::mem::size_of::<CtKey4>());
-const _: () = assert!(8 + 4 + 2 + 1 + 1 + 4 + 4 + 2 + 2 + 1 + 3 == core::mem::size_of::<CtValue>());
+const _: () = assert!(core::mem::size_of::<RouteKey6>() == 40);
+const _: () = assert!(4 + 16 + 16 + 1 + 3 == core::mem::size_of::<RouteKey6>());
+const _: () = assert!(core::mem::size_of::<RouteValue>() == 32);
+const _: () = assert!(8 + 4 + 2 + 6 + 6 + 6 == core::mem::size_of::<RouteValue>());
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
-        ServiceKey4, ServiceValue, SockRevKey4, SrcRange4,
+        AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue,
+        ServiceKey, ServiceValue, SockRevKey4, SockRevKey6, SrcRange,
     };
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
-    // above), so every bit pattern is valid and no byte is uninitialised.
-    unsafe impl aya::Pod for ServiceKey4 {}
+    // above for both address types), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for Backend4 {}
-    unsafe impl aya::Pod for RevNat4 {}
-    unsafe impl aya::Pod for CtKey4 {}
-    unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for SockRevKey6 {}
     unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for SrcRange4 {}
-    unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatch {}
-    unsafe impl aya::Pod for RouteKey4 {}
-    unsafe impl aya::Pod for RouteValue4 {}
+    unsafe impl aya::Pod for RouteValue {}
+    macro_rules! both_families {
+        ($($t:ident),*) => {$(
+            // SAFETY: as above.
+            unsafe impl aya::Pod for $t<u32> {}
+            // SAFETY: as above.
+            unsafe impl aya::Pod for $t<In6> {}
+        )*};
+    }
+    both_families!(ServiceKey, Backend, RevNat, CtKey, CtValue, SrcRange, AffinityKey, RouteKey);
 }
 
 #[cfg(feature = "user")]
@@ -829,7 +886,7 @@ impl RevNat4 {
     }
 }
 
-impl CtValue {
+impl<A> CtValue<A> {
     /// The kind of flow this entry belongs to.
     #[inline(always)]
     #[must_use]
@@ -838,7 +895,7 @@ impl CtValue {
     }
 }
 
-impl CtKey4 {
+impl<A: Copy> CtKey<A> {
     /// The key of the other entry of this flow, from the pair and nat fields of this entry's
     /// value (see `CtValue`):
     ///
@@ -847,7 +904,7 @@ impl CtKey4 {
     /// - reply entry `(backend → nat)`: service key is `(nat → pair)`, the client to the VIP.
     #[inline(always)]
     #[must_use]
-    pub fn pair(&self, v: &CtValue) -> Self {
+    pub fn pair(&self, v: &CtValue<A>) -> Self {
         if self.dir == CT_DIR_SERVICE {
             Self {
                 saddr: v.pair_addr,
@@ -902,15 +959,15 @@ mod tests {
         }
     }
 
-    fn value(pair: &CtKey4, nat_flags: u8) -> CtValue {
+    fn value(pair: &CtKey4, nat_flags: u8) -> CtValue4 {
         // What a datapath stores: the pair entry's source is the new destination or source.
-        CtValue {
+        CtValue4 {
             pair_addr: if pair.dir == CT_DIR_REPLY { pair.saddr } else { pair.daddr },
             pair_port: if pair.dir == CT_DIR_REPLY { pair.sport } else { pair.dport },
             nat_addr: if pair.dir == CT_DIR_REPLY { pair.daddr } else { pair.saddr },
             nat_port: if pair.dir == CT_DIR_REPLY { pair.dport } else { pair.sport },
             nat_flags,
-            ..CtValue::default()
+            ..CtValue4::default()
         }
     }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
     Backend4, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
-    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue, proto, snat,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue4, proto, snat,
 };
 
 use crate::{
@@ -92,7 +92,7 @@ pub fn reply_key(pkt: &Packet4) -> CtKey4 {
 /// reply) move the state of both entries of the flow; others only refresh their own expiry.
 /// A bare SYN on a closing entry reopens the flow (client port reuse) with the same backend.
 #[inline(always)]
-pub fn account(ct: *mut CtValue, key: &CtKey4, bits: u8, reopen: bool, now: u64) {
+pub fn account(ct: *mut CtValue4, key: &CtKey4, bits: u8, reopen: bool, now: u64) {
     // SAFETY: `ct` comes from a successful map lookup; the value stays valid for this program run
     // (RCU), and concurrent writers only store whole fields.
     let v = unsafe { &mut *ct };
@@ -128,10 +128,10 @@ pub fn flow_entries(
     nat: (u32, u16),
     nat_flags: u8,
     now: u64,
-) -> (CtKey4, CtValue, CtValue) {
+) -> (CtKey4, CtValue4, CtValue4) {
     let bits = fwd_bits(pkt);
     let state = state_of(pkt.proto, bits);
-    let reply_value = CtValue {
+    let reply_value = CtValue4 {
         expires_ns: now + state.lifetime_ns(),
         backend_id,
         rev_nat_id,
@@ -154,7 +154,7 @@ pub fn flow_entries(
         _pad: [0; 2],
     };
     let service_value =
-        CtValue { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
+        CtValue4 { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
     (reply, reply_value, service_value)
 }
 
@@ -190,13 +190,13 @@ pub fn create_nat(
 /// was alive when it looked (it re-reads before deleting). The old flow's client-side entry is
 /// removed too, so a late packet of the old client cannot touch the new flow.
 #[inline(always)]
-pub fn reclaim_snat(reply: &CtKey4, value: &CtValue, now: u64) -> bool {
+pub fn reclaim_snat(reply: &CtKey4, value: &CtValue4, now: u64) -> bool {
     // A cheap look first: most taken ports belong to open flows.
     if reclaimable(reply, now).is_none() {
         return false;
     }
     let lock = CtKey4 { dir: CT_DIR_RECLAIM, ..*reply };
-    if CT4.insert(lock, CtValue::default(), BPF_NOEXIST).is_err() {
+    if CT4.insert(lock, CtValue4::default(), BPF_NOEXIST).is_err() {
         return false;
     }
     let won = claim(reply, value, now);
@@ -205,7 +205,7 @@ pub fn reclaim_snat(reply: &CtKey4, value: &CtValue, now: u64) -> bool {
 }
 
 #[inline(always)]
-fn claim(reply: &CtKey4, value: &CtValue, now: u64) -> bool {
+fn claim(reply: &CtKey4, value: &CtValue4, now: u64) -> bool {
     let Some(client_side) = reclaimable(reply, now) else {
         return false;
     };
@@ -237,7 +237,7 @@ fn reclaimable(reply: &CtKey4, now: u64) -> Option<CtKey4> {
 /// A closing entry, not expired, that has seen no packet for `snat::REUSE_AFTER_NS` (every
 /// packet sets the expiry to the state's lifetime from now).
 #[inline(always)]
-fn quiet_closing(v: &CtValue, now: u64) -> bool {
+fn quiet_closing(v: &CtValue4, now: u64) -> bool {
     let last_packet = v.expires_ns.saturating_sub(CtState::Closing.lifetime_ns());
     v.state == CtState::Closing as u8 && v.expires_ns > now && now >= last_packet + snat::REUSE_AFTER_NS
 }

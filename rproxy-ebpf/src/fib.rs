@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
 };
 use network_types::eth::EthHdr;
-use rproxy_common::{RouteKey4, RouteValue4, route};
+use rproxy_common::{RouteKey4, RouteValue, route};
 
 use crate::{
     conntrack::BPF_ANY,
@@ -106,7 +106,7 @@ pub fn cached<C: Ctx>(ctx: &C, proto: u8, tot_len: u16, saddr: u32, daddr: u32, 
     if let Route::Ready { ifindex, smac, dmac, mtu, .. } = r
         && mtu != 0
     {
-        let v = RouteValue4 { checked_ns: now, ifindex, mtu, smac, dmac, _pad: [0; 6] };
+        let v = RouteValue { checked_ns: now, ifindex, mtu, smac, dmac, _pad: [0; 6] };
         let _ = ROUTE4.insert(key, v, BPF_ANY);
     }
     r

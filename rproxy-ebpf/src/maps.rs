@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue, RevNat4, RouteKey4, RouteValue4,
+    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue4, RevNat4, RouteKey4, RouteValue,
     ServiceKey4, ServiceValue, SockRevKey4, SrcRange4, Stat, filter,
     limits::{
         AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
@@ -35,7 +35,7 @@ pub static RNAT4: Array<RevNat4> = Array::pinned(REV_NAT_MAX, 0);
 /// flow 787–836 ns net against 694–728 ns with the common list): a per-CPU list rotates up to
 /// `nr_scans` nodes of its active and inactive lists on every insert.
 #[map(name = "RPX_CT4")]
-pub static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(CT_MAX, 0);
 
 /// Host-network sockets translated by the socket hooks → the service address to report back.
 /// LRU: an entry outlives its socket until it is evicted.
@@ -78,7 +78,7 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8> = HashMap::pinned(AFFINITY
 /// The north-south forwarding's route cache (see `rproxy_common::route`). LRU: routes to
 /// clients gone quiet make room by themselves.
 #[map(name = "RPX_ROUTE4")]
-pub static ROUTE4: LruHashMap<RouteKey4, RouteValue4> = LruHashMap::pinned(ROUTES_MAX, 0);
+pub static ROUTE4: LruHashMap<RouteKey4, RouteValue> = LruHashMap::pinned(ROUTES_MAX, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -15,7 +15,7 @@
 //!   `--external-cluster-ip false` (Cilium's default): then those packets pass untouched.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use rproxy_common::{
-    BE_F_LOCAL, CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue, FlowKind, SCOPE_LOCAL,
+    BE_F_LOCAL, CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtValue4, FlowKind, SCOPE_LOCAL,
     SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceKey4, Stat,
     icmp as icmp_msg, snat,
 };
@@ -156,7 +156,7 @@ pub fn ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
         count(Stat::SnatExhausted);
         return Ok(Action::Drop);
     };
-    let service_value = CtValue { nat_port: port, ..service_value };
+    let service_value = CtValue4 { nat_port: port, ..service_value };
     if CT4.insert(ct_key, service_value, conntrack::BPF_ANY).is_err() {
         let _ = CT4.remove(reply);
         count(Stat::CtInsertFail);
@@ -179,7 +179,7 @@ fn external_cluster_ip() -> bool {
 /// (`conntrack::reclaim_snat`). Returns the port (wire order), or `None` after `snat::TRIES`
 /// taken ports or with an empty range. See `rproxy_common::snat`.
 #[inline(always)]
-fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
+fn allocate_port(reply: &mut CtKey4, value: &CtValue4, now: u64) -> Option<u16> {
     let config = CONFIG.get(0)?;
     let (first, ports) = (config.snat_port_min, config.snat_port_count());
     if ports == 0 {
@@ -219,9 +219,9 @@ fn allocate_port(reply: &mut CtKey4, value: &CtValue, now: u64) -> Option<u16> {
 fn established<C: Ctx>(
     ctx: &C,
     pkt: &Packet4,
-    ct: *mut CtValue,
+    ct: *mut CtValue4,
     key: &CtKey4,
-    v: &CtValue,
+    v: &CtValue4,
     now: u64,
 ) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.nat_addr, daddr: v.pair_addr, sport: v.nat_port, dport: v.pair_port };
@@ -245,7 +245,7 @@ fn established<C: Ctx>(
 
 /// A backend's reply to a flow whose source this node translated: back to the client, from the service address.
 #[inline(always)]
-fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue, key: &CtKey4, v: &CtValue) -> Result<Action, i64> {
+fn snat_reply<C: Ctx>(ctx: &C, pkt: &Packet4, ct: *mut CtValue4, key: &CtKey4, v: &CtValue4) -> Result<Action, i64> {
     let new = Tuple4 { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
     let now = conntrack::now_ns();
     let route = match usable_route(ctx, pkt, new.saddr, new.daddr, Some(now)) {

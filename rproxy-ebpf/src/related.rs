@@ -15,7 +15,7 @@
 //! quoted, pass untouched.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{CT_DIR_REPLY, CtKey4, CtValue, FlowKind, Stat, icmp as msg, proto};
+use rproxy_common::{CT_DIR_REPLY, CtKey4, CtValue4, FlowKind, Stat, icmp as msg, proto};
 
 use crate::{
     csum,
@@ -194,7 +194,7 @@ pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
 
 /// The conntrack reply entry of the flow `q` quotes.
 #[inline(always)]
-pub fn flow(q: &Quoted) -> Option<CtValue> {
+pub fn flow(q: &Quoted) -> Option<CtValue4> {
     // SAFETY: copied out at once.
     unsafe { CT4.get(q.reply_key()) }.copied()
 }

@@ -93,7 +93,7 @@ impl Harness {
         test_run(self.dp.xdp_program(prog).expect("program"), prog, frame, Some(&ctx))
     }
 
-    pub fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue> {
+    pub fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue4> {
         self.maps.conntrack.get(key, 0).ok()
     }
 
