@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the toolchain and system packages (LLVM 22, bpf-linker, rust-src, iproute2, bpftool,
-    /// openssl) and build the Kubernetes control plane from tests/k8s (Go 1.26 or later needed).
+    /// iptables, nftables, ethtool, openssl), mount bpffs, and build the Kubernetes control plane
+    /// from tests/k8s (Go 1.26 or later needed).
     Setup,
     /// Build the self-contained agent binary (target/release/rproxy-agent).
     Build,
