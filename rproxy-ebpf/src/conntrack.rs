@@ -1,15 +1,15 @@
-//! rproxy's own connection tracking: one LRU map, two entries per translated flow (see
-//! `rproxy_common::CtKey4`). TCP state follows the flags seen both ways and selects the entry's
+//! rproxy's own connection tracking: one LRU map per family, two entries per translated flow
+//! (see `rproxy_common::CtKey`). TCP state follows the flags seen both ways and selects the entry's
 //! lifetime; the agent's garbage collector removes expired pairs.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
-    Backend4, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
-    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey4, CtState, CtValue4, proto, snat,
+    Backend, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, proto, snat,
 };
 
 use crate::{
-    maps::CT4,
-    parse::{Packet4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    family::Family,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// `BPF_ANY`: create or replace (a reused tuple overwrites a stale entry).
@@ -27,7 +27,7 @@ pub fn now_ns() -> u64 {
 
 /// Flags a client packet contributes.
 #[inline(always)]
-pub fn fwd_bits(pkt: &Packet4) -> u8 {
+pub fn fwd_bits<F: Family>(pkt: &Packet<F>) -> u8 {
     let f = pkt.tcp_flags;
     let mut b = 0;
     if f & TCP_SYN != 0 {
@@ -44,7 +44,7 @@ pub fn fwd_bits(pkt: &Packet4) -> u8 {
 
 /// Flags a backend packet contributes.
 #[inline(always)]
-pub fn rev_bits(pkt: &Packet4) -> u8 {
+pub fn rev_bits<F: Family>(pkt: &Packet<F>) -> u8 {
     let f = pkt.tcp_flags;
     let mut b = CT_F_SEEN_REV;
     if f & TCP_SYN != 0 {
@@ -61,7 +61,7 @@ pub fn rev_bits(pkt: &Packet4) -> u8 {
 
 /// True for a bare SYN (a client opening a connection).
 #[inline(always)]
-pub fn is_syn(pkt: &Packet4) -> bool {
+pub fn is_syn<F: Family>(pkt: &Packet<F>) -> bool {
     pkt.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
@@ -71,8 +71,8 @@ fn state_of(proto_: u8, flags: u8) -> CtState {
 }
 
 #[inline(always)]
-pub fn service_key(pkt: &Packet4) -> CtKey4 {
-    CtKey4 {
+pub fn service_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
+    CtKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         sport: pkt.sport,
@@ -84,15 +84,15 @@ pub fn service_key(pkt: &Packet4) -> CtKey4 {
 }
 
 #[inline(always)]
-pub fn reply_key(pkt: &Packet4) -> CtKey4 {
-    CtKey4 { dir: CT_DIR_REPLY, ..service_key(pkt) }
+pub fn reply_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
+    CtKey { dir: CT_DIR_REPLY, ..service_key(pkt) }
 }
 
 /// Accounts one packet on an existing entry. Packets that add TCP flags (SYN, FIN, RST, first
 /// reply) move the state of both entries of the flow; others only refresh their own expiry.
 /// A bare SYN on a closing entry reopens the flow (client port reuse) with the same backend.
 #[inline(always)]
-pub fn account(ct: *mut CtValue4, key: &CtKey4, bits: u8, reopen: bool, now: u64) {
+pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, key: &CtKey<F::Addr>, bits: u8, reopen: bool, now: u64) {
     // SAFETY: `ct` comes from a successful map lookup; the value stays valid for this program run
     // (RCU), and concurrent writers only store whole fields.
     let v = unsafe { &mut *ct };
@@ -108,7 +108,7 @@ pub fn account(ct: *mut CtValue4, key: &CtKey4, bits: u8, reopen: bool, now: u64
     v.flags = new;
     v.state = state as u8;
     v.expires_ns = expires;
-    if let Some(p) = CT4.get_ptr_mut(key.pair(v)) {
+    if let Some(p) = F::conntrack().get_ptr_mut(key.pair(v)) {
         // SAFETY: as above.
         let p = unsafe { &mut *p };
         p.flags = new;
@@ -117,21 +117,24 @@ pub fn account(ct: *mut CtValue4, key: &CtKey4, bits: u8, reopen: bool, now: u64
     }
 }
 
+/// A new flow's entries: the reply key and value, and the service value.
+pub type FlowEntries<A> = (CtKey<A>, CtValue<A>, CtValue<A>);
+
 /// The two entries of a new flow translated to backend `be` with the source translated to
 /// `nat` (the client itself without SNAT): the reply key and value, and the service value.
 #[inline(always)]
-pub fn flow_entries(
-    pkt: &Packet4,
+pub fn flow_entries<F: Family>(
+    pkt: &Packet<F>,
     backend_id: u32,
-    be: &Backend4,
+    be: &Backend<F::Addr>,
     rev_nat_id: u16,
-    nat: (u32, u16),
+    nat: (F::Addr, u16),
     nat_flags: u8,
     now: u64,
-) -> (CtKey4, CtValue4, CtValue4) {
+) -> FlowEntries<F::Addr> {
     let bits = fwd_bits(pkt);
     let state = state_of(pkt.proto, bits);
-    let reply_value = CtValue4 {
+    let reply_value = CtValue {
         expires_ns: now + state.lifetime_ns(),
         backend_id,
         rev_nat_id,
@@ -144,7 +147,7 @@ pub fn flow_entries(
         nat_flags,
         _pad: [0; 3],
     };
-    let reply = CtKey4 {
+    let reply = CtKey {
         saddr: be.addr,
         daddr: nat.0,
         sport: be.port,
@@ -154,7 +157,7 @@ pub fn flow_entries(
         _pad: [0; 2],
     };
     let service_value =
-        CtValue4 { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
+        CtValue { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
     (reply, reply_value, service_value)
 }
 
@@ -162,18 +165,18 @@ pub fn flow_entries(
 /// unless translated), with `CT_NAT_*` flags: the reply entry first, then the service entry, so
 /// that the entry a reply needs exists before any packet of the flow is forwarded.
 #[inline(always)]
-pub fn create_nat(
-    pkt: &Packet4,
+pub fn create_nat<F: Family>(
+    pkt: &Packet<F>,
     backend_id: u32,
-    be: &Backend4,
+    be: &Backend<F::Addr>,
     rev_nat_id: u16,
-    nat: (u32, u16),
+    nat: (F::Addr, u16),
     nat_flags: u8,
     now: u64,
 ) -> Result<(), i32> {
     let (reply, reply_value, service_value) = flow_entries(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
-    CT4.insert(reply, reply_value, BPF_ANY)?;
-    CT4.insert(service_key(pkt), service_value, BPF_ANY)
+    F::conntrack().insert(reply, reply_value, BPF_ANY)?;
+    F::conntrack().insert(service_key(pkt), service_value, BPF_ANY)
 }
 
 /// Takes over the SNAT port of `reply` (a reply key whose insertion failed: the port is in use
@@ -190,43 +193,44 @@ pub fn create_nat(
 /// was alive when it looked (it re-reads before deleting). The old flow's client-side entry is
 /// removed too, so a late packet of the old client cannot touch the new flow.
 #[inline(always)]
-pub fn reclaim_snat(reply: &CtKey4, value: &CtValue4, now: u64) -> bool {
+pub fn reclaim_snat<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> bool {
     // A cheap look first: most taken ports belong to open flows.
-    if reclaimable(reply, now).is_none() {
+    if reclaimable::<F>(reply, now).is_none() {
         return false;
     }
-    let lock = CtKey4 { dir: CT_DIR_RECLAIM, ..*reply };
-    if CT4.insert(lock, CtValue4::default(), BPF_NOEXIST).is_err() {
+    let lock = CtKey { dir: CT_DIR_RECLAIM, ..*reply };
+    if F::conntrack().insert(lock, CtValue::default(), BPF_NOEXIST).is_err() {
         return false;
     }
-    let won = claim(reply, value, now);
-    let _ = CT4.remove(lock);
+    let won = claim::<F>(reply, value, now);
+    let _ = F::conntrack().remove(lock);
     won
 }
 
 #[inline(always)]
-fn claim(reply: &CtKey4, value: &CtValue4, now: u64) -> bool {
-    let Some(client_side) = reclaimable(reply, now) else {
+fn claim<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> bool {
+    let Some(client_side) = reclaimable::<F>(reply, now) else {
         return false;
     };
-    if CT4.remove(reply).is_err() || CT4.insert(*reply, *value, BPF_NOEXIST).is_err() {
+    let ct = F::conntrack();
+    if ct.remove(reply).is_err() || ct.insert(*reply, *value, BPF_NOEXIST).is_err() {
         return false;
     }
-    let _ = CT4.remove(client_side);
+    let _ = ct.remove(client_side);
     true
 }
 
 /// If the SNAT reply entry `reply` and its client-side pair are quietly closing, the pair's key.
 #[inline(always)]
-fn reclaimable(reply: &CtKey4, now: u64) -> Option<CtKey4> {
+fn reclaimable<F: Family>(reply: &CtKey<F::Addr>, now: u64) -> Option<CtKey<F::Addr>> {
     // SAFETY: copied out at once.
-    let old = *unsafe { CT4.get(reply) }?;
+    let old = *unsafe { F::conntrack().get(reply) }?;
     if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(&old, now) {
         return None;
     }
     let client_side = reply.pair(&old);
     // SAFETY: copied out at once.
-    if let Some(c) = unsafe { CT4.get(client_side) }
+    if let Some(c) = unsafe { F::conntrack().get(client_side) }
         && !quiet_closing(c, now)
     {
         return None;
@@ -237,18 +241,18 @@ fn reclaimable(reply: &CtKey4, now: u64) -> Option<CtKey4> {
 /// A closing entry, not expired, that has seen no packet for `snat::REUSE_AFTER_NS` (every
 /// packet sets the expiry to the state's lifetime from now).
 #[inline(always)]
-fn quiet_closing(v: &CtValue4, now: u64) -> bool {
+fn quiet_closing<A>(v: &CtValue<A>, now: u64) -> bool {
     let last_packet = v.expires_ns.saturating_sub(CtState::Closing.lifetime_ns());
     v.state == CtState::Closing as u8 && v.expires_ns > now && now >= last_packet + snat::REUSE_AFTER_NS
 }
 
 /// Who holds the reply entry a new connection needs.
-pub enum Holder {
+pub enum Holder<A> {
     /// Nobody.
     Free,
     /// A flow that is over (closing, or expired but not yet collected), or the same
     /// connection's earlier flow: the new connection replaces it. Its other entry, to remove.
-    Stale(CtKey4),
+    Stale(CtKey<A>),
     /// A live flow of another frontend: the new connection must not take its tuple.
     Live,
 }
@@ -257,9 +261,9 @@ pub enum Holder {
 /// port, wire order; for a connection straight to a backend, the backend itself) would hit.
 /// Two live connections never share one: the replies of one would be translated for the other.
 #[inline(always)]
-pub fn reply_holder(reply: &CtKey4, frontend: (u32, u16), now: u64) -> Holder {
+pub fn reply_holder<F: Family>(reply: &CtKey<F::Addr>, frontend: (F::Addr, u16), now: u64) -> Holder<F::Addr> {
     // SAFETY: copied out at once.
-    let Some(v) = (unsafe { CT4.get(reply) }).copied() else {
+    let Some(v) = (unsafe { F::conntrack().get(reply) }).copied() else {
         return Holder::Free;
     };
     let over = v.expires_ns <= now || v.state == CtState::Closing as u8;
@@ -269,8 +273,8 @@ pub fn reply_holder(reply: &CtKey4, frontend: (u32, u16), now: u64) -> Holder {
 /// The reply entry that replies to `pkt` would hit if `pkt` were the first packet of a flow
 /// translated for its source: the key of a packet from its destination back to its source.
 #[inline(always)]
-pub fn reverse_reply_key(pkt: &Packet4) -> CtKey4 {
-    CtKey4 {
+pub fn reverse_reply_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
+    CtKey {
         saddr: pkt.daddr,
         daddr: pkt.saddr,
         sport: pkt.dport,
@@ -283,7 +287,7 @@ pub fn reverse_reply_key(pkt: &Packet4) -> CtKey4 {
 
 /// Removes a flow's two entries: `key` and its pair `other`.
 #[inline(always)]
-pub fn remove_flow(key: &CtKey4, other: &CtKey4) {
-    let _ = CT4.remove(other);
-    let _ = CT4.remove(key);
+pub fn remove_flow<F: Family>(key: &CtKey<F::Addr>, other: &CtKey<F::Addr>) {
+    let _ = F::conntrack().remove(other);
+    let _ = F::conntrack().remove(key);
 }

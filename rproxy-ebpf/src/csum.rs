@@ -1,4 +1,4 @@
-//! Incremental checksum updates for a rewrite of the whole IPv4 tuple (addresses and ports).
+//! Incremental checksum updates for a rewrite of the whole tuple (addresses and ports).
 //!
 //! The difference of the old and new words is computed once (`rproxy_common::csum::diff`, RFC
 //! 1624 arithmetic), separately for the addresses (which the L4 pseudo header covers) and the
@@ -21,17 +21,18 @@ pub use rproxy_common::csum::{apply, diff, fold_complement};
 use rproxy_common::proto;
 
 use crate::{
-    ctx::Ctx,
-    parse::{IP_CSUM_OFF, Packet4, ptr_at},
+    ctx::{Ctx, ptr_at},
+    family::Family,
+    parse::{IP_CSUM_OFF, Packet},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-/// Updates the IPv4 header and L4 checksums for an address difference `addrs` and a port
-/// difference `ports` (see `diff`).
+/// Updates the L4 checksum (and IPv4's header checksum) for an address difference `addrs` and
+/// a port difference `ports` (see `diff`).
 #[inline(always)]
-pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<(), i64> {
+pub fn update<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, addrs: u32, ports: u32) -> Result<(), i64> {
     let l4_off = pkt.l4_csum_off();
     #[expect(clippy::cast_possible_truncation, reason = "header offsets are below 100")]
     let l4_off32 = l4_off as u32;
@@ -65,7 +66,7 @@ pub fn update<C: Ctx>(ctx: &C, pkt: &Packet4, addrs: u32, ports: u32) -> Result<
             }
         }
     }
-    fold_diff(ctx, IP_CSUM_OFF, addrs, true)
+    F::fold_ip_csum(ctx, addrs)
 }
 
 /// Folds a difference `diff` (see `diff`) into the checksum at `off`: the IPv4 header's (`l3`),

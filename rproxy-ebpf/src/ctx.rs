@@ -1,12 +1,15 @@
 //! What the shared packet code needs from a program context, for TC (`TcContext`, an skb) and
-//! XDP (`XdpContext`, a raw frame). The north-south path runs the same code on both hooks.
+//! XDP (`XdpContext`, a raw frame), and bounds-checked packet access (`ptr_at`). The
+//! north-south path runs the same code on both hooks.
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_skb_change_tail, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
 
-use crate::parse::MAX_HDR;
+/// Deepest header bytes the programs look at: Ethernet + IPv6 with extension headers (or IPv4
+/// with full options) + TCP. TC makes at least this much of the packet linear.
+pub const MAX_HDR: u32 = 14 + 40 + 64 + 20;
 
 pub trait Ctx: EbpfContext {
     /// Start of the packet's linear data.
@@ -22,9 +25,9 @@ pub trait Ctx: EbpfContext {
     /// Invalidates packet pointers.
     fn set_len(&self, len: u32) -> Result<(), i64>;
     /// The packet's length as the route's MTU check wants it (`bpf_fib_lookup`'s `tot_len`):
-    /// the IPv4 total length, or 0 for a TC GSO packet, which the FIB lookup then checks
+    /// the IP packet's length, or 0 for a TC GSO packet, which the FIB lookup then checks
     /// segment by segment against the device's MTU.
-    fn mtu_len(&self, ip_tot_len: u16) -> u16;
+    fn mtu_len(&self, ip_len: u16) -> u16;
     /// Whether the checksum helpers of an skb are available (TC), or checksums are rewritten
     /// in the frame (XDP).
     const SKB: bool;
@@ -66,9 +69,9 @@ impl Ctx for TcContext {
     }
 
     #[inline(always)]
-    fn mtu_len(&self, ip_tot_len: u16) -> u16 {
+    fn mtu_len(&self, ip_len: u16) -> u16 {
         // SAFETY: as above.
-        if unsafe { (*self.skb.skb).gso_size } != 0 { 0 } else { ip_tot_len }
+        if unsafe { (*self.skb.skb).gso_size } != 0 { 0 } else { ip_len }
     }
 }
 
@@ -107,7 +110,18 @@ impl Ctx for XdpContext {
     }
 
     #[inline(always)]
-    fn mtu_len(&self, ip_tot_len: u16) -> u16 {
-        ip_tot_len
+    fn mtu_len(&self, ip_len: u16) -> u16 {
+        ip_len
     }
+}
+
+/// Pointer to a `T` at `off` bytes into the packet, or `None` if it would cross `data_end`.
+#[inline(always)]
+pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
 }

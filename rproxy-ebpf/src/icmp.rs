@@ -15,13 +15,14 @@
 //! written here is right anyway).
 use aya_ebpf::helpers::bpf_csum_diff;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{ServiceValue, Stat, icmp, proto};
+use rproxy_common::{Stat, icmp, proto};
 
 use crate::{
     csum,
-    ctx::Ctx,
+    ctx::{Ctx, ptr_at},
+    family::V4,
     maps::{ICMP_LIMIT, count},
-    parse::{ETH_P_IP_BE, Packet4, ptr_at},
+    parse::{ETH_P_IP_BE, Packet},
 };
 
 const ETH_LEN: usize = EthHdr::LEN;
@@ -42,25 +43,17 @@ const TTL: u8 = 64;
 /// needed, else 0) to its sender. `false` when it is not sent: a header with options, the rate
 /// limit, or a helper failure (the caller drops the packet).
 #[inline(always)]
-pub fn reply<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16, now: u64) -> bool {
+pub fn reply<C: Ctx>(ctx: &C, pkt: &Packet<V4>, typ: u8, code: u8, mtu: u16, now: u64) -> bool {
     if pkt.l4_off != ICMP_OFF || !allowed(now) {
         return false;
     }
     build(ctx, pkt, typ, code, mtu).is_ok()
 }
 
-/// A new flow to a frontend whose service value `svc` has no backend at all: turned into ICMP
-/// port unreachable from the service address (see `reply`), as kube-proxy's `REJECT` answers.
-/// `false` when there are backends (their slots being rewritten: the caller drops, the next
-/// packet finds one) or no error is sent.
+/// One more ICMP error from this CPU within its budget (see `rproxy_common::icmp`; one budget
+/// for both families).
 #[inline(always)]
-pub fn reject<C: Ctx>(ctx: &C, pkt: &Packet4, svc: &ServiceValue, now: u64) -> bool {
-    svc.count == 0 && reply(ctx, pkt, icmp::DEST_UNREACH, icmp::PORT_UNREACH, 0, now)
-}
-
-/// One more ICMP error from this CPU within its budget (see `rproxy_common::icmp`).
-#[inline(always)]
-fn allowed(now: u64) -> bool {
+pub fn allowed(now: u64) -> bool {
     let Some(next) = ICMP_LIMIT.get_ptr_mut(0) else {
         return false;
     };
@@ -76,7 +69,7 @@ fn allowed(now: u64) -> bool {
 }
 
 #[inline(always)]
-fn build<C: Ctx>(ctx: &C, pkt: &Packet4, typ: u8, code: u8, mtu: u16) -> Result<(), i64> {
+fn build<C: Ctx>(ctx: &C, pkt: &Packet<V4>, typ: u8, code: u8, mtu: u16) -> Result<(), i64> {
     // Word arrays built from their elements: zero-filled arrays filled in afterwards, or byte
     // arrays filled with `copy_from_slice`, make LLVM call the `memset`/`memcpy` subprograms,
     // whose calls the verifier rejects in this program.

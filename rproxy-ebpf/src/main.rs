@@ -21,6 +21,7 @@
 mod conntrack;
 mod csum;
 mod ctx;
+mod family;
 mod fib;
 mod icmp;
 mod lb;
@@ -28,6 +29,7 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod pod;
 mod related;
 mod sock;
 
@@ -37,12 +39,14 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use nat::Tuple4;
+use ctx::Ctx;
+use family::V4;
 use nodeport::Action;
-use parse::Packet4;
-use rproxy_common::{Backend4, CT_DIR_REPLY, CT_NAT_SNAT, CtKey4, FlowKind, Stat, hairpin};
+use parse::ETH_P_IP_BE;
+use pod::Verdict;
+use rproxy_common::Stat;
 
-use crate::maps::{RNAT4, count};
+use crate::maps::count;
 
 const PASS: i32 = TC_ACT_UNSPEC;
 #[allow(
@@ -55,19 +59,28 @@ const DROP: i32 = TC_ACT_SHOT as i32;
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_from_pod(ctx: TcContext) -> i32 {
-    from_pod(&ctx).unwrap_or_else(|_| {
-        count(Stat::RewriteFail);
-        DROP
-    })
+    let verdict = match parse::ether_type(&ctx) {
+        Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
+            Some(pkt) => pod::from_pod::<V4>(&ctx, &pkt),
+            None => Ok(Verdict::Pass),
+        },
+        _ => Ok(Verdict::Pass),
+    };
+    pod_action(&ctx, verdict)
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_to_pod(ctx: TcContext) -> i32 {
-    to_pod(&ctx).unwrap_or_else(|_| {
-        count(Stat::RewriteFail);
-        DROP
-    })
+    let verdict = match parse::ether_type(&ctx) {
+        Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
+            Some(pkt) => pod::to_pod::<V4>(&ctx, &pkt),
+            // Not TCP or UDP: perhaps an ICMP error about a translated flow.
+            None => related::rev_nat(&ctx, false).map(|()| Verdict::Pass),
+        },
+        _ => Ok(Verdict::Pass),
+    };
+    pod_action(&ctx, verdict)
 }
 
 #[classifier]
@@ -83,7 +96,7 @@ pub fn rpx_xdp_noop(_ctx: XdpContext) -> u32 {
 #[xdp]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
 pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
-    match nodeport::ingress(&ctx) {
+    match external_ingress(&ctx) {
         Ok(Action::Pass | Action::RedirectNeigh(_)) => xdp_action::XDP_PASS,
         Ok(Action::Drop) => xdp_action::XDP_DROP,
         Ok(Action::Bounce) => xdp_action::XDP_TX,
@@ -107,13 +120,21 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
-    tc_action(&ctx, nodeport::ingress(&ctx))
+    tc_action(&ctx, external_ingress(&ctx))
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
-    tc_action(&ctx, nodeport::egress(&ctx))
+    let action = match parse::ether_type(&ctx) {
+        Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
+            Some(pkt) => nodeport::egress::<V4>(&ctx, &pkt),
+            // Not TCP or UDP: perhaps an ICMP error about a flow to a backend here.
+            None => related::rev_nat(&ctx, true).map(|()| Action::Pass),
+        },
+        _ => Ok(Action::Pass),
+    };
+    tc_action(&ctx, action)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -140,6 +161,35 @@ pub fn rpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx)
 }
 
+/// A packet arriving on an external device, at XDP or TC: a TCP or UDP packet to a frontend
+/// (or a reply of a flow this node source-translated), or an ICMP error about such a flow.
+#[inline(always)]
+fn external_ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
+    match parse::ether_type(ctx) {
+        Some(ETH_P_IP_BE) => match parse::parse_ipv4(ctx) {
+            Some(pkt) => nodeport::ingress::<C, V4>(ctx, &pkt),
+            // Not TCP or UDP: perhaps an ICMP error about a flow this node SNATed.
+            None => nodeport::snat_error(ctx),
+        },
+        _ => Ok(Action::Pass),
+    }
+}
+
+/// The TC verdict of the pod path's `verdict` (an error: a rewrite failed half-way, dropped).
+#[inline(always)]
+#[expect(clippy::needless_pass_by_value, reason = "consumed by the match; a reference adds nothing")]
+fn pod_action(ctx: &TcContext, verdict: Result<Verdict, i64>) -> i32 {
+    match verdict {
+        Ok(Verdict::Pass) => PASS,
+        Ok(Verdict::Drop) => DROP,
+        Ok(Verdict::Bounce) => tc_action(ctx, Ok(Action::Bounce)),
+        Err(_) => {
+            count(Stat::RewriteFail);
+            DROP
+        }
+    }
+}
+
 #[inline(always)]
 #[expect(clippy::needless_pass_by_value, reason = "consumed by the match; a reference adds nothing")]
 fn tc_action(ctx: &TcContext, r: Result<Action, i64>) -> i32 {
@@ -159,187 +209,6 @@ fn tc_action(ctx: &TcContext, r: Result<Action, i64>) -> i32 {
             DROP
         }
     }
-}
-
-/// `ClusterIP` DNAT of a packet sent by a pod.
-#[inline(always)]
-fn from_pod(ctx: &TcContext) -> Result<i32, i64> {
-    let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(PASS);
-    };
-    if pkt.fragment {
-        count(Stat::Fragment);
-        return Ok(PASS);
-    }
-    if pkt.daddr == hairpin::ADDR {
-        return hairpin_reply(ctx, &pkt);
-    }
-    if !lb::may_be_service(&pkt) {
-        // A new connection straight to a backend from the source port of a translated flow to
-        // it: see `direct_syn`.
-        if conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt) {
-            return Ok(direct_syn(&pkt));
-        }
-        return Ok(PASS);
-    }
-    // Conntrack first: an established flow needs no service lookup, only the check (two array
-    // loads) that its frontend and backend still exist.
-    let ct_key = conntrack::service_key(&pkt);
-    let now = conntrack::now_ns();
-    let mut backend_gone = false;
-    if let Some(ct) = maps::CT4.get_ptr_mut(ct_key) {
-        // SAFETY: valid map value pointer for this run.
-        let (backend_id, rev_nat_id, nat_flags) = unsafe { ((*ct).backend_id, (*ct).rev_nat_id, (*ct).nat_flags) };
-        if lb::frontend_alive(rev_nat_id, &pkt) {
-            if let Some(be) = lb::backend(backend_id) {
-                conntrack::account(ct, &ct_key, conntrack::fwd_bits(&pkt), conntrack::is_syn(&pkt), now);
-                to_backend(ctx, &pkt, &be, FlowKind::of(nat_flags) == FlowKind::Hairpin)?;
-                count(Stat::Established);
-                return Ok(PASS);
-            }
-            // The backend was removed: pick a live one (a TCP peer will answer with RST).
-            backend_gone = true;
-        }
-        // A removed frontend: its flows are no longer translated (below: a new one at the same
-        // address starts afresh, otherwise the packet passes).
-    }
-    let Some((svc_key, svc)) = lb::lookup_service(&pkt) else {
-        return Ok(PASS);
-    };
-    if backend_gone {
-        count(Stat::BackendGone);
-    }
-    if !lb::source_allowed(&svc, &pkt) {
-        count(Stat::SourceRangeDrop);
-        return Ok(DROP);
-    }
-    let Some((backend_id, be)) = lb::select_backend_for(&svc_key, &svc, pkt.saddr, now, false) else {
-        count(Stat::NoBackend);
-        // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
-        if icmp::reject(ctx, &pkt, &svc, now) {
-            return Ok(tc_action(ctx, Ok(Action::Bounce)));
-        }
-        return Ok(DROP);
-    };
-    // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
-    let looped = be.addr == pkt.saddr;
-    let (nat, flags) = if looped { ((hairpin::ADDR, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
-    // The replies come back on (backend, nat): a live flow of another frontend there (the pod
-    // reused its source port towards this backend) keeps it, and this flow is dropped; a flow
-    // that is over gives it up.
-    let reply = CtKey4 {
-        saddr: be.addr,
-        daddr: nat.0,
-        sport: be.port,
-        dport: nat.1,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let stale = match conntrack::reply_holder(&reply, (pkt.daddr, pkt.dport), now) {
-        conntrack::Holder::Live => {
-            count(Stat::CtClash);
-            return Ok(DROP);
-        }
-        conntrack::Holder::Stale(other) => Some(other),
-        conntrack::Holder::Free => None,
-    };
-    if conntrack::create_nat(&pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
-        count(Stat::CtInsertFail);
-        return Ok(DROP);
-    }
-    // The replaced flow's client side, unless this flow's own entry took its place.
-    if let Some(other) = stale.filter(|other| *other != ct_key) {
-        let _ = maps::CT4.remove(other);
-    }
-    to_backend(ctx, &pkt, &be, looped)?;
-    count(Stat::NewFlow);
-    Ok(PASS)
-}
-
-/// Translates a pod's packet to backend `be`: its destination, and with `looped` (a hairpin
-/// flow, `rproxy_common::hairpin`) its source too.
-#[inline(always)]
-fn to_backend(ctx: &TcContext, pkt: &Packet4, be: &Backend4, looped: bool) -> Result<(), i64> {
-    if looped {
-        nat::rewrite_tuple(
-            ctx,
-            pkt,
-            &Tuple4 { saddr: hairpin::ADDR, daddr: be.addr, dport: be.port, ..Tuple4::of(pkt) },
-        )
-    } else {
-        nat::dnat(ctx, pkt, be.addr, be.port)
-    }
-}
-
-/// A pod's bare SYN straight to a backend's address and port (no frontend), from a source port
-/// whose reply tuple a translated flow holds: the pod connected to a Service, and now to the
-/// backend itself from the same port (its kernel hands a port out again once the destination
-/// differs). Were that flow's entry left, the backend's SYN-ACK would be translated to the
-/// service address and the pod would never see it. A flow that is over gives the tuple up (both
-/// its entries go, the new connection passes); a live one keeps it, and the SYN is dropped and
-/// counted: two live connections must not share one reply tuple.
-#[inline(always)]
-fn direct_syn(pkt: &Packet4) -> i32 {
-    let reply = conntrack::reverse_reply_key(pkt);
-    match conntrack::reply_holder(&reply, (pkt.daddr, pkt.dport), conntrack::now_ns()) {
-        conntrack::Holder::Free => PASS,
-        conntrack::Holder::Stale(other) => {
-            conntrack::remove_flow(&reply, &other);
-            PASS
-        }
-        conntrack::Holder::Live => {
-            count(Stat::CtClash);
-            DROP
-        }
-    }
-}
-
-/// A pod's reply to a hairpin flow (to `rproxy_common::hairpin::ADDR`): back to the service
-/// address as its source and the pod's own address as its destination; the host then routes it
-/// into the pod. Anything else to that address passes (and goes nowhere).
-#[inline(always)]
-fn hairpin_reply(ctx: &TcContext, pkt: &Packet4) -> Result<i32, i64> {
-    let key = conntrack::reply_key(pkt);
-    let Some(ct) = maps::CT4.get_ptr_mut(key) else {
-        return Ok(PASS);
-    };
-    // SAFETY: valid map value pointer for this run; copied out.
-    let v = unsafe { *ct };
-    if v.kind() != FlowKind::Hairpin {
-        return Ok(PASS);
-    }
-    conntrack::account(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    let new = Tuple4 { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port };
-    nat::rewrite_tuple(ctx, pkt, &new)?;
-    count(Stat::RevNat);
-    Ok(PASS)
-}
-
-/// Reverse NAT of a backend's reply on its way into the client pod.
-#[inline(always)]
-fn to_pod(ctx: &TcContext) -> Result<i32, i64> {
-    let Some(pkt) = parse::parse_ipv4(ctx) else {
-        // Not TCP or UDP: perhaps an ICMP error about a translated flow.
-        related::rev_nat(ctx, false)?;
-        return Ok(PASS);
-    };
-    if pkt.fragment || !lb::may_be_backend(&pkt) {
-        return Ok(PASS);
-    }
-    let ct_key = conntrack::reply_key(&pkt);
-    let Some(ct) = maps::CT4.get_ptr_mut(ct_key) else {
-        return Ok(PASS);
-    };
-    // SAFETY: valid map value pointer for this run.
-    let rev_nat_id = unsafe { (*ct).rev_nat_id };
-    let Some(rn) = RNAT4.get(u32::from(rev_nat_id)).copied().filter(|rn| rn.addr != 0) else {
-        return Ok(PASS);
-    };
-    conntrack::account(ct, &ct_key, conntrack::rev_bits(&pkt), false, conntrack::now_ns());
-    nat::snat(ctx, &pkt, rn.addr, rn.port)?;
-    count(Stat::RevNat);
-    Ok(PASS)
 }
 
 #[cfg(not(test))]

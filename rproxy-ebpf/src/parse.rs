@@ -4,11 +4,11 @@
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use rproxy_common::proto;
 
-use crate::ctx::Ctx;
+use crate::{
+    ctx::{Ctx, ptr_at},
+    family::{Family, V4},
+};
 
-/// Deepest header bytes the programs look at: Ethernet + IPv4 with full options + TCP.
-#[expect(clippy::cast_possible_truncation, reason = "14 + 60 + 20")]
-pub const MAX_HDR: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
 pub const IP_MF: u16 = 0x2000;
@@ -24,91 +24,52 @@ pub const TCP_ACK: u8 = 0x10;
 pub const IP_TTL_OFF: usize = EthHdr::LEN + 8;
 pub const IP_CSUM_OFF: usize = EthHdr::LEN + 10;
 pub const IP_SADDR_OFF: usize = EthHdr::LEN + 12;
-pub const IP_DADDR_OFF: usize = EthHdr::LEN + 16;
 
-/// An IPv4 TCP or UDP packet: the tuple in wire byte order and where its L4 header starts.
-#[derive(Clone, Copy)]
-pub struct Packet4 {
-    pub saddr: u32,
-    pub daddr: u32,
+/// A TCP or UDP packet of family `F`: the tuple in wire byte order and where its L4 header
+/// starts.
+pub struct Packet<F: Family> {
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
-    /// IPv4 fragment (first or later): not translated.
+    /// A fragment (first or later): not translated.
     pub fragment: bool,
-    /// IPv4 time to live.
+    /// Time to live (IPv4) or hop limit (IPv6).
     pub ttl: u8,
-    /// IPv4 "don't fragment" flag.
+    /// IPv4 "don't fragment" flag (always set for IPv6, whose routers never fragment).
     pub df: bool,
-    /// IPv4 total length (host order).
-    pub tot_len: u16,
+    /// The IP packet's length, headers included (host order).
+    pub ip_len: u16,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
 }
 
-impl Packet4 {
+impl<F: Family> Clone for Packet<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F: Family> Copy for Packet<F> {}
+
+impl<F: Family> Packet<F> {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
     }
-    #[inline(always)]
-    pub fn sport_off(&self) -> usize {
-        self.l4_off
-    }
-    #[inline(always)]
-    pub fn dport_off(&self) -> usize {
-        self.l4_off + 2
-    }
 }
 
-/// Pointer to a `T` at `off` bytes into the packet, or `None` if it would cross `data_end`.
+/// Reads the TCP or UDP ports (and TCP flags) at `pkt.l4_off`; `None` for other protocols or a
+/// truncated header.
 #[inline(always)]
-pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
-/// Parses Ethernet + IPv4 + TCP/UDP. `None` for anything else (ARP, IPv6, ICMP, truncated
-/// frames, bad IHL): the caller passes such packets untouched.
-#[inline(always)]
-pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
-    ctx.make_headers_linear();
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return None;
-    }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let ip = unsafe { &*ip };
-    let ihl = usize::from(ip.ihl());
-    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
-        return None;
-    }
-    let frags = u16::from_be_bytes(ip.frags);
-    let fragment = frags & (IP_MF | IP_OFFMASK) != 0;
-    let saddr = u32::from_ne_bytes(ip.src_addr);
-    let daddr = u32::from_ne_bytes(ip.dst_addr);
-    let proto = ip.proto;
-    let l4_off = EthHdr::LEN + ihl;
-    let ttl = ip.ttl;
-    let df = frags & IP_DF != 0;
-    let tot_len = u16::from_be_bytes(ip.tot_len);
-    let mut pkt = Packet4 { saddr, daddr, sport: 0, dport: 0, proto, tcp_flags: 0, fragment, ttl, df, tot_len, l4_off };
-    if fragment {
-        // Later fragments carry no L4 header; report the packet so the caller can count it.
-        return Some(pkt);
-    }
-    match proto {
+fn read_l4<C: Ctx, F: Family>(ctx: &C, pkt: &mut Packet<F>) -> Option<()> {
+    match pkt.proto {
         proto::TCP => {
-            let tcp: *mut TcpHdr = ptr_at(ctx, l4_off)?;
+            let tcp: *mut TcpHdr = ptr_at(ctx, pkt.l4_off)?;
             // SAFETY: bounds-checked by ptr_at; the flags byte (offset 13) lies inside the
             // checked 20-byte header. It is read through the same pointer on purpose: a second
             // ptr_at would be folded away by LLVM as redundant, and the verifier does not relate
@@ -119,7 +80,7 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
             pkt.tcp_flags = tcp_flags;
         }
         proto::UDP => {
-            let udp: *mut UdpHdr = ptr_at(ctx, l4_off)?;
+            let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
             // SAFETY: bounds-checked by ptr_at.
             let udp = unsafe { &*udp };
             pkt.sport = u16::from_ne_bytes(udp.src);
@@ -127,5 +88,48 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet4> {
         }
         _ => return None,
     }
+    Some(())
+}
+
+/// The frame's `EtherType` (wire order), if it has an Ethernet header.
+#[inline(always)]
+pub fn ether_type<C: Ctx>(ctx: &C) -> Option<u16> {
+    ctx.make_headers_linear();
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    Some(unsafe { (*eth).ether_type })
+}
+
+/// Parses IPv4 + TCP/UDP after the Ethernet header (whose `EtherType` the caller checked).
+/// `None` for anything else (ICMP, truncated frames, bad IHL): the caller passes such packets
+/// untouched.
+#[inline(always)]
+pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet<V4>> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ihl());
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let mut pkt = Packet {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        tcp_flags: 0,
+        fragment: frags & (IP_MF | IP_OFFMASK) != 0,
+        ttl: ip.ttl,
+        df: frags & IP_DF != 0,
+        ip_len: u16::from_be_bytes(ip.tot_len),
+        l4_off: EthHdr::LEN + ihl,
+    };
+    if pkt.fragment {
+        // Later fragments carry no L4 header; report the packet so the caller can count it.
+        return Some(pkt);
+    }
+    read_l4(ctx, &mut pkt)?;
     Some(pkt)
 }

@@ -20,9 +20,10 @@ use rproxy_common::{CT_DIR_REPLY, CtKey4, CtValue4, FlowKind, Stat, icmp as msg,
 use crate::{
     csum,
     ctx::Ctx,
+    ctx::ptr_at,
     icmp::{ICMP_OFF, QUOTE_LEN},
     maps::{CT4, count},
-    parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_MF, IP_OFFMASK, IP_SADDR_OFF, ptr_at},
+    parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_MF, IP_OFFMASK, IP_SADDR_OFF},
 };
 
 /// ICMP types that quote the packet they are about.

@@ -9,10 +9,11 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use rproxy_common::{RevNat4, SCOPE_EXTERNAL, ServiceKey4, SockRevKey4, proto};
+use rproxy_common::{RevNat4, SockRevKey4, proto};
 
 use crate::{
-    lb,
+    family::V4,
+    lb::{self, Decision, Origin},
     maps::{CONFIG, SK_RNAT4},
 };
 
@@ -47,14 +48,13 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(p) = l4_proto(sa) else { return ALLOW };
     let (vip, vport) = (sa.user_ip4, low16(sa.user_port));
-    let key = ServiceKey4 { addr: vip, port: vport, slot: 0, proto: p, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { crate::maps::SVC4.get(key) }).copied() else { return ALLOW };
     // Affinity: this node's sockets count as one client (they would leave from its address).
-    let Some((_, be)) = lb::select_backend_for(&key, &svc, 0, crate::conntrack::now_ns(), false) else {
+    let be = match lb::decide_new::<V4>(vip, vport, p, 0, Origin::Host, crate::conntrack::now_ns()) {
+        Decision::New { be, .. } => be,
         // No endpoints: a TCP connect fails at once, as kube-proxy's REJECT makes it fail.
         // UDP goes on untranslated (a connected socket learns nothing before it sends).
-        return if p == proto::TCP && svc.count == 0 { refuse() } else { ALLOW };
+        Decision::NoBackend { svc } => return if p == proto::TCP && svc.count == 0 { refuse() } else { ALLOW },
+        Decision::Pass | Decision::Drop | Decision::Established { .. } => return ALLOW,
     };
     // SAFETY: helper on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };

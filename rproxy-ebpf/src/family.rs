@@ -1,0 +1,188 @@
+//! The address family, as a type: the service decision, conntrack, NAT and forwarding are
+//! written once, generic over `F: Family`, and instantiated for IPv4 (`V4`) by the entry points
+//! (as `Ctx` makes the same code run at TC and at XDP). A family brings its address type, its
+//! maps (`rproxy_common`'s generic layouts with its address) and what differs in its headers.
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    maps::{Array, HashMap, LpmTrie, LruHashMap},
+};
+use rproxy_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, RouteKey, RouteValue, ServiceKey, ServiceValue,
+    SrcRange, filter, hairpin, icmp as icmp_msg,
+};
+
+use crate::{
+    csum,
+    ctx::{Ctx, ptr_at},
+    icmp,
+    maps::{AFFINITY4, BE4, CT4, RNAT4, ROUTE4, SRC_RANGE4, SVC4},
+    parse::{IP_SADDR_OFF, IP_TTL_OFF, Packet},
+};
+
+/// An address family.
+pub trait Family: Sized + 'static {
+    /// Addresses as keys, values and headers carry them (network byte order).
+    type Addr: Copy + PartialEq + Default;
+    /// `AF_INET`, for FIB lookups.
+    const AF: u8;
+    /// The address a pod reaching itself through its Service sees the connection come from
+    /// (`rproxy_common::hairpin`).
+    const HAIRPIN: Self::Addr;
+
+    fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
+    fn backends() -> &'static Array<Backend<Self::Addr>>;
+    fn rev_nat() -> &'static Array<RevNat<Self::Addr>>;
+    fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
+    fn src_ranges() -> &'static LpmTrie<SrcRange<Self::Addr>, u8>;
+    fn routes() -> &'static LruHashMap<RouteKey<Self::Addr>, RouteValue>;
+
+    /// Bits of an address (for the source range trie's full-length lookups).
+    const ADDR_BITS: u32;
+    /// An address's bit in a filter map (`rproxy_common::filter`).
+    fn filter_bit(addr: Self::Addr, port: u16, proto: u8) -> u32;
+    /// The checksum difference (`csum::diff`) of the addresses `old` becoming `new`, each a
+    /// (source, destination) pair: what the L4 pseudo header (and IPv4's header) sees change.
+    fn addr_diff(old: [Self::Addr; 2], new: [Self::Addr; 2]) -> u32;
+    /// Folds an address difference into the IP header's checksum, if the family has one.
+    fn fold_ip_csum<C: Ctx>(ctx: &C, diff: u32) -> Result<(), i64>;
+    /// Writes the source and destination addresses into the IP header.
+    fn write_addrs<C: Ctx>(ctx: &C, saddr: Self::Addr, daddr: Self::Addr) -> Result<(), i64>;
+    /// Turns `pkt` into the ICMP error `error` to its sender (see `icmp`); `false` when none is
+    /// sent (a header the family does not quote, the rate limit, a helper failure).
+    fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet<Self>, error: IcmpError, now: u64) -> bool;
+    /// Decrements the TTL (hop limit) of a packet this node forwards (above 1, checked).
+    fn dec_ttl<C: Ctx>(ctx: &C) -> Result<(), i64>;
+    /// Sets a FIB lookup's addresses.
+    ///
+    /// # Safety
+    /// `p` points to a `bpf_fib_lookup` the caller owns.
+    unsafe fn fib_set_addrs(p: *mut bpf_fib_lookup, saddr: Self::Addr, daddr: Self::Addr);
+    /// The source address a FIB lookup reports.
+    ///
+    /// # Safety
+    /// As for `fib_set_addrs`, after the lookup.
+    unsafe fn fib_src(p: *const bpf_fib_lookup) -> Self::Addr;
+
+    /// A new flow to frontend `svc` that has no backend at all: turned into "port unreachable"
+    /// from the service address, as kube-proxy's `REJECT` answers. `false` when the frontend
+    /// has backends (their slots being rewritten, or none local: the caller drops) or no error
+    /// is sent.
+    #[inline(always)]
+    fn reject<C: Ctx>(ctx: &C, pkt: &Packet<Self>, svc: &ServiceValue, now: u64) -> bool {
+        svc.count == 0 && Self::icmp_error(ctx, pkt, IcmpError::PortUnreachable, now)
+    }
+}
+
+/// The ICMP errors the datapath sends (`rproxy_common::icmp`).
+#[derive(Clone, Copy)]
+pub enum IcmpError {
+    /// Forwarding would take the TTL to 0.
+    TimeExceeded,
+    /// Too big for the route, whose MTU this is ("fragmentation needed").
+    TooBig(u16),
+    /// No endpoint for the frontend.
+    PortUnreachable,
+}
+
+/// IPv4.
+pub struct V4;
+
+impl Family for V4 {
+    type Addr = u32;
+    const AF: u8 = 2;
+    const HAIRPIN: u32 = hairpin::ADDR;
+    const ADDR_BITS: u32 = 32;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<u32>, ServiceValue> {
+        &SVC4
+    }
+    #[inline(always)]
+    fn backends() -> &'static Array<Backend<u32>> {
+        &BE4
+    }
+    #[inline(always)]
+    fn rev_nat() -> &'static Array<RevNat<u32>> {
+        &RNAT4
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<u32>, CtValue<u32>> {
+        &CT4
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<u32>, AffinityValue> {
+        &AFFINITY4
+    }
+    #[inline(always)]
+    fn src_ranges() -> &'static LpmTrie<SrcRange<u32>, u8> {
+        &SRC_RANGE4
+    }
+    #[inline(always)]
+    fn routes() -> &'static LruHashMap<RouteKey<u32>, RouteValue> {
+        &ROUTE4
+    }
+
+    #[inline(always)]
+    fn filter_bit(addr: u32, port: u16, proto: u8) -> u32 {
+        filter::bit(addr, port, proto)
+    }
+
+    #[inline(always)]
+    fn addr_diff(old: [u32; 2], new: [u32; 2]) -> u32 {
+        csum::diff(&old, &new)
+    }
+
+    #[inline(always)]
+    fn fold_ip_csum<C: Ctx>(ctx: &C, diff: u32) -> Result<(), i64> {
+        csum::fold_diff(ctx, crate::parse::IP_CSUM_OFF, diff, true)
+    }
+
+    #[inline(always)]
+    fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet<Self>, error: IcmpError, now: u64) -> bool {
+        let (typ, code, mtu) = match error {
+            IcmpError::TimeExceeded => (icmp_msg::TIME_EXCEEDED, 0, 0),
+            IcmpError::TooBig(mtu) => (icmp_msg::DEST_UNREACH, icmp_msg::FRAG_NEEDED, mtu),
+            IcmpError::PortUnreachable => (icmp_msg::DEST_UNREACH, icmp_msg::PORT_UNREACH, 0),
+        };
+        icmp::reply(ctx, pkt, typ, code, mtu, now)
+    }
+
+    #[inline(always)]
+    fn dec_ttl<C: Ctx>(ctx: &C) -> Result<(), i64> {
+        let word: *mut [u8; 2] = ptr_at(ctx, IP_TTL_OFF).ok_or(-1i64)?;
+        // SAFETY: bounds-checked by ptr_at; TTL and protocol, one 16-bit word of the header.
+        let [ttl, proto] = unsafe { word.read_unaligned() };
+        let new = [ttl.saturating_sub(1), proto];
+        csum::update_ip_word(ctx, u16::from_ne_bytes([ttl, proto]), u16::from_ne_bytes(new))?;
+        // The checksum helper may have moved the skb's data: check again.
+        let word: *mut [u8; 2] = ptr_at(ctx, IP_TTL_OFF).ok_or(-1i64)?;
+        // SAFETY: as above.
+        unsafe { word.write_unaligned(new) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    unsafe fn fib_set_addrs(p: *mut bpf_fib_lookup, saddr: u32, daddr: u32) {
+        // SAFETY: the caller's struct; unions of plain integers.
+        unsafe {
+            (*p).__bindgen_anon_3.ipv4_src = saddr;
+            (*p).__bindgen_anon_4.ipv4_dst = daddr;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fib_src(p: *const bpf_fib_lookup) -> u32 {
+        // SAFETY: as above; the helper fills the union as IPv4 for family AF_INET.
+        unsafe { (*p).__bindgen_anon_3.ipv4_src }
+    }
+
+    #[inline(always)]
+    fn write_addrs<C: Ctx>(ctx: &C, saddr: u32, daddr: u32) -> Result<(), i64> {
+        let ip: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
+        // SAFETY: bounds-checked; unaligned because the Ethernet header leaves no alignment
+        // guarantee.
+        unsafe { ip.write_unaligned([saddr, daddr]) };
+        Ok(())
+    }
+}

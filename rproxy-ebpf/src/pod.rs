@@ -1,0 +1,168 @@
+//! The pod path: packets leaving a pod (`rpx_from_pod`, TC ingress on the host side of its veth)
+//! are translated to a backend (DNAT; and SNAT to the hairpin address when the backend is the
+//! pod itself); packets entering a pod (`rpx_to_pod`, TC egress on the same device) that are a
+//! backend's replies are translated back to come from the service.
+use aya_ebpf::programs::TcContext;
+use rproxy_common::{CT_DIR_REPLY, CT_NAT_SNAT, CtKey, FlowKind, Stat};
+
+use crate::{
+    conntrack::{self, Holder},
+    family::Family,
+    lb::{self, Decision, Origin},
+    maps::count,
+    nat::{self, Tuple},
+    parse::Packet,
+};
+
+/// What to do with the packet: pass it on, drop it, or send it back into the pod (an ICMP error
+/// written in its place).
+pub enum Verdict {
+    Pass,
+    Drop,
+    Bounce,
+}
+
+/// A packet a pod sent: to a service (translated), to the hairpin address (a reply of the pod
+/// to a connection to itself), or a new connection straight to a backend (see `direct_syn`).
+#[inline(always)]
+pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
+    if pkt.fragment {
+        count(Stat::Fragment);
+        return Ok(Verdict::Pass);
+    }
+    if pkt.daddr == F::HAIRPIN {
+        return hairpin_reply(ctx, pkt);
+    }
+    if !lb::may_be_service(pkt) {
+        // A new connection straight to a backend from the source port of a translated flow to
+        // it: see `direct_syn`.
+        if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) {
+            return Ok(direct_syn(pkt));
+        }
+        return Ok(Verdict::Pass);
+    }
+    let now = conntrack::now_ns();
+    match lb::decide(pkt, Origin::Pod, now) {
+        Decision::Pass => Ok(Verdict::Pass),
+        Decision::Established { key, ct, value } => {
+            conntrack::account::<F>(ct, &key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
+            let new =
+                Tuple { saddr: value.nat_addr, sport: value.nat_port, daddr: value.pair_addr, dport: value.pair_port };
+            nat::rewrite_tuple(ctx, pkt, &new)?;
+            count(Stat::Established);
+            Ok(Verdict::Pass)
+        }
+        Decision::Drop => Ok(Verdict::Drop),
+        Decision::NoBackend { svc } => {
+            // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
+            Ok(if F::reject(ctx, pkt, &svc, now) { Verdict::Bounce } else { Verdict::Drop })
+        }
+        Decision::New { svc, backend_id, be } => {
+            // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
+            let looped = be.addr == pkt.saddr;
+            let (nat, flags) =
+                if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
+            // The replies come back on (backend, nat): a live flow of another frontend there
+            // (the pod reused its source port towards this backend) keeps it, and this flow is
+            // dropped; a flow that is over gives it up.
+            let reply = CtKey {
+                saddr: be.addr,
+                daddr: nat.0,
+                sport: be.port,
+                dport: nat.1,
+                proto: pkt.proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            let stale = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
+                Holder::Live => {
+                    count(Stat::CtClash);
+                    return Ok(Verdict::Drop);
+                }
+                Holder::Stale(other) => Some(other),
+                Holder::Free => None,
+            };
+            if conntrack::create_nat(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
+                count(Stat::CtInsertFail);
+                return Ok(Verdict::Drop);
+            }
+            // The replaced flow's client side, unless this flow's own entry took its place.
+            if let Some(other) = stale.filter(|other| *other != conntrack::service_key(pkt)) {
+                let _ = F::conntrack().remove(other);
+            }
+            nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: nat.0, sport: nat.1, daddr: be.addr, dport: be.port })?;
+            count(Stat::NewFlow);
+            Ok(Verdict::Pass)
+        }
+    }
+}
+
+/// A pod's bare SYN straight to a backend's address and port (no frontend), from a source port
+/// whose reply tuple a translated flow holds: the pod connected to a Service, and now to the
+/// backend itself from the same port (its kernel hands a port out again once the destination
+/// differs). Were that flow's entry left, the backend's SYN-ACK would be translated to the
+/// service address and the pod would never see it. A flow that is over gives the tuple up (both
+/// its entries go, the new connection passes); a live one keeps it, and the SYN is dropped and
+/// counted: two live connections must not share one reply tuple.
+#[inline(always)]
+fn direct_syn<F: Family>(pkt: &Packet<F>) -> Verdict {
+    let reply = conntrack::reverse_reply_key(pkt);
+    match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), conntrack::now_ns()) {
+        Holder::Free => Verdict::Pass,
+        Holder::Stale(other) => {
+            conntrack::remove_flow::<F>(&reply, &other);
+            Verdict::Pass
+        }
+        Holder::Live => {
+            count(Stat::CtClash);
+            Verdict::Drop
+        }
+    }
+}
+
+/// A pod's reply to a hairpin flow (to `F::HAIRPIN`): back to the service address as its source
+/// and the pod's own address as its destination; the host then routes it into the pod.
+/// Anything else to that address passes (and goes nowhere).
+#[inline(always)]
+fn hairpin_reply<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
+    let key = conntrack::reply_key(pkt);
+    let Some(ct) = F::conntrack().get_ptr_mut(key) else {
+        return Ok(Verdict::Pass);
+    };
+    // SAFETY: valid map value pointer for this run; copied out.
+    let v = unsafe { *ct };
+    if v.kind() != FlowKind::Hairpin {
+        return Ok(Verdict::Pass);
+    }
+    conntrack::account::<F>(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    nat::rewrite_tuple(
+        ctx,
+        pkt,
+        &Tuple { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port },
+    )?;
+    count(Stat::RevNat);
+    Ok(Verdict::Pass)
+}
+
+/// A packet entering a pod: a backend's reply to a flow translated on the pod path gets the
+/// service address back as its source (the conntrack reply entry's pair), while its frontend
+/// exists.
+#[inline(always)]
+pub fn to_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
+    if pkt.fragment || !lb::may_be_backend(pkt) {
+        return Ok(Verdict::Pass);
+    }
+    let key = conntrack::reply_key(pkt);
+    let Some(ct) = F::conntrack().get_ptr_mut(key) else {
+        return Ok(Verdict::Pass);
+    };
+    // SAFETY: valid map value pointer for this run; copied out.
+    let v = unsafe { *ct };
+    if v.kind() != FlowKind::EastWest || !lb::frontend_alive::<F>(v.rev_nat_id, v.pair_addr, v.pair_port) {
+        return Ok(Verdict::Pass);
+    }
+    conntrack::account::<F>(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) })?;
+    count(Stat::RevNat);
+    Ok(Verdict::Pass)
+}
