@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
@@ -26,7 +26,7 @@ use aya::{
 };
 use rproxy_common::{
     AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue4, RevNat4, RouteKey4, RouteValue,
-    ServiceKey4, ServiceValue, SrcRange4, Stat, map_names, prog_names,
+    ServiceKey4, ServiceValue, SrcRange4, Stat, calls, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
 
@@ -66,6 +66,9 @@ pub struct Maps {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    /// The tail calls' program arrays (`rproxy_common::calls`), held open: a program array the
+    /// kernel finds without a file descriptor or pin is emptied (a private load has no pin).
+    _calls: Vec<ProgramArray<MapData>>,
 }
 
 /// Which TC hook of a device.
@@ -184,6 +187,24 @@ impl Datapath {
                 .map_err(|source| Error::Io { what: format!("removing {}", tmp.display()), source })?;
         }
         let mut ebpf = result?;
+        // The tail-called programs first: the arrays must be full before any program that
+        // calls through them is attached (here or, on a restart, by a link update). An object
+        // from before them (`--baseline-object` of an older build) has none.
+        let mut calls = Vec::new();
+        if ebpf.map(map_names::CALLS_TC).is_some() {
+            for (_, name) in calls::TC {
+                program_as::<SchedClassifier>(&mut ebpf, name)?
+                    .load()
+                    .map_err(|source| Error::Program { name, source })?;
+            }
+            for (_, name) in calls::XDP {
+                program_as::<Xdp>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+            }
+            calls.push(fill_calls(&mut ebpf, map_names::CALLS_TC, &calls::TC)?);
+            calls.push(fill_calls(&mut ebpf, map_names::CALLS_XDP, &calls::XDP)?);
+        } else {
+            warn!("an eBPF object without tail calls (a build from before IPv6): IPv6 packets pass untranslated");
+        }
         for name in [
             prog_names::FROM_POD,
             prog_names::TO_POD,
@@ -199,7 +220,7 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             program_as::<CgroupSockAddr>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
-        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf) })
+        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls })
     }
 
     /// Takes the typed map handles out of the object (once).
@@ -508,6 +529,19 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 /// Map `name` taken out of the object, as its typed handle (hash, array, LPM trie, …).
+/// Takes program array `map` out of the object and puts each loaded program of `slots` in its
+/// slot. On a restart the array is the pinned one the running programs call through: each slot
+/// changes from the old program to the new in one update.
+fn fill_calls(ebpf: &mut Ebpf, map: &'static str, slots: &[(u32, &'static str)]) -> Result<ProgramArray<MapData>> {
+    let mut array: ProgramArray<MapData> = take(ebpf, map)?;
+    for &(index, name) in slots {
+        let program = ebpf.program(name).ok_or(Error::MissingProgram { name })?;
+        let fd = program.fd().map_err(|source| Error::Program { name, source })?;
+        array.set(index, fd, 0).map_err(|source| Error::Map { name: map, source })?;
+    }
+    Ok(array)
+}
+
 fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<M> {
     let map = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
     M::try_from(map).map_err(|source| Error::Map { name, source })
@@ -650,9 +684,10 @@ impl MapShape {
 /// Maps that hold no connection state (counters, the SNAT cursor, the ICMP rate limit, the
 /// filters and affinity matches, which the writer rewrites from the services and backends, the
 /// configuration, which the agent writes at start, and the affinity memory, whose loss only
-/// makes clients pick afresh, and the route cache, whose loss costs a FIB lookup): a pinned
-/// one of another shape is replaced, not refused.
-const REPLACEABLE: [&str; 9] = [
+/// makes clients pick afresh, and the route cache, whose loss costs a FIB lookup, and the
+/// program arrays, which the agent fills at every start): a pinned one of another shape is
+/// replaced, not refused.
+const REPLACEABLE: [&str; 11] = [
     map_names::STATS,
     map_names::SNAT_CURSOR,
     map_names::ICMP_LIMIT,
@@ -662,6 +697,8 @@ const REPLACEABLE: [&str; 9] = [
     map_names::AFFINITY4,
     map_names::AFFINITY_MATCH,
     map_names::ROUTE4,
+    map_names::CALLS_TC,
+    map_names::CALLS_XDP,
 ];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

@@ -51,8 +51,22 @@ pub mod map_names {
     /// The north-south forwarding's route cache (`route`): an LRU hash `RouteKey4` →
     /// `RouteValue`.
     pub const ROUTE4: &str = "RPX_ROUTE4";
+    /// The IPv6 twins of the maps above, with the `…6` layouts (sized like them).
+    pub const SERVICES6: &str = "RPX_SVC6";
+    pub const BACKENDS6: &str = "RPX_BE6";
+    pub const REV_NAT6: &str = "RPX_RNAT6";
+    pub const CT6: &str = "RPX_CT6";
+    pub const SOCK_REV_NAT6: &str = "RPX_SK_RNAT6";
+    pub const SRC_RANGE6: &str = "RPX_SRC_RANGE6";
+    pub const AFFINITY6: &str = "RPX_AFFINITY6";
+    pub const ROUTE6: &str = "RPX_ROUTE6";
+    /// The program arrays of the tail calls (`super::calls`), TC's and XDP's. Pinned like the
+    /// other maps: the kernel empties a program array once no file descriptor or pin holds it,
+    /// and the programs attached must keep their IPv6 half while the agent restarts.
+    pub const CALLS_TC: &str = "RPX_CALLS_TC";
+    pub const CALLS_XDP: &str = "RPX_CALLS_XDP";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 25] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -68,6 +82,16 @@ pub mod map_names {
         AFFINITY4,
         AFFINITY_MATCH,
         ROUTE4,
+        SERVICES6,
+        BACKENDS6,
+        REV_NAT6,
+        CT6,
+        SOCK_REV_NAT6,
+        SRC_RANGE6,
+        AFFINITY6,
+        ROUTE6,
+        CALLS_TC,
+        CALLS_XDP,
     ];
 }
 
@@ -98,6 +122,67 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "rpx_sock_recvmsg4";
     /// cgroup `getpeername4`: a translated socket's peer is the service address.
     pub const SOCK_GETPEERNAME4: &str = "rpx_sock_getpeername4";
+    /// The IPv6 socket hooks (IPv4-mapped addresses go to the IPv4 services).
+    pub const SOCK_CONNECT6: &str = "rpx_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "rpx_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "rpx_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "rpx_sock_getpeername6";
+    /// The IPv6 halves of the packet programs, entered by tail call (`super::calls`).
+    pub const FROM_POD6: &str = "rpx_from_pod6";
+    pub const TO_POD6: &str = "rpx_to_pod6";
+    pub const EXT_INGRESS6: &str = "rpx_ext_ingress6";
+    pub const EXT_EGRESS6: &str = "rpx_ext_egress6";
+    pub const XDP_EXT6: &str = "rpx_xdp_ext6";
+    /// A new north-south IPv6 flow to another node's backend (FIB lookup, SNAT port,
+    /// forwarding), entered by tail call from `rpx_ext_ingress6` and `rpx_xdp_ext6`.
+    pub const EXT_INGRESS6_SNAT: &str = "rpx_ext_ingress6_snat";
+    pub const XDP_EXT6_SNAT: &str = "rpx_xdp_ext6_snat";
+    /// An ICMPv6 error arriving on an external device, perhaps about a flow this node
+    /// source-translated (forwarded to the client), entered by tail call from the same two.
+    pub const EXT_INGRESS6_ICMP: &str = "rpx_ext_ingress6_icmp";
+    pub const XDP_EXT6_ICMP: &str = "rpx_xdp_ext6_icmp";
+}
+
+/// Tail calls. A BPF call chain has 512 bytes of stack; the IPv4 path of each packet program
+/// fits, the IPv6 path (addresses four times as wide, and as many registers to spill) does
+/// not fit beside it. So each packet program handles IPv4 itself and tail-calls its IPv6 half,
+/// a program of its own with a fresh stack; the north-south IPv6 path tail-calls once more for
+/// a new flow to another node's backend, and for an ICMPv6 error. The agent fills the program arrays
+/// (`map_names::CALLS_TC`, `map_names::CALLS_XDP`) at these indices when it loads the object;
+/// a tail call into an empty slot falls through, and the packet passes (counted as
+/// `Stat::TailCallFail`).
+pub mod calls {
+    use super::prog_names;
+
+    pub const FROM_POD6: u32 = 0;
+    pub const TO_POD6: u32 = 1;
+    pub const EXT_INGRESS6: u32 = 2;
+    pub const EXT_EGRESS6: u32 = 3;
+    pub const EXT_INGRESS6_SNAT: u32 = 4;
+    pub const EXT_INGRESS6_ICMP: u32 = 5;
+    /// Slots of `RPX_CALLS_TC`.
+    pub const TC_SLOTS: u32 = 8;
+    /// The TC programs and their slots.
+    pub const TC: [(u32, &str); 6] = [
+        (FROM_POD6, prog_names::FROM_POD6),
+        (TO_POD6, prog_names::TO_POD6),
+        (EXT_INGRESS6, prog_names::EXT_INGRESS6),
+        (EXT_EGRESS6, prog_names::EXT_EGRESS6),
+        (EXT_INGRESS6_SNAT, prog_names::EXT_INGRESS6_SNAT),
+        (EXT_INGRESS6_ICMP, prog_names::EXT_INGRESS6_ICMP),
+    ];
+
+    pub const XDP_EXT6: u32 = 0;
+    pub const XDP_EXT6_SNAT: u32 = 1;
+    pub const XDP_EXT6_ICMP: u32 = 2;
+    /// Slots of `RPX_CALLS_XDP`.
+    pub const XDP_SLOTS: u32 = 4;
+    /// The XDP programs and their slots.
+    pub const XDP: [(u32, &str); 3] = [
+        (XDP_EXT6, prog_names::XDP_EXT6),
+        (XDP_EXT6_SNAT, prog_names::XDP_EXT6_SNAT),
+        (XDP_EXT6_ICMP, prog_names::XDP_EXT6_ICMP),
+    ];
 }
 
 /// Map capacities. The agent checks desired state against these before it writes.
@@ -177,6 +262,15 @@ pub mod snat {
 pub mod hairpin {
     /// 169.254.42.1, network byte order as in packets.
     pub const ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+    /// `fd72:7078:7900::1`, the IPv6 twin: a unique local address (RFC 4193) whose global ID
+    /// spells "rpxy", routed like any other through the pod's default gateway. (A link-local
+    /// address would need neighbour discovery on the pod's link.)
+    pub const ADDR6: super::In6 = [
+        u32::from_ne_bytes([0xfd, 0x72, 0x70, 0x78]),
+        u32::from_ne_bytes([0x79, 0x00, 0x00, 0x00]),
+        0,
+        u32::from_ne_bytes([0, 0, 0, 1]),
+    ];
 }
 
 /// ICMP errors the datapath sends, back out of the device the packet came in on, from the
@@ -202,6 +296,13 @@ pub mod icmp {
     pub const FRAG_NEEDED: u8 = 4;
     pub const PORT_UNREACH: u8 = 3;
     pub const PARAM_PROBLEM: u8 = 12;
+    /// ICMPv6 (RFC 4443): the same errors, the same budget.
+    pub const V6_DEST_UNREACH: u8 = 1;
+    pub const V6_PACKET_TOO_BIG: u8 = 2;
+    pub const V6_TIME_EXCEEDED: u8 = 3;
+    pub const V6_PARAM_PROBLEM: u8 = 4;
+    /// Destination unreachable's "port unreachable" code in ICMPv6.
+    pub const V6_PORT_UNREACH: u8 = 4;
 }
 
 /// The route cache of the north-south forwarding at XDP (`map_names::ROUTE4`).
@@ -246,12 +347,20 @@ pub mod filter {
         // Multiplicative hashing; the top 18 bits index 2^18 = WORDS * 64 bits.
         (addr ^ ((port as u32) << 16) ^ proto as u32).wrapping_mul(0x9e37_79b1) >> 14
     }
+    /// The bit of an IPv6 frontend or backend: its address's words folded into one (the same
+    /// bitmaps serve both families).
+    #[inline(always)]
+    #[must_use]
+    pub const fn bit6(addr: &super::In6, port: u16, proto: u8) -> u32 {
+        bit(addr[0] ^ addr[1] ^ addr[2] ^ addr[3], port, proto)
+    }
     const _: () = assert!(WORDS * 64 == 1 << 18);
 }
 
 /// IP protocol numbers as carried in keys.
 pub mod proto {
     pub const ICMP: u8 = 1;
+    pub const ICMPV6: u8 = 58;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
@@ -699,10 +808,13 @@ pub enum Stat {
     /// two frontends or a frontend and the backend's own address): taking it would send that
     /// flow's replies to the wrong socket. A closing or expired holder is replaced instead.
     CtClash = 16,
+    /// Tail calls that found their program array slot empty (`calls`): the packet passed
+    /// untranslated. Never expected; the agent fills the slots before it attaches anything.
+    TailCallFail = 17,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -721,6 +833,7 @@ impl Stat {
         Self::IcmpRelated,
         Self::SourceRangeDrop,
         Self::CtClash,
+        Self::TailCallFail,
     ];
 
     #[must_use]
@@ -743,6 +856,7 @@ impl Stat {
             Self::IcmpRelated => "icmp_related",
             Self::SourceRangeDrop => "src_range_drop",
             Self::CtClash => "ct_clash",
+            Self::TailCallFail => "tail_call_fail",
         }
     }
 }

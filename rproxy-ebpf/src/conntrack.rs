@@ -79,7 +79,7 @@ pub fn service_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
         dport: pkt.dport,
         proto: pkt.proto,
         dir: CT_DIR_SERVICE,
-        _pad: [0; 2],
+        _pad: [0, 0],
     }
 }
 
@@ -91,8 +91,9 @@ pub fn reply_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
 /// Accounts one packet on an existing entry. Packets that add TCP flags (SYN, FIN, RST, first
 /// reply) move the state of both entries of the flow; others only refresh their own expiry.
 /// A bare SYN on a closing entry reopens the flow (client port reuse) with the same backend.
+/// `ct` is the entry in direction `dir` (`CT_DIR_*`) of a flow of protocol `proto`.
 #[inline(always)]
-pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, key: &CtKey<F::Addr>, bits: u8, reopen: bool, now: u64) {
+pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, dir: u8, proto: u8, bits: u8, reopen: bool, now: u64) {
     // SAFETY: `ct` comes from a successful map lookup; the value stays valid for this program run
     // (RCU), and concurrent writers only store whole fields.
     let v = unsafe { &mut *ct };
@@ -103,12 +104,12 @@ pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, key: &CtKey<F::Addr>, bits:
         v.expires_ns = now + state.lifetime_ns();
         return;
     }
-    let state = state_of(key.proto, new);
+    let state = state_of(proto, new);
     let expires = now + state.lifetime_ns();
     v.flags = new;
     v.state = state as u8;
     v.expires_ns = expires;
-    if let Some(p) = F::conntrack().get_ptr_mut(key.pair(v)) {
+    if let Some(p) = F::conntrack().get_ptr_mut(pair_key(dir, proto, v)) {
         // SAFETY: as above.
         let p = unsafe { &mut *p };
         p.flags = new;
@@ -117,13 +118,62 @@ pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, key: &CtKey<F::Addr>, bits:
     }
 }
 
-/// A new flow's entries: the reply key and value, and the service value.
-pub type FlowEntries<A> = (CtKey<A>, CtValue<A>, CtValue<A>);
-
-/// The two entries of a new flow translated to backend `be` with the source translated to
-/// `nat` (the client itself without SNAT): the reply key and value, and the service value.
+/// The key of the other entry of a flow whose entry in direction `dir` holds `v` (built from the
+/// value alone: the caller's key need not be on the stack).
 #[inline(always)]
-pub fn flow_entries<F: Family>(
+pub fn pair_key<A: Copy>(dir: u8, proto: u8, v: &CtValue<A>) -> CtKey<A> {
+    let (saddr, daddr, sport, dport, dir) = if dir == CT_DIR_SERVICE {
+        (v.pair_addr, v.nat_addr, v.pair_port, v.nat_port, CT_DIR_REPLY)
+    } else {
+        (v.nat_addr, v.pair_addr, v.nat_port, v.pair_port, CT_DIR_SERVICE)
+    };
+    CtKey { saddr, daddr, sport, dport, proto, dir, _pad: [0, 0] }
+}
+
+/// One conntrack entry, key and value. A new flow's two entries are built in one of these,
+/// the reply entry first ([`reply_entry`]), then turned into the service entry
+/// ([`Entry::make_service`]): one key and one value on the stack, not four (IPv6's are 40 and 56
+/// bytes, and the whole call chain has 512).
+pub struct Entry<A> {
+    pub key: CtKey<A>,
+    pub value: CtValue<A>,
+}
+
+impl<A: Copy> Entry<A> {
+    /// The reply entry `(backend → nat)` becomes the service entry `(client → frontend)` of
+    /// packet `pkt`'s flow: the value's pair is the backend, its nat side the address the
+    /// backend sees (the reply key's destination: a SNAT port chosen since is kept).
+    #[inline(always)]
+    pub fn make_service<F: Family<Addr = A>>(&mut self, pkt: &Packet<F>) {
+        let (k, v) = (&mut self.key, &mut self.value);
+        v.pair_addr = k.saddr;
+        v.pair_port = k.sport;
+        v.nat_addr = k.daddr;
+        v.nat_port = k.dport;
+        k.saddr = pkt.saddr;
+        k.daddr = pkt.daddr;
+        k.sport = pkt.sport;
+        k.dport = pkt.dport;
+        k.dir = CT_DIR_SERVICE;
+    }
+
+    /// The service entry's key becomes the reply entry's again (the value is left as it is).
+    #[inline(always)]
+    pub fn make_reply_key(&mut self) {
+        let (k, v) = (&mut self.key, &self.value);
+        k.saddr = v.pair_addr;
+        k.daddr = v.nat_addr;
+        k.sport = v.pair_port;
+        k.dport = v.nat_port;
+        k.dir = CT_DIR_REPLY;
+    }
+}
+
+/// The reply entry of a new flow translated to backend `be` with the source translated to
+/// `nat` (the client itself without SNAT): replies from the backend to `nat` pair with the
+/// frontend the client addressed.
+#[inline(always)]
+pub fn reply_entry<F: Family>(
     pkt: &Packet<F>,
     backend_id: u32,
     be: &Backend<F::Addr>,
@@ -131,34 +181,32 @@ pub fn flow_entries<F: Family>(
     nat: (F::Addr, u16),
     nat_flags: u8,
     now: u64,
-) -> FlowEntries<F::Addr> {
+) -> Entry<F::Addr> {
     let bits = fwd_bits(pkt);
     let state = state_of(pkt.proto, bits);
-    let reply_value = CtValue {
-        expires_ns: now + state.lifetime_ns(),
-        backend_id,
-        rev_nat_id,
-        flags: bits,
-        state: state as u8,
-        pair_addr: pkt.daddr,
-        pair_port: pkt.dport,
-        nat_addr: pkt.saddr,
-        nat_port: pkt.sport,
-        nat_flags,
-        _pad: [0; 3],
-    };
-    let reply = CtKey {
-        saddr: be.addr,
-        daddr: nat.0,
-        sport: be.port,
-        dport: nat.1,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let service_value =
-        CtValue { pair_addr: be.addr, pair_port: be.port, nat_addr: nat.0, nat_port: nat.1, ..reply_value };
-    (reply, reply_value, service_value)
+    Entry {
+        key: flow_reply_key(pkt.proto, be, nat),
+        value: CtValue {
+            expires_ns: now + state.lifetime_ns(),
+            backend_id,
+            rev_nat_id,
+            flags: bits,
+            state: state as u8,
+            pair_addr: pkt.daddr,
+            pair_port: pkt.dport,
+            nat_addr: pkt.saddr,
+            nat_port: pkt.sport,
+            nat_flags,
+            _pad: [0, 0, 0],
+        },
+    }
+}
+
+/// The reply entry's key of a flow of protocol `proto` to backend `be` whose source the backend
+/// sees as `nat`: the key of the backend's replies.
+#[inline(always)]
+pub fn flow_reply_key<A: Copy>(proto: u8, be: &Backend<A>, nat: (A, u16)) -> CtKey<A> {
+    CtKey { saddr: be.addr, daddr: nat.0, sport: be.port, dport: nat.1, proto, dir: CT_DIR_REPLY, _pad: [0, 0] }
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself
@@ -174,9 +222,10 @@ pub fn create_nat<F: Family>(
     nat_flags: u8,
     now: u64,
 ) -> Result<(), i32> {
-    let (reply, reply_value, service_value) = flow_entries(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
-    F::conntrack().insert(reply, reply_value, BPF_ANY)?;
-    F::conntrack().insert(service_key(pkt), service_value, BPF_ANY)
+    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
+    F::conntrack().insert(&e.key, &e.value, BPF_ANY)?;
+    e.make_service(pkt);
+    F::conntrack().insert(&e.key, &e.value, BPF_ANY)
 }
 
 /// Takes over the SNAT port of `reply` (a reply key whose insertion failed: the port is in use
@@ -193,17 +242,24 @@ pub fn create_nat<F: Family>(
 /// was alive when it looked (it re-reads before deleting). The old flow's client-side entry is
 /// removed too, so a late packet of the old client cannot touch the new flow.
 #[inline(always)]
-pub fn reclaim_snat<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> bool {
+pub fn reclaim_snat<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> bool {
     // A cheap look first: most taken ports belong to open flows.
     if reclaimable::<F>(reply, now).is_none() {
         return false;
     }
-    let lock = CtKey { dir: CT_DIR_RECLAIM, ..*reply };
-    if F::conntrack().insert(lock, CtValue::default(), BPF_NOEXIST).is_err() {
+    // The lock is the key itself with another direction (its value does not matter: it is
+    // `value`, so a lock that somehow stayed would expire with it).
+    let ct = F::conntrack();
+    reply.dir = CT_DIR_RECLAIM;
+    let locked = ct.insert(&*reply, value, BPF_NOEXIST).is_ok();
+    reply.dir = CT_DIR_REPLY;
+    if !locked {
         return false;
     }
     let won = claim::<F>(reply, value, now);
-    let _ = F::conntrack().remove(lock);
+    reply.dir = CT_DIR_RECLAIM;
+    let _ = ct.remove(&*reply);
+    reply.dir = CT_DIR_REPLY;
     won
 }
 
@@ -213,7 +269,7 @@ fn claim<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) 
         return false;
     };
     let ct = F::conntrack();
-    if ct.remove(reply).is_err() || ct.insert(*reply, *value, BPF_NOEXIST).is_err() {
+    if ct.remove(reply).is_err() || ct.insert(reply, value, BPF_NOEXIST).is_err() {
         return false;
     }
     let _ = ct.remove(client_side);
@@ -223,13 +279,13 @@ fn claim<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) 
 /// If the SNAT reply entry `reply` and its client-side pair are quietly closing, the pair's key.
 #[inline(always)]
 fn reclaimable<F: Family>(reply: &CtKey<F::Addr>, now: u64) -> Option<CtKey<F::Addr>> {
-    // SAFETY: copied out at once.
-    let old = *unsafe { F::conntrack().get(reply) }?;
-    if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(&old, now) {
+    // SAFETY: read in place; a concurrent update stores whole fields.
+    let old = unsafe { F::conntrack().get(reply) }?;
+    if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(old, now) {
         return None;
     }
-    let client_side = reply.pair(&old);
-    // SAFETY: copied out at once.
+    let client_side = reply.pair(old);
+    // SAFETY: as above.
     if let Some(c) = unsafe { F::conntrack().get(client_side) }
         && !quiet_closing(c, now)
     {
@@ -281,7 +337,7 @@ pub fn reverse_reply_key<F: Family>(pkt: &Packet<F>) -> CtKey<F::Addr> {
         dport: pkt.sport,
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+        _pad: [0, 0],
     }
 }
 

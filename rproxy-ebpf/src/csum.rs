@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{bpf_l3_csum_replace, bpf_l4_csum_replace},
 };
-pub use rproxy_common::csum::{apply, diff, fold_complement};
+pub use rproxy_common::csum::{add, apply, diff, fold_complement};
 use rproxy_common::proto;
 
 use crate::{

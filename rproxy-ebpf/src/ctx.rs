@@ -4,14 +4,18 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
+use rproxy_common::{Stat, calls};
+
+use crate::maps::{CALLS_TC, CALLS_XDP, count};
 
 /// Deepest header bytes the programs look at: Ethernet + IPv6 with extension headers (or IPv4
 /// with full options) + TCP. TC makes at least this much of the packet linear.
 pub const MAX_HDR: u32 = 14 + 40 + 64 + 20;
 
-pub trait Ctx: EbpfContext {
+pub trait Ctx: EbpfContext + Sized {
     /// Start of the packet's linear data.
     fn data(&self) -> usize;
     /// End of the packet's linear data.
@@ -31,10 +35,32 @@ pub trait Ctx: EbpfContext {
     /// Whether the checksum helpers of an skb are available (TC), or checksums are rewritten
     /// in the frame (XDP).
     const SKB: bool;
+    /// This hook's program array (`rproxy_common::calls`).
+    fn calls() -> &'static ProgramArray;
+    /// This hook's slots of the IPv6 north-south stages: a new flow to another node's backend,
+    /// an ICMPv6 error.
+    const SNAT6_CALL: u32;
+    const ICMP6_CALL: u32;
+
+    /// Tail-calls the program in slot `index` of this hook's array. Returns only if the slot is
+    /// empty (counted as `Stat::TailCallFail`).
+    #[inline(always)]
+    fn tail_call(&self, index: u32) {
+        // SAFETY: this program's context, and an array of programs of this hook's type.
+        unsafe { Self::calls().tail_call(self, index) };
+        count(Stat::TailCallFail);
+    }
 }
 
 impl Ctx for TcContext {
     const SKB: bool = true;
+    const SNAT6_CALL: u32 = calls::EXT_INGRESS6_SNAT;
+    const ICMP6_CALL: u32 = calls::EXT_INGRESS6_ICMP;
+
+    #[inline(always)]
+    fn calls() -> &'static ProgramArray {
+        &CALLS_TC
+    }
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -77,6 +103,13 @@ impl Ctx for TcContext {
 
 impl Ctx for XdpContext {
     const SKB: bool = false;
+    const SNAT6_CALL: u32 = calls::XDP_EXT6_SNAT;
+    const ICMP6_CALL: u32 = calls::XDP_EXT6_ICMP;
+
+    #[inline(always)]
+    fn calls() -> &'static ProgramArray {
+        &CALLS_XDP
+    }
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -124,4 +157,20 @@ pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + off) as *mut T)
+}
+
+/// `N` 32-bit words of packet data at `p` (any alignment; memory order). LLVM reads unaligned
+/// data byte by byte, and left alone keeps the bytes apart, in a register and a stack slot
+/// each, until it needs the words: an IPv6 address would take sixteen of the 512 bytes of stack
+/// a program has. The barrier makes the words whole as they are read.
+///
+/// # Safety
+/// `p .. p + 4 * N` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_words<const N: usize>(p: *const u8) -> [u32; N] {
+    #[expect(clippy::cast_ptr_alignment, reason = "read with read_unaligned")]
+    let w = p.cast::<u32>();
+    // SAFETY: the caller's; unaligned reads.
+    let words = core::array::from_fn(|i| unsafe { w.add(i).read_unaligned() });
+    core::hint::black_box(words)
 }

@@ -1,34 +1,49 @@
 //! The address family, as a type: the service decision, conntrack, NAT and forwarding are
-//! written once, generic over `F: Family`, and instantiated for IPv4 (`V4`) by the entry points
-//! (as `Ctx` makes the same code run at TC and at XDP). A family brings its address type, its
+//! written once, generic over `F: Family`, and instantiated for IPv4 (`V4`) and IPv6 (`V6`) by
+//! the entry points (as `Ctx` makes the same code run at TC and at XDP). A family brings its address type, its
 //! maps (`rproxy_common`'s generic layouts with its address) and what differs in its headers.
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
 use rproxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, RouteKey, RouteValue, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue, ServiceKey, ServiceValue,
     SrcRange, filter, hairpin, icmp as icmp_msg,
 };
 
 use crate::{
     csum,
     ctx::{Ctx, ptr_at},
-    icmp,
-    maps::{AFFINITY4, BE4, CT4, RNAT4, ROUTE4, SRC_RANGE4, SVC4},
-    parse::{IP_SADDR_OFF, IP_TTL_OFF, Packet},
+    icmp, icmp6,
+    maps::{
+        AFFINITY4, AFFINITY6, BE4, BE6, CT4, CT6, RNAT4, RNAT6, ROUTE4, ROUTE6, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6,
+    },
+    parse::{IP_SADDR_OFF, IP_TTL_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, Packet},
+    related::{self, Quote},
+    related6,
 };
 
 /// An address family.
 pub trait Family: Sized + 'static {
     /// Addresses as keys, values and headers carry them (network byte order).
     type Addr: Copy + PartialEq + Default;
-    /// `AF_INET`, for FIB lookups.
+    /// `AF_INET` or `AF_INET6`, for FIB lookups.
     const AF: u8;
+    /// ICMP's protocol number in this family (for the FIB lookups of the errors it forwards).
+    const ICMP: u8;
+    /// An ICMP error quoting a packet (`related`).
+    type Quoted: Quote<Self>;
     /// The address a pod reaching itself through its Service sees the connection come from
     /// (`rproxy_common::hairpin`).
     const HAIRPIN: Self::Addr;
+    /// Whether a new north-south flow to another node's backend, and an ICMP error arriving on
+    /// an external device, go through stages, programs of their own entered by tail call
+    /// (`rproxy_common::calls`), rather than inline: IPv6's path does not fit one program's
+    /// stack with them.
+    const STAGES: bool;
 
+    /// The frame's TCP or UDP packet of this family (see `parse`).
+    fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>>;
     fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn rev_nat() -> &'static Array<RevNat<Self::Addr>>;
@@ -53,15 +68,18 @@ pub trait Family: Sized + 'static {
     fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet<Self>, error: IcmpError, now: u64) -> bool;
     /// Decrements the TTL (hop limit) of a packet this node forwards (above 1, checked).
     fn dec_ttl<C: Ctx>(ctx: &C) -> Result<(), i64>;
-    /// Sets a FIB lookup's addresses.
+    /// Sets a FIB lookup's source and destination addresses.
     ///
     /// # Safety
     /// `p` points to a `bpf_fib_lookup` the caller owns.
-    unsafe fn fib_set_addrs(p: *mut bpf_fib_lookup, saddr: Self::Addr, daddr: Self::Addr);
+    unsafe fn fib_set_src(p: *mut bpf_fib_lookup, saddr: Self::Addr);
+    /// # Safety
+    /// As for `fib_set_src`.
+    unsafe fn fib_set_dst(p: *mut bpf_fib_lookup, daddr: Self::Addr);
     /// The source address a FIB lookup reports.
     ///
     /// # Safety
-    /// As for `fib_set_addrs`, after the lookup.
+    /// As for `fib_set_src`, after the lookup.
     unsafe fn fib_src(p: *const bpf_fib_lookup) -> Self::Addr;
 
     /// A new flow to frontend `svc` that has no backend at all: turned into "port unreachable"
@@ -90,10 +108,17 @@ pub struct V4;
 
 impl Family for V4 {
     type Addr = u32;
+    type Quoted = related::Quoted;
     const AF: u8 = 2;
+    const ICMP: u8 = rproxy_common::proto::ICMP;
     const HAIRPIN: u32 = hairpin::ADDR;
+    const STAGES: bool = false;
     const ADDR_BITS: u32 = 32;
 
+    #[inline(always)]
+    fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>> {
+        crate::parse::parse_ipv4(ctx)
+    }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<u32>, ServiceValue> {
         &SVC4
@@ -163,12 +188,15 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    unsafe fn fib_set_addrs(p: *mut bpf_fib_lookup, saddr: u32, daddr: u32) {
+    unsafe fn fib_set_src(p: *mut bpf_fib_lookup, saddr: u32) {
         // SAFETY: the caller's struct; unions of plain integers.
-        unsafe {
-            (*p).__bindgen_anon_3.ipv4_src = saddr;
-            (*p).__bindgen_anon_4.ipv4_dst = daddr;
-        }
+        unsafe { (*p).__bindgen_anon_3.ipv4_src = saddr };
+    }
+
+    #[inline(always)]
+    unsafe fn fib_set_dst(p: *mut bpf_fib_lookup, daddr: u32) {
+        // SAFETY: as above.
+        unsafe { (*p).__bindgen_anon_4.ipv4_dst = daddr };
     }
 
     #[inline(always)]
@@ -180,6 +208,113 @@ impl Family for V4 {
     #[inline(always)]
     fn write_addrs<C: Ctx>(ctx: &C, saddr: u32, daddr: u32) -> Result<(), i64> {
         let ip: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
+        // SAFETY: bounds-checked; unaligned because the Ethernet header leaves no alignment
+        // guarantee.
+        unsafe { ip.write_unaligned([saddr, daddr]) };
+        Ok(())
+    }
+}
+
+/// IPv6.
+pub struct V6;
+
+impl Family for V6 {
+    type Addr = In6;
+    type Quoted = related6::Quoted6;
+    const AF: u8 = 10;
+    const ICMP: u8 = rproxy_common::proto::ICMPV6;
+    const HAIRPIN: In6 = hairpin::ADDR6;
+    const STAGES: bool = true;
+    const ADDR_BITS: u32 = 128;
+
+    #[inline(always)]
+    fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>> {
+        crate::parse::parse_ipv6(ctx)
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<In6>, ServiceValue> {
+        &SVC6
+    }
+    #[inline(always)]
+    fn backends() -> &'static Array<Backend<In6>> {
+        &BE6
+    }
+    #[inline(always)]
+    fn rev_nat() -> &'static Array<RevNat<In6>> {
+        &RNAT6
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<In6>, CtValue<In6>> {
+        &CT6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<In6>, AffinityValue> {
+        &AFFINITY6
+    }
+    #[inline(always)]
+    fn src_ranges() -> &'static LpmTrie<SrcRange<In6>, u8> {
+        &SRC_RANGE6
+    }
+    #[inline(always)]
+    fn routes() -> &'static LruHashMap<RouteKey<In6>, RouteValue> {
+        &ROUTE6
+    }
+
+    #[inline(always)]
+    fn filter_bit(addr: In6, port: u16, proto: u8) -> u32 {
+        filter::bit6(&addr, port, proto)
+    }
+
+    #[inline(always)]
+    fn addr_diff(old: [In6; 2], new: [In6; 2]) -> u32 {
+        csum::add(csum::diff(&old[0], &new[0]), csum::diff(&old[1], &new[1]))
+    }
+
+    #[inline(always)]
+    fn fold_ip_csum<C: Ctx>(_ctx: &C, _diff: u32) -> Result<(), i64> {
+        // IPv6 has no header checksum.
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet<Self>, error: IcmpError, now: u64) -> bool {
+        let (typ, code, info) = match error {
+            IcmpError::TimeExceeded => (icmp_msg::V6_TIME_EXCEEDED, 0, 0),
+            IcmpError::TooBig(mtu) => (icmp_msg::V6_PACKET_TOO_BIG, 0, u32::from(mtu)),
+            IcmpError::PortUnreachable => (icmp_msg::V6_DEST_UNREACH, icmp_msg::V6_PORT_UNREACH, 0),
+        };
+        icmp6::reply(ctx, pkt, typ, code, info, now)
+    }
+
+    #[inline(always)]
+    fn dec_ttl<C: Ctx>(ctx: &C) -> Result<(), i64> {
+        let hop: *mut u8 = ptr_at(ctx, IP6_HOP_LIMIT_OFF).ok_or(-1i64)?;
+        // SAFETY: bounds-checked by ptr_at; no checksum covers the hop limit.
+        unsafe { *hop = (*hop).saturating_sub(1) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    unsafe fn fib_set_src(p: *mut bpf_fib_lookup, saddr: In6) {
+        // SAFETY: the caller's struct; unions of plain integers.
+        unsafe { (*p).__bindgen_anon_3.ipv6_src = saddr };
+    }
+
+    #[inline(always)]
+    unsafe fn fib_set_dst(p: *mut bpf_fib_lookup, daddr: In6) {
+        // SAFETY: as above.
+        unsafe { (*p).__bindgen_anon_4.ipv6_dst = daddr };
+    }
+
+    #[inline(always)]
+    unsafe fn fib_src(p: *const bpf_fib_lookup) -> In6 {
+        // SAFETY: as above; the helper fills the union as IPv6 for family AF_INET6.
+        unsafe { (*p).__bindgen_anon_3.ipv6_src }
+    }
+
+    #[inline(always)]
+    fn write_addrs<C: Ctx>(ctx: &C, saddr: In6, daddr: In6) -> Result<(), i64> {
+        let ip: *mut [In6; 2] = ptr_at(ctx, IP6_SADDR_OFF).ok_or(-1i64)?;
         // SAFETY: bounds-checked; unaligned because the Ethernet header leaves no alignment
         // guarantee.
         unsafe { ip.write_unaligned([saddr, daddr]) };

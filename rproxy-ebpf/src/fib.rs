@@ -33,18 +33,11 @@ pub enum Route<F: Family> {
     Unusable,
 }
 
-/// Looks up the route from `saddr` (zero with `want_src`: the node picks one and reports it in
-/// `src`) to `daddr` for a packet of protocol `proto` and IP length `ip_len` that arrived on
-/// this context's device, checking the length against the route's MTU.
+/// Looks up the route from `saddr` (`None`: the node picks one and reports it in `src`) to
+/// `daddr` for a packet of protocol `proto` and IP length `ip_len` that arrived on this
+/// context's device, checking the length against the route's MTU.
 #[inline(always)]
-pub fn lookup<C: Ctx, F: Family>(
-    ctx: &C,
-    proto: u8,
-    ip_len: u16,
-    saddr: F::Addr,
-    daddr: F::Addr,
-    want_src: bool,
-) -> Route<F> {
+pub fn lookup<C: Ctx, F: Family>(ctx: &C, proto: u8, ip_len: u16, saddr: Option<F::Addr>, daddr: F::Addr) -> Route<F> {
     let mut slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
     let p = slot.as_mut_ptr();
     // Zeroed with volatile word stores, and used in place: LLVM otherwise turns the zeroing (or
@@ -55,7 +48,7 @@ pub fn lookup<C: Ctx, F: Family>(
         // SAFETY: `i` < 16 words of the 64-byte, 4-aligned struct on this stack frame.
         unsafe { words.add(i).write_volatile(0) };
     }
-    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    let flags = if saddr.is_none() { BPF_FIB_LOOKUP_SRC } else { 0 };
     #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64-byte struct")]
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     // SAFETY: `p` points to the zeroed struct on this stack frame (all-zero is a valid
@@ -64,7 +57,12 @@ pub fn lookup<C: Ctx, F: Family>(
         (*p).family = F::AF;
         (*p).l4_protocol = proto;
         (*p).ifindex = ctx.ingress_ifindex();
-        F::fib_set_addrs(p, saddr, daddr);
+        // Without a source the zeroed one stays (no zero address is built: IPv6's would be a
+        // `memset` call).
+        if let Some(saddr) = saddr {
+            F::fib_set_src(p, saddr);
+        }
+        F::fib_set_dst(p, daddr);
         (*p).__bindgen_anon_1.tot_len = ctx.mtu_len(ip_len);
         let r = fib_lookup(ctx.as_ptr(), p, size, flags);
         // The helper fills the source address union for the family, and the MTU into the
@@ -99,9 +97,9 @@ pub fn cached<C: Ctx, F: Family>(
     now: u64,
 ) -> Route<F> {
     if C::SKB {
-        return lookup(ctx, proto, ip_len, saddr, daddr, false);
+        return lookup(ctx, proto, ip_len, Some(saddr), daddr);
     }
-    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0; 3] };
+    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0, 0, 0] };
     // SAFETY: copied out at once (an update replaces the element rather than writing into it).
     if let Some(v) = unsafe { F::routes().get(key) }.copied()
         && now.wrapping_sub(v.checked_ns) < route::VALID_NS
@@ -111,11 +109,11 @@ pub fn cached<C: Ctx, F: Family>(
         }
         return Route::Ready { ifindex: v.ifindex, smac: v.smac, dmac: v.dmac, src: saddr, mtu: v.mtu };
     }
-    let r = lookup(ctx, proto, ip_len, saddr, daddr, false);
+    let r = lookup(ctx, proto, ip_len, Some(saddr), daddr);
     if let Route::Ready { ifindex, smac, dmac, mtu, .. } = r
         && mtu != 0
     {
-        let v = RouteValue { checked_ns: now, ifindex, mtu, smac, dmac, _pad: [0; 6] };
+        let v = RouteValue { checked_ns: now, ifindex, mtu, smac, dmac, _pad: [0, 0, 0, 0, 0, 0] };
         let _ = F::routes().insert(key, v, BPF_ANY);
     }
     r

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
-    CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CtKey, CtValue, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
+    CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CtValue, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
     SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
     ServiceKey, ServiceValue, SrcRange, Stat,
 };
@@ -42,11 +42,11 @@ pub enum Origin {
 pub enum Decision<F: Family> {
     /// Not for a frontend this origin reaches: the packet passes untouched.
     Pass,
-    /// A packet of a translated flow: its service-direction entry (`key`, the entry's pointer,
-    /// and a copy of its value).
-    Established { key: CtKey<F::Addr>, ct: *mut CtValue<F::Addr>, value: CtValue<F::Addr> },
-    /// A new flow to frontend `svc` (slot 0, external scope), to backend `be` (id `backend_id`).
-    New { svc: ServiceValue, backend_id: u32, be: Backend<F::Addr> },
+    /// A packet of a translated flow: its service-direction entry (whose key is
+    /// `conntrack::service_key(pkt)`), valid for this program run.
+    Established { ct: *mut CtValue<F::Addr> },
+    /// A new flow to frontend `svc` (slot 0, external scope).
+    New(NewFlow<F>),
     /// A new flow refused without a word: a source outside `loadBalancerSourceRanges` (counted).
     Drop,
     /// A new flow to frontend `svc` that gets no backend (counted): rejected with ICMP port
@@ -55,22 +55,28 @@ pub enum Decision<F: Family> {
     NoBackend { svc: ServiceValue },
 }
 
+/// A new flow's frontend and backend.
+pub struct NewFlow<F: Family> {
+    pub svc: ServiceValue,
+    pub backend_id: u32,
+    pub be: Backend<F::Addr>,
+}
+
 /// The decision for packet `pkt` from `origin` at `now`: conntrack first (an established flow
 /// needs no service lookup, only the checks, two array loads, that its frontend and backend
 /// still exist), then [`decide_new`].
 #[inline(always)]
 pub fn decide<F: Family>(pkt: &Packet<F>, origin: Origin, now: u64) -> Decision<F> {
-    let key = conntrack::service_key(pkt);
     let mut backend_gone = false;
-    if let Some(ct) = F::conntrack().get_ptr_mut(key) {
-        // SAFETY: valid map value pointer for this run; copied out.
-        let value = unsafe { *ct };
+    if let Some(ct) = F::conntrack().get_ptr_mut(conntrack::service_key(pkt)) {
+        // SAFETY: valid map value pointer for this run.
+        let value = unsafe { &*ct };
         let external = value.nat_flags & CT_NAT_EXTERNAL != 0;
         // A removed frontend's flows are no longer translated: a new flow at the same address
         // starts afresh below, otherwise the packet passes.
         if external == (origin == Origin::External) && frontend_alive::<F>(value.rev_nat_id, pkt.daddr, pkt.dport) {
             if backend::<F>(value.backend_id).is_some() {
-                return Decision::Established { key, ct, value };
+                return Decision::Established { ct };
             }
             // The backend's entry is gone: a live one is picked (a TCP peer answers with RST).
             backend_gone = true;
@@ -125,7 +131,7 @@ pub fn decide_new<F: Family>(
     };
     let affinity_client = if origin == Origin::Host { None } else { Some(client) };
     if let Some((backend_id, be)) = select_backend_for::<F>(&key, &value, affinity_client, now, etp_local) {
-        Decision::New { svc, backend_id, be }
+        Decision::New(NewFlow { svc, backend_id, be })
     } else {
         count(Stat::NoBackend);
         Decision::NoBackend { svc }
@@ -187,7 +193,7 @@ pub fn source_allowed<F: Family>(svc: &ServiceValue, source: F::Addr) -> bool {
 /// Slot 0 of the service `(addr, port, proto)`, if it is a frontend.
 #[inline(always)]
 pub fn lookup_service<F: Family>(addr: F::Addr, port: u16, proto: u8) -> Option<(ServiceKey<F::Addr>, ServiceValue)> {
-    let key = ServiceKey { addr, port, slot: 0, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+    let key = ServiceKey { addr, port, slot: 0, proto, scope: SCOPE_EXTERNAL, _pad: [0, 0] };
     // SAFETY: the map value is copied out at once; the map is not preallocated, so the element
     // cannot be recycled under us.
     let svc = unsafe { F::services().get(key) }?;

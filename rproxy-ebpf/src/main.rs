@@ -8,15 +8,25 @@
 //!   north-south service traffic, and the replies of the flows forwarded to other nodes (`nodeport`).
 //! - `rpx_ext_egress` (TC egress, external devices): reverse NAT of north-south replies from this
 //!   node's backends, and of ICMP errors about those flows (`related`).
-//! - `rpx_sock_*` (cgroup socket hooks): host-network processes connecting or sending to a
-//!   service address go to a backend directly (`sock`).
+//! - `rpx_sock_*` (cgroup socket hooks, IPv4 and IPv6): host-network processes connecting or
+//!   sending to a service address go to a backend directly (`sock`).
 //! - `rpx_tc_noop`, `rpx_xdp_noop`: return at once; the baselines of the benchmarks.
+//!
+//! The code is the same for IPv4 and IPv6 (`family`). Each packet program handles IPv4 itself
+//! and tail-calls its IPv6 half (`rpx_…6`), and the IPv6 north-south programs their SNAT and
+//! ICMP stages (`rproxy_common::calls`): IPv6's path does not fit the 512-byte stack beside
+//! IPv4's. The program functions are `#[inline(always)]` into the wrappers aya's macros make,
+//! which would otherwise add a frame to every call chain.
 //!
 //! Packets a program does not translate are returned with `TC_ACT_UNSPEC` (TCX "next"), so other
 //! programs on the same hook still see them and the packet continues untouched.
 #![no_std]
 #![no_main]
 #![expect(clippy::inline_always, reason = "eBPF helpers must be inlined into each program")]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go to the helpers by reference: by value, each is a copy on the 512-byte stack"
+)]
 
 mod conntrack;
 mod csum;
@@ -24,6 +34,7 @@ mod ctx;
 mod family;
 mod fib;
 mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;
@@ -31,6 +42,7 @@ mod nodeport;
 mod parse;
 mod pod;
 mod related;
+mod related6;
 mod sock;
 
 use aya_ebpf::{
@@ -40,11 +52,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ctx::Ctx;
-use family::V4;
+use family::{Family, V4, V6};
 use nodeport::Action;
-use parse::ETH_P_IP_BE;
+use parse::{ETH_P_IP_BE, ETH_P_IPV6_BE};
 use pod::Verdict;
-use rproxy_common::Stat;
+use rproxy_common::{Stat, calls};
 
 use crate::maps::count;
 
@@ -58,27 +70,62 @@ const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
 pub fn rpx_from_pod(ctx: TcContext) -> i32 {
     let verdict = match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
             Some(pkt) => pod::from_pod::<V4>(&ctx, &pkt),
             None => Ok(Verdict::Pass),
         },
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(calls::FROM_POD6);
+            return PASS;
+        }
         _ => Ok(Verdict::Pass),
+    };
+    pod_action(&ctx, verdict)
+}
+
+/// `rpx_from_pod`'s IPv6 half (`rproxy_common::calls`).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_from_pod6(ctx: TcContext) -> i32 {
+    let verdict = match parse::parse_ipv6(&ctx) {
+        Some(pkt) => pod::from_pod::<V6>(&ctx, &pkt),
+        None => Ok(Verdict::Pass),
     };
     pod_action(&ctx, verdict)
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
 pub fn rpx_to_pod(ctx: TcContext) -> i32 {
     let verdict = match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
             Some(pkt) => pod::to_pod::<V4>(&ctx, &pkt),
             // Not TCP or UDP: perhaps an ICMP error about a translated flow.
-            None => related::rev_nat(&ctx, false).map(|()| Verdict::Pass),
+            None => related::rev_nat::<V4>(&ctx, false).map(|()| Verdict::Pass),
         },
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(calls::TO_POD6);
+            return PASS;
+        }
         _ => Ok(Verdict::Pass),
+    };
+    pod_action(&ctx, verdict)
+}
+
+/// `rpx_to_pod`'s IPv6 half.
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_to_pod6(ctx: TcContext) -> i32 {
+    let verdict = match parse::parse_ipv6(&ctx) {
+        Some(pkt) => pod::to_pod::<V6>(&ctx, &pkt),
+        // Not TCP or UDP: perhaps an ICMPv6 error about a translated flow.
+        None => related::rev_nat::<V6>(&ctx, false).map(|()| Verdict::Pass),
     };
     pod_action(&ctx, verdict)
 }
@@ -95,13 +142,54 @@ pub fn rpx_xdp_noop(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
+#[inline(always)]
 pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
-    match external_ingress(&ctx) {
+    match parse::ether_type(&ctx) {
+        Some(ETH_P_IP_BE) => xdp_verdict(&ctx, external_ingress::<_, V4>(&ctx)),
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(calls::XDP_EXT6);
+            xdp_action::XDP_PASS
+        }
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// `rpx_xdp_ext`'s IPv6 half.
+#[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
+#[inline(always)]
+pub fn rpx_xdp_ext6(ctx: XdpContext) -> u32 {
+    xdp_verdict(&ctx, external_ingress::<_, V6>(&ctx))
+}
+
+/// The IPv6 north-south SNAT stage at XDP (`nodeport::snat_stage`).
+#[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
+#[inline(always)]
+pub fn rpx_xdp_ext6_snat(ctx: XdpContext) -> u32 {
+    let action = parse::parse_ipv6(&ctx).map_or(Action::Drop, |pkt| nodeport::snat_stage(&ctx, &pkt));
+    xdp_verdict(&ctx, Ok(action))
+}
+
+/// The IPv6 north-south ICMP stage at XDP: an ICMPv6 error, perhaps about a flow this node
+/// source-translated (`nodeport::snat_error`).
+#[xdp]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[xdp]")]
+#[inline(always)]
+pub fn rpx_xdp_ext6_icmp(ctx: XdpContext) -> u32 {
+    xdp_verdict(&ctx, Ok(nodeport::snat_error::<_, V6>(&ctx)))
+}
+
+/// The XDP action of the external path's `action`.
+#[inline(always)]
+#[expect(clippy::needless_pass_by_value, reason = "consumed by the match; a reference adds nothing")]
+fn xdp_verdict(ctx: &XdpContext, action: Result<Action, i64>) -> u32 {
+    match action {
         Ok(Action::Pass | Action::RedirectNeigh(_)) => xdp_action::XDP_PASS,
         Ok(Action::Drop) => xdp_action::XDP_DROP,
         Ok(Action::Bounce) => xdp_action::XDP_TX,
         Ok(Action::Redirect(ifindex)) => {
-            if ifindex == ctx::Ctx::ingress_ifindex(&ctx) {
+            if ifindex == ctx::Ctx::ingress_ifindex(ctx) {
                 xdp_action::XDP_TX
             } else {
                 // SAFETY: plain helper; returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
@@ -110,7 +198,7 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
                 action
             }
         }
-        Err(_) => {
+        Ok(Action::Fail) | Err(_) => {
             count(Stat::RewriteFail);
             xdp_action::XDP_DROP
         }
@@ -119,20 +207,71 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
 pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
-    tc_action(&ctx, external_ingress(&ctx))
+    match parse::ether_type(&ctx) {
+        Some(ETH_P_IP_BE) => tc_action(&ctx, external_ingress::<_, V4>(&ctx)),
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(calls::EXT_INGRESS6);
+            PASS
+        }
+        _ => PASS,
+    }
+}
+
+/// `rpx_ext_ingress`'s IPv6 half.
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_ext_ingress6(ctx: TcContext) -> i32 {
+    tc_action(&ctx, external_ingress::<_, V6>(&ctx))
+}
+
+/// The IPv6 north-south SNAT stage at TC (`nodeport::snat_stage`).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_ext_ingress6_snat(ctx: TcContext) -> i32 {
+    let action = parse::parse_ipv6(&ctx).map_or(Action::Drop, |pkt| nodeport::snat_stage(&ctx, &pkt));
+    tc_action(&ctx, Ok(action))
+}
+
+/// The IPv6 north-south ICMP stage at TC (`nodeport::snat_error`).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_ext_ingress6_icmp(ctx: TcContext) -> i32 {
+    tc_action(&ctx, Ok(nodeport::snat_error::<_, V6>(&ctx)))
 }
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
 pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
     let action = match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
             Some(pkt) => nodeport::egress::<V4>(&ctx, &pkt),
             // Not TCP or UDP: perhaps an ICMP error about a flow to a backend here.
-            None => related::rev_nat(&ctx, true).map(|()| Action::Pass),
+            None => related::rev_nat::<V4>(&ctx, true).map(|()| Action::Pass),
         },
+        Some(ETH_P_IPV6_BE) => {
+            ctx.tail_call(calls::EXT_EGRESS6);
+            return PASS;
+        }
         _ => Ok(Action::Pass),
+    };
+    tc_action(&ctx, action)
+}
+
+/// `rpx_ext_egress`'s IPv6 half.
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
+#[inline(always)]
+pub fn rpx_ext_egress6(ctx: TcContext) -> i32 {
+    let action = match parse::parse_ipv6(&ctx) {
+        Some(pkt) => nodeport::egress::<V6>(&ctx, &pkt),
+        // Not TCP or UDP: perhaps an ICMPv6 error about a flow to a backend here.
+        None => related::rev_nat::<V6>(&ctx, true).map(|()| Action::Pass),
     };
     tc_action(&ctx, action)
 }
@@ -140,38 +279,64 @@ pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
 pub fn rpx_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate4(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
 pub fn rpx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate4(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
 pub fn rpx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse4(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
 pub fn rpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse4(&ctx)
 }
 
-/// A packet arriving on an external device, at XDP or TC: a TCP or UDP packet to a frontend
-/// (or a reply of a flow this node source-translated), or an ICMP error about such a flow.
+#[cgroup_sock_addr(connect6)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
+pub fn rpx_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// A packet of family `F` arriving on an external device, at XDP or TC: a TCP or UDP packet to
+/// a frontend (or a reply of a flow this node source-translated), or an ICMP error about such a
+/// flow.
 #[inline(always)]
-fn external_ingress<C: Ctx>(ctx: &C) -> Result<Action, i64> {
-    match parse::ether_type(ctx) {
-        Some(ETH_P_IP_BE) => match parse::parse_ipv4(ctx) {
-            Some(pkt) => nodeport::ingress::<C, V4>(ctx, &pkt),
-            // Not TCP or UDP: perhaps an ICMP error about a flow this node SNATed.
-            None => nodeport::snat_error(ctx),
-        },
-        _ => Ok(Action::Pass),
+fn external_ingress<C: Ctx, F: Family>(ctx: &C) -> Result<Action, i64> {
+    match F::parse(ctx) {
+        Some(pkt) => nodeport::ingress::<C, F>(ctx, &pkt),
+        // Not TCP or UDP: perhaps an ICMP error about a flow this node SNATed.
+        None if F::STAGES => {
+            ctx.tail_call(C::ICMP6_CALL);
+            Ok(Action::Pass)
+        }
+        None => Ok(nodeport::snat_error::<C, F>(ctx)),
     }
 }
 
@@ -204,7 +369,7 @@ fn tc_action(ctx: &TcContext, r: Result<Action, i64>) -> i32 {
         },
         // SAFETY: as above.
         Ok(Action::Bounce) => unsafe { bpf_redirect(ctx::Ctx::ingress_ifindex(ctx), 0) as i32 },
-        Err(_) => {
+        Ok(Action::Fail) | Err(_) => {
             count(Stat::RewriteFail);
             DROP
         }

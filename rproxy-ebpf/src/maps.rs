@@ -2,16 +2,19 @@
 //! agent restart reuses them (the agent sets the pin directory).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue4, RevNat4, RouteKey4, RouteValue,
-    ServiceKey4, ServiceValue, SockRevKey4, SrcRange4, Stat, filter,
+    AffinityKey4, AffinityKey6, AffinityMatch, AffinityValue, Backend4, Backend6, Config, CtKey4, CtKey6, CtValue4,
+    CtValue6, In6, RevNat4, RevNat6, RouteKey4, RouteKey6, RouteValue, ServiceKey4, ServiceKey6, ServiceValue,
+    SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, Stat, calls, filter,
     limits::{
         AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
         SOCK_REV_NAT_MAX, SRC_RANGES_MAX,
     },
 };
+
+use crate::conntrack::Entry;
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
 /// reader never sees a recycled element (the kernel's caveat for preallocated hash maps).
@@ -79,6 +82,52 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8> = HashMap::pinned(AFFINITY
 /// clients gone quiet make room by themselves.
 #[map(name = "RPX_ROUTE4")]
 pub static ROUTE4: LruHashMap<RouteKey4, RouteValue> = LruHashMap::pinned(ROUTES_MAX, 0);
+
+// The IPv6 twins of the maps above (`rproxy_common`'s `…6` layouts), sized alike.
+
+#[map(name = "RPX_SVC6")]
+pub static SVC6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "RPX_BE6")]
+pub static BE6: Array<Backend6> = Array::pinned(BACKENDS_MAX, 0);
+
+#[map(name = "RPX_RNAT6")]
+pub static RNAT6: Array<RevNat6> = Array::pinned(REV_NAT_MAX, 0);
+
+#[map(name = "RPX_CT6")]
+pub static CT6: LruHashMap<CtKey6, CtValue6> = LruHashMap::pinned(CT_MAX, 0);
+
+#[map(name = "RPX_SK_RNAT6")]
+pub static SK_RNAT6: LruHashMap<SockRevKey6, RevNat6> = LruHashMap::pinned(SOCK_REV_NAT_MAX, 0);
+
+#[map(name = "RPX_SRC_RANGE6")]
+pub static SRC_RANGE6: LpmTrie<SrcRange6, u8> = LpmTrie::pinned(SRC_RANGES_MAX, 0);
+
+#[map(name = "RPX_AFFINITY6")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+
+#[map(name = "RPX_ROUTE6")]
+pub static ROUTE6: LruHashMap<RouteKey6, RouteValue> = LruHashMap::pinned(ROUTES_MAX, 0);
+
+/// The tail calls' program arrays (`rproxy_common::calls`), filled by the agent.
+#[map(name = "RPX_CALLS_TC")]
+pub static CALLS_TC: ProgramArray = ProgramArray::pinned(calls::TC_SLOTS, 0);
+
+#[map(name = "RPX_CALLS_XDP")]
+pub static CALLS_XDP: ProgramArray = ProgramArray::pinned(calls::XDP_SLOTS, 0);
+
+/// The IPv6 north-south SNAT stage's working memory (`nodeport::snat_stage`): what the path
+/// hands it with the tail call (the new flow's backend and frontend), and the flow's conntrack
+/// entry, built here rather than on the stack. Per CPU: nothing else runs on this CPU between
+/// the tail call and the stage's end.
+pub struct SnatScratch {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub entry: Entry<In6>,
+}
+
+#[map(name = "RPX_SNAT_SCRATCH")]
+pub static SNAT_SCRATCH: PerCpuArray<SnatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -13,19 +13,24 @@
 //! - `ClusterIP` frontends take outside clients' packets routed to the node too, as kube-proxy's
 //!   rules do (a backend here: DNAT; elsewhere: DNAT and SNAT), unless the agent runs with
 //!   `--external-cluster-ip false` (Cilium's default): then those packets pass untouched.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
-use rproxy_common::{BE_F_LOCAL, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey, CtValue, FlowKind, Stat, snat};
+use rproxy_common::{
+    BE_F_LOCAL, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey, CtValue, FlowKind, Stat,
+    snat,
+};
 
 use crate::{
-    conntrack::{self, BPF_NOEXIST},
+    conntrack::{self, BPF_NOEXIST, Entry},
     ctx::Ctx,
-    family::{Family, IcmpError, V4},
+    family::{Family, IcmpError, V6},
     fib::{self, Route},
-    lb::{self, Decision, Origin},
-    maps::{CONFIG, SNAT_CURSOR, count},
+    lb::{self, Decision, NewFlow, Origin},
+    maps::{CONFIG, SNAT_CURSOR, SNAT_SCRATCH, count},
     nat::{self, Tuple},
     parse::Packet,
-    related,
+    related::{self, Quote},
 };
 
 /// What the entry point does with the packet.
@@ -40,6 +45,8 @@ pub enum Action {
     /// Send back out of the device it came in on (an ICMP error to the sender): `XDP_TX`, or a
     /// TC redirect to the ingress device's egress.
     Bounce,
+    /// A rewrite failed half-way (a helper error): dropped and counted (`RewriteFail`).
+    Fail,
 }
 
 /// A TCP or UDP packet on an external device's ingress.
@@ -51,16 +58,13 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     // Only backends send the replies of SNATed flows: everything else skips the conntrack
     // lookup after one array load. (Not the SNAT range: flows from before a restart with
     // another `--snat-port-range` keep working.)
-    if lb::may_be_backend(pkt) {
-        let key = conntrack::reply_key(pkt);
-        if let Some(ct) = F::conntrack().get_ptr_mut(key) {
-            // SAFETY: valid map value pointer for this run; copied out.
-            let v = unsafe { *ct };
-            // North-south SNAT only (a hairpin flow's replies never come from outside).
-            if v.kind() == FlowKind::ExternalSnat {
-                return snat_reply(ctx, pkt, ct, &key, &v);
-            }
-        }
+    if lb::may_be_backend(pkt)
+        && let Some(ct) = F::conntrack().get_ptr_mut(conntrack::reply_key(pkt))
+        // North-south SNAT only (a hairpin flow's replies never come from outside).
+        // SAFETY: valid map value pointer for this run.
+        && unsafe { &*ct }.kind() == FlowKind::ExternalSnat
+    {
+        return Ok(snat_reply(ctx, pkt, ct));
     }
     // Most of what reaches a node's external devices is not for a frontend: one array load
     // lets it pass.
@@ -68,20 +72,21 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
         return Ok(Action::Pass);
     }
     let now = conntrack::now_ns();
-    let (svc, backend_id, be) = match lb::decide(pkt, Origin::External, now) {
+    let flow = match lb::decide(pkt, Origin::External, now) {
         Decision::Pass => return Ok(Action::Pass),
-        Decision::Established { key, ct, value } => return established(ctx, pkt, ct, &key, &value, now),
+        Decision::Established { ct } => return Ok(established(ctx, pkt, ct)),
         Decision::Drop => return Ok(Action::Drop),
         Decision::NoBackend { svc } => {
             return Ok(if F::reject(ctx, pkt, &svc, now) { Action::Bounce } else { Action::Drop });
         }
-        Decision::New { svc, backend_id, be } => (svc, backend_id, be),
+        Decision::New(flow) => flow,
     };
     // A backend here (every backend under externalTrafficPolicy Local): DNAT, and the stack
     // routes the packet to the pod, which sees the client.
-    if svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
+    let be = &flow.be;
+    if flow.svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
         let nat = (pkt.saddr, pkt.sport);
-        if conntrack::create_nat(pkt, backend_id, &be, svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now).is_err() {
+        if conntrack::create_nat(pkt, flow.backend_id, be, flow.svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now).is_err() {
             count(Stat::CtInsertFail);
             return Ok(Action::Drop);
         }
@@ -89,29 +94,89 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
         count(Stat::NewFlow);
         return Ok(Action::Pass);
     }
-    // Remote backend: the FIB first (it names the SNAT address), then state, then the rewrite.
-    let route = match usable_route::<C, F>(ctx, pkt, F::Addr::default(), be.addr, None) {
+    if F::STAGES {
+        return Ok(enter_snat_stage(ctx, &flow));
+    }
+    let mut entry = MaybeUninit::uninit();
+    Ok(to_remote(ctx, pkt, flow.backend_id, be, flow.svc.rev_nat_id, entry.as_mut_ptr()))
+}
+
+/// Hands the new flow to the SNAT stage (`rproxy_common::calls`), which picks up from
+/// [`snat_stage`]. Returns only when it cannot: the packet is dropped, as the flow is not set up.
+#[inline(always)]
+fn enter_snat_stage<C: Ctx, F: Family>(ctx: &C, flow: &NewFlow<F>) -> Action {
+    let Some(s) = SNAT_SCRATCH.get_ptr_mut(0) else {
+        return Action::Drop;
+    };
+    // SAFETY: per-CPU slot; nothing else runs on this CPU until the stage has read it.
+    unsafe {
+        (*s).backend_id = flow.backend_id;
+        (*s).rev_nat_id = flow.svc.rev_nat_id;
+    }
+    ctx.tail_call(C::SNAT6_CALL);
+    Action::Drop
+}
+
+/// The SNAT stage: a new IPv6 flow to another node's backend, as [`enter_snat_stage`] left it
+/// (the packet still untouched, so parsed again), continued in [`to_remote`] with the flow's
+/// entries built in the same per-CPU scratch (`maps::SnatScratch`), not on the stack.
+#[inline(always)]
+pub fn snat_stage<C: Ctx>(ctx: &C, pkt: &Packet<V6>) -> Action {
+    let Some(s) = SNAT_SCRATCH.get_ptr_mut(0) else {
+        return Action::Drop;
+    };
+    // SAFETY: per-CPU slot written by the program that tail-called this one.
+    let (backend_id, rev_nat_id) = unsafe { ((*s).backend_id, (*s).rev_nat_id) };
+    // The backend went away between the two programs: as if it had before.
+    let Some(be) = lb::backend::<V6>(backend_id) else {
+        count(Stat::BackendGone);
+        return Action::Drop;
+    };
+    // SAFETY: as above; only this program uses the entry while it runs.
+    to_remote(ctx, pkt, backend_id, &be, rev_nat_id, unsafe { &raw mut (*s).entry })
+}
+
+/// A new flow to a backend on another node: DNAT and SNAT, and forwarded from here. The FIB
+/// first (it names the SNAT address), then state (built in `entry`, any storage the caller
+/// has), then the rewrite.
+#[inline(always)]
+fn to_remote<C: Ctx, F: Family>(
+    ctx: &C,
+    pkt: &Packet<F>,
+    backend_id: u32,
+    be: &Backend<F::Addr>,
+    rev_nat_id: u16,
+    entry: *mut Entry<F::Addr>,
+) -> Action {
+    let route = match usable_route::<C, F>(ctx, pkt, None, be.addr) {
         Ok(r) => r,
-        Err(action) => return Ok(action),
+        Err(action) => return action,
     };
     let src = match route {
         Route::Ready { src, .. } | Route::NoNeigh { src, .. } => src,
-        Route::TooBig { .. } | Route::Unusable => return Ok(Action::Drop),
+        Route::TooBig { .. } | Route::Unusable => return Action::Drop,
     };
+    let now = conntrack::now_ns();
     let flags = CT_NAT_EXTERNAL | CT_NAT_SNAT;
-    let (mut reply, reply_value, service_value) =
-        conntrack::flow_entries(pkt, backend_id, &be, svc.rev_nat_id, (src, 0), flags, now);
-    let Some(port) = allocate_port::<F>(&mut reply, &reply_value, now) else {
-        count(Stat::SnatExhausted);
-        return Ok(Action::Drop);
+    // SAFETY: the caller's storage for an entry, written whole before it is read.
+    let e = unsafe {
+        entry.write(conntrack::reply_entry(pkt, backend_id, be, rev_nat_id, (src, 0), flags, now));
+        &mut *entry
     };
-    let service_value = CtValue { nat_port: port, ..service_value };
-    if F::conntrack().insert(conntrack::service_key(pkt), service_value, conntrack::BPF_ANY).is_err() {
-        let _ = F::conntrack().remove(reply);
+    let Some(port) = allocate_port::<F>(&mut e.key, &e.value, now) else {
+        count(Stat::SnatExhausted);
+        return Action::Drop;
+    };
+    e.make_service(pkt);
+    if F::conntrack().insert(&e.key, &e.value, conntrack::BPF_ANY).is_err() {
+        e.make_reply_key();
+        let _ = F::conntrack().remove(&e.key);
         count(Stat::CtInsertFail);
-        return Ok(Action::Drop);
+        return Action::Drop;
     }
-    nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: src, daddr: be.addr, sport: port, dport: be.port })?;
+    if nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: src, daddr: be.addr, sport: port, dport: be.port }).is_err() {
+        return Action::Fail;
+    }
     count(Stat::NewFlow);
     forward(ctx, &route)
 }
@@ -144,7 +209,7 @@ fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>
         reply.dport = p;
         // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
         // try adds a copy of `reclaim_snat` for the verifier to check.
-        if F::conntrack().insert(*reply, *value, BPF_NOEXIST).is_ok()
+        if F::conntrack().insert(&*reply, value, BPF_NOEXIST).is_ok()
             || (i < snat::RECLAIM_TRIES && conntrack::reclaim_snat::<F>(reply, value, now))
         {
             // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
@@ -157,52 +222,49 @@ fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>
     None
 }
 
-/// A packet of a known north-south flow from the client.
+/// A packet of a known north-south flow from the client (its service-direction entry `ct`).
 #[inline(always)]
-fn established<C: Ctx, F: Family>(
-    ctx: &C,
-    pkt: &Packet<F>,
-    ct: *mut CtValue<F::Addr>,
-    key: &CtKey<F::Addr>,
-    v: &CtValue<F::Addr>,
-    now: u64,
-) -> Result<Action, i64> {
+fn established<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, ct: *mut CtValue<F::Addr>) -> Action {
+    // SAFETY: valid map value pointer for this run.
+    let v = unsafe { &*ct };
     let new = Tuple { saddr: v.nat_addr, daddr: v.pair_addr, sport: v.nat_port, dport: v.pair_port };
+    let now = conntrack::now_ns();
     // A backend on another node: forwarded from here. On this node: handed to the stack.
     let route = if v.kind() == FlowKind::ExternalSnat {
-        match usable_route::<C, F>(ctx, pkt, new.saddr, new.daddr, Some(now)) {
+        match usable_route::<C, F>(ctx, pkt, Some((new.saddr, now)), new.daddr) {
             Ok(r) => Some(r),
-            Err(action) => return Ok(action),
+            Err(action) => return action,
         }
     } else {
         None
     };
-    conntrack::account::<F>(ct, key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
-    nat::rewrite_tuple(ctx, pkt, &new)?;
+    conntrack::account::<F>(ct, CT_DIR_SERVICE, pkt.proto, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
+    if nat::rewrite_tuple(ctx, pkt, &new).is_err() {
+        return Action::Fail;
+    }
     count(Stat::Established);
     match route {
-        None => Ok(Action::Pass),
+        None => Action::Pass,
         Some(r) => forward(ctx, &r),
     }
 }
 
-/// A backend's reply to a flow whose source this node translated: back to the client, from the service address.
+/// A backend's reply to a flow whose source this node translated (its reply entry `ct`): back
+/// to the client, from the service address.
 #[inline(always)]
-fn snat_reply<C: Ctx, F: Family>(
-    ctx: &C,
-    pkt: &Packet<F>,
-    ct: *mut CtValue<F::Addr>,
-    key: &CtKey<F::Addr>,
-    v: &CtValue<F::Addr>,
-) -> Result<Action, i64> {
+fn snat_reply<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, ct: *mut CtValue<F::Addr>) -> Action {
+    // SAFETY: valid map value pointer for this run.
+    let v = unsafe { &*ct };
     let new = Tuple { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port };
     let now = conntrack::now_ns();
-    let route = match usable_route::<C, F>(ctx, pkt, new.saddr, new.daddr, Some(now)) {
+    let route = match usable_route::<C, F>(ctx, pkt, Some((new.saddr, now)), new.daddr) {
         Ok(r) => r,
-        Err(action) => return Ok(action),
+        Err(action) => return action,
     };
-    conntrack::account::<F>(ct, key, conntrack::rev_bits(pkt), false, now);
-    nat::rewrite_tuple(ctx, pkt, &new)?;
+    conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, now);
+    if nat::rewrite_tuple(ctx, pkt, &new).is_err() {
+        return Action::Fail;
+    }
     count(Stat::RevNat);
     forward(ctx, &route)
 }
@@ -213,33 +275,33 @@ fn snat_reply<C: Ctx, F: Family>(
 /// backend sent it) to the client, and is forwarded there like the flow's replies. Anything else
 /// passes. An error whose TTL would run out is dropped (no error about an error).
 #[inline(always)]
-pub fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
-    let Some(q) = related::parse(ctx) else {
-        return Ok(Action::Pass);
+pub fn snat_error<C: Ctx, F: Family>(ctx: &C) -> Action {
+    let Some(q) = F::Quoted::parse(ctx) else {
+        return Action::Pass;
     };
-    let Some(v) = related::flow(&q) else {
-        return Ok(Action::Pass);
+    let Some(v) = related::flow::<F>(&q) else {
+        return Action::Pass;
     };
-    if v.kind() != FlowKind::ExternalSnat || q.dst != q.inner_src() {
-        return Ok(Action::Pass);
+    if v.kind() != FlowKind::ExternalSnat || q.dst() != q.inner_src() {
+        return Action::Pass;
     }
-    if q.ttl <= 1 {
-        return Ok(Action::Drop);
+    if q.ttl() <= 1 {
+        return Action::Drop;
     }
-    let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
-    let route =
-        match forwardable::<C, V4>(fib::lookup(ctx, rproxy_common::proto::ICMP, q.tot_len, src, v.nat_addr, false)) {
-            Ok(r) => r,
-            Err(action) => return Ok(action),
-        };
-    let new = related::requote(&q, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port));
-    related::rewrite(ctx, &q, new, src, v.nat_addr)?;
+    let src = if q.src() == q.inner_dst() { v.pair_addr } else { q.src() };
+    let route = match forwardable::<C, F>(fib::lookup(ctx, F::ICMP, q.ip_len(), Some(src), v.nat_addr)) {
+        Ok(r) => r,
+        Err(action) => return action,
+    };
+    if q.translate(ctx, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port), src, v.nat_addr).is_err() {
+        return Action::Fail;
+    }
     forward(ctx, &route)
 }
 
-/// The route to `daddr` (see `fib::lookup`): from `saddr` through the route cache at `now` for
-/// a packet of an established flow (`Some(now)`, see `fib::cached`), else from the source the
-/// node picks (`saddr` 0, reported in the route). Or, when this hook cannot forward along it, what
+/// The route to `daddr` (see `fib::lookup`): for a packet of an established flow, from its
+/// source through the route cache (`from`: the source and the time now, see `fib::cached`);
+/// for a new flow (`None`), from the source the node picks (reported in the route). Or, when this hook cannot forward along it, what
 /// to do with the still untouched packet: XDP hands an unresolved next hop to TC (`Pass`); no
 /// usable route drops and counts; a TTL that forwarding would take to 0, or a packet too big
 /// for the route with "don't fragment" set, becomes an ICMP error back to its sender (`icmp`;
@@ -249,17 +311,16 @@ pub fn snat_error<C: Ctx>(ctx: &C) -> Result<Action, i64> {
 fn usable_route<C: Ctx, F: Family>(
     ctx: &C,
     pkt: &Packet<F>,
-    saddr: F::Addr,
+    from: Option<(F::Addr, u64)>,
     daddr: F::Addr,
-    now: Option<u64>,
 ) -> Result<Route<F>, Action> {
     if pkt.ttl <= 1 {
         count(Stat::TtlExceeded);
         return Err(icmp_error(ctx, pkt, IcmpError::TimeExceeded));
     }
-    let route = match now {
-        Some(now) => fib::cached(ctx, pkt.proto, pkt.ip_len, saddr, daddr, now),
-        None => fib::lookup(ctx, pkt.proto, pkt.ip_len, saddr, daddr, true),
+    let route = match from {
+        Some((saddr, now)) => fib::cached(ctx, pkt.proto, pkt.ip_len, saddr, daddr, now),
+        None => fib::lookup(ctx, pkt.proto, pkt.ip_len, None, daddr),
     };
     match route {
         Route::TooBig { mtu } => {
@@ -294,22 +355,22 @@ fn icmp_error<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, error: IcmpError) -> 
 
 /// Transmits a rewritten packet along `route`, its TTL decremented.
 #[inline(always)]
-fn forward<C: Ctx, F: Family>(ctx: &C, route: &Route<F>) -> Result<Action, i64> {
-    if matches!(route, Route::Ready { .. } | Route::NoNeigh { .. }) {
-        F::dec_ttl(ctx)?;
+fn forward<C: Ctx, F: Family>(ctx: &C, route: &Route<F>) -> Action {
+    let (ifindex, neigh) = match route {
+        Route::Ready { ifindex, .. } => (*ifindex, false),
+        Route::NoNeigh { ifindex, .. } => (*ifindex, true),
+        Route::TooBig { .. } | Route::Unusable => return Action::Drop,
+    };
+    if F::dec_ttl(ctx).is_err() {
+        return Action::Fail;
     }
-    match route {
-        Route::Ready { ifindex, smac, dmac, .. } => {
-            fib::set_macs(ctx, smac, dmac)?;
-            count(Stat::Forwarded);
-            Ok(Action::Redirect(*ifindex))
-        }
-        Route::NoNeigh { ifindex, .. } => {
-            count(Stat::Forwarded);
-            Ok(Action::RedirectNeigh(*ifindex))
-        }
-        Route::TooBig { .. } | Route::Unusable => Ok(Action::Drop),
+    if let Route::Ready { smac, dmac, .. } = route
+        && fib::set_macs(ctx, smac, dmac).is_err()
+    {
+        return Action::Fail;
     }
+    count(Stat::Forwarded);
+    if neigh { Action::RedirectNeigh(ifindex) } else { Action::Redirect(ifindex) }
 }
 
 /// A TCP or UDP packet leaving through an external device: the reply of a north-south flow to
@@ -329,7 +390,7 @@ pub fn egress<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Action, i64
     if v.kind() != FlowKind::External || !lb::frontend_alive::<F>(v.rev_nat_id, v.pair_addr, v.pair_port) {
         return Ok(Action::Pass);
     }
-    conntrack::account::<F>(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
     nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) })?;
     count(Stat::RevNat);
     Ok(Action::Pass)

@@ -1,15 +1,33 @@
 //! Header parsing. Every access is bounds-checked against `data_end`; the IPv4 header length
-//! comes from IHL, so options are honoured. Anything not understood yields `None` and the
-//! caller passes the packet untouched.
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+//! comes from IHL, so options are honoured, and IPv6 extension headers are walked (at most
+//! [`IPV6_EXT_MAX`] of them). Anything not understood yields `None` and the caller passes the
+//! packet untouched.
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 use rproxy_common::proto;
 
 use crate::{
-    ctx::{Ctx, ptr_at},
-    family::{Family, V4},
+    ctx::{Ctx, load_words, ptr_at},
+    family::{Family, V4, V6},
 };
 
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// Offsets of the IPv6 header fields the datapath rewrites.
+pub const IP6_HOP_LIMIT_OFF: usize = EthHdr::LEN + 7;
+pub const IP6_SADDR_OFF: usize = EthHdr::LEN + 8;
+/// IPv6 extension headers walked before the upper-layer header; a packet with more, or with
+/// one not walked (AH, ESP, unknown), passes untouched.
+pub const IPV6_EXT_MAX: usize = 4;
+/// IPv6 extension headers (next-header values).
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
 /// IPv4 `frags` field: "more fragments" flag and offset mask (host order).
 pub const IP_MF: u16 = 0x2000;
 const IP_DF: u16 = 0x4000;
@@ -128,6 +146,62 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet<V4>> {
     };
     if pkt.fragment {
         // Later fragments carry no L4 header; report the packet so the caller can count it.
+        return Some(pkt);
+    }
+    read_l4(ctx, &mut pkt)?;
+    Some(pkt)
+}
+
+/// Parses IPv6 + TCP/UDP after the Ethernet header, walking hop-by-hop, routing, destination
+/// options and fragment headers. A fragment (first or later) is reported with `fragment` set
+/// and is not translated, as for IPv4. `None` for anything else (ICMPv6, including neighbour
+/// discovery and MLD, which the datapath never touches; AH, ESP; truncated headers).
+#[inline(always)]
+pub fn parse_ipv6<C: Ctx>(ctx: &C) -> Option<Packet<V6>> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.version() != 6 {
+        return None;
+    }
+    let mut next = ip.next_hdr;
+    let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = false;
+    for _ in 0..IPV6_EXT_MAX {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let ext: *mut [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: bounds-checked by ptr_at.
+                let [nh, len] = unsafe { *ext };
+                next = nh;
+                off += (usize::from(len) + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let ext: *mut [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: bounds-checked by ptr_at.
+                next = unsafe { (*ext)[0] };
+                fragment = true;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    let mut pkt = Packet {
+        // SAFETY: inside the header bounds-checked above.
+        saddr: unsafe { load_words(ip.src_addr.as_ptr()) },
+        // SAFETY: as above.
+        daddr: unsafe { load_words(ip.dst_addr.as_ptr()) },
+        sport: 0,
+        dport: 0,
+        proto: next,
+        tcp_flags: 0,
+        fragment,
+        ttl: ip.hop_limit,
+        df: true,
+        ip_len: u16::from_be_bytes(ip.payload_len).saturating_add(40),
+        l4_off: off,
+    };
+    if fragment {
         return Some(pkt);
     }
     read_l4(ctx, &mut pkt)?;

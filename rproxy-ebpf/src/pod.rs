@@ -3,12 +3,12 @@
 //! pod itself); packets entering a pod (`rpx_to_pod`, TC egress on the same device) that are a
 //! backend's replies are translated back to come from the service.
 use aya_ebpf::programs::TcContext;
-use rproxy_common::{CT_DIR_REPLY, CT_NAT_SNAT, CtKey, FlowKind, Stat};
+use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, FlowKind, Stat};
 
 use crate::{
     conntrack::{self, Holder},
     family::Family,
-    lb::{self, Decision, Origin},
+    lb::{self, Decision, NewFlow, Origin},
     maps::count,
     nat::{self, Tuple},
     parse::Packet,
@@ -44,10 +44,18 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
     let now = conntrack::now_ns();
     match lb::decide(pkt, Origin::Pod, now) {
         Decision::Pass => Ok(Verdict::Pass),
-        Decision::Established { key, ct, value } => {
-            conntrack::account::<F>(ct, &key, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
-            let new =
-                Tuple { saddr: value.nat_addr, sport: value.nat_port, daddr: value.pair_addr, dport: value.pair_port };
+        Decision::Established { ct } => {
+            conntrack::account::<F>(
+                ct,
+                CT_DIR_SERVICE,
+                pkt.proto,
+                conntrack::fwd_bits(pkt),
+                conntrack::is_syn(pkt),
+                now,
+            );
+            // SAFETY: valid map value pointer for this run.
+            let v = unsafe { &*ct };
+            let new = Tuple { saddr: v.nat_addr, sport: v.nat_port, daddr: v.pair_addr, dport: v.pair_port };
             nat::rewrite_tuple(ctx, pkt, &new)?;
             count(Stat::Established);
             Ok(Verdict::Pass)
@@ -57,7 +65,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
             Ok(if F::reject(ctx, pkt, &svc, now) { Verdict::Bounce } else { Verdict::Drop })
         }
-        Decision::New { svc, backend_id, be } => {
+        Decision::New(NewFlow { svc, backend_id, be }) => {
             // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
             let looped = be.addr == pkt.saddr;
             let (nat, flags) =
@@ -65,15 +73,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             // The replies come back on (backend, nat): a live flow of another frontend there
             // (the pod reused its source port towards this backend) keeps it, and this flow is
             // dropped; a flow that is over gives it up.
-            let reply = CtKey {
-                saddr: be.addr,
-                daddr: nat.0,
-                sport: be.port,
-                dport: nat.1,
-                proto: pkt.proto,
-                dir: CT_DIR_REPLY,
-                _pad: [0; 2],
-            };
+            let reply = conntrack::flow_reply_key(pkt.proto, &be, nat);
             let stale = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
                 Holder::Live => {
                     count(Stat::CtClash);
@@ -134,7 +134,7 @@ fn hairpin_reply<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict,
     if v.kind() != FlowKind::Hairpin {
         return Ok(Verdict::Pass);
     }
-    conntrack::account::<F>(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
     nat::rewrite_tuple(
         ctx,
         pkt,
@@ -161,7 +161,7 @@ pub fn to_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i6
     if v.kind() != FlowKind::EastWest || !lb::frontend_alive::<F>(v.rev_nat_id, v.pair_addr, v.pair_port) {
         return Ok(Verdict::Pass);
     }
-    conntrack::account::<F>(ct, &key, conntrack::rev_bits(pkt), false, conntrack::now_ns());
+    conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
     nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) })?;
     count(Stat::RevNat);
     Ok(Verdict::Pass)

@@ -11,18 +11,20 @@
 //! Handled on the way into a pod (`rpx_to_pod`: flows translated on the pod path), out of an
 //! external device (`rpx_ext_egress`: north-south flows to this node's backends), and, for
 //! north-south flows source-translated to another node's backend, where the error comes back in
-//! (`nodeport::ingress`, which forwards it to the client). Errors with IPv4 options, outer or
-//! quoted, pass untouched.
+//! (`nodeport::snat_error`, which forwards it to the client). Errors with IPv4 options, outer or
+//! quoted, pass untouched. The handling is generic over the family through [`Quote`]; IPv6's
+//! errors are in `related6`.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use rproxy_common::{CT_DIR_REPLY, CtKey4, CtValue4, FlowKind, Stat, icmp as msg, proto};
+use rproxy_common::{CT_DIR_REPLY, CtKey, CtKey4, CtValue, FlowKind, Stat, icmp as msg, proto};
 
 use crate::{
     csum,
     ctx::Ctx,
     ctx::ptr_at,
+    family::{Family, V4},
     icmp::{ICMP_OFF, QUOTE_LEN},
-    maps::{CT4, count},
+    maps::count,
     parse::{ETH_P_IP_BE, IP_CSUM_OFF, IP_MF, IP_OFFMASK, IP_SADDR_OFF},
 };
 
@@ -80,7 +82,7 @@ impl Quoted {
             dport: sport,
             proto: self.proto(),
             dir: CT_DIR_REPLY,
-            _pad: [0; 2],
+            _pad: [0, 0],
         }
     }
 }
@@ -170,32 +172,103 @@ pub fn rewrite<C: Ctx>(ctx: &C, q: &Quoted, new: [u32; QUOTE_WORDS], src: u32, d
     Ok(())
 }
 
+/// An ICMP error quoting a TCP or UDP packet, in either family: IPv4's [`Quoted`], IPv6's
+/// `related6::Quoted6`. The generic handling ([`rev_nat`], `nodeport::snat_error`) is written
+/// once over it.
+pub trait Quote<F: Family>: Sized {
+    /// The error this frame is, if it is one this datapath may translate.
+    fn parse<C: Ctx>(ctx: &C) -> Option<Self>;
+    /// The error's own addresses.
+    fn src(&self) -> F::Addr;
+    fn dst(&self) -> F::Addr;
+    /// The error's TTL (hop limit) and IP length.
+    fn ttl(&self) -> u8;
+    fn ip_len(&self) -> u16;
+    /// The quoted packet's addresses and source port.
+    fn inner_src(&self) -> F::Addr;
+    fn inner_dst(&self) -> F::Addr;
+    fn inner_sport(&self) -> u16;
+    /// The conntrack reply key of the quoted packet's flow.
+    fn flow_key(&self) -> CtKey<F::Addr>;
+    /// Rewrites the quote to the tuple `from → to` and the error's addresses to `(src, dst)`,
+    /// with every checksum updated; counts `IcmpRelated`.
+    fn translate<C: Ctx>(
+        &self,
+        ctx: &C,
+        from: (F::Addr, u16),
+        to: (F::Addr, u16),
+        src: F::Addr,
+        dst: F::Addr,
+    ) -> Result<(), i64>;
+}
+
+impl Quote<V4> for Quoted {
+    #[inline(always)]
+    fn parse<C: Ctx>(ctx: &C) -> Option<Self> {
+        parse(ctx)
+    }
+    #[inline(always)]
+    fn src(&self) -> u32 {
+        self.src
+    }
+    #[inline(always)]
+    fn dst(&self) -> u32 {
+        self.dst
+    }
+    #[inline(always)]
+    fn ttl(&self) -> u8 {
+        self.ttl
+    }
+    #[inline(always)]
+    fn ip_len(&self) -> u16 {
+        self.tot_len
+    }
+    #[inline(always)]
+    fn inner_src(&self) -> u32 {
+        Quoted::inner_src(self)
+    }
+    #[inline(always)]
+    fn inner_dst(&self) -> u32 {
+        Quoted::inner_dst(self)
+    }
+    #[inline(always)]
+    fn inner_sport(&self) -> u16 {
+        self.ports().0
+    }
+    #[inline(always)]
+    fn flow_key(&self) -> CtKey<u32> {
+        self.reply_key()
+    }
+    #[inline(always)]
+    fn translate<C: Ctx>(&self, ctx: &C, from: (u32, u16), to: (u32, u16), src: u32, dst: u32) -> Result<(), i64> {
+        rewrite(ctx, self, requote(self, from, to), src, dst)
+    }
+}
+
 /// Translates an ICMP error about a flow whose destination this node translated (no SNAT)
 /// back for its client (see the module doc): `external` for the north-south egress (entries
 /// with `CT_NAT_EXTERNAL`), else the pod path's. Anything else is left untouched; `Err` only
 /// when a helper failed after the packet was changed (the caller drops it).
 #[inline(always)]
-pub fn rev_nat(ctx: &TcContext, external: bool) -> Result<(), i64> {
-    let Some(q) = parse(ctx) else {
+pub fn rev_nat<F: Family>(ctx: &TcContext, external: bool) -> Result<(), i64> {
+    let Some(q) = F::Quoted::parse(ctx) else {
         return Ok(());
     };
-    let Some(v) = flow(&q) else {
+    let Some(v) = flow::<F>(&q) else {
         return Ok(());
     };
     if v.kind() != if external { FlowKind::External } else { FlowKind::EastWest } {
         return Ok(());
     }
-    // The reply entry's pair is the frontend the client addressed.
-    let (sport, _) = q.ports();
-    let new = requote(&q, (q.inner_src(), sport), (v.pair_addr, v.pair_port));
-    // The backend's own error comes from the frontend; a router's keeps its address.
-    let src = if q.src == q.inner_dst() { v.pair_addr } else { q.src };
-    rewrite(ctx, &q, new, src, q.dst)
+    // The reply entry's pair is the frontend the client addressed; the backend's own error
+    // comes from it, a router's keeps its address.
+    let src = if q.src() == q.inner_dst() { v.pair_addr } else { q.src() };
+    q.translate(ctx, (q.inner_src(), q.inner_sport()), (v.pair_addr, v.pair_port), src, q.dst())
 }
 
 /// The conntrack reply entry of the flow `q` quotes.
 #[inline(always)]
-pub fn flow(q: &Quoted) -> Option<CtValue4> {
+pub fn flow<F: Family>(q: &F::Quoted) -> Option<CtValue<F::Addr>> {
     // SAFETY: copied out at once.
-    unsafe { CT4.get(q.reply_key()) }.copied()
+    unsafe { F::conntrack().get(q.flow_key()) }.copied()
 }

@@ -4,23 +4,35 @@
 //! and `getpeername` show the service address again. A TCP connect to a service without
 //! endpoints fails with `ECONNREFUSED`. Sockets of other namespaces (pods) are left alone: their
 //! traffic is translated on their devices.
+//!
+//! The IPv6 hooks serve IPv6 services, and IPv4 services for IPv4-mapped addresses
+//! (`::ffff:a.b.c.d`, what a dual-stack socket uses to reach an IPv4 address).
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use rproxy_common::{RevNat4, SockRevKey4, proto};
+use rproxy_common::{Backend, In6, RevNat4, RevNat6, SockRevKey4, SockRevKey6, proto};
 
 use crate::{
-    family::V4,
+    family::{Family, V4, V6},
     lb::{self, Decision, Origin},
-    maps::{CONFIG, SK_RNAT4},
+    maps::{CONFIG, SK_RNAT4, SK_RNAT6},
 };
 
 /// Socket programs return 1 to let the call go on.
 pub const ALLOW: i32 = 1;
 /// `ECONNREFUSED` (Linux).
 const ECONNREFUSED: i32 = 111;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), wire order; the first two
+/// are zero.
+const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether `addr` is IPv4-mapped (word by word: a slice comparison would be a `memcmp` call).
+#[inline(always)]
+fn v4_mapped(addr: &In6) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_W2
+}
 
 #[inline(always)]
 fn own_namespace(ctx: &SockAddrContext) -> bool {
@@ -38,9 +50,31 @@ fn l4_proto(sa: &bpf_sock_addr) -> Option<u8> {
     }
 }
 
+/// What a `connect` or `sendmsg` to `(addr, port)` becomes.
+enum Choice<A> {
+    /// Not a frontend, or a UDP send to one without endpoints: as it is.
+    Keep,
+    /// A TCP connect to a frontend without endpoints: refused, as kube-proxy's REJECT refuses.
+    Refuse,
+    /// To this backend.
+    To(Backend<A>),
+}
+
+/// The service decision for a host-network socket (`Origin::Host`: affinity counts the node as
+/// one client).
+#[inline(always)]
+fn choose<F: Family>(addr: F::Addr, port: u16, p: u8) -> Choice<F::Addr> {
+    match lb::decide_new::<F>(addr, port, p, F::Addr::default(), Origin::Host, crate::conntrack::now_ns()) {
+        Decision::New(flow) => Choice::To(flow.be),
+        // UDP goes on untranslated (a connected socket learns nothing before it sends).
+        Decision::NoBackend { svc } if p == proto::TCP && svc.count == 0 => Choice::Refuse,
+        _ => Choice::Keep,
+    }
+}
+
 /// `connect4` and `sendmsg4`: a service address becomes a backend's.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext) -> i32 {
+pub fn translate4(ctx: &SockAddrContext) -> i32 {
     if !own_namespace(ctx) {
         return ALLOW;
     }
@@ -48,23 +82,65 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(p) = l4_proto(sa) else { return ALLOW };
     let (vip, vport) = (sa.user_ip4, low16(sa.user_port));
-    // Affinity: this node's sockets count as one client (they would leave from its address).
-    let be = match lb::decide_new::<V4>(vip, vport, p, 0, Origin::Host, crate::conntrack::now_ns()) {
-        Decision::New { be, .. } => be,
-        // No endpoints: a TCP connect fails at once, as kube-proxy's REJECT makes it fail.
-        // UDP goes on untranslated (a connected socket learns nothing before it sends).
-        Decision::NoBackend { svc } => return if p == proto::TCP && svc.count == 0 { refuse() } else { ALLOW },
-        Decision::Pass | Decision::Drop | Decision::Established { .. } => return ALLOW,
-    };
+    match choose::<V4>(vip, vport, p) {
+        Choice::Keep => ALLOW,
+        Choice::Refuse => refuse(),
+        Choice::To(be) => {
+            remember4(ctx, &be, vip, vport);
+            sa.user_ip4 = be.addr;
+            sa.user_port = u32::from(be.port);
+            ALLOW
+        }
+    }
+}
+
+/// `connect6` and `sendmsg6`: an IPv6 service address, or an IPv4-mapped IPv4 one, becomes a
+/// backend's.
+#[inline(always)]
+pub fn translate6(ctx: &SockAddrContext) -> i32 {
+    if !own_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(p) = l4_proto(sa) else { return ALLOW };
+    let (vip, vport) = (sa.user_ip6, low16(sa.user_port));
+    if v4_mapped(&vip) {
+        return match choose::<V4>(vip[3], vport, p) {
+            Choice::Keep => ALLOW,
+            Choice::Refuse => refuse(),
+            Choice::To(be) => {
+                remember4(ctx, &be, vip[3], vport);
+                sa.user_ip6[3] = be.addr;
+                sa.user_port = u32::from(be.port);
+                ALLOW
+            }
+        };
+    }
+    match choose::<V6>(vip, vport, p) {
+        Choice::Keep => ALLOW,
+        Choice::Refuse => refuse(),
+        Choice::To(be) => {
+            // SAFETY: helper on this program's context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            let rk = SockRevKey6 { cookie, addr: be.addr, port: be.port, _pad: [0, 0, 0] };
+            let _ = SK_RNAT6.insert(rk, RevNat6 { addr: vip, port: vport, _pad: 0 }, 0);
+            sa.user_ip6 = be.addr;
+            sa.user_port = u32::from(be.port);
+            ALLOW
+        }
+    }
+}
+
+/// Remembers that this socket's `(backend)` is service `(vip, vport)`, for its replies and
+/// `getpeername`. Without the entry the call still goes to the backend; only getpeername and UDP
+/// reply addresses would show it. Not worth failing the call for.
+#[inline(always)]
+fn remember4(ctx: &SockAddrContext, be: &Backend<u32>, vip: u32, vport: u16) {
     // SAFETY: helper on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let rk = SockRevKey4 { cookie, addr: be.addr, port: be.port, _pad: 0 };
-    // Without the entry the call still goes to the backend; only getpeername and UDP reply
-    // addresses would show it. Not worth failing the call for.
     let _ = SK_RNAT4.insert(rk, RevNat4 { addr: vip, port: vport, _pad: 0 }, 0);
-    sa.user_ip4 = be.addr;
-    sa.user_port = u32::from(be.port);
-    ALLOW
 }
 
 /// Fails the call with `ECONNREFUSED` (a socket program's 0 means "fail"; the error is
@@ -79,21 +155,53 @@ fn refuse() -> i32 {
 /// `recvmsg4` and `getpeername4`: a backend address of a translated socket becomes the
 /// service's.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     if !own_namespace(ctx) {
         return ALLOW;
     }
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    // SAFETY: helper on this program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let rk = SockRevKey4 { cookie, addr: sa.user_ip4, port: low16(sa.user_port), _pad: 0 };
-    // SAFETY: copied out at once.
-    if let Some(rn) = unsafe { SK_RNAT4.get(rk) }.copied() {
+    if let Some(rn) = reverse_of4(ctx, sa.user_ip4, low16(sa.user_port)) {
         sa.user_ip4 = rn.addr;
         sa.user_port = u32::from(rn.port);
     }
     ALLOW
+}
+
+/// `recvmsg6` and `getpeername6`: likewise for IPv6 sockets (IPv4-mapped addresses too).
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    if !own_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let (addr, port): (In6, u16) = (sa.user_ip6, low16(sa.user_port));
+    if v4_mapped(&addr) {
+        if let Some(rn) = reverse_of4(ctx, addr[3], port) {
+            sa.user_ip6[3] = rn.addr;
+            sa.user_port = u32::from(rn.port);
+        }
+        return ALLOW;
+    }
+    // SAFETY: helper on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let rk = SockRevKey6 { cookie, addr, port, _pad: [0, 0, 0] };
+    // SAFETY: copied out at once.
+    if let Some(rn) = unsafe { SK_RNAT6.get(rk) }.copied() {
+        sa.user_ip6 = rn.addr;
+        sa.user_port = u32::from(rn.port);
+    }
+    ALLOW
+}
+
+/// The service this socket's backend `(addr, port)` stands for, if it was translated.
+#[inline(always)]
+fn reverse_of4(ctx: &SockAddrContext, addr: u32, port: u16) -> Option<RevNat4> {
+    // SAFETY: helper on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: copied out at once.
+    unsafe { SK_RNAT4.get(SockRevKey4 { cookie, addr, port, _pad: 0 }) }.copied()
 }
 
 /// The port in `user_port`: network byte order in the low 16 bits of the field.
