@@ -1,5 +1,5 @@
 //! Builds rproxy-ebpf for `bpfel-unknown-none` and leaves the object in `OUT_DIR/rproxy.bpf.o`,
-//! where `src/datapath.rs` embeds it: the agent binary is self-contained.
+//! where `src/bpf/datapath.rs` embeds it: the agent binary is self-contained.
 //!
 //! Needs `bpf-linker` and the `rust-src` component (`scripts/setup.sh` installs both). The stable
 //! toolchain builds `core` for the BPF target with `RUSTC_BOOTSTRAP=1`, as aya-build does.

@@ -37,9 +37,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
 use etherparse::PacketBuilder;
 use rproxy_agent::{
-    datapath::{Datapath, EBPF_OBJECT, Maps, stat_total},
+    bpf::datapath::{Datapath, EBPF_OBJECT, Maps, stat_total},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
-    snat::PortRange,
+    node::snat::PortRange,
     writer::Writer,
 };
 use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, prog_names, proto};

@@ -36,7 +36,7 @@ pub enum Error {
     #[error("{0}")]
     Capacity(String),
     #[error("--snat-port-range {range}: {reason}")]
-    SnatPortRange { range: crate::snat::PortRange, reason: String },
+    SnatPortRange { range: crate::node::snat::PortRange, reason: String },
     /// Building the Kubernetes API client failed: `what` names the step (reading a kubeconfig,
     /// inferring the configuration, creating the client).
     #[error("Kubernetes client: {what}: {source}")]

@@ -1,22 +1,17 @@
 //! `rproxy-agent`: turns Kubernetes Services and `EndpointSlices` into rproxy's BPF maps, attaches
 //! the eBPF programs and keeps both right.
 //!
-//! Pipeline: sources (`manifests`, `kube_source`) → pure translation (`translate`, into
-//! `model::Desired`) → map writer → attach and lifecycle.
-pub mod datapath;
-pub mod devices;
-pub mod dump;
+//! The pipeline, one module per stage: `source` (the manifests directory or the Kubernetes API)
+//! → `store` (the objects, and what changed) → `translate` (pure: objects to `model::Desired`)
+//! → `writer` (the maps made to hold it, in a safe order) → `bpf` (the object, pins, programs,
+//! conntrack GC); around them `node` (devices and addresses), `health` (kube-proxy's health
+//! endpoints) and `run` (the event loop that ties them together).
+pub mod bpf;
 pub mod error;
-pub mod external;
-pub mod gc;
-pub mod healthcheck;
-pub mod kube_source;
-pub mod manifests;
+pub mod health;
 pub mod model;
-pub mod proxy_health;
+pub mod node;
 pub mod run;
-pub mod slim;
-pub mod snat;
 pub mod source;
 pub mod store;
 pub mod translate;

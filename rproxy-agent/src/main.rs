@@ -5,10 +5,16 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rproxy_agent::{
-    datapath::{self, XdpMode},
-    devices::{self, DevicePattern},
-    dump, proxy_health, run,
-    snat::PortRange,
+    bpf::{
+        datapath::{self, XdpMode},
+        dump,
+    },
+    health::proxy,
+    node::{
+        devices::{self, DevicePattern},
+        snat::PortRange,
+    },
+    run,
 };
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -102,7 +108,7 @@ struct RunArgs {
     /// kube-proxy's (load balancers probe /healthz for externalTrafficPolicy Cluster). 503 when a
     /// change has not reached the maps within 60 s, or (/healthz only) when the Node is being
     /// deleted or tainted ToBeDeletedByClusterAutoscaler. Empty: not served.
-    #[arg(long, value_name = "IP:PORT", default_value = proxy_health::DEFAULT_BIND, value_parser = parse_bind)]
+    #[arg(long, value_name = "IP:PORT", default_value = proxy::DEFAULT_BIND, value_parser = parse_bind)]
     healthz_bind_address: Bind,
     /// Source ports given to north-south flows that go to a backend on another node (SNAT to
     /// this node's address, externalTrafficPolicy Cluster), MIN-MAX with MIN >= 1024. Each

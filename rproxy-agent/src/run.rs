@@ -38,16 +38,22 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     Error, Result,
-    datapath::{Datapath, Maps, XdpMode},
-    devices::{self, DevicePattern},
-    external::External,
-    gc,
-    healthcheck::{HealthCheckServer, lock},
-    kube_source, manifests,
+    bpf::{
+        datapath::{Datapath, Maps, XdpMode},
+        gc,
+    },
+    health::{
+        http::lock,
+        proxy::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
+        service::HealthCheckServer,
+    },
     model::Frontend,
-    proxy_health::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
-    snat::{self, PortRange},
-    source::{ResyncGate, Update},
+    node::{
+        devices::{self, DevicePattern},
+        external::External,
+        snat::{self, PortRange},
+    },
+    source::{ResyncGate, Update, kube, manifests},
     store::Store,
     writer::{self, Writer},
 };
@@ -235,14 +241,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     let _watcher = match &agent.cfg.source {
         Source::Kube { kubeconfig } => {
-            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            let client = kube::client(kubeconfig.as_deref()).await?;
             info!("waiting for the API server's Services and EndpointSlices before writing any map");
-            tokio::spawn(kube_source::run(
-                client,
-                agent.cfg.node_name.clone(),
-                update_tx,
-                Arc::new(kube_source::Stats::default()),
-            ));
+            tokio::spawn(kube::run(client, agent.cfg.node_name.clone(), update_tx, Arc::new(kube::Stats::default())));
             None
         }
         Source::Manifests(dir) => {
@@ -422,7 +423,7 @@ impl Agent {
                     if eligible {
                         info!(node = %self.cfg.node_name, "node eligible for load balancer traffic again: /healthz answers 200");
                     } else {
-                        warn!(node = %self.cfg.node_name, "node being deleted or tainted {}: /healthz answers 503", proxy_health::TO_BE_DELETED_TAINT);
+                        warn!(node = %self.cfg.node_name, "node being deleted or tainted {}: /healthz answers 503", proxy::TO_BE_DELETED_TAINT);
                     }
                 }
             }
@@ -590,7 +591,7 @@ impl Agent {
             Cgroup::Path(p) => p.clone(),
             Cgroup::Auto => {
                 let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-                let Some(p) = crate::datapath::cgroup2_mount(&mountinfo) else {
+                let Some(p) = crate::bpf::datapath::cgroup2_mount(&mountinfo) else {
                     warn!(
                         "no cgroup v2 mount: host-network processes do not reach services (mount one, or pass --cgroup)"
                     );
@@ -612,7 +613,7 @@ impl Agent {
             (Stat::FibFail, "north-south packets dropped: no usable route (FIB lookup failed)"),
             (Stat::CtInsertFail, "new flows dropped: conntrack insert failed (map full?)"),
         ] {
-            let now = crate::datapath::stat_total(&self.maps.stats, stat);
+            let now = crate::bpf::datapath::stat_total(&self.maps.stats, stat);
             let last = self.counters.insert(stat as u32, now).unwrap_or(now);
             if now > last {
                 warn!(counter = stat.name(), dropped = now - last, total = now, "{what}");

@@ -148,3 +148,7 @@ mod tests {
         assert_eq!(gate.deadline(), Some(t1 + ResyncGate::HOLD_MAX));
     }
 }
+
+pub mod kube;
+pub mod manifests;
+pub mod slim;

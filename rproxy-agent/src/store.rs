@@ -39,8 +39,10 @@ use tracing::{debug, info};
 
 use crate::{
     model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
-    slim::{self, CompactSlice},
-    source::Update,
+    source::{
+        Update,
+        slim::{self, CompactSlice},
+    },
     translate,
 };
 

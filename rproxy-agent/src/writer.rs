@@ -865,7 +865,7 @@ impl Writer {
 }
 
 /// The BPF maps as a sink.
-impl MapSink for crate::datapath::Maps {
+impl MapSink for crate::bpf::datapath::Maps {
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         let r = match *op {
             Op::PutBackend(id, v) => self.backends.set(id, v, 0),
@@ -918,8 +918,8 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 
 /// Reads what the pinned maps hold, for `Writer::adopt`: every service entry and every
 /// non-zero (used) backend and rev-NAT array entry.
-pub fn read_adopted(maps: &crate::datapath::Maps) -> Adopted {
-    use crate::datapath::used_entries;
+pub fn read_adopted(maps: &crate::bpf::datapath::Maps) -> Adopted {
+    use crate::bpf::datapath::used_entries;
     Adopted {
         services: maps.services.iter().filter_map(Result::ok).collect(),
         backends: used_entries(&maps.backends),

@@ -17,9 +17,9 @@ use common::{
     icmp_error_frame, macs, node_netns, ones_sum, parse_checked, tcp_frame, udp_frame,
 };
 use rproxy_agent::{
-    datapath::{XdpAttached, XdpMode},
+    bpf::datapath::{XdpAttached, XdpMode},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
-    snat::PortRange,
+    node::snat::PortRange,
 };
 use rproxy_common::{
     AffinityKey4, AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4,
@@ -327,11 +327,11 @@ fn affinity_under_etp_local_stays_local() {
         }
         h.program(&d);
         let id_of = |h: &Harness, addr: Ipv4Addr| {
-            let entries = rproxy_agent::datapath::used_entries(&h.maps.backends);
+            let entries = rproxy_agent::bpf::datapath::used_entries(&h.maps.backends);
             entries.into_iter().find(|(_, b)| b.ip() == addr).map(|(id, _)| id).expect("backend")
         };
         let key = AffinityKey4 { client: u32::from(CLIENT).to_be(), rev_nat_id: 1, _pad: 0 };
-        let now = rproxy_agent::gc::monotonic_ns();
+        let now = rproxy_agent::bpf::gc::monotonic_ns();
         let remote = AffinityValue { last_used_ns: now, backend_id: id_of(h, REMOTE_POD), _pad: 0 };
         h.maps.affinity.insert(key, remote, 0).unwrap();
         let syn = tcp_frame((CLIENT, CPORT), (NODE, 30092), SYN, b"", &[]);
@@ -460,7 +460,7 @@ fn icmp_errors_about_snated_flows_reach_the_client() {
 #[test]
 fn auto_xdp_mode_picks_generic_on_a_veth() {
     in_node_netns(|h, _| {
-        assert_eq!(rproxy_agent::devices::driver("nsx").as_deref(), Some("veth"));
+        assert_eq!(rproxy_agent::node::devices::driver("nsx").as_deref(), Some("veth"));
         let attached = h.dp.attach_external("nsx", XdpMode::Auto).expect("attaching");
         assert_eq!(attached, XdpAttached::Generic);
     });
@@ -536,7 +536,7 @@ fn closed_flow_snat_port_is_taken_over() {
         let old_client = |port: u16| (Ipv4Addr::new(172, 31, 0, 200), port);
         // Every port held by a flow in `state` whose last packet was `ago_ns` ago.
         let fill = |h: &mut Harness, state: CtState, ago_ns: u64| {
-            let expires = rproxy_agent::gc::monotonic_ns() + state.lifetime_ns() - ago_ns;
+            let expires = rproxy_agent::bpf::gc::monotonic_ns() + state.lifetime_ns() - ago_ns;
             for port in SMALL_RANGE.ports() {
                 let c = old_client(port);
                 let reply = CtValue4 {
@@ -639,7 +639,7 @@ fn established_flows_route_through_the_cache_and_follow_changes() {
         let planted = [2, 0, 0, 0, 0, 0x99];
         let used = (0..5).any(|_| {
             let fresh = RouteValue {
-                checked_ns: rproxy_agent::gc::monotonic_ns(),
+                checked_ns: rproxy_agent::bpf::gc::monotonic_ns(),
                 ifindex,
                 mtu: 1000,
                 smac: NODE_MAC,
@@ -774,7 +774,8 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
         net::{TcpListener, TcpStream, UdpSocket},
         time::Duration,
     };
-    let Some(cgroup) = rproxy_agent::datapath::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+    let Some(cgroup) =
+        rproxy_agent::bpf::datapath::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
     else {
         assert!(std::env::var("RPROXY_REQUIRE_KERNEL").is_err(), "no cgroup2 mount: run scripts/setup.sh");
         eprintln!("skipping: no cgroup2 mount");

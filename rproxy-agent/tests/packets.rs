@@ -456,10 +456,10 @@ fn client_ip_affinity_keeps_a_client_on_its_backend() {
     let key = AffinityKey4 { client: u32::from(CLIENT).to_be(), rev_nat_id: 1, _pad: 0 };
     let remembered = h.maps.affinity.get(&key, 0).expect("the client is remembered");
     let id_of = |h: &Harness, addr: Ipv4Addr| {
-        let entries = rproxy_agent::datapath::used_entries(&h.maps.backends);
+        let entries = rproxy_agent::bpf::datapath::used_entries(&h.maps.backends);
         entries.into_iter().find(|(_, b)| b.ip() == addr).map(|(id, _)| id).expect("backend")
     };
-    let now = rproxy_agent::gc::monotonic_ns();
+    let now = rproxy_agent::bpf::gc::monotonic_ns();
     let target = BACKENDS.iter().copied().find(|b| *b != first).unwrap();
     let fresh = AffinityValue { last_used_ns: now, backend_id: id_of(&h, target), _pad: 0 };
     h.maps.affinity.insert(key, fresh, 0).unwrap();
@@ -594,7 +594,7 @@ struct PinDirCleanup(std::path::PathBuf);
 
 impl Drop for PinDirCleanup {
     fn drop(&mut self) {
-        let _ = rproxy_agent::datapath::cleanup(&self.0);
+        let _ = rproxy_agent::bpf::datapath::cleanup(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -625,7 +625,7 @@ fn pinned_map_of_another_layout_is_refused() {
     let _cleanup = PinDirCleanup(dir.clone());
     let pin = dir.join(rproxy_common::map_names::CT4);
     bpftool_map_create(&pin, &["type", "lru_hash", "key", "16", "value", "24", "entries", "1024", "name", "RPX_CT4"]);
-    let err = rproxy_agent::datapath::Datapath::load(Some(&dir)).err().expect("load must refuse the old map");
+    let err = rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).err().expect("load must refuse the old map");
     let msg = err.to_string();
     assert!(msg.contains("RPX_CT4") && msg.contains("value size 24, needs 32") && msg.contains("cleanup"), "{msg}");
     assert!(pin.exists(), "the pinned map is left alone");
@@ -635,7 +635,7 @@ fn pinned_map_of_another_layout_is_refused() {
     let entries = rproxy_common::limits::CT_MAX.to_string();
     let lru = ["type", "lru_hash", "key", "16", "value", "32", "entries", &entries, "name", "RPX_CT4", "flags", "2"];
     bpftool_map_create(&pin, &lru);
-    rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
+    rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
 
     // Counters of an older agent (fewer of them) are replaced, not refused.
     let counters = dir.join(rproxy_common::map_names::STATS);
@@ -644,7 +644,7 @@ fn pinned_map_of_another_layout_is_refused() {
         &counters,
         &["type", "percpu_array", "key", "4", "value", "8", "entries", "12", "name", "RPX_STATS"],
     );
-    let mut dp = rproxy_agent::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
+    let mut dp = rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
     let maps = dp.take_maps().expect("maps");
     assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");
 }

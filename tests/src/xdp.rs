@@ -1,5 +1,5 @@
 //! rproxy's `XDP_PASS` program (`rpx_xdp_noop`) in the labs, loaded from the agent's embedded
-//! object ([`rproxy_agent::datapath`]) with private maps: nothing is pinned, and nothing outlives
+//! object ([`rproxy_agent::bpf::datapath`]) with private maps: nothing is pinned, and nothing outlives
 //! the process.
 //!
 //! Two uses: attached in driver mode to the bridge side of the two-node lab's veths, where it
@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{Xdp, XdpMode, xdp::XdpLink};
 use aya_obj::programs::XdpAttachType;
-use rproxy_agent::datapath::Datapath;
+use rproxy_agent::bpf::datapath::Datapath;
 use rproxy_common::prog_names;
 
 use crate::{

@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use rproxy_agent::snat::PortRange;
+use rproxy_agent::node::snat::PortRange;
 use rproxy_tests::{
     Cluster, NodeId, agent_bin,
     client::{self, Reply},

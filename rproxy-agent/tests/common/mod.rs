@@ -11,9 +11,9 @@ use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, ip_number,
 };
 use rproxy_agent::{
-    datapath::{Datapath, Maps},
+    bpf::datapath::{Datapath, Maps},
     model::Desired,
-    snat::PortRange,
+    node::snat::PortRange,
     writer::Writer,
 };
 use rproxy_common::{CtKey4, Stat};
@@ -52,14 +52,14 @@ impl Harness {
         let r = self.writer.sync(desired, &mut self.maps);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         let stale = r.stale_udp.iter().copied().collect();
-        rproxy_agent::gc::purge_udp(&mut self.maps.conntrack, &stale);
+        rproxy_agent::bpf::gc::purge_udp(&mut self.maps.conntrack, &stale);
     }
 
     /// One conntrack GC pass as the agent runs it: expired entries go, and the backends that
     /// left every frontend are deleted once no entry names them. How many were deleted.
     pub fn gc(&mut self) -> usize {
         let writer = &self.writer;
-        let pass = rproxy_agent::gc::run_pass(&mut self.maps.conntrack, |id| writer.has_backend(id));
+        let pass = rproxy_agent::bpf::gc::run_pass(&mut self.maps.conntrack, |id| writer.has_backend(id));
         let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
         assert!(errors.is_empty(), "{errors:?}");
         released
@@ -98,7 +98,7 @@ impl Harness {
     }
 
     pub fn stat(&self, s: Stat) -> u64 {
-        rproxy_agent::datapath::stat_total(&self.maps.stats, s)
+        rproxy_agent::bpf::datapath::stat_total(&self.maps.stats, s)
     }
 }
 

@@ -7,7 +7,7 @@
 //! gives ([`response`]): status 200 when the Service has local endpoints, else 503, with
 //! `Content-Type: application/json`, `X-Content-Type-Options: nosniff` and the body
 //! `{"service":{"namespace":"…","name":"…"},"localEndpoints":N,"serviceProxyHealthy":B}`.
-//! `serviceProxyHealthy` is the agent's own health ([`crate::proxy_health`]): when it is false
+//! `serviceProxyHealthy` is the agent's own health ([`super::proxy`]): when it is false
 //! the answer is 503 whatever the count, as kube-proxy's.
 //!
 //! [`HealthCheckServer::update`] opens and closes listeners as health checks appear and go away,
@@ -17,39 +17,22 @@
 //! order is served, the other is logged ([`plan`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use http_body_util::Full;
-use hyper::{
-    Response, StatusCode,
-    body::Bytes,
-    header::{self, HeaderValue},
-    server::conn::http1,
-    service::service_fn,
-};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Response, StatusCode, body::Bytes};
 use serde::Serialize;
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    task::{JoinHandle, JoinSet},
-};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::{
-    model::{HealthCheck, ObjectRef},
-    proxy_health::ProxyHealth,
+use super::{
+    http::{bind, json_response, lock, serve},
+    proxy::ProxyHealth,
 };
-
-/// Connections served at once on one port; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
-/// A client that has not sent a complete request head within this time is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept` (out of file descriptors, say) before the next one.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+use crate::model::{HealthCheck, ObjectRef};
 
 /// What one health check port answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,19 +68,6 @@ pub fn response(answer: &Answer, proxy_healthy: bool) -> Response<Full<Bytes>> {
     };
     let ok = answer.local_endpoints > 0 && proxy_healthy;
     json_response(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
-}
-
-/// A JSON response with kube-proxy's headers (`Content-Type: application/json`,
-/// `X-Content-Type-Options: nosniff`).
-pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
-    // The bodies are strings, integers and booleans, which always serialize.
-    let json = serde_json::to_vec(body).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(json)));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    resp
 }
 
 /// Which Service each port serves, from the desired health checks.
@@ -227,59 +197,12 @@ impl HealthCheckServer {
     }
 }
 
-/// Locks shared health state (an answer, the agent's health): plain data, always whole, so a
-/// panic elsewhere cannot leave it half-written and a poisoned lock is used as is.
-pub fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// A listening socket on `addr`, with `SO_REUSEADDR` so that a port closed and opened again
-/// does not wait for its old connections' `TIME_WAIT`.
-pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(128)
-}
-
-/// Answers a request for a path.
-pub(crate) type Respond = Arc<dyn Fn(&str) -> Response<Full<Bytes>> + Send + Sync>;
-
-/// Accepts connections on `listener` and answers every request on them with `respond`.
-pub(crate) async fn serve(listener: TcpListener, respond: Respond) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept(), if connections.len() < MAX_CONNECTIONS => match accepted {
-                Ok((stream, peer)) => {
-                    let respond = Arc::clone(&respond);
-                    connections.spawn(async move {
-                        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                            let resp = respond(request.uri().path());
-                            async move { Ok::<_, Infallible>(resp) }
-                        });
-                        let conn = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_READ_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
-                        if let Err(e) = conn.await {
-                            debug!(%peer, error = %e, "health connection");
-                        }
-                    });
-                }
-                Err(e) => {
-                    debug!(error = %e, "health check accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use http_body_util::BodyExt;
+    use hyper::header;
     use tokio::{
         io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
         net::TcpStream,
@@ -413,7 +336,7 @@ mod tests {
     async fn a_port_in_use_is_retried_by_later_updates() {
         let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = blocker.local_addr().unwrap().port();
-        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, health(crate::proxy_health::HEALTH_TIMEOUT));
+        let mut server = HealthCheckServer::new(Ipv4Addr::LOCALHOST, health(crate::health::proxy::HEALTH_TIMEOUT));
         let wanted = checks(&[("shop/web", port, 1)]);
         server.update(&wanted);
         assert_eq!((server.serving(), server.failed()), (vec![], vec![port]));

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{debug, info, warn};
 
-use crate::datapath::{Datapath, XdpAttached, XdpMode};
+use crate::bpf::datapath::{Datapath, XdpAttached, XdpMode};
 
 /// What a rescan must do with the external devices.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -47,8 +47,7 @@ use tracing::{debug, info, warn};
 pub use crate::translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::{
     error::{Error, Result},
-    slim,
-    source::Update,
+    source::{Update, slim},
 };
 
 /// The server-side label selector for Services and `EndpointSlices`, the one kube-proxy uses.

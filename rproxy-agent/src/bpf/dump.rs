@@ -8,10 +8,12 @@ use rproxy_common::{
     ServiceKey4, ServiceValue, SrcRange4, Stat, map_names,
 };
 
-use crate::{
-    Error, Result,
+use super::{
     datapath::{stat_total, used_entries},
     gc::monotonic_ns,
+};
+use crate::{
+    Error, Result,
     writer::{scope_name, src_range_of},
 };
 

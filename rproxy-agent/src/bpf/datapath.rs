@@ -30,7 +30,7 @@ use rproxy_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{Error, Result, snat::PortRange};
+use crate::{Error, Result, node::snat::PortRange};
 
 /// The eBPF object built by build.rs from rproxy-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rproxy.bpf.o"));
@@ -299,7 +299,7 @@ impl Datapath {
             // A veth (a kind node's eth0, a container's uplink) takes a native program, but the
             // frames it transmits (XDP_TX, redirects) are dropped unless the peer, in another
             // namespace, runs XDP too: generic XDP unless asked for native.
-            XdpMode::Auto | XdpMode::Tc if crate::devices::driver(ifname).as_deref() == Some("veth") => {
+            XdpMode::Auto | XdpMode::Tc if crate::node::devices::driver(ifname).as_deref() == Some("veth") => {
                 info!(ifname, "veth: generic XDP (native XDP_TX needs an XDP program on the peer; --xdp-mode native)");
                 (prog.attach(ifname, aya::programs::XdpMode::Skb), XdpAttached::Generic)
             }

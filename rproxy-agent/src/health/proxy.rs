@@ -38,7 +38,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::healthcheck::{bind, json_response, lock, serve};
+use super::http::{bind, json_response, lock, serve};
 
 /// How long a change may wait for the maps before the agent reports itself unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
