@@ -102,7 +102,11 @@ fn entry(name: String, flags: u16, slots: Vec<Backend>) -> ServiceEntry {
 }
 
 fn tcp_backend(addr: Ipv4Addr, local: bool) -> Backend {
-    Backend { addr: BackendAddr { addr, port: 8080, proto: Protocol::Tcp }, state: BackendState::Active, local }
+    Backend {
+        addr: BackendAddr { addr: addr.into(), port: 8080, proto: Protocol::Tcp },
+        state: BackendState::Active,
+        local,
+    }
 }
 
 /// `services` `ClusterIP`s with `backends` local backends each, and one `NodePort` on the node's
@@ -110,11 +114,11 @@ fn tcp_backend(addr: Ipv4Addr, local: bool) -> Backend {
 fn desired(services: usize, backends: usize) -> Desired {
     let mut d = Desired::default();
     for i in 0..services {
-        let fe = Frontend { addr: vip(i), port: 80, proto: Protocol::Tcp };
+        let fe = Frontend { addr: vip(i).into(), port: 80, proto: Protocol::Tcp };
         let slots = (0..backends).map(|j| tcp_backend(backend(i, j), true)).collect();
         d.services.insert(fe, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots));
     }
-    let fe = Frontend { addr: NODE, port: NODE_PORT, proto: Protocol::Tcp };
+    let fe = Frontend { addr: NODE.into(), port: NODE_PORT, proto: Protocol::Tcp };
     d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
     d
 }

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rproxy_agent::{
     bpf::{
         datapath::{self, XdpMode},
@@ -87,13 +87,15 @@ struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     rescan_interval: u64,
     /// The node's external devices, comma-separated (e.g. 'eth0,eth1'). NodePorts answer on
-    /// their IPv4 addresses, re-read when addresses or links change. Empty: no NodePort.
+    /// their addresses (IPv4 and IPv6, not IPv6 link-local), re-read when addresses or links
+    /// change. Empty: no NodePort.
     #[arg(long, value_name = "IF[,IF...]", value_delimiter = ',')]
     devices: Vec<String>,
-    /// Only the device addresses inside one of these IPv4 CIDRs carry NodePorts,
-    /// comma-separated (e.g. '10.0.0.0/8,192.168.1.5/32'). Default: every address of --devices.
+    /// Only the device addresses inside one of these CIDRs carry NodePorts, comma-separated,
+    /// either family (e.g. '10.0.0.0/8,192.168.1.5/32,2001:db8::/64'). Default: every address
+    /// of --devices but IPv6 link-local ones.
     #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',', value_parser = devices::parse_cidr)]
-    nodeport_addresses: Vec<Ipv4Net>,
+    nodeport_addresses: Vec<IpNet>,
     /// How north-south packets are handled on --devices: XDP in the driver with a fallback to
     /// generic XDP ('auto'), only one of the two ('native', 'generic'), or TC only ('tc'). In the
     /// XDP modes a TC program on the same device handles what XDP hands up.
@@ -209,10 +211,12 @@ mod tests {
         assert!(args.devices.is_empty() && args.nodeport_addresses.is_empty());
         let args = run_args(&["--devices", "eth0,eth1", "--nodeport-addresses", "10.0.0.0/8,192.0.2.7/32"]).unwrap();
         assert_eq!(args.devices, ["eth0", "eth1"]);
-        let nets: Vec<Ipv4Net> = ["10.0.0.0/8", "192.0.2.7/32"].iter().map(|n| n.parse().unwrap()).collect();
+        let nets: Vec<IpNet> = ["10.0.0.0/8", "192.0.2.7/32"].iter().map(|n| n.parse().unwrap()).collect();
         assert_eq!(args.nodeport_addresses, nets);
-        let err = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/64"]).unwrap_err().to_string();
-        assert!(err.contains("fd00::/64") && err.contains("IPv6"), "{err}");
+        let dual = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/64"]).unwrap();
+        assert_eq!(dual.nodeport_addresses[1], "fd00::/64".parse::<IpNet>().unwrap());
+        let err = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::1"]).unwrap_err().to_string();
+        assert!(err.contains("fd00::1") && err.contains("prefix length"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! The desired state: what the BPF maps must hold, computed from Kubernetes objects by pure
 //! functions (no I/O), so it is table-tested without a kernel.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 /// L4 protocol of a service port. SCTP is refused by the translation for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,6 +35,30 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An address family. The maps come in one set per family; frontends and backends of one
+/// family only ever meet (a Service's IPv6 frontends get its IPv6 endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    #[must_use]
+    pub fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv6() { Self::V6 } else { Self::V4 }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
 /// `namespace/name` of a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
@@ -44,31 +72,31 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// A service frontend: the address a client sends to.
+/// A service frontend: the address a client sends to, of either family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.proto)
     }
 }
 
 /// A backend address: one endpoint address and target port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.proto)
     }
 }
 
@@ -121,9 +149,9 @@ pub struct ServiceEntry {
     /// (terminating endpoints not in `slots`). Sorted, without duplicates, disjoint from `slots`.
     pub draining: Vec<Backend>,
     /// Only with `SVC_F_SOURCE_RANGE` (else empty): the sources that may open new flows, the
-    /// Service's `loadBalancerSourceRanges` (IPv4 ones, host bits cleared), sorted, without
-    /// duplicates. Empty with the flag: none may.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// Service's `loadBalancerSourceRanges` of the frontend's family (host bits cleared), sorted,
+    /// without duplicates. Empty with the flag: none may.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// A Service's health check node port (`externalTrafficPolicy: Local` `LoadBalancer` Services):
@@ -143,9 +171,9 @@ pub struct HealthCheck {
 pub struct NodeContext {
     /// This node's name: endpoints whose `nodeName` matches are local ([`Backend::local`]).
     pub name: String,
-    /// The addresses `NodePort`s answer on (the IPv4 addresses of `--devices`, filtered by
+    /// The addresses `NodePort`s answer on (the addresses of `--devices`, filtered by
     /// `--nodeport-addresses`), sorted, without duplicates. Empty: no `NodePort` frontend.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     /// This node's zone, its Node's `topology.kubernetes.io/zone` label: endpoints whose zone
     /// hints name it are preferred (`trafficDistribution`, topology-aware routing). `None`
     /// without a Node object or label: zone hints are ignored, as kube-proxy does.

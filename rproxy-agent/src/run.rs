@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use notify::{RecursiveMode, Watcher};
 use rproxy_common::Stat;
 use tokio::{
@@ -95,7 +95,7 @@ pub struct Config {
     pub devices: Vec<String>,
     /// `--nodeport-addresses`: only device addresses inside one of these carry `NodePort`s
     /// (every address when empty).
-    pub nodeport_addresses: Vec<Ipv4Net>,
+    pub nodeport_addresses: Vec<IpNet>,
     /// `--xdp-mode` on the external devices.
     pub xdp_mode: XdpMode,
     /// `--cgroup`: where the socket hooks for host-network processes attach.
@@ -474,7 +474,7 @@ impl Agent {
             0
         } else {
             let stale = report.stale_udp.iter().copied().collect();
-            gc::purge_udp(&mut self.maps.conntrack, &stale)
+            gc::purge_udp(&mut self.maps.conntrack, &stale) + gc::purge_udp(&mut self.maps.conntrack6, &stale)
         }
     }
 
@@ -624,7 +624,8 @@ impl Agent {
     fn gc(&mut self) {
         self.check_counters();
         let started = Instant::now();
-        let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
+        let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id))
+            .merge(gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id)));
         // Backends that left their Services, once no flow names them.
         let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
         for e in errors {

@@ -27,7 +27,7 @@
 //! applied at once, and its objects never sit in memory as API objects all together.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use k8s_openapi::{
@@ -335,15 +335,16 @@ impl Store {
 
     /// The node addresses `NodePort` frontends are built on (sorted, without duplicates).
     #[must_use]
-    pub fn node_addresses(&self) -> &[Ipv4Addr] {
+    pub fn node_addresses(&self) -> &[IpAddr] {
         &self.context.addresses
     }
 
     /// Sets the node addresses `NodePort` frontends answer on. If they differ from the current
     /// ones, every Service with a `nodePort` is marked dirty, for the next flush. Returns whether
     /// they changed.
-    pub fn set_node_addresses(&mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> bool {
-        let addresses: Vec<Ipv4Addr> = addresses.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+    pub fn set_node_addresses<A: Into<IpAddr>>(&mut self, addresses: impl IntoIterator<Item = A>) -> bool {
+        let addresses: Vec<IpAddr> =
+            addresses.into_iter().map(Into::into).collect::<BTreeSet<_>>().into_iter().collect();
         if addresses == self.context.addresses {
             return false;
         }

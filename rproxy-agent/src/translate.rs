@@ -1,16 +1,17 @@
 //! Pure translation: Kubernetes Services and `EndpointSlices` → [`Desired`] map state, plus the
 //! [`Problem`]s found on the way. No I/O; the same objects in any order give the same result.
 //!
-//! IPv4 only; TCP and UDP. The rules follow kube-proxy (`pkg/proxy`: `serviceport.go` for
+//! IPv4 and IPv6, each family on its own as kube-proxy's per-family proxiers; TCP and UDP. The
+//! rules follow kube-proxy (`pkg/proxy`: `serviceport.go` for
 //! frontends, `endpointslicecache.go` for slices, `topology.go` for endpoint categorization,
 //! `iptables/proxier.go` for which endpoints each kind of traffic uses).
 //!
 //! Frontends, for each valid port of a Service of type `ClusterIP` (the default), `NodePort` or
 //! `LoadBalancer` that has a cluster IP (`ExternalName` and headless Services have none):
-//! - each IPv4 cluster IP (`clusterIPs`, else `clusterIP`): [`SVC_F_CLUSTER_IP`], plus
-//!   [`SVC_F_ITP_LOCAL`] with `internalTrafficPolicy: Local`;
-//! - each IPv4 `externalIPs` entry: [`SVC_F_EXTERNAL_IP`];
-//! - for `LoadBalancer` Services, each IPv4 `status.loadBalancer.ingress[].ip` whose `ipMode`
+//! - each cluster IP (`clusterIPs`, else `clusterIP`; a dual-stack Service has one per family):
+//!   [`SVC_F_CLUSTER_IP`], plus [`SVC_F_ITP_LOCAL`] with `internalTrafficPolicy: Local`;
+//! - each `externalIPs` entry: [`SVC_F_EXTERNAL_IP`];
+//! - for `LoadBalancer` Services, each `status.loadBalancer.ingress[].ip` whose `ipMode`
 //!   is `VIP` or unset: [`SVC_F_LOAD_BALANCER`]. `Proxy` ingress IPs are left to the load
 //!   balancer (kube-proxy does not short-circuit them); hostname-only ingress is ignored;
 //! - for `NodePort` and `LoadBalancer` Services, the port's `nodePort` when set (not with
@@ -29,6 +30,8 @@
 //! Endpoints:
 //! - slices belong to the Service named by their `kubernetes.io/service-name` label in their
 //!   namespace; the slices of one Service are merged and duplicate endpoints removed;
+//! - a frontend gets the endpoints of its family only (slices of `addressType` `IPv4` or
+//!   `IPv6`; FQDN slices are ignored), and everything below is decided per family;
 //! - a service port takes its backend port from the slice port with the same name and protocol
 //!   (the endpoints controller has already resolved named `targetPort`s into the slices);
 //! - per service port, as kube-proxy's `CategorizeEndpoints`: the *cluster* endpoints are the
@@ -54,16 +57,16 @@
 //! Health checks: a `LoadBalancer` Service with `externalTrafficPolicy: Local` (the only ones
 //! kube-proxy serves a health check for) and a `healthCheckNodePort` gets a [`HealthCheck`]
 //! whose count is kube-proxy's (`EndpointsMap.LocalReadyEndpoints`): distinct addresses of ready
-//! local endpoints over the Service's ports. Ports refused here (SCTP) do not count.
+//! local endpoints over the Service's ports, of its primary family (the first of `ipFamilies`). Ports refused here (SCTP) do not count.
 //!
 //! A bad object (or the bad part of one) is skipped with a [`Problem`]; everything else is still
 //! translated. Nothing here panics on user data.
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
@@ -78,8 +81,8 @@ use rproxy_common::{
 use tracing::debug;
 
 use crate::model::{
-    Backend, BackendAddr, BackendState, Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, Protocol,
-    ServiceEntry,
+    Backend, BackendAddr, BackendState, Desired, Family, Frontend, HealthCheck, NodeContext, ObjectRef, Problem,
+    Protocol, ServiceEntry,
 };
 
 /// Label that ties an `EndpointSlice` to its Service (same namespace).
@@ -106,7 +109,6 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 /// Largest `ClientIP` affinity timeout Kubernetes accepts (one day).
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
-const IPV6_UNSUPPORTED: &str = "IPv6 is not supported by the datapath yet";
 const SERVICE: &str = "Service";
 const SLICE: &str = "EndpointSlice";
 
@@ -163,11 +165,11 @@ pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node: &N
 /// its `nodePort` frontends.
 #[derive(Debug)]
 struct ServicePlan {
-    /// IPv4 addresses, each list sorted, without duplicates.
-    cluster_ips: Vec<Ipv4Addr>,
-    external_ips: Vec<Ipv4Addr>,
+    /// Addresses of either family, each list sorted, without duplicates.
+    cluster_ips: Vec<IpAddr>,
+    external_ips: Vec<IpAddr>,
     /// VIP-mode ingress IPs (`LoadBalancer` Services only).
-    load_balancer_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Vec<IpAddr>,
     /// Valid ports, in spec order, unique by (port, protocol).
     ports: Vec<PortPlan>,
     itp_local: bool,
@@ -176,9 +178,12 @@ struct ServicePlan {
     affinity_timeout: Option<u32>,
     publish_not_ready: bool,
     health_check_node_port: Option<u16>,
-    /// `LoadBalancer` Services with `loadBalancerSourceRanges`: the IPv4 ones (see
-    /// [`source_ranges`]).
-    source_ranges: Option<Vec<Ipv4Net>>,
+    /// `LoadBalancer` Services with `loadBalancerSourceRanges`: the valid ones of both families
+    /// (see [`source_ranges`]).
+    source_ranges: Option<Vec<IpNet>>,
+    /// The family whose endpoints the health check counts: the first of `ipFamilies`, else
+    /// that of the first cluster IP.
+    primary: Family,
 }
 
 /// One valid service port.
@@ -204,9 +209,9 @@ enum FrontendKind {
 impl ServicePlan {
     /// The frontends of one port, cluster IPs first, then external IPs, ingress IPs, and the
     /// node port on each node address.
-    fn frontends(&self, port: &PortPlan, node_addresses: &[Ipv4Addr]) -> Vec<(FrontendKind, Frontend)> {
+    fn frontends(&self, port: &PortPlan, node_addresses: &[IpAddr]) -> Vec<(FrontendKind, Frontend)> {
         let mut frontends = Vec::new();
-        let mut add = |kind, addrs: &[Ipv4Addr], number| {
+        let mut add = |kind, addrs: &[IpAddr], number| {
             frontends.extend(addrs.iter().map(|&addr| (kind, Frontend { addr, port: number, proto: port.proto })));
         };
         add(FrontendKind::ClusterIp, &self.cluster_ips, port.port);
@@ -317,7 +322,12 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
     let ports = plan_ports(spec.ports.as_deref().unwrap_or_default(), has_node_ports, &mut report);
     let policies = Policies::of(spec, &mut report);
     let health_check_node_port = health_check_node_port(spec, service_type, policies.etp_local, &mut report);
-    let source_ranges = source_ranges(spec, service_type, &mut report);
+    let source_ranges = source_ranges(spec, service_type, &load_balancer_ips, &mut report);
+    let primary = match spec.ip_families.as_deref().and_then(<[String]>::first).map(String::as_str) {
+        Some("IPv6") => Family::V6,
+        Some(_) => Family::V4,
+        None => cluster_ips.first().map_or(Family::V4, |ip| Family::of(*ip)),
+    };
     Some(ServicePlan {
         cluster_ips,
         external_ips,
@@ -329,19 +339,22 @@ fn plan_service(svc_ref: &ObjectRef, svc: &Service, problems: &mut Vec<Problem>)
         publish_not_ready: spec.publish_not_ready_addresses == Some(true),
         health_check_node_port,
         source_ranges,
+        primary,
     })
 }
 
 /// `loadBalancerSourceRanges` of a `LoadBalancer` Service, as kube-proxy's firewall reads them:
-/// `None` when there are none (every source may connect); else the IPv4 CIDRs, host bits
-/// cleared, sorted and deduplicated. IPv6 ranges concern the other family and are skipped;
-/// unparsable ones are reported. Fail closed: a Service whose ranges hold no valid IPv4 CIDR
-/// gets an empty list, and its ingress IPs take no new flow at all.
+/// `None` when there are none (every source may connect); else the valid CIDRs of both families,
+/// host bits cleared, sorted and deduplicated (each ingress IP is checked against those of its
+/// family); unparsable ones are reported. Fail closed: an ingress IP of a family the ranges do
+/// not cover takes no new flow at all (kube-proxy's per-family proxier would leave it open to
+/// every source), and that is reported.
 fn source_ranges(
     spec: &ServiceSpec,
     service_type: ServiceType,
+    ingress_ips: &[IpAddr],
     report: &mut impl FnMut(String),
-) -> Option<Vec<Ipv4Net>> {
+) -> Option<Vec<IpNet>> {
     let raw = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
     if raw.is_empty() {
         return None;
@@ -352,16 +365,20 @@ fn source_ranges(
     }
     let mut nets = BTreeSet::new();
     for cidr in raw {
-        match cidr.trim().parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(net)) => {
+        match cidr.trim().parse::<IpNet>() {
+            Ok(net) => {
                 nets.insert(net.trunc());
             }
-            Ok(ipnet::IpNet::V6(_)) => debug!(cidr, "skipping an IPv6 loadBalancerSourceRange"),
             Err(e) => report(format!("loadBalancerSourceRanges entry {cidr:?}: {e}; skipped")),
         }
     }
-    if nets.is_empty() {
-        report(String::from("loadBalancerSourceRanges holds no valid IPv4 range: the ingress IPs take no connection"));
+    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+        let has_ingress = ingress_ips.iter().any(|ip| ip.is_ipv6() == v6);
+        if has_ingress && !nets.iter().any(|net| matches!(net, IpNet::V6(_)) == v6) {
+            report(format!(
+                "loadBalancerSourceRanges holds no valid {family} range: the {family} ingress IPs take no connection"
+            ));
+        }
     }
     Some(nets.into_iter().collect())
 }
@@ -375,23 +392,22 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
     ips.into_iter().filter(|ip| !ip.is_empty()).collect()
 }
 
-/// Keeps the IPv4 addresses (sorted, deduplicated); reports IPv6, unparsable and unspecified
-/// ones. `field` names them in problems.
+/// Keeps the addresses of either family (sorted, deduplicated); reports unparsable and
+/// unspecified ones. `field` names them in problems.
 fn parse_addrs<'a>(
     field: &str,
     raw_addrs: impl IntoIterator<Item = &'a str>,
     report: &mut impl FnMut(String),
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let mut addrs = BTreeSet::new();
     for raw in raw_addrs {
         match parse_ip(raw) {
-            Some(IpAddr::V4(addr)) if addr.is_unspecified() => {
+            Some(addr) if addr.is_unspecified() => {
                 report(format!("{field} {raw}: the unspecified address cannot be a Service address"));
             }
-            Some(IpAddr::V4(addr)) => {
+            Some(addr) => {
                 addrs.insert(addr);
             }
-            Some(IpAddr::V6(_)) => report(format!("{field} {raw}: {IPV6_UNSUPPORTED}")),
             None => report(format!("invalid {field} {raw:?}")),
         }
     }
@@ -407,7 +423,7 @@ fn load_balancer_ips(
     svc: &Service,
     service_type: ServiceType,
     report: &mut impl FnMut(String),
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let ingress = svc.status.as_ref().and_then(|status| status.load_balancer.as_ref()?.ingress.as_deref());
     let ingress = ingress.unwrap_or_default();
     if service_type != ServiceType::LoadBalancer {
@@ -607,7 +623,7 @@ impl Conditions {
 /// One usable endpoint address of a slice.
 #[derive(Clone, Copy, Debug)]
 struct EndpointInfo {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     conditions: Conditions,
     local: bool,
     hints: Hints,
@@ -709,10 +725,10 @@ fn collect_endpoints(
             }
         };
         let mut report = |reason: String| problems.push(problem(SLICE, &slice_ref, reason));
-        if !is_ipv4_slice(slice, &slice_ref, &mut report) {
+        let Some(v6) = slice_family(slice, &slice_ref, &mut report) else {
             continue;
-        }
-        let infos = slice_endpoints(slice, plan.publish_not_ready, node, &mut report);
+        };
+        let infos = slice_endpoints(slice, v6, plan.publish_not_ready, node, &mut report);
         let slice_ports = slice_ports(slice, &mut report);
         let per_port = endpoints.entry(svc_ref).or_insert_with(|| vec![PortEndpoints::new(); plan.ports.len()]);
         for (port, merged) in plan.ports.iter().zip(per_port) {
@@ -751,28 +767,27 @@ fn owning_service<'p>(
     }
 }
 
-/// Only IPv4 slices are used; IPv6 ones are reported, FQDN ones ignored.
-fn is_ipv4_slice(slice: &EndpointSlice, slice_ref: &ObjectRef, report: &mut impl FnMut(String)) -> bool {
+/// The slice's family (`Some(true)` for IPv6); FQDN slices are ignored, unknown types reported.
+fn slice_family(slice: &EndpointSlice, slice_ref: &ObjectRef, report: &mut impl FnMut(String)) -> Option<bool> {
     match slice.address_type.as_str() {
-        "IPv4" => true,
-        "IPv6" => {
-            report(format!("addressType IPv6: {IPV6_UNSUPPORTED}"));
-            false
-        }
+        "IPv4" => Some(false),
+        "IPv6" => Some(true),
         "FQDN" => {
             debug!(slice = %slice_ref, "ignoring FQDN slice");
-            false
+            None
         }
         other => {
             report(format!("unknown addressType {other:?}"));
-            false
+            None
         }
     }
 }
 
-/// The slice's endpoints with a usable IPv4 address (the first address, as kube-proxy does).
+/// The slice's endpoints with a usable address of its family (`v6`; the first address, as
+/// kube-proxy does).
 fn slice_endpoints(
     slice: &EndpointSlice,
+    v6: bool,
     publish_not_ready: bool,
     node: &NodeContext,
     report: &mut impl FnMut(String),
@@ -784,13 +799,13 @@ fn slice_endpoints(
             continue;
         };
         match parse_ip(raw) {
-            Some(IpAddr::V4(addr)) => infos.push(EndpointInfo {
+            Some(addr) if addr.is_ipv6() == v6 => infos.push(EndpointInfo {
                 addr,
                 conditions: Conditions::of(endpoint, publish_not_ready),
                 local: is_local(endpoint.node_name.as_deref(), &node.name),
                 hints: Hints::of(endpoint, node),
             }),
-            Some(IpAddr::V6(_)) => report(format!("endpoint {raw}: {IPV6_UNSUPPORTED}")),
+            Some(addr) => report(format!("endpoint {addr}: not of the slice's addressType {}", slice.address_type)),
             None => report(format!("invalid endpoint address {raw:?}")),
         }
     }
@@ -909,7 +924,7 @@ impl PortBackends {
 fn build_desired(
     plans: &ServicePlans,
     endpoints: &EndpointMap,
-    node_addresses: &[Ipv4Addr],
+    node_addresses: &[IpAddr],
     problems: &mut Vec<Problem>,
 ) -> Desired {
     let mut ordered: Vec<(String, &ObjectRef, &ServicePlan)> =
@@ -921,9 +936,17 @@ fn build_desired(
     for (_, svc_ref, plan) in ordered {
         let per_port = endpoints.get(svc_ref).map(Vec::as_slice).unwrap_or_default();
         for (index, port) in plan.ports.iter().enumerate() {
-            let port_endpoints = per_port.get(index).unwrap_or(&no_endpoints);
-            let backends = PortBackends::of(port_endpoints);
+            let all_endpoints = per_port.get(index).unwrap_or(&no_endpoints);
+            // Each family on its own, as kube-proxy's per-family proxiers: a frontend gets the
+            // endpoints of its family, categorized (ready, fallback, topology) among themselves.
+            let families = [false, true].map(|v6| {
+                let endpoints: PortEndpoints =
+                    all_endpoints.iter().filter(|(addr, _)| addr.addr.is_ipv6() == v6).map(|(a, i)| (*a, *i)).collect();
+                let backends = PortBackends::of(&endpoints);
+                (endpoints, backends)
+            });
             for (kind, frontend) in plan.frontends(port, node_addresses) {
+                let (port_endpoints, backends) = &families[usize::from(frontend.addr.is_ipv6())];
                 let (slots, local_slots, topology) = match kind {
                     FrontendKind::ClusterIp if plan.itp_local => (backends.local.clone(), Vec::new(), Topology::All),
                     FrontendKind::ClusterIp => (backends.cluster.clone(), Vec::new(), backends.topology),
@@ -939,7 +962,10 @@ fn build_desired(
                     slots,
                     local_slots,
                     source_ranges: match (kind, &plan.source_ranges) {
-                        (FrontendKind::LoadBalancer, Some(nets)) => nets.clone(),
+                        (FrontendKind::LoadBalancer, Some(nets)) => {
+                            let v6 = frontend.addr.is_ipv6();
+                            nets.iter().filter(|net| matches!(net, IpNet::V6(_)) == v6).copied().collect()
+                        }
                         _ => Vec::new(),
                     },
                 };
@@ -954,10 +980,10 @@ fn build_desired(
             }
         }
         if let Some(node_port) = plan.health_check_node_port {
-            let local_ready: BTreeSet<Ipv4Addr> = per_port
+            let local_ready: BTreeSet<IpAddr> = per_port
                 .iter()
                 .flat_map(BTreeMap::values)
-                .filter(|info| info.local && info.conditions.ready)
+                .filter(|info| info.local && info.conditions.ready && Family::of(info.addr) == plan.primary)
                 .map(|info| info.addr)
                 .collect();
             desired

@@ -35,31 +35,63 @@
 //!
 //! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
 //! its previous state and every other service is still written.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use ipnet::Ipv4Net;
-use rproxy_common::{
-    AffinityMatch, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend4, RevNat4, SCOPE_EXTERNAL, SCOPE_LOCAL,
-    SVC_F_AFFINITY, SVC_F_ETP_LOCAL, ServiceKey4, ServiceValue, SrcRange4, proto,
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
 };
 
-use crate::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
+use ipnet::IpNet;
+use rproxy_common::{
+    AffinityMatch, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
+    SVC_F_ETP_LOCAL, ServiceValue, WireAddr, proto,
+};
 
-/// One map operation, in the order the writer issues them.
+use crate::model::{Backend, BackendAddr, BackendState, Desired, Family, Frontend, ObjectRef, Protocol, ServiceEntry};
+
+/// A key of the service maps, as the writer names it: the sink writes it to the map of the
+/// frontend's family (`RPX_SVC4` or `RPX_SVC6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcKey {
+    pub frontend: Frontend,
+    /// `SCOPE_EXTERNAL` or `SCOPE_LOCAL`.
+    pub scope: u8,
+    /// 0 is the service itself, `1..=count` its backend slots.
+    pub slot: u16,
+}
+
+/// A backend array entry: the backend and its `BE_F_*` flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendValue {
+    pub addr: BackendAddr,
+    pub flags: u8,
+}
+
+/// A rev-NAT array entry: the frontend's address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNatValue {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+/// One map operation, in the order the writer issues them. Backend and rev-NAT ids are one
+/// space over both families (the affinity matches and conntrack name them without a family);
+/// each id's entry is in the array of its family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend(u32, Backend4),
-    DelBackend(u32),
+    PutBackend(u32, BackendValue),
+    /// Zeroes backend id's entry in the array of this family.
+    DelBackend(u32, Family),
     /// Slot ≥ 1 (a backend id) or slot 0 (the service).
-    PutService(ServiceKey4, ServiceValue),
-    DelService(ServiceKey4),
-    PutRevNat(u16, RevNat4),
-    DelRevNat(u16),
-    /// A word of a filter map (`rproxy_common::filter`).
+    PutService(SvcKey, ServiceValue),
+    DelService(SvcKey),
+    PutRevNat(u16, RevNatValue),
+    DelRevNat(u16, Family),
+    /// A word of a filter map (`rproxy_common::filter`), which serves both families.
     PutFilterWord(FilterMap, u32, u64),
-    /// A source range of the frontend with this rev-NAT id (`rproxy_common::SrcRange4`).
-    PutSrcRange(u16, Ipv4Net),
-    DelSrcRange(u16, Ipv4Net),
+    /// A source range of the frontend with this rev-NAT id (`rproxy_common::SrcRange`), in the
+    /// trie of its family.
+    PutSrcRange(u16, IpNet),
+    DelSrcRange(u16, IpNet),
     /// A backend id that affinity may use for the frontend with this rev-NAT id
     /// (`rproxy_common::AffinityMatch`).
     PutAffinityMatch(u16, u32),
@@ -101,12 +133,13 @@ struct Programmed {
     slots: Vec<u32>,
     /// Backend ids kept for existing connections only.
     draining: Vec<u32>,
-    rev_nat: RevNat4,
+    /// `None`: not found at adoption (rewritten by the next sync).
+    rev_nat: Option<RevNatValue>,
     /// The `SCOPE_LOCAL` set, present exactly when the frontend has `SVC_F_ETP_LOCAL` (as
     /// written; adoption may find it otherwise, and the next sync corrects it).
     local: Option<LocalScope>,
     /// Source ranges written under the rev-NAT id, sorted.
-    source_ranges: Vec<Ipv4Net>,
+    source_ranges: Vec<IpNet>,
     /// With `SVC_F_AFFINITY`: the backend ids written as its affinity matches (those of its
     /// slots of both scopes), sorted.
     affinity_ids: Vec<u32>,
@@ -136,7 +169,7 @@ impl Programmed {
 /// The writer's mirror of the maps.
 #[derive(Debug)]
 pub struct Writer {
-    backends: BTreeMap<BackendAddr, (u32, Backend4)>,
+    backends: BTreeMap<BackendAddr, (u32, BackendValue)>,
     services: BTreeMap<Frontend, Programmed>,
     /// Ids in use (kept alongside the maps above so that allocation is O(log n)).
     /// Backend id → address (the reverse of `backends`): the ids in use, ordered for allocation.
@@ -158,25 +191,27 @@ pub struct Writer {
     be_filter: filter::Filter,
     /// Source ranges found at adoption under rev-NAT ids of no adopted frontend: deleted by the
     /// next sync.
-    stale_src_ranges: Vec<(u16, Ipv4Net)>,
+    stale_src_ranges: Vec<(u16, IpNet)>,
     /// Affinity matches likewise.
     stale_affinity: Vec<(u16, u32)>,
 }
 
-/// What the pinned maps held at start.
+/// What the pinned maps held at start, both families, decoded (`read_adopted`).
 #[derive(Debug, Default)]
 pub struct Adopted {
-    pub services: Vec<(ServiceKey4, ServiceValue)>,
-    pub backends: Vec<(u32, Backend4)>,
-    pub rev_nat: Vec<(u16, RevNat4)>,
+    pub services: Vec<(SvcKey, ServiceValue)>,
+    pub backends: Vec<(u32, BackendValue)>,
+    pub rev_nat: Vec<(u16, RevNatValue)>,
     /// The service filter's words (empty: none known).
     pub filter: Vec<u64>,
     /// The backend filter's words (empty: none known).
     pub be_filter: Vec<u64>,
     /// Source ranges, by rev-NAT id.
-    pub src_ranges: Vec<(u16, Ipv4Net)>,
+    pub src_ranges: Vec<(u16, IpNet)>,
     /// Affinity matches: (rev-NAT id, backend id).
     pub affinity: Vec<(u16, u32)>,
+    /// Entries that could not be decoded (an unknown protocol): left in place.
+    pub undecoded: Vec<String>,
 }
 
 fn protocol(p: u8) -> Option<Protocol> {
@@ -187,33 +222,32 @@ fn protocol(p: u8) -> Option<Protocol> {
     }
 }
 
-fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
-    Some(Frontend {
-        addr: std::net::Ipv4Addr::from(u32::from_be(key.addr)),
-        port: u16::from_be(key.port),
-        proto: protocol(key.proto)?,
-    })
+/// The `SCOPE_EXTERNAL` key of `fe`'s `slot`.
+fn key_of(fe: Frontend, slot: u16) -> SvcKey {
+    SvcKey { frontend: fe, scope: SCOPE_EXTERNAL, slot }
 }
 
-/// The `SCOPE_EXTERNAL` key of `fe`'s `slot`.
-fn key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
-    ServiceKey4::new(fe.addr, fe.port, fe.proto.number(), slot)
+/// The `SCOPE_LOCAL` key of `fe`'s `slot`.
+fn local_key_of(fe: Frontend, slot: u16) -> SvcKey {
+    SvcKey { scope: SCOPE_LOCAL, ..key_of(fe, slot) }
+}
+
+/// A filter bit (`rproxy_common::filter`) of an address, port (host order) and protocol.
+fn filter_bit(addr: IpAddr, port: u16, proto: Protocol) -> u32 {
+    match addr {
+        IpAddr::V4(a) => rproxy_common::filter::bit(u32::wire(a), port.to_be(), proto.number()),
+        IpAddr::V6(a) => rproxy_common::filter::bit6(&<[u32; 4]>::wire(a), port.to_be(), proto.number()),
+    }
 }
 
 /// The service filter's bit of `fe`.
 fn frontend_bit(fe: Frontend) -> u32 {
-    let k = key_of(fe, 0);
-    rproxy_common::filter::bit(k.addr, k.port, k.proto)
+    filter_bit(fe.addr, fe.port, fe.proto)
 }
 
-/// The backend filter's bit of a backend (its address, port and protocol as written).
-fn backend_bit(be: Backend4) -> u32 {
-    rproxy_common::filter::bit(be.addr, be.port, be.proto)
-}
-
-/// The `SCOPE_LOCAL` key of `fe`'s `slot`.
-fn local_key_of(fe: Frontend, slot: u16) -> ServiceKey4 {
-    ServiceKey4 { scope: SCOPE_LOCAL, ..key_of(fe, slot) }
+/// The backend filter's bit of a backend.
+fn backend_bit(be: BackendValue) -> u32 {
+    filter_bit(be.addr.addr, be.addr.port, be.addr.proto)
 }
 
 /// The scope's name, for messages and `dump`.
@@ -226,7 +260,7 @@ pub fn scope_name(scope: u8) -> &'static str {
     }
 }
 
-fn backend_value(b: &Backend) -> Backend4 {
+fn backend_value(b: &Backend) -> BackendValue {
     let mut flags = match b.state {
         BackendState::Active => BE_F_ACTIVE,
         BackendState::Terminating => BE_F_TERMINATING,
@@ -234,7 +268,7 @@ fn backend_value(b: &Backend) -> Backend4 {
     if b.local {
         flags |= BE_F_LOCAL;
     }
-    Backend4::new(b.addr.addr, b.addr.port, b.addr.proto.number(), flags)
+    BackendValue { addr: b.addr, flags }
 }
 
 /// Writes the slots `1..=ids.len()` of one scope (`key(slot)`) that differ from `old`. Whether
@@ -242,7 +276,7 @@ fn backend_value(b: &Backend) -> Backend4 {
 fn write_slots(
     ids: &[u32],
     old: &[u32],
-    key: impl Fn(u16) -> ServiceKey4,
+    key: impl Fn(u16) -> SvcKey,
     run: &mut impl FnMut(Op) -> Result<(), String>,
 ) -> Result<bool, String> {
     let mut written = false;
@@ -365,35 +399,26 @@ impl Writer {
             be_filter: filter::Filter::adopt(FilterMap::Backends, adopted.be_filter),
             ..Self::new()
         };
-        let mut warnings = Vec::new();
+        let mut warnings = adopted.undecoded;
         for (id, be) in adopted.backends {
-            match protocol(be.proto) {
-                Some(p) => {
-                    let addr = BackendAddr { addr: be.ip(), port: be.host_port(), proto: p };
-                    w.backends.insert(addr, (id, be));
-                    w.backend_ids.insert(id, addr);
-                    w.be_filter.add(backend_bit(be));
-                }
-                None => warnings.push(format!("backend {id}: unknown protocol {}", be.proto)),
-            }
+            w.backends.insert(be.addr, (id, be));
+            w.backend_ids.insert(id, be.addr);
+            w.be_filter.add(backend_bit(be));
         }
-        let rev_nat: BTreeMap<u16, RevNat4> = adopted.rev_nat.into_iter().collect();
+        let rev_nat: BTreeMap<u16, RevNatValue> = adopted.rev_nat.into_iter().collect();
         let mut src_ranges = by_id(adopted.src_ranges);
         let mut affinity = by_id(adopted.affinity);
-        let entries: BTreeMap<ServiceKey4, ServiceValue> = adopted.services.into_iter().collect();
+        let entries: BTreeMap<SvcKey, ServiceValue> = adopted.services.into_iter().collect();
         // The backend ids of slots 1..=count of the set whose slot 0 is `key0`, if all are there.
-        let slot_ids = |key0: &ServiceKey4, count: u16| -> Option<Vec<u32>> {
-            (1..=count).map(|slot| entries.get(&ServiceKey4 { slot, ..*key0 }).map(|v| v.backend_id)).collect()
+        let slot_ids = |key0: &SvcKey, count: u16| -> Option<Vec<u32>> {
+            (1..=count).map(|slot| entries.get(&SvcKey { slot, ..*key0 }).map(|v| v.backend_id)).collect()
         };
         for (key, value) in entries.iter().filter(|(k, _)| k.slot == 0) {
-            let Some(fe) = frontend_of(key) else {
-                warnings.push(format!("service entry with unknown protocol {}", key.proto));
-                continue;
-            };
+            let fe = key.frontend;
             match key.scope {
                 SCOPE_EXTERNAL => {}
                 SCOPE_LOCAL => {
-                    if !entries.contains_key(&ServiceKey4 { scope: SCOPE_EXTERNAL, ..*key }) {
+                    if !entries.contains_key(&SvcKey { scope: SCOPE_EXTERNAL, ..*key }) {
                         warnings.push(format!("{fe}: local-scope entries without the service; left in place"));
                     }
                     continue;
@@ -407,7 +432,7 @@ impl Writer {
                 warnings.push(format!("{fe}: slot missing, will be rewritten"));
                 continue;
             };
-            let local_key = ServiceKey4 { scope: SCOPE_LOCAL, ..*key };
+            let local_key = SvcKey { scope: SCOPE_LOCAL, ..*key };
             let local = entries.get(&local_key).and_then(|local_value| {
                 let slots = slot_ids(&local_key, local_value.count);
                 if slots.is_none() {
@@ -415,7 +440,7 @@ impl Writer {
                 }
                 Some(LocalScope { value: *local_value, slots: slots? })
             });
-            let rn = rev_nat.get(&value.rev_nat_id).copied().unwrap_or_default();
+            let rn = rev_nat.get(&value.rev_nat_id).copied();
             let service = ObjectRef { namespace: String::new(), name: String::from("(adopted)") };
             w.rev_nat_ids.insert(value.rev_nat_id);
             let source_ranges = src_ranges.remove(&value.rev_nat_id).unwrap_or_default();
@@ -502,7 +527,7 @@ impl Writer {
             ops.extend((1..=local_slots.unwrap_or(0)).map(|s| Op::DelService(local_key_of(*fe, slot_u16(s)))));
             ops.extend(p.source_ranges.iter().map(|net| Op::DelSrcRange(p.value.rev_nat_id, *net)));
             ops.extend(p.affinity_ids.iter().map(|be| Op::DelAffinityMatch(p.value.rev_nat_id, *be)));
-            ops.push(Op::DelRevNat(p.value.rev_nat_id));
+            ops.push(Op::DelRevNat(p.value.rev_nat_id, Family::of(fe.addr)));
             match ops.into_iter().try_for_each(&mut run) {
                 Ok(()) => {
                     let p = self.services.remove(fe).expect("present");
@@ -593,7 +618,7 @@ impl Writer {
                 self.orphans.remove(&id);
                 continue;
             };
-            match run(Op::DelBackend(id)) {
+            match run(Op::DelBackend(id, Family::of(addr.addr))) {
                 Ok(()) => {
                     if let Some((_, be)) = self.backends.remove(&addr) {
                         self.be_filter.remove(backend_bit(be));
@@ -664,7 +689,7 @@ impl Writer {
                     (1..=entry.local_slots.len().min(max)).map(|s| Op::DelService(local_key_of(fe, slot_u16(s)))),
                 );
             }
-            let kept: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
+            let kept: &[IpNet] = old.map_or(&[], |p| &p.source_ranges);
             undo.extend(
                 entry
                     .source_ranges
@@ -681,7 +706,7 @@ impl Writer {
                     .map(|id| Op::DelAffinityMatch(rev_nat_id, id)),
             );
             if old.is_none() {
-                undo.push(Op::DelRevNat(rev_nat_id));
+                undo.push(Op::DelRevNat(rev_nat_id, Family::of(fe.addr)));
             }
             for op in undo {
                 let _ = run(op);
@@ -737,18 +762,18 @@ impl Writer {
             value: ServiceValue { count: slot_u16(local_ids.len()), ..value },
             slots: local_ids,
         });
-        let rev_nat = RevNat4::new(fe.addr, fe.port);
+        let rev_nat = RevNatValue { addr: fe.addr, port: fe.port };
         let old_slots: &[u32] = old.map_or(&[], |p| &p.slots);
         let old_local = old.and_then(|p| p.local.as_ref());
         let old_local_slots: &[u32] = old_local.map_or(&[], |l| &l.slots);
 
-        if old.is_none_or(|p| p.rev_nat != rev_nat) {
+        if old.is_none_or(|p| p.rev_nat != Some(rev_nat)) {
             run(Op::PutRevNat(rev_nat_id, rev_nat))?;
             changed = true;
         }
         // Source ranges the frontend gains, before the slot 0 that may carry the flag they serve;
         // affinity matches before the slots that name their backends.
-        let old_ranges: &[Ipv4Net] = old.map_or(&[], |p| &p.source_ranges);
+        let old_ranges: &[IpNet] = old.map_or(&[], |p| &p.source_ranges);
         changed |= set_ops(rev_nat_id, &entry.source_ranges, old_ranges, Op::PutSrcRange, run)?;
         let affinity_ids = affinity_ids(entry.flags, &slot_ids, local.as_ref());
         let old_affinity: &[u32] = old.map_or(&[], |p| &p.affinity_ids);
@@ -787,7 +812,7 @@ impl Writer {
             value,
             slots: slot_ids,
             draining,
-            rev_nat,
+            rev_nat: Some(rev_nat),
             local,
             source_ranges: entry.source_ranges.clone(),
             affinity_ids,
@@ -864,21 +889,68 @@ impl Writer {
     }
 }
 
-/// The BPF maps as a sink.
+/// The BPF maps as a sink: each operation goes to the map of its family.
 impl MapSink for crate::bpf::datapath::Maps {
     fn apply(&mut self, op: &Op) -> Result<(), String> {
+        use IpAddr::{V4, V6};
+        use rproxy_common::{Backend, RevNat, ServiceKey};
         let r = match *op {
-            Op::PutBackend(id, v) => self.backends.set(id, v, 0),
+            Op::PutBackend(id, v) => {
+                let (port, proto) = (v.addr.port, v.addr.proto.number());
+                match v.addr.addr {
+                    V4(a) => self.backends.set(id, Backend::new(a, port, proto, v.flags), 0),
+                    V6(a) => self.backends6.set(id, Backend::new(a, port, proto, v.flags), 0),
+                }
+            }
             // Array entries cannot be deleted: zero marks the id free.
-            Op::DelBackend(id) => self.backends.set(id, Backend4::default(), 0),
-            Op::PutService(k, v) => self.services.insert(k, v, 0),
-            Op::DelService(k) => ignore_missing(self.services.remove(&k)),
-            Op::PutRevNat(id, v) => self.rev_nat.set(u32::from(id), v, 0),
-            Op::DelRevNat(id) => self.rev_nat.set(u32::from(id), RevNat4::default(), 0),
+            Op::DelBackend(id, Family::V4) => self.backends.set(id, Backend::default(), 0),
+            Op::DelBackend(id, Family::V6) => self.backends6.set(id, Backend::default(), 0),
+            Op::PutService(k, v) => {
+                let (port, proto) = (k.frontend.port, k.frontend.proto.number());
+                match k.frontend.addr {
+                    V4(a) => self.services.insert(
+                        ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) },
+                        v,
+                        0,
+                    ),
+                    V6(a) => self.services6.insert(
+                        ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) },
+                        v,
+                        0,
+                    ),
+                }
+            }
+            Op::DelService(k) => {
+                let (port, proto) = (k.frontend.port, k.frontend.proto.number());
+                ignore_missing(match k.frontend.addr {
+                    V4(a) => {
+                        self.services.remove(&ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) })
+                    }
+                    V6(a) => {
+                        self.services6.remove(&ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) })
+                    }
+                })
+            }
+            Op::PutRevNat(id, v) => match v.addr {
+                V4(a) => self.rev_nat.set(u32::from(id), RevNat::new(a, v.port), 0),
+                V6(a) => self.rev_nat6.set(u32::from(id), RevNat::new(a, v.port), 0),
+            },
+            Op::DelRevNat(id, Family::V4) => self.rev_nat.set(u32::from(id), RevNat::default(), 0),
+            Op::DelRevNat(id, Family::V6) => self.rev_nat6.set(u32::from(id), RevNat::default(), 0),
             Op::PutFilterWord(FilterMap::Services, i, w) => self.svc_filter.set(i, w, 0),
             Op::PutFilterWord(FilterMap::Backends, i, w) => self.be_filter.set(i, w, 0),
-            Op::PutSrcRange(id, net) => self.src_range.insert(&src_range_key(id, net), 1, 0),
-            Op::DelSrcRange(id, net) => ignore_missing(self.src_range.remove(&src_range_key(id, net))),
+            Op::PutSrcRange(id, IpNet::V4(net)) => {
+                self.src_range.insert(&src_range_key(id, net.network(), net.prefix_len()), 1, 0)
+            }
+            Op::PutSrcRange(id, IpNet::V6(net)) => {
+                self.src_range6.insert(&src_range_key(id, net.network(), net.prefix_len()), 1, 0)
+            }
+            Op::DelSrcRange(id, IpNet::V4(net)) => {
+                ignore_missing(self.src_range.remove(&src_range_key(id, net.network(), net.prefix_len())))
+            }
+            Op::DelSrcRange(id, IpNet::V6(net)) => {
+                ignore_missing(self.src_range6.remove(&src_range_key(id, net.network(), net.prefix_len())))
+            }
             Op::PutAffinityMatch(id, be) => self.affinity_match.insert(affinity_match(id, be), 1, 0),
             Op::DelAffinityMatch(id, be) => ignore_missing(self.affinity_match.remove(&affinity_match(id, be))),
         };
@@ -894,17 +966,25 @@ fn affinity_match(id: u16, be: u32) -> AffinityMatch {
     AffinityMatch { backend_id: be, rev_nat_id: id, _pad: 0 }
 }
 
-/// The trie key of source range `net` of the frontend with rev-NAT id `id`.
-fn src_range_key(id: u16, net: Ipv4Net) -> aya::maps::lpm_trie::Key<SrcRange4> {
-    let data = SrcRange4 { rev_nat_id: id, _pad: 0, addr: u32::from(net.network()).to_be() };
-    aya::maps::lpm_trie::Key::new(SrcRange4::ID_BITS + u32::from(net.prefix_len()), data)
+/// The trie key of the source range `addr/len` of the frontend with rev-NAT id `id`.
+fn src_range_key<A>(id: u16, addr: A::Ip, len: u8) -> aya::maps::lpm_trie::Key<rproxy_common::SrcRange<A>>
+where
+    A: WireAddr,
+    rproxy_common::SrcRange<A>: aya::Pod,
+{
+    let data = rproxy_common::SrcRange { rev_nat_id: id, _pad: 0, addr: A::wire(addr) };
+    aya::maps::lpm_trie::Key::new(rproxy_common::SrcRange::<A>::ID_BITS + u32::from(len), data)
 }
 
 /// The source range a trie key names, if it is one the writer could have written.
-pub(crate) fn src_range_of(key: &aya::maps::lpm_trie::Key<SrcRange4>) -> Option<(u16, Ipv4Net)> {
+pub(crate) fn src_range_of<A>(key: &aya::maps::lpm_trie::Key<rproxy_common::SrcRange<A>>) -> Option<(u16, IpNet)>
+where
+    A: WireAddr,
+    rproxy_common::SrcRange<A>: aya::Pod,
+{
     let data = key.data();
-    let len = u8::try_from(key.prefix_len().checked_sub(SrcRange4::ID_BITS)?).ok()?;
-    let net = Ipv4Net::new(std::net::Ipv4Addr::from(u32::from_be(data.addr)), len).ok()?;
+    let len = u8::try_from(key.prefix_len().checked_sub(rproxy_common::SrcRange::<A>::ID_BITS)?).ok()?;
+    let net = IpNet::new(data.addr.ip().into(), len).ok()?;
     Some((data.rev_nat_id, net))
 }
 
@@ -916,24 +996,61 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-/// Reads what the pinned maps hold, for `Writer::adopt`: every service entry and every
-/// non-zero (used) backend and rev-NAT array entry.
+/// Reads what the pinned maps of both families hold, for `Writer::adopt`: every service entry
+/// and every non-zero (used) backend and rev-NAT array entry, decoded.
 pub fn read_adopted(maps: &crate::bpf::datapath::Maps) -> Adopted {
-    use crate::bpf::datapath::used_entries;
-    Adopted {
-        services: maps.services.iter().filter_map(Result::ok).collect(),
-        backends: used_entries(&maps.backends),
-        // Rev-NAT ids are u16; the array has exactly u16::MAX + 1 entries.
-        rev_nat: used_entries(&maps.rev_nat)
-            .into_iter()
-            .filter_map(|(i, v)| Some((u16::try_from(i).ok()?, v)))
-            .collect(),
+    let mut a = Adopted {
         // A word that cannot be read makes the whole filter unknown (see `Filter::adopt`).
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
-        src_ranges: maps.src_range.keys().filter_map(Result::ok).filter_map(|k| src_range_of(&k)).collect(),
         affinity: maps.affinity_match.keys().filter_map(Result::ok).map(|m| (m.rev_nat_id, m.backend_id)).collect(),
+        ..Adopted::default()
+    };
+    adopt_family(&mut a, &maps.services, &maps.backends, &maps.rev_nat, &maps.src_range);
+    adopt_family(&mut a, &maps.services6, &maps.backends6, &maps.rev_nat6, &maps.src_range6);
+    a
+}
+
+/// Decodes one family's service, backend, rev-NAT and source range maps into `a`.
+fn adopt_family<A>(
+    a: &mut Adopted,
+    services: &aya::maps::HashMap<aya::maps::MapData, rproxy_common::ServiceKey<A>, ServiceValue>,
+    backends: &aya::maps::Array<aya::maps::MapData, rproxy_common::Backend<A>>,
+    rev_nat: &aya::maps::Array<aya::maps::MapData, rproxy_common::RevNat<A>>,
+    src_range: &aya::maps::LpmTrie<aya::maps::MapData, rproxy_common::SrcRange<A>, u8>,
+) where
+    A: WireAddr,
+    rproxy_common::ServiceKey<A>: aya::Pod,
+    rproxy_common::Backend<A>: aya::Pod + Default + PartialEq,
+    rproxy_common::RevNat<A>: aya::Pod + Default + PartialEq,
+    rproxy_common::SrcRange<A>: aya::Pod,
+{
+    use crate::bpf::datapath::used_entries;
+    for (k, v) in services.iter().filter_map(Result::ok) {
+        let (addr, port) = (k.ip().into(), k.host_port());
+        match protocol(k.proto) {
+            Some(proto) => {
+                a.services.push((SvcKey { frontend: Frontend { addr, port, proto }, scope: k.scope, slot: k.slot }, v));
+            }
+            None => a.undecoded.push(format!("service entry {addr} port {port}: unknown protocol {}", k.proto)),
+        }
     }
+    for (id, b) in used_entries(backends) {
+        let (addr, port) = (b.ip().into(), b.host_port());
+        match protocol(b.proto) {
+            Some(proto) => {
+                a.backends.push((id, BackendValue { addr: BackendAddr { addr, port, proto }, flags: b.flags }));
+            }
+            None => a.undecoded.push(format!("backend {id}: unknown protocol {}", b.proto)),
+        }
+    }
+    // Rev-NAT ids are u16; the arrays have exactly u16::MAX + 1 entries.
+    a.rev_nat.extend(
+        used_entries(rev_nat).into_iter().filter_map(|(i, r)| {
+            Some((u16::try_from(i).ok()?, RevNatValue { addr: r.ip().into(), port: r.host_port() }))
+        }),
+    );
+    a.src_ranges.extend(src_range.keys().filter_map(Result::ok).filter_map(|k| src_range_of(&k)));
 }
 
 fn read_words(map: &aya::maps::Array<aya::maps::MapData, u64>) -> Vec<u64> {

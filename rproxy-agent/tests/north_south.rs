@@ -66,7 +66,7 @@ fn run_ext(h: &mut Harness, xdp: bool, ifindex: u32, frame: &[u8]) -> (u32, Vec<
 }
 
 fn backend(addr: Ipv4Addr, proto: Protocol, local: bool) -> Backend {
-    Backend { addr: BackendAddr { addr, port: 8080, proto }, state: BackendState::Active, local }
+    Backend { addr: BackendAddr { addr: addr.into(), port: 8080, proto }, state: BackendState::Active, local }
 }
 
 /// A TCP `NodePort` on the node's address whose only backend is `pod` on another node.
@@ -93,7 +93,10 @@ fn frontend(
         draining: Vec::new(),
         source_ranges: Vec::new(),
     };
-    Desired { services: [(Frontend { addr, port, proto }, entry)].into_iter().collect(), ..Desired::default() }
+    Desired {
+        services: [(Frontend { addr: addr.into(), port, proto }, entry)].into_iter().collect(),
+        ..Desired::default()
+    }
 }
 
 /// The pod on this node gets the client's packets translated to it with the client's own source (XDP and
@@ -788,7 +791,7 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
         let (tport, uport) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
         let vip = Ipv4Addr::new(10, 96, 7, 7);
         let be = |port, proto| Backend {
-            addr: BackendAddr { addr: Ipv4Addr::LOCALHOST, port, proto },
+            addr: BackendAddr { addr: Ipv4Addr::LOCALHOST.into(), port, proto },
             state: BackendState::Active,
             local: true,
         };

@@ -33,7 +33,7 @@ const BACKENDS: [Ipv4Addr; 3] =
 const CPORT: u16 = 40_000;
 
 fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
-    let fe = Frontend { addr: VIP, port: 80, proto };
+    let fe = Frontend { addr: VIP.into(), port: 80, proto };
     let entry = ServiceEntry {
         service: ObjectRef { namespace: "default".into(), name: "demo".into() },
         port_name: String::new(),
@@ -42,7 +42,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
         slots: backends
             .iter()
             .map(|a| Backend {
-                addr: BackendAddr { addr: *a, port: 8080, proto },
+                addr: BackendAddr { addr: (*a).into(), port: 8080, proto },
                 state: BackendState::Active,
                 local: true,
             })
@@ -351,7 +351,7 @@ fn a_pod_reaching_itself_is_translated_both_ways() {
     // reply tuple the first flow holds: dropped rather than steal its replies.
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     let mut second = service(Protocol::Tcp, &[CLIENT]);
-    second.services = second.services.into_iter().map(|(fe, e)| (Frontend { addr: vip2, ..fe }, e)).collect();
+    second.services = second.services.into_iter().map(|(fe, e)| (Frontend { addr: vip2.into(), ..fe }, e)).collect();
     let mut both = service(Protocol::Tcp, &[CLIENT]);
     both.services.extend(second.services);
     h.program(&both);
@@ -371,8 +371,10 @@ fn a_reply_tuple_is_never_shared_and_a_closed_flow_gives_it_up() {
     kernel_test!(h);
     let vip2 = Ipv4Addr::new(10, 96, 0, 11);
     let mut both = service(Protocol::Tcp, &BACKENDS[..1]);
-    let second =
-        service(Protocol::Tcp, &BACKENDS[..1]).services.into_iter().map(|(fe, e)| (Frontend { addr: vip2, ..fe }, e));
+    let second = service(Protocol::Tcp, &BACKENDS[..1])
+        .services
+        .into_iter()
+        .map(|(fe, e)| (Frontend { addr: vip2.into(), ..fe }, e));
     both.services.extend(second.collect::<Vec<_>>());
     h.program(&both);
     let c = (CLIENT, 41_000);

@@ -967,24 +967,54 @@ mod user {
     both_families!(ServiceKey, Backend, RevNat, CtKey, CtValue, SrcRange, AffinityKey, RouteKey);
 }
 
+/// An address as the maps hold it (`u32` for IPv4, `In6` for IPv6: network byte order), to and
+/// from the standard library's address types (agent side).
 #[cfg(feature = "user")]
-impl ServiceKey4 {
-    /// Builds a key from host-order values.
-    #[must_use]
-    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
-        Self { addr: u32::from(addr).to_be(), port: port.to_be(), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
+pub trait WireAddr: Copy {
+    type Ip: Copy + Into<core::net::IpAddr>;
+    /// The map form of `ip`.
+    fn wire(ip: Self::Ip) -> Self;
+    /// The address this map form holds.
+    fn ip(self) -> Self::Ip;
+}
+
+#[cfg(feature = "user")]
+impl WireAddr for u32 {
+    type Ip = core::net::Ipv4Addr;
+    fn wire(ip: core::net::Ipv4Addr) -> Self {
+        u32::from(ip).to_be()
+    }
+    fn ip(self) -> core::net::Ipv4Addr {
+        core::net::Ipv4Addr::from(u32::from_be(self))
     }
 }
 
 #[cfg(feature = "user")]
-impl Backend4 {
+impl WireAddr for In6 {
+    type Ip = core::net::Ipv6Addr;
+    fn wire(ip: core::net::Ipv6Addr) -> Self {
+        let b = ip.octets();
+        core::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+    }
+    fn ip(self) -> core::net::Ipv6Addr {
+        let mut b = [0u8; 16];
+        for (i, w) in self.iter().enumerate() {
+            b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        core::net::Ipv6Addr::from(b)
+    }
+}
+
+#[cfg(feature = "user")]
+impl<A: WireAddr> ServiceKey<A> {
+    /// Builds a key from host-order values (`SCOPE_EXTERNAL`).
     #[must_use]
-    pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, flags: u8) -> Self {
-        Self { addr: u32::from(addr).to_be(), port: port.to_be(), proto, flags }
+    pub fn new(addr: A::Ip, port: u16, proto: u8, slot: u16) -> Self {
+        Self { addr: A::wire(addr), port: port.to_be(), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
     }
     #[must_use]
-    pub fn ip(&self) -> core::net::Ipv4Addr {
-        core::net::Ipv4Addr::from(u32::from_be(self.addr))
+    pub fn ip(&self) -> A::Ip {
+        self.addr.ip()
     }
     #[must_use]
     pub fn host_port(&self) -> u16 {
@@ -993,10 +1023,34 @@ impl Backend4 {
 }
 
 #[cfg(feature = "user")]
-impl RevNat4 {
+impl<A: WireAddr> Backend<A> {
     #[must_use]
-    pub fn new(addr: core::net::Ipv4Addr, port: u16) -> Self {
-        Self { addr: u32::from(addr).to_be(), port: port.to_be(), _pad: 0 }
+    pub fn new(addr: A::Ip, port: u16, proto: u8, flags: u8) -> Self {
+        Self { addr: A::wire(addr), port: port.to_be(), proto, flags }
+    }
+    #[must_use]
+    pub fn ip(&self) -> A::Ip {
+        self.addr.ip()
+    }
+    #[must_use]
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+#[cfg(feature = "user")]
+impl<A: WireAddr> RevNat<A> {
+    #[must_use]
+    pub fn new(addr: A::Ip, port: u16) -> Self {
+        Self { addr: A::wire(addr), port: port.to_be(), _pad: 0 }
+    }
+    #[must_use]
+    pub fn ip(&self) -> A::Ip {
+        self.addr.ip()
+    }
+    #[must_use]
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
     }
 }
 

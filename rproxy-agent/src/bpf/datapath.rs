@@ -25,8 +25,9 @@ use aya::{
     },
 };
 use rproxy_common::{
-    AffinityKey4, AffinityMatch, AffinityValue, Backend4, Config, CtKey4, CtValue4, RevNat4, RouteKey4, RouteValue,
-    ServiceKey4, ServiceValue, SrcRange4, Stat, calls, map_names, prog_names,
+    AffinityKey4, AffinityKey6, AffinityMatch, AffinityValue, Backend4, Backend6, Config, CtKey4, CtKey6, CtValue4,
+    CtValue6, RevNat4, RevNat6, RouteKey4, RouteKey6, RouteValue, ServiceKey4, ServiceKey6, ServiceValue, SrcRange4,
+    SrcRange6, Stat, calls, map_names, prog_names,
 };
 use tracing::{debug, info, warn};
 
@@ -60,6 +61,14 @@ pub struct Maps {
     /// The north-south forwarding's route cache (`rproxy_common::route`): written by the
     /// programs only.
     pub routes: HashMap<MapData, RouteKey4, RouteValue>,
+    // The IPv6 twins of the maps above; the filters, affinity matches and counters serve both.
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub backends6: Array<MapData, Backend6>,
+    pub rev_nat6: Array<MapData, RevNat6>,
+    pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub src_range6: LpmTrie<MapData, SrcRange6, u8>,
+    pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
+    pub routes6: HashMap<MapData, RouteKey6, RouteValue>,
 }
 
 /// The loaded object: programs verified and loaded, maps created or reused.
@@ -237,6 +246,13 @@ impl Datapath {
             affinity: take(&mut self.ebpf, map_names::AFFINITY4)?,
             affinity_match: take(&mut self.ebpf, map_names::AFFINITY_MATCH)?,
             routes: take(&mut self.ebpf, map_names::ROUTE4)?,
+            services6: take(&mut self.ebpf, map_names::SERVICES6)?,
+            backends6: take(&mut self.ebpf, map_names::BACKENDS6)?,
+            rev_nat6: take(&mut self.ebpf, map_names::REV_NAT6)?,
+            conntrack6: take(&mut self.ebpf, map_names::CT6)?,
+            src_range6: take(&mut self.ebpf, map_names::SRC_RANGE6)?,
+            affinity6: take(&mut self.ebpf, map_names::AFFINITY6)?,
+            routes6: take(&mut self.ebpf, map_names::ROUTE6)?,
         })
     }
 

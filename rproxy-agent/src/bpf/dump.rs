@@ -169,7 +169,7 @@ fn routes(dir: &Path, list: bool, out: &mut impl Write) -> Result<()> {
 fn per_frontend(dir: &Path, out: &mut impl Write) -> Result<()> {
     let io = |source| Error::Io { what: String::from("writing output"), source };
     let trie: LpmTrie<_, SrcRange4, u8> = pinned(dir, map_names::SRC_RANGE4)?;
-    let mut ranges: Vec<(u16, ipnet::Ipv4Net)> =
+    let mut ranges: Vec<(u16, ipnet::IpNet)> =
         trie.keys().filter_map(std::result::Result::ok).filter_map(|k| src_range_of(&k)).collect();
     ranges.sort_unstable();
     writeln!(out, "source ranges ({}), by rev-NAT id:", map_names::SRC_RANGE4).map_err(io)?;

@@ -7,10 +7,14 @@
 //! Service is kept (orphaned) while entries name it, so its established connections live on;
 //! each pass reports the backends still named ([`Pass::in_use`]), and the writer deletes the
 //! orphans that are not. The map is an LRU, so a full table evicts the oldest entries by itself; the
-//! GC keeps it from filling with dead flows.
-use std::collections::{BTreeSet, HashMap, HashSet};
+//! GC keeps it from filling with dead flows. Each family has its own table (`RPX_CT4`, `RPX_CT6`);
+//! the functions here serve both (`A`: the family's address).
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    hash::Hash,
+};
 
-use rproxy_common::{CtKey4, CtValue4};
+use rproxy_common::{CtKey, CtValue};
 
 /// Why an entry is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,11 +26,11 @@ pub enum Verdict {
 
 /// Decides one entry's fate. `pair` is the other entry of its flow, if present.
 #[must_use]
-pub fn verdict(entry: &CtValue4, pair: Option<&CtValue4>, now_ns: u64, backend_exists: bool) -> Verdict {
+pub fn verdict<A>(entry: &CtValue<A>, pair: Option<&CtValue<A>>, now_ns: u64, backend_exists: bool) -> Verdict {
     if !backend_exists {
         return Verdict::BackendGone;
     }
-    let expired = |v: &CtValue4| v.expires_ns <= now_ns;
+    let expired = |v: &CtValue<A>| v.expires_ns <= now_ns;
     if expired(entry) && pair.is_none_or(expired) { Verdict::Expired } else { Verdict::Keep }
 }
 
@@ -41,13 +45,25 @@ pub struct Pass {
     pub in_use: HashSet<u32>,
 }
 
+impl Pass {
+    /// This pass and `other` (of the other family's table) as one.
+    #[must_use]
+    pub fn merge(mut self, other: Self) -> Self {
+        self.scanned += other.scanned;
+        self.expired += other.expired;
+        self.backend_gone += other.backend_gone;
+        self.in_use.extend(other.in_use);
+        self
+    }
+}
+
 /// Plans one pass over a snapshot of the table: the keys to delete.
 #[must_use]
-pub fn plan<S: std::hash::BuildHasher>(
-    entries: &HashMap<CtKey4, CtValue4, S>,
+pub fn plan<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
+    entries: &HashMap<CtKey<A>, CtValue<A>, S>,
     now_ns: u64,
     backend_exists: impl Fn(u32) -> bool,
-) -> (Vec<CtKey4>, Pass) {
+) -> (Vec<CtKey<A>>, Pass) {
     let mut pass = Pass { scanned: entries.len(), ..Pass::default() };
     let mut doomed = Vec::new();
     for (k, v) in entries {
@@ -73,10 +89,10 @@ pub fn plan<S: std::hash::BuildHasher>(
 /// id) is in `stale`, where rev-NAT id 0 stands for every service (the backend is gone). Both
 /// entries of a flow carry the same ids, so both go.
 #[must_use]
-pub fn plan_udp_purge<S: std::hash::BuildHasher>(
-    entries: &HashMap<CtKey4, CtValue4, S>,
+pub fn plan_udp_purge<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
+    entries: &HashMap<CtKey<A>, CtValue<A>, S>,
     stale: &BTreeSet<(u16, u32)>,
-) -> Vec<CtKey4> {
+) -> Vec<CtKey<A>> {
     entries
         .iter()
         .filter(|(k, v)| {
@@ -89,14 +105,18 @@ pub fn plan_udp_purge<S: std::hash::BuildHasher>(
 
 /// Removes the UDP flows of stale backends (see [`plan_udp_purge`]); returns how many entries
 /// were removed.
-pub fn purge_udp(
-    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue4>,
+pub fn purge_udp<A: Copy + Eq + Hash>(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
     stale: &BTreeSet<(u16, u32)>,
-) -> usize {
+) -> usize
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
     if stale.is_empty() {
         return 0;
     }
-    let snapshot: HashMap<CtKey4, CtValue4> = ct.iter().filter_map(Result::ok).collect();
+    let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
     let doomed = plan_udp_purge(&snapshot, stale);
     doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
 }
@@ -110,11 +130,15 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Runs one pass against the conntrack map.
-pub fn run_pass(
-    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue4>,
+pub fn run_pass<A: Copy + Eq + Hash>(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
     backend_exists: impl Fn(u32) -> bool,
-) -> Pass {
-    let snapshot: HashMap<CtKey4, CtValue4> = ct.iter().filter_map(Result::ok).collect();
+) -> Pass
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod + PartialEq,
+{
+    let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
     let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
         // Read again right before the delete: an entry the datapath refreshed since the snapshot,
@@ -136,7 +160,7 @@ pub fn run_pass(
 
 #[cfg(test)]
 mod tests {
-    use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE};
+    use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, CtValue4};
 
     use super::*;
 

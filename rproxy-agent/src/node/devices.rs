@@ -1,18 +1,18 @@
 //! Devices: which pod interfaces get the programs, the node addresses of the external devices,
 //! and noticing when either changes.
 //!
-//! A netlink socket subscribed to link and IPv4 address notifications (`RTNLGRP_LINK`,
-//! `RTNLGRP_IPV4_IFADDR`) wakes the agent whenever an interface appears, changes or disappears,
+//! A netlink socket subscribed to link and address notifications (`RTNLGRP_LINK`,
+//! `RTNLGRP_IPV4_IFADDR`, `RTNLGRP_IPV6_IFADDR`) wakes the agent whenever an interface appears, changes or disappears,
 //! or an address is added or removed; the agent then rescans the interface list, attaches to
 //! every new device matching `--pod-devices`, and re-reads the addresses of `--devices`
 //! ([`node_addresses`]). A periodic rescan covers a missed notification (socket buffer overrun).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -54,14 +54,13 @@ impl DevicePattern {
     }
 }
 
-/// One `--nodeport-addresses` entry: an IPv4 CIDR (`10.0.0.0/8`; host bits may be set, as
-/// kube-proxy allows).
-pub fn parse_cidr(text: &str) -> Result<Ipv4Net> {
+/// One `--nodeport-addresses` entry: an IPv4 or IPv6 CIDR (`10.0.0.0/8`, `2001:db8::/64`; host
+/// bits may be set, as kube-proxy allows).
+pub fn parse_cidr(text: &str) -> Result<IpNet> {
     let text = text.trim();
     let invalid = |reason: &str| Error::Cidr { value: text.to_owned(), reason: reason.to_owned() };
     match text.parse::<IpNet>() {
-        Ok(IpNet::V4(net)) => Ok(net),
-        Ok(IpNet::V6(_)) => Err(invalid("IPv6 is not supported yet")),
+        Ok(net) => Ok(net),
         Err(_) if text.parse::<IpAddr>().is_ok() => Err(invalid("a CIDR needs a prefix length, e.g. 192.0.2.7/32")),
         Err(_) => Err(invalid("not a CIDR such as 10.0.0.0/8")),
     }
@@ -71,26 +70,30 @@ pub fn parse_cidr(text: &str) -> Result<Ipv4Net> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddresses {
     /// Sorted, without duplicates.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     /// Devices of `--devices` that are not in this network namespace, in the order given.
     pub missing: Vec<String>,
 }
 
-/// The IPv4 addresses of `devices` (from `addresses`: interface name → address, as
-/// `getifaddrs` lists them) that are inside one of `filter`'s CIDRs (every address when
-/// `filter` is empty). `present` is the set of interface names that exist.
+/// The addresses of `devices` (from `addresses`: interface name → address, as `getifaddrs`
+/// lists them) that are inside one of `filter`'s CIDRs; with an empty `filter`, every address
+/// but IPv6 link-local ones (`fe80::/10`: a `NodePort` is reached on a routable address; a
+/// filter that names them selects them). `present` is the set of interface names that exist.
 #[must_use]
 pub fn select_node_addresses(
     devices: &[String],
     present: &BTreeSet<String>,
-    addresses: &[(String, Ipv4Addr)],
-    filter: &[Ipv4Net],
+    addresses: &[(String, IpAddr)],
+    filter: &[IpNet],
 ) -> NodeAddresses {
     let wanted: BTreeSet<&str> = devices.iter().map(String::as_str).collect();
-    let selected: BTreeSet<Ipv4Addr> = addresses
+    let link_local = |addr: &IpAddr| matches!(addr, IpAddr::V6(a) if a.is_unicast_link_local());
+    let selected: BTreeSet<IpAddr> = addresses
         .iter()
         .filter(|(ifname, addr)| {
-            wanted.contains(ifname.as_str()) && (filter.is_empty() || filter.iter().any(|net| net.contains(addr)))
+            let chosen =
+                if filter.is_empty() { !link_local(addr) } else { filter.iter().any(|net| net.contains(addr)) };
+            wanted.contains(ifname.as_str()) && chosen
         })
         .map(|(_, addr)| *addr)
         .collect();
@@ -104,16 +107,21 @@ pub fn select_node_addresses(
 }
 
 /// Reads the node's `NodePort` addresses: [`select_node_addresses`] over this network
-/// namespace's interfaces and their IPv4 addresses.
-pub fn node_addresses(devices: &[String], filter: &[Ipv4Net]) -> Result<NodeAddresses> {
+/// namespace's interfaces and their addresses of both families.
+pub fn node_addresses(devices: &[String], filter: &[IpNet]) -> Result<NodeAddresses> {
     let present: BTreeSet<String> = interfaces()?.into_keys().collect();
     let list = nix::ifaddrs::getifaddrs().map_err(|e| Error::Io {
         what: String::from("listing interface addresses"),
         source: std::io::Error::from(e),
     })?;
-    let addresses: Vec<(String, Ipv4Addr)> = list
+    let addresses: Vec<(String, IpAddr)> = list
         .filter_map(|ifa| {
-            let addr = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+            let sa = ifa.address.as_ref()?;
+            let addr = match (sa.as_sockaddr_in(), sa.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
             Some((ifa.interface_name, addr))
         })
         .collect();
@@ -217,12 +225,14 @@ pub fn watch_links(tx: mpsc::Sender<()>) -> Result<()> {
     // From linux/rtnetlink.h (enum rtnetlink_groups).
     const RTNLGRP_LINK: u32 = 1;
     const RTNLGRP_IPV4_IFADDR: u32 = 5;
+    const RTNLGRP_IPV6_IFADDR: u32 = 9;
     let watch_err =
         |e: std::io::Error| Error::Watch { what: String::from("netlink link notifications"), reason: e.to_string() };
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(watch_err)?;
     sock.bind_auto().map_err(watch_err)?;
     sock.add_membership(RTNLGRP_LINK).map_err(watch_err)?;
     sock.add_membership(RTNLGRP_IPV4_IFADDR).map_err(watch_err)?;
+    sock.add_membership(RTNLGRP_IPV6_IFADDR).map_err(watch_err)?;
     std::thread::Builder::new()
         .name(String::from("link-watch"))
         .spawn(move || {
@@ -262,14 +272,17 @@ mod tests {
         assert!(DevicePattern::parse("a[").is_err());
     }
 
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     #[test]
     fn nodeport_address_cidrs() {
-        assert_eq!(parse_cidr(" 10.0.0.0/8").unwrap(), "10.0.0.0/8".parse::<Ipv4Net>().unwrap());
-        assert!(parse_cidr("192.0.2.7/24").unwrap().contains(&Ipv4Addr::new(192, 0, 2, 200)));
+        assert_eq!(parse_cidr(" 10.0.0.0/8").unwrap(), "10.0.0.0/8".parse::<IpNet>().unwrap());
+        assert!(parse_cidr("192.0.2.7/24").unwrap().contains(&IpAddr::from([192, 0, 2, 200])));
+        assert!(parse_cidr("2001:db8::7/64").unwrap().contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
         for (bad, reason) in [
             ("10.0.0.0/33", "not a CIDR"),
             ("10.0.0.1", "needs a prefix length"),
-            ("fd00::/64", "IPv6"),
+            ("fd00::1", "needs a prefix length"),
             ("eth0", "not a CIDR"),
             ("", "not a CIDR"),
         ] {
@@ -282,18 +295,26 @@ mod tests {
     fn node_addresses_of_the_devices_filtered_sorted_unique() {
         let devices = vec![String::from("eth1"), String::from("eth0"), String::from("gone"), String::from("gone")];
         let present: BTreeSet<String> = ["lo", "eth0", "eth1", "veth1"].iter().map(|s| (*s).to_owned()).collect();
-        let addr = |ifname: &str, a: [u8; 4]| (ifname.to_owned(), Ipv4Addr::from(a));
+        let addr = |ifname: &str, a: &str| (ifname.to_owned(), a.parse::<IpAddr>().unwrap());
         let addresses = vec![
-            addr("lo", [127, 0, 0, 1]),
-            addr("eth0", [192, 168, 1, 5]),
-            addr("eth0", [10, 0, 0, 5]),
-            addr("eth1", [172, 18, 0, 2]),
-            addr("eth1", [10, 0, 0, 5]),
-            addr("veth1", [169, 254, 1, 1]),
+            addr("lo", "127.0.0.1"),
+            addr("eth0", "192.168.1.5"),
+            addr("eth0", "10.0.0.5"),
+            addr("eth0", "fe80::1"),
+            addr("eth0", "2001:db8::5"),
+            addr("eth1", "172.18.0.2"),
+            addr("eth1", "10.0.0.5"),
+            addr("veth1", "169.254.1.1"),
         ];
         let all = select_node_addresses(&devices, &present, &addresses, &[]);
-        let ips = |list: &[[u8; 4]]| list.iter().map(|a| Ipv4Addr::from(*a)).collect::<Vec<_>>();
-        assert_eq!(all.addresses, ips(&[[10, 0, 0, 5], [172, 18, 0, 2], [192, 168, 1, 5]]));
+        let ips = |list: &[[u8; 4]]| list.iter().map(|a| IpAddr::from(Ipv4Addr::from(*a))).collect::<Vec<_>>();
+        let v6: IpAddr = "2001:db8::5".parse().unwrap();
+        // IPv6 link-local addresses are left out unless a filter names them.
+        let mut want = ips(&[[10, 0, 0, 5], [172, 18, 0, 2], [192, 168, 1, 5]]);
+        want.push(v6);
+        assert_eq!(all.addresses, want);
+        let link_local = select_node_addresses(&devices, &present, &addresses, &[parse_cidr("fe80::/10").unwrap()]);
+        assert_eq!(link_local.addresses, [IpAddr::from(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1))]);
         assert_eq!(all.missing, vec![String::from("gone")]);
         let filter = [parse_cidr("10.0.0.0/8").unwrap(), parse_cidr("192.168.1.5/32").unwrap()];
         let filtered = select_node_addresses(&devices, &present, &addresses, &filter);
@@ -319,7 +340,7 @@ mod tests {
         assert_eq!(found.missing, vec![String::from("rpx-no-such-dev")]);
         let filtered = node_addresses(&[String::from("lo")], &[parse_cidr("198.51.100.0/24").unwrap()]).unwrap();
         assert!(filtered.addresses.is_empty() && filtered.missing.is_empty());
-        assert!(found.addresses.iter().all(Ipv4Addr::is_loopback), "{found:?}");
+        assert!(found.addresses.iter().all(IpAddr::is_loopback), "{found:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ const NODE: &str = "node-a";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 
 fn node() -> NodeContext {
-    NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP], zone: None }
+    NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP.into()], zone: None }
 }
 
 // --- builders -----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ fn external_ips(svc: Service, ips: &[&str]) -> Service {
 
 /// A `NodePort` frontend on [`NODE_IP`].
 fn np(node_port: u16, proto: Protocol) -> Frontend {
-    Frontend { addr: NODE_IP, port: node_port, proto }
+    Frontend { addr: NODE_IP.into(), port: node_port, proto }
 }
 
 /// The frontends of a translation with their flags.
@@ -462,8 +462,11 @@ fn service_types_and_sloppy_cluster_ip() {
     assert_eq!(out.desired, expected);
 }
 
+/// Dual-stack: each family's frontends get that family's endpoints (a slice's addressType);
+/// an IPv6-only Service works like an IPv4 one; an address of the wrong family in a slice is
+/// reported; FQDN slices are ignored.
 #[test]
-fn ipv6_is_refused_and_dual_stack_keeps_ipv4() {
+fn dual_stack_frontends_get_the_endpoints_of_their_family() {
     let dual = with_spec(service("dual", "10.96.0.5", vec![port("", 80, "TCP")]), |spec| {
         spec.cluster_ips = Some(vec!["10.96.0.5".to_owned(), "fd00::5".to_owned()]);
     });
@@ -473,18 +476,17 @@ fn ipv6_is_refused_and_dual_stack_keeps_ipv4() {
     let mut fqdn_slice = slice("dual-fqdn", "dual", &[("", 80, "TCP")], vec![ep("example.com")]);
     fqdn_slice.address_type = "FQDN".to_owned();
     let v4_slice = slice("dual-v4", "dual", &[("", 80, "TCP")], vec![ep("10.0.0.1"), ep("fd00:1::2")]);
-    let out = run(vec![dual, v6_only], vec![v6_slice, fqdn_slice, v4_slice]);
-    let expected = desired(vec![(
-        fe("10.96.0.5", 80, Tcp),
-        entry("default/dual", "", vec![be("10.0.0.1", 80, Tcp, Active)], vec![]),
-    )]);
+    let mut v6_only_slice = slice("v6-a", "v6", &[("", 8080, "TCP")], vec![ep("fd00:1::3")]);
+    v6_only_slice.address_type = "IPv6".to_owned();
+    let out = run(vec![dual, v6_only], vec![v6_slice, fqdn_slice, v4_slice, v6_only_slice]);
+    let expected = desired(vec![
+        (fe("10.96.0.5", 80, Tcp), entry("default/dual", "", vec![be("10.0.0.1", 80, Tcp, Active)], vec![])),
+        (fe("fd00::5", 80, Tcp), entry("default/dual", "", vec![be("fd00:1::1", 80, Tcp, Active)], vec![])),
+        (fe("fd00::6", 80, Tcp), entry("default/v6", "", vec![be("fd00:1::3", 8080, Tcp, Active)], vec![])),
+    ]);
     assert_eq!(out.desired, expected);
-    let problems = vec![
-        prob("EndpointSlice", "default/dual-v4", "endpoint fd00:1::2: IPv6 is not supported by the datapath yet"),
-        prob("EndpointSlice", "default/dual-v6", "addressType IPv6: IPv6 is not supported by the datapath yet"),
-        prob("Service", "default/dual", "clusterIP fd00::5: IPv6 is not supported by the datapath yet"),
-        prob("Service", "default/v6", "clusterIP fd00::6: IPv6 is not supported by the datapath yet"),
-    ];
+    let problems =
+        vec![prob("EndpointSlice", "default/dual-v4", "endpoint fd00:1::2: not of the slice's addressType IPv4")];
     assert_eq!(out.problems, problems);
 }
 
@@ -684,9 +686,9 @@ fn web_as(ty: &str) -> Service {
 }
 
 /// `loadBalancerSourceRanges` go to the ingress IPs only (as kube-proxy's firewall applies
-/// them), IPv4 ranges with host bits cleared, sorted and deduplicated; IPv6 ones are the other
-/// family's and skipped; a malformed one is reported. Ranges holding no valid IPv4 CIDR close
-/// the ingress IPs (fail closed), and ranges on a Service that is not a `LoadBalancer` are
+/// them), each ingress IP those of its family, with host bits cleared, sorted and deduplicated;
+/// a malformed one is reported. Ranges holding no valid CIDR of an ingress IP's family close
+/// that ingress IP (fail closed), and ranges on a Service that is not a `LoadBalancer` are
 /// reported and ignored.
 #[test]
 fn load_balancer_source_ranges_restrict_the_ingress_ips_only() {
@@ -698,7 +700,7 @@ fn load_balancer_source_ranges_restrict_the_ingress_ips_only() {
     let lb = fe("198.51.100.10", 80, Tcp);
     let ranges = ["10.0.0.0/8", " 192.168.1.7/24", "fd00::/8", "bogus", "10.0.0.0/8"];
     let out = run(vec![with_ranges("LoadBalancer", &ranges)], vec![]);
-    let nets: Vec<Ipv4Net> = ["10.0.0.0/8", "192.168.1.0/24"].iter().map(|n| n.parse().unwrap()).collect();
+    let nets: Vec<IpNet> = ["10.0.0.0/8", "192.168.1.0/24"].iter().map(|n| n.parse().unwrap()).collect();
     for (frontend, entry) in &out.desired.services {
         if frontend.addr == lb.addr {
             assert!(entry.flags & SVC_F_SOURCE_RANGE != 0, "{frontend}");
@@ -714,6 +716,17 @@ fn load_balancer_source_ranges_restrict_the_ingress_ips_only() {
     let entry = &closed.desired.services[&lb];
     assert!(entry.flags & SVC_F_SOURCE_RANGE != 0 && entry.source_ranges.is_empty());
     assert!(closed.problems[0].reason.contains("no valid IPv4 range"), "{:?}", closed.problems);
+
+    // Dual-stack ingress: each family's ingress IP gets its family's ranges.
+    let dual = with_ingress(
+        with_ranges("LoadBalancer", &ranges),
+        vec![ingress("198.51.100.10", None), ingress("2001:db8::10", None)],
+    );
+    let out = run(vec![dual], vec![]);
+    let v6 = &out.desired.services[&fe("2001:db8::10", 80, Tcp)];
+    assert!(v6.flags & SVC_F_SOURCE_RANGE != 0, "{v6:?}");
+    assert_eq!(v6.source_ranges, vec!["fd00::/8".parse::<IpNet>().unwrap()]);
+    assert_eq!(out.desired.services[&lb].source_ranges, nets);
 
     let node_port = run(vec![with_ranges("NodePort", &["10.0.0.0/8"])], vec![]);
     assert!(node_port.desired.services.values().all(|e| e.flags & SVC_F_SOURCE_RANGE == 0));
@@ -786,10 +799,10 @@ fn load_balancer_ingress_by_ip_mode() {
         ),
         ("hostname-only ingress is ignored", vec![hostname_only], vec![], vec![]),
         (
-            "dual-stack: IPv6 reported, IPv4 kept",
+            "dual-stack: both families",
             vec![ingress("2001:db8::1", None), ingress("198.51.100.1", Some("VIP"))],
-            vec!["198.51.100.1"],
-            vec!["loadBalancer ingress IP 2001:db8::1: IPv6 is not supported by the datapath yet"],
+            vec!["198.51.100.1", "2001:db8::1"],
+            vec![],
         ),
         ("IPv6 Proxy ingress is skipped silently", vec![ingress("2001:db8::1", Some("Proxy"))], vec![], vec![]),
         (
@@ -842,12 +855,12 @@ fn external_ips_on_every_type_with_a_cluster_ip() {
             (fe("10.0.2.3", 80, Tcp), SVC_F_EXTERNAL_IP),
             (fe("192.0.2.1", 80, Tcp), SVC_F_EXTERNAL_IP),
             (fe("192.0.2.2", 80, Tcp), SVC_F_EXTERNAL_IP),
+            (fe("2001:db8::2", 80, Tcp), SVC_F_EXTERNAL_IP),
         ]
         .into();
         assert_eq!(flags_of(&out), expected, "{ty}");
         let problems = vec![
             prob("Service", "default/web", "externalIP 0.0.0.0: the unspecified address cannot be a Service address"),
-            prob("Service", "default/web", "externalIP 2001:db8::2: IPv6 is not supported by the datapath yet"),
             prob("Service", "default/web", "invalid externalIP \"192.0.2.x\""),
         ];
         assert_eq!(out.problems, problems, "{ty}");
@@ -917,7 +930,7 @@ fn node_ports_are_served_on_every_node_address_and_without_one_nowhere() {
     );
     let slices = vec![slice("web-a", "web", &[("http", 8080, "TCP"), ("dns", 5353, "UDP")], vec![ep("10.0.0.1")])];
     let second = Ipv4Addr::new(192, 168, 1, 5);
-    let two = NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP, second], zone: None };
+    let two = NodeContext { name: NODE.to_owned(), addresses: vec![NODE_IP.into(), second.into()], zone: None };
     let out = translate_on(&two, vec![svc.clone()], slices.clone());
     assert_eq!(out.problems, vec![]);
     let http = entry("default/web", "http", vec![be("10.0.0.1", 8080, Tcp, Active)], vec![]);
@@ -926,7 +939,7 @@ fn node_ports_are_served_on_every_node_address_and_without_one_nowhere() {
     let cluster = [(fe("10.96.0.10", 80, Tcp), http), (fe("10.96.0.10", 53, Udp), dns)];
     let mut expected = cluster.to_vec();
     expected.push((np(30080, Tcp), node_port.clone()));
-    expected.push((Frontend { addr: second, port: 30080, proto: Tcp }, node_port));
+    expected.push((Frontend { addr: second.into(), port: 30080, proto: Tcp }, node_port));
     assert_eq!(out.desired, desired(expected));
 
     // No node address: no NodePort frontend at all, and nothing to report.

@@ -6,25 +6,25 @@
 //! flags, and every source range belongs to a rev-NAT id in use.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use super::*;
 
 #[derive(Default)]
 struct FakeMaps {
-    services: BTreeMap<ServiceKey4, ServiceValue>,
-    backends: BTreeMap<u32, Backend4>,
-    rev_nat: BTreeMap<u16, RevNat4>,
+    services: BTreeMap<SvcKey, ServiceValue>,
+    backends: BTreeMap<u32, BackendValue>,
+    rev_nat: BTreeMap<u16, RevNatValue>,
     filter: BTreeMap<u32, u64>,
     be_filter: BTreeMap<u32, u64>,
-    src_ranges: BTreeSet<(u16, Ipv4Net)>,
+    src_ranges: BTreeSet<(u16, IpNet)>,
     affinity: BTreeSet<(u16, u32)>,
     log: Vec<Op>,
     /// Fail every op whose service key has this address.
-    fail_addr: Option<Ipv4Addr>,
+    fail_addr: Option<IpAddr>,
     /// Fail the writes of slot 0 of this address (after its slots, rev-NAT and ranges).
-    fail_slot0: Option<Ipv4Addr>,
+    fail_slot0: Option<IpAddr>,
     /// Fail backend inserts once this many backends exist.
     backend_capacity: Option<usize>,
     /// Skip the checks after each operation (for maps broken from outside the writer).
@@ -35,14 +35,14 @@ impl FakeMaps {
     fn check_consistent(&self) {
         for (k, v) in self.services.iter().filter(|(k, _)| k.slot == 0) {
             for s in 1..=v.count {
-                let slot = self.services.get(&ServiceKey4 { slot: s, ..*k });
+                let slot = self.services.get(&SvcKey { slot: s, ..*k });
                 let slot = slot.unwrap_or_else(|| panic!("slot {s} of {k:?} missing while count is {}", v.count));
                 assert!(self.backends.contains_key(&slot.backend_id), "slot {s} of {k:?} names missing backend");
             }
             assert!(self.rev_nat.contains_key(&v.rev_nat_id), "rev-NAT {} of {k:?} missing", v.rev_nat_id);
-            assert!(has_bit(&self.filter, k.addr, k.port, k.proto), "{k:?} published without its service filter bit");
+            assert!(has_bit(&self.filter, frontend_bit(k.frontend)), "{k:?} published without its service filter bit");
             if k.scope == SCOPE_EXTERNAL && v.flags & SVC_F_ETP_LOCAL != 0 {
-                let local = self.services.get(&ServiceKey4 { scope: SCOPE_LOCAL, ..*k });
+                let local = self.services.get(&SvcKey { scope: SCOPE_LOCAL, ..*k });
                 let local = local.unwrap_or_else(|| panic!("{k:?} has SVC_F_ETP_LOCAL but no local slot 0"));
                 assert_eq!((local.rev_nat_id, local.flags), (v.rev_nat_id, v.flags), "{k:?}: local slot 0");
             }
@@ -62,7 +62,7 @@ impl FakeMaps {
         for (k, v) in self.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & rproxy_common::SVC_F_AFFINITY != 0)
         {
             for s in 1..=v.count {
-                let id = self.services[&ServiceKey4 { slot: s, ..*k }].backend_id;
+                let id = self.services[&SvcKey { slot: s, ..*k }].backend_id;
                 assert!(self.affinity.contains(&(v.rev_nat_id, id)), "slot {s} of {k:?} has no affinity match");
             }
         }
@@ -70,7 +70,7 @@ impl FakeMaps {
 
     fn check_backend_bits(&self) {
         for (id, b) in &self.backends {
-            assert!(has_bit(&self.be_filter, b.addr, b.port, b.proto), "backend {id} written without its filter bit");
+            assert!(has_bit(&self.be_filter, backend_bit(*b)), "backend {id} written without its filter bit");
         }
     }
 
@@ -83,6 +83,7 @@ impl FakeMaps {
             be_filter: words(&self.be_filter),
             src_ranges: self.src_ranges.iter().copied().collect(),
             affinity: self.affinity.iter().copied().collect(),
+            undecoded: Vec::new(),
         }
     }
 }
@@ -90,12 +91,12 @@ impl FakeMaps {
 impl MapSink for FakeMaps {
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         if let (Some(a), Op::PutService(k, _) | Op::DelService(k)) = (self.fail_addr, op)
-            && k.addr == u32::from(a).to_be()
+            && k.frontend.addr == a
         {
             return Err(String::from("injected failure"));
         }
         if let (Some(a), Op::PutService(k, _)) = (self.fail_slot0, op)
-            && k.addr == u32::from(a).to_be()
+            && k.frontend.addr == a
             && k.slot == 0
         {
             return Err(String::from("injected failure of slot 0"));
@@ -107,7 +108,7 @@ impl MapSink for FakeMaps {
                 }
                 self.backends.insert(id, v);
             }
-            Op::DelBackend(id) => {
+            Op::DelBackend(id, _) => {
                 assert!(
                     !self.services.values().any(|v| v.backend_id == id),
                     "backend {id} deleted while a slot names it"
@@ -123,7 +124,7 @@ impl MapSink for FakeMaps {
             Op::PutRevNat(id, v) => {
                 self.rev_nat.insert(id, v);
             }
-            Op::DelRevNat(id) => {
+            Op::DelRevNat(id, _) => {
                 self.rev_nat.remove(&id);
             }
             Op::PutFilterWord(FilterMap::Services, i, w) => {
@@ -154,9 +155,8 @@ impl MapSink for FakeMaps {
     }
 }
 
-/// Whether a filter's words have the bit of `(addr, port, proto)`.
-fn has_bit(words: &BTreeMap<u32, u64>, addr: u32, port: u16, proto: u8) -> bool {
-    let bit = rproxy_common::filter::bit(addr, port, proto);
+/// Whether a filter's words have `bit`.
+fn has_bit(words: &BTreeMap<u32, u64>, bit: u32) -> bool {
     words.get(&(bit >> 6)).copied().unwrap_or(0) & (1 << (bit & 63)) != 0
 }
 
@@ -165,13 +165,21 @@ fn words(filter: &BTreeMap<u32, u64>) -> Vec<u64> {
     (0..rproxy_common::filter::WORDS).map(|i| filter.get(&i).copied().unwrap_or(0)).collect()
 }
 
+/// An address's last byte (the tests' addresses differ there).
+fn last(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    }
+}
+
 fn fe(last: u8, port: u16) -> Frontend {
-    Frontend { addr: Ipv4Addr::new(10, 96, 0, last), port, proto: Protocol::Tcp }
+    Frontend { addr: Ipv4Addr::new(10, 96, 0, last).into(), port, proto: Protocol::Tcp }
 }
 
 fn be(last: u8) -> Backend {
     Backend {
-        addr: BackendAddr { addr: Ipv4Addr::new(10, 244, 1, last), port: 8080, proto: Protocol::Tcp },
+        addr: BackendAddr { addr: Ipv4Addr::new(10, 244, 1, last).into(), port: 8080, proto: Protocol::Tcp },
         state: BackendState::Active,
         local: true,
     }
@@ -194,10 +202,10 @@ fn desired(items: &[(Frontend, ServiceEntry)]) -> Desired {
     Desired { services: items.iter().cloned().collect(), ..Desired::default() }
 }
 
-fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<Ipv4Addr> {
+fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<IpAddr> {
     let k0 = key_of(f, 0);
     let count = m.services[&k0].count;
-    (1..=count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..k0 }].backend_id].ip()).collect()
+    (1..=count).map(|s| m.backends[&m.services[&SvcKey { slot: s, ..k0 }].backend_id].addr.addr).collect()
 }
 
 /// A sync followed by a conntrack GC pass that finds no flow: the backends the sync orphaned
@@ -219,12 +227,12 @@ fn backends_that_leave_every_service_live_while_flows_use_them() {
     let mut w = Writer::new();
     let f = fe(10, 80);
     w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
-    let id = |m: &FakeMaps, last: u8| *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == last).unwrap().0;
+    let id = |m: &FakeMaps, n: u8| *m.backends.iter().find(|(_, v)| last(v.addr.addr) == n).unwrap().0;
     let id2 = id(&m, 2);
     // Backend 2 leaves: out of the slots, still in the map, reported for its UDP flows.
     m.log.clear();
     let r = w.sync(&desired(&[(f, entry("a", &[1], &[]))]), &mut m);
-    assert!(r.errors.is_empty() && !m.log.iter().any(|o| matches!(o, Op::DelBackend(_))), "{:?}", m.log);
+    assert!(r.errors.is_empty() && !m.log.iter().any(|o| matches!(o, Op::DelBackend(..))), "{:?}", m.log);
     assert_eq!(slot_backends(&m, f), vec![Ipv4Addr::new(10, 244, 1, 1)]);
     assert!(m.backends.contains_key(&id2));
     assert!(r.stale_udp.contains(&(0, id2)), "{:?}", r.stale_udp);
@@ -335,7 +343,7 @@ fn shared_and_draining_backends_live_until_unreferenced() {
     // Gone from b too, but still draining in a: kept.
     sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[2])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
     assert_eq!(m.backends.len(), 2);
-    let two = m.backends.values().find(|b| b.ip() == Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+    let two = m.backends.values().find(|b| b.addr.addr == Ipv4Addr::new(10, 244, 1, 2)).unwrap();
     assert_eq!(two.flags & BE_F_TERMINATING, BE_F_TERMINATING);
     // Gone everywhere: deleted once no flow uses it.
     sync_idle(&mut w, &desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("b", &[1], &[]))]), &mut m);
@@ -355,7 +363,7 @@ fn empty_backend_set_is_published_with_count_zero() {
 
 #[test]
 fn a_failing_service_is_reported_and_others_are_written() {
-    let mut m = FakeMaps { fail_addr: Some(Ipv4Addr::new(10, 96, 0, 11)), ..FakeMaps::default() };
+    let mut m = FakeMaps { fail_addr: Some(Ipv4Addr::new(10, 96, 0, 11).into()), ..FakeMaps::default() };
     let mut w = Writer::new();
     let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1], &[])), (fe(11, 80), entry("bad", &[2], &[]))]), &mut m);
     assert_eq!(r.errors.len(), 1);
@@ -372,7 +380,7 @@ fn a_failing_service_is_reported_and_others_are_written() {
     assert!(r.errors.is_empty() && r.failed.is_empty());
     assert_eq!(slot_backends(&m, fe(11, 80)).len(), 1);
     // A removal that fails is reported the same way, and retried.
-    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 11));
+    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 11).into());
     let d = desired(&[(fe(10, 80), entry("a", &[1], &[]))]);
     let r = w.sync(&d, &mut m);
     assert_eq!(r.failed, BTreeSet::from([fe(11, 80)]));
@@ -419,15 +427,15 @@ fn udp_entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
 
 /// What a packet could observe: per frontend, the backend addresses in slot order, and the set
 /// of backend entries.
-type Observable = (BTreeMap<ServiceKey4, Vec<Ipv4Addr>>, BTreeSet<(Ipv4Addr, u16, u8)>);
+type Observable = (BTreeMap<SvcKey, Vec<IpAddr>>, BTreeSet<(IpAddr, u16, u8)>);
 
 fn observable(m: &FakeMaps) -> Observable {
     let mut services = BTreeMap::new();
     for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
-        let ips = (1..=v.count).map(|s| m.backends[&m.services[&ServiceKey4 { slot: s, ..*k }].backend_id].ip());
+        let ips = (1..=v.count).map(|s| m.backends[&m.services[&SvcKey { slot: s, ..*k }].backend_id].addr.addr);
         services.insert(*k, ips.collect());
     }
-    (services, m.backends.values().map(|b| (b.ip(), b.host_port(), b.flags)).collect())
+    (services, m.backends.values().map(|b| (b.addr.addr, b.addr.port, b.flags)).collect())
 }
 
 #[test]
@@ -495,11 +503,8 @@ fn incremental_sync_matches_full_sync() {
             }
         }
         // Nothing unreferenced is left behind.
-        let used: BTreeSet<u8> = next
-            .services
-            .values()
-            .flat_map(|e| e.slots.iter().chain(&e.draining).map(|b| b.addr.addr.octets()[3]))
-            .collect();
+        let used: BTreeSet<u8> =
+            next.services.values().flat_map(|e| e.slots.iter().chain(&e.draining).map(|b| last(b.addr.addr))).collect();
         assert_eq!(inc_maps.backends.len(), used.len(), "step {step}");
         current = next;
     }
@@ -512,7 +517,7 @@ fn udp_backends_leaving_a_service_are_reported_stale() {
     let mut w = Writer::new();
     let (a, b) = (udp(fe(1, 53)), udp(fe(2, 53)));
     w.sync(&desired(&[(a, udp_entry("a", &[1, 2, 3], &[])), (b, udp_entry("b", &[3], &[]))]), &mut m);
-    let id = |m: &FakeMaps, last: u8| *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == last).unwrap().0;
+    let id = |m: &FakeMaps, n: u8| *m.backends.iter().find(|(_, v)| last(v.addr.addr) == n).unwrap().0;
     let rn = |m: &FakeMaps, f: Frontend| m.services[&key_of(f, 0)].rev_nat_id;
     let (id2, id3, rn_a) = (id(&m, 2), id(&m, 3), rn(&m, a));
 
@@ -538,13 +543,17 @@ fn etp_entry(name: &str, slots: &[u8], draining: &[u8], local_slots: &[u8]) -> S
     let mut e = entry(name, slots, draining);
     e.flags = rproxy_common::SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
     e.local_slots =
-        e.slots.iter().chain(&e.draining).filter(|b| local_slots.contains(&b.addr.addr.octets()[3])).copied().collect();
+        e.slots.iter().chain(&e.draining).filter(|b| local_slots.contains(&last(b.addr.addr))).copied().collect();
     e
 }
 
 /// The backend addresses of `f`'s `SCOPE_LOCAL` slots, `None` without its slot 0.
 fn local_backends(m: &FakeMaps, f: Frontend) -> Option<Vec<Ipv4Addr>> {
-    observable(m).0.get(&local_key_of(f, 0)).cloned()
+    let v4 = |ip: &IpAddr| match ip {
+        IpAddr::V4(a) => *a,
+        IpAddr::V6(_) => unreachable!("IPv4 backends"),
+    };
+    observable(m).0.get(&local_key_of(f, 0)).map(|ips| ips.iter().map(v4).collect())
 }
 
 #[test]
@@ -658,11 +667,11 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
         let mut e = udp_entry("a", slots, draining);
         e.flags = rproxy_common::SVC_F_NODE_PORT | SVC_F_ETP_LOCAL;
         e.local_slots =
-            e.slots.iter().chain(&e.draining).filter(|b| local.contains(&b.addr.addr.octets()[3])).copied().collect();
+            e.slots.iter().chain(&e.draining).filter(|b| local.contains(&last(b.addr.addr))).copied().collect();
         e
     };
     w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[3]))]), &mut m);
-    let id3 = *m.backends.iter().find(|(_, v)| v.ip().octets()[3] == 3).unwrap().0;
+    let id3 = *m.backends.iter().find(|(_, v)| last(v.addr.addr) == 3).unwrap().0;
     let rn = m.services[&key_of(f, 0)].rev_nat_id;
     // 3 stays (draining) but no longer serves outside clients: its UDP flows move on.
     let r = w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[]))]), &mut m);
@@ -680,8 +689,8 @@ fn service_filter_follows_the_frontends() {
     let bits = |fes: &[Frontend]| -> BTreeSet<u32> {
         fes.iter()
             .map(|fe| {
-                let k = key_of(*fe, 0);
-                rproxy_common::filter::bit(k.addr, k.port, k.proto)
+                let IpAddr::V4(a) = fe.addr else { unreachable!("IPv4 frontends") };
+                rproxy_common::filter::bit(u32::from(a).to_be(), fe.port.to_be(), fe.proto.number())
             })
             .collect()
     };
@@ -701,7 +710,7 @@ fn service_filter_follows_the_frontends() {
     assert_eq!(filter_of(&m), bits(&[a]));
 
     // A frontend whose write fails: its bit, set before the attempt, is gone after it.
-    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 12));
+    m.fail_addr = Some(Ipv4Addr::new(10, 96, 0, 12).into());
     let r = sync_idle(&mut w, &desired(&[(a, entry("a", &[1], &[])), (fe(12, 80), entry("bad", &[4], &[]))]), &mut m);
     assert_eq!(r.failed, BTreeSet::from([fe(12, 80)]));
     assert_eq!(filter_of(&m), bits(&[a]));
@@ -716,8 +725,7 @@ fn service_filter_follows_the_frontends() {
     sync_idle(&mut w, &desired(&[(a, entry("a", &[1], &[]))]), &mut m);
     assert_eq!(filter_of(&m), bits(&[a]));
     // The backend filter: exactly the backends written (1), the others' bits cleared.
-    let be_bits: BTreeSet<u32> =
-        m.backends.values().map(|b| rproxy_common::filter::bit(b.addr, b.port, b.proto)).collect();
+    let be_bits: BTreeSet<u32> = m.backends.values().map(|b| backend_bit(*b)).collect();
     let held: BTreeSet<u32> = m
         .be_filter
         .iter()
@@ -764,7 +772,7 @@ fn source_ranges_follow_their_frontend() {
 
     // A restart writes nothing; a range a previous agent left under an unused id goes.
     m.src_ranges.insert((77, "10.1.0.0/16".parse().unwrap()));
-    m.rev_nat.insert(77, RevNat4::default());
+    m.rev_nat.insert(77, RevNatValue { addr: Ipv4Addr::UNSPECIFIED.into(), port: 0 });
     let (mut w2, warnings) = Writer::adopt(m.adopted());
     assert!(warnings.is_empty(), "{warnings:?}");
     m.rev_nat.remove(&77);
@@ -779,7 +787,7 @@ fn source_ranges_follow_their_frontend() {
     w2.sync(&Desired::default(), &mut m);
     assert!(m.src_ranges.is_empty());
     let last_range = m.log.iter().rposition(|o| matches!(o, Op::DelSrcRange(..))).unwrap();
-    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(_))).unwrap();
+    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(..))).unwrap();
     assert!(last_range < rev_nat, "{:?}", m.log);
 }
 
@@ -807,8 +815,8 @@ fn affinity_entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
     }
 }
 
-fn matches(m: &FakeMaps) -> Vec<(u16, Ipv4Addr)> {
-    m.affinity.iter().map(|(id, be)| (*id, m.backends[be].ip())).collect()
+fn matches(m: &FakeMaps) -> Vec<(u16, IpAddr)> {
+    m.affinity.iter().map(|(id, be)| (*id, m.backends[be].addr.addr)).collect()
 }
 
 /// `ClientIP` affinity: each slot's backend has its match before the slot 0 that publishes it,
@@ -817,7 +825,7 @@ fn matches(m: &FakeMaps) -> Vec<(u16, Ipv4Addr)> {
 /// adopts them with zero writes.
 #[test]
 fn affinity_matches_follow_the_slots() {
-    let ip = |last| Ipv4Addr::new(10, 244, 1, last);
+    let ip = |last| IpAddr::from(Ipv4Addr::new(10, 244, 1, last));
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
     let f = fe(30, 80);
@@ -840,6 +848,51 @@ fn affinity_matches_follow_the_slots() {
     w2.sync(&Desired::default(), &mut m);
     assert!(m.affinity.is_empty());
     let last = m.log.iter().rposition(|o| matches!(o, Op::DelAffinityMatch(..))).unwrap();
-    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(_))).unwrap();
+    let rev_nat = m.log.iter().position(|o| matches!(o, Op::DelRevNat(..))).unwrap();
     assert!(last < rev_nat, "{:?}", m.log);
+}
+
+/// IPv6 frontends and backends beside IPv4 ones: one id space for backends and rev-NAT entries
+/// (the affinity matches and conntrack name ids without a family), each entry written to and
+/// removed from its family's map, the filter bits of both kinds, and a restart that adopts both
+/// families and writes nothing.
+#[test]
+fn both_families_share_the_id_spaces_and_keep_their_maps() {
+    let v6 = |last: u16| IpAddr::from(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last));
+    let fe6 = Frontend { addr: v6(0x96), port: 80, proto: Protocol::Tcp };
+    let be6 = |last| Backend {
+        addr: BackendAddr { addr: v6(last), port: 8080, proto: Protocol::Tcp },
+        state: BackendState::Active,
+        local: false,
+    };
+    let mut e6 = entry("web", &[], &[]);
+    e6.slots = vec![be6(1), be6(2)];
+    let d = desired(&[(fe(1, 80), entry("web", &[1], &[])), (fe6, e6)]);
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let r = w.sync(&d, &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
+    assert_eq!(ids.len(), 3, "one id per backend over both families: {:?}", m.backends);
+    let rev_nat_ids: BTreeSet<u16> = m.rev_nat.keys().copied().collect();
+    assert_eq!(rev_nat_ids.len(), 2);
+    assert_eq!(slot_backends(&m, fe6), [v6(1), v6(2)]);
+    assert!(
+        has_bit(&m.filter, frontend_bit(fe6)) && m.backends.values().all(|b| has_bit(&m.be_filter, backend_bit(*b)))
+    );
+
+    // A restart adopts both families and writes nothing.
+    let (mut w2, warnings) = Writer::adopt(m.adopted());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    m.log.clear();
+    let r = w2.sync(&d, &mut m);
+    assert!(r.errors.is_empty() && m.log.is_empty(), "{:?} {:?}", r.errors, m.log);
+
+    // Removing the IPv6 frontend removes from the IPv6 maps only.
+    let r = sync_idle(&mut w2, &desired(&[(fe(1, 80), entry("web", &[1], &[]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(m.log.iter().any(|o| matches!(o, Op::DelRevNat(_, Family::V6))), "{:?}", m.log);
+    assert_eq!(m.log.iter().filter(|o| matches!(o, Op::DelBackend(_, Family::V6))).count(), 2, "{:?}", m.log);
+    assert!(!m.log.iter().any(|o| matches!(o, Op::DelBackend(_, Family::V4) | Op::DelRevNat(_, Family::V4))));
+    assert_eq!(m.backends.len(), 1);
 }
