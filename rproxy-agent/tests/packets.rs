@@ -9,11 +9,11 @@
 //! fail instead.
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::{
-    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key, harness,
-    icmp_error_frame, parse_checked, tcp_frame, udp_frame,
+    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key, ct6_key, harness,
+    icmp_error_frame, parse_checked, parse6_checked, tcp_frame, tcp6_frame, udp_frame, udp6_frame,
 };
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
@@ -33,7 +33,13 @@ const BACKENDS: [Ipv4Addr; 3] =
 const CPORT: u16 = 40_000;
 
 fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
-    let fe = Frontend { addr: VIP.into(), port: 80, proto };
+    let backends: Vec<IpAddr> = backends.iter().map(|a| IpAddr::from(*a)).collect();
+    service_at(VIP.into(), proto, &backends)
+}
+
+/// A `ClusterIP` Service at `vip`:80 with `backends`:8080 (one family).
+fn service_at(vip: IpAddr, proto: Protocol, backends: &[IpAddr]) -> Desired {
+    let fe = Frontend { addr: vip, port: 80, proto };
     let entry = ServiceEntry {
         service: ObjectRef { namespace: "default".into(), name: "demo".into() },
         port_name: String::new(),
@@ -42,7 +48,7 @@ fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
         slots: backends
             .iter()
             .map(|a| Backend {
-                addr: BackendAddr { addr: (*a).into(), port: 8080, proto },
+                addr: BackendAddr { addr: *a, port: 8080, proto },
                 state: BackendState::Active,
                 local: true,
             })
@@ -649,4 +655,86 @@ fn pinned_map_of_another_layout_is_refused() {
     let mut dp = rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
     let maps = dp.take_maps().expect("maps");
     assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");
+}
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const BACKENDS6: [Ipv6Addr; 2] =
+    [Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x11), Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x12)];
+
+/// IPv6 through the tail-called IPv6 half of the pod programs: a SYN to an IPv6 `ClusterIP` is
+/// translated to a backend with a valid checksum, both conntrack entries are made in `RPX_CT6`,
+/// the SYN-ACK comes back from the service address, and the flow keeps its backend; UDP too.
+#[test]
+fn ipv6_syn_to_vip_is_dnated_and_reply_is_reverse_natted() {
+    kernel_test!(h);
+    let backends: Vec<IpAddr> = BACKENDS6.iter().map(|a| IpAddr::from(*a)).collect();
+    let mut desired = service_at(VIP6.into(), Protocol::Tcp, &backends);
+    desired.services.extend(service_at(VIP6.into(), Protocol::Udp, &backends).services);
+    h.program(&desired);
+    let syn = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), SYN, b"");
+    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
+    assert_eq!(rc, PASS);
+    let seen = parse6_checked(&out);
+    assert_eq!(seen.src, (CLIENT6, CPORT), "source untouched");
+    assert!(BACKENDS6.contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
+    assert_eq!(out.len(), syn.len());
+    let backend = seen.dst;
+    let fwd = h.ct6(&ct6_key((CLIENT6, CPORT), (VIP6, 80), proto::TCP, CT_DIR_SERVICE)).expect("service entry");
+    let rev = h.ct6(&ct6_key(backend, (CLIENT6, CPORT), proto::TCP, CT_DIR_REPLY)).expect("reply entry");
+    assert_eq!((fwd.backend_id, fwd.state), (rev.backend_id, CtState::SynSent as u8));
+
+    let synack = tcp6_frame(backend, (CLIENT6, CPORT), SYN_ACK, b"");
+    let (rc, out) = h.run(prog_names::TO_POD, &synack);
+    assert_eq!(rc, PASS);
+    let seen = parse6_checked(&out);
+    assert_eq!((seen.src, seen.dst), ((VIP6, 80), (CLIENT6, CPORT)));
+    for i in 0..5u8 {
+        let data = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), ACK, &[i; 100]);
+        let (rc, out) = h.run(prog_names::FROM_POD, &data);
+        assert_eq!(rc, PASS);
+        let seen = parse6_checked(&out);
+        assert_eq!((seen.dst, seen.payload), (backend, vec![i; 100]), "established flow keeps its backend");
+    }
+
+    let dgram = udp6_frame((CLIENT6, CPORT + 1), (VIP6, 80), b"ping");
+    let (rc, out) = h.run(prog_names::FROM_POD, &dgram);
+    assert_eq!(rc, PASS);
+    let seen = parse6_checked(&out);
+    assert!(BACKENDS6.contains(&seen.dst.0), "{seen:?}");
+    let (rc, out) = h.run(prog_names::TO_POD, &udp6_frame(seen.dst, (CLIENT6, CPORT + 1), b"pong"));
+    assert_eq!(rc, PASS);
+    let back = parse6_checked(&out);
+    assert_eq!((back.src, back.payload), ((VIP6, 80), b"pong".to_vec()));
+
+    assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (2, 5, 2));
+    assert_eq!(h.stat(Stat::TailCallFail), 0);
+}
+
+/// An IPv6 Service without endpoints rejects as kube-proxy's rules do: an ICMPv6 destination
+/// unreachable (port unreachable) back into the pod, from the service address, with a valid
+/// checksum over the pseudo header, quoting the packet's IPv6 header and 8 bytes.
+#[test]
+fn ipv6_service_without_backends_rejects() {
+    kernel_test!(h);
+    h.program(&service_at(VIP6.into(), Protocol::Tcp, &[]));
+    let syn = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), SYN, b"");
+    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
+    assert_eq!(rc, REDIRECT, "back out of the pod's device");
+    assert_eq!(out.len(), 14 + 40 + 8 + 48, "Ethernet + IPv6 + ICMPv6 + 48 quoted bytes");
+    assert_eq!((&out[0..6], &out[6..12]), (&syn[6..12], &syn[0..6]), "MACs swapped");
+    let ip = &out[14..54];
+    assert_eq!((ip[0] >> 4, ip[6], ip[7]), (6, 58, 64), "IPv6, ICMPv6, hop limit 64");
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+    assert_eq!((&ip[8..24], &ip[24..40]), (&VIP6.octets()[..], &CLIENT6.octets()[..]), "from the VIP to the client");
+    let icmp = &out[54..];
+    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&56u32.to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(icmp);
+    assert_eq!(common::ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+    assert_eq!(&icmp[8..], &syn[14..62], "quote: the header and 8 bytes as they arrived");
+    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (1, 1));
 }

@@ -4,7 +4,10 @@
 
 pub mod node_netns;
 
-use std::{net::Ipv4Addr, sync::Mutex};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Mutex,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{
@@ -53,13 +56,15 @@ impl Harness {
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         let stale = r.stale_udp.iter().copied().collect();
         rproxy_agent::bpf::gc::purge_udp(&mut self.maps.conntrack, &stale);
+        rproxy_agent::bpf::gc::purge_udp(&mut self.maps.conntrack6, &stale);
     }
 
     /// One conntrack GC pass as the agent runs it: expired entries go, and the backends that
     /// left every frontend are deleted once no entry names them. How many were deleted.
     pub fn gc(&mut self) -> usize {
         let writer = &self.writer;
-        let pass = rproxy_agent::bpf::gc::run_pass(&mut self.maps.conntrack, |id| writer.has_backend(id));
+        let pass = rproxy_agent::bpf::gc::run_pass(&mut self.maps.conntrack, |id| writer.has_backend(id))
+            .merge(rproxy_agent::bpf::gc::run_pass(&mut self.maps.conntrack6, |id| writer.has_backend(id)));
         let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
         assert!(errors.is_empty(), "{errors:?}");
         released
@@ -95,6 +100,10 @@ impl Harness {
 
     pub fn ct(&self, key: &CtKey4) -> Option<rproxy_common::CtValue4> {
         self.maps.conntrack.get(key, 0).ok()
+    }
+
+    pub fn ct6(&self, key: &rproxy_common::CtKey6) -> Option<rproxy_common::CtValue6> {
+        self.maps.conntrack6.get(key, 0).ok()
     }
 
     pub fn stat(&self, s: Stat) -> u64 {
@@ -278,4 +287,80 @@ pub fn assert_related_error(out: &[u8], sent: &[u8], src: Ipv4Addr) {
     assert_eq!(ones_sum(ip), 0xffff, "IPv4 header checksum");
     assert_eq!(ones_sum(&out[34..]), 0xffff, "ICMP checksum");
     assert_eq!(&out[42..70], &sent[14..42], "the quote is the packet the client sent");
+}
+
+/// An IPv6 TCP frame `src → dst` with flags `f`.
+pub fn tcp6_frame(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), f: Tcp, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    if f.syn {
+        b = b.syn();
+    }
+    if f.ack {
+        b = b.ack(1);
+    }
+    if f.fin {
+        b = b.fin();
+    }
+    if f.rst {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+/// An IPv6 UDP frame `src → dst`.
+pub fn udp6_frame(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src.0.octets(), dst.0.octets(), 64)
+        .udp(src.1, dst.1);
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("write");
+    out
+}
+
+/// Parsed addresses of an IPv6 output frame, with its L4 checksum verified.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen6 {
+    pub hop_limit: u8,
+    pub src: (Ipv6Addr, u16),
+    pub dst: (Ipv6Addr, u16),
+    pub payload: Vec<u8>,
+}
+
+pub fn parse6_checked(frame: &[u8]) -> Seen6 {
+    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
+    let h = ip.header().to_header();
+    let (src, dst) = (Ipv6Addr::from(h.source), Ipv6Addr::from(h.destination));
+    let (sp, dp, payload) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv6(h.source, h.destination).expect("len");
+            assert_eq!(t.checksum(), want, "TCP checksum");
+            (t.source_port(), t.destination_port(), t.payload().to_vec())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let want = u.to_header().calc_checksum_ipv6_raw(h.source, h.destination, u.payload()).expect("len");
+            assert_eq!(u.checksum(), want, "UDP checksum");
+            (u.source_port(), u.destination_port(), u.payload().to_vec())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    };
+    Seen6 { hop_limit: h.hop_limit, src: (src, sp), dst: (dst, dp), payload }
+}
+
+/// The IPv6 conntrack key of a packet `src → dst` (host-order ports) in direction `dir`.
+pub fn ct6_key(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -> rproxy_common::CtKey6 {
+    use rproxy_common::WireAddr;
+    rproxy_common::CtKey6 {
+        saddr: <[u32; 4]>::wire(src.0),
+        daddr: <[u32; 4]>::wire(dst.0),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
 }
