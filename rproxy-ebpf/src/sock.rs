@@ -94,6 +94,24 @@ pub fn translate4(ctx: &SockAddrContext) -> i32 {
     }
 }
 
+/// The context's `user_ip6`, read word by word at constant offsets from the context pointer:
+/// the verifier takes context accesses in no other form (a copy of the array becomes 8-byte
+/// accesses through a moved pointer).
+#[inline(always)]
+fn user_ip6(sa: *const bpf_sock_addr) -> In6 {
+    // SAFETY: the context's fields, read in place.
+    core::array::from_fn(|i| unsafe { (&raw const (*sa).user_ip6[i]).read_volatile() })
+}
+
+/// Writes `addr` to the context's `user_ip6` (see [`user_ip6`]).
+#[inline(always)]
+fn set_user_ip6(sa: *mut bpf_sock_addr, addr: In6) {
+    for (i, w) in addr.into_iter().enumerate() {
+        // SAFETY: the context's fields, written in place.
+        unsafe { (&raw mut (*sa).user_ip6[i]).write_volatile(w) };
+    }
+}
+
 /// `connect6` and `sendmsg6`: an IPv6 service address, or an IPv4-mapped IPv4 one, becomes a
 /// backend's.
 #[inline(always)]
@@ -104,14 +122,15 @@ pub fn translate6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(p) = l4_proto(sa) else { return ALLOW };
-    let (vip, vport) = (sa.user_ip6, low16(sa.user_port));
+    let (vip, vport) = (user_ip6(sa), low16(sa.user_port));
     if v4_mapped(&vip) {
         return match choose::<V4>(vip[3], vport, p) {
             Choice::Keep => ALLOW,
             Choice::Refuse => refuse(),
             Choice::To(be) => {
                 remember4(ctx, &be, vip[3], vport);
-                sa.user_ip6[3] = be.addr;
+                // SAFETY: the context's field, written in place.
+                unsafe { (&raw mut sa.user_ip6[3]).write_volatile(be.addr) };
                 sa.user_port = u32::from(be.port);
                 ALLOW
             }
@@ -125,7 +144,7 @@ pub fn translate6(ctx: &SockAddrContext) -> i32 {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
             let rk = SockRevKey6 { cookie, addr: be.addr, port: be.port, _pad: [0, 0, 0] };
             let _ = SK_RNAT6.insert(rk, RevNat6 { addr: vip, port: vport, _pad: 0 }, 0);
-            sa.user_ip6 = be.addr;
+            set_user_ip6(sa, be.addr);
             sa.user_port = u32::from(be.port);
             ALLOW
         }
@@ -176,10 +195,11 @@ pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let (addr, port): (In6, u16) = (sa.user_ip6, low16(sa.user_port));
+    let (addr, port): (In6, u16) = (user_ip6(sa), low16(sa.user_port));
     if v4_mapped(&addr) {
         if let Some(rn) = reverse_of4(ctx, addr[3], port) {
-            sa.user_ip6[3] = rn.addr;
+            // SAFETY: the context's field, written in place.
+            unsafe { (&raw mut sa.user_ip6[3]).write_volatile(rn.addr) };
             sa.user_port = u32::from(rn.port);
         }
         return ALLOW;
@@ -189,7 +209,7 @@ pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     let rk = SockRevKey6 { cookie, addr, port, _pad: [0, 0, 0] };
     // SAFETY: copied out at once.
     if let Some(rn) = unsafe { SK_RNAT6.get(rk) }.copied() {
-        sa.user_ip6 = rn.addr;
+        set_user_ip6(sa, rn.addr);
         sa.user_port = u32::from(rn.port);
     }
     ALLOW

@@ -151,8 +151,16 @@ pub enum XdpAttached {
 const XDP_DIR: &str = "xdp";
 const CGROUP_DIR: &str = "cgroup";
 /// The socket programs, in attach order.
-const SOCK_PROGRAMS: [&str; 4] =
-    [prog_names::SOCK_CONNECT4, prog_names::SOCK_SENDMSG4, prog_names::SOCK_RECVMSG4, prog_names::SOCK_GETPEERNAME4];
+const SOCK_PROGRAMS: [&str; 8] = [
+    prog_names::SOCK_CONNECT4,
+    prog_names::SOCK_SENDMSG4,
+    prog_names::SOCK_RECVMSG4,
+    prog_names::SOCK_GETPEERNAME4,
+    prog_names::SOCK_CONNECT6,
+    prog_names::SOCK_SENDMSG6,
+    prog_names::SOCK_RECVMSG6,
+    prog_names::SOCK_GETPEERNAME6,
+];
 
 impl Datapath {
     /// Loads the embedded object. With `pin_dir`, maps are pinned there (and reused if already
