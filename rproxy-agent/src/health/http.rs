@@ -2,7 +2,7 @@
 //! and JSON answers with kube-proxy's headers.
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -50,9 +50,25 @@ pub fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A listening socket on `addr`, with `SO_REUSEADDR` so that a port closed and opened again
-/// does not wait for its old connections' `TIME_WAIT`.
+/// does not wait for its old connections' `TIME_WAIT`. The unspecified IPv4 address
+/// (`0.0.0.0`, kube-proxy's default) listens on both families, as Go's listener that kube-proxy
+/// uses does: a dual-stack socket on `[::]`, or IPv4 only on a host without IPv6.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = TcpSocket::new_v4()?;
+    if addr.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port()))) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+            other => return other,
+        }
+    }
+    listen(addr)
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
+    if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        // Whatever net.ipv6.bindv6only says: IPv4 clients too (as IPv4-mapped addresses).
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &false)?;
+    }
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(128)
@@ -89,6 +105,24 @@ pub async fn serve(listener: TcpListener, respond: Respond) {
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube-proxy's default bind address, `0.0.0.0`, answers IPv6 clients as well.
+    #[tokio::test]
+    async fn the_unspecified_ipv4_address_listens_on_both_families() {
+        let listener = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for client in [IpAddr::from(Ipv4Addr::LOCALHOST), IpAddr::from(Ipv6Addr::LOCALHOST)] {
+            let connect = tokio::net::TcpStream::connect((client, port));
+            let (accepted, connected) = tokio::join!(listener.accept(), connect);
+            accepted.unwrap();
+            connected.unwrap_or_else(|e| panic!("{client}: {e}"));
         }
     }
 }
