@@ -31,7 +31,7 @@
 #[path = "../tests/common/node_netns.rs"]
 mod node_netns;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser;
@@ -42,7 +42,9 @@ use rproxy_agent::{
     node::snat::PortRange,
     writer::Writer,
 };
-use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, prog_names, proto};
+use rproxy_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, CtKey6, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, WireAddr, prog_names, proto,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -73,6 +75,16 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1)
 }
 
+/// Service `i`'s IPv6 twin.
+fn vip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0)) + u128::try_from(i).expect("fits") + 1)
+}
+
+fn backend6(i: usize, j: usize) -> Ipv6Addr {
+    let n = u128::try_from(i * 16 + j).expect("fits");
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, 0, 0, 0)) + n + 1)
+}
+
 fn backend(i: usize, j: usize) -> Ipv4Addr {
     let n = u32::try_from(i * 16 + j).expect("fits u32");
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n + 1)
@@ -101,7 +113,7 @@ fn entry(name: String, flags: u16, slots: Vec<Backend>) -> ServiceEntry {
     }
 }
 
-fn tcp_backend(addr: Ipv4Addr, local: bool) -> Backend {
+fn tcp_backend(addr: impl Into<IpAddr>, local: bool) -> Backend {
     Backend {
         addr: BackendAddr { addr: addr.into(), port: 8080, proto: Protocol::Tcp },
         state: BackendState::Active,
@@ -109,24 +121,32 @@ fn tcp_backend(addr: Ipv4Addr, local: bool) -> Backend {
     }
 }
 
-/// `services` `ClusterIP`s with `backends` local backends each, and one `NodePort` on the node's
-/// address whose backend is on the other node.
+/// `services` `ClusterIP`s with `backends` local backends each, each with an IPv6 twin (a
+/// dual-stack Service), and one `NodePort` on the node's address whose backend is on the other
+/// node.
 fn desired(services: usize, backends: usize) -> Desired {
     let mut d = Desired::default();
     for i in 0..services {
         let fe = Frontend { addr: vip(i).into(), port: 80, proto: Protocol::Tcp };
         let slots = (0..backends).map(|j| tcp_backend(backend(i, j), true)).collect();
         d.services.insert(fe, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots));
+        let fe6 = Frontend { addr: vip6(i).into(), ..fe };
+        let slots6 = (0..backends).map(|j| tcp_backend(backend6(i, j), true)).collect();
+        d.services.insert(fe6, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots6));
     }
     let fe = Frontend { addr: NODE.into(), port: NODE_PORT, proto: Protocol::Tcp };
     d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
     d
 }
 
-fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool, ack: bool) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1, 64240);
+fn tcp<A: Into<IpAddr>>(src: (A, u16), dst: (A, u16), syn: bool, ack: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let mut b = match (src.0.into(), dst.0.into()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("one family per frame"),
+    }
+    .tcp(src.1, dst.1, 1, 64240);
     if syn {
         b = b.syn();
     }
@@ -214,17 +234,33 @@ struct Subject {
     maps: Maps,
     /// The backend the established flow went to.
     chosen: Ipv4Addr,
+    /// The backend the established IPv6 flow went to.
+    chosen6: Ipv6Addr,
     /// The node's port that the north-south flow was source-translated to.
     snat_port: u16,
 }
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
+const CLIENT6: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1), 40_000);
 
 /// The conntrack key of a TCP packet `src → dst` (host-order ports) in direction `dir`.
 fn tcp_ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), dir: u8) -> CtKey4 {
     CtKey4 {
         saddr: u32::from(src.0).to_be(),
         daddr: u32::from(dst.0).to_be(),
+        sport: src.1.to_be(),
+        dport: dst.1.to_be(),
+        proto: proto::TCP,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The IPv6 conntrack key of a TCP packet `src → dst` (host-order ports) in direction `dir`.
+fn tcp6_ct_key(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), dir: u8) -> CtKey6 {
+    CtKey6 {
+        saddr: <[u32; 4]>::wire(src.0),
+        daddr: <[u32; 4]>::wire(dst.0),
         sport: src.1.to_be(),
         dport: dst.1.to_be(),
         proto: proto::TCP,
@@ -254,13 +290,21 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
         .expect("flow created");
     let synack = tcp((chosen, 8080), CLIENT, true, true);
     mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), std::slice::from_ref(&synack));
+    // The same over IPv6.
+    let target6 = vip6(services / 2);
+    mean_ns(&mut dp, Prog::Tc(prog_names::FROM_POD), &[tcp(CLIENT6, (target6, 80), true, false)]);
+    let chosen6 = (0..args.backends)
+        .map(|j| backend6(services / 2, j))
+        .find(|b| maps.conntrack6.get(&tcp6_ct_key((*b, 8080), CLIENT6, CT_DIR_REPLY), 0).is_ok())
+        .expect("IPv6 flow created");
+    mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), &[tcp((chosen6, 8080), CLIENT6, true, true)]);
     // The north-south flow: the client's SYN, the backend's SYN-ACK to the node's SNAT port.
     let xdp = Prog::Xdp(prog_names::XDP_EXT, ext);
     mean_ns(&mut dp, xdp, &[tcp(NS_CLIENT, (NODE, NODE_PORT), true, false)]);
     let k = tcp_ct_key(NS_CLIENT, (NODE, NODE_PORT), CT_DIR_SERVICE);
     let snat_port = u16::from_be(maps.conntrack.get(&k, 0).expect("north-south flow created").nat_port);
     mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD, 8080), (NODE, snat_port), true, true)]);
-    Subject { dp, maps, chosen, snat_port }
+    Subject { dp, maps, chosen, chosen6, snat_port }
 }
 
 /// Runs `frames` through `prog` of `s`; each path must do its work on every packet: the
@@ -304,10 +348,10 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
             .map(|round| {
                 let f = frames(&subjects[0]);
                 let noop = mean_ns(&mut subjects[0].dp, Prog::Tc(prog_names::NOOP), &f);
-                let first = (subjects[0].chosen, subjects[0].snat_port);
+                let first = (subjects[0].chosen, subjects[0].chosen6, subjects[0].snat_port);
                 let mut base = |subjects: &mut [Subject]| {
                     subjects.get_mut(1).map(|b| {
-                        let f = if (b.chosen, b.snat_port) == first { f.clone() } else { frames(b) };
+                        let f = if (b.chosen, b.chosen6, b.snat_port) == first { f.clone() } else { frames(b) };
                         run_checked(b, path, prog, expect, &f)
                     })
                 };
@@ -346,9 +390,27 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
     measure("nodeport reply", xdp, &[Stat::RevNat, Stat::Forwarded], &mut |s| {
         vec![tcp((REMOTE_POD, 8080), (NODE, s.snat_port), false, true); args.packets]
     });
-    // Last: it fills conntrack, and an LRU may then evict the flows measured above. Each subject
+    // IPv6's twins of the pod paths, through the tail-called IPv6 halves.
+    let target6 = vip6(services / 2);
+    let established6 = vec![tcp(CLIENT6, (target6, 80), false, true); args.packets];
+    measure("established v6", from_pod, &[Stat::Established], &mut |_| established6.clone());
+    measure("reply v6", to_pod, &[Stat::RevNat], &mut |s| {
+        vec![tcp((s.chosen6, 8080), CLIENT6, false, true); args.packets]
+    });
+    let mut flow6 = 0u32;
+    let mut new_flows6 = || -> Vec<Vec<u8>> {
+        (0..args.packets)
+            .map(|_| {
+                flow6 += 1;
+                let c = Ipv6Addr::from(u128::from(CLIENT6.0) + u128::from(flow6 >> 14) + 0x1_0000);
+                tcp((c, 1024 + u16::try_from(flow6 & 0x3fff).expect("14 bits")), (target6, 80), true, false)
+            })
+            .collect()
+    };
+    // Last: they fill conntrack, and an LRU may then evict the flows measured above. Each subject
     // has its own conntrack, so the frames are new to both.
     measure("new flow", from_pod, &[Stat::NewFlow], &mut |_| new_flows());
+    measure("new flow v6", from_pod, &[Stat::NewFlow], &mut |_| new_flows6());
 }
 
 /// A file's bytes, 8-byte aligned as the ELF parser wants them.
@@ -429,5 +491,16 @@ fn main() {
             growth("new flow") * 100.0,
             verdict(growth("established") <= 0.10 && growth("new flow") <= 0.10)
         );
+        for (v6, v4) in
+            [("established v6", "established"), ("reply v6", "reply (rev-NAT)"), ("new flow v6", "new flow")]
+        {
+            let (a, b) = (row(v6, large), row(v4, large));
+            println!(
+                "  {v6} ≤ 1.15× its IPv4 twin: {:.2}× raw, {:.2}× net — {}",
+                a.ns / b.ns,
+                a.net / b.net,
+                verdict(a.net <= 1.15 * b.net)
+            );
+        }
     }
 }
