@@ -397,6 +397,8 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
     measure("reply v6", to_pod, &[Stat::RevNat], &mut |s| {
         vec![tcp((s.chosen6, 8080), CLIENT6, false, true); args.packets]
     });
+    let other6 = vec![tcp(CLIENT6, (Ipv6Addr::new(0xfd00, 0x244, 9, 0, 0, 0, 0, 9), 80), false, true); args.packets];
+    measure("not a service v6", from_pod, &[], &mut |_| other6.clone());
     let mut flow6 = 0u32;
     let mut new_flows6 = || -> Vec<Vec<u8>> {
         (0..args.packets)
@@ -491,9 +493,12 @@ fn main() {
             growth("new flow") * 100.0,
             verdict(growth("established") <= 0.10 && growth("new flow") <= 0.10)
         );
-        for (v6, v4) in
-            [("established v6", "established"), ("reply v6", "reply (rev-NAT)"), ("new flow v6", "new flow")]
-        {
+        for (v6, v4) in [
+            ("established v6", "established"),
+            ("reply v6", "reply (rev-NAT)"),
+            ("not a service v6", "not a service"),
+            ("new flow v6", "new flow"),
+        ] {
             let (a, b) = (row(v6, large), row(v4, large));
             println!(
                 "  {v6} ≤ 1.15× its IPv4 twin: {:.2}× raw, {:.2}× net — {}",
