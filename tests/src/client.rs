@@ -2,7 +2,7 @@
 //! thread's namespace; [`crate::Pod`] wraps them to run inside a pod.
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     thread,
     time::Duration,
 };
@@ -17,8 +17,8 @@ pub type Reply = (String, Vec<u8>);
 
 /// Connects to `addr:port`, sends `payload`, shuts down the write side and reads the whole
 /// answer. The write runs on its own thread so a large payload cannot deadlock against the echo.
-pub fn tcp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
-    let to = SocketAddr::from((addr, port));
+pub fn tcp_request(addr: impl Into<IpAddr>, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+    let to = SocketAddr::new(addr.into(), port);
     let run = || -> Result<Vec<u8>> {
         let mut stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
         stream.set_read_timeout(Some(timeout))?;
@@ -42,16 +42,32 @@ pub fn tcp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration)
 
 /// Sends `payload` as one datagram to `addr:port` and waits for the reply, which must come from
 /// `addr:port` (a reply from anywhere else means the reverse translation is missing).
-pub fn udp_request(addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("UDP bind")?;
+pub fn udp_request(addr: impl Into<IpAddr>, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+    let addr = addr.into();
+    let socket = UdpSocket::bind(unspecified(addr, 0)).context("UDP bind")?;
     udp_exchange(&socket, addr, port, payload, timeout)
+}
+
+/// The unspecified address of `addr`'s family, with `port`.
+#[must_use]
+pub fn unspecified(addr: IpAddr, port: u16) -> SocketAddr {
+    match addr {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    }
 }
 
 /// [`udp_request`] over an existing `socket` (so from a fixed source port, one conntrack flow).
 /// Datagrams already queued on the socket (late replies to earlier requests) are discarded
 /// first, so the reply read belongs to this request.
-pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
-    let to = SocketAddrV4::new(addr, port);
+pub fn udp_exchange(
+    socket: &UdpSocket,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Reply> {
+    let to = SocketAddr::new(addr.into(), port);
     let mut buf = vec![0; 65536];
     let run = |buf: &mut Vec<u8>| -> Result<usize> {
         socket.set_nonblocking(true)?;
@@ -60,7 +76,7 @@ pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16, payload: &[u8
         socket.set_read_timeout(Some(timeout))?;
         socket.send_to(payload, to).context("send")?;
         let (n, from) = socket.recv_from(buf).context("no reply")?;
-        if from != SocketAddr::V4(to) {
+        if from != to {
             bail!("reply came from {from}, not from {to} (reverse NAT missing?)");
         }
         Ok(n)
@@ -81,15 +97,20 @@ pub struct TcpSession {
 
 impl TcpSession {
     /// Connects to `addr:port` (in the calling thread's namespace) and reads the greeting.
-    pub fn connect(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Self> {
+    pub fn connect(addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Result<Self> {
         Self::connect_from(None, addr, port, timeout)
     }
 
     /// [`TcpSession::connect`] from source port `local_port` (bound with `SO_REUSEADDR`, so a
     /// port whose earlier connection is in `TIME_WAIT` can connect elsewhere), or an ephemeral
     /// one.
-    pub fn connect_from(local_port: Option<u16>, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<Self> {
-        let to = SocketAddr::from((addr, port));
+    pub fn connect_from(
+        local_port: Option<u16>,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let to = SocketAddr::new(addr.into(), port);
         let run = || -> Result<Self> {
             let stream = match local_port {
                 None => TcpStream::connect_timeout(&to, timeout).context("connect")?,
@@ -142,18 +163,29 @@ impl TcpSession {
 /// (`SO_SNDTIMEO` bounds a blocking connect on Linux).
 fn connect_bound(local: u16, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     use nix::sys::{
-        socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt},
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, connect, setsockopt, socket, sockopt,
+        },
         time::TimeVal,
     };
-    let SocketAddr::V4(to) = to else { bail!("IPv4 only") };
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
+    let family = if to.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
     let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
     setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(micros / 1_000_000, micros % 1_000_000))
         .context("SO_SNDTIMEO")?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, local))
-        .with_context(|| format!("bind to port {local}"))?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).context("connect")?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    match to {
+        SocketAddr::V4(to) => {
+            bind(raw, &SockaddrIn::new(0, 0, 0, 0, local)).with_context(|| format!("bind to port {local}"))?;
+            connect(raw, &SockaddrIn::from(to)).context("connect")?;
+        }
+        SocketAddr::V6(to) => {
+            let any = SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, local, 0, 0));
+            bind(raw, &any).with_context(|| format!("bind to port {local}"))?;
+            connect(raw, &SockaddrIn6::from(to)).context("connect")?;
+        }
+    }
     Ok(TcpStream::from(fd))
 }
 

@@ -140,7 +140,11 @@ pub fn frontends(service: &NodePortService, slice: &EndpointSlice) -> Result<Vec
                     .endpoints
                     .iter()
                     .filter(|e| e.ready)
-                    .map(|e| SocketAddrV4::new(e.address, target))
+                    .filter_map(|e| match e.address {
+                        // The kube-proxy-shaped rules of the baselines are IPv4 ones.
+                        std::net::IpAddr::V4(a) => Some(SocketAddrV4::new(a, target)),
+                        std::net::IpAddr::V6(_) => None,
+                    })
                     .collect(),
             })
         })

@@ -8,7 +8,7 @@
 //! node namespace: `<prefix>p<idx>`, up, proxy ARP on, `rp_filter` off, and the route
 //! `<ip>/32 dev <prefix>p<idx>`. The node forwards (`ip_forward=1`) with `rp_filter` off.
 use std::{
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
     path::{Path, PathBuf},
     process::ExitStatus,
     sync::atomic::{AtomicU32, Ordering},
@@ -30,6 +30,8 @@ use crate::{
 pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' gateway address (link-local, never assigned anywhere).
 pub const GATEWAY: &str = "169.254.1.1";
+/// The pods' IPv6 gateway (link-local, never assigned anywhere), as Calico's `fe80::ecee:eeff:feee:eeee`.
+pub const GATEWAY6: &str = "fe80::1";
 /// Linux's limit on interface name length.
 pub(crate) const IFNAMSIZ_MAX: usize = 15;
 
@@ -39,6 +41,8 @@ pub(crate) const IFNAMSIZ_MAX: usize = 15;
 pub struct Pod {
     name: String,
     ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address.
+    ip6: Option<Ipv6Addr>,
     host_dev: String,
     servers: Vec<Server>,
     // Last: the namespace goes after the servers have stopped.
@@ -56,6 +60,12 @@ impl Pod {
     #[must_use]
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address, if it is dual-stack.
+    #[must_use]
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
     }
 
     /// The pod's network namespace.
@@ -99,8 +109,13 @@ impl Pod {
         self.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("UDP bind"))
     }
 
+    /// An IPv6 [`Pod::udp_socket`].
+    pub fn udp6_socket(&self) -> Result<UdpSocket> {
+        self.run(|| UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).context("UDP bind"))
+    }
+
     /// Opens a [`TcpSession`] from this pod.
-    pub fn tcp_session(&self, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpSession> {
+    pub fn tcp_session(&self, addr: impl Into<IpAddr> + Send, port: u16, timeout: Duration) -> Result<TcpSession> {
         self.run(|| TcpSession::connect(addr, port, timeout))
     }
 
@@ -109,7 +124,7 @@ impl Pod {
     pub fn tcp_session_from(
         &self,
         local_port: u16,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr> + Send,
         port: u16,
         timeout: Duration,
     ) -> Result<TcpSession> {
@@ -117,22 +132,34 @@ impl Pod {
     }
 
     /// [`client::tcp_request`] from this pod, with [`DEFAULT_TIMEOUT`].
-    pub fn tcp_request(&self, addr: Ipv4Addr, port: u16, payload: &[u8]) -> Result<Reply> {
+    pub fn tcp_request(&self, addr: impl Into<IpAddr> + Send, port: u16, payload: &[u8]) -> Result<Reply> {
         self.tcp_request_timeout(addr, port, payload, DEFAULT_TIMEOUT)
     }
 
     /// [`client::tcp_request`] from this pod.
-    pub fn tcp_request_timeout(&self, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+    pub fn tcp_request_timeout(
+        &self,
+        addr: impl Into<IpAddr> + Send,
+        port: u16,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Reply> {
         self.run(|| client::tcp_request(addr, port, payload, timeout))
     }
 
     /// [`client::udp_request`] from this pod, with [`DEFAULT_TIMEOUT`].
-    pub fn udp_request(&self, addr: Ipv4Addr, port: u16, payload: &[u8]) -> Result<Reply> {
+    pub fn udp_request(&self, addr: impl Into<IpAddr> + Send, port: u16, payload: &[u8]) -> Result<Reply> {
         self.udp_request_timeout(addr, port, payload, DEFAULT_TIMEOUT)
     }
 
     /// [`client::udp_request`] from this pod.
-    pub fn udp_request_timeout(&self, addr: Ipv4Addr, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
+    pub fn udp_request_timeout(
+        &self,
+        addr: impl Into<IpAddr> + Send,
+        port: u16,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Reply> {
         self.run(|| client::udp_request(addr, port, payload, timeout))
     }
 
@@ -201,6 +228,10 @@ impl Node {
             ("net/ipv4/conf/all/send_redirects", "0"),
             ("net/ipv4/conf/default/send_redirects", "0"),
             ("net/ipv4/ip_forward", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            // Devices made later (pods' veths) use their link-local address at once: duplicate
+            // address detection would hold neighbour discovery back for a second.
+            ("net/ipv6/conf/default/accept_dad", "0"),
         ] {
             sysctl(ns.name(), key, value)?;
         }
@@ -262,8 +293,30 @@ impl Node {
             sysctl(self.ns.name(), &format!("net/ipv4/conf/{dev}/{key}"), value)?;
         }
 
-        self.pods.push(Pod { name: name.to_owned(), ip: ip_addr, host_dev, servers: Vec::new(), ns });
+        self.pods.push(Pod { name: name.to_owned(), ip: ip_addr, ip6: None, host_dev, servers: Vec::new(), ns });
         Ok(self.pods.last_mut().expect("just pushed"))
+    }
+
+    /// [`Node::add_pod`] with an IPv6 address too (a dual-stack pod): its default route goes
+    /// to [`GATEWAY6`] on the host side of its veth, and the node routes `ip6/128` to it.
+    pub fn add_pod_dual(&mut self, name: &str, ip_addr: Ipv4Addr, ip6: Ipv6Addr) -> Result<&mut Pod> {
+        let node = self.ns.name().to_owned();
+        let pod = self.add_pod_in(name, name, ip_addr)?;
+        let cidr = format!("{ip6}/128");
+        let (dev, pod_ns) = (pod.host_dev.clone(), pod.ns.name().to_owned());
+        #[rustfmt::skip]
+        let steps: [(&str, &[&str]); 4] = [
+            (&pod_ns, &["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"]),
+            (&pod_ns, &["-6", "neigh", "replace", GATEWAY6, "lladdr", HOST_MAC, "dev", "eth0", "nud", "permanent"]),
+            (&pod_ns, &["-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0"]),
+            (&node, &["-6", "route", "add", &cidr, "dev", &dev]),
+        ];
+        for (ns_name, args) in steps {
+            ip(Some(ns_name), args)?;
+        }
+        let pod = self.pods.last_mut().expect("just pushed");
+        pod.ip6 = Some(ip6);
+        Ok(pod)
     }
 
     /// Removes the pod whose namespace is `<prefix>-<ns_suffix>` (its servers stop, its
@@ -449,6 +502,11 @@ impl Lab {
     /// Adds pod `name` with address `ip_addr` (see the module doc for the plumbing).
     pub fn add_pod(&mut self, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
         self.node.add_pod(name, ip_addr)
+    }
+
+    /// Adds a dual-stack pod ([`Node::add_pod_dual`]).
+    pub fn add_pod_dual(&mut self, name: &str, ip_addr: Ipv4Addr, ip6: Ipv6Addr) -> Result<&mut Pod> {
+        self.node.add_pod_dual(name, ip_addr, ip6)
     }
 
     /// The pod named `name`.

@@ -2,7 +2,7 @@
 //! as the YAML `kubectl apply` accepts (the `Display` impls), and written atomically.
 use std::{
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -74,6 +74,39 @@ impl fmt::Display for Service {
         writeln!(f, "  clusterIP: {}", self.cluster_ip)?;
         writeln!(f, "  clusterIPs:\n  - {}", self.cluster_ip)?;
         writeln!(f, "  ipFamilies:\n  - IPv4")?;
+        write_service_ports(f, self.ports.iter().map(|p| (p, None)))
+    }
+}
+
+/// A dual-stack `type: ClusterIP` Service without selector: a cluster IP per family, the first
+/// one's family primary (`ipFamilyPolicy: RequireDualStack` with two).
+#[derive(Clone, Debug)]
+pub struct DualStackService {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl fmt::Display for DualStackService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = |ip: &IpAddr| if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+        write_header(f, "v1", "Service", &self.namespace, &self.name)?;
+        writeln!(f, "spec:")?;
+        writeln!(f, "  type: ClusterIP")?;
+        if let Some(first) = self.cluster_ips.first() {
+            writeln!(f, "  clusterIP: {first}")?;
+        }
+        writeln!(f, "  clusterIPs:")?;
+        for ip in &self.cluster_ips {
+            writeln!(f, "  - {ip}")?;
+        }
+        writeln!(f, "  ipFamilies:")?;
+        for ip in &self.cluster_ips {
+            writeln!(f, "  - {}", family(ip))?;
+        }
+        let policy = if self.cluster_ips.len() > 1 { "RequireDualStack" } else { "SingleStack" };
+        writeln!(f, "  ipFamilyPolicy: {policy}")?;
         write_service_ports(f, self.ports.iter().map(|p| (p, None)))
     }
 }
@@ -162,7 +195,7 @@ fn write_service_ports<'a>(
 /// One endpoint (one address) of an `EndpointSlice`.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -174,9 +207,9 @@ pub struct Endpoint {
 impl Endpoint {
     /// A ready, serving, not terminating endpoint on `node_name`.
     #[must_use]
-    pub fn ready(address: Ipv4Addr, node_name: &str) -> Self {
+    pub fn ready(address: impl Into<IpAddr>, node_name: &str) -> Self {
         Self {
-            address,
+            address: address.into(),
             ready: true,
             serving: true,
             terminating: false,
@@ -194,7 +227,8 @@ pub struct EndpointPort {
     pub port: u16,
 }
 
-/// An IPv4 `EndpointSlice` of Service `service_name`.
+/// An `EndpointSlice` of Service `service_name`: `addressType` IPv6 if its first endpoint's
+/// address is, else IPv4 (a slice holds one family).
 #[derive(Clone, Debug)]
 pub struct EndpointSlice {
     pub namespace: String,
@@ -208,7 +242,8 @@ impl fmt::Display for EndpointSlice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_header(f, "discovery.k8s.io/v1", "EndpointSlice", &self.namespace, &self.name)?;
         writeln!(f, "  labels:\n    kubernetes.io/service-name: {}", self.service_name)?;
-        writeln!(f, "addressType: IPv4")?;
+        let v6 = self.endpoints.first().is_some_and(|e| e.address.is_ipv6());
+        writeln!(f, "addressType: {}", if v6 { "IPv6" } else { "IPv4" })?;
         writeln!(f, "endpoints:{}", if self.endpoints.is_empty() { " []" } else { "" })?;
         for e in &self.endpoints {
             writeln!(f, "- addresses:\n  - {}", e.address)?;

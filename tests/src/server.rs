@@ -6,7 +6,7 @@
 //! <peer port>\n<payload>`. Both record the peer address of every connection / datagram.
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     sync::{
         Arc, Mutex, PoisonError,
@@ -33,12 +33,19 @@ pub struct Peers {
     pub udp: Vec<SocketAddr>,
 }
 
-/// Binds `0.0.0.0:port` for TCP (non-blocking) and UDP (reads time out after [`STOP_POLL`])
-/// inside namespace `ns`: the sockets of the lab's servers, whose loops poll a stop flag.
+/// Binds `port` for TCP (non-blocking) and UDP (reads time out after [`STOP_POLL`]) inside
+/// namespace `ns`, on both families (`[::]`, dual-stack: IPv4 peers appear as IPv4-mapped
+/// addresses, which [`canonical`] turns back), or `0.0.0.0` where the namespace has no IPv6: the
+/// sockets of the lab's servers, whose loops poll a stop flag.
 pub fn bind_tcp_udp(ns: &str, port: u16) -> Result<(TcpListener, UdpSocket)> {
-    let addr = (Ipv4Addr::UNSPECIFIED, port);
-    let (tcp, udp) = in_netns(ns, || -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) })?
-        .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
+    let bind = |addr: SocketAddr| -> io::Result<_> { Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?)) };
+    let (tcp, udp) = in_netns(ns, || match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EAFNOSUPPORT as i32) => {
+            bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        }
+        other => other,
+    })?
+    .with_context(|| format!("cannot bind port {port} in netns {ns}"))?;
     tcp.set_nonblocking(true)?;
     udp.set_read_timeout(Some(STOP_POLL))?;
     Ok((tcp, udp))
@@ -93,6 +100,13 @@ impl Drop for Server {
     }
 }
 
+/// A peer as the client sees itself: an IPv4-mapped IPv6 address (an IPv4 client of a
+/// dual-stack socket) as the IPv4 address.
+#[must_use]
+pub fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 fn record(peers: &Mutex<Peers>, f: impl FnOnce(&mut Peers)) {
     f(&mut peers.lock().unwrap_or_else(PoisonError::into_inner));
 }
@@ -106,6 +120,7 @@ fn serve_tcp(listener: &TcpListener, name: &str, peers: &Mutex<Peers>, stop: &At
         }
         match listener.accept() {
             Ok((stream, peer)) => {
+                let peer = canonical(peer);
                 record(peers, |p| p.tcp.push(peer));
                 let name = name.to_owned();
                 // Detached: the connection ends by itself (client EOF or `CONN_TIMEOUT`).
@@ -144,8 +159,8 @@ fn serve_udp(socket: &UdpSocket, name: &str, peers: &Mutex<Peers>, stop: &Atomic
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                record(peers, |p| p.udp.push(peer));
-                let reply = [greeting(name, peer).as_bytes(), &buf[..n]].concat();
+                record(peers, |p| p.udp.push(canonical(peer)));
+                let reply = [greeting(name, canonical(peer)).as_bytes(), &buf[..n]].concat();
                 if let Err(e) = socket.send_to(&reply, peer) {
                     eprintln!("rproxy-tests: {name}: udp reply to {peer}: {e}");
                 }

@@ -420,3 +420,106 @@ fn service_deleted_while_the_agent_is_down_is_removed_at_start() {
         Ok(())
     });
 }
+
+/// Dual-stack: a Service with an IPv4 and an IPv6 cluster IP and an `EndpointSlice` of each
+/// family serves pods over both families at once, TCP and UDP. Each family's cluster IP reaches
+/// every backend through that family's addresses, with the client's own address of that family
+/// (no SNAT), and replies come back from the cluster IP (UDP checks the source address).
+#[test]
+fn a_dual_stack_service_answers_over_both_families() {
+    use rproxy_tests::manifest::{DualStackService, Endpoint, EndpointPort, EndpointSlice, Protocol, ServicePort};
+    let test = "a_dual_stack_service_answers_over_both_families";
+    let Some(_serial) = serial_or_skip(test) else {
+        return;
+    };
+    let v6 = |last: u16| std::net::Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, last);
+    let backends =
+        [("dual-a", Ipv4Addr::new(10, 244, 1, 21), v6(0x21)), ("dual-b", Ipv4Addr::new(10, 244, 1, 22), v6(0x22))];
+    let client = ("dual-client", Ipv4Addr::new(10, 244, 1, 120), v6(0x120));
+    let vips: [std::net::IpAddr; 2] =
+        [Ipv4Addr::new(10, 96, 0, 20).into(), std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20).into()];
+    let run = || -> Result<()> {
+        let mut lab = Lab::new(demo::NODE_NAME)?;
+        for (name, ip, ip6) in backends {
+            lab.add_pod_dual(name, ip, ip6)?.serve(TARGET_PORT)?;
+        }
+        lab.add_pod_dual(client.0, client.1, client.2)?;
+        let ports = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+        let service = DualStackService {
+            namespace: "default".into(),
+            name: "dual".into(),
+            cluster_ips: vips.to_vec(),
+            ports: ports
+                .iter()
+                .map(|&(name, protocol)| ServicePort {
+                    name: name.into(),
+                    protocol,
+                    port: PORT,
+                    target_port: TARGET_PORT.into(),
+                })
+                .collect(),
+        };
+        let slice = |family: &str, addresses: Vec<std::net::IpAddr>| EndpointSlice {
+            namespace: "default".into(),
+            name: format!("dual-{family}"),
+            service_name: "dual".into(),
+            endpoints: addresses.into_iter().map(|a| Endpoint::ready(a, demo::NODE_NAME)).collect(),
+            ports: ports
+                .iter()
+                .map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT })
+                .collect(),
+        };
+        let dir = lab.work_dir().join("manifests");
+        std::fs::create_dir(&dir)?;
+        write_atomic(&dir.join("dual-service.yaml"), &service.to_string())?;
+        write_atomic(
+            &dir.join("dual-v4.yaml"),
+            &slice("v4", backends.iter().map(|b| b.1.into()).collect()).to_string(),
+        )?;
+        write_atomic(
+            &dir.join("dual-v6.yaml"),
+            &slice("v6", backends.iter().map(|b| b.2.into()).collect()).to_string(),
+        )?;
+        lab.start_agent(&agent_bin()?, &dir)?;
+        let started = Instant::now();
+        while lab.pod(client.0).tcp_request_timeout(vips[1], PORT, b"", SHORT).is_err() {
+            lab.ensure_agent_running()?;
+            ensure!(started.elapsed() < Duration::from_secs(10), "the IPv6 cluster IP never answered");
+        }
+        for vip in vips {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                let mut unseen: Vec<&str> = backends.iter().map(|b| b.0).collect();
+                for attempt in 1..=60 {
+                    let pod = lab.pod(client.0);
+                    let (name, echo) = match proto {
+                        Proto::Tcp => pod.tcp_request(vip, PORT, b"dual"),
+                        Proto::Udp => pod.udp_request(vip, PORT, b"dual"),
+                    }
+                    .with_context(|| format!("{proto:?} request {attempt} to {vip}"))?;
+                    ensure!(echo == b"dual", "{proto:?} to {vip}: {name} echoed {echo:?}");
+                    unseen.retain(|b| *b != name);
+                    if unseen.is_empty() {
+                        break;
+                    }
+                }
+                ensure!(unseen.is_empty(), "{proto:?} to {vip}: {unseen:?} never answered in 60 requests");
+            }
+        }
+        for (name, ..) in backends {
+            let peers = lab.pod(name).peers();
+            let all: Vec<_> = peers.tcp.iter().chain(&peers.udp).map(std::net::SocketAddr::ip).collect();
+            ensure!(
+                all.iter().any(|ip| *ip == client.1) && all.iter().any(|ip| *ip == client.2),
+                "{name} saw {all:?}, expected the client's addresses of both families"
+            );
+            ensure!(
+                all.iter().all(|ip| *ip == client.1 || *ip == client.2),
+                "{name} saw {all:?}: not only the client (SNAT?)"
+            );
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{test}: {e:?}");
+    }
+}

@@ -108,7 +108,7 @@ impl Setup {
 fn endpoint(name: &str, state: State) -> Endpoint {
     let address = BACKENDS.iter().find(|b| b.0 == name).unwrap_or_else(|| panic!("no backend {name}")).1;
     Endpoint {
-        address,
+        address: address.into(),
         ready: state == State::Ready,
         serving: state != State::NotReady,
         terminating: state == State::Terminating,
