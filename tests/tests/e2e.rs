@@ -505,6 +505,25 @@ fn a_dual_stack_service_answers_over_both_families() {
                 ensure!(unseen.is_empty(), "{proto:?} to {vip}: {unseen:?} never answered in 60 requests");
             }
         }
+        // An open IPv6 connection survives an agent restart, which adopts both families' maps
+        // and rewrites nothing.
+        let mut conn = lab.pod(client.0).tcp_session(vips[1], PORT, Duration::from_secs(2))?;
+        conn.echo(b"before the restart")?;
+        lab.stop_agent()?;
+        conn.echo(b"while no agent runs")?;
+        lab.start_agent(&agent_bin()?, &dir)?;
+        let started = Instant::now();
+        while !lab.agent_log().contains("agent running") {
+            lab.ensure_agent_running()?;
+            ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        conn.echo(b"after the restart").context("the IPv6 connection opened before the restart must survive it")?;
+        // The restarted agent's log: both families adopted (2 ports × 2 families; TCP and UDP
+        // backends of 2 pods × 2 families), nothing rewritten.
+        let log = lab.agent_log();
+        ensure!(log.contains("adopted bpffs") && log.contains("frontends=4 backends=8"), "not adopted:\n{log}");
+        ensure!(log.contains("map_ops=0"), "the restart rewrote maps:\n{log}");
         for (name, ..) in backends {
             let peers = lab.pod(name).peers();
             let all: Vec<_> = peers.tcp.iter().chain(&peers.udp).map(std::net::SocketAddr::ip).collect();
