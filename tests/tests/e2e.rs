@@ -421,35 +421,41 @@ fn service_deleted_while_the_agent_is_down_is_removed_at_start() {
     });
 }
 
-/// Dual-stack: a Service with an IPv4 and an IPv6 cluster IP and an `EndpointSlice` of each
-/// family serves pods over both families at once, TCP and UDP. Each family's cluster IP reaches
-/// every backend through that family's addresses, with the client's own address of that family
-/// (no SNAT), and replies come back from the cluster IP (UDP checks the source address).
-#[test]
-fn a_dual_stack_service_answers_over_both_families() {
-    use rproxy_tests::manifest::{DualStackService, Endpoint, EndpointPort, EndpointSlice, Protocol, ServicePort};
-    let test = "a_dual_stack_service_answers_over_both_families";
-    let Some(_serial) = serial_or_skip(test) else {
-        return;
+/// The dual-stack test's lab: two backends and a client, each with an address of both families.
+mod dual {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use anyhow::{Context as _, Result, ensure};
+    use rproxy_tests::{
+        Lab, agent_bin, demo,
+        manifest::{DualStackService, Endpoint, EndpointPort, EndpointSlice, Protocol, ServicePort, write_atomic},
     };
-    let v6 = |last: u16| std::net::Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, last);
-    let backends =
+
+    use super::{PORT, Proto, TARGET_PORT};
+
+    const fn v6(last: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, last)
+    }
+
+    pub const BACKENDS: [(&str, Ipv4Addr, Ipv6Addr); 2] =
         [("dual-a", Ipv4Addr::new(10, 244, 1, 21), v6(0x21)), ("dual-b", Ipv4Addr::new(10, 244, 1, 22), v6(0x22))];
-    let client = ("dual-client", Ipv4Addr::new(10, 244, 1, 120), v6(0x120));
-    let vips: [std::net::IpAddr; 2] =
-        [Ipv4Addr::new(10, 96, 0, 20).into(), std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20).into()];
-    let run = || -> Result<()> {
+    pub const CLIENT: (&str, Ipv4Addr, Ipv6Addr) = ("dual-client", Ipv4Addr::new(10, 244, 1, 120), v6(0x120));
+    pub const VIPS: [IpAddr; 2] =
+        [IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)), IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20))];
+    const PORTS: [(&str, Protocol); 2] = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+
+    /// The pods, and the manifests (the Service and a slice per family) in the returned directory.
+    pub fn lab() -> Result<(Lab, std::path::PathBuf)> {
         let mut lab = Lab::new(demo::NODE_NAME)?;
-        for (name, ip, ip6) in backends {
+        for (name, ip, ip6) in BACKENDS {
             lab.add_pod_dual(name, ip, ip6)?.serve(TARGET_PORT)?;
         }
-        lab.add_pod_dual(client.0, client.1, client.2)?;
-        let ports = [("http", Protocol::Tcp), ("dns", Protocol::Udp)];
+        lab.add_pod_dual(CLIENT.0, CLIENT.1, CLIENT.2)?;
         let service = DualStackService {
             namespace: "default".into(),
             name: "dual".into(),
-            cluster_ips: vips.to_vec(),
-            ports: ports
+            cluster_ips: VIPS.to_vec(),
+            ports: PORTS
                 .iter()
                 .map(|&(name, protocol)| ServicePort {
                     name: name.into(),
@@ -459,12 +465,12 @@ fn a_dual_stack_service_answers_over_both_families() {
                 })
                 .collect(),
         };
-        let slice = |family: &str, addresses: Vec<std::net::IpAddr>| EndpointSlice {
+        let slice = |family: &str, addresses: Vec<IpAddr>| EndpointSlice {
             namespace: "default".into(),
             name: format!("dual-{family}"),
             service_name: "dual".into(),
             endpoints: addresses.into_iter().map(|a| Endpoint::ready(a, demo::NODE_NAME)).collect(),
-            ports: ports
+            ports: PORTS
                 .iter()
                 .map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT })
                 .collect(),
@@ -472,42 +478,74 @@ fn a_dual_stack_service_answers_over_both_families() {
         let dir = lab.work_dir().join("manifests");
         std::fs::create_dir(&dir)?;
         write_atomic(&dir.join("dual-service.yaml"), &service.to_string())?;
-        write_atomic(
-            &dir.join("dual-v4.yaml"),
-            &slice("v4", backends.iter().map(|b| b.1.into()).collect()).to_string(),
-        )?;
-        write_atomic(
-            &dir.join("dual-v6.yaml"),
-            &slice("v6", backends.iter().map(|b| b.2.into()).collect()).to_string(),
-        )?;
+        let v4 = slice("v4", BACKENDS.iter().map(|b| b.1.into()).collect());
+        write_atomic(&dir.join("dual-v4.yaml"), &v4.to_string())?;
+        let v6 = slice("v6", BACKENDS.iter().map(|b| b.2.into()).collect());
+        write_atomic(&dir.join("dual-v6.yaml"), &v6.to_string())?;
         lab.start_agent(&agent_bin()?, &dir)?;
+        Ok((lab, dir))
+    }
+
+    /// Requests from the client to `vip` (at most 60) until both backends have answered, each
+    /// echoing the payload.
+    pub fn reaches_both_backends(lab: &Lab, vip: IpAddr, proto: Proto) -> Result<()> {
+        let mut unseen: Vec<&str> = BACKENDS.iter().map(|b| b.0).collect();
+        for attempt in 1..=60 {
+            let pod = lab.pod(CLIENT.0);
+            let (name, echo) = match proto {
+                Proto::Tcp => pod.tcp_request(vip, PORT, b"dual"),
+                Proto::Udp => pod.udp_request(vip, PORT, b"dual"),
+            }
+            .with_context(|| format!("{proto:?} request {attempt} to {vip}"))?;
+            ensure!(echo == b"dual", "{proto:?} to {vip}: {name} echoed {echo:?}");
+            unseen.retain(|b| *b != name);
+            if unseen.is_empty() {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("{proto:?} to {vip}: {unseen:?} never answered in 60 requests")
+    }
+
+    /// Every backend saw the client's addresses of both families, and nothing else (no SNAT).
+    pub fn backends_saw_the_client(lab: &Lab) -> Result<()> {
+        for (name, ..) in BACKENDS {
+            let peers = lab.pod(name).peers();
+            let all: Vec<_> = peers.tcp.iter().chain(&peers.udp).map(std::net::SocketAddr::ip).collect();
+            ensure!(
+                all.contains(&CLIENT.1.into()) && all.contains(&CLIENT.2.into()),
+                "{name} saw {all:?}, expected the client's addresses of both families"
+            );
+            ensure!(all.iter().all(|ip| *ip == CLIENT.1 || *ip == CLIENT.2), "{name} saw {all:?}: not only the client");
+        }
+        Ok(())
+    }
+}
+
+/// Dual-stack: a Service with an IPv4 and an IPv6 cluster IP and an `EndpointSlice` of each
+/// family serves pods over both families at once, TCP and UDP. Each family's cluster IP reaches
+/// every backend through that family's addresses, with the client's own address of that family
+/// (no SNAT), and replies come back from the cluster IP (UDP checks the source address). An open
+/// IPv6 connection survives an agent restart, which adopts both families' maps and rewrites
+/// nothing.
+#[test]
+fn a_dual_stack_service_answers_over_both_families() {
+    let test = "a_dual_stack_service_answers_over_both_families";
+    let Some(_serial) = serial_or_skip(test) else {
+        return;
+    };
+    let run = || -> Result<()> {
+        let (mut lab, dir) = dual::lab()?;
         let started = Instant::now();
-        while lab.pod(client.0).tcp_request_timeout(vips[1], PORT, b"", SHORT).is_err() {
+        while lab.pod(dual::CLIENT.0).tcp_request_timeout(dual::VIPS[1], PORT, b"", SHORT).is_err() {
             lab.ensure_agent_running()?;
             ensure!(started.elapsed() < Duration::from_secs(10), "the IPv6 cluster IP never answered");
         }
-        for vip in vips {
+        for vip in dual::VIPS {
             for proto in [Proto::Tcp, Proto::Udp] {
-                let mut unseen: Vec<&str> = backends.iter().map(|b| b.0).collect();
-                for attempt in 1..=60 {
-                    let pod = lab.pod(client.0);
-                    let (name, echo) = match proto {
-                        Proto::Tcp => pod.tcp_request(vip, PORT, b"dual"),
-                        Proto::Udp => pod.udp_request(vip, PORT, b"dual"),
-                    }
-                    .with_context(|| format!("{proto:?} request {attempt} to {vip}"))?;
-                    ensure!(echo == b"dual", "{proto:?} to {vip}: {name} echoed {echo:?}");
-                    unseen.retain(|b| *b != name);
-                    if unseen.is_empty() {
-                        break;
-                    }
-                }
-                ensure!(unseen.is_empty(), "{proto:?} to {vip}: {unseen:?} never answered in 60 requests");
+                dual::reaches_both_backends(&lab, vip, proto)?;
             }
         }
-        // An open IPv6 connection survives an agent restart, which adopts both families' maps
-        // and rewrites nothing.
-        let mut conn = lab.pod(client.0).tcp_session(vips[1], PORT, Duration::from_secs(2))?;
+        let mut conn = lab.pod(dual::CLIENT.0).tcp_session(dual::VIPS[1], PORT, Duration::from_secs(2))?;
         conn.echo(b"before the restart")?;
         lab.stop_agent()?;
         conn.echo(b"while no agent runs")?;
@@ -519,24 +557,12 @@ fn a_dual_stack_service_answers_over_both_families() {
             thread::sleep(Duration::from_millis(20));
         }
         conn.echo(b"after the restart").context("the IPv6 connection opened before the restart must survive it")?;
-        // The restarted agent's log: both families adopted (2 ports × 2 families; TCP and UDP
-        // backends of 2 pods × 2 families), nothing rewritten.
+        // Both families adopted (2 ports × 2 families; TCP and UDP backends of 2 pods × 2
+        // families), nothing rewritten.
         let log = lab.agent_log();
         ensure!(log.contains("adopted bpffs") && log.contains("frontends=4 backends=8"), "not adopted:\n{log}");
         ensure!(log.contains("map_ops=0"), "the restart rewrote maps:\n{log}");
-        for (name, ..) in backends {
-            let peers = lab.pod(name).peers();
-            let all: Vec<_> = peers.tcp.iter().chain(&peers.udp).map(std::net::SocketAddr::ip).collect();
-            ensure!(
-                all.iter().any(|ip| *ip == client.1) && all.iter().any(|ip| *ip == client.2),
-                "{name} saw {all:?}, expected the client's addresses of both families"
-            );
-            ensure!(
-                all.iter().all(|ip| *ip == client.1 || *ip == client.2),
-                "{name} saw {all:?}: not only the client (SNAT?)"
-            );
-        }
-        Ok(())
+        dual::backends_saw_the_client(&lab)
     };
     if let Err(e) = run() {
         panic!("{test}: {e:?}");
