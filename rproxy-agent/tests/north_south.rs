@@ -10,11 +10,11 @@
 //! Needs root; see packets.rs for the skip rule.
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use common::{
-    ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key as key, harness,
-    icmp_error_frame, macs, node_netns, ones_sum, parse_checked, tcp_frame, udp_frame,
+    ACK, Harness, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key as key, ct6_key, harness,
+    icmp_error_frame, macs, node_netns, ones_sum, parse_checked, parse6_checked, tcp_frame, tcp6_frame, udp_frame,
 };
 use rproxy_agent::{
     bpf::datapath::{XdpAttached, XdpMode},
@@ -826,5 +826,58 @@ fn host_sockets_reach_services_through_the_socket_hooks() {
         udp.send_to(b"answer", client).unwrap();
         let (n, from) = u.recv_from(&mut buf).expect("the answer comes back");
         assert_eq!((&buf[..n], from), (&b"answer"[..], (vip, 53).into()), "recvmsg shows the service");
+    });
+}
+
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 0x64);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0x21);
+
+/// IPv6 north-south through the tail-called stages: a `NodePort` on the node's IPv6 address
+/// whose backend is on another node is translated by the SNAT stage (DNAT and SNAT to the node's
+/// IPv6 address and a port of the SNAT range, Ethernet addresses from the FIB, hop limit
+/// decremented) at XDP and at TC; the backend's reply comes back to the client from the
+/// `NodePort`, and later packets keep the port.
+#[test]
+fn ipv6_nodeport_to_remote_backend_is_snated_and_forwarded() {
+    in_node_netns(|h, ifindex| {
+        let remote = vec![Backend {
+            addr: BackendAddr { addr: REMOTE_POD6.into(), port: 8080, proto: Protocol::Tcp },
+            state: BackendState::Active,
+            local: false,
+        }];
+        let mut desired = frontend(NODE, 30081, Protocol::Tcp, SVC_F_NODE_PORT, remote, vec![]);
+        let entry = desired.services.pop_first().expect("one").1;
+        desired.services.insert(Frontend { addr: NODE6.into(), port: 30081, proto: Protocol::Tcp }, entry);
+        h.program(&desired);
+        for xdp in [true, false] {
+            let (ok, c) = if xdp { (XDP_TX, (CLIENT6, CPORT)) } else { (TC_REDIRECT, (CLIENT6, CPORT + 1)) };
+            let run = |h: &mut Harness, frame: &[u8]| run_ext(h, xdp, ifindex, frame);
+            let (rc, out) = run(h, &tcp6_frame(c, (NODE6, 30081), SYN, b""));
+            assert_eq!(rc, ok, "xdp={xdp}");
+            let seen = parse6_checked(&out);
+            assert_eq!((seen.dst, seen.src.0), ((REMOTE_POD6, 8080), NODE6), "DNAT and SNAT, xdp={xdp}");
+            let port = seen.src.1;
+            assert!(PortRange::DEFAULT.ports().contains(&port), "SNAT port {port}");
+            assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to the other node's MAC from ours");
+            assert_eq!(seen.hop_limit, 63, "forwarded: hop limit decremented");
+            let reply = h.ct6(&ct6_key((REMOTE_POD6, 8080), (NODE6, port), proto::TCP, CT_DIR_REPLY));
+            assert_eq!(reply.expect("reply entry").nat_flags, CT_NAT_EXTERNAL | CT_NAT_SNAT);
+
+            let (rc, out) = run(h, &tcp6_frame((REMOTE_POD6, 8080), (NODE6, port), SYN_ACK, b""));
+            assert_eq!(rc, ok, "reply forwarded, xdp={xdp}");
+            let seen = parse6_checked(&out);
+            assert_eq!((seen.src, seen.dst), ((NODE6, 30081), c));
+            assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+
+            let (rc, out) = run(h, &tcp6_frame(c, (NODE6, 30081), ACK, b"data"));
+            assert_eq!(rc, ok);
+            let seen = parse6_checked(&out);
+            assert_eq!(
+                (seen.src, seen.dst, seen.payload.as_slice()),
+                ((NODE6, port), (REMOTE_POD6, 8080), &b"data"[..])
+            );
+        }
+        assert_eq!((h.stat(Stat::Forwarded), h.stat(Stat::NewFlow), h.stat(Stat::TailCallFail)), (6, 2, 0));
     });
 }

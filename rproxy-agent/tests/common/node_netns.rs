@@ -6,7 +6,8 @@
 //! 172.31.0.1/24), permanent neighbours for a second node (172.31.0.2, 02:00:00:00:00:02) and a
 //! client (172.31.0.100, 02:00:00:00:00:64), a route to the second node's pods (10.244.2.0/24
 //! via 172.31.0.2) and one to a third node whose MAC is unknown (10.244.3.0/24 via 172.31.0.3),
-//! and IPv4 forwarding on.
+//! and IPv4 forwarding on; the same over IPv6 (`fd00:31::1/64` on the device, the second node
+//! `fd00:31::2`, the client `fd00:31::64`, its pods `fd00:244:2::/64`), IPv6 forwarding on.
 use std::process::Command;
 
 /// Moves the calling thread into a new, anonymous network namespace (`unshare`; it disappears,
@@ -23,11 +24,16 @@ pub fn enter(dev: &str, peer: &str) -> u32 {
         format!("neigh add 172.31.0.100 lladdr 02:00:00:00:00:64 dev {dev} nud permanent"),
         format!("route add 10.244.2.0/24 via 172.31.0.2 dev {dev}"),
         format!("route add 10.244.3.0/24 via 172.31.0.3 dev {dev}"),
+        format!("-6 addr add fd00:31::1/64 dev {dev} nodad"),
+        format!("-6 neigh add fd00:31::2 lladdr 02:00:00:00:00:02 dev {dev} nud permanent"),
+        format!("-6 neigh add fd00:31::64 lladdr 02:00:00:00:00:64 dev {dev} nud permanent"),
+        format!("-6 route add fd00:244:2::/64 via fd00:31::2 dev {dev}"),
     ] {
         ip(&args);
     }
     // /proc/sys/net is the opening thread's namespace.
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").expect("IPv6 forwarding");
     nix::net::if_::if_nametoindex(dev).expect("ifindex of the external device")
 }
 
