@@ -881,3 +881,61 @@ fn ipv6_nodeport_to_remote_backend_is_snated_and_forwarded() {
         assert_eq!((h.stat(Stat::Forwarded), h.stat(Stat::NewFlow), h.stat(Stat::TailCallFail)), (6, 2, 0));
     });
 }
+
+/// An ICMPv6 error about an IPv6 flow this node source-translated, arriving on the external
+/// device (the backend's port unreachable, a router's packet too big), goes through the ICMP
+/// stage (a tail call) at XDP and TC: forwarded to the client with the quote turned back into
+/// the packet the client sent (and its UDP checksum), from the `NodePort` when the backend sent
+/// it, with a valid ICMPv6 checksum.
+#[test]
+fn ipv6_icmp_errors_about_snated_flows_reach_the_client() {
+    use etherparse::{Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    in_node_netns(|h, ifindex| {
+        let remote = vec![Backend {
+            addr: BackendAddr { addr: REMOTE_POD6.into(), port: 8080, proto: Protocol::Udp },
+            state: BackendState::Active,
+            local: false,
+        }];
+        let mut desired = frontend(NODE, 30091, Protocol::Udp, SVC_F_NODE_PORT, remote, vec![]);
+        let entry = desired.services.pop_first().expect("one").1;
+        desired.services.insert(Frontend { addr: NODE6.into(), port: 30091, proto: Protocol::Udp }, entry);
+        h.program(&desired);
+        let node2 = Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 2);
+        for (i, xdp) in [(0u16, true), (1, false)] {
+            let ok = if xdp { XDP_TX } else { TC_REDIRECT };
+            let c = (CLIENT6, CPORT + i);
+            let sent = common::udp6_frame(c, (NODE6, 30091), b"question");
+            let (rc, translated) = run_ext(h, xdp, ifindex, &sent);
+            assert_eq!(rc, ok);
+            assert_eq!(parse6_checked(&translated).dst, (REMOTE_POD6, 8080));
+            for (from, typ) in [
+                (REMOTE_POD6, Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)),
+                (node2, Icmpv6Type::PacketTooBig { mtu: 1280 }),
+            ] {
+                let mut error = Vec::new();
+                PacketBuilder::ethernet2(NODE2_MAC, NODE_MAC)
+                    .ipv6(from.octets(), NODE6.octets(), 64)
+                    .icmpv6(typ)
+                    .write(&mut error, &translated[14..62])
+                    .expect("ICMPv6 error");
+                let (rc, out) = run_ext(h, xdp, ifindex, &error);
+                assert_eq!(rc, ok, "xdp={xdp}, from {from}");
+                assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
+                let p = SlicedPacket::from_ethernet(&out).expect("parses");
+                let Some(NetSlice::Ipv6(ip)) = &p.net else { panic!("not IPv6") };
+                let hdr = ip.header().to_header();
+                let want_src = if from == REMOTE_POD6 { NODE6 } else { node2 };
+                assert_eq!((Ipv6Addr::from(hdr.source), Ipv6Addr::from(hdr.destination)), (want_src, CLIENT6));
+                assert_eq!(hdr.hop_limit, 63, "forwarded: hop limit decremented");
+                let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not ICMPv6") };
+                let want = icmp.header().icmp_type.calc_checksum(hdr.source, hdr.destination, icmp.payload());
+                assert_eq!(icmp.checksum(), want.expect("length"), "ICMPv6 checksum");
+                // The quote is the client's datagram as it left this node (hop limit 63).
+                let mut as_forwarded = sent[14..62].to_vec();
+                as_forwarded[7] = 63;
+                assert_eq!(icmp.payload(), &as_forwarded[..], "the quote turned back, xdp={xdp}, from {from}");
+            }
+        }
+        assert_eq!((h.stat(Stat::IcmpRelated), h.stat(Stat::TailCallFail)), (4, 0));
+    });
+}
