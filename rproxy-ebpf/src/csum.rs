@@ -21,7 +21,7 @@ pub use rproxy_common::csum::{add, apply, diff, fold_complement};
 use rproxy_common::proto;
 
 use crate::{
-    ctx::{Ctx, ptr_at},
+    ctx::{Ctx, load_u16, ptr_at, store_u16},
     family::Family,
     parse::{IP_CSUM_OFF, Packet},
 };
@@ -57,12 +57,13 @@ pub fn update<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, addrs: u32, ports: u3
         }
     } else {
         let l4: *mut u16 = ptr_at(ctx, l4_off).ok_or(-1i64)?;
+        let l4 = l4.cast::<u8>();
         // SAFETY: bounds-checked; unaligned because IP options leave no alignment guarantee.
         unsafe {
-            let old = l4.read_unaligned();
+            let old = load_u16(l4);
             if !(udp && old == 0) {
                 let new = apply(old, addrs, ports);
-                l4.write_unaligned(if udp && new == 0 { 0xffff } else { new });
+                store_u16(l4, if udp && new == 0 { 0xffff } else { new });
             }
         }
     }
@@ -89,8 +90,9 @@ pub fn fold_diff<C: Ctx>(ctx: &C, off: usize, diff: u32, l3: bool) -> Result<(),
         return if r < 0 { Err(r) } else { Ok(()) };
     }
     let field: *mut u16 = ptr_at(ctx, off).ok_or(-1i64)?;
+    let field = field.cast::<u8>();
     // SAFETY: bounds-checked; unaligned for the same reason as in `update`.
-    unsafe { field.write_unaligned(apply(field.read_unaligned(), diff, 0)) };
+    unsafe { store_u16(field, apply(load_u16(field), diff, 0)) };
     Ok(())
 }
 

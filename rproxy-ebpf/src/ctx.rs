@@ -159,18 +159,112 @@ pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// `N` 32-bit words of packet data at `p` (any alignment; memory order). LLVM reads unaligned
-/// data byte by byte, and left alone keeps the bytes apart, in a register and a stack slot
-/// each, until it needs the words: an IPv6 address would take sixteen of the 512 bytes of stack
-/// a program has. The barrier makes the words whole as they are read.
+/// `N` 32-bit words of packet data at `p` (any alignment; memory order), one load instruction
+/// each ([`load_u32`]).
 ///
 /// # Safety
 /// `p .. p + 4 * N` is bounds-checked packet data.
 #[inline(always)]
 pub unsafe fn load_words<const N: usize>(p: *const u8) -> [u32; N] {
-    #[expect(clippy::cast_ptr_alignment, reason = "read with read_unaligned")]
-    let w = p.cast::<u32>();
-    // SAFETY: the caller's; unaligned reads.
-    let words = core::array::from_fn(|i| unsafe { w.add(i).read_unaligned() });
-    core::hint::black_box(words)
+    // SAFETY: the caller's.
+    core::array::from_fn(|i| unsafe { load_u32(p.add(4 * i)) })
+}
+
+/// The 32-bit word of packet data at `p` (any alignment; memory order), read with one load
+/// instruction. Header fields are byte arrays (alignment 1), which LLVM reads byte by byte,
+/// shifting and or-ing the bytes together (and, left alone, keeps each byte in a register and
+/// a stack slot of its own until it needs the word): an IPv6 address cost 16 loads and 16
+/// slots of the 512-byte stack. The kernel allows unaligned packet loads where the CPU does
+/// (the verifier's strict alignment is off unless a program asks for it), as C programs, whose
+/// header structs have aligned fields, rely on.
+///
+/// # Safety
+/// `p .. p + 4` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_u32(p: *const u8) -> u32 {
+    let v: u64;
+    // SAFETY: the caller's: a packet pointer the verifier has checked for these 4 bytes. The
+    // load neither writes memory nor touches the stack.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + 0)",
+            p = in(reg) p,
+            v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "a 32-bit load, zero-extended")]
+    let v = v as u32;
+    v
+}
+
+/// The 16-bit field of packet data at `p` (any alignment; memory order), with one load
+/// instruction ([`load_u32`]).
+///
+/// # Safety
+/// `p .. p + 2` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_u16(p: *const u8) -> u16 {
+    let v: u64;
+    // SAFETY: as `load_u32`'s, for 2 bytes.
+    unsafe {
+        core::arch::asm!(
+            "{v} = *(u16 *)({p} + 0)",
+            p = in(reg) p,
+            v = lateout(reg) v,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "a 16-bit load, zero-extended")]
+    let v = v as u16;
+    v
+}
+
+/// Writes the 32-bit word `v` (memory order) to packet data at `p` (any alignment) with one
+/// store instruction (see [`load_u32`]; LLVM would store byte by byte).
+///
+/// # Safety
+/// `p .. p + 4` is bounds-checked packet data, and no helper that may move it has run since.
+#[inline(always)]
+pub unsafe fn store_u32(p: *mut u8, v: u32) {
+    // SAFETY: the caller's; the store touches only those 4 bytes.
+    unsafe {
+        core::arch::asm!(
+            "*(u32 *)({p} + 0) = {v}",
+            p = in(reg) p,
+            v = in(reg) u64::from(v),
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// Writes the 16-bit field `v` (memory order) to packet data at `p` (any alignment) with one
+/// store instruction.
+///
+/// # Safety
+/// As for [`store_u32`], for 2 bytes.
+#[inline(always)]
+pub unsafe fn store_u16(p: *mut u8, v: u16) {
+    // SAFETY: the caller's.
+    unsafe {
+        core::arch::asm!(
+            "*(u16 *)({p} + 0) = {v}",
+            p = in(reg) p,
+            v = in(reg) u64::from(v),
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// Writes `N` 32-bit words (memory order) to packet data at `p` (any alignment), one store
+/// instruction each.
+///
+/// # Safety
+/// As for [`store_u32`], for `4 * N` bytes.
+#[inline(always)]
+pub unsafe fn store_words<const N: usize>(p: *mut u8, words: &[u32; N]) {
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: the caller's.
+        unsafe { store_u32(p.add(4 * i), *w) };
+    }
 }

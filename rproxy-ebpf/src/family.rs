@@ -13,7 +13,7 @@ use rproxy_common::{
 
 use crate::{
     csum,
-    ctx::{Ctx, ptr_at},
+    ctx::{Ctx, ptr_at, store_words},
     icmp, icmp6,
     maps::{
         AFFINITY4, AFFINITY6, BE4, BE6, CT4, CT6, RNAT4, RNAT6, ROUTE4, ROUTE6, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6,
@@ -210,7 +210,7 @@ impl Family for V4 {
         let ip: *mut [u32; 2] = ptr_at(ctx, IP_SADDR_OFF).ok_or(-1i64)?;
         // SAFETY: bounds-checked; unaligned because the Ethernet header leaves no alignment
         // guarantee.
-        unsafe { ip.write_unaligned([saddr, daddr]) };
+        unsafe { store_words(ip.cast(), &[saddr, daddr]) };
         Ok(())
     }
 }
@@ -315,9 +315,13 @@ impl Family for V6 {
     #[inline(always)]
     fn write_addrs<C: Ctx>(ctx: &C, saddr: In6, daddr: In6) -> Result<(), i64> {
         let ip: *mut [In6; 2] = ptr_at(ctx, IP6_SADDR_OFF).ok_or(-1i64)?;
+        let ip = ip.cast::<u8>();
         // SAFETY: bounds-checked; unaligned because the Ethernet header leaves no alignment
         // guarantee.
-        unsafe { ip.write_unaligned([saddr, daddr]) };
+        unsafe {
+            store_words(ip, &saddr);
+            store_words(ip.add(16), &daddr);
+        }
         Ok(())
     }
 }

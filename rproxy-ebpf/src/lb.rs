@@ -62,31 +62,49 @@ pub struct NewFlow<F: Family> {
     pub be: Backend<F::Addr>,
 }
 
-/// The decision for packet `pkt` from `origin` at `now`: conntrack first (an established flow
-/// needs no service lookup, only the checks, two array loads, that its frontend and backend
-/// still exist), then [`decide_new`].
+/// The decision for packet `pkt` from `origin` at `now`: conntrack first ([`existing`]), then
+/// [`decide_new`].
 #[inline(always)]
 pub fn decide<F: Family>(pkt: &Packet<F>, origin: Origin, now: u64) -> Decision<F> {
-    let mut backend_gone = false;
-    if let Some(ct) = F::conntrack().get_ptr_mut(conntrack::service_key(pkt)) {
-        // SAFETY: valid map value pointer for this run.
-        let value = unsafe { &*ct };
-        let external = value.nat_flags & CT_NAT_EXTERNAL != 0;
-        // A removed frontend's flows are no longer translated: a new flow at the same address
-        // starts afresh below, otherwise the packet passes.
-        if external == (origin == Origin::External) && frontend_alive::<F>(value.rev_nat_id, pkt.daddr, pkt.dport) {
-            if backend::<F>(value.backend_id).is_some() {
-                return Decision::Established { ct };
-            }
-            // The backend's entry is gone: a live one is picked (a TCP peer answers with RST).
-            backend_gone = true;
-        }
-    }
+    let backend_gone = match existing(pkt, origin) {
+        Existing::Live(ct) => return Decision::Established { ct },
+        Existing::BackendGone => true,
+        Existing::None => false,
+    };
     let decision = decide_new::<F>(pkt.daddr, pkt.dport, pkt.proto, pkt.saddr, origin, now);
     if backend_gone && !matches!(decision, Decision::Pass) {
         count(Stat::BackendGone);
     }
     decision
+}
+
+/// What conntrack holds for a packet ([`existing`]).
+pub enum Existing<F: Family> {
+    /// A translated flow whose frontend and backend exist: its service-direction entry, valid
+    /// for this program run.
+    Live(*mut CtValue<F::Addr>),
+    /// A translated flow whose backend's entry is gone: a live backend is picked (a TCP peer
+    /// answers with RST).
+    BackendGone,
+    /// No translated flow (none, another origin's, or one of a removed frontend: a new flow at
+    /// the same address starts afresh, otherwise the packet passes).
+    None,
+}
+
+/// Whether `pkt` from `origin` belongs to a translated flow: no service lookup, only the
+/// checks, two array loads, that its frontend and backend still exist.
+#[inline(always)]
+pub fn existing<F: Family>(pkt: &Packet<F>, origin: Origin) -> Existing<F> {
+    let Some(ct) = F::conntrack().get_ptr_mut(conntrack::service_key(pkt)) else {
+        return Existing::None;
+    };
+    // SAFETY: valid map value pointer for this run.
+    let value = unsafe { &*ct };
+    let external = value.nat_flags & CT_NAT_EXTERNAL != 0;
+    if external != (origin == Origin::External) || !frontend_alive::<F>(value.rev_nat_id, pkt.daddr, pkt.dport) {
+        return Existing::None;
+    }
+    if backend::<F>(value.backend_id).is_some() { Existing::Live(ct) } else { Existing::BackendGone }
 }
 
 /// The decision for a new flow from `client` to `(daddr, dport, proto)` from `origin` at `now`

@@ -22,6 +22,9 @@
 //! programs on the same hook still see them and the packet continues untouched.
 #![no_std]
 #![no_main]
+// Inline assembly for single-instruction unaligned packet loads (`ctx::load_u32`); the crate is
+// built with `RUSTC_BOOTSTRAP=1`, as aya-build does.
+#![feature(asm_experimental_arch)]
 #![expect(clippy::inline_always, reason = "eBPF helpers must be inlined into each program")]
 #![expect(
     clippy::needless_borrows_for_generic_args,
@@ -77,10 +80,15 @@ pub fn rpx_from_pod(ctx: TcContext) -> i32 {
             Some(pkt) => pod::from_pod::<V4>(&ctx, &pkt),
             None => Ok(Verdict::Pass),
         },
-        Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(calls::FROM_POD6);
-            return PASS;
-        }
+        // Not TCP or UDP: the IPv6 half would pass it. New flows go to the half.
+        Some(ETH_P_IPV6_BE) => match parse::parse_ipv6(&ctx).map(|pkt| pod::from_pod_inline::<V6>(&ctx, &pkt)) {
+            None => Ok(Verdict::Pass),
+            Some(Some(verdict)) => verdict,
+            Some(None) => {
+                ctx.tail_call(calls::FROM_POD6);
+                return PASS;
+            }
+        },
         _ => Ok(Verdict::Pass),
     };
     pod_action(&ctx, verdict)
@@ -109,25 +117,25 @@ pub fn rpx_to_pod(ctx: TcContext) -> i32 {
             None => related::rev_nat::<V4>(&ctx, false).map(|()| Verdict::Pass),
         },
         Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(calls::TO_POD6);
-            return PASS;
+            let Some(pkt) = parse::parse_ipv6(&ctx) else {
+                // Not TCP or UDP: perhaps an ICMPv6 error about a translated flow, for the half.
+                ctx.tail_call(calls::TO_POD6);
+                return PASS;
+            };
+            pod::to_pod::<V6>(&ctx, &pkt)
         }
         _ => Ok(Verdict::Pass),
     };
     pod_action(&ctx, verdict)
 }
 
-/// `rpx_to_pod`'s IPv6 half.
+/// `rpx_to_pod`'s IPv6 half: what is not TCP or UDP (`rpx_to_pod` translates those itself),
+/// perhaps an ICMPv6 error about a translated flow.
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 #[inline(always)]
 pub fn rpx_to_pod6(ctx: TcContext) -> i32 {
-    let verdict = match parse::parse_ipv6(&ctx) {
-        Some(pkt) => pod::to_pod::<V6>(&ctx, &pkt),
-        // Not TCP or UDP: perhaps an ICMPv6 error about a translated flow.
-        None => related::rev_nat::<V6>(&ctx, false).map(|()| Verdict::Pass),
-    };
-    pod_action(&ctx, verdict)
+    pod_action(&ctx, related::rev_nat::<V6>(&ctx, false).map(|()| Verdict::Pass))
 }
 
 #[classifier]
@@ -147,7 +155,9 @@ pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
     match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => xdp_verdict(&ctx, external_ingress::<_, V4>(&ctx)),
         Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(calls::XDP_EXT6);
+            if parse::parse_ipv6(&ctx).is_none_or(|pkt| nodeport::ingress_acts_on(&pkt)) {
+                ctx.tail_call(calls::XDP_EXT6);
+            }
             xdp_action::XDP_PASS
         }
         _ => xdp_action::XDP_PASS,
@@ -212,7 +222,9 @@ pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
     match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => tc_action(&ctx, external_ingress::<_, V4>(&ctx)),
         Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(calls::EXT_INGRESS6);
+            if parse::parse_ipv6(&ctx).is_none_or(|pkt| nodeport::ingress_acts_on(&pkt)) {
+                ctx.tail_call(calls::EXT_INGRESS6);
+            }
             PASS
         }
         _ => PASS,
@@ -255,25 +267,25 @@ pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
             None => related::rev_nat::<V4>(&ctx, true).map(|()| Action::Pass),
         },
         Some(ETH_P_IPV6_BE) => {
-            ctx.tail_call(calls::EXT_EGRESS6);
-            return PASS;
+            let Some(pkt) = parse::parse_ipv6(&ctx) else {
+                // Not TCP or UDP: perhaps an ICMPv6 error about a flow to a backend here.
+                ctx.tail_call(calls::EXT_EGRESS6);
+                return PASS;
+            };
+            nodeport::egress::<V6>(&ctx, &pkt)
         }
         _ => Ok(Action::Pass),
     };
     tc_action(&ctx, action)
 }
 
-/// `rpx_ext_egress`'s IPv6 half.
+/// `rpx_ext_egress`'s IPv6 half: what is not TCP or UDP, perhaps an ICMPv6 error about a flow
+/// to a backend here.
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 #[inline(always)]
 pub fn rpx_ext_egress6(ctx: TcContext) -> i32 {
-    let action = match parse::parse_ipv6(&ctx) {
-        Some(pkt) => nodeport::egress::<V6>(&ctx, &pkt),
-        // Not TCP or UDP: perhaps an ICMPv6 error about a flow to a backend here.
-        None => related::rev_nat::<V6>(&ctx, true).map(|()| Action::Pass),
-    };
-    tc_action(&ctx, action)
+    tc_action(&ctx, related::rev_nat::<V6>(&ctx, true).map(|()| Action::Pass))
 }
 
 #[cgroup_sock_addr(connect4)]

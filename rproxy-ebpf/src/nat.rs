@@ -7,7 +7,7 @@
 //! (and counts `RewriteFail`) rather than pass it on.
 use crate::{
     csum,
-    ctx::{Ctx, ptr_at},
+    ctx::{Ctx, ptr_at, store_u32},
     family::Family,
     parse::Packet,
 };
@@ -56,6 +56,6 @@ pub fn rewrite_tuple<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, new: &Tuple<F>
     let l4: *mut u32 = ptr_at(ctx, pkt.l4_off).ok_or(-1i64)?;
     // SAFETY: bounds-checked after the last helper call (which may move skb data); unaligned
     // because IP options and the Ethernet header leave no alignment guarantee.
-    unsafe { l4.write_unaligned(ports_word(new.sport, new.dport)) };
+    unsafe { store_u32(l4.cast(), ports_word(new.sport, new.dport)) };
     Ok(())
 }

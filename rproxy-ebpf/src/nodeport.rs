@@ -49,6 +49,13 @@ pub enum Action {
     Fail,
 }
 
+/// Whether `ingress` may act on this TCP or UDP packet: a reply of a source-translated flow, or
+/// a packet to a frontend. The entry programs ask before tail-calling their IPv6 half.
+#[inline(always)]
+pub fn ingress_acts_on<F: Family>(pkt: &Packet<F>) -> bool {
+    !pkt.fragment && (lb::may_be_backend(pkt) || lb::may_be_service(pkt))
+}
+
 /// A TCP or UDP packet on an external device's ingress.
 #[inline(always)]
 pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i64> {

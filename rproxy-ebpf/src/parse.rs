@@ -11,7 +11,7 @@ use network_types::{
 use rproxy_common::proto;
 
 use crate::{
-    ctx::{Ctx, load_words, ptr_at},
+    ctx::{Ctx, load_u16, load_u32, load_words, ptr_at},
     family::{Family, V4, V6},
 };
 
@@ -92,17 +92,18 @@ fn read_l4<C: Ctx, F: Family>(ctx: &C, pkt: &mut Packet<F>) -> Option<()> {
             // checked 20-byte header. It is read through the same pointer on purpose: a second
             // ptr_at would be folded away by LLVM as redundant, and the verifier does not relate
             // a recomputed pointer to the one it checked.
-            let (src, dst, tcp_flags) = unsafe { ((*tcp).source, (*tcp).dest, *tcp.cast::<u8>().add(13)) };
-            pkt.sport = u16::from_ne_bytes(src);
-            pkt.dport = u16::from_ne_bytes(dst);
+            let p = tcp.cast::<u8>();
+            // SAFETY: as above.
+            let (src, dst, tcp_flags) = unsafe { (load_u16(p), load_u16(p.add(2)), *p.add(13)) };
+            pkt.sport = src;
+            pkt.dport = dst;
             pkt.tcp_flags = tcp_flags;
         }
         proto::UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, pkt.l4_off)?;
+            let p = udp.cast::<u8>();
             // SAFETY: bounds-checked by ptr_at.
-            let udp = unsafe { &*udp };
-            pkt.sport = u16::from_ne_bytes(udp.src);
-            pkt.dport = u16::from_ne_bytes(udp.dst);
+            (pkt.sport, pkt.dport) = unsafe { (load_u16(p), load_u16(p.add(2))) };
         }
         _ => return None,
     }
@@ -132,8 +133,10 @@ pub fn parse_ipv4<C: Ctx>(ctx: &C) -> Option<Packet<V4>> {
     }
     let frags = u16::from_be_bytes(ip.frags);
     let mut pkt = Packet {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
+        // SAFETY: inside the header bounds-checked above.
+        saddr: unsafe { load_u32(ip.src_addr.as_ptr()) },
+        // SAFETY: as above.
+        daddr: unsafe { load_u32(ip.dst_addr.as_ptr()) },
         sport: 0,
         dport: 0,
         proto: ip.proto,

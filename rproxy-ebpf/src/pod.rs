@@ -3,7 +3,7 @@
 //! pod itself); packets entering a pod (`rpx_to_pod`, TC egress on the same device) that are a
 //! backend's replies are translated back to come from the service.
 use aya_ebpf::programs::TcContext;
-use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, FlowKind, Stat};
+use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, CtValue, FlowKind, Stat};
 
 use crate::{
     conntrack::{self, Holder},
@@ -44,22 +44,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
     let now = conntrack::now_ns();
     match lb::decide(pkt, Origin::Pod, now) {
         Decision::Pass => Ok(Verdict::Pass),
-        Decision::Established { ct } => {
-            conntrack::account::<F>(
-                ct,
-                CT_DIR_SERVICE,
-                pkt.proto,
-                conntrack::fwd_bits(pkt),
-                conntrack::is_syn(pkt),
-                now,
-            );
-            // SAFETY: valid map value pointer for this run.
-            let v = unsafe { &*ct };
-            let new = Tuple { saddr: v.nat_addr, sport: v.nat_port, daddr: v.pair_addr, dport: v.pair_port };
-            nat::rewrite_tuple(ctx, pkt, &new)?;
-            count(Stat::Established);
-            Ok(Verdict::Pass)
-        }
+        Decision::Established { ct } => established(ctx, pkt, ct, now),
         Decision::Drop => Ok(Verdict::Drop),
         Decision::NoBackend { svc } => {
             // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
@@ -94,6 +79,41 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             count(Stat::NewFlow);
             Ok(Verdict::Pass)
         }
+    }
+}
+
+/// A packet of an established translated flow (`ct`, its service-direction entry): to the
+/// backend, from the flow's source.
+#[inline(always)]
+fn established<F: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<F>,
+    ct: *mut CtValue<F::Addr>,
+    now: u64,
+) -> Result<Verdict, i64> {
+    conntrack::account::<F>(ct, CT_DIR_SERVICE, pkt.proto, conntrack::fwd_bits(pkt), conntrack::is_syn(pkt), now);
+    // SAFETY: valid map value pointer for this run.
+    let v = unsafe { &*ct };
+    let new = Tuple { saddr: v.nat_addr, sport: v.nat_port, daddr: v.pair_addr, dport: v.pair_port };
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    count(Stat::Established);
+    Ok(Verdict::Pass)
+}
+
+/// `from_pod`'s common cases, which the entry program runs inline for IPv6: a packet `from_pod`
+/// passes, or one of an established flow. `None`: the rest of `from_pod` is needed (the entry
+/// program tail-calls its IPv6 half).
+#[inline(always)]
+pub fn from_pod_inline<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Option<Result<Verdict, i64>> {
+    if pkt.fragment || pkt.daddr == F::HAIRPIN {
+        return None;
+    }
+    if !lb::may_be_service(pkt) {
+        return if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) { None } else { Some(Ok(Verdict::Pass)) };
+    }
+    match lb::existing(pkt, Origin::Pod) {
+        lb::Existing::Live(ct) => Some(established(ctx, pkt, ct, conntrack::now_ns())),
+        _ => None,
     }
 }
 
