@@ -8,8 +8,14 @@
 //!        │              │              │
 //!   node1 eth0      node2 eth0     client eth0
 //!   172.31.0.1/24   172.31.0.2/24  172.31.0.100/24
+//!   fd00:172:31::1/64  ::2/64      fd00:172:31::100/64
 //!   pods 10.244.1.0/24   pods 10.244.2.0/24
+//!        fd00:244:1::/64      fd00:244:2::/64
 //! ```
+//!
+//! Both families everywhere: each external device has an IPv4 and an IPv6 address, each node
+//! routes the other's pod CIDRs of both families, and [`Cluster::add_pod_dual`] makes
+//! dual-stack pods (IPv4-only ones with [`Cluster::add_pod`]).
 //!
 //! Each node is a [`Node`] (Calico-style routed pods, see [`crate::lab`]) with an external device
 //! `eth0` on the shared /24 and a route to the other node's pod CIDR via the other node's `eth0`
@@ -48,7 +54,7 @@
 //! Dropping a [`Cluster`] (also while a test panics) stops both agents, runs
 //! `rproxy-agent cleanup` for each, removes their pin dirs and deletes every namespace.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -69,8 +75,12 @@ use crate::{
 pub const EXTERNAL_DEV: &str = "eth0";
 /// The client's address on the shared segment.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
+/// The client's IPv6 address on the shared segment.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 0x100);
 /// Prefix length of the shared segment (172.31.0.0/24).
 pub const EXTERNAL_PREFIX_LEN: u8 = 24;
+/// Prefix length of the shared segment's IPv6 subnet (fd00:172:31::/64).
+pub const EXTERNAL_PREFIX_LEN6: u8 = 64;
 /// Most queues an external veth gets (one per CPU up to this).
 const MAX_QUEUES: usize = 64;
 
@@ -128,6 +138,24 @@ impl NodeId {
     #[must_use]
     pub fn pod_ip(self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.0, host)
+    }
+
+    /// The IPv6 address of the node's `eth0`: fd00:172:31::N (/64).
+    #[must_use]
+    pub fn ip6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, u16::from(self.0))
+    }
+
+    /// The node's IPv6 pod CIDR, /64: fd00:244:N::.
+    #[must_use]
+    pub fn pod_cidr6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x244, u16::from(self.0), 0, 0, 0, 0, 0)
+    }
+
+    /// IPv6 address `host` in the node's pod CIDR: fd00:244:N::host.
+    #[must_use]
+    pub fn pod_ip6(self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x244, u16::from(self.0), 0, 0, 0, 0, u16::from(host))
     }
 
     /// The letter of the node's host-side pod devices (`<prefix>a<n>` on node 1, …).
@@ -210,16 +238,16 @@ impl Cluster {
         let sw = Some(self.switch.name());
         ip(sw, &["link", "add", &bridge, "type", "bridge"])?;
         ip(sw, &["link", "set", &bridge, "up"])?;
-        let mut ends: Vec<(&str, String, Ipv4Addr)> = self
+        let mut ends: Vec<(&str, String, Ipv4Addr, Ipv6Addr)> = self
             .node_ids()
             .into_iter()
-            .map(|id| (self.nodes[id.index()].ns(), format!("s{}", id.number()), id.ip()))
+            .map(|id| (self.nodes[id.index()].ns(), format!("s{}", id.number()), id.ip(), id.ip6()))
             .collect();
-        ends.push((self.client.name(), String::from("sc"), CLIENT_IP));
+        ends.push((self.client.name(), String::from("sc"), CLIENT_IP, CLIENT_IP6));
         let queues = external_queues();
         let q = queues.to_string();
         let multi = ["numtxqueues", q.as_str(), "numrxqueues", q.as_str()];
-        for (ns, suffix, addr) in ends {
+        for (ns, suffix, addr, addr6) in ends {
             let peer = format!("{}{suffix}", self.prefix);
             ensure!(peer.len() <= IFNAMSIZ_MAX, "interface name {peer} is too long");
             let mut add = vec!["link", "add", peer.as_str()];
@@ -236,6 +264,9 @@ impl Cluster {
             set_xps(ns, EXTERNAL_DEV, queues)?;
             let cidr = format!("{addr}/{EXTERNAL_PREFIX_LEN}");
             ip(Some(ns), &["addr", "add", &cidr, "dev", EXTERNAL_DEV])?;
+            // No duplicate address detection: the address is usable at once.
+            let cidr6 = format!("{addr6}/{EXTERNAL_PREFIX_LEN6}");
+            ip(Some(ns), &["-6", "addr", "add", &cidr6, "dev", EXTERNAL_DEV, "nodad"])?;
             ip(Some(ns), &["link", "set", EXTERNAL_DEV, "up"])?;
         }
         for id in self.node_ids() {
@@ -243,6 +274,9 @@ impl Cluster {
                 let cidr = format!("{}/24", other.pod_cidr());
                 let via = other.ip().to_string();
                 ip(Some(self.node(id).ns()), &["route", "add", &cidr, "via", &via, "dev", EXTERNAL_DEV])?;
+                let cidr6 = format!("{}/64", other.pod_cidr6());
+                let via6 = other.ip6().to_string();
+                ip(Some(self.node(id).ns()), &["-6", "route", "add", &cidr6, "via", &via6, "dev", EXTERNAL_DEV])?;
             }
         }
         Ok(())
@@ -346,6 +380,11 @@ impl Cluster {
     /// Adds pod `name` with address `ip_addr` (in node `id`'s pod CIDR) on node `id`. Pod names
     /// are unique across the cluster.
     pub fn add_pod(&mut self, id: NodeId, name: &str, ip_addr: Ipv4Addr) -> Result<&mut Pod> {
+        self.check_new_pod(id, name, ip_addr)?;
+        self.node_mut(id).add_pod(name, ip_addr)
+    }
+
+    fn check_new_pod(&self, id: NodeId, name: &str, ip_addr: Ipv4Addr) -> Result<()> {
         ensure!(
             ip_addr.octets()[..3] == id.pod_cidr().octets()[..3],
             "{ip_addr} is not in {}'s pod CIDR {}/24",
@@ -353,7 +392,20 @@ impl Cluster {
             id.pod_cidr()
         );
         ensure!(self.find_pod(name).is_none(), "pod {name} exists already");
-        self.node_mut(id).add_pod(name, ip_addr)
+        Ok(())
+    }
+
+    /// [`Cluster::add_pod`] with an IPv6 address too (in node `id`'s IPv6 pod CIDR): a
+    /// dual-stack pod.
+    pub fn add_pod_dual(&mut self, id: NodeId, name: &str, ip_addr: Ipv4Addr, ip6: Ipv6Addr) -> Result<&mut Pod> {
+        ensure!(
+            ip6.segments()[..4] == id.pod_cidr6().segments()[..4],
+            "{ip6} is not in {}'s IPv6 pod CIDR {}/64",
+            id.k8s_name(),
+            id.pod_cidr6()
+        );
+        self.check_new_pod(id, name, ip_addr)?;
+        self.node_mut(id).add_pod_dual(name, ip_addr, ip6)
     }
 
     /// The pod named `name`, on either node, if any.
