@@ -6,6 +6,7 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -423,11 +424,15 @@ fn service_deleted_while_the_agent_is_down_is_removed_at_start() {
 
 /// The dual-stack test's lab: two backends and a client, each with an address of both families.
 mod dual {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::{
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
 
     use anyhow::{Context as _, Result, ensure};
     use rproxy_tests::{
-        Lab, agent_bin, demo,
+        Lab, agent_bin, client, demo,
         manifest::{DualStackService, Endpoint, EndpointPort, EndpointSlice, Protocol, ServicePort, write_atomic},
     };
 
@@ -506,6 +511,31 @@ mod dual {
         anyhow::bail!("{proto:?} to {vip}: {unseen:?} never answered in 60 requests")
     }
 
+    /// Requests from namespace `ns` (the client pod's) to `vip`, TCP and UDP in turn, 2 ms
+    /// apart, until `stop` is set (at most 60 s and 20,000 requests): how many were made, and
+    /// the failures.
+    pub fn continuous(ns: &str, vip: IpAddr, stop: &AtomicBool) -> Result<(usize, Vec<String>)> {
+        rproxy_tests::netns::in_netns(ns, || {
+            let (started, mut made, mut failures) = (Instant::now(), 0, Vec::new());
+            while !stop.load(Ordering::Relaxed) && made < 20_000 && started.elapsed() < Duration::from_secs(60) {
+                let timeout = Duration::from_secs(1);
+                let (proto, reply) = if made % 2 == 0 {
+                    ("TCP", client::tcp_request(vip, PORT, b"continuous", timeout))
+                } else {
+                    ("UDP", client::udp_request(vip, PORT, b"continuous", timeout))
+                };
+                made += 1;
+                match reply {
+                    Ok((_, echo)) if echo == b"continuous" => {}
+                    Ok((name, echo)) => failures.push(format!("{proto} {made}: {name} echoed {echo:?}")),
+                    Err(e) => failures.push(format!("{proto} {made}: {e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (made, failures)
+        })
+    }
+
     /// Every backend saw the client's addresses of both families, and nothing else (no SNAT).
     pub fn backends_saw_the_client(lab: &Lab) -> Result<()> {
         for (name, ..) in BACKENDS {
@@ -524,8 +554,9 @@ mod dual {
 /// Dual-stack: a Service with an IPv4 and an IPv6 cluster IP and an `EndpointSlice` of each
 /// family serves pods over both families at once, TCP and UDP. Each family's cluster IP reaches
 /// every backend through that family's addresses, with the client's own address of that family
-/// (no SNAT), and replies come back from the cluster IP (UDP checks the source address). An open
-/// IPv6 connection survives an agent restart, which adopts both families' maps and rewrites
+/// (no SNAT), and replies come back from the cluster IP (UDP checks the source address). An agent
+/// restart under continuous IPv6 requests (new TCP connections and UDP) fails none of them, an
+/// open IPv6 connection survives it, and the new agent adopts both families' maps and rewrites
 /// nothing.
 #[test]
 fn a_dual_stack_service_answers_over_both_families() {
@@ -547,15 +578,36 @@ fn a_dual_stack_service_answers_over_both_families() {
         }
         let mut conn = lab.pod(dual::CLIENT.0).tcp_session(dual::VIPS[1], PORT, Duration::from_secs(2))?;
         conn.echo(b"before the restart")?;
-        lab.stop_agent()?;
-        conn.echo(b"while no agent runs")?;
-        lab.start_agent(&agent_bin()?, &dir)?;
-        let started = Instant::now();
-        while !lab.agent_log().contains("agent running") {
-            lab.ensure_agent_running()?;
-            ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
-            thread::sleep(Duration::from_millis(20));
-        }
+        // The restart happens under continuous IPv6 requests, new connections and UDP: none
+        // fails.
+        let stop = AtomicBool::new(false);
+        let client_ns = lab.pod(dual::CLIENT.0).ns().to_owned();
+        let (made, failures) = thread::scope(|s| -> Result<_> {
+            let load = s.spawn(|| dual::continuous(&client_ns, dual::VIPS[1], &stop));
+            let mut restart = || -> Result<()> {
+                thread::sleep(Duration::from_millis(300));
+                lab.stop_agent()?;
+                conn.echo(b"while no agent runs")?;
+                thread::sleep(Duration::from_millis(300));
+                lab.start_agent(&agent_bin()?, &dir)?;
+                let started = Instant::now();
+                while !lab.agent_log().contains("agent running") {
+                    lab.ensure_agent_running()?;
+                    ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
+                    thread::sleep(Duration::from_millis(20));
+                }
+                thread::sleep(Duration::from_millis(500));
+                Ok(())
+            };
+            let restarted = restart();
+            stop.store(true, Ordering::Relaxed);
+            let load = load.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            restarted?;
+            load
+        })?;
+        eprintln!("{made} IPv6 requests across the restart, {} failed", failures.len());
+        ensure!((10..20_000).contains(&made), "{made} IPv6 requests: the load did not span the restart");
+        ensure!(failures.is_empty(), "IPv6 requests failed across the restart: {failures:#?}");
         conn.echo(b"after the restart").context("the IPv6 connection opened before the restart must survive it")?;
         // Both families adopted (2 ports × 2 families; TCP and UDP backends of 2 pods × 2
         // families), nothing rewritten.
