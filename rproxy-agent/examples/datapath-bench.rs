@@ -22,7 +22,9 @@
 //! (traffic into a pod that is not a backend's reply); and north-south at XDP (`rpx_xdp_ext`):
 //! `nodeport forward` (a client's packet of an established flow to a `NodePort` whose backend is
 //! on another node: DNAT, SNAT, FIB lookup, `XDP_TX`) and `nodeport reply` (that backend's
-//! reply, translated back and forwarded to the client).
+//! reply, translated back and forwarded to the client). Each but `not a reply` has an IPv6 twin
+//! (`… v6`: a dual-stack Service's IPv6 frontend, the `NodePort` on the node's IPv6 address),
+//! compared with it in the report.
 //!
 //! The process first moves into a network namespace of its own (`unshare(CLONE_NEWNET)`), gone
 //! with it, where it builds what the FIB lookups of the north-south paths need, as the packet
@@ -97,6 +99,10 @@ const NS_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(172, 31, 0, 100), 40_000);
 const NODE_PORT: u16 = 30_081;
 /// The `NodePort`'s only backend, a pod on the other node (172.31.0.2).
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 21);
+/// The same over IPv6 (`node_netns`): the node, the client, the backend on the other node.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 1);
+const NS_CLIENT6: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 0x64), 40_000);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0x21);
 /// The node's external device.
 const EXT_DEV: &str = "rpxb0";
 
@@ -122,8 +128,8 @@ fn tcp_backend(addr: impl Into<IpAddr>, local: bool) -> Backend {
 }
 
 /// `services` `ClusterIP`s with `backends` local backends each, each with an IPv6 twin (a
-/// dual-stack Service), and one `NodePort` on the node's address whose backend is on the other
-/// node.
+/// dual-stack Service), and one `NodePort` on the node's addresses of both families whose
+/// backend is on the other node.
 fn desired(services: usize, backends: usize) -> Desired {
     let mut d = Desired::default();
     for i in 0..services {
@@ -136,6 +142,8 @@ fn desired(services: usize, backends: usize) -> Desired {
     }
     let fe = Frontend { addr: NODE.into(), port: NODE_PORT, proto: Protocol::Tcp };
     d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
+    let fe6 = Frontend { addr: NODE6.into(), ..fe };
+    d.services.insert(fe6, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD6, false)]));
     d
 }
 
@@ -238,6 +246,8 @@ struct Subject {
     chosen6: Ipv6Addr,
     /// The node's port that the north-south flow was source-translated to.
     snat_port: u16,
+    /// The same for the IPv6 north-south flow.
+    snat_port6: u16,
 }
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 1), 40_000);
@@ -304,7 +314,12 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     let k = tcp_ct_key(NS_CLIENT, (NODE, NODE_PORT), CT_DIR_SERVICE);
     let snat_port = u16::from_be(maps.conntrack.get(&k, 0).expect("north-south flow created").nat_port);
     mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD, 8080), (NODE, snat_port), true, true)]);
-    Subject { dp, maps, chosen, chosen6, snat_port }
+    // And over IPv6, through the SNAT stage.
+    mean_ns(&mut dp, xdp, &[tcp(NS_CLIENT6, (NODE6, NODE_PORT), true, false)]);
+    let k = tcp6_ct_key(NS_CLIENT6, (NODE6, NODE_PORT), CT_DIR_SERVICE);
+    let snat_port6 = u16::from_be(maps.conntrack6.get(&k, 0).expect("IPv6 north-south flow created").nat_port);
+    mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD6, 8080), (NODE6, snat_port6), true, true)]);
+    Subject { dp, maps, chosen, chosen6, snat_port, snat_port6 }
 }
 
 /// Runs `frames` through `prog` of `s`; each path must do its work on every packet: the
@@ -348,10 +363,10 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
             .map(|round| {
                 let f = frames(&subjects[0]);
                 let noop = mean_ns(&mut subjects[0].dp, Prog::Tc(prog_names::NOOP), &f);
-                let first = (subjects[0].chosen, subjects[0].chosen6, subjects[0].snat_port);
+                let first = (subjects[0].chosen, subjects[0].chosen6, subjects[0].snat_port, subjects[0].snat_port6);
                 let mut base = |subjects: &mut [Subject]| {
                     subjects.get_mut(1).map(|b| {
-                        let f = if (b.chosen, b.chosen6, b.snat_port) == first { f.clone() } else { frames(b) };
+                        let f = if (b.chosen, b.chosen6, b.snat_port, b.snat_port6) == first { f.clone() } else { frames(b) };
                         run_checked(b, path, prog, expect, &f)
                     })
                 };
@@ -396,6 +411,11 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
     measure("established v6", from_pod, &[Stat::Established], &mut |_| established6.clone());
     measure("reply v6", to_pod, &[Stat::RevNat], &mut |s| {
         vec![tcp((s.chosen6, 8080), CLIENT6, false, true); args.packets]
+    });
+    let ns_forward6 = vec![tcp(NS_CLIENT6, (NODE6, NODE_PORT), false, true); args.packets];
+    measure("nodeport forward v6", xdp, &[Stat::Established, Stat::Forwarded], &mut |_| ns_forward6.clone());
+    measure("nodeport reply v6", xdp, &[Stat::RevNat, Stat::Forwarded], &mut |s| {
+        vec![tcp((REMOTE_POD6, 8080), (NODE6, s.snat_port6), false, true); args.packets]
     });
     let other6 = vec![tcp(CLIENT6, (Ipv6Addr::new(0xfd00, 0x244, 9, 0, 0, 0, 0, 9), 80), false, true); args.packets];
     measure("not a service v6", from_pod, &[], &mut |_| other6.clone());
@@ -452,11 +472,11 @@ fn main() {
     }
     let row = |path: &str, n: usize| rows.iter().find(|r| r.path == path && r.services == n).expect("row");
     println!(
-        "\n{:<17} {:>9} {:>10} {:>10} {:>12} {:>8}",
+        "\n{:<19} {:>9} {:>10} {:>10} {:>12} {:>8}",
         "path", "services", "ns/packet", "empty prog", "net of empty", "× empty"
     );
     for r in &rows {
-        print!("{:<17} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2}", r.path, r.services, r.ns, r.noop, r.net, r.ratio);
+        print!("{:<19} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2}", r.path, r.services, r.ns, r.noop, r.net, r.ratio);
         match r.baseline {
             Some((net, rel)) => println!("   baseline net {net:>7.1}, this / baseline {rel:.3}"),
             None => println!(),
@@ -497,6 +517,8 @@ fn main() {
             ("established v6", "established"),
             ("reply v6", "reply (rev-NAT)"),
             ("not a service v6", "not a service"),
+            ("nodeport forward v6", "nodeport forward"),
+            ("nodeport reply v6", "nodeport reply"),
             ("new flow v6", "new flow"),
         ] {
             let (a, b) = (row(v6, large), row(v4, large));
