@@ -366,7 +366,11 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
                 let first = (subjects[0].chosen, subjects[0].chosen6, subjects[0].snat_port, subjects[0].snat_port6);
                 let mut base = |subjects: &mut [Subject]| {
                     subjects.get_mut(1).map(|b| {
-                        let f = if (b.chosen, b.chosen6, b.snat_port, b.snat_port6) == first { f.clone() } else { frames(b) };
+                        let f = if (b.chosen, b.chosen6, b.snat_port, b.snat_port6) == first {
+                            f.clone()
+                        } else {
+                            frames(b)
+                        };
                         run_checked(b, path, prog, expect, &f)
                     })
                 };

@@ -300,8 +300,19 @@ impl Node {
     /// [`Node::add_pod`] with an IPv6 address too (a dual-stack pod): its default route goes
     /// to [`GATEWAY6`] on the host side of its veth, and the node routes `ip6/128` to it.
     pub fn add_pod_dual(&mut self, name: &str, ip_addr: Ipv4Addr, ip6: Ipv6Addr) -> Result<&mut Pod> {
+        self.add_pod_dual_in(name, name, ip_addr, ip6)
+    }
+
+    /// [`Node::add_pod_dual`] with namespace `<prefix>-<ns_suffix>` (see [`Node::add_pod_in`]).
+    pub fn add_pod_dual_in(
+        &mut self,
+        name: &str,
+        ns_suffix: &str,
+        ip_addr: Ipv4Addr,
+        ip6: Ipv6Addr,
+    ) -> Result<&mut Pod> {
         let node = self.ns.name().to_owned();
-        let pod = self.add_pod_in(name, name, ip_addr)?;
+        let pod = self.add_pod_in(name, ns_suffix, ip_addr)?;
         let cidr = format!("{ip6}/128");
         let (dev, pod_ns) = (pod.host_dev.clone(), pod.ns.name().to_owned());
         #[rustfmt::skip]

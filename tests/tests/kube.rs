@@ -8,7 +8,7 @@
 #![expect(clippy::doc_markdown, reason = "Kubernetes kinds and fields (EndpointSlice, NodePort…) are prose here")]
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -233,18 +233,23 @@ spec:
 }
 
 /// One TCP request from namespace `netns` to `to`: the backend's name.
-fn tcp_from(netns: &str, to: (Ipv4Addr, u16), timeout: Duration) -> Result<String> {
+/// An address of either family that the request helpers take (`Ipv4Addr`, `Ipv6Addr`, `IpAddr`).
+trait Addr: Into<IpAddr> + Copy + Send + Sync + std::fmt::Display {}
+
+impl<A: Into<IpAddr> + Copy + Send + Sync + std::fmt::Display> Addr for A {}
+
+fn tcp_from<A: Addr>(netns: &str, to: (A, u16), timeout: Duration) -> Result<String> {
     Ok(in_netns(netns, || client::tcp_request(to.0, to.1, b"hello", timeout))??.0)
 }
 
 /// One UDP request from namespace `netns` to `to`: the backend's name.
-fn udp_from(netns: &str, to: (Ipv4Addr, u16), timeout: Duration) -> Result<String> {
+fn udp_from<A: Addr>(netns: &str, to: (A, u16), timeout: Duration) -> Result<String> {
     Ok(in_netns(netns, || client::udp_request(to.0, to.1, b"hello", timeout))??.0)
 }
 
 /// Requests (TCP, or UDP with `udp`) from `netns` to `to` until every pod of `want` answered;
 /// fails if another pod answers, or after [`MAX_REQUESTS`].
-fn reaches_exactly(netns: &str, to: (Ipv4Addr, u16), udp: bool, want: &BTreeSet<String>) -> Result<()> {
+fn reaches_exactly<A: Addr>(netns: &str, to: (A, u16), udp: bool, want: &BTreeSet<String>) -> Result<()> {
     let mut unseen = want.clone();
     for attempt in 1..=MAX_REQUESTS {
         let name = if udp { udp_from(netns, to, TIMEOUT) } else { tcp_from(netns, to, TIMEOUT) }
@@ -260,7 +265,7 @@ fn reaches_exactly(netns: &str, to: (Ipv4Addr, u16), udp: bool, want: &BTreeSet<
 
 /// Retries [`reaches_exactly`] until it holds (the change it checks is still propagating), for
 /// at most [`CONVERGE`].
-fn converges_to(netns: &str, to: (Ipv4Addr, u16), udp: bool, want: &BTreeSet<String>) -> Result<()> {
+fn converges_to<A: Addr>(netns: &str, to: (A, u16), udp: bool, want: &BTreeSet<String>) -> Result<()> {
     wait_until(&format!("{}:{} served by exactly {want:?}", to.0, to.1), CONVERGE, || {
         reaches_exactly(netns, to, udp, want).map(|()| true)
     })
@@ -268,7 +273,7 @@ fn converges_to(netns: &str, to: (Ipv4Addr, u16), udp: bool, want: &BTreeSet<Str
 
 /// Connections opened one after another (each: connect, greeting, echo, close) from `netns`
 /// to `to` until `stop`: (attempts, failures with their error).
-fn connection_stream(netns: &str, to: (Ipv4Addr, u16), stop: &AtomicBool) -> Result<(usize, Vec<String>)> {
+fn connection_stream<A: Addr>(netns: &str, to: (A, u16), stop: &AtomicBool) -> Result<(usize, Vec<String>)> {
     in_netns(netns, || {
         let (mut attempts, mut failures) = (0, Vec::new());
         while !stop.load(Ordering::Relaxed) {
@@ -287,11 +292,11 @@ fn connection_stream(netns: &str, to: (Ipv4Addr, u16), stop: &AtomicBool) -> Res
 /// Runs `during` while connections stream from the client pod (`pod_netns`) to the ClusterIP
 /// and from the external client (`client_ns`) to a NodePort; fails unless every connection of
 /// both streams worked.
-fn under_connections(
+fn under_connections<A: Addr + 'static>(
     client_ns: &str,
     pod_netns: &str,
-    cluster_ip: (Ipv4Addr, u16),
-    node_port: (Ipv4Addr, u16),
+    cluster_ip: (A, u16),
+    node_port: (A, u16),
     during: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -738,6 +743,56 @@ fn agent_restarts_lose_no_connection() {
         ctx.kubectl(&["scale", "deployment", "web", "--replicas", "1"])?;
         let one = ctx.wait_ready("web", 1)?;
         converges_to(&client, (cip, 80), false, &one)
+    });
+}
+
+/// A dual-stack Service (`ipFamilyPolicy: RequireDualStack`) in the dual-stack cluster: the API
+/// server gives it a cluster IP of each family and the `EndpointSlice` controller a slice of each
+/// address type. Over IPv6 it answers a pod on the cluster IP, and the external client on the
+/// cluster IP (routed to node 1) and on each node's IPv6 address at the `NodePort`, TCP and UDP,
+/// through exactly the ready pods; the agents restarted under IPv6 connections (pod to cluster
+/// IP, client to `NodePort`) lose none; a scale-down is followed over IPv6.
+#[test]
+fn a_dual_stack_service_is_served_over_ipv6() {
+    with_namespace("a_dual_stack_service_is_served_over_ipv6", "t-dual", |ctx| {
+        ctx.deployment("web", 2, "")?;
+        ctx.service("web", "web", "NodePort", "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]")?;
+        let pods = ctx.wait_ready("web", 2)?;
+        let svc = ctx.json(&["get", "service", "web"])?;
+        let ips: Vec<IpAddr> = svc["spec"]["clusterIPs"]
+            .as_array()
+            .context("no clusterIPs")?
+            .iter()
+            .map(|ip| ip.as_str().unwrap_or_default().parse().context("clusterIPs"))
+            .collect::<Result<_>>()?;
+        ensure!(matches!(ips[..], [IpAddr::V4(_), IpAddr::V6(_)]), "clusterIPs {ips:?}: not IPv4 then IPv6");
+        let cip6 = ips[1];
+        let slices = ctx.json(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web"])?;
+        let types: BTreeSet<&str> =
+            slices["items"].as_array().into_iter().flatten().filter_map(|s| s["addressType"].as_str()).collect();
+        ensure!(types == BTreeSet::from(["IPv4", "IPv6"]), "EndpointSlices of address types {types:?}");
+        let np = ctx.node_port("web")?;
+        let client = ctx.client_pod("client", NodeId::TWO)?;
+        let outside = ctx.lab.client_ns().to_owned();
+        for udp in [false, true] {
+            converges_to(&client, (cip6, 80), udp, &pods)?;
+            converges_to(&outside, (cip6, 80), udp, &pods)?;
+            for id in ctx.lab.node_ids() {
+                converges_to(&outside, (IpAddr::from(id.ip6()), np), udp, &pods)?;
+            }
+        }
+        under_connections(&outside, &client, (cip6, 80), (IpAddr::from(NodeId::ONE.ip6()), np), || {
+            for id in ctx.lab.node_ids() {
+                ctx.lab.restart_agent(id).with_context(|| format!("restart of {}", id.k8s_name()))?;
+                ctx.lab.wait_agents_synced(CONVERGE)?;
+                thread::sleep(Duration::from_millis(300));
+            }
+            Ok(())
+        })?;
+        ctx.kubectl(&["scale", "deployment", "web", "--replicas", "1"])?;
+        let one = ctx.wait_ready("web", 1)?;
+        converges_to(&client, (cip6, 80), false, &one)?;
+        converges_to(&outside, (IpAddr::from(NodeId::TWO.ip6()), np), false, &one)
     });
 }
 

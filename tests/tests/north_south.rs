@@ -140,8 +140,10 @@ impl Fam {
 /// An `EndpointSlice` of each family for Service `service`: `endpoints` are (node, pod host
 /// number) pairs, `ports` (name, protocol, port) triples.
 fn slices(service: &str, endpoints: &[(NodeId, u8)], ports: &[(&str, &str, u16)]) -> String {
-    let ports: String =
-        ports.iter().map(|(name, proto, port)| format!("- {{name: {name}, protocol: {proto}, port: {port}}}\n")).collect();
+    let ports: String = ports
+        .iter()
+        .map(|(name, proto, port)| format!("- {{name: {name}, protocol: {proto}, port: {port}}}\n"))
+        .collect();
     let mut out = String::new();
     for (fam, kind) in [(Fam::V4, "IPv4"), (Fam::V6, "IPv6")] {
         let eps: String = endpoints
@@ -351,8 +353,7 @@ fn ensure_translated_sources(cluster: &Cluster, fam: Fam) -> Result<()> {
         ensure!(seen.contains(&fam.node(remote)), "{pod} never saw {remote:?}'s {fam:?} address (SNAT): {seen:?}");
         ensure!(!seen.contains(&fam.node(local)), "{pod} saw its own node's {fam:?} address: {seen:?}");
         let snat = PortRange::DEFAULT;
-        let ports: Vec<u16> =
-            peers.iter().filter(|a| a.ip() == fam.node(remote)).map(SocketAddr::port).collect();
+        let ports: Vec<u16> = peers.iter().filter(|a| a.ip() == fam.node(remote)).map(SocketAddr::port).collect();
         ensure!(
             ports.iter().all(|p| snat.ports().contains(p)),
             "{pod} saw {remote:?}'s {fam:?} address with ports outside --snat-port-range {snat}: {ports:?}"
@@ -513,10 +514,15 @@ fn scenario(mode: &str) -> Result<()> {
     for fam in Fam::BOTH {
         let to_node2_pods = fam.pod_cidr(NodeId::TWO);
         let via = fam.node(NodeId::TWO).to_string();
-        let route = [fam.ip_flag(), "route", "change", &to_node2_pods, "via", &via, "dev", "eth0", "mtu", "lock", "1300"];
+        let route =
+            [fam.ip_flag(), "route", "change", &to_node2_pods, "via", &via, "dev", "eth0", "mtu", "lock", "1300"];
         ip(Some(cluster.node(NodeId::ONE).ns()), &route)?;
         let addr = fam.node(NodeId::ONE);
-        reach_both(&format!("TCP through a 1300-byte path to {addr}"), || client_tcp(&cluster, addr, NODE_PORT, &big), &big)?;
+        reach_both(
+            &format!("TCP through a 1300-byte path to {addr}"),
+            || client_tcp(&cluster, addr, NODE_PORT, &big),
+            &big,
+        )?;
         let now = icmp_sent(&cluster)?;
         ensure!(now > sent, "node 1 sent no fragmentation-needed message over {fam:?} (icmp_sent {now})");
         sent = now;

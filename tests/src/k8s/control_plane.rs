@@ -91,7 +91,8 @@ pub struct ControlPlaneConfig {
     /// More IPs for the apiserver's serving certificate (beyond 127.0.0.1 and the first IP of
     /// the service CIDR).
     pub extra_sans: Vec<IpAddr>,
-    /// `--service-cluster-ip-range`, e.g. `10.96.0.0/16`.
+    /// `--service-cluster-ip-range`, e.g. `10.96.0.0/16`, or two of different families,
+    /// comma-separated (a dual-stack cluster; the first is the primary family).
     pub service_cidr: String,
 }
 
@@ -660,7 +661,9 @@ fn port_open(port: u16) -> bool {
 
 /// The first host address of `cidr` (the `kubernetes` Service's ClusterIP): 10.96.0.1 for
 /// 10.96.0.0/16.
-fn first_service_ip(cidr: &str) -> Result<IpAddr> {
+fn first_service_ip(cidrs: &str) -> Result<IpAddr> {
+    // The kubernetes Service's address comes from the primary range.
+    let cidr = cidrs.split(',').next().unwrap_or_default();
     let parse = || -> Option<(IpAddr, u32)> {
         let (addr, len) = cidr.split_once('/')?;
         Some((addr.parse().ok()?, len.parse().ok()?))
@@ -835,6 +838,7 @@ mod tests {
         assert_eq!(first_service_ip("10.96.0.0/16").unwrap(), "10.96.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(first_service_ip("10.96.7.9/12").unwrap(), "10.96.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(first_service_ip("fd00:10:96::/112").unwrap(), "fd00:10:96::1".parse::<IpAddr>().unwrap());
+        assert_eq!(first_service_ip("10.96.0.0/16,fd00:96::/112").unwrap(), "10.96.0.1".parse::<IpAddr>().unwrap());
         assert!(first_service_ip("10.96.0.0").is_err());
         assert!(first_service_ip("10.96.0.0/31").is_err());
     }

@@ -271,7 +271,8 @@ impl State {
         let made = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut lab = lab.lock().unwrap_or_else(PoisonError::into_inner);
             let node = lab.node_mut(id);
-            let pod = node.add_pod_in(&pod_name, &suffix, ip)?;
+            // Dual-stack: the IPv6 address has the same host number in the node's IPv6 pod CIDR.
+            let pod = node.add_pod_dual_in(&pod_name, &suffix, ip, id.pod_ip6(ip.octets()[3]))?;
             for port in ports {
                 pod.serve(port)?;
             }
@@ -428,9 +429,9 @@ fn pod_status(running: &Running, host: Ipv4Addr, ready: bool) -> serde_json::Val
         "status": {
             "phase": "Running",
             "podIP": running.ip.to_string(),
-            "podIPs": [{ "ip": running.ip.to_string() }],
+            "podIPs": [{ "ip": running.ip.to_string() }, { "ip": running.node.pod_ip6(running.ip.octets()[3]).to_string() }],
             "hostIP": host.to_string(),
-            "hostIPs": [{ "ip": host.to_string() }],
+            "hostIPs": [{ "ip": host.to_string() }, { "ip": running.node.ip6().to_string() }],
             "startTime": running.started,
             "conditions": [
                 condition("PodScheduled", "True"),
@@ -571,6 +572,7 @@ pub async fn register_nodes(client: &Client, nodes: &[KubeletNode]) -> Result<()
     let api: Api<ApiNode> = Api::all(client.clone());
     for node in nodes {
         let cidr = format!("{}/24", node.id.pod_cidr());
+        let cidr6 = format!("{}/64", node.id.pod_cidr6());
         let object = json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -582,7 +584,7 @@ pub async fn register_nodes(client: &Client, nodes: &[KubeletNode]) -> Result<()
                     "kubernetes.io/arch": "amd64",
                 },
             },
-            "spec": { "podCIDR": cidr, "podCIDRs": [cidr] },
+            "spec": { "podCIDR": cidr, "podCIDRs": [cidr, cidr6] },
         });
         let params = PatchParams::apply("lab-kubelet").force();
         api.patch(&node.name, &params, &Patch::Apply(&object))
@@ -594,6 +596,7 @@ pub async fn register_nodes(client: &Client, nodes: &[KubeletNode]) -> Result<()
             "status": {
                 "addresses": [
                     { "type": "InternalIP", "address": node.address.to_string() },
+                    { "type": "InternalIP", "address": node.id.ip6().to_string() },
                     { "type": "Hostname", "address": node.name },
                 ],
                 "capacity": capacity,

@@ -47,8 +47,10 @@ use crate::{
 pub const API_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 250);
 /// Its port there.
 pub const API_PORT: u16 = 6443;
-/// The Service CIDR (`--service-cluster-ip-range`).
+/// The Service CIDRs (`--service-cluster-ip-range`): the cluster is dual-stack, IPv4 first
+/// (Services are IPv4 unless their `ipFamilyPolicy` asks for more).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
 /// The agents' `ServiceAccount` (`deploy/rbac.yaml`).
 pub const AGENT_SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "rproxy-agent");
 
@@ -137,12 +139,14 @@ impl KubeLab {
         // ClusterIPs through node-1 (rproxy serves them from outside, as kube-proxy does).
         let via = NodeId::ONE.ip().to_string();
         ip(Some(&client_ns), &["route", "add", SERVICE_CIDR, "via", &via])?;
+        let via6 = NodeId::ONE.ip6().to_string();
+        ip(Some(&client_ns), &["-6", "route", "add", SERVICE_CIDR6, "via", &via6])?;
         let lab = Arc::new(Mutex::new(cluster));
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             bin_dir,
             work_dir: work.join("control-plane"),
             extra_sans: vec![API_ADDR.into()],
-            service_cidr: SERVICE_CIDR.to_owned(),
+            service_cidr: format!("{SERVICE_CIDR},{SERVICE_CIDR6}"),
         })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
