@@ -17,7 +17,7 @@
 //! `TokenRequest` API), never an admin identity. The user and the tests use the admin
 //! kubeconfig ([`KubeLab::admin_kubeconfig`]).
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -33,7 +33,7 @@ use serde::Serialize;
 
 use crate::{
     agent::AgentSource,
-    cluster::{CLIENT_IP, Cluster, EXTERNAL_DEV, NodeId},
+    cluster::{CLIENT_IP, CLIENT_IP6, Cluster, EXTERNAL_DEV, NodeId},
     cmd::{ip, run, run_with_input},
     k8s::{
         control_plane::{ControlPlane, ControlPlaneConfig},
@@ -85,14 +85,18 @@ pub struct NodeStatus {
     pub name: String,
     pub netns: String,
     pub address: Ipv4Addr,
+    pub address6: Ipv6Addr,
     #[serde(rename = "podCIDR")]
     pub pod_cidr: String,
+    #[serde(rename = "podCIDR6")]
+    pub pod_cidr6: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ClientStatus {
     pub netns: String,
     pub address: Ipv4Addr,
+    pub address6: Ipv6Addr,
 }
 
 /// The running cluster. Dropping it (also in a panic) stops the kubelet, the agents (with their
@@ -367,10 +371,12 @@ impl KubeLab {
                     name: n.name.clone(),
                     netns: n.ns.clone(),
                     address: n.address,
+                    address6: n.id.ip6(),
                     pod_cidr: format!("{}/24", n.id.pod_cidr()),
+                    pod_cidr6: format!("{}/64", n.id.pod_cidr6()),
                 })
                 .collect(),
-            client: ClientStatus { netns: self.client_ns.clone(), address: CLIENT_IP },
+            client: ClientStatus { netns: self.client_ns.clone(), address: CLIENT_IP, address6: CLIENT_IP6 },
         }
     }
 }
