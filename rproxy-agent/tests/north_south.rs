@@ -870,15 +870,25 @@ fn ipv6_nodeport_to_remote_backend_is_snated_and_forwarded() {
             assert_eq!((seen.src, seen.dst), ((NODE6, 30081), c));
             assert_eq!(macs(&out), (CLIENT_MAC, NODE_MAC));
 
-            let (rc, out) = run(h, &tcp6_frame(c, (NODE6, 30081), ACK, b"data"));
-            assert_eq!(rc, ok);
-            let seen = parse6_checked(&out);
-            assert_eq!(
-                (seen.src, seen.dst, seen.payload.as_slice()),
-                ((NODE6, port), (REMOTE_POD6, 8080), &b"data"[..])
-            );
+            // Twice each way: at XDP the second packet of each direction takes the entry
+            // program's inline path (the route cache has the way), the first the IPv6 half.
+            for round in 0..2 {
+                let (rc, out) = run(h, &tcp6_frame(c, (NODE6, 30081), ACK, b"data"));
+                assert_eq!(rc, ok, "round {round}, xdp={xdp}");
+                let seen = parse6_checked(&out);
+                assert_eq!(
+                    (seen.src, seen.dst, seen.payload.as_slice()),
+                    ((NODE6, port), (REMOTE_POD6, 8080), &b"data"[..])
+                );
+                assert_eq!((macs(&out), seen.hop_limit), ((NODE2_MAC, NODE_MAC), 63));
+                let (rc, out) = run(h, &tcp6_frame((REMOTE_POD6, 8080), (NODE6, port), ACK, b"back"));
+                assert_eq!(rc, ok, "round {round}, xdp={xdp}");
+                let seen = parse6_checked(&out);
+                assert_eq!((seen.src, seen.dst, seen.payload.as_slice()), ((NODE6, 30081), c, &b"back"[..]));
+                assert_eq!((macs(&out), seen.hop_limit), ((CLIENT_MAC, NODE_MAC), 63));
+            }
         }
-        assert_eq!((h.stat(Stat::Forwarded), h.stat(Stat::NewFlow), h.stat(Stat::TailCallFail)), (6, 2, 0));
+        assert_eq!((h.stat(Stat::Forwarded), h.stat(Stat::NewFlow), h.stat(Stat::TailCallFail)), (12, 2, 0));
     });
 }
 

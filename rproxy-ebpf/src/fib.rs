@@ -83,6 +83,33 @@ pub fn lookup<C: Ctx, F: Family>(ctx: &C, proto: u8, ip_len: u16, saddr: Option<
     }
 }
 
+/// The route cache's fresh entry for (`saddr`, `daddr`, `proto`) on this context's device, as a
+/// ready route, if the packet (IP length `ip_len`) fits its MTU; `None` otherwise (no entry, a
+/// stale one, too big): [`cached`] then asks the FIB. XDP only (TC has no cache).
+#[inline(always)]
+pub fn cached_only<C: Ctx, F: Family>(
+    ctx: &C,
+    proto: u8,
+    ip_len: u16,
+    saddr: F::Addr,
+    daddr: F::Addr,
+    now: u64,
+) -> Option<Route<F>> {
+    if C::SKB {
+        return None;
+    }
+    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0, 0, 0] };
+    // SAFETY: copied out at once (an update replaces the element rather than writing into it).
+    let v = unsafe { F::routes().get(key) }.copied()?;
+    (now.wrapping_sub(v.checked_ns) < route::VALID_NS && ip_len <= v.mtu).then_some(Route::Ready {
+        ifindex: v.ifindex,
+        smac: v.smac,
+        dmac: v.dmac,
+        src: saddr,
+        mtu: v.mtu,
+    })
+}
+
 /// `lookup` from `saddr` (not zero) to `daddr`, at XDP through the route cache: a result at
 /// most `route::VALID_NS` old at `now` for the same ingress device, addresses and protocol is
 /// used as it is (its MTU checked against `ip_len`); otherwise the FIB is asked, and a complete

@@ -154,10 +154,13 @@ pub fn rpx_xdp_noop(_ctx: XdpContext) -> u32 {
 pub fn rpx_xdp_ext(ctx: XdpContext) -> u32 {
     match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => xdp_verdict(&ctx, external_ingress::<_, V4>(&ctx)),
+        // Established flows and replies with a cached route are translated here; the rest
+        // (new flows, ICMPv6, what needs the FIB or an ICMPv6 error) in the IPv6 half.
         Some(ETH_P_IPV6_BE) => {
-            if parse::parse_ipv6(&ctx).is_none_or(|pkt| nodeport::ingress_acts_on(&pkt)) {
-                ctx.tail_call(calls::XDP_EXT6);
+            if let Some(action) = parse::parse_ipv6(&ctx).and_then(|pkt| nodeport::ingress_inline(&ctx, &pkt)) {
+                return xdp_verdict(&ctx, Ok(action));
             }
+            ctx.tail_call(calls::XDP_EXT6);
             xdp_action::XDP_PASS
         }
         _ => xdp_action::XDP_PASS,

@@ -56,6 +56,61 @@ pub fn ingress_acts_on<F: Family>(pkt: &Packet<F>) -> bool {
     !pkt.fragment && (lb::may_be_backend(pkt) || lb::may_be_service(pkt))
 }
 
+/// `ingress`'s common cases at XDP, which the entry program runs inline for IPv6: a packet
+/// `ingress` passes, a packet of an established flow, and a reply of a source-translated one,
+/// when the route cache has the way (fresh, and the packet fits its MTU) and the TTL allows
+/// forwarding. `None`: the rest of `ingress` is needed (the entry program tail-calls its IPv6
+/// half, which also answers what needs an ICMP error or a FIB lookup).
+#[inline(always)]
+pub fn ingress_inline<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Option<Action> {
+    if pkt.fragment {
+        return Some(Action::Pass);
+    }
+    let (ct, dir) = if lb::may_be_backend(pkt)
+        && let Some(ct) = F::conntrack().get_ptr_mut(conntrack::reply_key(pkt))
+        // SAFETY: valid map value pointer for this run.
+        && unsafe { &*ct }.kind() == FlowKind::ExternalSnat
+    {
+        (ct, CT_DIR_REPLY)
+    } else if !lb::may_be_service(pkt) {
+        return Some(Action::Pass);
+    } else if let lb::Existing::Live(ct) = lb::existing(pkt, Origin::External) {
+        (ct, CT_DIR_SERVICE)
+    } else {
+        return None;
+    };
+    // SAFETY: valid map value pointer for this run.
+    let v = unsafe { &*ct };
+    let new = if dir == CT_DIR_REPLY {
+        Tuple { saddr: v.pair_addr, daddr: v.nat_addr, sport: v.pair_port, dport: v.nat_port }
+    } else {
+        Tuple { saddr: v.nat_addr, daddr: v.pair_addr, sport: v.nat_port, dport: v.pair_port }
+    };
+    let now = conntrack::now_ns();
+    let route = if v.kind() == FlowKind::ExternalSnat {
+        if pkt.ttl <= 1 {
+            return None;
+        }
+        Some(fib::cached_only::<C, F>(ctx, pkt.proto, pkt.ip_len, new.saddr, new.daddr, now)?)
+    } else {
+        None
+    };
+    let (bits, syn) = if dir == CT_DIR_REPLY {
+        (conntrack::rev_bits(pkt), false)
+    } else {
+        (conntrack::fwd_bits(pkt), conntrack::is_syn(pkt))
+    };
+    conntrack::account::<F>(ct, dir, pkt.proto, bits, syn, now);
+    if nat::rewrite_tuple(ctx, pkt, &new).is_err() {
+        return Some(Action::Fail);
+    }
+    count(if dir == CT_DIR_REPLY { Stat::RevNat } else { Stat::Established });
+    Some(match route {
+        None => Action::Pass,
+        Some(r) => forward(ctx, &r),
+    })
+}
+
 /// A TCP or UDP packet on an external device's ingress.
 #[inline(always)]
 pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i64> {

@@ -79,7 +79,7 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
 pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 0x100);
 /// Prefix length of the shared segment (172.31.0.0/24).
 pub const EXTERNAL_PREFIX_LEN: u8 = 24;
-/// Prefix length of the shared segment's IPv6 subnet (fd00:172:31::/64).
+/// Prefix length of the shared segment's IPv6 subnet (`fd00:172:31::/64`).
 pub const EXTERNAL_PREFIX_LEN6: u8 = 64;
 /// Most queues an external veth gets (one per CPU up to this).
 const MAX_QUEUES: usize = 64;
@@ -140,19 +140,19 @@ impl NodeId {
         Ipv4Addr::new(10, 244, self.0, host)
     }
 
-    /// The IPv6 address of the node's `eth0`: fd00:172:31::N (/64).
+    /// The IPv6 address of the node's `eth0`: `fd00:172:31::N` (/64).
     #[must_use]
     pub fn ip6(self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, u16::from(self.0))
     }
 
-    /// The node's IPv6 pod CIDR, /64: fd00:244:N::.
+    /// The node's IPv6 pod CIDR, /64: `fd00:244:N::`.
     #[must_use]
     pub fn pod_cidr6(self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, 0x244, u16::from(self.0), 0, 0, 0, 0, 0)
     }
 
-    /// IPv6 address `host` in the node's pod CIDR: fd00:244:N::host.
+    /// IPv6 address `host` in the node's pod CIDR: `fd00:244:N::host`.
     #[must_use]
     pub fn pod_ip6(self, host: u8) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, 0x244, u16::from(self.0), 0, 0, 0, 0, u16::from(host))

@@ -73,7 +73,7 @@ enum Fam {
 impl Fam {
     const BOTH: [Self; 2] = [Self::V4, Self::V6];
 
-    /// Address `n` of the Services' range: 10.96.0.n, fd00:96::n.
+    /// Address `n` of the Services' range: `10.96.0.n`, `fd00:96::n`.
     fn cluster_ip(self, n: u8) -> IpAddr {
         match self {
             Self::V4 => Ipv4Addr::new(10, 96, 0, n).into(),
@@ -81,8 +81,8 @@ impl Fam {
         }
     }
 
-    /// External address `n` (externalIPs, ingress IPs), routed to node 1: 172.31.1.n,
-    /// fd00:172:99::n.
+    /// External address `n` (externalIPs, ingress IPs), routed to node 1: `172.31.1.n`,
+    /// `fd00:172:99::n`.
     fn vip(self, n: u8) -> IpAddr {
         match self {
             Self::V4 => Ipv4Addr::new(172, 31, 1, n).into(),
@@ -140,24 +140,27 @@ impl Fam {
 /// An `EndpointSlice` of each family for Service `service`: `endpoints` are (node, pod host
 /// number) pairs, `ports` (name, protocol, port) triples.
 fn slices(service: &str, endpoints: &[(NodeId, u8)], ports: &[(&str, &str, u16)]) -> String {
-    let ports: String = ports
-        .iter()
-        .map(|(name, proto, port)| format!("- {{name: {name}, protocol: {proto}, port: {port}}}\n"))
-        .collect();
+    use std::fmt::Write as _;
     let mut out = String::new();
     for (fam, kind) in [(Fam::V4, "IPv4"), (Fam::V6, "IPv6")] {
-        let eps: String = endpoints
-            .iter()
-            .map(|(node, host)| {
-                let addr: IpAddr = if fam == Fam::V4 { node.pod_ip(*host).into() } else { node.pod_ip6(*host).into() };
-                format!("- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: {}}}\n", node.k8s_name())
-            })
-            .collect();
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: {service}-{kind}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
-             addressType: {kind}\nendpoints:\n{eps}ports:\n{ports}"
-        ));
+             addressType: {kind}\nendpoints:\n"
+        );
+        for (node, host) in endpoints {
+            let addr: IpAddr = if fam == Fam::V4 { node.pod_ip(*host).into() } else { node.pod_ip6(*host).into() };
+            let _ = writeln!(
+                out,
+                "- {{addresses: [\"{addr}\"], conditions: {{ready: true}}, nodeName: {}}}",
+                node.k8s_name()
+            );
+        }
+        out.push_str("ports:\n");
+        for (name, proto, port) in ports {
+            let _ = writeln!(out, "- {{name: {name}, protocol: {proto}, port: {port}}}");
+        }
     }
     out
 }
