@@ -4,40 +4,50 @@
 //! writer the agent uses, runs a frame through `rpx_from_pod` / `rpx_to_pod`, and checks the
 //! verdict and every rewritten byte, checksums recomputed independently (etherparse).
 //!
+//! Each behaviour is written once, over `IpAddr`s, and runs for both families
+//! (`both_families!`: tests `<behaviour>::ipv4` and `<behaviour>::ipv6`); what only one family
+//! has (IPv4 options, UDP without a checksum, IPv6 extension headers) has tests of its own.
+//!
 //! Needs root (`CAP_BPF` + `CAP_NET_ADMIN`) and a mounted bpffs. Without them the tests print why
 //! and return, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI), where they
 //! fail instead.
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use common::{
-    ACK, FIN, Harness, RST, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_related_error, ct_key, ct6_key, harness,
-    icmp_error_frame, parse_checked, parse6_checked, tcp_frame, tcp6_frame, udp_frame, udp6_frame,
+    ACK, FIN, Fam, Harness, IcmpKind, RST, SERIAL, SYN, SYN_ACK, assert_port_unreachable, assert_related, harness,
+    icmp_error, icmp_error_frame, parse, parse_checked, tcp, tcp_frame, udp, udp_frame,
 };
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    AffinityKey4, AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtKey4, CtState, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, Stat, prog_names, proto,
+    AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtState, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, Stat, prog_names,
+    proto,
 };
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
 const DROP: u32 = 2; // TC_ACT_SHOT
 const REDIRECT: u32 = 7; // TC_ACT_REDIRECT
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const BACKENDS: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
 const CPORT: u16 = 40_000;
 
-fn service(proto: Protocol, backends: &[Ipv4Addr]) -> Desired {
-    let backends: Vec<IpAddr> = backends.iter().map(|a| IpAddr::from(*a)).collect();
-    service_at(VIP.into(), proto, &backends)
+/// The client pod of every case.
+fn client(fam: Fam) -> IpAddr {
+    fam.pod(100)
 }
 
-/// A `ClusterIP` Service at `vip`:80 with `backends`:8080 (one family).
+/// The Service's address.
+fn vip(fam: Fam) -> IpAddr {
+    fam.svc(10)
+}
+
+/// Three backend pods.
+fn backends(fam: Fam) -> [IpAddr; 3] {
+    [fam.pod(11), fam.pod(12), fam.pod(13)]
+}
+
+/// A `ClusterIP` Service at `vip`:80 with `backends`:8080.
 fn service_at(vip: IpAddr, proto: Protocol, backends: &[IpAddr]) -> Desired {
     let fe = Frontend { addr: vip, port: 80, proto };
     let entry = ServiceEntry {
@@ -60,12 +70,26 @@ fn service_at(vip: IpAddr, proto: Protocol, backends: &[IpAddr]) -> Desired {
     Desired { services: [(fe, entry)].into_iter().collect(), ..Desired::default() }
 }
 
-fn svc_key(client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
-    ct_key(client, (VIP, 80), p, CT_DIR_SERVICE)
+/// The Service at the family's VIP.
+fn service(fam: Fam, proto: Protocol, backends: &[IpAddr]) -> Desired {
+    service_at(vip(fam), proto, backends)
 }
 
-fn reply_key(backend: (Ipv4Addr, u16), client: (Ipv4Addr, u16), p: u8) -> CtKey4 {
-    ct_key(backend, client, p, CT_DIR_REPLY)
+/// Two services (TCP and UDP, same backends) at the family's VIP.
+fn tcp_and_udp(fam: Fam, backends: &[IpAddr]) -> Desired {
+    let mut d = service(fam, Protocol::Tcp, backends);
+    d.services.extend(service(fam, Protocol::Udp, backends).services);
+    d
+}
+
+/// The service-direction conntrack entry of `client`'s flow to the VIP.
+fn svc_ct(h: &Harness, fam: Fam, client: (IpAddr, u16), p: u8) -> Option<common::Ct> {
+    h.ct_of(client, (vip(fam), 80), p, CT_DIR_SERVICE)
+}
+
+/// The reply-direction conntrack entry of a backend's replies to `client`.
+fn reply_ct(h: &Harness, backend: (IpAddr, u16), client: (IpAddr, u16), p: u8) -> Option<common::Ct> {
+    h.ct_of(backend, client, p, CT_DIR_REPLY)
 }
 
 macro_rules! kernel_test {
@@ -75,118 +99,542 @@ macro_rules! kernel_test {
     };
 }
 
-#[test]
-fn syn_to_vip_is_dnated_and_reply_is_reverse_natted() {
+/// Runs `case` for `fam` on a fresh harness (none without root, see the module doc).
+fn run_case(case: fn(&mut Harness, Fam), fam: Fam) {
     kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS));
-    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
-    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
-    assert_eq!(rc, PASS);
-    let seen = parse_checked(&out);
-    assert_eq!(seen.src, (CLIENT, CPORT), "source untouched");
-    assert!(BACKENDS.contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
-    // Only the addresses, ports and checksums changed.
-    assert_eq!(out.len(), syn.len());
-    let differing: Vec<usize> = (0..out.len()).filter(|i| out[*i] != syn[*i]).collect();
-    let allowed = [14 + 10, 14 + 11, 14 + 16, 14 + 17, 14 + 18, 14 + 19, 34 + 2, 34 + 3, 34 + 16, 34 + 17];
-    assert!(differing.iter().all(|i| allowed.contains(i)), "unexpected bytes changed: {differing:?}");
+    case(&mut h, fam);
+}
 
-    // Conntrack: a service entry and a reply entry, state SYN sent.
-    let backend = seen.dst;
-    let fwd = h.ct(&svc_key((CLIENT, CPORT), proto::TCP)).expect("service entry");
-    let rev = h.ct(&reply_key(backend, (CLIENT, CPORT), proto::TCP)).expect("reply entry");
-    assert_eq!(fwd.backend_id, rev.backend_id);
-    assert_eq!(fwd.state, CtState::SynSent as u8);
+/// A behaviour written once over `IpAddr`s (`fn name(h, fam) { … }`), as a module `name` with
+/// the tests `ipv4` and `ipv6`.
+macro_rules! both_families {
+    ($(#[$meta:meta])* fn $name:ident($h:ident, $fam:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            use super::*;
 
-    // SYN-ACK from the backend, on its way into the client pod: source becomes the VIP.
-    let synack = tcp_frame(backend, (CLIENT, CPORT), SYN_ACK, b"", &[]);
-    let (rc, out) = h.run(prog_names::TO_POD, &synack);
-    assert_eq!(rc, PASS);
-    let seen = parse_checked(&out);
-    assert_eq!(seen.src, (VIP, 80));
-    assert_eq!(seen.dst, (CLIENT, CPORT));
-    let fwd = h.ct(&svc_key((CLIENT, CPORT), proto::TCP)).unwrap();
-    assert_eq!(fwd.state, CtState::Established as u8, "SYN-ACK moves both entries to established");
+            fn case($h: &mut Harness, $fam: Fam) $body
 
-    // Data on the established flow goes to the same backend, payload intact.
-    for i in 0..20u8 {
-        let data = tcp_frame((CLIENT, CPORT), (VIP, 80), ACK, &[i; 100], &[]);
-        let (rc, out) = h.run(prog_names::FROM_POD, &data);
+            #[test]
+            fn ipv4() {
+                run_case(case, Fam::V4);
+            }
+
+            #[test]
+            fn ipv6() {
+                run_case(case, Fam::V6);
+            }
+        }
+    };
+}
+
+both_families! {
+    /// A SYN to the VIP is translated to a backend (only the destination address and port and
+    /// the checksums change), both conntrack entries are made, the SYN-ACK comes back from the
+    /// VIP and moves the flow to established, and data keeps its backend, payload intact.
+    fn syn_to_vip_is_dnated_and_reply_is_reverse_natted(h, fam) {
+        h.program(&service(fam, Protocol::Tcp, &backends(fam)));
+        let c = (client(fam), CPORT);
+        let syn = tcp(c, (vip(fam), 80), SYN, b"");
+        let (rc, out) = h.run(prog_names::FROM_POD, &syn);
         assert_eq!(rc, PASS);
-        let seen = parse_checked(&out);
-        assert_eq!(seen.dst, backend, "established flow keeps its backend");
-        assert_eq!(seen.payload, vec![i; 100]);
+        let seen = parse(&out);
+        assert_eq!(seen.src, c, "source untouched");
+        assert!(backends(fam).contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
+        // Only the destination address and port and the checksums changed.
+        assert_eq!(out.len(), syn.len());
+        let l4 = 14 + fam.ip_len();
+        let daddr = if fam == Fam::V4 { 30..34 } else { 38..54 };
+        let ip_csum: &[usize] = if fam == Fam::V4 { &[24, 25] } else { &[] };
+        let allowed = |i: usize| daddr.contains(&i) || ip_csum.contains(&i) || [l4 + 2, l4 + 3, l4 + 16, l4 + 17].contains(&i);
+        let differing: Vec<usize> = (0..out.len()).filter(|i| out[*i] != syn[*i]).collect();
+        assert!(differing.iter().all(|i| allowed(*i)), "unexpected bytes changed: {differing:?}");
+
+        // Conntrack: a service entry and a reply entry, state SYN sent.
+        let backend = seen.dst;
+        let fwd = svc_ct(h, fam, c, proto::TCP).expect("service entry");
+        let rev = reply_ct(h, backend, c, proto::TCP).expect("reply entry");
+        assert_eq!((fwd.backend_id, fwd.state), (rev.backend_id, CtState::SynSent as u8));
+
+        // SYN-ACK from the backend, on its way into the client pod: source becomes the VIP.
+        let (rc, out) = h.run(prog_names::TO_POD, &tcp(backend, c, SYN_ACK, b""));
+        assert_eq!(rc, PASS);
+        let seen = parse(&out);
+        assert_eq!((seen.src, seen.dst), ((vip(fam), 80), c));
+        let fwd = svc_ct(h, fam, c, proto::TCP).expect("service entry");
+        assert_eq!(fwd.state, CtState::Established as u8, "SYN-ACK moves both entries to established");
+
+        // Data on the established flow goes to the same backend, payload intact.
+        for i in 0..20u8 {
+            let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, (vip(fam), 80), ACK, &[i; 100]));
+            assert_eq!(rc, PASS);
+            let seen = parse(&out);
+            assert_eq!((seen.dst, seen.payload), (backend, vec![i; 100]), "established flow keeps its backend");
+        }
+        assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (1, 20, 1));
+        assert_eq!(h.stat(Stat::TailCallFail), 0);
     }
-    assert_eq!(h.stat(Stat::NewFlow), 1);
-    assert_eq!(h.stat(Stat::Established), 20);
-    assert_eq!(h.stat(Stat::RevNat), 1);
 }
 
+both_families! {
+    /// TCP state: half-closed stays established, FIN both ways is closing (mirrored into the
+    /// reply entry), a new SYN on a closing flow reopens it, RST closes and is flagged.
+    fn tcp_state_follows_fin_and_rst(h, fam) {
+        h.program(&service(fam, Protocol::Tcp, &backends(fam)[..1]));
+        let be = (backends(fam)[0], 8080);
+        let c = (client(fam), CPORT + 1);
+        let to_vip = (vip(fam), 80);
+        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
+        h.run(prog_names::TO_POD, &tcp(be, c, SYN_ACK, b""));
+        h.run(prog_names::FROM_POD, &tcp(c, to_vip, FIN, b""));
+        let state = |h: &Harness| svc_ct(h, fam, c, proto::TCP).expect("entry").state;
+        assert_eq!(state(h), CtState::Established as u8, "half-closed stays established");
+        h.run(prog_names::TO_POD, &tcp(be, c, FIN, b""));
+        assert_eq!(state(h), CtState::Closing as u8);
+        assert_eq!(reply_ct(h, be, c, proto::TCP).expect("reply").state, CtState::Closing as u8, "mirrored");
+        // Port reuse: a new SYN on a closing flow reopens it.
+        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
+        assert_eq!(state(h), CtState::SynSent as u8);
+        // RST closes.
+        h.run(prog_names::TO_POD, &tcp(be, c, RST, b""));
+        let v = svc_ct(h, fam, c, proto::TCP).expect("entry");
+        assert_eq!(v.state, CtState::Closing as u8);
+        assert_ne!(v.flags & CT_F_RST, 0);
+    }
+}
+
+both_families! {
+    /// A UDP request goes to a backend (a datagram entry) and the answer comes back from the
+    /// VIP, payloads intact.
+    fn udp_both_ways(h, fam) {
+        h.program(&service(fam, Protocol::Udp, &backends(fam)));
+        let c = (client(fam), 5353);
+        let (rc, out) = h.run(prog_names::FROM_POD, &udp(c, (vip(fam), 80), b"question"));
+        assert_eq!(rc, PASS);
+        let seen = parse(&out);
+        assert!(backends(fam).contains(&seen.dst.0) && seen.dst.1 == 8080);
+        assert_eq!(seen.payload, b"question");
+        let be = seen.dst;
+        assert_eq!(svc_ct(h, fam, c, proto::UDP).expect("udp entry").state, CtState::Datagram as u8);
+        let (rc, out) = h.run(prog_names::TO_POD, &udp(be, c, b"answer"));
+        assert_eq!(rc, PASS);
+        let seen = parse(&out);
+        assert_eq!((seen.src, seen.dst, seen.payload), ((vip(fam), 80), c, b"answer".to_vec()));
+    }
+}
+
+both_families! {
+    /// Packets that are not for a service (a backend directly, another port, another protocol)
+    /// and not a backend's reply pass byte for byte, both ways.
+    fn non_service_packets_are_unchanged_byte_for_byte(h, fam) {
+        h.program(&service(fam, Protocol::Tcp, &backends(fam)));
+        let c = (client(fam), CPORT);
+        let frames = [
+            tcp(c, (backends(fam)[0], 8080), SYN, b"direct"),
+            tcp(c, (vip(fam), 81), SYN, b"other port"),
+            udp(c, (vip(fam), 80), b"other protocol"),
+        ];
+        for f in &frames {
+            for prog in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::EXT_EGRESS] {
+                assert_eq!(h.run(prog, f), (PASS, f.clone()), "via {prog}");
+            }
+        }
+        assert_eq!(h.stat(Stat::NewFlow), 0);
+    }
+}
+
+/// `frame` (Ethernet + IP + UDP, no options) as a first fragment: "more fragments" set (IPv4),
+/// or a fragment header (IPv6), with valid header checksums.
+fn first_fragment(fam: Fam, frame: &[u8]) -> Vec<u8> {
+    let mut frag = frame.to_vec();
+    match fam {
+        Fam::V4 => {
+            frag[14 + 6] |= 0x20;
+            let mut h4 = Ipv4Header::from_slice(&frag[14..]).expect("IPv4").0;
+            h4.header_checksum = h4.calc_header_checksum();
+            frag[14 + 10..14 + 12].copy_from_slice(&h4.header_checksum.to_be_bytes());
+        }
+        Fam::V6 => {
+            let next = frag[14 + 6];
+            frag[14 + 6] = 44;
+            let len = u16::from_be_bytes([frag[18], frag[19]]) + 8;
+            frag[18..20].copy_from_slice(&len.to_be_bytes());
+            // Next header, reserved, offset 0 with "more fragments", identification.
+            let header = [next, 0, 0, 1, 0, 0, 0x12, 0x34];
+            frag.splice(54..54, header);
+        }
+    }
+    frag
+}
+
+both_families! {
+    /// A fragment of a packet to a service passes untouched and is counted (the datapath does
+    /// not reassemble).
+    fn fragments_are_passed_and_counted(h, fam) {
+        h.program(&service(fam, Protocol::Udp, &backends(fam)));
+        let frag = first_fragment(fam, &udp((client(fam), 5355), (vip(fam), 80), b"fragmented"));
+        assert_eq!(h.run(prog_names::FROM_POD, &frag), (PASS, frag.clone()));
+        assert_eq!(h.stat(Stat::Fragment), 1);
+    }
+}
+
+both_families! {
+    /// A service without endpoints rejects new flows as kube-proxy does: port unreachable
+    /// (ICMP, ICMPv6) from the service address, back into the pod (TCP and UDP); no state is
+    /// made.
+    fn service_without_backends_rejects(h, fam) {
+        h.program(&tcp_and_udp(fam, &[]));
+        let c = (client(fam), CPORT);
+        let syn = tcp(c, (vip(fam), 80), SYN, b"");
+        let datagram = udp(c, (vip(fam), 80), b"question");
+        for (i, frame) in [syn, datagram].iter().enumerate() {
+            let (rc, out) = h.run(prog_names::FROM_POD, frame);
+            assert_eq!(rc, REDIRECT, "frame {i}: back out of the pod's device");
+            assert_port_unreachable(&out, frame);
+        }
+        assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (2, 2));
+        assert!(svc_ct(h, fam, c, proto::TCP).is_none());
+    }
+}
+
+/// An IPv4 header with options gets no ICMP message (its quote would need them): a new flow to
+/// a service without endpoints is dropped instead.
 #[test]
-fn tcp_state_follows_fin_and_rst() {
+fn a_rejected_packet_with_ipv4_options_is_dropped() {
     kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
-    let be = (BACKENDS[0], 8080);
-    let c = (CLIENT, CPORT + 1);
-    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
-    h.run(prog_names::TO_POD, &tcp_frame(be, c, SYN_ACK, b"", &[]));
-    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), FIN, b"", &[]));
-    let state = |h: &Harness| h.ct(&svc_key(c, proto::TCP)).unwrap().state;
-    assert_eq!(state(&h), CtState::Established as u8, "half-closed stays established");
-    h.run(prog_names::TO_POD, &tcp_frame(be, c, FIN, b"", &[]));
-    assert_eq!(state(&h), CtState::Closing as u8);
-    let rev = h.ct(&reply_key(be, c, proto::TCP)).unwrap();
-    assert_eq!(rev.state, CtState::Closing as u8, "state mirrored into the reply entry");
-    // Port reuse: a new SYN on a closing flow reopens it.
-    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
-    assert_eq!(state(&h), CtState::SynSent as u8);
-    // RST closes.
-    h.run(prog_names::TO_POD, &tcp_frame(be, c, RST, b"", &[]));
-    let v = h.ct(&svc_key(c, proto::TCP)).unwrap();
-    assert_eq!(v.state, CtState::Closing as u8);
-    assert_ne!(v.flags & CT_F_RST, 0);
+    h.program(&service(Fam::V4, Protocol::Tcp, &[]));
+    let (c, to) = ((Ipv4Addr::new(10, 244, 1, 100), CPORT), (Ipv4Addr::new(10, 96, 0, 10), 80));
+    let with_options = tcp_frame(c, to, SYN, b"", &[1, 1, 1, 0]);
+    assert_eq!(h.run(prog_names::FROM_POD, &with_options).0, DROP);
+    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (1, 0));
 }
 
-#[test]
-fn udp_both_ways() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Udp, &BACKENDS));
-    let c = (CLIENT, 5353);
-    let req = udp_frame(c, (VIP, 80), b"question");
-    let (rc, out) = h.run(prog_names::FROM_POD, &req);
-    assert_eq!(rc, PASS);
-    let seen = parse_checked(&out);
-    assert!(BACKENDS.contains(&seen.dst.0) && seen.dst.1 == 8080);
-    assert_eq!(seen.payload, b"question");
-    let be = seen.dst;
-    let ct = h.ct(&svc_key(c, proto::UDP)).expect("udp entry");
-    assert_eq!(ct.state, CtState::Datagram as u8);
-
-    let (rc, out) = h.run(prog_names::TO_POD, &udp_frame(be, c, b"answer"));
-    assert_eq!(rc, PASS);
-    let seen = parse_checked(&out);
-    assert_eq!((seen.src, seen.dst), ((VIP, 80), c));
-    assert_eq!(seen.payload, b"answer");
+both_families! {
+    /// ICMP errors about a translated flow reach the client translated back (conntrack's
+    /// "related"): a backend's port unreachable for a UDP datagram and a router's "too big" for
+    /// a TCP segment quote the packet as the backend got it; on the way into the pod the quote
+    /// becomes the packet the client sent again (destination, checksums), and the backend's own
+    /// error comes from the service address. Errors about no known flow pass untouched.
+    fn icmp_errors_about_translated_flows_are_reverse_translated(h, fam) {
+        let backend = backends(fam)[0];
+        h.program(&tcp_and_udp(fam, &[backend]));
+        let c = (client(fam), CPORT);
+        let datagram = udp(c, (vip(fam), 80), b"question");
+        let syn = tcp(c, (vip(fam), 80), SYN, b"");
+        let router = fam.router();
+        for (sent, from, kind) in [(&datagram, backend, IcmpKind::PortUnreachable), (&syn, router, IcmpKind::TooBig(1280))] {
+            let (_, translated) = h.run(prog_names::FROM_POD, sent);
+            assert_eq!(parse(&translated).dst, (backend, 8080));
+            let error = icmp_error(kind, from, c.0, &fam.quote(&translated));
+            let (rc, out) = h.run(prog_names::TO_POD, &error);
+            assert_eq!(rc, PASS);
+            let src = if from == backend { vip(fam) } else { router };
+            assert_related(&out, sent, src);
+        }
+        assert_eq!(h.stat(Stat::IcmpRelated), 2);
+        // No flow of this client port: untouched.
+        let (_, other) = h.run(prog_names::FROM_POD, &udp((c.0, CPORT + 1), (vip(fam), 80), b"x"));
+        let mut quote = fam.quote(&other);
+        let sport = fam.ip_len();
+        quote[sport..sport + 2].copy_from_slice(&(CPORT + 2).to_be_bytes());
+        let error = icmp_error(IcmpKind::PortUnreachable, backend, c.0, &quote);
+        assert_eq!(h.run(prog_names::TO_POD, &error), (PASS, error.clone()));
+        assert_eq!(h.stat(Stat::IcmpRelated), 2);
+    }
 }
 
+both_families! {
+    /// Hairpin: a pod whose connection to its Service is translated to itself gets the source
+    /// translated too, to the hairpin address (else its own stack would drop a packet from
+    /// itself); its replies, which go to its gateway, are translated back to come from the
+    /// service. Later packets keep both translations. A second service with the same backend
+    /// cannot take the reply tuple the first flow holds.
+    fn a_pod_reaching_itself_is_translated_both_ways(h, fam) {
+        let me = client(fam);
+        h.program(&service(fam, Protocol::Tcp, &[me]));
+        let hairpin = fam.hairpin();
+        let c = (me, CPORT);
+        for (i, flags) in [SYN, ACK].into_iter().enumerate() {
+            let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, (vip(fam), 80), flags, b""));
+            assert_eq!(rc, PASS);
+            let seen = parse(&out);
+            assert_eq!((seen.src, seen.dst), ((hairpin, CPORT), (me, 8080)), "packet {i}");
+        }
+        let reply = tcp((me, 8080), (hairpin, CPORT), SYN_ACK, b"");
+        let (rc, out) = h.run(prog_names::FROM_POD, &reply);
+        assert_eq!(rc, PASS);
+        let seen = parse(&out);
+        assert_eq!((seen.src, seen.dst), ((vip(fam), 80), c), "the reply comes from the service");
+        assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (1, 1, 1));
+        // Another pod's flow to the same backend is not source-translated.
+        let other = (fam.pod(101), CPORT);
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp(other, (vip(fam), 80), SYN, b""));
+        assert_eq!(parse(&out).src, other);
+
+        // The same source port to a second service whose backend is the pod too would need the
+        // reply tuple the first flow holds: dropped rather than steal its replies.
+        let vip2 = fam.svc(11);
+        let mut both = service(fam, Protocol::Tcp, &[me]);
+        both.services.extend(service_at(vip2, Protocol::Tcp, &[me]).services);
+        h.program(&both);
+        let (rc, _) = h.run(prog_names::FROM_POD, &tcp(c, (vip2, 80), SYN, b""));
+        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
+        let (rc, out) = h.run(prog_names::FROM_POD, &reply);
+        assert_eq!((rc, parse(&out).src), (PASS, (vip(fam), 80)), "the first flow keeps its replies");
+    }
+}
+
+both_families! {
+    /// Two connections never share a reply tuple. One backend behind two frontends, and a pod
+    /// that reuses its source port towards it: while the first flow is live, a new flow through
+    /// the second frontend, or straight to the backend's own address, is dropped (and counted)
+    /// rather than steal its replies; once the first flow is over (closing), the new connection
+    /// takes the tuple, the old flow's entries go, and the replies are the new connection's.
+    fn a_reply_tuple_is_never_shared_and_a_closed_flow_gives_it_up(h, fam) {
+        let vip1 = (vip(fam), 80);
+        let vip2 = (fam.svc(11), 80);
+        let b = (backends(fam)[0], 8080);
+        let mut both = service(fam, Protocol::Tcp, &[b.0]);
+        both.services.extend(service_at(vip2.0, Protocol::Tcp, &[b.0]).services);
+        h.program(&both);
+        let c = (client(fam), 41_000);
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, vip1, SYN, b""));
+        assert_eq!((rc, parse(&out).dst), (PASS, b));
+        h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
+        assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Established as u8);
+
+        // Live: the second frontend's flow and a direct connection are dropped, the first
+        // flow's replies stay its own.
+        let (rc, _) = h.run(prog_names::FROM_POD, &tcp(c, vip2, SYN, b""));
+        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
+        let direct = tcp(c, b, SYN, b"");
+        let (rc, _) = h.run(prog_names::FROM_POD, &direct);
+        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 2));
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, b"data"));
+        assert_eq!(parse(&out).src, vip1, "the live flow keeps its replies");
+        // A direct connection from another port is none of its business.
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp((c.0, 41_001), b, SYN, b""));
+        assert_eq!((rc, parse(&out).dst), (PASS, b));
+
+        // The first flow closes (FIN both ways): a direct connection from the same port takes
+        // the tuple; the SYN passes untouched, and the SYN-ACK reaches the pod from the backend.
+        h.run(prog_names::FROM_POD, &tcp(c, vip1, FIN, b""));
+        h.run(prog_names::TO_POD, &tcp(b, c, FIN, b""));
+        assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Closing as u8);
+        assert_eq!(h.run(prog_names::FROM_POD, &direct), (PASS, direct.clone()));
+        assert!(svc_ct(h, fam, c, proto::TCP).is_none() && reply_ct(h, b, c, proto::TCP).is_none());
+        let synack = tcp(b, c, SYN_ACK, b"");
+        assert_eq!(h.run(prog_names::TO_POD, &synack), (PASS, synack.clone()), "the backend's own SYN-ACK");
+
+        // Likewise a closed flow gives the tuple up to a new flow through the other frontend:
+        // its client-side entry goes, the new flow's replies come from the second frontend.
+        let c2 = (client(fam), 41_002);
+        h.run(prog_names::FROM_POD, &tcp(c2, vip1, SYN, b""));
+        h.run(prog_names::TO_POD, &tcp(b, c2, RST, b""));
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c2, vip2, SYN, b""));
+        assert_eq!((rc, parse(&out).dst), (PASS, b));
+        assert!(svc_ct(h, fam, c2, proto::TCP).is_none(), "the closed flow's client side is gone");
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c2, SYN_ACK, b""));
+        assert_eq!(parse(&out).src, vip2);
+        assert_eq!(h.stat(Stat::CtClash), 2);
+    }
+}
+
+/// The service with `ClientIP` session affinity (`timeout` seconds).
+fn affine_service(fam: Fam, backends: &[IpAddr], timeout: u32) -> Desired {
+    let mut d = service(fam, Protocol::Tcp, backends);
+    for e in d.services.values_mut() {
+        e.flags |= SVC_F_AFFINITY;
+        e.affinity_timeout = timeout;
+    }
+    d
+}
+
+both_families! {
+    /// `sessionAffinity: ClientIP`: every new flow of a client goes to the backend its last new
+    /// flow got, while that was within the timeout and the backend still serves the Service;
+    /// then it picks afresh (and is remembered again). Affinity is per client; what the map
+    /// remembers decides.
+    fn client_ip_affinity_keeps_a_client_on_its_backend(h, fam) {
+        let all = backends(fam);
+        h.program(&affine_service(fam, &all, 60));
+        let new_flow = |h: &mut Harness, client: IpAddr, port: u16| {
+            let (rc, out) = h.run(prog_names::FROM_POD, &tcp((client, port), (vip(fam), 80), SYN, b""));
+            assert_eq!(rc, PASS);
+            parse(&out).dst.0
+        };
+        let me = client(fam);
+        let first = new_flow(h, me, CPORT);
+        for i in 1..24 {
+            assert_eq!(new_flow(h, me, CPORT + i), first, "flow {i} of the same client");
+        }
+        let other = fam.pod(101);
+        let theirs = new_flow(h, other, CPORT);
+        for i in 1..8 {
+            assert_eq!(new_flow(h, other, CPORT + i), theirs, "the other client keeps its own");
+        }
+
+        // What the map remembers decides: a fresh entry for another backend is followed ...
+        let remembered = h.affinity(me, 1).expect("the client is remembered");
+        let now = rproxy_agent::bpf::gc::monotonic_ns();
+        let target = all.iter().copied().find(|b| *b != first).expect("another backend");
+        let fresh = AffinityValue { last_used_ns: now, backend_id: h.backend_id(target), _pad: 0 };
+        h.set_affinity(me, 1, fresh);
+        assert_eq!(new_flow(h, me, CPORT + 100), target);
+        // ... an expired one is not (the pick is remembered afresh) ...
+        h.set_affinity(me, 1, AffinityValue { last_used_ns: now.saturating_sub(61_000_000_000), ..fresh });
+        let picked = new_flow(h, me, CPORT + 101);
+        let after = h.affinity(me, 1).expect("remembered");
+        assert!(after.last_used_ns >= now && after.backend_id == h.backend_id(picked), "{after:?}");
+        assert!(remembered.last_used_ns <= after.last_used_ns);
+        // ... and neither is a backend that no longer serves the Service.
+        let kept: Vec<IpAddr> = all.iter().copied().filter(|b| *b != picked).collect();
+        h.program(&affine_service(fam, &kept, 60));
+        for i in 0..8 {
+            assert_ne!(new_flow(h, me, CPORT + 200 + i), picked, "a backend the Service lost");
+        }
+    }
+}
+
+both_families! {
+    /// A UDP flow whose backend leaves the Service moves at once: the agent removes its
+    /// conntrack entries with the write, and the next datagram picks a live backend.
+    fn udp_flow_moves_off_a_backend_that_leaves(h, fam) {
+        let all = backends(fam);
+        h.program(&service(fam, Protocol::Udp, &all[..1]));
+        let c = (client(fam), 5356);
+        let (_, out) = h.run(prog_names::FROM_POD, &udp(c, (vip(fam), 80), b"1"));
+        assert_eq!(parse(&out).dst.0, all[0]);
+        h.program(&service(fam, Protocol::Udp, &all[1..2]));
+        let (rc, out) = h.run(prog_names::FROM_POD, &udp(c, (vip(fam), 80), b"2"));
+        assert_eq!((rc, parse(&out).dst.0), (PASS, all[1]), "next datagram picks a live backend");
+        assert_eq!(h.stat(Stat::NewFlow), 2);
+    }
+}
+
+both_families! {
+    /// An established TCP flow keeps its backend when the backend leaves the Service (unready,
+    /// gone from its slice), as under kube-proxy: the backend stays in the map while the flow
+    /// names it, GC passes included, and replies are still translated. Once the flow's entries
+    /// are gone the GC deletes it. Should a flow's backend entry be gone anyway, its next
+    /// packet picks a live backend and is counted.
+    fn established_tcp_flow_keeps_a_backend_that_leaves(h, fam) {
+        let all = backends(fam);
+        let to_vip = (vip(fam), 80);
+        h.program(&service(fam, Protocol::Tcp, &all[..1]));
+        let c = (client(fam), 5357);
+        let b = (all[0], 8080);
+        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
+        h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
+        h.program(&service(fam, Protocol::Tcp, &all[1..2]));
+        assert_eq!(h.gc(), 0, "the flow still names the backend");
+        for i in 0..3u8 {
+            let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, to_vip, ACK, &[i]));
+            assert_eq!((rc, parse(&out).dst), (PASS, b), "packet {i} of the open connection");
+            let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, &[i]));
+            assert_eq!(parse(&out).src, to_vip);
+        }
+        // New connections go to the current backend only.
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp((c.0, 5358), to_vip, SYN, b""));
+        assert_eq!(parse(&out).dst.0, all[1]);
+        assert_eq!(h.stat(Stat::BackendGone), 0);
+
+        // The flow's entries gone (as when they expire): the next pass deletes the backend.
+        h.remove_ct(c, to_vip, proto::TCP, CT_DIR_SERVICE);
+        h.remove_ct(b, c, proto::TCP, CT_DIR_REPLY);
+        assert_eq!(h.gc(), 1);
+        assert!(!h.writer.has_backend(1));
+
+        // A flow whose backend entry is gone picks a live one (the peer answers with RST).
+        let c3 = (c.0, 5359);
+        h.run(prog_names::FROM_POD, &tcp(c3, to_vip, SYN, b""));
+        h.program(&service(fam, Protocol::Tcp, &all[2..3]));
+        let (released, _) = h.writer.release_orphans(|_| false, &mut h.maps);
+        assert_eq!(released, 1);
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp(c3, to_vip, ACK, b"x"));
+        assert_eq!(parse(&out).dst.0, all[2]);
+        assert_eq!(h.stat(Stat::BackendGone), 1);
+    }
+}
+
+both_families! {
+    /// An established flow is translated from its conntrack entry only while its frontend
+    /// exists (and its replies only while its backend does): once the Service is removed its
+    /// packets pass untouched, even with the conntrack entry still there, and a frontend created
+    /// again at the address starts the flow afresh. With the service filter clear for the
+    /// address, nothing is looked up: no counter moves.
+    fn removed_frontend_stops_established_flows(h, fam) {
+        let all = backends(fam);
+        let to_vip = (vip(fam), 80);
+        h.program(&service(fam, Protocol::Tcp, &all[..1]));
+        let c = (client(fam), 5400);
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
+        assert_eq!((rc, parse(&out).dst.0), (PASS, all[0]));
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp(c, to_vip, ACK, b"x"));
+        assert_eq!(parse(&out).dst.0, all[0]);
+        assert_eq!(h.stat(Stat::Established), 1);
+
+        h.program(&Desired::default());
+        assert!(svc_ct(h, fam, c, proto::TCP).is_some(), "the conntrack entry outlives the Service");
+        let ack = tcp(c, to_vip, ACK, b"y");
+        assert_eq!(h.run(prog_names::FROM_POD, &ack), (PASS, ack.clone()), "untouched once the Service is gone");
+        assert_eq!(h.stat(Stat::Established), 1, "not counted as established");
+        // Its backend is gone from the maps too (and from the backend filter): a late reply
+        // from it passes untouched, with no lookup.
+        let reply = tcp((all[0], 8080), c, ACK, b"z");
+        assert_eq!(h.run(prog_names::TO_POD, &reply), (PASS, reply.clone()));
+        assert_eq!(h.stat(Stat::RevNat), 0);
+
+        // The same frontend again (a new rev-NAT id): the old flow starts afresh as a new one.
+        h.program(&service(fam, Protocol::Tcp, &all[1..2]));
+        let (rc, out) = h.run(prog_names::FROM_POD, &ack);
+        assert_eq!((rc, parse(&out).dst.0), (PASS, all[1]));
+        assert_eq!((h.stat(Stat::Established), h.stat(Stat::NewFlow)), (1, 2));
+    }
+}
+
+both_families! {
+    /// New flows are spread over every backend.
+    fn backends_are_chosen_among_all(h, fam) {
+        let all = backends(fam);
+        h.program(&service(fam, Protocol::Tcp, &all));
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..200u16 {
+            let (_, out) = h.run(prog_names::FROM_POD, &tcp((client(fam), 20_000 + i), (vip(fam), 80), SYN, b""));
+            seen.insert(parse(&out).dst.0);
+            if seen.len() == all.len() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), all.len(), "200 new flows should reach all 3 backends");
+    }
+}
+
+// IPv4 only.
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 100);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+/// UDP's checksum 0 means "none" over IPv4 and stays 0 through DNAT. (IPv6 has no such thing.)
 #[test]
 fn udp_zero_checksum_stays_zero() {
     kernel_test!(h);
-    h.program(&service(Protocol::Udp, &BACKENDS[..1]));
+    h.program(&service(Fam::V4, Protocol::Udp, &[BACKEND.into()]));
     let mut req = udp_frame((CLIENT, 5354), (VIP, 80), b"no checksum");
     req[14 + 20 + 6] = 0;
     req[14 + 20 + 7] = 0;
     let (rc, out) = h.run(prog_names::FROM_POD, &req);
     assert_eq!(rc, PASS);
     assert_eq!(&out[40..42], &[0, 0], "UDP checksum 0 means none and must stay 0");
-    let seen = parse_checked(&out);
-    assert_eq!(seen.dst, (BACKENDS[0], 8080));
+    assert_eq!(parse_checked(&out).dst, (BACKEND, 8080));
 }
 
+/// IPv4 options are skipped to find the ports, and left as they are.
 #[test]
 fn ipv4_options_are_honoured() {
     kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
+    h.program(&service(Fam::V4, Protocol::Tcp, &[BACKEND.into()]));
     // Two NOPs, a record-route-like option padded to 8 bytes: IHL = 7.
     let options = [1, 1, 7, 3, 4, 0, 0, 0];
     let syn = tcp_frame((CLIENT, CPORT + 2), (VIP, 80), SYN, b"", &options);
@@ -194,14 +642,16 @@ fn ipv4_options_are_honoured() {
     let (rc, out) = h.run(prog_names::FROM_POD, &syn);
     assert_eq!(rc, PASS);
     let seen = parse_checked(&out);
-    assert_eq!(seen.dst, (BACKENDS[0], 8080), "ports found after the options");
+    assert_eq!(seen.dst, (BACKEND, 8080), "ports found after the options");
     assert_eq!(seen.options, options, "options untouched");
 }
 
+/// Frames cut short, malformed IPv4 headers and frames that are not IP pass every pod-side
+/// program untouched.
 #[test]
 fn truncated_and_non_ip_frames_pass_untouched() {
     kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS));
+    h.program(&service(Fam::V4, Protocol::Tcp, &backends(Fam::V4)));
     let syn = tcp_frame((CLIENT, CPORT + 3), (VIP, 80), SYN, b"", &[]);
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
@@ -223,7 +673,7 @@ fn truncated_and_non_ip_frames_pass_untouched() {
         ("ARP", arp),
         ("IHL < 5", bad_ihl),
         ("version 6 in an IPv4 frame", ipv6_version),
-        ("ICMP error cut in its quote", icmp_error_frame(BACKENDS[0], CLIENT, 3, 3, &syn[14..42])[..60].to_vec()),
+        ("ICMP error cut in its quote", icmp_error_frame(BACKEND, CLIENT, 3, 3, &syn[14..42])[..60].to_vec()),
     ];
     for (what, frame) in frames {
         for prog in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::EXT_EGRESS] {
@@ -235,366 +685,115 @@ fn truncated_and_non_ip_frames_pass_untouched() {
     assert_eq!(h.stat(Stat::NewFlow), 0);
 }
 
-#[test]
-fn non_service_packets_are_unchanged_byte_for_byte() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS));
-    let frames = [
-        tcp_frame((CLIENT, CPORT), (BACKENDS[0], 8080), SYN, b"direct", &[]),
-        tcp_frame((CLIENT, CPORT), (VIP, 81), SYN, b"other port", &[]),
-        udp_frame((CLIENT, CPORT), (VIP, 80), b"other protocol"),
-    ];
-    for f in &frames {
-        let (rc, out) = h.run(prog_names::FROM_POD, f);
-        assert_eq!(rc, PASS);
-        assert_eq!(&out, f);
-        let (rc, out) = h.run(prog_names::TO_POD, f);
-        assert_eq!(rc, PASS);
-        assert_eq!(&out, f);
-    }
-}
+// IPv6 only.
 
-#[test]
-fn fragments_are_passed_and_counted() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Udp, &BACKENDS));
-    let mut frag = udp_frame((CLIENT, 5355), (VIP, 80), b"fragmented");
-    frag[14 + 6] |= 0x20; // more fragments
-    // Fix the IPv4 header checksum for the changed flags so only the fragment bit differs.
-    let mut h4 = Ipv4Header::from_slice(&frag[14..]).unwrap().0;
-    h4.header_checksum = h4.calc_header_checksum();
-    frag[14 + 10..14 + 12].copy_from_slice(&h4.header_checksum.to_be_bytes());
-    let (rc, out) = h.run(prog_names::FROM_POD, &frag);
-    assert_eq!((rc, &out), (PASS, &frag));
-    assert_eq!(h.stat(Stat::Fragment), 1);
-}
-
-/// A service without endpoints rejects new flows as kube-proxy does: ICMP port unreachable
-/// from the service address, back into the pod (TCP and UDP); no state is made. A header with
-/// options gets no message and is dropped.
-#[test]
-fn service_without_backends_rejects() {
-    kernel_test!(h);
-    let mut desired = service(Protocol::Tcp, &[]);
-    desired.services.extend(service(Protocol::Udp, &[]).services);
-    h.program(&desired);
-    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
-    let datagram = udp_frame((CLIENT, CPORT), (VIP, 80), b"question");
-    for (i, frame) in [syn.clone(), datagram].iter().enumerate() {
-        let (rc, out) = h.run(prog_names::FROM_POD, frame);
-        assert_eq!(rc, REDIRECT, "frame {i}: back out of the pod's device");
-        assert_icmp_error(&out, frame, 3, 3, 0);
-    }
-    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (2, 2));
-    assert!(h.ct(&ct_key((CLIENT, CPORT), (VIP, 80), proto::TCP, CT_DIR_SERVICE)).is_none());
-    let with_options = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[1, 1, 1, 0]);
-    assert_eq!(h.run(prog_names::FROM_POD, &with_options).0, DROP);
-    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (3, 2));
-}
-
-/// ICMP errors about a translated flow reach the client translated back (conntrack's
-/// "related"): a backend's port unreachable for a UDP datagram and a router's fragmentation
-/// needed for a TCP segment quote the packet as the backend got it; on the way into the pod the
-/// quote becomes the packet the client sent again (destination, checksums), and the backend's
-/// own error comes from the service address. Errors about no known flow pass untouched.
-#[test]
-fn icmp_errors_about_translated_flows_are_reverse_translated() {
-    kernel_test!(h);
-    let mut desired = service(Protocol::Udp, &BACKENDS[..1]);
-    desired.services.extend(service(Protocol::Tcp, &BACKENDS[..1]).services);
-    h.program(&desired);
-    let router = Ipv4Addr::new(10, 0, 0, 1);
-    let datagram = udp_frame((CLIENT, CPORT), (VIP, 80), b"question");
-    let syn = tcp_frame((CLIENT, CPORT), (VIP, 80), SYN, b"", &[]);
-    for (sent, from, typ, code) in [(&datagram, BACKENDS[0], 3, 3), (&syn, router, 3, 4)] {
-        let (_, translated) = h.run(prog_names::FROM_POD, sent);
-        assert_eq!(parse_checked(&translated).dst, (BACKENDS[0], 8080));
-        let error = icmp_error_frame(from, CLIENT, typ, code, &translated[14..42]);
-        let (rc, out) = h.run(prog_names::TO_POD, &error);
-        assert_eq!(rc, PASS);
-        let src = if from == BACKENDS[0] { VIP } else { router };
-        assert_related_error(&out, sent, src);
-    }
-    assert_eq!(h.stat(Stat::IcmpRelated), 2);
-    // No flow of this client port: untouched.
-    let (_, other) = h.run(prog_names::FROM_POD, &udp_frame((CLIENT, CPORT + 1), (VIP, 80), b"x"));
-    let mut quote = other[14..42].to_vec();
-    quote[20..22].copy_from_slice(&(CPORT + 2).to_be_bytes());
-    let error = icmp_error_frame(BACKENDS[0], CLIENT, 3, 3, &quote);
-    assert_eq!(h.run(prog_names::TO_POD, &error), (PASS, error.clone()));
-    assert_eq!(h.stat(Stat::IcmpRelated), 2);
-}
-
-/// Hairpin: a pod whose connection to its Service is translated to itself gets the source
-/// translated too, to the hairpin address (else its own stack would drop a packet from itself);
-/// its replies, which go to its gateway, are translated back to come from the service. Later
-/// packets keep both translations.
-#[test]
-fn a_pod_reaching_itself_is_translated_both_ways() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &[CLIENT]));
-    let hairpin = Ipv4Addr::from(u32::from_be(rproxy_common::hairpin::ADDR));
-    assert_eq!(hairpin, Ipv4Addr::new(169, 254, 42, 1));
-    let c = (CLIENT, CPORT);
-    for (i, flags) in [SYN, ACK].into_iter().enumerate() {
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), flags, b"", &[]));
-        assert_eq!(rc, PASS);
-        let seen = parse_checked(&out);
-        assert_eq!((seen.src, seen.dst), ((hairpin, CPORT), (CLIENT, 8080)), "packet {i}");
-    }
-    let reply = tcp_frame((CLIENT, 8080), (hairpin, CPORT), SYN_ACK, b"", &[]);
-    let (rc, out) = h.run(prog_names::FROM_POD, &reply);
-    assert_eq!(rc, PASS);
-    let seen = parse_checked(&out);
-    assert_eq!((seen.src, seen.dst), ((VIP, 80), c), "the reply comes from the service");
-    assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (1, 1, 1));
-    // Another pod's flow to the same backend is not source-translated.
-    let other = (Ipv4Addr::new(10, 244, 1, 101), CPORT);
-    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(other, (VIP, 80), SYN, b"", &[]));
-    assert_eq!(parse_checked(&out).src, other);
-
-    // The same source port to a second service whose backend is the pod too would need the
-    // reply tuple the first flow holds: dropped rather than steal its replies.
-    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
-    let mut second = service(Protocol::Tcp, &[CLIENT]);
-    second.services = second.services.into_iter().map(|(fe, e)| (Frontend { addr: vip2.into(), ..fe }, e)).collect();
-    let mut both = service(Protocol::Tcp, &[CLIENT]);
-    both.services.extend(second.services);
-    h.program(&both);
-    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(c, (vip2, 80), SYN, b"", &[]));
-    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
-    let (rc, out) = h.run(prog_names::FROM_POD, &reply);
-    assert_eq!((rc, parse_checked(&out).src), (PASS, (VIP, 80)), "the first flow keeps its replies");
-}
-
-/// Two connections never share a reply tuple. One backend behind two frontends, and a pod that
-/// reuses its source port towards it: while the first flow is live, a new flow through the
-/// second frontend, or straight to the backend's own address, is dropped (and counted) rather
-/// than steal its replies; once the first flow is over (closing), the new connection takes the
-/// tuple, the old flow's entries go, and the replies are the new connection's.
-#[test]
-fn a_reply_tuple_is_never_shared_and_a_closed_flow_gives_it_up() {
-    kernel_test!(h);
-    let vip2 = Ipv4Addr::new(10, 96, 0, 11);
-    let mut both = service(Protocol::Tcp, &BACKENDS[..1]);
-    let second = service(Protocol::Tcp, &BACKENDS[..1])
-        .services
-        .into_iter()
-        .map(|(fe, e)| (Frontend { addr: vip2.into(), ..fe }, e));
-    both.services.extend(second.collect::<Vec<_>>());
-    h.program(&both);
-    let c = (CLIENT, 41_000);
-    let b = (BACKENDS[0], 8080);
-    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
-    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
-    h.run(prog_names::TO_POD, &tcp_frame(b, c, SYN_ACK, b"", &[]));
-    assert_eq!(h.ct(&svc_key(c, proto::TCP)).unwrap().state, CtState::Established as u8);
-
-    // Live: the second frontend's flow and a direct connection are dropped, the first flow's
-    // replies stay its own.
-    let (rc, _) = h.run(prog_names::FROM_POD, &tcp_frame(c, (vip2, 80), SYN, b"", &[]));
-    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
-    let direct = tcp_frame(c, b, SYN, b"", &[]);
-    let (rc, _) = h.run(prog_names::FROM_POD, &direct);
-    assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 2));
-    let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c, ACK, b"data", &[]));
-    assert_eq!(parse_checked(&out).src, (VIP, 80), "the live flow keeps its replies");
-    // A direct connection from another port, or to another port, is none of its business.
-    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 41_001), b, SYN, b"", &[]));
-    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
-
-    // The first flow closes (FIN both ways): a direct connection from the same port takes the
-    // tuple; the SYN passes untouched, and the SYN-ACK reaches the pod from the backend itself.
-    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), FIN, b"", &[]));
-    h.run(prog_names::TO_POD, &tcp_frame(b, c, FIN, b"", &[]));
-    assert_eq!(h.ct(&svc_key(c, proto::TCP)).unwrap().state, CtState::Closing as u8);
-    let (rc, out) = h.run(prog_names::FROM_POD, &direct);
-    assert_eq!((rc, out.as_slice()), (PASS, direct.as_slice()));
-    assert!(h.ct(&svc_key(c, proto::TCP)).is_none() && h.ct(&reply_key(b, c, proto::TCP)).is_none());
-    let synack = tcp_frame(b, c, SYN_ACK, b"", &[]);
-    let (rc, out) = h.run(prog_names::TO_POD, &synack);
-    assert_eq!((rc, out.as_slice()), (PASS, synack.as_slice()), "the backend's own SYN-ACK, untranslated");
-
-    // Likewise a closed flow gives the tuple up to a new flow through the other frontend: its
-    // client-side entry goes, the new flow's replies come from the second frontend.
-    let c2 = (CLIENT, 41_002);
-    h.run(prog_names::FROM_POD, &tcp_frame(c2, (VIP, 80), SYN, b"", &[]));
-    h.run(prog_names::TO_POD, &tcp_frame(b, c2, RST, b"", &[]));
-    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c2, (vip2, 80), SYN, b"", &[]));
-    assert_eq!((rc, parse_checked(&out).dst), (PASS, b));
-    assert!(h.ct(&svc_key(c2, proto::TCP)).is_none(), "the closed flow's client side is gone");
-    let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c2, SYN_ACK, b"", &[]));
-    assert_eq!(parse_checked(&out).src, (vip2, 80));
-    assert_eq!(h.stat(Stat::CtClash), 2);
-}
-
-/// The service with `ClientIP` session affinity (`timeout` seconds).
-fn affine_service(backends: &[Ipv4Addr], timeout: u32) -> Desired {
-    let mut d = service(Protocol::Tcp, backends);
-    for e in d.services.values_mut() {
-        e.flags |= SVC_F_AFFINITY;
-        e.affinity_timeout = timeout;
-    }
-    d
-}
-
-/// `sessionAffinity: ClientIP`: every new flow of a client goes to the backend its last new
-/// flow got, while that was within the timeout and the backend still serves the Service; then
-/// it picks afresh (and is remembered again). Affinity is per client.
-#[test]
-fn client_ip_affinity_keeps_a_client_on_its_backend() {
-    kernel_test!(h);
-    h.program(&affine_service(&BACKENDS, 60));
-    let new_flow = |h: &mut Harness, client: Ipv4Addr, port: u16| {
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame((client, port), (VIP, 80), SYN, b"", &[]));
-        assert_eq!(rc, PASS);
-        parse_checked(&out).dst.0
-    };
-    let first = new_flow(&mut h, CLIENT, CPORT);
-    for i in 1..24 {
-        assert_eq!(new_flow(&mut h, CLIENT, CPORT + i), first, "flow {i} of the same client");
-    }
-    let other = Ipv4Addr::new(10, 244, 1, 101);
-    let theirs = new_flow(&mut h, other, CPORT);
-    for i in 1..8 {
-        assert_eq!(new_flow(&mut h, other, CPORT + i), theirs, "the other client keeps its own");
-    }
-
-    // What the map remembers decides: a fresh entry for another backend is followed ...
-    let key = AffinityKey4 { client: u32::from(CLIENT).to_be(), rev_nat_id: 1, _pad: 0 };
-    let remembered = h.maps.affinity.get(&key, 0).expect("the client is remembered");
-    let id_of = |h: &Harness, addr: Ipv4Addr| {
-        let entries = rproxy_agent::bpf::datapath::used_entries(&h.maps.backends);
-        entries.into_iter().find(|(_, b)| b.ip() == addr).map(|(id, _)| id).expect("backend")
-    };
-    let now = rproxy_agent::bpf::gc::monotonic_ns();
-    let target = BACKENDS.iter().copied().find(|b| *b != first).unwrap();
-    let fresh = AffinityValue { last_used_ns: now, backend_id: id_of(&h, target), _pad: 0 };
-    h.maps.affinity.insert(key, fresh, 0).unwrap();
-    assert_eq!(new_flow(&mut h, CLIENT, CPORT + 100), target);
-    // ... an expired one is not (the pick is remembered afresh) ...
-    let expired = AffinityValue { last_used_ns: now.saturating_sub(61_000_000_000), ..fresh };
-    h.maps.affinity.insert(key, expired, 0).unwrap();
-    let picked = new_flow(&mut h, CLIENT, CPORT + 101);
-    let after = h.maps.affinity.get(&key, 0).unwrap();
-    assert!(after.last_used_ns >= now && after.backend_id == id_of(&h, picked), "{after:?}");
-    assert!(remembered.last_used_ns <= after.last_used_ns);
-    // ... and neither is a backend that no longer serves the Service.
-    let kept: Vec<Ipv4Addr> = BACKENDS.iter().copied().filter(|b| *b != picked).collect();
-    h.program(&affine_service(&kept, 60));
-    for i in 0..8 {
-        assert_ne!(new_flow(&mut h, CLIENT, CPORT + 200 + i), picked, "a backend the Service lost");
-    }
-}
-
-/// A UDP flow whose backend leaves the Service moves at once: the agent removes its conntrack
-/// entries with the write, and the next datagram picks a live backend.
-#[test]
-fn udp_flow_moves_off_a_backend_that_leaves() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Udp, &BACKENDS[..1]));
-    let c = (CLIENT, 5356);
-    let (_, out) = h.run(prog_names::FROM_POD, &udp_frame(c, (VIP, 80), b"1"));
-    assert_eq!(parse_checked(&out).dst.0, BACKENDS[0]);
-    h.program(&service(Protocol::Udp, &BACKENDS[1..2]));
-    let (rc, out) = h.run(prog_names::FROM_POD, &udp_frame(c, (VIP, 80), b"2"));
-    assert_eq!(rc, PASS);
-    assert_eq!(parse_checked(&out).dst.0, BACKENDS[1], "next datagram picks a live backend");
-    assert_eq!(h.stat(Stat::NewFlow), 2);
-}
-
-/// An established TCP flow keeps its backend when the backend leaves the Service (unready,
-/// gone from its slice), as under kube-proxy: the backend stays in the map while the flow names
-/// it, GC passes included, and replies are still translated. Once the flow's entries are gone the
-/// GC deletes it. Should a flow's backend entry be gone anyway, its next packet picks a live
-/// backend and is counted.
-#[test]
-fn established_tcp_flow_keeps_a_backend_that_leaves() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
-    let c = (CLIENT, 5357);
-    let b = (BACKENDS[0], 8080);
-    h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
-    h.run(prog_names::TO_POD, &tcp_frame(b, c, SYN_ACK, b"", &[]));
-    h.program(&service(Protocol::Tcp, &BACKENDS[1..2]));
-    assert_eq!(h.gc(), 0, "the flow still names the backend");
-    for i in 0..3u8 {
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), ACK, &[i], &[]));
-        assert_eq!((rc, parse_checked(&out).dst), (PASS, b), "packet {i} of the open connection");
-        let (_, out) = h.run(prog_names::TO_POD, &tcp_frame(b, c, ACK, &[i], &[]));
-        assert_eq!(parse_checked(&out).src, (VIP, 80));
-    }
-    // New connections go to the current backend only.
-    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 5358), (VIP, 80), SYN, b"", &[]));
-    assert_eq!(parse_checked(&out).dst.0, BACKENDS[1]);
-    assert_eq!(h.stat(Stat::BackendGone), 0);
-
-    // The flow's entries gone (as when they expire): the next pass deletes the backend.
-    let _ = h.maps.conntrack.remove(&svc_key(c, proto::TCP));
-    let _ = h.maps.conntrack.remove(&reply_key(b, c, proto::TCP));
-    assert_eq!(h.gc(), 1);
-    assert!(!h.writer.has_backend(1));
-
-    // A flow whose backend entry is gone picks a live one (the peer answers with RST).
-    let c3 = (CLIENT, 5359);
-    h.run(prog_names::FROM_POD, &tcp_frame(c3, (VIP, 80), SYN, b"", &[]));
-    h.program(&service(Protocol::Tcp, &BACKENDS[2..3]));
-    let (released, _) = h.writer.release_orphans(|_| false, &mut h.maps);
-    assert_eq!(released, 1);
-    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(c3, (VIP, 80), ACK, b"x", &[]));
-    assert_eq!(parse_checked(&out).dst.0, BACKENDS[2]);
-    assert_eq!(h.stat(Stat::BackendGone), 1);
-}
-
-/// An established flow is translated from its conntrack entry only while its frontend exists
-/// (and its replies only while its backend does):
-/// once the Service is removed its packets pass untouched, even with the conntrack entry still
-/// there, and a frontend created again at the address starts the flow afresh. With the
-/// service filter clear for the address, nothing is looked up: no counter moves.
-#[test]
-fn removed_frontend_stops_established_flows() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS[..1]));
-    let c = (CLIENT, 5400);
-    let (rc, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), SYN, b"", &[]));
-    assert_eq!((rc, parse_checked(&out).dst.0), (PASS, BACKENDS[0]));
-    let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame(c, (VIP, 80), ACK, b"x", &[]));
-    assert_eq!(parse_checked(&out).dst.0, BACKENDS[0]);
-    assert_eq!(h.stat(Stat::Established), 1);
-
-    h.program(&Desired::default());
-    assert!(h.ct(&svc_key(c, proto::TCP)).is_some(), "the conntrack entry outlives the Service");
-    let ack = tcp_frame(c, (VIP, 80), ACK, b"y", &[]);
-    let (rc, out) = h.run(prog_names::FROM_POD, &ack);
-    assert_eq!((rc, out.as_slice()), (PASS, ack.as_slice()), "untouched once the Service is gone");
-    assert_eq!(h.stat(Stat::Established), 1, "not counted as established");
-    // Its backend is gone from the maps too (and from the backend filter): a late reply from it
-    // passes untouched, with no lookup.
-    let reply = tcp_frame((BACKENDS[0], 8080), c, ACK, b"z", &[]);
-    let (rc, out) = h.run(prog_names::TO_POD, &reply);
-    assert_eq!((rc, out.as_slice()), (PASS, reply.as_slice()));
-    assert_eq!(h.stat(Stat::RevNat), 0);
-
-    // The same frontend again (a new rev-NAT id): the old flow starts afresh as a new one.
-    h.program(&service(Protocol::Tcp, &BACKENDS[1..2]));
-    let (rc, out) = h.run(prog_names::FROM_POD, &ack);
-    assert_eq!((rc, parse_checked(&out).dst.0), (PASS, BACKENDS[1]));
-    assert_eq!((h.stat(Stat::Established), h.stat(Stat::NewFlow)), (1, 2));
-}
-
-#[test]
-fn backends_are_chosen_among_all() {
-    kernel_test!(h);
-    h.program(&service(Protocol::Tcp, &BACKENDS));
-    let mut seen = std::collections::BTreeSet::new();
-    for i in 0..200u16 {
-        let (_, out) = h.run(prog_names::FROM_POD, &tcp_frame((CLIENT, 20_000 + i), (VIP, 80), SYN, b"", &[]));
-        seen.insert(parse_checked(&out).dst.0);
-        if seen.len() == BACKENDS.len() {
-            break;
+/// `frame` (Ethernet + IPv6 + L4) with extension headers `headers` (each: next header, length
+/// in 8-byte units beyond the first 8, padding) inserted after the IPv6 header, the chain
+/// ending in the original next header.
+fn with_extension_headers(frame: &[u8], headers: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let l4 = out[14 + 6];
+    let mut chain = Vec::new();
+    for (i, kind) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).copied().unwrap_or(l4);
+        // Next header, length 0 (8 bytes), a PadN option filling the rest.
+        chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+        if i == 0 {
+            out[14 + 6] = *kind;
         }
     }
-    assert_eq!(seen.len(), BACKENDS.len(), "200 new flows should reach all 3 backends");
+    let len = u16::from_be_bytes([out[18], out[19]]) + u16::try_from(chain.len()).expect("short chain");
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out.splice(54..54, chain);
+    out
+}
+
+const HOP_BY_HOP: u8 = 0;
+const DEST_OPTIONS: u8 = 60;
+
+/// IPv6 extension headers (hop-by-hop, destination options) are walked to find TCP or UDP, and
+/// the packet is translated with them left as they are; a chain longer than the datapath walks
+/// (4), or a header it does not know, passes untouched.
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    kernel_test!(h);
+    let fam = Fam::V6;
+    h.program(&service(fam, Protocol::Tcp, &backends(fam)[..1]));
+    let syn = tcp((client(fam), CPORT), (vip(fam), 80), SYN, b"");
+    let walked = with_extension_headers(&syn, &[HOP_BY_HOP, DEST_OPTIONS]);
+    let (rc, out) = h.run(prog_names::FROM_POD, &walked);
+    assert_eq!(rc, PASS);
+    assert_eq!(parse(&out).dst, (backends(fam)[0], 8080), "ports found after two extension headers");
+    assert_eq!(&out[54..70], &walked[54..70], "extension headers untouched");
+    assert_eq!(h.stat(Stat::NewFlow), 1);
+
+    let long = with_extension_headers(
+        &tcp((client(fam), CPORT + 1), (vip(fam), 80), SYN, b""),
+        &[HOP_BY_HOP, DEST_OPTIONS, DEST_OPTIONS, DEST_OPTIONS, DEST_OPTIONS],
+    );
+    let mut unknown = tcp((client(fam), CPORT + 2), (vip(fam), 80), SYN, b"");
+    unknown[14 + 6] = 253; // experimental
+    for (what, frame) in [("five extension headers", long), ("an unknown next header", unknown)] {
+        for prog in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::EXT_EGRESS] {
+            assert_eq!(h.run(prog, &frame), (PASS, frame.clone()), "{what} via {prog}");
+        }
+    }
+    assert_eq!(h.stat(Stat::NewFlow), 1);
+}
+
+/// An ICMPv6 message of type `typ`, code 0, 4 bytes of zeros and `body`, from `src` to `dst`,
+/// checksum valid.
+fn icmp6_message(src: IpAddr, dst: IpAddr, typ: u8, body: &[u8]) -> Vec<u8> {
+    // An "error" built by the helper with the type and code changed, the checksum made again.
+    let mut frame = icmp_error(IcmpKind::PortUnreachable, src, dst, body);
+    frame[54..56].copy_from_slice(&[typ, 0]);
+    frame[56..58].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[22..54]);
+    pseudo.extend_from_slice(&u32::try_from(frame.len() - 54).expect("small").to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&frame[54..]);
+    let sum = !common::ones_sum(&pseudo);
+    frame[56..58].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// Neighbour discovery and other ICMPv6 control traffic is never touched, not even when it
+/// names a service address: a neighbour solicitation for the VIP, an echo request to it.
+/// Truncated IPv6 frames and an IPv4 header in an IPv6 frame pass untouched too.
+#[test]
+fn ipv6_control_traffic_and_truncated_frames_pass_untouched() {
+    kernel_test!(h);
+    let fam = Fam::V6;
+    h.program(&tcp_and_udp(fam, &backends(fam)));
+    let (c, to) = ((client(fam), CPORT + 4), (vip(fam), 80));
+    let solicited: IpAddr = "ff02::1:ff00:10".parse().expect("address");
+    let IpAddr::V6(target) = vip(fam) else { unreachable!() };
+    let solicitation = icmp6_message(c.0, solicited, 135, &target.octets());
+    let echo = icmp6_message(c.0, to.0, 128, b"ping");
+    let syn = tcp(c, to, SYN, b"");
+    let mut v4_header = syn.clone();
+    v4_header[14] = 0x45;
+    let mut hop_cut = with_extension_headers(&syn, &[HOP_BY_HOP]);
+    hop_cut[55] = 200; // the hop-by-hop header claims 1,608 bytes
+    let frames: Vec<(&str, Vec<u8>)> = vec![
+        ("neighbour solicitation for the VIP", solicitation),
+        ("echo request to the VIP", echo),
+        ("IPv6 header without L4", syn[..54].to_vec()),
+        ("TCP header cut", syn[..54 + 10].to_vec()),
+        ("extension header beyond the end", hop_cut),
+        ("version 4 in an IPv6 frame", v4_header),
+        (
+            "ICMPv6 error cut in its quote",
+            icmp_error(IcmpKind::PortUnreachable, backends(fam)[0], c.0, &fam.quote(&syn))[..90].to_vec(),
+        ),
+    ];
+    for (what, frame) in frames {
+        for prog in [prog_names::FROM_POD, prog_names::TO_POD, prog_names::EXT_EGRESS] {
+            assert_eq!(h.run(prog, &frame), (PASS, frame.clone()), "{what} via {prog}");
+        }
+    }
+    assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::IcmpRelated), h.stat(Stat::TailCallFail)), (0, 0, 0));
 }
 
 /// Removes a test's pin dir, also when the test fails.
@@ -655,86 +854,4 @@ fn pinned_map_of_another_layout_is_refused() {
     let mut dp = rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("old counters are replaced");
     let maps = dp.take_maps().expect("maps");
     assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");
-}
-
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x100);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
-const BACKENDS6: [Ipv6Addr; 2] =
-    [Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x11), Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x12)];
-
-/// IPv6 through the tail-called IPv6 half of the pod programs: a SYN to an IPv6 `ClusterIP` is
-/// translated to a backend with a valid checksum, both conntrack entries are made in `RPX_CT6`,
-/// the SYN-ACK comes back from the service address, and the flow keeps its backend; UDP too.
-#[test]
-fn ipv6_syn_to_vip_is_dnated_and_reply_is_reverse_natted() {
-    kernel_test!(h);
-    let backends: Vec<IpAddr> = BACKENDS6.iter().map(|a| IpAddr::from(*a)).collect();
-    let mut desired = service_at(VIP6.into(), Protocol::Tcp, &backends);
-    desired.services.extend(service_at(VIP6.into(), Protocol::Udp, &backends).services);
-    h.program(&desired);
-    let syn = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), SYN, b"");
-    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
-    assert_eq!(rc, PASS);
-    let seen = parse6_checked(&out);
-    assert_eq!(seen.src, (CLIENT6, CPORT), "source untouched");
-    assert!(BACKENDS6.contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
-    assert_eq!(out.len(), syn.len());
-    let backend = seen.dst;
-    let fwd = h.ct6(&ct6_key((CLIENT6, CPORT), (VIP6, 80), proto::TCP, CT_DIR_SERVICE)).expect("service entry");
-    let rev = h.ct6(&ct6_key(backend, (CLIENT6, CPORT), proto::TCP, CT_DIR_REPLY)).expect("reply entry");
-    assert_eq!((fwd.backend_id, fwd.state), (rev.backend_id, CtState::SynSent as u8));
-
-    let synack = tcp6_frame(backend, (CLIENT6, CPORT), SYN_ACK, b"");
-    let (rc, out) = h.run(prog_names::TO_POD, &synack);
-    assert_eq!(rc, PASS);
-    let seen = parse6_checked(&out);
-    assert_eq!((seen.src, seen.dst), ((VIP6, 80), (CLIENT6, CPORT)));
-    for i in 0..5u8 {
-        let data = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), ACK, &[i; 100]);
-        let (rc, out) = h.run(prog_names::FROM_POD, &data);
-        assert_eq!(rc, PASS);
-        let seen = parse6_checked(&out);
-        assert_eq!((seen.dst, seen.payload), (backend, vec![i; 100]), "established flow keeps its backend");
-    }
-
-    let dgram = udp6_frame((CLIENT6, CPORT + 1), (VIP6, 80), b"ping");
-    let (rc, out) = h.run(prog_names::FROM_POD, &dgram);
-    assert_eq!(rc, PASS);
-    let seen = parse6_checked(&out);
-    assert!(BACKENDS6.contains(&seen.dst.0), "{seen:?}");
-    let (rc, out) = h.run(prog_names::TO_POD, &udp6_frame(seen.dst, (CLIENT6, CPORT + 1), b"pong"));
-    assert_eq!(rc, PASS);
-    let back = parse6_checked(&out);
-    assert_eq!((back.src, back.payload), ((VIP6, 80), b"pong".to_vec()));
-
-    assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (2, 5, 2));
-    assert_eq!(h.stat(Stat::TailCallFail), 0);
-}
-
-/// An IPv6 Service without endpoints rejects as kube-proxy's rules do: an ICMPv6 destination
-/// unreachable (port unreachable) back into the pod, from the service address, with a valid
-/// checksum over the pseudo header, quoting the packet's IPv6 header and 8 bytes.
-#[test]
-fn ipv6_service_without_backends_rejects() {
-    kernel_test!(h);
-    h.program(&service_at(VIP6.into(), Protocol::Tcp, &[]));
-    let syn = tcp6_frame((CLIENT6, CPORT), (VIP6, 80), SYN, b"");
-    let (rc, out) = h.run(prog_names::FROM_POD, &syn);
-    assert_eq!(rc, REDIRECT, "back out of the pod's device");
-    assert_eq!(out.len(), 14 + 40 + 8 + 48, "Ethernet + IPv6 + ICMPv6 + 48 quoted bytes");
-    assert_eq!((&out[0..6], &out[6..12]), (&syn[6..12], &syn[0..6]), "MACs swapped");
-    let ip = &out[14..54];
-    assert_eq!((ip[0] >> 4, ip[6], ip[7]), (6, 58, 64), "IPv6, ICMPv6, hop limit 64");
-    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
-    assert_eq!((&ip[8..24], &ip[24..40]), (&VIP6.octets()[..], &CLIENT6.octets()[..]), "from the VIP to the client");
-    let icmp = &out[54..];
-    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&ip[8..40]);
-    pseudo.extend_from_slice(&56u32.to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 58]);
-    pseudo.extend_from_slice(icmp);
-    assert_eq!(common::ones_sum(&pseudo), 0xffff, "ICMPv6 checksum");
-    assert_eq!(&icmp[8..], &syn[14..62], "quote: the header and 8 bytes as they arrived");
-    assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (1, 1));
 }

@@ -5,7 +5,7 @@
 pub mod node_netns;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Mutex,
 };
 
@@ -362,5 +362,312 @@ pub fn ct6_key(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto: u8, dir: u8) -
         proto,
         dir,
         _pad: [0; 2],
+    }
+}
+
+/// An address family the packet tests run their cases in: each case is written once over
+/// `IpAddr`s and runs for both (see `both_families!` in `packets.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    /// Host `host` of the pods' range: `10.244.1.host`, `fd00:244:1::host`.
+    #[must_use]
+    pub fn pod(self, host: u8) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::new(10, 244, 1, host).into(),
+            Self::V6 => Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, u16::from(host)).into(),
+        }
+    }
+
+    /// Address `n` of the Services' range: `10.96.0.n`, `fd00:96::n`.
+    #[must_use]
+    pub fn svc(self, n: u8) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::new(10, 96, 0, n).into(),
+            Self::V6 => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, u16::from(n)).into(),
+        }
+    }
+
+    /// A router's address: `10.0.0.1`, `fd00:10::1`.
+    #[must_use]
+    pub fn router(self) -> IpAddr {
+        match self {
+            Self::V4 => Ipv4Addr::new(10, 0, 0, 1).into(),
+            Self::V6 => Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1).into(),
+        }
+    }
+
+    /// The hairpin address (`rproxy_common::hairpin`).
+    #[must_use]
+    pub fn hairpin(self) -> IpAddr {
+        use rproxy_common::WireAddr as _;
+        match self {
+            Self::V4 => Ipv4Addr::from(u32::from_be(rproxy_common::hairpin::ADDR)).into(),
+            Self::V6 => rproxy_common::hairpin::ADDR6.ip().into(),
+        }
+    }
+
+    /// Length of the IP header of the frames built here (no options, no extension headers).
+    #[must_use]
+    pub fn ip_len(self) -> usize {
+        match self {
+            Self::V4 => 20,
+            Self::V6 => 40,
+        }
+    }
+
+    /// What an ICMP error quotes of a packet (`frame[14..]`): its IP header and 8 bytes.
+    #[must_use]
+    pub fn quote(self, frame: &[u8]) -> Vec<u8> {
+        frame[14..14 + self.ip_len() + 8].to_vec()
+    }
+}
+
+fn v4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a}: not IPv4"),
+    }
+}
+
+fn v6(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a}: not IPv6"),
+    }
+}
+
+/// A TCP frame `src → dst` of their family, with flags `f`.
+#[must_use]
+pub fn tcp(src: (IpAddr, u16), dst: (IpAddr, u16), f: Tcp, payload: &[u8]) -> Vec<u8> {
+    match src.0 {
+        IpAddr::V4(s) => tcp_frame((s, src.1), (v4(dst.0), dst.1), f, payload, &[]),
+        IpAddr::V6(s) => tcp6_frame((s, src.1), (v6(dst.0), dst.1), f, payload),
+    }
+}
+
+/// A UDP frame `src → dst` of their family.
+#[must_use]
+pub fn udp(src: (IpAddr, u16), dst: (IpAddr, u16), payload: &[u8]) -> Vec<u8> {
+    match src.0 {
+        IpAddr::V4(s) => udp_frame((s, src.1), (v4(dst.0), dst.1), payload),
+        IpAddr::V6(s) => udp6_frame((s, src.1), (v6(dst.0), dst.1), payload),
+    }
+}
+
+/// An output frame of either family, its checksums verified ([`parse_checked`],
+/// [`parse6_checked`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenIp {
+    /// TTL or hop limit.
+    pub ttl: u8,
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
+    pub payload: Vec<u8>,
+}
+
+#[must_use]
+pub fn parse(frame: &[u8]) -> SeenIp {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            let s = parse_checked(frame);
+            SeenIp { ttl: s.ttl, src: (s.src.0.into(), s.src.1), dst: (s.dst.0.into(), s.dst.1), payload: s.payload }
+        }
+        0x86dd => {
+            let s = parse6_checked(frame);
+            SeenIp {
+                ttl: s.hop_limit,
+                src: (s.src.0.into(), s.src.1),
+                dst: (s.dst.0.into(), s.dst.1),
+                payload: s.payload,
+            }
+        }
+        other => panic!("EtherType {other:#06x}: not IP"),
+    }
+}
+
+/// What the packet tests read of a conntrack entry, either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ct {
+    pub backend_id: u32,
+    pub state: u8,
+    pub flags: u8,
+    pub nat_flags: u8,
+}
+
+impl Harness {
+    /// The conntrack entry of a packet `src → dst` (host-order ports) in direction `dir`.
+    #[must_use]
+    pub fn ct_of(&self, src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8, dir: u8) -> Option<Ct> {
+        match src.0 {
+            IpAddr::V4(s) => self.ct(&ct_key((s, src.1), (v4(dst.0), dst.1), proto, dir)).map(|v| Ct {
+                backend_id: v.backend_id,
+                state: v.state,
+                flags: v.flags,
+                nat_flags: v.nat_flags,
+            }),
+            IpAddr::V6(s) => self.ct6(&ct6_key((s, src.1), (v6(dst.0), dst.1), proto, dir)).map(|v| Ct {
+                backend_id: v.backend_id,
+                state: v.state,
+                flags: v.flags,
+                nat_flags: v.nat_flags,
+            }),
+        }
+    }
+
+    /// Removes that entry (as when it expires).
+    pub fn remove_ct(&mut self, src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8, dir: u8) {
+        let _ = match src.0 {
+            IpAddr::V4(s) => self.maps.conntrack.remove(&ct_key((s, src.1), (v4(dst.0), dst.1), proto, dir)),
+            IpAddr::V6(s) => self.maps.conntrack6.remove(&ct6_key((s, src.1), (v6(dst.0), dst.1), proto, dir)),
+        };
+    }
+
+    /// The backend id the writer gave `addr`.
+    #[must_use]
+    pub fn backend_id(&self, addr: IpAddr) -> u32 {
+        use rproxy_agent::bpf::datapath::used_entries;
+        let found = match addr {
+            IpAddr::V4(a) => used_entries(&self.maps.backends).into_iter().find(|(_, b)| b.ip() == a).map(|(id, _)| id),
+            IpAddr::V6(a) => {
+                used_entries(&self.maps.backends6).into_iter().find(|(_, b)| b.ip() == a).map(|(id, _)| id)
+            }
+        };
+        found.unwrap_or_else(|| panic!("no backend {addr}"))
+    }
+
+    /// The session affinity entry of `client` for rev-NAT id `rev_nat_id`.
+    #[must_use]
+    pub fn affinity(&self, client: IpAddr, rev_nat_id: u16) -> Option<rproxy_common::AffinityValue> {
+        use rproxy_common::{AffinityKey, WireAddr};
+        match client {
+            IpAddr::V4(c) => self.maps.affinity.get(&AffinityKey { client: u32::wire(c), rev_nat_id, _pad: 0 }, 0).ok(),
+            IpAddr::V6(c) => {
+                self.maps.affinity6.get(&AffinityKey { client: <[u32; 4]>::wire(c), rev_nat_id, _pad: 0 }, 0).ok()
+            }
+        }
+    }
+
+    /// Writes that entry, as the datapath would.
+    pub fn set_affinity(&mut self, client: IpAddr, rev_nat_id: u16, value: rproxy_common::AffinityValue) {
+        use rproxy_common::{AffinityKey, WireAddr};
+        match client {
+            IpAddr::V4(c) => {
+                self.maps.affinity.insert(AffinityKey { client: u32::wire(c), rev_nat_id, _pad: 0 }, value, 0)
+            }
+            IpAddr::V6(c) => {
+                self.maps.affinity6.insert(AffinityKey { client: <[u32; 4]>::wire(c), rev_nat_id, _pad: 0 }, value, 0)
+            }
+        }
+        .expect("affinity entry written");
+    }
+}
+
+/// ICMP and ICMPv6 errors, as the tests build and check them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpKind {
+    /// Destination unreachable, port unreachable (ICMP 3/3, ICMPv6 1/4).
+    PortUnreachable,
+    /// Too big for the next hop of `mtu` (ICMP 3/4 "fragmentation needed", ICMPv6 2/0).
+    TooBig(u16),
+}
+
+impl IcmpKind {
+    fn type_code(self, fam: Fam) -> (u8, u8) {
+        match (self, fam) {
+            (Self::PortUnreachable, Fam::V4) => (3, 3),
+            (Self::TooBig(_), Fam::V4) => (3, 4),
+            (Self::PortUnreachable, Fam::V6) => (1, 4),
+            (Self::TooBig(_), Fam::V6) => (2, 0),
+        }
+    }
+}
+
+/// The ICMPv6 checksum of message `icmp` from `src` to `dst` (the field zeroed or not: the sum
+/// over everything is 0xffff when valid).
+fn icmp6_sum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&u32::try_from(icmp.len()).expect("small").to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(icmp);
+    ones_sum(&pseudo)
+}
+
+/// An ICMP or ICMPv6 error `kind` from `src` to `dst` quoting `quoted` (an IP header and what
+/// follows of its packet), with valid checksums, as a backend's or a router's stack sends it.
+#[must_use]
+pub fn icmp_error(kind: IcmpKind, src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    let fam = if src.is_ipv4() { Fam::V4 } else { Fam::V6 };
+    let (typ, code) = kind.type_code(fam);
+    match fam {
+        Fam::V4 => {
+            let mut frame = icmp_error_frame(v4(src), v4(dst), typ, code, quoted);
+            if let IcmpKind::TooBig(mtu) = kind {
+                let icmp = &mut frame[34..];
+                icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+                icmp[2..4].copy_from_slice(&[0, 0]);
+                let sum = !ones_sum(icmp);
+                icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            }
+            frame
+        }
+        Fam::V6 => {
+            let info = if let IcmpKind::TooBig(mtu) = kind { u32::from(mtu) } else { 0 };
+            let mut icmp = vec![typ, code, 0, 0];
+            icmp.extend_from_slice(&info.to_be_bytes());
+            icmp.extend_from_slice(quoted);
+            let sum = !icmp6_sum(v6(src), v6(dst), &icmp);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            let len = u16::try_from(icmp.len()).expect("small").to_be_bytes();
+            let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+            frame.extend_from_slice(&[0x60, 0, 0, 0, len[0], len[1], 58, 64]);
+            frame.extend_from_slice(&v6(src).octets());
+            frame.extend_from_slice(&v6(dst).octets());
+            frame.extend(icmp);
+            frame
+        }
+    }
+}
+
+/// `out` is the port unreachable that `sent` calls for: from the address it was sent to, back
+/// to its sender and its MAC, TTL (hop limit) 64, valid checksums, quoting its IP header and
+/// first 8 payload bytes as they arrived.
+pub fn assert_port_unreachable(out: &[u8], sent: &[u8]) {
+    if u16::from_be_bytes([sent[12], sent[13]]) == 0x0800 {
+        assert_icmp_error(out, sent, 3, 3, 0);
+        return;
+    }
+    assert_eq!(out.len(), 14 + 40 + 8 + 48, "Ethernet + IPv6 + ICMPv6 + 48 quoted bytes");
+    assert_eq!((&out[0..6], &out[6..12]), (&sent[6..12], &sent[0..6]), "MACs swapped");
+    let ip = &out[14..54];
+    assert_eq!((ip[0] >> 4, ip[6], ip[7]), (6, 58, 64), "IPv6, ICMPv6, hop limit 64");
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+    assert_eq!((&ip[8..24], &ip[24..40]), (&sent[38..54], &sent[22..38]), "from the address sent to, to the sender");
+    let icmp = &out[54..];
+    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
+    let (s, d): ([u8; 16], [u8; 16]) = (ip[8..24].try_into().expect("16"), ip[24..40].try_into().expect("16"));
+    assert_eq!(icmp6_sum(s.into(), d.into(), icmp), 0xffff, "ICMPv6 checksum");
+    assert_eq!(&icmp[8..], &sent[14..62], "quote: the header and 8 bytes as they arrived");
+}
+
+/// The error `out` (built by [`icmp_error`]) was translated back for the client that sent
+/// `sent`: it comes from `src`, its checksums hold, and its quote is `sent`'s IP header and
+/// first 8 payload bytes exactly, as the client's stack must find them.
+pub fn assert_related(out: &[u8], sent: &[u8], src: IpAddr) {
+    match src {
+        IpAddr::V4(s) => assert_related_error(out, sent, s),
+        IpAddr::V6(s) => {
+            let ip = &out[14..54];
+            assert_eq!(&ip[8..24], &s.octets(), "the error's source");
+            let (s, d): ([u8; 16], [u8; 16]) = (ip[8..24].try_into().expect("16"), ip[24..40].try_into().expect("16"));
+            assert_eq!(icmp6_sum(s.into(), d.into(), &out[54..]), 0xffff, "ICMPv6 checksum");
+            assert_eq!(&out[62..110], &sent[14..62], "the quote is the packet the client sent");
+        }
     }
 }
