@@ -574,6 +574,8 @@ pub enum IcmpKind {
     PortUnreachable,
     /// Too big for the next hop of `mtu` (ICMP 3/4 "fragmentation needed", ICMPv6 2/0).
     TooBig(u16),
+    /// Time exceeded in transit (ICMP 11/0, ICMPv6 3/0).
+    TimeExceeded,
 }
 
 impl IcmpKind {
@@ -583,6 +585,8 @@ impl IcmpKind {
             (Self::TooBig(_), Fam::V4) => (3, 4),
             (Self::PortUnreachable, Fam::V6) => (1, 4),
             (Self::TooBig(_), Fam::V6) => (2, 0),
+            (Self::TimeExceeded, Fam::V4) => (11, 0),
+            (Self::TimeExceeded, Fam::V6) => (3, 0),
         }
     }
 }
@@ -635,14 +639,22 @@ pub fn icmp_error(kind: IcmpKind, src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Ve
     }
 }
 
-/// `out` is the port unreachable that `sent` calls for: from the address it was sent to, back
-/// to its sender and its MAC, TTL (hop limit) 64, valid checksums, quoting its IP header and
-/// first 8 payload bytes as they arrived.
+/// `out` is the port unreachable that `sent` calls for: see [`assert_icmp_reply`].
 pub fn assert_port_unreachable(out: &[u8], sent: &[u8]) {
+    assert_icmp_reply(out, sent, IcmpKind::PortUnreachable);
+}
+
+/// `out` is the ICMP or ICMPv6 error `kind` that `sent` calls for: from the address it was sent
+/// to, back to its sender and its MAC, TTL (hop limit) 64, valid checksums, the MTU of a "too
+/// big", quoting its IP header and first 8 payload bytes as they arrived.
+pub fn assert_icmp_reply(out: &[u8], sent: &[u8], kind: IcmpKind) {
+    let mtu = if let IcmpKind::TooBig(mtu) = kind { mtu } else { 0 };
     if u16::from_be_bytes([sent[12], sent[13]]) == 0x0800 {
-        assert_icmp_error(out, sent, 3, 3, 0);
+        let (typ, code) = kind.type_code(Fam::V4);
+        assert_icmp_error(out, sent, typ, code, mtu);
         return;
     }
+    let (typ, code) = kind.type_code(Fam::V6);
     assert_eq!(out.len(), 14 + 40 + 8 + 48, "Ethernet + IPv6 + ICMPv6 + 48 quoted bytes");
     assert_eq!((&out[0..6], &out[6..12]), (&sent[6..12], &sent[0..6]), "MACs swapped");
     let ip = &out[14..54];
@@ -650,10 +662,40 @@ pub fn assert_port_unreachable(out: &[u8], sent: &[u8]) {
     assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
     assert_eq!((&ip[8..24], &ip[24..40]), (&sent[38..54], &sent[22..38]), "from the address sent to, to the sender");
     let icmp = &out[54..];
-    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port unreachable");
+    assert_eq!((icmp[0], icmp[1]), (typ, code), "type and code");
+    assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), u32::from(mtu), "MTU");
     let (s, d): ([u8; 16], [u8; 16]) = (ip[8..24].try_into().expect("16"), ip[24..40].try_into().expect("16"));
     assert_eq!(icmp6_sum(s.into(), d.into(), icmp), 0xffff, "ICMPv6 checksum");
     assert_eq!(&icmp[8..], &sent[14..62], "quote: the header and 8 bytes as they arrived");
+}
+
+/// The IP destination of a frame of either family.
+#[must_use]
+pub fn ip_dst(frame: &[u8]) -> IpAddr {
+    if u16::from_be_bytes([frame[12], frame[13]]) == 0x0800 {
+        IpAddr::from(<[u8; 4]>::try_from(&frame[30..34]).expect("4"))
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&frame[38..54]).expect("16"))
+    }
+}
+
+/// The TTL (hop limit) of a frame of either family.
+#[must_use]
+pub fn ip_ttl(frame: &[u8]) -> u8 {
+    if u16::from_be_bytes([frame[12], frame[13]]) == 0x0800 { frame[14 + 8] } else { frame[14 + 7] }
+}
+
+/// Sets the TTL (hop limit) of a frame of either family, the IPv4 header checksum made again.
+pub fn set_ttl(frame: &mut [u8], ttl: u8) {
+    if u16::from_be_bytes([frame[12], frame[13]]) == 0x0800 {
+        frame[14 + 8] = ttl;
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        frame[24..26].fill(0);
+        let sum = !ones_sum(&frame[14..14 + ihl]);
+        frame[24..26].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        frame[14 + 7] = ttl;
+    }
 }
 
 /// The error `out` (built by [`icmp_error`]) was translated back for the client that sent

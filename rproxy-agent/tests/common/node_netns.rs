@@ -7,7 +7,8 @@
 //! client (172.31.0.100, 02:00:00:00:00:64), a route to the second node's pods (10.244.2.0/24
 //! via 172.31.0.2) and one to a third node whose MAC is unknown (10.244.3.0/24 via 172.31.0.3),
 //! and IPv4 forwarding on; the same over IPv6 (`fd00:31::1/64` on the device, the second node
-//! `fd00:31::2`, the client `fd00:31::64`, its pods `fd00:244:2::/64`), IPv6 forwarding on.
+//! `fd00:31::2`, the client `fd00:31::64`, its pods `fd00:244:2::/64`, the third node's pods
+//! `fd00:244:3::/64` via `fd00:31::3`), IPv6 forwarding on.
 use std::process::Command;
 
 /// Moves the calling thread into a new, anonymous network namespace (`unshare`; it disappears,
@@ -28,6 +29,7 @@ pub fn enter(dev: &str, peer: &str) -> u32 {
         format!("-6 neigh add fd00:31::2 lladdr 02:00:00:00:00:02 dev {dev} nud permanent"),
         format!("-6 neigh add fd00:31::64 lladdr 02:00:00:00:00:64 dev {dev} nud permanent"),
         format!("-6 route add fd00:244:2::/64 via fd00:31::2 dev {dev}"),
+        format!("-6 route add fd00:244:3::/64 via fd00:31::3 dev {dev}"),
     ] {
         ip(&args);
     }
