@@ -21,7 +21,7 @@
 //! Tests (as root): `cargo test -p rproxy-tests` runs the manifest tests, `tests/e2e.rs` (the demo
 //! service), `tests/semantics.rs` (Service semantics, each test with its own Service),
 //! `tests/cluster_lab.rs` and `tests/nodeport_baselines.rs` (the two-node lab);
-//! `cargo test -p rproxy-tests --test e2e lab_plumbing` needs no agent, nor do the
+//! `cargo test -p rproxy-tests --test one_node lab_plumbing` needs no agent, nor do the
 //! `nodeport_baselines` tests. The agent-dependent
 //! tests run the binary [`agent_bin`] finds (`RPROXY_AGENT_BIN` overrides it). The interactive lab
 //! without xtask: `cargo run -p rproxy-tests --example lab [-- MANIFESTS_DIR]`.

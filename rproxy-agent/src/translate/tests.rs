@@ -1532,3 +1532,66 @@ fn topology_hints_leave_the_local_endpoints_alone() {
     assert_eq!(node_port.local_slots, vec![active("10.0.0.1", true), active("10.0.0.2", true)]);
     assert_eq!(node_port.draining, vec![active("10.0.0.2", true)]);
 }
+
+/// Dual-stack: each family's endpoints are categorized among themselves, as kube-proxy's
+/// per-family proxiers see only their own: the IPv4 slice has a ready endpoint here and one
+/// elsewhere, the IPv6 slice only a terminating one here and hints for another zone. The IPv4
+/// cluster IP serves the ready ones, the IPv6 one falls back to its terminating endpoint;
+/// under internalTrafficPolicy Local each takes its own family's local endpoints; zone hints
+/// narrow a family only when all of its endpoints carry them.
+#[test]
+fn dual_stack_endpoints_are_categorized_per_family() {
+    let dual = |itp_local: bool| {
+        with_spec(service("dual", "10.96.0.5", vec![port("", 80, "TCP")]), move |spec| {
+            spec.cluster_ips = Some(vec!["10.96.0.5".to_owned(), "fd00::5".to_owned()]);
+            spec.ip_families = Some(vec!["IPv4".to_owned(), "IPv6".to_owned()]);
+            spec.internal_traffic_policy = itp_local.then(|| "Local".to_owned());
+        })
+    };
+    let v4 = slice(
+        "dual-v4",
+        "dual",
+        &[("", 8080, "TCP")],
+        vec![ep_at("10.0.0.1", NODE, true, true, false), ep_at("10.0.1.1", "node-b", true, true, false)],
+    );
+    let mut v6 = slice("dual-v6", "dual", &[("", 8080, "TCP")], vec![ep_at("fd00:1::1", NODE, false, true, true)]);
+    v6.address_type = "IPv6".to_owned();
+    let active = |a| be(a, 8080, Tcp, Active);
+    let terminating = |a| be(a, 8080, Tcp, Terminating);
+    for itp_local in [false, true] {
+        let out = run(vec![dual(itp_local)], vec![v4.clone(), v6.clone()]);
+        assert_eq!(out.problems, vec![], "iTP Local: {itp_local}");
+        let v4_slots = if itp_local {
+            vec![local(active("10.0.0.1"))]
+        } else {
+            vec![local(active("10.0.0.1")), active("10.0.1.1")]
+        };
+        assert_eq!(out.desired.services[&fe("10.96.0.5", 80, Tcp)].slots, v4_slots, "iTP Local: {itp_local}");
+        assert_eq!(
+            out.desired.services[&fe("fd00::5", 80, Tcp)].slots,
+            vec![local(terminating("fd00:1::1"))],
+            "the IPv6 frontend falls back to its own terminating endpoint (iTP Local: {itp_local})"
+        );
+    }
+
+    // Zone hints on every IPv6 endpoint, none on the IPv4 ones: only IPv6 is narrowed.
+    let hinted6 = |addr: &str, zone: &str| hinted(ep(addr), &[zone], &[]);
+    let v4 = slice("dual-v4", "dual", &[("", 8080, "TCP")], vec![ep("10.0.0.1"), ep("10.0.0.2")]);
+    let mut v6 = slice(
+        "dual-v6",
+        "dual",
+        &[("", 8080, "TCP")],
+        vec![hinted6("fd00:1::1", "zone-a"), hinted6("fd00:1::2", "zone-b")],
+    );
+    v6.address_type = "IPv6".to_owned();
+    let out = translate_on(&in_zone(Some("zone-a")), vec![dual(false)], vec![v4, v6]);
+    assert_eq!(out.problems, vec![]);
+    let v4_entry = &out.desired.services[&fe("10.96.0.5", 80, Tcp)];
+    assert_eq!(v4_entry.slots, vec![active("10.0.0.1"), active("10.0.0.2")], "no hints: every IPv4 endpoint");
+    let v6_entry = &out.desired.services[&fe("fd00::5", 80, Tcp)];
+    assert_eq!(
+        (v6_entry.slots.clone(), v6_entry.draining.clone()),
+        (vec![active("fd00:1::1")], vec![active("fd00:1::2")]),
+        "IPv6: this zone's endpoint; the other one drains"
+    );
+}

@@ -1,6 +1,7 @@
 //! The node side of the north-south paths in a network namespace of the caller's own: what the
-//! XDP and TC programs' FIB lookups need. Shared by the packet tests (`tests/north_south.rs`,
-//! through `common`) and the datapath benchmark (`examples/datapath-bench.rs`, by path).
+//! XDP and TC programs' FIB lookups need. Shared by the packet tests
+//! (`tests/datapath/north_south.rs`, through `common`) and the datapath benchmark
+//! (`examples/datapath-bench.rs`, by path).
 //!
 //! The node's external device `dev` (a veth with peer `peer`, MAC 02:00:00:00:00:01,
 //! 172.31.0.1/24), permanent neighbours for a second node (172.31.0.2, 02:00:00:00:00:02) and a

@@ -11,11 +11,9 @@
 //! Needs root (`CAP_BPF` + `CAP_NET_ADMIN`) and a mounted bpffs. Without them the tests print why
 //! and return, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI), where they
 //! fail instead.
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr};
 
-use common::{
+use crate::common::{
     ACK, FIN, Fam, Harness, IcmpKind, RST, SERIAL, SYN, SYN_ACK, assert_port_unreachable, assert_related, harness,
     icmp_error, icmp_error_frame, parse, parse_checked, tcp, tcp_frame, udp, udp_frame,
 };
@@ -83,12 +81,12 @@ fn tcp_and_udp(fam: Fam, backends: &[IpAddr]) -> Desired {
 }
 
 /// The service-direction conntrack entry of `client`'s flow to the VIP.
-fn svc_ct(h: &Harness, fam: Fam, client: (IpAddr, u16), p: u8) -> Option<common::Ct> {
+fn svc_ct(h: &Harness, fam: Fam, client: (IpAddr, u16), p: u8) -> Option<crate::common::Ct> {
     h.ct_of(client, (vip(fam), 80), p, CT_DIR_SERVICE)
 }
 
 /// The reply-direction conntrack entry of a backend's replies to `client`.
-fn reply_ct(h: &Harness, backend: (IpAddr, u16), client: (IpAddr, u16), p: u8) -> Option<common::Ct> {
+fn reply_ct(h: &Harness, backend: (IpAddr, u16), client: (IpAddr, u16), p: u8) -> Option<crate::common::Ct> {
     h.ct_of(backend, client, p, CT_DIR_REPLY)
 }
 
@@ -753,7 +751,7 @@ fn icmp6_message(src: IpAddr, dst: IpAddr, typ: u8, body: &[u8]) -> Vec<u8> {
     pseudo.extend_from_slice(&u32::try_from(frame.len() - 54).expect("small").to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, 58]);
     pseudo.extend_from_slice(&frame[54..]);
-    let sum = !common::ones_sum(&pseudo);
+    let sum = !crate::common::ones_sum(&pseudo);
     frame[56..58].copy_from_slice(&sum.to_be_bytes());
     frame
 }

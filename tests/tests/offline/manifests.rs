@@ -63,7 +63,7 @@ fn empty_lists_render_as_valid_objects() {
 
 #[test]
 fn bundled_demo_manifest_matches_the_lab() {
-    let bundled = include_str!("../../lab/manifests/demo.yaml");
+    let bundled = include_str!("../../../lab/manifests/demo.yaml");
     assert_eq!(documents(bundled), documents(&demo::manifest()), "lab/manifests/demo.yaml is out of date");
 }
 

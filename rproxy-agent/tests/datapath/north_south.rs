@@ -12,11 +12,9 @@
 //! SNAT port allocator's and the route cache's internals are tested over IPv4.
 //!
 //! Needs root; see packets.rs for the skip rule.
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use common::{
+use crate::common::{
     ACK, Fam, Harness, IcmpKind, SERIAL, SYN, SYN_ACK, assert_icmp_error, assert_icmp_reply, assert_port_unreachable,
     assert_related, ct_key as key, harness, icmp_error, ip_dst, ip_ttl, macs, node_netns, parse, parse_checked,
     set_ttl, tcp, tcp_frame, udp,
@@ -519,7 +517,7 @@ both_families! {
                 }
                 (IpAddr::V6(b), IpAddr::V6(node)) => {
                     let taken = CtValue6 { nat_flags: CT_NAT_EXTERNAL | CT_NAT_SNAT, ..CtValue6::default() };
-                    let k = common::ct6_key((b, 8080), (node, port), proto::TCP, CT_DIR_REPLY);
+                    let k = crate::common::ct6_key((b, 8080), (node, port), proto::TCP, CT_DIR_REPLY);
                     h.maps.conntrack6.insert(k, taken, 0).expect("prefill");
                 }
                 _ => unreachable!("one family"),
