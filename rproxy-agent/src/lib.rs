@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod run;

@@ -112,6 +112,12 @@ struct RunArgs {
     /// deleted or tainted ToBeDeletedByClusterAutoscaler. Empty: not served.
     #[arg(long, value_name = "IP:PORT", default_value = proxy::DEFAULT_BIND, value_parser = parse_bind)]
     healthz_bind_address: Bind,
+    /// Address and port of /metrics (Prometheus, OpenMetrics text), as kube-proxy's: its sync
+    /// and network programming metrics under their kube-proxy names, and rproxy_* metrics (the
+    /// datapath's counters, map use, conntrack entries, rejected objects, watch state).
+    /// '0.0.0.0' listens on IPv6 too. Empty: not served.
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10249", value_parser = parse_bind)]
+    metrics_bind_address: Bind,
     /// Source ports given to north-south flows that go to a backend on another node (SNAT to
     /// this node's address, externalTrafficPolicy Cluster), MIN-MAX with MIN >= 1024. Each
     /// backend can take about (MAX - MIN + 1) / 60 new flows per second before a port comes round
@@ -129,7 +135,7 @@ struct RunArgs {
     external_cluster_ip: bool,
 }
 
-/// `--healthz-bind-address`: an address, or none (empty).
+/// `--healthz-bind-address`, `--metrics-bind-address`: an address, or none (empty).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Bind(Option<SocketAddr>);
 
@@ -182,6 +188,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
             None => run::Cgroup::Auto,
         },
         healthz_bind: args.healthz_bind_address.0,
+        metrics_bind: args.metrics_bind_address.0,
         snat_ports: args.snat_port_range,
         external_cluster_ip: args.external_cluster_ip,
     };
@@ -242,6 +249,8 @@ mod tests {
         let args = run_args(&["--healthz-bind-address", "127.0.0.1:9256"]).unwrap();
         assert_eq!(args.healthz_bind_address.0, addr("127.0.0.1:9256"));
         assert_eq!(run_args(&["--healthz-bind-address", ""]).unwrap().healthz_bind_address.0, None);
+        assert_eq!(run_args(&[]).unwrap().metrics_bind_address.0, addr("0.0.0.0:10249"));
+        assert_eq!(run_args(&["--metrics-bind-address", ""]).unwrap().metrics_bind_address.0, None);
         let err = run_args(&["--healthz-bind-address", "10256"]).unwrap_err().to_string();
         assert!(err.contains("expected IP:PORT"), "{err}");
     }

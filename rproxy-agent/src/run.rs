@@ -47,6 +47,7 @@ use crate::{
         proxy::{self, HEALTH_TIMEOUT, HealthzServer, ProxyHealth},
         service::HealthCheckServer,
     },
+    metrics::{self, Metrics, MetricsServer},
     model::Frontend,
     node::{
         devices::{self, DevicePattern},
@@ -102,6 +103,8 @@ pub struct Config {
     pub cgroup: Cgroup,
     /// `--healthz-bind-address`: where `/healthz` and `/livez` are served (`None`: not served).
     pub healthz_bind: Option<SocketAddr>,
+    /// `--metrics-bind-address`: where `/metrics` is served (`None`: not served).
+    pub metrics_bind: Option<SocketAddr>,
     /// `--snat-port-range`: source ports of north-south flows to remote backends.
     pub snat_ports: PortRange,
     /// `--external-cluster-ip`: `ClusterIP` frontends take traffic from the external devices.
@@ -154,6 +157,14 @@ struct Agent {
     /// Holds writes while a watch relists, so Services and slices are not written half-way.
     gate: ResyncGate,
     problems: ProblemLog,
+    metrics: Metrics,
+    metrics_server: MetricsServer,
+    /// When the changes of `EndpointSlices` taken in since the last complete sync happened
+    /// (their `endpoints.kubernetes.io/last-change-trigger-time`): the network programming
+    /// latency of each is observed when a sync has written them.
+    triggers: Vec<jiff::Timestamp>,
+    /// Rejections by kind already added to the metrics.
+    rejections_counted: BTreeMap<&'static str, u64>,
 }
 
 /// Logs rejected objects: a problem at warning level when it appears and at info when it is
@@ -228,9 +239,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         backends = writer.backend_count(),
         "eBPF programs loaded; pinned state adopted"
     );
-    let mut agent = Agent::new(cfg, datapath, maps, writer);
+    let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
+    let metrics = Metrics::new(metrics::open_stats(&cfg.bpffs), watch_stats.clone());
+    let mut agent = Agent::new(cfg, datapath, maps, writer, metrics);
     // Like kube-proxy's, served from the start: healthy while starting up.
     agent.healthz.ensure();
+    agent.metrics_server.ensure();
     let (link_tx, mut link_rx) = mpsc::channel(1);
     if let Err(e) = devices::watch_links(link_tx) {
         warn!(error = %e, "no link notifications; new devices and addresses are found by periodic rescans only");
@@ -243,7 +257,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         Source::Kube { kubeconfig } => {
             let client = kube::client(kubeconfig.as_deref()).await?;
             info!("waiting for the API server's Services and EndpointSlices before writing any map");
-            tokio::spawn(kube::run(client, agent.cfg.node_name.clone(), update_tx, Arc::new(kube::Stats::default())));
+            let stats = watch_stats.unwrap_or_default();
+            tokio::spawn(kube::run(client, agent.cfg.node_name.clone(), update_tx, stats));
             None
         }
         Source::Manifests(dir) => {
@@ -301,9 +316,13 @@ pub async fn run(cfg: Config) -> Result<()> {
 
 impl Agent {
     /// The loop's state before the source has delivered anything.
-    fn new(cfg: Config, datapath: Datapath, maps: Maps, writer: Writer) -> Self {
+    fn new(cfg: Config, datapath: Datapath, maps: Maps, writer: Writer, metrics: Metrics) -> Self {
         let proxy_health = Arc::new(Mutex::new(ProxyHealth::new(HEALTH_TIMEOUT)));
         Agent {
+            metrics_server: MetricsServer::new(cfg.metrics_bind, metrics.clone()),
+            metrics,
+            triggers: Vec::new(),
+            rejections_counted: BTreeMap::new(),
             store: Store::new(&cfg.node_name),
             healthz: HealthzServer::new(cfg.healthz_bind, Arc::clone(&proxy_health)),
             external: External::new(cfg.devices.clone(), cfg.xdp_mode),
@@ -357,6 +376,7 @@ impl Agent {
         self.retry_failed();
         self.rescan();
         self.healthz.ensure();
+        self.metrics_server.ensure();
         if self.first_synced {
             self.health.update(&self.store.desired().health_checks);
         }
@@ -398,6 +418,7 @@ impl Agent {
     /// Takes one source update in.
     fn update(&mut self, update: Update) {
         self.gate.observe(&update);
+        self.count_change(&update);
         match update {
             Update::Synced(kind) => {
                 if !self.ready && matches!(kind, "Service" | "EndpointSlice") {
@@ -429,6 +450,29 @@ impl Agent {
             }
             other => self.store.apply(other),
         }
+    }
+
+    /// Counts a Service or `EndpointSlice` change for the metrics (kube-proxy counts each
+    /// informer event, the initial list's included), and keeps the slice's trigger time.
+    fn count_change(&mut self, update: &Update) {
+        let m = &self.metrics;
+        let (services, slices): (u64, u64) = match update {
+            Update::ResetServices(all) => (all.len() as u64, 0),
+            Update::ResetSlices(all) => {
+                self.triggers.extend(all.iter().filter_map(trigger_time));
+                (0, all.len() as u64)
+            }
+            Update::ListedService(_) | Update::ApplyService(_) | Update::DeleteService(_) => (1, 0),
+            Update::ListedSlice(slice) | Update::ApplySlice(slice) => {
+                self.triggers.extend(trigger_time(slice));
+                (0, 1)
+            }
+            Update::DeleteSlice(_) => (0, 1),
+            _ => return,
+        };
+        metrics::count_changes(&m.service_changes, &m.service_changes_pending, services);
+        metrics::count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, slices);
+        m.sync_last_queued.set(metrics::unix_seconds(jiff::Timestamp::now()));
     }
 
     /// Writes again what failed to be written (`retry`, and backends whose removal failed), on
@@ -510,6 +554,7 @@ impl Agent {
         log_written(&report);
         let purged = self.take_write_outcome(&report);
         self.health.update(&self.store.desired().health_checks);
+        self.record_sync(started.elapsed(), !self.first_synced, report.errors.len());
         let (services, slices) = self.store.object_counts();
         info!(
             services,
@@ -534,6 +579,32 @@ impl Agent {
             // source's complete state.
             self.attach_sockets();
             self.rescan();
+        }
+    }
+
+    /// The metrics of a sync that took `elapsed` (`full`: the first, which compares every
+    /// frontend) and had `errors` failed writes.
+    fn record_sync(&mut self, elapsed: Duration, full: bool, errors: usize) {
+        let now = jiff::Timestamp::now();
+        let m = &self.metrics;
+        metrics::observe_sync(m, elapsed, full, errors == 0, now);
+        m.map_write_errors.inc_by(errors as u64);
+        m.frontends.set(i64::try_from(self.writer.service_count()).unwrap_or(i64::MAX));
+        m.backends.set(i64::try_from(self.writer.backend_count()).unwrap_or(i64::MAX));
+        m.rejected_objects.set(i64::try_from(self.store.problem_count()).unwrap_or(i64::MAX));
+        for (kind, total) in self.store.rejected_total() {
+            let counted = self.rejections_counted.entry(kind).or_default();
+            m.rejections.get_or_create(&metrics::KindLabel { kind }).inc_by(total.saturating_sub(*counted));
+            *counted = *total;
+        }
+        if errors == 0 {
+            // Programmed: how long since each change behind the slices written happened.
+            for t in self.triggers.drain(..) {
+                let latency = now.duration_since(t).as_secs_f64();
+                if latency >= 0.0 {
+                    m.network_programming.observe(latency);
+                }
+            }
         }
     }
 
@@ -624,8 +695,17 @@ impl Agent {
     fn gc(&mut self) {
         self.check_counters();
         let started = Instant::now();
-        let pass = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id))
-            .merge(gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id)));
+        let v4 = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
+        let v6 = gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id));
+        for (family, p) in [("ipv4", &v4), ("ipv6", &v6)] {
+            let left = p.scanned.saturating_sub(p.expired + p.backend_gone);
+            self.metrics
+                .conntrack_entries
+                .get_or_create(&metrics::FamilyLabel { family })
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+        }
+        let pass = v4.merge(v6);
+        self.metrics.gc_duration.observe(started.elapsed().as_secs_f64());
         // Backends that left their Services, once no flow names them.
         let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
         for e in errors {
@@ -647,7 +727,11 @@ impl Agent {
     }
 }
 
-/// The agent's resident memory in MiB (0 if unknown), for the logs.
+/// When the change behind `slice` happened, as the `EndpointSlice` controller records it.
+fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<jiff::Timestamp> {
+    slice.metadata.annotations.as_ref()?.get(metrics::TRIGGER_TIME_ANNOTATION)?.parse().ok()
+}
+
 /// One line per frontend a write programmed or removed, unless a whole cluster is being
 /// programmed at once (then at debug).
 fn log_written(report: &writer::SyncReport) {
@@ -668,6 +752,7 @@ fn log_written(report: &writer::SyncReport) {
     }
 }
 
+/// The agent's resident memory in MiB (0 if unknown), for the logs.
 fn resident_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib = status

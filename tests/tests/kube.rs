@@ -796,6 +796,87 @@ fn a_dual_stack_service_is_served_over_ipv6() {
     });
 }
 
+/// `GET /metrics` of node `id`'s agent (`--metrics-bind-address`, kube-proxy's 10249), from the
+/// external client: the body.
+fn metrics_of(ctx: &Ctx<'_>, id: NodeId) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let outside = ctx.lab.client_ns().to_owned();
+    in_netns(&outside, || -> Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from((id.ip(), 10249)), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        ensure!(text.starts_with("HTTP/1.1 200"), "GET /metrics: {}", text.lines().next().unwrap_or_default());
+        Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
+    })?
+}
+
+/// The value of the sample `name` (with its labels, as written) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// `/metrics` as an operator replacing kube-proxy reads it: kube-proxy's sync metrics, the
+/// network programming latency measured from the EndpointSlice controller's trigger times (a
+/// scale-up observed within the histogram's bounds), Service and endpoint changes counted, the
+/// datapath's translations counted as traffic flows, programmed frontends, conntrack entries
+/// after a GC pass, and the watches synced.
+#[test]
+fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
+    with_namespace("metrics_show_kube_proxy_s_and_the_datapath_s_figures", "t-metrics", |ctx| {
+        let before = metrics_of(ctx, NodeId::ONE)?;
+        let programmed = |t: &str| sample(t, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0);
+        let endpoint_changes = |t: &str| sample(t, "kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap_or(0.0);
+        ctx.deployment("web", 2, "")?;
+        ctx.service("web", "web", "NodePort", "")?;
+        let pods = ctx.wait_ready("web", 2)?;
+        let client = ctx.client_pod("client", NodeId::ONE)?;
+        let cip = ctx.cluster_ip("web")?;
+        converges_to(&client, (cip, 80), false, &pods)?;
+        // An open connection: its conntrack entries outlive the GC passes.
+        let mut held = in_netns(&client, || TcpSession::connect(cip, 80, TIMEOUT))??;
+        held.echo(b"held")?;
+        let mut after = String::new();
+        wait_until("the network programming latency observed", CONVERGE, || {
+            after = metrics_of(ctx, NodeId::ONE)?;
+            Ok(programmed(&after) > programmed(&before))
+        })?;
+        wait_until("conntrack entries counted by a GC pass", CONVERGE, || {
+            after = metrics_of(ctx, NodeId::ONE)?;
+            Ok(sample(&after, "rproxy_conntrack_entries{family=\"ipv4\"}").unwrap_or(0.0) >= 2.0)
+        })?;
+        held.echo(b"still held")?;
+        ensure!(endpoint_changes(&after) > endpoint_changes(&before), "endpoint changes not counted:\n{after}");
+        // Every observation of this change is a latency of seconds, not a clock mix-up. (The
+        // cluster's earlier tests cut the nodes off the API server: their latencies are longer.)
+        let within =
+            |t: &str| sample(t, "kubeproxy_network_programming_duration_seconds_bucket{le=\"10.0\"}").unwrap_or(0.0);
+        ensure!(
+            within(&after) - within(&before) >= programmed(&after) - programmed(&before),
+            "network programming latencies beyond 10 s:\n{after}"
+        );
+        for (name, min) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds_count", 1.0),
+            ("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1.0),
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 1.0),
+            ("rproxy_frontends", 2.0),
+            ("rproxy_backends", 2.0),
+            ("rproxy_datapath_translations_total{event=\"new_flow\"}", 1.0),
+            ("rproxy_watch_synced{kind=\"EndpointSlice\"}", 1.0),
+            ("rproxy_map_capacity{map=\"conntrack\"}", 524_288.0),
+        ] {
+            let v = sample(&after, name).with_context(|| format!("no {name} in:\n{after}"))?;
+            ensure!(v >= min, "{name} is {v}, expected at least {min}");
+        }
+        let last = sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").context("no last sync time")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        ensure!((now - 300.0..=now + 1.0).contains(&last), "last sync at {last}, now {now}");
+        ensure!(sample(&after, "rproxy_datapath_drops_total{reason=\"ct_insert_fail\"}") == Some(0.0), "{after}");
+        Ok(())
+    });
+}
+
 #[test]
 fn seen_as_parses_the_greeting() {
     let line = b"web-1 10.244.1.5 40000";

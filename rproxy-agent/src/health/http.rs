@@ -19,9 +19,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpSocket},
-    task::JoinSet,
+    task::{JoinHandle, JoinSet},
 };
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 /// Connections served at once on one port; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -105,6 +105,63 @@ pub async fn serve(listener: TcpListener, respond: Respond) {
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One port answered by [`serve`] (the agent's `/healthz`, `/metrics`): opened by the first
+/// [`Server::ensure`], and on a failed bind (a port in use, an address not there yet) logged once
+/// and tried again by the next `ensure`. Must be used from within a Tokio runtime.
+pub struct Server {
+    /// What it serves, for the logs (`"healthz (/healthz, /livez)"`).
+    what: &'static str,
+    addr: Option<SocketAddr>,
+    respond: Respond,
+    task: Option<JoinHandle<()>>,
+    /// The last bind error logged.
+    failed: Option<String>,
+}
+
+impl Server {
+    /// `addr` `None`: disabled.
+    #[must_use]
+    pub fn new(what: &'static str, addr: Option<SocketAddr>, respond: Respond) -> Self {
+        Self { what, addr, respond, task: None, failed: None }
+    }
+
+    /// Opens the port if it is not open yet (the first call, or a retry after a failed bind).
+    pub fn ensure(&mut self) {
+        let Some(addr) = self.addr else { return };
+        if self.task.is_some() {
+            return;
+        }
+        match bind(addr) {
+            Ok(listener) => {
+                info!(%addr, "{} open", self.what);
+                self.failed = None;
+                self.task = Some(tokio::spawn(serve(listener, Arc::clone(&self.respond))));
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.failed.as_ref() != Some(&e) {
+                    warn!(%addr, error = %e, "{}: bind failed; will retry", self.what);
+                    self.failed = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Whether the port is open.
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        self.task.is_some()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
         }
     }
 }

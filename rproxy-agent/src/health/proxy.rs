@@ -30,15 +30,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::http::{Server, json_response, lock};
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
-
-use super::http::{bind, json_response, lock, serve};
 
 /// How long a change may wait for the maps before the agent reports itself unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
@@ -128,59 +125,26 @@ impl ProxyHealth {
     }
 }
 
-/// Serves `/healthz` and `/livez` on one address; a failed bind is logged once and retried by
-/// [`HealthzServer::ensure`]. Must be used from within a Tokio runtime.
-pub struct HealthzServer {
-    addr: Option<SocketAddr>,
-    health: Arc<Mutex<ProxyHealth>>,
-    task: Option<JoinHandle<()>>,
-    /// The last bind error logged.
-    failed: Option<String>,
-}
+/// Serves `/healthz` and `/livez` on `--healthz-bind-address` (see [`Server`]).
+pub struct HealthzServer(Server);
 
 impl HealthzServer {
     /// `addr` `None`: disabled.
     #[must_use]
     pub fn new(addr: Option<SocketAddr>, health: Arc<Mutex<ProxyHealth>>) -> Self {
-        Self { addr, health, task: None, failed: None }
+        let respond = move |path: &str| lock(&health).answer(path, Instant::now(), Timestamp::now());
+        Self(Server::new("healthz (/healthz, /livez)", addr, Arc::new(respond)))
     }
 
     /// Opens the port if it is not open yet (the first call, or a retry after a failed bind).
     pub fn ensure(&mut self) {
-        let Some(addr) = self.addr else { return };
-        if self.task.is_some() {
-            return;
-        }
-        match bind(addr) {
-            Ok(listener) => {
-                info!(%addr, "healthz open (/healthz, /livez)");
-                self.failed = None;
-                let health = Arc::clone(&self.health);
-                let respond = move |path: &str| lock(&health).answer(path, Instant::now(), Timestamp::now());
-                self.task = Some(tokio::spawn(serve(listener, Arc::new(respond))));
-            }
-            Err(e) => {
-                let e = e.to_string();
-                if self.failed.as_ref() != Some(&e) {
-                    warn!(%addr, error = %e, "healthz: bind failed; will retry");
-                    self.failed = Some(e);
-                }
-            }
-        }
+        self.0.ensure();
     }
 
     /// Whether the port is open.
     #[must_use]
     pub fn is_open(&self) -> bool {
-        self.task.is_some()
-    }
-}
-
-impl Drop for HealthzServer {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+        self.0.is_open()
     }
 }
 

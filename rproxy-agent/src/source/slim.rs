@@ -10,8 +10,9 @@
 //!
 //! Kept: name, namespace, resource version, the `kubernetes.io/service-name` label (and the
 //! labels that hide an object from kube-proxies, [`translate::hiding_label`]); the whole Service spec except
-//! the pod selector, and `status.loadBalancer`; a slice's address type, ports, and each endpoint's
-//! addresses, conditions, node name and topology hints.
+//! the pod selector, and `status.loadBalancer`; a slice's address type, ports, its
+//! `endpoints.kubernetes.io/last-change-trigger-time` annotation (for the network programming
+//! latency metric), and each endpoint's addresses, conditions, node name and topology hints.
 //!
 //! The store goes further with slices, which are most of its objects (ten endpoints a slice is
 //! common): it keeps each one as a [`CompactSlice`], a few dozen bytes an endpoint instead of
@@ -74,7 +75,14 @@ pub fn slice(slice: EndpointSlice) -> EndpointSlice {
         ports.shrink_to_fit();
         ports
     });
-    EndpointSlice { metadata: meta(slice.metadata), address_type: slice.address_type, endpoints, ports }
+    // The change's trigger time, for the network programming latency (`metrics`), is the one
+    // annotation kept.
+    let trigger = slice.metadata.annotations.as_ref().and_then(|a| {
+        let (k, v) = a.get_key_value(crate::metrics::TRIGGER_TIME_ANNOTATION)?;
+        Some([(k.clone(), v.clone())].into())
+    });
+    let metadata = ObjectMeta { annotations: trigger, ..meta(slice.metadata) };
+    EndpointSlice { metadata, address_type: slice.address_type, endpoints, ports }
 }
 
 fn meta(meta: ObjectMeta) -> ObjectMeta {
@@ -342,6 +350,19 @@ mod tests {
         slice.metadata.resource_version = Some(resource_version.into());
         slice.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::default()));
         (svc, slice)
+    }
+
+    /// A slice keeps its change's trigger time (the network programming latency starts there)
+    /// and no other annotation.
+    #[test]
+    fn a_slice_keeps_only_its_trigger_time_annotation() {
+        let (_, mut sl) = objects("1");
+        let trigger = crate::metrics::TRIGGER_TIME_ANNOTATION;
+        sl.metadata.annotations = Some(
+            [(trigger.to_owned(), "2026-12-03T01:00:00Z".to_owned()), ("other".to_owned(), "x".to_owned())].into(),
+        );
+        let kept = slice(sl).metadata.annotations.expect("annotations");
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(trigger.to_owned(), "2026-12-03T01:00:00Z".to_owned())]);
     }
 
     #[test]

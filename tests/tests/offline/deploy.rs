@@ -370,3 +370,45 @@ fn the_agent_accepts_every_flag_in_the_container_args() {
         assert!(used.contains(&flag.as_str()), "`rproxy-agent run` requires {flag}; args: {:?}", args(&ds));
     }
 }
+
+/// The pod template tells Prometheus where the metrics are (the port `--metrics-bind-address`
+/// serves by default, named in the container's ports with the health port), and the Grafana
+/// dashboard parses and queries only metrics that docs/metrics.md documents.
+#[test]
+fn metrics_are_scraped_and_the_dashboard_queries_documented_metrics() {
+    let ds = deploy().daemon_set;
+    let template = ds.spec.template.metadata.as_ref().expect("template metadata");
+    let annotations = template.annotations.as_ref().expect("scrape annotations");
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    assert_eq!(
+        (get("prometheus.io/scrape"), get("prometheus.io/port"), get("prometheus.io/path")),
+        (Some("true"), Some("10249"), Some("/metrics"))
+    );
+    assert_eq!(arg_value(&ds, "--metrics-bind-address"), None, "the default, 0.0.0.0:10249");
+    let ports: Vec<(Option<&str>, i32)> =
+        container(&ds).ports.iter().flatten().map(|p| (p.name.as_deref(), p.container_port)).collect();
+    assert_eq!(ports, [(Some("metrics"), 10249), (Some("healthz"), 10256)]);
+
+    let path = workspace_root().join("deploy/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let docs = std::fs::read_to_string(workspace_root().join("docs/metrics.md")).expect("docs/metrics.md");
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("a query");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("rproxy_") || word.starts_with("kubeproxy_") {
+                    queried.insert(word.trim_end_matches("_bucket").to_owned());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 8, "{queried:?}");
+    for metric in &queried {
+        assert!(
+            docs.contains(&format!("`{metric}")),
+            "the dashboard queries {metric}, which docs/metrics.md does not list"
+        );
+    }
+}
