@@ -196,7 +196,11 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         .enable_all()
         .build()
         .map_err(|source| rproxy_agent::Error::Io { what: "starting the runtime".into(), source })?;
-    rt.block_on(run::run(cfg))
+    let result = rt.block_on(run::run(cfg));
+    // A conntrack GC pass still walking the tables on its thread is not waited for: each of its
+    // map operations is whole, and the next agent's passes pick up where it stopped.
+    rt.shutdown_timeout(Duration::ZERO);
+    result
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //!
 //! One task owns the datapath, the object store, the map writer, the attach state and the health
 //! check server, and reacts to: source updates (manifests directory changes through inotify, or
-//! Kubernetes API watch events), link and address notifications (netlink), the conntrack GC tick,
-//! a periodic device rescan, and SIGTERM/SIGINT. Link and address notifications and the rescan
+//! Kubernetes API watch events), link and address notifications (netlink), the conntrack GC tick
+//! (the pass itself walks the tables on a blocking thread with its own map handles, so that the
+//! health, metrics and health check ports this loop's runtime serves never wait for it), a
+//! periodic device rescan, and SIGTERM/SIGINT. Link and address notifications and the rescan
 //! also re-read the node addresses of `--devices`; a change re-translates the Services with
 //! `nodePort`s. Source updates are applied to the [`Store`] as they come and written in
 //! batches: everything already queued is taken in before one flush, and only the frontends the
@@ -165,6 +167,20 @@ struct Agent {
     triggers: Vec<jiff::Timestamp>,
     /// Rejections by kind already added to the metrics.
     rejections_counted: BTreeMap<&'static str, u64>,
+    /// Where the conntrack GC runs, and whether a pass is running.
+    gc: GcState,
+    /// Where the GC thread hands its passes back.
+    gc_done: mpsc::Sender<gc::Deferred>,
+}
+
+/// Where the conntrack GC passes run.
+enum GcState {
+    /// On the loop (the GC thread's own map handles could not be opened).
+    Loop,
+    /// On the GC thread, whose handles on the tables these are; no pass running.
+    Idle(Box<gc::Tables>),
+    /// On the GC thread, which holds the handles: a pass is running.
+    Running,
 }
 
 /// Logs rejected objects: a problem at warning level when it appears and at info when it is
@@ -241,7 +257,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
     let metrics = Metrics::new(metrics::open_stats(&cfg.bpffs), watch_stats.clone());
-    let mut agent = Agent::new(cfg, datapath, maps, writer, metrics);
+    let (gc_tx, mut gc_rx) = mpsc::channel(1);
+    let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx);
+    match gc::Tables::open(&agent.cfg.bpffs) {
+        Ok(tables) => agent.gc = GcState::Idle(Box::new(tables)),
+        Err(e) => warn!(error = %e, "conntrack GC runs on the agent's loop (its own map handles could not be opened)"),
+    }
     // Like kube-proxy's, served from the start: healthy while starting up.
     agent.healthz.ensure();
     agent.metrics_server.ensure();
@@ -309,6 +330,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(()) = link_rx.recv() => agent.devices_changed(),
             _ = rescan_tick.tick() => agent.devices_changed(),
             _ = gc_tick.tick() => agent.gc(),
+            Some(done) = gc_rx.recv() => agent.gc_finished(done),
         }
     }
     Ok(())
@@ -316,13 +338,22 @@ pub async fn run(cfg: Config) -> Result<()> {
 
 impl Agent {
     /// The loop's state before the source has delivered anything.
-    fn new(cfg: Config, datapath: Datapath, maps: Maps, writer: Writer, metrics: Metrics) -> Self {
+    fn new(
+        cfg: Config,
+        datapath: Datapath,
+        maps: Maps,
+        writer: Writer,
+        metrics: Metrics,
+        gc_done: mpsc::Sender<gc::Deferred>,
+    ) -> Self {
         let proxy_health = Arc::new(Mutex::new(ProxyHealth::new(HEALTH_TIMEOUT)));
         Agent {
             metrics_server: MetricsServer::new(cfg.metrics_bind, metrics.clone()),
             metrics,
             triggers: Vec::new(),
             rejections_counted: BTreeMap::new(),
+            gc: GcState::Loop,
+            gc_done,
             store: Store::new(&cfg.node_name),
             healthz: HealthzServer::new(cfg.healthz_bind, Arc::clone(&proxy_health)),
             external: External::new(cfg.devices.clone(), cfg.xdp_mode),
@@ -692,11 +723,48 @@ impl Agent {
         }
     }
 
+    /// The GC tick: a pass on the GC thread (a blocking task with its own map handles: walking
+    /// hundreds of thousands of entries must not stall the health, metrics and health check
+    /// ports this loop's runtime serves), or on the loop without them. A tick during a pass is
+    /// skipped.
     fn gc(&mut self) {
         self.check_counters();
+        let tables = match std::mem::replace(&mut self.gc, GcState::Running) {
+            GcState::Idle(tables) => tables,
+            GcState::Running => {
+                debug!("conntrack GC: the previous pass is still running");
+                return;
+            }
+            GcState::Loop => {
+                self.gc = GcState::Loop;
+                let started = Instant::now();
+                let v4 = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
+                let v6 = gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id));
+                self.gc_pass_done(v4, v6, started.elapsed());
+                return;
+            }
+        };
+        let known = self.writer.backend_ids();
+        let done = self.gc_done.clone();
+        tokio::task::spawn_blocking(move || {
+            // The receiver lives as long as the loop.
+            let _ = done.blocking_send(gc::run_deferred(*tables, &known));
+        });
+    }
+
+    /// A pass of the GC thread is back: the entries it found naming a backend it did not know
+    /// are judged against the backends programmed now.
+    fn gc_finished(&mut self, done: gc::Deferred) {
+        let gc::Deferred { tables, v4: (mut v4, gone4), v6: (mut v6, gone6), elapsed } = done;
+        self.gc = GcState::Idle(Box::new(tables));
         let started = Instant::now();
-        let v4 = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
-        let v6 = gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id));
+        gc::settle_gone(&mut self.maps.conntrack, gone4, |id| self.writer.has_backend(id), &mut v4);
+        gc::settle_gone(&mut self.maps.conntrack6, gone6, |id| self.writer.has_backend(id), &mut v6);
+        self.gc_pass_done(v4, v6, elapsed + started.elapsed());
+    }
+
+    /// Metrics and logs of a pass, and the orphaned backends no flow names any more released.
+    fn gc_pass_done(&mut self, v4: gc::Pass, v6: gc::Pass, elapsed: Duration) {
         for (family, p) in [("ipv4", &v4), ("ipv6", &v6)] {
             let left = p.scanned.saturating_sub(p.expired + p.backend_gone);
             self.metrics
@@ -705,7 +773,7 @@ impl Agent {
                 .set(i64::try_from(left).unwrap_or(i64::MAX));
         }
         let pass = v4.merge(v6);
-        self.metrics.gc_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.gc_duration.observe(elapsed.as_secs_f64());
         // Backends that left their Services, once no flow names them.
         let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
         for e in errors {
@@ -718,7 +786,7 @@ impl Agent {
                 backend_gone = pass.backend_gone,
                 backends_released = released,
                 orphans = self.writer.orphan_count(),
-                elapsed_ms = started.elapsed().as_millis(),
+                elapsed_ms = elapsed.as_millis(),
                 "conntrack GC"
             );
         } else {

@@ -496,6 +496,13 @@ impl Writer {
         self.backend_ids.contains_key(&id)
     }
 
+    /// The ids of the backends programmed (orphans included), for a GC pass away from the
+    /// agent's loop (`gc::run_pass_deferred`).
+    #[must_use]
+    pub fn backend_ids(&self) -> std::collections::HashSet<u32> {
+        self.backend_ids.keys().copied().collect()
+    }
+
     /// Makes the maps hold `desired`: every frontend is compared.
     pub fn sync(&mut self, desired: &Desired, sink: &mut impl MapSink) -> SyncReport {
         let all: BTreeSet<Frontend> = self.services.keys().chain(desired.services.keys()).copied().collect();

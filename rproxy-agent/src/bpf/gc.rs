@@ -14,7 +14,10 @@ use std::{
     hash::Hash,
 };
 
-use rproxy_common::{CtKey, CtValue};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use rproxy_common::{CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, map_names};
+
+use crate::{Error, Result};
 
 /// Why an entry is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +159,114 @@ where
         }
     }
     pass
+}
+
+/// Entries a deferred pass leaves for the loop to judge ([`settle_gone`]).
+pub type Gone<A> = Vec<(CtKey<A>, CtValue<A>)>;
+
+/// One pass as the GC thread runs it, away from the agent's loop, with `known` the backends
+/// programmed when the pass started: expired flows are deleted as by [`run_pass`]; the entries
+/// naming a backend not in `known` are returned instead of deleted, for the loop to judge
+/// against the backends programmed by then ([`settle_gone`]): such a backend may have been added
+/// after `known` was taken, and its new flows must not go.
+pub fn run_pass_deferred<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    known: &HashSet<u32, S>,
+) -> (Pass, Gone<A>)
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod + PartialEq,
+{
+    let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
+    let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), |id| known.contains(&id));
+    let mut gone = Vec::new();
+    for k in doomed {
+        let Some(v) = snapshot.get(&k).copied() else { continue };
+        if !known.contains(&v.backend_id) {
+            pass.backend_gone -= 1;
+            gone.push((k, v));
+            continue;
+        }
+        // As in `run_pass`: read again right before the delete.
+        match ct.get(&k, 0).ok() {
+            Some(now) if now == v => {
+                let _ = ct.remove(&k);
+            }
+            Some(now) => {
+                pass.in_use.insert(now.backend_id);
+            }
+            None => {}
+        }
+    }
+    (pass, gone)
+}
+
+/// The loop's half of a deferred pass: of the entries whose backend the GC thread did not know
+/// (`gone`), those whose backend is still not programmed (`backend_exists`) are deleted (unless
+/// refreshed since) and counted in `pass.backend_gone`; the others' backends are in use.
+pub fn settle_gone<A: Copy + Eq + Hash>(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    gone: Gone<A>,
+    backend_exists: impl Fn(u32) -> bool,
+    pass: &mut Pass,
+) where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod + PartialEq,
+{
+    for (k, v) in gone {
+        if backend_exists(v.backend_id) {
+            pass.in_use.insert(v.backend_id);
+            continue;
+        }
+        match ct.get(&k, 0).ok() {
+            Some(now) if now == v && ct.remove(&k).is_ok() => pass.backend_gone += 1,
+            Some(now) if now != v => {
+                pass.in_use.insert(now.backend_id);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Both conntrack tables as the GC thread holds them: its own handles on the pinned maps, so a
+/// pass never borrows the agent loop's.
+pub struct Tables {
+    pub ct4: BpfHashMap<MapData, CtKey4, CtValue4>,
+    pub ct6: BpfHashMap<MapData, CtKey6, CtValue6>,
+}
+
+impl Tables {
+    /// Opens `RPX_CT4` and `RPX_CT6` pinned in `bpffs`.
+    pub fn open(bpffs: &std::path::Path) -> Result<Self> {
+        fn open<K: aya::Pod, V: aya::Pod>(
+            dir: &std::path::Path,
+            name: &'static str,
+        ) -> Result<BpfHashMap<MapData, K, V>> {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(|source| Error::Map { name, source })
+        }
+        Ok(Self { ct4: open(bpffs, map_names::CT4)?, ct6: open(bpffs, map_names::CT6)? })
+    }
+}
+
+/// What a pass of the GC thread ([`run_deferred`]) hands back to the loop: the tables, each
+/// family's pass and the entries whose backend it did not know ([`settle_gone`]), and how long
+/// it took.
+pub struct Deferred {
+    pub tables: Tables,
+    pub v4: (Pass, Gone<u32>),
+    pub v6: (Pass, Gone<rproxy_common::In6>),
+    pub elapsed: std::time::Duration,
+}
+
+/// One pass over both tables with `known` the backends programmed (see [`run_pass_deferred`]).
+/// Blocking: run it on a thread of its own.
+#[must_use]
+pub fn run_deferred<S: std::hash::BuildHasher>(mut tables: Tables, known: &HashSet<u32, S>) -> Deferred {
+    let started = std::time::Instant::now();
+    let v4 = run_pass_deferred(&mut tables.ct4, known);
+    let v6 = run_pass_deferred(&mut tables.ct6, known);
+    Deferred { tables, v4, v6, elapsed: started.elapsed() }
 }
 
 #[cfg(test)]

@@ -620,3 +620,102 @@ fn a_dual_stack_service_answers_over_both_families() {
         panic!("{test}: {e:?}");
     }
 }
+
+/// The conntrack GC walks its tables on a thread of its own: with 500,000 live entries in
+/// `RPX_CT4` and a pass every second, `/healthz` and `/metrics` (served by the agent's loop's
+/// runtime) keep answering at once, and the passes see every entry (`rproxy_conntrack_entries`).
+/// Probes every 20 ms for 4 s; the report gives the latencies. (Run on the loop, as before, a
+/// pass over 500,000 entries held both ports for about a second.)
+#[test]
+fn health_and_metrics_answer_while_the_gc_walks_half_a_million_entries() {
+    use rproxy_common::{CT_DIR_SERVICE, CtKey4, CtValue4, map_names};
+    const ENTRIES: u32 = 500_000;
+    with_lab("health_and_metrics_answer_while_the_gc_walks_half_a_million_entries", |lab| {
+        let bin = agent_bin()?;
+        let manifests = Manifests { dir: lab.work_dir().join("manifests") };
+        std::fs::create_dir(&manifests.dir)?;
+        write_atomic(&manifests.service(), &demo::service().to_string())?;
+        manifests.write_slice(&demo::backend_names())?;
+        lab.start_agent_with(&bin, &manifests.dir, &["--ct-gc-interval", "1"])?;
+        demo::wait_ready(lab)?;
+        // A backend id the agent programmed, so that the entries are live flows to keep.
+        let backends: aya::maps::Array<_, rproxy_common::Backend4> = aya::maps::Array::try_from(
+            aya::maps::Map::Array(aya::maps::MapData::from_pin(lab.pin_dir().join(map_names::BACKENDS4))?),
+        )?;
+        let backend_id = (1..backends.len())
+            .find(|i| backends.get(i, 0).is_ok_and(|b| b != rproxy_common::Backend4::default()))
+            .context("no backend programmed")?;
+        let mut ct: aya::maps::HashMap<_, CtKey4, CtValue4> = aya::maps::HashMap::try_from(
+            aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(lab.pin_dir().join(map_names::CT4))?),
+        )?;
+        let far = rproxy_agent::bpf::gc::monotonic_ns() + 3_600_000_000_000;
+        for i in 0..ENTRIES {
+            let key = CtKey4 {
+                saddr: u32::from(Ipv4Addr::new(10, 250, 0, 0)).wrapping_add(i >> 10).to_be(),
+                daddr: u32::from(CLUSTER_IP).to_be(),
+                sport: u16::try_from(1024 + (i & 1023)).expect("16 bits").to_be(),
+                dport: PORT.to_be(),
+                proto: rproxy_common::proto::TCP,
+                dir: CT_DIR_SERVICE,
+                _pad: [0; 2],
+            };
+            let value = CtValue4 { expires_ns: far, backend_id, state: 1, ..CtValue4::default() };
+            ct.insert(key, value, 0)?;
+        }
+        let node_ns = lab.node_ns().to_owned();
+        let probe = |port: u16, path: &str| -> Result<Duration> {
+            let started = Instant::now();
+            let status = rproxy_tests::netns::in_netns(&node_ns, || http_status(port, path))??;
+            ensure!(status == 200, "{path}: {status}");
+            Ok(started.elapsed())
+        };
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        while started.elapsed() < Duration::from_secs(4) {
+            latencies.push(probe(10256, "/healthz")?);
+            latencies.push(probe(10249, "/metrics")?);
+            thread::sleep(Duration::from_millis(20));
+        }
+        let metrics = rproxy_tests::netns::in_netns(&node_ns, || http_body(10249, "/metrics"))??;
+        let entries = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("rproxy_conntrack_entries{family=\"ipv4\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        latencies.sort();
+        let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+        eprintln!(
+            "{} probes during GC passes over {entries} entries: p50 {:?}, p95 {:?}, max {:?}",
+            latencies.len(),
+            pct(50),
+            pct(95),
+            pct(100)
+        );
+        ensure!(entries >= u64::from(ENTRIES), "the passes saw {entries} entries, not the {ENTRIES} written");
+        ensure!(pct(95) < Duration::from_millis(100), "p95 {:?}: the ports waited for the GC", pct(95));
+        ensure!(pct(100) < Duration::from_millis(500), "max {:?}: the ports waited for the GC", pct(100));
+        Ok(())
+    });
+}
+
+/// `GET path` on 127.0.0.1:`port` in the calling thread's namespace: the status code.
+fn http_status(port: u16, path: &str) -> Result<u16> {
+    let text = http_get(port, path)?;
+    text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status line")
+}
+
+/// `GET path` on 127.0.0.1:`port`: the body.
+fn http_body(port: u16, path: &str) -> Result<String> {
+    let text = http_get(port, path)?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
