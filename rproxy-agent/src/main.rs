@@ -47,6 +47,9 @@ enum Command {
         /// Also print every conntrack entry and cached route (otherwise only their numbers).
         #[arg(long)]
         conntrack: bool,
+        /// Output format: 'text', or 'json' (one object: config, ipv4, ipv6, counters).
+        #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
 }
 
@@ -157,7 +160,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_agent(*args),
         Command::Cleanup { bpffs } => datapath::cleanup(&bpffs),
-        Command::Dump { bpffs, conntrack } => dump::dump(&bpffs, conntrack, &mut std::io::stdout()),
+        Command::Dump { bpffs, conntrack, output } => {
+            dump::dump(&bpffs, conntrack, output == "json", &mut std::io::stdout())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

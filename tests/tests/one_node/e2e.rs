@@ -719,3 +719,45 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     s.read_to_string(&mut text)?;
     Ok(text)
 }
+
+/// `rproxy-agent dump -o json` gives the pinned state as one JSON object: the demo Service's
+/// frontend with its three backends, the backends and rev-NAT entries, the conntrack entries of
+/// the flows just made (listed with `--conntrack`), and the counters; the text form still holds
+/// the same.
+#[test]
+fn dump_as_json_holds_the_pinned_state() {
+    with_agent("dump_as_json_holds_the_pinned_state", |lab, _| {
+        assert_reaches_every_backend(lab, Proto::Tcp, b"json")?;
+        let out = std::process::Command::new(agent_bin()?)
+            .args(["dump", "--conntrack", "-o", "json", "--bpffs"])
+            .arg(lab.pin_dir())
+            .output()?;
+        ensure!(out.status.success(), "dump -o json: {}", String::from_utf8_lossy(&out.stderr));
+        let dump: serde_json::Value = serde_json::from_slice(&out.stdout).context("dump -o json is JSON")?;
+        let v4 = &dump["ipv4"];
+        let frontend = format!("{CLUSTER_IP}:{PORT}");
+        let service = v4["services"]
+            .as_array()
+            .context("ipv4.services")?
+            .iter()
+            .find(|s| s["frontend"] == frontend.as_str() && s["protocol"] == "TCP")
+            .with_context(|| format!("no {frontend}/TCP in {v4}"))?;
+        ensure!(service["backends"].as_array().map(Vec::len) == Some(BACKENDS.len()), "{service}");
+        ensure!(service["scope"] == "external", "{service}");
+        let backends = v4["backends"].as_array().context("ipv4.backends")?;
+        for (name, ip) in BACKENDS {
+            let addr = format!("{ip}:{TARGET_PORT}");
+            ensure!(backends.iter().any(|b| b["address"] == addr.as_str()), "backend {name} {addr} missing: {v4}");
+        }
+        let entries = v4["conntrack_entries"].as_u64().context("conntrack_entries")?;
+        let listed = v4["conntrack"].as_array().context("conntrack listed with --conntrack")?;
+        ensure!(entries >= 2 && listed.len() as u64 == entries, "{entries} entries, {} listed", listed.len());
+        ensure!(listed.iter().any(|c| c["dst"] == frontend.as_str() && c["dir"] == "svc"), "no flow to {frontend}");
+        ensure!(dump["counters"]["new_flow"].as_u64() >= Some(3), "counters: {}", dump["counters"]);
+        ensure!(dump["config"]["snat_ports"].is_string() && dump["ipv6"]["services"].is_array(), "{dump}");
+        let text = std::process::Command::new(agent_bin()?).args(["dump", "--bpffs"]).arg(lab.pin_dir()).output()?;
+        let text = String::from_utf8_lossy(&text.stdout);
+        ensure!(text.contains(&format!("  {frontend}/TCP  scope=external")), "text dump:\n{text}");
+        Ok(())
+    });
+}
