@@ -390,8 +390,10 @@ impl Agent {
             }
         };
         self.store.set_loose_problems("file", problems);
-        self.store.apply(Update::ResetServices(objects.services));
-        self.store.apply(Update::ResetSlices(objects.slices));
+        for update in [Update::ResetServices(objects.services), Update::ResetSlices(objects.slices)] {
+            self.count_change(&update);
+            self.store.apply(update);
+        }
         self.update(Update::Synced("Service"));
         self.update(Update::Synced("EndpointSlice"));
         self.sync();

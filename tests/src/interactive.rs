@@ -121,9 +121,14 @@ fn print_instructions(lab: &Lab, agent_bin: &Path, manifests_dir: &Path) {
     }
     println!("  ip netns exec {node} bpftool net show");
     println!("  {} dump --bpffs {pins}   # the same maps, decoded, with the counters", agent_bin.display());
+    println!("  {} dump --bpffs {pins} -o json   # the same as JSON", agent_bin.display());
     println!("\nthe agent's own health, as kube-proxy's (port 10256):");
     println!(
         "  ip netns exec {node} bash -c 'exec 3<>/dev/tcp/127.0.0.1/10256; printf \"GET /healthz HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'"
+    );
+    println!("\nits metrics, as kube-proxy's (port 10249, Prometheus text):");
+    println!(
+        "  ip netns exec {node} bash -c 'exec 3<>/dev/tcp/127.0.0.1/10249; printf \"GET /metrics HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' | grep -v '^#'"
     );
     if let Some(log) = lab.agent_log_path() {
         println!("\nagent log: tail -f {}", log.display());
