@@ -15,8 +15,9 @@ pub enum Error {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error(
         "map {name} pinned in {dir} does not fit this agent ({detail}): it was made by another \
-         rproxy version. Run `rproxy-agent cleanup --bpffs {dir}` once, then start again \
-         (connections through this node are dropped)"
+         rproxy version, or with another --ct-max / --ct-max-ipv6. Start with the same sizes, or \
+         run `rproxy-agent cleanup --bpffs {dir}` once and start again (connections through this \
+         node are dropped)"
     )]
     PinnedMapMismatch { name: &'static str, dir: PathBuf, detail: String },
     #[error("parsing the embedded eBPF object: {0}")]

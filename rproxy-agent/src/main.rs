@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use rproxy_agent::{
     bpf::{
-        datapath::{self, XdpMode},
+        datapath::{self, MapSizes, XdpMode},
         dump,
     },
     health::proxy,
@@ -85,6 +85,15 @@ struct RunArgs {
     /// Seconds between conntrack garbage-collection passes.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     ct_gc_interval: u64,
+    /// Entries of the IPv4 conntrack table (RPX_CT4, an LRU hash: two per translated flow; the
+    /// least recently used go first when it is full). About 112 bytes of kernel memory each.
+    /// 4096 to 16777216. Changing it needs `rproxy-agent cleanup` (the table is pinned).
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
+    ct_max: u32,
+    /// Entries of the IPv6 conntrack table (RPX_CT6), as --ct-max; about 160 bytes each. An
+    /// IPv4-only cluster can set the minimum, 4096.
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
+    ct_max_ipv6: u32,
     /// Seconds between full device rescans (new devices and addresses are also found at once
     /// through netlink notifications).
     #[arg(long, value_name = "SECS", default_value_t = 5)]
@@ -138,6 +147,16 @@ struct RunArgs {
     external_cluster_ip: bool,
 }
 
+/// `--ct-max`, `--ct-max-ipv6`: a table size in [`MapSizes::MIN`, `MapSizes::MAX`].
+fn parse_ct_max(s: &str) -> Result<u32, String> {
+    let n: u32 = s.trim().parse().map_err(|e| format!("'{s}': {e}"))?;
+    if (MapSizes::MIN..=MapSizes::MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n}: between {} and {} entries", MapSizes::MIN, MapSizes::MAX))
+    }
+}
+
 /// `--healthz-bind-address`, `--metrics-bind-address`: an address, or none (empty).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Bind(Option<SocketAddr>);
@@ -183,6 +202,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         pod_devices: DevicePattern::parse(&args.pod_devices)?,
         bpffs: args.bpffs,
         gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
+        map_sizes: MapSizes { ct4: args.ct_max, ct6: args.ct_max_ipv6 },
         rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
         devices: args.devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).map(str::to_owned).collect(),
         nodeport_addresses: args.nodeport_addresses,
@@ -249,6 +269,17 @@ mod tests {
         assert!(run_args(&[]).unwrap().external_cluster_ip);
         assert!(!run_args(&["--external-cluster-ip", "false"]).unwrap().external_cluster_ip);
         assert!(run_args(&["--external-cluster-ip", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn conntrack_sizes() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!((args.ct_max, args.ct_max_ipv6), (524_288, 524_288));
+        let args = run_args(&["--ct-max", "1000000", "--ct-max-ipv6", "4096"]).unwrap();
+        assert_eq!((args.ct_max, args.ct_max_ipv6), (1_000_000, 4096));
+        for bad in ["4095", "16777217", "lots"] {
+            assert!(run_args(&["--ct-max", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -44,7 +44,7 @@ use rproxy_common::{Stat, limits, map_names};
 use tracing::warn;
 
 use crate::{
-    bpf::datapath::stat_total,
+    bpf::datapath::{MapSizes, stat_total},
     health::http::{Server, lock},
     source::kube,
 };
@@ -144,7 +144,7 @@ impl Metrics {
     /// The metrics, registered with the datapath counters of `stats` (the pinned `RPX_STATS`,
     /// opened by the caller) and the watches' state (`watches`, with a Kubernetes source).
     #[must_use]
-    pub fn new(stats: Option<PerCpuArray<MapData, u64>>, watches: Option<Arc<kube::Stats>>) -> Self {
+    pub fn new(stats: Option<PerCpuArray<MapData, u64>>, watches: Option<Arc<kube::Stats>>, sizes: MapSizes) -> Self {
         let mut registry = Registry::default();
         // kube-proxy's network programming buckets: 0.25 s steps to 0.5 s, then 1 s to a minute,
         // 5 s to two minutes, 30 s to five.
@@ -177,7 +177,7 @@ impl Metrics {
         register_kube_proxy(&mut registry, &m);
         register_rproxy(&mut registry, &m);
         let r = &mut registry;
-        r.register_collector(Box::new(Capacities));
+        r.register_collector(Box::new(Capacities(sizes)));
         if let Some(stats) = stats {
             r.register_collector(Box::new(DatapathCounters { stats: Mutex::new(stats) }));
         }
@@ -294,9 +294,10 @@ pub fn unix_seconds(t: jiff::Timestamp) -> f64 {
     t.as_duration().as_secs_f64()
 }
 
-/// The map capacities the use gauges compare with (`rproxy_map_capacity{map}`).
+/// The map capacities the use gauges compare with (`rproxy_map_capacity{map}`, and
+/// `{map="conntrack",family}` as `--ct-max` and `--ct-max-ipv6` sized them).
 #[derive(Debug)]
-struct Capacities;
+struct Capacities(MapSizes);
 
 impl Collector for Capacities {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
@@ -309,11 +310,13 @@ impl Collector for Capacities {
         for (map, cap) in [
             ("services", limits::SERVICES_MAX),
             ("backends", limits::BACKENDS_MAX - 1),
-            ("conntrack", limits::CT_MAX),
             ("affinity", limits::AFFINITY_MAX),
             ("routes", limits::ROUTES_MAX),
         ] {
             ConstGauge::new(i64::from(cap)).encode(family.encode_family(&[("map", map)])?)?;
+        }
+        for (fam, cap) in [("ipv4", self.0.ct4), ("ipv6", self.0.ct6)] {
+            ConstGauge::new(i64::from(cap)).encode(family.encode_family(&[("map", "conntrack"), ("family", fam)])?)?;
         }
         Ok(())
     }
@@ -458,7 +461,7 @@ mod tests {
     /// the capacities, and no datapath families without a map.
     #[test]
     fn kube_proxy_names_and_rproxy_gauges_are_encoded() {
-        let m = Metrics::new(None, None);
+        let m = Metrics::new(None, None, MapSizes { ct4: 524_288, ct6: 4096 });
         observe_sync(&m, Duration::from_millis(3), true, true, jiff::Timestamp::from_second(1_700_000_000).unwrap());
         count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, 1);
         count_changes(&m.service_changes, &m.service_changes_pending, 1);
@@ -478,7 +481,8 @@ mod tests {
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 0",
             "rproxy_conntrack_entries{family=\"ipv6\"} 42",
             "rproxy_rejections_total{kind=\"Service\"} 1",
-            "rproxy_map_capacity{map=\"conntrack\"} 524288",
+            "rproxy_map_capacity{map=\"conntrack\",family=\"ipv4\"} 524288",
+            "rproxy_map_capacity{map=\"conntrack\",family=\"ipv6\"} 4096",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

@@ -41,7 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     Error, Result,
     bpf::{
-        datapath::{Datapath, Maps, XdpMode},
+        datapath::{Datapath, MapSizes, Maps, XdpMode},
         gc,
     },
     health::{
@@ -92,6 +92,8 @@ pub struct Config {
     pub pod_devices: DevicePattern,
     pub bpffs: PathBuf,
     pub gc_interval: Duration,
+    /// `--ct-max`, `--ct-max-ipv6`: the conntrack tables' sizes.
+    pub map_sizes: MapSizes,
     pub rescan_interval: Duration,
     /// The node's external devices (`--devices`): `NodePort`s answer on their IPv4 addresses.
     /// Empty: no `NodePort` frontend.
@@ -240,7 +242,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         // Only the north-south path SNATs: without external devices the range is unused.
         snat::check_node_ports(cfg.snat_ports, Path::new("/proc/sys"))?;
     }
-    let mut datapath = Datapath::load(Some(&cfg.bpffs))?;
+    let mut datapath = Datapath::load_sized(Some(&cfg.bpffs), cfg.map_sizes)?;
     datapath.set_snat_ports(cfg.snat_ports)?;
     datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
     debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
@@ -256,7 +258,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         "eBPF programs loaded; pinned state adopted"
     );
     let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
-    let metrics = Metrics::new(metrics::open_stats(&cfg.bpffs), watch_stats.clone());
+    let metrics = Metrics::new(metrics::open_stats(&cfg.bpffs), watch_stats.clone(), cfg.map_sizes);
     let (gc_tx, mut gc_rx) = mpsc::channel(1);
     let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx);
     match gc::Tables::open(&agent.cfg.bpffs) {

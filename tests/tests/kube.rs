@@ -864,7 +864,7 @@ fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
             ("rproxy_backends", 2.0),
             ("rproxy_datapath_translations_total{event=\"new_flow\"}", 1.0),
             ("rproxy_watch_synced{kind=\"EndpointSlice\"}", 1.0),
-            ("rproxy_map_capacity{map=\"conntrack\"}", 524_288.0),
+            ("rproxy_map_capacity{map=\"conntrack\",family=\"ipv4\"}", 524_288.0),
         ] {
             let v = sample(&after, name).with_context(|| format!("no {name} in:\n{after}"))?;
             ensure!(v >= min, "{name} is {v}, expected at least {min}");

@@ -162,6 +162,34 @@ const SOCK_PROGRAMS: [&str; 8] = [
     prog_names::SOCK_GETPEERNAME6,
 ];
 
+/// Sizes of the maps an operator chooses (`--ct-max`, `--ct-max-ipv6`): entries of each
+/// family's conntrack table (two per translated flow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub ct4: u32,
+    pub ct6: u32,
+}
+
+impl MapSizes {
+    /// The object's own sizes.
+    pub const DEFAULT: Self = Self { ct4: rproxy_common::limits::CT_MAX, ct6: rproxy_common::limits::CT_MAX };
+    /// Smallest table accepted: an LRU table keeps per-CPU free lists, and a tiny one would evict
+    /// live flows at once.
+    pub const MIN: u32 = 4096;
+    /// Largest table accepted (16 Mi entries: about 2.6 GB of kernel memory for IPv6's).
+    pub const MAX: u32 = 1 << 24;
+
+    /// The size wanted for map `name`, if it is one of these.
+    #[must_use]
+    pub fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            map_names::CT4 => Some(self.ct4),
+            map_names::CT6 => Some(self.ct6),
+            _ => None,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the embedded object. With `pin_dir`, maps are pinned there (and reused if already
     /// pinned); without, they are private to this process (packet tests, benchmarks) and no
@@ -170,10 +198,24 @@ impl Datapath {
         Self::load_object(EBPF_OBJECT, pin_dir)
     }
 
+    /// `load` with the conntrack tables sized by `sizes`.
+    pub fn load_sized(pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
+        Self::load_object_sized(EBPF_OBJECT, pin_dir, sizes)
+    }
+
     /// `load` with another build of the eBPF object (`cargo xtask bench --baseline-object`
     /// compares two builds side by side). The object must have this agent's programs and maps.
     pub fn load_object(object: &[u8], pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_object_sized(object, pin_dir, MapSizes::DEFAULT)
+    }
+
+    fn load_object_sized(object: &[u8], pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        for name in [map_names::CT4, map_names::CT6] {
+            if let Some(n) = sizes.of(name) {
+                loader.map_max_entries(name, n);
+            }
+        }
         // The maps are declared pinned-by-name, and without a directory aya would pin them in
         // /sys/fs/bpf itself. Private loads pin into a unique scratch directory instead and
         // unpin at once: the maps then live only as long as this process holds them.
@@ -195,7 +237,7 @@ impl Datapath {
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
         if pin_dir.is_some() {
-            check_pinned_maps(object, dir)?;
+            check_pinned_maps(object, dir, sizes)?;
         }
         loader.default_map_pin_directory(dir);
         let result = loader.load(object);
@@ -732,7 +774,7 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
 /// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual,
 /// and so are the `REPLACEABLE` ones after their old pin is removed.
-fn check_pinned_maps(object: &[u8], dir: &Path) -> Result<()> {
+fn check_pinned_maps(object: &[u8], dir: &Path, sizes: MapSizes) -> Result<()> {
     let object = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
     for name in map_names::ALL {
         let path = dir.join(name);
@@ -744,7 +786,7 @@ fn check_pinned_maps(object: &[u8], dir: &Path) -> Result<()> {
             map_type: want.map_type(),
             key_size: want.key_size(),
             value_size: want.value_size(),
-            max_entries: want.max_entries(),
+            max_entries: sizes.of(name).unwrap_or_else(|| want.max_entries()),
             flags: want.map_flags(),
         };
         let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|source| Error::Map { name, source })?;

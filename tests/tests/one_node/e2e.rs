@@ -769,3 +769,56 @@ fn dump_as_json_holds_the_pinned_state() {
         Ok(())
     });
 }
+
+/// `--ct-max` and `--ct-max-ipv6` size the conntrack tables (the pinned maps have those sizes
+/// and `/metrics` reports them); a restart with another size is refused with a message that
+/// names the table and the flags, and leaves the pinned state serving; the same sizes again
+/// start and adopt it.
+#[test]
+fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
+    with_lab("conntrack_sizes_are_set_by_flags_and_kept_across_restarts", |lab| {
+        let bin = agent_bin()?;
+        let manifests = Manifests { dir: lab.work_dir().join("manifests") };
+        std::fs::create_dir(&manifests.dir)?;
+        write_atomic(&manifests.service(), &demo::service().to_string())?;
+        manifests.write_slice(&demo::backend_names())?;
+        let sizes = ["--ct-max", "65536", "--ct-max-ipv6", "4096"];
+        lab.start_agent_with(&bin, &manifests.dir, &sizes)?;
+        demo::wait_ready(lab)?;
+        let max_entries = |name: &str| -> Result<u32> {
+            let map = aya::maps::MapData::from_pin(lab.pin_dir().join(name))?;
+            Ok(map.info()?.max_entries())
+        };
+        ensure!(max_entries("RPX_CT4")? == 65_536 && max_entries("RPX_CT6")? == 4096, "sizes not applied");
+        let node_ns = lab.node_ns().to_owned();
+        let metrics = rproxy_tests::netns::in_netns(&node_ns, || http_body(10249, "/metrics"))??;
+        for want in [
+            "rproxy_map_capacity{map=\"conntrack\",family=\"ipv4\"} 65536",
+            "rproxy_map_capacity{map=\"conntrack\",family=\"ipv6\"} 4096",
+        ] {
+            ensure!(metrics.contains(want), "no {want:?} in /metrics");
+        }
+        lab.stop_agent()?;
+
+        lab.start_agent_with(&bin, &manifests.dir, &["--ct-max", "131072", "--ct-max-ipv6", "4096"])?;
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = lab.agent_exited()? {
+                break status;
+            }
+            ensure!(started.elapsed() < Duration::from_secs(10), "the agent did not refuse another size");
+            thread::sleep(Duration::from_millis(50));
+        };
+        let log = lab.agent_log();
+        ensure!(!status.success(), "the agent started with another size: {log}");
+        ensure!(
+            log.contains("RPX_CT4") && log.contains("max entries 65536, needs 131072") && log.contains("--ct-max"),
+            "the refusal does not name the table, the sizes and the flags: {log}"
+        );
+        assert_reaches_every_backend(lab, Proto::Tcp, b"pinned state still serving")?;
+
+        lab.start_agent_with(&bin, &manifests.dir, &sizes)?;
+        demo::wait_ready(lab).context("with the same sizes again")?;
+        assert_reaches_every_backend(lab, Proto::Tcp, b"same sizes")
+    });
+}
