@@ -180,14 +180,7 @@ fn snat_port_range_among_ephemeral_ports_is_refused_unless_reserved() {
         // missing one is only logged.
         let args = ["--devices", "rpxnodev0"];
         lab.start_agent_with(&bin, &manifests, &args)?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = lab.agent_exited()? {
-                break status;
-            }
-            ensure!(started.elapsed() < Duration::from_secs(10), "the agent did not refuse the range");
-            thread::sleep(Duration::from_millis(50));
-        };
+        let status = agent_exit(lab).context("the agent did not refuse the range")?;
         let log = lab.agent_log();
         ensure!(!status.success(), "the agent exited successfully: {log}");
         ensure!(
@@ -203,6 +196,18 @@ fn snat_port_range_among_ephemeral_ports_is_refused_unless_reserved() {
         demo::wait_ready(lab).context("with the range reserved")?;
         assert_reaches_every_backend(lab, Proto::Tcp, b"reserved")
     });
+}
+
+/// The agent's exit status, once it has exited (within 10 s).
+fn agent_exit(lab: &mut Lab) -> Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = lab.agent_exited()? {
+            return Ok(status);
+        }
+        ensure!(started.elapsed() < Duration::from_secs(10), "the agent still runs after 10 s");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -801,14 +806,7 @@ fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
         lab.stop_agent()?;
 
         lab.start_agent_with(&bin, &manifests.dir, &["--ct-max", "131072", "--ct-max-ipv6", "4096"])?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = lab.agent_exited()? {
-                break status;
-            }
-            ensure!(started.elapsed() < Duration::from_secs(10), "the agent did not refuse another size");
-            thread::sleep(Duration::from_millis(50));
-        };
+        let status = agent_exit(lab).context("the agent did not refuse another size")?;
         let log = lab.agent_log();
         ensure!(!status.success(), "the agent started with another size: {log}");
         ensure!(
