@@ -171,6 +171,8 @@ struct Agent {
     rejections_counted: BTreeMap<&'static str, u64>,
     /// Where the conntrack GC runs, and whether a pass is running.
     gc: GcState,
+    /// Whether each family's conntrack table (IPv4, IPv6) was reported nearly full.
+    ct_nearly_full: [bool; 2],
     /// Where the GC thread hands its passes back.
     gc_done: mpsc::Sender<gc::Deferred>,
 }
@@ -355,6 +357,7 @@ impl Agent {
             triggers: Vec::new(),
             rejections_counted: BTreeMap::new(),
             gc: GcState::Loop,
+            ct_nearly_full: [false; 2],
             gc_done,
             store: Store::new(&cfg.node_name),
             healthz: HealthzServer::new(cfg.healthz_bind, Arc::clone(&proxy_health)),
@@ -769,12 +772,30 @@ impl Agent {
 
     /// Metrics and logs of a pass, and the orphaned backends no flow names any more released.
     fn gc_pass_done(&mut self, v4: gc::Pass, v6: gc::Pass, elapsed: Duration) {
-        for (family, p) in [("ipv4", &v4), ("ipv6", &v6)] {
+        let sizes = self.cfg.map_sizes;
+        for (i, (family, p, capacity, flag)) in
+            [("ipv4", &v4, sizes.ct4, "--ct-max"), ("ipv6", &v6, sizes.ct6, "--ct-max-ipv6")].into_iter().enumerate()
+        {
             let left = p.scanned.saturating_sub(p.expired + p.backend_gone);
             self.metrics
                 .conntrack_entries
                 .get_or_create(&metrics::FamilyLabel { family })
                 .set(i64::try_from(left).unwrap_or(i64::MAX));
+            let crossing = gc::fill_crossing(left, capacity, self.ct_nearly_full[i]);
+            match crossing {
+                Some(true) => warn!(
+                    family,
+                    entries = left,
+                    capacity,
+                    "conntrack table nearly full: new flows now evict the least recently used ones, idle \
+                     long-lived connections included (raise {flag})"
+                ),
+                Some(false) => info!(family, entries = left, capacity, "conntrack table no longer nearly full"),
+                None => {}
+            }
+            if let Some(warned) = crossing {
+                self.ct_nearly_full[i] = warned;
+            }
         }
         let pass = v4.merge(v6);
         self.metrics.gc_duration.observe(elapsed.as_secs_f64());

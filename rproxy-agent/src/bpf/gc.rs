@@ -228,6 +228,26 @@ pub fn settle_gone<A: Copy + Eq + Hash>(
     }
 }
 
+/// How full a conntrack table may get before the agent warns (a share of its entries): an LRU
+/// table that is full evicts its least recently used flows, idle long-lived ones included.
+pub const NEARLY_FULL: f64 = 0.9;
+/// Below this share after a warning, the table is said to be back to normal.
+pub const FULL_CLEARED: f64 = 0.8;
+
+/// Whether a table's fill crosses the warning threshold: `Some(true)` when `entries` of
+/// `capacity` reach [`NEARLY_FULL`] while it was not `warned`, `Some(false)` when a warned table
+/// falls below [`FULL_CLEARED`], `None` otherwise (hysteresis: one line each way).
+#[must_use]
+pub fn fill_crossing(entries: usize, capacity: u32, warned: bool) -> Option<bool> {
+    #[expect(clippy::cast_precision_loss, reason = "a share of a table, far below 2^52 entries")]
+    let share = entries as f64 / f64::from(capacity.max(1));
+    match (warned, share) {
+        (false, s) if s >= NEARLY_FULL => Some(true),
+        (true, s) if s < FULL_CLEARED => Some(false),
+        _ => None,
+    }
+}
+
 /// Both conntrack tables as the GC thread holds them: its own handles on the pinned maps, so a
 /// pass never borrows the agent loop's.
 pub struct Tables {
@@ -299,6 +319,16 @@ mod tests {
         };
         assert_eq!(rk.pair(&rv), svc);
         [(svc, sv), (rk, rv)]
+    }
+
+    #[test]
+    fn a_nearly_full_table_is_reported_once_each_way() {
+        assert_eq!(fill_crossing(899, 1000, false), None);
+        assert_eq!(fill_crossing(900, 1000, false), Some(true));
+        assert_eq!(fill_crossing(950, 1000, true), None, "once");
+        assert_eq!(fill_crossing(850, 1000, true), None, "hysteresis");
+        assert_eq!(fill_crossing(799, 1000, true), Some(false));
+        assert_eq!(fill_crossing(0, 0, false), None);
     }
 
     #[test]

@@ -628,7 +628,8 @@ fn a_dual_stack_service_answers_over_both_families() {
 
 /// The conntrack GC walks its tables on a thread of its own: with 500,000 live entries in
 /// `RPX_CT4` and a pass every second, `/healthz` and `/metrics` (served by the agent's loop's
-/// runtime) keep answering at once, and the passes see every entry (`rproxy_conntrack_entries`).
+/// runtime) keep answering at once, the passes see every entry (`rproxy_conntrack_entries`), and
+/// the table past 90 % full is warned about once.
 /// Probes every 20 ms for 4 s; the report gives the latencies. (Run on the loop, as before, a
 /// pass over 500,000 entries held both ports for about a second.)
 #[test]
@@ -697,6 +698,12 @@ fn health_and_metrics_answer_while_the_gc_walks_half_a_million_entries() {
             pct(100)
         );
         ensure!(entries >= u64::from(ENTRIES), "the passes saw {entries} entries, not the {ENTRIES} written");
+        // 500,000 of 524,288 entries: past 90 %, said once.
+        let log = lab.agent_log();
+        ensure!(
+            log.matches("conntrack table nearly full").count() == 1 && log.contains("--ct-max"),
+            "no single nearly-full warning naming --ct-max:\n{log}"
+        );
         // The manifests source's objects count as changes too, as kube-proxy counts its
         // informers' events.
         for counter in
