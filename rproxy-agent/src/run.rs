@@ -81,6 +81,10 @@ impl std::fmt::Display for Source {
     }
 }
 
+/// Most change trigger times kept for the network programming latency between two complete
+/// syncs.
+const MAX_TRIGGERS: usize = 65_536;
+
 /// Largest number of queued source updates taken in before one flush.
 const BATCH_MAX: usize = 10_000;
 
@@ -95,7 +99,7 @@ pub struct Config {
     /// `--ct-max`, `--ct-max-ipv6`: the conntrack tables' sizes.
     pub map_sizes: MapSizes,
     pub rescan_interval: Duration,
-    /// The node's external devices (`--devices`): `NodePort`s answer on their IPv4 addresses.
+    /// The node's external devices (`--devices`): `NodePort`s answer on their addresses.
     /// Empty: no `NodePort` frontend.
     pub devices: Vec<String>,
     /// `--nodeport-addresses`: only device addresses inside one of these carry `NodePort`s
@@ -511,6 +515,10 @@ impl Agent {
         metrics::count_changes(&m.service_changes, &m.service_changes_pending, services);
         metrics::count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, slices);
         m.sync_last_queued.set(metrics::unix_seconds(jiff::Timestamp::now()));
+        // While writes keep failing nothing is observed: keep the newest, not an unbounded list.
+        if self.triggers.len() > MAX_TRIGGERS {
+            self.triggers.drain(..self.triggers.len() - MAX_TRIGGERS);
+        }
     }
 
     /// Writes again what failed to be written (`retry`, and backends whose removal failed), on
