@@ -83,6 +83,28 @@ pub fn lookup<C: Ctx, F: Family>(ctx: &C, proto: u8, ip_len: u16, saddr: Option<
     }
 }
 
+/// The route cache's key for a packet of protocol `proto` from `saddr` to `daddr` that arrived on
+/// this context's device, and its entry if that is at most `route::VALID_NS` old at `now`.
+#[inline(always)]
+fn cache_entry<C: Ctx, F: Family>(
+    ctx: &C,
+    proto: u8,
+    saddr: F::Addr,
+    daddr: F::Addr,
+    now: u64,
+) -> (RouteKey<F::Addr>, Option<RouteValue>) {
+    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0, 0, 0] };
+    // SAFETY: copied out at once (an update replaces the element rather than writing into it).
+    let fresh = unsafe { F::routes().get(key) }.copied().filter(|v| now.wrapping_sub(v.checked_ns) < route::VALID_NS);
+    (key, fresh)
+}
+
+/// A cached route as the FIB lookup would report it, from `src`.
+#[inline(always)]
+fn ready<F: Family>(v: &RouteValue, src: F::Addr) -> Route<F> {
+    Route::Ready { ifindex: v.ifindex, smac: v.smac, dmac: v.dmac, src, mtu: v.mtu }
+}
+
 /// The route cache's fresh entry for (`saddr`, `daddr`, `proto`) on this context's device, as a
 /// ready route, if the packet (IP length `ip_len`) fits its MTU; `None` otherwise (no entry, a
 /// stale one, too big): [`cached`] then asks the FIB. XDP only (TC has no cache).
@@ -98,16 +120,8 @@ pub fn cached_only<C: Ctx, F: Family>(
     if C::SKB {
         return None;
     }
-    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0, 0, 0] };
-    // SAFETY: copied out at once (an update replaces the element rather than writing into it).
-    let v = unsafe { F::routes().get(key) }.copied()?;
-    (now.wrapping_sub(v.checked_ns) < route::VALID_NS && ip_len <= v.mtu).then_some(Route::Ready {
-        ifindex: v.ifindex,
-        smac: v.smac,
-        dmac: v.dmac,
-        src: saddr,
-        mtu: v.mtu,
-    })
+    let v = cache_entry::<C, F>(ctx, proto, saddr, daddr, now).1?;
+    (ip_len <= v.mtu).then(|| ready(&v, saddr))
 }
 
 /// `lookup` from `saddr` (not zero) to `daddr`, at XDP through the route cache: a result at
@@ -126,15 +140,9 @@ pub fn cached<C: Ctx, F: Family>(
     if C::SKB {
         return lookup(ctx, proto, ip_len, Some(saddr), daddr);
     }
-    let key = RouteKey { ifindex: ctx.ingress_ifindex(), saddr, daddr, proto, _pad: [0, 0, 0] };
-    // SAFETY: copied out at once (an update replaces the element rather than writing into it).
-    if let Some(v) = unsafe { F::routes().get(key) }.copied()
-        && now.wrapping_sub(v.checked_ns) < route::VALID_NS
-    {
-        if ip_len > v.mtu {
-            return Route::TooBig { mtu: v.mtu };
-        }
-        return Route::Ready { ifindex: v.ifindex, smac: v.smac, dmac: v.dmac, src: saddr, mtu: v.mtu };
+    let (key, fresh) = cache_entry::<C, F>(ctx, proto, saddr, daddr, now);
+    if let Some(v) = fresh {
+        return if ip_len > v.mtu { Route::TooBig { mtu: v.mtu } } else { ready(&v, saddr) };
     }
     let r = lookup(ctx, proto, ip_len, Some(saddr), daddr);
     if let Route::Ready { ifindex, smac, dmac, mtu, .. } = r
