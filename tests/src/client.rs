@@ -1,5 +1,6 @@
-//! Clients of the pod servers' protocol (see [`crate::server`]). These run in the calling
-//! thread's namespace; [`crate::Pod`] wraps them to run inside a pod.
+//! Clients of the pod servers' protocol (see [`crate::server`]), and of the agent's HTTP ports
+//! ([`http_get`]). These run in the calling thread's namespace; [`crate::Pod`] wraps them to
+//! run inside a pod.
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
@@ -209,4 +210,25 @@ pub fn greeting_peer(line: &[u8]) -> Option<SocketAddr> {
     let mut words = line.trim_end().split(' ').skip(1);
     let (addr, port) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
     Some(SocketAddr::new(addr, port))
+}
+
+/// `GET path` on `addr:port` (HTTP/1.1, `Connection: close`), `timeout` for the connect and
+/// each read: the status code and the body. For the agent's `/healthz`, `/metrics` and health
+/// check node ports.
+pub fn http_get(addr: impl Into<IpAddr>, port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let to = SocketAddr::new(addr.into(), port);
+    let mut s = TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connecting to {to}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).with_context(|| format!("GET {path} from {to}"))?;
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of sample `name` (with its labels, as written) in a Prometheus metrics text.
+#[must_use]
+pub fn metric_sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
 }

@@ -41,20 +41,21 @@ const PORTS: [(&str, Protocol); 2] = [("http", Protocol::Tcp), ("dns", Protocol:
 /// The demo Service.
 #[must_use]
 pub fn service() -> Service {
-    Service {
-        namespace: NAMESPACE.into(),
-        name: SERVICE_NAME.into(),
-        cluster_ip: CLUSTER_IP,
-        ports: PORTS
-            .iter()
-            .map(|&(name, protocol)| ServicePort {
-                name: name.into(),
-                protocol,
-                port: PORT,
-                target_port: TARGET_PORT.into(),
-            })
-            .collect(),
-    }
+    Service { namespace: NAMESPACE.into(), name: SERVICE_NAME.into(), cluster_ip: CLUSTER_IP, ports: service_ports() }
+}
+
+/// The demo Service's ports: [`PORTS`] on [`PORT`], to [`TARGET_PORT`].
+#[must_use]
+pub fn service_ports() -> Vec<ServicePort> {
+    PORTS
+        .iter()
+        .map(|&(name, protocol)| ServicePort {
+            name: name.into(),
+            protocol,
+            port: PORT,
+            target_port: TARGET_PORT.into(),
+        })
+        .collect()
 }
 
 /// The demo `EndpointSlice` with the named backends (from [`BACKENDS`]), all ready.
@@ -70,11 +71,14 @@ pub fn endpoint_slice(backends: &[&str]) -> EndpointSlice {
         name: format!("{SERVICE_NAME}-1"),
         service_name: SERVICE_NAME.into(),
         endpoints: backends.iter().map(|b| Endpoint::ready(address(b), NODE_NAME)).collect(),
-        ports: PORTS
-            .iter()
-            .map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT })
-            .collect(),
+        ports: endpoint_ports(),
     }
+}
+
+/// The demo `EndpointSlice`'s ports: [`PORTS`] on [`TARGET_PORT`].
+#[must_use]
+pub fn endpoint_ports() -> Vec<EndpointPort> {
+    PORTS.iter().map(|&(name, protocol)| EndpointPort { name: name.into(), protocol, port: TARGET_PORT }).collect()
 }
 
 /// Names of all backends.

@@ -717,6 +717,17 @@ fn api_server_restart_compaction_and_partition_lose_no_connection() {
     });
 }
 
+/// Restarts each node's agent in turn (`round` names the restarts in errors), each time until
+/// the agents are synced again, then a pause.
+fn restart_each_agent(ctx: &Ctx<'_>, round: usize) -> Result<()> {
+    for id in ctx.lab.node_ids() {
+        ctx.lab.restart_agent(id).with_context(|| format!("restart {round} of {}", id.k8s_name()))?;
+        ctx.lab.wait_agents_synced(CONVERGE)?;
+        thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}
+
 /// The agents restarted (as the `DaemonSet` restarts its pods) under continuous connections:
 /// none fails.
 #[test]
@@ -730,14 +741,7 @@ fn agent_restarts_lose_no_connection() {
         converges_to(&client, (cip, 80), false, &pods)?;
         let outside = ctx.lab.client_ns().to_owned();
         under_connections(&outside, &client, (cip, 80), (NodeId::ONE.ip(), np), || {
-            for round in 0..2 {
-                for id in ctx.lab.node_ids() {
-                    ctx.lab.restart_agent(id).with_context(|| format!("restart {round} of {}", id.k8s_name()))?;
-                    ctx.lab.wait_agents_synced(CONVERGE)?;
-                    thread::sleep(Duration::from_millis(300));
-                }
-            }
-            Ok(())
+            (0..2).try_for_each(|round| restart_each_agent(ctx, round))
         })?;
         // Changes after the restarts still reach the datapath.
         ctx.kubectl(&["scale", "deployment", "web", "--replicas", "1"])?;
@@ -782,12 +786,7 @@ fn a_dual_stack_service_is_served_over_ipv6() {
             }
         }
         under_connections(&outside, &client, (cip6, 80), (IpAddr::from(NodeId::ONE.ip6()), np), || {
-            for id in ctx.lab.node_ids() {
-                ctx.lab.restart_agent(id).with_context(|| format!("restart of {}", id.k8s_name()))?;
-                ctx.lab.wait_agents_synced(CONVERGE)?;
-                thread::sleep(Duration::from_millis(300));
-            }
-            Ok(())
+            restart_each_agent(ctx, 0)
         })?;
         ctx.kubectl(&["scale", "deployment", "web", "--replicas", "1"])?;
         let one = ctx.wait_ready("web", 1)?;
@@ -799,22 +798,10 @@ fn a_dual_stack_service_is_served_over_ipv6() {
 /// `GET /metrics` of node `id`'s agent (`--metrics-bind-address`, kube-proxy's 10249), from the
 /// external client: the body.
 fn metrics_of(ctx: &Ctx<'_>, id: NodeId) -> Result<String> {
-    use std::io::{Read as _, Write as _};
     let outside = ctx.lab.client_ns().to_owned();
-    in_netns(&outside, || -> Result<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from((id.ip(), 10249)), TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        ensure!(text.starts_with("HTTP/1.1 200"), "GET /metrics: {}", text.lines().next().unwrap_or_default());
-        Ok(text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
-    })?
-}
-
-/// The value of the sample `name` (with its labels, as written) in a metrics text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+    let (status, body) = in_netns(&outside, || client::http_get(id.ip(), 10249, "/metrics", TIMEOUT))??;
+    ensure!(status == 200, "GET /metrics: {status}");
+    Ok(body)
 }
 
 /// `/metrics` as an operator replacing kube-proxy reads it: kube-proxy's sync metrics, the
@@ -826,8 +813,10 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
     with_namespace("metrics_show_kube_proxy_s_and_the_datapath_s_figures", "t-metrics", |ctx| {
         let before = metrics_of(ctx, NodeId::ONE)?;
-        let programmed = |t: &str| sample(t, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0);
-        let endpoint_changes = |t: &str| sample(t, "kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap_or(0.0);
+        let programmed =
+            |t: &str| client::metric_sample(t, "kubeproxy_network_programming_duration_seconds_count").unwrap_or(0.0);
+        let endpoint_changes =
+            |t: &str| client::metric_sample(t, "kubeproxy_sync_proxy_rules_endpoint_changes_total").unwrap_or(0.0);
         ctx.deployment("web", 2, "")?;
         ctx.service("web", "web", "NodePort", "")?;
         let pods = ctx.wait_ready("web", 2)?;
@@ -844,14 +833,16 @@ fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
         })?;
         wait_until("conntrack entries counted by a GC pass", CONVERGE, || {
             after = metrics_of(ctx, NodeId::ONE)?;
-            Ok(sample(&after, "rproxy_conntrack_entries{family=\"ipv4\"}").unwrap_or(0.0) >= 2.0)
+            Ok(client::metric_sample(&after, "rproxy_conntrack_entries{family=\"ipv4\"}").unwrap_or(0.0) >= 2.0)
         })?;
         held.echo(b"still held")?;
         ensure!(endpoint_changes(&after) > endpoint_changes(&before), "endpoint changes not counted:\n{after}");
         // Every observation of this change is a latency of seconds, not a clock mix-up. (The
         // cluster's earlier tests cut the nodes off the API server: their latencies are longer.)
-        let within =
-            |t: &str| sample(t, "kubeproxy_network_programming_duration_seconds_bucket{le=\"10.0\"}").unwrap_or(0.0);
+        let within = |t: &str| {
+            client::metric_sample(t, "kubeproxy_network_programming_duration_seconds_bucket{le=\"10.0\"}")
+                .unwrap_or(0.0)
+        };
         ensure!(
             within(&after) - within(&before) >= programmed(&after) - programmed(&before),
             "network programming latencies beyond 10 s:\n{after}"
@@ -866,13 +857,17 @@ fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
             ("rproxy_watch_synced{kind=\"EndpointSlice\"}", 1.0),
             ("rproxy_map_capacity{map=\"conntrack\",family=\"ipv4\"}", 524_288.0),
         ] {
-            let v = sample(&after, name).with_context(|| format!("no {name} in:\n{after}"))?;
+            let v = client::metric_sample(&after, name).with_context(|| format!("no {name} in:\n{after}"))?;
             ensure!(v >= min, "{name} is {v}, expected at least {min}");
         }
-        let last = sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").context("no last sync time")?;
+        let last = client::metric_sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            .context("no last sync time")?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
         ensure!((now - 300.0..=now + 1.0).contains(&last), "last sync at {last}, now {now}");
-        ensure!(sample(&after, "rproxy_datapath_drops_total{reason=\"ct_insert_fail\"}") == Some(0.0), "{after}");
+        ensure!(
+            client::metric_sample(&after, "rproxy_datapath_drops_total{reason=\"ct_insert_fail\"}") == Some(0.0),
+            "{after}"
+        );
         Ok(())
     });
 }

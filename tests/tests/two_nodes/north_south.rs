@@ -31,7 +31,6 @@
 //! Needs root; skipped without it unless `RPROXY_REQUIRE_KERNEL=1`.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -333,17 +332,9 @@ fn tcp_peers(cluster: &Cluster, pod: &str) -> Vec<SocketAddr> {
     cluster.pod(pod).peers_on(TARGET_PORT).tcp
 }
 
-/// A plain HTTP/1.1 GET: (status code, body).
+/// `GET path` on `addr:port`: (status code, body).
 fn http_get(addr: IpAddr, port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&(addr, port).into(), TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    let host = SocketAddr::new(addr, port);
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
+    client::http_get(addr, port, path, TIMEOUT)
 }
 
 /// Through node 1 the remote backend saw node 1's address of the family, with ports of the
