@@ -48,6 +48,9 @@ fn main() {
     ] {
         cmd.env_remove(key);
     }
+    // BTF for the maps' keys and values (bpftool prints their fields) and for the programs (the
+    // verifier's messages name source lines): bpf-linker emits it from the debug info.
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     let status = cmd.status().unwrap_or_else(|e| panic!("running cargo for rproxy-ebpf: {e}"));
     assert!(status.success(), "building rproxy-ebpf failed ({status}); is the toolchain set up? run scripts/setup.sh");
     let obj = target_dir.join("bpfel-unknown-none").join("release").join("rproxy");

@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: loading the eBPF object, its pinned maps and links, and
-//! attaching its programs (`datapath`); the conntrack garbage collector (`gc`); and `dump`, the
-//! maps in human form.
+//! attaching its programs (`datapath`); the conntrack garbage collector (`gc`); `dump`, the
+//! maps in human form; and `migrate`, from maps without BTF to maps with it.
 pub mod datapath;
 pub mod dump;
 pub mod gc;
+pub mod migrate;

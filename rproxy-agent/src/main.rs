@@ -94,6 +94,10 @@ struct RunArgs {
     /// IPv4-only cluster can set the minimum, 4096.
     #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
     ct_max_ipv6: u32,
+    /// Load this eBPF object instead of the one built into the agent (development, and tests of
+    /// upgrades from an older datapath). It must have this agent's programs and maps.
+    #[arg(long, value_name = "PATH")]
+    ebpf_object: Option<PathBuf>,
     /// Seconds between full device rescans (new devices and addresses are also found at once
     /// through netlink notifications).
     #[arg(long, value_name = "SECS", default_value_t = 5)]
@@ -203,6 +207,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         bpffs: args.bpffs,
         gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
         map_sizes: MapSizes { ct4: args.ct_max, ct6: args.ct_max_ipv6 },
+        ebpf_object: args.ebpf_object,
         rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
         devices: args.devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).map(str::to_owned).collect(),
         nodeport_addresses: args.nodeport_addresses,

@@ -98,6 +98,8 @@ pub struct Config {
     pub gc_interval: Duration,
     /// `--ct-max`, `--ct-max-ipv6`: the conntrack tables' sizes.
     pub map_sizes: MapSizes,
+    /// `--ebpf-object`: an eBPF object to load instead of the embedded one.
+    pub ebpf_object: Option<PathBuf>,
     pub rescan_interval: Duration,
     /// The node's external devices (`--devices`): `NodePort`s answer on their addresses.
     /// Empty: no `NodePort` frontend.
@@ -236,6 +238,19 @@ impl ProblemLog {
     }
 }
 
+/// The embedded eBPF object, or `--ebpf-object`'s, loaded with the pinned maps.
+fn load_datapath(cfg: &Config) -> Result<Datapath> {
+    match &cfg.ebpf_object {
+        None => Datapath::load_sized(Some(&cfg.bpffs), cfg.map_sizes),
+        Some(path) => {
+            let object = std::fs::read(path)
+                .map_err(|source| Error::Io { what: format!("reading eBPF object {}", path.display()), source })?;
+            info!(object = %path.display(), "loading the eBPF object given by --ebpf-object, not the embedded one");
+            Datapath::load_object_sized(&object, Some(&cfg.bpffs), cfg.map_sizes)
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     // Handlers first: a signal during start-up must not kill the agent between attaching a link
     // and pinning it (an unpinned link dies with the process). It is acted on once start-up is
@@ -248,7 +263,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         // Only the north-south path SNATs: without external devices the range is unused.
         snat::check_node_ports(cfg.snat_ports, Path::new("/proc/sys"))?;
     }
-    let mut datapath = Datapath::load_sized(Some(&cfg.bpffs), cfg.map_sizes)?;
+    let mut datapath = load_datapath(&cfg)?;
     datapath.set_snat_ports(cfg.snat_ports)?;
     datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
     debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
@@ -623,8 +638,15 @@ impl Agent {
             self.first_synced = true;
             // State first, then hooks: devices are attached only to maps that hold the
             // source's complete state.
+            if let Err(e) = self.datapath.top_up_migration() {
+                error!(error = %e, "copying the flows of the old maps (migration to BTF maps)");
+            }
             self.attach_sockets();
             self.rescan();
+            // The old programs of an agent before BTF maps are replaced everywhere by now.
+            if let Err(e) = self.datapath.finish_migration() {
+                error!(error = %e, "finishing the migration to BTF maps (the old maps stay pinned in legacy/)");
+            }
         }
     }
 

@@ -4,7 +4,6 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_skb_change_tail, bpf_xdp_adjust_tail},
-    maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
 use rproxy_common::{Stat, calls};
@@ -35,21 +34,15 @@ pub trait Ctx: EbpfContext + Sized {
     /// Whether the checksum helpers of an skb are available (TC), or checksums are rewritten
     /// in the frame (XDP).
     const SKB: bool;
-    /// This hook's program array (`rproxy_common::calls`).
-    fn calls() -> &'static ProgramArray;
     /// This hook's slots of the IPv6 north-south stages: a new flow to another node's backend,
     /// an ICMPv6 error.
     const SNAT6_CALL: u32;
     const ICMP6_CALL: u32;
 
-    /// Tail-calls the program in slot `index` of this hook's array. Returns only if the slot is
-    /// empty (counted as `Stat::TailCallFail`).
-    #[inline(always)]
-    fn tail_call(&self, index: u32) {
-        // SAFETY: this program's context, and an array of programs of this hook's type.
-        unsafe { Self::calls().tail_call(self, index) };
-        count(Stat::TailCallFail);
-    }
+    /// Tail-calls the program in slot `index` of this hook's program array
+    /// (`rproxy_common::calls`). Returns only if the slot is empty (counted as
+    /// `Stat::TailCallFail`).
+    fn tail_call(&self, index: u32);
 }
 
 impl Ctx for TcContext {
@@ -58,8 +51,10 @@ impl Ctx for TcContext {
     const ICMP6_CALL: u32 = calls::EXT_INGRESS6_ICMP;
 
     #[inline(always)]
-    fn calls() -> &'static ProgramArray {
-        &CALLS_TC
+    fn tail_call(&self, index: u32) {
+        // SAFETY: this program's context, and an array of programs of this hook's type.
+        unsafe { CALLS_TC.tail_call(self, index) };
+        count(Stat::TailCallFail);
     }
 
     #[inline(always)]
@@ -107,8 +102,10 @@ impl Ctx for XdpContext {
     const ICMP6_CALL: u32 = calls::XDP_EXT6_ICMP;
 
     #[inline(always)]
-    fn calls() -> &'static ProgramArray {
-        &CALLS_XDP
+    fn tail_call(&self, index: u32) {
+        // SAFETY: this program's context, and an array of programs of this hook's type.
+        unsafe { CALLS_XDP.tail_call(self, index) };
+        count(Stat::TailCallFail);
     }
 
     #[inline(always)]

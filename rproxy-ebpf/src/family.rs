@@ -2,21 +2,16 @@
 //! written once, generic over `F: Family`, and instantiated for IPv4 (`V4`) and IPv6 (`V6`) by
 //! the entry points (as `Ctx` makes the same code run at TC and at XDP). A family brings its address type, its
 //! maps (`rproxy_common`'s generic layouts with its address) and what differs in its headers.
-use aya_ebpf::{
-    bindings::bpf_fib_lookup,
-    maps::{Array, HashMap, LpmTrie, LruHashMap},
-};
-use rproxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue, ServiceKey, ServiceValue,
-    SrcRange, filter, hairpin, icmp as icmp_msg,
-};
+use aya_ebpf::bindings::bpf_fib_lookup;
+use rproxy_common::{In6, ServiceValue, filter, hairpin, icmp as icmp_msg};
 
 use crate::{
     csum,
     ctx::{Ctx, ptr_at, store_words},
     icmp, icmp6,
     maps::{
-        AFFINITY4, AFFINITY6, BE4, BE6, CT4, CT6, RNAT4, RNAT6, ROUTE4, ROUTE6, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6,
+        AFFINITY4, AFFINITY6, AffinityMap, BE4, BE6, BackendMap, CT4, CT6, ConntrackMap, RNAT4, RNAT6, ROUTE4, ROUTE6,
+        RevNatMap, RouteMap, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6, ServiceMap, SrcRangeMap,
     },
     parse::{IP_SADDR_OFF, IP_TTL_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, Packet},
     related::{self, Quote},
@@ -44,13 +39,13 @@ pub trait Family: Sized + 'static {
 
     /// The frame's TCP or UDP packet of this family (see `parse`).
     fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>>;
-    fn services() -> &'static HashMap<ServiceKey<Self::Addr>, ServiceValue>;
-    fn backends() -> &'static Array<Backend<Self::Addr>>;
-    fn rev_nat() -> &'static Array<RevNat<Self::Addr>>;
-    fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
-    fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
-    fn src_ranges() -> &'static LpmTrie<SrcRange<Self::Addr>, u8>;
-    fn routes() -> &'static LruHashMap<RouteKey<Self::Addr>, RouteValue>;
+    fn services() -> &'static ServiceMap<Self::Addr>;
+    fn backends() -> &'static BackendMap<Self::Addr>;
+    fn rev_nat() -> &'static RevNatMap<Self::Addr>;
+    fn conntrack() -> &'static ConntrackMap<Self::Addr>;
+    fn affinity() -> &'static AffinityMap<Self::Addr>;
+    fn src_ranges() -> &'static SrcRangeMap<Self::Addr>;
+    fn routes() -> &'static RouteMap<Self::Addr>;
 
     /// Bits of an address (for the source range trie's full-length lookups).
     const ADDR_BITS: u32;
@@ -120,31 +115,31 @@ impl Family for V4 {
         crate::parse::parse_ipv4(ctx)
     }
     #[inline(always)]
-    fn services() -> &'static HashMap<ServiceKey<u32>, ServiceValue> {
+    fn services() -> &'static ServiceMap<u32> {
         &SVC4
     }
     #[inline(always)]
-    fn backends() -> &'static Array<Backend<u32>> {
+    fn backends() -> &'static BackendMap<u32> {
         &BE4
     }
     #[inline(always)]
-    fn rev_nat() -> &'static Array<RevNat<u32>> {
+    fn rev_nat() -> &'static RevNatMap<u32> {
         &RNAT4
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<CtKey<u32>, CtValue<u32>> {
+    fn conntrack() -> &'static ConntrackMap<u32> {
         &CT4
     }
     #[inline(always)]
-    fn affinity() -> &'static LruHashMap<AffinityKey<u32>, AffinityValue> {
+    fn affinity() -> &'static AffinityMap<u32> {
         &AFFINITY4
     }
     #[inline(always)]
-    fn src_ranges() -> &'static LpmTrie<SrcRange<u32>, u8> {
+    fn src_ranges() -> &'static SrcRangeMap<u32> {
         &SRC_RANGE4
     }
     #[inline(always)]
-    fn routes() -> &'static LruHashMap<RouteKey<u32>, RouteValue> {
+    fn routes() -> &'static RouteMap<u32> {
         &ROUTE4
     }
 
@@ -232,31 +227,31 @@ impl Family for V6 {
         crate::parse::parse_ipv6(ctx)
     }
     #[inline(always)]
-    fn services() -> &'static HashMap<ServiceKey<In6>, ServiceValue> {
+    fn services() -> &'static ServiceMap<In6> {
         &SVC6
     }
     #[inline(always)]
-    fn backends() -> &'static Array<Backend<In6>> {
+    fn backends() -> &'static BackendMap<In6> {
         &BE6
     }
     #[inline(always)]
-    fn rev_nat() -> &'static Array<RevNat<In6>> {
+    fn rev_nat() -> &'static RevNatMap<In6> {
         &RNAT6
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<CtKey<In6>, CtValue<In6>> {
+    fn conntrack() -> &'static ConntrackMap<In6> {
         &CT6
     }
     #[inline(always)]
-    fn affinity() -> &'static LruHashMap<AffinityKey<In6>, AffinityValue> {
+    fn affinity() -> &'static AffinityMap<In6> {
         &AFFINITY6
     }
     #[inline(always)]
-    fn src_ranges() -> &'static LpmTrie<SrcRange<In6>, u8> {
+    fn src_ranges() -> &'static SrcRangeMap<In6> {
         &SRC_RANGE6
     }
     #[inline(always)]
-    fn routes() -> &'static LruHashMap<RouteKey<In6>, RouteValue> {
+    fn routes() -> &'static RouteMap<In6> {
         &ROUTE6
     }
 

@@ -3,10 +3,7 @@
 //! flow, opens one to a chosen backend, or is refused ([`decide`], [`decide_new`]). The hooks
 //! apply the decision: DNAT (and hairpin SNAT) on the pod path, DNAT or DNAT + SNAT and
 //! forwarding on the external devices, a new destination for a host-network socket.
-use aya_ebpf::{
-    helpers::bpf_get_prandom_u32,
-    maps::{Array, lpm_trie::Key},
-};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32};
 use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
     CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CtValue, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
@@ -17,7 +14,7 @@ use rproxy_common::{
 use crate::{
     conntrack,
     family::Family,
-    maps::{AFFINITY_MATCH, BE_FILTER, CONFIG, SVC_FILTER, count},
+    maps::{AFFINITY_MATCH, BE_FILTER, CONFIG, FilterMap, SVC_FILTER, count},
     parse::Packet,
 };
 
@@ -185,7 +182,7 @@ pub fn may_be_backend_dst<F: Family>(pkt: &Packet<F>) -> bool {
 
 /// Whether bit `bit` of a filter map is set.
 #[inline(always)]
-fn has_bit(words: &Array<u64>, bit: u32) -> bool {
+fn has_bit(words: &FilterMap, bit: u32) -> bool {
     words.get(bit >> 6).is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
 }
 
@@ -205,7 +202,7 @@ pub fn source_allowed<F: Family>(svc: &ServiceValue, source: F::Addr) -> bool {
         return true;
     }
     let data = SrcRange { rev_nat_id: svc.rev_nat_id, _pad: 0, addr: source };
-    F::src_ranges().get(Key::new(SrcRange::<F::Addr>::ID_BITS + F::ADDR_BITS, data)).is_some()
+    F::src_ranges().get(&Key::new(SrcRange::<F::Addr>::ID_BITS + F::ADDR_BITS, data)).is_some()
 }
 
 /// Slot 0 of the service `(addr, port, proto)`, if it is a frontend.

@@ -1,13 +1,14 @@
-//! Map definitions. Names and value types come from `rproxy_common`; pinned by name so that an
-//! agent restart reuses them (the agent sets the pin directory).
+//! Map definitions. Names and value types come from `rproxy_common`. Every map is a BTF map
+//! (`aya_ebpf::btf_maps`): the object carries its key and value types, so the kernel knows
+//! them and `bpftool map dump` prints their fields. The agent pins them by name (it gives the
+//! loader one path per map) so that a restart reuses them.
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    macros::btf_map,
 };
 use rproxy_common::{
-    AffinityKey4, AffinityKey6, AffinityMatch, AffinityValue, Backend4, Backend6, Config, CtKey4, CtKey6, CtValue4,
-    CtValue6, In6, RevNat4, RevNat6, RouteKey4, RouteKey6, RouteValue, ServiceKey4, ServiceKey6, ServiceValue,
-    SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, Stat, calls, filter,
+    AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue,
+    ServiceKey, ServiceValue, SockRevKey4, SockRevKey6, SrcRange, Stat, calls, filter,
     limits::{
         AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
         SOCK_REV_NAT_MAX, SRC_RANGES_MAX,
@@ -18,103 +19,116 @@ use crate::conntrack::Entry;
 
 /// Written by userspace while packets read them: elements are allocated on update so that a
 /// reader never sees a recycled element (the kernel's caveat for preallocated hash maps).
-const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_PREALLOC: usize = 1;
 
-#[map(name = "RPX_SVC4")]
-pub static SVC4: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
+// The maps' types, one per kind for both families (`Family` hands out the family's).
+pub type ServiceMap<A> = HashMap<ServiceKey<A>, ServiceValue, { SERVICES_MAX as usize }, BPF_F_NO_PREALLOC>;
+pub type BackendMap<A> = Array<Backend<A>, { BACKENDS_MAX as usize }>;
+pub type RevNatMap<A> = Array<RevNat<A>, { REV_NAT_MAX as usize }>;
+/// Sized at load time by `--ct-max` / `--ct-max-ipv6`; `CT_MAX` is the default.
+pub type ConntrackMap<A> = LruHashMap<CtKey<A>, CtValue<A>, { CT_MAX as usize }>;
+pub type SockRevNatMap<K, A> = LruHashMap<K, RevNat<A>, { SOCK_REV_NAT_MAX as usize }>;
+pub type SrcRangeMap<A> = LpmTrie<SrcRange<A>, u8, { SRC_RANGES_MAX as usize }>;
+pub type AffinityMap<A> = LruHashMap<AffinityKey<A>, AffinityValue, { AFFINITY_MAX as usize }>;
+pub type RouteMap<A> = LruHashMap<RouteKey<A>, RouteValue, { ROUTES_MAX as usize }>;
+pub type FilterMap = Array<u64, { filter::WORDS as usize }>;
+
+#[btf_map(name = "RPX_SVC4")]
+pub static SVC4: ServiceMap<u32> = ServiceMap::new();
 
 /// Backends by id. An array: ids are small integers the agent allocates, and the verifier inlines
 /// array lookups, so the per-packet backend lookup costs a bounds check and a load.
-#[map(name = "RPX_BE4")]
-pub static BE4: Array<Backend4> = Array::pinned(BACKENDS_MAX, 0);
+#[btf_map(name = "RPX_BE4")]
+pub static BE4: BackendMap<u32> = BackendMap::new();
 
 /// Original service address by rev-NAT id; an array for the same reason.
-#[map(name = "RPX_RNAT4")]
-pub static RNAT4: Array<RevNat4> = Array::pinned(REV_NAT_MAX, 0);
+#[btf_map(name = "RPX_RNAT4")]
+pub static RNAT4: RevNatMap<u32> = RevNatMap::new();
 
 /// Conntrack: an LRU hash with the kernel's common LRU list (flags 0). Each CPU pops new
 /// elements from a local free list refilled in batches, so an insert rarely takes the shared
 /// lock. `BPF_F_NO_COMMON_LRU` was measured slower (`cargo xtask bench`, 10,000 services: new
 /// flow 787–836 ns net against 694–728 ns with the common list): a per-CPU list rotates up to
 /// `nr_scans` nodes of its active and inactive lists on every insert.
-#[map(name = "RPX_CT4")]
-pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(CT_MAX, 0);
+#[btf_map(name = "RPX_CT4")]
+pub static CT4: ConntrackMap<u32> = ConntrackMap::new();
 
 /// Host-network sockets translated by the socket hooks → the service address to report back.
 /// LRU: an entry outlives its socket until it is evicted.
-#[map(name = "RPX_SK_RNAT4")]
-pub static SK_RNAT4: LruHashMap<SockRevKey4, RevNat4> = LruHashMap::pinned(SOCK_REV_NAT_MAX, 0);
+#[btf_map(name = "RPX_SK_RNAT4")]
+pub static SK_RNAT4: SockRevNatMap<SockRevKey4, u32> = SockRevNatMap::new();
 
-#[map(name = "RPX_CONFIG")]
-pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[btf_map(name = "RPX_CONFIG")]
+pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// Where each CPU's next SNAT port search starts (see `rproxy_common::snat`).
-#[map(name = "RPX_SNAT_CURSOR")]
-pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+#[btf_map(name = "RPX_SNAT_CURSOR")]
+pub static SNAT_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
 
 /// When each CPU may send its next ICMP error (see `rproxy_common::icmp`).
-#[map(name = "RPX_ICMP_LIMIT")]
-pub static ICMP_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+#[btf_map(name = "RPX_ICMP_LIMIT")]
+pub static ICMP_LIMIT: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// Which frontends may exist (see `rproxy_common::filter`); an array, so the check is a
 /// few instructions and a load.
-#[map(name = "RPX_SVC_FILTER")]
-pub static SVC_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
+#[btf_map(name = "RPX_SVC_FILTER")]
+pub static SVC_FILTER: FilterMap = FilterMap::new();
 
 /// Which backends may exist (see `rproxy_common::filter`).
-#[map(name = "RPX_BE_FILTER")]
-pub static BE_FILTER: Array<u64> = Array::pinned(filter::WORDS, 0);
+#[btf_map(name = "RPX_BE_FILTER")]
+pub static BE_FILTER: FilterMap = FilterMap::new();
 
 /// `loadBalancerSourceRanges` (see `rproxy_common::SrcRange4`). aya adds `BPF_F_NO_PREALLOC`,
 /// which LPM tries require.
-#[map(name = "RPX_SRC_RANGE4")]
-pub static SRC_RANGE4: LpmTrie<SrcRange4, u8> = LpmTrie::pinned(SRC_RANGES_MAX, 0);
+#[btf_map(name = "RPX_SRC_RANGE4")]
+pub static SRC_RANGE4: SrcRangeMap<u32> = SrcRangeMap::new();
 
 /// `sessionAffinity: ClientIP` (see `rproxy_common::AffinityValue`).
-#[map(name = "RPX_AFFINITY4")]
-pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+#[btf_map(name = "RPX_AFFINITY4")]
+pub static AFFINITY4: AffinityMap<u32> = AffinityMap::new();
 
 /// The (frontend, backend) pairs affinity may use (see `rproxy_common::AffinityMatch`).
-#[map(name = "RPX_AFFINITY_MATCH")]
-pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8> = HashMap::pinned(AFFINITY_MATCH_MAX, BPF_F_NO_PREALLOC);
+#[btf_map(name = "RPX_AFFINITY_MATCH")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatch, u8, { AFFINITY_MATCH_MAX as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// The north-south forwarding's route cache (see `rproxy_common::route`). LRU: routes to
 /// clients gone quiet make room by themselves.
-#[map(name = "RPX_ROUTE4")]
-pub static ROUTE4: LruHashMap<RouteKey4, RouteValue> = LruHashMap::pinned(ROUTES_MAX, 0);
+#[btf_map(name = "RPX_ROUTE4")]
+pub static ROUTE4: RouteMap<u32> = RouteMap::new();
 
 // The IPv6 twins of the maps above (`rproxy_common`'s `…6` layouts), sized alike.
 
-#[map(name = "RPX_SVC6")]
-pub static SVC6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(SERVICES_MAX, BPF_F_NO_PREALLOC);
+#[btf_map(name = "RPX_SVC6")]
+pub static SVC6: ServiceMap<In6> = ServiceMap::new();
 
-#[map(name = "RPX_BE6")]
-pub static BE6: Array<Backend6> = Array::pinned(BACKENDS_MAX, 0);
+#[btf_map(name = "RPX_BE6")]
+pub static BE6: BackendMap<In6> = BackendMap::new();
 
-#[map(name = "RPX_RNAT6")]
-pub static RNAT6: Array<RevNat6> = Array::pinned(REV_NAT_MAX, 0);
+#[btf_map(name = "RPX_RNAT6")]
+pub static RNAT6: RevNatMap<In6> = RevNatMap::new();
 
-#[map(name = "RPX_CT6")]
-pub static CT6: LruHashMap<CtKey6, CtValue6> = LruHashMap::pinned(CT_MAX, 0);
+#[btf_map(name = "RPX_CT6")]
+pub static CT6: ConntrackMap<In6> = ConntrackMap::new();
 
-#[map(name = "RPX_SK_RNAT6")]
-pub static SK_RNAT6: LruHashMap<SockRevKey6, RevNat6> = LruHashMap::pinned(SOCK_REV_NAT_MAX, 0);
+#[btf_map(name = "RPX_SK_RNAT6")]
+pub static SK_RNAT6: SockRevNatMap<SockRevKey6, In6> = SockRevNatMap::new();
 
-#[map(name = "RPX_SRC_RANGE6")]
-pub static SRC_RANGE6: LpmTrie<SrcRange6, u8> = LpmTrie::pinned(SRC_RANGES_MAX, 0);
+#[btf_map(name = "RPX_SRC_RANGE6")]
+pub static SRC_RANGE6: SrcRangeMap<In6> = SrcRangeMap::new();
 
-#[map(name = "RPX_AFFINITY6")]
-pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue> = LruHashMap::pinned(AFFINITY_MAX, 0);
+#[btf_map(name = "RPX_AFFINITY6")]
+pub static AFFINITY6: AffinityMap<In6> = AffinityMap::new();
 
-#[map(name = "RPX_ROUTE6")]
-pub static ROUTE6: LruHashMap<RouteKey6, RouteValue> = LruHashMap::pinned(ROUTES_MAX, 0);
+#[btf_map(name = "RPX_ROUTE6")]
+pub static ROUTE6: RouteMap<In6> = RouteMap::new();
 
 /// The tail calls' program arrays (`rproxy_common::calls`), filled by the agent.
-#[map(name = "RPX_CALLS_TC")]
-pub static CALLS_TC: ProgramArray = ProgramArray::pinned(calls::TC_SLOTS, 0);
+#[btf_map(name = "RPX_CALLS_TC")]
+pub static CALLS_TC: ProgramArray<{ calls::TC_SLOTS as usize }> = ProgramArray::new();
 
-#[map(name = "RPX_CALLS_XDP")]
-pub static CALLS_XDP: ProgramArray = ProgramArray::pinned(calls::XDP_SLOTS, 0);
+#[btf_map(name = "RPX_CALLS_XDP")]
+pub static CALLS_XDP: ProgramArray<{ calls::XDP_SLOTS as usize }> = ProgramArray::new();
 
 /// The IPv6 north-south SNAT stage's working memory (`nodeport::snat_stage`): what the path
 /// hands it with the tail call (the new flow's backend and frontend), and the flow's conntrack
@@ -126,11 +140,11 @@ pub struct SnatScratch {
     pub entry: Entry<In6>,
 }
 
-#[map(name = "RPX_SNAT_SCRATCH")]
-pub static SNAT_SCRATCH: PerCpuArray<SnatScratch> = PerCpuArray::with_max_entries(1, 0);
+#[btf_map(name = "RPX_SNAT_SCRATCH")]
+pub static SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 
-#[map(name = "RPX_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+#[btf_map(name = "RPX_STATS")]
+pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

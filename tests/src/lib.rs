@@ -116,6 +116,13 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The eBPF object of the last release before BTF maps (commit c871198), for upgrade tests
+/// (`rproxy-agent run --ebpf-object`); how it was built: tests/fixtures/README.md.
+#[must_use]
+pub fn previous_ebpf_object() -> PathBuf {
+    workspace_root().join("tests/fixtures/rproxy-ebpf-c871198.o")
+}
+
 /// The `rproxy-agent` binary: `$RPROXY_AGENT_BIN`, else `target/release/rproxy-agent`, else
 /// `target/debug/rproxy-agent` under the workspace root.
 pub fn agent_bin() -> Result<PathBuf> {

@@ -31,6 +31,7 @@ use rproxy_common::{
 };
 use tracing::{debug, info, warn};
 
+use super::migrate;
 use crate::{Error, Result, node::snat::PortRange};
 
 /// The eBPF object built by build.rs from rproxy-ebpf.
@@ -78,6 +79,8 @@ pub struct Datapath {
     /// The tail calls' program arrays (`rproxy_common::calls`), held open: a program array the
     /// kernel finds without a file descriptor or pin is emptied (a private load has no pin).
     _calls: Vec<ProgramArray<MapData>>,
+    /// The old maps of a migration in progress (`migrate`), held until `finish_migration`.
+    legacy: Option<migrate::Legacy>,
 }
 
 /// Which TC hook of a device.
@@ -209,16 +212,17 @@ impl Datapath {
         Self::load_object_sized(object, pin_dir, MapSizes::DEFAULT)
     }
 
-    fn load_object_sized(object: &[u8], pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
+    /// `load_object` with the conntrack tables sized by `sizes`.
+    pub fn load_object_sized(object: &[u8], pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         for name in [map_names::CT4, map_names::CT6] {
             if let Some(n) = sizes.of(name) {
                 loader.map_max_entries(name, n);
             }
         }
-        // The maps are declared pinned-by-name, and without a directory aya would pin them in
-        // /sys/fs/bpf itself. Private loads pin into a unique scratch directory instead and
-        // unpin at once: the maps then live only as long as this process holds them.
+        // Every map is pinned (see below), in /sys/fs/bpf itself were there no directory.
+        // Private loads pin into a unique scratch directory instead and unpin at once: the
+        // maps then live only as long as this process holds them.
         let scratch = match pin_dir {
             Some(_) => None,
             None => Some(PathBuf::from(format!(
@@ -236,8 +240,20 @@ impl Datapath {
             std::fs::create_dir_all(&links)
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
-        if pin_dir.is_some() {
-            check_pinned_maps(object, dir, sizes)?;
+        let parsed = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
+        // Maps pinned without BTF by an older agent (of the right shape: checked first) are set
+        // aside and copied into new ones (`migrate`).
+        let legacy = match pin_dir {
+            Some(_) => {
+                check_pinned_maps(&parsed, dir, sizes)?;
+                migrate::set_aside(&parsed, dir)?
+            }
+            None => None,
+        };
+        // The maps are BTF maps, which say nothing about pinning: each gets its path here. (An
+        // older object's maps are declared pinned by name and go to the same paths.)
+        for name in map_names::ALL {
+            loader.map_pin_path(name, dir.join(name));
         }
         loader.default_map_pin_directory(dir);
         let result = loader.load(object);
@@ -246,6 +262,10 @@ impl Datapath {
                 .map_err(|source| Error::Io { what: format!("removing {}", tmp.display()), source })?;
         }
         let mut ebpf = result?;
+        if let Some(legacy) = &legacy {
+            let copied = legacy.copy()?;
+            info!(entries = copied, "old maps copied into the new ones");
+        }
         // The tail-called programs first: the arrays must be full before any program that
         // calls through them is attached (here or, on a restart, by a link update). An object
         // from before them (`--baseline-object` of an older build) has none.
@@ -279,7 +299,23 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             program_as::<CgroupSockAddr>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
-        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls })
+        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy })
+    }
+
+    /// During a migration from maps without BTF (`migrate`): copies the flows the old programs
+    /// created since the load, just before the new programs are attached.
+    pub fn top_up_migration(&self) -> Result<()> {
+        if let Some(legacy) = &self.legacy {
+            let copied = legacy.top_up()?;
+            debug!(entries = copied, "flows the old programs created since the load copied");
+        }
+        Ok(())
+    }
+
+    /// Ends a migration from maps without BTF (`migrate`), if this load began one: to be called
+    /// once the new programs are attached to every device, so that the old ones no longer run.
+    pub fn finish_migration(&mut self) -> Result<()> {
+        self.legacy.take().map_or(Ok(()), migrate::Legacy::finish)
     }
 
     /// Takes the typed map handles out of the object (once).
@@ -774,8 +810,7 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
 /// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual,
 /// and so are the `REPLACEABLE` ones after their old pin is removed.
-fn check_pinned_maps(object: &[u8], dir: &Path, sizes: MapSizes) -> Result<()> {
-    let object = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
+fn check_pinned_maps(object: &aya_obj::Object, dir: &Path, sizes: MapSizes) -> Result<()> {
     for name in map_names::ALL {
         let path = dir.join(name);
         if !path.exists() {

@@ -835,12 +835,13 @@ fn pinned_map_of_another_layout_is_refused() {
     assert!(msg.contains("RPX_CT4") && msg.contains("value size 24, needs 32") && msg.contains("cleanup"), "{msg}");
     assert!(pin.exists(), "the pinned map is left alone");
 
-    // The right layout with the other LRU flavour (per-CPU lists, an older agent's) is reused.
+    // The right layout with the other LRU flavour (per-CPU lists, an older agent's) is accepted
+    // (and, having no BTF, its entries move to a new map: `migrate`).
     std::fs::remove_file(&pin).expect("unpin");
     let entries = rproxy_common::limits::CT_MAX.to_string();
     let lru = ["type", "lru_hash", "key", "16", "value", "32", "entries", &entries, "name", "RPX_CT4", "flags", "2"];
     bpftool_map_create(&pin, &lru);
-    rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is reused");
+    rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).expect("a map differing only in LRU flavour is accepted");
 
     // Counters of an older agent (fewer of them) are replaced, not refused.
     let counters = dir.join(rproxy_common::map_names::STATS);

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeMap,
     fmt::Display,
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -697,67 +697,157 @@ fn connection_stream(client_ns: &str, t0: Instant, stop: &AtomicBool) -> Result<
 const MAX_STREAM: usize = 3000;
 const STREAM_LIMIT: Duration = Duration::from_secs(20);
 
+/// Runs `restarts` (which returns its windows: when the old agent was told to stop, when the
+/// new one was started, when it was running) while a stream of connections goes to the
+/// `ClusterIP`, and checks that no connection failed and that some completed in every window.
+fn under_a_stream_of_connections(
+    setup: &mut Setup,
+    restarts: impl FnOnce(&mut Setup, Instant) -> Result<Vec<(Duration, Duration, Duration)>>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let stop = AtomicBool::new(false);
+    let client_ns = setup.client().ns().to_owned();
+    let (attempts, windows) = thread::scope(|s| {
+        let stream = s.spawn(|| connection_stream(&client_ns, t0, &stop));
+        let windows = restarts(setup, t0);
+        stop.store(true, Ordering::Relaxed);
+        let attempts = stream.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (attempts, windows)
+    });
+    let (attempts, windows) = (attempts?, windows?);
+
+    let failed: Vec<_> = attempts.iter().filter_map(|a| a.result.as_ref().err().map(|e| (a.start, e))).collect();
+    let slowest = attempts.iter().map(|a| a.end.saturating_sub(a.start)).max().unwrap_or_default();
+    eprintln!(
+        "{} connections in {:?}, {} failed, slowest {slowest:?}; restarts (SIGTERM, start, running): {windows:?}",
+        attempts.len(),
+        attempts.last().map(|a| a.end).unwrap_or_default(),
+        failed.len(),
+    );
+    ensure!(
+        failed.is_empty(),
+        "{} of {} connections failed, the first: {:?}",
+        failed.len(),
+        attempts.len(),
+        &failed[..failed.len().min(3)]
+    );
+    ensure!(attempts.len() < MAX_STREAM, "the stream hit its cap of {MAX_STREAM} before the restarts were over");
+    for (stopping, starting, running) in windows {
+        let within = |from: Duration, to: Duration| attempts.iter().filter(|a| a.start >= from && a.end <= to).count();
+        let (no_agent, restarting) = (within(stopping, starting), within(starting, running));
+        ensure!(
+            no_agent > 0 && restarting > 0,
+            "connections completed while stopping ({no_agent}) and while starting ({restarting}) the agent: \
+             both must be > 0 (window {stopping:?}..{starting:?}..{running:?})"
+        );
+    }
+    Ok(())
+}
+
+/// Stops the agent and starts `bin` with `args` until its log says `running` (SIGTERM, start and
+/// running times since `t0`).
+fn restart_agent(
+    setup: &mut Setup,
+    t0: Instant,
+    bin: &Path,
+    args: &[&str],
+    running: &str,
+) -> Result<(Duration, Duration, Duration)> {
+    let stopping = t0.elapsed();
+    let status = setup.lab.stop_agent()?;
+    ensure!(status.success(), "the agent exited with {status} on SIGTERM");
+    thread::sleep(Duration::from_millis(100));
+    let starting = t0.elapsed();
+    setup.lab.start_agent_with(bin, &setup.dir, args)?;
+    while !setup.lab.agent_log().contains(running) {
+        setup.lab.ensure_agent_running()?;
+        ensure!(t0.elapsed() < STREAM_LIMIT, "the restarted agent did not log {running:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok((stopping, starting, t0.elapsed()))
+}
+
 #[test]
 fn agent_restarts_under_a_stream_of_connections() {
     run("agent_restarts_under_a_stream_of_connections", &http_spec(all(State::Ready)), |setup| {
         let bin = agent_bin()?;
-        let t0 = Instant::now();
-        let stop = AtomicBool::new(false);
-        let client_ns = setup.client().ns().to_owned();
-        let (attempts, windows) = thread::scope(|s| {
-            let stream = s.spawn(|| connection_stream(&client_ns, t0, &stop));
-            let restarts = (|| -> Result<Vec<(Duration, Duration, Duration)>> {
-                let mut windows = Vec::new();
+        under_a_stream_of_connections(setup, |setup, t0| {
+            let mut windows = Vec::new();
+            thread::sleep(Duration::from_millis(300));
+            for _ in 0..2 {
+                windows.push(restart_agent(setup, t0, &bin, &[], "agent running")?);
                 thread::sleep(Duration::from_millis(300));
-                for _ in 0..2 {
-                    let stopping = t0.elapsed();
-                    let status = setup.lab.stop_agent()?;
-                    ensure!(status.success(), "the agent exited with {status} on SIGTERM");
-                    thread::sleep(Duration::from_millis(100));
-                    let starting = t0.elapsed();
-                    setup.lab.start_agent(&bin, &setup.dir)?;
-                    while !setup.lab.agent_log().contains("agent running") {
-                        setup.lab.ensure_agent_running()?;
-                        ensure!(t0.elapsed() < STREAM_LIMIT, "the restarted agent is not running");
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    windows.push((stopping, starting, t0.elapsed()));
-                    thread::sleep(Duration::from_millis(300));
-                }
-                Ok(windows)
-            })();
-            stop.store(true, Ordering::Relaxed);
-            let attempts = stream.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (attempts, restarts)
-        });
-        let (attempts, windows) = (attempts?, windows?);
+            }
+            Ok(windows)
+        })
+    });
+}
 
-        let failed: Vec<_> = attempts.iter().filter_map(|a| a.result.as_ref().err().map(|e| (a.start, e))).collect();
-        let slowest = attempts.iter().map(|a| a.end.saturating_sub(a.start)).max().unwrap_or_default();
-        eprintln!(
-            "{} connections in {:?}, {} failed, slowest {slowest:?}; restarts (SIGTERM, start, running): {windows:?}",
-            attempts.len(),
-            attempts.last().map(|a| a.end).unwrap_or_default(),
-            failed.len(),
-        );
-        ensure!(
-            failed.is_empty(),
-            "{} of {} connections failed, the first: {:?}",
-            failed.len(),
-            attempts.len(),
-            &failed[..failed.len().min(3)]
-        );
-        ensure!(attempts.len() < MAX_STREAM, "the stream hit its cap of {MAX_STREAM} before the restarts were over");
-        for (stopping, starting, running) in windows {
-            let within =
-                |from: Duration, to: Duration| attempts.iter().filter(|a| a.start >= from && a.end <= to).count();
-            let (no_agent, restarting) = (within(stopping, starting), within(starting, running));
-            ensure!(
-                no_agent > 0 && restarting > 0,
-                "connections completed while stopping ({no_agent}) and while starting ({restarting}) the agent: \
-                 both must be > 0 (window {stopping:?}..{starting:?}..{running:?})"
-            );
+/// Each map pinned in `dir` and whether the kernel has its key and value types (BTF), as
+/// `bpftool map show` reports them.
+fn maps_with_btf(dir: &Path) -> Result<BTreeMap<String, bool>> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if !name.starts_with("RPX_") {
+            continue;
         }
+        let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path).output()?;
+        ensure!(out.status.success(), "bpftool map show {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        found.insert(name, info.get("btf_id").and_then(serde_json::Value::as_u64).is_some_and(|id| id > 0));
+    }
+    Ok(found)
+}
+
+/// An agent upgraded from a release whose maps had no BTF (its eBPF object is kept in
+/// tests/fixtures) moves them to BTF maps: connections opened before keep working, none made
+/// during the upgrade fails, the maps keep their ids (nothing to rewrite) and bpftool then knows
+/// every map's types.
+#[test]
+fn upgrade_from_maps_without_btf_loses_no_connection() {
+    run("upgrade_from_maps_without_btf_loses_no_connection", &http_spec(all(State::Ready)), |setup| {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let bin = agent_bin()?;
+        let previous = rproxy_tests::previous_ebpf_object();
+        let previous = previous.to_str().context("fixture path")?;
+        // The previous release's datapath in place of this one's.
+        setup.lab.stop_agent()?;
+        setup.lab.cleanup_agent()?;
+        let t0 = Instant::now();
+        restart_agent(setup, t0, &bin, &["--ebpf-object", previous], "agent running")?;
+        let pins = setup.lab.pin_dir().to_path_buf();
+        let before = maps_with_btf(&pins)?;
+        ensure!(before.len() == 25 && before.values().all(|btf| !btf), "the old datapath's maps: {before:?}");
+
+        let mut conn =
+            in_netns(setup.client().ns(), || std::net::TcpStream::connect_timeout(&(CLUSTER_IP, 80).into(), TIMEOUT))??;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        let mut greeting = String::new();
+        BufReader::new(conn.try_clone()?).read_line(&mut greeting)?;
+        let mut echo = |msg: &[u8]| -> Result<()> {
+            conn.write_all(msg)?;
+            let mut got = vec![0u8; msg.len()];
+            conn.read_exact(&mut got)?;
+            ensure!(got == msg, "echo {got:?} != {msg:?}");
+            Ok(())
+        };
+        echo(b"before the upgrade")?;
+
+        under_a_stream_of_connections(setup, |setup, t0| {
+            thread::sleep(Duration::from_millis(300));
+            let window = restart_agent(setup, t0, &bin, &[], "migration to BTF maps finished")?;
+            thread::sleep(Duration::from_millis(300));
+            Ok(vec![window])
+        })?;
+        echo(b"after the upgrade").context("the connection opened before the upgrade must survive it")?;
+
+        let after = maps_with_btf(&pins)?;
+        ensure!(after.len() == 25 && after.values().all(|btf| *btf), "maps after the upgrade: {after:?}");
+        ensure!(!pins.join("legacy").exists(), "the old maps' pins are still there after the migration");
+        let log = setup.lab.agent_log();
+        ensure!(log.contains("map_ops=0"), "the upgraded agent rewrote maps (ids not adopted):\n{log}");
         Ok(())
     });
 }
