@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use rproxy_agent::{
     bpf::{
         datapath::{self, MapSizes, XdpMode},
-        dump,
+        dump, monitor,
     },
     health::proxy,
     node::{
@@ -50,6 +50,25 @@ enum Command {
         /// Output format: 'text', or 'json' (one object: config, ipv4, ipv6, counters).
         #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
         output: String,
+    },
+    /// Stream the datapath's drops and translations (packet, reason, service, backend) while it
+    /// runs: turns the programs' event switch on, and off again on exit (Ctrl-C).
+    Monitor {
+        /// The bpffs directory the agent used (`run --bpffs`).
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Only drops (and rejections), not translations.
+        #[arg(long)]
+        drops_only: bool,
+        /// Output format: 'text', or 'json' (one object per line).
+        #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
     },
 }
 
@@ -94,6 +113,11 @@ struct RunArgs {
     /// IPv4-only cluster can set the minimum, 4096.
     #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
     ct_max_ipv6: u32,
+    /// Count packets, bytes and new flows per Service frontend in the datapath (RPX_SVC_STATS,
+    /// exported as rproxy_service_* on /metrics): a per-CPU array of 65,536 entries, about
+    /// 1.5 MiB of kernel memory per CPU. 'false' sizes it to one entry, which counts nothing.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    service_counters: bool,
     /// Load this eBPF object instead of the one built into the agent (development, and tests of
     /// upgrades from an older datapath). It must have this agent's programs and maps.
     #[arg(long, value_name = "PATH")]
@@ -186,6 +210,15 @@ fn main() -> ExitCode {
         Command::Dump { bpffs, conntrack, output } => {
             dump::dump(&bpffs, conntrack, output == "json", &mut std::io::stdout())
         }
+        Command::Monitor { bpffs, drops_only, output, count, duration } => {
+            let opts = monitor::Options {
+                drops_only,
+                json: output == "json",
+                count,
+                duration: duration.map(Duration::from_secs),
+            };
+            monitor::run(&bpffs, opts, &mut std::io::stdout().lock())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,7 +239,11 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         pod_devices: DevicePattern::parse(&args.pod_devices)?,
         bpffs: args.bpffs,
         gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
-        map_sizes: MapSizes { ct4: args.ct_max, ct6: args.ct_max_ipv6 },
+        map_sizes: MapSizes {
+            ct4: args.ct_max,
+            ct6: args.ct_max_ipv6,
+            svc_stats: if args.service_counters { rproxy_common::limits::REV_NAT_MAX } else { 1 },
+        },
         ebpf_object: args.ebpf_object,
         rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
         devices: args.devices.iter().map(|d| d.trim()).filter(|d| !d.is_empty()).map(str::to_owned).collect(),

@@ -15,6 +15,7 @@
 //! The agent's loop updates the metrics it owns (sync, GC, changes) as it goes; the server
 //! reads them and the maps when scraped.
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::Path,
@@ -22,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use http_body_util::Full;
 use hyper::{
     Response, StatusCode,
@@ -40,12 +41,15 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use rproxy_common::{Stat, limits, map_names};
+use rproxy_common::{
+    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, ServiceStats, Stat, limits, map_names,
+};
 use tracing::warn;
 
 use crate::{
     bpf::datapath::{MapSizes, stat_total},
     health::http::{Server, lock},
+    model::Frontend,
     source::kube,
 };
 
@@ -120,7 +124,89 @@ pub struct Metrics {
     pub map_write_errors: Counter,
     /// `rproxy_conntrack_gc_duration_seconds`.
     pub gc_duration: Histogram,
+    /// Who each per-Service counter (`rproxy_service_*`, by rev-NAT id) belongs to: set after
+    /// every sync.
+    pub service_labels: ServiceLabels,
     registry: Arc<Registry>,
+}
+
+/// The frontends whose datapath counters `/metrics` shows, with their rev-NAT ids, and the
+/// counters (`RPX_SVC_STATS`, the metrics server's own handle).
+#[derive(Clone, Debug, Default)]
+pub struct ServiceLabels(Arc<Mutex<ServiceCounters>>);
+
+#[derive(Default)]
+struct ServiceCounters {
+    shown: BTreeMap<Frontend, (u16, ServiceLabel)>,
+    map: Option<PerCpuArray<MapData, ServiceStats>>,
+}
+
+impl fmt::Debug for ServiceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceCounters({} frontends)", self.shown.len())
+    }
+}
+
+impl ServiceLabels {
+    /// Shows `fe` with rev-NAT id `id` (`Some`), or no longer (`None`): a removed frontend's
+    /// counters are zeroed, so that the next frontend given its id starts from zero.
+    pub fn update(&self, changes: impl IntoIterator<Item = (Frontend, Option<(u16, ServiceLabel)>)>) {
+        let mut c = lock(&self.0);
+        for (fe, label) in changes {
+            let gone = match label {
+                Some(l) => c.shown.insert(fe, l).filter(|(old, _)| c.shown.get(&fe).is_some_and(|(id, _)| id != old)),
+                None => c.shown.remove(&fe),
+            };
+            if let (Some((id, _)), Some(map)) = (gone, c.map.as_mut()) {
+                let zero = PerCpuValues::try_from(vec![ServiceStats::default(); map_cpus()]);
+                if let Err(e) = zero
+                    .map_err(|e| e.to_string())
+                    .and_then(|z| map.set(u32::from(id), z, 0).map_err(|e| e.to_string()))
+                {
+                    warn!(rev_nat_id = id, error = %e, "zeroing a removed frontend's counters");
+                }
+            }
+        }
+    }
+}
+
+/// Possible CPUs, as per-CPU maps count them.
+fn map_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
+
+/// The labels of one frontend's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabel {
+    pub namespace: String,
+    pub service: String,
+    /// The Service port's name ("" if unnamed).
+    pub port: String,
+    /// `address:port/protocol`.
+    pub frontend: String,
+    /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer`.
+    pub kind: &'static str,
+}
+
+impl ServiceLabel {
+    /// The labels of `fe`, a frontend of `entry`.
+    #[must_use]
+    pub fn of(fe: Frontend, entry: &crate::model::ServiceEntry) -> Self {
+        let kind = match entry.flags {
+            f if f & SVC_F_CLUSTER_IP != 0 => "ClusterIP",
+            f if f & SVC_F_NODE_PORT != 0 => "NodePort",
+            f if f & SVC_F_EXTERNAL_IP != 0 => "ExternalIP",
+            f if f & SVC_F_LOAD_BALANCER != 0 => "LoadBalancer",
+            _ => "",
+        };
+        Self {
+            namespace: entry.service.namespace.clone(),
+            service: entry.service.name.clone(),
+            port: entry.port_name.clone(),
+            frontend: fe.to_string(),
+            kind,
+        }
+    }
 }
 
 /// `family="ipv4"` or `"ipv6"`.
@@ -144,7 +230,12 @@ impl Metrics {
     /// The metrics, registered with the datapath counters of `stats` (the pinned `RPX_STATS`,
     /// opened by the caller) and the watches' state (`watches`, with a Kubernetes source).
     #[must_use]
-    pub fn new(stats: Option<PerCpuArray<MapData, u64>>, watches: Option<Arc<kube::Stats>>, sizes: MapSizes) -> Self {
+    pub fn new(
+        stats: Option<PerCpuArray<MapData, u64>>,
+        svc_stats: Option<PerCpuArray<MapData, ServiceStats>>,
+        watches: Option<Arc<kube::Stats>>,
+        sizes: MapSizes,
+    ) -> Self {
         let mut registry = Registry::default();
         // kube-proxy's network programming buckets: 0.25 s steps to 0.5 s, then 1 s to a minute,
         // 5 s to two minutes, 30 s to five.
@@ -172,6 +263,7 @@ impl Metrics {
             rejections: Family::default(),
             map_write_errors: Counter::default(),
             gc_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            service_labels: ServiceLabels::default(),
             registry: Arc::new(Registry::default()),
         };
         register_kube_proxy(&mut registry, &m);
@@ -180,6 +272,10 @@ impl Metrics {
         r.register_collector(Box::new(Capacities(sizes)));
         if let Some(stats) = stats {
             r.register_collector(Box::new(DatapathCounters { stats: Mutex::new(stats) }));
+        }
+        if let Some(map) = svc_stats {
+            lock(&m.service_labels.0).map = Some(map);
+            r.register_collector(Box::new(m.service_labels.clone()));
         }
         if let Some(watches) = watches {
             r.register_collector(Box::new(Watches(watches)));
@@ -364,6 +460,54 @@ impl Collector for DatapathCounters {
     }
 }
 
+/// A per-Service metric: name, help, and its value in the counters.
+type ServiceMetric = (&'static str, &'static str, fn(&ServiceStats) -> u64);
+
+/// Each frontend's datapath counters (`RPX_SVC_STATS`), summed over CPUs, at each scrape.
+impl Collector for ServiceLabels {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let rows: Vec<(ServiceLabel, ServiceStats)> = {
+            let c = lock(&self.0);
+            let Some(map) = c.map.as_ref() else { return Ok(()) };
+            c.shown
+                .values()
+                .filter_map(|(id, label)| {
+                    // An id beyond the map (`--service-counters=false`) counts nothing.
+                    let per_cpu = map.get(&u32::from(*id), 0).ok()?;
+                    let total = per_cpu.iter().fold(ServiceStats::default(), |t, s| ServiceStats {
+                        packets: t.packets + s.packets,
+                        bytes: t.bytes + s.bytes,
+                        new_flows: t.new_flows + s.new_flows,
+                    });
+                    Some((label.clone(), total))
+                })
+                .collect()
+        };
+        let metrics: [ServiceMetric; 3] = [
+            ("rproxy_service_packets", "Packets the datapath translated for this frontend (both directions)", |s| {
+                s.packets
+            }),
+            ("rproxy_service_bytes", "Bytes (IP packets, headers included) of those packets", |s| s.bytes),
+            ("rproxy_service_new_flows", "Flows the datapath opened to this frontend's backends", |s| s.new_flows),
+        ];
+        for (name, help, value) in metrics {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (l, stats) in &rows {
+                let labels = [
+                    ("namespace", l.namespace.as_str()),
+                    ("service", l.service.as_str()),
+                    ("port", l.port.as_str()),
+                    ("frontend", l.frontend.as_str()),
+                    ("kind", l.kind),
+                ];
+                ConstCounter::new(value(stats)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The Kubernetes watches' state.
 #[derive(Debug)]
 struct Watches(Arc<kube::Stats>);
@@ -403,15 +547,27 @@ impl Collector for Watches {
 }
 
 /// Opens the pinned counters in `bpffs` for the metrics server (its own handle).
+#[must_use]
 pub fn open_stats(bpffs: &Path) -> Option<PerCpuArray<MapData, u64>> {
-    let path = bpffs.join(map_names::STATS);
+    open_per_cpu(bpffs, map_names::STATS)
+}
+
+/// Opens the pinned per-Service counters in `bpffs` for the metrics server (its own handle);
+/// `None` from an eBPF object without them (`--ebpf-object` of an older build).
+#[must_use]
+pub fn open_service_stats(bpffs: &Path) -> Option<PerCpuArray<MapData, ServiceStats>> {
+    open_per_cpu(bpffs, map_names::SVC_STATS)
+}
+
+fn open_per_cpu<V: aya::Pod>(bpffs: &Path, name: &str) -> Option<PerCpuArray<MapData, V>> {
+    let path = bpffs.join(name);
     let opened = MapData::from_pin(&path)
         .map_err(|e| e.to_string())
         .and_then(|data| PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| e.to_string()));
     match opened {
         Ok(stats) => Some(stats),
         Err(e) => {
-            warn!(path = %path.display(), error = %e, "datapath counters not in /metrics");
+            warn!(path = %path.display(), error = %e, "these datapath counters are not in /metrics");
             None
         }
     }
@@ -461,7 +617,7 @@ mod tests {
     /// the capacities, and no datapath families without a map.
     #[test]
     fn kube_proxy_names_and_rproxy_gauges_are_encoded() {
-        let m = Metrics::new(None, None, MapSizes { ct4: 524_288, ct6: 4096 });
+        let m = Metrics::new(None, None, None, MapSizes { ct4: 524_288, ct6: 4096, svc_stats: 65_536 });
         observe_sync(&m, Duration::from_millis(3), true, true, jiff::Timestamp::from_second(1_700_000_000).unwrap());
         count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, 1);
         count_changes(&m.service_changes, &m.service_changes_pending, 1);

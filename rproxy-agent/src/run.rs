@@ -238,6 +238,15 @@ impl ProblemLog {
     }
 }
 
+/// The writer, with the state the pinned maps hold (from an earlier agent).
+fn adopt(maps: &Maps) -> Writer {
+    let (writer, warnings) = Writer::adopt(writer::read_adopted(maps));
+    for w in warnings {
+        warn!("adopting pinned maps: {w}");
+    }
+    writer
+}
+
 /// The embedded eBPF object, or `--ebpf-object`'s, loaded with the pinned maps.
 fn load_datapath(cfg: &Config) -> Result<Datapath> {
     match &cfg.ebpf_object {
@@ -268,10 +277,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
     debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
     let maps = datapath.take_maps()?;
-    let (writer, warnings) = Writer::adopt(writer::read_adopted(&maps));
-    for w in warnings {
-        warn!("adopting pinned maps: {w}");
-    }
+    let writer = adopt(&maps);
     info!(
         bpffs = %cfg.bpffs.display(),
         frontends = writer.service_count(),
@@ -279,7 +285,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         "eBPF programs loaded; pinned state adopted"
     );
     let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
-    let metrics = Metrics::new(metrics::open_stats(&cfg.bpffs), watch_stats.clone(), cfg.map_sizes);
+    let metrics = Metrics::new(
+        metrics::open_stats(&cfg.bpffs),
+        metrics::open_service_stats(&cfg.bpffs),
+        watch_stats.clone(),
+        cfg.map_sizes,
+    );
     let (gc_tx, mut gc_rx) = mpsc::channel(1);
     let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx);
     match gc::Tables::open(&agent.cfg.bpffs) {
@@ -612,6 +623,11 @@ impl Agent {
             self.problems.gone(p);
         }
         let report = self.writer.sync_frontends(self.store.desired(), &changes.frontends, &mut self.maps);
+        let desired = &self.store.desired().services;
+        self.metrics.service_labels.update(changes.frontends.iter().map(|fe| {
+            let shown = self.writer.rev_nat_id(fe).zip(desired.get(fe));
+            (*fe, shown.map(|(id, entry)| (id, metrics::ServiceLabel::of(*fe, entry))))
+        }));
         log_written(&report);
         let purged = self.take_write_outcome(&report);
         self.health.update(&self.store.desired().health_checks);

@@ -479,6 +479,12 @@ impl Writer {
         self.services.len()
     }
 
+    /// The rev-NAT id of frontend `fe`, if it is programmed (or adopted).
+    #[must_use]
+    pub fn rev_nat_id(&self, fe: &Frontend) -> Option<u16> {
+        self.services.get(fe).map(|p| p.value.rev_nat_id)
+    }
+
     /// The frontends programmed (or adopted).
     pub fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
         self.services.keys().copied()

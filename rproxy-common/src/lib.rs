@@ -65,8 +65,14 @@ pub mod map_names {
     /// and the programs attached must keep their IPv6 half while the agent restarts.
     pub const CALLS_TC: &str = "RPX_CALLS_TC";
     pub const CALLS_XDP: &str = "RPX_CALLS_XDP";
+    /// Per-Service counters (`super::ServiceStats`): a per-CPU array indexed by rev-NAT id.
+    pub const SVC_STATS: &str = "RPX_SVC_STATS";
+    /// The drop and translation monitor's switch (`super::monitor`): an array of one `u32`.
+    pub const MONITOR: &str = "RPX_MONITOR";
+    /// The monitor's events (`super::MonitorEvent`): a ring buffer.
+    pub const EVENTS: &str = "RPX_EVENTS";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 28] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -92,6 +98,9 @@ pub mod map_names {
         ROUTE6,
         CALLS_TC,
         CALLS_XDP,
+        SVC_STATS,
+        MONITOR,
+        EVENTS,
     ];
 }
 
@@ -861,6 +870,68 @@ impl Stat {
     }
 }
 
+/// Value of `RPX_SVC_STATS`, per CPU, indexed by a frontend's rev-NAT id: what the datapath
+/// translated for it. `packets` and `bytes` (IP packet lengths, headers included) count both
+/// directions of its flows; `new_flows` the flows it opened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// The drop and translation monitor (`rproxy-agent monitor`): `RPX_MONITOR[0]` holds `ON_*`
+/// bits, which the programs read where they drop or translate a packet; while it is 0 they
+/// emit nothing.
+pub mod monitor {
+    /// Emit an event for every packet dropped (or rejected) for a reason `Stat` counts.
+    pub const ON_DROPS: u32 = 1 << 0;
+    /// Emit an event for every packet translated (new flow, established, reply).
+    pub const ON_TRANSLATIONS: u32 = 1 << 1;
+    /// Size of the events ring buffer, bytes (a power of two, a multiple of the page size).
+    pub const RING_BYTES: u32 = 1 << 20;
+    /// `MonitorEvent::kind`.
+    pub const KIND_DROP: u8 = 1;
+    pub const KIND_TRANSLATION: u8 = 2;
+    /// `MonitorEvent::hook`: where the packet was seen.
+    pub const HOOK_FROM_POD: u8 = 1;
+    pub const HOOK_TO_POD: u8 = 2;
+    pub const HOOK_EXTERNAL_IN: u8 = 3;
+    pub const HOOK_EXTERNAL_OUT: u8 = 4;
+}
+
+/// One event of `RPX_EVENTS`: the packet's tuple as the hook lets it go (after a translation,
+/// as it came for a drop) and why. Addresses are in network byte order in 16-byte slots (an
+/// IPv4 address in the first word, `family` 4); ports in network byte order. `reason` is the
+/// `Stat` that counted the packet: `NewFlow`, `Established` or `RevNat` for a translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns()`.
+    pub time_ns: u64,
+    pub saddr: In6,
+    pub daddr: In6,
+    pub sport: u16,
+    pub dport: u16,
+    /// The flow's backend (0: none, or not known at this point).
+    pub backend_id: u32,
+    /// The flow's frontend, by rev-NAT id (0: none, or not known at this point).
+    pub rev_nat_id: u16,
+    /// The IP packet's length, headers included (host order).
+    pub ip_len: u16,
+    /// `monitor::KIND_*`.
+    pub kind: u8,
+    /// `Stat` as `u8`.
+    pub reason: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// `monitor::HOOK_*`.
+    pub hook: u8,
+    pub _pad: [u8; 7],
+}
+
 /// Key of `RPX_ROUTE4` (see `route`): what a FIB lookup of the north-south forwarding depends
 /// on. Addresses in network byte order.
 #[repr(C)]
@@ -938,14 +1009,18 @@ const _: () = assert!(core::mem::size_of::<RouteKey4>() == 16);
 const _: () = assert!(4 + 4 + 4 + 1 + 3 == core::mem::size_of::<RouteKey4>());
 const _: () = assert!(core::mem::size_of::<RouteKey6>() == 40);
 const _: () = assert!(4 + 16 + 16 + 1 + 3 == core::mem::size_of::<RouteKey6>());
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
+const _: () = assert!(8 + 8 + 8 == core::mem::size_of::<ServiceStats>());
+const _: () = assert!(core::mem::size_of::<MonitorEvent>() == 64);
+const _: () = assert!(8 + 16 + 16 + 2 + 2 + 4 + 2 + 2 + 1 + 1 + 1 + 1 + 1 + 7 == core::mem::size_of::<MonitorEvent>());
 const _: () = assert!(core::mem::size_of::<RouteValue>() == 32);
 const _: () = assert!(8 + 4 + 2 + 6 + 6 + 6 == core::mem::size_of::<RouteValue>());
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue,
-        ServiceKey, ServiceValue, SockRevKey4, SockRevKey6, SrcRange,
+        AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, MonitorEvent, RevNat,
+        RouteKey, RouteValue, ServiceKey, ServiceStats, ServiceValue, SockRevKey4, SockRevKey6, SrcRange,
     };
     // SAFETY: each type is #[repr(C)], made only of integers, with no implicit padding (asserted
     // above for both address types), so every bit pattern is valid and no byte is uninitialised.
@@ -956,6 +1031,8 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatch {}
     unsafe impl aya::Pod for RouteValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for MonitorEvent {}
     macro_rules! both_families {
         ($($t:ident),*) => {$(
             // SAFETY: as above.

@@ -37,6 +37,13 @@ pub trait Family: Sized + 'static {
     /// stack with them.
     const STAGES: bool;
 
+    /// 4 or 6 (`rproxy_common::MonitorEvent::family`).
+    const VERSION: u8;
+    /// Offset in the frame of the source address, which the destination address follows.
+    const SADDR_OFF: usize;
+    /// An address in a 16-byte slot (`rproxy_common::MonitorEvent`): IPv4's in the first word.
+    fn slot(addr: Self::Addr) -> In6;
+
     /// The frame's TCP or UDP packet of this family (see `parse`).
     fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>>;
     fn services() -> &'static ServiceMap<Self::Addr>;
@@ -108,6 +115,13 @@ impl Family for V4 {
     const ICMP: u8 = rproxy_common::proto::ICMP;
     const HAIRPIN: u32 = hairpin::ADDR;
     const STAGES: bool = false;
+    const VERSION: u8 = 4;
+    const SADDR_OFF: usize = IP_SADDR_OFF;
+
+    #[inline(always)]
+    fn slot(addr: u32) -> In6 {
+        [addr, 0, 0, 0]
+    }
     const ADDR_BITS: u32 = 32;
 
     #[inline(always)]
@@ -221,6 +235,13 @@ impl Family for V6 {
     const HAIRPIN: In6 = hairpin::ADDR6;
     const STAGES: bool = true;
     const ADDR_BITS: u32 = 128;
+    const VERSION: u8 = 6;
+    const SADDR_OFF: usize = IP6_SADDR_OFF;
+
+    #[inline(always)]
+    fn slot(addr: In6) -> In6 {
+        addr
+    }
 
     #[inline(always)]
     fn parse<C: Ctx>(ctx: &C) -> Option<Packet<Self>> {

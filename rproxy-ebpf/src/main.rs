@@ -42,6 +42,7 @@ mod lb;
 mod maps;
 mod nat;
 mod nodeport;
+mod observe;
 mod parse;
 mod pod;
 mod related;

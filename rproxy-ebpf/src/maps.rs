@@ -3,16 +3,17 @@
 //! them and `bpftool map dump` prints their fields. The agent pins them by name (it gives the
 //! loader one path per map) so that a restart reuses them.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use rproxy_common::{
-    AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, RevNat, RouteKey, RouteValue,
-    ServiceKey, ServiceValue, SockRevKey4, SockRevKey6, SrcRange, Stat, calls, filter,
+    AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, MonitorEvent, RevNat, RouteKey,
+    RouteValue, ServiceKey, ServiceStats, ServiceValue, SockRevKey4, SockRevKey6, SrcRange, Stat, calls, filter,
     limits::{
         AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
         SOCK_REV_NAT_MAX, SRC_RANGES_MAX,
     },
+    monitor,
 };
 
 use crate::conntrack::Entry;
@@ -145,6 +146,19 @@ pub static SNAT_SCRATCH: PerCpuArray<SnatScratch, 1> = PerCpuArray::new();
 
 #[btf_map(name = "RPX_STATS")]
 pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-Service counters by rev-NAT id (`rproxy_common::ServiceStats`; `observe`). Sized at
+/// load time (`--service-counters`): a map of one entry counts nothing.
+#[btf_map(name = "RPX_SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<ServiceStats, { REV_NAT_MAX as usize }> = PerCpuArray::new();
+
+/// The monitor's switch (`rproxy_common::monitor`): 0 unless `rproxy-agent monitor` runs.
+#[btf_map(name = "RPX_MONITOR")]
+pub static MONITOR: Array<u32, 1> = Array::new();
+
+/// The monitor's events (`rproxy_common::MonitorEvent`).
+#[btf_map(name = "RPX_EVENTS")]
+pub static EVENTS: RingBuf<MonitorEvent, { monitor::RING_BYTES as usize }> = RingBuf::new();
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

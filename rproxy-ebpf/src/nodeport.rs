@@ -18,6 +18,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use rproxy_common::{
     BE_F_LOCAL, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey, CtValue, FlowKind, Stat,
+    monitor::{HOOK_EXTERNAL_IN, HOOK_EXTERNAL_OUT},
     snat,
 };
 
@@ -29,6 +30,7 @@ use crate::{
     lb::{self, Decision, NewFlow, Origin},
     maps::{CONFIG, SNAT_CURSOR, SNAT_SCRATCH, count},
     nat::{self, Tuple},
+    observe,
     parse::Packet,
     related::{self, Quote},
 };
@@ -137,8 +139,12 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     let flow = match lb::decide(pkt, Origin::External, now) {
         Decision::Pass => return Ok(Action::Pass),
         Decision::Established { ct } => return Ok(established(ctx, pkt, ct)),
-        Decision::Drop => return Ok(Action::Drop),
+        Decision::Drop => {
+            observe::dropped(ctx, HOOK_EXTERNAL_IN, Stat::SourceRangeDrop, pkt, 0, 0);
+            return Ok(Action::Drop);
+        }
         Decision::NoBackend { svc } => {
+            observe::dropped(ctx, HOOK_EXTERNAL_IN, Stat::NoBackend, pkt, svc.rev_nat_id, 0);
             return Ok(if F::reject(ctx, pkt, &svc, now) { Action::Bounce } else { Action::Drop });
         }
         Decision::New(flow) => flow,
@@ -149,11 +155,12 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     if flow.svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
         let nat = (pkt.saddr, pkt.sport);
         if conntrack::create_nat(pkt, flow.backend_id, be, flow.svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now).is_err() {
-            count(Stat::CtInsertFail);
+            observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::CtInsertFail, pkt, flow.svc.rev_nat_id, flow.backend_id);
             return Ok(Action::Drop);
         }
-        nat::rewrite_tuple(ctx, pkt, &Tuple { daddr: be.addr, dport: be.port, ..Tuple::of(pkt) })?;
-        count(Stat::NewFlow);
+        let new = Tuple { daddr: be.addr, dport: be.port, ..Tuple::of(pkt) };
+        nat::rewrite_tuple(ctx, pkt, &new)?;
+        observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::NewFlow, pkt, flow.svc.rev_nat_id, flow.backend_id);
         return Ok(Action::Pass);
     }
     if F::STAGES {
@@ -226,20 +233,20 @@ fn to_remote<C: Ctx, F: Family>(
         &mut *entry
     };
     let Some(port) = allocate_port::<F>(&mut e.key, &e.value, now) else {
-        count(Stat::SnatExhausted);
+        observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::SnatExhausted, pkt, rev_nat_id, backend_id);
         return Action::Drop;
     };
     e.make_service(pkt);
     if F::conntrack().insert(&e.key, &e.value, conntrack::BPF_ANY).is_err() {
         e.make_reply_key();
         let _ = F::conntrack().remove(&e.key);
-        count(Stat::CtInsertFail);
+        observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::CtInsertFail, pkt, rev_nat_id, backend_id);
         return Action::Drop;
     }
     if nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: src, daddr: be.addr, sport: port, dport: be.port }).is_err() {
         return Action::Fail;
     }
-    count(Stat::NewFlow);
+    observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::NewFlow, pkt, rev_nat_id, backend_id);
     forward(ctx, &route)
 }
 
@@ -304,7 +311,7 @@ fn established<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, ct: *mut CtValue<F::
     if nat::rewrite_tuple(ctx, pkt, &new).is_err() {
         return Action::Fail;
     }
-    count(Stat::Established);
+    observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::Established, pkt, v.rev_nat_id, v.backend_id);
     match route {
         None => Action::Pass,
         Some(r) => forward(ctx, &r),
@@ -327,7 +334,7 @@ fn snat_reply<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>, ct: *mut CtValue<F::A
     if nat::rewrite_tuple(ctx, pkt, &new).is_err() {
         return Action::Fail;
     }
-    count(Stat::RevNat);
+    observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     forward(ctx, &route)
 }
 
@@ -377,7 +384,7 @@ fn usable_route<C: Ctx, F: Family>(
     daddr: F::Addr,
 ) -> Result<Route<F>, Action> {
     if pkt.ttl <= 1 {
-        count(Stat::TtlExceeded);
+        observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::TtlExceeded, pkt, 0, 0);
         return Err(icmp_error(ctx, pkt, IcmpError::TimeExceeded));
     }
     let route = match from {
@@ -386,7 +393,7 @@ fn usable_route<C: Ctx, F: Family>(
     };
     match route {
         Route::TooBig { mtu } => {
-            count(Stat::FragNeeded);
+            observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::FragNeeded, pkt, 0, 0);
             if pkt.df { Err(icmp_error(ctx, pkt, IcmpError::TooBig(mtu))) } else { Err(Action::Drop) }
         }
         r => forwardable::<C, F>(r),
@@ -453,7 +460,8 @@ pub fn egress<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Action, i64
         return Ok(Action::Pass);
     }
     conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) })?;
-    count(Stat::RevNat);
+    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) };
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    observe::translated(ctx, HOOK_EXTERNAL_OUT, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     Ok(Action::Pass)
 }

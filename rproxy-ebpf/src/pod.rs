@@ -3,7 +3,10 @@
 //! pod itself); packets entering a pod (`rpx_to_pod`, TC egress on the same device) that are a
 //! backend's replies are translated back to come from the service.
 use aya_ebpf::programs::TcContext;
-use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, CtValue, FlowKind, Stat};
+use rproxy_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, CtValue, FlowKind, Stat,
+    monitor::{HOOK_FROM_POD, HOOK_TO_POD},
+};
 
 use crate::{
     conntrack::{self, Holder},
@@ -11,6 +14,7 @@ use crate::{
     lb::{self, Decision, NewFlow, Origin},
     maps::count,
     nat::{self, Tuple},
+    observe,
     parse::Packet,
 };
 
@@ -37,7 +41,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
         // A new connection straight to a backend from the source port of a translated flow to
         // it: see `direct_syn`.
         if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) {
-            return Ok(direct_syn(pkt));
+            return Ok(direct_syn(ctx, pkt));
         }
         return Ok(Verdict::Pass);
     }
@@ -45,8 +49,12 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
     match lb::decide(pkt, Origin::Pod, now) {
         Decision::Pass => Ok(Verdict::Pass),
         Decision::Established { ct } => established(ctx, pkt, ct, now),
-        Decision::Drop => Ok(Verdict::Drop),
+        Decision::Drop => {
+            observe::dropped(ctx, HOOK_FROM_POD, Stat::SourceRangeDrop, pkt, 0, 0);
+            Ok(Verdict::Drop)
+        }
         Decision::NoBackend { svc } => {
+            observe::dropped(ctx, HOOK_FROM_POD, Stat::NoBackend, pkt, svc.rev_nat_id, 0);
             // No endpoints: port unreachable back into the pod, as kube-proxy rejects.
             Ok(if F::reject(ctx, pkt, &svc, now) { Verdict::Bounce } else { Verdict::Drop })
         }
@@ -61,22 +69,23 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             let reply = conntrack::flow_reply_key(pkt.proto, &be, nat);
             let stale = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
                 Holder::Live => {
-                    count(Stat::CtClash);
+                    observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtClash, pkt, svc.rev_nat_id, backend_id);
                     return Ok(Verdict::Drop);
                 }
                 Holder::Stale(other) => Some(other),
                 Holder::Free => None,
             };
             if conntrack::create_nat(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
-                count(Stat::CtInsertFail);
+                observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtInsertFail, pkt, svc.rev_nat_id, backend_id);
                 return Ok(Verdict::Drop);
             }
             // The replaced flow's client side, unless this flow's own entry took its place.
             if let Some(other) = stale.filter(|other| *other != conntrack::service_key(pkt)) {
                 let _ = F::conntrack().remove(other);
             }
-            nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: nat.0, sport: nat.1, daddr: be.addr, dport: be.port })?;
-            count(Stat::NewFlow);
+            let new = Tuple { saddr: nat.0, sport: nat.1, daddr: be.addr, dport: be.port };
+            nat::rewrite_tuple(ctx, pkt, &new)?;
+            observe::translated(ctx, HOOK_FROM_POD, Stat::NewFlow, pkt, svc.rev_nat_id, backend_id);
             Ok(Verdict::Pass)
         }
     }
@@ -96,7 +105,7 @@ fn established<F: Family>(
     let v = unsafe { &*ct };
     let new = Tuple { saddr: v.nat_addr, sport: v.nat_port, daddr: v.pair_addr, dport: v.pair_port };
     nat::rewrite_tuple(ctx, pkt, &new)?;
-    count(Stat::Established);
+    observe::translated(ctx, HOOK_FROM_POD, Stat::Established, pkt, v.rev_nat_id, v.backend_id);
     Ok(Verdict::Pass)
 }
 
@@ -125,7 +134,7 @@ pub fn from_pod_inline<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Option<Re
 /// its entries go, the new connection passes); a live one keeps it, and the SYN is dropped and
 /// counted: two live connections must not share one reply tuple.
 #[inline(always)]
-fn direct_syn<F: Family>(pkt: &Packet<F>) -> Verdict {
+fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Verdict {
     let reply = conntrack::reverse_reply_key(pkt);
     match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), conntrack::now_ns()) {
         Holder::Free => Verdict::Pass,
@@ -134,7 +143,7 @@ fn direct_syn<F: Family>(pkt: &Packet<F>) -> Verdict {
             Verdict::Pass
         }
         Holder::Live => {
-            count(Stat::CtClash);
+            observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtClash, pkt, 0, 0);
             Verdict::Drop
         }
     }
@@ -155,12 +164,9 @@ fn hairpin_reply<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict,
         return Ok(Verdict::Pass);
     }
     conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    nat::rewrite_tuple(
-        ctx,
-        pkt,
-        &Tuple { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port },
-    )?;
-    count(Stat::RevNat);
+    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port };
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    observe::translated(ctx, HOOK_FROM_POD, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     Ok(Verdict::Pass)
 }
 
@@ -182,7 +188,8 @@ pub fn to_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i6
         return Ok(Verdict::Pass);
     }
     conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    nat::rewrite_tuple(ctx, pkt, &Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) })?;
-    count(Stat::RevNat);
+    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) };
+    nat::rewrite_tuple(ctx, pkt, &new)?;
+    observe::translated(ctx, HOOK_TO_POD, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     Ok(Verdict::Pass)
 }

@@ -165,17 +165,23 @@ const SOCK_PROGRAMS: [&str; 8] = [
     prog_names::SOCK_GETPEERNAME6,
 ];
 
-/// Sizes of the maps an operator chooses (`--ct-max`, `--ct-max-ipv6`): entries of each
-/// family's conntrack table (two per translated flow).
+/// Sizes of the maps an operator chooses: entries of each family's conntrack table (two per
+/// translated flow; `--ct-max`, `--ct-max-ipv6`), and of the per-Service counters
+/// (`--service-counters`: one per rev-NAT id, or 1, which counts nothing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub ct4: u32,
     pub ct6: u32,
+    pub svc_stats: u32,
 }
 
 impl MapSizes {
     /// The object's own sizes.
-    pub const DEFAULT: Self = Self { ct4: rproxy_common::limits::CT_MAX, ct6: rproxy_common::limits::CT_MAX };
+    pub const DEFAULT: Self = Self {
+        ct4: rproxy_common::limits::CT_MAX,
+        ct6: rproxy_common::limits::CT_MAX,
+        svc_stats: rproxy_common::limits::REV_NAT_MAX,
+    };
     /// Smallest table accepted: an LRU table keeps per-CPU free lists, and a tiny one would evict
     /// live flows at once.
     pub const MIN: u32 = 4096;
@@ -188,6 +194,7 @@ impl MapSizes {
         match name {
             map_names::CT4 => Some(self.ct4),
             map_names::CT6 => Some(self.ct6),
+            map_names::SVC_STATS => Some(self.svc_stats),
             _ => None,
         }
     }
@@ -215,7 +222,7 @@ impl Datapath {
     /// `load_object` with the conntrack tables sized by `sizes`.
     pub fn load_object_sized(object: &[u8], pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        for name in [map_names::CT4, map_names::CT6] {
+        for name in [map_names::CT4, map_names::CT6, map_names::SVC_STATS] {
             if let Some(n) = sizes.of(name) {
                 loader.map_max_entries(name, n);
             }
@@ -789,7 +796,7 @@ impl MapShape {
 /// makes clients pick afresh, and the route cache, whose loss costs a FIB lookup, and the
 /// program arrays, which the agent fills at every start): a pinned one of another shape is
 /// replaced, not refused.
-const REPLACEABLE: [&str; 11] = [
+const REPLACEABLE: [&str; 14] = [
     map_names::STATS,
     map_names::SNAT_CURSOR,
     map_names::ICMP_LIMIT,
@@ -801,6 +808,9 @@ const REPLACEABLE: [&str; 11] = [
     map_names::ROUTE4,
     map_names::CALLS_TC,
     map_names::CALLS_XDP,
+    map_names::SVC_STATS,
+    map_names::MONITOR,
+    map_names::EVENTS,
 ];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

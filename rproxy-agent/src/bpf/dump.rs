@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// Map `name` pinned under `dir`, as its typed handle (hash, array, LPM trie, …).
-fn pinned<M: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str) -> Result<M> {
+pub(crate) fn pinned<M: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str) -> Result<M> {
     let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
     let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
     M::try_from(map).map_err(|source| Error::Map { name, source })

@@ -48,10 +48,13 @@ enum Kind {
     Flows,
     /// Not copied: rebuilt by the agent or the programs.
     Fresh,
+    /// Never replaced: a ring buffer has no key or value for BTF to describe (the kernel
+    /// creates it without), so it is no older agent's mark.
+    Keep,
 }
 
 /// Every pinned map and how it migrates.
-const PLAN: [(&str, Kind); 25] = [
+const PLAN: [(&str, Kind); 28] = [
     (n::SERVICES4, Kind::State),
     (n::BACKENDS4, Kind::State),
     (n::REV_NAT4, Kind::State),
@@ -77,6 +80,9 @@ const PLAN: [(&str, Kind); 25] = [
     (n::ROUTE6, Kind::Fresh),
     (n::CALLS_TC, Kind::Fresh),
     (n::CALLS_XDP, Kind::Fresh),
+    (n::SVC_STATS, Kind::Fresh),
+    (n::MONITOR, Kind::Fresh),
+    (n::EVENTS, Kind::Keep),
 ];
 
 /// Old maps set aside for a migration, held open until it is finished.
@@ -126,7 +132,10 @@ pub fn has_btf(map: &MapData) -> Result<bool> {
 pub fn set_aside(object: &aya_obj::Object, dir: &Path) -> Result<Option<Legacy>> {
     let legacy_dir = dir.join(LEGACY_DIR);
     let mut maps = Vec::new();
-    for (name, _) in PLAN {
+    for (name, kind) in PLAN {
+        if kind == Kind::Keep {
+            continue;
+        }
         let (path, aside) = (dir.join(name), legacy_dir.join(name));
         if !aside.exists() {
             let wants_btf = matches!(object.maps.get(name), Some(aya_obj::maps::Map::Btf(_)));

@@ -795,3 +795,122 @@ fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
         assert_reaches_every_backend(lab, Proto::Tcp, b"same sizes")
     });
 }
+
+/// The value `bpftool` reads at key 0 of the pinned array `name` (a `u32`).
+fn pinned_u32(lab: &Lab, name: &str) -> Result<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(lab.pin_dir().join(name))
+        .args(["key", "0", "0", "0", "0"])
+        .output()?;
+    ensure!(out.status.success(), "bpftool map lookup {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // With BTF, bpftool gives the decoded value under "formatted".
+    v["formatted"]["value"].as_u64().with_context(|| format!("{name}[0]: {v}"))
+}
+
+/// `rproxy-agent monitor` streams what the datapath does while it runs: the demo Service's new
+/// flows and replies (with the frontend and the backend each names) and the rejection of a
+/// Service without endpoints; it turns the programs' switch off when it stops. `/metrics` counts
+/// each frontend's packets, bytes and new flows (`rproxy_service_*`).
+#[test]
+fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
+    with_agent("monitor_streams_drops_and_translations_and_metrics_count_each_service", |lab, manifests| {
+        use std::io::Read as _;
+        let empty_ip = Ipv4Addr::new(10, 96, 0, 20);
+        let empty = rproxy_tests::manifest::Service { name: "empty".into(), cluster_ip: empty_ip, ..demo::service() };
+        write_atomic(&manifests.dir.join("empty.yaml"), &empty.to_string())?;
+        // The frontend without endpoints rejects (connection refused) once it is programmed.
+        streak_start(Instant::now(), PROPAGATION * 5, 1, || {
+            request(lab, Proto::Tcp, (empty_ip, PORT), b"x", SHORT).is_err_and(|e| format!("{e:#}").contains("refused"))
+        })
+        .context("the Service without endpoints never refused")?;
+        ensure!(pinned_u32(lab, "RPX_MONITOR")? == 0, "the monitor's switch is on with no monitor running");
+
+        let mut monitor = std::process::Command::new(agent_bin()?)
+            .args(["monitor", "-o", "json", "--duration", "20", "--bpffs"])
+            .arg(lab.pin_dir())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let guard = scopeguard_kill(monitor.id());
+        let started = Instant::now();
+        while pinned_u32(lab, "RPX_MONITOR")? == 0 {
+            ensure!(started.elapsed() < Duration::from_secs(5), "the monitor did not turn its switch on");
+            thread::sleep(Duration::from_millis(20));
+        }
+        for i in 0..3 {
+            let (name, echo) = request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"seen", Duration::from_secs(2))
+                .with_context(|| format!("request {i}"))?;
+            ensure!(echo == b"seen", "{name} echoed {echo:?}");
+        }
+        ensure!(request(lab, Proto::Tcp, (empty_ip, PORT), b"x", SHORT).is_err(), "the empty Service answered");
+        thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(monitor.id())?), nix::sys::signal::SIGINT)?;
+        let status = monitor.wait()?;
+        // Reaped: its pid may be someone else's now.
+        std::mem::forget(guard);
+        let (mut out, mut err) = (String::new(), String::new());
+        monitor.stdout.take().context("stdout")?.read_to_string(&mut out)?;
+        monitor.stderr.take().context("stderr")?.read_to_string(&mut err)?;
+        ensure!(status.success(), "monitor exited with {status}: {err}");
+        ensure!(pinned_u32(lab, "RPX_MONITOR")? == 0, "the monitor left its switch on");
+
+        let events: Vec<serde_json::Value> =
+            out.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("monitor -o json lines")?;
+        let frontend = format!("{CLUSTER_IP}:{PORT}");
+        let backends: Vec<String> = BACKENDS.iter().map(|b| format!("{}:{TARGET_PORT}", b.1)).collect();
+        let new_flows: Vec<_> = events
+            .iter()
+            .filter(|e| e["verdict"] == "translation" && e["reason"] == "new_flow" && e["proto"] == "TCP")
+            .filter(|e| e["service"] == frontend.as_str() && e["hook"] == "from-pod")
+            .collect();
+        ensure!(new_flows.len() >= 3, "{} new flows to {frontend} in:\n{out}", new_flows.len());
+        for e in &new_flows {
+            let backend = e["backend"].as_str().context("backend")?;
+            ensure!(backends.iter().any(|b| b == backend) && e["dst"] == backend, "new flow {e}");
+            ensure!(e["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", CLIENT.1))), "new flow {e}");
+        }
+        ensure!(
+            events.iter().any(|e| e["reason"] == "rev_nat" && e["hook"] == "to-pod" && e["src"] == frontend.as_str()),
+            "no reply translated back to {frontend} in:\n{out}"
+        );
+        let empty_fe = format!("{empty_ip}:{PORT}");
+        ensure!(
+            events
+                .iter()
+                .any(|e| e["verdict"] == "drop" && e["reason"] == "no_backend" && e["dst"] == empty_fe.as_str()),
+            "no rejection of {empty_fe} in:\n{out}"
+        );
+
+        let (_, metrics) = rproxy_tests::netns::in_netns(lab.node_ns(), || http_get(10249, "/metrics"))??;
+        let sample = |name: &str| {
+            metrics.lines().find_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                (rest.contains(&format!("frontend=\"{frontend}/TCP\"")) && rest.contains("service=\"demo\""))
+                    .then(|| rest.rsplit(' ').next()?.parse::<f64>().ok())?
+            })
+        };
+        let flows = sample("rproxy_service_new_flows_total").context("rproxy_service_new_flows_total")?;
+        let packets = sample("rproxy_service_packets_total").context("rproxy_service_packets_total")?;
+        let bytes = sample("rproxy_service_bytes_total").context("rproxy_service_bytes_total")?;
+        // with_agent's requests, these three: at least a SYN and a reply each.
+        ensure!(
+            flows >= 3.0 && packets >= 2.0 * flows && bytes >= 40.0 * packets,
+            "{flows} flows, {packets} packets, {bytes} bytes"
+        );
+        Ok(())
+    });
+}
+
+/// Kills process `pid` when dropped, unless it has been waited for (a failing test must not leave
+/// a monitor running).
+fn scopeguard_kill(pid: u32) -> impl Drop {
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::SIGKILL);
+        }
+    }
+    Kill(i32::try_from(pid).unwrap_or(i32::MAX))
+}
