@@ -872,6 +872,99 @@ fn metrics_show_kube_proxy_s_and_the_datapath_s_figures() {
     });
 }
 
+/// helm: `$RPROXY_HELM_BIN`, else the binary `scripts/build-helm.sh` builds from tests/helm (the
+/// directory it prints last), as the offline chart tests find it.
+fn helm_bin() -> Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("RPROXY_HELM_BIN") {
+        let bin = std::path::PathBuf::from(bin);
+        ensure!(bin.is_file(), "RPROXY_HELM_BIN={} is not a file", bin.display());
+        return Ok(bin);
+    }
+    let script = rproxy_tests::workspace_root().join("scripts/build-helm.sh");
+    let out = run(std::process::Command::new("bash").arg(&script).stderr(std::process::Stdio::inherit()))?;
+    let dir = out.lines().rev().find(|l| !l.trim().is_empty()).context("build-helm.sh printed no directory")?;
+    Ok(std::path::Path::new(dir.trim()).join("helm"))
+}
+
+/// `helm template rproxy deploy/helm/rproxy --namespace kube-system` with `args` added.
+fn helm_template(args: &[&str]) -> Result<String> {
+    let root = rproxy_tests::workspace_root();
+    let home = std::env::temp_dir().join("rproxy-kube-test-helm");
+    run(std::process::Command::new(helm_bin()?)
+        .current_dir(&root)
+        .args(["template", "rproxy", "deploy/helm/rproxy", "--namespace", "kube-system"])
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data")))
+}
+
+/// `kind namespace/name` of every object of a multi-document YAML stream, or of a `List`.
+fn object_names(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| {
+            let field = |k: &str| o["metadata"][k].as_str().unwrap_or_default().to_owned();
+            format!("{} {}/{}", o["kind"].as_str().unwrap_or_default(), field("namespace"), field("name"))
+        })
+        .collect()
+}
+
+/// The Helm chart's default rendering, applied to the real API server with a server-side dry run
+/// and strict field validation: every object is accepted (admission, validation and defaulting
+/// run), the `DaemonSet` comes back with the rendered args and the server's defaults, and nothing
+/// is stored. The same dry run refuses a rendering with a field unknown to the API and one with
+/// an invalid label, so an acceptance means something.
+#[test]
+fn helm_default_rendering_passes_a_server_side_dry_run() {
+    let test = "helm_default_rendering_passes_a_server_side_dry_run";
+    let Some((_serial, guard)) = lab(test) else { return };
+    let lab = guard.as_ref().expect("started");
+    let result = (|| -> Result<()> {
+        let yaml = helm_template(&[])?;
+        let mut rendered = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(&yaml) {
+            let value: Value = serde::Deserialize::deserialize(doc).context("the rendering is YAML")?;
+            if !value.is_null() {
+                rendered.push(value);
+            }
+        }
+        let names = object_names(&rendered);
+        ensure!(names.len() == 4, "the rendering's objects: {names:?}");
+        let daemon_set =
+            || lab.kubectl_run(&["-n", "kube-system", "get", "daemonset", "--ignore-not-found", "-o", "name"]);
+        ensure!(daemon_set()?.trim().is_empty(), "a DaemonSet already in kube-system: {}", daemon_set()?);
+
+        let dry_run = ["apply", "--dry-run=server", "--validate=strict", "-o", "json", "-f", "-"];
+        let out = rproxy_tests::cmd::run_with_input(lab.kubectl().args(dry_run), &yaml)?;
+        let answer: Value = serde_json::from_str(&out).with_context(|| format!("kubectl's answer: {out}"))?;
+        let items = answer["items"].as_array().with_context(|| format!("not a List: {answer}"))?;
+        ensure!(object_names(items) == names, "accepted {:?}, rendered {names:?}", object_names(items));
+        let ds = items.iter().find(|o| o["kind"] == "DaemonSet").context("no DaemonSet in the answer")?;
+        let rendered_ds = rendered.iter().find(|o| o["kind"] == "DaemonSet").context("no DaemonSet rendered")?;
+        let container = |o: &Value| o["spec"]["template"]["spec"]["containers"][0].clone();
+        ensure!(container(ds)["args"] == container(rendered_ds)["args"], "args changed: {}", container(ds)["args"]);
+        ensure!(ds["spec"]["revisionHistoryLimit"] == 10, "the server's defaults: {}", ds["spec"]);
+        ensure!(container(ds)["terminationMessagePath"] == "/dev/termination-log", "the server's defaults");
+        ensure!(daemon_set()?.trim().is_empty(), "the dry run stored a DaemonSet: {}", daemon_set()?);
+
+        for (set, refusal) in [
+            (r#"tolerations=[{"operator":"Exists","bogus":1}]"#, "bogus"),
+            (r#"commonLabels={"tier":"not a label value!"}"#, "not a label value!"),
+        ] {
+            let yaml = helm_template(&["--set-json", set])?;
+            match rproxy_tests::cmd::run_with_input(lab.kubectl().args(dry_run), &yaml) {
+                Ok(out) => bail!("the dry run accepted {set}: {out}"),
+                Err(e) => ensure!(format!("{e:#}").contains(refusal), "{set}: refused for another reason: {e:#}"),
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        panic!("{test}: {e:?}");
+    }
+}
+
 #[test]
 fn seen_as_parses_the_greeting() {
     let line = b"web-1 10.244.1.5 40000";

@@ -121,13 +121,26 @@ fn setup_without_control_plane() -> Result<()> {
 
 /// The directory of the Kubernetes binaries `scripts/build-k8s.sh` built (it prints it last).
 fn k8s_bin() -> Result<PathBuf> {
-    let out = Command::new("bash").arg(root().join("scripts/build-k8s.sh")).output().context("build-k8s.sh")?;
+    script_bin_dir("build-k8s.sh")
+}
+
+/// Runs `scripts/NAME` (a build script of Go binaries, cached) and returns the directory it
+/// prints last: where the binaries are.
+fn script_bin_dir(name: &str) -> Result<PathBuf> {
+    let out = Command::new("bash").arg(root().join("scripts").join(name)).output().context(name.to_owned())?;
     if !out.status.success() {
-        bail!("scripts/build-k8s.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("scripts/{name} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let text = String::from_utf8(out.stdout).context("build-k8s.sh output")?;
-    let dir = text.lines().rev().find(|l| !l.trim().is_empty()).context("build-k8s.sh printed no directory")?;
+    let text = String::from_utf8(out.stdout).with_context(|| format!("{name} output"))?;
+    let dir =
+        text.lines().rev().find(|l| !l.trim().is_empty()).with_context(|| format!("{name} printed no directory"))?;
     Ok(PathBuf::from(dir.trim()))
+}
+
+/// The helm binary `scripts/build-helm.sh` built (in the directory it prints last), for the Helm
+/// chart's tests.
+fn helm_bin() -> Result<PathBuf> {
+    Ok(script_bin_dir("build-helm.sh")?.join("helm"))
 }
 
 /// Where `build_agent` puts the binary: under `$CARGO_TARGET_DIR` (relative to the workspace root,
@@ -183,6 +196,7 @@ fn main() -> Result<()> {
             c.args(["test", "--workspace"])
                 .env("RPROXY_AGENT_BIN", &agent)
                 .env("RPROXY_K8S_BIN", k8s_bin()?)
+                .env("RPROXY_HELM_BIN", helm_bin()?)
                 .env("RPROXY_REQUIRE_KERNEL", "1")
                 .arg("--")
                 .args(args);

@@ -3,13 +3,15 @@
 //! field would otherwise be dropped silently), and hold the properties deploy/README.md promises:
 //! read-only RBAC on exactly the watched resources, the `DaemonSet`'s host networking, downward-API
 //! node name, host bpffs mount, and an unprivileged container with exactly the documented
-//! capabilities. The container's args are checked against the real agent's `run --help` (every
-//! flag exists, every required flag is given): the binary in `RPROXY_AGENT_BIN`, else one built
-//! here with cargo.
+//! capabilities. The container's args are checked against the real agent (every flag exists in
+//! `run --help`, every required flag is given, the agent's own parsers take every value): the
+//! binary in `RPROXY_AGENT_BIN`, else one built here with cargo. `helm.rs` reuses these helpers
+//! for the Helm chart's renderings.
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
 };
 
 use k8s_openapi::{
@@ -29,12 +31,12 @@ const NAMESPACE: &str = "kube-system";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// The workspace root, of the sources this test was compiled from.
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Every document of every `deploy/*.yaml`, with the file it came from.
-fn documents() -> Vec<(PathBuf, Value)> {
+pub(crate) fn documents() -> Vec<(PathBuf, Value)> {
     let dir = workspace_root().join("deploy");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
@@ -66,7 +68,7 @@ struct Deploy {
 
 /// Parses `value` as a `T`, and checks that serialising it again gives the same document (no
 /// field unknown to the API type).
-fn strict<T: Resource + DeserializeOwned + Serialize>(file: &Path, value: &Value) -> T {
+pub(crate) fn strict<T: Resource + DeserializeOwned + Serialize>(file: &Path, value: &Value) -> T {
     let parsed: T = serde_yaml_ng::from_value(value.clone())
         .unwrap_or_else(|e| panic!("{}: not a valid {}: {e}", file.display(), T::KIND));
     let again = serde_yaml_ng::to_value(&parsed).expect("serialisable");
@@ -100,18 +102,18 @@ fn deploy() -> Deploy {
     }
 }
 
-fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+pub(crate) fn pod_spec(ds: &DaemonSet) -> &PodSpec {
     ds.spec.template.spec.as_ref().expect("pod spec")
 }
 
 /// The one container.
-fn container(ds: &DaemonSet) -> &Container {
+pub(crate) fn container(ds: &DaemonSet) -> &Container {
     let containers = &pod_spec(ds).containers;
     assert_eq!(containers.len(), 1, "one container");
     &containers[0]
 }
 
-fn args(ds: &DaemonSet) -> &[String] {
+pub(crate) fn args(ds: &DaemonSet) -> &[String] {
     container(ds).args.as_deref().expect("container args")
 }
 
@@ -293,8 +295,13 @@ fn the_container_is_unprivileged_with_exactly_the_documented_capabilities() {
 }
 
 /// The agent binary: `$RPROXY_AGENT_BIN`, else built by cargo (up to date, wherever
-/// `CARGO_TARGET_DIR` puts it).
-fn agent_binary() -> PathBuf {
+/// `CARGO_TARGET_DIR` puts it), once per test process.
+fn agent_binary() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(find_agent_binary)
+}
+
+fn find_agent_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("RPROXY_AGENT_BIN") {
         let bin = PathBuf::from(bin);
         assert!(bin.is_file(), "RPROXY_AGENT_BIN={} is not a file", bin.display());
@@ -315,7 +322,7 @@ fn agent_binary() -> PathBuf {
 }
 
 /// The long flags an option list in `--help` output declares (first words of option lines).
-fn help_flags(help: &str) -> BTreeSet<String> {
+pub(crate) fn help_flags(help: &str) -> BTreeSet<String> {
     help.lines()
         .map(str::trim_start)
         .filter(|line| line.starts_with('-'))
@@ -349,25 +356,68 @@ fn help_flags_are_read_from_option_lines_only() {
     assert_eq!(required_flags(usage), ["--node-name", "--pod-devices"].map(str::to_owned).into());
 }
 
-#[test]
-fn the_agent_accepts_every_flag_in_the_container_args() {
-    let ds = deploy().daemon_set;
+/// The real agent's `run --help` output.
+pub(crate) fn run_help() -> String {
     let bin = agent_binary();
-    let out = Command::new(&bin).args(["run", "--help"]).output().expect("running rproxy-agent run --help");
+    let out = Command::new(bin).args(["run", "--help"]).output().expect("running rproxy-agent run --help");
     assert!(out.status.success(), "{} run --help: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
-    let accepted = help_flags(&String::from_utf8_lossy(&out.stdout));
-    assert!(accepted.contains("--node-name"), "unexpected `run --help` output: {accepted:?}");
-    let used: Vec<&str> = args(&ds)
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(help_flags(&help).contains("--node-name"), "unexpected `run --help` output:\n{help}");
+    help
+}
+
+/// Why the real agent would refuse the container args `args` (`run` and its flags), or `None`
+/// if it takes them: a flag that `run --help` does not list, a required flag missing, or a value
+/// that the agent's own parsers reject. The values are checked by running the agent with `args`
+/// and `--help` appended: clap parses every value given before it prints the help, and nothing
+/// runs.
+pub(crate) fn agent_refuses(args: &[String]) -> Option<String> {
+    let help = run_help();
+    let accepted = help_flags(&help);
+    if args.first().map(String::as_str) != Some("run") {
+        return Some(format!("the args do not start with `run`: {args:?}"));
+    }
+    let used: Vec<&str> = args
         .iter()
         .filter(|a| a.starts_with("--"))
         .map(|a| a.split_once('=').map_or(a.as_str(), |(flag, _)| flag))
         .collect();
-    assert!(!used.is_empty(), "args: {:?}", args(&ds));
-    for &flag in &used {
-        assert!(accepted.contains(flag), "`rproxy-agent run` has no {flag} (it accepts {accepted:?})");
+    if let Some(flag) = used.iter().find(|flag| !accepted.contains(**flag)) {
+        return Some(format!("`rproxy-agent run` has no {flag} (it accepts {accepted:?})"));
     }
-    for flag in required_flags(&String::from_utf8_lossy(&out.stdout)) {
-        assert!(used.contains(&flag.as_str()), "`rproxy-agent run` requires {flag}; args: {:?}", args(&ds));
+    if let Some(flag) = required_flags(&help).into_iter().find(|flag| !used.contains(&flag.as_str())) {
+        return Some(format!("`rproxy-agent run` requires {flag}; args: {args:?}"));
+    }
+    let bin = agent_binary();
+    let out = Command::new(bin).args(args).arg("--help").output().expect("running rproxy-agent");
+    (!out.status.success()).then(|| {
+        format!("rproxy-agent {args:?} --help: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
+    })
+}
+
+#[test]
+fn the_agent_check_refuses_unknown_flags_missing_flags_and_bad_values() {
+    let args = |list: &[&str]| list.iter().map(|&a| a.to_owned()).collect::<Vec<_>>();
+    let good = ["run", "--node-name", "n", "--pod-devices", "veth*", "--ct-max", "4096", "--metrics-bind-address", ""];
+    assert_eq!(agent_refuses(&args(&good)), None);
+    for (bad, why) in [
+        (&["run", "--node-name", "n", "--pod-devices", "veth*", "--no-such-flag", "1"][..], "has no --no-such-flag"),
+        (&["run", "--node-name", "n"], "requires --pod-devices"),
+        (&["run", "--node-name", "n", "--pod-devices", "veth*", "--ct-max", "1"], "between 4096 and 16777216"),
+        (&["run", "--node-name", "n", "--pod-devices", "veth*", "--xdp-mode", "fast"], "invalid value 'fast'"),
+        (&["--node-name", "n", "--pod-devices", "veth*"], "do not start with `run`"),
+    ] {
+        let refused = agent_refuses(&args(bad)).unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(refused.contains(why), "{bad:?}: {refused}");
+    }
+}
+
+#[test]
+fn the_agent_accepts_every_flag_in_the_container_args() {
+    let ds = deploy().daemon_set;
+    assert!(args(&ds).iter().any(|a| a.starts_with("--")), "args: {:?}", args(&ds));
+    if let Some(refused) = agent_refuses(args(&ds)) {
+        panic!("deploy/daemonset.yaml: {refused}");
     }
 }
 
