@@ -7,6 +7,9 @@ pub enum Error {
     ManifestsDir { path: PathBuf, source: std::io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// A command line that cannot be acted on.
+    #[error("{0}")]
+    Usage(String),
     #[error("loading eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use rproxy_agent::{
     bpf::{
         datapath::{self, MapSizes, XdpMode},
-        dump, monitor,
+        dump, explain, monitor,
     },
     health::proxy,
     node::{
@@ -48,6 +48,35 @@ enum Command {
         #[arg(long)]
         conntrack: bool,
         /// Output format: 'text', or 'json' (one object: config, ipv4, ipv6, counters).
+        #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// Explain what the datapath would do with one packet, from the live maps (which it leaves
+    /// unchanged): the Service frontend matched, the backend or the candidates and why some are
+    /// excluded, the translation, the verdict and its reason.
+    Explain {
+        /// The bpffs directory the agent used (`run --bpffs`).
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// The packet's protocol: 'tcp' or 'udp'.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        proto: String,
+        /// The packet's source, IP:PORT ([IPv6]:PORT).
+        #[arg(long, value_name = "IP:PORT")]
+        src: SocketAddr,
+        /// The packet's destination, IP:PORT.
+        #[arg(long, value_name = "IP:PORT")]
+        dst: SocketAddr,
+        /// Where the packet comes from: a pod, an external device (--devices), or a
+        /// host-network socket.
+        #[arg(long, value_enum, default_value_t = explain::Origin::Pod)]
+        from: explain::Origin,
+        /// The agent's metrics address, asked for the Services' names (GET /frontends). Empty:
+        /// names are not shown.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+        agent: Bind,
+        /// Output format: 'text', or 'json' (fields verdict, reason, service, backend, nat,
+        /// candidates, steps).
         #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
@@ -209,6 +238,17 @@ fn main() -> ExitCode {
         Command::Cleanup { bpffs } => datapath::cleanup(&bpffs),
         Command::Dump { bpffs, conntrack, output } => {
             dump::dump(&bpffs, conntrack, output == "json", &mut std::io::stdout())
+        }
+        Command::Explain { bpffs, proto, src, dst, from, agent, output } => {
+            let args = explain::Args {
+                proto: if proto == "tcp" { rproxy_common::proto::TCP } else { rproxy_common::proto::UDP },
+                src,
+                dst,
+                origin: from,
+                agent: agent.0,
+                json: output == "json",
+            };
+            explain::run(&bpffs, &args, &mut std::io::stdout().lock())
         }
         Command::Monitor { bpffs, drops_only, output, count, duration } => {
             let opts = monitor::Options {

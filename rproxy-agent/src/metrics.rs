@@ -295,6 +295,11 @@ impl Metrics {
     /// The answer to a request for `path`: the metrics on `/metrics`, 404 elsewhere.
     #[must_use]
     pub fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+        if path == "/frontends" {
+            let mut resp = Response::new(Full::new(Bytes::from(self.frontends_json())));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return resp;
+        }
         if path != "/metrics" {
             let mut resp = Response::new(Full::new(Bytes::from_static(b"404 page not found\n")));
             *resp.status_mut() = StatusCode::NOT_FOUND;
@@ -306,6 +311,39 @@ impl Metrics {
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         );
         resp
+    }
+}
+
+/// One frontend the agent has programmed, as `/frontends` lists it (for `explain` and operators).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrontendName {
+    /// `address:port/PROTO`.
+    pub frontend: String,
+    pub namespace: String,
+    pub service: String,
+    /// The Service port's name ("" if unnamed).
+    pub port: String,
+    pub kind: String,
+    pub rev_nat_id: u16,
+}
+
+impl Metrics {
+    /// `/frontends`: every frontend programmed, with its Service, port name and rev-NAT id.
+    #[must_use]
+    pub fn frontends_json(&self) -> String {
+        let list: Vec<FrontendName> = lock(&self.service_labels.0)
+            .shown
+            .values()
+            .map(|(id, l)| FrontendName {
+                frontend: l.frontend.clone(),
+                namespace: l.namespace.clone(),
+                service: l.service.clone(),
+                port: l.port.clone(),
+                kind: l.kind.to_owned(),
+                rev_nat_id: *id,
+            })
+            .collect();
+        serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
     }
 }
 

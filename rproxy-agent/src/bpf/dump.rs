@@ -44,17 +44,17 @@ fn sock<A: WireAddr>(addr: A, port: u16) -> SocketAddr {
 }
 
 /// The maps of one family.
-struct Names {
-    services: &'static str,
-    backends: &'static str,
-    rev_nat: &'static str,
-    ct: &'static str,
-    src_range: &'static str,
-    affinity: &'static str,
-    routes: &'static str,
+pub(crate) struct Names {
+    pub(crate) services: &'static str,
+    pub(crate) backends: &'static str,
+    pub(crate) rev_nat: &'static str,
+    pub(crate) ct: &'static str,
+    pub(crate) src_range: &'static str,
+    pub(crate) affinity: &'static str,
+    pub(crate) routes: &'static str,
 }
 
-const V4: Names = Names {
+pub(crate) const V4: Names = Names {
     services: map_names::SERVICES4,
     backends: map_names::BACKENDS4,
     rev_nat: map_names::REV_NAT4,
@@ -64,7 +64,7 @@ const V4: Names = Names {
     routes: map_names::ROUTE4,
 };
 
-const V6: Names = Names {
+pub(crate) const V6: Names = Names {
     services: map_names::SERVICES6,
     backends: map_names::BACKENDS6,
     rev_nat: map_names::REV_NAT6,

@@ -4,6 +4,7 @@
 //! test prints why and passes, unless `RPROXY_REQUIRE_KERNEL=1` (set by `cargo xtask test` and CI),
 //! where it fails.
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -796,6 +797,19 @@ fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
     });
 }
 
+/// Adds a Service `empty` (10.96.0.20, the demo's ports) without endpoints, and waits until it
+/// rejects (connection refused): its address.
+fn add_empty_service(lab: &Lab, manifests: &Manifests) -> Result<Ipv4Addr> {
+    let empty_ip = Ipv4Addr::new(10, 96, 0, 20);
+    let empty = rproxy_tests::manifest::Service { name: "empty".into(), cluster_ip: empty_ip, ..demo::service() };
+    write_atomic(&manifests.dir.join("empty.yaml"), &empty.to_string())?;
+    streak_start(Instant::now(), PROPAGATION * 5, 1, || {
+        request(lab, Proto::Tcp, (empty_ip, PORT), b"x", SHORT).is_err_and(|e| format!("{e:#}").contains("refused"))
+    })
+    .context("the Service without endpoints never refused")?;
+    Ok(empty_ip)
+}
+
 /// The value `bpftool` reads at key 0 of the pinned array `name` (a `u32`).
 fn pinned_u32(lab: &Lab, name: &str) -> Result<u64> {
     let out = std::process::Command::new("bpftool")
@@ -817,14 +831,7 @@ fn pinned_u32(lab: &Lab, name: &str) -> Result<u64> {
 fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
     with_agent("monitor_streams_drops_and_translations_and_metrics_count_each_service", |lab, manifests| {
         use std::io::Read as _;
-        let empty_ip = Ipv4Addr::new(10, 96, 0, 20);
-        let empty = rproxy_tests::manifest::Service { name: "empty".into(), cluster_ip: empty_ip, ..demo::service() };
-        write_atomic(&manifests.dir.join("empty.yaml"), &empty.to_string())?;
-        // The frontend without endpoints rejects (connection refused) once it is programmed.
-        streak_start(Instant::now(), PROPAGATION * 5, 1, || {
-            request(lab, Proto::Tcp, (empty_ip, PORT), b"x", SHORT).is_err_and(|e| format!("{e:#}").contains("refused"))
-        })
-        .context("the Service without endpoints never refused")?;
+        let empty_ip = add_empty_service(lab, manifests)?;
         ensure!(pinned_u32(lab, "RPX_MONITOR")? == 0, "the monitor's switch is on with no monitor running");
 
         let mut monitor = std::process::Command::new(agent_bin()?)
@@ -913,4 +920,125 @@ fn scopeguard_kill(pid: u32) -> impl Drop {
         }
     }
     Kill(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// Every pinned map of the agent but its ring buffer, as `bpftool` dumps them, each entry as
+/// one JSON string, sorted: equal for equal contents whatever the walk order.
+fn map_contents(lab: &Lab) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(lab.pin_dir())? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if !name.starts_with("RPX_") || name == "RPX_EVENTS" {
+            continue;
+        }
+        let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output()?;
+        ensure!(out.status.success(), "bpftool map dump {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        let mut entries: Vec<String> = entries.iter().map(ToString::to_string).collect();
+        entries.sort();
+        all.insert(name, entries);
+    }
+    Ok(all)
+}
+
+/// `rproxy-agent explain` in the node's namespace (where the agent's metrics address is), as
+/// JSON.
+fn explain(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node_ns()))
+        .arg(agent_bin()?)
+        .args(["explain", "-o", "json", "--bpffs"])
+        .arg(lab.pin_dir())
+        .args(args)
+        .output()?;
+    ensure!(out.status.success(), "explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("explain {args:?}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `rproxy-agent explain` says what the datapath does with a packet, from the live maps: an open
+/// connection and a UDP flow keep their backend; a new flow to the demo Service gets one of its
+/// three backends (named, with its Service); a Service without endpoints rejects; an address
+/// that is no frontend passes. It changes no map.
+#[test]
+fn explain_tells_what_the_datapath_does_and_changes_no_map() {
+    with_agent("explain_tells_what_the_datapath_does_and_changes_no_map", |lab, manifests| {
+        use std::io::{BufRead as _, BufReader};
+        // No GC pass while the maps are compared (its first pass runs at the start).
+        lab.stop_agent()?;
+        lab.start_agent_with(&agent_bin()?, &manifests.dir, &["--ct-gc-interval", "3600"])?;
+        demo::wait_ready(lab)?;
+        let empty_ip = add_empty_service(lab, manifests)?;
+        let frontend = format!("{CLUSTER_IP}:{PORT}");
+        let backend_of = |name: &str| -> Result<String> {
+            let b = BACKENDS.iter().find(|b| b.0 == name).with_context(|| format!("no backend {name}"))?;
+            Ok(format!("{}:{TARGET_PORT}", b.1))
+        };
+        // An open TCP connection, whose backend its greeting names. (The lab's servers close an
+        // idle connection after 5 s, sooner than the map dumps below take: asked at once.)
+        let conn = rproxy_tests::netns::in_netns(lab.pod(CLIENT.0).ns(), || {
+            std::net::TcpStream::connect_timeout(&(CLUSTER_IP, PORT).into(), Duration::from_secs(2))
+        })??;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut greeting = String::new();
+        BufReader::new(conn.try_clone()?).read_line(&mut greeting)?;
+        let tcp = explain(lab, &["--proto", "tcp", "--src", &conn.local_addr()?.to_string(), "--dst", &frontend])?;
+        let serving = backend_of(greeting.split(' ').next().unwrap_or_default())?;
+        ensure!(tcp["verdict"] == "translate" && tcp["backend"] == serving.as_str(), "{tcp}");
+        ensure!(tcp["reason"].as_str().is_some_and(|r| r.contains("established")), "{tcp}");
+        drop(conn);
+        // A UDP flow: its conntrack entries stay while the maps are compared.
+        let socket = lab.pod(CLIENT.0).udp_socket()?;
+        let (udp_name, _) =
+            rproxy_tests::client::udp_exchange(&socket, CLUSTER_IP, PORT, b"flow", Duration::from_secs(2))?;
+        let udp_src = format!("{}:{}", CLIENT.1, socket.local_addr()?.port());
+        // The TCP connection's close settles.
+        thread::sleep(Duration::from_millis(500));
+        let before = map_contents(lab)?;
+
+        let udp = explain(lab, &["--proto", "udp", "--src", &udp_src, "--dst", &frontend])?;
+        ensure!(udp["verdict"] == "translate" && udp["backend"] == backend_of(&udp_name)?.as_str(), "{udp}");
+        let new_src = format!("{}:40000", CLIENT.1);
+        let new = explain(lab, &["--proto", "tcp", "--src", &new_src, "--dst", &frontend])?;
+        ensure!(new["verdict"] == "translate" && new["backend"].is_null(), "{new}");
+        ensure!(new["service"]["frontend"] == frontend.as_str() && new["service"]["kind"] == "ClusterIP", "{new}");
+        ensure!(
+            new["service"]["name"].as_str().is_some_and(|n| n.starts_with(&format!(
+                "{}/{}:",
+                demo::NAMESPACE,
+                demo::SERVICE_NAME
+            ))),
+            "the Service's name: {new}"
+        );
+        let candidates: Vec<&str> =
+            new["candidates"].as_array().context("candidates")?.iter().filter_map(|c| c["addr"].as_str()).collect();
+        let expected: Vec<String> = BACKENDS.iter().map(|b| format!("{}:{TARGET_PORT}", b.1)).collect();
+        ensure!(candidates.len() == 3 && expected.iter().all(|e| candidates.contains(&e.as_str())), "{new}");
+        let rejected = explain(lab, &["--proto", "tcp", "--src", &new_src, "--dst", &format!("{empty_ip}:{PORT}")])?;
+        ensure!(rejected["verdict"] == "reject" && rejected["service"]["backends"] == 0, "{rejected}");
+        let nothing = explain(lab, &["--proto", "udp", "--src", &new_src, "--dst", "10.96.0.99:53"])?;
+        ensure!(nothing["verdict"] == "pass" && nothing["service"].is_null(), "{nothing}");
+        // The text form says the same.
+        let text = std::process::Command::new(agent_bin()?)
+            .args(["explain", "--agent", "", "--proto", "tcp", "--src", &new_src, "--dst", &frontend, "--bpffs"])
+            .arg(lab.pin_dir())
+            .output()?;
+        let text = String::from_utf8_lossy(&text.stdout);
+        ensure!(text.contains("verdict: translate") && text.contains("candidates:"), "text explain:\n{text}");
+
+        let after = map_contents(lab)?;
+        let changed: Vec<_> = before
+            .iter()
+            .filter(|(k, v)| after.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                let now = after.get(k).cloned().unwrap_or_default();
+                let gone: Vec<_> = v.iter().filter(|e| !now.contains(e)).collect();
+                let new: Vec<_> = now.iter().filter(|e| !v.contains(e)).collect();
+                format!("{k}: before {gone:?}, after {new:?}")
+            })
+            .collect();
+        ensure!(changed.is_empty(), "the maps changed while explain ran:\n{}", changed.join("\n"));
+        Ok(())
+    });
 }
