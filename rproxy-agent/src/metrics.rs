@@ -116,6 +116,11 @@ pub struct Metrics {
     pub backends: Gauge,
     /// `rproxy_conntrack_entries{family}` after the last GC pass.
     pub conntrack_entries: Family<FamilyLabel, Gauge>,
+    /// `rproxy_snat_ports_in_use{family}` and `rproxy_snat_ports_busiest_backend{family}` after
+    /// the last GC pass; `rproxy_snat_port_range_size` (`--snat-port-range`).
+    pub snat_ports: Family<FamilyLabel, Gauge>,
+    pub snat_ports_busiest: Family<FamilyLabel, Gauge>,
+    pub snat_range: Gauge,
     /// `rproxy_rejected_objects`: objects (or parts of them) rejected now.
     pub rejected_objects: Gauge,
     /// `rproxy_rejections_total{kind}`: rejections since start, by object kind.
@@ -259,6 +264,9 @@ impl Metrics {
             frontends: Gauge::default(),
             backends: Gauge::default(),
             conntrack_entries: Family::default(),
+            snat_ports: Family::default(),
+            snat_ports_busiest: Family::default(),
+            snat_range: Gauge::default(),
             rejected_objects: Gauge::default(),
             rejections: Family::default(),
             map_write_errors: Counter::default(),
@@ -412,6 +420,17 @@ fn register_rproxy(r: &mut Registry, m: &Metrics) {
         "Conntrack entries left after the last GC pass (two per translated flow)",
         m.conntrack_entries.clone(),
     );
+    r.register(
+        "rproxy_snat_ports_in_use",
+        "SNAT ports held by north-south flows to backends on other nodes, after the last GC pass",
+        m.snat_ports.clone(),
+    );
+    r.register(
+        "rproxy_snat_ports_busiest_backend",
+        "SNAT ports held towards the one backend that holds most (at most the range's size)",
+        m.snat_ports_busiest.clone(),
+    );
+    r.register("rproxy_snat_port_range_size", "Ports in --snat-port-range", m.snat_range.clone());
     r.register("rproxy_rejected_objects", "Objects or parts of objects rejected now", m.rejected_objects.clone());
     r.register("rproxy_rejections", "Rejections since start, by object kind", m.rejections.clone());
     r.register(

@@ -292,6 +292,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.map_sizes,
     );
     let (gc_tx, mut gc_rx) = mpsc::channel(1);
+    metrics.snat_range.set(i64::from(cfg.snat_ports.port_count()));
     let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx);
     match gc::Tables::open(&agent.cfg.bpffs) {
         Ok(tables) => agent.gc = GcState::Idle(Box::new(tables)),
@@ -823,10 +824,11 @@ impl Agent {
             [("ipv4", &v4, sizes.ct4, "--ct-max"), ("ipv6", &v6, sizes.ct6, "--ct-max-ipv6")].into_iter().enumerate()
         {
             let left = p.scanned.saturating_sub(p.expired + p.backend_gone);
-            self.metrics
-                .conntrack_entries
-                .get_or_create(&metrics::FamilyLabel { family })
-                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            let label = metrics::FamilyLabel { family };
+            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.metrics.conntrack_entries.get_or_create(&label).set(gauge(left));
+            self.metrics.snat_ports.get_or_create(&label).set(gauge(p.snat_ports));
+            self.metrics.snat_ports_busiest.get_or_create(&label).set(gauge(p.snat_ports_busiest));
             let crossing = gc::fill_crossing(left, capacity, self.ct_nearly_full[i]);
             match crossing {
                 Some(true) => warn!(

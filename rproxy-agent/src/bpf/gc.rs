@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use rproxy_common::{CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, map_names};
+use rproxy_common::{CT_DIR_REPLY, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, FlowKind, map_names};
 
 use crate::{Error, Result};
 
@@ -46,6 +46,11 @@ pub struct Pass {
     /// The backend ids that the entries left in the table name: an orphaned backend
     /// (`Writer::release_orphans`) not among them has no flow left.
     pub in_use: HashSet<u32>,
+    /// SNAT ports held by the flows kept (north-south flows to another node's backend: one per
+    /// reply entry), and the most held towards one backend, whose count the range bounds
+    /// (`--snat-port-range`): ports are unique per backend, not per node.
+    pub snat_ports: usize,
+    pub snat_ports_busiest: usize,
 }
 
 impl Pass {
@@ -56,6 +61,8 @@ impl Pass {
         self.expired += other.expired;
         self.backend_gone += other.backend_gone;
         self.in_use.extend(other.in_use);
+        self.snat_ports += other.snat_ports;
+        self.snat_ports_busiest = self.snat_ports_busiest.max(other.snat_ports_busiest);
         self
     }
 }
@@ -69,11 +76,16 @@ pub fn plan<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
 ) -> (Vec<CtKey<A>>, Pass) {
     let mut pass = Pass { scanned: entries.len(), ..Pass::default() };
     let mut doomed = Vec::new();
+    let mut snat_per_backend: HashMap<u32, usize> = HashMap::new();
     for (k, v) in entries {
         let pair = entries.get(&k.pair(v));
         match verdict(v, pair, now_ns, backend_exists(v.backend_id)) {
             Verdict::Keep => {
                 pass.in_use.insert(v.backend_id);
+                if k.dir == CT_DIR_REPLY && v.kind() == FlowKind::ExternalSnat {
+                    pass.snat_ports += 1;
+                    *snat_per_backend.entry(v.backend_id).or_default() += 1;
+                }
             }
             Verdict::Expired => {
                 pass.expired += 1;
@@ -85,6 +97,7 @@ pub fn plan<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
             }
         }
     }
+    pass.snat_ports_busiest = snat_per_backend.into_values().max().unwrap_or(0);
     (doomed, pass)
 }
 
@@ -393,5 +406,28 @@ mod tests {
         let t: HashMap<_, _> = flow(200, 200, 7).into_iter().collect();
         let (doomed, pass) = plan(&t, 100, |_| false);
         assert_eq!((doomed.len(), pass.backend_gone), (2, 2));
+    }
+
+    #[test]
+    fn snat_ports_are_counted_per_backend_on_live_flows_only() {
+        // Three north-south flows with SNAT (two to backend 7, one to 8), one east-west flow, and
+        // one expired SNAT flow to 7.
+        let mut t: HashMap<CtKey4, CtValue4> = HashMap::new();
+        let snat = rproxy_common::CT_NAT_EXTERNAL | rproxy_common::CT_NAT_SNAT;
+        for (sport, backend, expires, flags) in
+            [(10, 7, 200, snat), (11, 7, 200, snat), (12, 8, 200, snat), (13, 7, 200, 0), (14, 7, 50, snat)]
+        {
+            for (mut k, mut v) in flow(expires, expires, backend) {
+                k.sport = if k.dir == CT_DIR_SERVICE { sport } else { k.sport };
+                k.dport = if k.dir == CT_DIR_REPLY { sport } else { k.dport };
+                v.nat_port = sport;
+                v.nat_flags = flags;
+                t.insert(k, v);
+            }
+        }
+        let (_, pass) = plan(&t, 100, |_| true);
+        assert_eq!((pass.snat_ports, pass.snat_ports_busiest), (3, 2));
+        let merged = pass.merge(Pass { snat_ports: 4, snat_ports_busiest: 4, ..Pass::default() });
+        assert_eq!((merged.snat_ports, merged.snat_ports_busiest), (7, 4));
     }
 }
