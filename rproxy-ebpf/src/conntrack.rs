@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use rproxy_common::{
     Backend, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
-    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, proto, snat,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, Stat, proto, snat,
 };
 
 use crate::{
@@ -207,6 +207,35 @@ pub fn reply_entry<F: Family>(
 #[inline(always)]
 pub fn flow_reply_key<A: Copy>(proto: u8, be: &Backend<A>, nat: (A, u16)) -> CtKey<A> {
     CtKey { saddr: be.addr, daddr: nat.0, sport: be.port, dport: nat.1, proto, dir: CT_DIR_REPLY, _pad: [0, 0] }
+}
+
+/// Opens a new translated flow (`create_nat`), unless a live flow of another frontend holds the
+/// tuple its replies come back on: two live connections never share one (the replies of one
+/// would be translated for the other). A flow that is over gives the tuple up: its other entry
+/// goes, unless this flow's own service entry took its place. Used wherever a flow is opened
+/// without a port of its own (the pod path, north-south to a local backend); flows with an SNAT
+/// port take a free one (`nodeport::allocate_port`).
+#[inline(always)]
+pub fn open<F: Family>(
+    pkt: &Packet<F>,
+    backend_id: u32,
+    be: &Backend<F::Addr>,
+    rev_nat_id: u16,
+    nat: (F::Addr, u16),
+    nat_flags: u8,
+    now: u64,
+) -> Result<(), Stat> {
+    let reply = flow_reply_key(pkt.proto, be, nat);
+    let stale = match reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
+        Holder::Live => return Err(Stat::CtClash),
+        Holder::Stale(other) => Some(other),
+        Holder::Free => None,
+    };
+    create_nat(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now).map_err(|_| Stat::CtInsertFail)?;
+    if let Some(other) = stale.filter(|other| *other != service_key(pkt)) {
+        let _ = F::conntrack().remove(other);
+    }
+    Ok(())
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself

@@ -92,13 +92,19 @@ pub enum Existing<F: Family> {
 /// checks, two array loads, that its frontend and backend still exist.
 #[inline(always)]
 pub fn existing<F: Family>(pkt: &Packet<F>, origin: Origin) -> Existing<F> {
-    let Some(ct) = F::conntrack().get_ptr_mut(conntrack::service_key(pkt)) else {
+    let key = conntrack::service_key(pkt);
+    let Some(ct) = F::conntrack().get_ptr_mut(key) else {
         return Existing::None;
     };
     // SAFETY: valid map value pointer for this run.
     let value = unsafe { &*ct };
     let external = value.nat_flags & CT_NAT_EXTERNAL != 0;
     if external != (origin == Origin::External) || !frontend_alive::<F>(value.rev_nat_id, pkt.daddr, pkt.dport) {
+        // A flow of the other origin at this tuple (one tuple is one connection: this packet's
+        // is a new one), or of a removed frontend: over. Both its entries go, so that a new
+        // flow here does not leave the old one's reply entry behind, translating replies for
+        // nobody (found by the datapath fuzzer).
+        conntrack::remove_flow::<F>(&key, &key.pair(value));
         return Existing::None;
     }
     if backend::<F>(value.backend_id).is_some() { Existing::Live(ct) } else { Existing::BackendGone }

@@ -154,8 +154,10 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     let be = &flow.be;
     if flow.svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
         let nat = (pkt.saddr, pkt.sport);
-        if conntrack::create_nat(pkt, flow.backend_id, be, flow.svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now).is_err() {
-            observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::CtInsertFail, pkt, flow.svc.rev_nat_id, flow.backend_id);
+        // As on the pod path: the tuple the replies come back on is never shared by two live
+        // connections (`conntrack::open`).
+        if let Err(why) = conntrack::open(pkt, flow.backend_id, be, flow.svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now) {
+            observe::count_drop(ctx, HOOK_EXTERNAL_IN, why, pkt, flow.svc.rev_nat_id, flow.backend_id);
             return Ok(Action::Drop);
         }
         let new = Tuple { daddr: be.addr, dport: be.port, ..Tuple::of(pkt) };

@@ -65,23 +65,10 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
                 if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
             // The replies come back on (backend, nat): a live flow of another frontend there
             // (the pod reused its source port towards this backend) keeps it, and this flow is
-            // dropped; a flow that is over gives it up.
-            let reply = conntrack::flow_reply_key(pkt.proto, &be, nat);
-            let stale = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
-                Holder::Live => {
-                    observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtClash, pkt, svc.rev_nat_id, backend_id);
-                    return Ok(Verdict::Drop);
-                }
-                Holder::Stale(other) => Some(other),
-                Holder::Free => None,
-            };
-            if conntrack::create_nat(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now).is_err() {
-                observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtInsertFail, pkt, svc.rev_nat_id, backend_id);
+            // dropped (`CtClash`); a flow that is over gives it up.
+            if let Err(why) = conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
+                observe::count_drop(ctx, HOOK_FROM_POD, why, pkt, svc.rev_nat_id, backend_id);
                 return Ok(Verdict::Drop);
-            }
-            // The replaced flow's client side, unless this flow's own entry took its place.
-            if let Some(other) = stale.filter(|other| *other != conntrack::service_key(pkt)) {
-                let _ = F::conntrack().remove(other);
             }
             let new = Tuple { saddr: nat.0, sport: nat.1, daddr: be.addr, dport: be.port };
             nat::rewrite_tuple(ctx, pkt, &new)?;

@@ -41,6 +41,17 @@ enum Cmd {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Datapath fuzzing: generated frames, valid and broken, through every program with
+    /// BPF_PROG_TEST_RUN, every property checked (verdicts, checksums, untouched frames,
+    /// conntrack pairs); prints the seed, and on a failure the frame.
+    FuzzDatapath {
+        /// Frames to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Datapath benchmark: ns/packet through BPF_PROG_TEST_RUN vs an empty TC program.
     Bench {
         /// Extra arguments for the benchmark (see `cargo xtask bench -- --help`).
@@ -211,6 +222,17 @@ fn main() -> Result<()> {
                 .env("RPROXY_AGENT_BIN", &agent);
             if let Some(d) = duration {
                 c.env("RPROXY_LAB_DURATION_SECS", d.to_string());
+            }
+            run(&mut c)
+        }
+        Cmd::FuzzDatapath { frames, seed } => {
+            setup_without_control_plane()?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "fuzz-datapath", "--"])
+                .arg("--frames")
+                .arg(frames.to_string());
+            if let Some(seed) = seed {
+                c.arg("--seed").arg(seed.to_string());
             }
             run(&mut c)
         }

@@ -2,6 +2,7 @@
 //! writer) and frame building/checking with independently computed checksums (etherparse).
 #![allow(dead_code, reason = "each test crate uses a different subset")]
 
+pub mod fuzz;
 pub mod node_netns;
 
 use std::{

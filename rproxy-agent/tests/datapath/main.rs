@@ -4,5 +4,6 @@
 //! behaviour runs for both families (`<module>::<behaviour>::ipv4`, `::ipv6`).
 #[path = "../common/mod.rs"]
 mod common;
+mod fuzz;
 mod north_south;
 mod packets;

@@ -880,3 +880,58 @@ fn established_flows_route_through_the_cache_and_follow_changes() {
         assert_eq!((rc, h.stat(Stat::FibFail)), (XDP_DROP, fib_fail + 1), "no route any more");
     });
 }
+
+both_families! {
+    /// A new north-south flow to a backend on this node never takes the tuple its replies come
+    /// back on from a live flow of another frontend (the client reused its source port towards
+    /// the same backend through two NodePorts): it is dropped and counted (`ct_clash`), and the
+    /// live flow keeps both its entries. Found by the datapath fuzzer: the new flow overwrote
+    /// the live one's reply entry, and when it ended the live flow's service entry was left
+    /// without its pair.
+    fn a_local_flow_never_takes_a_live_flows_reply_tuple(h, ifindex, n) {
+        let pod = backend(n.local_pod, Protocol::Tcp, true);
+        let mut d = frontend(n.node, 30080, Protocol::Tcp, SVC_F_NODE_PORT, vec![pod], vec![]);
+        d.services.extend(frontend(n.node, 30083, Protocol::Tcp, SVC_F_NODE_PORT, vec![pod], vec![]).services);
+        h.program(&d);
+        let c = (n.client, CPORT);
+        let (rc, _) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30080), SYN, b""));
+        assert_eq!(rc, XDP_PASS);
+        assert!(h.ct_of((n.local_pod, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow's reply entry");
+        let (rc, _) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30083), SYN, b""));
+        assert_eq!((rc, h.stat(Stat::CtClash)), (XDP_DROP, 1), "the second flow is dropped");
+        assert!(h.ct_of(c, (n.node, 30083), proto::TCP, CT_DIR_SERVICE).is_none(), "and opens nothing");
+        assert!(h.ct_of((n.local_pod, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow keeps its reply entry");
+        assert!(h.ct_of(c, (n.node, 30080), proto::TCP, CT_DIR_SERVICE).is_some(), "and its service entry");
+        // Its replies still go back from the first NodePort.
+        let (rc, out) = h.run_on(prog_names::EXT_EGRESS, ifindex, &tcp((n.local_pod, 8080), c, SYN_ACK, b""));
+        assert_eq!(rc, TC_PASS);
+        assert_eq!(parse(&out).src, (n.node, 30080));
+    }
+}
+
+both_families! {
+    /// A flow at a tuple that another origin's flow held (a pod, then a client outside, sending
+    /// from the same address and port to the node's `NodePort`) replaces it whole: the old flow's
+    /// reply entry goes with its service entry, instead of staying to translate replies for
+    /// nobody. Found by the datapath fuzzer.
+    fn a_flow_of_the_other_origin_at_the_same_tuple_goes_whole(h, ifindex, n) {
+        let (a, b) = (n.local_pod, n.fam.pod(12));
+        let slots = vec![backend(a, Protocol::Tcp, true), backend(b, Protocol::Tcp, true)];
+        h.program(&frontend(n.node, 30080, Protocol::Tcp, SVC_F_NODE_PORT, slots, vec![]));
+        let c = (n.client, CPORT);
+        // From a pod's device (the pod path also serves NodePorts on the node's addresses).
+        let (rc, _) = h.run(prog_names::FROM_POD, &tcp(c, (n.node, 30080), SYN, b""));
+        assert_eq!(rc, TC_PASS);
+        let first = h.ct_of(c, (n.node, 30080), proto::TCP, CT_DIR_SERVICE).expect("the pod path's flow");
+        assert_eq!(first.nat_flags & CT_NAT_EXTERNAL, 0);
+        let (old_ip, other) = if first.backend_id == h.backend_id(a) { (a, b) } else { (b, a) };
+        // Only the other backend left, so the second flow's reply entry is another one.
+        h.program(&frontend(n.node, 30080, Protocol::Tcp, SVC_F_NODE_PORT, vec![backend(other, Protocol::Tcp, true)], vec![]));
+        let (rc, _) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30080), SYN, b""));
+        assert_eq!(rc, XDP_PASS);
+        let second = h.ct_of(c, (n.node, 30080), proto::TCP, CT_DIR_SERVICE).expect("the external flow");
+        assert_eq!(second.nat_flags & CT_NAT_EXTERNAL, CT_NAT_EXTERNAL);
+        assert!(h.ct_of((other, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(), "the new flow's reply entry");
+        assert!(h.ct_of((old_ip, 8080), c, proto::TCP, CT_DIR_REPLY).is_none(), "the old flow's reply entry is gone");
+    }
+}
