@@ -149,6 +149,8 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 pub mod kube;
 pub mod manifests;
 pub mod slim;
