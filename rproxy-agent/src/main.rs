@@ -270,6 +270,7 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
+    rproxy_agent::health::http::raise_fd_limit();
     let cfg = run::Config {
         source: match args.manifests {
             Some(dir) => run::Source::Manifests(dir),

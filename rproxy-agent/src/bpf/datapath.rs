@@ -247,6 +247,9 @@ impl Datapath {
             std::fs::create_dir_all(&links)
                 .map_err(|source| Error::Io { what: format!("creating {}", links.display()), source })?;
         }
+        if pin_dir.is_some() {
+            restrict(dir)?;
+        }
         let parsed = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
         // Maps pinned without BTF by an older agent (of the right shape: checked first) are set
         // aside and copied into new ones (`migrate`).
@@ -661,6 +664,24 @@ fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 ///
 /// `dir` may not exist yet: the check applies to its nearest existing ancestor, where it would
 /// be created.
+/// The pin directory is the agent's alone: its maps steer every Service's traffic. Made
+/// `0700` (root only) at every start; a directory found open to others is closed, with a
+/// warning. The pins in it are `0600` (the kernel's mode for pins).
+fn restrict(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta =
+        std::fs::metadata(dir).map_err(|source| Error::Io { what: format!("reading {}", dir.display()), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        if mode & 0o077 != 0 {
+            warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the pin directory was open to others: now 0700");
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|source| Error::Io { what: format!("making {} 0700", dir.display()), source })?;
+    }
+    Ok(())
+}
+
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));

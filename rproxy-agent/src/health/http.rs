@@ -23,10 +23,35 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-/// Connections served at once on one port; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
-/// A client that has not sent a complete request head within this time is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once on one port; more wait in the listen backlog. Each is a small
+/// task, so hundreds of idle or slow clients cost little and leave room for the probes (the
+/// agent raises its file descriptor limit to match, `raise_fd_limit`).
+const MAX_CONNECTIONS: usize = 1024;
+/// A client that has not sent a complete request head within this time is disconnected; this
+/// also closes a kept-alive connection that stays idle as long (hyper times the wait for each
+/// request head).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The read buffer, which bounds a request head (hyper's minimum is 8 KiB).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Raises this process's soft limit of open files to its hard limit (at most 65,536): the
+/// health, metrics and health check node port servers may each hold `MAX_CONNECTIONS`.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid rlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return;
+    }
+    let want = lim.rlim_max.min(65_536);
+    if lim.rlim_cur < want {
+        let new = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const new) } == 0 {
+            debug!(from = lim.rlim_cur, to = want, "open files limit raised");
+        }
+    }
+}
 /// Pause after a failed `accept` (out of file descriptors, say) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -93,6 +118,8 @@ pub async fn serve(listener: TcpListener, respond: Respond) {
                         let conn = http1::Builder::new()
                             .timer(TokioTimer::new())
                             .header_read_timeout(HEADER_READ_TIMEOUT)
+                            // Request heads beyond this are refused (431): the paths are short.
+                            .max_buf_size(MAX_HEAD)
                             .serve_connection(TokioIo::new(stream), service);
                         if let Err(e) = conn.await {
                             debug!(%peer, error = %e, "health connection");

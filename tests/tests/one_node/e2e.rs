@@ -1042,3 +1042,74 @@ fn explain_tells_what_the_datapath_does_and_changes_no_map() {
         Ok(())
     });
 }
+
+/// Hundreds of idle connections and of slow clients (a request head sent a few bytes at a time)
+/// on the agent's `/healthz` and `/metrics` ports do not keep them from answering: every probe
+/// meanwhile answers, and fast.
+#[test]
+fn health_and_metrics_ports_answer_through_idle_and_slow_connections() {
+    with_agent("health_and_metrics_ports_answer_through_idle_and_slow_connections", |lab, _| {
+        use std::io::Write as _;
+        let node_ns = lab.node_ns().to_owned();
+        // 300 idle and 100 slow connections on each port.
+        let held = rproxy_tests::netns::in_netns(&node_ns, || -> Result<Vec<std::net::TcpStream>> {
+            let mut held = Vec::new();
+            for port in [10256u16, 10249] {
+                for i in 0..400 {
+                    let mut c = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+                    if i >= 300 {
+                        c.write_all(b"GET /healthz HTTP/1.1\r\nHo")?;
+                    }
+                    held.push(c);
+                }
+            }
+            Ok(held)
+        })??;
+        let probe = |port: u16, path: &str| -> Result<Duration> {
+            let started = Instant::now();
+            let (status, _) = rproxy_tests::netns::in_netns(&node_ns, || http_get(port, path))??;
+            ensure!(status == 200, "{path}: {status}");
+            Ok(started.elapsed())
+        };
+        let mut latencies = Vec::new();
+        for _ in 0..20 {
+            latencies.push(probe(10256, "/healthz")?);
+            latencies.push(probe(10249, "/metrics")?);
+        }
+        latencies.sort();
+        let (p50, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
+        eprintln!("{} probes beside {} held connections: p50 {p50:?}, max {max:?}", latencies.len(), held.len());
+        ensure!(max < Duration::from_millis(100), "a probe took {max:?} beside the held connections");
+        drop(held);
+        Ok(())
+    });
+}
+
+/// The pin directory is root's alone (`0700`) and so are its pins (`0600`); one found open to
+/// others is closed again at the next start, with a warning.
+#[test]
+fn the_pin_directory_is_root_only() {
+    with_agent("the_pin_directory_is_root_only", |lab, manifests| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+        let dir = lab.pin_dir().to_path_buf();
+        ensure!(mode(&dir)? == 0o700, "pin directory mode {:o}", mode(&dir)?);
+        for name in ["RPX_SVC4", "RPX_CT4", "RPX_BE6"] {
+            let m = mode(&dir.join(name))?;
+            ensure!(m <= 0o700, "{name} mode {m:o}: open to others");
+        }
+        lab.stop_agent()?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        lab.start_agent(&agent_bin()?, &manifests.dir)?;
+        // The pinned datapath answers with no agent at all: wait for the agent's own word.
+        let started = Instant::now();
+        while !lab.agent_log().contains("agent running") {
+            lab.ensure_agent_running()?;
+            ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        ensure!(mode(&dir)? == 0o700, "pin directory mode {:o} after the restart", mode(&dir)?);
+        ensure!(lab.agent_log().contains("the pin directory was open to others"), "no warning:\n{}", lab.agent_log());
+        Ok(())
+    });
+}
