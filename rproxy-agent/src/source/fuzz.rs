@@ -257,3 +257,17 @@ fn a_file_that_is_not_utf8_is_a_problem_naming_it_and_the_rest_loads() {
     assert!(problems.iter().any(|p| p.kind == "file" && p.object.ends_with("bad.yaml")), "{problems:?}");
     assert_eq!((objects.services.len(), objects.slices.len()), (1, 1), "the good file loads");
 }
+
+#[test]
+fn a_file_past_the_size_limit_is_refused_whole_and_the_rest_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = std::fs::File::create(dir.path().join("big.yaml")).expect("create");
+    big.set_len(super::manifests::MAX_FILE_BYTES + 1).expect("a sparse file past the limit");
+    std::fs::write(dir.path().join("good.yaml"), witness()).expect("write");
+    let (objects, problems) = load_dir(dir.path()).expect("the directory is readable");
+    assert!(
+        problems.iter().any(|p| p.kind == "file" && p.object.ends_with("big.yaml") && p.reason.contains("bytes")),
+        "{problems:?}"
+    );
+    assert_eq!((objects.services.len(), objects.slices.len()), (1, 1), "the good file loads");
+}

@@ -64,8 +64,19 @@ pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<Problem>), Error> {
     Ok((objects, problems))
 }
 
+/// Largest manifests file read: a bigger one is refused whole (a problem naming it), not read
+/// into memory. The API server's own limit on an object is about 1.5 MiB.
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
+
 fn load_file(path: &Path) -> (Objects, Vec<Problem>) {
     let origin = path.display().to_string();
+    match fs::metadata(path) {
+        Ok(meta) if meta.len() > MAX_FILE_BYTES => {
+            let reason = format!("{} bytes, more than the {MAX_FILE_BYTES} read", meta.len());
+            return (Objects::default(), vec![file_problem(&origin, reason)]);
+        }
+        _ => {}
+    }
     match fs::read_to_string(path) {
         Ok(text) => parse_documents(&text, &origin),
         Err(err) => (Objects::default(), vec![file_problem(&origin, format!("cannot read: {err}"))]),
