@@ -665,15 +665,17 @@ fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 /// `dir` may not exist yet: the check applies to its nearest existing ancestor, where it would
 /// be created.
 /// The pin directory is the agent's alone: its maps steer every Service's traffic. Made
-/// `0700` (root only) at every start; a directory found open to others is closed, with a
-/// warning. The pins in it are `0600` (the kernel's mode for pins).
+/// `0700` (root only) at every start; one that held pins and was open to others is closed, with
+/// a warning. The pins in it are `0600` (the kernel's mode for pins).
 fn restrict(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta =
         std::fs::metadata(dir).map_err(|source| Error::Io { what: format!("reading {}", dir.display()), source })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode != 0o700 {
-        if mode & 0o077 != 0 {
+        // Said only of a directory that already held an agent's pins; a new one (made here, or by
+        // an installer) is just tightened.
+        if mode & 0o077 != 0 && dir.join(map_names::CONFIG).exists() {
             warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the pin directory was open to others: now 0700");
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
