@@ -3,7 +3,8 @@
 //!
 //! Needs `bpf-linker` and the `rust-src` component (`scripts/setup.sh` installs both). The stable
 //! toolchain builds `core` for the BPF target with `RUSTC_BOOTSTRAP=1`, as aya-build does.
-//! Set `RPROXY_EBPF_OBJ=/path/to/object` to embed a prebuilt object instead.
+//! Set `RPROXY_EBPF_OBJ=/path/to/object` to embed a prebuilt object instead, and
+//! `RPROXY_EBPF_FEATURES=log` for a development build whose programs log with aya-log.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -14,6 +15,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let dst = out_dir.join("rproxy.bpf.o");
     println!("cargo:rerun-if-env-changed=RPROXY_EBPF_OBJ");
+    println!("cargo:rerun-if-env-changed=RPROXY_EBPF_FEATURES");
     if let Some(obj) = env::var_os("RPROXY_EBPF_OBJ") {
         println!("cargo:rerun-if-changed={}", Path::new(&obj).display());
         std::fs::copy(&obj, &dst).unwrap_or_else(|e| panic!("copying RPROXY_EBPF_OBJ: {e}"));
@@ -47,6 +49,11 @@ fn main() {
         "CARGO_BUILD_RUSTFLAGS",
     ] {
         cmd.env_remove(key);
+    }
+    // Development builds of the datapath: `RPROXY_EBPF_FEATURES=log` adds aya-log records (see
+    // rproxy-ebpf's Cargo.toml), which the agent then logs at debug level.
+    if let Some(features) = env::var_os("RPROXY_EBPF_FEATURES").filter(|f| !f.is_empty()) {
+        cmd.arg("--features").arg(features);
     }
     // BTF for the maps' keys and values (bpftool prints their fields) and for the programs (the
     // verifier's messages name source lines): bpf-linker emits it from the debug info.

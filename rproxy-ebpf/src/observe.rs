@@ -18,6 +18,10 @@ use crate::{
 #[inline(always)]
 pub fn translated<C: Ctx, F: Family>(ctx: &C, hook: u8, stat: Stat, pkt: &Packet<F>, rev_nat_id: u16, backend_id: u32) {
     count(stat);
+    #[cfg(feature = "log")]
+    if !F::STAGES && matches!(stat, Stat::NewFlow) {
+        aya_log_ebpf::debug!(ctx, "new flow: proto {} rev-NAT id {} backend id {}", pkt.proto, rev_nat_id, backend_id);
+    }
     if let Some(s) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
         // SAFETY: this CPU's slot; only this CPU writes it while this program runs.
         unsafe {
@@ -38,6 +42,10 @@ pub fn translated<C: Ctx, F: Family>(ctx: &C, hook: u8, stat: Stat, pkt: &Packet
 /// `backend_id` are 0 where not known.
 #[inline(always)]
 pub fn dropped<C: Ctx, F: Family>(ctx: &C, hook: u8, reason: Stat, pkt: &Packet<F>, rev_nat_id: u16, backend_id: u32) {
+    #[cfg(feature = "log")]
+    if !F::STAGES {
+        aya_log_ebpf::debug!(ctx, "drop: reason {} proto {} rev-NAT id {}", reason as u8, pkt.proto, rev_nat_id);
+    }
     if on(monitor::ON_DROPS) {
         emit::<C, F>(ctx, monitor::KIND_DROP, hook, reason, pkt, rev_nat_id, backend_id);
     }

@@ -11,6 +11,7 @@
 //!   during an upgrade.
 use std::{
     io,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -309,6 +310,7 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             program_as::<CgroupSockAddr>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
+        start_ebpf_log(&mut ebpf);
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy })
     }
 
@@ -664,6 +666,32 @@ fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 ///
 /// `dir` may not exist yet: the check applies to its nearest existing ancestor, where it would
 /// be created.
+/// A development build of the datapath (`RPROXY_EBPF_FEATURES=log`) writes aya-log records:
+/// read on a thread of their own and logged through `log` (at debug level: `RPROXY_LOG=debug`).
+/// The default build has no `AYA_LOGS` map, and nothing starts.
+fn start_ebpf_log(ebpf: &mut Ebpf) {
+    if ebpf.map("AYA_LOGS").is_none() {
+        return;
+    }
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(mut logger) => {
+            info!("eBPF object with aya-log (a development build): its records are logged at debug level");
+            let spawned = std::thread::Builder::new().name("ebpf-log".into()).spawn(move || {
+                loop {
+                    let mut fds = [libc::pollfd { fd: logger.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+                    logger.flush();
+                }
+            });
+            if let Err(e) = spawned {
+                warn!(error = %e, "aya-log records not read");
+            }
+        }
+        Err(e) => warn!(error = %e, "aya-log records not read"),
+    }
+}
+
 /// The pin directory is the agent's alone: its maps steer every Service's traffic. Made
 /// `0700` (root only) at every start; one that held pins and was open to others is closed, with
 /// a warning. The pins in it are `0600` (the kernel's mode for pins).

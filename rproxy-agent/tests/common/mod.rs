@@ -174,7 +174,7 @@ pub struct Seen {
 }
 
 /// One `BPF_PROG_TEST_RUN` of `frame` (with context `ctx`, if any): (return value, output frame).
-fn test_run<P>(prog: &P, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>)
+pub fn test_run<P>(prog: &P, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>)
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
 {

@@ -4,6 +4,7 @@
 //! behaviour runs for both families (`<module>::<behaviour>::ipv4`, `::ipv6`).
 #[path = "../common/mod.rs"]
 mod common;
+mod devlog;
 mod fuzz;
 mod north_south;
 mod packets;
