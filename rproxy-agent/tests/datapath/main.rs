@@ -8,3 +8,4 @@ mod devlog;
 mod fuzz;
 mod north_south;
 mod packets;
+mod pressure;
