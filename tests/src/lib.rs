@@ -13,7 +13,8 @@
 //!   iptables and nftables baselines; [`load`]: the `NodePort` benchmark's TCP load and UDP
 //!   counters; [`pktgen`]: its UDP packet generator (`BPF_PROG_TEST_RUN` live frames); [`xdp`]:
 //!   rproxy's `XDP_PASS` program, for the cluster's switch ports and the generator; [`wire`]: the
-//!   benchmark's wire sink and XDP floor (tested by `tests/wire.rs`);
+//!   benchmark's wire sink and XDP floor (tested by `tests/wire.rs`); [`clusterip`]: the east-west
+//!   `ClusterIP` scale benchmark's scenario and its fresh-4-tuple client;
 //! - [`server`] / [`client`]: the TCP/UDP name-and-echo protocol;
 //! - [`manifest`]: Service / `EndpointSlice` YAML; [`demo`]: the demo service used by the e2e tests
 //!   and the interactive lab ([`run_interactive`]).
@@ -29,6 +30,7 @@
 pub mod agent;
 pub mod client;
 pub mod cluster;
+pub mod clusterip;
 pub mod cmd;
 pub mod demo;
 pub mod interactive;

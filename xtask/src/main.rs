@@ -73,6 +73,15 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// East-west ClusterIP scale benchmark in the one-node lab: TCP connections/s and first-packet
+    /// latency (connect() through the ClusterIP, p50/p99) from a client pod with 100, 1,000,
+    /// 10,000 and 30,000 Services present, through direct routing, kube-proxy-shaped iptables and
+    /// nftables rules, and the rproxy agent.
+    BenchClusterip {
+        /// Extra arguments (see `cargo xtask bench-clusterip -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Benchmark against the real API server (`cargo xtask cluster`'s): network programming
     /// latency (a pod's Ready update to the first connection reaching it through its Service)
     /// with 1,000 and 10,000 Services present, and the agents' start-to-programmed time.
@@ -244,6 +253,7 @@ fn main() -> Result<()> {
         }
         Cmd::BenchControlPlane { args } => lab_example("control-plane-bench", &args, false),
         Cmd::BenchNodeport { args } => lab_example("nodeport-bench", &args, false),
+        Cmd::BenchClusterip { args } => lab_example("clusterip-bench", &args, false),
         Cmd::Run(args) => kind::run(&args, &agent_path(true), || {
             setup_without_control_plane()?;
             build_agent(true).map(drop)

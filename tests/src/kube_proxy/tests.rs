@@ -288,3 +288,209 @@ fn probabilities_are_one_over_the_endpoints_left() {
     assert_eq!(probability(4, 2), "0.5000000000");
     assert_eq!(probability(3, 0), "0.3333333333");
 }
+
+/// kube-proxy's settings of the `ClusterIP` tests: pods in 10.244.0.0/16, Services in 10.96.0.0/16.
+const CONFIG: ClusterIpConfig = ClusterIpConfig {
+    cluster_cidr: Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16),
+    service_cidr: Ipv4Cidr::new(Ipv4Addr::new(10, 96, 0, 0), 16),
+};
+
+/// `ClusterIP` TCP frontend `ns/svc-<n>:web` on 10.96.1.<n>:80 with `endpoints`.
+fn cluster_ip_frontend(n: u8, endpoints: Vec<SocketAddrV4>) -> Frontend {
+    Frontend {
+        service: format!("svc-{n}"),
+        cluster_ip: Ipv4Addr::new(10, 96, 1, n),
+        node_port: 0,
+        ..tcp_frontend(endpoints)
+    }
+}
+
+#[test]
+fn cluster_ip_iptables_jumps_target_declared_chains() {
+    let frontends = [
+        cluster_ip_frontend(1, vec![ep(11, 8080)]),
+        cluster_ip_frontend(2, vec![ep(11, 8080), ep(12, 8080), ep(13, 8080)]),
+        cluster_ip_frontend(3, Vec::new()),
+    ];
+    let tables = parse_restore(&cluster_ip_iptables_rules(&frontends, CONFIG));
+    assert_eq!(tables.keys().collect::<Vec<_>>(), ["filter", "nat"]);
+    for (name, (declared, chains)) in &tables {
+        for (chain, rules) in chains {
+            let builtin = ["PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD"].contains(&chain.as_str());
+            assert!(builtin || declared.contains(chain), "{name}: rules for undeclared chain {chain}");
+            for rule in rules {
+                let t = target(rule);
+                assert!(
+                    declared.iter().any(|d| d == t)
+                        || ["RETURN", "MARK", "MASQUERADE", "DNAT", "DROP", "ACCEPT", "REJECT"].contains(&t),
+                    "{name}/{chain}: jump to undeclared {t} in {rule:?}"
+                );
+            }
+        }
+    }
+    // Chains of Services: only for those with endpoints, one SEP chain per endpoint.
+    let nat = &tables["nat"].0;
+    assert_eq!(nat.iter().filter(|c| c.starts_with("KUBE-SVC-")).count(), 2);
+    assert_eq!(nat.iter().filter(|c| c.starts_with("KUBE-SEP-")).count(), 4);
+    assert!(!nat.iter().any(|c| c.starts_with("KUBE-EXT-")), "no external chains for ClusterIP Services");
+}
+
+#[test]
+fn cluster_ip_iptables_has_kube_proxys_cluster_ip_path() {
+    let eps = vec![ep(11, 8080), ep(12, 8080)];
+    let frontends = [cluster_ip_frontend(7, vec![ep(13, 8080)]), cluster_ip_frontend(1, eps.clone())];
+    let tables = parse_restore(&cluster_ip_iptables_rules(&frontends, CONFIG));
+    let nat = &tables["nat"].1;
+    for hook in ["PREROUTING", "OUTPUT"] {
+        assert_eq!(nat[hook].iter().map(|r| target(r)).collect::<Vec<_>>(), ["KUBE-SERVICES"]);
+    }
+    assert_eq!(target(&nat["POSTROUTING"][0]), "KUBE-POSTROUTING");
+
+    // One rule per Service in the order given, then the node ports.
+    let services = &nat["KUBE-SERVICES"];
+    assert_eq!(services.len(), 3);
+    assert!(services[0].contains("ns/svc-7:web cluster IP\" -m tcp -p tcp -d 10.96.1.7/32 --dport 80 -j KUBE-SVC-"));
+    assert!(services[1].contains("ns/svc-1:web cluster IP\" -m tcp -p tcp -d 10.96.1.1/32 --dport 80 -j KUBE-SVC-"));
+    assert!(services[2].ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"), "{}", services[2]);
+    assert!(!nat.contains_key("KUBE-NODEPORTS"), "no node ports");
+
+    // Off-cluster sources are marked first, then an endpoint is picked.
+    let svc = target(&services[1]);
+    let svc_rules = &nat[svc];
+    assert_eq!(svc_rules.len(), 3);
+    assert!(
+        svc_rules[0].ends_with("-m tcp -p tcp -d 10.96.1.1/32 --dport 80 ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"),
+        "{}",
+        svc_rules[0]
+    );
+    assert!(svc_rules[1].contains("-m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-"));
+    assert!(!svc_rules[2].contains("statistic"));
+    for (rule, e) in svc_rules[1..].iter().zip(&eps) {
+        let sep = &nat[target(rule)];
+        assert!(sep[0].ends_with(&format!("-s {}/32 -j KUBE-MARK-MASQ", e.ip())), "hairpin: {}", sep[0]);
+        assert!(sep[1].ends_with(&format!("-m tcp -p tcp -j DNAT --to-destination {e}")), "{}", sep[1]);
+    }
+    assert_eq!(nat["KUBE-MARK-MASQ"], ["-j MARK --or-mark 0x4000"]);
+    assert_eq!(nat["KUBE-POSTROUTING"].len(), 3);
+
+    // The forward path: firewall, forwarding rules, service portals, external portals.
+    let filter = &tables["filter"].1;
+    assert_eq!(
+        filter["FORWARD"].iter().map(|r| target(r)).collect::<Vec<_>>(),
+        ["KUBE-PROXY-FIREWALL", "KUBE-FORWARD", "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES"]
+    );
+    assert!(filter["FORWARD"][0].starts_with("-m conntrack --ctstate NEW "));
+    assert_eq!(filter["KUBE-FORWARD"].len(), 3);
+    assert!(!filter.contains_key("KUBE-SERVICES"), "every Service has endpoints: nothing to reject");
+}
+
+#[test]
+fn cluster_ip_iptables_rejects_services_without_endpoints() {
+    let frontends = [cluster_ip_frontend(3, Vec::new())];
+    let tables = parse_restore(&cluster_ip_iptables_rules(&frontends, CONFIG));
+    let nat = &tables["nat"].1;
+    assert_eq!(nat["KUBE-SERVICES"].len(), 1, "only the node ports rule");
+    assert_eq!(
+        tables["filter"].1["KUBE-SERVICES"],
+        ["-m comment --comment \"ns/svc-3:web has no endpoints\" -m tcp -p tcp -d 10.96.1.3/32 --dport 80 -j REJECT"]
+    );
+}
+
+#[test]
+fn cluster_ip_iptables_removal_unhooks_flushes_and_deletes_every_chain() {
+    let frontends = [cluster_ip_frontend(1, vec![ep(11, 8080)]), cluster_ip_frontend(2, Vec::new())];
+    let rules = parse_restore(&cluster_ip_iptables_rules(&frontends, CONFIG));
+    let removal = cluster_ip_iptables_removal(&frontends);
+    for (table, (declared, _)) in &rules {
+        let section = removal
+            .split_inclusive("COMMIT\n")
+            .find(|s| s.starts_with(&format!("*{table}\n")))
+            .unwrap_or_else(|| panic!("no {table} section in:\n{removal}"));
+        for chain in declared {
+            assert!(section.contains(&format!("\n:{chain} - [0:0]\n")), "{chain} not flushed");
+            assert!(section.contains(&format!("\n-X {chain}\n")), "{chain} not deleted");
+        }
+    }
+    for (table, chain, rule) in CLUSTER_IP_JUMPS {
+        assert!(removal.contains(&format!("-D {chain} {rule}\n")), "{table}: {chain} jump not removed");
+        assert!(rules[table].1[chain].contains(&rule.to_owned()), "{table}: {chain} jump not installed");
+    }
+}
+
+#[test]
+fn cluster_ip_nftables_has_kube_proxys_cluster_ip_path() {
+    let eps = vec![ep(11, 8080), ep(12, 8080)];
+    let (f, empty) = (cluster_ip_frontend(1, eps.clone()), cluster_ip_frontend(2, Vec::new()));
+    let text = cluster_ip_nftables_rules(&[f.clone(), empty.clone()], CONFIG);
+    assert!(text.starts_with("table ip kube-proxy-bench {\n"));
+    assert_eq!(text.matches('{').count(), text.matches('}').count(), "unbalanced braces:\n{text}");
+    for hook in [
+        "type filter hook prerouting priority -110; policy accept;\n\t\tct state new jump firewall-check",
+        "type filter hook forward priority -110; policy accept;\n\t\tct state new jump service-endpoints-check\n\t\t\
+         ct state new jump cluster-ips-check",
+        "type nat hook prerouting priority dstnat; policy accept;\n\t\tjump services",
+        "type nat hook output priority -100; policy accept;\n\t\tjump services",
+        "type nat hook postrouting priority srcnat; policy accept;\n\t\tjump masquerading",
+    ] {
+        assert!(text.contains(hook), "missing {hook:?} in:\n{text}");
+    }
+    assert!(text.contains("set cluster-ips {\n\t\ttype ipv4_addr\n\t\telements = { 10.96.1.1,\n\t\t\t10.96.1.2 }"));
+    assert!(text.contains("ip daddr @cluster-ips reject\n\t\tip daddr { 10.96.0.0/16 } drop"));
+    assert!(text.contains("ip daddr . meta l4proto . th dport vmap @service-ips"));
+
+    let base = f.nft_base();
+    assert!(text.contains(&format!("elements = {{ 10.96.1.1 . tcp . 80 : goto service-{base} }}")), "{text}");
+    assert!(!text.contains(&format!("goto service-{}", empty.nft_base())), "no service chain without endpoints");
+    assert!(text.contains("elements = { 10.96.1.2 . tcp . 80 : goto reject-chain }"));
+    assert!(text.contains("chain reject-chain {\n\t\treject\n\t}"));
+    let picks: Vec<String> =
+        eps.iter().enumerate().map(|(i, &e)| format!("{i} : goto {}", f.nft_endpoint(e))).collect();
+    assert!(text.contains(&format!(
+        "chain service-{base} {{\n\t\tip daddr 10.96.1.1 tcp dport 80 ip saddr != 10.244.0.0/16 jump \
+         mark-for-masquerade\n\t\tnumgen random mod 2 vmap {{ {} }}\n\t}}",
+        picks.join(", ")
+    )));
+    for e in &eps {
+        assert!(text.contains(&format!(
+            "chain {} {{\n\t\tip saddr {} jump mark-for-masquerade\n\t\tmeta l4proto tcp dnat to {e}\n\t}}",
+            f.nft_endpoint(*e),
+            e.ip()
+        )));
+    }
+    assert!(!text.contains("external-"), "no external chains for ClusterIP Services");
+}
+
+#[test]
+fn cidrs_clear_host_bits_and_contain_their_addresses() {
+    let cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 244, 7, 9), 16);
+    assert_eq!(cidr.to_string(), "10.244.0.0/16");
+    assert!(cidr.contains(Ipv4Addr::new(10, 244, 255, 255)));
+    assert!(!cidr.contains(Ipv4Addr::new(10, 245, 0, 0)));
+    assert_eq!(Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 40).to_string(), "1.2.3.4/32");
+    assert!(Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 0).contains(Ipv4Addr::new(200, 1, 1, 1)));
+    assert_eq!(Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 0).to_string(), "0.0.0.0/0");
+}
+
+#[test]
+fn cluster_ip_frontends_resolve_target_ports() {
+    let service = crate::manifest::Service {
+        namespace: "ns".into(),
+        name: "svc".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 20),
+        ports: vec![ServicePort {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: TargetPort::Name("http".into()),
+        }],
+    };
+    let slice = EndpointSlice {
+        namespace: "ns".into(),
+        name: "svc-1".into(),
+        service_name: "svc".into(),
+        endpoints: vec![Endpoint::ready(Ipv4Addr::new(10, 244, 1, 11), "node-1")],
+        ports: vec![EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
+    };
+    let got = cluster_ip_frontends(&service, &slice).expect("frontends");
+    assert_eq!(got, [Frontend { node_port: 0, ..tcp_frontend(vec![ep(11, 8080)]) }]);
+}
