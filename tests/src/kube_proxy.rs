@@ -236,27 +236,12 @@ pub fn iptables_rules(frontends: &[Frontend]) -> String {
         out.write_fmt(args).expect("writing to a String");
         out.push('\n');
     };
-    line(format_args!("*nat"));
-    for chain in &nat {
-        line(format_args!(":{chain} - [0:0]"));
-    }
-    for (_, chain, rule) in IPT_JUMPS.iter().filter(|j| j.0 == "nat") {
-        line(format_args!("-A {chain} {rule}"));
-    }
+    ipt_table_head(&mut line, "nat", &nat, &IPT_JUMPS);
     ipt_masquerade_rules(&mut line);
     for f in frontends {
-        let (name, proto) = (f.port_name(), f.proto());
-        line(format_args!(
-            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {}",
-            f.cluster_ip,
-            f.port,
-            f.svc_chain()
-        ));
+        ipt_cluster_ip_rule(&mut line, f);
     }
-    line(format_args!(
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in \
-         this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-    ));
+    ipt_nodeports_rule(&mut line);
     for f in frontends {
         let (name, proto, ext, svc) = (f.port_name(), f.proto(), f.ext_chain(), f.svc_chain());
         line(format_args!(
@@ -270,16 +255,46 @@ pub fn iptables_rules(frontends: &[Frontend]) -> String {
         ipt_endpoint_rules(&mut line, f);
     }
     line(format_args!("COMMIT"));
-    line(format_args!("*filter"));
-    for chain in &filter {
-        line(format_args!(":{chain} - [0:0]"));
-    }
-    for (_, chain, rule) in IPT_JUMPS.iter().filter(|j| j.0 == "filter") {
-        line(format_args!("-A {chain} {rule}"));
-    }
+    ipt_table_head(&mut line, "filter", &filter, &IPT_JUMPS);
     ipt_forward_rules(&mut line);
     line(format_args!("COMMIT"));
     out
+}
+
+/// The start of table `table` in an `iptables-restore` file: its `chains` declared, then the
+/// `jumps` into them from the built-in chains.
+fn ipt_table_head(
+    line: &mut impl FnMut(fmt::Arguments<'_>),
+    table: &str,
+    chains: &[String],
+    jumps: &[(&str, &str, &str)],
+) {
+    line(format_args!("*{table}"));
+    for chain in chains {
+        line(format_args!(":{chain} - [0:0]"));
+    }
+    for (_, chain, rule) in jumps.iter().filter(|j| j.0 == table) {
+        line(format_args!("-A {chain} {rule}"));
+    }
+}
+
+/// A frontend's rule in `KUBE-SERVICES`: its cluster IP and port to its `KUBE-SVC-*` chain.
+fn ipt_cluster_ip_rule(line: &mut impl FnMut(fmt::Arguments<'_>), f: &Frontend) {
+    let (name, proto) = (f.port_name(), f.proto());
+    line(format_args!(
+        "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {}",
+        f.cluster_ip,
+        f.port,
+        f.svc_chain()
+    ));
+}
+
+/// `KUBE-SERVICES`' last rule: node-local destinations to `KUBE-NODEPORTS`.
+fn ipt_nodeports_rule(line: &mut impl FnMut(fmt::Arguments<'_>)) {
+    line(format_args!(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in \
+         this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+    ));
 }
 
 /// A frontend's `KUBE-SVC-*` endpoint picks (`1/(n-i)` for endpoint `i` of `n`, the last one
@@ -456,28 +471,13 @@ pub fn cluster_ip_iptables_rules(frontends: &[Frontend], config: ClusterIpConfig
         out.write_fmt(args).expect("writing to a String");
         out.push('\n');
     };
-    line(format_args!("*nat"));
-    for chain in &nat {
-        line(format_args!(":{chain} - [0:0]"));
-    }
-    for (_, chain, rule) in CLUSTER_IP_JUMPS.iter().filter(|j| j.0 == "nat") {
-        line(format_args!("-A {chain} {rule}"));
-    }
+    ipt_table_head(&mut line, "nat", &nat, &CLUSTER_IP_JUMPS);
     ipt_masquerade_rules(&mut line);
     let served = || frontends.iter().filter(|f| !f.endpoints.is_empty());
     for f in served() {
-        let (name, proto) = (f.port_name(), f.proto());
-        line(format_args!(
-            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {}",
-            f.cluster_ip,
-            f.port,
-            f.svc_chain()
-        ));
+        ipt_cluster_ip_rule(&mut line, f);
     }
-    line(format_args!(
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in \
-         this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
-    ));
+    ipt_nodeports_rule(&mut line);
     for f in served() {
         let (name, proto) = (f.port_name(), f.proto());
         line(format_args!(
@@ -491,13 +491,7 @@ pub fn cluster_ip_iptables_rules(frontends: &[Frontend], config: ClusterIpConfig
         ipt_endpoint_rules(&mut line, f);
     }
     line(format_args!("COMMIT"));
-    line(format_args!("*filter"));
-    for chain in &filter {
-        line(format_args!(":{chain} - [0:0]"));
-    }
-    for (_, chain, rule) in CLUSTER_IP_JUMPS.iter().filter(|j| j.0 == "filter") {
-        line(format_args!("-A {chain} {rule}"));
-    }
+    ipt_table_head(&mut line, "filter", &filter, &CLUSTER_IP_JUMPS);
     ipt_forward_rules(&mut line);
     for f in frontends.iter().filter(|f| f.endpoints.is_empty()) {
         let (name, proto) = (f.port_name(), f.proto());
