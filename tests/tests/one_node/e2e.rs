@@ -261,6 +261,19 @@ fn datapath_survives_sigterm_until_cleanup() {
     });
 }
 
+/// Starts the agent again on `manifests` and waits for its own word that it runs: the pinned
+/// datapath answers with no agent at all, so requests cannot tell.
+fn start_and_wait_running(lab: &mut Lab, manifests: &Path) -> Result<()> {
+    lab.start_agent(&agent_bin()?, manifests)?;
+    let started = Instant::now();
+    while !lab.agent_log().contains("agent running") {
+        lab.ensure_agent_running()?;
+        ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Writes `msg` on `conn` and reads the echo back.
 fn echo_over(conn: &mut std::net::TcpStream, msg: &[u8]) -> Result<()> {
     use std::io::{Read as _, Write as _};
@@ -288,14 +301,7 @@ fn agent_restart_keeps_established_connections() {
 
         lab.stop_agent()?;
         echo_over(&mut conn, b"while no agent runs")?;
-        lab.start_agent(&agent_bin()?, &manifests.dir)?;
-        // The pinned datapath answers with no agent at all, so wait for the agent's own word.
-        let started = Instant::now();
-        while !lab.agent_log().contains("agent running") {
-            lab.ensure_agent_running()?;
-            ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
-            thread::sleep(Duration::from_millis(20));
-        }
+        start_and_wait_running(lab, &manifests.dir)?;
         echo_over(&mut conn, b"after the restart")
             .context("the connection opened before the restart must survive it")?;
         // The restarted agent adopted the pinned state: nothing to rewrite.
@@ -583,13 +589,7 @@ fn a_dual_stack_service_answers_over_both_families() {
                 lab.stop_agent()?;
                 conn.echo(b"while no agent runs")?;
                 thread::sleep(Duration::from_millis(300));
-                lab.start_agent(&agent_bin()?, &dir)?;
-                let started = Instant::now();
-                while !lab.agent_log().contains("agent running") {
-                    lab.ensure_agent_running()?;
-                    ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
-                    thread::sleep(Duration::from_millis(20));
-                }
+                start_and_wait_running(&mut lab, &dir)?;
                 thread::sleep(Duration::from_millis(500));
                 Ok(())
             };
@@ -1100,14 +1100,7 @@ fn the_pin_directory_is_root_only() {
         }
         lab.stop_agent()?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        lab.start_agent(&agent_bin()?, &manifests.dir)?;
-        // The pinned datapath answers with no agent at all: wait for the agent's own word.
-        let started = Instant::now();
-        while !lab.agent_log().contains("agent running") {
-            lab.ensure_agent_running()?;
-            ensure!(started.elapsed() < Duration::from_secs(10), "restarted agent not running after 10s");
-            thread::sleep(Duration::from_millis(20));
-        }
+        start_and_wait_running(lab, &manifests.dir)?;
         ensure!(mode(&dir)? == 0o700, "pin directory mode {:o} after the restart", mode(&dir)?);
         ensure!(lab.agent_log().contains("the pin directory was open to others"), "no warning:\n{}", lab.agent_log());
         Ok(())
