@@ -11,7 +11,6 @@
 //!   during an upgrade.
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -678,9 +677,7 @@ fn start_ebpf_log(ebpf: &mut Ebpf) {
             info!("eBPF object with aya-log (a development build): its records are logged at debug level");
             let spawned = std::thread::Builder::new().name("ebpf-log".into()).spawn(move || {
                 loop {
-                    let mut fds = [libc::pollfd { fd: logger.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-                    // SAFETY: one valid pollfd for the duration of the call.
-                    unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+                    super::monitor::wait_readable(&logger, std::time::Duration::from_secs(1));
                     logger.flush();
                 }
             });

@@ -6,7 +6,7 @@
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd, AsRawFd as _},
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -216,8 +216,9 @@ fn parse(bytes: &[u8]) -> Option<MonitorEvent> {
         .then(|| unsafe { bytes.as_ptr().cast::<MonitorEvent>().read_unaligned() })
 }
 
-/// Waits until the ring buffer has data, a signal arrives, or `timeout` passes.
-fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) {
+/// Waits until the ring buffer (any file descriptor of one) has data, a signal arrives, or
+/// `timeout` passes.
+pub(crate) fn wait_readable(ring: &impl AsFd, timeout: Duration) {
     let mut fds = [libc::pollfd { fd: ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }];
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd; EINTR (a signal) just returns early.
