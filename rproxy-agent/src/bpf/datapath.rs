@@ -874,7 +874,20 @@ fn check_pinned_maps(object: &aya_obj::Object, dir: &Path, sizes: MapSizes) -> R
         if !path.exists() {
             continue;
         }
-        let want = object.maps.get(name).ok_or(Error::MissingMap { name })?;
+        let Some(want) = object.maps.get(name) else {
+            // A map this object does not define: pinned by a newer agent, and this is a
+            // downgrade (`--ebpf-object` with an older build). Stateless ones go (a later
+            // upgrade creates them afresh rather than reading stale counters); state stays for
+            // the agent that knows it.
+            if REPLACEABLE.contains(&name) {
+                info!(map = name, "unpinning a map this eBPF object does not define (pinned by a newer agent)");
+                std::fs::remove_file(&path)
+                    .map_err(|source| Error::Io { what: format!("unpinning {}", path.display()), source })?;
+            } else {
+                warn!(map = name, "a pinned map this eBPF object does not define is left as it is");
+            }
+            continue;
+        };
         let want = MapShape {
             map_type: want.map_type(),
             key_size: want.key_size(),
