@@ -136,6 +136,8 @@ pub mod prog_names {
     pub const SOCK_SENDMSG6: &str = "rpx_sock_sendmsg6";
     pub const SOCK_RECVMSG6: &str = "rpx_sock_recvmsg6";
     pub const SOCK_GETPEERNAME6: &str = "rpx_sock_getpeername6";
+    /// `cgroup/sock_release`: a closing socket's socket-level reverse-NAT entry goes with it.
+    pub const SOCK_RELEASE: &str = "rpx_sock_release";
     /// The IPv6 halves of the packet programs, entered by tail call (`super::calls`).
     pub const FROM_POD6: &str = "rpx_from_pod6";
     pub const TO_POD6: &str = "rpx_to_pod6";

@@ -52,8 +52,8 @@ mod sock;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::{bpf_redirect, bpf_redirect_neigh},
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use ctx::Ctx;
 use family::{Family, V4, V6};
@@ -338,6 +338,12 @@ pub fn rpx_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock_addr]")]
 pub fn rpx_sock_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse6(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+#[expect(clippy::needless_pass_by_value, reason = "signature required by #[cgroup_sock]")]
+pub fn rpx_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// A packet of family `F` arriving on an external device, at XDP or TC: a TCP or UDP packet to

@@ -5,12 +5,18 @@
 //! endpoints fails with `ECONNREFUSED`. Sockets of other namespaces (pods) are left alone: their
 //! traffic is translated on their devices.
 //!
+//! Each translation leaves an entry in `RPX_SK_RNAT4`/`6` (socket cookie and backend → service)
+//! for the replies and `getpeername`. When a connected socket (TCP, connected UDP) closes,
+//! `sock_release` deletes its entry: the table then holds the live sockets only. An unconnected
+//! UDP socket may have sent to many services; its entries stay until the LRU table evicts them
+//! (refreshed while the socket receives replies).
+//!
 //! The IPv6 hooks serve IPv6 services, and IPv4 services for IPv4-mapped addresses
 //! (`::ffff:a.b.c.d`, what a dual-stack socket uses to reach an IPv4 address).
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use rproxy_common::{Backend, In6, RevNat4, RevNat6, SockRevKey4, SockRevKey6, proto};
 
@@ -39,6 +45,50 @@ fn own_namespace(ctx: &SockAddrContext) -> bool {
     let Some(cfg) = CONFIG.get(0) else { return false };
     // SAFETY: the helper reads the context's socket's namespace.
     cfg.host_netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == cfg.host_netns_cookie
+}
+
+/// `AF_INET`, `AF_INET6` (Linux).
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// `sock_release`: a socket of this namespace that the hooks translated (its peer is a
+/// backend) takes its reverse-NAT entry with it. The peer of a connected socket is the backend
+/// its connect was sent to; an unconnected one has none (see the module doc).
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    let sk: *mut bpf_sock = ctx.sock;
+    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
+    // SAFETY: the helper reads the context's socket's namespace.
+    if cfg.host_netns_cookie == 0 || unsafe { bpf_get_netns_cookie(sk.cast()) } != cfg.host_netns_cookie {
+        return ALLOW;
+    }
+    // SAFETY: the context's fields, read in place (the verifier takes no other form).
+    let (family, protocol, port) = unsafe {
+        (
+            (&raw const (*sk).family).read_volatile(),
+            (&raw const (*sk).protocol).read_volatile(),
+            (&raw const (*sk).dst_port).read_volatile(),
+        )
+    };
+    if port == 0 || (protocol != u32::from(proto::TCP) && protocol != u32::from(proto::UDP)) {
+        return ALLOW;
+    }
+    // SAFETY: helper on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    if family == AF_INET {
+        // SAFETY: as above.
+        let addr = unsafe { (&raw const (*sk).dst_ip4).read_volatile() };
+        let _ = SK_RNAT4.remove(SockRevKey4 { cookie, addr, port, _pad: 0 });
+    } else if family == AF_INET6 {
+        // SAFETY: as above, word by word (see `user_ip6`).
+        let addr: In6 = core::array::from_fn(|i| unsafe { (&raw const (*sk).dst_ip6[i]).read_volatile() });
+        if v4_mapped(&addr) {
+            let _ = SK_RNAT4.remove(SockRevKey4 { cookie, addr: addr[3], port, _pad: 0 });
+        } else {
+            let _ = SK_RNAT6.remove(SockRevKey6 { cookie, addr, port, _pad: [0, 0, 0] });
+        }
+    }
+    ALLOW
 }
 
 #[inline(always)]

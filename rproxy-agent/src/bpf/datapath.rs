@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -309,6 +309,11 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             program_as::<CgroupSockAddr>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
+        // Objects before it lack it (`--ebpf-object`): their entries wait for the LRU.
+        if ebpf.program(prog_names::SOCK_RELEASE).is_some() {
+            let name = prog_names::SOCK_RELEASE;
+            program_as::<CgroupSock>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
+        }
         start_ebpf_log(&mut ebpf);
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy })
     }
@@ -523,30 +528,36 @@ impl Datapath {
         self.update_config(|c| c.host_netns_cookie = cookie)?;
         let dir = std::fs::File::open(cgroup)
             .map_err(|source| Error::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
+        let pins = self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(CGROUP_DIR));
+        let interface = |reason: String| Error::Interface { name: cgroup.display().to_string(), reason };
         for name in SOCK_PROGRAMS {
             let prog = program_as::<CgroupSockAddr>(&mut self.ebpf, name)?;
             // With a bpf_link (Linux ≥ 5.7) the kernel refuses attach flags, and links are
             // always multi-attach: "Single" is aya's name for no flags.
-            let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Interface {
-                name: cgroup.display().to_string(),
-                reason: format!("attaching {name}: {}", describe(&e)),
-            })?;
-            let Some(pins) = self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(CGROUP_DIR)) else { continue };
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| interface(format!("attaching {name}: {}", describe(&e))))?;
+            let Some(pins) = &pins else { continue };
             let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-            let fd = FdLink::try_from(link).map_err(|e| Error::Interface {
-                name: cgroup.display().to_string(),
-                reason: format!("{name}: not a bpf_link: {}", describe(&e)),
-            })?;
-            let (fresh, pin) = (pins.join(format!("{name}-new")), pins.join(name));
-            remove_pin(&fresh)?;
-            fd.pin(&fresh).map_err(|e| Error::Interface {
-                name: cgroup.display().to_string(),
-                reason: format!("pinning {}: {}", fresh.display(), describe(&e)),
-            })?;
-            // Unpinning the old link detaches the previous run's program.
-            remove_pin(&pin)?;
-            std::fs::rename(&fresh, &pin)
-                .map_err(|source| Error::Io { what: format!("renaming {}", fresh.display()), source })?;
+            let fd =
+                FdLink::try_from(link).map_err(|e| interface(format!("{name}: not a bpf_link: {}", describe(&e))))?;
+            replace_link_pin(fd, pins, name).map_err(interface)?;
+        }
+        if self.ebpf.program(prog_names::SOCK_RELEASE).is_some() {
+            let name = prog_names::SOCK_RELEASE;
+            let prog = program_as::<CgroupSock>(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| interface(format!("attaching {name}: {}", describe(&e))))?;
+            if let Some(pins) = &pins {
+                let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+                let fd = FdLink::try_from(link)
+                    .map_err(|e| interface(format!("{name}: not a bpf_link: {}", describe(&e))))?;
+                replace_link_pin(fd, pins, name).map_err(interface)?;
+            }
+        } else if let Some(pins) = &pins {
+            // A downgrade to an object without it: the newer program goes.
+            remove_pin(&pins.join(prog_names::SOCK_RELEASE))?;
         }
         info!(cgroup = %cgroup.display(), netns_cookie = cookie, "socket hooks attached");
         Ok(())
@@ -588,6 +599,17 @@ impl Datapath {
     fn link_pin(&self, ifname: &str, hook: Hook) -> Option<PathBuf> {
         self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(hook.dir()).join(escape(ifname)))
     }
+}
+
+/// Pins `link` as `dir/name` in place of the link pinned there (whose program it detaches):
+/// pinned as `name-new` first, so the new program is attached before the old one goes.
+fn replace_link_pin(link: FdLink, dir: &Path, name: &str) -> std::result::Result<(), String> {
+    let (fresh, pin) = (dir.join(format!("{name}-new")), dir.join(name));
+    remove_pin(&fresh).map_err(|e| e.to_string())?;
+    link.pin(&fresh).map_err(|e| format!("pinning {}: {}", fresh.display(), describe(&e)))?;
+    // Unpinning the old link detaches the previous run's program.
+    remove_pin(&pin).map_err(|e| e.to_string())?;
+    std::fs::rename(&fresh, &pin).map_err(|e| format!("renaming {}: {e}", fresh.display()))
 }
 
 /// Program `name` of the object as its type `T` (`SchedClassifier`, `Xdp`, `CgroupSockAddr`).
