@@ -562,7 +562,7 @@ impl Agent {
         log_written(&report);
         let purged = self.take_write_outcome(&report);
         if purged > 0 {
-            info!(udp_ct_purged = purged, "conntrack entries of stale UDP flows removed (retry)");
+            info!(udp_flows_moved = purged, "UDP flows of stale backends moved (retry)");
         }
         self.health.update(&self.store.desired().health_checks);
     }
@@ -646,7 +646,7 @@ impl Agent {
             rejected_total = ?self.store.rejected_total(),
             map_ops = report.ops,
             map_errors = report.errors.len(),
-            udp_ct_purged = purged,
+            udp_flows_moved = purged,
             rss_mib = resident_mib(),
             elapsed_ms = started.elapsed().as_millis(),
             "synced"

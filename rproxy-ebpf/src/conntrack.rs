@@ -100,8 +100,10 @@ pub fn account<F: Family>(ct: *mut CtValue<F::Addr>, dir: u8, proto: u8, bits: u
     let old = v.flags;
     let new = if reopen && v.state == CtState::Closing as u8 { bits } else { old | bits };
     if new == old {
-        let state = CtState::from_u8(v.state).unwrap_or(CtState::Established);
-        v.expires_ns = now + state.lifetime_ns();
+        // The lifetime from the flags, not from `state`: another CPU may be between writing
+        // this entry's flags and its state. Two CPUs moving the pair at once can still leave
+        // its entries with different flags; the GC judges a flow by both entries' flags.
+        v.expires_ns = now + state_of(proto, old).lifetime_ns();
         return;
     }
     let state = state_of(proto, new);

@@ -15,7 +15,9 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use rproxy_common::{CT_DIR_REPLY, CtKey, CtKey4, CtKey6, CtValue, CtValue4, CtValue6, FlowKind, map_names};
+use rproxy_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CtKey, CtKey4, CtKey6, CtState, CtValue, CtValue4, CtValue6, FlowKind, map_names,
+};
 
 use crate::{Error, Result};
 
@@ -34,7 +36,30 @@ pub fn verdict<A>(entry: &CtValue<A>, pair: Option<&CtValue<A>>, now_ns: u64, ba
         return Verdict::BackendGone;
     }
     let expired = |v: &CtValue<A>| v.expires_ns <= now_ns;
-    if expired(entry) && pair.is_none_or(expired) { Verdict::Expired } else { Verdict::Keep }
+    let done = match pair {
+        None => expired(entry),
+        Some(p) => (expired(entry) && expired(p)) || closed_and_quiet(entry, p, now_ns),
+    };
+    if done { Verdict::Expired } else { Verdict::Keep }
+}
+
+/// A TCP flow is closed when the flags of its two entries together say so (both FINs or a RST),
+/// and over when one of its entries has carried no packet for the closing lifetime since (after
+/// both FINs only the last ACK and retransmissions can follow). The datapath judges each entry
+/// by its own flags, and two CPUs accounting the last packets of both directions at once can
+/// tear a pair: one entry says closed, the other still established with an expiry six hours
+/// away, or an entry has the closed flags and the expiry an established packet wrote. The time
+/// of an entry's last packet is its expiry less the lifetime its own flags give it.
+fn closed_and_quiet<A>(a: &CtValue<A>, b: &CtValue<A>, now_ns: u64) -> bool {
+    let datagram = CtState::Datagram as u8;
+    if a.state == datagram || b.state == datagram {
+        return false;
+    }
+    if CtState::from_tcp_flags(a.flags | b.flags) != CtState::Closing {
+        return false;
+    }
+    let last_packet = |v: &CtValue<A>| v.expires_ns.saturating_sub(CtState::from_tcp_flags(v.flags).lifetime_ns());
+    last_packet(a).min(last_packet(b)).saturating_add(CtState::Closing.lifetime_ns()) <= now_ns
 }
 
 /// Result of one pass.
@@ -119,8 +144,15 @@ pub fn plan_udp_purge<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
         .collect()
 }
 
-/// Removes the UDP flows of stale backends (see [`plan_udp_purge`]); returns how many entries
-/// were removed.
+/// How long the reply entry of a purged UDP flow still translates: a reply already on its way
+/// from the old backend reaches the client as the service's (its service entry goes at once, so
+/// the client's next datagram picks a current backend). After it, the entry is over: a new flow
+/// may take its tuple, and the GC removes it.
+pub const UDP_PURGE_GRACE_NS: u64 = 2_000_000_000;
+
+/// Moves the UDP flows of stale backends (see [`plan_udp_purge`]): their service entries are
+/// removed, their reply entries expire [`UDP_PURGE_GRACE_NS`] from now. Returns the number of
+/// flows moved.
 pub fn purge_udp<A: Copy + Eq + Hash>(
     ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
     stale: &BTreeSet<(u16, u32)>,
@@ -134,8 +166,22 @@ where
     }
     let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
     let doomed = plan_udp_purge(&snapshot, stale);
-    doomed.iter().filter(|k| ct.remove(k).is_ok()).count()
+    let until = monotonic_ns() + UDP_PURGE_GRACE_NS;
+    let mut moved = 0;
+    for k in &doomed {
+        if k.dir == CT_DIR_SERVICE {
+            moved += usize::from(ct.remove(k).is_ok());
+        } else if let Some(mut v) = snapshot.get(k).copied().filter(|v| v.expires_ns > until) {
+            v.expires_ns = until;
+            // Only where it still is (`BPF_EXIST`): a flow that ended meanwhile stays gone.
+            let _ = ct.insert(k, v, BPF_EXIST);
+        }
+    }
+    moved
 }
+
+/// `BPF_EXIST`: update only an existing key.
+const BPF_EXIST: u64 = 2;
 
 /// The clock the datapath uses (`bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC_COARSE`).
 #[must_use]
@@ -406,6 +452,53 @@ mod tests {
         let t: HashMap<_, _> = flow(200, 200, 7).into_iter().collect();
         let (doomed, pass) = plan(&t, 100, |_| false);
         assert_eq!((doomed.len(), pass.backend_gone), (2, 2));
+    }
+
+    #[test]
+    fn a_closed_tcp_flow_goes_once_quiet_even_when_its_entries_disagree_on_its_flags() {
+        use rproxy_common::{CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_SEEN_REV, CT_F_SYN_FWD, CT_F_SYN_REV};
+        const S: u64 = 1_000_000_000;
+        let est = CT_F_SYN_FWD | CT_F_SYN_REV | CT_F_SEEN_REV;
+        // Each entry's expiry is its last packet plus the lifetime of its own flags.
+        let tcp = |(svc_flags, svc_last): (u8, u64), (rev_flags, rev_last): (u8, u64)| {
+            let [(k1, mut v1), (k2, mut v2)] = flow(0, 0, 7);
+            for (v, flags, last) in [(&mut v1, svc_flags, svc_last), (&mut v2, rev_flags, rev_last)] {
+                let state = CtState::from_tcp_flags(flags);
+                (v.flags, v.state, v.expires_ns) = (flags, state as u8, last * S + state.lifetime_ns());
+            }
+            HashMap::from([(k1, v1), (k2, v2)])
+        };
+        let now = 1_000 * S;
+        // Seen in the soak: the service entry has both FINs, the reply entry missed the
+        // backend's (two CPUs wrote the pair at once) and expires in six hours. Quiet for more
+        // than the closing lifetime: both go.
+        let torn = tcp((est | CT_F_FIN_FWD | CT_F_FIN_REV, 900), (est | CT_F_FIN_FWD, 900));
+        let (doomed, pass) = plan(&torn, now, |_| true);
+        assert_eq!(doomed.len(), 2);
+        assert!(pass.in_use.is_empty());
+        // Neither entry says closed, but together they do: both go once quiet.
+        let torn = tcp((est | CT_F_FIN_REV, 900), (est | CT_F_FIN_FWD, 900));
+        assert_eq!(plan(&torn, now, |_| true).0.len(), 2);
+        // Seen too: both entries closed, the reply entry's expiry written by an established
+        // packet's accounting after the flags changed (six hours away). The service side is quiet:
+        // both go.
+        let closed = est | CT_F_FIN_FWD | CT_F_FIN_REV;
+        let mut t = tcp((closed, 900), (closed, 900));
+        for (k, v) in &mut t {
+            if k.dir == CT_DIR_REPLY {
+                v.expires_ns = 990 * S + CtState::Established.lifetime_ns();
+            }
+        }
+        assert_eq!(plan(&t, now, |_| true).0.len(), 2);
+        // Closed, packets a moment ago on both sides (last ACKs): kept for now.
+        let recent = tcp((closed, 995), (closed, 992));
+        assert!(plan(&recent, now, |_| true).0.is_empty());
+        // Established and quiet on one side (a one-way stream): kept.
+        let one_way = tcp((est, 900), (est, 100));
+        assert!(plan(&one_way, now, |_| true).0.is_empty());
+        // A half-closed flow (one FIN): kept, the other side may still send.
+        let half = tcp((est | CT_F_FIN_FWD, 900), (est | CT_F_FIN_FWD, 900));
+        assert!(plan(&half, now, |_| true).0.is_empty());
     }
 
     #[test]
