@@ -223,6 +223,9 @@ fn xdp_verdict(ctx: &XdpContext, action: Result<Action, i64>) -> u32 {
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 #[inline(always)]
 pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
+    if vlan_tagged(&ctx) {
+        return PASS;
+    }
     match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => tc_action(&ctx, external_ingress::<_, V4>(&ctx)),
         Some(ETH_P_IPV6_BE) => {
@@ -233,6 +236,17 @@ pub fn rpx_ext_ingress(ctx: TcContext) -> i32 {
         }
         _ => PASS,
     }
+}
+
+/// A frame whose 802.1Q tag the kernel holds in the skb (`vlan_present`: it took the tag off at
+/// receive, or a VLAN device above set it for transmit): it belongs to a VLAN device on top of
+/// this one, which is served when `--devices` lists it. XDP passes a frame that still carries
+/// its tag (the ether type is not IP), but cannot see a tag the NIC or the kernel already took
+/// off (docs/datapath.md, "External devices of other kinds").
+#[inline(always)]
+fn vlan_tagged(ctx: &TcContext) -> bool {
+    // SAFETY: the context's field, read in place (the verifier rewrites the access).
+    unsafe { (&raw const (*ctx.skb.skb).vlan_present).read_volatile() != 0 }
 }
 
 /// `rpx_ext_ingress`'s IPv6 half.
@@ -264,6 +278,9 @@ pub fn rpx_ext_ingress6_icmp(ctx: TcContext) -> i32 {
 #[expect(clippy::needless_pass_by_value, reason = "signature required by #[classifier]")]
 #[inline(always)]
 pub fn rpx_ext_egress(ctx: TcContext) -> i32 {
+    if vlan_tagged(&ctx) {
+        return PASS;
+    }
     let action = match parse::ether_type(&ctx) {
         Some(ETH_P_IP_BE) => match parse::parse_ipv4(&ctx) {
             Some(pkt) => nodeport::egress::<V4>(&ctx, &pkt),

@@ -77,6 +77,10 @@ pub const EXTERNAL_DEV: &str = "eth0";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 100);
 /// The client's IPv6 address on the shared segment.
 pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 0x100);
+/// The client's address on the lab's VLAN ([`Cluster::add_vlan`]).
+pub const CLIENT_VLAN_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 100);
+/// The client's IPv6 address on the lab's VLAN.
+pub const CLIENT_VLAN_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 0x100);
 /// Prefix length of the shared segment (172.31.0.0/24).
 pub const EXTERNAL_PREFIX_LEN: u8 = 24;
 /// Prefix length of the shared segment's IPv6 subnet (`fd00:172:31::/64`).
@@ -126,6 +130,18 @@ impl NodeId {
     #[must_use]
     pub fn ip(self) -> Ipv4Addr {
         Ipv4Addr::new(172, 31, 0, self.0)
+    }
+
+    /// The node's address on the lab's VLAN ([`Cluster::add_vlan`]): 172.30.0.N (/24).
+    #[must_use]
+    pub fn vlan_ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(172, 30, 0, self.0)
+    }
+
+    /// The node's IPv6 address on the lab's VLAN: `fd00:172:30::N` (/64).
+    #[must_use]
+    pub fn vlan_ip6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, u16::from(self.0))
     }
 
     /// The node's pod CIDR, /24: 10.244.N.0.
@@ -280,6 +296,96 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Puts VLAN `vid` on the segment: a device `eth0.<vid>` (802.1Q) over `eth0` on every node
+    /// and on the client, with the node's [`NodeId::vlan_ip`] and [`NodeId::vlan_ip6`] (the
+    /// client's [`CLIENT_VLAN_IP`], [`CLIENT_VLAN_IP6`]), checksum offload off like `eth0`'s. Each
+    /// node's routes to the other nodes' pod CIDRs move onto the VLAN (via their VLAN
+    /// addresses), so that traffic between nodes is tagged too, as on a node whose network is
+    /// the VLAN; `eth0` keeps its untagged addresses. The bridge forwards tagged frames as they
+    /// are. Returns the device name. Needs a kernel with 802.1Q support ([`vlan_supported`]).
+    pub fn add_vlan(&mut self, vid: u16) -> Result<String> {
+        ensure!((1..4095).contains(&vid), "VLAN id {vid} not in 1..=4094");
+        let dev = format!("{EXTERNAL_DEV}.{vid}");
+        let vid = vid.to_string();
+        self.add_upper(&dev, &["type", "vlan", "id", &vid], true)?;
+        Ok(dev)
+    }
+
+    /// Like [`Cluster::add_vlan`] with a macvlan device `name` (bridge mode) over each node's
+    /// `eth0` instead of a VLAN: untagged frames to the macvlan's own MAC. The client takes its
+    /// second address on its `eth0`.
+    pub fn add_macvlan(&mut self, name: &str) -> Result<()> {
+        self.add_upper(name, &["type", "macvlan", "mode", "bridge"], false)
+    }
+
+    /// Device `dev` over `eth0` (`ip link add link eth0 name <dev> <kind>...`) on every node
+    /// (and the client when `on_client`; otherwise the client's `eth0` takes the address), with
+    /// the lab's second subnet, and the routes between nodes moved onto it.
+    fn add_upper(&mut self, dev: &str, kind: &[&str], on_client: bool) -> Result<()> {
+        ensure!(dev.len() <= IFNAMSIZ_MAX, "interface name {dev} is too long");
+        let mut ends: Vec<(String, Ipv4Addr, Ipv6Addr)> = self
+            .node_ids()
+            .into_iter()
+            .map(|id| (self.node(id).ns().to_owned(), id.vlan_ip(), id.vlan_ip6()))
+            .collect();
+        ends.push((self.client.name().to_owned(), CLIENT_VLAN_IP, CLIENT_VLAN_IP6));
+        let client = self.client.name().to_owned();
+        for (ns_name, addr, addr6) in &ends {
+            let ns = Some(ns_name.as_str());
+            let target = if *ns_name == client && !on_client {
+                EXTERNAL_DEV
+            } else {
+                let mut add = vec!["link", "add", "link", EXTERNAL_DEV, "name", dev];
+                add.extend(kind);
+                ip(ns, &add)?;
+                run(netns::command(ns_name, "ethtool").args(["-K", dev, "tx", "off"]))?;
+                // Only the device holding an address answers ARP for it: `eth0` must not answer
+                // for the upper device's address (a macvlan has a MAC of its own).
+                run(netns::command(ns_name, "sysctl").args(["-qw", "net.ipv4.conf.all.arp_ignore=1"]))?;
+                dev
+            };
+            ip(ns, &["addr", "add", &format!("{addr}/{EXTERNAL_PREFIX_LEN}"), "dev", target])?;
+            ip(ns, &["-6", "addr", "add", &format!("{addr6}/{EXTERNAL_PREFIX_LEN6}"), "dev", target, "nodad"])?;
+            ip(ns, &["link", "set", target, "up"])?;
+        }
+        for id in self.node_ids() {
+            let ns = Some(self.node(id).ns());
+            for other in self.node_ids().into_iter().filter(|other| *other != id) {
+                let (cidr, via) = (format!("{}/24", other.pod_cidr()), other.vlan_ip().to_string());
+                ip(ns, &["route", "replace", &cidr, "via", &via, "dev", dev])?;
+                let (cidr6, via6) = (format!("{}/64", other.pod_cidr6()), other.vlan_ip6().to_string());
+                ip(ns, &["-6", "route", "replace", &cidr6, "via", &via6, "dev", dev])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enslaves node `id`'s `eth0` to a new bond `bond0` in `mode` (`active-backup`,
+    /// `balance-xor`, `balance-rr`, …; miimon 100): `eth0`'s addresses and its routes to the
+    /// other nodes' pod CIDRs move to the bond, which takes `eth0`'s MAC, with checksum offload
+    /// off like `eth0`'s. Returns the bond's name. The bond goes with the namespace.
+    pub fn bond_external(&mut self, id: NodeId, mode: &str) -> Result<String> {
+        let dev = String::from("bond0");
+        let ns_name = self.node(id).ns().to_owned();
+        let ns = Some(ns_name.as_str());
+        ip(ns, &["link", "add", &dev, "type", "bond", "mode", mode, "miimon", "100"])?;
+        ip(ns, &["addr", "flush", "dev", EXTERNAL_DEV])?;
+        ip(ns, &["link", "set", EXTERNAL_DEV, "down"])?;
+        ip(ns, &["link", "set", EXTERNAL_DEV, "master", &dev])?;
+        ip(ns, &["link", "set", &dev, "up"])?;
+        ip(ns, &["link", "set", EXTERNAL_DEV, "up"])?;
+        run(netns::command(&ns_name, "ethtool").args(["-K", &dev, "tx", "off"]))?;
+        ip(ns, &["addr", "add", &format!("{}/{EXTERNAL_PREFIX_LEN}", id.ip()), "dev", &dev])?;
+        ip(ns, &["-6", "addr", "add", &format!("{}/{EXTERNAL_PREFIX_LEN6}", id.ip6()), "dev", &dev, "nodad"])?;
+        for other in self.node_ids().into_iter().filter(|other| *other != id) {
+            let (cidr, via) = (format!("{}/24", other.pod_cidr()), other.ip().to_string());
+            ip(ns, &["route", "replace", &cidr, "via", &via, "dev", &dev])?;
+            let (cidr6, via6) = (format!("{}/64", other.pod_cidr6()), other.ip6().to_string());
+            ip(ns, &["-6", "route", "replace", &cidr6, "via", &via6, "dev", &dev])?;
+        }
+        Ok(dev)
     }
 
     /// Queues of each external veth (each end): one per CPU (see the module doc).

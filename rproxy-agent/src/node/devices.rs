@@ -197,6 +197,108 @@ pub fn interfaces() -> Result<BTreeMap<String, u32>> {
     Ok(list.iter().filter_map(|i| Some((i.name().to_str().ok()?.to_owned(), i.index()))).collect())
 }
 
+/// What netlink says about one interface: its kind (`IFLA_INFO_KIND`: `veth`, `vlan`, `bond`,
+/// `macvlan`…; `None` for a physical NIC's driver), the device it sits on (`IFLA_LINK`: a
+/// VLAN's or macvlan's lower device), its master (`IFLA_MASTER`: the bond or bridge it is a
+/// port of), and a bond's mode (`IFLA_BOND_MODE`: 0 `balance-rr`, 1 `active-backup`, 2
+/// `balance-xor`, 3 `broadcast`, 4 `802.3ad`, 5 `balance-tlb`, 6 `balance-alb`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub kind: Option<String>,
+    pub lower: Option<u32>,
+    pub master: Option<u32>,
+    pub bond_mode: Option<u8>,
+}
+
+/// The interfaces in one datagram of an `RTM_GETLINK` dump (`RTM_NEWLINK` messages), and
+/// whether the dump is over (`NLMSG_DONE` or `NLMSG_ERROR`). A message that does not parse ends
+/// the datagram: what came before it is kept.
+#[must_use]
+pub fn parse_links(mut buf: &[u8]) -> (Vec<Link>, bool) {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        link::{InfoBond, InfoData, LinkAttribute, LinkInfo},
+    };
+    let mut links = Vec::new();
+    while !buf.is_empty() {
+        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf) else { break };
+        let len = usize::try_from(msg.header.length).unwrap_or(0);
+        match msg.payload {
+            NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return (links, true),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                let index = m.header.index;
+                let mut link = Link { index, ..Link::default() };
+                for attr in m.attributes {
+                    match attr {
+                        LinkAttribute::IfName(name) => link.name = name,
+                        LinkAttribute::Link(i) => link.lower = Some(i).filter(|&i| i != 0 && i != index),
+                        LinkAttribute::Controller(i) => link.master = Some(i).filter(|&i| i != 0),
+                        LinkAttribute::LinkInfo(infos) => {
+                            for info in infos {
+                                match info {
+                                    LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                                    LinkInfo::Data(InfoData::Bond(bond)) => {
+                                        link.bond_mode = bond.iter().find_map(|b| match b {
+                                            InfoBond::Mode(mode) => Some(u8::from(*mode)),
+                                            _ => None,
+                                        });
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                links.push(link);
+            }
+            _ => {}
+        }
+        if len == 0 {
+            break;
+        }
+        buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    (links, false)
+}
+
+/// Every interface of this network namespace with its kind, lower device and master
+/// ([`Link`]), from an `RTM_GETLINK` dump.
+pub fn links() -> Result<Vec<Link>> {
+    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::{RouteNetlinkMessage, link::LinkMessage};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+    let io = |e: std::io::Error| Error::Io { what: String::from("listing interfaces over netlink"), source: e };
+    let mut sock = Socket::new(NETLINK_ROUTE).map_err(io)?;
+    sock.bind_auto().map_err(io)?;
+    sock.connect(&SocketAddr::new(0, 0)).map_err(io)?;
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut out = vec![0u8; req.buffer_len()];
+    req.serialize(&mut out);
+    sock.send(&out, 0).map_err(io)?;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // A dump of thousands of interfaces takes a few hundred datagrams; bounded all the same.
+    for _ in 0..100_000 {
+        let n = sock.recv(&mut &mut buf[..], 0).map_err(io)?;
+        let (links, done) = parse_links(&buf[..n.min(buf.len())]);
+        all.extend(links);
+        if done || n == 0 {
+            return Ok(all);
+        }
+    }
+    Err(io(std::io::Error::other("the RTM_GETLINK dump did not end")))
+}
+
 /// What a rescan must do, given the interfaces present, those attached, and the pattern.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -354,5 +456,77 @@ mod tests {
         // Same name, new ifindex (pod re-created): attach again.
         let plan2 = super::plan(&ifs(&[("rpxa", 9)]), &ifs(&[("rpxa", 5)]), &p);
         assert_eq!(plan2.attach, vec![(String::from("rpxa"), 9)]);
+    }
+
+    /// One netlink attribute: length, type, payload, padding to 4 bytes.
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = u16::try_from(4 + payload.len()).unwrap().to_ne_bytes().to_vec();
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    /// An `RTM_NEWLINK` message for interface `index` with `attrs`.
+    fn newlink(index: u32, attrs: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = attrs.concat();
+        let mut out = u32::try_from(32 + body.len()).unwrap().to_ne_bytes().to_vec();
+        out.extend_from_slice(&16u16.to_ne_bytes());
+        out.extend_from_slice(&[0; 10]);
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&index.to_ne_bytes());
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn links_from_netlink_messages() {
+        let name = |n: &str| nla(3, format!("{n}\0").as_bytes());
+        let kind = |k: &str| nla(1, format!("{k}\0").as_bytes());
+        let mut buf = newlink(2, &[name("eth0"), nla(5, &2u32.to_ne_bytes())]);
+        buf.extend(newlink(3, &[name("eth0.100"), nla(5, &2u32.to_ne_bytes()), nla(0x12 | 0x8000, &kind("vlan"))]));
+        let bond_data = nla(0x2 | 0x8000, &nla(1, &[2]));
+        buf.extend(newlink(5, &[name("bond0"), nla(18, &[kind("bond"), bond_data].concat())]));
+        buf.extend(newlink(6, &[name("veth1"), nla(10, &5u32.to_ne_bytes()), nla(18, &kind("veth"))]));
+        // A vlan's IFLA_INFO_DATA (IFLA_VLAN_ID 1, u16) is not a bond mode.
+        let vlan_data = nla(0x2 | 0x8000, &nla(1, &100u16.to_ne_bytes()));
+        buf.extend(newlink(7, &[name("v2"), nla(18, &[kind("vlan"), vlan_data].concat())]));
+        let (links, done) = parse_links(&buf);
+        assert!(!done);
+        let want = |name: &str, index, kind: Option<&str>, lower, master, bond_mode| Link {
+            name: name.into(),
+            index,
+            kind: kind.map(String::from),
+            lower,
+            master,
+            bond_mode,
+        };
+        assert_eq!(
+            links,
+            [
+                want("eth0", 2, None, None, None, None),
+                want("eth0.100", 3, Some("vlan"), Some(2), None, None),
+                want("bond0", 5, Some("bond"), None, None, Some(2)),
+                want("veth1", 6, Some("veth"), None, Some(5), None),
+                want("v2", 7, Some("vlan"), None, None, None),
+            ]
+        );
+        // NLMSG_DONE ends the dump; truncated and garbled input yields what came before it.
+        let mut done_msg = 16u32.to_ne_bytes().to_vec();
+        done_msg.extend_from_slice(&3u16.to_ne_bytes());
+        done_msg.extend_from_slice(&[0; 10]);
+        assert_eq!(parse_links(&done_msg), (Vec::new(), true));
+        let one = newlink(2, &[name("eth0")]);
+        assert_eq!(parse_links(&one[..one.len() - 3]), (Vec::new(), false));
+        assert_eq!(parse_links(&[0xff; 40]), (Vec::new(), false));
+    }
+
+    #[test]
+    fn links_of_this_namespace_from_the_kernel() {
+        // Every network namespace has `lo`; netlink gives it no kind.
+        let links = links().unwrap();
+        let lo = links.iter().find(|l| l.name == "lo").expect("lo");
+        assert_eq!((lo.index, lo.kind.as_deref(), lo.master), (1, None, None), "{links:?}");
     }
 }

@@ -305,16 +305,16 @@ fn setup(mode: &str) -> Result<(Cluster, tempfile::TempDir)> {
     Ok((cluster, dir))
 }
 
-fn client_tcp(cluster: &Cluster, addr: IpAddr, port: u16, payload: &[u8]) -> Result<Reply> {
+pub(crate) fn client_tcp(cluster: &Cluster, addr: IpAddr, port: u16, payload: &[u8]) -> Result<Reply> {
     cluster.in_client(|| client::tcp_request(addr, port, payload, TIMEOUT))?
 }
 
-fn client_udp(cluster: &Cluster, addr: IpAddr, port: u16, payload: &[u8]) -> Result<Reply> {
+pub(crate) fn client_udp(cluster: &Cluster, addr: IpAddr, port: u16, payload: &[u8]) -> Result<Reply> {
     cluster.in_client(|| client::udp_request(addr, port, payload, TIMEOUT))?
 }
 
 /// Requests until both backends answered, each echo intact.
-fn reach_both(what: &str, mut request: impl FnMut() -> Result<Reply>, sent: &[u8]) -> Result<()> {
+pub(crate) fn reach_both(what: &str, mut request: impl FnMut() -> Result<Reply>, sent: &[u8]) -> Result<()> {
     let mut unseen = BTreeSet::from([BACKEND_1, BACKEND_2]);
     for attempt in 1..=MAX_REQUESTS {
         let (name, echo) = request().with_context(|| format!("{what}: request {attempt}"))?;
