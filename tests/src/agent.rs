@@ -138,6 +138,12 @@ impl Agent {
             .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.config.log.display()))
     }
 
+    /// The process id.
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     fn pid(&self) -> Pid {
         // Pids fit in i32 (pid_max ≤ 2^22).
         Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))

@@ -457,6 +457,12 @@ impl Node {
         self.agent.as_ref().map(Agent::log_path)
     }
 
+    /// The running agent's process id (`None` if none was started or it has exited).
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Agent::id).filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    }
+
     /// The agent's log so far ("" if no agent was started).
     #[must_use]
     pub fn agent_log(&self) -> String {

@@ -43,6 +43,7 @@ pub mod netns;
 pub mod nodeport;
 pub mod pktgen;
 pub mod server;
+pub mod soak;
 pub mod wire;
 pub mod xdp;
 

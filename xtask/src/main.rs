@@ -52,6 +52,18 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Soak test in the two-node lab: traffic of every kind (short TCP, UDP, long-lived streams;
+    /// pods, external client, host; both families) while endpoints churn every second, both
+    /// agents restart ten times and the programs are upgraded from the previous release and back;
+    /// then every conntrack entry must go. Reports failures, leftovers and the agents' RSS.
+    Soak {
+        /// Minutes of traffic.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Extra arguments (see `cargo xtask soak -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Datapath benchmark: ns/packet through BPF_PROG_TEST_RUN vs an empty TC program.
     Bench {
         /// Extra arguments for the benchmark (see `cargo xtask bench -- --help`).
@@ -250,6 +262,11 @@ fn main() -> Result<()> {
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "datapath-bench", "--"]).args(args);
             run(&mut c)
+        }
+        Cmd::Soak { minutes, args } => {
+            let mut all = vec![String::from("--minutes"), minutes.to_string()];
+            all.extend(args);
+            lab_example("soak", &all, false)
         }
         Cmd::BenchControlPlane { args } => lab_example("control-plane-bench", &args, false),
         Cmd::BenchNodeport { args } => lab_example("nodeport-bench", &args, false),
