@@ -2,6 +2,7 @@
 //! attaching its programs (`datapath`); the conntrack garbage collector (`gc`); `dump`, the
 //! maps in human form; `monitor`, the
 //! drops and translations as they happen; `explain`, what the datapath would do with a packet; and `migrate`, from maps without BTF to maps with it.
+pub mod batch;
 pub mod datapath;
 pub mod dump;
 pub mod explain;

@@ -70,6 +70,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Conntrack GC benchmark: reading a 440,000-entry table key by key (aya's iterator) against
+    /// batch reads, CPU and wall time in one run, and one paced GC pass's share of a CPU.
+    BenchGc {
+        /// Extra arguments (see `cargo xtask bench-gc -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Control-plane benchmark: the release agent against a fake API server on loopback with
     /// 10,000 Services × 10 endpoints: time to program, time to add one Service, peak RSS.
     BenchControlPlane {
@@ -261,6 +268,12 @@ fn main() -> Result<()> {
             setup_without_control_plane()?;
             let mut c = cargo();
             c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "datapath-bench", "--"]).args(args);
+            run(&mut c)
+        }
+        Cmd::BenchGc { args } => {
+            setup_without_control_plane()?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "rproxy-agent", "--example", "gc-bench", "--"]).args(args);
             run(&mut c)
         }
         Cmd::Soak { minutes, args } => {

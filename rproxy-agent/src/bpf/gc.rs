@@ -191,6 +191,64 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
+/// Spreads a GC pass over time: after each chunk of work it sleeps as long as the chunk took (at
+/// most [`MAX_PAUSE`]), so a pass over a large table holds at most half a CPU while it runs and
+/// leaves the rest to the node's new connections (on a busy node a pass over 440,000 entries held
+/// a CPU for most of a second, and the first packets of new flows waited behind it).
+pub struct Pacer {
+    resumed: std::time::Instant,
+    pauses: bool,
+}
+
+/// The longest pause between two chunks of a pass.
+pub const MAX_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Entries deleted between two pauses.
+const DELETES_PER_CHUNK: usize = 1024;
+
+impl Pacer {
+    /// A pacer that pauses (the GC thread's).
+    #[must_use]
+    pub fn pausing() -> Self {
+        Self { resumed: std::time::Instant::now(), pauses: true }
+    }
+
+    /// A pacer that never pauses (a pass on the agent's loop, or a test's).
+    #[must_use]
+    pub fn never() -> Self {
+        Self { resumed: std::time::Instant::now(), pauses: false }
+    }
+
+    /// The end of a chunk of work: sleeps as long as it took, then the next chunk starts.
+    pub fn pause(&mut self) {
+        if self.pauses {
+            std::thread::sleep(self.resumed.elapsed().min(MAX_PAUSE));
+            self.resumed = std::time::Instant::now();
+        }
+    }
+}
+
+/// Every entry of a conntrack table: read in chunks with `BPF_MAP_LOOKUP_BATCH` through `fd` (a
+/// descriptor of the same map) where there is one and the kernel has it, pausing between chunks;
+/// else key by key with aya's iterator.
+fn snapshot<A: Copy + Eq + Hash>(
+    ct: &aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    pacer: &mut Pacer,
+) -> HashMap<CtKey<A>, CtValue<A>>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    if let Some(fd) = fd {
+        match super::batch::lookup_all::<CtKey<A>, CtValue<A>>(fd, || pacer.pause()) {
+            Ok(Some(entries)) => return entries.into_iter().collect(),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "conntrack GC: batch lookup failed; walking key by key"),
+        }
+    }
+    ct.iter().filter_map(Result::ok).collect()
+}
+
 /// Runs one pass against the conntrack map.
 pub fn run_pass<A: Copy + Eq + Hash>(
     ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
@@ -200,7 +258,7 @@ where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod + PartialEq,
 {
-    let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
+    let snapshot = snapshot(ct, None, &mut Pacer::never());
     let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
         // Read again right before the delete: an entry the datapath refreshed since the snapshot,
@@ -228,18 +286,28 @@ pub type Gone<A> = Vec<(CtKey<A>, CtValue<A>)>;
 /// naming a backend not in `known` are returned instead of deleted, for the loop to judge
 /// against the backends programmed by then ([`settle_gone`]): such a backend may have been added
 /// after `known` was taken, and its new flows must not go.
+///
+/// The table is read in chunks through `fd` (see [`snapshot`]), and `pacer` pauses between
+/// chunks of reads and of deletes.
 pub fn run_pass_deferred<A: Copy + Eq + Hash, S: std::hash::BuildHasher>(
     ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
     known: &HashSet<u32, S>,
+    pacer: &mut Pacer,
 ) -> (Pass, Gone<A>)
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod + PartialEq,
 {
-    let snapshot: HashMap<CtKey<A>, CtValue<A>> = ct.iter().filter_map(Result::ok).collect();
+    let snapshot = snapshot(ct, fd, pacer);
+    pacer.pause();
     let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), |id| known.contains(&id));
+    pacer.pause();
     let mut gone = Vec::new();
-    for k in doomed {
+    for (i, k) in doomed.into_iter().enumerate() {
+        if i % DELETES_PER_CHUNK == DELETES_PER_CHUNK - 1 {
+            pacer.pause();
+        }
         let Some(v) = snapshot.get(&k).copied() else { continue };
         if !known.contains(&v.backend_id) {
             pass.backend_gone -= 1;
@@ -312,19 +380,24 @@ pub fn fill_crossing(entries: usize, capacity: u32, warned: bool) -> Option<bool
 pub struct Tables {
     pub ct4: BpfHashMap<MapData, CtKey4, CtValue4>,
     pub ct6: BpfHashMap<MapData, CtKey6, CtValue6>,
+    /// Descriptors of the same two maps, for batch reads (aya's maps do not lend theirs).
+    fd4: Option<std::os::fd::OwnedFd>,
+    fd6: Option<std::os::fd::OwnedFd>,
 }
 
 impl Tables {
     /// Opens `RPX_CT4` and `RPX_CT6` pinned in `bpffs`.
     pub fn open(bpffs: &std::path::Path) -> Result<Self> {
-        fn open<K: aya::Pod, V: aya::Pod>(
-            dir: &std::path::Path,
-            name: &'static str,
-        ) -> Result<BpfHashMap<MapData, K, V>> {
+        type Opened<K, V> = (BpfHashMap<MapData, K, V>, Option<std::os::fd::OwnedFd>);
+        fn open<K: aya::Pod, V: aya::Pod>(dir: &std::path::Path, name: &'static str) -> Result<Opened<K, V>> {
+            use std::os::fd::AsFd as _;
             let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
-            BpfHashMap::try_from(Map::LruHashMap(data)).map_err(|source| Error::Map { name, source })
+            let fd = data.fd().as_fd().try_clone_to_owned().ok();
+            Ok((BpfHashMap::try_from(Map::LruHashMap(data)).map_err(|source| Error::Map { name, source })?, fd))
         }
-        Ok(Self { ct4: open(bpffs, map_names::CT4)?, ct6: open(bpffs, map_names::CT6)? })
+        let (ct4, fd4) = open(bpffs, map_names::CT4)?;
+        let (ct6, fd6) = open(bpffs, map_names::CT6)?;
+        Ok(Self { ct4, ct6, fd4, fd6 })
     }
 }
 
@@ -342,9 +415,11 @@ pub struct Deferred {
 /// Blocking: run it on a thread of its own.
 #[must_use]
 pub fn run_deferred<S: std::hash::BuildHasher>(mut tables: Tables, known: &HashSet<u32, S>) -> Deferred {
+    use std::os::fd::AsFd as _;
     let started = std::time::Instant::now();
-    let v4 = run_pass_deferred(&mut tables.ct4, known);
-    let v6 = run_pass_deferred(&mut tables.ct6, known);
+    let mut pacer = Pacer::pausing();
+    let v4 = run_pass_deferred(&mut tables.ct4, tables.fd4.as_ref().map(|f| f.as_fd()), known, &mut pacer);
+    let v6 = run_pass_deferred(&mut tables.ct6, tables.fd6.as_ref().map(|f| f.as_fd()), known, &mut pacer);
     Deferred { tables, v4, v6, elapsed: started.elapsed() }
 }
 

@@ -1,0 +1,134 @@
+//! Reading a whole BPF hash map in chunks with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6): one system
+//! call per chunk of entries, where aya's iterator makes two per entry (`get_next_key`, then
+//! `lookup`) and, on a hash map, starts again from the first key whenever the key it stands on
+//! was deleted meanwhile (the datapath's LRU evictions and the closing of flows do that all the
+//! time on a busy conntrack table). aya has no batch operations; this is the one call it lacks.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use aya::Pod;
+use aya_obj::generated::{bpf_attr__bindgen_ty_3 as BatchAttr, bpf_cmd};
+
+/// Entries asked for per call. A call fails with `ENOSPC` when one hash bucket holds more than
+/// that; the chunk is then doubled for the rest of the walk.
+pub const CHUNK: u32 = 4096;
+/// Largest chunk tried (a bucket of that many entries means a broken hash).
+const MAX_CHUNK: u32 = 1 << 20;
+/// `ENOTSUPP`, the kernel-internal errno some map types return for operations they lack.
+const ENOTSUPP: i32 = 524;
+
+/// Every entry of the hash map `fd`, whose keys are `K` and values `V` (the caller's word: the
+/// map must have been created with those sizes), read chunk by chunk; `pace` runs after each
+/// chunk (the GC sleeps there, so a walk over a large table never holds a CPU for long).
+/// `Ok(None)`: this kernel or map type has no batch lookup (the caller walks the map key by key).
+pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut pace: impl FnMut()) -> io::Result<Option<Vec<(K, V)>>> {
+    let (ks, vs) = (size_of::<K>(), size_of::<V>());
+    let map_fd = u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut out = Vec::new();
+    let mut chunk = CHUNK;
+    // The position between calls: opaque to user space (a bucket index for hash maps). Wide
+    // enough for any key, as the generic batch code of other map types uses a key there.
+    let (mut position, mut next) = ([0u64; 8], [0u64; 8]);
+    let mut first = true;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    loop {
+        let n = usize::try_from(chunk).unwrap_or(usize::MAX);
+        keys.resize(n * ks, 0u8);
+        values.resize(n * vs, 0u8);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { position.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: a valid attr for the command; `keys` and `values` hold `count` keys and values
+        // of the map's sizes, `position` and `next` 64 bytes (a hash map's position is 4), and
+        // all outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_int,
+                std::ptr::from_mut(&mut attr),
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r < 0).then(io::Error::last_os_error);
+        // The kernel writes back how many entries it copied, on success and at the end alike.
+        let got = usize::try_from(attr.count).unwrap_or(0).min(n);
+        for i in 0..got {
+            // SAFETY: `K` and `V` are `Pod` (any bytes are a value), and entry `i` lies within the
+            // buffers (`i < count`); the buffers have no alignment, hence the unaligned reads.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * ks).cast::<K>()),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * vs).cast::<V>()),
+                )
+            };
+            out.push((k, v));
+        }
+        match err.as_ref().and_then(io::Error::raw_os_error) {
+            None => {
+                position = next;
+                first = false;
+                pace();
+            }
+            Some(libc::ENOENT) => return Ok(Some(out)),
+            Some(libc::ENOSPC) if got == 0 && chunk < MAX_CHUNK => chunk *= 2,
+            Some(libc::EINTR | libc::EAGAIN) => {}
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first && out.is_empty() => return Ok(None),
+            Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("BPF_MAP_LOOKUP_BATCH failed"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd as _, OwnedFd};
+
+    use aya::maps::{HashMap, Map, MapData};
+    use aya_obj::generated::bpf_map_type;
+
+    use super::*;
+
+    /// A hash map (`lru`: an LRU hash, as the conntrack tables are) of `n` entries `k → 3k` made
+    /// for the test, and a descriptor of it (root and BPF needed: `None` without them).
+    fn hash_map(n: u32, lru: bool) -> Option<(HashMap<MapData, u32, u64>, OwnedFd)> {
+        let kind = if lru { bpf_map_type::BPF_MAP_TYPE_LRU_HASH } else { bpf_map_type::BPF_MAP_TYPE_HASH };
+        // An LRU hash evicts before it is full (per-CPU free lists): room to spare.
+        let obj = aya_obj::Map::new_from_params(kind as u32, 4, 8, 2 * n.max(64), 0);
+        let data = MapData::create(obj, "rpx_batch_test", None).ok()?;
+        let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+        let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+        let mut map = HashMap::<_, u32, u64>::try_from(map).ok()?;
+        for k in 0..n {
+            map.insert(k, u64::from(k) * 3, 0).ok()?;
+        }
+        Some((map, fd))
+    }
+
+    #[test]
+    fn every_entry_comes_back_once_across_chunks() {
+        for (n, lru) in [0, 1, CHUNK - 1, CHUNK, 3 * CHUNK + 17].into_iter().flat_map(|n| [(n, false), (n, true)]) {
+            let Some((_map, fd)) = hash_map(n, lru) else {
+                eprintln!("skipped: cannot create a BPF map here (not root?)");
+                return;
+            };
+            let mut paces = 0;
+            let mut all =
+                lookup_all::<u32, u64>(fd.as_fd(), || paces += 1).unwrap().expect("batch lookup on a hash map");
+            all.sort_unstable();
+            assert_eq!(all.len(), usize::try_from(n).unwrap(), "{n} entries, lru {lru}");
+            assert!(all.iter().zip(0..).all(|(&(k, v), i)| k == i && v == u64::from(k) * 3), "{n} entries, lru {lru}");
+            // Full chunks pace; the last call, which ends the walk, does not.
+            assert!(paces <= usize::try_from(n / CHUNK).unwrap() + 1, "{paces} pauses for {n} entries");
+        }
+    }
+}
