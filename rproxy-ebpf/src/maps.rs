@@ -55,7 +55,8 @@ pub static RNAT4: RevNatMap<u32> = RevNatMap::new();
 pub static CT4: ConntrackMap<u32> = ConntrackMap::new();
 
 /// Host-network sockets translated by the socket hooks → the service address to report back.
-/// LRU: an entry outlives its socket until it is evicted.
+/// LRU: `rpx_sock_release` deletes a connected socket's entry when the socket goes; an
+/// unconnected UDP socket's entries (one per backend it sent to) stay until evicted.
 #[btf_map(name = "RPX_SK_RNAT4")]
 pub static SK_RNAT4: SockRevNatMap<SockRevKey4, u32> = SockRevNatMap::new();
 
