@@ -53,24 +53,31 @@ fn target(rule: &str) -> &str {
     rule.rsplit_once("-j ").expect("a -j target").1.split_whitespace().next().expect("target")
 }
 
-#[test]
-fn iptables_every_jump_targets_a_declared_chain_or_a_builtin_target() {
-    let frontends = [tcp_frontend(vec![ep(11, 8080), ep(12, 8080)]), udp_frontend(vec![ep(13, 53)])];
-    let tables = parse_restore(&iptables_rules(&frontends));
+/// Every table's rules belong to declared or built-in chains, and every jump targets a declared
+/// chain or one of `targets`.
+fn assert_jumps_are_declared(tables: &Tables, targets: &[&str]) {
     assert_eq!(tables.keys().collect::<Vec<_>>(), ["filter", "nat"]);
-    for (name, (declared, chains)) in &tables {
+    for (name, (declared, chains)) in tables {
         for (chain, rules) in chains {
             let builtin = ["PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD"].contains(&chain.as_str());
             assert!(builtin || declared.contains(chain), "{name}: rules for undeclared chain {chain}");
             for rule in rules {
                 let t = target(rule);
                 assert!(
-                    declared.iter().any(|d| d == t)
-                        || ["RETURN", "MARK", "MASQUERADE", "DNAT", "DROP", "ACCEPT"].contains(&t),
+                    declared.iter().any(|d| d == t) || targets.contains(&t),
                     "{name}/{chain}: jump to undeclared {t} in {rule:?}"
                 );
             }
         }
+    }
+}
+
+#[test]
+fn iptables_every_jump_targets_a_declared_chain_or_a_builtin_target() {
+    let frontends = [tcp_frontend(vec![ep(11, 8080), ep(12, 8080)]), udp_frontend(vec![ep(13, 53)])];
+    let tables = parse_restore(&iptables_rules(&frontends));
+    assert_jumps_are_declared(&tables, &["RETURN", "MARK", "MASQUERADE", "DNAT", "DROP", "ACCEPT"]);
+    for (name, (declared, chains)) in &tables {
         // Every declared chain is used (has rules).
         for chain in declared {
             assert!(chains.contains_key(chain), "{name}: {chain} declared but empty");
@@ -313,21 +320,7 @@ fn cluster_ip_iptables_jumps_target_declared_chains() {
         cluster_ip_frontend(3, Vec::new()),
     ];
     let tables = parse_restore(&cluster_ip_iptables_rules(&frontends, CONFIG));
-    assert_eq!(tables.keys().collect::<Vec<_>>(), ["filter", "nat"]);
-    for (name, (declared, chains)) in &tables {
-        for (chain, rules) in chains {
-            let builtin = ["PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD"].contains(&chain.as_str());
-            assert!(builtin || declared.contains(chain), "{name}: rules for undeclared chain {chain}");
-            for rule in rules {
-                let t = target(rule);
-                assert!(
-                    declared.iter().any(|d| d == t)
-                        || ["RETURN", "MARK", "MASQUERADE", "DNAT", "DROP", "ACCEPT", "REJECT"].contains(&t),
-                    "{name}/{chain}: jump to undeclared {t} in {rule:?}"
-                );
-            }
-        }
-    }
+    assert_jumps_are_declared(&tables, &["RETURN", "MARK", "MASQUERADE", "DNAT", "DROP", "ACCEPT", "REJECT"]);
     // Chains of Services: only for those with endpoints, one SEP chain per endpoint.
     let nat = &tables["nat"].0;
     assert_eq!(nat.iter().filter(|c| c.starts_with("KUBE-SVC-")).count(), 2);
