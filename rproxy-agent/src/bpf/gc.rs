@@ -261,21 +261,46 @@ where
     let snapshot = snapshot(ct, None, &mut Pacer::never());
     let (doomed, mut pass) = plan(&snapshot, monotonic_ns(), backend_exists);
     for k in doomed {
-        // Read again right before the delete: an entry the datapath refreshed since the snapshot,
-        // or replaced (a closed flow's SNAT port taken over by a new flow), is left for the next
-        // pass to judge (and its backend is still in use). One evicted since is gone already:
-        // fine.
-        match ct.get(&k, 0).ok() {
-            Some(now) if Some(&now) == snapshot.get(&k) => {
-                let _ = ct.remove(&k);
-            }
-            Some(now) => {
-                pass.in_use.insert(now.backend_id);
-            }
-            None => {}
+        let Some(was) = snapshot.get(&k) else { continue };
+        if let Deleted::Changed(now) = delete_unchanged(ct, &k, was) {
+            pass.in_use.insert(now.backend_id);
         }
     }
     pass
+}
+
+/// What [`delete_unchanged`] did.
+enum Deleted<V> {
+    Yes,
+    /// The entry holds another value now: kept.
+    Changed(V),
+    /// Gone already (evicted, or the flow ended), or the delete failed.
+    No,
+}
+
+/// Deletes `k` if it still holds `was`. Read again right before the delete: an entry the
+/// datapath refreshed since the snapshot, or replaced (a closed flow's SNAT port taken over by a
+/// new flow), is left for the next pass to judge (and its backend is still in use).
+fn delete_unchanged<A: Copy + Eq + Hash>(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    k: &CtKey<A>,
+    was: &CtValue<A>,
+) -> Deleted<CtValue<A>>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod + PartialEq,
+{
+    match ct.get(k, 0).ok() {
+        Some(now) if now == *was => {
+            if ct.remove(k).is_ok() {
+                Deleted::Yes
+            } else {
+                Deleted::No
+            }
+        }
+        Some(now) => Deleted::Changed(now),
+        None => Deleted::No,
+    }
 }
 
 /// Entries a deferred pass leaves for the loop to judge ([`settle_gone`]).
@@ -314,15 +339,8 @@ where
             gone.push((k, v));
             continue;
         }
-        // As in `run_pass`: read again right before the delete.
-        match ct.get(&k, 0).ok() {
-            Some(now) if now == v => {
-                let _ = ct.remove(&k);
-            }
-            Some(now) => {
-                pass.in_use.insert(now.backend_id);
-            }
-            None => {}
+        if let Deleted::Changed(now) = delete_unchanged(ct, &k, &v) {
+            pass.in_use.insert(now.backend_id);
         }
     }
     (pass, gone)
@@ -345,12 +363,12 @@ pub fn settle_gone<A: Copy + Eq + Hash>(
             pass.in_use.insert(v.backend_id);
             continue;
         }
-        match ct.get(&k, 0).ok() {
-            Some(now) if now == v && ct.remove(&k).is_ok() => pass.backend_gone += 1,
-            Some(now) if now != v => {
+        match delete_unchanged(ct, &k, &v) {
+            Deleted::Yes => pass.backend_gone += 1,
+            Deleted::Changed(now) => {
                 pass.in_use.insert(now.backend_id);
             }
-            _ => {}
+            Deleted::No => {}
         }
     }
 }
