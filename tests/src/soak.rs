@@ -839,9 +839,6 @@ fn drive(
 ) -> Result<()> {
     let restart_at = |i: u32| opts.duration.mul_f64(0.7 * f64::from(i) / f64::from(opts.restarts.max(1)));
     let mut done = 0;
-    // The first switch from the previous release's programs migrates the maps; later ones find
-    // BTF maps already.
-    let migrated = &mut false;
     let mut next_sample = Instant::now();
     while shared.start.elapsed() < opts.duration {
         cluster.ensure_agents_running()?;
@@ -861,7 +858,9 @@ fn drive(
                 };
                 eprintln!("soak: {:7.2}s restart {done}: programs of {label} build{change}", shared.at());
             }
-            let migrating = *previous && !next && !*migrated;
+            // The first switch from the previous release's programs migrates the maps; later ones
+            // find BTF maps already.
+            let migrating = *previous && !next && report.migration.is_none();
             let from = shared.at();
             for id in NodeId::ALL {
                 let instance = instance_of(report, id.number());
@@ -875,7 +874,6 @@ fn drive(
             }
             if migrating {
                 report.migration = Some((from, shared.at()));
-                *migrated = true;
             }
             *previous = next;
         }
