@@ -619,7 +619,8 @@ fn a_dual_stack_service_answers_over_both_families() {
 /// `RPX_CT4` and a pass every second, `/healthz` and `/metrics` (served by the agent's loop's
 /// runtime) keep answering at once, the passes see every entry (`rproxy_conntrack_entries`), and
 /// the table past 90 % full is warned about once.
-/// Probes every 20 ms for 4 s; the report gives the latencies. (Run on the loop, as before, a
+/// Probes every 20 ms for 4 s and until two passes have finished after the writes; the report
+/// gives the latencies. (Run on the loop, as before, a
 /// pass over 500,000 entries held both ports for about a second.)
 #[test]
 fn health_and_metrics_answer_while_the_gc_walks_half_a_million_entries() {
@@ -664,9 +665,21 @@ fn health_and_metrics_answer_while_the_gc_walks_half_a_million_entries() {
             ensure!(status == 200, "{path}: {status}");
             Ok(started.elapsed())
         };
+        // GC passes finished so far: the entries metric is the last finished pass's count, and
+        // one that started while the entries were being written saw part of them. The probes go
+        // on for 4 s and until two more passes have finished (the second started after the
+        // writes), at most 30 s.
+        let passes = || -> Result<f64> {
+            let (_, metrics) = rproxy_tests::netns::in_netns(&node_ns, || http_get(10249, "/metrics"))??;
+            Ok(rproxy_tests::client::metric_sample(&metrics, "rproxy_conntrack_gc_duration_seconds_count")
+                .unwrap_or(0.0))
+        };
+        let written = passes()?;
         let started = Instant::now();
         let mut latencies = Vec::new();
-        while started.elapsed() < Duration::from_secs(4) {
+        while started.elapsed() < Duration::from_secs(4)
+            || (started.elapsed() < Duration::from_secs(30) && passes()? < written + 2.0)
+        {
             latencies.push(probe(10256, "/healthz")?);
             latencies.push(probe(10249, "/metrics")?);
             thread::sleep(Duration::from_millis(20));
