@@ -130,9 +130,9 @@ pub fn decide(requested: XdpMode, name: &str, links: &[Link]) -> Decision {
     as_asked
 }
 
-/// A warning for listed device `name` when VLAN devices sit on it: the kernel takes a VLAN
-/// tag off a frame before TC ingress, so `name`'s TC program sees a tagged frame to a Service
-/// address as an untagged one.
+/// A warning for listed device `name` when VLAN devices sit on it: its TC programs pass tagged
+/// skbs (`vlan_present`), but XDP sees a frame whose tag the NIC or the kernel already took off
+/// as untagged, and may translate it.
 #[must_use]
 pub fn vlan_warning(name: &str, links: &[Link]) -> Option<String> {
     let dev = links.iter().find(|l| l.name == name)?;
