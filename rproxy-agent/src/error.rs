@@ -18,11 +18,16 @@ pub enum Error {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error(
         "map {name} pinned in {dir} does not fit this agent ({detail}): it was made by another \
-         rproxy version, or with another --ct-max / --ct-max-ipv6. Start with the same sizes, or \
+         rproxy version. Start that version, or \
          run `rproxy-agent cleanup --bpffs {dir}` once and start again (connections through this \
          node are dropped)"
     )]
     PinnedMapMismatch { name: &'static str, dir: PathBuf, detail: String },
+    #[error(
+        "map {name} pinned in {dir} cannot shrink to {size} entries: {detail}. Start with a size \
+         that holds it (--service-map-max, --backend-map-max), or with fewer Services"
+    )]
+    MapTooSmall { name: &'static str, dir: PathBuf, size: u32, detail: String },
     #[error("parsing the embedded eBPF object: {0}")]
     Object(String),
     #[error("map {name} is missing from the eBPF object")]

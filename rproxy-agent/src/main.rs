@@ -135,13 +135,28 @@ struct RunArgs {
     ct_gc_interval: u64,
     /// Entries of the IPv4 conntrack table (RPX_CT4, an LRU hash: two per translated flow; the
     /// least recently used go first when it is full). About 112 bytes of kernel memory each.
-    /// 4096 to 16777216. Changing it needs `rproxy-agent cleanup` (the table is pinned).
-    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
+    /// 4096 to 16777216. A pinned table of another size is copied into a new one at the next
+    /// start (a smaller one keeps the most recently used flows).
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_map_max)]
     ct_max: u32,
     /// Entries of the IPv6 conntrack table (RPX_CT6), as --ct-max; about 160 bytes each. An
     /// IPv4-only cluster can set the minimum, 4096.
-    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_ct_max)]
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::CT_MAX, value_parser = parse_map_max)]
     ct_max_ipv6: u32,
+    /// Entries of each family's service table (RPX_SVC4, RPX_SVC6: one per Service port and
+    /// address, plus one per backend of each, twice under a node-local traffic policy) and of
+    /// the affinity matches (RPX_AFFINITY_MATCH). 16 bytes each of buckets at creation, about
+    /// 96 more per entry as used.
+    /// 4096 to 16777216. A pinned table of another size is copied into a new one at the next
+    /// start, without dropping a connection; one that holds more entries is refused.
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::SERVICES_MAX, value_parser = parse_map_max)]
+    service_map_max: u32,
+    /// Size of each family's backend array (RPX_BE4, RPX_BE6): one id per backend (address,
+    /// port, protocol) of the node's Services, ids 1 to N-1. Preallocated: 8 bytes each for
+    /// IPv4, 24 for IPv6. 4096 to 16777216; changed at a restart as --service-map-max (a
+    /// smaller array must still hold the highest id in use).
+    #[arg(long, value_name = "N", default_value_t = rproxy_common::limits::BACKENDS_MAX, value_parser = parse_map_max)]
+    backend_map_max: u32,
     /// Count packets, bytes and new flows per Service frontend in the datapath (RPX_SVC_STATS,
     /// exported as rproxy_service_* on /metrics): a per-CPU array of 65,536 entries, about
     /// 1.5 MiB of kernel memory per CPU. 'false' sizes it to one entry, which counts nothing.
@@ -204,8 +219,9 @@ struct RunArgs {
     external_cluster_ip: bool,
 }
 
-/// `--ct-max`, `--ct-max-ipv6`: a table size in [`MapSizes::MIN`, `MapSizes::MAX`].
-fn parse_ct_max(s: &str) -> Result<u32, String> {
+/// `--ct-max`, `--ct-max-ipv6`, `--service-map-max`, `--backend-map-max`: a table size in
+/// [`MapSizes::MIN`, `MapSizes::MAX`].
+fn parse_map_max(s: &str) -> Result<u32, String> {
     let n: u32 = s.trim().parse().map_err(|e| format!("'{s}': {e}"))?;
     if (MapSizes::MIN..=MapSizes::MAX).contains(&n) {
         Ok(n)
@@ -283,6 +299,8 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
         map_sizes: MapSizes {
             ct4: args.ct_max,
             ct6: args.ct_max_ipv6,
+            services: args.service_map_max,
+            backends: args.backend_map_max,
             svc_stats: if args.service_counters { rproxy_common::limits::REV_NAT_MAX } else { 1 },
         },
         ebpf_object: args.ebpf_object,
@@ -362,6 +380,19 @@ mod tests {
         assert_eq!((args.ct_max, args.ct_max_ipv6), (1_000_000, 4096));
         for bad in ["4095", "16777217", "lots"] {
             assert!(run_args(&["--ct-max", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_and_backend_table_sizes() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!((args.service_map_max, args.backend_map_max), (262_144, 131_072));
+        let args = run_args(&["--service-map-max", "524288", "--backend-map-max", "1048576"]).unwrap();
+        assert_eq!((args.service_map_max, args.backend_map_max), (524_288, 1_048_576));
+        for flag in ["--service-map-max", "--backend-map-max"] {
+            for bad in ["4095", "16777217", "-1"] {
+                assert!(run_args(&[flag, bad]).is_err(), "{flag} {bad}");
+            }
         }
     }
 

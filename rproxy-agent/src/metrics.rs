@@ -447,8 +447,9 @@ pub fn unix_seconds(t: jiff::Timestamp) -> f64 {
     t.as_duration().as_secs_f64()
 }
 
-/// The map capacities the use gauges compare with (`rproxy_map_capacity{map}`, and
-/// `{map="conntrack",family}` as `--ct-max` and `--ct-max-ipv6` sized them).
+/// The map capacities the use gauges compare with (`rproxy_map_capacity{map}`: services and
+/// backends as `--service-map-max` and `--backend-map-max` sized them, and
+/// `{map="conntrack",family}` as `--ct-max` and `--ct-max-ipv6` did).
 #[derive(Debug)]
 struct Capacities(MapSizes);
 
@@ -461,8 +462,8 @@ impl Collector for Capacities {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for (map, cap) in [
-            ("services", limits::SERVICES_MAX),
-            ("backends", limits::BACKENDS_MAX - 1),
+            ("services", self.0.services),
+            ("backends", self.0.backends - 1),
             ("affinity", limits::AFFINITY_MAX),
             ("routes", limits::ROUTES_MAX),
         ] {
@@ -674,7 +675,12 @@ mod tests {
     /// the capacities, and no datapath families without a map.
     #[test]
     fn kube_proxy_names_and_rproxy_gauges_are_encoded() {
-        let m = Metrics::new(None, None, None, MapSizes { ct4: 524_288, ct6: 4096, svc_stats: 65_536 });
+        let m = Metrics::new(
+            None,
+            None,
+            None,
+            MapSizes { ct4: 524_288, ct6: 4096, services: 524_288, backends: 262_144, svc_stats: 65_536 },
+        );
         observe_sync(&m, Duration::from_millis(3), true, true, jiff::Timestamp::from_second(1_700_000_000).unwrap());
         count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, 1);
         count_changes(&m.service_changes, &m.service_changes_pending, 1);
@@ -696,6 +702,8 @@ mod tests {
             "rproxy_rejections_total{kind=\"Service\"} 1",
             "rproxy_map_capacity{map=\"conntrack\",family=\"ipv4\"} 524288",
             "rproxy_map_capacity{map=\"conntrack\",family=\"ipv6\"} 4096",
+            "rproxy_map_capacity{map=\"services\"} 524288",
+            "rproxy_map_capacity{map=\"backends\"} 262143",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

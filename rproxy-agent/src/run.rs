@@ -656,13 +656,13 @@ impl Agent {
             // State first, then hooks: devices are attached only to maps that hold the
             // source's complete state.
             if let Err(e) = self.datapath.top_up_migration() {
-                error!(error = %e, "copying the flows of the old maps (migration to BTF maps)");
+                error!(error = %e, "copying the flows of the old maps (map migration)");
             }
             self.attach_sockets();
             self.rescan();
-            // The old programs of an agent before BTF maps are replaced everywhere by now.
+            // The old programs (with the old maps) are replaced everywhere by now.
             if let Err(e) = self.datapath.finish_migration() {
-                error!(error = %e, "finishing the migration to BTF maps (the old maps stay pinned in legacy/)");
+                error!(error = %e, "finishing the map migration (the old maps stay pinned in legacy/)");
             }
         }
     }

@@ -177,6 +177,8 @@ pub struct Writer {
     rev_nat_ids: BTreeSet<u16>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
+    /// Size of each family's backend array: ids are `1..backend_array`.
+    backend_array: u32,
     /// How many programmed frontends name each backend id (in a slot or as draining).
     refs: HashMap<u32, u32>,
     /// Backend ids that may have lost their last reference: orphaned at the end of a sync if
@@ -210,6 +212,8 @@ pub struct Adopted {
     pub src_ranges: Vec<(u16, IpNet)>,
     /// Affinity matches: (rev-NAT id, backend id).
     pub affinity: Vec<(u16, u32)>,
+    /// Size of the backend arrays (`--backend-map-max`); `None`: the object's default.
+    pub backend_array: Option<u32>,
     /// Entries that could not be decoded (an unknown protocol): left in place.
     pub undecoded: Vec<String>,
 }
@@ -379,6 +383,7 @@ impl Writer {
             rev_nat_ids: BTreeSet::new(),
             next_backend_id: 1,
             next_rev_nat_id: 1,
+            backend_array: rproxy_common::limits::BACKENDS_MAX,
             refs: HashMap::new(),
             unreferenced: BTreeSet::new(),
             orphans: BTreeSet::new(),
@@ -397,6 +402,7 @@ impl Writer {
         let mut w = Self {
             filter: filter::Filter::adopt(FilterMap::Services, adopted.filter),
             be_filter: filter::Filter::adopt(FilterMap::Backends, adopted.be_filter),
+            backend_array: adopted.backend_array.unwrap_or(rproxy_common::limits::BACKENDS_MAX),
             ..Self::new()
         };
         let mut warnings = adopted.undecoded;
@@ -871,16 +877,16 @@ impl Writer {
         Ok((id, true))
     }
 
-    /// Next free backend id, in `1..BACKENDS_MAX` (the backend array's size). Ids grow
+    /// Next free backend id, in `1..backend_array` (the backend array's size). Ids grow
     /// monotonically (wrapping, skipping ids in use) so that a removed backend's id is not handed
     /// out again soon: stale conntrack entries must not start pointing at another pod.
     fn alloc_backend_id(&mut self) -> Result<u32, String> {
-        const MAX: u32 = rproxy_common::limits::BACKENDS_MAX;
-        if self.backend_ids.len() >= (MAX - 1) as usize {
-            return Err(format!("backend map full ({} backends)", MAX - 1));
+        let max = self.backend_array;
+        if self.backend_ids.len() >= (max - 1) as usize {
+            return Err(format!("backend map full ({} backends: --backend-map-max)", max - 1));
         }
-        let next = |id: u32| if id + 1 >= MAX { 1 } else { id + 1 };
-        let mut id = if (1..MAX).contains(&self.next_backend_id) { self.next_backend_id } else { 1 };
+        let next = |id: u32| if id + 1 >= max { 1 } else { id + 1 };
+        let mut id = if (1..max).contains(&self.next_backend_id) { self.next_backend_id } else { 1 };
         while self.backend_ids.contains_key(&id) {
             id = next(id);
         }
@@ -1017,6 +1023,8 @@ pub fn read_adopted(maps: &crate::bpf::datapath::Maps) -> Adopted {
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
         affinity: maps.affinity_match.keys().filter_map(Result::ok).map(|m| (m.rev_nat_id, m.backend_id)).collect(),
+        // Both families' arrays have the same size (`MapSizes::backends`).
+        backend_array: Some(maps.backends.len().min(maps.backends6.len())),
         ..Adopted::default()
     };
     adopt_family(&mut a, &maps.services, &maps.backends, &maps.rev_nat, &maps.src_range);

@@ -166,12 +166,17 @@ const SOCK_PROGRAMS: [&str; 8] = [
 ];
 
 /// Sizes of the maps an operator chooses: entries of each family's conntrack table (two per
-/// translated flow; `--ct-max`, `--ct-max-ipv6`), and of the per-Service counters
-/// (`--service-counters`: one per rev-NAT id, or 1, which counts nothing).
+/// translated flow; `--ct-max`, `--ct-max-ipv6`), of each family's service table and of the
+/// affinity matches (`--service-map-max`), of each family's backend array (`--backend-map-max`:
+/// ids are `1..backends`), and of the per-Service counters (`--service-counters`: one per rev-NAT
+/// id, or 1, which counts nothing). A pinned table of another size is migrated to one of the new
+/// size at the next start (`migrate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub ct4: u32,
     pub ct6: u32,
+    pub services: u32,
+    pub backends: u32,
     pub svc_stats: u32,
 }
 
@@ -180,12 +185,15 @@ impl MapSizes {
     pub const DEFAULT: Self = Self {
         ct4: rproxy_common::limits::CT_MAX,
         ct6: rproxy_common::limits::CT_MAX,
+        services: rproxy_common::limits::SERVICES_MAX,
+        backends: rproxy_common::limits::BACKENDS_MAX,
         svc_stats: rproxy_common::limits::REV_NAT_MAX,
     };
     /// Smallest table accepted: an LRU table keeps per-CPU free lists, and a tiny one would evict
-    /// live flows at once.
+    /// live flows at once; a smaller service or backend table saves next to nothing.
     pub const MIN: u32 = 4096;
-    /// Largest table accepted (16 Mi entries: about 2.6 GB of kernel memory for IPv6's).
+    /// Largest table accepted (16 Mi entries: about 2.6 GB of kernel memory for IPv6's
+    /// conntrack).
     pub const MAX: u32 = 1 << 24;
 
     /// The size wanted for map `name`, if it is one of these.
@@ -194,6 +202,8 @@ impl MapSizes {
         match name {
             map_names::CT4 => Some(self.ct4),
             map_names::CT6 => Some(self.ct6),
+            map_names::SERVICES4 | map_names::SERVICES6 | map_names::AFFINITY_MATCH => Some(self.services),
+            map_names::BACKENDS4 | map_names::BACKENDS6 => Some(self.backends),
             map_names::SVC_STATS => Some(self.svc_stats),
             _ => None,
         }
@@ -222,7 +232,7 @@ impl Datapath {
     /// `load_object` with the conntrack tables sized by `sizes`.
     pub fn load_object_sized(object: &[u8], pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        for name in [map_names::CT4, map_names::CT6, map_names::SVC_STATS] {
+        for name in map_names::ALL {
             if let Some(n) = sizes.of(name) {
                 loader.map_max_entries(name, n);
             }
@@ -251,12 +261,13 @@ impl Datapath {
             restrict(dir)?;
         }
         let parsed = aya_obj::Object::parse(object).map_err(|e| Error::Object(e.to_string()))?;
-        // Maps pinned without BTF by an older agent (of the right shape: checked first) are set
-        // aside and copied into new ones (`migrate`).
+        // Maps pinned without BTF by an older agent, or of another size than asked for (of the
+        // right shape otherwise: checked first), are set aside and copied into new ones
+        // (`migrate`).
         let legacy = match pin_dir {
             Some(_) => {
                 check_pinned_maps(&parsed, dir, sizes)?;
-                migrate::set_aside(&parsed, dir)?
+                migrate::set_aside(&parsed, dir, sizes)?
             }
             None => None,
         };
@@ -318,7 +329,7 @@ impl Datapath {
         Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy })
     }
 
-    /// During a migration from maps without BTF (`migrate`): copies the flows the old programs
+    /// During a migration to new maps (`migrate`): copies the flows the old programs
     /// created since the load, just before the new programs are attached.
     pub fn top_up_migration(&self) -> Result<()> {
         if let Some(legacy) = &self.legacy {
@@ -328,7 +339,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// Ends a migration from maps without BTF (`migrate`), if this load began one: to be called
+    /// Ends a migration to new maps (`migrate`), if this load began one: to be called
     /// once the new programs are attached to every device, so that the old ones no longer run.
     pub fn finish_migration(&mut self) -> Result<()> {
         self.legacy.take().map_or(Ok(()), migrate::Legacy::finish)
@@ -889,7 +900,8 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// Refuses to start on maps pinned in `dir` whose shape differs from this agent's object (an
 /// upgrade that changed a layout): reusing them would fail in the verifier with an obscure
 /// message, or worse, run with the wrong map flags. Maps not pinned yet are created as usual,
-/// and so are the `REPLACEABLE` ones after their old pin is removed.
+/// and so are the `REPLACEABLE` ones after their old pin is removed. A resizable table of
+/// another size passes: `migrate::set_aside` moves it to one of the wanted size.
 fn check_pinned_maps(object: &aya_obj::Object, dir: &Path, sizes: MapSizes) -> Result<()> {
     for name in map_names::ALL {
         let path = dir.join(name);
@@ -910,14 +922,19 @@ fn check_pinned_maps(object: &aya_obj::Object, dir: &Path, sizes: MapSizes) -> R
             }
             continue;
         };
+        let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|source| Error::Map { name, source })?;
         let want = MapShape {
             map_type: want.map_type(),
             key_size: want.key_size(),
             value_size: want.value_size(),
-            max_entries: sizes.of(name).unwrap_or_else(|| want.max_entries()),
+            // A table of another size moves to a new one of the wanted size (`migrate`).
+            max_entries: if migrate::resizable(name) {
+                info.max_entries()
+            } else {
+                sizes.of(name).unwrap_or_else(|| want.max_entries())
+            },
             flags: want.map_flags(),
         };
-        let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|source| Error::Map { name, source })?;
         let found = MapShape {
             #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "bpf_map_type values")]
             map_type: info.map_type().map_or(u32::MAX, |t| t as isize as u32),

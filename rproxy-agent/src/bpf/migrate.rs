@@ -1,7 +1,14 @@
-//! Upgrading from maps without BTF. Agents before BTF maps pinned maps whose key and value types
-//! the kernel does not know (bpftool printed bytes). This agent's maps carry BTF, and a pinned
-//! map cannot gain it, so an upgraded agent replaces each such map by a new one with the same
-//! contents, without dropping a connection:
+//! Moving pinned maps to new ones, without dropping a connection. Two things call for it:
+//!
+//! - **maps without BTF.** Agents before BTF maps pinned maps whose key and value types the
+//!   kernel does not know (bpftool printed bytes). This agent's maps carry BTF, and a pinned map
+//!   cannot gain it.
+//! - **a new size.** `--ct-max`, `--ct-max-ipv6`, `--service-map-max` and `--backend-map-max`
+//!   size tables that are pinned, and a map's size is fixed when it is created. A smaller
+//!   service or backend table must still hold what the pinned one does (else the start is
+//!   refused, naming the map); a smaller conntrack table keeps what fits (it is an LRU).
+//!
+//! In both cases the agent replaces each such map by a new one with the same contents:
 //!
 //! 1. before loading, the old pins are moved aside into `legacy/` in the pin directory (a crash
 //!    from here on loses nothing: the next start resumes from them), and the loader creates the
@@ -34,6 +41,7 @@ use rproxy_common::{
 };
 use tracing::{info, warn};
 
+use super::datapath::MapSizes;
 use crate::{Error, Result};
 
 /// Where the old pins wait, inside the pin directory.
@@ -126,45 +134,125 @@ pub fn has_btf(map: &MapData) -> Result<bool> {
     Ok(info.btf_value_type_id != 0)
 }
 
-/// Moves aside the pinned maps of `dir` that this object defines with BTF and that were created
-/// without it, and returns them (with any left aside by an interrupted migration). `None`: nothing
-/// to migrate.
-pub fn set_aside(object: &aya_obj::Object, dir: &Path) -> Result<Option<Legacy>> {
+/// Whether a pinned map of another size than wanted is migrated to one of the wanted size (its
+/// contents move with it) rather than refused or started afresh.
+#[must_use]
+pub fn resizable(name: &str) -> bool {
+    PLAN.iter().any(|(n, kind)| *n == name && matches!(kind, Kind::State | Kind::Flows))
+}
+
+/// Moves aside the pinned maps of `dir` that must move to new ones: those this object defines
+/// with BTF and that were created without it, and the resizable ones whose size differs from
+/// `sizes`. Returns them (with any left aside by an interrupted migration). `None`: nothing to
+/// migrate. A service or backend table that would not fit in its new size is refused before
+/// anything moves.
+pub fn set_aside(object: &aya_obj::Object, dir: &Path, sizes: MapSizes) -> Result<Option<Legacy>> {
     let legacy_dir = dir.join(LEGACY_DIR);
-    let mut maps = Vec::new();
+    let mut moves = Vec::new();
     for (name, kind) in PLAN {
         if kind == Kind::Keep {
             continue;
         }
         let (path, aside) = (dir.join(name), legacy_dir.join(name));
-        if !aside.exists() {
-            let wants_btf = matches!(object.maps.get(name), Some(aya_obj::maps::Map::Btf(_)));
-            if !wants_btf || !path.exists() {
-                continue;
-            }
-            let old = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-            if has_btf(&old)? {
-                continue;
-            }
-            std::fs::create_dir_all(&legacy_dir)
-                .map_err(|source| Error::Io { what: format!("creating {}", legacy_dir.display()), source })?;
-            std::fs::rename(&path, &aside).map_err(|source| Error::Io {
-                what: format!("moving {} aside to {}", path.display(), aside.display()),
-                source,
-            })?;
+        if aside.exists() || !path.exists() {
+            continue;
         }
-        let old = MapData::from_pin(&aside).map_err(|source| Error::Map { name, source })?;
-        maps.push((name, old));
+        let old = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+        let wants_btf = matches!(object.maps.get(name), Some(aya_obj::maps::Map::Btf(_)));
+        if wants_btf && !has_btf(&old)? {
+            info!(map = name, "pinned without BTF (an agent before BTF maps): moving it to a new map");
+            moves.push((name, path, aside));
+            continue;
+        }
+        let Some(want) = sizes.of(name).filter(|_| resizable(name)) else { continue };
+        let have = old.info().map_err(|source| Error::Map { name, source })?.max_entries();
+        if have != want {
+            if want < have {
+                fits(name, &old, want).map_err(|detail| Error::MapTooSmall {
+                    name,
+                    dir: dir.to_path_buf(),
+                    size: want,
+                    detail,
+                })?;
+            }
+            info!(map = name, from = have, to = want, "resizing a pinned map: moving it to a new map");
+            moves.push((name, path, aside));
+        }
+    }
+    if !moves.is_empty() {
+        std::fs::create_dir_all(&legacy_dir)
+            .map_err(|source| Error::Io { what: format!("creating {}", legacy_dir.display()), source })?;
+    }
+    for (_, path, aside) in &moves {
+        std::fs::rename(path, aside).map_err(|source| Error::Io {
+            what: format!("moving {} aside to {}", path.display(), aside.display()),
+            source,
+        })?;
+    }
+    let mut maps = Vec::new();
+    for (name, kind) in PLAN {
+        let aside = legacy_dir.join(name);
+        if kind != Kind::Keep && aside.exists() {
+            maps.push((name, MapData::from_pin(&aside).map_err(|source| Error::Map { name, source })?));
+        }
     }
     if maps.is_empty() {
         return Ok(None);
     }
-    info!(
-        maps = maps.len(),
-        dir = %legacy_dir.display(),
-        "pinned maps without BTF (an agent before BTF maps): migrating them to new maps"
-    );
+    info!(maps = maps.len(), dir = %legacy_dir.display(), "migrating pinned maps to new maps");
     Ok(Some(Legacy { dir: dir.to_path_buf(), maps }))
+}
+
+/// Whether the contents of `old` (map `name`) fit in a map of `size` entries; if not, what it
+/// holds. Conntrack and affinity memory are LRU tables: they keep what fits.
+fn fits(name: &str, old: &MapData, size: u32) -> std::result::Result<(), String> {
+    let old = reopen(old).and_then(Map::from_map_data).map_err(|e| format!("reading it: {e}"))?;
+    let held = match name {
+        n::SERVICES4 => count::<ServiceKey4, ServiceValue>(&old),
+        n::SERVICES6 => count::<ServiceKey6, ServiceValue>(&old),
+        n::AFFINITY_MATCH => count::<AffinityMatch, u8>(&old),
+        n::BACKENDS4 => highest_used::<Backend4>(&old, size),
+        n::BACKENDS6 => highest_used::<Backend6>(&old, size),
+        _ => return Ok(()),
+    }
+    .map_err(|e| format!("reading it: {e}"))?;
+    check_fit(name, held, size)
+}
+
+/// What a table holds, for [`check_fit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// Entries of a hash table.
+    Entries(u32),
+    /// The highest id in use in an array (0: none).
+    HighestId(u32),
+}
+
+fn check_fit(name: &str, held: Held, size: u32) -> std::result::Result<(), String> {
+    match held {
+        Held::Entries(n) if n > size => Err(format!("{name} holds {n} entries")),
+        Held::HighestId(id) if id >= size => {
+            Err(format!("{name} has backend id {id} in use (ids must stay below the size)"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn count<K: Pod, V: Pod>(old: &Map) -> std::result::Result<Held, aya::maps::MapError> {
+    let map = HashMap::<_, K, V>::try_from(old)?;
+    let n = map.keys().flatten().count();
+    Ok(Held::Entries(u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+/// The highest id at or above `from` whose entry is in use (not all zeroes), or 0.
+fn highest_used<V: Pod + Default + PartialEq>(old: &Map, from: u32) -> std::result::Result<Held, aya::maps::MapError> {
+    let map = Array::<_, V>::try_from(old)?;
+    for id in (from..map.len()).rev() {
+        if map.get(&id, 0)? != V::default() {
+            return Ok(Held::HighestId(id));
+        }
+    }
+    Ok(Held::HighestId(0))
 }
 
 impl Legacy {
@@ -188,7 +276,7 @@ impl Legacy {
         let legacy_dir = self.dir.join(LEGACY_DIR);
         std::fs::remove_dir_all(&legacy_dir)
             .map_err(|source| Error::Io { what: format!("removing {}", legacy_dir.display()), source })?;
-        info!(late_flows = copied, maps = self.maps.len(), "migration to BTF maps finished; old maps released");
+        info!(late_flows = copied, maps = self.maps.len(), "map migration finished; old maps released");
         Ok(())
     }
 
@@ -301,4 +389,31 @@ fn per_cpu<V: Pod>(old: &Map, new: &mut Map) -> std::result::Result<Copied, aya:
         c.done += 1;
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_smaller_table_must_hold_what_the_pinned_one_does() {
+        assert_eq!(check_fit(n::SERVICES4, Held::Entries(4096), 4096), Ok(()));
+        let e = check_fit(n::SERVICES4, Held::Entries(4097), 4096).unwrap_err();
+        assert!(e.contains("RPX_SVC4 holds 4097 entries"), "{e}");
+        // Ids are 1..size: the highest must stay below the size.
+        assert_eq!(check_fit(n::BACKENDS6, Held::HighestId(0), 4096), Ok(()));
+        assert_eq!(check_fit(n::BACKENDS6, Held::HighestId(4095), 4096), Ok(()));
+        let e = check_fit(n::BACKENDS6, Held::HighestId(4096), 4096).unwrap_err();
+        assert!(e.contains("RPX_BE6 has backend id 4096 in use"), "{e}");
+    }
+
+    #[test]
+    fn every_state_and_flow_table_is_resizable_and_scratch_state_is_not() {
+        for name in [n::SERVICES4, n::SERVICES6, n::BACKENDS4, n::BACKENDS6, n::CT4, n::CT6, n::AFFINITY_MATCH] {
+            assert!(resizable(name), "{name}");
+        }
+        for name in [n::SVC_STATS, n::ROUTE4, n::EVENTS, "RPX_UNKNOWN"] {
+            assert!(!resizable(name), "{name}");
+        }
+    }
 }

@@ -84,6 +84,7 @@ impl FakeMaps {
             src_ranges: self.src_ranges.iter().copied().collect(),
             affinity: self.affinity.iter().copied().collect(),
             undecoded: Vec::new(),
+            backend_array: None,
         }
     }
 }
@@ -400,6 +401,23 @@ fn full_backend_map_fails_only_that_service() {
     assert!(r.errors[0].contains("default/b") && r.errors[0].contains("map full"));
     assert_eq!(slot_backends(&m, fe(10, 80)).len(), 2);
     assert!(!m.services.contains_key(&key_of(fe(11, 80), 0)));
+}
+
+#[test]
+fn backend_ids_stay_within_the_adopted_array() {
+    let mut m = FakeMaps::default();
+    // An array of 4 (`--backend-map-max`): ids 1 to 3.
+    let (mut w, _) = Writer::adopt(Adopted { backend_array: Some(4), ..m.adopted() });
+    let r = w.sync(&desired(&[(fe(10, 80), entry("a", &[1, 2, 3], &[])), (fe(11, 80), entry("b", &[4], &[]))]), &mut m);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].contains("default/b") && r.errors[0].contains("--backend-map-max"), "{:?}", r.errors);
+    assert_eq!(m.backends.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    // Once a's backends are gone, b's take ids from the start again, never past the array.
+    sync_idle(&mut w, &desired(&[]), &mut m);
+    let r = sync_idle(&mut w, &desired(&[(fe(11, 80), entry("b", &[4, 5], &[]))]), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(m.backends.len(), 2);
+    assert!(m.backends.keys().all(|id| (1..4).contains(id)), "{:?}", m.backends.keys());
 }
 
 #[test]

@@ -854,3 +854,56 @@ fn pinned_map_of_another_layout_is_refused() {
     let maps = dp.take_maps().expect("maps");
     assert_eq!(maps.stats.len(), rproxy_common::Stat::COUNT, "a map of this agent's size");
 }
+
+/// A pinned table of another size than asked for (`--ct-max`, `--service-map-max`,
+/// `--backend-map-max`) moves to a new table of the new size with its entries; a backend array
+/// too small for an id in use is refused, naming the map and the id, and nothing moves.
+#[test]
+fn pinned_tables_move_to_their_new_size_and_a_shrink_that_does_not_fit_is_refused() {
+    use rproxy_agent::bpf::datapath::{Datapath, MapSizes};
+    use rproxy_common::{Backend4, CtKey4, CtValue4, ServiceKey4, ServiceValue, map_names};
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if harness().is_none() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/rpxtest-resize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pin dir");
+    let _cleanup = PinDirCleanup(dir.clone());
+    let size = |name: &str| {
+        aya::maps::MapData::from_pin(dir.join(name)).and_then(|m| m.info()).expect("pinned map").max_entries()
+    };
+    let small = MapSizes { ct4: 8192, services: 8192, backends: 8192, ..MapSizes::DEFAULT };
+    let service = ServiceKey4::new(Ipv4Addr::new(10, 96, 0, 1), 80, proto::TCP, 0);
+    let flow = CtKey4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: proto::TCP, ..CtKey4::default() };
+    let backend = Backend4::new(Ipv4Addr::new(10, 244, 0, 9), 8080, proto::TCP, 1);
+    {
+        let mut dp = Datapath::load_sized(Some(&dir), small).expect("load");
+        let mut maps = dp.take_maps().expect("maps");
+        maps.backends.set(5000, backend, 0).expect("backend");
+        maps.services
+            .insert(service, ServiceValue { backend_id: 5000, ..ServiceValue::default() }, 0)
+            .expect("service");
+        maps.conntrack.insert(flow, CtValue4 { backend_id: 5000, ..CtValue4::default() }, 0).expect("flow");
+    }
+    assert_eq!((size(map_names::BACKENDS4), size(map_names::SERVICES4), size(map_names::CT4)), (8192, 8192, 8192));
+
+    let err = Datapath::load_sized(Some(&dir), MapSizes { backends: 4096, ..small }).err().expect("must refuse");
+    let msg = err.to_string();
+    assert!(msg.contains("RPX_BE4") && msg.contains("backend id 5000") && msg.contains("--backend-map-max"), "{msg}");
+    assert!(!dir.join("legacy").exists(), "nothing moved aside");
+    assert_eq!(size(map_names::BACKENDS4), 8192);
+
+    let grown = MapSizes { ct4: 16384, services: 4096, backends: 16384, ..MapSizes::DEFAULT };
+    let mut dp = Datapath::load_sized(Some(&dir), grown).expect("resizing load");
+    let maps = dp.take_maps().expect("maps");
+    assert_eq!(maps.backends.get(&5000, 0).expect("backend 5000"), backend);
+    assert_eq!(maps.services.get(&service, 0).expect("service").backend_id, 5000);
+    assert_eq!(maps.conntrack.get(&flow, 0).expect("flow").backend_id, 5000);
+    assert_eq!(maps.backends.len(), 16384);
+    drop(maps);
+    dp.finish_migration().expect("finish");
+    assert!(!dir.join("legacy").exists(), "the old tables are released");
+    assert_eq!((size(map_names::BACKENDS4), size(map_names::SERVICES4), size(map_names::CT4)), (16384, 4096, 16384));
+    assert_eq!((size(map_names::BACKENDS6), size(map_names::SERVICES6)), (16384, 4096));
+}

@@ -258,6 +258,8 @@ agent:
   ctGcInterval: 3
   ctMax: 65536
   ctMaxIpv6: 4096
+  serviceMapMax: 524288
+  backendMapMax: 524288
   rescanInterval: 7
   healthzBindAddress: 0.0.0.0:10266
   metricsBindAddress: "[::]:9100"
@@ -361,6 +363,8 @@ fn non_default_values_render_exactly_and_the_agent_accepts_them() {
         ("--ct-gc-interval", "3"),
         ("--ct-max", "65536"),
         ("--ct-max-ipv6", "4096"),
+        ("--service-map-max", "524288"),
+        ("--backend-map-max", "524288"),
         ("--rescan-interval", "7"),
         ("--healthz-bind-address", "0.0.0.0:10266"),
         ("--metrics-bind-address", "[::]:9100"),
@@ -521,6 +525,8 @@ fn values_the_agent_would_refuse_fail_at_render_time() {
     for (key, value, flag) in [
         ("ctMax", "1", "--ct-max"),
         ("ctMaxIpv6", "33554432", "--ct-max-ipv6"),
+        ("serviceMapMax", "4095", "--service-map-max"),
+        ("backendMapMax", "16777217", "--backend-map-max"),
         ("xdpMode", "fast", "--xdp-mode"),
         ("nodeportAddresses", "10.0.0.1", "--nodeport-addresses"),
         ("metricsBindAddress", "localhost:9100", "--metrics-bind-address"),

@@ -813,6 +813,39 @@ fn maps_with_btf(dir: &Path) -> Result<BTreeMap<String, bool>> {
     Ok(found)
 }
 
+/// Fails unless the first sync in an agent's `log` wrote nothing: it adopted every id the maps
+/// held (a rewrite would give flows' backend ids to other pods).
+fn ensure_first_sync_adopted(log: &str) -> Result<()> {
+    let first = log.lines().find(|l| l.contains("map_ops=")).context("no sync in the log")?;
+    ensure!(first.contains(" map_ops=0 "), "the restarted agent rewrote maps (ids not adopted): {first}\n{log}");
+    Ok(())
+}
+
+/// A connection from the client to the `ClusterIP`'s echo server, open across restarts.
+struct EchoConnection(std::net::TcpStream);
+
+impl EchoConnection {
+    fn open(setup: &Setup) -> Result<Self> {
+        use std::io::{BufRead as _, BufReader};
+        let conn =
+            in_netns(setup.client().ns(), || std::net::TcpStream::connect_timeout(&(CLUSTER_IP, 80).into(), TIMEOUT))??;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        let mut greeting = String::new();
+        BufReader::new(conn.try_clone()?).read_line(&mut greeting)?;
+        Ok(Self(conn))
+    }
+
+    /// Sends `msg` and checks that it comes back.
+    fn echo(&mut self, msg: &[u8]) -> Result<()> {
+        use std::io::{Read as _, Write as _};
+        self.0.write_all(msg)?;
+        let mut got = vec![0u8; msg.len()];
+        self.0.read_exact(&mut got)?;
+        ensure!(got == msg, "echo {got:?} != {msg:?}");
+        Ok(())
+    }
+}
+
 /// An agent upgraded from a release whose maps had no BTF (its eBPF object is kept in
 /// tests/fixtures) moves them to BTF maps: connections opened before keep working, none made
 /// during the upgrade fails, the maps keep their ids (nothing to rewrite) and bpftool then knows
@@ -820,7 +853,6 @@ fn maps_with_btf(dir: &Path) -> Result<BTreeMap<String, bool>> {
 #[test]
 fn upgrade_from_maps_without_btf_loses_no_connection() {
     run("upgrade_from_maps_without_btf_loses_no_connection", &http_spec(all(State::Ready)), |setup| {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
         let bin = agent_bin()?;
         let previous = rproxy_tests::previous_ebpf_object();
         let previous = previous.to_str().context("fixture path")?;
@@ -833,29 +865,18 @@ fn upgrade_from_maps_without_btf_loses_no_connection() {
         let before = maps_with_btf(&pins)?;
         ensure!(before.len() == 25 && before.values().all(|btf| !btf), "the old datapath's maps: {before:?}");
 
-        let mut conn =
-            in_netns(setup.client().ns(), || std::net::TcpStream::connect_timeout(&(CLUSTER_IP, 80).into(), TIMEOUT))??;
-        conn.set_read_timeout(Some(TIMEOUT))?;
-        let mut greeting = String::new();
-        BufReader::new(conn.try_clone()?).read_line(&mut greeting)?;
-        let mut echo = |msg: &[u8]| -> Result<()> {
-            conn.write_all(msg)?;
-            let mut got = vec![0u8; msg.len()];
-            conn.read_exact(&mut got)?;
-            ensure!(got == msg, "echo {got:?} != {msg:?}");
-            Ok(())
-        };
-        echo(b"before the upgrade")?;
+        let mut conn = EchoConnection::open(setup)?;
+        conn.echo(b"before the upgrade")?;
 
         // Established connections survive the migration; one opened in the few milliseconds
         // between a device's two program swaps may be reset (docs/maps.md).
         under_a_stream_of_connections(setup, true, |setup, t0| {
             thread::sleep(Duration::from_millis(300));
-            let window = restart_agent(setup, t0, &bin, &[], "migration to BTF maps finished")?;
+            let window = restart_agent(setup, t0, &bin, &[], "map migration finished")?;
             thread::sleep(Duration::from_millis(300));
             Ok(vec![window])
         })?;
-        echo(b"after the upgrade").context("the connection opened before the upgrade must survive it")?;
+        conn.echo(b"after the upgrade").context("the connection opened before the upgrade must survive it")?;
 
         let after = maps_with_btf(&pins)?;
         // Every map but the monitor's ring buffer, which has no key or value types.
@@ -865,8 +886,48 @@ fn upgrade_from_maps_without_btf_loses_no_connection() {
             "maps after the upgrade: {after:?}"
         );
         ensure!(!pins.join("legacy").exists(), "the old maps' pins are still there after the migration");
-        let log = setup.lab.agent_log();
-        ensure!(log.contains("map_ops=0"), "the upgraded agent rewrote maps (ids not adopted):\n{log}");
+        ensure_first_sync_adopted(&setup.lab.agent_log())?;
+        Ok(())
+    });
+}
+
+/// Restarting with other table sizes (a cluster that outgrew the defaults, or a node that wants
+/// a smaller conntrack table) moves the pinned tables to new ones of those sizes: the connection
+/// opened before keeps working, none opened during the restart fails outside the program swap,
+/// and the ids are adopted as they were (no map write at the first sync).
+#[test]
+fn tables_resized_at_a_restart_keep_every_connection() {
+    run("tables_resized_at_a_restart_keep_every_connection", &http_spec(all(State::Ready)), |setup| {
+        let bin = agent_bin()?;
+        let mut conn = EchoConnection::open(setup)?;
+        conn.echo(b"before the restart")?;
+        let sizes = ["--ct-max", "262144", "--service-map-max", "524288", "--backend-map-max", "262144"];
+        under_a_stream_of_connections(setup, true, |setup, t0| {
+            thread::sleep(Duration::from_millis(300));
+            let window = restart_agent(setup, t0, &bin, &sizes, "map migration finished")?;
+            thread::sleep(Duration::from_millis(300));
+            Ok(vec![window])
+        })?;
+        conn.echo(b"after the restart").context("the connection opened before the restart must survive it")?;
+
+        let pins = setup.lab.pin_dir().to_path_buf();
+        for (map, want) in [
+            ("RPX_CT4", 262_144),
+            ("RPX_SVC4", 524_288),
+            ("RPX_SVC6", 524_288),
+            ("RPX_AFFINITY_MATCH", 524_288),
+            ("RPX_BE4", 262_144),
+            ("RPX_BE6", 262_144),
+        ] {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(pins.join(map))
+                .output()?;
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            ensure!(info["max_entries"] == want, "{map} after the restart: {info}");
+        }
+        ensure!(!pins.join("legacy").exists(), "the old tables' pins are still there");
+        ensure_first_sync_adopted(&setup.lab.agent_log())?;
         Ok(())
     });
 }

@@ -76,7 +76,7 @@ not null (or not empty, for the lists), then agent.extraArgs.
 {{- $args = concat $args (list "--xdp-mode" $a.xdpMode) -}}
 {{- end -}}
 {{- $args = concat $args (list "--cgroup" $a.cgroup) -}}
-{{- range $flag, $key := dict "--ct-gc-interval" "ctGcInterval" "--ct-max" "ctMax" "--ct-max-ipv6" "ctMaxIpv6" "--rescan-interval" "rescanInterval" -}}
+{{- range $flag, $key := dict "--ct-gc-interval" "ctGcInterval" "--ct-max" "ctMax" "--ct-max-ipv6" "ctMaxIpv6" "--service-map-max" "serviceMapMax" "--backend-map-max" "backendMapMax" "--rescan-interval" "rescanInterval" -}}
 {{- $v := index $a $key -}}
 {{- if not (kindIs "invalid" $v) -}}
 {{- $args = concat $args (list $flag (toString (int64 $v))) -}}
