@@ -565,6 +565,23 @@ impl Writer {
             }
         }
 
+        // The filter bits of new frontends and new backends, a word at a time: their own
+        // presets below then find them set, and a first sync of 300,000 backends writes each
+        // filter word once instead of once per bit. A failure here is left to those presets.
+        let wanted = || frontends.iter().filter_map(|fe| desired.services.get(fe).map(|e| (fe, e)));
+        self.filter.preset_all(
+            wanted().filter(|(fe, _)| !self.services.contains_key(fe)).map(|(fe, _)| frontend_bit(*fe)),
+            &mut run,
+        );
+        let backends = &self.backends;
+        self.be_filter.preset_all(
+            wanted()
+                .flat_map(|(_, e)| e.slots.iter().chain(&e.local_slots).chain(&e.draining))
+                .filter(|b| !backends.contains_key(&b.addr))
+                .map(|b| backend_bit(backend_value(b))),
+            &mut run,
+        );
+
         // 2. New and changed frontends; a new one's filter bit first.
         for fe in frontends {
             let Some(entry) = desired.services.get(fe) else { continue };
@@ -1016,13 +1033,16 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 }
 
 /// Reads what the pinned maps of both families hold, for `Writer::adopt`: every service entry
-/// and every non-zero (used) backend and rev-NAT array entry, decoded.
+/// and every non-zero (used) backend and rev-NAT array entry, decoded (in chunks: a few hundred
+/// system calls for 500,000 backend ids).
+#[must_use]
 pub fn read_adopted(maps: &crate::bpf::datapath::Maps) -> Adopted {
+    use crate::bpf::datapath::hash_entries;
     let mut a = Adopted {
         // A word that cannot be read makes the whole filter unknown (see `Filter::adopt`).
         filter: read_words(&maps.svc_filter),
         be_filter: read_words(&maps.be_filter),
-        affinity: maps.affinity_match.keys().filter_map(Result::ok).map(|m| (m.rev_nat_id, m.backend_id)).collect(),
+        affinity: hash_entries(&maps.affinity_match).into_iter().map(|(m, _)| (m.rev_nat_id, m.backend_id)).collect(),
         // Both families' arrays have the same size (`MapSizes::backends`).
         backend_array: Some(maps.backends.len().min(maps.backends6.len())),
         ..Adopted::default()
@@ -1046,8 +1066,8 @@ fn adopt_family<A>(
     rproxy_common::RevNat<A>: aya::Pod + Default + PartialEq,
     rproxy_common::SrcRange<A>: aya::Pod,
 {
-    use crate::bpf::datapath::used_entries;
-    for (k, v) in services.iter().filter_map(Result::ok) {
+    use crate::bpf::datapath::{hash_entries, used_entries};
+    for (k, v) in hash_entries(services) {
         let (addr, port) = (k.ip().into(), k.host_port());
         match protocol(k.proto) {
             Some(proto) => {

@@ -72,6 +72,22 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
+/// `--service-map-max` and `--backend-map-max` for the Services measured (and the added ones):
+/// the defaults, or the next power of two that holds them with a quarter to spare, as an
+/// operator would size a cluster of this scale.
+fn table_sizes(args: &Args) -> (u32, u32) {
+    let services = args.services + args.adds;
+    // One ClusterIP port each: slot 0 and one slot per endpoint; one backend id per endpoint.
+    let size = |need: usize, default: u32| {
+        let want = u32::try_from(need + need / 4).unwrap_or(u32::MAX).next_power_of_two();
+        want.max(default)
+    };
+    (
+        size(services * (1 + args.endpoints), rproxy_common::limits::SERVICES_MAX),
+        size(services * args.endpoints + 1, rproxy_common::limits::BACKENDS_MAX),
+    )
+}
+
 fn cluster_ip(i: usize) -> String {
     format!("10.96.{}.{}", 1 + i / 250, 1 + i % 250)
 }
@@ -217,6 +233,8 @@ fn main() -> Result<()> {
     .into();
     let api = Api { resources: Arc::new(resources), requests: Arc::default() };
     println!("generated {} Services × {} endpoints in {:?}", args.services, args.endpoints, t.elapsed());
+    let (service_map, backend_map) = table_sizes(&args);
+    println!("agent tables: --service-map-max {service_map} --backend-map-max {backend_map}");
 
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
@@ -241,6 +259,7 @@ fn main() -> Result<()> {
         .arg(&kubeconfig)
         .args(["--node-name", "bench-node", "--pod-devices", "rpxbench-none-*", "--bpffs"])
         .arg(&bpffs)
+        .args(["--service-map-max", &service_map.to_string(), "--backend-map-max", &backend_map.to_string()])
         .env("RPROXY_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()

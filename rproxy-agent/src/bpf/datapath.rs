@@ -760,11 +760,37 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every entry of a hash map, read in chunks (`batch`), or key by key where the kernel has no
+/// batch lookup. Entries that vanish during the walk are skipped.
+#[must_use]
+pub fn hash_entries<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>) -> Vec<(K, V)> {
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::IterableMap as _;
+    match super::batch::lookup_all::<K, V>(m.map().fd().as_fd(), || {}) {
+        Ok(Some(all)) => return all,
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "batch lookup of a hash map failed; reading it key by key"),
+    }
+    m.iter().filter_map(std::result::Result::ok).collect()
+}
+
 /// The used entries of an id-indexed array (`RPX_BE4`, `RPX_RNAT4`): id 0 is never used and an
 /// all-zero entry marks a free id.
 #[must_use]
 pub fn used_entries<V: aya::Pod + Default + PartialEq>(a: &Array<MapData, V>) -> Vec<(u32, V)> {
-    (1..a.len()).filter_map(|i| a.get(&i, 0).ok().filter(|v| *v != V::default()).map(|v| (i, v))).collect()
+    use std::os::fd::AsFd as _;
+
+    use aya::maps::IterableMap as _;
+    let mut used = Vec::new();
+    let keep = |i: u32, v: V| (i != 0 && v != V::default()).then_some((i, v));
+    match super::batch::lookup_each::<u32, V>(a.map().fd().as_fd(), || {}, |i, v| used.extend(keep(i, v))) {
+        Ok(Some(())) => return used,
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "batch lookup of an array failed; reading it index by index"),
+    }
+    used.clear();
+    (1..a.len()).filter_map(|i| a.get(&i, 0).ok().and_then(|v| keep(i, v))).collect()
 }
 
 /// A counter of `RPX_STATS`, summed over CPUs (0 if it cannot be read).

@@ -102,6 +102,28 @@ impl Filter {
         Ok(())
     }
 
+    /// [`Filter::preset`] for many bits, each word written once with all its new bits.
+    /// Failures are ignored: the entries' own presets try again and report.
+    pub(super) fn preset_all(
+        &mut self,
+        bits: impl Iterator<Item = u32>,
+        run: &mut impl FnMut(Op) -> Result<(), String>,
+    ) {
+        let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for (word, mask) in bits.map(index) {
+            if self.written[usize_of(word)] & mask == 0 {
+                *words.entry(word).or_default() |= mask;
+            }
+        }
+        for (word, masks) in words {
+            let held = self.written[usize_of(word)];
+            if run(Op::PutFilterWord(self.map, word, held | masks)).is_ok() {
+                self.written[usize_of(word)] = held | masks;
+                self.dirty.insert(word);
+            }
+        }
+    }
+
     /// Writes the words that differ from what the programmed frontends call for. Failures are
     /// returned and retried by the next flush.
     pub(super) fn flush(&mut self, run: &mut impl FnMut(Op) -> Result<(), String>) -> Vec<String> {

@@ -696,6 +696,37 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
     assert_eq!(r.stale_udp, vec![(rn, id3)]);
 }
 
+/// A first sync writes each filter word once, with all its new bits, not once per new entry
+/// (300,000 backends would otherwise write most of the backend filter's 262,144 bits one by one).
+#[test]
+fn a_first_sync_writes_each_filter_word_once() {
+    let mut m = FakeMaps::default();
+    let mut w = Writer::new();
+    let backend = |n: u16| {
+        let [hi, lo] = n.to_be_bytes();
+        Backend { addr: BackendAddr { addr: Ipv4Addr::new(10, 244, hi, lo).into(), ..be(0).addr }, ..be(0) }
+    };
+    let services: Vec<_> = (0..200u16)
+        .map(|i| {
+            (
+                fe(1, 1000 + i),
+                ServiceEntry { slots: (0..10).map(|j| backend(i * 10 + j)).collect(), ..entry("many", &[], &[]) },
+            )
+        })
+        .collect();
+    let r = sync_idle(&mut w, &desired(&services), &mut m);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((m.services.len(), m.backends.len()), (200 * 11, 2000));
+    let mut writes: BTreeMap<(bool, u32), usize> = BTreeMap::new();
+    for op in &m.log {
+        if let Op::PutFilterWord(map, word, _) = op {
+            *writes.entry((*map == FilterMap::Services, *word)).or_default() += 1;
+        }
+    }
+    assert!(writes.values().all(|&n| n == 1), "words written more than once: {writes:?}");
+    m.check_backend_bits();
+}
+
 /// The service filter holds exactly the bits of the programmed frontends once a sync is done:
 /// a removed frontend's bit is cleared unless another frontend shares it, and a frontend whose
 /// write failed leaves no bit behind. A restarted writer clears the bits a previous one left.
