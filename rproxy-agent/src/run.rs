@@ -260,6 +260,26 @@ fn load_datapath(cfg: &Config) -> Result<Datapath> {
     }
 }
 
+/// [`load_datapath`] on a blocking thread, while the source's first updates go into the store.
+async fn load_while_listing(cfg: &Config, updates: &mut mpsc::Receiver<Update>) -> Result<(Datapath, Early)> {
+    let mut early = Early::new(&cfg.node_name);
+    let loading = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || load_datapath(&cfg)
+    });
+    tokio::pin!(loading);
+    loop {
+        tokio::select! {
+            loaded = &mut loading => {
+                let what = String::from("loading the eBPF programs");
+                let datapath = loaded.map_err(|e| Error::Io { what, source: std::io::Error::other(e) })??;
+                return Ok((datapath, early));
+            }
+            Some(update) = updates.recv() => early.take(update),
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     // Handlers first: a signal during start-up must not kill the agent between attaching a link
     // and pinning it (an unpinned link dies with the process). It is acted on once start-up is
@@ -272,7 +292,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         // Only the north-south path SNATs: without external devices the range is unused.
         snat::check_node_ports(cfg.snat_ports, Path::new("/proc/sys"))?;
     }
-    let mut datapath = load_datapath(&cfg)?;
+    let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
+    let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
+    // The API's lists are read while the programs load (the verifier takes a second or more):
+    // the objects go into the store as they come, and its first translation waits for the maps.
+    if let Source::Kube { kubeconfig } = &cfg.source {
+        let client = kube::client(kubeconfig.as_deref()).await?;
+        info!("waiting for the API server's Services and EndpointSlices before writing any map");
+        let stats = watch_stats.clone().unwrap_or_default();
+        tokio::spawn(kube::run(client, cfg.node_name.clone(), update_tx, stats));
+    }
+    let (mut datapath, early) = load_while_listing(&cfg, &mut update_rx).await?;
     datapath.set_snat_ports(cfg.snat_ports)?;
     datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
     debug!(range = %cfg.snat_ports, ports = cfg.snat_ports.port_count(), "SNAT port range set");
@@ -284,7 +314,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         backends = writer.backend_count(),
         "eBPF programs loaded; pinned state adopted"
     );
-    let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
     let metrics = Metrics::new(
         metrics::open_stats(&cfg.bpffs),
         metrics::open_service_stats(&cfg.bpffs),
@@ -293,7 +322,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     let (gc_tx, mut gc_rx) = mpsc::channel(1);
     metrics.snat_range.set(i64::from(cfg.snat_ports.port_count()));
-    let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx);
+    let mut agent = Agent::new(cfg, datapath, maps, writer, metrics, gc_tx, early);
     match gc::Tables::open(&agent.cfg.bpffs) {
         Ok(tables) => agent.gc = GcState::Idle(Box::new(tables)),
         Err(e) => warn!(error = %e, "conntrack GC runs on the agent's loop (its own map handles could not be opened)"),
@@ -308,15 +337,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Before the first translation, so that it has the NodePort addresses already.
     agent.refresh_node_addresses();
     let (fs_tx, mut fs_rx) = mpsc::channel(1);
-    let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     let _watcher = match &agent.cfg.source {
-        Source::Kube { kubeconfig } => {
-            let client = kube::client(kubeconfig.as_deref()).await?;
-            info!("waiting for the API server's Services and EndpointSlices before writing any map");
-            let stats = watch_stats.unwrap_or_default();
-            tokio::spawn(kube::run(client, agent.cfg.node_name.clone(), update_tx, stats));
-            None
-        }
+        Source::Kube { .. } => None,
         Source::Manifests(dir) => {
             let watcher = watch_dir(dir, fs_tx)?;
             // State first, then hooks: a device is never attached to maps that do not reflect
@@ -380,9 +402,10 @@ impl Agent {
         writer: Writer,
         metrics: Metrics,
         gc_done: mpsc::Sender<gc::Deferred>,
+        early: Early,
     ) -> Self {
         let proxy_health = Arc::new(Mutex::new(ProxyHealth::new(HEALTH_TIMEOUT)));
-        Agent {
+        let mut agent = Agent {
             metrics_server: MetricsServer::new(cfg.metrics_bind, metrics.clone()),
             metrics,
             triggers: Vec::new(),
@@ -390,7 +413,7 @@ impl Agent {
             gc: GcState::Loop,
             ct_nearly_full: [false; 2],
             gc_done,
-            store: Store::new(&cfg.node_name),
+            store: early.store,
             healthz: HealthzServer::new(cfg.healthz_bind, Arc::clone(&proxy_health)),
             external: External::new(cfg.devices.clone(), cfg.xdp_mode),
             cfg,
@@ -411,7 +434,16 @@ impl Agent {
             counters: BTreeMap::new(),
             gate: ResyncGate::default(),
             problems: ProblemLog::default(),
+        };
+        agent.record_changes(early.services, early.slices, early.triggers);
+        for update in early.deferred {
+            if Early::for_the_agent(&update) {
+                agent.update(update);
+            } else {
+                agent.note(&update);
+            }
         }
+        agent
     }
 
     /// Reads the manifests directory: it replaces every Service and `EndpointSlice` held.
@@ -486,15 +518,10 @@ impl Agent {
 
     /// Takes one source update in.
     fn update(&mut self, update: Update) {
-        self.gate.observe(&update);
+        self.note(&update);
         self.count_change(&update);
         match update {
-            Update::Synced(kind) => {
-                if !self.ready && matches!(kind, "Service" | "EndpointSlice") {
-                    self.synced.insert(kind);
-                    self.ready = self.synced.len() == 2;
-                }
-            }
+            Update::Synced(_) => {}
             update @ (Update::Node(_) | Update::ListDone("Node")) => {
                 self.store.apply(update);
                 let node = self.store.node();
@@ -521,24 +548,35 @@ impl Agent {
         }
     }
 
+    /// What an update tells the agent besides its objects: a watch lost or relisted (for the
+    /// resync gate), a kind in sync.
+    fn note(&mut self, update: &Update) {
+        self.gate.observe(update);
+        if let Update::Synced(kind) = update
+            && !self.ready
+            && matches!(*kind, "Service" | "EndpointSlice")
+        {
+            self.synced.insert(kind);
+            self.ready = self.synced.len() == 2;
+        }
+    }
+
     /// Counts a Service or `EndpointSlice` change for the metrics (kube-proxy counts each
     /// informer event, the initial list's included), and keeps the slice's trigger time.
     fn count_change(&mut self, update: &Update) {
+        let mut triggers = Vec::new();
+        if let Some((services, slices)) = changes_in(update, &mut triggers) {
+            self.record_changes(services, slices, triggers);
+        }
+    }
+
+    /// Counts `services` and `slices` changes, with the trigger times of the slices.
+    fn record_changes(&mut self, services: u64, slices: u64, triggers: Vec<jiff::Timestamp>) {
+        if services == 0 && slices == 0 {
+            return;
+        }
+        self.triggers.extend(triggers);
         let m = &self.metrics;
-        let (services, slices): (u64, u64) = match update {
-            Update::ResetServices(all) => (all.len() as u64, 0),
-            Update::ResetSlices(all) => {
-                self.triggers.extend(all.iter().filter_map(trigger_time));
-                (0, all.len() as u64)
-            }
-            Update::ListedService(_) | Update::ApplyService(_) | Update::DeleteService(_) => (1, 0),
-            Update::ListedSlice(slice) | Update::ApplySlice(slice) => {
-                self.triggers.extend(trigger_time(slice));
-                (0, 1)
-            }
-            Update::DeleteSlice(_) => (0, 1),
-            _ => return,
-        };
         metrics::count_changes(&m.service_changes, &m.service_changes_pending, services);
         metrics::count_changes(&m.endpoint_changes, &m.endpoint_changes_pending, slices);
         m.sync_last_queued.set(metrics::unix_seconds(jiff::Timestamp::now()));
@@ -869,6 +907,64 @@ impl Agent {
 }
 
 /// When the change behind `slice` happened, as the `EndpointSlice` controller records it.
+/// The Service and `EndpointSlice` changes `update` counts as, `(services, slices)` (`None`: it
+/// is no change), adding the trigger times of its slices to `triggers`.
+fn changes_in(update: &Update, triggers: &mut Vec<jiff::Timestamp>) -> Option<(u64, u64)> {
+    Some(match update {
+        Update::ResetServices(all) => (all.len() as u64, 0),
+        Update::ResetSlices(all) => {
+            triggers.extend(all.iter().filter_map(trigger_time));
+            (0, all.len() as u64)
+        }
+        Update::ListedService(_) | Update::ApplyService(_) | Update::DeleteService(_) => (1, 0),
+        Update::ListedSlice(slice) | Update::ApplySlice(slice) => {
+            triggers.extend(trigger_time(slice));
+            (0, 1)
+        }
+        Update::DeleteSlice(_) => (0, 1),
+        _ => return None,
+    })
+}
+
+/// Source updates that arrive while the programs load. The objects go into the store at once
+/// (a list of 60,000 objects is never held whole, and the first translation waits for the
+/// maps); what the agent does besides storing them waits for it to exist: the Node's updates,
+/// and the markers (list done, watch lost, in sync) its resync gate and readiness follow.
+struct Early {
+    store: Store,
+    deferred: Vec<Update>,
+    services: u64,
+    slices: u64,
+    triggers: Vec<jiff::Timestamp>,
+}
+
+impl Early {
+    fn new(node_name: &str) -> Self {
+        Self { store: Store::new(node_name), deferred: Vec::new(), services: 0, slices: 0, triggers: Vec::new() }
+    }
+
+    /// Whether the agent takes `update` in itself (`Agent::update`), rather than the store
+    /// (with the agent noting it afterwards).
+    fn for_the_agent(update: &Update) -> bool {
+        matches!(update, Update::Node(_) | Update::ListedNode(_) | Update::ListStart("Node") | Update::ListDone("Node"))
+    }
+
+    fn take(&mut self, update: Update) {
+        if Self::for_the_agent(&update) {
+            self.deferred.push(update);
+            return;
+        }
+        if let Some((services, slices)) = changes_in(&update, &mut self.triggers) {
+            self.services += services;
+            self.slices += slices;
+        }
+        if matches!(update, Update::ListDone(_) | Update::WatchLost(_) | Update::Synced(_)) {
+            self.deferred.push(update.clone());
+        }
+        self.store.apply(update);
+    }
+}
+
 fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<jiff::Timestamp> {
     slice.metadata.annotations.as_ref()?.get(metrics::TRIGGER_TIME_ANNOTATION)?.parse().ok()
 }

@@ -20,8 +20,8 @@
 //! the node's zone (its Node's [`ZONE_LABEL`]): when it changes, every Service whose slices carry
 //! zone hints is.
 //!
-//! Memory: Services are kept trimmed ([`slim::service`]), `EndpointSlices` packed
-//! ([`CompactSlice`]); a Service's slices are rebuilt as API objects only while it is
+//! Memory: Services are kept trimmed and encoded ([`CompactService`]), `EndpointSlices` packed
+//! ([`CompactSlice`]); a Service and its slices are rebuilt as API objects only while it is
 //! translated. A streamed list ([`Update::ListStart`] … [`Update::ListDone`]) is gathered in the
 //! same forms, and replaces the held set of its kind only when complete, so that a relist is
 //! applied at once, and its objects never sit in memory as API objects all together.
@@ -41,7 +41,7 @@ use crate::{
     model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
     source::{
         Update,
-        slim::{self, CompactSlice},
+        slim::{CompactService, CompactSlice},
     },
     translate,
 };
@@ -147,10 +147,10 @@ impl Meta for EndpointSlice {
 pub struct Store {
     /// This node's name and addresses: the translation's input besides the objects.
     context: NodeContext,
-    services: Objects<Service>,
+    services: Objects<CompactService>,
     slices: Objects<CompactSlice>,
     /// Lists in progress ([`Update::ListStart`] to [`Update::ListDone`]).
-    listed_services: Option<Listing<Service>>,
+    listed_services: Option<Listing<CompactService>>,
     listed_slices: Option<Listing<CompactSlice>>,
     /// The field selector matches one name: at most one.
     listed_node: Option<Vec<Node>>,
@@ -246,7 +246,7 @@ impl Store {
             Update::ResetServices(all) => {
                 let mut listing = Listing::default();
                 for svc in all {
-                    listing.add("Service", svc, slim::service);
+                    listing.add("Service", svc, CompactService::new);
                 }
                 self.reset_services(listing);
             }
@@ -265,7 +265,7 @@ impl Store {
             },
             Update::ListedService(svc) => {
                 let listing = self.listed_services.get_or_insert_default();
-                listing.add("Service", *svc, slim::service);
+                listing.add("Service", *svc, CompactService::new);
             }
             Update::ListedSlice(slice) => {
                 let listing = self.listed_slices.get_or_insert_default();
@@ -292,7 +292,7 @@ impl Store {
             },
             Update::ApplyService(svc) => {
                 if let Some(r) = named("Service", &svc.metadata) {
-                    let kept = (!hidden("Service", &svc.metadata)).then(|| vec![slim::service(*svc)]);
+                    let kept = (!hidden("Service", &svc.metadata)).then(|| vec![CompactService::new(*svc)]);
                     self.put_service(r, kept);
                 }
             }
@@ -351,7 +351,7 @@ impl Store {
         self.context.addresses = addresses;
         // Every Service that declares a nodePort, whatever its type: re-translating one that gets
         // no NodePort frontend (a ClusterIP Service, say) costs a translation and changes nothing.
-        let with_node_ports = self.services.iter().filter(|(_, defs)| defs.iter().any(has_node_port));
+        let with_node_ports = self.services.iter().filter(|(_, defs)| defs.iter().any(CompactService::has_node_port));
         self.dirty.extend(with_node_ports.map(|(r, _)| r.clone()));
         true
     }
@@ -422,7 +422,8 @@ impl Store {
     }
 
     fn translate_unit(&self, unit_ref: &ObjectRef) -> Unit {
-        let services: Vec<&Service> = self.services.get(unit_ref).into_iter().flatten().collect();
+        let services: Vec<Service> =
+            self.services.get(unit_ref).into_iter().flatten().map(CompactService::to_service).collect();
         let slices: Vec<EndpointSlice> = self
             .unit_slices
             .get(unit_ref)
@@ -434,6 +435,7 @@ impl Store {
         if services.is_empty() && slices.is_empty() {
             return Unit::default();
         }
+        let services: Vec<&Service> = services.iter().collect();
         let slices: Vec<&EndpointSlice> = slices.iter().collect();
         let t = translate::translate_refs(&services, &slices, &self.context);
         let frontends: Vec<(Frontend, ServiceEntry)> = t.desired.services.into_iter().collect();
@@ -507,7 +509,7 @@ impl Store {
         }
     }
 
-    fn put_service(&mut self, r: ObjectRef, svc: Option<Vec<Service>>) {
+    fn put_service(&mut self, r: ObjectRef, svc: Option<Vec<CompactService>>) {
         let changed = match &svc {
             Some(new) => self.services.get(&r) != Some(new),
             None => self.services.contains_key(&r),
@@ -560,7 +562,7 @@ impl Store {
     }
 
     /// Replaces the Services held with a complete list.
-    fn reset_services(&mut self, listing: Listing<Service>) {
+    fn reset_services(&mut self, listing: Listing<CompactService>) {
         self.set_loose_problems("Service", listing.unnamed);
         let by_ref = listing.objects;
         let gone: Vec<ObjectRef> = self.services.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
@@ -594,11 +596,6 @@ fn slice_unit(slice_ref: &ObjectRef, definitions: &[CompactSlice]) -> ObjectRef 
         Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.to_owned() },
         None => slice_ref.clone(),
     }
-}
-
-/// Whether a Service declares a `nodePort` on any of its ports.
-fn has_node_port(svc: &Service) -> bool {
-    svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()).any(|p| p.node_port.is_some_and(|n| n != 0))
 }
 
 /// Whether a label hides the object from kube-proxies ([`translate::hiding_label`]); such an

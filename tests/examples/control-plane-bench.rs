@@ -323,10 +323,16 @@ fn main() -> Result<()> {
     println!("agent peak RSS: {:.1} MiB (after the initial sync: {:.1} MiB)", mib(rss), mib(rss_initial));
     let requests = api.requests.lock().expect("lock").len();
     println!("API requests served: {requests}");
+    // Issue 9's targets at 10,000 Services, issue 18's from 30,000 on.
+    let (initial_max, add_max) = if args.services >= 30_000 {
+        (Duration::from_secs(3), Duration::from_millis(2))
+    } else {
+        (Duration::from_secs(2), Duration::from_millis(5))
+    };
     println!(
-        "targets: initial ≤ 2 s: {}; add ≤ 5 ms (median): {}; RSS ≤ 150 MiB: {}",
-        verdict(initial <= Duration::from_secs(2)),
-        verdict(latencies.is_empty() || percentile(&latencies, 50) <= Duration::from_millis(5)),
+        "targets: initial ≤ {initial_max:?}: {}; add ≤ {add_max:?} (median): {}; RSS ≤ 150 MiB: {}",
+        verdict(initial <= initial_max),
+        verdict(latencies.is_empty() || percentile(&latencies, 50) <= add_max),
         verdict(rss <= 150 * 1024),
     );
     Ok(())

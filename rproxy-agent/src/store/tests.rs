@@ -527,7 +527,7 @@ fn hiding_labels_make_objects_absent() {
     let frontends: Vec<Frontend> = store.desired().services.keys().copied().collect();
     assert_eq!(frontends, [fe("10.96.3.1"), fe("10.96.3.2")]);
     // The same through the API source's trimming, which keeps the hiding labels.
-    store.apply(Update::ApplyService(Box::new(slim::service(labelled(
+    store.apply(Update::ApplyService(Box::new(crate::source::slim::service(labelled(
         service("other-proxy", "10.96.3.2", 53, "ClusterIP"),
         HEADLESS_LABEL,
     )))));
