@@ -101,6 +101,53 @@ pub enum Op {
 /// Where operations go: the BPF maps, or a recorder in tests.
 pub trait MapSink {
     fn apply(&mut self, op: &Op) -> Result<(), String>;
+
+    /// `ops` in order. `Err((n, e))`: the first `n` were applied, op `n` failed with `e`, and the
+    /// rest were not tried. A sink may write a run of operations on one map at once.
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the writer's operations go: one by one, or a run of them at once (which a sink may
+/// write in one system call: a new frontend's slots, a sync's new backends).
+trait Run {
+    fn op(&mut self, op: Op) -> Result<(), String>;
+
+    /// [`MapSink::apply_all`].
+    fn ops(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
+        for (i, op) in ops.iter().enumerate() {
+            self.op(*op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl<F: FnMut(Op) -> Result<(), String>> Run for F {
+    fn op(&mut self, op: Op) -> Result<(), String> {
+        self(op)
+    }
+}
+
+/// A sink that counts the operations it is given.
+struct Counting<'a, S> {
+    sink: &'a mut S,
+    ops: usize,
+}
+
+impl<S: MapSink> Run for Counting<'_, S> {
+    fn op(&mut self, op: Op) -> Result<(), String> {
+        self.ops += 1;
+        self.sink.apply(&op)
+    }
+
+    fn ops(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
+        self.ops += ops.len();
+        self.sink.apply_all(ops)
+    }
 }
 
 /// What one sync did.
@@ -277,20 +324,17 @@ fn backend_value(b: &Backend) -> BackendValue {
 
 /// Writes the slots `1..=ids.len()` of one scope (`key(slot)`) that differ from `old`. Whether
 /// anything was written.
-fn write_slots(
-    ids: &[u32],
-    old: &[u32],
-    key: impl Fn(u16) -> SvcKey,
-    run: &mut impl FnMut(Op) -> Result<(), String>,
-) -> Result<bool, String> {
-    let mut written = false;
-    for (i, id) in ids.iter().enumerate() {
-        if old.get(i) != Some(id) {
-            run(Op::PutService(key(slot_u16(i + 1)), ServiceValue { backend_id: *id, ..ServiceValue::default() }))?;
-            written = true;
-        }
-    }
-    Ok(written)
+fn write_slots(ids: &[u32], old: &[u32], key: impl Fn(u16) -> SvcKey, run: &mut impl Run) -> Result<bool, String> {
+    let puts: Vec<Op> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, id)| old.get(*i) != Some(*id))
+        .map(|(i, id)| {
+            Op::PutService(key(slot_u16(i + 1)), ServiceValue { backend_id: *id, ..ServiceValue::default() })
+        })
+        .collect();
+    run.ops(&puts).map_err(|(_, e)| e)?;
+    Ok(!puts.is_empty())
 }
 
 /// Issues `op(id, item)` for each of `items` (sorted) that `except` (sorted) lacks: the entries
@@ -301,11 +345,11 @@ fn set_ops<T: Ord + Copy>(
     items: &[T],
     except: &[T],
     op: fn(u16, T) -> Op,
-    run: &mut impl FnMut(Op) -> Result<(), String>,
+    run: &mut impl Run,
 ) -> Result<bool, String> {
     let mut issued = false;
     for item in items.iter().filter(|i| except.binary_search(i).is_err()) {
-        run(op(id, *item))?;
+        run.op(op(id, *item))?;
         issued = true;
     }
     Ok(issued)
@@ -341,20 +385,20 @@ fn shrink_local(
     fe: Frontend,
     local: Option<&LocalScope>,
     old_local: Option<&LocalScope>,
-    run: &mut impl FnMut(Op) -> Result<(), String>,
+    run: &mut impl Run,
 ) -> Result<bool, String> {
     let old_len = old_local.map_or(0, |o| o.slots.len());
     match (local, old_local) {
         (Some(l), _) => {
             for s in l.slots.len() + 1..=old_len {
-                run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+                run.op(Op::DelService(local_key_of(fe, slot_u16(s))))?;
             }
             Ok(old_len > l.slots.len())
         }
         (None, Some(_)) => {
-            run(Op::DelService(local_key_of(fe, 0)))?;
+            run.op(Op::DelService(local_key_of(fe, 0)))?;
             for s in 1..=old_len {
-                run(Op::DelService(local_key_of(fe, slot_u16(s))))?;
+                run.op(Op::DelService(local_key_of(fe, slot_u16(s))))?;
             }
             Ok(true)
         }
@@ -530,11 +574,7 @@ impl Writer {
         sink: &mut impl MapSink,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut ops = 0usize;
-        let mut run = |op: Op| {
-            ops += 1;
-            sink.apply(&op)
-        };
+        let mut run = Counting { sink, ops: 0 };
 
         // 1. Frontends that are no longer wanted.
         for fe in frontends.iter().filter(|fe| !desired.services.contains_key(fe)) {
@@ -547,7 +587,7 @@ impl Writer {
             ops.extend(p.source_ranges.iter().map(|net| Op::DelSrcRange(p.value.rev_nat_id, *net)));
             ops.extend(p.affinity_ids.iter().map(|be| Op::DelAffinityMatch(p.value.rev_nat_id, *be)));
             ops.push(Op::DelRevNat(p.value.rev_nat_id, Family::of(fe.addr)));
-            match ops.into_iter().try_for_each(&mut run) {
+            match ops.into_iter().try_for_each(|op| run.op(op)) {
                 Ok(()) => {
                     let p = self.services.remove(fe).expect("present");
                     self.filter.remove(frontend_bit(*fe));
@@ -581,6 +621,7 @@ impl Writer {
                 .map(|b| backend_bit(backend_value(b))),
             &mut run,
         );
+        self.write_new_backends(wanted().map(|(_, e)| e), &mut run);
 
         // 2. New and changed frontends; a new one's filter bit first.
         for fe in frontends {
@@ -607,13 +648,13 @@ impl Writer {
 
         // Source ranges and affinity matches a previous agent left under ids no frontend has.
         for (id, net) in std::mem::take(&mut self.stale_src_ranges) {
-            if let Err(e) = run(Op::DelSrcRange(id, net)) {
+            if let Err(e) = run.op(Op::DelSrcRange(id, net)) {
                 report.errors.push(format!("source range {net} of rev-NAT id {id}: removing: {e}"));
                 self.stale_src_ranges.push((id, net));
             }
         }
         for (id, be) in std::mem::take(&mut self.stale_affinity) {
-            if let Err(e) = run(Op::DelAffinityMatch(id, be)) {
+            if let Err(e) = run.op(Op::DelAffinityMatch(id, be)) {
                 report.errors.push(format!("affinity match of backend {be}, rev-NAT id {id}: removing: {e}"));
                 self.stale_affinity.push((id, be));
             }
@@ -635,7 +676,7 @@ impl Writer {
         report.errors.extend(self.be_filter.flush(&mut run));
         report.stale_udp.sort_unstable();
         report.stale_udp.dedup();
-        report.ops = ops;
+        report.ops = run.ops;
         report
     }
 
@@ -654,7 +695,7 @@ impl Writer {
                 self.orphans.remove(&id);
                 continue;
             };
-            match run(Op::DelBackend(id, Family::of(addr.addr))) {
+            match run.op(Op::DelBackend(id, Family::of(addr.addr))) {
                 Ok(()) => {
                     if let Some((_, be)) = self.backends.remove(&addr) {
                         self.be_filter.remove(backend_bit(be));
@@ -701,7 +742,7 @@ impl Writer {
         &mut self,
         fe: Frontend,
         entry: &ServiceEntry,
-        run: &mut impl FnMut(Op) -> Result<(), String>,
+        run: &mut impl Run,
         stale_udp: &mut Vec<(u16, u32)>,
     ) -> Result<bool, String> {
         let rev_nat_id = match self.services.get(&fe) {
@@ -745,7 +786,7 @@ impl Writer {
                 undo.push(Op::DelRevNat(rev_nat_id, Family::of(fe.addr)));
             }
             for op in undo {
-                let _ = run(op);
+                let _ = run.op(op);
             }
         }
         result
@@ -757,7 +798,7 @@ impl Writer {
         fe: Frontend,
         entry: &ServiceEntry,
         rev_nat_id: u16,
-        run: &mut impl FnMut(Op) -> Result<(), String>,
+        run: &mut impl Run,
         stale_udp: &mut Vec<(u16, u32)>,
     ) -> Result<bool, String> {
         const MAX: u16 = rproxy_common::limits::BACKENDS_PER_SERVICE_MAX;
@@ -804,7 +845,7 @@ impl Writer {
         let old_local_slots: &[u32] = old_local.map_or(&[], |l| &l.slots);
 
         if old.is_none_or(|p| p.rev_nat != Some(rev_nat)) {
-            run(Op::PutRevNat(rev_nat_id, rev_nat))?;
+            run.op(Op::PutRevNat(rev_nat_id, rev_nat))?;
             changed = true;
         }
         // Source ranges the frontend gains, before the slot 0 that may carry the flag they serve;
@@ -823,18 +864,18 @@ impl Writer {
         if let Some(l) = &local
             && old_local.is_none_or(|o| o.value != l.value)
         {
-            run(Op::PutService(local_key_of(fe, 0), l.value))?;
+            run.op(Op::PutService(local_key_of(fe, 0), l.value))?;
             changed = true;
         }
         if old.is_none_or(|p| p.value != value) {
-            run(Op::PutService(key_of(fe, 0), value))?;
+            run.op(Op::PutService(key_of(fe, 0), value))?;
             changed = true;
         }
         // Ranges it loses, once slot 0 no longer leads to them (or still does, to fewer).
         changed |= set_ops(rev_nat_id, old_ranges, &entry.source_ranges, Op::DelSrcRange, run)?;
         // Shrinking: the counts are already published, the slots past them are unreachable.
         for s in slot_ids.len() + 1..=old_slots.len() {
-            run(Op::DelService(key_of(fe, slot_u16(s))))?;
+            run.op(Op::DelService(key_of(fe, slot_u16(s))))?;
             changed = true;
         }
         changed |= shrink_local(fe, local.as_ref(), old_local, run)?;
@@ -864,12 +905,47 @@ impl Writer {
         Ok(changed)
     }
 
+    /// Writes the backends of `entries` that are new, all at once (a sink may take them in one
+    /// system call per 4,096: a first sync of 300,000 backends), so that each frontend's own
+    /// pass ([`Writer::ensure_backend`]) finds them written. One whose filter bit is not set yet,
+    /// or whose write fails, is left to that pass, which reports it with its Service.
+    fn write_new_backends<'e>(&mut self, entries: impl Iterator<Item = &'e ServiceEntry>, run: &mut impl Run) {
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<BackendValue> = entries
+            .flat_map(|e| e.slots.iter().chain(&e.local_slots).chain(&e.draining))
+            .filter(|b| !self.backends.contains_key(&b.addr) && seen.insert(b.addr))
+            .map(backend_value)
+            .filter(|v| self.be_filter.written_has(backend_bit(*v)))
+            .collect();
+        if new.len() < 2 {
+            return;
+        }
+        // Ids are taken (and held) before the write: each allocation skips the ids in use.
+        let mut ops = Vec::with_capacity(new.len());
+        for value in &new {
+            let Ok(id) = self.alloc_backend_id() else { break };
+            self.backend_ids.insert(id, value.addr);
+            ops.push(Op::PutBackend(id, *value));
+        }
+        let written = match run.ops(&ops) {
+            Ok(()) => ops.len(),
+            Err((n, _)) => n,
+        };
+        for (i, op) in ops.iter().enumerate() {
+            let Op::PutBackend(id, value) = *op else { continue };
+            if i < written {
+                self.be_filter.add(backend_bit(value));
+                self.backends.insert(value.addr, (id, value));
+                // Unreferenced until a service that uses it is recorded (which may fail).
+                self.unreferenced.insert(id);
+            } else {
+                self.backend_ids.remove(&id);
+            }
+        }
+    }
+
     /// The id of backend `b`, writing it if it is new or its flags changed. `(id, written)`.
-    fn ensure_backend(
-        &mut self,
-        b: &Backend,
-        run: &mut impl FnMut(Op) -> Result<(), String>,
-    ) -> Result<(u32, bool), String> {
+    fn ensure_backend(&mut self, b: &Backend, run: &mut impl Run) -> Result<(u32, bool), String> {
         let value = backend_value(b);
         if let Some((id, old)) = self.backends.get(&b.addr) {
             // An orphan back in a Service keeps its id (and its flows).
@@ -878,14 +954,14 @@ impl Writer {
                 return Ok((*id, false));
             }
             let id = *id;
-            run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
+            run.op(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
             self.backends.insert(b.addr, (id, value));
             return Ok((id, true));
         }
         let id = self.alloc_backend_id().map_err(|e| format!("backend {}: {e}", b.addr))?;
         // Its filter bit first: a reply from it must never be hidden from the datapath.
         self.be_filter.preset(backend_bit(value), run).map_err(|e| format!("backend {}: {e}", b.addr))?;
-        run(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
+        run.op(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.be_filter.add(backend_bit(value));
         self.backends.insert(b.addr, (id, value));
         self.backend_ids.insert(id, b.addr);
@@ -925,48 +1001,129 @@ impl Writer {
     }
 }
 
+/// Which map a run of operations written at once goes to (`MapSink::apply_all`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BatchOf {
+    Backends(Family),
+    Services(Family),
+}
+
+impl BatchOf {
+    fn of(op: &Op) -> Option<Self> {
+        match op {
+            Op::PutBackend(_, v) => Some(Self::Backends(Family::of(v.addr.addr))),
+            Op::PutService(k, _) => Some(Self::Services(Family::of(k.frontend.addr))),
+            _ => None,
+        }
+    }
+}
+
+/// The map key of a service entry.
+fn service_key<A: WireAddr>(k: &SvcKey, addr: A::Ip) -> rproxy_common::ServiceKey<A> {
+    let (port, proto) = (k.frontend.port, k.frontend.proto.number());
+    rproxy_common::ServiceKey { scope: k.scope, ..rproxy_common::ServiceKey::new(addr, port, proto, k.slot) }
+}
+
+/// The map value of a backend.
+fn backend_entry<A: WireAddr>(v: &BackendValue, addr: A::Ip) -> rproxy_common::Backend<A> {
+    rproxy_common::Backend::new(addr, v.addr.port, v.addr.proto.number(), v.flags)
+}
+
 /// The BPF maps as a sink: each operation goes to the map of its family.
 impl MapSink for crate::bpf::datapath::Maps {
+    /// Runs of backend or service writes of one family go to their map in one system call per
+    /// 4,096 (`BPF_MAP_UPDATE_BATCH`); the rest one by one.
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
+        use std::os::fd::AsFd as _;
+
+        use IpAddr::{V4, V6};
+        use aya::maps::IterableMap as _;
+        let mut at = 0;
+        while at < ops.len() {
+            let of = BatchOf::of(&ops[at]);
+            let run = ops[at..].iter().take_while(|op| of.is_some() && BatchOf::of(op) == of).count();
+            if run < 2 {
+                self.apply(&ops[at]).map_err(|e| (at, e))?;
+                at += 1;
+                continue;
+            }
+            let run_ops = &ops[at..at + run];
+            let written = match of {
+                Some(BatchOf::Backends(Family::V4)) => {
+                    let entries: Vec<_> = run_ops
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V4(a), .. }, .. }) => {
+                                Some((*id, backend_entry::<u32>(v, *a)))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    crate::bpf::batch::update_all(self.backends.map().fd().as_fd(), &entries)
+                }
+                Some(BatchOf::Backends(Family::V6)) => {
+                    let entries: Vec<_> = run_ops
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V6(a), .. }, .. }) => {
+                                Some((*id, backend_entry::<[u32; 4]>(v, *a)))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    crate::bpf::batch::update_all(self.backends6.map().fd().as_fd(), &entries)
+                }
+                Some(BatchOf::Services(Family::V4)) => {
+                    let entries: Vec<_> = run_ops
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::PutService(k @ SvcKey { frontend: Frontend { addr: V4(a), .. }, .. }, v) => {
+                                Some((service_key::<u32>(k, *a), *v))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    crate::bpf::batch::update_all(self.services.map().fd().as_fd(), &entries)
+                }
+                Some(BatchOf::Services(Family::V6)) => {
+                    let entries: Vec<_> = run_ops
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::PutService(k @ SvcKey { frontend: Frontend { addr: V6(a), .. }, .. }, v) => {
+                                Some((service_key::<[u32; 4]>(k, *a), *v))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    crate::bpf::batch::update_all(self.services6.map().fd().as_fd(), &entries)
+                }
+                None => Ok(()),
+            };
+            written.map_err(|(n, e)| (at + n, format!("bpf_map_update_batch: {e}")))?;
+            at += run;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         use IpAddr::{V4, V6};
-        use rproxy_common::{Backend, RevNat, ServiceKey};
+        use rproxy_common::{Backend, RevNat};
         let r = match *op {
-            Op::PutBackend(id, v) => {
-                let (port, proto) = (v.addr.port, v.addr.proto.number());
-                match v.addr.addr {
-                    V4(a) => self.backends.set(id, Backend::new(a, port, proto, v.flags), 0),
-                    V6(a) => self.backends6.set(id, Backend::new(a, port, proto, v.flags), 0),
-                }
-            }
+            Op::PutBackend(id, v) => match v.addr.addr {
+                V4(a) => self.backends.set(id, backend_entry::<u32>(&v, a), 0),
+                V6(a) => self.backends6.set(id, backend_entry::<[u32; 4]>(&v, a), 0),
+            },
             // Array entries cannot be deleted: zero marks the id free.
             Op::DelBackend(id, Family::V4) => self.backends.set(id, Backend::default(), 0),
             Op::DelBackend(id, Family::V6) => self.backends6.set(id, Backend::default(), 0),
-            Op::PutService(k, v) => {
-                let (port, proto) = (k.frontend.port, k.frontend.proto.number());
-                match k.frontend.addr {
-                    V4(a) => self.services.insert(
-                        ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) },
-                        v,
-                        0,
-                    ),
-                    V6(a) => self.services6.insert(
-                        ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) },
-                        v,
-                        0,
-                    ),
-                }
-            }
-            Op::DelService(k) => {
-                let (port, proto) = (k.frontend.port, k.frontend.proto.number());
-                ignore_missing(match k.frontend.addr {
-                    V4(a) => {
-                        self.services.remove(&ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) })
-                    }
-                    V6(a) => {
-                        self.services6.remove(&ServiceKey { scope: k.scope, ..ServiceKey::new(a, port, proto, k.slot) })
-                    }
-                })
-            }
+            Op::PutService(k, v) => match k.frontend.addr {
+                V4(a) => self.services.insert(service_key::<u32>(&k, a), v, 0),
+                V6(a) => self.services6.insert(service_key::<[u32; 4]>(&k, a), v, 0),
+            },
+            Op::DelService(k) => ignore_missing(match k.frontend.addr {
+                V4(a) => self.services.remove(&service_key::<u32>(&k, a)),
+                V6(a) => self.services6.remove(&service_key::<[u32; 4]>(&k, a)),
+            }),
             Op::PutRevNat(id, v) => match v.addr {
                 V4(a) => self.rev_nat.set(u32::from(id), RevNat::new(a, v.port), 0),
                 V6(a) => self.rev_nat6.set(u32::from(id), RevNat::new(a, v.port), 0),

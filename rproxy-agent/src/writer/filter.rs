@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use rproxy_common::filter;
 
-use super::Op;
+use super::{Op, Run};
 
 const WORDS: usize = filter::WORDS as usize;
 
@@ -89,13 +89,13 @@ impl Filter {
     }
 
     /// Makes sure the map has `bit` before the entry it stands for is written.
-    pub(super) fn preset(&mut self, bit: u32, run: &mut impl FnMut(Op) -> Result<(), String>) -> Result<(), String> {
+    pub(super) fn preset(&mut self, bit: u32, run: &mut impl Run) -> Result<(), String> {
         let (word, mask) = index(bit);
         let held = self.written[usize_of(word)];
         if held & mask != 0 {
             return Ok(());
         }
-        run(Op::PutFilterWord(self.map, word, held | mask)).map_err(|e| format!("{:?} filter: {e}", self.map))?;
+        run.op(Op::PutFilterWord(self.map, word, held | mask)).map_err(|e| format!("{:?} filter: {e}", self.map))?;
         self.written[usize_of(word)] = held | mask;
         // Until the entry is recorded as programmed (or not), the word may hold more than wanted.
         self.dirty.insert(word);
@@ -104,11 +104,7 @@ impl Filter {
 
     /// [`Filter::preset`] for many bits, each word written once with all its new bits.
     /// Failures are ignored: the entries' own presets try again and report.
-    pub(super) fn preset_all(
-        &mut self,
-        bits: impl Iterator<Item = u32>,
-        run: &mut impl FnMut(Op) -> Result<(), String>,
-    ) {
+    pub(super) fn preset_all(&mut self, bits: impl Iterator<Item = u32>, run: &mut impl Run) {
         let mut words: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
         for (word, mask) in bits.map(index) {
             if self.written[usize_of(word)] & mask == 0 {
@@ -117,7 +113,7 @@ impl Filter {
         }
         for (word, masks) in words {
             let held = self.written[usize_of(word)];
-            if run(Op::PutFilterWord(self.map, word, held | masks)).is_ok() {
+            if run.op(Op::PutFilterWord(self.map, word, held | masks)).is_ok() {
                 self.written[usize_of(word)] = held | masks;
                 self.dirty.insert(word);
             }
@@ -126,14 +122,14 @@ impl Filter {
 
     /// Writes the words that differ from what the programmed frontends call for. Failures are
     /// returned and retried by the next flush.
-    pub(super) fn flush(&mut self, run: &mut impl FnMut(Op) -> Result<(), String>) -> Vec<String> {
+    pub(super) fn flush(&mut self, run: &mut impl Run) -> Vec<String> {
         let mut errors = Vec::new();
         for word in std::mem::take(&mut self.dirty) {
             let (i, wanted) = (usize_of(word), self.wanted[usize_of(word)]);
             if self.written[i] == wanted {
                 continue;
             }
-            match run(Op::PutFilterWord(self.map, word, wanted)) {
+            match run.op(Op::PutFilterWord(self.map, word, wanted)) {
                 Ok(()) => self.written[i] = wanted,
                 Err(e) => {
                     errors.push(format!("{:?} filter word {word}: {e}", self.map));
@@ -144,8 +140,7 @@ impl Filter {
         errors
     }
 
-    /// Whether the map holds `bit` (tests).
-    #[cfg(test)]
+    /// Whether the map holds `bit`.
     pub(super) fn written_has(&self, bit: u32) -> bool {
         let (word, mask) = index(bit);
         self.written[usize_of(word)] & mask != 0

@@ -29,6 +29,8 @@ struct FakeMaps {
     backend_capacity: Option<usize>,
     /// Skip the checks after each operation (for maps broken from outside the writer).
     unchecked: bool,
+    /// The length of each run of operations given at once (`apply_all`).
+    runs: Vec<usize>,
 }
 
 impl FakeMaps {
@@ -90,6 +92,15 @@ impl FakeMaps {
 }
 
 impl MapSink for FakeMaps {
+    /// One by one, so that every operation of a run is checked after it.
+    fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
+        self.runs.push(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         if let (Some(a), Op::PutService(k, _) | Op::DelService(k)) = (self.fail_addr, op)
             && k.frontend.addr == a
@@ -697,9 +708,10 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
 }
 
 /// A first sync writes each filter word once, with all its new bits, not once per new entry
-/// (300,000 backends would otherwise write most of the backend filter's 262,144 bits one by one).
+/// (300,000 backends would otherwise write most of the backend filter's 262,144 bits one by
+/// one), and gives the sink its new backends, and each frontend's slots, as one run each.
 #[test]
-fn a_first_sync_writes_each_filter_word_once() {
+fn a_first_sync_writes_each_filter_word_once_and_backends_and_slots_in_runs() {
     let mut m = FakeMaps::default();
     let mut w = Writer::new();
     let backend = |n: u16| {
@@ -725,6 +737,9 @@ fn a_first_sync_writes_each_filter_word_once() {
     }
     assert!(writes.values().all(|&n| n == 1), "words written more than once: {writes:?}");
     m.check_backend_bits();
+    // The new backends go to the sink in one run, and each frontend's slots in one run.
+    assert_eq!(m.runs.iter().filter(|&&n| n == 2000).count(), 1, "{:?}", m.runs);
+    assert_eq!(m.runs.iter().filter(|&&n| n == 10).count(), 200, "{:?}", m.runs);
 }
 
 /// The service filter holds exactly the bits of the programmed frontends once a sync is done:
