@@ -216,7 +216,8 @@ impl Programmed {
 /// The writer's mirror of the maps.
 #[derive(Debug)]
 pub struct Writer {
-    backends: BTreeMap<BackendAddr, (u32, BackendValue)>,
+    /// Backends programmed: their ids and flags.
+    backends: BTreeMap<BackendAddr, (u32, u8)>,
     services: BTreeMap<Frontend, Programmed>,
     /// Ids in use (kept alongside the maps above so that allocation is O(log n)).
     /// Backend id → address (the reverse of `backends`): the ids in use, ordered for allocation.
@@ -298,7 +299,12 @@ fn frontend_bit(fe: Frontend) -> u32 {
 
 /// The backend filter's bit of a backend.
 fn backend_bit(be: BackendValue) -> u32 {
-    filter_bit(be.addr.addr, be.addr.port, be.addr.proto)
+    addr_bit(be.addr)
+}
+
+/// The backend filter's bit of a backend's address, port and protocol.
+fn addr_bit(addr: BackendAddr) -> u32 {
+    filter_bit(addr.addr, addr.port, addr.proto)
 }
 
 /// The scope's name, for messages and `dump`.
@@ -451,7 +457,7 @@ impl Writer {
         };
         let mut warnings = adopted.undecoded;
         for (id, be) in adopted.backends {
-            w.backends.insert(be.addr, (id, be));
+            w.backends.insert(be.addr, (id, be.flags));
             w.backend_ids.insert(id, be.addr);
             w.be_filter.add(backend_bit(be));
         }
@@ -697,8 +703,8 @@ impl Writer {
             };
             match run.op(Op::DelBackend(id, Family::of(addr.addr))) {
                 Ok(()) => {
-                    if let Some((_, be)) = self.backends.remove(&addr) {
-                        self.be_filter.remove(backend_bit(be));
+                    if self.backends.remove(&addr).is_some() {
+                        self.be_filter.remove(addr_bit(addr));
                     }
                     self.backend_ids.remove(&id);
                     self.orphans.remove(&id);
@@ -935,7 +941,7 @@ impl Writer {
             let Op::PutBackend(id, value) = *op else { continue };
             if i < written {
                 self.be_filter.add(backend_bit(value));
-                self.backends.insert(value.addr, (id, value));
+                self.backends.insert(value.addr, (id, value.flags));
                 // Unreferenced until a service that uses it is recorded (which may fail).
                 self.unreferenced.insert(id);
             } else {
@@ -947,15 +953,14 @@ impl Writer {
     /// The id of backend `b`, writing it if it is new or its flags changed. `(id, written)`.
     fn ensure_backend(&mut self, b: &Backend, run: &mut impl Run) -> Result<(u32, bool), String> {
         let value = backend_value(b);
-        if let Some((id, old)) = self.backends.get(&b.addr) {
+        if let Some(&(id, flags)) = self.backends.get(&b.addr) {
             // An orphan back in a Service keeps its id (and its flows).
-            self.orphans.remove(id);
-            if *old == value {
-                return Ok((*id, false));
+            self.orphans.remove(&id);
+            if flags == value.flags {
+                return Ok((id, false));
             }
-            let id = *id;
             run.op(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
-            self.backends.insert(b.addr, (id, value));
+            self.backends.insert(b.addr, (id, value.flags));
             return Ok((id, true));
         }
         let id = self.alloc_backend_id().map_err(|e| format!("backend {}: {e}", b.addr))?;
@@ -963,7 +968,7 @@ impl Writer {
         self.be_filter.preset(backend_bit(value), run).map_err(|e| format!("backend {}: {e}", b.addr))?;
         run.op(Op::PutBackend(id, value)).map_err(|e| format!("backend {}: {e}", b.addr))?;
         self.be_filter.add(backend_bit(value));
-        self.backends.insert(b.addr, (id, value));
+        self.backends.insert(b.addr, (id, value.flags));
         self.backend_ids.insert(id, b.addr);
         // Unreferenced until a service that uses it is recorded (which may fail).
         self.unreferenced.insert(id);
