@@ -338,7 +338,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     agent.refresh_node_addresses();
     let (fs_tx, mut fs_rx) = mpsc::channel(1);
     let _watcher = match &agent.cfg.source {
-        Source::Kube { .. } => None,
+        Source::Kube { .. } => {
+            // The lists may have come in full while the programs loaded: write them now (no-op
+            // unless both are in sync), not at the next update.
+            agent.sync();
+            None
+        }
         Source::Manifests(dir) => {
             let watcher = watch_dir(dir, fs_tx)?;
             // State first, then hooks: a device is never attached to maps that do not reflect
