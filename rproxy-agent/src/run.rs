@@ -260,6 +260,16 @@ fn load_datapath(cfg: &Config) -> Result<Datapath> {
     }
 }
 
+/// With the API as the source, starts its watches, which send their updates to `tx`.
+async fn spawn_watches(cfg: &Config, tx: mpsc::Sender<Update>, stats: Option<Arc<kube::Stats>>) -> Result<()> {
+    if let Source::Kube { kubeconfig } = &cfg.source {
+        let client = kube::client(kubeconfig.as_deref()).await?;
+        info!("waiting for the API server's Services and EndpointSlices before writing any map");
+        tokio::spawn(kube::run(client, cfg.node_name.clone(), tx, stats.unwrap_or_default()));
+    }
+    Ok(())
+}
+
 /// [`load_datapath`] on a blocking thread, while the source's first updates go into the store.
 async fn load_while_listing(cfg: &Config, updates: &mut mpsc::Receiver<Update>) -> Result<(Datapath, Early)> {
     let mut early = Early::new(&cfg.node_name);
@@ -296,12 +306,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     // The API's lists are read while the programs load (the verifier takes a second or more):
     // the objects go into the store as they come, and its first translation waits for the maps.
-    if let Source::Kube { kubeconfig } = &cfg.source {
-        let client = kube::client(kubeconfig.as_deref()).await?;
-        info!("waiting for the API server's Services and EndpointSlices before writing any map");
-        let stats = watch_stats.clone().unwrap_or_default();
-        tokio::spawn(kube::run(client, cfg.node_name.clone(), update_tx, stats));
-    }
+    spawn_watches(&cfg, update_tx, watch_stats.clone()).await?;
     let (mut datapath, early) = load_while_listing(&cfg, &mut update_rx).await?;
     datapath.set_snat_ports(cfg.snat_ports)?;
     datapath.set_external_cluster_ip(cfg.external_cluster_ip)?;
