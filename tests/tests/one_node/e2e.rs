@@ -264,7 +264,12 @@ fn datapath_survives_sigterm_until_cleanup() {
 /// Starts the agent again on `manifests` and waits for its own word that it runs: the pinned
 /// datapath answers with no agent at all, so requests cannot tell.
 fn start_and_wait_running(lab: &mut Lab, manifests: &Path) -> Result<()> {
-    lab.start_agent(&agent_bin()?, manifests)?;
+    start_with_and_wait_running(lab, manifests, &[])
+}
+
+/// [`start_and_wait_running`] with `args` added to the agent's.
+fn start_with_and_wait_running(lab: &mut Lab, manifests: &Path, args: &[&str]) -> Result<()> {
+    lab.start_agent_with(&agent_bin()?, manifests, args)?;
     let started = Instant::now();
     while !lab.agent_log().contains("agent running") {
         lab.ensure_agent_running()?;
@@ -765,12 +770,13 @@ fn dump_as_json_holds_the_pinned_state() {
 }
 
 /// `--ct-max` and `--ct-max-ipv6` size the conntrack tables (the pinned maps have those sizes
-/// and `/metrics` reports them); a restart with another size is refused with a message that
-/// names the table and the flags, and leaves the pinned state serving; the same sizes again
-/// start and adopt it.
+/// and `/metrics` reports them); a restart with other sizes moves the pinned tables to new ones
+/// of those sizes, flows included, and adopts the rest of the state (the first sync writes
+/// nothing); a backend array too small for the ids in use is refused, naming it, and leaves the
+/// pinned state serving.
 #[test]
-fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
-    with_lab("conntrack_sizes_are_set_by_flags_and_kept_across_restarts", |lab| {
+fn conntrack_sizes_are_set_by_flags_and_changed_at_a_restart() {
+    with_lab("conntrack_sizes_are_set_by_flags_and_changed_at_a_restart", |lab| {
         let bin = agent_bin()?;
         let manifests = Manifests { dir: lab.work_dir().join("manifests") };
         std::fs::create_dir(&manifests.dir)?;
@@ -779,8 +785,9 @@ fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
         let sizes = ["--ct-max", "65536", "--ct-max-ipv6", "4096"];
         lab.start_agent_with(&bin, &manifests.dir, &sizes)?;
         demo::wait_ready(lab)?;
+        let pins = lab.pin_dir().to_path_buf();
         let max_entries = |name: &str| -> Result<u32> {
-            let map = aya::maps::MapData::from_pin(lab.pin_dir().join(name))?;
+            let map = aya::maps::MapData::from_pin(pins.join(name))?;
             Ok(map.info()?.max_entries())
         };
         ensure!(max_entries("RPX_CT4")? == 65_536 && max_entries("RPX_CT6")? == 4096, "sizes not applied");
@@ -794,19 +801,33 @@ fn conntrack_sizes_are_set_by_flags_and_kept_across_restarts() {
         }
         lab.stop_agent()?;
 
-        lab.start_agent_with(&bin, &manifests.dir, &["--ct-max", "131072", "--ct-max-ipv6", "4096"])?;
-        let status = agent_exit(lab).context("the agent did not refuse another size")?;
+        start_with_and_wait_running(lab, &manifests.dir, &["--ct-max", "131072", "--ct-max-ipv6", "8192"])?;
+        let resized = (max_entries("RPX_CT4")?, max_entries("RPX_CT6")?);
+        ensure!(resized == (131_072, 8192), "tables not resized: {resized:?}\n{}", lab.agent_log());
         let log = lab.agent_log();
-        ensure!(!status.success(), "the agent started with another size: {log}");
-        ensure!(
-            log.contains("RPX_CT4") && log.contains("max entries 65536, needs 131072") && log.contains("--ct-max"),
-            "the refusal does not name the table, the sizes and the flags: {log}"
-        );
-        assert_reaches_every_backend(lab, Proto::Tcp, b"pinned state still serving")?;
+        ensure!(log.contains("resizing a pinned map") && log.contains("map migration finished"), "{log}");
+        let first = log.lines().find(|l| l.contains("map_ops=")).context("no sync")?;
+        ensure!(first.contains(" map_ops=0 "), "the state was rewritten, not adopted: {first}");
+        assert_reaches_every_backend(lab, Proto::Tcp, b"resized")?;
+        lab.stop_agent()?;
 
-        lab.start_agent_with(&bin, &manifests.dir, &sizes)?;
-        demo::wait_ready(lab).context("with the same sizes again")?;
-        assert_reaches_every_backend(lab, Proto::Tcp, b"same sizes")
+        // The demo's backends hold ids 1 to 3 (at least one): an array of 4096 holds them, so a
+        // refusal needs an id above it, written as an earlier agent with a larger array could
+        // have.
+        let mut backends: aya::maps::Array<_, rproxy_common::Backend4> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(aya::maps::MapData::from_pin(pins.join("RPX_BE4"))?))?;
+        let stray = rproxy_common::Backend4::new(Ipv4Addr::new(10, 244, 1, 99), 8080, 6, 1);
+        backends.set(5000, stray, 0)?;
+        drop(backends);
+        lab.start_agent_with(&bin, &manifests.dir, &["--backend-map-max", "4096"])?;
+        let status = agent_exit(lab).context("the agent did not refuse a backend array too small")?;
+        let log = lab.agent_log();
+        ensure!(!status.success(), "the agent started with a backend array too small: {log}");
+        ensure!(
+            log.contains("RPX_BE4") && log.contains("backend id 5000") && log.contains("--backend-map-max"),
+            "the refusal does not name the table, the id and the flag: {log}"
+        );
+        assert_reaches_every_backend(lab, Proto::Tcp, b"pinned state still serving")
     });
 }
 
@@ -1012,7 +1033,9 @@ fn explain_tells_what_the_datapath_does_and_changes_no_map() {
 
         let udp = explain(lab, &["--proto", "udp", "--src", &udp_src, "--dst", &frontend])?;
         ensure!(udp["verdict"] == "translate" && udp["backend"] == backend_of(&udp_name)?.as_str(), "{udp}");
-        let new_src = format!("{}:40000", CLIENT.1);
+        // A port below the pods' ephemeral range (32768-60999), which no earlier connection of
+        // this test can have had (40000 once was, and explain found its closing flow).
+        let new_src = format!("{}:20000", CLIENT.1);
         let new = explain(lab, &["--proto", "tcp", "--src", &new_src, "--dst", &frontend])?;
         ensure!(new["verdict"] == "translate" && new["backend"].is_null(), "{new}");
         ensure!(new["service"]["frontend"] == frontend.as_str() && new["service"]["kind"] == "ClusterIP", "{new}");
