@@ -339,8 +339,11 @@ fn write_slots(ids: &[u32], old: &[u32], key: impl Fn(u16) -> SvcKey, run: &mut 
             Op::PutService(key(slot_u16(i + 1)), ServiceValue { backend_id: *id, ..ServiceValue::default() })
         })
         .collect();
+    if puts.is_empty() {
+        return Ok(false);
+    }
     run.ops(&puts).map_err(|(_, e)| e)?;
-    Ok(!puts.is_empty())
+    Ok(true)
 }
 
 /// Issues `op(id, item)` for each of `items` (sorted) that `except` (sorted) lacks: the entries
