@@ -23,6 +23,17 @@ const MAX_CHUNK: u32 = 1 << 20;
 /// `ENOTSUPP`, the kernel-internal errno some map types return for operations they lack.
 const ENOTSUPP: i32 = 524;
 
+/// `bpf(cmd, attr, size_of::<A>())`: the calls aya does not make for us. `Err`: the errno.
+///
+/// # Safety
+/// `attr` must be a valid attribute structure for `cmd`, and every pointer in it must point to
+/// memory that stays valid, of the sizes the command reads or writes, for the call.
+pub unsafe fn sys_bpf<A>(cmd: bpf_cmd, attr: &mut A) -> io::Result<()> {
+    // SAFETY: the caller's contract.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_int, std::ptr::from_mut(attr), size_of::<A>()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Every entry of the hash map `fd`, whose keys are `K` and values `V` (the caller's word: the
 /// map must have been created with those sizes), read chunk by chunk; `pace` runs after each
 /// chunk (the GC sleeps there, so a walk over a large table never holds a CPU for long).
@@ -66,15 +77,7 @@ pub fn lookup_each<K: Pod, V: Pod>(
         // SAFETY: a valid attr for the command; `keys` and `values` hold `count` keys and values
         // of the map's sizes, `position` and `next` 64 bytes (a hash map's position is 4), and
         // all outlive the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_int,
-                std::ptr::from_mut(&mut attr),
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (r < 0).then(io::Error::last_os_error);
+        let err = unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // The kernel writes back how many entries it copied, on success and at the end alike.
         let got = usize::try_from(attr.count).unwrap_or(0).min(n);
         for i in 0..got {
@@ -134,21 +137,13 @@ pub fn update_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>, entries: &[(K, V)]) -> Res
             // SAFETY: a valid attr for the command; `keys` and `values` hold `count` keys and
             // values from `written` on, of the map's sizes (`Pod`, laid out as the kernel reads
             // them), and outlive the call, which only reads them.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_int,
-                    std::ptr::from_mut(&mut attr),
-                    size_of::<BatchAttr>(),
-                )
-            };
+            let result = unsafe { sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) };
             // The kernel writes back how many entries it wrote, on success and on failure alike.
             let got = usize::try_from(attr.count).unwrap_or(0).min(chunk.len() - written);
-            if r >= 0 {
+            let Err(err) = result else {
                 written = chunk.len();
                 continue;
-            }
-            let err = io::Error::last_os_error();
+            };
             written += got;
             match err.raw_os_error() {
                 Some(libc::EINTR | libc::EAGAIN) => {}
@@ -168,21 +163,14 @@ fn update_each<K: Pod, V: Pod>(map_fd: u32, entries: &[(K, V)]) -> Result<(), (u
     for (i, (k, v)) in entries.iter().enumerate() {
         // SAFETY: a valid attr for the command; `k` and `v` are of the map's key and value sizes
         // and outlive the call.
-        let r = unsafe {
+        unsafe {
             let mut attr: aya_obj::generated::bpf_attr = std::mem::zeroed();
             attr.__bindgen_anon_2.map_fd = map_fd;
             attr.__bindgen_anon_2.key = std::ptr::from_ref(k) as u64;
             attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(v) as u64;
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_UPDATE_ELEM as libc::c_int,
-                std::ptr::from_mut(&mut attr),
-                size_of::<aya_obj::generated::bpf_attr>(),
-            )
-        };
-        if r < 0 {
-            return Err((i, io::Error::last_os_error()));
+            sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
         }
+        .map_err(|e| (i, e))?;
     }
     Ok(())
 }

@@ -25,7 +25,6 @@
 //! every start anyway (the old ones stay open until step 3 so that the old programs keep their
 //! tail calls meanwhile).
 use std::{
-    io,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
@@ -117,20 +116,8 @@ pub fn has_btf(map: &MapData) -> Result<bool> {
         info: std::ptr::from_mut(&mut info) as u64,
     };
     // SAFETY: a valid attr for the command, `info` outlives the call and is `info_len` bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_int,
-            std::ptr::from_mut(&mut attr),
-            size_of::<InfoAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(Error::Io {
-            what: "reading a map's info (BPF_OBJ_GET_INFO_BY_FD)".into(),
-            source: io::Error::last_os_error(),
-        });
-    }
+    unsafe { super::batch::sys_bpf(aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }
+        .map_err(|source| Error::Io { what: "reading a map's info (BPF_OBJ_GET_INFO_BY_FD)".into(), source })?;
     Ok(info.btf_value_type_id != 0)
 }
 
