@@ -614,20 +614,12 @@ impl Writer {
             }
         }
 
-        // The filter bits of new frontends and new backends, a word at a time: their own
-        // presets below then find them set, and a first sync of 300,000 backends writes each
+        // The filter bits of new frontends, a word at a time, and the new backends with theirs:
+        // the presets below then find them set, and a first sync of 300,000 backends writes each
         // filter word once instead of once per bit. A failure here is left to those presets.
         let wanted = || frontends.iter().filter_map(|fe| desired.services.get(fe).map(|e| (fe, e)));
         self.filter.preset_all(
             wanted().filter(|(fe, _)| !self.services.contains_key(fe)).map(|(fe, _)| frontend_bit(*fe)),
-            &mut run,
-        );
-        let backends = &self.backends;
-        self.be_filter.preset_all(
-            wanted()
-                .flat_map(|(_, e)| e.slots.iter().chain(&e.local_slots).chain(&e.draining))
-                .filter(|b| !backends.contains_key(&b.addr))
-                .map(|b| backend_bit(backend_value(b))),
             &mut run,
         );
         self.write_new_backends(wanted().map(|(_, e)| e), &mut run);
@@ -915,17 +907,19 @@ impl Writer {
     }
 
     /// Writes the backends of `entries` that are new, all at once (a sink may take them in one
-    /// system call per 4,096: a first sync of 300,000 backends), so that each frontend's own
-    /// pass ([`Writer::ensure_backend`]) finds them written. One whose filter bit is not set yet,
-    /// or whose write fails, is left to that pass, which reports it with its Service.
+    /// system call per 4,096: a first sync of 300,000 backends), after their filter bits (a word
+    /// at a time), so that each frontend's own pass ([`Writer::ensure_backend`]) finds them
+    /// written. One whose filter bit could not be set, or whose write fails, is left to that
+    /// pass, which reports it with its Service.
     fn write_new_backends<'e>(&mut self, entries: impl Iterator<Item = &'e ServiceEntry>, run: &mut impl Run) {
         let mut seen = std::collections::HashSet::new();
-        let new: Vec<BackendValue> = entries
+        let mut new: Vec<BackendValue> = entries
             .flat_map(|e| e.slots.iter().chain(&e.local_slots).chain(&e.draining))
             .filter(|b| !self.backends.contains_key(&b.addr) && seen.insert(b.addr))
             .map(backend_value)
-            .filter(|v| self.be_filter.written_has(backend_bit(*v)))
             .collect();
+        self.be_filter.preset_all(new.iter().map(|v| backend_bit(*v)), run);
+        new.retain(|v| self.be_filter.written_has(backend_bit(*v)));
         if new.len() < 2 {
             return;
         }
@@ -1037,13 +1031,23 @@ fn backend_entry<A: WireAddr>(v: &BackendValue, addr: A::Ip) -> rproxy_common::B
     rproxy_common::Backend::new(addr, v.addr.port, v.addr.proto.number(), v.flags)
 }
 
+/// Writes a run of operations on `map` at once, `entry` giving each one's key and value there
+/// (every op of the run has one: `BatchOf`).
+fn update_run<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::MapData,
+    ops: &[Op],
+    entry: impl Fn(&Op) -> Option<(K, V)>,
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsFd as _;
+    let entries: Vec<(K, V)> = ops.iter().filter_map(entry).collect();
+    crate::bpf::batch::update_all(map.fd().as_fd(), &entries)
+}
+
 /// The BPF maps as a sink: each operation goes to the map of its family.
 impl MapSink for crate::bpf::datapath::Maps {
     /// Runs of backend or service writes of one family go to their map in one system call per
     /// 4,096 (`BPF_MAP_UPDATE_BATCH`); the rest one by one.
     fn apply_all(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
-        use std::os::fd::AsFd as _;
-
         use IpAddr::{V4, V6};
         use aya::maps::IterableMap as _;
         let mut at = 0;
@@ -1057,54 +1061,30 @@ impl MapSink for crate::bpf::datapath::Maps {
             }
             let run_ops = &ops[at..at + run];
             let written = match of {
-                Some(BatchOf::Backends(Family::V4)) => {
-                    let entries: Vec<_> = run_ops
-                        .iter()
-                        .filter_map(|op| match op {
-                            Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V4(a), .. }, .. }) => {
-                                Some((*id, backend_entry::<u32>(v, *a)))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    crate::bpf::batch::update_all(self.backends.map().fd().as_fd(), &entries)
-                }
-                Some(BatchOf::Backends(Family::V6)) => {
-                    let entries: Vec<_> = run_ops
-                        .iter()
-                        .filter_map(|op| match op {
-                            Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V6(a), .. }, .. }) => {
-                                Some((*id, backend_entry::<[u32; 4]>(v, *a)))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    crate::bpf::batch::update_all(self.backends6.map().fd().as_fd(), &entries)
-                }
-                Some(BatchOf::Services(Family::V4)) => {
-                    let entries: Vec<_> = run_ops
-                        .iter()
-                        .filter_map(|op| match op {
-                            Op::PutService(k @ SvcKey { frontend: Frontend { addr: V4(a), .. }, .. }, v) => {
-                                Some((service_key::<u32>(k, *a), *v))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    crate::bpf::batch::update_all(self.services.map().fd().as_fd(), &entries)
-                }
-                Some(BatchOf::Services(Family::V6)) => {
-                    let entries: Vec<_> = run_ops
-                        .iter()
-                        .filter_map(|op| match op {
-                            Op::PutService(k @ SvcKey { frontend: Frontend { addr: V6(a), .. }, .. }, v) => {
-                                Some((service_key::<[u32; 4]>(k, *a), *v))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    crate::bpf::batch::update_all(self.services6.map().fd().as_fd(), &entries)
-                }
+                Some(BatchOf::Backends(Family::V4)) => update_run(self.backends.map(), run_ops, |op| match op {
+                    Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V4(a), .. }, .. }) => {
+                        Some((*id, backend_entry::<u32>(v, *a)))
+                    }
+                    _ => None,
+                }),
+                Some(BatchOf::Backends(Family::V6)) => update_run(self.backends6.map(), run_ops, |op| match op {
+                    Op::PutBackend(id, v @ BackendValue { addr: BackendAddr { addr: V6(a), .. }, .. }) => {
+                        Some((*id, backend_entry::<[u32; 4]>(v, *a)))
+                    }
+                    _ => None,
+                }),
+                Some(BatchOf::Services(Family::V4)) => update_run(self.services.map(), run_ops, |op| match op {
+                    Op::PutService(k @ SvcKey { frontend: Frontend { addr: V4(a), .. }, .. }, v) => {
+                        Some((service_key::<u32>(k, *a), *v))
+                    }
+                    _ => None,
+                }),
+                Some(BatchOf::Services(Family::V6)) => update_run(self.services6.map(), run_ops, |op| match op {
+                    Op::PutService(k @ SvcKey { frontend: Frontend { addr: V6(a), .. }, .. }, v) => {
+                        Some((service_key::<[u32; 4]>(k, *a), *v))
+                    }
+                    _ => None,
+                }),
                 None => Ok(()),
             };
             written.map_err(|(n, e)| (at + n, format!("bpf_map_update_batch: {e}")))?;
