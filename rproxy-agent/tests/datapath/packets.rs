@@ -794,8 +794,18 @@ fn ipv6_control_traffic_and_truncated_frames_pass_untouched() {
     assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::IcmpRelated), h.stat(Stat::TailCallFail)), (0, 0, 0));
 }
 
-/// Removes a test's pin dir, also when the test fails.
+/// A test's pin dir (`/sys/fs/bpf/rpxtest-<name>-<pid>`), made empty; removed when dropped, also
+/// when the test fails.
 struct PinDirCleanup(std::path::PathBuf);
+
+impl PinDirCleanup {
+    fn new(name: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/rpxtest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pin dir");
+        Self(dir)
+    }
+}
 
 impl Drop for PinDirCleanup {
     fn drop(&mut self) {
@@ -824,10 +834,8 @@ fn pinned_map_of_another_layout_is_refused() {
     if harness().is_none() {
         return;
     }
-    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/rpxtest-pinned-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("pin dir");
-    let _cleanup = PinDirCleanup(dir.clone());
+    let pins = PinDirCleanup::new("pinned");
+    let dir = pins.0.clone();
     let pin = dir.join(rproxy_common::map_names::CT4);
     bpftool_map_create(&pin, &["type", "lru_hash", "key", "16", "value", "24", "entries", "1024", "name", "RPX_CT4"]);
     let err = rproxy_agent::bpf::datapath::Datapath::load(Some(&dir)).err().expect("load must refuse the old map");
@@ -866,10 +874,8 @@ fn pinned_tables_move_to_their_new_size_and_a_shrink_that_does_not_fit_is_refuse
     if harness().is_none() {
         return;
     }
-    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/rpxtest-resize-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("pin dir");
-    let _cleanup = PinDirCleanup(dir.clone());
+    let pins = PinDirCleanup::new("resize");
+    let dir = pins.0.clone();
     let size = |name: &str| {
         aya::maps::MapData::from_pin(dir.join(name)).and_then(|m| m.info()).expect("pinned map").max_entries()
     };
