@@ -395,7 +395,13 @@ impl Bench<'_> {
                         };
                         run_checked(b, path, prog, expect, &f)
                     });
+                    // The baseline runs the twin too (unmeasured), so that both builds' tables
+                    // see the same traffic (new flows fill conntrack).
                     let twin = twin.as_mut().map(|frames| {
+                        for b in subjects.iter_mut().skip(1) {
+                            let f = frames(b);
+                            run_checked(b, path, prog, expect, &f);
+                        }
                         let f = frames(&subjects[0]);
                         run_checked(&mut subjects[0], path, prog, expect, &f)
                     });
