@@ -156,6 +156,29 @@ pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// One 32-bit load of packet data at `$p + $off` (`$off` a constant expression, which may use
+/// const generics), zero-extended; the body of [`load_u32_at`] and [`load_words_at`]. To be
+/// used inside `unsafe`, under their safety contract.
+macro_rules! load32 {
+    ($p:expr, $off:expr) => {{
+        let v: u64;
+        // The load neither writes memory nor touches the stack.
+        core::arch::asm!(
+            "{v} = *(u32 *)({p} + {off})",
+            p = in(reg) $p,
+            off = const $off,
+            v = lateout(reg) v,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        // A 32-bit load zeroes the register's upper half; told so, LLVM leaves out the shifts
+        // that would clear it again wherever the word is compared or spilled as 64 bits.
+        core::hint::assert_unchecked(v >> 32 == 0);
+        #[expect(clippy::cast_possible_truncation, reason = "a 32-bit load, zero-extended")]
+        let v = v as u32;
+        v
+    }};
+}
+
 /// `N` 32-bit words of packet data at `p` (any alignment; memory order), one load instruction
 /// each ([`load_u32`]).
 ///
@@ -164,7 +187,30 @@ pub fn ptr_at<C: Ctx, T>(ctx: &C, off: usize) -> Option<*mut T> {
 #[inline(always)]
 pub unsafe fn load_words<const N: usize>(p: *const u8) -> [u32; N] {
     // SAFETY: the caller's.
-    core::array::from_fn(|i| unsafe { load_u32(p.add(4 * i)) })
+    unsafe { load_words_at::<0, N>(p) }
+}
+
+/// `N` 32-bit words of packet data at `p + OFF`, each word's offset a constant of its load
+/// instruction ([`load_u32_at`]) once the loop is unrolled and the match folded: one
+/// instruction a word, where a pointer of its own takes three (copy, add, load). Words past
+/// the sixteenth (none today) take the long way.
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 4 * N` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_words_at<const OFF: usize, const N: usize>(p: *const u8) -> [u32; N] {
+    const { assert!(OFF + 4 * N <= i16::MAX as usize, "a load's offset is a signed 16-bit field") };
+    macro_rules! word {
+        ($i:expr, $($n:literal)*) => {
+            match $i {
+                // SAFETY: the caller's.
+                $($n => unsafe { load32!(p, OFF + 4 * $n) },)*
+                // SAFETY: the caller's.
+                i => unsafe { load_u32(p.add(OFF + 4 * i)) },
+            }
+        };
+    }
+    core::array::from_fn(|i| word!(i, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15))
 }
 
 /// The 32-bit word of packet data at `p` (any alignment; memory order), read with one load
@@ -179,20 +225,21 @@ pub unsafe fn load_words<const N: usize>(p: *const u8) -> [u32; N] {
 /// `p .. p + 4` is bounds-checked packet data.
 #[inline(always)]
 pub unsafe fn load_u32(p: *const u8) -> u32 {
-    let v: u64;
-    // SAFETY: the caller's: a packet pointer the verifier has checked for these 4 bytes. The
-    // load neither writes memory nor touches the stack.
-    unsafe {
-        core::arch::asm!(
-            "{v} = *(u32 *)({p} + 0)",
-            p = in(reg) p,
-            v = lateout(reg) v,
-            options(readonly, nostack, preserves_flags),
-        );
-    }
-    #[expect(clippy::cast_possible_truncation, reason = "a 32-bit load, zero-extended")]
-    let v = v as u32;
-    v
+    // SAFETY: the caller's.
+    unsafe { load_u32_at::<0>(p) }
+}
+
+/// The 32-bit word of packet data at `p + OFF` ([`load_u32`]), the offset carried by the load
+/// instruction itself: a header's field read from the header's pointer, without a register
+/// for the field's address.
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 4` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_u32_at<const OFF: usize>(p: *const u8) -> u32 {
+    const { assert!(OFF <= i16::MAX as usize, "a load's offset is a signed 16-bit field") };
+    // SAFETY: the caller's.
+    unsafe { load32!(p, OFF) }
 }
 
 /// The 16-bit field of packet data at `p` (any alignment; memory order), with one load
@@ -202,14 +249,27 @@ pub unsafe fn load_u32(p: *const u8) -> u32 {
 /// `p .. p + 2` is bounds-checked packet data.
 #[inline(always)]
 pub unsafe fn load_u16(p: *const u8) -> u16 {
+    // SAFETY: the caller's.
+    unsafe { load_u16_at::<0>(p) }
+}
+
+/// The 16-bit field of packet data at `p + OFF`, the offset in the load instruction
+/// ([`load_u32_at`]).
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 2` is bounds-checked packet data.
+#[inline(always)]
+pub unsafe fn load_u16_at<const OFF: usize>(p: *const u8) -> u16 {
+    const { assert!(OFF <= i16::MAX as usize, "a load's offset is a signed 16-bit field") };
     let v: u64;
     // SAFETY: as `load_u32`'s, for 2 bytes.
     unsafe {
         core::arch::asm!(
-            "{v} = *(u16 *)({p} + 0)",
+            "{v} = *(u16 *)({p} + {off})",
             p = in(reg) p,
+            off = const OFF,
             v = lateout(reg) v,
-            options(readonly, nostack, preserves_flags),
+            options(pure, readonly, nostack, preserves_flags),
         );
     }
     #[expect(clippy::cast_possible_truncation, reason = "a 16-bit load, zero-extended")]

@@ -197,7 +197,7 @@ fn has_bit(words: &FilterMap, bit: u32) -> bool {
 /// frontend that got the same id apart.
 #[inline(always)]
 pub fn frontend_alive<F: Family>(rev_nat_id: u16, addr: F::Addr, port: u16) -> bool {
-    F::rev_nat().get(u32::from(rev_nat_id)).is_some_and(|r| r.addr == addr && r.port == port)
+    F::rev_nat().get(u32::from(rev_nat_id)).is_some_and(|r| r.port == port && F::same(r.addr, addr))
 }
 
 /// Whether a new flow from `source` may open to the frontend `svc`: always, unless it has

@@ -82,7 +82,9 @@ pub fn rpx_from_pod(ctx: TcContext) -> i32 {
             None => Ok(Verdict::Pass),
         },
         // Not TCP or UDP: the IPv6 half would pass it. New flows go to the half.
-        Some(ETH_P_IPV6_BE) => match parse::parse_ipv6(&ctx).map(|pkt| pod::from_pod_inline::<V6>(&ctx, &pkt)) {
+        Some(ETH_P_IPV6_BE) => match parse::parse_ipv6_but_source(&ctx)
+            .map(|pkt| pod::from_pod_inline::<V6>(&ctx, pkt, || parse::ipv6_source(&ctx)))
+        {
             None => Ok(Verdict::Pass),
             Some(Some(verdict)) => verdict,
             Some(None) => {

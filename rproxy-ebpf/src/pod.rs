@@ -34,7 +34,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
         count(Stat::Fragment);
         return Ok(Verdict::Pass);
     }
-    if pkt.daddr == F::HAIRPIN {
+    if F::same(pkt.daddr, F::HAIRPIN) {
         return hairpin_reply(ctx, pkt);
     }
     if !lb::may_be_service(pkt) {
@@ -60,7 +60,7 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
         }
         Decision::New(NewFlow { svc, backend_id, be }) => {
             // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
-            let looped = be.addr == pkt.saddr;
+            let looped = F::same(be.addr, pkt.saddr);
             let (nat, flags) =
                 if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
             // The replies come back on (backend, nat): a live flow of another frontend there
@@ -98,17 +98,23 @@ fn established<F: Family>(
 
 /// `from_pod`'s common cases, which the entry program runs inline for IPv6: a packet `from_pod`
 /// passes, or one of an established flow. `None`: the rest of `from_pod` is needed (the entry
-/// program tail-calls its IPv6 half).
+/// program tail-calls its IPv6 half). `pkt` comes without its source address
+/// (`parse::parse_ipv6_but_source`), which `source` reads for a packet that may be a Service's.
 #[inline(always)]
-pub fn from_pod_inline<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Option<Result<Verdict, i64>> {
-    if pkt.fragment || pkt.daddr == F::HAIRPIN {
+pub fn from_pod_inline<F: Family>(
+    ctx: &TcContext,
+    mut pkt: Packet<F>,
+    source: impl FnOnce() -> Option<F::Addr>,
+) -> Option<Result<Verdict, i64>> {
+    if pkt.fragment || F::same(pkt.daddr, F::HAIRPIN) {
         return None;
     }
-    if !lb::may_be_service(pkt) {
-        return if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) { None } else { Some(Ok(Verdict::Pass)) };
+    if !lb::may_be_service(&pkt) {
+        return if conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt) { None } else { Some(Ok(Verdict::Pass)) };
     }
-    match lb::existing(pkt, Origin::Pod) {
-        lb::Existing::Live(ct) => Some(established(ctx, pkt, ct, conntrack::now_ns())),
+    pkt.saddr = source()?;
+    match lb::existing(&pkt, Origin::Pod) {
+        lb::Existing::Live(ct) => Some(established(ctx, &pkt, ct, conntrack::now_ns())),
         _ => None,
     }
 }
