@@ -115,9 +115,9 @@ const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 0x21);
 /// The node's external device.
 const EXT_DEV: &str = "rpxb0";
 
-fn entry(name: String, flags: u16, slots: Vec<Backend>) -> ServiceEntry {
+fn entry(name: &str, flags: u16, slots: Vec<Backend>) -> ServiceEntry {
     ServiceEntry {
-        service: ObjectRef { namespace: "bench".into(), name },
+        service: ObjectRef::new("bench", name),
         port_name: String::new(),
         flags,
         affinity_timeout: 0,
@@ -144,21 +144,21 @@ fn desired(services: usize, backends: usize) -> Desired {
     for i in 0..services {
         let fe = Frontend { addr: vip(i).into(), port: 80, proto: Protocol::Tcp };
         let slots = (0..backends).map(|j| tcp_backend(backend(i, j), true)).collect();
-        d.services.insert(fe, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots));
+        d.services.insert(fe, entry(&format!("svc-{i}"), SVC_F_CLUSTER_IP, slots));
         let fe6 = Frontend { addr: vip6(i).into(), ..fe };
         let slots6 = (0..backends).map(|j| tcp_backend(backend6(i, j), true)).collect();
-        d.services.insert(fe6, entry(format!("svc-{i}"), SVC_F_CLUSTER_IP, slots6));
+        d.services.insert(fe6, entry(&format!("svc-{i}"), SVC_F_CLUSTER_IP, slots6));
     }
     let fe = Frontend { addr: NODE.into(), port: NODE_PORT, proto: Protocol::Tcp };
-    d.services.insert(fe, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
+    d.services.insert(fe, entry("nodeport", SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD, false)]));
     let fe6 = Frontend { addr: NODE6.into(), ..fe };
-    d.services.insert(fe6, entry("nodeport".into(), SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD6, false)]));
+    d.services.insert(fe6, entry("nodeport", SVC_F_NODE_PORT, vec![tcp_backend(REMOTE_POD6, false)]));
     let remote = (0..16).map(|j| tcp_backend(Ipv4Addr::new(10, 244, 2, 100 + j), false)).collect();
     let fe = Frontend { port: NODE_PORT_REMOTE, ..fe };
-    d.services.insert(fe, entry("nodeport-remote".into(), SVC_F_NODE_PORT, remote));
+    d.services.insert(fe, entry("nodeport-remote", SVC_F_NODE_PORT, remote));
     let local = (0..3).map(|j| tcp_backend(Ipv4Addr::new(10, 244, 1, 10 + j), true)).collect();
     let fe = Frontend { port: NODE_PORT_LOCAL, ..fe };
-    d.services.insert(fe, entry("nodeport-local".into(), SVC_F_NODE_PORT, local));
+    d.services.insert(fe, entry("nodeport-local", SVC_F_NODE_PORT, local));
     d
 }
 

@@ -183,8 +183,8 @@ fn map_cpus() -> usize {
 /// The labels of one frontend's counters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceLabel {
-    pub namespace: String,
-    pub service: String,
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
     /// The Service port's name ("" if unnamed).
     pub port: String,
     /// `address:port/protocol`.
@@ -344,8 +344,8 @@ impl Metrics {
             .values()
             .map(|(id, l)| FrontendName {
                 frontend: l.frontend.clone(),
-                namespace: l.namespace.clone(),
-                service: l.service.clone(),
+                namespace: l.namespace.to_string(),
+                service: l.service.to_string(),
                 port: l.port.clone(),
                 kind: l.kind.to_owned(),
                 rev_nat_id: *id,
@@ -553,8 +553,8 @@ impl Collector for ServiceLabels {
                 encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
             for (l, stats) in &rows {
                 let labels = [
-                    ("namespace", l.namespace.as_str()),
-                    ("service", l.service.as_str()),
+                    ("namespace", &*l.namespace),
+                    ("service", &*l.service),
                     ("port", l.port.as_str()),
                     ("frontend", l.frontend.as_str()),
                     ("kind", l.kind),

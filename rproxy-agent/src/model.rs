@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -60,10 +61,21 @@ impl fmt::Display for Family {
 }
 
 /// `namespace/name` of a Kubernetes object.
+///
+/// Shared strings: the store, the translation, the writer and the metrics each keep the
+/// references of what they hold (a Service's appears some eight times, a slice's twice), and a
+/// clone costs no allocation (at 30,000 Services, some 20 MB less than two `String`s a copy).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ObjectRef {
+    #[must_use]
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
 }
 
 impl fmt::Display for ObjectRef {

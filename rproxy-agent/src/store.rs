@@ -604,7 +604,7 @@ impl Store {
 fn slice_unit(slice_ref: &ObjectRef, definitions: &[CompactSlice]) -> ObjectRef {
     let label = definitions.first().and_then(CompactSlice::service_name).filter(|name| !name.is_empty());
     match label {
-        Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.to_owned() },
+        Some(name) => ObjectRef { namespace: slice_ref.namespace.clone(), name: name.into() },
         None => slice_ref.clone(),
     }
 }
@@ -633,7 +633,7 @@ fn named(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectRef> {
 
 fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
     let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
-    Some(ObjectRef { namespace: translate::namespace_of(meta).to_owned(), name: name.to_owned() })
+    Some(ObjectRef::new(translate::namespace_of(meta), name))
 }
 
 /// The entry of `fe` in a sorted unit.

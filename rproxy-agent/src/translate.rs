@@ -754,7 +754,7 @@ fn owning_service<'p>(
     let Some(name) = label.filter(|name| !name.is_empty()) else {
         return Err((format!("missing label {SERVICE_NAME_LABEL}"), false));
     };
-    let svc_ref = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() };
+    let svc_ref = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.as_str().into() };
     match plans.get(&svc_ref) {
         // The slice came before its Service, or its Service was deleted and the garbage
         // collector has not removed the slice yet.
@@ -1007,7 +1007,7 @@ pub fn conflict_reason(frontend: Frontend, holder: &ObjectRef) -> String {
 /// `namespace/name` of an object (namespace defaulted), `None` without a name.
 fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
     let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
-    Some(ObjectRef { namespace: namespace_of(meta).to_owned(), name: name.to_owned() })
+    Some(ObjectRef::new(namespace_of(meta), name))
 }
 
 /// The object's namespace, [`DEFAULT_NAMESPACE`] when unset.

@@ -212,7 +212,7 @@ mod tests {
 
     fn svc(name: &str) -> ObjectRef {
         let (namespace, name) = name.split_once('/').unwrap();
-        ObjectRef { namespace: namespace.to_owned(), name: name.to_owned() }
+        ObjectRef::new(namespace, name)
     }
 
     fn checks(items: &[(&str, u16, usize)]) -> BTreeMap<ObjectRef, HealthCheck> {

@@ -55,7 +55,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
     let fe = Frontend { addr: IpAddr::V4(Ipv4Addr::new(10, 96, 9, 9)), port: 80, proto: Protocol::Tcp };
     let entry = t.desired.services.get(&fe);
     prop_assert!(
-        entry.is_some_and(|e| e.slots.len() == 1 && e.service.name == "witness"),
+        entry.is_some_and(|e| e.slots.len() == 1 && &*e.service.name == "witness"),
         "the witness Service is gone: {problems:?}"
     );
     Ok(())

@@ -286,8 +286,8 @@ impl CompactSlice {
         });
         EndpointSlice {
             metadata: ObjectMeta {
-                name: Some(slice_ref.name.clone()),
-                namespace: Some(slice_ref.namespace.clone()),
+                name: Some(slice_ref.name.to_string()),
+                namespace: Some(slice_ref.namespace.to_string()),
                 labels: self.service_name.as_ref().map(|n| [(SERVICE_NAME_LABEL.to_owned(), n.to_string())].into()),
                 ..ObjectMeta::default()
             },
@@ -598,10 +598,7 @@ mod tests {
             let rebuilt: Vec<EndpointSlice> = slices
                 .iter()
                 .map(|s| {
-                    let r = ObjectRef {
-                        namespace: translate::namespace_of(&s.metadata).to_owned(),
-                        name: s.metadata.name.clone().unwrap(),
-                    };
+                    let r = ObjectRef::new(translate::namespace_of(&s.metadata), s.metadata.name.as_deref().unwrap());
                     CompactSlice::new(s, node_name).to_slice(&r, node_name)
                 })
                 .collect();

@@ -362,12 +362,12 @@ fn a_conflict_clears_when_the_winner_goes() {
     assert_eq!(changes.new_problems.len(), 1, "{:?}", changes.new_problems);
     assert_eq!(changes.new_problems[0].object, "default/b");
     let fe = *store.desired().services.keys().next().unwrap();
-    assert_eq!(store.desired().services[&fe].service.name, "a");
+    assert_eq!(&*store.desired().services[&fe].service.name, "a");
 
     store.apply(Update::DeleteService(Box::new(service("a", IPS[0], 53, "ClusterIP"))));
     let changes = store.flush();
     assert_eq!(changes.fixed_problems.len(), 1);
-    assert_eq!(store.desired().services[&fe].service.name, "b");
+    assert_eq!(&*store.desired().services[&fe].service.name, "b");
     assert_eq!(store.problem_count(), 0);
     assert_eq!(store.rejected_total().get("Service"), Some(&1));
 }
@@ -426,7 +426,7 @@ fn node_address_changes_retranslate_only_services_with_node_ports() {
     let cluster_ip = Frontend { addr: "10.96.2.1".parse().unwrap(), port: 53, ..fe };
     assert_eq!(changes.frontends, BTreeSet::from([cluster_ip, fe]));
     let entry = &store.desired().services[&fe];
-    assert_eq!((entry.service.name.as_str(), entry.flags), ("np", rproxy_common::SVC_F_NODE_PORT));
+    assert_eq!((&*entry.service.name, entry.flags), ("np", rproxy_common::SVC_F_NODE_PORT));
     assert_eq!(entry.slots.len(), 1);
 
     // The same set again (another order, duplicates) is no change.
@@ -467,7 +467,7 @@ fn a_streamed_list_replaces_the_held_set_at_its_end() {
     store.apply(Update::ListDone("Service"));
     let changes = store.flush();
     assert_eq!(changes.translated, 2, "a is gone, d is new, b is the same");
-    let names: BTreeSet<&str> = store.desired().services.values().map(|e| e.service.name.as_str()).collect();
+    let names: BTreeSet<&str> = store.desired().services.values().map(|e| &*e.service.name).collect();
     assert_eq!(names, BTreeSet::from(["b", "d"]));
 
     // A `ListDone` without its `ListStart` changes nothing.

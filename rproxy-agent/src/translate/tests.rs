@@ -95,7 +95,7 @@ fn fe(addr: &str, port: u16, proto: Protocol) -> Frontend {
 
 fn objref(name: &str) -> ObjectRef {
     let (namespace, name) = name.split_once('/').unwrap();
-    ObjectRef { namespace: namespace.to_owned(), name: name.to_owned() }
+    ObjectRef::new(namespace, name)
 }
 
 /// A plain cluster IP entry (no affinity, no traffic policy).

@@ -199,7 +199,7 @@ fn be(last: u8) -> Backend {
 
 fn entry(name: &str, slots: &[u8], draining: &[u8]) -> ServiceEntry {
     ServiceEntry {
-        service: ObjectRef { namespace: String::from("default"), name: name.to_owned() },
+        service: ObjectRef::new("default", name),
         port_name: String::new(),
         flags: rproxy_common::SVC_F_CLUSTER_IP,
         affinity_timeout: 0,

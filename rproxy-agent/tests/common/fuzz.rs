@@ -129,7 +129,7 @@ pub fn desired() -> Desired {
             let mut add =
                 |addr, port, flags, slots: Vec<Backend>, local_slots: Vec<Backend>, ranges: Vec<ipnet::IpNet>| {
                     let entry = ServiceEntry {
-                        service: ObjectRef { namespace: "fuzz".into(), name: format!("s{port}") },
+                        service: ObjectRef::new("fuzz", &format!("s{port}")),
                         port_name: String::new(),
                         flags,
                         affinity_timeout: if flags & SVC_F_AFFINITY != 0 { 30 } else { 0 },

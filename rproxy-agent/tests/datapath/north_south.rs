@@ -153,7 +153,7 @@ fn tcp_nodeport(node: IpAddr, port: u16, pod: IpAddr) -> Desired {
 /// One frontend `addr:port/proto` with `flags` and backends (`local_slots` for ETP Local).
 fn frontend(addr: IpAddr, port: u16, proto: Protocol, flags: u16, slots: Vec<Backend>, local: Vec<Backend>) -> Desired {
     let entry = ServiceEntry {
-        service: ObjectRef { namespace: "default".into(), name: format!("np{port}") },
+        service: ObjectRef::new("default", &format!("np{port}")),
         port_name: String::new(),
         flags,
         affinity_timeout: 0,
