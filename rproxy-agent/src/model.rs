@@ -60,6 +60,14 @@ impl fmt::Display for Family {
     }
 }
 
+/// Rebuilds `map` from its sorted entries. Filled in ascending key order, as the agent's first
+/// sync fills its large maps, a B-tree's nodes stay little more than half full (each split
+/// leaves the left node for good); rebuilt in bulk they are full, which at 30,000 Services and
+/// 300,000 backends is some 15 MB less. Worth it only for a map that was built from empty.
+pub fn pack<K: Ord, V>(map: &mut BTreeMap<K, V>) {
+    *map = std::mem::take(map).into_iter().collect();
+}
+
 /// `namespace/name` of a Kubernetes object.
 ///
 /// Shared strings: the store, the translation, the writer and the metrics each keep the

@@ -38,7 +38,7 @@ use k8s_openapi::{
 use tracing::{debug, info};
 
 use crate::{
-    model::{Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
+    model::{self, Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
     source::{
         Update,
         slim::{CompactService, CompactSlice},
@@ -61,6 +61,12 @@ struct Unit {
     /// the desired state (`None` here): one copy of each entry, not two (18 MiB at 30,000
     /// Services of 10 endpoints). A claimant that loses it gets it back ([`Store::resolve`]).
     frontends: Vec<(Frontend, Option<ServiceEntry>)>,
+    /// What most units lack, boxed: a unit is 32 bytes in `Store::units` rather than 96.
+    rest: Option<Box<UnitRest>>,
+}
+
+#[derive(Debug, Default)]
+struct UnitRest {
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
     /// Problems of the unit's own translation, except those of `repeated`.
     problems: Vec<Problem>,
@@ -70,6 +76,34 @@ struct Unit {
     /// (see [`Store::resolve`]), since a full translation reports it only while the Service is the
     /// frontend's first claimant.
     repeated: Vec<Frontend>,
+}
+
+/// No health checks (a unit without [`UnitRest`]).
+static NO_HEALTH_CHECKS: BTreeMap<ObjectRef, HealthCheck> = BTreeMap::new();
+
+impl Unit {
+    fn new(
+        frontends: Vec<(Frontend, Option<ServiceEntry>)>,
+        health_checks: BTreeMap<ObjectRef, HealthCheck>,
+        problems: Vec<Problem>,
+        repeated: Vec<Frontend>,
+    ) -> Self {
+        let rest = (!health_checks.is_empty() || !problems.is_empty() || !repeated.is_empty())
+            .then(|| Box::new(UnitRest { health_checks, problems, repeated }));
+        Self { frontends, rest }
+    }
+
+    fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
+        self.rest.as_ref().map_or(&NO_HEALTH_CHECKS, |r| &r.health_checks)
+    }
+
+    fn problems(&self) -> &[Problem] {
+        self.rest.as_ref().map_or(&[], |r| &r.problems)
+    }
+
+    fn repeated(&self) -> &[Frontend] {
+        self.rest.as_ref().map_or(&[], |r| &r.repeated)
+    }
 }
 
 /// What a [`Store::flush`] changed.
@@ -378,11 +412,12 @@ impl Store {
             ..Changes::default()
         };
         let mut touched = BTreeSet::new();
+        let first = self.desired.services.is_empty();
         for unit_ref in std::mem::take(&mut self.dirty) {
             changes.translated += 1;
             let unit = self.translate_unit(&unit_ref);
             let old = self.units.remove(&unit_ref).unwrap_or_default();
-            let (new, fixed) = diff(&old.problems, &unit.problems);
+            let (new, fixed) = diff(old.problems(), unit.problems());
             changes.new_problems.extend(new);
             changes.fixed_problems.extend(fixed);
             for (fe, _) in &old.frontends {
@@ -403,16 +438,20 @@ impl Store {
                 }
                 touched.insert(*fe);
             }
-            for r in old.health_checks.keys() {
+            for r in old.health_checks().keys() {
                 self.desired.health_checks.remove(r);
             }
-            self.desired.health_checks.extend(unit.health_checks.iter().map(|(r, h)| (r.clone(), *h)));
-            if !unit.frontends.is_empty() || !unit.problems.is_empty() || !unit.health_checks.is_empty() {
+            self.desired.health_checks.extend(unit.health_checks().iter().map(|(r, h)| (r.clone(), *h)));
+            if !unit.frontends.is_empty() || unit.rest.is_some() {
                 self.units.insert(unit_ref, unit);
             }
         }
         for fe in &touched {
             self.resolve(*fe, &mut changes);
+        }
+        if first {
+            model::pack(&mut self.claims);
+            model::pack(&mut self.desired.services);
         }
         changes.frontends = touched;
         self.problem_count =
@@ -453,7 +492,7 @@ impl Store {
                 repeated.push(*fe);
             }
         }
-        Unit { frontends, health_checks: t.desired.health_checks, problems, repeated }
+        Unit::new(frontends, t.desired.health_checks, problems, repeated)
     }
 
     fn unclaim(&mut self, fe: Frontend, unit_ref: &ObjectRef) {
@@ -487,7 +526,7 @@ impl Store {
         }
         if let Some((winner, claimants)) = self.claims.get(&fe).and_then(|c| c.first().map(|(_, w)| (w, c))) {
             let unit = self.units.get_mut(winner);
-            if unit.as_ref().is_some_and(|u| u.repeated.binary_search(&fe).is_ok()) {
+            if unit.as_ref().is_some_and(|u| u.repeated().binary_search(&fe).is_ok()) {
                 conflicts.push(Problem {
                     kind: "Service",
                     object: winner.to_string(),
