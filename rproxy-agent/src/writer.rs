@@ -36,7 +36,7 @@
 //! A failed write (a full map, say) is reported with the Service it belongs to; that service keeps
 //! its previous state and every other service is still written.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
@@ -213,58 +213,6 @@ impl Programmed {
     }
 }
 
-/// Backend id → address, for the ids in use: a vector indexed by id (ids are dense, from 1),
-/// some 20 bytes an id where a B-tree of them took 45 (6 MB instead of 15 at 300,000 backends).
-#[derive(Debug, Default)]
-struct BackendIds {
-    by_id: Vec<Option<BackendAddr>>,
-    len: usize,
-}
-
-impl BackendIds {
-    fn index(id: u32) -> usize {
-        usize::try_from(id).expect("u32 fits usize")
-    }
-
-    fn insert(&mut self, id: u32, addr: BackendAddr) {
-        let i = Self::index(id);
-        if i >= self.by_id.len() {
-            self.by_id.resize(i + 1, None);
-        }
-        if self.by_id[i].replace(addr).is_none() {
-            self.len += 1;
-        }
-    }
-
-    fn remove(&mut self, id: u32) -> Option<BackendAddr> {
-        let addr = self.by_id.get_mut(Self::index(id))?.take();
-        self.len -= usize::from(addr.is_some());
-        addr
-    }
-
-    fn get(&self, id: u32) -> Option<BackendAddr> {
-        self.by_id.get(Self::index(id)).copied().flatten()
-    }
-
-    fn contains(&self, id: u32) -> bool {
-        self.get(id).is_some()
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The ids in use, ascending.
-    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
-        (0u32..).zip(&self.by_id).filter_map(|(id, a)| a.map(|_| id))
-    }
-
-    /// The highest id in use.
-    fn last(&self) -> Option<u32> {
-        self.ids().last()
-    }
-}
-
 /// New backends written per run by a sync ([`Writer::sync_frontends`]): what one
 /// `BPF_MAP_UPDATE_BATCH` call takes (`bpf::batch`).
 const NEW_BACKEND_RUN: usize = 4096;
@@ -277,14 +225,14 @@ pub struct Writer {
     services: BTreeMap<Frontend, Programmed>,
     /// Ids in use (kept alongside the maps above so that allocation is O(log n)).
     /// Backend id → address (the reverse of `backends`): the ids in use, ordered for allocation.
-    backend_ids: BackendIds,
+    backend_ids: BTreeMap<u32, BackendAddr>,
     rev_nat_ids: BTreeSet<u16>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
     /// Size of each family's backend array: ids are `1..backend_array`.
     backend_array: u32,
     /// How many programmed frontends name each backend id (in a slot or as draining).
-    refs: HashMap<u32, u32>,
+    refs: BTreeMap<u32, u32>,
     /// Backend ids that may have lost their last reference: orphaned at the end of a sync if
     /// nothing names them by then.
     unreferenced: BTreeSet<u32>,
@@ -488,12 +436,12 @@ impl Writer {
         Self {
             backends: BTreeMap::new(),
             services: BTreeMap::new(),
-            backend_ids: BackendIds::default(),
+            backend_ids: BTreeMap::new(),
             rev_nat_ids: BTreeSet::new(),
             next_backend_id: 1,
             next_rev_nat_id: 1,
             backend_array: rproxy_common::limits::BACKENDS_MAX,
-            refs: HashMap::new(),
+            refs: BTreeMap::new(),
             unreferenced: BTreeSet::new(),
             orphans: BTreeSet::new(),
             filter: filter::Filter::new(FilterMap::Services),
@@ -582,8 +530,8 @@ impl Writer {
         w.be_filter.mark_all();
         // Backends no adopted service names: orphaned by the first sync unless it uses them,
         // and deleted once no flow does.
-        w.unreferenced = w.backend_ids.ids().filter(|id| !w.refs.contains_key(id)).collect();
-        w.next_backend_id = w.backend_ids.last().unwrap_or(0).wrapping_add(1).max(1);
+        w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
+        w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
         w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         (w, warnings)
     }
@@ -614,14 +562,14 @@ impl Writer {
     /// Whether backend `id` is programmed (for conntrack GC).
     #[must_use]
     pub fn has_backend(&self, id: u32) -> bool {
-        self.backend_ids.contains(id)
+        self.backend_ids.contains_key(&id)
     }
 
     /// The ids of the backends programmed (orphans included), for a GC pass away from the
     /// agent's loop (`gc::run_pass_deferred`).
     #[must_use]
     pub fn backend_ids(&self) -> std::collections::HashSet<u32> {
-        self.backend_ids.ids().collect()
+        self.backend_ids.keys().copied().collect()
     }
 
     /// Makes the maps hold `desired`: every frontend is compared.
@@ -706,6 +654,7 @@ impl Writer {
 
         if first {
             crate::model::pack(&mut self.services);
+            crate::model::pack(&mut self.refs);
         }
 
         // Source ranges and affinity matches a previous agent left under ids no frontend has.
@@ -727,7 +676,7 @@ impl Writer {
         // UDP flows move at once, as kube-proxy clears UDP conntrack of stale endpoints.
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates.into_iter().filter(|id| !self.refs.contains_key(id)) {
-            if self.backend_ids.contains(id) && self.orphans.insert(id) {
+            if self.backend_ids.contains_key(&id) && self.orphans.insert(id) {
                 // Rev-NAT id 0: the backend's UDP flows of every service.
                 report.stale_udp.push((0, id));
             }
@@ -753,7 +702,7 @@ impl Writer {
         let mut errors = Vec::new();
         let idle: Vec<u32> = self.orphans.iter().copied().filter(|id| !in_use(*id)).collect();
         for id in idle {
-            let Some(addr) = self.backend_ids.get(id) else {
+            let Some(addr) = self.backend_ids.get(&id).copied() else {
                 self.orphans.remove(&id);
                 continue;
             };
@@ -762,7 +711,7 @@ impl Writer {
                     if self.backends.remove(&addr).is_some() {
                         self.be_filter.remove(addr_bit(addr));
                     }
-                    self.backend_ids.remove(id);
+                    self.backend_ids.remove(&id);
                     self.orphans.remove(&id);
                     released += 1;
                 }
@@ -985,6 +934,7 @@ impl Writer {
         self.write_new_backend_runs(entries, run);
         if first {
             crate::model::pack(&mut self.backends);
+            crate::model::pack(&mut self.backend_ids);
         }
     }
 
@@ -1039,7 +989,7 @@ impl Writer {
                     // Unreferenced until a service that uses it is recorded (which may fail).
                     self.unreferenced.insert(id);
                 } else {
-                    self.backend_ids.remove(id);
+                    self.backend_ids.remove(&id);
                 }
             }
             if written < values.len() {
@@ -1084,7 +1034,7 @@ impl Writer {
         }
         let next = |id: u32| if id + 1 >= max { 1 } else { id + 1 };
         let mut id = if (1..max).contains(&self.next_backend_id) { self.next_backend_id } else { 1 };
-        while self.backend_ids.contains(id) {
+        while self.backend_ids.contains_key(&id) {
             id = next(id);
         }
         self.next_backend_id = next(id);
