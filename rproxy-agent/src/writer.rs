@@ -231,11 +231,13 @@ pub struct Writer {
     next_rev_nat_id: u16,
     /// Size of each family's backend array: ids are `1..backend_array`.
     backend_array: u32,
-    /// How many programmed frontends name each backend id (in a slot or as draining).
-    refs: BTreeMap<u32, u32>,
-    /// Backend ids that may have lost their last reference: orphaned at the end of a sync if
-    /// nothing names them by then.
-    unreferenced: BTreeSet<u32>,
+    /// How many programmed frontends name each backend id (in a slot or as draining), indexed
+    /// by id: 4 bytes an id up to the highest in use (1.2 MB at 300,000 backends, where a map
+    /// took 5 to 6).
+    refs: Vec<u32>,
+    /// Backend ids that may have lost their last reference (repeats possible): orphaned at the
+    /// end of a sync if nothing names them by then.
+    unreferenced: Vec<u32>,
     /// Backend ids no frontend names, still in the maps for the flows that use them, until
     /// [`Writer::release_orphans`] finds none does.
     orphans: BTreeSet<u32>,
@@ -441,8 +443,8 @@ impl Writer {
             next_backend_id: 1,
             next_rev_nat_id: 1,
             backend_array: rproxy_common::limits::BACKENDS_MAX,
-            refs: BTreeMap::new(),
-            unreferenced: BTreeSet::new(),
+            refs: Vec::new(),
+            unreferenced: Vec::new(),
             orphans: BTreeSet::new(),
             filter: filter::Filter::new(FilterMap::Services),
             be_filter: filter::Filter::new(FilterMap::Backends),
@@ -530,7 +532,7 @@ impl Writer {
         w.be_filter.mark_all();
         // Backends no adopted service names: orphaned by the first sync unless it uses them,
         // and deleted once no flow does.
-        w.unreferenced = w.backend_ids.keys().filter(|id| !w.refs.contains_key(id)).copied().collect();
+        w.unreferenced = w.backend_ids.keys().filter(|id| w.refs_of(**id) == 0).copied().collect();
         w.next_backend_id = w.backend_ids.last_key_value().map_or(0, |(id, _)| *id).wrapping_add(1).max(1);
         w.next_rev_nat_id = w.rev_nat_ids.last().copied().unwrap_or(0).wrapping_add(1).max(1);
         (w, warnings)
@@ -654,7 +656,6 @@ impl Writer {
 
         if first {
             crate::model::pack(&mut self.services);
-            crate::model::pack(&mut self.refs);
         }
 
         // Source ranges and affinity matches a previous agent left under ids no frontend has.
@@ -675,8 +676,8 @@ impl Writer {
         // but their entries stay while established flows use them (`release_orphans`). Their
         // UDP flows move at once, as kube-proxy clears UDP conntrack of stale endpoints.
         let candidates = std::mem::take(&mut self.unreferenced);
-        for id in candidates.into_iter().filter(|id| !self.refs.contains_key(id)) {
-            if self.backend_ids.contains_key(&id) && self.orphans.insert(id) {
+        for id in candidates {
+            if self.refs_of(id) == 0 && self.backend_ids.contains_key(&id) && self.orphans.insert(id) {
                 // Rev-NAT id 0: the backend's UDP flows of every service.
                 report.stale_udp.push((0, id));
             }
@@ -731,18 +732,28 @@ impl Writer {
     /// Counts the references `p` makes to backends.
     fn reference(&mut self, p: &Programmed) {
         for id in p.referenced_ids() {
-            *self.refs.entry(id).or_default() += 1;
+            let i = usize::try_from(id).expect("u32 fits usize");
+            if i >= self.refs.len() {
+                self.refs.resize(i + 1, 0);
+            }
+            self.refs[i] += 1;
         }
+    }
+
+    /// How many programmed frontends name backend `id`.
+    fn refs_of(&self, id: u32) -> u32 {
+        usize::try_from(id).ok().and_then(|i| self.refs.get(i)).copied().unwrap_or(0)
     }
 
     /// Drops the references `p` made; backends left unnamed become deletion candidates.
     fn unreference(&mut self, p: &Programmed) {
         for id in p.referenced_ids() {
-            if let Some(n) = self.refs.get_mut(&id) {
+            if let Some(n) = self.refs.get_mut(usize::try_from(id).expect("u32 fits usize"))
+                && *n > 0
+            {
                 *n -= 1;
                 if *n == 0 {
-                    self.refs.remove(&id);
-                    self.unreferenced.insert(id);
+                    self.unreferenced.push(id);
                 }
             }
         }
@@ -987,7 +998,7 @@ impl Writer {
                     self.be_filter.add(backend_bit(value));
                     self.backends.insert(value.addr, (id, value.flags));
                     // Unreferenced until a service that uses it is recorded (which may fail).
-                    self.unreferenced.insert(id);
+                    self.unreferenced.push(id);
                 } else {
                     self.backend_ids.remove(&id);
                 }
@@ -1020,7 +1031,7 @@ impl Writer {
         self.backends.insert(b.addr, (id, value.flags));
         self.backend_ids.insert(id, b.addr);
         // Unreferenced until a service that uses it is recorded (which may fail).
-        self.unreferenced.insert(id);
+        self.unreferenced.push(id);
         Ok((id, true))
     }
 
