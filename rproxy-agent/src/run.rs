@@ -916,7 +916,6 @@ impl Agent {
     }
 }
 
-/// When the change behind `slice` happened, as the `EndpointSlice` controller records it.
 /// The Service and `EndpointSlice` changes `update` counts as, `(services, slices)` (`None`: it
 /// is no change), adding the trigger times of its slices to `triggers`.
 fn changes_in(update: &Update, triggers: &mut Vec<jiff::Timestamp>) -> Option<(u64, u64)> {
@@ -975,6 +974,7 @@ impl Early {
     }
 }
 
+/// When the change behind `slice` happened, as the `EndpointSlice` controller records it.
 fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<jiff::Timestamp> {
     slice.metadata.annotations.as_ref()?.get(metrics::TRIGGER_TIME_ANNOTATION)?.parse().ok()
 }
