@@ -179,7 +179,7 @@ fn update_each<K: Pod, V: Pod>(map_fd: u32, entries: &[(K, V)]) -> Result<(), (u
 mod tests {
     use std::os::fd::{AsFd as _, OwnedFd};
 
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{Array, HashMap, Map, MapData};
     use aya_obj::generated::bpf_map_type;
 
     use super::*;
@@ -200,22 +200,26 @@ mod tests {
         Some((map, fd))
     }
 
+    /// An array of `n` zeroed `u64`s made for the test (named `name`), and a descriptor of it
+    /// (root and BPF needed: `None` without them).
+    fn array_map(n: u32, name: &str) -> Option<(Array<MapData, u64>, OwnedFd)> {
+        let obj = aya_obj::Map::new_from_params(bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 8, n, 0);
+        let data = MapData::create(obj, name, None).ok()?;
+        let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+        Some((Array::try_from(Map::Array(data)).ok()?, fd))
+    }
+
     /// A batch update writes every entry in order across chunks, on arrays and hashes; a full
     /// hash stops it at the first entry that does not fit, which it names.
     #[test]
     fn a_batch_update_writes_in_order_and_names_the_first_entry_that_fails() {
-        use aya::maps::Array;
         let n = 2 * CHUNK + 3;
-        let array =
-            aya_obj::Map::new_from_params(aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 8, n, 0);
-        let Ok(data) = MapData::create(array, "rpx_batch_upd", None) else {
+        let Some((array, fd)) = array_map(n, "rpx_batch_upd") else {
             eprintln!("skipped: cannot create a BPF map here (not root?)");
             return;
         };
-        let fd = data.fd().as_fd().try_clone_to_owned().expect("fd");
         let entries: Vec<(u32, u64)> = (1..n).map(|i| (i, u64::from(i) + 1)).collect();
         update_all(fd.as_fd(), &entries).expect("batch update of an array");
-        let array = Array::<_, u64>::try_from(Map::Array(data)).expect("array");
         assert!((1..n).all(|i| array.get(&i, 0).expect("get") == u64::from(i) + 1));
         // One past the end: the entries before it are written, it is named.
         let over: [(u32, u64); 3] = [(3, 30), (n, 1), (4, 40)];
@@ -235,16 +239,11 @@ mod tests {
     /// An array answers the batch lookup with every index, used or not, across chunks.
     #[test]
     fn an_array_comes_back_whole_index_by_index() {
-        use aya::maps::Array;
         let n = 3 * CHUNK + 5;
-        let obj =
-            aya_obj::Map::new_from_params(aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 8, n, 0);
-        let Ok(data) = MapData::create(obj, "rpx_batch_arr", None) else {
+        let Some((mut array, fd)) = array_map(n, "rpx_batch_arr") else {
             eprintln!("skipped: cannot create a BPF map here (not root?)");
             return;
         };
-        let fd = data.fd().as_fd().try_clone_to_owned().expect("fd");
-        let mut array = Array::<_, u64>::try_from(Map::Array(data)).expect("array");
         for i in [1, CHUNK, n - 1] {
             array.set(i, u64::from(i) * 7, 0).expect("set");
         }
