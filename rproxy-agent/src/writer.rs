@@ -118,18 +118,7 @@ trait Run {
     fn op(&mut self, op: Op) -> Result<(), String>;
 
     /// [`MapSink::apply_all`].
-    fn ops(&mut self, ops: &[Op]) -> Result<(), (usize, String)> {
-        for (i, op) in ops.iter().enumerate() {
-            self.op(*op).map_err(|e| (i, e))?;
-        }
-        Ok(())
-    }
-}
-
-impl<F: FnMut(Op) -> Result<(), String>> Run for F {
-    fn op(&mut self, op: Op) -> Result<(), String> {
-        self(op)
-    }
+    fn ops(&mut self, ops: &[Op]) -> Result<(), (usize, String)>;
 }
 
 /// A sink that counts the operations it is given.
@@ -700,7 +689,7 @@ impl Writer {
     /// established TCP connections until they end, as under kube-proxy, where NAT applies to new
     /// connections only. Returns how many were deleted, and the errors.
     pub fn release_orphans(&mut self, in_use: impl Fn(u32) -> bool, sink: &mut impl MapSink) -> (usize, Vec<String>) {
-        let mut run = |op: Op| sink.apply(&op);
+        let mut run = Counting { sink, ops: 0 };
         let mut released = 0;
         let mut errors = Vec::new();
         let idle: Vec<u32> = self.orphans.iter().copied().filter(|id| !in_use(*id)).collect();
