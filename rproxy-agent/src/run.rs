@@ -189,8 +189,9 @@ enum GcState {
     Loop,
     /// On the GC thread, whose handles on the tables these are; no pass running.
     Idle(Box<gc::Tables>),
-    /// On the GC thread, which holds the handles: a pass is running.
-    Running,
+    /// On the GC thread, which holds the handles: a pass is running, which began at this
+    /// stamp of the writer's orphanings.
+    Running(writer::OrphanStamp),
 }
 
 /// Logs rejected objects: a problem at warning level when it appears and at info when it is
@@ -831,9 +832,11 @@ impl Agent {
     /// skipped.
     fn gc(&mut self) {
         self.check_counters();
-        let tables = match std::mem::replace(&mut self.gc, GcState::Running) {
+        let began = self.writer.orphan_stamp();
+        let tables = match std::mem::replace(&mut self.gc, GcState::Running(began)) {
             GcState::Idle(tables) => tables,
-            GcState::Running => {
+            running @ GcState::Running(_) => {
+                self.gc = running;
                 debug!("conntrack GC: the previous pass is still running");
                 return;
             }
@@ -842,7 +845,7 @@ impl Agent {
                 let started = Instant::now();
                 let v4 = gc::run_pass(&mut self.maps.conntrack, |id| self.writer.has_backend(id));
                 let v6 = gc::run_pass(&mut self.maps.conntrack6, |id| self.writer.has_backend(id));
-                self.gc_pass_done(v4, v6, started.elapsed());
+                self.gc_pass_done(v4, v6, started.elapsed(), Some(began));
                 return;
             }
         };
@@ -858,15 +861,19 @@ impl Agent {
     /// are judged against the backends programmed now.
     fn gc_finished(&mut self, done: gc::Deferred) {
         let gc::Deferred { tables, v4: (mut v4, gone4), v6: (mut v6, gone6), elapsed } = done;
-        self.gc = GcState::Idle(Box::new(tables));
+        let began = match std::mem::replace(&mut self.gc, GcState::Idle(Box::new(tables))) {
+            GcState::Running(began) => Some(began),
+            _ => None,
+        };
         let started = Instant::now();
         gc::settle_gone(&mut self.maps.conntrack, gone4, |id| self.writer.has_backend(id), &mut v4);
         gc::settle_gone(&mut self.maps.conntrack6, gone6, |id| self.writer.has_backend(id), &mut v6);
-        self.gc_pass_done(v4, v6, elapsed + started.elapsed());
+        self.gc_pass_done(v4, v6, elapsed + started.elapsed(), began);
     }
 
-    /// Metrics and logs of a pass, and the orphaned backends no flow names any more released.
-    fn gc_pass_done(&mut self, v4: gc::Pass, v6: gc::Pass, elapsed: Duration) {
+    /// Metrics and logs of a pass, and the orphaned backends no flow names any more released:
+    /// those orphaned before the pass `began` (`None`: not known, none).
+    fn gc_pass_done(&mut self, v4: gc::Pass, v6: gc::Pass, elapsed: Duration, began: Option<writer::OrphanStamp>) {
         let sizes = self.cfg.map_sizes;
         for (i, (family, p, capacity, flag)) in
             [("ipv4", &v4, sizes.ct4, "--ct-max"), ("ipv6", &v6, sizes.ct6, "--ct-max-ipv6")].into_iter().enumerate()
@@ -896,7 +903,12 @@ impl Agent {
         let pass = v4.merge(v6);
         self.metrics.gc_duration.observe(elapsed.as_secs_f64());
         // Backends that left their Services, once no flow names them.
-        let (released, errors) = self.writer.release_orphans(|id| pass.in_use.contains(&id), &mut self.maps);
+        let (released, errors) = match began {
+            Some(began) => {
+                self.writer.release_orphans_scanned_at(began, |id| pass.in_use.contains(&id), &mut self.maps)
+            }
+            None => (0, Vec::new()),
+        };
         for e in errors {
             warn!("orphaned backend not removed (retried at the next pass): {e}");
         }

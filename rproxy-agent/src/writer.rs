@@ -204,6 +204,12 @@ impl Programmed {
     }
 }
 
+/// When a backend became an orphan, in the writer's order of orphanings: a conntrack scan that
+/// began at a stamp has seen the flows of every backend orphaned by then (no new flow picks an
+/// orphan), but not those of one orphaned later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OrphanStamp(u64);
+
 /// New backends written per run by a sync ([`Writer::sync_frontends`]): what one
 /// `BPF_MAP_UPDATE_BATCH` call takes (`bpf::batch`).
 const NEW_BACKEND_RUN: usize = 4096;
@@ -230,8 +236,11 @@ pub struct Writer {
     /// end of a sync if nothing names them by then.
     unreferenced: Vec<u32>,
     /// Backend ids no frontend names, still in the maps for the flows that use them, until
-    /// [`Writer::release_orphans`] finds none does.
-    orphans: BTreeSet<u32>,
+    /// [`Writer::release_orphans`] finds none does; each with the [`OrphanStamp`] of its
+    /// orphaning.
+    orphans: BTreeMap<u32, OrphanStamp>,
+    /// The stamp of the latest orphaning.
+    orphan_stamp: OrphanStamp,
     /// The service filter's bits and words.
     filter: filter::Filter,
     /// The backend filter's.
@@ -436,7 +445,8 @@ impl Writer {
             backend_array: rproxy_common::limits::BACKENDS_MAX,
             refs: Vec::new(),
             unreferenced: Vec::new(),
-            orphans: BTreeSet::new(),
+            orphans: BTreeMap::new(),
+            orphan_stamp: OrphanStamp(0),
             filter: filter::Filter::new(FilterMap::Services),
             be_filter: filter::Filter::new(FilterMap::Backends),
             stale_src_ranges: Vec::new(),
@@ -668,7 +678,9 @@ impl Writer {
         // UDP flows move at once, as kube-proxy clears UDP conntrack of stale endpoints.
         let candidates = std::mem::take(&mut self.unreferenced);
         for id in candidates {
-            if self.refs_of(id) == 0 && self.backend_ids.contains_key(&id) && self.orphans.insert(id) {
+            if self.refs_of(id) == 0 && self.backend_ids.contains_key(&id) && !self.orphans.contains_key(&id) {
+                self.orphan_stamp.0 += 1;
+                self.orphans.insert(id, self.orphan_stamp);
                 // Rev-NAT id 0: the backend's UDP flows of every service.
                 report.stale_udp.push((0, id));
             }
@@ -689,10 +701,28 @@ impl Writer {
     /// established TCP connections until they end, as under kube-proxy, where NAT applies to new
     /// connections only. Returns how many were deleted, and the errors.
     pub fn release_orphans(&mut self, in_use: impl Fn(u32) -> bool, sink: &mut impl MapSink) -> (usize, Vec<String>) {
+        self.release_orphans_scanned_at(self.orphan_stamp, in_use, sink)
+    }
+
+    /// [`Writer::release_orphans`] with the answer of a conntrack scan that began at `scanned_at`
+    /// ([`Writer::orphan_stamp`] then), away from the writer: only backends orphaned before it
+    /// began are judged by it. One orphaned since may have had a flow created after the scan
+    /// read the table (it was in its Service's slots until then), which the scan never saw.
+    pub fn release_orphans_scanned_at(
+        &mut self,
+        scanned_at: OrphanStamp,
+        in_use: impl Fn(u32) -> bool,
+        sink: &mut impl MapSink,
+    ) -> (usize, Vec<String>) {
         let mut run = Counting { sink, ops: 0 };
         let mut released = 0;
         let mut errors = Vec::new();
-        let idle: Vec<u32> = self.orphans.iter().copied().filter(|id| !in_use(*id)).collect();
+        let idle: Vec<u32> = self
+            .orphans
+            .iter()
+            .filter(|&(id, since)| *since <= scanned_at && !in_use(*id))
+            .map(|(id, _)| *id)
+            .collect();
         for id in idle {
             let Some(addr) = self.backend_ids.get(&id).copied() else {
                 self.orphans.remove(&id);
@@ -712,6 +742,13 @@ impl Writer {
         }
         errors.extend(self.be_filter.flush(&mut run));
         (released, errors)
+    }
+
+    /// Where the orphaning of backends stands: taken when a conntrack scan begins, for
+    /// [`Writer::release_orphans_scanned_at`].
+    #[must_use]
+    pub fn orphan_stamp(&self) -> OrphanStamp {
+        self.orphan_stamp
     }
 
     /// Number of orphaned backends: named by no frontend, kept for the flows that use them.
