@@ -26,10 +26,11 @@
 //! same forms, and replaces the held set of its kind only when complete, so that a relist is
 //! applied at once, and its objects never sit in memory as API objects all together.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::IpAddr,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use k8s_openapi::{
     api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -593,17 +594,8 @@ impl Store {
         }
         match slice {
             Some(new) => {
-                let unit = slice_unit(&r, &new);
-                let set = self.unit_slices.entry(unit.clone()).or_default();
-                if !set.contains(&r) {
-                    if set.is_empty() {
-                        // Most Services have one slice: not room for four.
-                        set.reserve_exact(1);
-                    }
-                    set.push(r.clone());
-                }
+                self.join_unit(&r, &new);
                 self.slices.insert(r, new);
-                self.dirty.insert(unit);
             }
             None => {
                 self.slices.remove(&r);
@@ -611,10 +603,32 @@ impl Store {
         }
     }
 
+    /// Counts slice `r` (defined as `definitions`) among its unit's slices, and marks the unit
+    /// for translation.
+    fn join_unit(&mut self, r: &ObjectRef, definitions: &[CompactSlice]) {
+        let unit = slice_unit(r, definitions);
+        let set = self.unit_slices.entry(unit.clone()).or_default();
+        if !set.contains(r) {
+            if set.is_empty() {
+                // Most Services have one slice: not room for four.
+                set.reserve_exact(1);
+            }
+            set.push(r.clone());
+        }
+        self.dirty.insert(unit);
+    }
+
     /// Replaces the Services held with a complete list.
     fn reset_services(&mut self, listing: Listing<CompactService>) {
         self.set_loose_problems("Service", listing.unnamed);
         let by_ref = listing.objects;
+        if self.services.is_empty() {
+            // The first list (or one after every Service went): each listed one is new, and the
+            // listing's map becomes the store's as it is (30,000 entries not hashed again).
+            self.dirty.extend(by_ref.keys().cloned());
+            self.services = by_ref;
+            return;
+        }
         let gone: Vec<ObjectRef> = self.services.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
             self.put_service(r, None);
@@ -628,6 +642,14 @@ impl Store {
     fn reset_slices(&mut self, listing: Listing<CompactSlice>) {
         self.set_loose_problems("EndpointSlice", listing.unnamed);
         let by_ref = listing.objects;
+        if self.slices.is_empty() {
+            // As in `reset_services`: every listed slice is new, and joins its unit.
+            for (r, definitions) in &by_ref {
+                self.join_unit(r, definitions);
+            }
+            self.slices = by_ref;
+            return;
+        }
         let gone: Vec<ObjectRef> = self.slices.keys().filter(|r| !by_ref.contains_key(*r)).cloned().collect();
         for r in gone {
             self.put_slice(r, None);
