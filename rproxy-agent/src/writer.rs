@@ -988,7 +988,8 @@ impl Writer {
         );
         let mut backends = all();
         let mut values = Vec::with_capacity(NEW_BACKEND_RUN);
-        let mut in_run = std::collections::HashSet::with_capacity(NEW_BACKEND_RUN);
+        let mut in_run =
+            foldhash::HashSet::with_capacity_and_hasher(NEW_BACKEND_RUN, foldhash::fast::RandomState::default());
         let mut ops = Vec::with_capacity(NEW_BACKEND_RUN);
         loop {
             values.clear();
