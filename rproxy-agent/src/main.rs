@@ -285,8 +285,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// One glibc malloc arena for the whole agent (before any thread starts). Its work is on one
+/// thread; the others (loading the programs, conntrack GC passes, servers) allocate little
+/// but briefly, and each would otherwise keep an arena of its own: 8 MiB of peak RSS at 30,000
+/// Services, for no speed (`MALLOC_ARENA_MAX`, set in the environment, still wins).
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: a glibc tunable, set before any other thread exists.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    }
+}
+
 fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
     rproxy_agent::health::http::raise_fd_limit();
+    one_malloc_arena();
     let cfg = run::Config {
         source: match args.manifests {
             Some(dir) => run::Source::Manifests(dir),
