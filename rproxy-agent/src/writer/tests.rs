@@ -220,6 +220,11 @@ fn slot_backends(m: &FakeMaps, f: Frontend) -> Vec<IpAddr> {
     (1..=count).map(|s| m.backends[&m.services[&SvcKey { slot: s, ..k0 }].backend_id].addr.addr).collect()
 }
 
+/// The id of the backend in `m` whose address ends in `n`.
+fn backend_id(m: &FakeMaps, n: u8) -> u32 {
+    *m.backends.iter().find(|(_, v)| last(v.addr.addr) == n).unwrap().0
+}
+
 /// A sync followed by a conntrack GC pass that finds no flow: the backends the sync orphaned
 /// are deleted ([`Writer::release_orphans`]).
 fn sync_idle(w: &mut Writer, d: &Desired, m: &mut FakeMaps) -> SyncReport {
@@ -239,8 +244,7 @@ fn backends_that_leave_every_service_live_while_flows_use_them() {
     let mut w = Writer::new();
     let f = fe(10, 80);
     w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
-    let id = |m: &FakeMaps, n: u8| *m.backends.iter().find(|(_, v)| last(v.addr.addr) == n).unwrap().0;
-    let id2 = id(&m, 2);
+    let id2 = backend_id(&m, 2);
     // Backend 2 leaves: out of the slots, still in the map, reported for its UDP flows.
     m.log.clear();
     let r = w.sync(&desired(&[(f, entry("a", &[1], &[]))]), &mut m);
@@ -255,7 +259,7 @@ fn backends_that_leave_every_service_live_while_flows_use_them() {
     assert!(m.backends.contains_key(&id2));
     // It comes back (ready again): same id, no longer an orphan.
     w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
-    assert_eq!(id(&m, 2), id2);
+    assert_eq!(backend_id(&m, 2), id2);
     assert_eq!(w.orphan_count(), 0);
     assert_eq!(w.release_orphans(|_| false, &mut m), (0, Vec::new()));
     // It leaves again, and no flow uses it: deleted, its filter bit cleared.
@@ -267,7 +271,7 @@ fn backends_that_leave_every_service_live_while_flows_use_them() {
 
     // A restarted writer adopts a backend no Service names as an orphan, not deleting it.
     w.sync(&desired(&[(f, entry("a", &[1, 3], &[]))]), &mut m);
-    let id3 = id(&m, 3);
+    let id3 = backend_id(&m, 3);
     let d = desired(&[(f, entry("a", &[1], &[]))]);
     w.sync(&d, &mut m);
     let (mut w2, _) = Writer::adopt(m.adopted());
@@ -546,9 +550,8 @@ fn udp_backends_leaving_a_service_are_reported_stale() {
     let mut w = Writer::new();
     let (a, b) = (udp(fe(1, 53)), udp(fe(2, 53)));
     w.sync(&desired(&[(a, udp_entry("a", &[1, 2, 3], &[])), (b, udp_entry("b", &[3], &[]))]), &mut m);
-    let id = |m: &FakeMaps, n: u8| *m.backends.iter().find(|(_, v)| last(v.addr.addr) == n).unwrap().0;
     let rn = |m: &FakeMaps, f: Frontend| m.services[&key_of(f, 0)].rev_nat_id;
-    let (id2, id3, rn_a) = (id(&m, 2), id(&m, 3), rn(&m, a));
+    let (id2, id3, rn_a) = (backend_id(&m, 2), backend_id(&m, 3), rn(&m, a));
 
     // Backend 2 leaves everything (gone from the map); backend 3 leaves service a only and turns
     // terminating there (draining: TCP would keep it, UDP moves on).
@@ -700,7 +703,7 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
         e
     };
     w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[3]))]), &mut m);
-    let id3 = *m.backends.iter().find(|(_, v)| last(v.addr.addr) == 3).unwrap().0;
+    let id3 = backend_id(&m, 3);
     let rn = m.services[&key_of(f, 0)].rev_nat_id;
     // 3 stays (draining) but no longer serves outside clients: its UDP flows move on.
     let r = w.sync(&desired(&[(f, etp_udp(&[1], &[3], &[]))]), &mut m);
@@ -971,7 +974,7 @@ fn a_scan_that_began_before_a_backend_was_orphaned_does_not_release_it() {
     let mut w = Writer::new();
     let f = fe(10, 80);
     w.sync(&desired(&[(f, entry("a", &[1, 2], &[]))]), &mut m);
-    let id2 = *m.backends.iter().find(|(_, v)| last(v.addr.addr) == 2).unwrap().0;
+    let id2 = backend_id(&m, 2);
     let began = w.orphan_stamp();
     // Backend 2 leaves while that scan runs (a flow to it may have been opened after it read).
     w.sync(&desired(&[(f, entry("a", &[1], &[]))]), &mut m);
