@@ -145,7 +145,7 @@ impl<T> Listing<T> {
         if hidden(kind, object.meta()) {
             return;
         }
-        match object_ref(object.meta()) {
+        match translate::object_ref(object.meta()) {
             Some(r) => {
                 // Exactly: a first push would make room for four (over 3 KiB for a Service).
                 let definitions = self.objects.entry(r).or_default();
@@ -676,7 +676,7 @@ fn slice_unit(slice_ref: &ObjectRef, definitions: &[CompactSlice]) -> ObjectRef 
 fn hidden(kind: &'static str, meta: &ObjectMeta) -> bool {
     let label = translate::hiding_label(meta);
     if let Some(label) = label {
-        let object = object_ref(meta).map_or_else(|| String::from("(no name)"), |r| r.to_string());
+        let object = translate::object_ref(meta).map_or_else(|| String::from("(no name)"), |r| r.to_string());
         debug!(kind, object, label, "ignored: labelled for another proxy or headless");
     }
     label.is_some()
@@ -685,16 +685,11 @@ fn hidden(kind: &'static str, meta: &ObjectMeta) -> bool {
 /// The object's reference; an object without a name (which the API never sends) is logged and
 /// ignored.
 fn named(kind: &'static str, meta: &ObjectMeta) -> Option<ObjectRef> {
-    let r = object_ref(meta);
+    let r = translate::object_ref(meta);
     if r.is_none() {
         tracing::warn!(kind, namespace = translate::namespace_of(meta), "ignoring an object without a name");
     }
     r
-}
-
-fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
-    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
-    Some(ObjectRef::new(translate::namespace_of(meta), name))
 }
 
 /// The entry of `fe` in a sorted unit.

@@ -1005,7 +1005,7 @@ pub fn conflict_reason(frontend: Frontend, holder: &ObjectRef) -> String {
 }
 
 /// `namespace/name` of an object (namespace defaulted), `None` without a name.
-fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
+pub(crate) fn object_ref(meta: &ObjectMeta) -> Option<ObjectRef> {
     let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
     Some(ObjectRef::new(namespace_of(meta), name))
 }

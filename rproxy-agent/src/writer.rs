@@ -40,6 +40,7 @@ use std::{
     net::IpAddr,
 };
 
+use foldhash::HashSetExt as _;
 use ipnet::IpNet;
 use rproxy_common::{
     AffinityMatch, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
@@ -988,8 +989,7 @@ impl Writer {
         );
         let mut backends = all();
         let mut values = Vec::with_capacity(NEW_BACKEND_RUN);
-        let mut in_run =
-            foldhash::HashSet::with_capacity_and_hasher(NEW_BACKEND_RUN, foldhash::fast::RandomState::default());
+        let mut in_run = foldhash::HashSet::with_capacity(NEW_BACKEND_RUN);
         let mut ops = Vec::with_capacity(NEW_BACKEND_RUN);
         loop {
             values.clear();
