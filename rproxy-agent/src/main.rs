@@ -12,6 +12,7 @@ use rproxy_agent::{
     health::proxy,
     node::{
         devices::{self, DevicePattern},
+        pods::PodSockets,
         snat::PortRange,
     },
     run,
@@ -186,10 +187,20 @@ struct RunArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// cgroup v2 directory whose processes' sockets reach services directly (connect/sendmsg
-    /// hooks; only sockets of the agent's own network namespace, i.e. host-network processes, are
-    /// translated). Default: the root of the cgroup v2 mount. 'none' disables the hooks.
+    /// hooks): those of the agent's own network namespace (host-network processes) and, as
+    /// --pod-sockets says, pods' TCP connections. Default: the root of the cgroup v2 mount.
+    /// 'none' disables the hooks.
     #[arg(long, value_name = "PATH|none")]
     cgroup: Option<String>,
+    /// Which pods' TCP connections to services the socket hooks (--cgroup) send to a backend at
+    /// connect(), so that their packets need no NAT: 'all' (every network namespace but the
+    /// agent's, i.e. the node's pods), 'none' (translated on the pods' devices, packet by
+    /// packet, e.g. for a service mesh that must see service addresses), or a glob over network
+    /// namespace files, such as '/run/netns/lab-n1-*' (only those: nodes that share one kernel
+    /// and cgroup tree, as in the netns lab). Pods' UDP, and Services with ClientIP affinity or
+    /// loadBalancerSourceRanges, are always translated on the devices.
+    #[arg(long, value_name = "all|none|GLOB", default_value = "all", value_parser = parse_pod_sockets)]
+    pod_sockets: PodSockets,
     /// Address and port of the agent's own health endpoints, /healthz and /livez, as
     /// kube-proxy's (load balancers probe /healthz for externalTrafficPolicy Cluster). 503 when a
     /// change has not reached the maps within 60 s, or (/healthz only) when the Node is being
@@ -239,6 +250,10 @@ fn parse_bind(s: &str) -> Result<Bind, String> {
         return Ok(Bind(None));
     }
     s.trim().parse().map(|a| Bind(Some(a))).map_err(|e| format!("'{s}': {e} (expected IP:PORT, or empty)"))
+}
+
+fn parse_pod_sockets(s: &str) -> Result<PodSockets, String> {
+    PodSockets::parse(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -326,6 +341,7 @@ fn run_agent(args: RunArgs) -> rproxy_agent::Result<()> {
             Some(path) => run::Cgroup::Path(PathBuf::from(path)),
             None => run::Cgroup::Auto,
         },
+        pod_sockets: args.pod_sockets,
         healthz_bind: args.healthz_bind_address.0,
         metrics_bind: args.metrics_bind_address.0,
         snat_ports: args.snat_port_range,

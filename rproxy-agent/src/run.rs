@@ -54,6 +54,7 @@ use crate::{
     node::{
         devices::{self, DevicePattern},
         external::External,
+        pods::{PodNetns, PodSockets},
         snat::{self, PortRange},
     },
     source::{ResyncGate, Update, kube, manifests},
@@ -109,8 +110,10 @@ pub struct Config {
     pub nodeport_addresses: Vec<IpNet>,
     /// `--xdp-mode` on the external devices.
     pub xdp_mode: XdpMode,
-    /// `--cgroup`: where the socket hooks for host-network processes attach.
+    /// `--cgroup`: where the socket hooks attach.
     pub cgroup: Cgroup,
+    /// `--pod-sockets`: which pods' TCP connections the socket hooks translate.
+    pub pod_sockets: PodSockets,
     /// `--healthz-bind-address`: where `/healthz` and `/livez` are served (`None`: not served).
     pub healthz_bind: Option<SocketAddr>,
     /// `--metrics-bind-address`: where `/metrics` is served (`None`: not served).
@@ -181,6 +184,8 @@ struct Agent {
     ct_nearly_full: [bool; 2],
     /// Where the GC thread hands its passes back.
     gc_done: mpsc::Sender<gc::Deferred>,
+    /// The pods' namespaces listed under `--pod-sockets <glob>` (once the hooks are attached).
+    pod_netns: Option<PodNetns>,
 }
 
 /// Where the conntrack GC passes run.
@@ -445,6 +450,7 @@ impl Agent {
             counters: BTreeMap::new(),
             gate: ResyncGate::default(),
             problems: ProblemLog::default(),
+            pod_netns: None,
         };
         agent.record_changes(early.services, early.slices, early.triggers);
         for update in early.deferred {
@@ -707,8 +713,10 @@ impl Agent {
             if let Err(e) = self.datapath.top_up_migration() {
                 error!(error = %e, "copying the flows of the old maps (map migration)");
             }
-            self.attach_sockets();
+            // Devices before the socket hooks: once a pod's TCP reaches a Service (at
+            // connect()), its device translates the rest of its traffic too.
             self.rescan();
+            self.attach_sockets();
             // The old programs (with the old maps) are replaced everywhere by now.
             if let Err(e) = self.datapath.finish_migration() {
                 error!(error = %e, "finishing the map migration (the old maps stay pinned in legacy/)");
@@ -776,6 +784,9 @@ impl Agent {
             }
         }
         self.external.sync(&mut self.datapath, &present);
+        // After the devices: a pod's connections are translated at connect() once its device
+        // translates the rest of its traffic (a pod's namespace exists before its device).
+        self.list_pod_netns(false);
         // Links pinned by an earlier run for devices that no longer exist.
         match self.datapath.pinned_interfaces() {
             Ok(pinned) => {
@@ -789,10 +800,16 @@ impl Agent {
         }
     }
 
-    /// Attaches the socket hooks for host-network processes (`--cgroup`).
+    /// Attaches the socket hooks (`--cgroup`) for host-network processes and, as
+    /// `--pod-sockets` says, pods' TCP connections (whose namespaces are listed first).
     fn attach_sockets(&mut self) {
         let cgroup = match &self.cfg.cgroup {
-            Cgroup::Disabled => return,
+            Cgroup::Disabled => {
+                if !matches!(self.cfg.pod_sockets, PodSockets::Off) {
+                    info!("--cgroup none: pods' connections are translated on their devices only");
+                }
+                return;
+            }
             Cgroup::Path(p) => p.clone(),
             Cgroup::Auto => {
                 let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -805,8 +822,40 @@ impl Agent {
                 p
             }
         };
-        if let Err(e) = self.datapath.attach_sockets(&cgroup) {
+        if let PodSockets::Listed(glob) = &self.cfg.pod_sockets {
+            self.pod_netns = Some(PodNetns::new(glob.clone()));
+            self.list_pod_netns(true);
+        } else if let Err(e) = self.datapath.set_pod_netns(&BTreeSet::new()) {
+            // What an earlier run listed is unused without CONFIG_F_POD_NETNS_LISTED.
+            warn!(error = %e, "emptying the pod network namespaces an earlier run listed");
+        }
+        if let Err(e) = self.datapath.attach_sockets(&cgroup, &self.cfg.pod_sockets) {
+            self.pod_netns = None;
             error!(cgroup = %cgroup.display(), error = %e, "socket hooks not attached: host-network processes do not reach services");
+        }
+    }
+
+    /// Reads the pods' namespaces (`--pod-sockets <glob>`) and writes their cookies to
+    /// `RPX_POD_NETNS` when they changed (`force`: in any case, replacing what an earlier run
+    /// left).
+    fn list_pod_netns(&mut self, force: bool) {
+        let Some(pods) = &mut self.pod_netns else { return };
+        let cookies = match pods.scan(force) {
+            Ok(Some(cookies)) => cookies,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "listing pod network namespaces");
+                return;
+            }
+        };
+        match self.datapath.set_pod_netns(&cookies) {
+            Ok((added, removed)) if added + removed > 0 => {
+                debug!(added, removed, listed = cookies.len(), "pod network namespaces");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "writing the pod network namespaces: their TCP connections are translated on their devices");
+            }
         }
     }
 

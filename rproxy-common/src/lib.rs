@@ -71,8 +71,11 @@ pub mod map_names {
     pub const MONITOR: &str = "RPX_MONITOR";
     /// The monitor's events (`super::MonitorEvent`): a ring buffer.
     pub const EVENTS: &str = "RPX_EVENTS";
+    /// Network namespaces whose TCP sockets the socket hooks translate as pods' under
+    /// `super::CONFIG_F_POD_NETNS_LISTED`: a hash of netns cookies (`u64` → `u32`, 0).
+    pub const POD_NETNS: &str = "RPX_POD_NETNS";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -101,6 +104,7 @@ pub mod map_names {
         SVC_STATS,
         MONITOR,
         EVENTS,
+        POD_NETNS,
     ];
 }
 
@@ -206,7 +210,8 @@ pub mod limits {
     pub const REV_NAT_MAX: u32 = 65_536;
     /// Conntrack entries (LRU): two per translated flow (forward + reply).
     pub const CT_MAX: u32 = 524_288;
-    /// Host-network sockets remembered by the socket hooks (LRU).
+    /// Sockets the socket hooks translated (host-network processes' and pods'), remembered
+    /// for `getpeername` and UDP replies (LRU: a connected socket's entry goes when it closes).
     pub const SOCK_REV_NAT_MAX: u32 = 65_536;
     /// `loadBalancerSourceRanges` entries (source CIDRs of all frontends together).
     pub const SRC_RANGES_MAX: u32 = 65_536;
@@ -218,6 +223,8 @@ pub mod limits {
     /// Largest backend set of one service port. Slots are `u16`; this bound also keeps the
     /// agent's writes per update bounded.
     pub const BACKENDS_PER_SERVICE_MAX: u16 = 16_384;
+    /// Pod network namespaces listed for the socket hooks (`CONFIG_F_POD_NETNS_LISTED`).
+    pub const POD_NETNS_MAX: u32 = 16_384;
     /// Routes remembered by the north-south forwarding (`route`, LRU): one per (ingress
     /// device, source, destination, protocol) of the packets it forwards, i.e. per remote node
     /// (client side) and per client address (reply side).
@@ -543,7 +550,7 @@ pub struct RevNat<A> {
 pub type RevNat4 = RevNat<u32>;
 pub type RevNat6 = RevNat<In6>;
 
-/// Key of `RPX_SK_RNAT4` (LRU): a host-network socket translated by the socket hooks, and the
+/// Key of `RPX_SK_RNAT4` (LRU): a socket translated by the socket hooks, and the
 /// backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -572,8 +579,9 @@ pub struct SockRevKey6 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
     /// Network namespace cookie (`SO_NETNS_COOKIE`) of the node's own namespace: the socket hooks
-    /// translate only sockets of this namespace (host-network processes), never pods' (their
-    /// traffic is translated on their devices). 0 disables the socket hooks.
+    /// translate this namespace's sockets (host-network processes) and, as the
+    /// `CONFIG_F_POD_*` bits say, pods' TCP sockets (every other namespace's, or the listed
+    /// ones'). 0 disables the socket hooks.
     pub host_netns_cookie: u64,
     /// The SNAT port range (`snat`), first and last port. **Host byte order**, unlike the
     /// ports in keys: the programs count and compare in it, they never copy it into a header.
@@ -588,6 +596,15 @@ pub struct Config {
 /// `Config::flags`: `ClusterIP` frontends take traffic arriving on the external devices (routed
 /// to the node from outside), as kube-proxy's rules do (`--external-cluster-ip`).
 pub const CONFIG_F_EXTERNAL_CLUSTER_IP: u32 = 1 << 0;
+/// `Config::flags`: the socket hooks translate a TCP `connect()` to a service in any network
+/// namespace other than the node's (its pods': a node's kernel, or a cgroup subtree of its
+/// own) to a backend, so that the pod's packets need no per-packet NAT (`--pod-sockets all`).
+pub const CONFIG_F_POD_SOCKETS: u32 = 1 << 1;
+/// `Config::flags`: as `CONFIG_F_POD_SOCKETS`, but only in the network namespaces listed in
+/// `RPX_POD_NETNS` (nodes that share one kernel and cgroup, as in a lab:
+/// `--pod-sockets <glob>`). Without either bit pods' sockets are left alone and their traffic is
+/// translated on their devices.
+pub const CONFIG_F_POD_NETNS_LISTED: u32 = 1 << 2;
 
 impl Config {
     /// Number of ports in the SNAT range; 0 if it is empty or unset.
@@ -901,6 +918,9 @@ pub mod monitor {
     pub const HOOK_TO_POD: u8 = 2;
     pub const HOOK_EXTERNAL_IN: u8 = 3;
     pub const HOOK_EXTERNAL_OUT: u8 = 4;
+    /// The socket hooks: a `connect()` (or an unconnected UDP send) translated to a backend, or
+    /// refused. No packet: the source is unknown (zero), `ip_len` 0.
+    pub const HOOK_CONNECT: u8 = 5;
 }
 
 /// One event of `RPX_EVENTS`: the packet's tuple as the hook lets it go (after a translation,

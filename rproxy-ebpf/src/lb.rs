@@ -33,6 +33,11 @@ pub enum Origin {
     /// A host-network socket (the socket hooks): every frontend, as from a pod; the node counts
     /// as one client for affinity and is never refused by source ranges.
     Host,
+    /// A pod's TCP socket at `connect()` (the socket hooks): every frontend, as from a pod,
+    /// except those with `ClientIP` affinity or source ranges, which are keyed by the pod's
+    /// address, not known before the connection is routed: those `Pass`, and the pod path
+    /// translates the connection's packets.
+    PodSocket,
 }
 
 /// What the datapath does with a packet ([`decide`]).
@@ -127,6 +132,9 @@ pub fn decide_new<F: Family>(
     };
     let external = origin == Origin::External;
     if external && svc.flags & NORTH_SOUTH == 0 && !(svc.flags & SVC_F_CLUSTER_IP != 0 && external_cluster_ip()) {
+        return Decision::Pass;
+    }
+    if origin == Origin::PodSocket && svc.flags & (SVC_F_AFFINITY | SVC_F_SOURCE_RANGE) != 0 {
         return Decision::Pass;
     }
     // loadBalancerSourceRanges first: a source outside them learns nothing, not even that there

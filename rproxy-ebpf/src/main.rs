@@ -9,7 +9,7 @@
 //! - `rpx_ext_egress` (TC egress, external devices): reverse NAT of north-south replies from this
 //!   node's backends, and of ICMP errors about those flows (`related`).
 //! - `rpx_sock_*` (cgroup socket hooks, IPv4 and IPv6): host-network processes connecting or
-//!   sending to a service address go to a backend directly (`sock`).
+//!   sending to a service address, and pods' TCP connects, go to a backend directly (`sock`).
 //! - `rpx_tc_noop`, `rpx_xdp_noop`: return at once; the baselines of the benchmarks.
 //!
 //! The code is the same for IPv4 and IPv6 (`family`). Each packet program handles IPv4 itself

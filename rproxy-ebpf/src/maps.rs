@@ -10,7 +10,7 @@ use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, Backend, Config, CtKey, CtValue, In6, MonitorEvent, RevNat, RouteKey,
     RouteValue, ServiceKey, ServiceStats, ServiceValue, SockRevKey4, SockRevKey6, SrcRange, Stat, calls, filter,
     limits::{
-        AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
+        AFFINITY_MATCH_MAX, AFFINITY_MAX, BACKENDS_MAX, CT_MAX, POD_NETNS_MAX, REV_NAT_MAX, ROUTES_MAX, SERVICES_MAX,
         SOCK_REV_NAT_MAX, SRC_RANGES_MAX,
     },
     monitor,
@@ -54,11 +54,16 @@ pub static RNAT4: RevNatMap<u32> = RevNatMap::new();
 #[btf_map(name = "RPX_CT4")]
 pub static CT4: ConntrackMap<u32> = ConntrackMap::new();
 
-/// Host-network sockets translated by the socket hooks → the service address to report back.
+/// Sockets translated by the socket hooks → the service address to report back.
 /// LRU: `rpx_sock_release` deletes a connected socket's entry when the socket goes; an
 /// unconnected UDP socket's entries (one per backend it sent to) stay until evicted.
 #[btf_map(name = "RPX_SK_RNAT4")]
 pub static SK_RNAT4: SockRevNatMap<SockRevKey4, u32> = SockRevNatMap::new();
+
+/// Pod network namespaces (cookies) whose TCP sockets the socket hooks translate under
+/// `CONFIG_F_POD_NETNS_LISTED`; the agent keeps it equal to the namespaces `--pod-sockets` names.
+#[btf_map(name = "RPX_POD_NETNS")]
+pub static POD_NETNS: HashMap<u64, u32, { POD_NETNS_MAX as usize }, BPF_F_NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "RPX_CONFIG")]
 pub static CONFIG: Array<Config, 1> = Array::new();

@@ -37,6 +37,46 @@ pub fn translated<C: Ctx, F: Family>(ctx: &C, hook: u8, stat: Stat, pkt: &Packet
     }
 }
 
+/// A `connect()` (or an unconnected UDP send) of protocol `proto` to `(vip, vport)` that the
+/// socket hooks sent to backend `backend_id` at `(be, be_port)` of frontend `rev_nat_id`
+/// (`reason` `NewFlow`: counted as one new flow of the frontend; its packets pass untranslated
+/// and are not counted), or refused (`NoBackend`, counted by the service decision: `be` is the
+/// service address). Reported when the monitor asks (`monitor::HOOK_CONNECT`).
+#[inline(always)]
+pub fn connected<F: Family>(reason: Stat, proto: u8, be: F::Addr, be_port: u16, rev_nat_id: u16, backend_id: u32) {
+    let translated = matches!(reason, Stat::NewFlow);
+    if translated && let Some(s) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
+        // SAFETY: this CPU's slot; only this CPU writes it while this program runs.
+        unsafe { (*s).new_flows += 1 };
+    }
+    let kind = if translated { monitor::KIND_TRANSLATION } else { monitor::KIND_DROP };
+    if !on(if translated { monitor::ON_TRANSLATIONS } else { monitor::ON_DROPS }) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve_untyped::<MonitorEvent>(0) else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: the reserved event, written whole before it is submitted.
+    unsafe {
+        (*e).time_ns = bpf_ktime_get_ns();
+        (*e).saddr = [0; 4];
+        (*e).daddr = F::slot(be);
+        (*e).sport = 0;
+        (*e).dport = be_port;
+        (*e).backend_id = backend_id;
+        (*e).rev_nat_id = rev_nat_id;
+        (*e).ip_len = 0;
+        (*e).kind = kind;
+        (*e).reason = reason as u8;
+        (*e).family = F::VERSION;
+        (*e).proto = proto;
+        (*e).hook = monitor::HOOK_CONNECT;
+        (*e)._pad = [0; 7];
+    }
+    entry.submit(0);
+}
+
 /// A packet dropped (or rejected) at `hook` for `reason`, still as it came, and counted by the
 /// caller or the service decision: reported when the monitor asks for drops. `rev_nat_id` and
 /// `backend_id` are 0 where not known.

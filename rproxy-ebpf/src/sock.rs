@@ -1,29 +1,44 @@
-//! Host-network processes: cgroup socket hooks translate a service address when a socket of the
-//! node's own network namespace connects to it (TCP, connected UDP) or sends to it (unconnected
-//! UDP), so the packets leave for the backend directly and no per-packet NAT is needed; replies
-//! and `getpeername` show the service address again. A TCP connect to a service without
-//! endpoints fails with `ECONNREFUSED`. Sockets of other namespaces (pods) are left alone: their
-//! traffic is translated on their devices.
+//! Sockets: cgroup socket hooks translate a service address when a socket connects to it, so
+//! that the packets leave for the backend directly and no per-packet NAT is needed; replies and
+//! `getpeername` show the service address again. Which sockets ([`scope`]):
+//! - the node's own network namespace (host-network processes): TCP and connected UDP at
+//!   `connect()`, unconnected UDP at every `sendmsg()`;
+//! - pods' namespaces, as `Config::flags` say (`--pod-sockets`): every namespace other than the
+//!   node's (`CONFIG_F_POD_SOCKETS`), or those the agent lists (`CONFIG_F_POD_NETNS_LISTED`),
+//!   TCP only, and not to frontends with `ClientIP` affinity or source ranges
+//!   (`Origin::PodSocket`). Pods' UDP stays on the pod path: a connected UDP socket would keep
+//!   a backend that is gone, where conntrack's entry is cleared.
+//!
+//! Everything else is left alone: its traffic is translated on the pod's device. A TCP connect
+//! to a service without endpoints fails with `ECONNREFUSED`.
 //!
 //! Each translation leaves an entry in `RPX_SK_RNAT4`/`6` (socket cookie and backend → service)
 //! for the replies and `getpeername`. When a connected socket (TCP, connected UDP) closes,
 //! `sock_release` deletes its entry: the table then holds the live sockets only. An unconnected
 //! UDP socket may have sent to many services; its entries stay until the LRU table evicts them
-//! (refreshed while the socket receives replies).
+//! (refreshed while the socket receives replies). Each translation counts as a new flow of its
+//! frontend (`RPX_SVC_STATS`) and is one event for the monitor (`observe::connected`); its
+//! packets are not counted, nor seen by conntrack.
 //!
 //! The IPv6 hooks serve IPv6 services, and IPv4 services for IPv4-mapped addresses
 //! (`::ffff:a.b.c.d`, what a dual-stack socket uses to reach an IPv4 address).
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::{SockAddrContext, SockContext},
 };
-use rproxy_common::{Backend, In6, RevNat4, RevNat6, SockRevKey4, SockRevKey6, proto};
+use rproxy_common::{
+    Backend, CONFIG_F_POD_NETNS_LISTED, CONFIG_F_POD_SOCKETS, In6, RevNat4, RevNat6, SockRevKey4, SockRevKey6, Stat,
+    proto,
+};
 
 use crate::{
     family::{Family, V4, V6},
     lb::{self, Decision, Origin},
-    maps::{CONFIG, SK_RNAT4, SK_RNAT6},
+    maps::{CONFIG, POD_NETNS, SK_RNAT4, SK_RNAT6},
+    observe,
 };
 
 /// Socket programs return 1 to let the call go on.
@@ -40,28 +55,69 @@ fn v4_mapped(addr: &In6) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_W2
 }
 
+/// Whose socket a hook runs for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The node's own namespace: a host-network process.
+    Host,
+    /// A pod's namespace (see the module doc).
+    Pod,
+}
+
+/// The scope of the socket of context `ctx` (a `bpf_sock_addr` or `bpf_sock`); `None`: not
+/// this agent's to translate.
 #[inline(always)]
-fn own_namespace(ctx: &SockAddrContext) -> bool {
-    let Some(cfg) = CONFIG.get(0) else { return false };
+fn scope(ctx: *mut c_void) -> Option<Scope> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.host_netns_cookie == 0 {
+        return None;
+    }
     // SAFETY: the helper reads the context's socket's namespace.
-    cfg.host_netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == cfg.host_netns_cookie
+    let cookie = unsafe { bpf_get_netns_cookie(ctx) };
+    if cookie == cfg.host_netns_cookie {
+        Some(Scope::Host)
+    } else if cfg.flags & CONFIG_F_POD_SOCKETS != 0
+        // SAFETY: only the presence is used.
+        || (cfg.flags & CONFIG_F_POD_NETNS_LISTED != 0 && unsafe { POD_NETNS.get(cookie) }.is_some())
+    {
+        Some(Scope::Pod)
+    } else {
+        None
+    }
+}
+
+/// The service decision's origin for a `connect` or `sendmsg` of protocol `p` by the socket
+/// of `ctx`; `None`: left alone (not in scope, or a pod's UDP).
+#[inline(always)]
+fn origin(ctx: &SockAddrContext, p: u8) -> Option<Origin> {
+    match scope(ctx.sock_addr.cast())? {
+        Scope::Host => Some(Origin::Host),
+        Scope::Pod if p == proto::TCP => Some(Origin::PodSocket),
+        Scope::Pod => None,
+    }
+}
+
+/// Whether a `recvmsg` or `getpeername` of the socket of `ctx` (protocol `protocol`, as in
+/// `bpf_sock_addr`) may find an entry: it is in scope, and not a pod's UDP socket.
+#[inline(always)]
+fn may_be_translated(ctx: &SockAddrContext, protocol: u32) -> bool {
+    match scope(ctx.sock_addr.cast()) {
+        Some(Scope::Host) => true,
+        Some(Scope::Pod) => protocol == u32::from(proto::TCP),
+        None => false,
+    }
 }
 
 /// `AF_INET`, `AF_INET6` (Linux).
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// `sock_release`: a socket of this namespace that the hooks translated (its peer is a
-/// backend) takes its reverse-NAT entry with it. The peer of a connected socket is the backend
-/// its connect was sent to; an unconnected one has none (see the module doc).
+/// `sock_release`: a socket in scope that the hooks translated (its peer is a backend) takes
+/// its reverse-NAT entry with it. The peer of a connected socket is the backend its connect was
+/// sent to; an unconnected one has none (see the module doc).
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
     let sk: *mut bpf_sock = ctx.sock;
-    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
-    // SAFETY: the helper reads the context's socket's namespace.
-    if cfg.host_netns_cookie == 0 || unsafe { bpf_get_netns_cookie(sk.cast()) } != cfg.host_netns_cookie {
-        return ALLOW;
-    }
     // SAFETY: the context's fields, read in place (the verifier takes no other form).
     let (family, protocol, port) = unsafe {
         (
@@ -70,8 +126,14 @@ pub fn release(ctx: &SockContext) -> i32 {
             (&raw const (*sk).dst_port).read_volatile(),
         )
     };
+    // Unconnected sockets and other protocols first: no helper call for them.
     if port == 0 || (protocol != u32::from(proto::TCP) && protocol != u32::from(proto::UDP)) {
         return ALLOW;
+    }
+    match scope(sk.cast()) {
+        Some(Scope::Host) => {}
+        Some(Scope::Pod) if protocol == u32::from(proto::TCP) => {}
+        _ => return ALLOW,
     }
     // SAFETY: helper on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
@@ -110,14 +172,20 @@ enum Choice<A> {
     To(Backend<A>),
 }
 
-/// The service decision for a host-network socket (`Origin::Host`: affinity counts the node as
-/// one client).
+/// The service decision for a socket of `origin` (`Host`: affinity counts the node as one
+/// client, address zero; `PodSocket`: frontends that need the client's address pass).
 #[inline(always)]
-fn choose<F: Family>(addr: F::Addr, port: u16, p: u8) -> Choice<F::Addr> {
-    match lb::decide_new::<F>(addr, port, p, F::Addr::default(), Origin::Host, crate::conntrack::now_ns()) {
-        Decision::New(flow) => Choice::To(flow.be),
+fn choose<F: Family>(addr: F::Addr, port: u16, p: u8, origin: Origin) -> Choice<F::Addr> {
+    match lb::decide_new::<F>(addr, port, p, F::Addr::default(), origin, crate::conntrack::now_ns()) {
+        Decision::New(flow) => {
+            observe::connected::<F>(Stat::NewFlow, p, flow.be.addr, flow.be.port, flow.svc.rev_nat_id, flow.backend_id);
+            Choice::To(flow.be)
+        }
         // UDP goes on untranslated (a connected socket learns nothing before it sends).
-        Decision::NoBackend { svc } if p == proto::TCP && svc.count == 0 => Choice::Refuse,
+        Decision::NoBackend { svc } if p == proto::TCP && svc.count == 0 => {
+            observe::connected::<F>(Stat::NoBackend, p, addr, port, svc.rev_nat_id, 0);
+            Choice::Refuse
+        }
         _ => Choice::Keep,
     }
 }
@@ -125,14 +193,12 @@ fn choose<F: Family>(addr: F::Addr, port: u16, p: u8) -> Choice<F::Addr> {
 /// `connect4` and `sendmsg4`: a service address becomes a backend's.
 #[inline(always)]
 pub fn translate4(ctx: &SockAddrContext) -> i32 {
-    if !own_namespace(ctx) {
-        return ALLOW;
-    }
     // SAFETY: the context pointer is valid for the whole run; fields are read with 4-byte loads.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(p) = l4_proto(sa) else { return ALLOW };
+    let Some(origin) = origin(ctx, p) else { return ALLOW };
     let (vip, vport) = (sa.user_ip4, low16(sa.user_port));
-    match choose::<V4>(vip, vport, p) {
+    match choose::<V4>(vip, vport, p, origin) {
         Choice::Keep => ALLOW,
         Choice::Refuse => refuse(),
         Choice::To(be) => {
@@ -166,15 +232,13 @@ fn set_user_ip6(sa: *mut bpf_sock_addr, addr: In6) {
 /// backend's.
 #[inline(always)]
 pub fn translate6(ctx: &SockAddrContext) -> i32 {
-    if !own_namespace(ctx) {
-        return ALLOW;
-    }
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(p) = l4_proto(sa) else { return ALLOW };
+    let Some(origin) = origin(ctx, p) else { return ALLOW };
     let (vip, vport) = (user_ip6(sa), low16(sa.user_port));
     if v4_mapped(&vip) {
-        return match choose::<V4>(vip[3], vport, p) {
+        return match choose::<V4>(vip[3], vport, p, origin) {
             Choice::Keep => ALLOW,
             Choice::Refuse => refuse(),
             Choice::To(be) => {
@@ -186,7 +250,7 @@ pub fn translate6(ctx: &SockAddrContext) -> i32 {
             }
         };
     }
-    match choose::<V6>(vip, vport, p) {
+    match choose::<V6>(vip, vport, p, origin) {
         Choice::Keep => ALLOW,
         Choice::Refuse => refuse(),
         Choice::To(be) => {
@@ -225,11 +289,11 @@ fn refuse() -> i32 {
 /// service's.
 #[inline(always)]
 pub fn reverse4(ctx: &SockAddrContext) -> i32 {
-    if !own_namespace(ctx) {
-        return ALLOW;
-    }
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if !may_be_translated(ctx, sa.protocol) {
+        return ALLOW;
+    }
     if let Some(rn) = reverse_of4(ctx, sa.user_ip4, low16(sa.user_port)) {
         sa.user_ip4 = rn.addr;
         sa.user_port = u32::from(rn.port);
@@ -240,11 +304,11 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 /// `recvmsg6` and `getpeername6`: likewise for IPv6 sockets (IPv4-mapped addresses too).
 #[inline(always)]
 pub fn reverse6(ctx: &SockAddrContext) -> i32 {
-    if !own_namespace(ctx) {
-        return ALLOW;
-    }
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if !may_be_translated(ctx, sa.protocol) {
+        return ALLOW;
+    }
     let (addr, port): (In6, u16) = (user_ip6(sa), low16(sa.user_port));
     if v4_mapped(&addr) {
         if let Some(rn) = reverse_of4(ctx, addr[3], port) {

@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub source: AgentSource,
     /// `--pod-devices`.
     pub pod_devices: String,
+    /// `--pod-sockets`, unless `extra_args` give it: the node's pods' namespace files (the
+    /// lab's nodes share one kernel and cgroup tree, so `all` would take other nodes' pods).
+    pub pod_sockets: String,
     /// `--bpffs`.
     pub bpffs: PathBuf,
     /// Where stdout and stderr go.
@@ -62,7 +65,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `<bin> run --manifests|--kubeconfig .. --node-name .. --pod-devices .. --bpffs ..
-    /// <extra args>` in the node namespace, in its own process group so that a terminal's Ctrl-C
+    /// [--pod-sockets ..] <extra args>` in the node namespace, in its own process group so that a terminal's Ctrl-C
     /// reaches only the lab, which then stops the agent itself.
     pub fn start(config: AgentConfig) -> Result<Self> {
         let log = File::create(&config.log).with_context(|| format!("cannot create {}", config.log.display()))?;
@@ -77,6 +80,12 @@ impl Agent {
             .args(["--node-name", &config.node_name, "--pod-devices", &config.pod_devices])
             .arg("--bpffs")
             .arg(&config.bpffs)
+            .args(
+                (!config.extra_args.iter().any(|a| a.starts_with("--pod-sockets")))
+                    .then_some(["--pod-sockets", &config.pod_sockets])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&config.extra_args)
             .env("NO_COLOR", "1") // plain text in the log file
             .stdin(std::process::Stdio::null())

@@ -138,6 +138,11 @@ impl TcpSession {
         Ok(self.stream.local_addr()?)
     }
 
+    /// The connection's peer as the client's socket reports it (`getpeername`).
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.peer_addr()?)
+    }
+
     /// The client's address and port as the server saw them.
     #[must_use]
     pub fn seen_as(&self) -> Option<SocketAddr> {

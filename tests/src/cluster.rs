@@ -219,7 +219,9 @@ impl Cluster {
             Node::create(NodeSpec {
                 ns: format!("{prefix}-node{n}"),
                 name: id.k8s_name(),
-                ns_prefix: prefix.clone(),
+                // Each node's pods have a prefix of their own: the node's agent lists its pods'
+                // namespaces by it (`Node::pod_netns_glob`).
+                ns_prefix: format!("{prefix}-n{n}"),
                 dev_prefix: format!("{prefix}{}", id.device_letter()),
                 reserved: reserved.clone(),
                 pin_dir: Path::new("/sys/fs/bpf").join(format!("{prefix}-node{n}")),

@@ -383,6 +383,19 @@ impl Node {
         format!("{}*", self.dev_prefix)
     }
 
+    /// The start of this node's pods' namespace names (`<prefix>-<pod>`).
+    #[must_use]
+    pub fn pod_ns_prefix(&self) -> &str {
+        &self.ns_prefix
+    }
+
+    /// The files of this node's pods' network namespaces, as a glob (`--pod-sockets`): pods'
+    /// TCP connections are translated at `connect()` by this node's agent only.
+    #[must_use]
+    pub fn pod_netns_glob(&self) -> String {
+        format!("/run/netns/{}-*", self.ns_prefix)
+    }
+
     /// The agent's bpffs pin dir (`--bpffs`), removed with the node.
     #[must_use]
     pub fn pin_dir(&self) -> &Path {
@@ -407,6 +420,7 @@ impl Node {
             node_name: self.name.clone(),
             source,
             pod_devices: self.pod_devices_glob(),
+            pod_sockets: self.pod_netns_glob(),
             bpffs: self.pin_dir.clone(),
             log: self.log.clone(),
             extra_args: extra_args.iter().map(|&a| a.to_owned()).collect(),

@@ -10,6 +10,7 @@
 //!   program into the existing link (`BPF_LINK_UPDATE`, atomic), so no packet goes untranslated
 //!   during an upgrade.
 use std::{
+    collections::BTreeSet,
     io,
     path::{Path, PathBuf},
 };
@@ -32,7 +33,10 @@ use rproxy_common::{
 use tracing::{debug, info, warn};
 
 use super::migrate;
-use crate::{Error, Result, node::snat::PortRange};
+use crate::{
+    Error, Result,
+    node::{pods::PodSockets, snat::PortRange},
+};
 
 /// The eBPF object built by build.rs from rproxy-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rproxy.bpf.o"));
@@ -519,6 +523,26 @@ impl Datapath {
         })
     }
 
+    /// Makes `RPX_POD_NETNS` hold exactly `cookies` (`--pod-sockets <glob>`). Returns how many
+    /// were added and removed.
+    pub fn set_pod_netns(&mut self, cookies: &BTreeSet<u64>) -> Result<(usize, usize)> {
+        let name = map_names::POD_NETNS;
+        let err = |source| Error::Map { name, source };
+        let map = self.ebpf.map_mut(name).ok_or(Error::MissingMap { name })?;
+        let mut listed: HashMap<&mut MapData, u64, u32> = HashMap::try_from(map).map_err(err)?;
+        let present: BTreeSet<u64> = listed.keys().collect::<Result<_, _>>().map_err(err)?;
+        let (mut added, mut removed) = (0, 0);
+        for gone in present.difference(cookies) {
+            listed.remove(gone).map_err(err)?;
+            removed += 1;
+        }
+        for new in cookies.difference(&present) {
+            listed.insert(new, 0, 0).map_err(err)?;
+            added += 1;
+        }
+        Ok((added, removed))
+    }
+
     /// Changes `RPX_CONFIG[0]` with `f`.
     fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
         let err = |source| Error::Map { name: map_names::CONFIG, source };
@@ -530,13 +554,23 @@ impl Datapath {
     }
 
     /// Translates service addresses for the sockets of this agent's network namespace
-    /// (host-network processes): records the namespace's cookie in `RPX_CONFIG`, then attaches
-    /// the socket programs to cgroup v2 directory `cgroup` (normally the root: every process).
-    /// Sockets of other namespaces are left alone by the programs. A restart attaches the new
-    /// programs first and then unpins the old links, so no `connect` goes untranslated.
-    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+    /// (host-network processes) and, as `pods` says, pods' TCP connections: records the
+    /// namespace's cookie and the pods' bits in `RPX_CONFIG`, then attaches the socket programs
+    /// to cgroup v2 directory `cgroup` (normally the root: every process). Sockets of other
+    /// namespaces are left alone by the programs. A restart attaches the new programs first and
+    /// then unpins the old links, so no `connect` goes untranslated.
+    pub fn attach_sockets(&mut self, cgroup: &Path, pods: &PodSockets) -> Result<()> {
         let cookie = netns_cookie()?;
-        self.update_config(|c| c.host_netns_cookie = cookie)?;
+        let bits = match pods {
+            PodSockets::All => rproxy_common::CONFIG_F_POD_SOCKETS,
+            PodSockets::Listed(_) => rproxy_common::CONFIG_F_POD_NETNS_LISTED,
+            PodSockets::Off => 0,
+        };
+        let mask = rproxy_common::CONFIG_F_POD_SOCKETS | rproxy_common::CONFIG_F_POD_NETNS_LISTED;
+        self.update_config(|c| {
+            c.host_netns_cookie = cookie;
+            c.flags = (c.flags & !mask) | bits;
+        })?;
         let dir = std::fs::File::open(cgroup)
             .map_err(|source| Error::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
         let pins = self.pin_dir.as_ref().map(|d| d.join(LINKS_DIR).join(CGROUP_DIR));
@@ -570,7 +604,7 @@ impl Datapath {
             // A downgrade to an object without it: the newer program goes.
             remove_pin(&pins.join(prog_names::SOCK_RELEASE))?;
         }
-        info!(cgroup = %cgroup.display(), netns_cookie = cookie, "socket hooks attached");
+        info!(cgroup = %cgroup.display(), netns_cookie = cookie, pod_sockets = %pods, "socket hooks attached");
         Ok(())
     }
 
@@ -634,11 +668,12 @@ where
         .map_err(|source| Error::Program { name, source })
 }
 
-/// Cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), what
+/// Cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), what
 /// `bpf_get_netns_cookie` returns for its sockets.
-fn netns_cookie() -> Result<u64> {
+pub fn netns_cookie() -> Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+    // The wildcard address: a namespace whose loopback is down has no 127.0.0.1 to bind.
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
         .map_err(|source| Error::Io { what: String::from("opening a socket"), source })?;
     let mut cookie = 0u64;
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("8 fits");
@@ -901,9 +936,9 @@ impl MapShape {
 /// filters and affinity matches, which the writer rewrites from the services and backends, the
 /// configuration, which the agent writes at start, and the affinity memory, whose loss only
 /// makes clients pick afresh, and the route cache, whose loss costs a FIB lookup, and the
-/// program arrays, which the agent fills at every start): a pinned one of another shape is
-/// replaced, not refused.
-const REPLACEABLE: [&str; 14] = [
+/// program arrays, which the agent fills at every start, and the pods' namespaces, which it
+/// lists at every start): a pinned one of another shape is replaced, not refused.
+const REPLACEABLE: [&str; 15] = [
     map_names::STATS,
     map_names::SNAT_CURSOR,
     map_names::ICMP_LIMIT,
@@ -918,6 +953,7 @@ const REPLACEABLE: [&str; 14] = [
     map_names::SVC_STATS,
     map_names::MONITOR,
     map_names::EVENTS,
+    map_names::POD_NETNS,
 ];
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists (older agents' conntrack map).

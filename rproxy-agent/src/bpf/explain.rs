@@ -24,9 +24,10 @@ use aya::{
 };
 use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
-    CONFIG_F_EXTERNAL_CLUSTER_IP, CT_DIR_SERVICE, CT_NAT_EXTERNAL, Config, CtKey, CtValue, FlowKind, In6, RevNat,
-    SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL,
-    SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, WireAddr, map_names,
+    CONFIG_F_EXTERNAL_CLUSTER_IP, CONFIG_F_POD_NETNS_LISTED, CONFIG_F_POD_SOCKETS, CT_DIR_SERVICE, CT_NAT_EXTERNAL,
+    Config, CtKey, CtValue, FlowKind, In6, RevNat, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
+    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
+    ServiceKey, ServiceValue, SrcRange, WireAddr, map_names, proto,
 };
 use serde::Serialize;
 
@@ -72,6 +73,9 @@ pub trait View<A> {
     fn affinity_match(&self, m: &AffinityMatch) -> bool;
     /// `--external-cluster-ip` (`CONFIG_F_EXTERNAL_CLUSTER_IP`).
     fn external_cluster_ip(&self) -> bool;
+    /// The socket hooks translate pods' TCP connections (`--pod-sockets` other than `none`:
+    /// `CONFIG_F_POD_SOCKETS` or `CONFIG_F_POD_NETNS_LISTED`).
+    fn pod_sockets(&self) -> bool;
     /// The datapath's clock now (`CLOCK_MONOTONIC`, ns).
     fn now_ns(&self) -> u64;
 }
@@ -221,6 +225,18 @@ fn new_flow<A: WireAddr + Default + PartialEq>(
     };
     x.service = Some(service_view(q, &svc, name));
     x.steps.push(format!("frontend {to}/{}: {} (rev-NAT id {})", proto_name(q.proto), kind(svc.flags), svc.rev_nat_id));
+    if q.origin == Origin::Pod && q.proto == proto::TCP && m.pod_sockets() {
+        x.steps.push(if svc.flags & (SVC_F_AFFINITY | SVC_F_SOURCE_RANGE) == 0 {
+            "socket hooks (--pod-sockets): a pod's TCP connect() in their scope goes to the backend chosen \
+             here; its packets carry the backend's address, pass the pod's device untranslated and leave no \
+             conntrack entry (so an open connection of such a pod shows no flow above)"
+                .to_owned()
+        } else {
+            "socket hooks (--pod-sockets): not at connect(), ClientIP affinity and source ranges go by the \
+             pod's address: the pod's device translates the packets"
+                .to_owned()
+        });
+    }
     let external = q.origin == Origin::External;
     let north_south = SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER;
     if external && svc.flags & north_south == 0 && !(svc.flags & SVC_F_CLUSTER_IP != 0 && m.external_cluster_ip()) {
@@ -477,6 +493,11 @@ where
     fn external_cluster_ip(&self) -> bool {
         self.config.get(&0, 0).is_ok_and(|c| c.flags & CONFIG_F_EXTERNAL_CLUSTER_IP != 0)
     }
+    fn pod_sockets(&self) -> bool {
+        self.config.get(&0, 0).is_ok_and(|c| {
+            c.host_netns_cookie != 0 && c.flags & (CONFIG_F_POD_SOCKETS | CONFIG_F_POD_NETNS_LISTED) != 0
+        })
+    }
     fn now_ns(&self) -> u64 {
         monotonic_ns()
     }
@@ -645,6 +666,7 @@ mod tests {
         affinity: Map<(u32, u16), AffinityValue>,
         matches: Vec<(u16, u32)>,
         external_cluster_ip: bool,
+        pod_sockets: bool,
         now: u64,
         lookups: Cell<u32>,
     }
@@ -674,6 +696,9 @@ mod tests {
         }
         fn external_cluster_ip(&self) -> bool {
             self.external_cluster_ip
+        }
+        fn pod_sockets(&self) -> bool {
+            self.pod_sockets
         }
         fn now_ns(&self) -> u64 {
             self.now
@@ -732,6 +757,21 @@ mod tests {
             origin,
         };
         explain(&q, m, |fe, _| Some(format!("default/demo:http at {fe}")), rproxy_common::hairpin::ADDR)
+    }
+
+    #[test]
+    fn a_pods_tcp_connect_is_the_socket_hooks_unless_affinity_needs_its_address() {
+        let steps = |m: &Mem, origin| ask(m, origin).steps.join("\n");
+        let mut m = frontend(SVC_F_CLUSTER_IP, &[(1, 0), (2, 0)]);
+        assert!(!steps(&m, Origin::Pod).contains("socket hooks"), "--pod-sockets none");
+        m.pod_sockets = true;
+        let x = ask(&m, Origin::Pod);
+        assert_eq!(x.verdict, "translate");
+        assert!(x.steps.iter().any(|s| s.contains("connect() in their scope goes to the backend")), "{:?}", x.steps);
+        assert!(!steps(&m, Origin::Host).contains("--pod-sockets"), "host sockets are the hooks' anyway");
+        let mut m = frontend(SVC_F_CLUSTER_IP | SVC_F_AFFINITY, &[(1, 0)]);
+        m.pod_sockets = true;
+        assert!(steps(&m, Origin::Pod).contains("not at connect()"), "{}", steps(&m, Origin::Pod));
     }
 
     #[test]

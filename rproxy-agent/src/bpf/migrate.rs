@@ -61,7 +61,7 @@ enum Kind {
 }
 
 /// Every pinned map and how it migrates.
-const PLAN: [(&str, Kind); 28] = [
+const PLAN: [(&str, Kind); 29] = [
     (n::SERVICES4, Kind::State),
     (n::BACKENDS4, Kind::State),
     (n::REV_NAT4, Kind::State),
@@ -90,6 +90,7 @@ const PLAN: [(&str, Kind); 28] = [
     (n::SVC_STATS, Kind::Fresh),
     (n::MONITOR, Kind::Fresh),
     (n::EVENTS, Kind::Keep),
+    (n::POD_NETNS, Kind::Fresh),
 ];
 
 /// Old maps set aside for a migration, held open until it is finished.

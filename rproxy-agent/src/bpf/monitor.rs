@@ -39,7 +39,8 @@ pub struct EventView {
     pub verdict: &'static str,
     /// The datapath counter that counted the packet (`no_backend`, `new_flow`, …).
     pub reason: &'static str,
-    /// Where it was seen: `from-pod`, `to-pod`, `external-in`, `external-out`.
+    /// Where it was seen: `from-pod`, `to-pod`, `external-in`, `external-out`, or `connect`
+    /// (the socket hooks: a connection sent to a backend, or refused; `src` unknown, zero).
     pub hook: &'static str,
     pub proto: &'static str,
     /// The packet as the hook let it go (after a translation) or as it came (a drop).
@@ -78,6 +79,7 @@ pub fn view(event: &MonitorEvent, resolve: &impl Resolve, now_mono_ns: u64, now:
             monitor::HOOK_TO_POD => "to-pod",
             monitor::HOOK_EXTERNAL_IN => "external-in",
             monitor::HOOK_EXTERNAL_OUT => "external-out",
+            monitor::HOOK_CONNECT => "connect",
             _ => "?",
         },
         proto: match event.proto {
@@ -97,10 +99,12 @@ pub fn view(event: &MonitorEvent, resolve: &impl Resolve, now_mono_ns: u64, now:
 
 impl std::fmt::Display for EventView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A connect() has no packet yet: its source is not known.
+        let src = if self.hook == "connect" { "(socket)".to_owned() } else { self.src.to_string() };
         write!(
             f,
-            "{} {:<11} {:<14} {:<12} {} {} -> {}",
-            self.time, self.verdict, self.reason, self.hook, self.proto, self.src, self.dst
+            "{} {:<11} {:<14} {:<12} {} {src} -> {}",
+            self.time, self.verdict, self.reason, self.hook, self.proto, self.dst
         )?;
         if let Some(s) = self.service {
             write!(f, " service {s}")?;
@@ -275,6 +279,27 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("service 10.96.0.10:80") && line.ends_with("len 60"), "{line}");
+    }
+
+    #[test]
+    fn a_connect_names_its_backend_and_no_source() {
+        let e = MonitorEvent {
+            daddr: In6::wire("fd00:244:1::11".parse().unwrap()),
+            dport: 8080u16.to_be(),
+            rev_nat_id: 3,
+            backend_id: 7,
+            kind: monitor::KIND_TRANSLATION,
+            reason: Stat::NewFlow as u8,
+            family: 6,
+            proto: rproxy_common::proto::TCP,
+            hook: monitor::HOOK_CONNECT,
+            ..MonitorEvent::default()
+        };
+        let v = view(&e, &Fixed, 0, jiff::Timestamp::UNIX_EPOCH);
+        assert_eq!((v.verdict, v.reason, v.hook, v.proto), ("translation", "new_flow", "connect", "TCP"));
+        assert_eq!(v.backend, Some("[fd00:244:1::11]:8080".parse().unwrap()));
+        let line = v.to_string();
+        assert!(line.contains("connect      TCP (socket) -> [fd00:244:1::11]:8080"), "{line}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::common::{
 use rproxy_agent::{
     bpf::datapath::{XdpAttached, XdpMode},
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
-    node::snat::PortRange,
+    node::{pods::PodSockets, snat::PortRange},
 };
 use rproxy_common::{
     AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState,
@@ -595,6 +595,24 @@ both_families! {
     }
 }
 
+/// The cgroup v2 mount the socket hooks attach to; `None` (the test skipped) without one.
+fn cgroup_or_skip() -> Option<std::path::PathBuf> {
+    let found = rproxy_agent::bpf::datapath::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").unwrap());
+    if found.is_none() {
+        assert!(std::env::var("RPROXY_REQUIRE_KERNEL").is_err(), "no cgroup2 mount: run scripts/setup.sh");
+        eprintln!("skipping: no cgroup2 mount");
+    }
+    found
+}
+
+/// The loopback and wildcard addresses of family `fam`.
+fn loopback_and_any(fam: Fam) -> (IpAddr, IpAddr) {
+    match fam {
+        Fam::V4 => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+        Fam::V6 => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
+    }
+}
+
 /// Host-network sockets of family `fam` (the node's own namespace): connecting or sending to a
 /// service address reaches a backend on loopback, and the socket still sees the service address
 /// as its peer; a TCP connect to a service without endpoints is refused. The programs are
@@ -605,19 +623,10 @@ fn host_sockets_case(fam: Fam) {
         net::{TcpListener, TcpStream, UdpSocket},
         time::Duration,
     };
-    let Some(cgroup) =
-        rproxy_agent::bpf::datapath::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
-    else {
-        assert!(std::env::var("RPROXY_REQUIRE_KERNEL").is_err(), "no cgroup2 mount: run scripts/setup.sh");
-        eprintln!("skipping: no cgroup2 mount");
-        return;
-    };
+    let Some(cgroup) = cgroup_or_skip() else { return };
     in_node_netns(move |h, _| {
         node_netns::ip("link set lo up");
-        let (lo, any): (IpAddr, IpAddr) = match fam {
-            Fam::V4 => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
-            Fam::V6 => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
-        };
+        let (lo, any) = loopback_and_any(fam);
         let tcp = TcpListener::bind((lo, 0)).unwrap();
         let udp = UdpSocket::bind((lo, 0)).unwrap();
         let (tport, uport) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
@@ -636,7 +645,7 @@ fn host_sockets_case(fam: Fam) {
         );
         desired.services.extend(frontend(vip, 81, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![], vec![]).services);
         h.program(&desired);
-        h.dp.attach_sockets(&cgroup).expect("attaching the socket hooks");
+        h.dp.attach_sockets(&cgroup, &PodSockets::Off).expect("attaching the socket hooks");
 
         // No endpoints: refused at once, as with kube-proxy's REJECT.
         let refused = TcpStream::connect_timeout(&(vip, 81).into(), Duration::from_secs(2)).unwrap_err();
@@ -662,6 +671,111 @@ fn host_sockets_case(fam: Fam) {
         let (n, from) = u.recv_from(&mut buf).expect("the answer comes back");
         assert_eq!((&buf[..n], from), (&b"answer"[..], (vip, 53).into()), "recvmsg shows the service");
     });
+}
+
+/// Pods' TCP sockets of family `fam` (`--pod-sockets GLOB`: listed network namespaces): a pod
+/// namespace that is not listed is left alone; once listed, its TCP connect to a service address
+/// reaches the backend (on the pod's own loopback) with the service as its peer, a connect to a
+/// service without endpoints is refused, a frontend with `ClientIP` affinity is left to the pod's
+/// device, and its UDP is not translated (it stays on the device path). The pod has no route off
+/// its loopback: whatever is not translated cannot be delivered.
+fn pod_sockets_case(fam: Fam) {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream, UdpSocket},
+        sync::mpsc,
+        time::Duration,
+    };
+    let Some(cgroup) = cgroup_or_skip() else { return };
+    in_node_netns(move |h, _| {
+        let (lo, any) = loopback_and_any(fam);
+        let vip = match fam {
+            Fam::V4 => IpAddr::from(Ipv4Addr::new(10, 96, 7, 8)),
+            Fam::V6 => IpAddr::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 7, 8)),
+        };
+        let connect = |port| TcpStream::connect_timeout(&(vip, port).into(), Duration::from_secs(2));
+        std::thread::scope(|s| {
+            let (ready_tx, ready) = mpsc::channel();
+            let (step_tx, step) = mpsc::channel::<u8>();
+            let (done_tx, done) = mpsc::channel::<()>();
+            s.spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a pod namespace");
+                node_netns::ip("link set lo up");
+                let tcp = TcpListener::bind((lo, 0)).unwrap();
+                let cookie = rproxy_agent::bpf::datapath::netns_cookie().expect("the pod's netns cookie");
+                ready_tx.send((tcp.local_addr().unwrap().port(), cookie)).unwrap();
+                // Not listed: left alone, and the pod has no route to the service.
+                assert_eq!(step.recv().unwrap(), 1);
+                let err = connect(80).expect_err("an unlisted pod's connect is translated");
+                assert_ne!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+                done_tx.send(()).unwrap();
+                // Listed.
+                assert_eq!(step.recv().unwrap(), 2);
+                let refused = connect(81).unwrap_err();
+                assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+                let mut conn = connect(80).expect("a listed pod's connect to the VIP");
+                assert_eq!(conn.peer_addr().unwrap(), (vip, 80).into(), "getpeername shows the service");
+                let (mut server, from) = tcp.accept().unwrap();
+                assert_eq!(from.ip(), lo, "no NAT: the backend sees the socket's own address");
+                conn.write_all(b"ping").unwrap();
+                let mut buf = [0u8; 4];
+                server.read_exact(&mut buf).unwrap();
+                assert_eq!(&buf, b"ping");
+                connect(82).expect_err("a frontend with affinity is left to the pod's device");
+                let u = UdpSocket::bind((any, 0)).unwrap();
+                assert!(u.send_to(b"question", (vip, 53)).is_err(), "a pod's UDP is left to its device");
+                done_tx.send(()).unwrap();
+            });
+            let (tport, cookie) = ready.recv().unwrap();
+            let be = |port, proto| Backend {
+                addr: BackendAddr { addr: lo, port, proto },
+                state: BackendState::Active,
+                local: true,
+            };
+            let mut desired =
+                frontend(vip, 80, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![be(tport, Protocol::Tcp)], vec![]);
+            desired.services.extend(
+                frontend(vip, 53, Protocol::Udp, SVC_F_CLUSTER_IP, vec![be(tport, Protocol::Udp)], vec![]).services,
+            );
+            desired.services.extend(frontend(vip, 81, Protocol::Tcp, SVC_F_CLUSTER_IP, vec![], vec![]).services);
+            desired.services.extend(
+                frontend(
+                    vip,
+                    82,
+                    Protocol::Tcp,
+                    SVC_F_CLUSTER_IP | SVC_F_AFFINITY,
+                    vec![be(tport, Protocol::Tcp)],
+                    vec![],
+                )
+                .services,
+            );
+            h.program(&desired);
+            let listed = PodSockets::parse("/run/netns/rpx-datapath-test-*").expect("a glob");
+            h.dp.attach_sockets(&cgroup, &listed).expect("attaching the socket hooks");
+            h.dp.set_pod_netns(&std::collections::BTreeSet::new()).expect("no pod listed");
+            step_tx.send(1).unwrap();
+            done.recv().expect("the unlisted pod's checks");
+            assert_eq!(h.dp.set_pod_netns(&[cookie].into()).expect("listing the pod"), (1, 0));
+            step_tx.send(2).unwrap();
+            done.recv().expect("the listed pod's checks");
+            assert_eq!(h.dp.set_pod_netns(&std::collections::BTreeSet::new()).expect("unlisting"), (0, 1));
+        });
+    });
+}
+
+/// The socket hooks for pods' TCP, each family.
+mod pod_sockets_connect_to_backends_when_listed {
+    use super::{Fam, pod_sockets_case};
+
+    #[test]
+    fn ipv4() {
+        pod_sockets_case(Fam::V4);
+    }
+
+    #[test]
+    fn ipv6() {
+        pod_sockets_case(Fam::V6);
+    }
 }
 
 /// The socket hooks for each family: `connect4`/`sendmsg4`/`recvmsg4`/`getpeername4`, and

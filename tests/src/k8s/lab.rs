@@ -221,11 +221,12 @@ impl KubeLab {
     #[must_use]
     pub fn pod_netns(&self, namespace: &str, name: &str) -> Option<String> {
         let lab = self.lab();
-        let wanted = format!("{}-{}", lab.prefix(), pod_ns_suffix(namespace, name));
-        lab.node_ids()
-            .into_iter()
-            .flat_map(|id| lab.node(id).pods().iter().map(|p| p.ns().to_owned()).collect::<Vec<_>>())
-            .find(|ns| *ns == wanted)
+        let suffix = pod_ns_suffix(namespace, name);
+        lab.node_ids().into_iter().find_map(|id| {
+            let node = lab.node(id);
+            let wanted = format!("{}-{suffix}", node.pod_ns_prefix());
+            node.pods().iter().map(|p| p.ns().to_owned()).find(|ns| *ns == wanted)
+        })
     }
 
     /// The control plane.

@@ -255,6 +255,7 @@ agent:
   nodeportAddresses: [10.0.0.0/8, "2001:db8::/64"]
   xdpMode: native
   cgroup: /run/rproxy/cgroup/system.slice
+  podSockets: none
   ctGcInterval: 3
   ctMax: 65536
   ctMaxIpv6: 4096
@@ -360,6 +361,7 @@ fn non_default_values_render_exactly_and_the_agent_accepts_them() {
         ("--nodeport-addresses", "10.0.0.0/8,2001:db8::/64"),
         ("--xdp-mode", "native"),
         ("--cgroup", "/run/rproxy/cgroup/system.slice"),
+        ("--pod-sockets", "none"),
         ("--ct-gc-interval", "3"),
         ("--ct-max", "65536"),
         ("--ct-max-ipv6", "4096"),
@@ -528,6 +530,7 @@ fn values_the_agent_would_refuse_fail_at_render_time() {
         ("serviceMapMax", "4095", "--service-map-max"),
         ("backendMapMax", "16777217", "--backend-map-max"),
         ("xdpMode", "fast", "--xdp-mode"),
+        ("podSockets", "some", "--pod-sockets"),
         ("nodeportAddresses", "10.0.0.1", "--nodeport-addresses"),
         ("metricsBindAddress", "localhost:9100", "--metrics-bind-address"),
         ("healthzBindAddress", "0.0.0.0:70000", "--healthz-bind-address"),

@@ -337,6 +337,65 @@ fn pod_created_after_start_is_attached() {
     });
 }
 
+/// Whether the agent's IPv4 conntrack holds a flow from `src` (`rproxy-agent dump --conntrack`).
+fn in_conntrack(lab: &Lab, src: std::net::SocketAddr) -> Result<bool> {
+    let out = std::process::Command::new(agent_bin()?)
+        .args(["dump", "--conntrack", "-o", "json", "--bpffs"])
+        .arg(lab.pin_dir())
+        .output()?;
+    ensure!(out.status.success(), "dump: {}", String::from_utf8_lossy(&out.stderr));
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let flows = dump["ipv4"]["conntrack"].as_array().context("ipv4.conntrack")?;
+    Ok(flows.iter().any(|f| f["src"] == src.to_string().as_str()))
+}
+
+/// A pod's TCP connection to a Service goes to a backend at `connect()` (`--pod-sockets`, the
+/// lab's pods' namespaces): the socket still reports the Service as its peer, its packets leave
+/// no conntrack entry, and a pod made while the agent runs is listed the same way. With
+/// `--pod-sockets none` the same connection is translated on the pod's device, through conntrack.
+#[test]
+fn pods_tcp_goes_to_a_backend_at_connect_and_still_sees_the_service() {
+    with_agent("pods_tcp_goes_to_a_backend_at_connect_and_still_sees_the_service", |lab, manifests| {
+        let service = std::net::SocketAddr::from((CLUSTER_IP, PORT));
+        let open = |lab: &Lab, pod: &str| lab.pod(pod).tcp_session(CLUSTER_IP, PORT, Duration::from_secs(2));
+        let mut session = open(lab, CLIENT.0)?;
+        session.echo(b"at connect")?;
+        ensure!(session.peer_addr()? == service, "getpeername: {}, not {service}", session.peer_addr()?);
+        let local = session.local_addr()?;
+        ensure!(session.seen_as() == Some(local), "the backend saw {:?}, not {local}", session.seen_as());
+        ensure!(!in_conntrack(lab, local)?, "{local}'s connection went through conntrack");
+        drop(session);
+
+        let late = Ipv4Addr::new(10, 244, 1, 101);
+        let created = Instant::now();
+        lab.add_pod("late-client", late)?;
+        let listed = streak_start(created, PROPAGATION * 5, 1, || {
+            open(lab, "late-client").is_ok_and(|s| s.local_addr().is_ok_and(|l| in_conntrack(lab, l).is_ok_and(|c| !c)))
+        })
+        .context("a pod created after the agent started never had its TCP sent to a backend at connect()")?;
+        ensure!(listed <= PROPAGATION, "the late pod's namespace took {listed:?} to be listed");
+
+        // The restarted agent's setting holds once it has synced (until then the pinned
+        // programs go on with the last one).
+        lab.stop_agent()?;
+        let restarted = Instant::now();
+        lab.start_agent_with(&agent_bin()?, &manifests.dir, &["--pod-sockets", "none"])?;
+        demo::wait_ready(lab)?;
+        let mut through_conntrack = None;
+        streak_start(restarted, PROPAGATION * 5, 1, || {
+            through_conntrack = open(lab, CLIENT.0)
+                .ok()
+                .filter(|s| s.local_addr().is_ok_and(|l| in_conntrack(lab, l).unwrap_or(false)));
+            through_conntrack.is_some()
+        })
+        .context("with --pod-sockets none, the client's TCP connections do not go through conntrack")?;
+        let mut session = through_conntrack.context("a session")?;
+        session.echo(b"on the device")?;
+        ensure!(session.peer_addr()? == service, "getpeername: {}, not {service}", session.peer_addr()?);
+        Ok(())
+    });
+}
+
 #[test]
 fn agents_side_by_side_do_not_touch_each_other() {
     with_agent("agents_side_by_side_do_not_touch_each_other", |first, _| {
@@ -734,7 +793,8 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 #[test]
 fn dump_as_json_holds_the_pinned_state() {
     with_agent("dump_as_json_holds_the_pinned_state", |lab, _| {
-        assert_reaches_every_backend(lab, Proto::Tcp, b"json")?;
+        // UDP: its flows are in conntrack (pods' TCP is sent to a backend at connect()).
+        assert_reaches_every_backend(lab, Proto::Udp, b"json")?;
         let out = std::process::Command::new(agent_bin()?)
             .args(["dump", "--conntrack", "-o", "json", "--bpffs"])
             .arg(lab.pin_dir())
@@ -858,9 +918,10 @@ fn pinned_u32(lab: &Lab, name: &str) -> Result<u64> {
 }
 
 /// `rproxy-agent monitor` streams what the datapath does while it runs: the demo Service's new
-/// flows and replies (with the frontend and the backend each names) and the rejection of a
-/// Service without endpoints; it turns the programs' switch off when it stops. `/metrics` counts
-/// each frontend's packets, bytes and new flows (`rproxy_service_*`).
+/// flows (TCP connects sent to a backend by the socket hooks, UDP flows translated on the pod's
+/// device) and replies (with the frontend and the backend each names), and the refused connect
+/// to a Service without endpoints; it turns the programs' switch off when it stops. `/metrics`
+/// counts each frontend's packets, bytes and new flows (`rproxy_service_*`).
 #[test]
 fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
     with_agent("monitor_streams_drops_and_translations_and_metrics_count_each_service", |lab, manifests| {
@@ -880,10 +941,14 @@ fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
             ensure!(started.elapsed() < Duration::from_secs(5), "the monitor did not turn its switch on");
             thread::sleep(Duration::from_millis(20));
         }
-        for i in 0..3 {
-            let (name, echo) = request(lab, Proto::Tcp, (CLUSTER_IP, PORT), b"seen", Duration::from_secs(2))
-                .with_context(|| format!("request {i}"))?;
-            ensure!(echo == b"seen", "{name} echoed {echo:?}");
+        // TCP is sent to a backend at connect() by the socket hooks (`--pod-sockets`), UDP is
+        // translated packet by packet on the pod's device.
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for i in 0..3 {
+                let (name, echo) = request(lab, proto, (CLUSTER_IP, PORT), b"seen", Duration::from_secs(2))
+                    .with_context(|| format!("{proto:?} request {i}"))?;
+                ensure!(echo == b"seen", "{name} echoed {echo:?}");
+            }
         }
         ensure!(request(lab, Proto::Tcp, (empty_ip, PORT), b"x", SHORT).is_err(), "the empty Service answered");
         thread::sleep(Duration::from_millis(300));
@@ -901,15 +966,22 @@ fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
             out.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("monitor -o json lines")?;
         let frontend = format!("{CLUSTER_IP}:{PORT}");
         let backends: Vec<String> = BACKENDS.iter().map(|b| format!("{}:{TARGET_PORT}", b.1)).collect();
-        let new_flows: Vec<_> = events
-            .iter()
-            .filter(|e| e["verdict"] == "translation" && e["reason"] == "new_flow" && e["proto"] == "TCP")
-            .filter(|e| e["service"] == frontend.as_str() && e["hook"] == "from-pod")
-            .collect();
-        ensure!(new_flows.len() >= 3, "{} new flows to {frontend} in:\n{out}", new_flows.len());
-        for e in &new_flows {
+        let new_flows = |proto: &str, hook: &str| -> Vec<&serde_json::Value> {
+            events
+                .iter()
+                .filter(|e| e["verdict"] == "translation" && e["reason"] == "new_flow" && e["proto"] == proto)
+                .filter(|e| e["service"] == frontend.as_str() && e["hook"] == hook)
+                .collect()
+        };
+        let (connects, datagrams) = (new_flows("TCP", "connect"), new_flows("UDP", "from-pod"));
+        ensure!(connects.len() >= 3, "{} TCP connects to {frontend} in:\n{out}", connects.len());
+        ensure!(datagrams.len() >= 3, "{} UDP new flows to {frontend} in:\n{out}", datagrams.len());
+        ensure!(new_flows("TCP", "from-pod").is_empty(), "TCP translated on the pod's device:\n{out}");
+        for e in connects.iter().chain(&datagrams) {
             let backend = e["backend"].as_str().context("backend")?;
             ensure!(backends.iter().any(|b| b == backend) && e["dst"] == backend, "new flow {e}");
+        }
+        for e in &datagrams {
             ensure!(e["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", CLIENT.1))), "new flow {e}");
         }
         ensure!(
@@ -918,27 +990,38 @@ fn monitor_streams_drops_and_translations_and_metrics_count_each_service() {
         );
         let empty_fe = format!("{empty_ip}:{PORT}");
         ensure!(
-            events
-                .iter()
-                .any(|e| e["verdict"] == "drop" && e["reason"] == "no_backend" && e["dst"] == empty_fe.as_str()),
-            "no rejection of {empty_fe} in:\n{out}"
+            events.iter().any(|e| e["verdict"] == "drop"
+                && e["reason"] == "no_backend"
+                && e["dst"] == empty_fe.as_str()
+                && e["hook"] == "connect"),
+            "no refused connect() to {empty_fe} in:\n{out}"
         );
 
         let (_, metrics) = rproxy_tests::netns::in_netns(lab.node_ns(), || http_get(10249, "/metrics"))??;
-        let sample = |name: &str| {
+        let sample = |name: &str, proto: &str| {
             metrics.lines().find_map(|l| {
                 let rest = l.strip_prefix(name)?;
-                (rest.contains(&format!("frontend=\"{frontend}/TCP\"")) && rest.contains("service=\"demo\""))
+                (rest.contains(&format!("frontend=\"{frontend}/{proto}\"")) && rest.contains("service=\"demo\""))
                     .then(|| rest.rsplit(' ').next()?.parse::<f64>().ok())?
             })
         };
-        let flows = sample("rproxy_service_new_flows_total").context("rproxy_service_new_flows_total")?;
-        let packets = sample("rproxy_service_packets_total").context("rproxy_service_packets_total")?;
-        let bytes = sample("rproxy_service_bytes_total").context("rproxy_service_bytes_total")?;
-        // with_agent's requests, these three: at least a SYN and a reply each.
+        let counters = |proto: &str| -> Result<[f64; 3]> {
+            let get = |name: &str| sample(name, proto).with_context(|| format!("{name} of {frontend}/{proto}"));
+            Ok([
+                get("rproxy_service_new_flows_total")?,
+                get("rproxy_service_packets_total")?,
+                get("rproxy_service_bytes_total")?,
+            ])
+        };
+        // TCP: with_agent's connections and these three, each a new flow at connect(); their
+        // packets pass untranslated, so none is counted.
+        let [flows, packets, _] = counters("TCP")?;
+        ensure!(flows >= 3.0 && packets == 0.0, "TCP: {flows} flows, {packets} packets");
+        // UDP: these three, a datagram and a reply each, at least 28 bytes each.
+        let [flows, packets, bytes] = counters("UDP")?;
         ensure!(
-            flows >= 3.0 && packets >= 2.0 * flows && bytes >= 40.0 * packets,
-            "{flows} flows, {packets} packets, {bytes} bytes"
+            flows >= 3.0 && packets >= 2.0 * flows && bytes >= 28.0 * packets,
+            "UDP: {flows} flows, {packets} packets, {bytes} bytes"
         );
         Ok(())
     });
@@ -999,9 +1082,11 @@ fn explain(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
 fn explain_tells_what_the_datapath_does_and_changes_no_map() {
     with_agent("explain_tells_what_the_datapath_does_and_changes_no_map", |lab, manifests| {
         use std::io::{BufRead as _, BufReader};
-        // No GC pass while the maps are compared (its first pass runs at the start).
+        // No GC pass while the maps are compared (its first pass runs at the start). Pods' TCP
+        // on their devices, with conntrack, as UDP is: the explanation of an open connection
+        // reads its flow (the socket hooks' choice at connect() leaves none: the unit tests).
         lab.stop_agent()?;
-        lab.start_agent_with(&agent_bin()?, &manifests.dir, &["--ct-gc-interval", "3600"])?;
+        lab.start_agent_with(&agent_bin()?, &manifests.dir, &["--ct-gc-interval", "3600", "--pod-sockets", "none"])?;
         demo::wait_ready(lab)?;
         let empty_ip = add_empty_service(lab, manifests)?;
         let frontend = format!("{CLUSTER_IP}:{PORT}");

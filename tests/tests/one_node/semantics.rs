@@ -523,9 +523,23 @@ fn a_pod_reaches_its_own_service() {
             *landed.entry(name).or_default() += 1;
         }
         ensure!(landed.contains_key(me), "{me} never reached itself: {landed:?}");
+        // UDP is translated packet by packet: the pod's own packets come back to it from the
+        // hairpin address, so that its replies pass the node again and are translated back.
         let hairpin = std::net::IpAddr::V4(Ipv4Addr::new(169, 254, 42, 1));
-        let peers = pod.peers_on(8080).tcp;
-        ensure!(peers.iter().any(|p| p.ip() == hairpin), "{me} saw itself from {peers:?}, not the hairpin address");
+        let peers = pod.peers_on(8080);
+        ensure!(
+            peers.udp.iter().any(|p| p.ip() == hairpin),
+            "{me} saw its UDP from {:?}, not the hairpin address",
+            peers.udp
+        );
+        // TCP is sent to the backend at connect() (`--pod-sockets`): no NAT, so the pod sees
+        // its connections to itself come from its own address, and its replies need nothing.
+        let own = std::net::IpAddr::V4(pod.ip());
+        ensure!(
+            peers.tcp.iter().any(|p| p.ip() == own) && !peers.tcp.iter().any(|p| p.ip() == hairpin),
+            "{me} saw its TCP from {:?}, not only from its own address {own}",
+            peers.tcp
+        );
         Ok(())
     });
 }

@@ -82,7 +82,7 @@ not null (or not empty, for the lists), then agent.extraArgs.
 {{- $args = concat $args (list $flag (toString (int64 $v))) -}}
 {{- end -}}
 {{- end -}}
-{{- range $flag, $key := dict "--healthz-bind-address" "healthzBindAddress" "--metrics-bind-address" "metricsBindAddress" "--snat-port-range" "snatPortRange" -}}
+{{- range $flag, $key := dict "--healthz-bind-address" "healthzBindAddress" "--metrics-bind-address" "metricsBindAddress" "--snat-port-range" "snatPortRange" "--pod-sockets" "podSockets" -}}
 {{- $v := index $a $key -}}
 {{- if not (kindIs "invalid" $v) -}}
 {{- $args = concat $args (list $flag (toString $v)) -}}
