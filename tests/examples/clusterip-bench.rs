@@ -7,9 +7,12 @@
 //! - `iptables`, `nftables`: kube-proxy's `ClusterIP` rules for every Service
 //!   (`rproxy_tests::kube_proxy::cluster_ip_iptables_rules` / `cluster_ip_nftables_rules`) in the
 //!   node, loaded in one `iptables-restore` / `nft -f` transaction, as kube-proxy's full sync does;
-//! - `rproxy`: the release agent in the node (`--cgroup none`: the socket hooks on the host's
-//!   cgroup root would also run for the client's `connect()`, and they are not the path under
-//!   test) on a manifests directory holding every Service and `EndpointSlice`.
+//! - `rproxy`: the release agent in the node as users run it, on a manifests directory holding
+//!   every Service and `EndpointSlice`: the client pod's TCP `connect()` is sent to a backend by
+//!   the socket hooks (`--pod-sockets`, here the lab's glob of the node's pod namespaces), and
+//!   its packets pass the pod's device untranslated;
+//! - `rproxy-tc`: the same agent with `--pod-sockets none`: every packet is translated on the
+//!   pod's device, with conntrack (the path of pods' UDP, and of TCP under a service mesh).
 //!
 //! The scenario (`rproxy_tests::clusterip`): three backend pods, a client pod with
 //! `--client-addresses` addresses, the measured Service (cluster IP 10.96.0.10, every backend)
@@ -89,10 +92,11 @@ enum Mode {
     Iptables,
     Nftables,
     Rproxy,
+    RproxyTc,
 }
 
 impl Mode {
-    const ALL: [Self; 4] = [Self::Direct, Self::Iptables, Self::Nftables, Self::Rproxy];
+    const ALL: [Self; 5] = [Self::Direct, Self::Iptables, Self::Nftables, Self::Rproxy, Self::RproxyTc];
 
     fn name(self) -> &'static str {
         match self {
@@ -100,7 +104,13 @@ impl Mode {
             Self::Iptables => "iptables",
             Self::Nftables => "nftables",
             Self::Rproxy => "rproxy",
+            Self::RproxyTc => "rproxy-tc",
         }
+    }
+
+    /// Whether the mode runs the agent.
+    fn is_rproxy(self) -> bool {
+        matches!(self, Self::Rproxy | Self::RproxyTc)
     }
 
     fn parse(s: &str) -> Result<Self> {
@@ -114,7 +124,7 @@ impl Mode {
         match self {
             Self::Iptables => Some(Baseline::Iptables),
             Self::Nftables => Some(Baseline::Nftables),
-            Self::Direct | Self::Rproxy => None,
+            Self::Direct | Self::Rproxy | Self::RproxyTc => None,
         }
     }
 }
@@ -131,7 +141,7 @@ struct Args {
     agent: Option<PathBuf>,
 }
 
-const USAGE: &str = "clusterip-bench [--services 100,1000,10000,30000] [--modes direct,iptables,nftables,rproxy] \
+const USAGE: &str = "clusterip-bench [--services 100,1000,10000,30000] [--modes direct,iptables,nftables,rproxy,rproxy-tc] \
 [--duration SECS per mode (5)] [--slices N (20)] [--latency-samples N per mode (20000)] [--workers N (4)] \
 [--client-addresses N (16)] [--position first|middle|last (last)] [--agent PATH ($RPROXY_AGENT_BIN)]";
 
@@ -293,7 +303,7 @@ fn measure_count(services: usize, args: &Args) -> Result<CountResult> {
     let scenario = Scenario::new(services, args.position)?;
     let generated = Instant::now();
     let frontends = if args.modes.iter().any(|m| m.baseline().is_some()) { scenario.frontends()? } else { Vec::new() };
-    let manifests = if args.modes.contains(&Mode::Rproxy) {
+    let manifests = if args.modes.iter().any(|m| m.is_rproxy()) {
         let dir = tempfile::Builder::new().prefix("rpx-clusterip-bench-").tempdir()?;
         scenario.write_manifests(dir.path())?;
         Some(dir)
@@ -382,7 +392,7 @@ fn measure_count(services: usize, args: &Args) -> Result<CountResult> {
 fn finish(setup: &mut Setup, m: &mut Measured, syn_before: u64, expected: u64) -> Result<()> {
     m.syn_retransmits = load::tcp_syn_retransmits(&setup.client_ns)?.saturating_sub(syn_before);
     m.tuples = (setup.tuples.used(), setup.tuples.capacity());
-    if setup.mode == Mode::Rproxy
+    if setup.mode.is_rproxy()
         && let Err(e) = setup.lab.ensure_agent_running()
     {
         m.notes.push(format!("the agent exited during the run: {}", first_line(&e)));
@@ -462,15 +472,15 @@ fn set_up(
             installed.leave_to_namespace();
             (vec![service], Some(load))
         }
-        Mode::Rproxy => {
+        Mode::Rproxy | Mode::RproxyTc => {
             let manifests = manifests.context("no manifests directory")?;
             let bin = match &args.agent {
                 Some(bin) => bin.clone(),
                 None => agent_bin()?,
             };
             let spawned = Instant::now();
-            lab.start_agent_with(&bin, manifests, &["--cgroup", "none"])
-                .with_context(|| format!("starting {}", bin.display()))?;
+            let extra: &[&str] = if mode == Mode::RproxyTc { &["--pod-sockets", "none"] } else { &[] };
+            lab.start_agent_with(&bin, manifests, extra).with_context(|| format!("starting {}", bin.display()))?;
             wait_programmed(&mut lab, scenario.services())?;
             (vec![service], Some(spawned.elapsed()))
         }
@@ -521,7 +531,7 @@ fn wait_ready(
 ) -> Result<()> {
     let started = Instant::now();
     loop {
-        if mode == Mode::Rproxy {
+        if mode.is_rproxy() {
             lab.ensure_agent_running()?;
         }
         let limit = Limit { duration: Duration::from_secs(1), per_worker: Some(1) };
@@ -661,17 +671,24 @@ fn report(results: &[CountResult], args: &Args) -> String {
                 spread(&m.rate.by_server),
             );
         }
-        let rproxy = of(Mode::Rproxy);
-        let mut line =
-            String::from("rproxy conn/s ratios (all slices together, and the median of the slices' ratios):");
-        for peer in [Mode::Direct, Mode::Nftables, Mode::Iptables] {
-            let (text, _) = ratio(rproxy.map(|m| m.rate.per_second()), of(peer).map(|m| m.rate.per_second()));
-            let paired = rproxy.zip(of(peer)).and_then(|(r, p)| slice_median_ratio(&r.slice_rates, &p.slice_rates));
-            let paired_text = paired.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
-            let _ = write!(line, " /{} {text} (slices {paired_text})", peer.name());
-            goal_ratios.insert((services, peer), paired);
+        for subject in [Mode::Rproxy, Mode::RproxyTc] {
+            let Some(measured) = of(subject) else { continue };
+            let mut line = format!(
+                "{} conn/s ratios (all slices together, and the median of the slices' ratios):",
+                subject.name()
+            );
+            for peer in [Mode::Direct, Mode::Nftables, Mode::Iptables] {
+                let (text, _) = ratio(Some(measured.rate.per_second()), of(peer).map(|m| m.rate.per_second()));
+                let paired = of(peer).and_then(|p| slice_median_ratio(&measured.slice_rates, &p.slice_rates));
+                let paired_text = paired.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
+                let _ = write!(line, " /{} {text} (slices {paired_text})", peer.name());
+                if subject == Mode::Rproxy {
+                    goal_ratios.insert((services, peer), paired);
+                }
+            }
+            let _ = writeln!(out, "{line}");
         }
-        let _ = writeln!(out, "{line}");
+        let rproxy = of(Mode::Rproxy);
         rproxy_p99.insert(services, rproxy.map(Measured::p99));
         details(&mut out, &result.modes);
     }
