@@ -844,7 +844,10 @@ impl Agent {
             Ok(Some(cookies)) => cookies,
             Ok(None) => return,
             Err(e) => {
-                warn!(error = %e, "listing pod network namespaces");
+                // Once per failure, not at every rescan.
+                if pods.failed(&e.to_string()) {
+                    warn!(error = %e, "listing pod network namespaces: their TCP connections are translated on their devices");
+                }
                 return;
             }
         };

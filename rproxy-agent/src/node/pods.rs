@@ -17,7 +17,7 @@ use std::{
 };
 
 use globset::{Glob, GlobMatcher};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{Error, Result};
 
@@ -89,12 +89,20 @@ pub struct PodNetns {
     glob: NetnsGlob,
     /// Namespace (the inode of its nsfs file) → cookie.
     known: BTreeMap<u64, u64>,
+    /// The last scan's failure, if it failed.
+    failure: Option<String>,
 }
 
 impl PodNetns {
     #[must_use]
     pub fn new(glob: NetnsGlob) -> Self {
-        Self { glob, known: BTreeMap::new() }
+        Self { glob, known: BTreeMap::new(), failure: None }
+    }
+
+    /// Records that a scan failed with `why`; `true` if that is news (the last scan did not
+    /// fail so), to be logged.
+    pub fn failed(&mut self, why: &str) -> bool {
+        self.failure.replace(why.to_owned()).is_none_or(|last| last != why)
     }
 
     /// Reads the directory. `Some(cookies)`: the set changed (or `force`), and this is the whole
@@ -103,6 +111,9 @@ impl PodNetns {
         let dir = &self.glob.dir;
         let entries = std::fs::read_dir(dir)
             .map_err(|source| Error::Io { what: format!("reading {} (--pod-sockets)", dir.display()), source })?;
+        if self.failure.take().is_some() {
+            info!(dir = %dir.display(), "pod network namespaces readable again");
+        }
         let mut found = BTreeMap::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -180,6 +191,15 @@ mod tests {
             let err = PodSockets::parse(bad).err().map(|e| e.to_string());
             assert!(err.as_deref().is_some_and(|e| e.contains("--pod-sockets")), "{bad:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn a_failing_scan_is_news_once_until_it_changes() {
+        let PodSockets::Listed(glob) = PodSockets::parse("/run/netns/x-*").unwrap() else { panic!("a glob") };
+        let mut pods = PodNetns::new(glob);
+        assert!(pods.failed("gone"));
+        assert!(!pods.failed("gone"), "the same failure again");
+        assert!(pods.failed("denied"), "another one");
     }
 
     #[test]
