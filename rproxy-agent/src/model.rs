@@ -149,8 +149,8 @@ pub struct ServiceEntry {
     pub port_name: String,
     /// `rproxy_common::SVC_F_*` bits: the kind of frontend (`SVC_F_CLUSTER_IP`,
     /// `SVC_F_EXTERNAL_IP`, `SVC_F_LOAD_BALANCER` or `SVC_F_NODE_PORT`, exactly one) and its
-    /// policies (`SVC_F_ITP_LOCAL` on cluster IPs, `SVC_F_ETP_LOCAL` on the others,
-    /// `SVC_F_AFFINITY`).
+    /// policies (`SVC_F_ITP_LOCAL` on cluster IPs, with `SVC_F_NO_LOCAL_ENDPOINTS` when no local
+    /// endpoint but others exist; `SVC_F_ETP_LOCAL` on the others; `SVC_F_AFFINITY`).
     pub flags: u16,
     /// `ClientIP` affinity timeout in seconds, 0 if none.
     pub affinity_timeout: u32,

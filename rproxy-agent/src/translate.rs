@@ -45,7 +45,9 @@
 //!   ([`NodeContext::zone`]), only those; else all. The ready endpoints so left out keep their
 //!   established connections ([`ServiceEntry::draining`]);
 //! - a cluster IP frontend's [`ServiceEntry::slots`] are the local endpoints with
-//!   `internalTrafficPolicy: Local`, else the cluster endpoints;
+//!   `internalTrafficPolicy: Local`, else the cluster endpoints; without a local one while the
+//!   Service has endpoints elsewhere it gets [`SVC_F_NO_LOCAL_ENDPOINTS`]: its new flows are
+//!   dropped, not rejected, as kube-proxy's "has no local endpoints" rule drops them;
 //! - an external frontend's slots (what pods use) are always the cluster endpoints: kube-proxy
 //!   sends pod → external destination traffic to the cluster policy chain whatever the policies
 //!   (its `EXT-` chain jumps there for pod sources when `externalTrafficPolicy` is `Local`, and
@@ -76,7 +78,7 @@ use k8s_openapi::{
 };
 use rproxy_common::{
     SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
+    SVC_F_NO_LOCAL_ENDPOINTS, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
 };
 use tracing::debug;
 
@@ -953,10 +955,16 @@ fn build_desired(
                     _ if plan.etp_local => (backends.cluster.clone(), backends.local.clone(), backends.topology),
                     _ => (backends.cluster.clone(), Vec::new(), backends.topology),
                 };
+                let mut flags = plan.flags(kind);
+                if kind == FrontendKind::ClusterIp && plan.itp_local && slots.is_empty() && !backends.cluster.is_empty()
+                {
+                    // kube-proxy drops, rather than rejects, what has endpoints elsewhere.
+                    flags |= SVC_F_NO_LOCAL_ENDPOINTS;
+                }
                 let entry = ServiceEntry {
                     service: svc_ref.clone(),
                     port_name: port.name.clone(),
-                    flags: plan.flags(kind),
+                    flags,
                     affinity_timeout: plan.affinity_timeout.unwrap_or(0),
                     draining: draining(port_endpoints, &slots, topology),
                     slots,

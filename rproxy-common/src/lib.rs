@@ -425,8 +425,8 @@ pub const SCOPE_LOCAL: u8 = 1;
 pub struct ServiceValue {
     /// Slot ≥ 1: the backend id at this slot. Slot 0: 0.
     pub backend_id: u32,
-    /// Slot 0: number of backend slots (0 = service with no endpoints: traffic is dropped, like
-    /// kube-proxy's REJECT).
+    /// Slot 0: number of backend slots (0 = no endpoints for this traffic: a new flow is
+    /// rejected, like kube-proxy's REJECT, unless `SVC_F_NO_LOCAL_ENDPOINTS`: see `rejects`).
     pub count: u16,
     /// Slot 0: id of the rev-NAT entry (original VIP and port) used for replies.
     pub rev_nat_id: u16,
@@ -454,6 +454,20 @@ pub const SVC_F_AFFINITY: u16 = 1 << 6;
 /// `loadBalancerSourceRanges`: new flows only from the sources that `RPX_SRC_RANGE4` holds
 /// under the frontend's rev-NAT id (none: every new flow is dropped).
 pub const SVC_F_SOURCE_RANGE: u16 = 1 << 7;
+/// `internalTrafficPolicy: Local` on a node without a local endpoint while the Service has
+/// endpoints elsewhere (`count` 0): a new flow is dropped, not rejected, as kube-proxy drops it
+/// ("has no local endpoints"); the client's connection times out.
+pub const SVC_F_NO_LOCAL_ENDPOINTS: u16 = 1 << 8;
+
+impl ServiceValue {
+    /// Whether a new flow to this frontend (slot 0) is rejected (ICMP port unreachable,
+    /// `ECONNREFUSED`) for want of endpoints, as kube-proxy's `REJECT`: it has none at all.
+    #[inline(always)]
+    #[must_use]
+    pub const fn rejects(&self) -> bool {
+        self.count == 0 && self.flags & SVC_F_NO_LOCAL_ENDPOINTS == 0
+    }
+}
 
 /// The data of an `RPX_SRC_RANGE4` key (an LPM trie): a source CIDR allowed to open flows to the
 /// frontend with rev-NAT id `rev_nat_id` (`SVC_F_SOURCE_RANGE`). The full key is the trie's

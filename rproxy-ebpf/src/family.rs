@@ -92,7 +92,7 @@ pub trait Family: Sized + 'static {
     /// is sent.
     #[inline(always)]
     fn reject<C: Ctx>(ctx: &C, pkt: &Packet<Self>, svc: &ServiceValue, now: u64) -> bool {
-        svc.count == 0 && Self::icmp_error(ctx, pkt, IcmpError::PortUnreachable, now)
+        svc.rejects() && Self::icmp_error(ctx, pkt, IcmpError::PortUnreachable, now)
     }
 }
 

@@ -182,7 +182,9 @@ fn choose<F: Family>(addr: F::Addr, port: u16, p: u8, origin: Origin) -> Choice<
             Choice::To(flow.be)
         }
         // UDP goes on untranslated (a connected socket learns nothing before it sends).
-        Decision::NoBackend { svc } if p == proto::TCP && svc.count == 0 => {
+        // Without any endpoint: refused. Without a local one under internalTrafficPolicy Local:
+        // kept, and the device path drops the packets, as kube-proxy does.
+        Decision::NoBackend { svc } if p == proto::TCP && svc.rejects() => {
             observe::connected::<F>(Stat::NoBackend, p, addr, port, svc.rev_nat_id, 0);
             Choice::Refuse
         }

@@ -26,8 +26,8 @@ use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
     CONFIG_F_EXTERNAL_CLUSTER_IP, CONFIG_F_POD_NETNS_LISTED, CONFIG_F_POD_SOCKETS, CT_DIR_SERVICE, CT_NAT_EXTERNAL,
     Config, CtKey, CtValue, FlowKind, In6, RevNat, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
-    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
-    ServiceKey, ServiceValue, SrcRange, WireAddr, map_names, proto,
+    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NO_LOCAL_ENDPOINTS,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, WireAddr, map_names, proto,
 };
 use serde::Serialize;
 
@@ -278,9 +278,12 @@ fn new_flow<A: WireAddr + Default + PartialEq>(
         x.candidates.extend(remote.into_iter().filter(|c| c.excluded.is_some()));
     }
     if slots.count == 0 {
-        x.verdict = if svc.count == 0 { "reject" } else { "drop" };
-        x.reason = if svc.count == 0 {
+        x.verdict = if svc.rejects() { "reject" } else { "drop" };
+        x.reason = if svc.rejects() {
             "the Service has no endpoint: ICMP port unreachable back to the client, as kube-proxy's REJECT (no_backend)"
+                .into()
+        } else if svc.count == 0 {
+            "internalTrafficPolicy Local and no endpoint on this node: dropped, as kube-proxy drops it (no_backend)"
                 .into()
         } else {
             "no backend in the slots a new flow picks from (no_backend)".into()
@@ -378,6 +381,7 @@ fn service_view<A: WireAddr>(
         (SVC_F_ITP_LOCAL, "itp-local"),
         (SVC_F_AFFINITY, "affinity"),
         (SVC_F_SOURCE_RANGE, "source-ranges"),
+        (SVC_F_NO_LOCAL_ENDPOINTS, "no-local-endpoints"),
     ];
     ServiceView {
         frontend,

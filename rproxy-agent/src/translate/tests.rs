@@ -1190,6 +1190,9 @@ fn traffic_policies_select_backends_like_kube_proxy() {
             let cluster_ip = &out.desired.services[&fe("10.96.0.10", 80, Tcp)];
             let slots = if itp { &local_eps } else { &cluster };
             assert_eq!(&cluster_ip.slots, slots, "{case}: cluster IP slots");
+            // kube-proxy drops (not rejects) what has endpoints, none of them here.
+            let dropped = itp && local_eps.is_empty() && !cluster.is_empty();
+            assert_eq!(cluster_ip.flags & SVC_F_NO_LOCAL_ENDPOINTS != 0, dropped, "{case}: no local endpoints");
             assert_eq!(cluster_ip.local_slots, vec![], "{case}: cluster IP local_slots");
             assert_eq!(cluster_ip.draining, draining(slots), "{case}: cluster IP draining");
             for frontend in [fe("192.0.2.10", 80, Tcp), fe("198.51.100.10", 80, Tcp), np(30080, Tcp)] {

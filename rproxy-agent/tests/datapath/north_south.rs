@@ -26,8 +26,8 @@ use rproxy_agent::{
 };
 use rproxy_common::{
     AffinityValue, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey4, CtState,
-    CtValue4, CtValue6, RouteKey4, RouteValue, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
+    CtValue4, CtValue6, RouteKey4, RouteValue, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_ITP_LOCAL,
+    SVC_F_LOAD_BALANCER, SVC_F_NO_LOCAL_ENDPOINTS, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, Stat, prog_names, proto,
 };
 
 const XDP_DROP: u32 = 1;
@@ -722,6 +722,8 @@ fn pod_sockets_case(fam: Fam) {
                 server.read_exact(&mut buf).unwrap();
                 assert_eq!(&buf, b"ping");
                 connect(82).expect_err("a frontend with affinity is left to the pod's device");
+                let dropped = connect(83).expect_err("no local endpoint: left to the device, which drops");
+                assert_ne!(dropped.kind(), std::io::ErrorKind::ConnectionRefused, "not refused: {dropped}");
                 let u = UdpSocket::bind((any, 0)).unwrap();
                 assert!(u.send_to(b"question", (vip, 53)).is_err(), "a pod's UDP is left to its device");
                 done_tx.send(()).unwrap();
@@ -749,6 +751,8 @@ fn pod_sockets_case(fam: Fam) {
                 )
                 .services,
             );
+            let no_local = SVC_F_CLUSTER_IP | SVC_F_ITP_LOCAL | SVC_F_NO_LOCAL_ENDPOINTS;
+            desired.services.extend(frontend(vip, 83, Protocol::Tcp, no_local, vec![], vec![]).services);
             h.program(&desired);
             let listed = PodSockets::parse("/run/netns/rpx-datapath-test-*").expect("a glob");
             h.dp.attach_sockets(&cgroup, &listed).expect("attaching the socket hooks");

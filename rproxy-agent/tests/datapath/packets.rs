@@ -20,8 +20,8 @@ use crate::common::{
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtState, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, Stat, prog_names,
-    proto,
+    AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtState, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ITP_LOCAL,
+    SVC_F_NO_LOCAL_ENDPOINTS, Stat, prog_names, proto,
 };
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -291,6 +291,25 @@ both_families! {
             assert_port_unreachable(&out, frame);
         }
         assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (2, 2));
+        assert!(svc_ct(h, fam, c, proto::TCP).is_none());
+    }
+}
+
+both_families! {
+    /// internalTrafficPolicy Local on a node without a local endpoint, the Service's endpoints
+    /// being elsewhere (`SVC_F_NO_LOCAL_ENDPOINTS`): new flows are dropped without a word, as
+    /// kube-proxy drops them, not rejected (TCP and UDP); no state is made.
+    fn no_local_endpoint_under_internal_traffic_policy_local_drops(h, fam) {
+        let mut desired = tcp_and_udp(fam, &[]);
+        for entry in desired.services.values_mut() {
+            entry.flags |= SVC_F_ITP_LOCAL | SVC_F_NO_LOCAL_ENDPOINTS;
+        }
+        h.program(&desired);
+        let c = (client(fam), CPORT);
+        for frame in [tcp(c, (vip(fam), 80), SYN, b""), udp(c, (vip(fam), 80), b"question")] {
+            assert_eq!(h.run(prog_names::FROM_POD, &frame).0, DROP);
+        }
+        assert_eq!((h.stat(Stat::NoBackend), h.stat(Stat::IcmpSent)), (2, 0));
         assert!(svc_ct(h, fam, c, proto::TCP).is_none());
     }
 }
