@@ -37,11 +37,11 @@ pub fn translated<C: Ctx, F: Family>(ctx: &C, hook: u8, stat: Stat, pkt: &Packet
     }
 }
 
-/// A `connect()` (or an unconnected UDP send) of protocol `proto` to `(vip, vport)` that the
-/// socket hooks sent to backend `backend_id` at `(be, be_port)` of frontend `rev_nat_id`
-/// (`reason` `NewFlow`: counted as one new flow of the frontend; its packets pass untranslated
-/// and are not counted), or refused (`NoBackend`, counted by the service decision: `be` is the
-/// service address). Reported when the monitor asks (`monitor::HOOK_CONNECT`).
+/// A `connect()` (or an unconnected UDP send) of protocol `proto` that the socket hooks sent to
+/// backend `backend_id` at `(be, be_port)` of frontend `rev_nat_id` (`reason` `NewFlow`: counted
+/// as one new flow of the frontend; its packets pass untranslated and are not counted), or
+/// refused (`NoBackend`, counted by the service decision: `(be, be_port)` is then the service
+/// address, `backend_id` 0). Reported when the monitor asks (`monitor::HOOK_CONNECT`).
 #[inline(always)]
 pub fn connected<F: Family>(reason: Stat, proto: u8, be: F::Addr, be_port: u16, rev_nat_id: u16, backend_id: u32) {
     let translated = matches!(reason, Stat::NewFlow);

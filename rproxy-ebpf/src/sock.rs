@@ -64,10 +64,11 @@ enum Scope {
     Pod,
 }
 
-/// The scope of the socket of context `ctx` (a `bpf_sock_addr` or `bpf_sock`); `None`: not
-/// this agent's to translate.
+/// The scope of the socket of context `ctx` (a `bpf_sock_addr` or `bpf_sock`), of protocol
+/// `protocol` (as the context gives it); `None`: the hooks leave it alone (not this agent's, or
+/// a pod's socket that is not TCP).
 #[inline(always)]
-fn scope(ctx: *mut c_void) -> Option<Scope> {
+fn scope(ctx: *mut c_void, protocol: u32) -> Option<Scope> {
     let cfg = CONFIG.get(0)?;
     if cfg.host_netns_cookie == 0 {
         return None;
@@ -76,9 +77,10 @@ fn scope(ctx: *mut c_void) -> Option<Scope> {
     let cookie = unsafe { bpf_get_netns_cookie(ctx) };
     if cookie == cfg.host_netns_cookie {
         Some(Scope::Host)
-    } else if cfg.flags & CONFIG_F_POD_SOCKETS != 0
-        // SAFETY: only the presence is used.
-        || (cfg.flags & CONFIG_F_POD_NETNS_LISTED != 0 && unsafe { POD_NETNS.get(cookie) }.is_some())
+    } else if protocol == u32::from(proto::TCP)
+        && (cfg.flags & CONFIG_F_POD_SOCKETS != 0
+            // SAFETY: only the presence is used.
+            || (cfg.flags & CONFIG_F_POD_NETNS_LISTED != 0 && unsafe { POD_NETNS.get(cookie) }.is_some()))
     {
         Some(Scope::Pod)
     } else {
@@ -87,25 +89,13 @@ fn scope(ctx: *mut c_void) -> Option<Scope> {
 }
 
 /// The service decision's origin for a `connect` or `sendmsg` of protocol `p` by the socket
-/// of `ctx`; `None`: left alone (not in scope, or a pod's UDP).
+/// of `ctx`; `None`: left alone.
 #[inline(always)]
 fn origin(ctx: &SockAddrContext, p: u8) -> Option<Origin> {
-    match scope(ctx.sock_addr.cast())? {
-        Scope::Host => Some(Origin::Host),
-        Scope::Pod if p == proto::TCP => Some(Origin::PodSocket),
-        Scope::Pod => None,
-    }
-}
-
-/// Whether a `recvmsg` or `getpeername` of the socket of `ctx` (protocol `protocol`, as in
-/// `bpf_sock_addr`) may find an entry: it is in scope, and not a pod's UDP socket.
-#[inline(always)]
-fn may_be_translated(ctx: &SockAddrContext, protocol: u32) -> bool {
-    match scope(ctx.sock_addr.cast()) {
-        Some(Scope::Host) => true,
-        Some(Scope::Pod) => protocol == u32::from(proto::TCP),
-        None => false,
-    }
+    Some(match scope(ctx.sock_addr.cast(), u32::from(p))? {
+        Scope::Host => Origin::Host,
+        Scope::Pod => Origin::PodSocket,
+    })
 }
 
 /// `AF_INET`, `AF_INET6` (Linux).
@@ -130,10 +120,8 @@ pub fn release(ctx: &SockContext) -> i32 {
     if port == 0 || (protocol != u32::from(proto::TCP) && protocol != u32::from(proto::UDP)) {
         return ALLOW;
     }
-    match scope(sk.cast()) {
-        Some(Scope::Host) => {}
-        Some(Scope::Pod) if protocol == u32::from(proto::TCP) => {}
-        _ => return ALLOW,
+    if scope(sk.cast(), protocol).is_none() {
+        return ALLOW;
     }
     // SAFETY: helper on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
@@ -181,9 +169,10 @@ fn choose<F: Family>(addr: F::Addr, port: u16, p: u8, origin: Origin) -> Choice<
             observe::connected::<F>(Stat::NewFlow, p, flow.be.addr, flow.be.port, flow.svc.rev_nat_id, flow.backend_id);
             Choice::To(flow.be)
         }
-        // UDP goes on untranslated (a connected socket learns nothing before it sends).
-        // Without any endpoint: refused. Without a local one under internalTrafficPolicy Local:
-        // kept, and the device path drops the packets, as kube-proxy does.
+        // A TCP connect to a frontend without any endpoint: refused. UDP goes on untranslated
+        // (a connected socket learns nothing before it sends); so does TCP without a local
+        // endpoint under internalTrafficPolicy Local, and the device path drops its packets,
+        // as kube-proxy does.
         Decision::NoBackend { svc } if p == proto::TCP && svc.rejects() => {
             observe::connected::<F>(Stat::NoBackend, p, addr, port, svc.rev_nat_id, 0);
             Choice::Refuse
@@ -293,7 +282,7 @@ fn refuse() -> i32 {
 pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !may_be_translated(ctx, sa.protocol) {
+    if scope(ctx.sock_addr.cast(), sa.protocol).is_none() {
         return ALLOW;
     }
     if let Some(rn) = reverse_of4(ctx, sa.user_ip4, low16(sa.user_port)) {
@@ -308,7 +297,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !may_be_translated(ctx, sa.protocol) {
+    if scope(ctx.sock_addr.cast(), sa.protocol).is_none() {
         return ALLOW;
     }
     let (addr, port): (In6, u16) = (user_ip6(sa), low16(sa.user_port));
