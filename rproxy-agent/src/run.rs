@@ -786,7 +786,7 @@ impl Agent {
         self.external.sync(&mut self.datapath, &present);
         // After the devices: a pod's connections are translated at connect() once its device
         // translates the rest of its traffic (a pod's namespace exists before its device).
-        self.list_pod_netns(false);
+        self.list_pod_netns();
         // Links pinned by an earlier run for devices that no longer exist.
         match self.datapath.pinned_interfaces() {
             Ok(pinned) => {
@@ -824,7 +824,7 @@ impl Agent {
         };
         if let PodSockets::Listed(glob) = &self.cfg.pod_sockets {
             self.pod_netns = Some(PodNetns::new(glob.clone()));
-            self.list_pod_netns(true);
+            self.list_pod_netns();
         } else if let Err(e) = self.datapath.set_pod_netns(&BTreeSet::new()) {
             // What an earlier run listed is unused without CONFIG_F_POD_NETNS_LISTED.
             warn!(error = %e, "emptying the pod network namespaces an earlier run listed");
@@ -836,11 +836,11 @@ impl Agent {
     }
 
     /// Reads the pods' namespaces (`--pod-sockets <glob>`) and writes their cookies to
-    /// `RPX_POD_NETNS` when they changed (`force`: in any case, replacing what an earlier run
-    /// left).
-    fn list_pod_netns(&mut self, force: bool) {
+    /// `RPX_POD_NETNS` when they are not there yet (the first time: replacing what an earlier
+    /// run left; a failed write: again at the next rescan).
+    fn list_pod_netns(&mut self) {
         let Some(pods) = &mut self.pod_netns else { return };
-        let cookies = match pods.scan(force) {
+        let cookies = match pods.scan() {
             Ok(Some(cookies)) => cookies,
             Ok(None) => return,
             Err(e) => {
@@ -852,10 +852,12 @@ impl Agent {
             }
         };
         match self.datapath.set_pod_netns(&cookies) {
-            Ok((added, removed)) if added + removed > 0 => {
-                debug!(added, removed, listed = cookies.len(), "pod network namespaces");
+            Ok((added, removed)) => {
+                pods.written();
+                if added + removed > 0 {
+                    debug!(added, removed, listed = cookies.len(), "pod network namespaces");
+                }
             }
-            Ok(_) => {}
             Err(e) => {
                 warn!(error = %e, "writing the pod network namespaces: their TCP connections are translated on their devices");
             }

@@ -91,12 +91,20 @@ pub struct PodNetns {
     known: BTreeMap<u64, u64>,
     /// The last scan's failure, if it failed.
     failure: Option<String>,
+    /// `known` differs from what `RPX_POD_NETNS` was last written with (at first: whatever an
+    /// earlier run left), until [`PodNetns::written`].
+    unwritten: bool,
 }
 
 impl PodNetns {
     #[must_use]
     pub fn new(glob: NetnsGlob) -> Self {
-        Self { glob, known: BTreeMap::new(), failure: None }
+        Self { glob, known: BTreeMap::new(), failure: None, unwritten: true }
+    }
+
+    /// The set the last [`PodNetns::scan`] returned is in `RPX_POD_NETNS`.
+    pub fn written(&mut self) {
+        self.unwritten = false;
     }
 
     /// Records that a scan failed with `why`; `true` if that is news (the last scan did not
@@ -105,9 +113,10 @@ impl PodNetns {
         self.failure.replace(why.to_owned()).is_none_or(|last| last != why)
     }
 
-    /// Reads the directory. `Some(cookies)`: the set changed (or `force`), and this is the whole
-    /// new set. A file whose namespace cannot be entered is logged and left out.
-    pub fn scan(&mut self, force: bool) -> Result<Option<BTreeSet<u64>>> {
+    /// Reads the directory. `Some(cookies)`: the whole set, to be written, because it changed or
+    /// was not written yet (the first scan; a write that failed). A file whose namespace cannot
+    /// be entered is logged and left out.
+    pub fn scan(&mut self) -> Result<Option<BTreeSet<u64>>> {
         let dir = &self.glob.dir;
         let entries = std::fs::read_dir(dir)
             .map_err(|source| Error::Io { what: format!("reading {} (--pod-sockets)", dir.display()), source })?;
@@ -130,7 +139,7 @@ impl PodNetns {
             }
         }
         let (new, gone) = plan(&found, &self.known);
-        let changed = !new.is_empty() || !gone.is_empty();
+        self.unwritten |= !new.is_empty() || !gone.is_empty();
         for ino in gone {
             self.known.remove(&ino);
         }
@@ -146,7 +155,7 @@ impl PodNetns {
                 ),
             }
         }
-        Ok((changed || force).then(|| self.known.values().copied().collect()))
+        Ok(self.unwritten.then(|| self.known.values().copied().collect()))
     }
 }
 
@@ -200,6 +209,19 @@ mod tests {
         assert!(pods.failed("gone"));
         assert!(!pods.failed("gone"), "the same failure again");
         assert!(pods.failed("denied"), "another one");
+    }
+
+    #[test]
+    fn a_scan_hands_the_set_out_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("other-pod"), "").unwrap();
+        let glob = format!("{}/lab-n1-*", dir.path().display());
+        let PodSockets::Listed(glob) = PodSockets::parse(&glob).unwrap() else { panic!("a glob") };
+        let mut pods = PodNetns::new(glob);
+        assert_eq!(pods.scan().unwrap(), Some(BTreeSet::new()), "the first scan replaces what was there");
+        assert_eq!(pods.scan().unwrap(), Some(BTreeSet::new()), "not written yet (a failed write)");
+        pods.written();
+        assert_eq!(pods.scan().unwrap(), None, "written and unchanged");
     }
 
     #[test]
