@@ -458,6 +458,10 @@ pub const SVC_F_SOURCE_RANGE: u16 = 1 << 7;
 /// endpoints elsewhere (`count` 0): a new flow is dropped, not rejected, as kube-proxy drops it
 /// ("has no local endpoints"); the client's connection times out.
 pub const SVC_F_NO_LOCAL_ENDPOINTS: u16 = 1 << 8;
+/// The policies that go by the client's address (affinity, source ranges): a pod's TCP connect
+/// to a frontend with one is left by the socket hooks to the pod's device, where the packets
+/// carry that address.
+pub const SVC_F_BY_CLIENT_ADDRESS: u16 = SVC_F_AFFINITY | SVC_F_SOURCE_RANGE;
 
 impl ServiceValue {
     /// Whether a new flow to this frontend (slot 0) is rejected (ICMP port unreachable,

@@ -7,8 +7,8 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32};
 use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
     CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CtValue, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE,
-    ServiceKey, ServiceValue, SrcRange, Stat,
+    SVC_F_BY_CLIENT_ADDRESS, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, Stat,
 };
 
 use crate::{
@@ -134,7 +134,7 @@ pub fn decide_new<F: Family>(
     if external && svc.flags & NORTH_SOUTH == 0 && !(svc.flags & SVC_F_CLUSTER_IP != 0 && external_cluster_ip()) {
         return Decision::Pass;
     }
-    if origin == Origin::PodSocket && svc.flags & (SVC_F_AFFINITY | SVC_F_SOURCE_RANGE) != 0 {
+    if origin == Origin::PodSocket && svc.flags & SVC_F_BY_CLIENT_ADDRESS != 0 {
         return Decision::Pass;
     }
     // loadBalancerSourceRanges first: a source outside them learns nothing, not even that there

@@ -25,9 +25,10 @@ use aya::{
 use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
     CONFIG_F_EXTERNAL_CLUSTER_IP, CONFIG_F_POD_NETNS_LISTED, CONFIG_F_POD_SOCKETS, CT_DIR_SERVICE, CT_NAT_EXTERNAL,
-    Config, CtKey, CtValue, FlowKind, In6, RevNat, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
-    SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NO_LOCAL_ENDPOINTS,
-    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, WireAddr, map_names, proto,
+    Config, CtKey, CtValue, FlowKind, In6, RevNat, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
+    SVC_F_BY_CLIENT_ADDRESS, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_ITP_LOCAL,
+    SVC_F_LOAD_BALANCER, SVC_F_NO_LOCAL_ENDPOINTS, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue,
+    SrcRange, WireAddr, map_names, proto,
 };
 use serde::Serialize;
 
@@ -226,7 +227,7 @@ fn new_flow<A: WireAddr + Default + PartialEq>(
     x.service = Some(service_view(q, &svc, name));
     x.steps.push(format!("frontend {to}/{}: {} (rev-NAT id {})", proto_name(q.proto), kind(svc.flags), svc.rev_nat_id));
     if q.origin == Origin::Pod && q.proto == proto::TCP && m.pod_sockets() {
-        x.steps.push(if svc.flags & (SVC_F_AFFINITY | SVC_F_SOURCE_RANGE) == 0 {
+        x.steps.push(if svc.flags & SVC_F_BY_CLIENT_ADDRESS == 0 {
             "socket hooks (--pod-sockets): a pod's TCP connect() in their scope goes to the backend chosen \
              here; its packets carry the backend's address, pass the pod's device untranslated and leave no \
              conntrack entry (so an open connection of such a pod shows no flow above)"
@@ -278,16 +279,21 @@ fn new_flow<A: WireAddr + Default + PartialEq>(
         x.candidates.extend(remote.into_iter().filter(|c| c.excluded.is_some()));
     }
     if slots.count == 0 {
-        x.verdict = if svc.rejects() { "reject" } else { "drop" };
-        x.reason = if svc.rejects() {
-            "the Service has no endpoint: ICMP port unreachable back to the client, as kube-proxy's REJECT (no_backend)"
-                .into()
+        let (verdict, reason) = if svc.rejects() {
+            (
+                "reject",
+                "the Service has no endpoint: ICMP port unreachable back to the client, as kube-proxy's REJECT (no_backend)",
+            )
         } else if svc.count == 0 {
-            "internalTrafficPolicy Local and no endpoint on this node: dropped, as kube-proxy drops it (no_backend)"
-                .into()
+            (
+                "drop",
+                "internalTrafficPolicy Local and no endpoint on this node: dropped, as kube-proxy drops it (no_backend)",
+            )
         } else {
-            "no backend in the slots a new flow picks from (no_backend)".into()
+            ("drop", "no backend in the slots a new flow picks from (no_backend)")
         };
+        x.verdict = verdict;
+        x.reason = reason.into();
         return x;
     }
     if svc.flags & SVC_F_AFFINITY != 0
