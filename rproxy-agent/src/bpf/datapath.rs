@@ -85,6 +85,8 @@ pub struct Datapath {
     _calls: Vec<ProgramArray<MapData>>,
     /// The old maps of a migration in progress (`migrate`), held until `finish_migration`.
     legacy: Option<migrate::Legacy>,
+    /// Every map was created by this load (none was pinned, none copied into): they hold nothing.
+    created_empty: bool,
 }
 
 /// Which TC hook of a device.
@@ -281,6 +283,7 @@ impl Datapath {
             loader.map_pin_path(name, dir.join(name));
         }
         loader.default_map_pin_directory(dir);
+        let created_empty = legacy.is_none() && map_names::ALL.iter().all(|name| !dir.join(name).exists());
         let result = loader.load(object);
         if let Some(tmp) = &scratch {
             std::fs::remove_dir_all(tmp)
@@ -330,7 +333,14 @@ impl Datapath {
             program_as::<CgroupSock>(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, source })?;
         }
         start_ebpf_log(&mut ebpf);
-        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy })
+        Ok(Self { ebpf, pin_dir: pin_dir.map(Path::to_path_buf), _calls: calls, legacy, created_empty })
+    }
+
+    /// Whether every map was created by this load, so that they hold nothing yet (no earlier
+    /// agent's state to adopt: reading them would find only zeros).
+    #[must_use]
+    pub fn created_empty(&self) -> bool {
+        self.created_empty
     }
 
     /// During a migration to new maps (`migrate`): copies the flows the old programs
