@@ -266,7 +266,7 @@ fn main() -> Result<()> {
     let mut child = Command::new(&args.agent)
         .args(["run", "--kubeconfig"])
         .arg(&kubeconfig)
-        .args(["--node-name", "bench-node", "--pod-devices", "rpxbench-none-*", "--bpffs"])
+        .args(["--node-name", "bench-node", "--pod-devices", "rpxbench-none-*", "--cgroup", "none", "--bpffs"])
         .arg(&bpffs)
         .args(["--service-map-max", &service_map.to_string(), "--backend-map-max", &backend_map.to_string()])
         .env("RPROXY_LOG", "info")
