@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::{
     lab::Lab,
@@ -107,21 +107,33 @@ pub fn build_lab() -> Result<Lab> {
 /// How long [`wait_ready`] waits for the agent.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The agent's log line once its first sync is complete: the maps written, the devices and the
+/// socket hooks attached (with a manifests directory, it follows that sync).
+pub const RUNNING_LINE: &str = "agent running";
+
 /// Waits (at most [`READY_TIMEOUT`], polling every 20 ms) until a TCP request from the client to
-/// the `ClusterIP` gets an answer; fails at once, with the agent's log, if the agent exits.
+/// the `ClusterIP` gets an answer and the agent has logged [`RUNNING_LINE`] (the devices answer
+/// a moment before the socket hooks are attached: a test that tells the two apart must not see
+/// that moment); fails at once, with the agent's log, if the agent exits.
 pub fn wait_ready(lab: &mut Lab) -> Result<()> {
     let start = Instant::now();
     loop {
         lab.ensure_agent_running()?;
         let tried = lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, PORT, b"", Duration::from_millis(200));
+        let running = lab.agent_log().contains(RUNNING_LINE);
         match tried {
-            Ok(_) => return Ok(()),
+            Ok(_) if running => return Ok(()),
+            Ok(_) if start.elapsed() >= READY_TIMEOUT => {
+                bail!(
+                    "{CLUSTER_IP}:{PORT} answers, but the agent has not logged {RUNNING_LINE:?} within {READY_TIMEOUT:?}"
+                )
+            }
             Err(e) if start.elapsed() >= READY_TIMEOUT => {
                 return Err(
                     e.context(format!("the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"))
                 );
             }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
+            _ => thread::sleep(Duration::from_millis(20)),
         }
     }
 }
