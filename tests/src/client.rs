@@ -16,16 +16,27 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A server's answer: the pod name it announced, and the bytes it echoed.
 pub type Reply = (String, Vec<u8>);
 
+/// Up to this many bytes, a request is written whole before its echo is read: the echo fits in
+/// the two ends' socket buffers (Linux's defaults hold 16 KiB to send and 128 KiB to receive).
+const WRITE_BEFORE_READ: usize = 16 * 1024;
+
 /// Connects to `addr:port`, sends `payload`, shuts down the write side and reads the whole
-/// answer. The write runs on its own thread so a large payload cannot deadlock against the echo.
+/// answer. A payload larger than [`WRITE_BEFORE_READ`] is written on its own thread, so that it
+/// cannot deadlock against the echo.
 pub fn tcp_request(addr: impl Into<IpAddr>, port: u16, payload: &[u8], timeout: Duration) -> Result<Reply> {
     let to = SocketAddr::new(addr.into(), port);
     let run = || -> Result<Vec<u8>> {
         let mut stream = TcpStream::connect_timeout(&to, timeout).context("connect")?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        let mut writer = stream.try_clone()?;
         let mut answer = Vec::new();
+        if payload.len() <= WRITE_BEFORE_READ {
+            stream.write_all(payload).context("write")?;
+            stream.shutdown(Shutdown::Write).context("shutdown(write)")?;
+            stream.read_to_end(&mut answer).context("read")?;
+            return Ok(answer);
+        }
+        let mut writer = stream.try_clone()?;
         thread::scope(|s| {
             let sent = s.spawn(move || -> Result<()> {
                 writer.write_all(payload).context("write")?;
