@@ -56,6 +56,7 @@ use rproxy_common::{CtState, RevNat4, RevNat6, SockRevKey4, SockRevKey6, map_nam
 use crate::{
     Cluster, NodeId,
     client::{self, TcpSession},
+    demo::RUNNING_LINE,
     manifest::{Endpoint, EndpointPort, EndpointSlice, Protocol, write_atomic},
     netns::in_netns,
 };
@@ -705,7 +706,7 @@ fn start_agent(cluster: &mut Cluster, id: NodeId, opts: &Options, dir: &Path, pr
     let node = cluster.node_mut(id);
     node.start_agent(&opts.agent_bin, dir, &args)?;
     let started = Instant::now();
-    while !node.agent_log().contains("agent running") {
+    while !node.agent_log().contains(RUNNING_LINE) {
         node.ensure_agent_running()?;
         ensure!(started.elapsed() < START_TIMEOUT, "node{}'s agent not running after {START_TIMEOUT:?}", id.number());
         thread::sleep(Duration::from_millis(20));
