@@ -302,7 +302,7 @@ async fn spawn_watches(cfg: &Config, tx: mpsc::Sender<Update>, stats: Option<Arc
 /// [`load_and_adopt`] on a blocking thread, while the source's first updates go into the store
 /// (and, if they are complete before the programs are loaded, are translated).
 async fn load_while_listing(cfg: &Config, updates: &mut mpsc::Receiver<Update>) -> Result<(Loaded, Early)> {
-    let mut early = Early::new(&cfg.node_name);
+    let mut early = Early::new(cfg);
     let loading = tokio::task::spawn_blocking({
         let cfg = cfg.clone();
         move || load_and_adopt(&cfg)
@@ -1049,9 +1049,17 @@ struct Early {
 }
 
 impl Early {
-    fn new(node_name: &str) -> Self {
+    /// The store starts with the node's `NodePort` addresses when they can be read (the agent
+    /// reads and logs them again), so that a translation made while the programs load has them.
+    fn new(cfg: &Config) -> Self {
+        let mut store = Store::new(&cfg.node_name);
+        if !cfg.devices.is_empty()
+            && let Ok(found) = devices::node_addresses(&cfg.devices, &cfg.nodeport_addresses)
+        {
+            store.set_node_addresses(found.addresses.iter().copied());
+        }
         Self {
-            store: Store::new(node_name),
+            store,
             deferred: Vec::new(),
             services: 0,
             slices: 0,
