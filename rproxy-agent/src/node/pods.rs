@@ -91,6 +91,9 @@ pub struct PodNetns {
     known: BTreeMap<u64, u64>,
     /// The last scan's failure, if it failed.
     failure: Option<String>,
+    /// Namespaces (inode) whose cookie could not be read, with why: tried again at every
+    /// scan, warned about once (again if the reason changes).
+    unreadable: BTreeMap<u64, String>,
     /// `known` differs from what `RPX_POD_NETNS` was last written with (at first: whatever an
     /// earlier run left), until [`PodNetns::written`].
     unwritten: bool,
@@ -99,7 +102,7 @@ pub struct PodNetns {
 impl PodNetns {
     #[must_use]
     pub fn new(glob: NetnsGlob) -> Self {
-        Self { glob, known: BTreeMap::new(), failure: None, unwritten: true }
+        Self { glob, known: BTreeMap::new(), failure: None, unreadable: BTreeMap::new(), unwritten: true }
     }
 
     /// The set the last [`PodNetns::scan`] returned is in `RPX_POD_NETNS`.
@@ -115,7 +118,7 @@ impl PodNetns {
 
     /// Reads the directory. `Some(cookies)`: the whole set, to be written, because it changed or
     /// was not written yet (the first scan; a write that failed). A file whose namespace cannot
-    /// be entered is logged and left out.
+    /// be entered is left out (and tried again at the next scan), warned about once.
     pub fn scan(&mut self) -> Result<Option<BTreeSet<u64>>> {
         let dir = &self.glob.dir;
         let entries = std::fs::read_dir(dir)
@@ -139,20 +142,33 @@ impl PodNetns {
             }
         }
         let (new, gone) = plan(&found, &self.known);
-        self.unwritten |= !new.is_empty() || !gone.is_empty();
+        self.unwritten |= !gone.is_empty();
         for ino in gone {
             self.known.remove(&ino);
         }
+        self.unreadable.retain(|ino, _| found.contains_key(ino));
         for (ino, path) in new {
             match cookie_of(path) {
                 Ok(cookie) => {
-                    debug!(path = %path.display(), cookie, "pod network namespace listed");
+                    if self.unreadable.remove(&ino).is_some() {
+                        info!(path = %path.display(), cookie, "pod network namespace readable now, listed");
+                    } else {
+                        debug!(path = %path.display(), cookie, "pod network namespace listed");
+                    }
                     self.known.insert(ino, cookie);
+                    self.unwritten = true;
                 }
-                Err(e) => warn!(
-                    path = %path.display(), error = %e,
-                    "pod network namespace not listed: its TCP connections are translated on its device"
-                ),
+                Err(e) => {
+                    let why = e.to_string();
+                    if self.unreadable.insert(ino, why.clone()).is_none_or(|last| last != why) {
+                        warn!(
+                            path = %path.display(), error = %why,
+                            "pod network namespace not listed: its TCP connections are translated on its device"
+                        );
+                    } else {
+                        debug!(path = %path.display(), error = %why, "pod network namespace still not readable");
+                    }
+                }
             }
         }
         Ok(self.unwritten.then(|| self.known.values().copied().collect()))
@@ -222,6 +238,25 @@ mod tests {
         assert_eq!(pods.scan().unwrap(), Some(BTreeSet::new()), "not written yet (a failed write)");
         pods.written();
         assert_eq!(pods.scan().unwrap(), None, "written and unchanged");
+    }
+
+    #[test]
+    fn an_unreadable_namespace_file_is_left_out_without_rewriting_the_set() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not an nsfs file: entering it fails.
+        let file = dir.path().join("lab-n1-broken");
+        std::fs::write(&file, "").unwrap();
+        let glob = format!("{}/lab-n1-*", dir.path().display());
+        let PodSockets::Listed(glob) = PodSockets::parse(&glob).unwrap() else { panic!("a glob") };
+        let mut pods = PodNetns::new(glob);
+        assert_eq!(pods.scan().unwrap(), Some(BTreeSet::new()), "the first scan replaces what was there");
+        assert_eq!(pods.unreadable.len(), 1, "{:?}", pods.unreadable);
+        pods.written();
+        assert_eq!(pods.scan().unwrap(), None, "still unreadable: nothing new to write");
+        assert_eq!(pods.unreadable.len(), 1);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(pods.scan().unwrap(), None);
+        assert!(pods.unreadable.is_empty(), "a file that is gone is forgotten");
     }
 
     #[test]
