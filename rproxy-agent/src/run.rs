@@ -335,7 +335,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     let watch_stats = matches!(cfg.source, Source::Kube { .. }).then(|| Arc::new(kube::Stats::default()));
     let (update_tx, mut update_rx) = mpsc::channel::<Update>(1024);
     // The API's lists are read while the programs load (the verifier takes a second or more):
-    // the objects go into the store as they come, and its first translation waits for the maps.
+    // the objects go into the store as they come, and are translated if they are complete
+    // before the programs are loaded (`Early`); nothing is written before that.
     spawn_watches(&cfg, update_tx, watch_stats.clone()).await?;
     let (Loaded { datapath, maps, writer }, early) = load_while_listing(&cfg, &mut update_rx).await?;
     info!(
@@ -1030,8 +1031,8 @@ fn changes_in(update: &Update, triggers: &mut Vec<jiff::Timestamp>) -> Option<(u
 }
 
 /// Source updates that arrive while the programs load. The objects go into the store at once
-/// (a list of 60,000 objects is never held whole, and the first translation waits for the
-/// maps); what the agent does besides storing them waits for it to exist: the Node's updates,
+/// (a list of 60,000 objects is never held whole); what the agent does besides storing them
+/// waits for it to exist: the Node's updates,
 /// and the markers (list done, watch lost, in sync) its resync gate and readiness follow.
 /// Once Services and `EndpointSlices` are both in sync, the store is translated at once
 /// (`translated`): the first sync then only writes, and the translation of a large cluster

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Result, ensure};
 
 use crate::{
     lab::Lab,
@@ -111,29 +111,31 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// socket hooks attached (with a manifests directory, it follows that sync).
 pub const RUNNING_LINE: &str = "agent running";
 
-/// Waits (at most [`READY_TIMEOUT`], polling every 20 ms) until a TCP request from the client to
-/// the `ClusterIP` gets an answer and the agent has logged [`RUNNING_LINE`] (the devices answer
-/// a moment before the socket hooks are attached: a test that tells the two apart must not see
-/// that moment); fails at once, with the agent's log, if the agent exits.
+/// Waits (at most [`READY_TIMEOUT`], polling every 20 ms) until the agent has logged
+/// [`RUNNING_LINE`] and then a TCP request from the client to the `ClusterIP` gets an answer;
+/// fails at once, with the agent's log, if the agent exits. No request is sent before that line:
+/// the devices answer a moment before the socket hooks are attached, and a test that tells the
+/// two paths apart (or counts what each translated) must not see a connection of that moment.
 pub fn wait_ready(lab: &mut Lab) -> Result<()> {
     let start = Instant::now();
     loop {
         lab.ensure_agent_running()?;
-        let tried = lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, PORT, b"", Duration::from_millis(200));
-        let running = lab.agent_log().contains(RUNNING_LINE);
-        match tried {
-            Ok(_) if running => return Ok(()),
-            Ok(_) if start.elapsed() >= READY_TIMEOUT => {
-                bail!(
-                    "{CLUSTER_IP}:{PORT} answers, but the agent has not logged {RUNNING_LINE:?} within {READY_TIMEOUT:?}"
-                )
-            }
+        if !lab.agent_log().contains(RUNNING_LINE) {
+            ensure!(
+                start.elapsed() < READY_TIMEOUT,
+                "the agent has not logged {RUNNING_LINE:?} within {READY_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, PORT, b"", Duration::from_millis(200)) {
+            Ok(_) => return Ok(()),
             Err(e) if start.elapsed() >= READY_TIMEOUT => {
                 return Err(
                     e.context(format!("the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"))
                 );
             }
-            _ => thread::sleep(Duration::from_millis(20)),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
     }
 }
