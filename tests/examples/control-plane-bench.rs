@@ -206,7 +206,11 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
 }
 
-fn wait_line(lines: &std_mpsc::Receiver<String>, deadline: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+fn wait_line(
+    lines: &std_mpsc::Receiver<String>,
+    deadline: Duration,
+    mut pred: impl FnMut(&str) -> bool,
+) -> Result<String> {
     let until = Instant::now() + deadline;
     loop {
         let left = until.saturating_duration_since(Instant::now());
@@ -289,11 +293,24 @@ fn main() -> Result<()> {
     });
 
     let want = format!("frontends={}", args.services);
-    let line = wait_line(&lines, Duration::from_mins(2), |l| l.contains(" synced") && l.contains(&want))
-        .context("waiting for the initial sync")?;
+    // Where the start-up goes: the lists and the programs' load run side by side, then the
+    // first sync.
+    let (mut listed, mut loaded) = (None, None);
+    let line = wait_line(&lines, Duration::from_mins(2), |l| {
+        if l.contains("all watches in sync") {
+            listed.get_or_insert(started.elapsed());
+        }
+        if l.contains("eBPF programs loaded") {
+            loaded.get_or_insert(started.elapsed());
+        }
+        l.contains(" synced") && l.contains(&want)
+    })
+    .context("waiting for the initial sync")?;
     let initial = started.elapsed();
     let rss_initial = peak_rss_kib(pid)?;
     println!("start → {} frontends programmed: {initial:.2?}", args.services);
+    let seen = |at: Option<Duration>| at.map_or_else(|| "not seen".to_owned(), |d| format!("{d:.2?}"));
+    println!("  lists in sync at {}, programs loaded at {}", seen(listed), seen(loaded));
     println!("  agent: {}", line.split_once("synced").map_or(line.as_str(), |(_, r)| r).trim());
 
     let mut latencies = Vec::new();
