@@ -142,7 +142,7 @@ struct Agent {
     writer: Writer,
     store: Store,
     /// Kinds whose initial state the source delivered.
-    synced: BTreeSet<&'static str>,
+    synced: InSync,
     /// Services and `EndpointSlices` are both synced: the store holds a complete state.
     ready: bool,
     /// The maps were written with a complete state and devices attached.
@@ -456,7 +456,7 @@ impl Agent {
             datapath,
             maps,
             writer,
-            synced: BTreeSet::new(),
+            synced: InSync::default(),
             ready: false,
             first_synced: false,
             attached: BTreeMap::new(),
@@ -590,12 +590,8 @@ impl Agent {
     /// resync gate), a kind in sync.
     fn note(&mut self, update: &Update) {
         self.gate.observe(update);
-        if let Update::Synced(kind) = update
-            && !self.ready
-            && matches!(*kind, "Service" | "EndpointSlice")
-        {
-            self.synced.insert(kind);
-            self.ready = self.synced.len() == 2;
+        if self.synced.observe(update) {
+            self.ready = true;
         }
     }
 
@@ -1030,10 +1026,25 @@ fn changes_in(update: &Update, triggers: &mut Vec<jiff::Timestamp>) -> Option<(u
     })
 }
 
+/// Which of the kinds the store needs (Services, `EndpointSlices`) the source has delivered
+/// whole.
+#[derive(Default)]
+struct InSync(BTreeSet<&'static str>);
+
+impl InSync {
+    /// Notes `update`; `true` when it completes the set (once).
+    fn observe(&mut self, update: &Update) -> bool {
+        match update {
+            Update::Synced(kind @ ("Service" | "EndpointSlice")) => self.0.insert(kind) && self.0.len() == 2,
+            _ => false,
+        }
+    }
+}
+
 /// Source updates that arrive while the programs load. The objects go into the store at once
 /// (a list of 60,000 objects is never held whole); what the agent does besides storing them
-/// waits for it to exist: the Node's updates,
-/// and the markers (list done, watch lost, in sync) its resync gate and readiness follow.
+/// waits for it to exist: the Node's updates, and the markers (list done, watch lost, in sync)
+/// its resync gate and readiness follow.
 /// Once Services and `EndpointSlices` are both in sync, the store is translated at once
 /// (`translated`): the first sync then only writes, and the translation of a large cluster
 /// (0.7 s at 30,000 Services) overlaps the verifier's work instead of following it.
@@ -1044,7 +1055,7 @@ struct Early {
     slices: u64,
     triggers: Vec<jiff::Timestamp>,
     /// Kinds whose initial state the source delivered.
-    in_sync: BTreeSet<&'static str>,
+    in_sync: InSync,
     /// The store's translation once both kinds were in sync, for the first sync to write.
     translated: Option<Changes>,
 }
@@ -1065,7 +1076,7 @@ impl Early {
             services: 0,
             slices: 0,
             triggers: Vec::new(),
-            in_sync: BTreeSet::new(),
+            in_sync: InSync::default(),
             translated: None,
         }
     }
@@ -1088,15 +1099,9 @@ impl Early {
         if matches!(update, Update::ListDone(_) | Update::WatchLost(_) | Update::Synced(_)) {
             self.deferred.push(update.clone());
         }
-        let synced = match update {
-            Update::Synced(kind @ ("Service" | "EndpointSlice")) => Some(kind),
-            _ => None,
-        };
+        let complete = self.in_sync.observe(&update);
         self.store.apply(update);
-        if let Some(kind) = synced
-            && self.in_sync.insert(kind)
-            && self.in_sync.len() == 2
-        {
+        if complete {
             let started = Instant::now();
             let changes = self.store.flush();
             debug!(
