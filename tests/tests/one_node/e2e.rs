@@ -358,24 +358,12 @@ fn pods_tcp_goes_to_a_backend_at_connect_and_still_sees_the_service() {
     with_agent("pods_tcp_goes_to_a_backend_at_connect_and_still_sees_the_service", |lab, manifests| {
         let service = std::net::SocketAddr::from((CLUSTER_IP, PORT));
         let open = |lab: &Lab, pod: &str| lab.pod(pod).tcp_session(CLUSTER_IP, PORT, Duration::from_secs(2));
-        // The agent attaches the socket hooks right after the devices (which already make the
-        // Service answer, through conntrack): the first connections may still be the device's.
-        let ready = Instant::now();
-        let mut at_connect = None;
-        let hooked = streak_start(ready, PROPAGATION * 5, 1, || {
-            at_connect = open(lab, CLIENT.0)
-                .ok()
-                .filter(|s| s.local_addr().is_ok_and(|l| in_conntrack(lab, l).is_ok_and(|c| !c)));
-            at_connect.is_some()
-        })
-        .context("the client's TCP connections never went to a backend at connect()")?;
-        ensure!(hooked <= PROPAGATION, "the socket hooks took {hooked:?} after the Service answered");
-        let mut session = at_connect.context("a session")?;
+        let mut session = open(lab, CLIENT.0)?;
         session.echo(b"at connect")?;
         ensure!(session.peer_addr()? == service, "getpeername: {}, not {service}", session.peer_addr()?);
         let local = session.local_addr()?;
         ensure!(session.seen_as() == Some(local), "the backend saw {:?}, not {local}", session.seen_as());
-        ensure!(!in_conntrack(lab, local)?, "{local}'s connection went through conntrack after its echo");
+        ensure!(!in_conntrack(lab, local)?, "{local}'s connection went through conntrack");
         drop(session);
 
         let late = Ipv4Addr::new(10, 244, 1, 101);
