@@ -83,7 +83,9 @@ pub fn stat_kind(stat: Stat) -> StatKind {
         | Stat::FragNeeded
         | Stat::SourceRangeDrop
         | Stat::CtClash => StatKind::Drop,
-        Stat::BackendGone | Stat::Fragment | Stat::IcmpSent | Stat::TailCallFail => StatKind::Other,
+        Stat::BackendGone | Stat::Fragment | Stat::IcmpSent | Stat::TailCallFail | Stat::PortRemapped => {
+            StatKind::Other
+        }
     }
 }
 

@@ -41,6 +41,12 @@ pub mod map_names {
     pub const SVC_FILTER: &str = "RPX_SVC_FILTER";
     /// Bitmap over backends (`filter`): an array of `u64` words.
     pub const BE_FILTER: &str = "RPX_BE_FILTER";
+    /// The datapath's own marks over backends (`filter::WORDS` `u64` words, indexed by a
+    /// backend's filter bit `>> 6`): a word that is not 0 says that a pod may have a connection
+    /// straight to one of its backends whose source port the datapath translated
+    /// (`CT_NAT_DIRECT`), so that the pod path looks such packets up in conntrack. Set by the
+    /// programs, never cleared (a stale mark costs a lookup).
+    pub const DIRECT_FILTER: &str = "RPX_DIRECT_FILTER";
     /// `loadBalancerSourceRanges`: an LPM trie of `SrcRange4` (see there).
     pub const SRC_RANGE4: &str = "RPX_SRC_RANGE4";
     /// `sessionAffinity: ClientIP`: the backend each client last got (LRU hash
@@ -75,7 +81,7 @@ pub mod map_names {
     /// `super::CONFIG_F_POD_NETNS_LISTED`: a hash of netns cookies (`u64` → `u32`, 0).
     pub const POD_NETNS: &str = "RPX_POD_NETNS";
     /// Every map the agent pins, in the order in which `cleanup` removes them.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 30] = [
         SERVICES4,
         BACKENDS4,
         REV_NAT4,
@@ -105,6 +111,7 @@ pub mod map_names {
         MONITOR,
         EVENTS,
         POD_NETNS,
+        DIRECT_FILTER,
     ];
 }
 
@@ -669,7 +676,8 @@ pub const CT_DIR_RECLAIM: u8 = 3;
 /// Each entry says how to rewrite the packets that hit it, and with its key it names the other
 /// entry of the flow (`CtKey4::pair`). For a flow `client:cport → vip:vport` translated to
 /// `backend:bport`, with the source translated to `nat` (the client itself unless the flow is
-/// translated to a node address, `CT_NAT_SNAT`):
+/// translated to a node address, `CT_NAT_SNAT`, or the hairpin address, or the pod path gave
+/// the client another source port because a live flow held its reply tuple, `Stat::PortRemapped`):
 ///
 /// | entry | key | `pair_*` | `nat_*` |
 /// |---|---|---|---|
@@ -706,6 +714,10 @@ pub type CtValue6 = CtValue<In6>;
 pub const CT_NAT_SNAT: u8 = 1 << 0;
 /// The flow arrived on an external device (north-south).
 pub const CT_NAT_EXTERNAL: u8 = 1 << 1;
+/// A pod's connection straight to a backend's own address, whose source port the datapath
+/// translated: a live flow held the tuple its replies would come back on (see
+/// `Stat::PortRemapped`). Its entries' pair is the backend itself, its rev-NAT id 0.
+pub const CT_NAT_DIRECT: u8 = 1 << 2;
 
 /// What a translated flow is, from its entries' `CT_NAT_*` bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -721,6 +733,9 @@ pub enum FlowKind {
     /// From an external device to a backend on another node: the source is translated to a
     /// node address and SNAT port, and the node forwards both ways.
     ExternalSnat,
+    /// A pod's connection straight to a backend (no frontend), translated only because its
+    /// source port had to change (`CT_NAT_DIRECT`).
+    Direct,
 }
 
 impl FlowKind {
@@ -728,6 +743,9 @@ impl FlowKind {
     #[inline(always)]
     #[must_use]
     pub const fn of(nat_flags: u8) -> Self {
+        if nat_flags & CT_NAT_DIRECT != 0 {
+            return Self::Direct;
+        }
         match (nat_flags & CT_NAT_EXTERNAL != 0, nat_flags & CT_NAT_SNAT != 0) {
             (false, false) => Self::EastWest,
             (false, true) => Self::Hairpin,
@@ -849,18 +867,25 @@ pub enum Stat {
     /// New flows to a frontend with `loadBalancerSourceRanges` from a source outside them:
     /// dropped, as kube-proxy's firewall chain does.
     SourceRangeDrop = 15,
-    /// New connections from pods dropped because a live translated flow holds the tuple their
-    /// replies would come back on (the pod reused a source port towards one backend, through
-    /// two frontends or a frontend and the backend's own address): taking it would send that
-    /// flow's replies to the wrong socket. A closing or expired holder is replaced instead.
+    /// New connections dropped because a live translated flow holds the tuple their replies
+    /// would come back on and no other source port was found for them (a pod's: see
+    /// `PortRemapped`; an external client's, which reused its port towards one local backend
+    /// through two frontends): taking it would send that flow's replies to the wrong socket. A
+    /// closing or expired holder is replaced instead.
     CtClash = 16,
     /// Tail calls that found their program array slot empty (`calls`): the packet passed
     /// untranslated. Never expected; the agent fills the slots before it attaches anything.
     TailCallFail = 17,
+    /// New connections from pods whose source port the pod path translated, as netfilter's NAT
+    /// does for a clashing tuple: a live translated flow held the tuple their replies would
+    /// come back on (the pod's kernel handed out one source port again towards one backend,
+    /// through two frontends, or a frontend and the backend's own address). The port is taken
+    /// from `--snat-port-range`, on the pod's own address.
+    PortRemapped = 18,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Self::NewFlow,
         Self::Established,
@@ -880,6 +905,7 @@ impl Stat {
         Self::SourceRangeDrop,
         Self::CtClash,
         Self::TailCallFail,
+        Self::PortRemapped,
     ];
 
     #[must_use]
@@ -903,6 +929,7 @@ impl Stat {
             Self::SourceRangeDrop => "src_range_drop",
             Self::CtClash => "ct_clash",
             Self::TailCallFail => "tail_call_fail",
+            Self::PortRemapped => "port_remapped",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! rproxy's own connection tracking: one LRU map per family, two entries per translated flow
 //! (see `rproxy_common::CtKey`). TCP state follows the flags seen both ways and selects the entry's
 //! lifetime; the agent's garbage collector removes expired pairs.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use rproxy_common::{
     Backend, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
     CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, Stat, proto, snat,
@@ -9,6 +9,7 @@ use rproxy_common::{
 
 use crate::{
     family::Family,
+    maps::CONFIG,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -229,7 +230,7 @@ pub fn open<F: Family>(
 ) -> Result<(), Stat> {
     let reply = flow_reply_key(pkt.proto, be, nat);
     let stale = match reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
-        Holder::Live => return Err(Stat::CtClash),
+        Holder::Live { .. } => return Err(Stat::CtClash),
         Holder::Stale(other) => Some(other),
         Holder::Free => None,
     };
@@ -238,6 +239,52 @@ pub fn open<F: Family>(
         let _ = F::conntrack().remove(other);
     }
     Ok(())
+}
+
+/// Ports tried by [`open_remapped`] before the connection is dropped (`Stat::CtClash`).
+const REMAP_TRIES: u32 = 8;
+
+/// Opens a new flow from a pod whose reply tuple a live flow holds ([`open`] refused it), as
+/// netfilter's NAT does for a clashing tuple: the backend sees the client's address
+/// `nat_addr` (the pod's own, or the hairpin address) with another source port, a random one
+/// of `--snat-port-range` (the configuration's SNAT range, below the kernel's ephemeral ports,
+/// so the pod's own connections do not pick it) whose reply tuple is free; the reply entry
+/// takes it with `BPF_NOEXIST`, so two CPUs never share one. The reply entry's nat side keeps
+/// the client's own address and port, which the replies get back. Returns the port (wire
+/// order); `Err(CtClash)` when `REMAP_TRIES` ports were taken or the range is empty.
+#[inline(always)]
+pub fn open_remapped<F: Family>(
+    pkt: &Packet<F>,
+    backend_id: u32,
+    be: &Backend<F::Addr>,
+    rev_nat_id: u16,
+    nat_addr: F::Addr,
+    nat_flags: u8,
+    now: u64,
+) -> Result<u16, Stat> {
+    let config = CONFIG.get(0).ok_or(Stat::CtClash)?;
+    let (first, ports) = (config.snat_port_min, config.snat_port_count());
+    if ports == 0 {
+        return Err(Stat::CtClash);
+    }
+    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now);
+    for _ in 0..REMAP_TRIES {
+        // SAFETY: helper without arguments.
+        let offset = unsafe { bpf_get_prandom_u32() } % ports;
+        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
+        let port = first.wrapping_add(offset as u16).to_be();
+        e.key.dport = port;
+        if F::conntrack().insert(&e.key, &e.value, BPF_NOEXIST).is_ok() {
+            e.make_service(pkt);
+            if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
+                e.make_reply_key();
+                let _ = F::conntrack().remove(&e.key);
+                return Err(Stat::CtInsertFail);
+            }
+            return Ok(port);
+        }
+    }
+    Err(Stat::CtClash)
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself
@@ -340,8 +387,9 @@ pub enum Holder<A> {
     /// A flow that is over (closing, or expired but not yet collected), or the same
     /// connection's earlier flow: the new connection replaces it. Its other entry, to remove.
     Stale(CtKey<A>),
-    /// A live flow of another frontend: the new connection must not take its tuple.
-    Live,
+    /// A live flow of another frontend (to backend `backend_id`): the new connection must not
+    /// take its tuple.
+    Live { backend_id: u32 },
 }
 
 /// Who holds `reply`, the entry the replies of a new connection to `frontend` (address and
@@ -354,7 +402,11 @@ pub fn reply_holder<F: Family>(reply: &CtKey<F::Addr>, frontend: (F::Addr, u16),
         return Holder::Free;
     };
     let over = v.expires_ns <= now || v.state == CtState::Closing as u8;
-    if over || (v.pair_addr, v.pair_port) == frontend { Holder::Stale(reply.pair(&v)) } else { Holder::Live }
+    if over || (v.pair_addr, v.pair_port) == frontend {
+        Holder::Stale(reply.pair(&v))
+    } else {
+        Holder::Live { backend_id: v.backend_id }
+    }
 }
 
 /// The reply entry that replies to `pkt` would hit if `pkt` were the first packet of a flow

@@ -14,7 +14,7 @@ use rproxy_common::{
 use crate::{
     conntrack,
     family::Family,
-    maps::{AFFINITY_MATCH, BE_FILTER, CONFIG, FilterMap, SVC_FILTER, count},
+    maps::{AFFINITY_MATCH, BE_FILTER, CONFIG, DIRECT_FILTER, FilterMap, SVC_FILTER, count},
     parse::Packet,
 };
 
@@ -192,6 +192,23 @@ pub fn may_be_backend<F: Family>(pkt: &Packet<F>) -> bool {
 #[inline(always)]
 pub fn may_be_backend_dst<F: Family>(pkt: &Packet<F>) -> bool {
     has_bit(&BE_FILTER, F::filter_bit(pkt.daddr, pkt.dport, pkt.proto))
+}
+
+/// Whether the packet's destination may be a backend a pod has a connection to whose source
+/// port the pod path translated (`DIRECT_FILTER`); `false` means no such connection exists.
+#[inline(always)]
+pub fn may_be_direct_dst<F: Family>(pkt: &Packet<F>) -> bool {
+    DIRECT_FILTER.get(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6).is_some_and(|w| *w != 0)
+}
+
+/// Marks the packet's destination for [`may_be_direct_dst`]: one word per 64 filter bits, set
+/// to 1 by every writer (a plain store: no read-modify-write to race), never cleared.
+#[inline(always)]
+pub fn mark_direct_dst<F: Family>(pkt: &Packet<F>) {
+    if let Some(w) = DIRECT_FILTER.get_ptr_mut(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6) {
+        // SAFETY: valid map value pointer for this run; an aligned 8-byte store.
+        unsafe { *w = 1 };
+    }
 }
 
 /// Whether bit `bit` of a filter map is set.

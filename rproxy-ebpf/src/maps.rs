@@ -85,6 +85,11 @@ pub static SVC_FILTER: FilterMap = FilterMap::new();
 #[btf_map(name = "RPX_BE_FILTER")]
 pub static BE_FILTER: FilterMap = FilterMap::new();
 
+/// Backends a pod may have a port-translated direct connection to (`rproxy_common::map_names::DIRECT_FILTER`):
+/// written by the pod path only.
+#[btf_map(name = "RPX_DIRECT_FILTER")]
+pub static DIRECT_FILTER: FilterMap = FilterMap::new();
+
 /// `loadBalancerSourceRanges` (see `rproxy_common::SrcRange4`). aya adds `BPF_F_NO_PREALLOC`,
 /// which LPM tries require.
 #[btf_map(name = "RPX_SRC_RANGE4")]

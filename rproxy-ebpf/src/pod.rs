@@ -4,7 +4,7 @@
 //! backend's replies are translated back to come from the service.
 use aya_ebpf::programs::TcContext;
 use rproxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_SNAT, CtValue, FlowKind, Stat,
+    Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_DIRECT, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_FROM_POD, HOOK_TO_POD},
 };
 
@@ -38,10 +38,16 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
         return hairpin_reply(ctx, pkt);
     }
     if !lb::may_be_service(pkt) {
+        // A connection straight to a backend whose source port this path translated.
+        if lb::may_be_direct_dst(pkt)
+            && let Some(ct) = direct_flow(pkt)
+        {
+            return established(ctx, pkt, ct, conntrack::now_ns());
+        }
         // A new connection straight to a backend from the source port of a translated flow to
         // it: see `direct_syn`.
         if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) {
-            return Ok(direct_syn(ctx, pkt));
+            return direct_syn(ctx, pkt);
         }
         return Ok(Verdict::Pass);
     }
@@ -64,12 +70,23 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             let (nat, flags) =
                 if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
             // The replies come back on (backend, nat): a live flow of another frontend there
-            // (the pod reused its source port towards this backend) keeps it, and this flow is
-            // dropped (`CtClash`); a flow that is over gives it up.
-            if let Err(why) = conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
-                observe::count_drop(ctx, HOOK_FROM_POD, why, pkt, svc.rev_nat_id, backend_id);
-                return Ok(Verdict::Drop);
-            }
+            // (the pod reused its source port towards this backend) keeps it, and this flow
+            // gets another source port (`PortRemapped`); a flow that is over gives it up.
+            let opened = match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
+                Err(Stat::CtClash) => conntrack::open_remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now)
+                    .map(|port| {
+                        count(Stat::PortRemapped);
+                        (nat.0, port)
+                    }),
+                other => other.map(|()| nat),
+            };
+            let nat = match opened {
+                Ok(nat) => nat,
+                Err(why) => {
+                    observe::count_drop(ctx, HOOK_FROM_POD, why, pkt, svc.rev_nat_id, backend_id);
+                    return Ok(Verdict::Drop);
+                }
+            };
             let new = Tuple { saddr: nat.0, sport: nat.1, daddr: be.addr, dport: be.port };
             nat::rewrite_tuple(ctx, pkt, &new)?;
             observe::translated(ctx, HOOK_FROM_POD, Stat::NewFlow, pkt, svc.rev_nat_id, backend_id);
@@ -110,7 +127,8 @@ pub fn from_pod_inline<F: Family>(
         return None;
     }
     if !lb::may_be_service(&pkt) {
-        return if conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt) { None } else { Some(Ok(Verdict::Pass)) };
+        let direct = lb::may_be_direct_dst(&pkt) || (conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt));
+        return if direct { None } else { Some(Ok(Verdict::Pass)) };
     }
     pkt.saddr = source()?;
     match lb::existing(&pkt, Origin::Pod) {
@@ -119,25 +137,52 @@ pub fn from_pod_inline<F: Family>(
     }
 }
 
+/// The service-direction entry of a connection straight to a backend whose source port the pod
+/// path translated (`direct_syn`), if `pkt` is one of its packets.
+#[inline(always)]
+fn direct_flow<F: Family>(pkt: &Packet<F>) -> Option<*mut CtValue<F::Addr>> {
+    let ct = F::conntrack().get_ptr_mut(conntrack::service_key(pkt))?;
+    // SAFETY: valid map value pointer for this run.
+    (unsafe { &*ct }.kind() == FlowKind::Direct).then_some(ct)
+}
+
 /// A pod's bare SYN straight to a backend's address and port (no frontend), from a source port
 /// whose reply tuple a translated flow holds: the pod connected to a Service, and now to the
 /// backend itself from the same port (its kernel hands a port out again once the destination
-/// differs). Were that flow's entry left, the backend's SYN-ACK would be translated to the
-/// service address and the pod would never see it. A flow that is over gives the tuple up (both
-/// its entries go, the new connection passes); a live one keeps it, and the SYN is dropped and
-/// counted: two live connections must not share one reply tuple.
+/// differs; the socket hooks connect pods' sockets straight to backends). Were that flow's entry
+/// left, the backend's SYN-ACK would be translated to the service address and the pod would
+/// never see it. A flow that is over gives the tuple up (both its entries go, the new connection
+/// passes untouched). A live one keeps it, and the new connection gets another source port
+/// (`conntrack::open_remapped`, `CT_NAT_DIRECT`, counted as `PortRemapped`), as netfilter's NAT
+/// would give it: its packets are then looked up in conntrack (`direct_flow`), which the
+/// backend's mark in `DIRECT_FILTER` asks for. Two live connections never share one reply tuple;
+/// when no port is free the SYN is dropped and counted (`CtClash`).
 #[inline(always)]
-fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Verdict {
+fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
     let reply = conntrack::reverse_reply_key(pkt);
-    match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), conntrack::now_ns()) {
-        Holder::Free => Verdict::Pass,
+    let now = conntrack::now_ns();
+    let backend_id = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
+        Holder::Free => return Ok(Verdict::Pass),
         Holder::Stale(other) => {
             conntrack::remove_flow::<F>(&reply, &other);
-            Verdict::Pass
+            return Ok(Verdict::Pass);
         }
-        Holder::Live => {
-            observe::count_drop(ctx, HOOK_FROM_POD, Stat::CtClash, pkt, 0, 0);
-            Verdict::Drop
+        Holder::Live { backend_id } => backend_id,
+    };
+    // Marked first: the flow's next packets must find their way to conntrack.
+    lb::mark_direct_dst(pkt);
+    let be = Backend { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, flags: 0 };
+    match conntrack::open_remapped(pkt, backend_id, &be, 0, pkt.saddr, CT_NAT_DIRECT, now) {
+        Ok(port) => {
+            count(Stat::PortRemapped);
+            let new = Tuple { sport: port, ..Tuple::of(pkt) };
+            nat::rewrite_tuple(ctx, pkt, &new)?;
+            observe::translated(ctx, HOOK_FROM_POD, Stat::NewFlow, pkt, 0, backend_id);
+            Ok(Verdict::Pass)
+        }
+        Err(why) => {
+            observe::count_drop(ctx, HOOK_FROM_POD, why, pkt, 0, backend_id);
+            Ok(Verdict::Drop)
         }
     }
 }
@@ -177,11 +222,18 @@ pub fn to_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i6
     };
     // SAFETY: valid map value pointer for this run; copied out.
     let v = unsafe { *ct };
-    if v.kind() != FlowKind::EastWest || !lb::frontend_alive::<F>(v.rev_nat_id, v.pair_addr, v.pair_port) {
+    let live = match v.kind() {
+        FlowKind::EastWest => lb::frontend_alive::<F>(v.rev_nat_id, v.pair_addr, v.pair_port),
+        FlowKind::Direct => true,
+        _ => false,
+    };
+    if !live {
         return Ok(Verdict::Pass);
     }
     conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) };
+    // The client's own address and port: the flow's source port may have been translated
+    // (`PortRemapped`); otherwise they are the packet's destination already.
+    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port };
     nat::rewrite_tuple(ctx, pkt, &new)?;
     observe::translated(ctx, HOOK_TO_POD, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     Ok(Verdict::Pass)

@@ -187,7 +187,6 @@ pub trait Quote<F: Family>: Sized {
     /// The quoted packet's addresses and source port.
     fn inner_src(&self) -> F::Addr;
     fn inner_dst(&self) -> F::Addr;
-    fn inner_sport(&self) -> u16;
     /// The conntrack reply key of the quoted packet's flow.
     fn flow_key(&self) -> CtKey<F::Addr>;
     /// Rewrites the quote to the tuple `from → to` and the error's addresses to `(src, dst)`,
@@ -232,10 +231,6 @@ impl Quote<V4> for Quoted {
         Quoted::inner_dst(self)
     }
     #[inline(always)]
-    fn inner_sport(&self) -> u16 {
-        self.ports().0
-    }
-    #[inline(always)]
     fn flow_key(&self) -> CtKey<u32> {
         self.reply_key()
     }
@@ -257,13 +252,19 @@ pub fn rev_nat<F: Family>(ctx: &TcContext, external: bool) -> Result<(), i64> {
     let Some(v) = flow::<F>(&q) else {
         return Ok(());
     };
-    if v.kind() != if external { FlowKind::External } else { FlowKind::EastWest } {
+    let ours = match v.kind() {
+        FlowKind::External => external,
+        FlowKind::EastWest | FlowKind::Direct => !external,
+        _ => false,
+    };
+    if !ours {
         return Ok(());
     }
-    // The reply entry's pair is the frontend the client addressed; the backend's own error
-    // comes from it, a router's keeps its address.
+    // The reply entry's pair is the frontend the client addressed (a direct flow's, the backend
+    // itself); the backend's own error comes from it, a router's keeps its address. Its nat side
+    // is the client's own address and port (its source port may have been translated).
     let src = if q.src() == q.inner_dst() { v.pair_addr } else { q.src() };
-    q.translate(ctx, (q.inner_src(), q.inner_sport()), (v.pair_addr, v.pair_port), src, q.dst())
+    q.translate(ctx, (v.nat_addr, v.nat_port), (v.pair_addr, v.pair_port), src, q.dst())
 }
 
 /// The conntrack reply entry of the flow `q` quotes.

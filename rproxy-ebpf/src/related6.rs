@@ -188,10 +188,6 @@ impl Quote<V6> for Quoted6 {
         Quoted6::inner_dst(self)
     }
     #[inline(always)]
-    fn inner_sport(&self) -> u16 {
-        self.ports().0
-    }
-    #[inline(always)]
     fn flow_key(&self) -> CtKey6 {
         self.reply_key()
     }

@@ -361,6 +361,7 @@ fn kind_word(k: FlowKind) -> &'static str {
         FlowKind::Hairpin => "hairpin: the client is its own backend",
         FlowKind::External => "north-south to a backend here",
         FlowKind::ExternalSnat => "north-south to another node, source translated",
+        FlowKind::Direct => "straight to a backend, source port translated (a live flow held the tuple)",
     }
 }
 

@@ -61,7 +61,7 @@ enum Kind {
 }
 
 /// Every pinned map and how it migrates.
-const PLAN: [(&str, Kind); 29] = [
+const PLAN: [(&str, Kind); 30] = [
     (n::SERVICES4, Kind::State),
     (n::BACKENDS4, Kind::State),
     (n::REV_NAT4, Kind::State),
@@ -91,6 +91,9 @@ const PLAN: [(&str, Kind); 29] = [
     (n::MONITOR, Kind::Fresh),
     (n::EVENTS, Kind::Keep),
     (n::POD_NETNS, Kind::Fresh),
+    // The programs' marks: copied (a mark lost would leave a direct flow's packets untranslated),
+    // never topped up (an array has no absent keys; the new programs mark what they open).
+    (n::DIRECT_FILTER, Kind::State),
 ];
 
 /// Old maps set aside for a migration, held open until it is finished.

@@ -20,8 +20,8 @@ use crate::common::{
 use etherparse::Ipv4Header;
 use rproxy_agent::model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry};
 use rproxy_common::{
-    AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CtState, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_ITP_LOCAL,
-    SVC_F_NO_LOCAL_ENDPOINTS, Stat, prog_names, proto,
+    AffinityValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_RST, CT_NAT_DIRECT, CtState, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
+    SVC_F_ITP_LOCAL, SVC_F_NO_LOCAL_ENDPOINTS, Stat, prog_names, proto,
 };
 
 const PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
@@ -365,7 +365,7 @@ both_families! {
     /// translated too, to the hairpin address (else its own stack would drop a packet from
     /// itself); its replies, which go to its gateway, are translated back to come from the
     /// service. Later packets keep both translations. A second service with the same backend
-    /// cannot take the reply tuple the first flow holds.
+    /// cannot take the reply tuple the first flow holds: its flow gets another source port.
     fn a_pod_reaching_itself_is_translated_both_ways(h, fam) {
         let me = client(fam);
         h.program(&service(fam, Protocol::Tcp, &[me]));
@@ -389,13 +389,20 @@ both_families! {
         assert_eq!(parse(&out).src, other);
 
         // The same source port to a second service whose backend is the pod too would need the
-        // reply tuple the first flow holds: dropped rather than steal its replies.
+        // reply tuple the first flow holds: the second flow gets another hairpin source port.
         let vip2 = fam.svc(11);
         let mut both = service(fam, Protocol::Tcp, &[me]);
         both.services.extend(service_at(vip2, Protocol::Tcp, &[me]).services);
         h.program(&both);
-        let (rc, _) = h.run(prog_names::FROM_POD, &tcp(c, (vip2, 80), SYN, b""));
-        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, (vip2, 80), SYN, b""));
+        let seen = parse(&out);
+        assert_eq!((rc, seen.src.0, seen.dst), (PASS, hairpin, (me, 8080)));
+        let port = seen.src.1;
+        assert!(port != CPORT && (1024..=29_999).contains(&port), "another port of the SNAT range: {port}");
+        assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (1, 0));
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp((me, 8080), (hairpin, port), SYN_ACK, b""));
+        let seen = parse(&out);
+        assert_eq!((rc, seen.src, seen.dst), (PASS, (vip2, 80), c), "its reply, from the second service");
         let (rc, out) = h.run(prog_names::FROM_POD, &reply);
         assert_eq!((rc, parse(&out).src), (PASS, (vip(fam), 80)), "the first flow keeps its replies");
     }
@@ -404,10 +411,11 @@ both_families! {
 both_families! {
     /// Two connections never share a reply tuple. One backend behind two frontends, and a pod
     /// that reuses its source port towards it: while the first flow is live, a new flow through
-    /// the second frontend, or straight to the backend's own address, is dropped (and counted)
-    /// rather than steal its replies; once the first flow is over (closing), the new connection
-    /// takes the tuple, the old flow's entries go, and the replies are the new connection's.
-    fn a_reply_tuple_is_never_shared_and_a_closed_flow_gives_it_up(h, fam) {
+    /// the second frontend, or straight to the backend's own address, gets another source port
+    /// (as netfilter's NAT gives a clashing connection), counted as `port_remapped`, and every
+    /// packet of it both ways is translated; the first flow's replies stay its own. Once a flow
+    /// is over (closing), a new connection takes its tuple as it is, and its entries go.
+    fn a_clashing_reply_tuple_gets_another_source_port_and_a_closed_flow_gives_it_up(h, fam) {
         let vip1 = (vip(fam), 80);
         let vip2 = (fam.svc(11), 80);
         let b = (backends(fam)[0], 8080);
@@ -419,41 +427,73 @@ both_families! {
         assert_eq!((rc, parse(&out).dst), (PASS, b));
         h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
         assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Established as u8);
+        let remapped = |h: &mut Harness, frame: &[u8]| {
+            let (rc, out) = h.run(prog_names::FROM_POD, frame);
+            let seen = parse(&out);
+            assert_eq!((rc, seen.src.0, seen.dst), (PASS, c.0, b));
+            let port = seen.src.1;
+            assert!(port != c.1 && (1024..=29_999).contains(&port), "another port of the SNAT range: {port}");
+            port
+        };
 
-        // Live: the second frontend's flow and a direct connection are dropped, the first
-        // flow's replies stay its own.
-        let (rc, _) = h.run(prog_names::FROM_POD, &tcp(c, vip2, SYN, b""));
-        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 1));
-        let direct = tcp(c, b, SYN, b"");
-        let (rc, _) = h.run(prog_names::FROM_POD, &direct);
-        assert_eq!((rc, h.stat(Stat::CtClash)), (DROP, 2));
+        // Live: the second frontend's flow gets another port; its replies come from the second
+        // frontend to the pod's own port, the first flow's from the first.
+        let p2 = remapped(h, &tcp(c, vip2, SYN, b""));
+        assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (1, 0));
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, p2), SYN_ACK, b""));
+        let seen = parse(&out);
+        assert_eq!((seen.src, seen.dst), (vip2, c), "the second flow's reply");
+        assert_eq!(remapped(h, &tcp(c, vip2, ACK, b"x")), p2, "its next packet keeps the port");
         let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, b"data"));
         assert_eq!(parse(&out).src, vip1, "the live flow keeps its replies");
-        // A direct connection from another port is none of its business.
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp((c.0, 41_001), b, SYN, b""));
-        assert_eq!((rc, parse(&out).dst), (PASS, b));
 
-        // The first flow closes (FIN both ways): a direct connection from the same port takes
-        // the tuple; the SYN passes untouched, and the SYN-ACK reaches the pod from the backend.
-        h.run(prog_names::FROM_POD, &tcp(c, vip1, FIN, b""));
-        h.run(prog_names::TO_POD, &tcp(b, c, FIN, b""));
-        assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Closing as u8);
+        // A connection straight to the backend from the same port: another port again; its
+        // packets both ways are translated (the pod sees the backend, at its own port).
+        let p3 = remapped(h, &tcp(c, b, SYN, b""));
+        assert_ne!(p3, p2);
+        assert_eq!(h.stat(Stat::PortRemapped), 2);
+        assert_eq!(h.ct_of(c, b, proto::TCP, CT_DIR_SERVICE).expect("its entry").nat_flags, CT_NAT_DIRECT);
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, p3), SYN_ACK, b""));
+        let seen = parse(&out);
+        assert_eq!((seen.src, seen.dst), (b, c), "the direct connection's reply");
+        let sent = tcp(c, b, ACK, b"y");
+        assert_eq!(remapped(h, &sent), p3, "its next packet keeps the port");
+        // An ICMP error about it reaches the pod about its own port.
+        let (_, translated) = h.run(prog_names::FROM_POD, &sent);
+        let (rc, out) = h.run(prog_names::TO_POD, &icmp_error(IcmpKind::TooBig(1280), b.0, c.0, &fam.quote(&translated)));
+        assert_eq!(rc, PASS);
+        assert_related(&out, &sent, b.0);
+        // A direct connection from another port is none of its business (though the backend
+        // is now looked up in conntrack).
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp((c.0, 41_001), b, SYN, b""));
+        assert_eq!((rc, parse(&out).src, parse(&out).dst), (PASS, (c.0, 41_001), b));
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, 41_001), SYN_ACK, b""));
+        assert_eq!(parse(&out).src, b);
+
+        // A flow that is over gives its tuple up: the first flow of port 41,002 closes (RST);
+        // a direct connection from the same port passes untouched and its SYN-ACK reaches the
+        // pod from the backend.
+        let c2 = (client(fam), 41_002);
+        h.run(prog_names::FROM_POD, &tcp(c2, vip1, SYN, b""));
+        h.run(prog_names::TO_POD, &tcp(b, c2, RST, b""));
+        assert_eq!(svc_ct(h, fam, c2, proto::TCP).expect("entry").state, CtState::Closing as u8);
+        let direct = tcp(c2, b, SYN, b"");
         assert_eq!(h.run(prog_names::FROM_POD, &direct), (PASS, direct.clone()));
-        assert!(svc_ct(h, fam, c, proto::TCP).is_none() && reply_ct(h, b, c, proto::TCP).is_none());
-        let synack = tcp(b, c, SYN_ACK, b"");
+        assert!(svc_ct(h, fam, c2, proto::TCP).is_none() && reply_ct(h, b, c2, proto::TCP).is_none());
+        let synack = tcp(b, c2, SYN_ACK, b"");
         assert_eq!(h.run(prog_names::TO_POD, &synack), (PASS, synack.clone()), "the backend's own SYN-ACK");
 
         // Likewise a closed flow gives the tuple up to a new flow through the other frontend:
         // its client-side entry goes, the new flow's replies come from the second frontend.
-        let c2 = (client(fam), 41_002);
-        h.run(prog_names::FROM_POD, &tcp(c2, vip1, SYN, b""));
-        h.run(prog_names::TO_POD, &tcp(b, c2, RST, b""));
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c2, vip2, SYN, b""));
-        assert_eq!((rc, parse(&out).dst), (PASS, b));
-        assert!(svc_ct(h, fam, c2, proto::TCP).is_none(), "the closed flow's client side is gone");
-        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c2, SYN_ACK, b""));
+        let c3 = (client(fam), 41_003);
+        h.run(prog_names::FROM_POD, &tcp(c3, vip1, SYN, b""));
+        h.run(prog_names::TO_POD, &tcp(b, c3, RST, b""));
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c3, vip2, SYN, b""));
+        assert_eq!((rc, parse(&out).src, parse(&out).dst), (PASS, c3, b));
+        assert!(svc_ct(h, fam, c3, proto::TCP).is_none(), "the closed flow's client side is gone");
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c3, SYN_ACK, b""));
         assert_eq!(parse(&out).src, vip2);
-        assert_eq!(h.stat(Stat::CtClash), 2);
+        assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (2, 0));
     }
 }
 

@@ -655,6 +655,67 @@ fn a_pod_reaches_a_backend_directly_from_the_port_of_a_closed_service_connection
     );
 }
 
+/// A pod's new connection whose reply tuple a live flow holds gets another source port, as
+/// netfilter's NAT gives it: the pod holds a connection to its Service from one source port
+/// and, from the same port (`SO_REUSEADDR`; a kernel hands a port out again once the
+/// destination differs), connects to the Service's second port, then straight to the backend,
+/// which both land on the one endpoint. The server sees both new connections from other ports;
+/// all three carry data both ways. The Service has `ClientIP` affinity, which the socket hooks
+/// leave to the pod path, so its connections are translated flows there (without it, they are
+/// connected straight to the backend and the kernel itself keeps their tuples apart).
+#[test]
+fn a_pod_connection_whose_reply_tuple_is_held_gets_another_source_port() {
+    let spec = Spec {
+        serve: &[8080],
+        service: service(vec![
+            service_port("http", Protocol::Tcp, 80, 8080),
+            service_port("alt", Protocol::Tcp, 81, 8080),
+        ]),
+        slice_ports: vec![slice_port("http", Protocol::Tcp, 8080), slice_port("alt", Protocol::Tcp, 8080)],
+        endpoints: vec![(BACKENDS[0].0, State::Ready)],
+        ready_port: 80,
+    };
+    run("a_pod_connection_whose_reply_tuple_is_held_gets_another_source_port", &spec, |setup| {
+        const PORT: u16 = 42_425;
+        setup.write_service(&format!("{}  sessionAffinity: ClientIP\n", spec.service))?;
+        // Affinity is programmed once a connection leaves the client remembered.
+        let remembered = format!(": {} -> backend", CLIENT.1);
+        let affine = streak_start(Instant::now(), PROPAGATION * 3, 1, || {
+            let _ = setup.tcp_backend(80, SHORT);
+            std::process::Command::new(agent_bin().expect("agent"))
+                .arg("dump")
+                .arg("--bpffs")
+                .arg(setup.lab.pin_dir())
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.contains(&remembered)))
+        });
+        ensure!(affine.is_some(), "the Service's affinity was not programmed");
+        let mut held = setup.client().tcp_session_from(PORT, CLUSTER_IP, 80, TIMEOUT)?;
+        held.echo(b"the first connection")?;
+        ensure!(held.seen_as().map(|a| a.port()) == Some(PORT), "the first connection seen as {:?}", held.seen_as());
+        let mut second = setup
+            .client()
+            .tcp_session_from(PORT, CLUSTER_IP, 81, TIMEOUT)
+            .context("the Service's second port from the same source port")?;
+        second.echo(b"the second port")?;
+        let backend = BACKENDS[0].1;
+        let mut direct = setup
+            .client()
+            .tcp_session_from(PORT, backend, 8080, TIMEOUT)
+            .with_context(|| format!("straight to {backend}:8080 from port {PORT}"))?;
+        direct.echo(b"straight to the backend")?;
+        let ports = [held.seen_as(), second.seen_as(), direct.seen_as()].map(|a| a.map(|a| a.port()));
+        ensure!(
+            ports[1].is_some_and(|p| p != PORT) && ports[2].is_some_and(|p| p != PORT) && ports[1] != ports[2],
+            "the server saw the connections from ports {ports:?}"
+        );
+        for (session, what) in [(&mut held, "first"), (&mut second, "second"), (&mut direct, "direct")] {
+            session.echo(b"once more").with_context(|| format!("the {what} connection, at the end"))?;
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn service_type_change_to_external_name_and_back() {
     let spec = http_spec(all(State::Ready));
