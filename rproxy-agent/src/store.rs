@@ -42,7 +42,7 @@ use crate::{
     model::{self, Desired, Frontend, HealthCheck, NodeContext, ObjectRef, Problem, ServiceEntry},
     source::{
         Update,
-        slim::{CompactService, CompactSlice},
+        slim::{CompactService, CompactSlice, SliceView},
     },
     translate,
 };
@@ -466,19 +466,20 @@ impl Store {
     fn translate_unit(&self, unit_ref: &ObjectRef) -> Unit {
         let services: Vec<Service> =
             self.services.get(unit_ref).into_iter().flatten().map(CompactService::to_service).collect();
-        let slices: Vec<EndpointSlice> = self
+        // Read in their compact forms, packed for this node (`self.context.name`).
+        let slices: Vec<SliceView<'_>> = self
             .unit_slices
             .get(unit_ref)
             .into_iter()
             .flatten()
             .filter_map(|r| Some((r, self.slices.get(r)?)))
-            .flat_map(|(r, definitions)| definitions.iter().map(move |d| d.to_slice(r, &self.context.name)))
+            .flat_map(|(r, definitions)| definitions.iter().map(move |d| d.input(r)))
             .collect();
         if services.is_empty() && slices.is_empty() {
             return Unit::default();
         }
         let services: Vec<&Service> = services.iter().collect();
-        let slices: Vec<&EndpointSlice> = slices.iter().collect();
+        let slices: Vec<&SliceView<'_>> = slices.iter().collect();
         let t = translate::translate_refs(&services, &slices, &self.context);
         let frontends: Vec<(Frontend, Option<ServiceEntry>)> =
             t.desired.services.into_iter().map(|(fe, entry)| (fe, Some(entry))).collect();

@@ -148,9 +148,10 @@ pub fn translate(objects: &Objects, node: &NodeContext) -> Translation {
 }
 
 /// [`translate`] over borrowed objects, so that a caller can translate a subset (one Service with
-/// its slices, say) without cloning. A slice whose Service is not among `services` is reported.
+/// its slices, say) without cloning; the slices may be API objects or the store's compact forms
+/// ([`SliceInput`]). A slice whose Service is not among `services` is reported.
 #[must_use]
-pub fn translate_refs(services: &[&Service], slices: &[&EndpointSlice], node: &NodeContext) -> Translation {
+pub fn translate_refs<S: SliceInput + ?Sized>(services: &[&Service], slices: &[&S], node: &NodeContext) -> Translation {
     let mut problems = Vec::new();
     let plans = plan_services(services, &mut problems);
     let endpoints = collect_endpoints(slices, &plans, node, &mut problems);
@@ -612,12 +613,11 @@ impl Conditions {
     /// Defaults as kube-proxy's `endpointslicecache.go` and the discovery/v1 API reference
     /// define them: `ready` and `serving` unset mean true, `terminating` unset means false.
     /// With `publishNotReadyAddresses` every endpoint counts as ready.
-    fn of(endpoint: &Endpoint, publish_not_ready: bool) -> Self {
-        let conditions = endpoint.conditions.as_ref();
+    fn of(endpoint: &EndpointFields<'_>, publish_not_ready: bool) -> Self {
         Self {
-            ready: publish_not_ready || conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            ready: publish_not_ready || endpoint.ready.unwrap_or(true),
+            serving: endpoint.serving.unwrap_or(true),
+            terminating: endpoint.terminating.unwrap_or(false),
         }
     }
 }
@@ -633,11 +633,11 @@ struct EndpointInfo {
 
 /// An endpoint's topology hints, as they concern this node.
 #[derive(Clone, Copy, Debug, Default)]
-struct Hints {
+pub struct Hints {
     /// `None` without zone hints; else whether one names this node's zone.
-    zone: Option<bool>,
+    pub zone: Option<bool>,
     /// `None` without node hints; else whether one names this node.
-    node: Option<bool>,
+    pub node: Option<bool>,
 }
 
 impl Hints {
@@ -706,19 +706,86 @@ type PortEndpoints = BTreeMap<BackendAddr, EndpointInfo>;
 /// Per Service, the endpoints of each of its planned ports (same order as `ServicePlan::ports`).
 type EndpointMap = BTreeMap<ObjectRef, Vec<PortEndpoints>>;
 
-fn collect_endpoints(
-    slices: &[&EndpointSlice],
+/// An `EndpointSlice` as the translation reads it: the API object, or the store's compact form
+/// of one (`source::slim::CompactSlice`), read without rebuilding the object.
+pub trait SliceInput {
+    /// The slice's namespace and name; `Err` without a name: how a problem names it.
+    fn slice_ref(&self) -> Result<ObjectRef, String>;
+    /// Its [`SERVICE_NAME_LABEL`].
+    fn service_name(&self) -> Option<&str>;
+    fn address_type(&self) -> &str;
+    fn ports(&self) -> &[EndpointPort];
+    /// Its endpoints, as they concern `node`.
+    fn endpoints(&self, node: &NodeContext) -> impl Iterator<Item = EndpointFields<'_>>;
+}
+
+/// One endpoint of a slice, as the translation reads it.
+pub struct EndpointFields<'a> {
+    /// The first address (kube-proxy's choice), as written or already parsed; `None`: none.
+    pub address: Option<Address<'a>>,
+    /// The conditions as written (`None`: unset).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    /// Whether its `nodeName` is this node ([`is_local`]).
+    pub local: bool,
+    pub hints: Hints,
+}
+
+/// An endpoint's address.
+pub enum Address<'a> {
+    Text(&'a str),
+    Parsed(IpAddr),
+}
+
+impl SliceInput for EndpointSlice {
+    fn slice_ref(&self) -> Result<ObjectRef, String> {
+        object_ref(&self.metadata).ok_or_else(|| unnamed(&self.metadata))
+    }
+
+    fn service_name(&self) -> Option<&str> {
+        self.metadata.labels.as_ref().and_then(|labels| labels.get(SERVICE_NAME_LABEL)).map(String::as_str)
+    }
+
+    fn address_type(&self) -> &str {
+        &self.address_type
+    }
+
+    fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
+
+    fn endpoints(&self, node: &NodeContext) -> impl Iterator<Item = EndpointFields<'_>> {
+        self.endpoints.iter().flatten().map(|e| {
+            let conditions = e.conditions.as_ref();
+            EndpointFields {
+                address: e.addresses.first().map(|a| Address::Text(a)),
+                ready: conditions.and_then(|c| c.ready),
+                serving: conditions.and_then(|c| c.serving),
+                terminating: conditions.and_then(|c| c.terminating),
+                local: is_local(e.node_name.as_deref(), &node.name),
+                hints: Hints::of(e, node),
+            }
+        })
+    }
+}
+
+fn collect_endpoints<S: SliceInput + ?Sized>(
+    slices: &[&S],
     plans: &ServicePlans,
     node: &NodeContext,
     problems: &mut Vec<Problem>,
 ) -> EndpointMap {
     let mut endpoints = EndpointMap::new();
     for &slice in slices {
-        let Some(slice_ref) = object_ref(&slice.metadata) else {
-            problems.push(problem(SLICE, &unnamed(&slice.metadata), "missing metadata.name"));
-            continue;
+        let slice_ref = match slice.slice_ref() {
+            Ok(r) => r,
+            Err(unnamed) => {
+                problems.push(problem(SLICE, &unnamed, "missing metadata.name"));
+                continue;
+            }
         };
-        let (svc_ref, plan) = match owning_service(slice, &slice_ref, plans) {
+        let (svc_ref, plan) = match owning_service(slice.service_name(), &slice_ref, plans) {
             Ok(Some(owner)) => owner,
             Ok(None) => continue,
             Err((reason, transient)) => {
@@ -727,11 +794,11 @@ fn collect_endpoints(
             }
         };
         let mut report = |reason: String| problems.push(problem(SLICE, &slice_ref, reason));
-        let Some(v6) = slice_family(slice, &slice_ref, &mut report) else {
+        let Some(v6) = slice_family(slice.address_type(), &slice_ref, &mut report) else {
             continue;
         };
         let infos = slice_endpoints(slice, v6, plan.publish_not_ready, node, &mut report);
-        let slice_ports = slice_ports(slice, &mut report);
+        let slice_ports = slice_ports(slice.ports(), &mut report);
         let per_port = endpoints.entry(svc_ref).or_insert_with(|| vec![PortEndpoints::new(); plan.ports.len()]);
         for (port, merged) in plan.ports.iter().zip(per_port) {
             if let Some(target) = matching_port(&slice_ports, port) {
@@ -748,15 +815,14 @@ fn collect_endpoints(
 /// error for a slice without the service-name label, or whose Service does not exist: the
 /// reason, and whether it is transient ([`Problem::transient`]).
 fn owning_service<'p>(
-    slice: &EndpointSlice,
+    label: Option<&str>,
     slice_ref: &ObjectRef,
     plans: &'p ServicePlans,
 ) -> Result<Option<(ObjectRef, &'p ServicePlan)>, (String, bool)> {
-    let label = slice.metadata.labels.as_ref().and_then(|labels| labels.get(SERVICE_NAME_LABEL));
     let Some(name) = label.filter(|name| !name.is_empty()) else {
         return Err((format!("missing label {SERVICE_NAME_LABEL}"), false));
     };
-    let svc_ref = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.as_str().into() };
+    let svc_ref = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.into() };
     match plans.get(&svc_ref) {
         // The slice came before its Service, or its Service was deleted and the garbage
         // collector has not removed the slice yet.
@@ -770,8 +836,8 @@ fn owning_service<'p>(
 }
 
 /// The slice's family (`Some(true)` for IPv6); FQDN slices are ignored, unknown types reported.
-fn slice_family(slice: &EndpointSlice, slice_ref: &ObjectRef, report: &mut impl FnMut(String)) -> Option<bool> {
-    match slice.address_type.as_str() {
+fn slice_family(address_type: &str, slice_ref: &ObjectRef, report: &mut impl FnMut(String)) -> Option<bool> {
+    match address_type {
         "IPv4" => Some(false),
         "IPv6" => Some(true),
         "FQDN" => {
@@ -787,28 +853,32 @@ fn slice_family(slice: &EndpointSlice, slice_ref: &ObjectRef, report: &mut impl 
 
 /// The slice's endpoints with a usable address of its family (`v6`; the first address, as
 /// kube-proxy does).
-fn slice_endpoints(
-    slice: &EndpointSlice,
+fn slice_endpoints<S: SliceInput + ?Sized>(
+    slice: &S,
     v6: bool,
     publish_not_ready: bool,
     node: &NodeContext,
     report: &mut impl FnMut(String),
 ) -> Vec<EndpointInfo> {
     let mut infos = Vec::new();
-    for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
-        let Some(raw) = endpoint.addresses.first() else {
-            report("endpoint without address; ignored".to_owned());
-            continue;
+    for endpoint in slice.endpoints(node) {
+        let parsed = match endpoint.address {
+            None => {
+                report("endpoint without address; ignored".to_owned());
+                continue;
+            }
+            Some(Address::Parsed(addr)) => Ok(addr),
+            Some(Address::Text(raw)) => parse_ip(raw).ok_or(raw),
         };
-        match parse_ip(raw) {
-            Some(addr) if addr.is_ipv6() == v6 => infos.push(EndpointInfo {
+        match parsed {
+            Ok(addr) if addr.is_ipv6() == v6 => infos.push(EndpointInfo {
                 addr,
-                conditions: Conditions::of(endpoint, publish_not_ready),
-                local: is_local(endpoint.node_name.as_deref(), &node.name),
-                hints: Hints::of(endpoint, node),
+                conditions: Conditions::of(&endpoint, publish_not_ready),
+                local: endpoint.local,
+                hints: endpoint.hints,
             }),
-            Some(addr) => report(format!("endpoint {addr}: not of the slice's addressType {}", slice.address_type)),
-            None => report(format!("invalid endpoint address {raw:?}")),
+            Ok(addr) => report(format!("endpoint {addr}: not of the slice's addressType {}", slice.address_type())),
+            Err(raw) => report(format!("invalid endpoint address {raw:?}")),
         }
     }
     infos
@@ -827,9 +897,9 @@ struct SlicePort<'a> {
 }
 
 /// The slice's ports with a valid number; reports the others.
-fn slice_ports<'s>(slice: &'s EndpointSlice, report: &mut impl FnMut(String)) -> Vec<SlicePort<'s>> {
+fn slice_ports<'s>(slice_ports: &'s [EndpointPort], report: &mut impl FnMut(String)) -> Vec<SlicePort<'s>> {
     let mut ports = Vec::new();
-    for EndpointPort { name, port, protocol, .. } in slice.ports.as_deref().unwrap_or_default() {
+    for EndpointPort { name, port, protocol, .. } in slice_ports {
         let name = name.as_deref().unwrap_or_default();
         if let Some(port) = port.and_then(valid_port) {
             ports.push(SlicePort { name, proto: parse_protocol(protocol.as_deref()).ok(), port });

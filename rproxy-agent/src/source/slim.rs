@@ -16,20 +16,20 @@
 //!
 //! The store goes further with slices, which are most of its objects (ten endpoints a slice is
 //! common): it keeps each one as a [`CompactSlice`], a few dozen bytes an endpoint instead of
-//! the API type's 352 plus its strings, and rebuilds an `EndpointSlice` only to translate its
-//! Service.
+//! the API type's 352 plus its strings, which the translation reads as it is
+//! ([`CompactSlice::input`]).
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServiceStatus},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone},
+        discovery::v1::{Endpoint, EndpointHints, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use crate::{
-    model::ObjectRef,
+    model::{NodeContext, ObjectRef},
     translate::{self, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
 
@@ -149,8 +149,8 @@ fn meta(meta: ObjectMeta) -> ObjectMeta {
 /// address (the only one the translation reads), its three conditions, and whether it is on this
 /// node rather than its node name (all the translation does with it); likewise, of its topology
 /// hints, the zone names and whether the node hints name this node. A compact slice is so tied
-/// to one node. [`CompactSlice::to_slice`] rebuilds an `EndpointSlice` that translates exactly as
-/// the original does on that node.
+/// to one node. [`CompactSlice::input`] reads it for the translation, which translates it
+/// exactly as the original on that node.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompactSlice {
     /// The `kubernetes.io/service-name` label.
@@ -182,10 +182,6 @@ struct CompactHints {
     this_node: Option<bool>,
 }
 
-/// The node name a rebuilt slice's node hint carries when the original's named other nodes
-/// only: no node has it (node names cannot hold a NUL).
-const OTHER_NODE: &str = "\0other-node";
-
 impl CompactHints {
     fn new(hints: Option<&EndpointHints>, node_name: &str) -> Option<Box<Self>> {
         let hints = hints?;
@@ -193,16 +189,6 @@ impl CompactHints {
         let nodes = hints.for_nodes.as_deref().unwrap_or_default();
         let this_node = (!nodes.is_empty()).then(|| nodes.iter().any(|n| n.name == node_name));
         (!zones.is_empty() || this_node.is_some()).then(|| Box::new(Self { zones, this_node }))
-    }
-
-    fn to_hints(&self, node_name: &str) -> EndpointHints {
-        EndpointHints {
-            for_zones: (!self.zones.is_empty())
-                .then(|| self.zones.iter().map(|z| ForZone { name: z.to_string() }).collect()),
-            for_nodes: self
-                .this_node
-                .map(|here| vec![ForNode { name: if here { node_name } else { OTHER_NODE }.into() }]),
-        }
     }
 }
 
@@ -269,32 +255,56 @@ impl CompactSlice {
         self.endpoints.iter().any(|e| e.hints.as_ref().is_some_and(|h| !h.zones.is_empty()))
     }
 
-    /// An `EndpointSlice` named `slice_ref` that translates, on the node named `node_name` (the
-    /// one it was packed for), as the original slice does.
+    /// The slice named `slice_ref` as the translation reads it (`translate::translate_refs`),
+    /// without rebuilding the `EndpointSlice`: it translates as the original slice does, on
+    /// the node it was packed for.
     #[must_use]
-    pub fn to_slice(&self, slice_ref: &ObjectRef, node_name: &str) -> EndpointSlice {
-        let endpoints = self.endpoints.iter().map(|e| Endpoint {
-            addresses: match &e.address {
-                Address::Missing => Vec::new(),
-                Address::V4(addr) => vec![addr.to_string()],
-                Address::Other(raw) => vec![raw.to_string()],
+    pub fn input<'a>(&'a self, slice_ref: &'a ObjectRef) -> SliceView<'a> {
+        SliceView { slice_ref, slice: self }
+    }
+}
+
+/// A compact slice with its name ([`CompactSlice::input`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SliceView<'a> {
+    slice_ref: &'a ObjectRef,
+    slice: &'a CompactSlice,
+}
+
+impl translate::SliceInput for SliceView<'_> {
+    fn slice_ref(&self) -> Result<ObjectRef, String> {
+        Ok(self.slice_ref.clone())
+    }
+
+    fn service_name(&self) -> Option<&str> {
+        self.slice.service_name.as_deref()
+    }
+
+    fn address_type(&self) -> &str {
+        &self.slice.address_type
+    }
+
+    fn ports(&self) -> &[EndpointPort] {
+        &self.slice.ports
+    }
+
+    fn endpoints(&self, node: &NodeContext) -> impl Iterator<Item = translate::EndpointFields<'_>> {
+        let zone = node.zone.as_deref().unwrap_or_default();
+        self.slice.endpoints.iter().map(move |e| translate::EndpointFields {
+            address: match &e.address {
+                Address::Missing => None,
+                Address::V4(addr) => Some(translate::Address::Parsed(IpAddr::V4(*addr))),
+                Address::Other(raw) => Some(translate::Address::Text(raw)),
             },
-            conditions: Some(EndpointConditions { ready: e.ready, serving: e.serving, terminating: e.terminating }),
-            node_name: e.local.then(|| node_name.to_owned()),
-            hints: e.hints.as_ref().map(|h| h.to_hints(node_name)),
-            ..Endpoint::default()
-        });
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(slice_ref.name.to_string()),
-                namespace: Some(slice_ref.namespace.to_string()),
-                labels: self.service_name.as_ref().map(|n| [(SERVICE_NAME_LABEL.to_owned(), n.to_string())].into()),
-                ..ObjectMeta::default()
-            },
-            address_type: self.address_type.to_string(),
-            endpoints: Some(endpoints.collect()),
-            ports: Some(self.ports.to_vec()),
-        }
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+            local: e.local,
+            hints: e.hints.as_ref().map_or_else(translate::Hints::default, |h| translate::Hints {
+                zone: (!h.zones.is_empty()).then(|| h.zones.iter().any(|z| &**z == zone)),
+                node: h.this_node,
+            }),
+        })
     }
 }
 
@@ -303,7 +313,7 @@ mod tests {
     use k8s_openapi::{
         api::{
             core::v1::{LoadBalancerIngress, LoadBalancerStatus, ObjectReference, ServicePort, ServiceSpec},
-            discovery::v1::{EndpointConditions, EndpointHints, EndpointPort},
+            discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, ForNode, ForZone},
         },
         apimachinery::pkg::apis::meta::v1::{Condition, ManagedFieldsEntry, Time},
     };
@@ -460,9 +470,9 @@ mod tests {
                     };
                     let compact = CompactSlice::new(&slice, node_name);
                     assert!(compact.has_zone_hints());
-                    let rebuilt = compact.to_slice(&r, node_name);
+                    let view = compact.input(&r);
                     let full = translate_refs(&[&svc], &[&slice], &node);
-                    assert_eq!(translate_refs(&[&svc], &[&rebuilt], &node), full, "node {node_name:?}, zone {zone:?}");
+                    assert_eq!(translate_refs(&[&svc], &[&view], &node), full, "node {node_name:?}, zone {zone:?}");
                     let slots = full.desired.services.values().next().unwrap().slots.len();
                     narrowed += usize::from(slots < 3);
                 }
@@ -595,15 +605,16 @@ mod tests {
                 addresses: vec![[172, 18, 0, 2].into()],
                 zone: None,
             };
-            let rebuilt: Vec<EndpointSlice> = slices
+            let packed: Vec<(ObjectRef, CompactSlice)> = slices
                 .iter()
                 .map(|s| {
                     let r = ObjectRef::new(translate::namespace_of(&s.metadata), s.metadata.name.as_deref().unwrap());
-                    CompactSlice::new(s, node_name).to_slice(&r, node_name)
+                    (r, CompactSlice::new(s, node_name))
                 })
                 .collect();
+            let views: Vec<SliceView<'_>> = packed.iter().map(|(r, c)| c.input(r)).collect();
             let full = translate_refs(&[&svc], &slices.iter().collect::<Vec<_>>(), &node);
-            assert_eq!(translate_refs(&[&svc], &rebuilt.iter().collect::<Vec<_>>(), &node), full, "node {node_name:?}");
+            assert_eq!(translate_refs(&[&svc], &views.iter().collect::<Vec<_>>(), &node), full, "node {node_name:?}");
             // The slices exercise what they are meant to.
             let entry = full.desired.services.values().next().unwrap();
             assert!(!entry.slots.is_empty(), "{full:?}");
