@@ -8,7 +8,7 @@ use rproxy_common::{
     AffinityKey, AffinityMatch, AffinityValue, BE_F_ACTIVE, BE_F_LOCAL, BE_F_TERMINATING, Backend,
     CONFIG_F_EXTERNAL_CLUSTER_IP, CT_NAT_EXTERNAL, CtValue, SCOPE_EXTERNAL, SCOPE_LOCAL, SVC_F_AFFINITY,
     SVC_F_BY_CLIENT_ADDRESS, SVC_F_CLUSTER_IP, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, Stat,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGE, ServiceKey, ServiceValue, SrcRange, Stat, proto,
 };
 
 use crate::{
@@ -196,9 +196,11 @@ pub fn may_be_backend_dst<F: Family>(pkt: &Packet<F>) -> bool {
 
 /// Whether the packet's destination may be a backend a pod has a connection to whose source
 /// port the pod path translated (`DIRECT_FILTER`); `false` means no such connection exists.
+/// Only TCP connections are ever translated so (`pod::direct_syn`).
 #[inline(always)]
 pub fn may_be_direct_dst<F: Family>(pkt: &Packet<F>) -> bool {
-    DIRECT_FILTER.get(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6).is_some_and(|w| *w != 0)
+    pkt.proto == proto::TCP
+        && DIRECT_FILTER.get(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6).is_some_and(|w| *w != 0)
 }
 
 /// Marks the packet's destination for [`may_be_direct_dst`]: one word per 64 filter bits, set
