@@ -242,7 +242,7 @@ pub fn open<F: Family>(
 }
 
 /// Ports tried by [`open_remapped`] before the connection is dropped (`Stat::CtClash`).
-const REMAP_TRIES: u32 = 8;
+const REMAP_TRIES: u32 = 4;
 
 /// Opens a new flow from a pod whose reply tuple a live flow holds ([`open`] refused it), as
 /// netfilter's NAT does for a clashing tuple: the backend sees the client's address

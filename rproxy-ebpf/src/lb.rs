@@ -177,7 +177,20 @@ fn external_cluster_ip() -> bool {
 /// means it certainly is not.
 #[inline(always)]
 pub fn may_be_service<F: Family>(pkt: &Packet<F>) -> bool {
-    has_bit(&SVC_FILTER, F::filter_bit(pkt.daddr, pkt.dport, pkt.proto))
+    may_be_service_at(dst_bit(pkt))
+}
+
+/// The filter bit of the packet's destination (`rproxy_common::filter`), which the frontend,
+/// backend and direct filters share: computed once where a packet meets several.
+#[inline(always)]
+pub fn dst_bit<F: Family>(pkt: &Packet<F>) -> u32 {
+    F::filter_bit(pkt.daddr, pkt.dport, pkt.proto)
+}
+
+/// [`may_be_service`] with the destination's bit ([`dst_bit`]).
+#[inline(always)]
+pub fn may_be_service_at(bit: u32) -> bool {
+    has_bit(&SVC_FILTER, bit)
 }
 
 /// Whether the packet's source may be a backend, i.e. the packet a backend's reply
@@ -187,27 +200,26 @@ pub fn may_be_backend<F: Family>(pkt: &Packet<F>) -> bool {
     has_bit(&BE_FILTER, F::filter_bit(pkt.saddr, pkt.sport, pkt.proto))
 }
 
-/// Whether the packet's destination may be a backend (a pod reaching one directly);
-/// `false` means it certainly is not.
+/// Whether the packet's destination (its bit `bit`, [`dst_bit`]) may be a backend (a pod
+/// reaching one directly); `false` means it certainly is not.
 #[inline(always)]
-pub fn may_be_backend_dst<F: Family>(pkt: &Packet<F>) -> bool {
-    has_bit(&BE_FILTER, F::filter_bit(pkt.daddr, pkt.dport, pkt.proto))
+pub fn may_be_backend_dst_at(bit: u32) -> bool {
+    has_bit(&BE_FILTER, bit)
 }
 
-/// Whether the packet's destination may be a backend a pod has a connection to whose source
-/// port the pod path translated (`DIRECT_FILTER`); `false` means no such connection exists.
-/// Only TCP connections are ever translated so (`pod::direct_syn`).
+/// Whether the packet's destination (its bit `bit`, [`dst_bit`]) may be a backend a pod has a
+/// connection to whose source port the pod path translated (`DIRECT_FILTER`); `false` means no
+/// such connection exists. Only TCP connections are ever translated so (`pod::direct_syn`).
 #[inline(always)]
-pub fn may_be_direct_dst<F: Family>(pkt: &Packet<F>) -> bool {
-    pkt.proto == proto::TCP
-        && DIRECT_FILTER.get(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6).is_some_and(|w| *w != 0)
+pub fn may_be_direct_dst_at<F: Family>(pkt: &Packet<F>, bit: u32) -> bool {
+    pkt.proto == proto::TCP && DIRECT_FILTER.get(bit >> 6).is_some_and(|w| *w != 0)
 }
 
-/// Marks the packet's destination for [`may_be_direct_dst`]: one word per 64 filter bits, set
-/// to 1 by every writer (a plain store: no read-modify-write to race), never cleared.
+/// Marks the packet's destination for [`may_be_direct_dst_at`]: one word per 64 filter bits,
+/// set to 1 by every writer (a plain store: no read-modify-write to race), never cleared.
 #[inline(always)]
 pub fn mark_direct_dst<F: Family>(pkt: &Packet<F>) {
-    if let Some(w) = DIRECT_FILTER.get_ptr_mut(F::filter_bit(pkt.daddr, pkt.dport, pkt.proto) >> 6) {
+    if let Some(w) = DIRECT_FILTER.get_ptr_mut(dst_bit(pkt) >> 6) {
         // SAFETY: valid map value pointer for this run; an aligned 8-byte store.
         unsafe { *w = 1 };
     }

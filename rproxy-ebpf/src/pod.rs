@@ -37,16 +37,17 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
     if F::same(pkt.daddr, F::HAIRPIN) {
         return hairpin_reply(ctx, pkt);
     }
-    if !lb::may_be_service(pkt) {
+    let bit = lb::dst_bit(pkt);
+    if !lb::may_be_service_at(bit) {
         // A connection straight to a backend whose source port this path translated.
-        if lb::may_be_direct_dst(pkt)
+        if lb::may_be_direct_dst_at(pkt, bit)
             && let Some(ct) = direct_flow(pkt)
         {
             return established(ctx, pkt, ct, conntrack::now_ns());
         }
         // A new connection straight to a backend from the source port of a translated flow to
         // it: see `direct_syn`.
-        if conntrack::is_syn(pkt) && lb::may_be_backend_dst(pkt) {
+        if conntrack::is_syn(pkt) && lb::may_be_backend_dst_at(bit) {
             return direct_syn(ctx, pkt);
         }
         return Ok(Verdict::Pass);
@@ -126,8 +127,9 @@ pub fn from_pod_inline<F: Family>(
     if pkt.fragment || F::same(pkt.daddr, F::HAIRPIN) {
         return None;
     }
-    if !lb::may_be_service(&pkt) {
-        let direct = lb::may_be_direct_dst(&pkt) || (conntrack::is_syn(&pkt) && lb::may_be_backend_dst(&pkt));
+    let bit = lb::dst_bit(&pkt);
+    if !lb::may_be_service_at(bit) {
+        let direct = lb::may_be_direct_dst_at(&pkt, bit) || (conntrack::is_syn(&pkt) && lb::may_be_backend_dst_at(bit));
         return if direct { None } else { Some(Ok(Verdict::Pass)) };
     }
     pkt.saddr = source()?;
