@@ -712,6 +712,12 @@ fn a_pod_connection_whose_reply_tuple_is_held_gets_another_source_port() {
         for (session, what) in [(&mut held, "first"), (&mut second, "second"), (&mut direct, "direct")] {
             session.echo(b"once more").with_context(|| format!("the {what} connection, at the end"))?;
         }
+        // Counted: `port_remapped` in the agent's metrics.
+        let (_, metrics) = in_netns(setup.lab.node_ns(), || {
+            client::http_get(std::net::Ipv4Addr::LOCALHOST, 10249, "/metrics", TIMEOUT)
+        })??;
+        let remapped = client::metric_sample(&metrics, "rproxy_datapath_events_total{event=\"port_remapped\"}");
+        ensure!(remapped >= Some(2.0), "port_remapped counted {remapped:?}");
         Ok(())
     });
 }
