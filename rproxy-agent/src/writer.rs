@@ -335,9 +335,17 @@ fn backend_value(b: &Backend) -> BackendValue {
     BackendValue { addr: b.addr, flags }
 }
 
-/// Writes the slots `1..=ids.len()` of one scope (`key(slot)`) that differ from `old`. Whether
-/// anything was written.
-fn write_slots(ids: &[u32], old: &[u32], key: impl Fn(u16) -> SvcKey, run: &mut impl Run) -> Result<bool, String> {
+/// Writes the slots `1..=ids.len()` of one scope (`key(slot)`) that differ from `old`, then
+/// `last` (the scope's slot 0, which must follow its slots) in the same run: a sink writes them
+/// with one system call, in order, and stops at the first that fails. Whether anything was
+/// written.
+fn write_slots(
+    ids: &[u32],
+    old: &[u32],
+    key: impl Fn(u16) -> SvcKey,
+    last: Option<Op>,
+    run: &mut impl Run,
+) -> Result<bool, String> {
     let puts: Vec<Op> = ids
         .iter()
         .enumerate()
@@ -345,6 +353,7 @@ fn write_slots(ids: &[u32], old: &[u32], key: impl Fn(u16) -> SvcKey, run: &mut 
         .map(|(i, id)| {
             Op::PutService(key(slot_u16(i + 1)), ServiceValue { backend_id: *id, ..ServiceValue::default() })
         })
+        .chain(last)
         .collect();
     if puts.is_empty() {
         return Ok(false);
@@ -906,21 +915,23 @@ impl Writer {
         let affinity_ids = affinity_ids(entry.flags, &slot_ids, local.as_ref());
         let old_affinity: &[u32] = old.map_or(&[], |p| &p.affinity_ids);
         changed |= set_ops(rev_nat_id, &affinity_ids, old_affinity, Op::PutAffinityMatch, run)?;
-        // Slots that differ, up to the new count (growing or rewriting in place), of both scopes.
-        changed |= write_slots(&slot_ids, old_slots, |s| key_of(fe, s), run)?;
+        // Slots that differ, up to the new count (growing or rewriting in place), of both scopes,
+        // then slot 0 (with the external slots when there is no local scope).
+        let slot0 = old.is_none_or(|p| p.value != value).then(|| Op::PutService(key_of(fe, 0), value));
         if let Some(l) = &local {
-            changed |= write_slots(&l.slots, old_local_slots, |s| local_key_of(fe, s), run)?;
-        }
-        // The local slot 0 before the external one, which may carry the flag that leads to it.
-        if let Some(l) = &local
-            && old_local.is_none_or(|o| o.value != l.value)
-        {
-            run.op(Op::PutService(local_key_of(fe, 0), l.value))?;
-            changed = true;
-        }
-        if old.is_none_or(|p| p.value != value) {
-            run.op(Op::PutService(key_of(fe, 0), value))?;
-            changed = true;
+            changed |= write_slots(&slot_ids, old_slots, |s| key_of(fe, s), None, run)?;
+            changed |= write_slots(&l.slots, old_local_slots, |s| local_key_of(fe, s), None, run)?;
+            // The local slot 0 before the external one, which may carry the flag that leads to it.
+            if old_local.is_none_or(|o| o.value != l.value) {
+                run.op(Op::PutService(local_key_of(fe, 0), l.value))?;
+                changed = true;
+            }
+            if let Some(op) = slot0 {
+                run.op(op)?;
+                changed = true;
+            }
+        } else {
+            changed |= write_slots(&slot_ids, old_slots, |s| key_of(fe, s), slot0, run)?;
         }
         // Ranges it loses, once slot 0 no longer leads to them (or still does, to fewer).
         changed |= set_ops(rev_nat_id, old_ranges, &entry.source_ranges, Op::DelSrcRange, run)?;

@@ -712,7 +712,8 @@ fn udp_backends_leaving_the_local_scope_are_reported_stale() {
 
 /// A first sync writes each filter word once, with all its new bits, not once per new entry
 /// (300,000 backends would otherwise write most of the backend filter's 262,144 bits one by
-/// one), and gives the sink its new backends, and each frontend's slots, as one run each.
+/// one), and gives the sink its new backends, and each frontend's slots and slot 0, as one run
+/// each.
 #[test]
 fn a_first_sync_writes_each_filter_word_once_and_backends_and_slots_in_runs() {
     let mut m = FakeMaps::default();
@@ -740,9 +741,12 @@ fn a_first_sync_writes_each_filter_word_once_and_backends_and_slots_in_runs() {
     }
     assert!(writes.values().all(|&n| n == 1), "words written more than once: {writes:?}");
     m.check_backend_bits();
-    // The new backends go to the sink in one run, and each frontend's slots in one run.
+    // The new backends go to the sink in one run, and each frontend's slots with its slot 0
+    // (last) in one run.
     assert_eq!(m.runs.iter().filter(|&&n| n == 2000).count(), 1, "{:?}", m.runs);
-    assert_eq!(m.runs.iter().filter(|&&n| n == 10).count(), 200, "{:?}", m.runs);
+    assert_eq!(m.runs.iter().filter(|&&n| n == 11).count(), 200, "{:?}", m.runs);
+    let at = |slot: u16| m.log.iter().position(|op| matches!(op, Op::PutService(k, _) if k.slot == slot));
+    assert!(at(10) < at(0), "slot 0 after the slots it counts");
 }
 
 /// The service filter holds exactly the bits of the programmed frontends once a sync is done:
