@@ -24,7 +24,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use rproxy_tests::{
     Lab, Pod, agent_bin,
     client::{self, Reply},
-    demo::{BACKENDS, CLIENT, CLUSTER_IP, NAMESPACE, NODE_NAME},
+    demo::{self, BACKENDS, CLIENT, CLUSTER_IP, NAMESPACE, NODE_NAME},
     manifest::{
         Endpoint, EndpointPort, EndpointSlice, ExternalNameService, Protocol, Service, ServicePort, TargetPort,
         write_atomic,
@@ -197,6 +197,14 @@ fn start_agent(setup: &mut Setup, spec: &Spec<'_>) -> Result<()> {
     setup.write_slice(&spec.endpoints)?;
     setup.lab.start_agent(&agent_bin()?, &setup.dir)?;
     let start = Instant::now();
+    // No request before the first sync is complete with the socket hooks attached: the devices
+    // answer a moment before, and a connection of that moment goes through the pod path (a pod
+    // reaching itself then sees the hairpin address, which a test tells apart).
+    while !setup.lab.agent_log().contains(demo::RUNNING_LINE) {
+        setup.lab.ensure_agent_running()?;
+        ensure!(start.elapsed() < Duration::from_secs(10), "the agent has not logged {:?} in 10 s", demo::RUNNING_LINE);
+        thread::sleep(Duration::from_millis(20));
+    }
     loop {
         setup.lab.ensure_agent_running()?;
         match setup.request(Protocol::Tcp, spec.ready_port, b"", Duration::from_millis(200)) {
