@@ -184,7 +184,7 @@ pub trait Quote<F: Family>: Sized {
     /// The error's TTL (hop limit) and IP length.
     fn ttl(&self) -> u8;
     fn ip_len(&self) -> u16;
-    /// The quoted packet's addresses and source port.
+    /// The quoted packet's addresses.
     fn inner_src(&self) -> F::Addr;
     fn inner_dst(&self) -> F::Addr;
     /// The conntrack reply key of the quoted packet's flow.
