@@ -117,6 +117,11 @@ pub const RUNNING_LINE: &str = "agent running";
 /// the devices answer a moment before the socket hooks are attached, and a test that tells the
 /// two paths apart (or counts what each translated) must not see a connection of that moment.
 pub fn wait_ready(lab: &mut Lab) -> Result<()> {
+    wait_ready_on(lab, PORT)
+}
+
+/// [`wait_ready`] with the request to the `ClusterIP`'s TCP port `port`.
+pub fn wait_ready_on(lab: &mut Lab, port: u16) -> Result<()> {
     let start = Instant::now();
     loop {
         lab.ensure_agent_running()?;
@@ -128,11 +133,11 @@ pub fn wait_ready(lab: &mut Lab) -> Result<()> {
             thread::sleep(Duration::from_millis(20));
             continue;
         }
-        match lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, PORT, b"", Duration::from_millis(200)) {
+        match lab.pod(CLIENT.0).tcp_request_timeout(CLUSTER_IP, port, b"", Duration::from_millis(200)) {
             Ok(_) => return Ok(()),
             Err(e) if start.elapsed() >= READY_TIMEOUT => {
                 return Err(
-                    e.context(format!("the agent has not made {CLUSTER_IP}:{PORT} answer within {READY_TIMEOUT:?}"))
+                    e.context(format!("the agent has not made {CLUSTER_IP}:{port} answer within {READY_TIMEOUT:?}"))
                 );
             }
             Err(_) => thread::sleep(Duration::from_millis(20)),

@@ -196,25 +196,9 @@ fn start_agent(setup: &mut Setup, spec: &Spec<'_>) -> Result<()> {
     setup.write_service(&spec.service)?;
     setup.write_slice(&spec.endpoints)?;
     setup.lab.start_agent(&agent_bin()?, &setup.dir)?;
-    let start = Instant::now();
-    // No request before the first sync is complete with the socket hooks attached: the devices
-    // answer a moment before, and a connection of that moment goes through the pod path (a pod
-    // reaching itself then sees the hairpin address, which a test tells apart).
-    while !setup.lab.agent_log().contains(demo::RUNNING_LINE) {
-        setup.lab.ensure_agent_running()?;
-        ensure!(start.elapsed() < Duration::from_secs(10), "the agent has not logged {:?} in 10 s", demo::RUNNING_LINE);
-        thread::sleep(Duration::from_millis(20));
-    }
-    loop {
-        setup.lab.ensure_agent_running()?;
-        match setup.request(Protocol::Tcp, spec.ready_port, b"", Duration::from_millis(200)) {
-            Ok(_) => return Ok(()),
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                return Err(e.context(format!("{CLUSTER_IP}:{} does not answer 10 s after the start", spec.ready_port)));
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    // No request before the agent's first sync is complete with the socket hooks attached (a
+    // pod reaching itself through the devices a moment before would see the hairpin address).
+    demo::wait_ready_on(&mut setup.lab, spec.ready_port)
 }
 
 // ---------------------------------------------------------------------------------------------
