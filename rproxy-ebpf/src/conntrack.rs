@@ -9,7 +9,7 @@ use rproxy_common::{
 
 use crate::{
     family::Family,
-    maps::{CONFIG, SNAT_CURSOR},
+    maps::CONFIG,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -217,7 +217,7 @@ pub fn flow_reply_key<A: Copy>(proto: u8, be: &Backend<A>, nat: (A, u16)) -> CtK
 /// would be translated for the other). A flow that is over gives the tuple up: its other entry
 /// goes, unless this flow's own service entry took its place. Used wherever a flow is opened
 /// without a port of its own (the pod path, north-south to a local backend); flows with an SNAT
-/// port take a free one ([`allocate_port`]).
+/// port take a free one (`nodeport::allocate_port`).
 #[inline(always)]
 pub fn open<F: Family>(
     pkt: &Packet<F>,
@@ -241,63 +241,17 @@ pub fn open<F: Family>(
     Ok(())
 }
 
-/// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is
-/// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
-/// that is free, or, among the first `RECLAIM_TRIES`, held by a quietly closed flow
-/// ([`reclaim_snat`]). Returns the port (wire order), or `None` after `TRIES` taken ports or
-/// with an empty range. See `rproxy_common::snat`: the north-south SNAT takes `snat::TRIES` and
-/// `snat::RECLAIM_TRIES`, a pod's remapped flow ([`open_remapped`]) `REMAP_TRIES` and none.
-#[inline(always)]
-pub fn allocate_port<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
-    reply: &mut CtKey<F::Addr>,
-    value: &CtValue<F::Addr>,
-    now: u64,
-) -> Option<u16> {
-    let config = CONFIG.get(0)?;
-    let (first, ports) = (config.snat_port_min, config.snat_port_count());
-    if ports == 0 {
-        return None;
-    }
-    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-    let mut next = unsafe { *cursor };
-    if next == 0 {
-        // First use on this CPU: start somewhere random, so CPUs walk different stretches.
-        // SAFETY: helper without arguments.
-        next = unsafe { bpf_get_prandom_u32() };
-    }
-    for i in 0..TRIES {
-        let offset = next % ports;
-        next = offset + 1;
-        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
-        let p = first.wrapping_add(offset as u16).to_be();
-        reply.dport = p;
-        // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
-        // try adds a copy of `reclaim_snat` for the verifier to check.
-        if F::conntrack().insert(&*reply, value, BPF_NOEXIST).is_ok()
-            || (i < RECLAIM_TRIES && reclaim_snat::<F>(reply, value, now))
-        {
-            // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
-            unsafe { *cursor = next };
-            return Some(p);
-        }
-    }
-    // SAFETY: as above.
-    unsafe { *cursor = next };
-    None
-}
-
 /// Ports tried by [`open_remapped`] before the connection is dropped (`Stat::CtClash`).
 const REMAP_TRIES: u32 = 4;
 
 /// Opens a new flow from a pod whose reply tuple a live flow holds ([`open`] refused it), as
 /// netfilter's NAT does for a clashing tuple: the backend sees the client's address
-/// `nat_addr` (the pod's own, or the hairpin address) with another source port of
-/// `--snat-port-range` (the configuration's SNAT range, below the kernel's ephemeral ports, so
-/// the pod's own connections do not pick it) whose reply tuple is free ([`allocate_port`]: the
-/// reply entry takes it with `BPF_NOEXIST`, so two CPUs never share one). The reply entry's nat
-/// side keeps the client's own address and port, which the replies get back. Returns the port
-/// (wire order); `Err(CtClash)` when `REMAP_TRIES` ports were taken or the range is empty.
+/// `nat_addr` (the pod's own, or the hairpin address) with another source port, a random one
+/// of `--snat-port-range` (the configuration's SNAT range, below the kernel's ephemeral ports,
+/// so the pod's own connections do not pick it) whose reply tuple is free; the reply entry
+/// takes it with `BPF_NOEXIST`, so two CPUs never share one. The reply entry's nat side keeps
+/// the client's own address and port, which the replies get back. Returns the port (wire
+/// order); `Err(CtClash)` when `REMAP_TRIES` ports were taken or the range is empty.
 #[inline(always)]
 pub fn open_remapped<F: Family>(
     pkt: &Packet<F>,
@@ -308,15 +262,29 @@ pub fn open_remapped<F: Family>(
     nat_flags: u8,
     now: u64,
 ) -> Result<u16, Stat> {
-    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now);
-    let port = allocate_port::<F, REMAP_TRIES, 0>(&mut e.key, &e.value, now).ok_or(Stat::CtClash)?;
-    e.make_service(pkt);
-    if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
-        e.make_reply_key();
-        let _ = F::conntrack().remove(&e.key);
-        return Err(Stat::CtInsertFail);
+    let config = CONFIG.get(0).ok_or(Stat::CtClash)?;
+    let (first, ports) = (config.snat_port_min, config.snat_port_count());
+    if ports == 0 {
+        return Err(Stat::CtClash);
     }
-    Ok(port)
+    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now);
+    for _ in 0..REMAP_TRIES {
+        // SAFETY: helper without arguments.
+        let offset = unsafe { bpf_get_prandom_u32() } % ports;
+        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
+        let port = first.wrapping_add(offset as u16).to_be();
+        e.key.dport = port;
+        if F::conntrack().insert(&e.key, &e.value, BPF_NOEXIST).is_ok() {
+            e.make_service(pkt);
+            if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
+                e.make_reply_key();
+                let _ = F::conntrack().remove(&e.key);
+                return Err(Stat::CtInsertFail);
+            }
+            return Ok(port);
+        }
+    }
+    Err(Stat::CtClash)
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself
