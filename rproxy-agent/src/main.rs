@@ -214,9 +214,11 @@ struct RunArgs {
     #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10249", value_parser = parse_bind)]
     metrics_bind_address: Bind,
     /// Source ports given to north-south flows that go to a backend on another node (SNAT to
-    /// this node's address, externalTrafficPolicy Cluster), MIN-MAX with MIN >= 1024. Each
-    /// backend can take about (MAX - MIN + 1) / 60 new flows per second before a port comes round
-    /// within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
+    /// this node's address, externalTrafficPolicy Cluster), and to pods' TCP flows translated on
+    /// their devices (on the pod's own address, so that they never share a tuple with the pod's
+    /// connections straight to backends), MIN-MAX with MIN >= 1024. Each backend can take about
+    /// (MAX - MIN + 1) / 60 new flows per second from one source address before a port comes
+    /// round within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
     /// net.ipv4.ip_local_port_range unless net.ipv4.ip_local_reserved_ports covers the overlap:
     /// the node's own connections must not take these ports. Default: below the NodePort range
     /// (30000-32767) and the kernel's default ephemeral ports (32768-60999).

@@ -4,12 +4,12 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use rproxy_common::{
     Backend, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
-    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, Stat, proto, snat,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CtKey, CtState, CtValue, Stat, proto, snat,
 };
 
 use crate::{
     family::Family,
-    maps::CONFIG,
+    maps::{CONFIG, SNAT_CURSOR},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -217,7 +217,7 @@ pub fn flow_reply_key<A: Copy>(proto: u8, be: &Backend<A>, nat: (A, u16)) -> CtK
 /// would be translated for the other). A flow that is over gives the tuple up: its other entry
 /// goes, unless this flow's own service entry took its place. Used wherever a flow is opened
 /// without a port of its own (the pod path, north-south to a local backend); flows with an SNAT
-/// port take a free one (`nodeport::allocate_port`).
+/// port take a free one ([`allocate_port`]).
 #[inline(always)]
 pub fn open<F: Family>(
     pkt: &Packet<F>,
@@ -241,17 +241,58 @@ pub fn open<F: Family>(
     Ok(())
 }
 
-/// Ports tried by [`open_remapped`] before the connection is dropped (`Stat::CtClash`).
-const REMAP_TRIES: u32 = 4;
+/// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is
+/// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
+/// that is free, or, among the first `snat::RECLAIM_TRIES`, held by a quietly closed flow
+/// ([`reclaim_snat`]). Returns the port (wire order), or `None` after `snat::TRIES` taken ports
+/// or with an empty range. See `rproxy_common::snat`. Used by the north-south SNAT and a pod's
+/// remapped flows ([`open_remapped`]).
+#[inline(always)]
+pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> Option<u16> {
+    let config = CONFIG.get(0)?;
+    let (first, ports) = (config.snat_port_min, config.snat_port_count());
+    if ports == 0 {
+        return None;
+    }
+    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
+    let mut next = unsafe { *cursor };
+    if next == 0 {
+        // First use on this CPU: start somewhere random, so CPUs walk different stretches.
+        // SAFETY: helper without arguments.
+        next = unsafe { bpf_get_prandom_u32() };
+    }
+    for i in 0..snat::TRIES {
+        let offset = next % ports;
+        next = offset + 1;
+        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
+        let p = first.wrapping_add(offset as u16).to_be();
+        reply.dport = p;
+        // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
+        // try adds a copy of `reclaim_snat` for the verifier to check.
+        if F::conntrack().insert(&*reply, value, BPF_NOEXIST).is_ok()
+            || (i < snat::RECLAIM_TRIES && reclaim_snat::<F>(reply, value, now))
+        {
+            // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
+            unsafe { *cursor = next };
+            return Some(p);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *cursor = next };
+    None
+}
 
-/// Opens a new flow from a pod whose reply tuple a live flow holds ([`open`] refused it), as
-/// netfilter's NAT does for a clashing tuple: the backend sees the client's address
-/// `nat_addr` (the pod's own, or the hairpin address) with another source port, a random one
-/// of `--snat-port-range` (the configuration's SNAT range, below the kernel's ephemeral ports,
-/// so the pod's own connections do not pick it) whose reply tuple is free; the reply entry
-/// takes it with `BPF_NOEXIST`, so two CPUs never share one. The reply entry's nat side keeps
-/// the client's own address and port, which the replies get back. Returns the port (wire
-/// order); `Err(CtClash)` when `REMAP_TRIES` ports were taken or the range is empty.
+/// Opens a new flow from a pod with another source port: the backend sees the client's address
+/// `nat_addr` (the pod's own, or the hairpin address) with a port of `--snat-port-range` (the
+/// configuration's SNAT range, below the kernel's ephemeral ports, so the pod's own connections
+/// do not pick it) whose reply tuple is free ([`allocate_port`]: the reply entry takes it with
+/// `BPF_NOEXIST`, so two CPUs never share one; a quietly closed flow's is taken over). Used for
+/// every TCP flow of a pod (`pod::from_pod`), and for a flow whose reply tuple a live flow holds
+/// ([`open`] refused it), as netfilter's NAT does for a clashing tuple. The reply entry's nat
+/// side keeps the client's own address and port,
+/// which the replies get back. Returns the port (wire order); `Err(SnatExhausted)` when
+/// `snat::TRIES` ports were taken or the range is empty.
 #[inline(always)]
 pub fn open_remapped<F: Family>(
     pkt: &Packet<F>,
@@ -262,34 +303,27 @@ pub fn open_remapped<F: Family>(
     nat_flags: u8,
     now: u64,
 ) -> Result<u16, Stat> {
-    let config = CONFIG.get(0).ok_or(Stat::CtClash)?;
-    let (first, ports) = (config.snat_port_min, config.snat_port_count());
-    if ports == 0 {
-        return Err(Stat::CtClash);
+    let e = F::entry_scratch().ok_or(Stat::CtInsertFail)?;
+    // SAFETY: this CPU's slot, written whole before it is read; only this program uses it
+    // while it runs.
+    let e = unsafe {
+        e.write(reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now));
+        &mut *e
+    };
+    let port = allocate_port::<F>(&mut e.key, &e.value, now).ok_or(Stat::SnatExhausted)?;
+    e.make_service(pkt);
+    if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
+        e.make_reply_key();
+        let _ = F::conntrack().remove(&e.key);
+        return Err(Stat::CtInsertFail);
     }
-    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now);
-    for _ in 0..REMAP_TRIES {
-        // SAFETY: helper without arguments.
-        let offset = unsafe { bpf_get_prandom_u32() } % ports;
-        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
-        let port = first.wrapping_add(offset as u16).to_be();
-        e.key.dport = port;
-        if F::conntrack().insert(&e.key, &e.value, BPF_NOEXIST).is_ok() {
-            e.make_service(pkt);
-            if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
-                e.make_reply_key();
-                let _ = F::conntrack().remove(&e.key);
-                return Err(Stat::CtInsertFail);
-            }
-            return Ok(port);
-        }
-    }
-    Err(Stat::CtClash)
+    Ok(port)
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself
 /// unless translated), with `CT_NAT_*` flags: the reply entry first, then the service entry, so
-/// that the entry a reply needs exists before any packet of the flow is forwarded.
+/// that the entry a reply needs exists before any packet of the flow is forwarded. The entry is
+/// built in this CPU's scratch (`Family::entry_scratch`), not on the stack.
 #[inline(always)]
 pub fn create_nat<F: Family>(
     pkt: &Packet<F>,
@@ -300,7 +334,12 @@ pub fn create_nat<F: Family>(
     nat_flags: u8,
     now: u64,
 ) -> Result<(), i32> {
-    let mut e = reply_entry(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now);
+    let e = F::entry_scratch().ok_or(-1)?;
+    // SAFETY: as in `open_remapped`.
+    let e = unsafe {
+        e.write(reply_entry(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now));
+        &mut *e
+    };
     F::conntrack().insert(&e.key, &e.value, BPF_ANY)?;
     e.make_service(pkt);
     F::conntrack().insert(&e.key, &e.value, BPF_ANY)
@@ -354,12 +393,14 @@ fn claim<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) 
     true
 }
 
-/// If the SNAT reply entry `reply` and its client-side pair are quietly closing, the pair's key.
+/// If the reply entry `reply` (of a flow with an SNAT port, or a pod's flow with a port of the
+/// SNAT range: the tuples [`allocate_port`] hands out) and its client-side pair are quietly
+/// closing, the pair's key.
 #[inline(always)]
 fn reclaimable<F: Family>(reply: &CtKey<F::Addr>, now: u64) -> Option<CtKey<F::Addr>> {
     // SAFETY: read in place; a concurrent update stores whole fields.
     let old = unsafe { F::conntrack().get(reply) }?;
-    if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(old, now) {
+    if !quiet_closing(old, now) {
         return None;
     }
     let client_side = reply.pair(old);

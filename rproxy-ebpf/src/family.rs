@@ -6,12 +6,13 @@ use aya_ebpf::bindings::bpf_fib_lookup;
 use rproxy_common::{In6, ServiceValue, filter, hairpin, icmp as icmp_msg};
 
 use crate::{
+    conntrack::Entry,
     csum,
     ctx::{Ctx, ptr_at, store_words},
     icmp, icmp6,
     maps::{
         AFFINITY4, AFFINITY6, AffinityMap, BE4, BE6, BackendMap, CT4, CT6, ConntrackMap, RNAT4, RNAT6, ROUTE4, ROUTE6,
-        RevNatMap, RouteMap, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6, ServiceMap, SrcRangeMap,
+        RevNatMap, RouteMap, SNAT_SCRATCH, SRC_RANGE4, SRC_RANGE6, SVC4, SVC6, ServiceMap, SrcRangeMap,
     },
     parse::{IP_SADDR_OFF, IP_TTL_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, Packet},
     related::{self, Quote},
@@ -50,6 +51,9 @@ pub trait Family: Sized + 'static {
     fn backends() -> &'static BackendMap<Self::Addr>;
     fn rev_nat() -> &'static RevNatMap<Self::Addr>;
     fn conntrack() -> &'static ConntrackMap<Self::Addr>;
+    /// This CPU's storage for a new flow's conntrack entry (`maps::SnatScratch`), for paths
+    /// whose stack has no room for one (`conntrack::open_remapped`).
+    fn entry_scratch() -> Option<*mut Entry<Self::Addr>>;
     fn affinity() -> &'static AffinityMap<Self::Addr>;
     fn src_ranges() -> &'static SrcRangeMap<Self::Addr>;
     fn routes() -> &'static RouteMap<Self::Addr>;
@@ -145,6 +149,11 @@ impl Family for V4 {
     #[inline(always)]
     fn conntrack() -> &'static ConntrackMap<u32> {
         &CT4
+    }
+    #[inline(always)]
+    fn entry_scratch() -> Option<*mut Entry<u32>> {
+        // SAFETY: a pointer into this CPU's slot, not a reference.
+        SNAT_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &raw mut (*s).entry4 })
     }
     #[inline(always)]
     fn affinity() -> &'static AffinityMap<u32> {
@@ -269,6 +278,11 @@ impl Family for V6 {
     #[inline(always)]
     fn conntrack() -> &'static ConntrackMap<In6> {
         &CT6
+    }
+    #[inline(always)]
+    fn entry_scratch() -> Option<*mut Entry<In6>> {
+        // SAFETY: a pointer into this CPU's slot, not a reference.
+        SNAT_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &raw mut (*s).entry })
     }
     #[inline(always)]
     fn affinity() -> &'static AffinityMap<In6> {

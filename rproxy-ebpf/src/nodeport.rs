@@ -15,20 +15,19 @@
 //!   `--external-cluster-ip false` (Cilium's default): then those packets pass untouched.
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use rproxy_common::{
-    BE_F_LOCAL, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtKey, CtValue, FlowKind, Stat,
+    BE_F_LOCAL, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_EXTERNAL_IN, HOOK_EXTERNAL_OUT},
-    snat,
 };
 
 use crate::{
-    conntrack::{self, BPF_NOEXIST, Entry},
+    conntrack::{self, Entry},
     ctx::Ctx,
     family::{Family, IcmpError, V6},
     fib::{self, Route},
     lb::{self, Decision, NewFlow, Origin},
-    maps::{CONFIG, SNAT_CURSOR, SNAT_SCRATCH, count},
+    maps::{SNAT_SCRATCH, count},
     nat::{self, Tuple},
     observe,
     parse::Packet,
@@ -234,7 +233,7 @@ fn to_remote<C: Ctx, F: Family>(
         entry.write(conntrack::reply_entry(pkt, backend_id, be, rev_nat_id, (src, 0), flags, now));
         &mut *entry
     };
-    let Some(port) = allocate_port::<F>(&mut e.key, &e.value, now) else {
+    let Some(port) = conntrack::allocate_port::<F>(&mut e.key, &e.value, now) else {
         observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::SnatExhausted, pkt, rev_nat_id, backend_id);
         return Action::Drop;
     };
@@ -250,47 +249,6 @@ fn to_remote<C: Ctx, F: Family>(
     }
     observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::NewFlow, pkt, rev_nat_id, backend_id);
     forward(ctx, &route)
-}
-
-/// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is
-/// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
-/// that is free, or, among the first `snat::RECLAIM_TRIES`, held by a quietly closed flow
-/// (`conntrack::reclaim_snat`). Returns the port (wire order), or `None` after `snat::TRIES`
-/// taken ports or with an empty range. See `rproxy_common::snat`.
-#[inline(always)]
-fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> Option<u16> {
-    let config = CONFIG.get(0)?;
-    let (first, ports) = (config.snat_port_min, config.snat_port_count());
-    if ports == 0 {
-        return None;
-    }
-    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot; only this CPU touches it while this program runs.
-    let mut next = unsafe { *cursor };
-    if next == 0 {
-        // First use on this CPU: start somewhere random, so CPUs walk different stretches.
-        // SAFETY: helper without arguments.
-        next = unsafe { bpf_get_prandom_u32() };
-    }
-    for i in 0..snat::TRIES {
-        let offset = next % ports;
-        next = offset + 1;
-        #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
-        let p = first.wrapping_add(offset as u16).to_be();
-        reply.dport = p;
-        // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
-        // try adds a copy of `reclaim_snat` for the verifier to check.
-        if F::conntrack().insert(&*reply, value, BPF_NOEXIST).is_ok()
-            || (i < snat::RECLAIM_TRIES && conntrack::reclaim_snat::<F>(reply, value, now))
-        {
-            // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
-            unsafe { *cursor = next };
-            return Some(p);
-        }
-    }
-    // SAFETY: as above.
-    unsafe { *cursor = next };
-    None
 }
 
 /// A packet of a known north-south flow from the client (its service-direction entry `ct`).

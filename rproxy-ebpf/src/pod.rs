@@ -6,6 +6,7 @@ use aya_ebpf::programs::TcContext;
 use rproxy_common::{
     Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_DIRECT, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_FROM_POD, HOOK_TO_POD},
+    proto,
 };
 
 use crate::{
@@ -70,16 +71,34 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             let looped = F::same(be.addr, pkt.saddr);
             let (nat, flags) =
                 if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
-            // The replies come back on (backend, nat): a live flow of another frontend there
-            // (the pod reused its source port towards this backend) keeps it, and this flow
-            // gets another source port (`PortRemapped`); a flow that is over gives it up.
-            let opened = match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
-                Err(Stat::CtClash) => conntrack::open_remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now)
+            // The replies come back on (backend, nat). A pod's TCP flow takes a source port of
+            // the SNAT range (below the kernel's ephemeral ports): its connections straight to
+            // a backend (to a pod's address, or made at connect() by the socket hooks) are not
+            // in conntrack, and one from the same port to this backend would share the tuple
+            // (the backend would answer the flow's SYN with that connection's sequence numbers,
+            // and the pod's reset would end it). Other flows keep their port unless a live flow
+            // of another frontend holds the tuple (the pod reused its source port towards this
+            // backend): then they get another one (`PortRemapped`); a flow that is over gives
+            // the tuple up.
+            let remap = if !looped && pkt.proto == proto::TCP {
+                Ok(Some(false))
+            } else {
+                match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
+                    Ok(()) => Ok(None),
+                    Err(Stat::CtClash) => Ok(Some(true)),
+                    Err(why) => Err(why),
+                }
+            };
+            let opened = match remap {
+                Ok(None) => Ok(nat),
+                Ok(Some(clash)) => conntrack::open_remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now)
                     .map(|port| {
-                        count(Stat::PortRemapped);
+                        if clash {
+                            count(Stat::PortRemapped);
+                        }
                         (nat.0, port)
                     }),
-                other => other.map(|()| nat),
+                Err(why) => Err(why),
             };
             let nat = match opened {
                 Ok(nat) => nat,
@@ -151,14 +170,16 @@ fn direct_flow<F: Family>(pkt: &Packet<F>) -> Option<*mut CtValue<F::Addr>> {
 /// A pod's bare SYN straight to a backend's address and port (no frontend), from a source port
 /// whose reply tuple a translated flow holds: the pod connected to a Service, and now to the
 /// backend itself from the same port (its kernel hands a port out again once the destination
-/// differs; the socket hooks connect pods' sockets straight to backends). Were that flow's entry
+/// differs; the socket hooks connect pods' sockets straight to backends). Since TCP flows take
+/// ports of the SNAT range (`from_pod`) this is a flow that kept the pod's port (opened by an
+/// earlier release's programs), or a port the pod chose in that range. Were that flow's entry
 /// left, the backend's SYN-ACK would be translated to the service address and the pod would
 /// never see it. A flow that is over gives the tuple up (both its entries go, the new connection
 /// passes untouched). A live one keeps it, and the new connection gets another source port
 /// (`conntrack::open_remapped`, `CT_NAT_DIRECT`, counted as `PortRemapped`), as netfilter's NAT
 /// would give it: its packets are then looked up in conntrack (`direct_flow`), which the
 /// backend's mark in `DIRECT_FILTER` asks for. Two live connections never share one reply tuple;
-/// when no port is free the SYN is dropped and counted (`CtClash`).
+/// when no port is free the SYN is dropped and counted (`SnatExhausted`).
 #[inline(always)]
 fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
     let reply = conntrack::reverse_reply_key(pkt);

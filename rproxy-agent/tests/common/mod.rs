@@ -520,6 +520,48 @@ impl Harness {
         }
     }
 
+    /// Gives the pod's TCP flow `client → frontend`, opened with `port` (a port of the SNAT
+    /// range) towards `backend`, the client's own port instead: the flow as the pod path opened
+    /// every flow before its TCP flows took ports of the SNAT range, which an upgraded agent
+    /// finds in conntrack.
+    pub fn keep_client_port(
+        &mut self,
+        client: (IpAddr, u16),
+        frontend: (IpAddr, u16),
+        backend: (IpAddr, u16),
+        port: u16,
+    ) {
+        use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, proto::TCP};
+        fn moved<A: Copy + aya::Pod>(
+            map: &mut aya::maps::HashMap<aya::maps::MapData, rproxy_common::CtKey<A>, rproxy_common::CtValue<A>>,
+            service: rproxy_common::CtKey<A>,
+            reply: rproxy_common::CtKey<A>,
+        ) where
+            rproxy_common::CtKey<A>: aya::Pod,
+            rproxy_common::CtValue<A>: aya::Pod,
+        {
+            let mut v = map.get(&service, 0).expect("the flow's service entry");
+            let r = map.get(&reply, 0).expect("the flow's reply entry");
+            // The reply entry's nat side is the client's own address and port.
+            v.nat_port = r.nat_port;
+            map.insert(service, v, 0).expect("writing the service entry");
+            map.remove(&reply).expect("removing the reply entry");
+            map.insert(rproxy_common::CtKey { dport: r.nat_port, ..reply }, r, 0).expect("writing the reply entry");
+        }
+        match client.0 {
+            IpAddr::V4(c) => moved(
+                &mut self.maps.conntrack,
+                ct_key((c, client.1), (v4(frontend.0), frontend.1), TCP, CT_DIR_SERVICE),
+                ct_key((v4(backend.0), backend.1), (c, port), TCP, CT_DIR_REPLY),
+            ),
+            IpAddr::V6(c) => moved(
+                &mut self.maps.conntrack6,
+                ct6_key((c, client.1), (v6(frontend.0), frontend.1), TCP, CT_DIR_SERVICE),
+                ct6_key((v6(backend.0), backend.1), (c, port), TCP, CT_DIR_REPLY),
+            ),
+        }
+    }
+
     /// Removes that entry (as when it expires).
     pub fn remove_ct(&mut self, src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8, dir: u8) {
         let _ = match src.0 {

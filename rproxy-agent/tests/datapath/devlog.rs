@@ -9,6 +9,7 @@ use std::{
 use rproxy_agent::{
     bpf::datapath::Datapath,
     model::{Backend, BackendAddr, BackendState, Desired, Frontend, ObjectRef, Protocol, ServiceEntry},
+    node::snat::PortRange,
     writer::Writer,
 };
 use rproxy_common::{SVC_F_CLUSTER_IP, prog_names};
@@ -59,6 +60,8 @@ fn the_development_build_loads_and_logs_new_flows_and_drops() {
     let _ = log::set_logger(&Capture);
     log::set_max_level(log::LevelFilter::Debug);
     let mut dp = Datapath::load_object(&log_object(), None).expect("every program of the log build loads");
+    // As the agent does before attaching anything.
+    dp.set_snat_ports(PortRange::DEFAULT).expect("SNAT port range");
     let mut maps = dp.take_maps().expect("maps");
     let fam = Fam::V4;
     let (vip, empty, backend, client) = (fam.svc(10), fam.svc(11), fam.pod(11), fam.pod(100));

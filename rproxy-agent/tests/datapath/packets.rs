@@ -90,6 +90,27 @@ fn reply_ct(h: &Harness, backend: (IpAddr, u16), client: (IpAddr, u16), p: u8) -
     h.ct_of(backend, client, p, CT_DIR_REPLY)
 }
 
+/// Runs a pod's SYN `c → to` through `rpx_from_pod`: the source the backend sees (the pod's
+/// address, with a port of the SNAT range) and where it goes.
+fn open_tcp(h: &mut Harness, c: (IpAddr, u16), to: (IpAddr, u16)) -> ((IpAddr, u16), (IpAddr, u16)) {
+    let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, to, SYN, b""));
+    assert_eq!(rc, PASS);
+    let seen = parse(&out);
+    assert_eq!(seen.src.0, c.0);
+    (seen.src, seen.dst)
+}
+
+/// Runs `frame` of client `c` through `rpx_from_pod`: it must go to `b` from the client's address
+/// with a port of the SNAT range other than its own, which is returned.
+fn to_snat_port(h: &mut Harness, frame: &[u8], c: (IpAddr, u16), b: (IpAddr, u16)) -> u16 {
+    let (rc, out) = h.run(prog_names::FROM_POD, frame);
+    let seen = parse(&out);
+    assert_eq!((rc, seen.src.0, seen.dst), (PASS, c.0, b));
+    let port = seen.src.1;
+    assert!(port != c.1 && (1024..=29_999).contains(&port), "another port of the SNAT range: {port}");
+    port
+}
+
 macro_rules! kernel_test {
     ($h:ident) => {
         let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -127,9 +148,10 @@ macro_rules! both_families {
 }
 
 both_families! {
-    /// A SYN to the VIP is translated to a backend (only the destination address and port and
-    /// the checksums change), both conntrack entries are made, the SYN-ACK comes back from the
-    /// VIP and moves the flow to established, and data keeps its backend, payload intact.
+    /// A SYN to the VIP is translated to a backend (only the destination address and port, the
+    /// source port, one of the SNAT range, and the checksums change), both conntrack entries
+    /// are made, the SYN-ACK comes back from the VIP to the client's own port and moves the
+    /// flow to established, and data keeps its backend, payload intact.
     fn syn_to_vip_is_dnated_and_reply_is_reverse_natted(h, fam) {
         h.program(&service(fam, Protocol::Tcp, &backends(fam)));
         let c = (client(fam), CPORT);
@@ -137,25 +159,29 @@ both_families! {
         let (rc, out) = h.run(prog_names::FROM_POD, &syn);
         assert_eq!(rc, PASS);
         let seen = parse(&out);
-        assert_eq!(seen.src, c, "source untouched");
+        let translated = seen.src;
+        assert_eq!(translated.0, c.0, "source address untouched");
+        assert!((1024..=29_999).contains(&translated.1), "source port of the SNAT range: {}", translated.1);
         assert!(backends(fam).contains(&seen.dst.0) && seen.dst.1 == 8080, "DNAT to a backend: {seen:?}");
-        // Only the destination address and port and the checksums changed.
+        // Only the destination address, the ports and the checksums changed.
         assert_eq!(out.len(), syn.len());
         let l4 = 14 + fam.ip_len();
         let daddr = if fam == Fam::V4 { 30..34 } else { 38..54 };
         let ip_csum: &[usize] = if fam == Fam::V4 { &[24, 25] } else { &[] };
-        let allowed = |i: usize| daddr.contains(&i) || ip_csum.contains(&i) || [l4 + 2, l4 + 3, l4 + 16, l4 + 17].contains(&i);
+        let allowed = |i: usize| {
+            daddr.contains(&i) || ip_csum.contains(&i) || [l4, l4 + 1, l4 + 2, l4 + 3, l4 + 16, l4 + 17].contains(&i)
+        };
         let differing: Vec<usize> = (0..out.len()).filter(|i| out[*i] != syn[*i]).collect();
         assert!(differing.iter().all(|i| allowed(*i)), "unexpected bytes changed: {differing:?}");
 
         // Conntrack: a service entry and a reply entry, state SYN sent.
         let backend = seen.dst;
         let fwd = svc_ct(h, fam, c, proto::TCP).expect("service entry");
-        let rev = reply_ct(h, backend, c, proto::TCP).expect("reply entry");
+        let rev = reply_ct(h, backend, translated, proto::TCP).expect("reply entry");
         assert_eq!((fwd.backend_id, fwd.state), (rev.backend_id, CtState::SynSent as u8));
 
         // SYN-ACK from the backend, on its way into the client pod: source becomes the VIP.
-        let (rc, out) = h.run(prog_names::TO_POD, &tcp(backend, c, SYN_ACK, b""));
+        let (rc, out) = h.run(prog_names::TO_POD, &tcp(backend, translated, SYN_ACK, b""));
         assert_eq!(rc, PASS);
         let seen = parse(&out);
         assert_eq!((seen.src, seen.dst), ((vip(fam), 80), c));
@@ -182,19 +208,19 @@ both_families! {
         let be = (backends(fam)[0], 8080);
         let c = (client(fam), CPORT + 1);
         let to_vip = (vip(fam), 80);
-        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
-        h.run(prog_names::TO_POD, &tcp(be, c, SYN_ACK, b""));
+        let (seen, _) = open_tcp(h, c, to_vip);
+        h.run(prog_names::TO_POD, &tcp(be, seen, SYN_ACK, b""));
         h.run(prog_names::FROM_POD, &tcp(c, to_vip, FIN, b""));
         let state = |h: &Harness| svc_ct(h, fam, c, proto::TCP).expect("entry").state;
         assert_eq!(state(h), CtState::Established as u8, "half-closed stays established");
-        h.run(prog_names::TO_POD, &tcp(be, c, FIN, b""));
+        h.run(prog_names::TO_POD, &tcp(be, seen, FIN, b""));
         assert_eq!(state(h), CtState::Closing as u8);
-        assert_eq!(reply_ct(h, be, c, proto::TCP).expect("reply").state, CtState::Closing as u8, "mirrored");
-        // Port reuse: a new SYN on a closing flow reopens it.
-        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
+        assert_eq!(reply_ct(h, be, seen, proto::TCP).expect("reply").state, CtState::Closing as u8, "mirrored");
+        // Port reuse: a new SYN on a closing flow reopens it (with its port).
+        assert_eq!(open_tcp(h, c, to_vip).0, seen);
         assert_eq!(state(h), CtState::SynSent as u8);
         // RST closes.
-        h.run(prog_names::TO_POD, &tcp(be, c, RST, b""));
+        h.run(prog_names::TO_POD, &tcp(be, seen, RST, b""));
         let v = svc_ct(h, fam, c, proto::TCP).expect("entry");
         assert_eq!(v.state, CtState::Closing as u8);
         assert_ne!(v.flags & CT_F_RST, 0);
@@ -383,10 +409,11 @@ both_families! {
         let seen = parse(&out);
         assert_eq!((seen.src, seen.dst), ((vip(fam), 80), c), "the reply comes from the service");
         assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::Established), h.stat(Stat::RevNat)), (1, 1, 1));
-        // Another pod's flow to the same backend is not source-translated.
+        // Another pod's flow to the same backend keeps its address (its port is one of the
+        // SNAT range, as for every pod's TCP flow).
         let other = (fam.pod(101), CPORT);
         let (_, out) = h.run(prog_names::FROM_POD, &tcp(other, (vip(fam), 80), SYN, b""));
-        assert_eq!(parse(&out).src, other);
+        assert_eq!(parse(&out).src.0, other.0);
 
         // The same source port to a second service whose backend is the pod too would need the
         // reply tuple the first flow holds: the second flow gets another hairpin source port.
@@ -409,48 +436,97 @@ both_families! {
 }
 
 both_families! {
+    /// A pod's TCP flow through a frontend takes a source port of the SNAT range: the pod's
+    /// connections straight to a backend (to a pod's address, or made at `connect()` by the
+    /// socket hooks) take the kernel's ephemeral ports and are not in conntrack, so a flow with
+    /// the pod's own port could land on one's tuple. Two frontends of one backend from one
+    /// source port get two ports; the replies reach the pod at its own port from their own
+    /// frontend, ICMP errors about a flow quote the pod's port, a connection straight to the
+    /// backend from that port passes untouched both ways. UDP and a pod reaching itself (whose
+    /// source is the hairpin address, never a socket's) keep their ports.
+    fn a_pods_tcp_flows_take_ports_of_the_snat_range(h, fam) {
+        let (vip1, vip2) = ((vip(fam), 80), (fam.svc(11), 80));
+        let b = (backends(fam)[0], 8080);
+        let mut d = tcp_and_udp(fam, &[b.0]);
+        d.services.extend(service_at(vip2.0, Protocol::Tcp, &[b.0]).services);
+        h.program(&d);
+        let c = (client(fam), 41_000);
+        let opened = |h: &mut Harness, frame: &[u8]| to_snat_port(h, frame, c, b);
+        let p1 = opened(h, &tcp(c, vip1, SYN, b""));
+        let p2 = opened(h, &tcp(c, vip2, SYN, b""));
+        assert_ne!(p1, p2);
+        assert_eq!((h.stat(Stat::NewFlow), h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (2, 0, 0));
+        for (port, frontend) in [(p1, vip1), (p2, vip2)] {
+            let (rc, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, port), SYN_ACK, b""));
+            let seen = parse(&out);
+            assert_eq!((rc, seen.src, seen.dst), (PASS, frontend, c), "the reply to port {port}");
+        }
+        let sent = tcp(c, vip1, ACK, b"x");
+        assert_eq!(opened(h, &sent), p1, "the next packet keeps the port");
+        let (_, translated) = h.run(prog_names::FROM_POD, &sent);
+        let router = fam.router();
+        let (rc, out) = h.run(prog_names::TO_POD, &icmp_error(IcmpKind::TooBig(1280), router, c.0, &fam.quote(&translated)));
+        assert_eq!(rc, PASS);
+        assert_related(&out, &sent, router);
+        // A connection straight to the backend from the same port.
+        let direct = tcp(c, b, SYN, b"");
+        assert_eq!(h.run(prog_names::FROM_POD, &direct), (PASS, direct.clone()));
+        let answer = tcp(b, c, SYN_ACK, b"");
+        assert_eq!(h.run(prog_names::TO_POD, &answer), (PASS, answer.clone()));
+
+        let (_, out) = h.run(prog_names::FROM_POD, &udp(c, vip1, b"q"));
+        assert_eq!(parse(&out).src, c, "UDP keeps its port");
+        let me = backends(fam)[1];
+        h.program(&service(fam, Protocol::Tcp, &[me]));
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp((me, CPORT), vip1, SYN, b""));
+        assert_eq!(parse(&out).src, (fam.hairpin(), CPORT), "a pod reaching itself keeps its port");
+        assert_eq!(h.stat(Stat::PortRemapped), 0);
+    }
+}
+
+both_families! {
     /// Two connections never share a reply tuple. One backend behind two frontends, and a pod
     /// that reuses its source port towards it: while the first flow is live, a new flow through
-    /// the second frontend, or straight to the backend's own address, gets another source port
-    /// (as netfilter's NAT gives a clashing connection), counted as `port_remapped`, and every
-    /// packet of it both ways is translated; the first flow's replies stay its own. Once a flow
-    /// is over (closing), a new connection takes its tuple as it is, and its entries go.
+    /// the second frontend (UDP, which keeps its port), or a TCP connection straight to the
+    /// backend's own address from the port of a TCP flow that kept the pod's port (opened
+    /// before TCP flows took ports of the SNAT range), gets another source port (as netfilter's
+    /// NAT gives a clashing connection), counted as `port_remapped`, and every packet of it both
+    /// ways is translated; the first flow's replies stay its own. Once a flow is over (closing),
+    /// a new connection takes its tuple as it is, and its entries go.
     fn a_clashing_reply_tuple_gets_another_source_port_and_a_closed_flow_gives_it_up(h, fam) {
         let vip1 = (vip(fam), 80);
         let vip2 = (fam.svc(11), 80);
         let b = (backends(fam)[0], 8080);
-        let mut both = service(fam, Protocol::Tcp, &[b.0]);
+        let mut both = tcp_and_udp(fam, &[b.0]);
+        both.services.extend(service_at(vip2.0, Protocol::Udp, &[b.0]).services);
         both.services.extend(service_at(vip2.0, Protocol::Tcp, &[b.0]).services);
         h.program(&both);
         let c = (client(fam), 41_000);
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, vip1, SYN, b""));
-        assert_eq!((rc, parse(&out).dst), (PASS, b));
-        h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
-        assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Established as u8);
-        let remapped = |h: &mut Harness, frame: &[u8]| {
-            let (rc, out) = h.run(prog_names::FROM_POD, frame);
-            let seen = parse(&out);
-            assert_eq!((rc, seen.src.0, seen.dst), (PASS, c.0, b));
-            let port = seen.src.1;
-            assert!(port != c.1 && (1024..=29_999).contains(&port), "another port of the SNAT range: {port}");
-            port
-        };
+        let remapped = |h: &mut Harness, frame: &[u8]| to_snat_port(h, frame, c, b);
 
         // Live: the second frontend's flow gets another port; its replies come from the second
         // frontend to the pod's own port, the first flow's from the first.
-        let p2 = remapped(h, &tcp(c, vip2, SYN, b""));
+        let (rc, out) = h.run(prog_names::FROM_POD, &udp(c, vip1, b"first"));
+        assert_eq!((rc, parse(&out).src, parse(&out).dst), (PASS, c, b));
+        let p2 = remapped(h, &udp(c, vip2, b"second"));
         assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (1, 0));
-        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, p2), SYN_ACK, b""));
+        let (_, out) = h.run(prog_names::TO_POD, &udp(b, (c.0, p2), b"to the second"));
         let seen = parse(&out);
         assert_eq!((seen.src, seen.dst), (vip2, c), "the second flow's reply");
-        assert_eq!(remapped(h, &tcp(c, vip2, ACK, b"x")), p2, "its next packet keeps the port");
-        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, b"data"));
+        assert_eq!(remapped(h, &udp(c, vip2, b"again")), p2, "its next packet keeps the port");
+        let (_, out) = h.run(prog_names::TO_POD, &udp(b, c, b"to the first"));
         assert_eq!(parse(&out).src, vip1, "the live flow keeps its replies");
 
-        // A connection straight to the backend from the same port: another port again; its
-        // packets both ways are translated (the pod sees the backend, at its own port).
+        // A TCP flow that kept the pod's port, and a connection straight to the backend from
+        // the same port: another port; its packets both ways are translated (the pod sees the
+        // backend, at its own port).
+        let p1 = remapped(h, &tcp(c, vip1, SYN, b""));
+        h.keep_client_port(c, vip1, b, p1);
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, vip1, ACK, b""));
+        assert_eq!((rc, parse(&out).src), (PASS, c));
+        h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
+        assert_eq!(svc_ct(h, fam, c, proto::TCP).expect("entry").state, CtState::Established as u8);
         let p3 = remapped(h, &tcp(c, b, SYN, b""));
-        assert_ne!(p3, p2);
         assert_eq!(h.stat(Stat::PortRemapped), 2);
         assert_eq!(h.ct_of(c, b, proto::TCP, CT_DIR_SERVICE).expect("its entry").nat_flags, CT_NAT_DIRECT);
         let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, p3), SYN_ACK, b""));
@@ -458,6 +534,8 @@ both_families! {
         assert_eq!((seen.src, seen.dst), (b, c), "the direct connection's reply");
         let sent = tcp(c, b, ACK, b"y");
         assert_eq!(remapped(h, &sent), p3, "its next packet keeps the port");
+        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, b"data"));
+        assert_eq!(parse(&out).src, vip1, "the live flow keeps its replies");
         // An ICMP error about it reaches the pod about its own port.
         let (_, translated) = h.run(prog_names::FROM_POD, &sent);
         let (rc, out) = h.run(prog_names::TO_POD, &icmp_error(IcmpKind::TooBig(1280), b.0, c.0, &fam.quote(&translated)));
@@ -470,11 +548,12 @@ both_families! {
         let (_, out) = h.run(prog_names::TO_POD, &tcp(b, (c.0, 41_001), SYN_ACK, b""));
         assert_eq!(parse(&out).src, b);
 
-        // A flow that is over gives its tuple up: the first flow of port 41,002 closes (RST);
-        // a direct connection from the same port passes untouched and its SYN-ACK reaches the
-        // pod from the backend.
+        // A flow that is over gives its tuple up: the first flow of port 41,002 (with the pod's
+        // port) closes (RST); a direct connection from the same port passes untouched and its
+        // SYN-ACK reaches the pod from the backend.
         let c2 = (client(fam), 41_002);
-        h.run(prog_names::FROM_POD, &tcp(c2, vip1, SYN, b""));
+        let p = remapped(h, &tcp(c2, vip1, SYN, b""));
+        h.keep_client_port(c2, vip1, b, p);
         h.run(prog_names::TO_POD, &tcp(b, c2, RST, b""));
         assert_eq!(svc_ct(h, fam, c2, proto::TCP).expect("entry").state, CtState::Closing as u8);
         let direct = tcp(c2, b, SYN, b"");
@@ -483,15 +562,18 @@ both_families! {
         let synack = tcp(b, c2, SYN_ACK, b"");
         assert_eq!(h.run(prog_names::TO_POD, &synack), (PASS, synack.clone()), "the backend's own SYN-ACK");
 
-        // Likewise a closed flow gives the tuple up to a new flow through the other frontend:
-        // its client-side entry goes, the new flow's replies come from the second frontend.
-        let c3 = (client(fam), 41_003);
-        h.run(prog_names::FROM_POD, &tcp(c3, vip1, SYN, b""));
-        h.run(prog_names::TO_POD, &tcp(b, c3, RST, b""));
-        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c3, vip2, SYN, b""));
-        assert_eq!((rc, parse(&out).src, parse(&out).dst), (PASS, c3, b));
-        assert!(svc_ct(h, fam, c3, proto::TCP).is_none(), "the closed flow's client side is gone");
-        let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c3, SYN_ACK, b""));
+        // Likewise a closed flow gives the tuple up to a new flow through the other frontend
+        // (a pod reaching itself, whose flows keep their port): its client-side entry goes, the
+        // new flow's replies come from the second frontend.
+        let hairpin = fam.hairpin();
+        let me = (b.0, 41_003);
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp(me, vip1, SYN, b""));
+        assert_eq!(parse(&out).src, (hairpin, me.1));
+        h.run(prog_names::FROM_POD, &tcp(b, (hairpin, me.1), RST, b""));
+        let (rc, out) = h.run(prog_names::FROM_POD, &tcp(me, vip2, SYN, b""));
+        assert_eq!((rc, parse(&out).src, parse(&out).dst), (PASS, (hairpin, me.1), b));
+        assert!(h.ct_of(me, vip1, proto::TCP, CT_DIR_SERVICE).is_none(), "the closed flow's client side is gone");
+        let (_, out) = h.run(prog_names::FROM_POD, &tcp(b, (hairpin, me.1), SYN_ACK, b""));
         assert_eq!(parse(&out).src, vip2);
         assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (2, 0));
     }
@@ -581,14 +663,14 @@ both_families! {
         h.program(&service(fam, Protocol::Tcp, &all[..1]));
         let c = (client(fam), 5357);
         let b = (all[0], 8080);
-        h.run(prog_names::FROM_POD, &tcp(c, to_vip, SYN, b""));
-        h.run(prog_names::TO_POD, &tcp(b, c, SYN_ACK, b""));
+        let (seen, _) = open_tcp(h, c, to_vip);
+        h.run(prog_names::TO_POD, &tcp(b, seen, SYN_ACK, b""));
         h.program(&service(fam, Protocol::Tcp, &all[1..2]));
         assert_eq!(h.gc(), 0, "the flow still names the backend");
         for i in 0..3u8 {
             let (rc, out) = h.run(prog_names::FROM_POD, &tcp(c, to_vip, ACK, &[i]));
             assert_eq!((rc, parse(&out).dst), (PASS, b), "packet {i} of the open connection");
-            let (_, out) = h.run(prog_names::TO_POD, &tcp(b, c, ACK, &[i]));
+            let (_, out) = h.run(prog_names::TO_POD, &tcp(b, seen, ACK, &[i]));
             assert_eq!(parse(&out).src, to_vip);
         }
         // New connections go to the current backend only.
@@ -598,7 +680,7 @@ both_families! {
 
         // The flow's entries gone (as when they expire): the next pass deletes the backend.
         h.remove_ct(c, to_vip, proto::TCP, CT_DIR_SERVICE);
-        h.remove_ct(b, c, proto::TCP, CT_DIR_REPLY);
+        h.remove_ct(b, seen, proto::TCP, CT_DIR_REPLY);
         assert_eq!(h.gc(), 1);
         assert!(!h.writer.has_backend(1));
 

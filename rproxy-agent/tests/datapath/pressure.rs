@@ -11,7 +11,7 @@ use rproxy_agent::{
 };
 use rproxy_common::{CT_DIR_REPLY, CT_DIR_SERVICE, SVC_F_CLUSTER_IP, prog_names, proto};
 
-use crate::common::{ACK, Fam, Harness, SERIAL, SYN, harness, tcp, test_run, udp};
+use crate::common::{ACK, Fam, Harness, SERIAL, SYN, harness, parse, tcp, test_run, udp};
 
 const TABLE: u32 = MapSizes::MIN;
 
@@ -55,8 +55,10 @@ fn a_flood_of_new_flows_evicts_idle_flows_and_keeps_active_ones() {
         test_run(h.dp.program(prog_names::TO_POD).expect("program"), prog_names::TO_POD, frame, None)
     };
     let (active, idle) = ((client, 1000), (client, 1001));
-    send(&mut h, &tcp(active, (vip, 80), SYN, b""));
-    send(&mut h, &tcp(idle, (vip, 80), SYN, b""));
+    // The source ports the backend sees (the pod path gives TCP flows ports of the SNAT range).
+    let seen = |(_, out): (u32, Vec<u8>)| parse(&out).src;
+    let active_seen = seen(send(&mut h, &tcp(active, (vip, 80), SYN, b"")));
+    let idle_seen = seen(send(&mut h, &tcp(idle, (vip, 80), SYN, b"")));
     // Four tables' worth of entries in new UDP flows (two entries each), the active connection
     // sending and answered now and then.
     let flood = 2 * TABLE;
@@ -68,16 +70,16 @@ fn a_flood_of_new_flows_evicts_idle_flows_and_keeps_active_ones() {
         send(&mut h, &udp(src, (vip, 80), b"x"));
         if i % 256 == 0 {
             send(&mut h, &tcp(active, (vip, 80), ACK, b"still here"));
-            answer(&mut h, &tcp((backend, 8080), active, ACK, b"so am I"));
+            answer(&mut h, &tcp((backend, 8080), active_seen, ACK, b"so am I"));
         }
     }
-    let has = |h: &Harness, c: (IpAddr, u16)| {
+    let has = |h: &Harness, c: (IpAddr, u16), seen: (IpAddr, u16)| {
         (
             h.ct_of(c, (vip, 80), proto::TCP, CT_DIR_SERVICE).is_some(),
-            h.ct_of((backend, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(),
+            h.ct_of((backend, 8080), seen, proto::TCP, CT_DIR_REPLY).is_some(),
         )
     };
-    let (a, i) = (has(&h, active), has(&h, idle));
+    let (a, i) = (has(&h, active, active_seen), has(&h, idle, idle_seen));
     eprintln!("after {flood} new flows into a table of {TABLE}: active {a:?}, idle {i:?}");
     assert_eq!(a, (true, true), "the active flow keeps both entries through the flood");
     assert_eq!(i, (false, false), "the idle flow is evicted");
