@@ -48,7 +48,7 @@ use rproxy_agent::{
     writer::Writer,
 };
 use rproxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CtKey4, CtKey6, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, WireAddr, prog_names, proto,
+    CT_DIR_SERVICE, CtKey4, CtKey6, SVC_F_CLUSTER_IP, SVC_F_NODE_PORT, Stat, WireAddr, prog_names, proto,
 };
 
 #[derive(Parser)]
@@ -260,10 +260,13 @@ type Round = (f64, f64, Option<f64>, Option<f64>);
 struct Subject {
     dp: Datapath,
     maps: Maps,
-    /// The backend the established flow went to.
+    /// The backend the established flow went to, and the client as that backend sees it (its
+    /// TCP source port translated to one of the SNAT range, or its own for an earlier build's).
     chosen: Ipv4Addr,
-    /// The backend the established IPv6 flow went to.
+    seen: (Ipv4Addr, u16),
+    /// The same for the established IPv6 flow.
     chosen6: Ipv6Addr,
+    seen6: (Ipv6Addr, u16),
     /// The node's port that the north-south flow was source-translated to.
     snat_port: u16,
     /// The same for the IPv6 north-south flow.
@@ -311,23 +314,17 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     // Establish one flow: SYN out, SYN-ACK back (from whichever backend was chosen).
     let syn = tcp(CLIENT, (target, 80), true, false);
     mean_ns(&mut dp, Prog::Tc(prog_names::FROM_POD), std::slice::from_ref(&syn));
-    let chosen = (0..args.backends)
-        .map(|j| backend(services / 2, j))
-        .find(|b| {
-            let k = tcp_ct_key((*b, 8080), CLIENT, CT_DIR_REPLY);
-            maps.conntrack.get(&k, 0).is_ok()
-        })
-        .expect("flow created");
-    let synack = tcp((chosen, 8080), CLIENT, true, true);
+    let v = maps.conntrack.get(&tcp_ct_key(CLIENT, (target, 80), CT_DIR_SERVICE), 0).expect("flow created");
+    let (chosen, seen) = (v.pair_addr.ip(), (v.nat_addr.ip(), u16::from_be(v.nat_port)));
+    let synack = tcp((chosen, 8080), seen, true, true);
     mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), std::slice::from_ref(&synack));
     // The same over IPv6.
     let target6 = vip6(services / 2);
     mean_ns(&mut dp, Prog::Tc(prog_names::FROM_POD), &[tcp(CLIENT6, (target6, 80), true, false)]);
-    let chosen6 = (0..args.backends)
-        .map(|j| backend6(services / 2, j))
-        .find(|b| maps.conntrack6.get(&tcp6_ct_key((*b, 8080), CLIENT6, CT_DIR_REPLY), 0).is_ok())
-        .expect("IPv6 flow created");
-    mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), &[tcp((chosen6, 8080), CLIENT6, true, true)]);
+    let k = tcp6_ct_key(CLIENT6, (target6, 80), CT_DIR_SERVICE);
+    let v = maps.conntrack6.get(&k, 0).expect("IPv6 flow created");
+    let (chosen6, seen6) = (v.pair_addr.ip(), (v.nat_addr.ip(), u16::from_be(v.nat_port)));
+    mean_ns(&mut dp, Prog::Tc(prog_names::TO_POD), &[tcp((chosen6, 8080), seen6, true, true)]);
     // The north-south flow: the client's SYN, the backend's SYN-ACK to the node's SNAT port.
     let xdp = Prog::Xdp(prog_names::XDP_EXT, ext);
     mean_ns(&mut dp, xdp, &[tcp(NS_CLIENT, (NODE, NODE_PORT), true, false)]);
@@ -339,7 +336,7 @@ fn subject(object: &[u8], args: &Args, services: usize, ext: u32) -> Subject {
     let k = tcp6_ct_key(NS_CLIENT6, (NODE6, NODE_PORT), CT_DIR_SERVICE);
     let snat_port6 = u16::from_be(maps.conntrack6.get(&k, 0).expect("IPv6 north-south flow created").nat_port);
     mean_ns(&mut dp, xdp, &[tcp((REMOTE_POD6, 8080), (NODE6, snat_port6), true, true)]);
-    Subject { dp, maps, chosen, chosen6, snat_port, snat_port6 }
+    Subject { dp, maps, chosen, seen, chosen6, seen6, snat_port, snat_port6 }
 }
 
 /// Runs `frames` through `prog` of `s`; each path must do its work on every packet: the
@@ -385,14 +382,11 @@ impl Bench<'_> {
             .map(|round| {
                 let f = frames(&subjects[0]);
                 let noop = mean_ns(&mut subjects[0].dp, Prog::Tc(prog_names::NOOP), &f);
-                let first = (subjects[0].chosen, subjects[0].chosen6, subjects[0].snat_port, subjects[0].snat_port6);
+                let key = |s: &Subject| (s.chosen, s.seen, s.chosen6, s.seen6, s.snat_port, s.snat_port6);
+                let first = key(&subjects[0]);
                 let mut others = |subjects: &mut [Subject]| {
                     let base = subjects.get_mut(1).map(|b| {
-                        let f = if (b.chosen, b.chosen6, b.snat_port, b.snat_port6) == first {
-                            f.clone()
-                        } else {
-                            frames(b)
-                        };
+                        let f = if key(b) == first { f.clone() } else { frames(b) };
                         run_checked(b, path, prog, expect, &f)
                     });
                     // The baseline runs the twin too (unmeasured), so that both builds' tables
@@ -453,7 +447,7 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
             .collect()
     };
     let (from_pod, to_pod) = (Prog::Tc(prog_names::FROM_POD), Prog::Tc(prog_names::TO_POD));
-    let reply = |s: &Subject| vec![tcp((s.chosen, 8080), CLIENT, false, true); args.packets];
+    let reply = |s: &Subject| vec![tcp((s.chosen, 8080), s.seen, false, true); args.packets];
     bench.measure("established", from_pod, &[Stat::Established], &mut |_| established.clone(), None);
     bench.measure("reply (rev-NAT)", to_pod, &[Stat::RevNat], &mut reply.clone(), None);
     bench.measure("not a service", from_pod, &[], &mut |_| other.clone(), None);
@@ -478,7 +472,7 @@ fn bench_services(args: &Args, baseline: Option<&[u8]>, services: usize, ext: u3
         "reply v6",
         to_pod,
         &[Stat::RevNat],
-        &mut |s| vec![tcp((s.chosen6, 8080), CLIENT6, false, true); args.packets],
+        &mut |s| vec![tcp((s.chosen6, 8080), s.seen6, false, true); args.packets],
         Some(&mut reply.clone()),
     );
     let ns_forward6 = vec![tcp(NS_CLIENT6, (NODE6, NODE_PORT), false, true); args.packets];
