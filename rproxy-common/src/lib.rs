@@ -842,8 +842,8 @@ pub enum Stat {
     RewriteFail = 6,
     /// IPv4 fragments to a service (not translated; passed).
     Fragment = 7,
-    /// North-south new flow to a remote backend dropped: every SNAT port towards that backend
-    /// is taken.
+    /// New flow dropped: every SNAT port towards its backend is taken (a north-south flow to a
+    /// remote backend, on the node's address; a pod's TCP flow, on the pod's address).
     SnatExhausted = 8,
     /// North-south packet that needed forwarding from XDP/TC but the FIB lookup found no
     /// usable route or neighbour: handed to the stack instead (new flows: dropped).
@@ -868,19 +868,20 @@ pub enum Stat {
     /// dropped, as kube-proxy's firewall chain does.
     SourceRangeDrop = 15,
     /// New connections dropped because a live translated flow holds the tuple their replies
-    /// would come back on and no other source port was found for them (a pod's: see
-    /// `PortRemapped`; an external client's, which reused its port towards one local backend
-    /// through two frontends): taking it would send that flow's replies to the wrong socket. A
-    /// closing or expired holder is replaced instead.
+    /// would come back on and no other source port was free for them (see `PortRemapped`):
+    /// taking it would send that flow's replies to the wrong socket. A closing or expired
+    /// holder is replaced instead.
     CtClash = 16,
     /// Tail calls that found their program array slot empty (`calls`): the packet passed
     /// untranslated. Never expected; the agent fills the slots before it attaches anything.
     TailCallFail = 17,
-    /// New connections from pods whose source port the pod path translated, as netfilter's NAT
-    /// does for a clashing tuple: a live translated flow held the tuple their replies would
-    /// come back on (the pod's kernel handed out one source port again towards one backend,
-    /// through two frontends, or a frontend and the backend's own address). The port is taken
-    /// from `--snat-port-range`, on the pod's own address.
+    /// New connections whose source port was translated as netfilter's NAT does for a
+    /// clashing tuple: a live translated flow held the tuple their replies would come back on
+    /// (a client handed out one source port again towards one backend: a pod's UDP through two
+    /// frontends, or its TCP straight to a backend that a flow kept with its own port; an
+    /// external client through two frontends of a local backend). The port is taken from
+    /// `--snat-port-range`, on the client's own address. (A pod's TCP flows through a frontend
+    /// always take such a port, and are not counted here.)
     PortRemapped = 18,
 }
 

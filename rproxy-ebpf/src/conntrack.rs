@@ -243,12 +243,19 @@ pub fn open<F: Family>(
 
 /// Finds a free port of the SNAT range (`Config`) for the reply entry `reply` (its `dport` is
 /// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
-/// that is free, or, among the first `snat::RECLAIM_TRIES`, held by a quietly closed flow
-/// ([`reclaim_snat`]). Returns the port (wire order), or `None` after `snat::TRIES` taken ports
-/// or with an empty range. See `rproxy_common::snat`. Used by the north-south SNAT and a pod's
-/// remapped flows ([`open_remapped`]).
+/// that is free, or, among the first `RECLAIM_TRIES`, held by a quietly closed flow
+/// ([`reclaim_snat`]). Returns the port (wire order), or `None` after `TRIES` taken ports or
+/// with an empty range. See `rproxy_common::snat`: the north-south SNAT and a pod's TCP flows
+/// ([`open_remapped`]) take `snat::TRIES` and `snat::RECLAIM_TRIES`, a flow moved off a clash
+/// [`CLASH_TRIES`] and none (each try is code the verifier walks at every program load, a
+/// take-over try much more: the clashes are rare, and a port of the client's own is rarely
+/// taken).
 #[inline(always)]
-pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) -> Option<u16> {
+pub fn allocate_port<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
+    reply: &mut CtKey<F::Addr>,
+    value: &CtValue<F::Addr>,
+    now: u64,
+) -> Option<u16> {
     let config = CONFIG.get(0)?;
     let (first, ports) = (config.snat_port_min, config.snat_port_count());
     if ports == 0 {
@@ -262,7 +269,7 @@ pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::A
         // SAFETY: helper without arguments.
         next = unsafe { bpf_get_prandom_u32() };
     }
-    for i in 0..snat::TRIES {
+    for i in 0..TRIES {
         let offset = next % ports;
         next = offset + 1;
         #[expect(clippy::cast_possible_truncation, reason = "offset < ports <= 65536 - first: no overflow")]
@@ -271,7 +278,7 @@ pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::A
         // Taking over is tried on the first ports only, the oldest in this CPU's walk: each
         // try adds a copy of `reclaim_snat` for the verifier to check.
         if F::conntrack().insert(&*reply, value, BPF_NOEXIST).is_ok()
-            || (i < snat::RECLAIM_TRIES && reclaim_snat::<F>(reply, value, now))
+            || (i < RECLAIM_TRIES && reclaim_snat::<F>(reply, value, now))
         {
             // SAFETY: as above. Never 0 here (offset + 1), so the random start happens once.
             unsafe { *cursor = next };
@@ -283,6 +290,9 @@ pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::A
     None
 }
 
+/// Ports tried for a flow moved off a clash ([`open_remapped`]).
+pub const CLASH_TRIES: u32 = 8;
+
 /// Opens a new flow from a pod with another source port: the backend sees the client's address
 /// `nat_addr` (the pod's own, or the hairpin address) with a port of `--snat-port-range` (the
 /// configuration's SNAT range, below the kernel's ephemeral ports, so the pod's own connections
@@ -291,10 +301,10 @@ pub fn allocate_port<F: Family>(reply: &mut CtKey<F::Addr>, value: &CtValue<F::A
 /// every TCP flow of a pod (`pod::from_pod`), and for a flow whose reply tuple a live flow holds
 /// ([`open`] refused it), as netfilter's NAT does for a clashing tuple. The reply entry's nat
 /// side keeps the client's own address and port,
-/// which the replies get back. Returns the port (wire order); `Err(SnatExhausted)` when
-/// `snat::TRIES` ports were taken or the range is empty.
+/// which the replies get back. Tries as [`allocate_port`] says. Returns the port (wire order);
+/// `Err(SnatExhausted)` when `TRIES` ports were taken or the range is empty (see [`clashed`]).
 #[inline(always)]
-pub fn open_remapped<F: Family>(
+pub fn open_remapped<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
     pkt: &Packet<F>,
     backend_id: u32,
     be: &Backend<F::Addr>,
@@ -310,7 +320,7 @@ pub fn open_remapped<F: Family>(
         e.write(reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now));
         &mut *e
     };
-    let port = allocate_port::<F>(&mut e.key, &e.value, now).ok_or(Stat::SnatExhausted)?;
+    let port = allocate_port::<F, TRIES, RECLAIM_TRIES>(&mut e.key, &e.value, now).ok_or(Stat::SnatExhausted)?;
     e.make_service(pkt);
     if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
         e.make_reply_key();
@@ -318,6 +328,13 @@ pub fn open_remapped<F: Family>(
         return Err(Stat::CtInsertFail);
     }
     Ok(port)
+}
+
+/// The drop reason of a connection that [`open_remapped`] failed for after a clash: no port
+/// free for it is a clash (`CtClash`), other failures are what they are.
+#[inline(always)]
+pub fn clashed(why: Stat) -> Stat {
+    if matches!(why, Stat::SnatExhausted) { Stat::CtClash } else { why }
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself

@@ -19,6 +19,7 @@ use aya_ebpf::programs::TcContext;
 use rproxy_common::{
     BE_F_LOCAL, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_EXTERNAL, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_EXTERNAL_IN, HOOK_EXTERNAL_OUT},
+    snat,
 };
 
 use crate::{
@@ -154,12 +155,33 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     if flow.svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
         let nat = (pkt.saddr, pkt.sport);
         // As on the pod path: the tuple the replies come back on is never shared by two live
-        // connections (`conntrack::open`).
-        if let Err(why) = conntrack::open(pkt, flow.backend_id, be, flow.svc.rev_nat_id, nat, CT_NAT_EXTERNAL, now) {
-            observe::count_drop(ctx, HOOK_EXTERNAL_IN, why, pkt, flow.svc.rev_nat_id, flow.backend_id);
-            return Ok(Action::Drop);
-        }
-        let new = Tuple { daddr: be.addr, dport: be.port, ..Tuple::of(pkt) };
+        // connections (`conntrack::open`). A client that reaches one backend through two
+        // frontends from one source port (two NodePorts, a NodePort and a load balancer's
+        // address; many clients behind one NAT) gets another source port for the second, as
+        // netfilter's NAT gives it (`port_remapped`); the replies get the client's own back.
+        let rev_nat_id = flow.svc.rev_nat_id;
+        let opened = match conntrack::open(pkt, flow.backend_id, be, rev_nat_id, nat, CT_NAT_EXTERNAL, now) {
+            Ok(()) => Ok(pkt.sport),
+            Err(Stat::CtClash) => {
+                let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
+                match remapped(pkt, flow.backend_id, be, rev_nat_id, pkt.saddr, CT_NAT_EXTERNAL, now) {
+                    Ok(port) => {
+                        count(Stat::PortRemapped);
+                        Ok(port)
+                    }
+                    Err(why) => Err(conntrack::clashed(why)),
+                }
+            }
+            Err(why) => Err(why),
+        };
+        let sport = match opened {
+            Ok(port) => port,
+            Err(why) => {
+                observe::count_drop(ctx, HOOK_EXTERNAL_IN, why, pkt, rev_nat_id, flow.backend_id);
+                return Ok(Action::Drop);
+            }
+        };
+        let new = Tuple { sport, daddr: be.addr, dport: be.port, ..Tuple::of(pkt) };
         nat::rewrite_tuple(ctx, pkt, &new)?;
         observe::translated(ctx, HOOK_EXTERNAL_IN, Stat::NewFlow, pkt, flow.svc.rev_nat_id, flow.backend_id);
         return Ok(Action::Pass);
@@ -233,7 +255,8 @@ fn to_remote<C: Ctx, F: Family>(
         entry.write(conntrack::reply_entry(pkt, backend_id, be, rev_nat_id, (src, 0), flags, now));
         &mut *entry
     };
-    let Some(port) = conntrack::allocate_port::<F>(&mut e.key, &e.value, now) else {
+    let Some(port) = conntrack::allocate_port::<F, { snat::TRIES }, { snat::RECLAIM_TRIES }>(&mut e.key, &e.value, now)
+    else {
         observe::count_drop(ctx, HOOK_EXTERNAL_IN, Stat::SnatExhausted, pkt, rev_nat_id, backend_id);
         return Action::Drop;
     };
@@ -420,7 +443,9 @@ pub fn egress<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Action, i64
         return Ok(Action::Pass);
     }
     conntrack::account::<F>(ct, CT_DIR_REPLY, pkt.proto, conntrack::rev_bits(pkt), false, conntrack::now_ns());
-    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, ..Tuple::of(pkt) };
+    // The client's own address and port: the flow's source port may have been translated
+    // (`PortRemapped`); otherwise they are the packet's destination already.
+    let new = Tuple { saddr: v.pair_addr, sport: v.pair_port, daddr: v.nat_addr, dport: v.nat_port };
     nat::rewrite_tuple(ctx, pkt, &new)?;
     observe::translated(ctx, HOOK_EXTERNAL_OUT, Stat::RevNat, pkt, v.rev_nat_id, v.backend_id);
     Ok(Action::Pass)

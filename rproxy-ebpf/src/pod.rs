@@ -6,7 +6,7 @@ use aya_ebpf::programs::TcContext;
 use rproxy_common::{
     Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_DIRECT, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_FROM_POD, HOOK_TO_POD},
-    proto,
+    proto, snat,
 };
 
 use crate::{
@@ -91,13 +91,19 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             };
             let opened = match remap {
                 Ok(None) => Ok(nat),
-                Ok(Some(clash)) => conntrack::open_remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now)
-                    .map(|port| {
-                        if clash {
-                            count(Stat::PortRemapped);
+                Ok(Some(clash)) => {
+                    // One call for both: the verifier walks each call's tries at every load.
+                    let remapped = conntrack::open_remapped::<F, { snat::TRIES }, { snat::RECLAIM_TRIES }>;
+                    match remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now) {
+                        Ok(port) => {
+                            if clash {
+                                count(Stat::PortRemapped);
+                            }
+                            Ok((nat.0, port))
                         }
-                        (nat.0, port)
-                    }),
+                        Err(why) => Err(if clash { conntrack::clashed(why) } else { why }),
+                    }
+                }
                 Err(why) => Err(why),
             };
             let nat = match opened {
@@ -179,7 +185,7 @@ fn direct_flow<F: Family>(pkt: &Packet<F>) -> Option<*mut CtValue<F::Addr>> {
 /// (`conntrack::open_remapped`, `CT_NAT_DIRECT`, counted as `PortRemapped`), as netfilter's NAT
 /// would give it: its packets are then looked up in conntrack (`direct_flow`), which the
 /// backend's mark in `DIRECT_FILTER` asks for. Two live connections never share one reply tuple;
-/// when no port is free the SYN is dropped and counted (`SnatExhausted`).
+/// when no port is free the SYN is dropped and counted (`CtClash`).
 #[inline(always)]
 fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
     let reply = conntrack::reverse_reply_key(pkt);
@@ -195,7 +201,8 @@ fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i6
     // Marked first: the flow's next packets must find their way to conntrack.
     lb::mark_direct_dst(pkt);
     let be = Backend { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, flags: 0 };
-    match conntrack::open_remapped(pkt, backend_id, &be, 0, pkt.saddr, CT_NAT_DIRECT, now) {
+    let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
+    match remapped(pkt, backend_id, &be, 0, pkt.saddr, CT_NAT_DIRECT, now).map_err(conntrack::clashed) {
         Ok(port) => {
             count(Stat::PortRemapped);
             let new = Tuple { sport: port, ..Tuple::of(pkt) };

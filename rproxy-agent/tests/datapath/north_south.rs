@@ -1002,28 +1002,40 @@ fn established_flows_route_through_the_cache_and_follow_changes() {
 both_families! {
     /// A new north-south flow to a backend on this node never takes the tuple its replies come
     /// back on from a live flow of another frontend (the client reused its source port towards
-    /// the same backend through two NodePorts): it is dropped and counted (`ct_clash`), and the
-    /// live flow keeps both its entries. Found by the datapath fuzzer: the new flow overwrote
-    /// the live one's reply entry, and when it ended the live flow's service entry was left
-    /// without its pair.
+    /// the same backend through two `NodePort`s; many clients behind one NAT do): it gets another
+    /// source port of the SNAT range on the client's address, as netfilter's NAT gives it
+    /// (`port_remapped`), and every packet of it both ways is translated, the replies to the
+    /// client's own port from their own `NodePort`; the live flow keeps both its entries. Found
+    /// by the datapath fuzzer: the new flow overwrote the live one's reply entry, and when it
+    /// ended the live flow's service entry was left without its pair.
     fn a_local_flow_never_takes_a_live_flows_reply_tuple(h, ifindex, n) {
         let pod = backend(n.local_pod, Protocol::Tcp, true);
         let mut d = frontend(n.node, 30080, Protocol::Tcp, SVC_F_NODE_PORT, vec![pod], vec![]);
         d.services.extend(frontend(n.node, 30083, Protocol::Tcp, SVC_F_NODE_PORT, vec![pod], vec![]).services);
         h.program(&d);
         let c = (n.client, CPORT);
+        let b = (n.local_pod, 8080);
         let (rc, _) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30080), SYN, b""));
         assert_eq!(rc, XDP_PASS);
-        assert!(h.ct_of((n.local_pod, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow's reply entry");
-        let (rc, _) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30083), SYN, b""));
-        assert_eq!((rc, h.stat(Stat::CtClash)), (XDP_DROP, 1), "the second flow is dropped");
-        assert!(h.ct_of(c, (n.node, 30083), proto::TCP, CT_DIR_SERVICE).is_none(), "and opens nothing");
-        assert!(h.ct_of((n.local_pod, 8080), c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow keeps its reply entry");
+        assert!(h.ct_of(b, c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow's reply entry");
+        let second = |h: &mut Harness, flags| {
+            let (rc, out) = run_ext(h, true, ifindex, &tcp(c, (n.node, 30083), flags, b""));
+            let seen = parse(&out);
+            assert_eq!((rc, seen.src.0, seen.dst), (XDP_PASS, c.0, b));
+            seen.src.1
+        };
+        let port = second(h, SYN);
+        assert!(port != c.1 && (1024..=29_999).contains(&port), "another port of the SNAT range: {port}");
+        assert_eq!((h.stat(Stat::PortRemapped), h.stat(Stat::CtClash)), (1, 0));
+        assert_eq!(second(h, ACK), port, "its next packet keeps the port");
+        assert!(h.ct_of(b, c, proto::TCP, CT_DIR_REPLY).is_some(), "the first flow keeps its reply entry");
         assert!(h.ct_of(c, (n.node, 30080), proto::TCP, CT_DIR_SERVICE).is_some(), "and its service entry");
-        // Its replies still go back from the first NodePort.
-        let (rc, out) = h.run_on(prog_names::EXT_EGRESS, ifindex, &tcp((n.local_pod, 8080), c, SYN_ACK, b""));
-        assert_eq!(rc, TC_PASS);
-        assert_eq!(parse(&out).src, (n.node, 30080));
+        // Each flow's replies go back from its own NodePort, to the client's own port.
+        for (to, from) in [(c, 30080), ((c.0, port), 30083)] {
+            let (rc, out) = h.run_on(prog_names::EXT_EGRESS, ifindex, &tcp(b, to, SYN_ACK, b""));
+            let seen = parse(&out);
+            assert_eq!((rc, seen.src, seen.dst), (TC_PASS, (n.node, from), c), "the reply to {to:?}");
+        }
     }
 }
 
