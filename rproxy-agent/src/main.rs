@@ -215,10 +215,11 @@ struct RunArgs {
     metrics_bind_address: Bind,
     /// Source ports given to north-south flows that go to a backend on another node (SNAT to
     /// this node's address, externalTrafficPolicy Cluster), and to pods' TCP flows translated on
-    /// their devices (on the pod's own address, so that they never share a tuple with the pod's
-    /// connections straight to backends), MIN-MAX with MIN >= 1024. Each backend can take about
-    /// (MAX - MIN + 1) / 60 new flows per second from one source address before a port comes
-    /// round within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
+    /// their devices (the pod's port folded into the range, on its own address, so that they
+    /// never share a tuple with the pod's connections straight to backends: keep the range at
+    /// least as large as the pods' ephemeral port range), MIN-MAX with MIN >= 1024. Each backend
+    /// can take about (MAX - MIN + 1) / 60 new north-south flows per second from one node before
+    /// a port comes round within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
     /// net.ipv4.ip_local_port_range unless net.ipv4.ip_local_reserved_ports covers the overlap:
     /// the node's own connections must not take these ports. Default: below the NodePort range
     /// (30000-32767) and the kernel's default ephemeral ports (32768-60999).

@@ -893,10 +893,7 @@ impl Agent {
     /// look (SNAT port exhaustion, FIB failures, conntrack inserts failing).
     fn check_counters(&mut self) {
         for (stat, what) in [
-            (
-                Stat::SnatExhausted,
-                "new flows dropped: every SNAT port towards their backend is taken (north-south from the node's address, a pod's TCP from its own)",
-            ),
+            (Stat::SnatExhausted, "new north-south flows dropped: every SNAT port towards their backend is taken"),
             (Stat::FibFail, "north-south packets dropped: no usable route (FIB lookup failed)"),
             (Stat::CtInsertFail, "new flows dropped: conntrack insert failed (map full?)"),
         ] {

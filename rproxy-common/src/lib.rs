@@ -842,8 +842,8 @@ pub enum Stat {
     RewriteFail = 6,
     /// IPv4 fragments to a service (not translated; passed).
     Fragment = 7,
-    /// New flow dropped: every SNAT port towards its backend is taken (a north-south flow to a
-    /// remote backend, on the node's address; a pod's TCP flow, on the pod's address).
+    /// North-south new flow to a remote backend dropped: every SNAT port towards that backend
+    /// is taken.
     SnatExhausted = 8,
     /// North-south packet that needed forwarding from XDP/TC but the FIB lookup found no
     /// usable route or neighbour: handed to the stack instead (new flows: dropped).
@@ -881,7 +881,8 @@ pub enum Stat {
     /// frontends, or its TCP straight to a backend that a flow kept with its own port; an
     /// external client through two frontends of a local backend). The port is taken from
     /// `--snat-port-range`, on the client's own address. (A pod's TCP flows through a frontend
-    /// always take such a port, and are not counted here.)
+    /// take their own port folded into that range, and are counted here only when a live flow
+    /// holds that one.)
     PortRemapped = 18,
 }
 

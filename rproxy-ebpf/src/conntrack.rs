@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use rproxy_common::{
     Backend, CT_DIR_RECLAIM, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_RST, CT_F_SEEN_REV,
-    CT_F_SYN_FWD, CT_F_SYN_REV, CtKey, CtState, CtValue, Stat, proto, snat,
+    CT_F_SYN_FWD, CT_F_SYN_REV, CT_NAT_SNAT, CtKey, CtState, CtValue, Stat, proto, snat,
 };
 
 use crate::{
@@ -229,7 +229,7 @@ pub fn open<F: Family>(
     now: u64,
 ) -> Result<(), Stat> {
     let reply = flow_reply_key(pkt.proto, be, nat);
-    let stale = match reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
+    let stale = match reply_holder::<F>(&reply, pkt, now) {
         Holder::Live { .. } => return Err(Stat::CtClash),
         Holder::Stale(other) => Some(other),
         Holder::Free => None,
@@ -245,11 +245,10 @@ pub fn open<F: Family>(
 /// set to each candidate in turn) and inserts the entry: the first port after this CPU's cursor
 /// that is free, or, among the first `RECLAIM_TRIES`, held by a quietly closed flow
 /// ([`reclaim_snat`]). Returns the port (wire order), or `None` after `TRIES` taken ports or
-/// with an empty range. See `rproxy_common::snat`: the north-south SNAT and a pod's TCP flows
-/// ([`open_remapped`]) take `snat::TRIES` and `snat::RECLAIM_TRIES`, a flow moved off a clash
-/// [`CLASH_TRIES`] and none (each try is code the verifier walks at every program load, a
-/// take-over try much more: the clashes are rare, and a port of the client's own is rarely
-/// taken).
+/// with an empty range. See `rproxy_common::snat`: the north-south SNAT takes `snat::TRIES` and
+/// `snat::RECLAIM_TRIES`, a flow moved off a clash ([`open_remapped`]) [`CLASH_TRIES`] and none
+/// (each try is code the verifier walks at every program load, a take-over try much more: the
+/// clashes are rare, and a port on the client's own address is rarely taken).
 #[inline(always)]
 pub fn allocate_port<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
     reply: &mut CtKey<F::Addr>,
@@ -290,19 +289,39 @@ pub fn allocate_port<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
     None
 }
 
+/// The source port a pod's TCP flow through a frontend takes (`pod::from_pod`), wire order:
+/// the pod's own port `sport` folded into the SNAT range (`Config`), `first + sport % count`.
+/// The pod's connections straight to backends (to a pod's address, or made at `connect()` by
+/// the socket hooks) take the kernel's ephemeral ports, above the range, and are not in
+/// conntrack: a flow with the pod's own port could land on one's tuple. Folding keeps the
+/// order in which the pod's kernel hands its ports out (one after the other for a
+/// destination), so a tuple comes back to a backend no sooner than the pod's own would (a
+/// backend's `TIME_WAIT` socket of an earlier connection); it is one-to-one over any
+/// `count` consecutive ports, so the kernel's ephemeral range (28,232 ports by default, the
+/// range 28,976) maps without overlap. The pod's own port with an empty range.
+#[inline(always)]
+pub fn pod_port(sport: u16) -> u16 {
+    let Some(config) = CONFIG.get(0) else { return sport };
+    let count = config.snat_port_count();
+    if count == 0 {
+        return sport;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "the remainder < count <= 65536 - first: no overflow")]
+    let offset = (u32::from(u16::from_be(sport)) % count) as u16;
+    config.snat_port_min.wrapping_add(offset).to_be()
+}
+
 /// Ports tried for a flow moved off a clash ([`open_remapped`]).
 pub const CLASH_TRIES: u32 = 8;
 
-/// Opens a new flow from a pod with another source port: the backend sees the client's address
-/// `nat_addr` (the pod's own, or the hairpin address) with a port of `--snat-port-range` (the
-/// configuration's SNAT range, below the kernel's ephemeral ports, so the pod's own connections
-/// do not pick it) whose reply tuple is free ([`allocate_port`]: the reply entry takes it with
-/// `BPF_NOEXIST`, so two CPUs never share one; a quietly closed flow's is taken over). Used for
-/// every TCP flow of a pod (`pod::from_pod`), and for a flow whose reply tuple a live flow holds
-/// ([`open`] refused it), as netfilter's NAT does for a clashing tuple. The reply entry's nat
-/// side keeps the client's own address and port,
-/// which the replies get back. Tries as [`allocate_port`] says. Returns the port (wire order);
-/// `Err(SnatExhausted)` when `TRIES` ports were taken or the range is empty (see [`clashed`]).
+/// Opens a new flow whose reply tuple a live flow holds ([`open`] refused it) with another
+/// source port, as netfilter's NAT does for a clashing tuple: the backend sees the client's
+/// address `nat_addr` (its own, or the hairpin address) with a port of `--snat-port-range`
+/// whose reply tuple is free ([`allocate_port`]: the reply entry takes it with `BPF_NOEXIST`,
+/// so two CPUs never share one). The reply entry's nat side keeps the client's own address and
+/// port, which the replies get back. Tries as [`allocate_port`] says. Returns the port (wire
+/// order); `Err(SnatExhausted)` when `TRIES` ports were taken or the range is empty (see
+/// [`clashed`]).
 #[inline(always)]
 pub fn open_remapped<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
     pkt: &Packet<F>,
@@ -410,14 +429,12 @@ fn claim<F: Family>(reply: &CtKey<F::Addr>, value: &CtValue<F::Addr>, now: u64) 
     true
 }
 
-/// If the reply entry `reply` (of a flow with an SNAT port, or a pod's flow with a port of the
-/// SNAT range: the tuples [`allocate_port`] hands out) and its client-side pair are quietly
-/// closing, the pair's key.
+/// If the SNAT reply entry `reply` and its client-side pair are quietly closing, the pair's key.
 #[inline(always)]
 fn reclaimable<F: Family>(reply: &CtKey<F::Addr>, now: u64) -> Option<CtKey<F::Addr>> {
     // SAFETY: read in place; a concurrent update stores whole fields.
     let old = unsafe { F::conntrack().get(reply) }?;
-    if !quiet_closing(old, now) {
+    if old.nat_flags & CT_NAT_SNAT == 0 || !quiet_closing(old, now) {
         return None;
     }
     let client_side = reply.pair(old);
@@ -450,21 +467,20 @@ pub enum Holder<A> {
     Live { backend_id: u32 },
 }
 
-/// Who holds `reply`, the entry the replies of a new connection to `frontend` (address and
-/// port, wire order; for a connection straight to a backend, the backend itself) would hit.
-/// Two live connections never share one: the replies of one would be translated for the other.
+/// Who holds `reply`, the entry the replies of `pkt`'s new connection (to a frontend, or
+/// straight to a backend) would hit. Two live connections never share one: the replies of one
+/// would be translated for the other. The same connection's earlier flow (same client address
+/// and port, same destination) is stale.
 #[inline(always)]
-pub fn reply_holder<F: Family>(reply: &CtKey<F::Addr>, frontend: (F::Addr, u16), now: u64) -> Holder<F::Addr> {
+pub fn reply_holder<F: Family>(reply: &CtKey<F::Addr>, pkt: &Packet<F>, now: u64) -> Holder<F::Addr> {
     // SAFETY: copied out at once.
     let Some(v) = (unsafe { F::conntrack().get(reply) }).copied() else {
         return Holder::Free;
     };
     let over = v.expires_ns <= now || v.state == CtState::Closing as u8;
-    if over || (v.pair_addr, v.pair_port) == frontend {
-        Holder::Stale(reply.pair(&v))
-    } else {
-        Holder::Live { backend_id: v.backend_id }
-    }
+    let same =
+        (v.pair_addr, v.pair_port) == (pkt.daddr, pkt.dport) && (v.nat_addr, v.nat_port) == (pkt.saddr, pkt.sport);
+    if over || same { Holder::Stale(reply.pair(&v)) } else { Holder::Live { backend_id: v.backend_id } }
 }
 
 /// The reply entry that replies to `pkt` would hit if `pkt` were the first packet of a flow

@@ -6,7 +6,7 @@ use aya_ebpf::programs::TcContext;
 use rproxy_common::{
     Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_NAT_DIRECT, CT_NAT_SNAT, CtValue, FlowKind, Stat,
     monitor::{HOOK_FROM_POD, HOOK_TO_POD},
-    proto, snat,
+    proto,
 };
 
 use crate::{
@@ -69,42 +69,31 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
         Decision::New(NewFlow { svc, backend_id, be }) => {
             // The pod reaches itself: its source is translated too (`rproxy_common::hairpin`).
             let looped = F::same(be.addr, pkt.saddr);
-            let (nat, flags) =
-                if looped { ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT) } else { ((pkt.saddr, pkt.sport), 0) };
-            // The replies come back on (backend, nat). A pod's TCP flow takes a source port of
-            // the SNAT range (below the kernel's ephemeral ports): its connections straight to
-            // a backend (to a pod's address, or made at connect() by the socket hooks) are not
-            // in conntrack, and one from the same port to this backend would share the tuple
-            // (the backend would answer the flow's SYN with that connection's sequence numbers,
-            // and the pod's reset would end it). Other flows keep their port unless a live flow
-            // of another frontend holds the tuple (the pod reused its source port towards this
-            // backend): then they get another one (`PortRemapped`); a flow that is over gives
-            // the tuple up.
-            let remap = if !looped && pkt.proto == proto::TCP {
-                Ok(Some(false))
+            // The backend sees the pod's address with, for TCP, its port folded into the SNAT
+            // range (`conntrack::pod_port`: never the tuple of the pod's untracked connections
+            // straight to a backend); a pod reaching itself, the hairpin address and its port.
+            let (nat, flags) = if looped {
+                ((F::HAIRPIN, pkt.sport), CT_NAT_SNAT)
+            } else if pkt.proto == proto::TCP {
+                ((pkt.saddr, conntrack::pod_port(pkt.sport)), 0)
             } else {
-                match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
-                    Ok(()) => Ok(None),
-                    Err(Stat::CtClash) => Ok(Some(true)),
-                    Err(why) => Err(why),
-                }
+                ((pkt.saddr, pkt.sport), 0)
             };
-            let opened = match remap {
-                Ok(None) => Ok(nat),
-                Ok(Some(clash)) => {
-                    // One call for both: the verifier walks each call's tries at every load.
-                    let remapped = conntrack::open_remapped::<F, { snat::TRIES }, { snat::RECLAIM_TRIES }>;
+            // The replies come back on (backend, nat): a live flow of another frontend there
+            // (the pod reused its source port towards this backend) keeps it, and this flow
+            // gets another port of the range (`PortRemapped`); a flow that is over gives it up.
+            let opened = match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
+                Err(Stat::CtClash) => {
+                    let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
                     match remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now) {
                         Ok(port) => {
-                            if clash {
-                                count(Stat::PortRemapped);
-                            }
+                            count(Stat::PortRemapped);
                             Ok((nat.0, port))
                         }
-                        Err(why) => Err(if clash { conntrack::clashed(why) } else { why }),
+                        Err(why) => Err(conntrack::clashed(why)),
                     }
                 }
-                Err(why) => Err(why),
+                other => other.map(|()| nat),
             };
             let nat = match opened {
                 Ok(nat) => nat,
@@ -190,7 +179,7 @@ fn direct_flow<F: Family>(pkt: &Packet<F>) -> Option<*mut CtValue<F::Addr>> {
 fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i64> {
     let reply = conntrack::reverse_reply_key(pkt);
     let now = conntrack::now_ns();
-    let backend_id = match conntrack::reply_holder::<F>(&reply, (pkt.daddr, pkt.dport), now) {
+    let backend_id = match conntrack::reply_holder::<F>(&reply, pkt, now) {
         Holder::Free => return Ok(Verdict::Pass),
         Holder::Stale(other) => {
             conntrack::remove_flow::<F>(&reply, &other);

@@ -431,7 +431,8 @@ fn candidates<A: WireAddr>(
 }
 
 /// The packet after a new flow to `be`: DNAT; from a pod to itself, SNAT to the hairpin
-/// address; a pod's other TCP, a source port of the SNAT range; from outside to another node's
+/// address; a pod's other TCP, its port folded into the SNAT range (`first + port % count`,
+/// another one of the range if a live flow holds that); from outside to another node's
 /// backend, SNAT to a node address and port.
 fn nat_of<A: WireAddr + PartialEq>(q: &Query<A>, be: &Backend<A>, etp_local: bool, hairpin: A) -> String {
     let dst = sock(be.addr, be.port);
@@ -441,7 +442,9 @@ fn nat_of<A: WireAddr + PartialEq>(q: &Query<A>, be: &Backend<A>, etp_local: boo
             format!("(a node address):(an SNAT port) -> {dst}")
         }
         Origin::Pod if be.addr == q.src => format!("{} -> {dst}", sock(hairpin, q.sport)),
-        Origin::Pod if q.proto == proto::TCP => format!("{}:(a port of --snat-port-range) -> {dst}", src.ip()),
+        Origin::Pod if q.proto == proto::TCP => {
+            format!("{}:({} folded into --snat-port-range) -> {dst}", src.ip(), src.port())
+        }
         _ => format!("{src} -> {dst}"),
     }
 }
@@ -787,7 +790,11 @@ mod tests {
         assert!(steps(&m, Origin::Pod).contains("not at connect()"), "{}", steps(&m, Origin::Pod));
         // The pod's device gives such a flow a source port of the SNAT range.
         let x = ask(&m, Origin::Pod);
-        assert_eq!(x.nat.as_deref(), Some("10.244.1.100:(a port of --snat-port-range) -> 10.244.1.11:8080"), "{x:?}");
+        assert_eq!(
+            x.nat.as_deref(),
+            Some("10.244.1.100:(40000 folded into --snat-port-range) -> 10.244.1.11:8080"),
+            "{x:?}"
+        );
     }
 
     #[test]
