@@ -219,10 +219,10 @@ struct RunArgs {
     /// never share a tuple with the pod's connections straight to backends: keep the range at
     /// least as large as the pods' ephemeral port range), MIN-MAX with MIN >= 1024. Each backend
     /// can take about (MAX - MIN + 1) / 60 new north-south flows per second from one node before
-    /// a port comes round within its TIME_WAIT. With --devices, the agent refuses a range that overlaps
-    /// net.ipv4.ip_local_port_range unless net.ipv4.ip_local_reserved_ports covers the overlap:
-    /// the node's own connections must not take these ports. Default: below the NodePort range
-    /// (30000-32767) and the kernel's default ephemeral ports (32768-60999).
+    /// a port comes round within its TIME_WAIT. With --devices, the agent refuses a range that
+    /// overlaps net.ipv4.ip_local_port_range unless net.ipv4.ip_local_reserved_ports covers the
+    /// overlap: the node's own connections must not take these ports. Default: below the
+    /// NodePort range (30000-32767) and the kernel's default ephemeral ports (32768-60999).
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange::DEFAULT)]
     snat_port_range: PortRange,
     /// Whether ClusterIPs answer packets that arrive on --devices (routed to the node from

@@ -52,7 +52,7 @@ pub trait Family: Sized + 'static {
     fn rev_nat() -> &'static RevNatMap<Self::Addr>;
     fn conntrack() -> &'static ConntrackMap<Self::Addr>;
     /// This CPU's storage for a new flow's conntrack entry (`maps::SnatScratch`), for paths
-    /// whose stack has no room for one (`conntrack::open_remapped`).
+    /// whose stack has no room for one (`conntrack::create_nat`, `conntrack::open_remapped`).
     fn entry_scratch() -> Option<*mut Entry<Self::Addr>>;
     fn affinity() -> &'static AffinityMap<Self::Addr>;
     fn src_ranges() -> &'static SrcRangeMap<Self::Addr>;

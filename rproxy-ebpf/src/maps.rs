@@ -142,10 +142,11 @@ pub static CALLS_TC: ProgramArray<{ calls::TC_SLOTS as usize }> = ProgramArray::
 #[btf_map(name = "RPX_CALLS_XDP")]
 pub static CALLS_XDP: ProgramArray<{ calls::XDP_SLOTS as usize }> = ProgramArray::new();
 
-/// Working memory of new flows with an SNAT port, built here rather than on the stack: the IPv6
+/// Working memory of new flows, their conntrack entries built here rather than on the stack: the IPv6
 /// north-south SNAT stage's (`nodeport::snat_stage`: what the path hands it with the tail call,
-/// the new flow's backend and frontend, and the flow's conntrack entry), and the entries of a
-/// pod's flows with another source port (`conntrack::open_remapped`, `Family::entry_scratch`).
+/// the new flow's backend and frontend, and the flow's conntrack entry), and the entries of the
+/// other new flows (`conntrack::create_nat`, `conntrack::open_remapped`,
+/// `Family::entry_scratch`).
 /// Per CPU: nothing else runs on this CPU between the tail call and the stage's end, or while a
 /// program builds an entry (the TC and XDP programs do not nest).
 pub struct SnatScratch {
