@@ -9,7 +9,7 @@ use rproxy_common::{
 
 use crate::{
     family::Family,
-    maps::{CONFIG, SNAT_CURSOR},
+    maps::{CONFIG, SNAT_CURSOR, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -314,16 +314,16 @@ pub fn pod_port(sport: u16) -> u16 {
 /// Ports tried for a flow moved off a clash ([`open_remapped`]).
 pub const CLASH_TRIES: u32 = 8;
 
-/// Opens a new flow whose reply tuple a live flow holds ([`open`] refused it) with another
-/// source port, as netfilter's NAT does for a clashing tuple: the backend sees the client's
-/// address `nat_addr` (its own, or the hairpin address) with a port of `--snat-port-range`
-/// whose reply tuple is free ([`allocate_port`]: the reply entry takes it with `BPF_NOEXIST`,
-/// so two CPUs never share one). The reply entry's nat side keeps the client's own address and
-/// port, which the replies get back. Tries as [`allocate_port`] says. Returns the port (wire
-/// order); `Err(SnatExhausted)` when `TRIES` ports were taken or the range is empty (see
-/// [`clashed`]).
+/// Opens a new flow whose reply tuple a live flow holds ([`open`] refused it, or
+/// `pod::direct_syn` found it) with another source port, as netfilter's NAT does for a clashing
+/// tuple: the backend sees the client's address `nat_addr` (its own, or the hairpin address)
+/// with a port of `--snat-port-range` whose reply tuple is free ([`allocate_port`], with
+/// [`CLASH_TRIES`] and no take-over: the reply entry takes it with `BPF_NOEXIST`, so two CPUs
+/// never share one), counted as `PortRemapped`. The reply entry's nat side keeps the client's
+/// own address and port, which the replies get back. Returns the port (wire order);
+/// `Err(CtClash)` when no port was free or the range is empty.
 #[inline(always)]
-pub fn open_remapped<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
+pub fn open_remapped<F: Family>(
     pkt: &Packet<F>,
     backend_id: u32,
     be: &Backend<F::Addr>,
@@ -339,21 +339,35 @@ pub fn open_remapped<F: Family, const TRIES: u32, const RECLAIM_TRIES: u32>(
         e.write(reply_entry(pkt, backend_id, be, rev_nat_id, (nat_addr, pkt.sport), nat_flags, now));
         &mut *e
     };
-    let port = allocate_port::<F, TRIES, RECLAIM_TRIES>(&mut e.key, &e.value, now).ok_or(Stat::SnatExhausted)?;
+    let port = allocate_port::<F, CLASH_TRIES, 0>(&mut e.key, &e.value, now).ok_or(Stat::CtClash)?;
     e.make_service(pkt);
     if F::conntrack().insert(&e.key, &e.value, BPF_ANY).is_err() {
         e.make_reply_key();
         let _ = F::conntrack().remove(&e.key);
         return Err(Stat::CtInsertFail);
     }
+    count(Stat::PortRemapped);
     Ok(port)
 }
 
-/// The drop reason of a connection that [`open_remapped`] failed for after a clash: no port
-/// free for it is a clash (`CtClash`), other failures are what they are.
+/// Opens a new flow whose backend sees the client as `nat` ([`open`]); when a live flow holds
+/// that reply tuple, with another port on `nat`'s address ([`open_remapped`]). Returns the
+/// source port the backend sees. The pod path and north-south flows to a local backend.
 #[inline(always)]
-pub fn clashed(why: Stat) -> Stat {
-    if matches!(why, Stat::SnatExhausted) { Stat::CtClash } else { why }
+pub fn open_or_remap<F: Family>(
+    pkt: &Packet<F>,
+    backend_id: u32,
+    be: &Backend<F::Addr>,
+    rev_nat_id: u16,
+    nat: (F::Addr, u16),
+    nat_flags: u8,
+    now: u64,
+) -> Result<u16, Stat> {
+    match open(pkt, backend_id, be, rev_nat_id, nat, nat_flags, now) {
+        Ok(()) => Ok(nat.1),
+        Err(Stat::CtClash) => open_remapped(pkt, backend_id, be, rev_nat_id, nat.0, nat_flags, now),
+        Err(why) => Err(why),
+    }
 }
 
 /// Records a new translated flow whose source the backend sees as `nat` (the client itself

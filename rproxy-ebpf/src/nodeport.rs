@@ -153,27 +153,14 @@ pub fn ingress<C: Ctx, F: Family>(ctx: &C, pkt: &Packet<F>) -> Result<Action, i6
     // routes the packet to the pod, which sees the client.
     let be = &flow.be;
     if flow.svc.flags & rproxy_common::SVC_F_ETP_LOCAL != 0 || be.flags & BE_F_LOCAL != 0 {
-        let nat = (pkt.saddr, pkt.sport);
         // As on the pod path: the tuple the replies come back on is never shared by two live
         // connections (`conntrack::open`). A client that reaches one backend through two
         // frontends from one source port (two NodePorts, a NodePort and a load balancer's
         // address; many clients behind one NAT) gets another source port for the second, as
         // netfilter's NAT gives it (`port_remapped`); the replies get the client's own back.
         let rev_nat_id = flow.svc.rev_nat_id;
-        let opened = match conntrack::open(pkt, flow.backend_id, be, rev_nat_id, nat, CT_NAT_EXTERNAL, now) {
-            Ok(()) => Ok(pkt.sport),
-            Err(Stat::CtClash) => {
-                let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
-                match remapped(pkt, flow.backend_id, be, rev_nat_id, pkt.saddr, CT_NAT_EXTERNAL, now) {
-                    Ok(port) => {
-                        count(Stat::PortRemapped);
-                        Ok(port)
-                    }
-                    Err(why) => Err(conntrack::clashed(why)),
-                }
-            }
-            Err(why) => Err(why),
-        };
+        let nat = (pkt.saddr, pkt.sport);
+        let opened = conntrack::open_or_remap(pkt, flow.backend_id, be, rev_nat_id, nat, CT_NAT_EXTERNAL, now);
         let sport = match opened {
             Ok(port) => port,
             Err(why) => {

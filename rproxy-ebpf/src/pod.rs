@@ -82,19 +82,8 @@ pub fn from_pod<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, 
             // The replies come back on (backend, nat): a live flow of another frontend there
             // (the pod reused its source port towards this backend) keeps it, and this flow
             // gets another port of the range (`PortRemapped`); a flow that is over gives it up.
-            let opened = match conntrack::open(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now) {
-                Err(Stat::CtClash) => {
-                    let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
-                    match remapped(pkt, backend_id, &be, svc.rev_nat_id, nat.0, flags, now) {
-                        Ok(port) => {
-                            count(Stat::PortRemapped);
-                            Ok((nat.0, port))
-                        }
-                        Err(why) => Err(conntrack::clashed(why)),
-                    }
-                }
-                other => other.map(|()| nat),
-            };
+            let opened = conntrack::open_or_remap(pkt, backend_id, &be, svc.rev_nat_id, nat, flags, now)
+                .map(|port| (nat.0, port));
             let nat = match opened {
                 Ok(nat) => nat,
                 Err(why) => {
@@ -190,10 +179,8 @@ fn direct_syn<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Result<Verdict, i6
     // Marked first: the flow's next packets must find their way to conntrack.
     lb::mark_direct_dst(pkt);
     let be = Backend { addr: pkt.daddr, port: pkt.dport, proto: pkt.proto, flags: 0 };
-    let remapped = conntrack::open_remapped::<F, { conntrack::CLASH_TRIES }, 0>;
-    match remapped(pkt, backend_id, &be, 0, pkt.saddr, CT_NAT_DIRECT, now).map_err(conntrack::clashed) {
+    match conntrack::open_remapped(pkt, backend_id, &be, 0, pkt.saddr, CT_NAT_DIRECT, now) {
         Ok(port) => {
-            count(Stat::PortRemapped);
             let new = Tuple { sport: port, ..Tuple::of(pkt) };
             nat::rewrite_tuple(ctx, pkt, &new)?;
             observe::translated(ctx, HOOK_FROM_POD, Stat::NewFlow, pkt, 0, backend_id);
